@@ -1,0 +1,822 @@
+//! The sans-IO WireGuard core: peers, cryptokey routing, handshake dispatch, timers, roaming
+//! and drop accounting. Bytes and time go in, actions come out; there is no socket, no TUN
+//! device, no clock and no thread in here, so two cores can be wired together in memory and a
+//! test can fast-forward minutes of timers in microseconds.
+//!
+//! The Noise state machine is boringtun's `noise::Tunn`. boringtun reads its own clock
+//! internally; we build it with `mock-instant`, which makes that clock a thread-local value, and
+//! set it from the `now` passed to every entry point (`enter`). The core's clock only moves
+//! forward, so boringtun never sees time run backwards even when two threads pass slightly
+//! different `now`s.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use boringtun::noise::errors::WireGuardError;
+use boringtun::noise::handshake::parse_handshake_anon;
+use boringtun::noise::rate_limiter::RateLimiter;
+use boringtun::noise::{Packet, Tunn, TunnResult};
+use boringtun::x25519::{PublicKey, StaticSecret};
+use ipnet::IpNet;
+use mock_instant::MockClock;
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+
+use crate::allowed_ips::AllowedIps;
+use crate::cookie::{Admission, CookieGuard, HandshakeLimits};
+use crate::packet::{IpHeader, WireMessage, HANDSHAKE_INIT_LEN};
+
+/// How often `update_timers` wants to run: boringtun's timers are designed for a ~250 ms tick.
+pub const TIMER_INTERVAL: Duration = Duration::from_millis(250);
+/// Peers a core can hold: slot numbers are 16 bits of boringtun's 24-bit peer index.
+pub const MAX_PEERS: usize = 1 << 16;
+/// boringtun's mock clock starts here rather than at zero, so that its `Instant - Duration`
+/// arithmetic can never underflow.
+const MOCK_CLOCK_ORIGIN: Duration = Duration::from_secs(24 * 3600);
+/// The smallest output buffer `handle_tun_packet` and `update_timers` can always fill.
+pub const MIN_OUT_BUF: usize = HANDSHAKE_INIT_LEN;
+
+/// A peer's handle: a slot number and a generation, packed into the 24-bit index boringtun
+/// puts in the top bits of every session index, so an incoming message's receiver index leads
+/// straight to its peer (`index >> 8`) without hashing a key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PeerId(pub u32);
+
+impl PeerId {
+    fn new(slot: u16, generation: u8) -> Self {
+        Self(u32::from(generation) << 16 | u32::from(slot))
+    }
+    fn slot(self) -> usize {
+        (self.0 & 0xffff) as usize
+    }
+}
+
+macro_rules! drop_reasons {
+    ($($variant:ident => $name:literal: $doc:literal,)*) => {
+        /// Why the core refused a packet. Every refusal is counted per peer (or for the device
+        /// when no peer could be attributed) under one of these names.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum DropReason { $(#[doc = $doc] $variant,)* }
+        impl DropReason {
+            pub const ALL: &'static [DropReason] = &[$(DropReason::$variant,)*];
+            /// The stable, snake_case name used in logs and metrics.
+            pub fn as_str(self) -> &'static str {
+                match self { $(DropReason::$variant => $name,)* }
+            }
+        }
+    };
+}
+
+drop_reasons! {
+    Malformed => "malformed": "Not a WireGuard message: wrong type, reserved bits or length.",
+    NoPrivateKey => "no_private_key": "The device has no private key yet.",
+    InvalidMac => "invalid_mac": "Handshake MAC1 does not match our public key.",
+    CookieRequired => "cookie_required": "Handshake without a valid cookie under load: a cookie reply was sent instead.",
+    RateLimited => "rate_limited": "Handshake over its source's rate limit.",
+    UnknownPeer => "unknown_peer": "Handshake from a static key that is not a configured peer.",
+    UnknownIndex => "unknown_index": "Receiver index of no current peer.",
+    HandshakeFailed => "handshake_failed": "Handshake that failed to authenticate or was replayed (stale timestamp).",
+    NoSession => "no_session": "Data for a session we do not (or no longer) have.",
+    Replay => "replay": "Data counter already seen or too old (replay window).",
+    DecryptFailed => "decrypt_failed": "Data failed authentication (AEAD tag).",
+    InvalidInnerPacket => "invalid_inner_packet": "Decrypted or outgoing payload is not a well-formed IP packet.",
+    SpoofedSource => "spoofed_source": "Decrypted packet whose source is not in the sending peer's allowed IPs.",
+    NoRoute => "no_route": "Outgoing packet whose destination is in no peer's allowed IPs.",
+    NoEndpoint => "no_endpoint": "Outgoing packet for a peer without a known endpoint.",
+    BufferTooSmall => "buffer_too_small": "The output buffer cannot hold the result.",
+    Expired => "expired": "The peer's keys expired after REJECT_AFTER_TIME * 3 without a new handshake.",
+}
+
+impl std::fmt::Display for DropReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A counter per drop reason.
+#[derive(Debug, Clone, Default)]
+pub struct DropCounters([u64; DropReason::ALL.len()]);
+
+impl DropCounters {
+    fn add(&mut self, reason: DropReason) {
+        self.0[reason as usize] += 1;
+    }
+    pub fn get(&self, reason: DropReason) -> u64 {
+        self.0[reason as usize]
+    }
+    pub fn total(&self) -> u64 {
+        self.0.iter().sum()
+    }
+    /// Non-zero counters, in declaration order.
+    pub fn iter(&self) -> impl Iterator<Item = (DropReason, u64)> + '_ {
+        DropReason::ALL
+            .iter()
+            .map(|r| (*r, self.0[*r as usize]))
+            .filter(|(_, n)| *n > 0)
+    }
+}
+
+/// What the driver must do with the bytes the core wrote into its output buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Send `out[offset..offset + len]` as one UDP datagram to `dst`.
+    ToNetwork {
+        dst: SocketAddr,
+        offset: usize,
+        len: usize,
+    },
+    /// Write the IP packet `out[offset..offset + len]` to the TUN device.
+    ToTun {
+        peer: PeerId,
+        offset: usize,
+        len: usize,
+    },
+    /// Handled; nothing to send (a keepalive, a cookie, a packet queued for a handshake).
+    Nothing,
+    /// Refused, and counted under this reason.
+    Drop(DropReason),
+}
+
+/// A peer as `wg show` and the UAPI `get` see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerInfo {
+    pub id: PeerId,
+    pub public_key: [u8; 32],
+    pub preshared_key: Option<[u8; 32]>,
+    pub endpoint: Option<SocketAddr>,
+    pub persistent_keepalive: Option<u16>,
+    pub last_handshake: Option<SystemTime>,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+    pub allowed_ips: Vec<IpNet>,
+}
+
+struct DeviceKey {
+    secret: StaticSecret,
+    public: PublicKey,
+    guard: CookieGuard,
+    /// Shared by all `Tunn`s only because boringtun requires one; its limit is set so high it
+    /// never engages: `CookieGuard` does the rate limiting, per source.
+    tunn_limiter: Arc<RateLimiter>,
+}
+
+struct Peer {
+    id: PeerId,
+    public_key: [u8; 32],
+    preshared_key: Option<[u8; 32]>,
+    endpoint: Option<SocketAddr>,
+    persistent_keepalive: Option<u16>,
+    /// None while the device has no private key.
+    tunn: Option<Box<Tunn>>,
+    rx_bytes: u64,
+    tx_bytes: u64,
+    /// Core time of the last datagram sent to this peer, for persistent keepalive.
+    last_sent: Duration,
+    last_handshake: Option<SystemTime>,
+    drops: DropCounters,
+}
+
+#[derive(Default)]
+struct Slot {
+    generation: u8,
+    peer: Option<Peer>,
+}
+
+/// The device: private key, peers, allowed IPs, and the Noise state of every peer.
+pub struct Core {
+    epoch: Instant,
+    clock: Duration,
+    rng: StdRng,
+    limits: HandshakeLimits,
+    key: Option<DeviceKey>,
+    listen_port: u16,
+    fwmark: u32,
+    slots: Vec<Slot>,
+    free_slots: Vec<u16>,
+    by_key: HashMap<[u8; 32], PeerId>,
+    allowed_ips: AllowedIps,
+    /// Datagrams produced outside a direct answer (timers, packets queued during a
+    /// handshake); drained with `poll_transmit`.
+    pending: VecDeque<(SocketAddr, Vec<u8>)>,
+    scratch: Vec<u8>,
+    device_drops: DropCounters,
+}
+
+impl std::fmt::Debug for Core {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Core")
+            .field("peers", &self.by_key.len())
+            .field("listen_port", &self.listen_port)
+            .field("has_private_key", &self.key.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+fn drop_reason(e: &WireGuardError) -> DropReason {
+    match e {
+        WireGuardError::DuplicateCounter | WireGuardError::InvalidCounter => DropReason::Replay,
+        WireGuardError::InvalidAeadTag => DropReason::DecryptFailed,
+        WireGuardError::NoCurrentSession | WireGuardError::WrongIndex => DropReason::NoSession,
+        WireGuardError::InvalidMac => DropReason::InvalidMac,
+        WireGuardError::UnderLoad => DropReason::RateLimited,
+        WireGuardError::ConnectionExpired => DropReason::Expired,
+        WireGuardError::DestinationBufferTooSmall => DropReason::BufferTooSmall,
+        WireGuardError::InvalidPacket | WireGuardError::IncorrectPacketLength => {
+            DropReason::InvalidInnerPacket
+        }
+        WireGuardError::WrongPacketType => DropReason::Malformed,
+        WireGuardError::UnexpectedPacket
+        | WireGuardError::WrongKey
+        | WireGuardError::InvalidTai64nTimestamp
+        | WireGuardError::WrongTai64nTimestamp
+        | WireGuardError::LockFailed => DropReason::HandshakeFailed,
+    }
+}
+
+fn peer_in(slots: &mut [Slot], id: PeerId) -> Option<&mut Peer> {
+    slots
+        .get_mut(id.slot())?
+        .peer
+        .as_mut()
+        .filter(|p| p.id == id)
+}
+
+fn offset_in(base: usize, part: &[u8]) -> usize {
+    // `part` is a sub-slice boringtun returned from the output buffer starting at address
+    // `base`; its distance from the start is the offset. Only addresses are compared.
+    (part.as_ptr() as usize).saturating_sub(base)
+}
+
+impl Core {
+    /// A core with no key and no peers. `now` anchors the core's clock; `seed` feeds the RNG
+    /// used for cookie secrets and nonces (pass OS randomness outside tests).
+    pub fn new(now: Instant, seed: [u8; 32]) -> Self {
+        Self::with_limits(now, seed, HandshakeLimits::default())
+    }
+
+    pub fn with_limits(now: Instant, seed: [u8; 32], limits: HandshakeLimits) -> Self {
+        Self {
+            epoch: now,
+            clock: Duration::ZERO,
+            rng: StdRng::from_seed(seed),
+            limits,
+            key: None,
+            listen_port: 0,
+            fwmark: 0,
+            slots: Vec::new(),
+            free_slots: Vec::new(),
+            by_key: HashMap::new(),
+            allowed_ips: AllowedIps::default(),
+            pending: VecDeque::new(),
+            scratch: vec![0; 2048],
+            device_drops: DropCounters::default(),
+        }
+    }
+
+    /// Moves the core clock to `now` (never backwards) and hands it to boringtun.
+    #[inline]
+    fn enter(&mut self, now: Instant) {
+        let t = now.saturating_duration_since(self.epoch);
+        if t > self.clock {
+            self.clock = t;
+        }
+        MockClock::set_time(MOCK_CLOCK_ORIGIN + self.clock);
+    }
+
+    fn peer(&self, id: PeerId) -> Option<&Peer> {
+        self.slots
+            .get(id.slot())?
+            .peer
+            .as_ref()
+            .filter(|p| p.id == id)
+    }
+
+    fn peer_mut(&mut self, id: PeerId) -> Option<&mut Peer> {
+        peer_in(&mut self.slots, id)
+    }
+
+    // ---- configuration -------------------------------------------------------------------
+
+    pub fn public_key(&self) -> Option<[u8; 32]> {
+        self.key.as_ref().map(|k| k.public.to_bytes())
+    }
+
+    pub fn private_key(&self) -> Option<[u8; 32]> {
+        self.key.as_ref().map(|k| k.secret.to_bytes())
+    }
+
+    pub fn listen_port(&self) -> u16 {
+        self.listen_port
+    }
+
+    pub fn set_listen_port(&mut self, port: u16) {
+        self.listen_port = port;
+    }
+
+    pub fn fwmark(&self) -> u32 {
+        self.fwmark
+    }
+
+    pub fn set_fwmark(&mut self, mark: u32) {
+        self.fwmark = mark;
+    }
+
+    /// Sets (or with `None` removes) the device's private key. All sessions restart. A peer
+    /// with our own public key is removed, as wireguard-go does.
+    pub fn set_private_key(&mut self, now: Instant, key: Option<[u8; 32]>) {
+        self.enter(now);
+        if key.is_some() && key == self.private_key() {
+            return;
+        }
+        self.key = key.map(|k| {
+            let secret = StaticSecret::from(k);
+            let public = PublicKey::from(&secret);
+            DeviceKey {
+                guard: CookieGuard::new(public.as_bytes(), self.limits, &mut self.rng),
+                tunn_limiter: Arc::new(RateLimiter::new(&public, u64::MAX)),
+                secret,
+                public,
+            }
+        });
+        if let Some(own) = self.public_key() {
+            if let Some(id) = self.by_key.get(&own).copied() {
+                self.remove_peer(id);
+            }
+        }
+        let ids: Vec<PeerId> = self.by_key.values().copied().collect();
+        for id in ids {
+            self.rebuild_tunn(id);
+        }
+    }
+
+    fn rebuild_tunn(&mut self, id: PeerId) {
+        let key = self
+            .key
+            .as_ref()
+            .map(|k| (k.secret.clone(), k.tunn_limiter.clone()));
+        let Some(peer) = self.peer_mut(id) else {
+            return;
+        };
+        peer.tunn = key.map(|(secret, limiter)| {
+            Box::new(Tunn::new(
+                secret,
+                PublicKey::from(peer.public_key),
+                peer.preshared_key,
+                // Persistent keepalive is ours (see `update_timers`), so it can change
+                // without tearing down the session.
+                None,
+                id.0,
+                Some(limiter),
+            ))
+        });
+    }
+
+    pub fn peer_id(&self, public_key: &[u8; 32]) -> Option<PeerId> {
+        self.by_key.get(public_key).copied()
+    }
+
+    /// The peer with this public key, created if it does not exist yet. `None` when the core
+    /// is full (`MAX_PEERS`).
+    pub fn upsert_peer(&mut self, now: Instant, public_key: [u8; 32]) -> Option<PeerId> {
+        self.enter(now);
+        if let Some(id) = self.peer_id(&public_key) {
+            return Some(id);
+        }
+        let slot = match self.free_slots.pop() {
+            Some(s) => s,
+            None if self.slots.len() < MAX_PEERS => {
+                self.slots.push(Slot::default());
+                u16::try_from(self.slots.len() - 1).ok()?
+            }
+            None => return None,
+        };
+        let s = &mut self.slots[usize::from(slot)];
+        let id = PeerId::new(slot, s.generation);
+        s.peer = Some(Peer {
+            id,
+            public_key,
+            preshared_key: None,
+            endpoint: None,
+            persistent_keepalive: None,
+            tunn: None,
+            rx_bytes: 0,
+            tx_bytes: 0,
+            last_sent: self.clock,
+            last_handshake: None,
+            drops: DropCounters::default(),
+        });
+        self.by_key.insert(public_key, id);
+        self.rebuild_tunn(id);
+        Some(id)
+    }
+
+    /// Removes a peer, its allowed IPs and its keys.
+    pub fn remove_peer(&mut self, id: PeerId) {
+        let Some(slot) = self.slots.get_mut(id.slot()) else {
+            return;
+        };
+        let Some(peer) = slot.peer.take_if(|p| p.id == id) else {
+            return;
+        };
+        slot.generation = slot.generation.wrapping_add(1);
+        self.by_key.remove(&peer.public_key);
+        self.allowed_ips.remove_peer(id);
+        self.free_slots.push(id.slot() as u16);
+        self.pending.retain(|(dst, _)| Some(*dst) != peer.endpoint);
+    }
+
+    pub fn remove_all_peers(&mut self) {
+        let ids: Vec<PeerId> = self.by_key.values().copied().collect();
+        for id in ids {
+            self.remove_peer(id);
+        }
+    }
+
+    /// Sets or clears the preshared key; a change restarts the peer's sessions.
+    pub fn set_preshared_key(&mut self, id: PeerId, psk: Option<[u8; 32]>) {
+        let psk = psk.filter(|k| k != &[0; 32]);
+        let Some(peer) = self.peer_mut(id) else {
+            return;
+        };
+        if peer.preshared_key != psk {
+            peer.preshared_key = psk;
+            self.rebuild_tunn(id);
+        }
+    }
+
+    pub fn set_endpoint(&mut self, id: PeerId, endpoint: SocketAddr) {
+        if let Some(peer) = self.peer_mut(id) {
+            peer.endpoint = Some(endpoint);
+        }
+    }
+
+    /// Sets the persistent keepalive interval (0 or `None`: off). Turning it on sends a
+    /// keepalive at once, as wireguard-go does, so a peer behind NAT becomes reachable.
+    pub fn set_persistent_keepalive(&mut self, now: Instant, id: PeerId, secs: Option<u16>) {
+        self.enter(now);
+        let secs = secs.filter(|s| *s > 0);
+        let Some(peer) = self.peer_mut(id) else {
+            return;
+        };
+        let was = peer.persistent_keepalive;
+        peer.persistent_keepalive = secs;
+        if secs.is_some() && secs != was {
+            self.send_keepalive(id);
+        }
+    }
+
+    pub fn clear_allowed_ips(&mut self, id: PeerId) {
+        self.allowed_ips.remove_peer(id);
+    }
+
+    pub fn add_allowed_ip(&mut self, id: PeerId, net: IpNet) {
+        if self.peer(id).is_some() {
+            self.allowed_ips.insert(net, id);
+        }
+    }
+
+    pub fn peer_count(&self) -> usize {
+        self.by_key.len()
+    }
+
+    /// Every peer, ordered by public key so output is stable. `wall` is the current Unix time:
+    /// boringtun only knows how long ago a handshake was, `wg` wants when.
+    pub fn peers(&mut self, now: Instant, wall: SystemTime) -> Vec<PeerInfo> {
+        self.enter(now);
+        let mut ids: Vec<(&[u8; 32], &PeerId)> = self.by_key.iter().collect();
+        ids.sort();
+        let ids: Vec<PeerId> = ids.into_iter().map(|(_, id)| *id).collect();
+        ids.into_iter()
+            .filter_map(|id| {
+                let allowed_ips = self.allowed_ips.prefixes_of(id);
+                let peer = self.peer_mut(id)?;
+                if let Some(since) = peer
+                    .tunn
+                    .as_ref()
+                    .and_then(|t| t.time_since_last_handshake())
+                {
+                    peer.last_handshake = wall.checked_sub(since);
+                }
+                Some(PeerInfo {
+                    id,
+                    public_key: peer.public_key,
+                    preshared_key: peer.preshared_key,
+                    endpoint: peer.endpoint,
+                    persistent_keepalive: peer.persistent_keepalive,
+                    last_handshake: peer.last_handshake,
+                    rx_bytes: peer.rx_bytes,
+                    tx_bytes: peer.tx_bytes,
+                    allowed_ips,
+                })
+            })
+            .collect()
+    }
+
+    /// Drop counters of one peer.
+    pub fn peer_drops(&self, id: PeerId) -> Option<&DropCounters> {
+        self.peer(id).map(|p| &p.drops)
+    }
+
+    /// Drops no peer could be blamed for (malformed datagrams, unknown indices, no route).
+    pub fn device_drops(&self) -> &DropCounters {
+        &self.device_drops
+    }
+
+    // ---- packet path ---------------------------------------------------------------------
+
+    fn device_drop(&mut self, reason: DropReason) -> Action {
+        self.device_drops.add(reason);
+        Action::Drop(reason)
+    }
+
+    fn peer_drop(&mut self, id: PeerId, reason: DropReason) -> Action {
+        match self.peer_mut(id) {
+            Some(p) => p.drops.add(reason),
+            None => self.device_drops.add(reason),
+        }
+        Action::Drop(reason)
+    }
+
+    /// An IP packet read from the TUN device: route it by destination to a peer and encrypt
+    /// it into `out`. `out` must hold `packet.len() + 32` and at least `MIN_OUT_BUF` bytes.
+    #[inline]
+    pub fn handle_tun_packet(&mut self, now: Instant, packet: &[u8], out: &mut [u8]) -> Action {
+        self.enter(now);
+        let Some(header) = IpHeader::parse(packet) else {
+            return self.device_drop(DropReason::InvalidInnerPacket);
+        };
+        // Route before encrypting: boringtun's `encapsulate` would start a handshake for any
+        // packet, including link-local chatter meant for nobody.
+        let Some(id) = self.allowed_ips.lookup(header.dst) else {
+            return self.device_drop(DropReason::NoRoute);
+        };
+        if out.len() < (packet.len() + 32).max(MIN_OUT_BUF) {
+            return self.peer_drop(id, DropReason::BufferTooSmall);
+        }
+        let clock = self.clock;
+        let Some(peer) = self.peer_mut(id) else {
+            return self.device_drop(DropReason::NoRoute);
+        };
+        let Some(endpoint) = peer.endpoint else {
+            return self.peer_drop(id, DropReason::NoEndpoint);
+        };
+        let Some(tunn) = peer.tunn.as_deref_mut() else {
+            return self.peer_drop(id, DropReason::NoPrivateKey);
+        };
+        let base = out.as_ptr() as usize;
+        match tunn.encapsulate(&packet[..header.total_len], out) {
+            TunnResult::WriteToNetwork(b) => {
+                let (offset, len) = (offset_in(base, b), b.len());
+                peer.tx_bytes += len as u64;
+                peer.last_sent = clock;
+                Action::ToNetwork {
+                    dst: endpoint,
+                    offset,
+                    len,
+                }
+            }
+            TunnResult::Err(e) => self.peer_drop(id, drop_reason(&e)),
+            _ => Action::Nothing,
+        }
+    }
+
+    /// A UDP datagram from `src`: handshake messages are checked (MAC1, cookie, per-source
+    /// limit) and dispatched by the sender's static key, everything else by receiver index.
+    /// Decrypted packets whose source is not in the sender's allowed IPs are dropped. `out`
+    /// must be at least as long as `datagram` (and `MIN_OUT_BUF`).
+    pub fn handle_datagram(
+        &mut self,
+        now: Instant,
+        src: SocketAddr,
+        datagram: &[u8],
+        out: &mut [u8],
+    ) -> Action {
+        self.enter(now);
+        let Some(msg) = WireMessage::parse(datagram) else {
+            return self.device_drop(DropReason::Malformed);
+        };
+        if out.len() < datagram.len().max(MIN_OUT_BUF) {
+            return self.device_drop(DropReason::BufferTooSmall);
+        }
+        let clock = self.clock;
+        let Some(key) = self.key.as_mut() else {
+            return self.device_drop(DropReason::NoPrivateKey);
+        };
+        let id = match msg {
+            WireMessage::HandshakeInit { sender }
+            | WireMessage::HandshakeResponse { sender, .. } => {
+                match key
+                    .guard
+                    .admit(clock, src, datagram, sender, &mut self.rng, out)
+                {
+                    Admission::Accept => {}
+                    Admission::BadMac1 => return self.device_drop(DropReason::InvalidMac),
+                    Admission::RateLimited => return self.device_drop(DropReason::RateLimited),
+                    Admission::SendCookie(len) => {
+                        self.device_drops.add(DropReason::CookieRequired);
+                        return Action::ToNetwork {
+                            dst: src,
+                            offset: 0,
+                            len,
+                        };
+                    }
+                }
+                match msg {
+                    WireMessage::HandshakeResponse { receiver, .. } => self.id_by_index(receiver),
+                    _ => {
+                        let Ok(Packet::HandshakeInit(init)) = Tunn::parse_incoming_packet(datagram)
+                        else {
+                            return self.device_drop(DropReason::Malformed);
+                        };
+                        match parse_handshake_anon(&key.secret, &key.public, &init) {
+                            Ok(half) => match self.by_key.get(&half.peer_static_public) {
+                                Some(id) => Some(*id),
+                                None => return self.device_drop(DropReason::UnknownPeer),
+                            },
+                            Err(_) => return self.device_drop(DropReason::HandshakeFailed),
+                        }
+                    }
+                }
+            }
+            WireMessage::CookieReply { receiver } | WireMessage::Data { receiver } => {
+                self.id_by_index(receiver)
+            }
+        };
+        let Some(id) = id else {
+            return self.device_drop(DropReason::UnknownIndex);
+        };
+        self.decapsulate(id, src, datagram, out)
+    }
+
+    fn id_by_index(&self, receiver: u32) -> Option<PeerId> {
+        let id = PeerId(receiver >> 8);
+        self.peer(id).map(|p| p.id)
+    }
+
+    fn decapsulate(
+        &mut self,
+        id: PeerId,
+        src: SocketAddr,
+        datagram: &[u8],
+        out: &mut [u8],
+    ) -> Action {
+        let Some(peer) = self.peer_mut(id) else {
+            return self.device_drop(DropReason::UnknownIndex);
+        };
+        let Some(tunn) = peer.tunn.as_deref_mut() else {
+            return self.peer_drop(id, DropReason::NoPrivateKey);
+        };
+        let is_data = datagram.first() == Some(&4);
+        let base = out.as_ptr() as usize;
+        let result = tunn.decapsulate(Some(src.ip()), datagram, out);
+        let (inner, reply) = match result {
+            TunnResult::WriteToTunnelV4(p, a) => {
+                (Some((offset_in(base, p), p.len(), IpAddr::V4(a))), None)
+            }
+            TunnResult::WriteToTunnelV6(p, a) => {
+                (Some((offset_in(base, p), p.len(), IpAddr::V6(a))), None)
+            }
+            TunnResult::WriteToNetwork(b) => (None, Some((offset_in(base, b), b.len()))),
+            TunnResult::Done => (None, None),
+            TunnResult::Err(e) => return self.peer_drop(id, drop_reason(&e)),
+        };
+        // Authenticated: the peer may have roamed (WireGuard paper, section 2.1). A cookie
+        // reply proves nothing about the sender's address, so it does not move the endpoint.
+        let roams = inner.is_some() || reply.is_some() || is_data;
+        if let Some((_, _, inner_src)) = inner {
+            if self.allowed_ips.lookup(inner_src) != Some(id) {
+                return self.peer_drop(id, DropReason::SpoofedSource);
+            }
+        }
+        let Some(peer) = self.peer_mut(id) else {
+            return Action::Nothing;
+        };
+        if roams {
+            peer.endpoint = Some(src);
+            peer.rx_bytes += datagram.len() as u64;
+        }
+        if let Some((offset, len, _)) = inner {
+            return Action::ToTun {
+                peer: id,
+                offset,
+                len,
+            };
+        }
+        let Some((offset, len)) = reply else {
+            return Action::Nothing;
+        };
+        peer.tx_bytes += len as u64;
+        // A handshake finished: packets boringtun queued while it waited can go now.
+        self.flush_queued(id);
+        Action::ToNetwork {
+            dst: src,
+            offset,
+            len,
+        }
+    }
+
+    fn flush_queued(&mut self, id: PeerId) {
+        let clock = self.clock;
+        let mut scratch = std::mem::take(&mut self.scratch);
+        if let Some(peer) = peer_in(&mut self.slots, id) {
+            if let (Some(tunn), Some(dst)) = (peer.tunn.as_deref_mut(), peer.endpoint) {
+                while let TunnResult::WriteToNetwork(b) = tunn.decapsulate(None, &[], &mut scratch)
+                {
+                    peer.tx_bytes += b.len() as u64;
+                    peer.last_sent = clock;
+                    self.pending.push_back((dst, b.to_vec()));
+                }
+            }
+        }
+        self.scratch = scratch;
+    }
+
+    fn send_keepalive(&mut self, id: PeerId) {
+        let clock = self.clock;
+        let mut scratch = std::mem::take(&mut self.scratch);
+        if let Some(peer) = peer_in(&mut self.slots, id) {
+            if let (Some(tunn), Some(dst)) = (peer.tunn.as_deref_mut(), peer.endpoint) {
+                if let TunnResult::WriteToNetwork(b) = tunn.encapsulate(&[], &mut scratch) {
+                    peer.tx_bytes += b.len() as u64;
+                    peer.last_sent = clock;
+                    self.pending.push_back((dst, b.to_vec()));
+                }
+            }
+        }
+        self.scratch = scratch;
+    }
+
+    /// Runs every peer's timers (handshake retries, rekey, keepalives, session expiry and key
+    /// zeroing) at `now`. What they want to send is queued for `poll_transmit`.
+    pub fn update_timers(&mut self, now: Instant) {
+        self.enter(now);
+        let clock = self.clock;
+        let mut scratch = std::mem::take(&mut self.scratch);
+        let mut keepalives = Vec::new();
+        for slot in &mut self.slots {
+            let Some(peer) = slot.peer.as_mut() else {
+                continue;
+            };
+            let Some(tunn) = peer.tunn.as_deref_mut() else {
+                continue;
+            };
+            match tunn.update_timers(&mut scratch) {
+                TunnResult::WriteToNetwork(b) => {
+                    if let Some(dst) = peer.endpoint {
+                        peer.tx_bytes += b.len() as u64;
+                        peer.last_sent = clock;
+                        self.pending.push_back((dst, b.to_vec()));
+                    }
+                }
+                TunnResult::Err(WireGuardError::ConnectionExpired) => {}
+                _ => {}
+            }
+            if let Some(secs) = peer.persistent_keepalive {
+                if clock.saturating_sub(peer.last_sent) >= Duration::from_secs(u64::from(secs)) {
+                    keepalives.push(peer.id);
+                }
+            }
+        }
+        self.scratch = scratch;
+        for id in keepalives {
+            self.send_keepalive(id);
+        }
+        if let Some(k) = self.key.as_mut() {
+            k.guard.expire_sources(clock);
+        }
+    }
+
+    /// The next datagram queued by timers or a finished handshake, written into `out`.
+    pub fn poll_transmit(&mut self, out: &mut [u8]) -> Option<(SocketAddr, usize)> {
+        loop {
+            let (dst, bytes) = self.pending.pop_front()?;
+            if let Some(dst_buf) = out.get_mut(..bytes.len()) {
+                dst_buf.copy_from_slice(&bytes);
+                return Some((dst, bytes.len()));
+            }
+            self.device_drops.add(DropReason::BufferTooSmall);
+        }
+    }
+
+    /// Starts a handshake with a peer now (used when a peer is configured with an endpoint, so
+    /// the first packet does not wait for it).
+    pub fn initiate_handshake(&mut self, now: Instant, id: PeerId) {
+        self.enter(now);
+        let clock = self.clock;
+        let mut scratch = std::mem::take(&mut self.scratch);
+        if let Some(peer) = peer_in(&mut self.slots, id) {
+            if let (Some(tunn), Some(dst)) = (peer.tunn.as_deref_mut(), peer.endpoint) {
+                if let TunnResult::WriteToNetwork(b) =
+                    tunn.format_handshake_initiation(&mut scratch, false)
+                {
+                    peer.tx_bytes += b.len() as u64;
+                    peer.last_sent = clock;
+                    self.pending.push_back((dst, b.to_vec()));
+                }
+            }
+        }
+        self.scratch = scratch;
+    }
+}

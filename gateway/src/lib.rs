@@ -1,0 +1,19 @@
+//! komnet-gateway: the WireGuard appliance's packet path and the daemon that stock WireGuard
+//! tools drive.
+//!
+//! - [`core`]: the sans-IO WireGuard core on boringtun's `noise::Tunn` — peers by index,
+//!   allowed-IPs routing and source filtering, handshake dispatch, timers from a passed-in
+//!   `now`, roaming, per-source handshake limits with cookies, typed drop reasons.
+//! - [`uapi`]: the cross-platform UAPI text protocol (`wg`, `wg-quick`), parsed without side
+//!   effects and applied atomically.
+//! - [`driver`]: the thin I/O layer: TUN with offloads (tun-rs), UDP with GSO/GRO
+//!   (quinn-udp), batches carried through the pipeline, one thread per direction.
+//! - `sys`: the few syscalls no crate wraps; the only place with `unsafe`.
+//!
+//! It does not own enrollment (`komnet-enroll`) or the segmentation policy (`komnet-policy`).
+
+pub mod allowed_ips;
+pub mod cookie;
+pub mod core;
+pub mod packet;
+pub mod uapi;

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# setup.sh — installs the system packages komnet's demo, tests and benchmarks need, with apt-get,
+# idempotently: packages already installed are left alone, `apt-get update` runs only when
+# something is missing. Needs root (it says so and stops otherwise).
+set -euo pipefail
+
+# command:package — a package is installed when its command is missing.
+NEED=(
+    nft:nftables
+    ip:iproute2
+    wg:wireguard-tools
+    wg-quick:wireguard-tools
+    wireguard-go:wireguard-go
+    iperf3:iperf3
+    ping:iputils-ping
+    jq:jq
+    sha256sum:coreutils
+    nstat:iproute2
+)
+
+missing=()
+for pair in "${NEED[@]}"; do
+    cmd=${pair%%:*}; pkg=${pair##*:}
+    command -v "$cmd" >/dev/null 2>&1 || missing+=("$pkg")
+done
+# resolvconf is not needed: wg-quick only calls it for DNS= lines, which komnet's configs do not use.
+
+if [ ${#missing[@]} -eq 0 ]; then
+    echo "setup: system packages present (nftables iproute2 wireguard-tools wireguard-go iperf3 iputils-ping jq)"
+    exit 0
+fi
+if [ "$(id -u)" != 0 ]; then
+    echo "setup: these packages are missing and installing them needs root: ${missing[*]}" >&2
+    echo "setup: run this command again with sudo" >&2
+    exit 1
+fi
+mapfile -t uniq < <(printf '%s\n' "${missing[@]}" | sort -u)
+echo "setup: apt-get install ${uniq[*]}"
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${uniq[@]}" >/dev/null
+echo "setup: done"

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# test.sh — the README's test command: installs what the tests need (scripts/setup.sh), then
+# runs every test of the workspace, the network-namespace tests included. Those need root
+# (network namespaces, TUN devices): run as root or with sudo; without root they fail with a
+# message that says so, they are never skipped.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ "$(id -u)" != 0 ]; then
+    echo "test.sh: the network-namespace tests need root (netns, veth, /dev/net/tun): run 'sudo scripts/test.sh'" >&2
+    exit 1
+fi
+scripts/setup.sh
+# The tests start release-mode daemons: build them first so one test's timeout never pays for it.
+cargo build --release --locked -p komnet-gateway --bins
+cargo test --workspace --locked --release

@@ -1,0 +1,1 @@
+//! Test support for komnet's end-to-end tests in network namespaces.
