@@ -788,6 +788,11 @@ impl Core {
         }
     }
 
+    /// Whether `poll_transmit` has something.
+    pub fn has_pending(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
     /// The next datagram queued by timers or a finished handshake, written into `out`.
     pub fn poll_transmit(&mut self, out: &mut [u8]) -> Option<(SocketAddr, usize)> {
         loop {

@@ -15,5 +15,8 @@
 pub mod allowed_ips;
 pub mod cookie;
 pub mod core;
+pub mod daemon;
+pub mod driver;
 pub mod packet;
+mod sys;
 pub mod uapi;

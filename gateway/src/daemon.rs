@@ -1,0 +1,421 @@
+//! `komnet-gateway [-f|--foreground] IFNAME`: the daemon, command-line compatible with
+//! wireguard-go so `wg`, `wg-quick` (`WG_QUICK_USERSPACE_IMPLEMENTATION=komnet-gateway`) and
+//! scripts written for wireguard-go drive it unchanged.
+//!
+//! Start-up order matters: the TUN device and the UAPI socket are created while the process
+//! is still single-threaded, so errors reach the caller's terminal and the exit code, and only
+//! then does the process fork into the background (unless `-f` or `WG_PROCESS_FOREGROUND=1`).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{channel, Sender};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{bail, Context, Result};
+use rand::RngCore;
+
+use crate::core::Core;
+use crate::driver::{self, Event, Shared, Sockets};
+use crate::sys;
+use crate::uapi::{self, Operation, UapiError, ERRNO_IO, ERRNO_PORT_IN_USE, ERRNO_PROTOCOL};
+
+const SOCKET_DIR: &str = "/run/wireguard";
+/// Default tunnel MTU, as wireguard-go: 1500 minus the largest (IPv6) WireGuard overhead.
+const DEFAULT_MTU: u16 = 1420;
+/// Longest UAPI line we accept; the longest legitimate one (an IPv6 endpoint) is < 100 bytes.
+const MAX_UAPI_LINE: u64 = 4096;
+/// Most lines in one `set=1` request (1,000 peers with a few allowed IPs each need ~10,000).
+const MAX_UAPI_LINES: usize = 1_000_000;
+
+const USAGE: &str = "usage: komnet-gateway [-f|--foreground] INTERFACE-NAME";
+
+/// The parsed command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Args {
+    pub foreground: bool,
+    pub ifname: String,
+}
+
+/// What the command line asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    Run(Args),
+    Version,
+    Help,
+}
+
+/// Parses wireguard-go's command line: `[-f|--foreground] IFNAME`, `--version`, `--help`.
+pub fn parse_args(args: &[String]) -> Result<Command, String> {
+    let mut foreground = false;
+    let mut ifname = None;
+    for a in args {
+        match a.as_str() {
+            "-f" | "--foreground" => foreground = true,
+            "-v" | "--version" => return Ok(Command::Version),
+            "-h" | "--help" => return Ok(Command::Help),
+            flag if flag.starts_with('-') => {
+                return Err(format!("unknown option {flag:?}\n{USAGE}"))
+            }
+            name if ifname.is_none() => ifname = Some(name.to_string()),
+            extra => return Err(format!("unexpected argument {extra:?}\n{USAGE}")),
+        }
+    }
+    let Some(ifname) = ifname else {
+        return Err(format!("missing interface name\n{USAGE}"));
+    };
+    validate_ifname(&ifname)?;
+    Ok(Command::Run(Args { foreground, ifname }))
+}
+
+fn validate_ifname(name: &str) -> Result<(), String> {
+    // Linux: IFNAMSIZ is 16 with the NUL; no '/', whitespace or ':' (alias syntax).
+    if name.is_empty() || name.len() > 15 {
+        return Err(format!(
+            "interface name {name:?} must be 1 to 15 bytes long"
+        ));
+    }
+    if name == "."
+        || name == ".."
+        || name
+            .chars()
+            .any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control())
+    {
+        return Err(format!(
+            "interface name {name:?} contains a character Linux does not allow"
+        ));
+    }
+    Ok(())
+}
+
+fn init_logging() {
+    // wireguard-go's LOG_LEVEL (verbose, error, silent) is honoured; RUST_LOG overrides it.
+    let level = match std::env::var("LOG_LEVEL").as_deref() {
+        Ok("verbose") | Ok("debug") => "debug",
+        Ok("error") => "error",
+        Ok("silent") => "off",
+        _ => "info",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn socket_path(ifname: &str) -> PathBuf {
+    Path::new(SOCKET_DIR).join(format!("{ifname}.sock"))
+}
+
+/// Binds the UAPI socket with mode 0600 (root only: it hands out the private key).
+fn bind_uapi(path: &Path) -> Result<UnixListener> {
+    std::fs::create_dir_all(SOCKET_DIR).with_context(|| format!("creating {SOCKET_DIR}"))?;
+    if path.exists() {
+        if UnixStream::connect(path).is_ok() {
+            bail!("{} is served by another running daemon", path.display());
+        }
+        std::fs::remove_file(path).with_context(|| format!("removing stale {}", path.display()))?;
+    }
+    let old = sys::umask(0o077);
+    let listener = UnixListener::bind(path);
+    sys::umask(old);
+    let listener = listener.with_context(|| format!("binding UAPI socket {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("setting mode 0600 on {}", path.display()))?;
+    Ok(listener)
+}
+
+fn create_tun(ifname: &str) -> Result<tun_rs::SyncDevice> {
+    let with_offload = tun_rs::DeviceBuilder::new()
+        .name(ifname)
+        .mtu(DEFAULT_MTU)
+        .offload(true)
+        .build_sync();
+    match with_offload {
+        Ok(dev) => Ok(dev),
+        Err(e) => {
+            // Kernels without TUN offloads still work, one packet per read.
+            tracing::warn!(error = %e, "TUN offloads unavailable; continuing without them");
+            tun_rs::DeviceBuilder::new()
+                .name(ifname)
+                .mtu(DEFAULT_MTU)
+                .build_sync()
+                .with_context(|| {
+                    format!(
+                        "creating TUN interface {ifname} (is /dev/net/tun there, and are we root?)"
+                    )
+                })
+        }
+    }
+}
+
+/// Runs the daemon; returns the process exit code.
+pub fn run(args: Args) -> Result<i32> {
+    let foreground =
+        args.foreground || std::env::var("WG_PROCESS_FOREGROUND").as_deref() == Ok("1");
+    init_logging();
+    let tun = create_tun(&args.ifname)?;
+    let path = socket_path(&args.ifname);
+    let listener = bind_uapi(&path)?;
+    let sockets = match Sockets::bind(0, 0) {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = std::fs::remove_file(&path);
+            return Err(e).context("binding UDP sockets");
+        }
+    };
+
+    if !foreground {
+        match sys::fork().context("fork")? {
+            sys::Forked::Parent => return Ok(0),
+            sys::Forked::Child => {
+                sys::setsid().context("setsid")?;
+                sys::stdin_to_devnull().context("stdin")?;
+            }
+        }
+    }
+
+    let mut seed = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut seed);
+    let mut core = Core::new(Instant::now(), seed);
+    core.set_listen_port(sockets.port());
+    let shared = Shared::new(core, tun, args.ifname.clone(), sockets);
+    let (events_tx, events) = channel();
+    driver::spawn(&shared, &events_tx).context("starting driver threads")?;
+    spawn_uapi(listener, shared.clone()).context("starting UAPI thread")?;
+    spawn_signals(events_tx.clone()).context("installing signal handlers")?;
+    tracing::info!(interface = %args.ifname, socket = %path.display(), "komnet-gateway running");
+
+    let reason = events
+        .recv()
+        .unwrap_or(Event::Fatal("all event senders gone".into()));
+    shared.stop();
+    let _ = std::fs::remove_file(&path);
+    match reason {
+        Event::InterfaceGone => {
+            tracing::info!(interface = %args.ifname, "interface deleted; shutting down");
+            Ok(0)
+        }
+        Event::Signal(sig) => {
+            tracing::info!(signal = sig, "shutting down");
+            Ok(0)
+        }
+        Event::Fatal(msg) => {
+            tracing::error!(error = %msg, "shutting down");
+            Ok(1)
+        }
+    }
+}
+
+fn spawn_signals(events: Sender<Event>) -> std::io::Result<()> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if let Some(sig) = signals.forever().next() {
+                let _ = events.send(Event::Signal(sig));
+            }
+        })?;
+    Ok(())
+}
+
+fn spawn_uapi(listener: UnixListener, shared: Arc<Shared>) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("uapi".into())
+        .spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { continue };
+                let shared = shared.clone();
+                let spawned =
+                    std::thread::Builder::new()
+                        .name("uapi-conn".into())
+                        .spawn(move || {
+                            if let Err(e) = serve_uapi(conn, &shared) {
+                                tracing::debug!(error = %e, "UAPI connection");
+                            }
+                        });
+                if let Err(e) = spawned {
+                    tracing::warn!(error = %e, "cannot serve UAPI connection");
+                }
+            }
+        })?;
+    Ok(())
+}
+
+/// Reads one line without its newline, refusing over-long lines. `None` at end of stream.
+fn read_line(r: &mut impl BufRead, line: &mut String) -> std::io::Result<Option<()>> {
+    line.clear();
+    let n = r.by_ref().take(MAX_UAPI_LINE).read_line(line)?;
+    if n == 0 {
+        return Ok(None);
+    }
+    if !line.ends_with('\n') {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "UAPI line too long or unterminated",
+        ));
+    }
+    line.pop();
+    Ok(Some(()))
+}
+
+/// Serves requests on one UAPI connection until the client closes it.
+fn serve_uapi(conn: UnixStream, shared: &Shared) -> std::io::Result<()> {
+    conn.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut writer = conn.try_clone()?;
+    let mut reader = BufReader::new(conn);
+    let mut line = String::new();
+    loop {
+        let first = match read_line(&mut reader, &mut line) {
+            Ok(Some(())) => line.clone(),
+            Ok(None) => return Ok(()),
+            Err(e) => {
+                let err = UapiError::new(ERRNO_PROTOCOL, 0, e.to_string());
+                writer.write_all(uapi::format_errno(Err(&err)).as_bytes())?;
+                return Ok(());
+            }
+        };
+        let op = match uapi::parse_operation(&first) {
+            Ok(op) => op,
+            Err(err) => {
+                tracing::warn!(%err, "UAPI request refused");
+                writer.write_all(uapi::format_errno(Err(&err)).as_bytes())?;
+                return Ok(());
+            }
+        };
+        let mut body = Vec::new();
+        let mut read_error = None;
+        loop {
+            match read_line(&mut reader, &mut line) {
+                Ok(Some(())) if line.is_empty() => break,
+                Ok(Some(())) if body.len() >= MAX_UAPI_LINES => {
+                    read_error = Some(UapiError::new(
+                        ERRNO_PROTOCOL,
+                        body.len() + 2,
+                        "request has too many lines",
+                    ));
+                    break;
+                }
+                Ok(Some(())) => body.push(line.clone()),
+                Ok(None) => {
+                    read_error = Some(UapiError::new(
+                        ERRNO_PROTOCOL,
+                        body.len() + 2,
+                        "request ended without an empty line",
+                    ));
+                    break;
+                }
+                Err(e) => {
+                    read_error = Some(UapiError::new(ERRNO_IO, body.len() + 2, e.to_string()));
+                    break;
+                }
+            }
+        }
+        if let Some(err) = read_error {
+            tracing::warn!(%err, "UAPI request refused");
+            writer.write_all(uapi::format_errno(Err(&err)).as_bytes())?;
+            return Ok(());
+        }
+        let answer = match op {
+            Operation::Get if !body.is_empty() => {
+                let err = UapiError::new(ERRNO_PROTOCOL, 2, "get=1 takes no arguments");
+                uapi::format_errno(Err(&err))
+            }
+            Operation::Get => {
+                let mut core = shared.core();
+                uapi::format_get(&mut core, Instant::now(), SystemTime::now())
+            }
+            Operation::Set => {
+                let result = uapi::parse_set(body.iter().map(String::as_str))
+                    .and_then(|set| apply(shared, &set));
+                if let Err(err) = &result {
+                    tracing::warn!(%err, "UAPI set refused; configuration unchanged");
+                }
+                uapi::format_errno(result.as_ref().map(|_| ()))
+            }
+        };
+        writer.write_all(answer.as_bytes())?;
+    }
+}
+
+/// Applies a validated `set`: sockets first (the only step that can fail), then the core.
+fn apply(shared: &Shared, set: &uapi::DeviceSet) -> Result<(), UapiError> {
+    let current = shared.sockets();
+    let fwmark = set.fwmark.unwrap_or_else(|| shared.core().fwmark());
+    let new_sockets = match set.listen_port {
+        Some(port) if port != current.port() => Some(Sockets::bind(port, fwmark).map_err(|e| {
+            let errno = if e.kind() == std::io::ErrorKind::AddrInUse {
+                ERRNO_PORT_IN_USE
+            } else {
+                ERRNO_IO
+            };
+            UapiError::new(errno, 0, format!("cannot listen on UDP port {port}: {e}"))
+        })?),
+        _ => {
+            if set.fwmark.is_some() {
+                current.set_fwmark(fwmark).map_err(|e| {
+                    UapiError::new(ERRNO_IO, 0, format!("cannot set fwmark {fwmark}: {e}"))
+                })?;
+            }
+            None
+        }
+    };
+    {
+        let mut core = shared.core();
+        uapi::apply_set(&mut core, Instant::now(), set);
+        core.set_listen_port(new_sockets.as_ref().map_or(current.port(), Sockets::port));
+    }
+    if let Some(s) = new_sockets {
+        shared.replace_sockets(s);
+    }
+    let mut buf = vec![0u8; 2048];
+    shared.flush_pending(&mut buf);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(a: &[&str]) -> Vec<String> {
+        a.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn command_line_is_wireguard_gos() {
+        assert_eq!(
+            parse_args(&args(&["-f", "wg0"])),
+            Ok(Command::Run(Args {
+                foreground: true,
+                ifname: "wg0".into()
+            }))
+        );
+        assert_eq!(
+            parse_args(&args(&["wg0"])),
+            Ok(Command::Run(Args {
+                foreground: false,
+                ifname: "wg0".into()
+            }))
+        );
+        assert_eq!(parse_args(&args(&["--version"])), Ok(Command::Version));
+        assert!(parse_args(&args(&[]))
+            .unwrap_err()
+            .contains("missing interface name"));
+        assert!(parse_args(&args(&["-x", "wg0"]))
+            .unwrap_err()
+            .contains("unknown option"));
+        assert!(parse_args(&args(&["wg0", "wg1"]))
+            .unwrap_err()
+            .contains("unexpected argument"));
+        assert!(parse_args(&args(&["a-very-long-interface-name"]))
+            .unwrap_err()
+            .contains("1 to 15"));
+        assert!(parse_args(&args(&["wg/0"]))
+            .unwrap_err()
+            .contains("does not allow"));
+    }
+}

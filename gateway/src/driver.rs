@@ -1,0 +1,515 @@
+//! The I/O driver: moves batches between the TUN device and the UDP sockets through the core.
+//!
+//! One thread per direction (plus one for timers), so encryption and decryption run on both
+//! cores of a small appliance. What makes a userspace path fast here is batching carried
+//! through the whole pipeline (anchors.md, measured on these machines):
+//! - TUN with offloads (tun-rs, `IFF_VNET_HDR` + `TUNSETOFFLOAD`): the kernel hands us TCP
+//!   super-packets of up to 64 KiB that tun-rs splits into MTU-sized segments, and on the way
+//!   back tun-rs coalesces decrypted segments (GRO) before writing them;
+//! - UDP with GSO/GRO (quinn-udp): one `sendmsg` carries up to 64 encrypted datagrams written
+//!   back to back into one buffer, one `recvmmsg` brings up to 32 coalesced datagram trains;
+//! - the core is locked once per batch, not per packet, and no buffer is allocated per packet.
+
+use std::io::{self, IoSliceMut};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+use quinn_udp::{RecvMeta, Transmit, UdpSocketState};
+use socket2::{Domain, Protocol, SockRef, Socket, Type};
+use tun_rs::{GROTable, SyncDevice, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
+
+use crate::core::{Action, Core, TIMER_INTERVAL};
+use crate::sys;
+
+/// Largest IP packet we read from or write to the TUN device (an MTU of up to 9000 fits).
+const MAX_PACKET: usize = 9216;
+/// Socket buffers: big enough for several GSO/GRO batches in flight.
+const SOCKET_BUFFER: i32 = 7 << 20;
+/// Largest UDP payload one GSO send may carry.
+const MAX_GSO_BYTES: usize = 65_507;
+/// Receive slot: one GRO train of datagrams.
+const RX_SLOT: usize = 65_536;
+/// How long a thread blocks before it looks at shutdown and socket changes.
+const POLL_MS: i32 = 250;
+
+/// Why the daemon should stop.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// The TUN interface was deleted.
+    InterfaceGone,
+    /// SIGTERM or SIGINT.
+    Signal(i32),
+    /// A driver thread hit an error it cannot recover from.
+    Fatal(String),
+}
+
+/// The bound UDP sockets (IPv4 and, where the host has it, IPv6) on one port.
+#[derive(Debug)]
+pub struct Sockets {
+    v4: Option<(UdpSocket, UdpSocketState)>,
+    v6: Option<(UdpSocket, UdpSocketState)>,
+    port: u16,
+}
+
+fn bind_one(addr: SocketAddr, fwmark: u32) -> io::Result<(UdpSocket, UdpSocketState)> {
+    let domain = if addr.is_ipv4() {
+        Domain::IPV4
+    } else {
+        Domain::IPV6
+    };
+    let sock = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        sock.set_only_v6(true)?;
+    }
+    if fwmark != 0 {
+        sock.set_mark(fwmark)?;
+    }
+    sys::set_socket_buffers(&sock, SOCKET_BUFFER);
+    sock.bind(&addr.into())?;
+    let sock: UdpSocket = sock.into();
+    // Enables GRO and reads what GSO the kernel offers; also makes the socket non-blocking.
+    let state = UdpSocketState::new((&sock).into())?;
+    Ok((sock, state))
+}
+
+impl Sockets {
+    /// Binds port `port` (0: a free port, the same for both families) with `fwmark`.
+    pub fn bind(port: u16, fwmark: u32) -> io::Result<Self> {
+        let mut last_err = None;
+        // With port 0 the IPv6 bind can lose a race for the port the IPv4 bind picked: retry.
+        for _ in 0..if port == 0 { 10 } else { 1 } {
+            let v4 = bind_one(
+                SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port).into(),
+                fwmark,
+            )?;
+            let bound = v4.0.local_addr()?.port();
+            match bind_one(
+                SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, bound, 0, 0).into(),
+                fwmark,
+            ) {
+                Ok(v6) => {
+                    return Ok(Self {
+                        v4: Some(v4),
+                        v6: Some(v6),
+                        port: bound,
+                    })
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EAFNOSUPPORT) => {
+                    return Ok(Self {
+                        v4: Some(v4),
+                        v6: None,
+                        port: bound,
+                    });
+                }
+                Err(e) => last_err = Some(e),
+            }
+        }
+        Err(last_err.unwrap_or_else(|| io::Error::from(io::ErrorKind::AddrInUse)))
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn set_fwmark(&self, mark: u32) -> io::Result<()> {
+        for (s, _) in self.v4.iter().chain(self.v6.iter()) {
+            SockRef::from(s).set_mark(mark)?;
+        }
+        Ok(())
+    }
+
+    fn for_dst(&self, dst: &SocketAddr) -> Option<&(UdpSocket, UdpSocketState)> {
+        match dst {
+            SocketAddr::V4(_) => self.v4.as_ref(),
+            SocketAddr::V6(_) => self.v6.as_ref(),
+        }
+    }
+
+    /// Sends one (possibly GSO-segmented) transmit, waiting while the socket buffer is full.
+    fn send(&self, t: &Transmit<'_>) -> io::Result<()> {
+        let Some((sock, state)) = self.for_dst(&t.destination) else {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "no socket for this address family",
+            ));
+        };
+        loop {
+            match state.try_send(sock.into(), t) {
+                Ok(()) => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    sys::wait_ready(&[sock.as_raw_fd()], true, POLL_MS)?;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn max_gso_segments(&self) -> usize {
+        self.v4
+            .as_ref()
+            .or(self.v6.as_ref())
+            .map_or(1, |(_, s)| s.max_gso_segments())
+    }
+}
+
+/// What the driver threads share.
+pub struct Shared {
+    core: Mutex<Core>,
+    pub tun: SyncDevice,
+    pub ifname: String,
+    sockets: ArcSwap<Sockets>,
+    shutdown: AtomicBool,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("ifname", &self.ifname)
+            .field("sockets", &self.sockets)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Shared {
+    pub fn new(core: Core, tun: SyncDevice, ifname: String, sockets: Sockets) -> Arc<Self> {
+        Arc::new(Self {
+            core: Mutex::new(core),
+            tun,
+            ifname,
+            sockets: ArcSwap::from_pointee(sockets),
+            shutdown: AtomicBool::new(false),
+        })
+    }
+
+    /// The core. A thread that panicked while holding it leaves consistent data (every core
+    /// method finishes its bookkeeping before returning), so a poisoned lock is taken as is.
+    pub fn core(&self) -> MutexGuard<'_, Core> {
+        self.core.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn sockets(&self) -> Arc<Sockets> {
+        self.sockets.load_full()
+    }
+
+    pub fn replace_sockets(&self, sockets: Sockets) {
+        self.sockets.store(Arc::new(sockets));
+    }
+
+    pub fn stop(&self) {
+        self.shutdown.store(true, Ordering::Relaxed);
+    }
+
+    fn stopping(&self) -> bool {
+        self.shutdown.load(Ordering::Relaxed)
+    }
+
+    /// Sends datagrams the core queued (handshakes, keepalives) one by one.
+    pub fn flush_pending(&self, buf: &mut [u8]) {
+        let mut queued: Vec<(SocketAddr, Vec<u8>)> = Vec::new();
+        {
+            let mut core = self.core();
+            while let Some((dst, len)) = core.poll_transmit(buf) {
+                queued.push((dst, buf[..len].to_vec()));
+            }
+        }
+        let sockets = self.sockets();
+        for (dst, bytes) in queued {
+            send_logged(
+                &sockets,
+                &Transmit {
+                    destination: dst,
+                    ecn: None,
+                    contents: &bytes,
+                    segment_size: None,
+                    src_ip: None,
+                },
+            );
+        }
+    }
+}
+
+fn send_logged(sockets: &Sockets, t: &Transmit<'_>) {
+    if let Err(e) = sockets.send(t) {
+        tracing::debug!(dst = %t.destination, error = %e, "send failed");
+    }
+}
+
+/// Spawns the three driver threads. Each reports a reason to stop on `events`.
+pub fn spawn(shared: &Arc<Shared>, events: &Sender<Event>) -> io::Result<()> {
+    let (s, e) = (shared.clone(), events.clone());
+    std::thread::Builder::new()
+        .name("tun-to-udp".into())
+        .spawn(move || outbound(&s, &e))?;
+    let (s, e) = (shared.clone(), events.clone());
+    std::thread::Builder::new()
+        .name("udp-to-tun".into())
+        .spawn(move || inbound(&s, &e))?;
+    let (s, e) = (shared.clone(), events.clone());
+    std::thread::Builder::new()
+        .name("timers".into())
+        .spawn(move || timers(&s, &e))?;
+    Ok(())
+}
+
+fn tun_gone(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EBADFD) | Some(libc::ENODEV) | Some(libc::EBADF)
+    )
+}
+
+/// TUN → encrypt → UDP.
+fn outbound(shared: &Shared, events: &Sender<Event>) {
+    let mut original = vec![0u8; VIRTIO_NET_HDR_LEN + 65_535];
+    let mut bufs = vec![vec![0u8; MAX_PACKET]; IDEAL_BATCH_SIZE];
+    let mut sizes = vec![0usize; IDEAL_BATCH_SIZE];
+    // Encrypted datagrams are written back to back, so a run of equal-sized ones to the same
+    // peer is already the contiguous buffer a GSO send wants.
+    let mut out = vec![0u8; IDEAL_BATCH_SIZE * (MAX_PACKET + 32)];
+    let mut sends: Vec<(SocketAddr, usize, usize)> = Vec::with_capacity(IDEAL_BATCH_SIZE);
+    let mut pending_buf = vec![0u8; 2048];
+    let tun_fd = shared.tun.as_raw_fd();
+    while !shared.stopping() {
+        match sys::wait_ready(&[tun_fd], false, POLL_MS) {
+            Ok(0) => continue,
+            Ok(_) => {}
+            Err(e) => {
+                let _ = events.send(Event::Fatal(format!("poll on TUN: {e}")));
+                return;
+            }
+        }
+        let n = match shared
+            .tun
+            .recv_multiple(&mut original, &mut bufs, &mut sizes, 0)
+        {
+            Ok(n) => n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) =>
+            {
+                continue
+            }
+            Err(e) if tun_gone(&e) => {
+                let _ = events.send(Event::InterfaceGone);
+                return;
+            }
+            Err(e) => {
+                // A malformed offload packet from the kernel: skip it, keep going.
+                tracing::debug!(error = %e, "TUN read");
+                continue;
+            }
+        };
+        let now = Instant::now();
+        sends.clear();
+        let mut cursor = 0;
+        let has_pending = {
+            let mut core = shared.core();
+            for (buf, &size) in bufs.iter().zip(&sizes).take(n) {
+                let room = &mut out[cursor..];
+                if let Action::ToNetwork { dst, offset, len } =
+                    core.handle_tun_packet(now, &buf[..size], room)
+                {
+                    room.copy_within(offset..offset + len, 0);
+                    sends.push((dst, cursor, len));
+                    cursor += len;
+                }
+            }
+            core.has_pending()
+        };
+        send_runs(&shared.sockets(), &out, &sends);
+        if has_pending {
+            shared.flush_pending(&mut pending_buf);
+        }
+    }
+}
+
+/// Sends `sends` (destination, start, length within `out`), merging each run of datagrams to
+/// the same destination with the same size (the last may be shorter) into one GSO send.
+fn send_runs(sockets: &Sockets, out: &[u8], sends: &[(SocketAddr, usize, usize)]) {
+    let max_segments = sockets.max_gso_segments().max(1);
+    let mut i = 0;
+    while i < sends.len() {
+        let (dst, start, seg) = sends[i];
+        let mut end = start + seg;
+        let mut j = i + 1;
+        while j < sends.len() && j - i < max_segments {
+            let (d, s, len) = sends[j];
+            if d != dst || s != end || len > seg || end + len - start > MAX_GSO_BYTES {
+                break;
+            }
+            end += len;
+            j += 1;
+            if len < seg {
+                break;
+            }
+        }
+        let segment_size = (j - i > 1).then_some(seg);
+        send_logged(
+            sockets,
+            &Transmit {
+                destination: dst,
+                ecn: None,
+                contents: &out[start..end],
+                segment_size,
+                src_ip: None,
+            },
+        );
+        i = j;
+    }
+}
+
+/// UDP → decrypt → TUN.
+fn inbound(shared: &Shared, events: &Sender<Event>) {
+    let mut rx = vec![0u8; quinn_udp::BATCH_SIZE * RX_SLOT];
+    let mut metas = [RecvMeta::default(); quinn_udp::BATCH_SIZE];
+    // Capacity for a full 64 KiB coalesced packet: tun-rs appends GRO segments to the first
+    // buffer of a flow and uses its capacity as the limit.
+    let mut tun_bufs: Vec<Vec<u8>> = (0..IDEAL_BATCH_SIZE * 2)
+        .map(|_| Vec::with_capacity(2 * VIRTIO_NET_HDR_LEN + 65_535))
+        .collect();
+    let mut gro = GROTable::default();
+    let mut replies: Vec<(SocketAddr, Vec<u8>)> = Vec::new();
+    let mut pending_buf = vec![0u8; 2048];
+    while !shared.stopping() {
+        let sockets = shared.sockets();
+        let socks: Vec<&(UdpSocket, UdpSocketState)> =
+            sockets.v4.iter().chain(sockets.v6.iter()).collect();
+        let fds: Vec<i32> = socks.iter().map(|(s, _)| s.as_raw_fd()).collect();
+        let ready = match sys::wait_ready(&fds, false, POLL_MS) {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = events.send(Event::Fatal(format!("poll on UDP sockets: {e}")));
+                return;
+            }
+        };
+        for (i, (sock, state)) in socks.iter().enumerate() {
+            if ready & (1 << i) == 0 {
+                continue;
+            }
+            loop {
+                let n = {
+                    let mut chunks = rx.chunks_mut(RX_SLOT);
+                    let mut iovs: [IoSliceMut<'_>; quinn_udp::BATCH_SIZE] =
+                        std::array::from_fn(|_| IoSliceMut::new(chunks.next().unwrap_or_default()));
+                    match state.recv(sock.into(), &mut iovs, &mut metas) {
+                        Ok(n) => n,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                        Err(e) => {
+                            tracing::debug!(error = %e, "UDP receive");
+                            break;
+                        }
+                    }
+                };
+                let has_pending = decrypt_batch(
+                    shared,
+                    &rx,
+                    &metas[..n],
+                    &mut tun_bufs,
+                    &mut gro,
+                    &mut replies,
+                );
+                for (dst, bytes) in replies.drain(..) {
+                    send_logged(
+                        &sockets,
+                        &Transmit {
+                            destination: dst,
+                            ecn: None,
+                            contents: &bytes,
+                            segment_size: None,
+                            src_ip: None,
+                        },
+                    );
+                }
+                if has_pending {
+                    shared.flush_pending(&mut pending_buf);
+                }
+            }
+        }
+    }
+}
+
+/// Decrypts one receive batch into `tun_bufs` and writes them to the TUN device (with GRO).
+/// Returns whether the core queued datagrams (a handshake completed).
+fn decrypt_batch(
+    shared: &Shared,
+    rx: &[u8],
+    metas: &[RecvMeta],
+    tun_bufs: &mut [Vec<u8>],
+    gro: &mut GROTable,
+    replies: &mut Vec<(SocketAddr, Vec<u8>)>,
+) -> bool {
+    let now = Instant::now();
+    let mut k = 0;
+    let mut core = shared.core();
+    for (slot, meta) in metas.iter().enumerate() {
+        let train = &rx[slot * RX_SLOT..slot * RX_SLOT + meta.len.min(RX_SLOT)];
+        for datagram in train.chunks(meta.stride.max(1)) {
+            if k == tun_bufs.len() {
+                // Full: write what we have without holding the core meanwhile.
+                drop(core);
+                write_tun(shared, tun_bufs, k, gro);
+                k = 0;
+                core = shared.core();
+            }
+            let buf = &mut tun_bufs[k];
+            buf.resize(
+                VIRTIO_NET_HDR_LEN + datagram.len().max(crate::core::MIN_OUT_BUF),
+                0,
+            );
+            match core.handle_datagram(now, meta.addr, datagram, &mut buf[VIRTIO_NET_HDR_LEN..]) {
+                Action::ToTun { offset, len, .. } => {
+                    buf.copy_within(
+                        VIRTIO_NET_HDR_LEN + offset..VIRTIO_NET_HDR_LEN + offset + len,
+                        VIRTIO_NET_HDR_LEN,
+                    );
+                    buf.truncate(VIRTIO_NET_HDR_LEN + len);
+                    k += 1;
+                }
+                Action::ToNetwork { dst, offset, len } => {
+                    let start = VIRTIO_NET_HDR_LEN + offset;
+                    replies.push((dst, buf[start..start + len].to_vec()));
+                }
+                Action::Nothing | Action::Drop(_) => {}
+            }
+        }
+    }
+    let has_pending = core.has_pending();
+    drop(core);
+    write_tun(shared, tun_bufs, k, gro);
+    has_pending
+}
+
+fn write_tun(shared: &Shared, tun_bufs: &mut [Vec<u8>], k: usize, gro: &mut GROTable) {
+    if k == 0 {
+        return;
+    }
+    if let Err(e) = shared
+        .tun
+        .send_multiple(gro, &mut tun_bufs[..k], VIRTIO_NET_HDR_LEN)
+    {
+        tracing::debug!(error = %e, "TUN write");
+    }
+}
+
+/// Runs the core's timers every `TIMER_INTERVAL` and watches that the interface still exists.
+fn timers(shared: &Shared, events: &Sender<Event>) {
+    let mut buf = vec![0u8; 2048];
+    while !shared.stopping() {
+        std::thread::sleep(TIMER_INTERVAL);
+        shared.core().update_timers(Instant::now());
+        shared.flush_pending(&mut buf);
+        if sys::if_index(&shared.ifname).is_none() {
+            let _ = events.send(Event::InterfaceGone);
+            return;
+        }
+    }
+}
