@@ -175,6 +175,9 @@ struct Peer {
     /// Core time of the last datagram sent to this peer, for persistent keepalive.
     last_sent: Duration,
     last_handshake: Option<SystemTime>,
+    /// boringtun may hold packets queued while a handshake runs; they go out once a session
+    /// is usable (see `decapsulate`).
+    queued: bool,
     drops: DropCounters,
 }
 
@@ -405,6 +408,7 @@ impl Core {
             tx_bytes: 0,
             last_sent: self.clock,
             last_handshake: None,
+            queued: false,
             drops: DropCounters::default(),
         });
         self.by_key.insert(public_key, id);
@@ -569,6 +573,9 @@ impl Core {
         match tunn.encapsulate(&packet[..header.total_len], out) {
             TunnResult::WriteToNetwork(b) => {
                 let (offset, len) = (offset_in(base, b), b.len());
+                // Anything but a data message means boringtun queued the packet and started
+                // (or is waiting for) a handshake.
+                peer.queued |= b.first() != Some(&4);
                 peer.tx_bytes += len as u64;
                 peer.last_sent = clock;
                 Action::ToNetwork {
@@ -578,7 +585,10 @@ impl Core {
                 }
             }
             TunnResult::Err(e) => self.peer_drop(id, drop_reason(&e)),
-            _ => Action::Nothing,
+            _ => {
+                peer.queued = true;
+                Action::Nothing
+            }
         }
     }
 
@@ -669,6 +679,7 @@ impl Core {
             return self.peer_drop(id, DropReason::NoPrivateKey);
         };
         let is_data = datagram.first() == Some(&4);
+        let is_response = datagram.first() == Some(&2);
         let base = out.as_ptr() as usize;
         let result = tunn.decapsulate(Some(src.ip()), datagram, out);
         let (inner, reply) = match result {
@@ -697,6 +708,16 @@ impl Core {
             peer.endpoint = Some(src);
             peer.rx_bytes += datagram.len() as u64;
         }
+        // Queued packets can go once boringtun has a current session: as initiator after the
+        // response, as responder after the first data packet (boringtun switches to a
+        // responder's session only then; flushing earlier would start a second handshake).
+        if peer.queued && (is_data || is_response) {
+            peer.queued = false;
+            self.flush_queued(id);
+        }
+        let Some(peer) = self.peer_mut(id) else {
+            return Action::Nothing;
+        };
         if let Some((offset, len, _)) = inner {
             return Action::ToTun {
                 peer: id,
@@ -708,8 +729,6 @@ impl Core {
             return Action::Nothing;
         };
         peer.tx_bytes += len as u64;
-        // A handshake finished: packets boringtun queued while it waited can go now.
-        self.flush_queued(id);
         Action::ToNetwork {
             dst: src,
             offset,
