@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# idle-memory.sh — RSS of an idle daemon with no peers and with N peers configured by
+# `wg setconf` (each with a key, an endpoint and two allowed IPs), komnet-gateway next to
+# wireguard-go 2023 in the same run. Goal: 1,000 peers cost komnet ≤ 5 MiB.
+# Usage: sudo benches/idle-memory.sh [target/release/komnet-gateway]     (PEERS=1000)
+cd "$(dirname "$0")/.." || exit 1
+. benches/lib.sh
+BIN=$(readlink -f "${1:-target/release/komnet-gateway}")
+[ -x "$BIN" ] || bdie "no $BIN: cargo build --release -p komnet-gateway"
+PEERS=${PEERS:-1000}
+bench_require
+REF=$(wggo_2023)
+CONF=$(mktemp); trap 'rm -f "$CONF"; bench_cleanup' EXIT
+{
+    echo "[Interface]"; echo "PrivateKey = $(wg genkey)"; echo "ListenPort = 51999"
+    for i in $(seq "$PEERS"); do
+        echo "[Peer]"; echo "PublicKey = $(wg genkey | wg pubkey)"
+        echo "Endpoint = 192.0.2.$((i % 250 + 1)):$((10000 + i))"
+        echo "AllowedIPs = 10.$((i / 250 + 100)).$((i % 250)).0/24, fd77:$i::/64"
+    done
+} >"$CONF"
+
+rss_kib() { awk '/^VmRSS:/{print $2}' "/proc/$1/status"; }
+
+measure() {
+    local name=$1 bin=$2 ifn=kbm$BENCH_ID$3 pid before after
+    ip netns add "$NS_L" 2>/dev/null
+    ip netns exec "$NS_L" env WG_PROCESS_FOREGROUND=1 LOG_LEVEL=error "$bin" -f "$ifn" >/dev/null 2>&1 &
+    pid=$!; BENCH_PIDS+=("$pid")
+    for _ in $(seq 100); do [ -S "/run/wireguard/$ifn.sock" ] && break; sleep 0.05; done
+    ip -n "$NS_L" link set "$ifn" up
+    sleep 1; before=$(rss_kib "$pid")
+    ip netns exec "$NS_L" wg setconf "$ifn" "$CONF" || bdie "wg setconf on $name"
+    sleep 2; after=$(rss_kib "$pid")
+    [ "$(ip netns exec "$NS_L" wg show "$ifn" peers | wc -l)" = "$PEERS" ] || bdie "$name did not take $PEERS peers"
+    awk -v n="$name" -v b="$before" -v a="$after" -v p="$PEERS" \
+        'BEGIN{printf "%-18s RSS idle %7.1f MiB   with %d peers %7.1f MiB   cost %6.2f MiB\n", n, b/1024, p, a/1024, (a-b)/1024}'
+    kill "$pid"; wait "$pid" 2>/dev/null
+    ip netns del "$NS_L"
+}
+measure komnet-gateway "$BIN" a
+measure wireguard-go-2023 "$REF" b
