@@ -102,6 +102,7 @@ fn init_logging() {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .try_init();
 }
@@ -136,6 +137,12 @@ fn create_tun(ifname: &str) -> Result<tun_rs::SyncDevice> {
         .build_sync();
     match with_offload {
         Ok(dev) => Ok(dev),
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => Err(anyhow::anyhow!(
+            "interface {ifname} already exists and is in use (another daemon running for it?)"
+        )),
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => Err(anyhow::anyhow!(
+            "creating TUN interface {ifname}: permission denied (needs root or CAP_NET_ADMIN)"
+        )),
         Err(e) => {
             // Kernels without TUN offloads still work, one packet per read.
             tracing::warn!(error = %e, "TUN offloads unavailable; continuing without them");

@@ -34,6 +34,10 @@ const SOCKET_BUFFER: i32 = 7 << 20;
 const MAX_GSO_BYTES: usize = 65_507;
 /// Receive slot: one GRO train of datagrams.
 const RX_SLOT: usize = 65_536;
+/// Decrypted packets written to the TUN device per `send_multiple` (GRO coalesces within it).
+/// The core is unlocked between such chunks so the other direction (e.g. the ACKs of the
+/// flow being received) does not wait behind a long receive batch.
+const TUN_WRITE_BATCH: usize = 64;
 /// How long a thread blocks before it looks at shutdown and socket changes.
 const POLL_MS: i32 = 250;
 
@@ -274,16 +278,9 @@ fn outbound(shared: &Shared, events: &Sender<Event>) {
     let mut out = vec![0u8; IDEAL_BATCH_SIZE * (MAX_PACKET + 32)];
     let mut sends: Vec<(SocketAddr, usize, usize)> = Vec::with_capacity(IDEAL_BATCH_SIZE);
     let mut pending_buf = vec![0u8; 2048];
-    let tun_fd = shared.tun.as_raw_fd();
+    // The TUN device is blocking: one syscall per super-packet, no poll in front of it. On
+    // shutdown the process exits under this thread.
     while !shared.stopping() {
-        match sys::wait_ready(&[tun_fd], false, POLL_MS) {
-            Ok(0) => continue,
-            Ok(_) => {}
-            Err(e) => {
-                let _ = events.send(Event::Fatal(format!("poll on TUN: {e}")));
-                return;
-            }
-        }
         let n = match shared
             .tun
             .recv_multiple(&mut original, &mut bufs, &mut sizes, 0)
@@ -372,7 +369,7 @@ fn inbound(shared: &Shared, events: &Sender<Event>) {
     let mut metas = [RecvMeta::default(); quinn_udp::BATCH_SIZE];
     // Capacity for a full 64 KiB coalesced packet: tun-rs appends GRO segments to the first
     // buffer of a flow and uses its capacity as the limit.
-    let mut tun_bufs: Vec<Vec<u8>> = (0..IDEAL_BATCH_SIZE * 2)
+    let mut tun_bufs: Vec<Vec<u8>> = (0..TUN_WRITE_BATCH)
         .map(|_| Vec::with_capacity(2 * VIRTIO_NET_HDR_LEN + 65_535))
         .collect();
     let mut gro = GROTable::default();
@@ -380,9 +377,8 @@ fn inbound(shared: &Shared, events: &Sender<Event>) {
     let mut pending_buf = vec![0u8; 2048];
     while !shared.stopping() {
         let sockets = shared.sockets();
-        let socks: Vec<&(UdpSocket, UdpSocketState)> =
-            sockets.v4.iter().chain(sockets.v6.iter()).collect();
-        let fds: Vec<i32> = socks.iter().map(|(s, _)| s.as_raw_fd()).collect();
+        let socks = [sockets.v4.as_ref(), sockets.v6.as_ref()];
+        let fds = socks.map(|s| s.map_or(-1, |(sock, _)| sock.as_raw_fd()));
         let ready = match sys::wait_ready(&fds, false, POLL_MS) {
             Ok(r) => r,
             Err(e) => {
@@ -390,7 +386,11 @@ fn inbound(shared: &Shared, events: &Sender<Event>) {
                 return;
             }
         };
-        for (i, (sock, state)) in socks.iter().enumerate() {
+        for (i, (sock, state)) in socks
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| Some((i, (*s)?)))
+        {
             if ready & (1 << i) == 0 {
                 continue;
             }
