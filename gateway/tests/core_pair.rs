@@ -1168,3 +1168,33 @@ fn last_handshake_is_reported_as_wall_clock_time() {
         "{get}"
     );
 }
+
+#[test]
+fn both_sides_sending_first_converge_on_sessions_and_deliver_both_packets() {
+    // Both ends send before any handshake (a ping answered by a ping): each queues its
+    // packet and starts a handshake. The responder's queued packet must go out once it has a
+    // usable session, not start yet another handshake.
+    let mut pair = Pair::new();
+    let from_a = ipv4_udp(A_V4, B_V4, b"a speaks first");
+    let from_b = ipv4_udp(B_V4, A_V4, b"b speaks first too");
+    pair.send(Side::A, &from_a);
+    pair.send(Side::B, &from_b);
+    pair.run();
+    assert_eq!(pair.b.tun, vec![from_a]);
+    assert_eq!(pair.a.tun, vec![from_b]);
+    assert!(
+        pair.a.drops.is_empty() && pair.b.drops.is_empty(),
+        "{:?} {:?}",
+        pair.a.drops,
+        pair.b.drops
+    );
+    // One initiation each (the crossing ones), and no third one from a premature flush.
+    assert_eq!(pair.times_sent(Side::A, MSG_HANDSHAKE_INIT).len(), 1);
+    assert_eq!(pair.times_sent(Side::B, MSG_HANDSHAKE_INIT).len(), 1);
+
+    // Data keeps flowing both ways afterwards.
+    pair.transfer(Side::A, &ipv4_udp(A_V4, B_V4, b"again"));
+    pair.transfer(Side::B, &ipv4_udp(B_V4, A_V4, b"again back"));
+    assert_eq!(pair.a.tun.len(), 2);
+    assert_eq!(pair.b.tun.len(), 2);
+}
