@@ -16,6 +16,9 @@ NEED=(
     jq:jq
     sha256sum:coreutils
     nstat:iproute2
+    # The demo and the namespace tests move files through the tunnel with small python3
+    # TCP senders/receivers (a checksum needs a real file; iperf3 does not keep one).
+    python3:python3
 )
 
 missing=()
@@ -26,7 +29,7 @@ done
 # resolvconf is not needed: wg-quick only calls it for DNS= lines, which komnet's configs do not use.
 
 if [ ${#missing[@]} -eq 0 ]; then
-    echo "setup: system packages present (nftables iproute2 wireguard-tools wireguard-go iperf3 iputils-ping jq)"
+    echo "setup: system packages present (nftables iproute2 wireguard-tools wireguard-go iperf3 iputils-ping jq python3)"
     exit 0
 fi
 if [ "$(id -u)" != 0 ]; then

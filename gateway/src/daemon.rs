@@ -189,7 +189,8 @@ pub fn run(args: Args) -> Result<i32> {
     rand::rngs::OsRng.fill_bytes(&mut seed);
     let mut core = Core::new(Instant::now(), seed);
     core.set_listen_port(sockets.port());
-    let shared = Shared::new(core, tun, args.ifname.clone(), sockets);
+    let shared = Shared::new(core, tun, args.ifname.clone(), sockets)
+        .context("creating the wake-up pipe")?;
     let (events_tx, events) = channel();
     driver::spawn(&shared, &events_tx).context("starting driver threads")?;
     spawn_uapi(listener, shared.clone()).context("starting UAPI thread")?;

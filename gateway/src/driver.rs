@@ -10,7 +10,7 @@
 //!   back to back into one buffer, one `recvmmsg` brings up to 32 coalesced datagram trains;
 //! - the core is locked once per batch, not per packet, and no buffer is allocated per packet.
 
-use std::io::{self, IoSliceMut};
+use std::io::{self, IoSliceMut, Read, Write};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -168,6 +168,10 @@ pub struct Shared {
     pub tun: SyncDevice,
     pub ifname: String,
     sockets: ArcSwap<Sockets>,
+    /// Written to when the sockets change, so the receive thread, blocked in `poll` on the
+    /// old ones, picks up the new ones at once (a `wg set listen-port` right before the first
+    /// packet must not cost up to a poll timeout).
+    sockets_changed: (std::io::PipeReader, std::io::PipeWriter),
     shutdown: AtomicBool,
 }
 
@@ -181,14 +185,20 @@ impl std::fmt::Debug for Shared {
 }
 
 impl Shared {
-    pub fn new(core: Core, tun: SyncDevice, ifname: String, sockets: Sockets) -> Arc<Self> {
-        Arc::new(Self {
+    pub fn new(
+        core: Core,
+        tun: SyncDevice,
+        ifname: String,
+        sockets: Sockets,
+    ) -> io::Result<Arc<Self>> {
+        Ok(Arc::new(Self {
             core: Mutex::new(core),
             tun,
             ifname,
             sockets: ArcSwap::from_pointee(sockets),
+            sockets_changed: std::io::pipe()?,
             shutdown: AtomicBool::new(false),
-        })
+        }))
     }
 
     /// The core. A thread that panicked while holding it leaves consistent data (every core
@@ -203,6 +213,8 @@ impl Shared {
 
     pub fn replace_sockets(&self, sockets: Sockets) {
         self.sockets.store(Arc::new(sockets));
+        // A full pipe already holds a wake-up; nothing is lost if this write fails.
+        let _ = (&self.sockets_changed.1).write(&[1]);
     }
 
     pub fn stop(&self) {
@@ -378,14 +390,20 @@ fn inbound(shared: &Shared, events: &Sender<Event>) {
     while !shared.stopping() {
         let sockets = shared.sockets();
         let socks = [sockets.v4.as_ref(), sockets.v6.as_ref()];
-        let fds = socks.map(|s| s.map_or(-1, |(sock, _)| sock.as_raw_fd()));
-        let ready = match sys::wait_ready(&fds, false, POLL_MS) {
+        let [v4, v6] = socks.map(|s| s.map_or(-1, |(sock, _)| sock.as_raw_fd()));
+        let wake = shared.sockets_changed.0.as_raw_fd();
+        let ready = match sys::wait_ready(&[v4, v6, wake], false, POLL_MS) {
             Ok(r) => r,
             Err(e) => {
                 let _ = events.send(Event::Fatal(format!("poll on UDP sockets: {e}")));
                 return;
             }
         };
+        if ready & 0b100 != 0 {
+            // Drain the wake-up (poll said it is readable, so this does not block) and reload.
+            let _ = (&shared.sockets_changed.0).read(&mut [0u8; 64]);
+            continue;
+        }
         for (i, (sock, state)) in socks
             .iter()
             .enumerate()
