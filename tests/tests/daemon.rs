@@ -3,6 +3,9 @@
 //! only, and the daemon exits cleanly (socket removed) on SIGTERM and when its interface is
 //! deleted. Needs root; never skipped.
 
+// Helpers outside #[test] functions panic on purpose: a failed step fails the test.
+#![allow(clippy::unwrap_used)]
+
 use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
