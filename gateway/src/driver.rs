@@ -450,6 +450,11 @@ fn inbound(shared: &Shared, events: &Sender<Event>) {
                 if has_pending {
                     shared.flush_pending(&mut pending_buf);
                 }
+                if n < quinn_udp::BATCH_SIZE {
+                    // The socket is most likely drained: go back to poll rather than pay a
+                    // recvmmsg that only says EAGAIN (a third of receive syscalls otherwise).
+                    break;
+                }
             }
         }
     }

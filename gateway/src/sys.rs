@@ -122,3 +122,69 @@ pub(crate) fn wait_ready(fds: &[i32], write: bool, timeout_ms: i32) -> io::Resul
     }
     Ok(ready)
 }
+
+/// Sets `IFLA_GSO_MAX_SIZE` of interface `ifindex` over rtnetlink: the largest TSO
+/// super-packet the kernel hands us on that TUN device.
+pub(crate) fn set_gso_max_size(ifindex: u32, size: u32) -> io::Result<()> {
+    // The request: nlmsghdr (16) + ifinfomsg (16) + one rtattr carrying a u32 (8), all in
+    // native byte order as rtnetlink expects.
+    const LEN: usize = 40;
+    let mut req = [0u8; LEN];
+    req[0..4].copy_from_slice(&(LEN as u32).to_ne_bytes());
+    req[4..6].copy_from_slice(&libc::RTM_NEWLINK.to_ne_bytes());
+    let flags = (libc::NLM_F_REQUEST | libc::NLM_F_ACK) as u16;
+    req[6..8].copy_from_slice(&flags.to_ne_bytes());
+    req[8..12].copy_from_slice(&1u32.to_ne_bytes()); // sequence number
+                                                     // ifinfomsg: family AF_UNSPEC, type 0, index, flags 0, change 0.
+    req[20..24].copy_from_slice(&(ifindex as i32).to_ne_bytes());
+    req[32..34].copy_from_slice(&8u16.to_ne_bytes());
+    req[34..36].copy_from_slice(&libc::IFLA_GSO_MAX_SIZE.to_ne_bytes());
+    req[36..40].copy_from_slice(&size.to_ne_bytes());
+
+    // SAFETY: plain socket(2) call; the returned descriptor is owned by `OwnedFd` below.
+    let raw = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::NETLINK_ROUTE,
+        )
+    };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is a fresh descriptor nothing else owns.
+    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) };
+    // SAFETY: sockaddr_nl is plain data; all-zero is a valid value that we then fill in.
+    let mut kernel: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+    kernel.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+    // SAFETY: `req` and `kernel` are live locals; lengths are their exact sizes.
+    let sent = unsafe {
+        libc::sendto(
+            fd.as_raw_fd(),
+            req.as_ptr().cast(),
+            LEN,
+            0,
+            (&kernel as *const libc::sockaddr_nl).cast(),
+            std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+        )
+    };
+    if sent < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut ack = [0u8; 512];
+    // SAFETY: `ack` is a live local buffer of the length we pass.
+    let got = unsafe { libc::recv(fd.as_raw_fd(), ack.as_mut_ptr().cast(), ack.len(), 0) };
+    if got < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // The answer is an NLMSG_ERROR whose first field is 0 (success) or a negative errno.
+    let msg_type = u16::from_ne_bytes([ack[4], ack[5]]);
+    let code = i32::from_ne_bytes([ack[16], ack[17], ack[18], ack[19]]);
+    if got >= 20 && msg_type == libc::NLMSG_ERROR as u16 && code == 0 {
+        Ok(())
+    } else if code < 0 {
+        Err(io::Error::from_raw_os_error(-code))
+    } else {
+        Err(io::Error::other("unexpected rtnetlink answer"))
+    }
+}
