@@ -17,12 +17,13 @@ measure() {
     idle=$(ip netns exec "$NS_L" ping -c 50 -i 0.02 -q "$TUN_R" | awk -F/ '/^rtt/{print $5}')
     ip netns exec "$NS_R" iperf3 -s -1 -B "$TUN_R" >/dev/null 2>&1 & BENCH_PIDS+=($!)
     sleep 0.3
-    ip netns exec "$NS_L" iperf3 -c "$TUN_R" -t "$DUR" >/dev/null 2>&1 & BENCH_PIDS+=($!)
+    ip netns exec "$NS_L" iperf3 -c "$TUN_R" -t "$DUR" >/dev/null 2>&1 &
+    local client=$!; BENCH_PIDS+=("$client")
     sleep 1
     loaded=$(ip netns exec "$NS_L" ping -c $(( (DUR - 2) * 50 )) -i 0.02 "$TUN_R" 2>/dev/null \
         | awk -F'time=' '/time=/{split($2,a," "); print a[1]}' | sort -g \
-        | awk '{v[NR]=$1} END{if (NR==0) {print "FAIL FAIL"; exit} printf "%s %s\n", v[int((NR+1)/2)], v[int(NR*0.99)>0?int(NR*0.99):1]}')
-    wait 2>/dev/null
+        | awk '{v[NR]=$1} END{if (NR==0) {print "FAIL FAIL"; exit} p=int(NR*0.99); if (p<1) p=1; printf "%s %s\n", v[int((NR+1)/2)], v[p]}')
+    wait "$client" 2>/dev/null
     printf '%-16s idle avg %6s ms   under load: median %6s ms  p99 %6s ms\n' "$name" "$idle" $loaded
 }
 for r in $(seq "$ROUNDS"); do
