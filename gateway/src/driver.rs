@@ -326,7 +326,11 @@ fn outbound(shared: &Shared, events: &Sender<Event>) {
                 if let Action::ToNetwork { dst, offset, len } =
                     core.handle_tun_packet(now, &buf[..size], room)
                 {
-                    room.copy_within(offset..offset + len, 0);
+                    // boringtun writes at the start of the buffer; moving in place would still
+                    // cost a memmove of the whole datagram.
+                    if offset != 0 {
+                        room.copy_within(offset..offset + len, 0);
+                    }
                     sends.push((dst, cursor, len));
                     cursor += len;
                 }
@@ -490,10 +494,12 @@ fn decrypt_batch(
             );
             match core.handle_datagram(now, meta.addr, datagram, &mut buf[VIRTIO_NET_HDR_LEN..]) {
                 Action::ToTun { offset, len, .. } => {
-                    buf.copy_within(
-                        VIRTIO_NET_HDR_LEN + offset..VIRTIO_NET_HDR_LEN + offset + len,
-                        VIRTIO_NET_HDR_LEN,
-                    );
+                    if offset != 0 {
+                        buf.copy_within(
+                            VIRTIO_NET_HDR_LEN + offset..VIRTIO_NET_HDR_LEN + offset + len,
+                            VIRTIO_NET_HDR_LEN,
+                        );
+                    }
                     buf.truncate(VIRTIO_NET_HDR_LEN + len);
                     k += 1;
                 }
