@@ -234,19 +234,21 @@ impl Shared {
                 queued.push((dst, buf[..len].to_vec()));
             }
         }
-        let sockets = self.sockets();
-        for (dst, bytes) in queued {
-            send_logged(
-                &sockets,
-                &Transmit {
-                    destination: dst,
-                    ecn: None,
-                    contents: &bytes,
-                    segment_size: None,
-                    src_ip: None,
-                },
-            );
-        }
+        send_each(&self.sockets(), queued.drain(..));
+    }
+}
+
+/// Sends control datagrams (handshakes, cookies, keepalives) one by one.
+fn send_each(sockets: &Sockets, datagrams: impl Iterator<Item = (SocketAddr, Vec<u8>)>) {
+    for (dst, bytes) in datagrams {
+        let t = Transmit {
+            destination: dst,
+            ecn: None,
+            contents: &bytes,
+            segment_size: None,
+            src_ip: None,
+        };
+        send_logged(sockets, &t);
     }
 }
 
@@ -439,18 +441,7 @@ fn inbound(shared: &Shared, events: &Sender<Event>) {
                     &mut gro,
                     &mut replies,
                 );
-                for (dst, bytes) in replies.drain(..) {
-                    send_logged(
-                        &sockets,
-                        &Transmit {
-                            destination: dst,
-                            ecn: None,
-                            contents: &bytes,
-                            segment_size: None,
-                            src_ip: None,
-                        },
-                    );
-                }
+                send_each(&sockets, replies.drain(..));
                 if has_pending {
                     shared.flush_pending(&mut pending_buf);
                 }
