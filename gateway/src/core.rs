@@ -174,7 +174,8 @@ struct Peer {
     tx_bytes: u64,
     /// Core time of the last datagram sent to this peer, for persistent keepalive.
     last_sent: Duration,
-    last_handshake: Option<SystemTime>,
+    /// Core time of the last completed handshake; kept when the session state is dropped.
+    handshake_at: Option<Duration>,
     /// boringtun may hold packets queued while a handshake runs; they go out once a session
     /// is usable (see `decapsulate`).
     queued: bool,
@@ -256,6 +257,18 @@ fn tunn_of<'a>(key: &Option<DeviceKey>, peer: &'a mut Peer) -> Option<&'a mut Tu
         )));
     }
     peer.tunn.as_deref_mut()
+}
+
+/// Records when the peer's current session was established (boringtun only knows "how long
+/// ago", and forgets once the session is gone).
+fn note_handshake(peer: &mut Peer, clock: Duration) {
+    if let Some(since) = peer
+        .tunn
+        .as_ref()
+        .and_then(|t| t.time_since_last_handshake())
+    {
+        peer.handshake_at = Some(clock.saturating_sub(since));
+    }
 }
 
 fn peer_in(slots: &mut [Slot], id: PeerId) -> Option<&mut Peer> {
@@ -414,7 +427,7 @@ impl Core {
             rx_bytes: 0,
             tx_bytes: 0,
             last_sent: self.clock,
-            last_handshake: None,
+            handshake_at: None,
             queued: false,
             drops: DropCounters::default(),
         });
@@ -492,6 +505,15 @@ impl Core {
         self.by_key.len()
     }
 
+    /// Peers that currently hold Noise state (a session or a handshake in progress); the rest
+    /// are configured but idle, or their keys expired and were freed.
+    pub fn peers_with_state(&self) -> usize {
+        self.slots
+            .iter()
+            .filter(|s| s.peer.as_ref().is_some_and(|p| p.tunn.is_some()))
+            .count()
+    }
+
     /// Every peer, ordered by public key so output is stable. `wall` is the current Unix time:
     /// boringtun only knows how long ago a handshake was, `wg` wants when.
     pub fn peers(&mut self, now: Instant, wall: SystemTime) -> Vec<PeerInfo> {
@@ -499,24 +521,22 @@ impl Core {
         let mut ids: Vec<(&[u8; 32], &PeerId)> = self.by_key.iter().collect();
         ids.sort();
         let ids: Vec<PeerId> = ids.into_iter().map(|(_, id)| *id).collect();
+        let clock = self.clock;
         ids.into_iter()
             .filter_map(|id| {
                 let allowed_ips = self.allowed_ips.prefixes_of(id);
                 let peer = self.peer_mut(id)?;
-                if let Some(since) = peer
-                    .tunn
-                    .as_ref()
-                    .and_then(|t| t.time_since_last_handshake())
-                {
-                    peer.last_handshake = wall.checked_sub(since);
-                }
+                note_handshake(peer, clock);
+                let last_handshake = peer
+                    .handshake_at
+                    .and_then(|at| wall.checked_sub(clock.saturating_sub(at)));
                 Some(PeerInfo {
                     id,
                     public_key: peer.public_key,
                     preshared_key: peer.preshared_key,
                     endpoint: peer.endpoint,
                     persistent_keepalive: peer.persistent_keepalive,
-                    last_handshake: peer.last_handshake,
+                    last_handshake,
                     rx_bytes: peer.rx_bytes,
                     tx_bytes: peer.tx_bytes,
                     allowed_ips,
@@ -820,9 +840,18 @@ impl Core {
                         self.pending.push_back((dst, b.to_vec()));
                     }
                 }
-                TunnResult::Err(WireGuardError::ConnectionExpired) => {}
+                TunnResult::Err(WireGuardError::ConnectionExpired) => {
+                    // Keys expired (REJECT_AFTER_TIME * 3 without a handshake) or handshake
+                    // attempts gave up: free the whole Noise state, so the keys do not linger
+                    // in memory and a silent peer costs what an idle one does. The next
+                    // packet builds a fresh one.
+                    peer.tunn = None;
+                    peer.queued = false;
+                    continue;
+                }
                 _ => {}
             }
+            note_handshake(peer, clock);
             if let Some(secs) = peer.persistent_keepalive {
                 if clock.saturating_sub(peer.last_sent) >= Duration::from_secs(u64::from(secs)) {
                     keepalives.push(peer.id);

@@ -919,6 +919,30 @@ fn keys_expire_after_silence_and_the_next_packet_starts_over() {
     let counted = pair.a.peer_drops(DropReason::NoSession) + pair.a.peer_drops(DropReason::Expired);
     assert_eq!(counted, 1);
     assert_eq!(pair.a.tun.len(), 1, "only the first `ack` was delivered");
+    assert_eq!(
+        pair.a.core.peers_with_state(),
+        0,
+        "A freed the expired Noise state"
+    );
+    assert_eq!(
+        pair.b.core.peers_with_state(),
+        0,
+        "B freed the expired Noise state"
+    );
+    // The expired session's state is gone, but `wg show` still tells when the last handshake
+    // was (within boringtun's 250 ms timer granularity).
+    let now = pair.now;
+    let wall = wall_clock();
+    let reported = pair.a.core.peers(now, wall)[0]
+        .last_handshake
+        .expect("a handshake happened");
+    let ago = wall.duration_since(reported).expect("in the past");
+    let expected = pair.elapsed() - handshake_at;
+    assert!(
+        ago <= expected + Duration::from_millis(300)
+            && ago + Duration::from_millis(300) >= expected,
+        "last handshake {ago:?} ago, expected about {expected:?}"
+    );
 
     let inits_before = pair.times_sent(Side::A, MSG_HANDSHAKE_INIT).len();
     let again = ipv4_udp(A_V4, B_V4, b"hello again");
