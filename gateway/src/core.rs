@@ -191,6 +191,7 @@ struct Slot {
 /// The device: private key, peers, allowed IPs, and the Noise state of every peer.
 pub struct Core {
     epoch: Instant,
+    last_now: Instant,
     clock: Duration,
     rng: StdRng,
     limits: HandshakeLimits,
@@ -295,6 +296,7 @@ impl Core {
     pub fn with_limits(now: Instant, seed: [u8; 32], limits: HandshakeLimits) -> Self {
         Self {
             epoch: now,
+            last_now: now,
             clock: Duration::ZERO,
             rng: StdRng::from_seed(seed),
             limits,
@@ -314,10 +316,15 @@ impl Core {
     /// Moves the core clock to `now` (never backwards) and hands it to boringtun.
     #[inline]
     fn enter(&mut self, now: Instant) {
-        let t = now.saturating_duration_since(self.epoch);
-        if t > self.clock {
-            self.clock = t;
+        // A driver passes one `now` for a whole batch: skip the subtraction when it repeats.
+        if now != self.last_now {
+            self.last_now = now;
+            let t = now.saturating_duration_since(self.epoch);
+            if t > self.clock {
+                self.clock = t;
+            }
         }
+        // Always: the clock is per thread, and another thread may have moved the core's.
         MockClock::set_time(MOCK_CLOCK_ORIGIN + self.clock);
     }
 
