@@ -529,9 +529,15 @@ impl Core {
         ids.sort();
         let ids: Vec<PeerId> = ids.into_iter().map(|(_, id)| *id).collect();
         let clock = self.clock;
+        // One pass over the table, not one per peer: `wg show` on a hub with a thousand peers
+        // must not hold the core (and so the packet path) for long.
+        let mut prefixes: HashMap<PeerId, Vec<IpNet>> = HashMap::new();
+        for (net, owner) in self.allowed_ips.iter() {
+            prefixes.entry(owner).or_default().push(net);
+        }
         ids.into_iter()
             .filter_map(|id| {
-                let allowed_ips = self.allowed_ips.prefixes_of(id);
+                let allowed_ips = prefixes.remove(&id).unwrap_or_default();
                 let peer = self.peer_mut(id)?;
                 note_handshake(peer, clock);
                 let last_handshake = peer
