@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # idle-memory.sh — RSS of an idle daemon with no peers and with N peers configured by
 # `wg setconf` (each with a key, an endpoint and two allowed IPs), komnet-gateway next to
-# wireguard-go 2023 in the same run. Goal: 1,000 peers cost komnet ≤ 5 MiB.
+# wireguard-go 2023 in the same run. Goal: 1,000 peers cost komnet ≤ 5 MiB. Also times
+# `wg show dump` with those peers (the daemon holds its peer table while answering).
 # Usage: sudo benches/idle-memory.sh [target/release/komnet-gateway]     (PEERS=1000)
 cd "$(dirname "$0")/.." || exit 1
 . benches/lib.sh
@@ -33,8 +34,12 @@ measure() {
     ip netns exec "$NS_L" wg setconf "$ifn" "$CONF" || bdie "wg setconf on $name"
     sleep 2; after=$(rss_kib "$pid")
     [ "$(ip netns exec "$NS_L" wg show "$ifn" peers | wc -l)" = "$PEERS" ] || bdie "$name did not take $PEERS peers"
-    awk -v n="$name" -v b="$before" -v a="$after" -v p="$PEERS" \
-        'BEGIN{printf "%-18s RSS idle %7.1f MiB   with %d peers %7.1f MiB   cost %6.2f MiB\n", n, b/1024, p, a/1024, (a-b)/1024}'
+    local t0 t1
+    t0=$(date +%s%N)
+    for _ in 1 2 3 4 5; do ip netns exec "$NS_L" wg show "$ifn" dump >/dev/null; done
+    t1=$(date +%s%N)
+    awk -v n="$name" -v b="$before" -v a="$after" -v p="$PEERS" -v ms="$(( (t1 - t0) / 5000000 ))" \
+        'BEGIN{printf "%-18s RSS idle %7.1f MiB   with %d peers %7.1f MiB   cost %6.2f MiB   wg show dump %d ms\n", n, b/1024, p, a/1024, (a-b)/1024, ms}'
     kill "$pid"; wait "$pid" 2>/dev/null
     ip netns del "$NS_L"
 }
