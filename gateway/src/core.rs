@@ -109,13 +109,6 @@ impl DropCounters {
     pub fn total(&self) -> u64 {
         self.0.iter().sum()
     }
-    /// Non-zero counters, in declaration order.
-    pub fn iter(&self) -> impl Iterator<Item = (DropReason, u64)> + '_ {
-        DropReason::ALL
-            .iter()
-            .map(|r| (*r, self.0[*r as usize]))
-            .filter(|(_, n)| *n > 0)
-    }
 }
 
 /// What the driver must do with the bytes the core wrote into its output buffer.
@@ -895,12 +888,5 @@ impl Core {
             }
             self.device_drops.add(DropReason::BufferTooSmall);
         }
-    }
-
-    /// Starts a handshake with a peer now (used when a peer is configured with an endpoint, so
-    /// the first packet does not wait for it).
-    pub fn initiate_handshake(&mut self, now: Instant, id: PeerId) {
-        self.enter(now);
-        self.send_with(id, |tunn, buf| tunn.format_handshake_initiation(buf, false));
     }
 }

@@ -138,37 +138,41 @@ fn a_port_in_use_answers_eaddrinuse_and_keeps_the_old_port() {
     let _ = holder.wait();
 }
 
-#[test]
-fn sigterm_stops_the_daemon_and_removes_its_socket() {
-    let (_ns, daemon, ifname, _logs) = start("sigterm");
-    let socket = uapi_socket_path(&ifname);
-    let pid = daemon.pid().to_string();
-    let status = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-    assert!(status.success());
-    let mut daemon = daemon;
+/// Waits for the daemon to exit after `cause`, and checks it exited with success and removed
+/// its UAPI socket.
+fn assert_exits_cleanly(daemon: &mut Daemon, socket: &Path, cause: &str) {
     let exit = wait_until(
-        "komnet-gateway to exit after SIGTERM",
+        &format!("komnet-gateway to exit after {cause}"),
         Duration::from_secs(5),
         || Ok(daemon.poll_exit()),
     )
-    .expect("the daemon exits on SIGTERM");
-    assert!(exit.success(), "exit status {exit}");
-    assert!(!socket.exists(), "{} left behind", socket.display());
+    .unwrap_or_else(|e| panic!("the daemon must exit after {cause}: {e:?}"));
+    assert!(exit.success(), "exit status {exit} after {cause}");
+    assert!(
+        !socket.exists(),
+        "{} left behind after {cause}",
+        socket.display()
+    );
+}
+
+#[test]
+fn sigterm_stops_the_daemon_and_removes_its_socket() {
+    let (_ns, mut daemon, ifname, _logs) = start("sigterm");
+    let pid = daemon.pid().to_string();
+    let status = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    assert!(status.success());
+    assert_exits_cleanly(&mut daemon, &uapi_socket_path(&ifname), "SIGTERM");
 }
 
 #[test]
 fn deleting_the_interface_stops_the_daemon() {
     let (ns, mut daemon, ifname, _logs) = start("linkdel");
-    let socket = uapi_socket_path(&ifname);
     ns.ip(&["link", "del", &ifname]).expect("ip link del");
-    let exit = wait_until(
-        "komnet-gateway to exit after its interface was deleted",
-        Duration::from_secs(5),
-        || Ok(daemon.poll_exit()),
-    )
-    .expect("the daemon exits when its interface is deleted");
-    assert!(exit.success(), "exit status {exit}");
-    assert!(!socket.exists(), "{} left behind", socket.display());
+    assert_exits_cleanly(
+        &mut daemon,
+        &uapi_socket_path(&ifname),
+        "its interface was deleted",
+    );
 }
 
 #[test]
