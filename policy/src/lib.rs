@@ -1,7 +1,35 @@
 //! komnet-policy: the segmentation policy network admins edit as files.
 //!
-//! It will own the policy language (tenants, segments, services, rules, guardrails, inline
-//! tests), its checker and the compiler to a packet-path classifier and to nftables rules. It
-//! knows nothing of sockets or certificates beyond the identity fields. Its issue fills this
-//! crate; until then it is intentionally empty.
+//! It owns the policy language (a directory: `operator.toml` for the data-centre operator,
+//! `tenants/<tenant>.toml` per commune, see `docs/policy.md`), the checker that reports every
+//! error with file, line and column, the reference evaluator ([`decide`], the oracle), the
+//! compiled [`Classifier`] for the userspace packet path, the nftables compiler for a site's
+//! appliance, the admin queries (`test`, `explain`, `query`, `diff`) and the hot-reload handle.
+//! It knows nothing of sockets or certificates beyond the identity fields (tenant, site, role).
 #![forbid(unsafe_code)]
+
+mod analysis;
+mod classifier;
+mod flow;
+mod model;
+pub mod nft;
+mod oracle;
+mod reload;
+mod source;
+mod syntax;
+pub mod synthetic;
+
+pub use analysis::{
+    diff, explain, query_segment, query_service, run_tests, Explanation, FlowChange, Reach,
+    TestOutcome, TestReport,
+};
+pub use classifier::Classifier;
+pub use flow::{Origin, PacketMeta, PeerIdentity, PortRange, Proto, Role};
+pub use model::{
+    Expectation, Export, FromSpec, GuardTarget, Guardrail, GuardrailId, Policy, PolicyErrors, Rule,
+    RuleId, Segment, SegmentId, Service, ServiceId, Site, SiteId, Tenant, TenantId, ToSpec,
+    MAX_FILE_BYTES, MAX_FRAGMENTS,
+};
+pub use oracle::{decide, Decider, Decision};
+pub use reload::{CompiledPolicy, PolicyHandle, ReloadError};
+pub use source::{Diagnostic, FileId, Loc, Severity, SourceMap};

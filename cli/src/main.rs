@@ -1,0 +1,69 @@
+//! `komnet`: the command line of network admins and data-centre operators.
+
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{CommandFactory, Parser, Subcommand};
+
+mod policy_cmd;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "komnet",
+    version,
+    about = "komnet: zero-trust network for municipalities — admin command line",
+    long_about = "komnet's admin command line. `komnet policy …` checks, tests, explains and \
+                  compiles the segmentation policy (a directory with operator.toml and \
+                  tenants/*.toml, see docs/policy.md) offline, before it reaches any appliance."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Check, test, explain, query, diff and compile segmentation policies.
+    #[command(subcommand)]
+    Policy(policy_cmd::PolicyCommand),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions { shell: clap_complete::Shell },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Policy(cmd) => policy_cmd::run(cmd),
+        Command::Completions { shell } => {
+            let mut cmd = Cli::command();
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut cmd, "komnet", &mut script);
+            emit(&String::from_utf8_lossy(&script))
+                .map(|()| ExitCode::SUCCESS)
+                .map_err(Into::into)
+        }
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "komnet: error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Writes a command's output to stdout; a reader that went away (`| head`) is not an error.
+pub(crate) fn emit(text: &str) -> std::io::Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => other,
+    }
+}
+
+/// Shared by subcommands: a directory argument as given.
+pub(crate) type Dir = PathBuf;

@@ -1,0 +1,290 @@
+//! `komnet policy …`: the policy verbs. Exit status 0 when everything is fine, 1 when the
+//! policy has errors, a test fails or a flow is not what was asked; clap's 2 for usage errors.
+
+use std::fmt::Write as _;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context as _};
+use clap::Subcommand;
+use komnet_policy::{diff, explain, nft, query_segment, query_service, run_tests, Policy};
+
+use crate::Dir;
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum PolicyCommand {
+    /// Parse and validate a policy directory; prints every error with file:line:col.
+    Check { dir: Dir },
+    /// Run the inline `[[expect]]` tests of a policy.
+    Test { dir: Dir },
+    /// Decide one flow and show the rule (or default deny) that decided it.
+    Explain {
+        dir: Dir,
+        /// Source: an address (10.20.1.7), a segment (musterstadt/verwaltung).
+        #[arg(long)]
+        from: String,
+        /// Destination: SERVICE[:PORT/PROTO], ADDR:PORT/PROTO, [V6ADDR]:PORT/PROTO, …:icmp.
+        #[arg(long)]
+        to: String,
+    },
+    /// Who can reach a service, or what a segment can reach.
+    #[command(group(clap::ArgGroup::new("what").required(true).args(["service", "segment"])))]
+    Query {
+        dir: Dir,
+        #[arg(long)]
+        service: Option<String>,
+        #[arg(long)]
+        segment: Option<String>,
+    },
+    /// Flows newly allowed and newly denied between two versions of a policy.
+    Diff { old: Dir, new: Dir },
+    /// Print what one site's appliance would install.
+    Compile {
+        dir: Dir,
+        /// The site: SITE, or TENANT/SITE when several tenants use the name.
+        #[arg(long)]
+        site: String,
+        /// Print the nftables ruleset (nft syntax).
+        #[arg(long, required = true)]
+        nft: bool,
+        /// Print nft's JSON form (what `apply` feeds to `nft -j`) instead of its text syntax.
+        #[arg(long, requires = "nft")]
+        json: bool,
+        /// The appliance's LAN interface(s).
+        #[arg(long = "lan", default_value = "lan0")]
+        lan: Vec<String>,
+        /// The appliance's tunnel interface.
+        #[arg(long, default_value = "komnet0")]
+        tunnel: String,
+    },
+    /// Install a site's ruleset with nft: checked with `nft -c`, applied as one transaction,
+    /// read back and compared. Needs CAP_NET_ADMIN. On failure the previous ruleset stays.
+    Apply {
+        dir: Dir,
+        #[arg(long)]
+        site: String,
+        #[arg(long = "lan", required = true)]
+        lan: Vec<String>,
+        #[arg(long)]
+        tunnel: String,
+    },
+}
+
+/// Loads a policy or prints all its errors (exit 1).
+fn load(dir: &Dir) -> Result<Policy, ExitCode> {
+    match Policy::load(dir) {
+        Ok(p) => {
+            for w in &p.warnings {
+                eprint!("{}", w.render(&p.sources));
+            }
+            Ok(p)
+        }
+        Err(errors) => {
+            eprint!("{}", errors.render());
+            eprintln!(
+                "{}: {} error(s); the policy is not usable",
+                dir.display(),
+                errors.error_count()
+            );
+            Err(ExitCode::from(1))
+        }
+    }
+}
+
+macro_rules! load_or_exit {
+    ($dir:expr) => {
+        match load($dir) {
+            Ok(p) => p,
+            Err(code) => return Ok(code),
+        }
+    };
+}
+
+/// Appends a line to the command's output, written in one go at the end (a closed pipe, as
+/// with `| head`, then ends the output quietly instead of failing).
+macro_rules! say {
+    ($out:ident, $($arg:tt)*) => {{
+        let _ = writeln!($out, $($arg)*);
+    }};
+}
+
+macro_rules! say_raw {
+    ($out:ident, $($arg:tt)*) => {{
+        let _ = write!($out, $($arg)*);
+    }};
+}
+
+pub(crate) fn run(cmd: PolicyCommand) -> anyhow::Result<ExitCode> {
+    let mut out = String::new();
+    let code = run_into(cmd, &mut out)?;
+    crate::emit(&out)?;
+    Ok(code)
+}
+
+fn run_into(cmd: PolicyCommand, out: &mut String) -> anyhow::Result<ExitCode> {
+    match cmd {
+        PolicyCommand::Check { dir } => {
+            let p = load_or_exit!(&dir);
+            say!(out,
+                "{}: policy {:?} version {} is valid: {} tenants, {} sites, {} segments, {} services, {} rules, {} guardrails, {} tests{}",
+                dir.display(),
+                p.name,
+                p.version,
+                p.tenants.len(),
+                p.sites.len(),
+                p.segments.len(),
+                p.services.len(),
+                p.rules.len(),
+                p.guardrails.len(),
+                p.expectations.len(),
+                if p.warnings.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({} warnings)", p.warnings.len())
+                }
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        PolicyCommand::Test { dir } => {
+            let p = load_or_exit!(&dir);
+            let report = run_tests(&p);
+            for o in &report.outcomes {
+                say!(out, "{}", o.line);
+            }
+            say!(
+                out,
+                "{} passed, {} failed ({} tests)",
+                report.passed,
+                report.failed,
+                p.expectations.len()
+            );
+            Ok(if report.failed == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+        PolicyCommand::Explain { dir, from, to } => {
+            let p = load_or_exit!(&dir);
+            let lines = explain(&p, &from, &to).map_err(anyhow::Error::msg)?;
+            for l in lines {
+                say!(out, "{l}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        PolicyCommand::Query {
+            dir,
+            service,
+            segment,
+        } => {
+            let p = load_or_exit!(&dir);
+            let (title, reach) = match (service, segment) {
+                (Some(s), _) => (format!("who can reach {s}"), query_service(&p, &s)),
+                (None, Some(s)) => (format!("what {s} can reach"), query_segment(&p, &s)),
+                (None, None) => bail!("give --service or --segment"),
+            };
+            let reach = reach.map_err(anyhow::Error::msg)?;
+            say!(out, "{title}:");
+            if reach.is_empty() {
+                say!(out, "  nothing (default deny)");
+            }
+            for r in reach {
+                say!(out, "  {r}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        PolicyCommand::Diff { old, new } => {
+            let a = load_or_exit!(&old);
+            let b = load_or_exit!(&new);
+            let (changes, moved) = diff(&a, &b);
+            say!(
+                out,
+                "policy {:?}: version {} -> {}",
+                b.name,
+                a.version,
+                b.version
+            );
+            let allowed = changes.iter().filter(|c| c.now_allowed).count();
+            for c in &changes {
+                say!(out, "{c}");
+            }
+            for m in &moved {
+                say!(out, "~ {m}");
+            }
+            say!(
+                out,
+                "{allowed} flow(s) newly allowed, {} newly denied, {} address change(s)",
+                changes.len() - allowed,
+                moved.len()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        PolicyCommand::Compile {
+            dir,
+            site,
+            nft: _,
+            json,
+            lan,
+            tunnel,
+        } => {
+            let p = load_or_exit!(&dir);
+            let ruleset = site_ruleset(&p, &site, lan, tunnel)?;
+            if json {
+                say!(
+                    out,
+                    "{}",
+                    serde_json_pretty(&ruleset).context("cannot encode the ruleset")?
+                );
+            } else {
+                say_raw!(out, "{ruleset}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        PolicyCommand::Apply {
+            dir,
+            site,
+            lan,
+            tunnel,
+        } => {
+            let p = load_or_exit!(&dir);
+            let report = run_tests(&p);
+            if report.failed > 0 {
+                for o in report.outcomes.iter().filter(|o| !o.passed) {
+                    eprintln!("{}", o.line);
+                }
+                bail!(
+                    "{} inline test(s) fail: not applying this policy",
+                    report.failed
+                );
+            }
+            let ruleset = site_ruleset(&p, &site, lan, tunnel)?;
+            ruleset.apply()?;
+            say!(
+                out,
+                "applied policy {:?} version {} for site {site}: {} rules in table inet {}",
+                p.name,
+                p.version,
+                ruleset.rule_count(),
+                nft::TABLE
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn site_ruleset(
+    p: &Policy,
+    site: &str,
+    lan: Vec<String>,
+    tunnel: String,
+) -> anyhow::Result<nft::Ruleset> {
+    let site_id = p.find_site(site).map_err(anyhow::Error::msg)?;
+    Ok(nft::ruleset_for_site(
+        p,
+        site_id,
+        &nft::Interfaces { lan, tunnel },
+    )?)
+}
+
+fn serde_json_pretty(ruleset: &nft::Ruleset) -> anyhow::Result<String> {
+    Ok(nft::to_json_pretty(ruleset)?)
+}

@@ -1,0 +1,486 @@
+//! What admins ask of a policy offline: do the inline tests pass, why is this flow allowed or
+//! denied, who can reach this service, what can this segment reach, and what does a change
+//! allow or deny that the old version did not.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+
+use crate::flow::{Origin, PacketMeta, PortRange, Proto};
+use crate::model::{resolve_from, resolve_to, FromSpec, Policy, SegmentId, ServiceId, ToSpec};
+use crate::oracle::{decide, Decision};
+
+/// One concrete packet a test or an explanation was decided on.
+#[derive(Debug, Clone)]
+pub struct Explanation {
+    pub packet: PacketMeta,
+    pub decision: Decision,
+    /// `rule "x", tenants/a.toml:12` or `default deny: …`.
+    pub reason: String,
+}
+
+impl fmt::Display for Explanation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let p = &self.packet;
+        let proto = Proto::from_ip_number(p.ip_proto).map_or("?", Proto::name);
+        let dst = match p.dst {
+            IpAddr::V4(a) => format!("{a}"),
+            IpAddr::V6(a) => format!("[{a}]"),
+        };
+        let port = if proto == "icmp" {
+            String::new()
+        } else {
+            format!(":{}", p.dport)
+        };
+        write!(
+            f,
+            "{} {} -> {dst}{port}/{proto}: {} ({})",
+            if p.src.is_ipv4() { "IPv4" } else { "IPv6" },
+            p.src,
+            if self.decision.allow { "allow" } else { "deny" },
+            self.reason
+        )
+    }
+}
+
+/// The packets (one per address family the two ends share) that stand for `from -> to`.
+fn packets_for(policy: &Policy, from: &FromSpec, to: &ToSpec) -> Result<Vec<PacketMeta>, String> {
+    let sources: Vec<IpAddr> = match from {
+        FromSpec::Address(a) => vec![*a],
+        FromSpec::Segment(s) => first_per_family(&policy.segments[s.index()].prefixes),
+    };
+    let (targets, proto, port) = match to {
+        ToSpec::Address { addr, proto, port } => (vec![*addr], *proto, *port),
+        ToSpec::Service {
+            service,
+            proto,
+            port,
+        } => (
+            first_per_family(&policy.services[service.index()].addresses),
+            *proto,
+            *port,
+        ),
+    };
+    let packets: Vec<PacketMeta> = sources
+        .iter()
+        .flat_map(|s| {
+            targets
+                .iter()
+                .filter(move |d| d.is_ipv4() == s.is_ipv4())
+                .map(move |d| PacketMeta::new(*s, *d, proto, port))
+        })
+        .collect();
+    if packets.is_empty() {
+        return Err("the source and the destination share no address family (IPv4/IPv6)".into());
+    }
+    Ok(packets)
+}
+
+fn first_per_family(nets: &[IpNet]) -> Vec<IpAddr> {
+    let v4 = nets.iter().find(|n| n.addr().is_ipv4());
+    let v6 = nets.iter().find(|n| n.addr().is_ipv6());
+    v4.into_iter().chain(v6).map(IpNet::network).collect()
+}
+
+/// The result of one inline test in one address family.
+#[derive(Debug, Clone)]
+pub struct TestOutcome {
+    pub passed: bool,
+    /// `tenants/x.toml:40: staff -> dms:443/tcp (IPv4): expected allow, got deny (…)`.
+    pub line: String,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct TestReport {
+    pub outcomes: Vec<TestOutcome>,
+    pub passed: usize,
+    pub failed: usize,
+}
+
+/// Runs every `[[expect]]` of the policy against the reference evaluator. A test from a
+/// segment to a service runs once per address family both have: the same intent must get the
+/// same answer over IPv4 and IPv6.
+pub fn run_tests(policy: &Policy) -> TestReport {
+    let mut report = TestReport::default();
+    for e in &policy.expectations {
+        let at = policy.sources.cite(&e.loc);
+        let want = if e.allow { "allow" } else { "deny" };
+        match packets_for(policy, &e.from, &e.to) {
+            Err(msg) => {
+                report.failed += 1;
+                report.outcomes.push(TestOutcome {
+                    passed: false,
+                    line: format!("FAIL {at}: {}: {msg}", e.text),
+                });
+            }
+            Ok(packets) => {
+                for p in packets {
+                    let d = decide(policy, Origin::Address, &p);
+                    let fam = if p.src.is_ipv4() { "IPv4" } else { "IPv6" };
+                    let got = if d.allow { "allow" } else { "deny" };
+                    let passed = d.allow == e.allow;
+                    let verdict = if passed { "ok  " } else { "FAIL" };
+                    let line = if passed {
+                        format!(
+                            "{verdict} {at}: {} ({fam}): {got} ({})",
+                            e.text,
+                            policy.describe(d.by)
+                        )
+                    } else {
+                        format!(
+                            "{verdict} {at}: {} ({fam}): expected {want}, got {got} ({})",
+                            e.text,
+                            policy.describe(d.by)
+                        )
+                    };
+                    if passed {
+                        report.passed += 1;
+                    } else {
+                        report.failed += 1;
+                    }
+                    report.outcomes.push(TestOutcome { passed, line });
+                }
+            }
+        }
+    }
+    report
+}
+
+/// `explain --from ADDR|SEGMENT --to ADDR|SERVICE[:PORT/PROTO]`: the decision per address family
+/// and what made it.
+pub fn explain(policy: &Policy, from: &str, to: &str) -> Result<Vec<Explanation>, String> {
+    let from = resolve_from(from, None, &|n, _| find_segment_anywhere(policy, n))?;
+    let to = resolve_to(to, &|n| {
+        find_service_anywhere(policy, n).map(|s| (s, policy.services[s.index()].ports.clone()))
+    })?;
+    let packets = packets_for(policy, &from, &to)?;
+    Ok(packets
+        .into_iter()
+        .map(|packet| {
+            let decision = decide(policy, Origin::Address, &packet);
+            Explanation {
+                packet,
+                decision,
+                reason: policy.describe(decision.by),
+            }
+        })
+        .collect())
+}
+
+/// A segment by `tenant/segment`, or by a bare name that only one tenant uses.
+pub(crate) fn find_segment_anywhere(policy: &Policy, name: &str) -> Option<SegmentId> {
+    if name.contains('/') {
+        return policy.find_segment(name, None);
+    }
+    let mut hits = policy
+        .segments
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| s.name == name);
+    match (hits.next(), hits.next()) {
+        (Some((i, _)), None) => Some(SegmentId(i as u32)),
+        _ => None,
+    }
+}
+
+/// A service by display name, or a tenant's service by a bare name only one tenant uses.
+pub(crate) fn find_service_anywhere(policy: &Policy, name: &str) -> Option<ServiceId> {
+    if let Some(s) = policy.find_service(name, None) {
+        return Some(s);
+    }
+    let mut hits = policy
+        .services
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| s.name == name);
+    match (hits.next(), hits.next()) {
+        (Some((i, _)), None) => Some(ServiceId(i as u32)),
+        _ => None,
+    }
+}
+
+/// One allowed (or guardrail-blocked) segment → service relation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reach {
+    pub segment: String,
+    pub service: String,
+    pub ports: Vec<PortRange>,
+    /// The rules that allow it, or the guardrail that blocks it.
+    pub by: String,
+    pub blocked: bool,
+}
+
+impl fmt::Display for Reach {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ports: Vec<String> = self.ports.iter().map(ToString::to_string).collect();
+        write!(
+            f,
+            "{} -> {} {}{} ({})",
+            self.segment,
+            self.service,
+            ports.join(","),
+            if self.blocked { " BLOCKED" } else { "" },
+            self.by
+        )
+    }
+}
+
+/// Allowed ports per (segment, service), with the rules and guardrails that decide them.
+fn reach_table(policy: &Policy) -> BTreeMap<(SegmentId, ServiceId), Reach> {
+    let mut table: BTreeMap<(SegmentId, ServiceId), (Vec<PortRange>, Vec<String>)> =
+        BTreeMap::new();
+    for rule in &policy.rules {
+        for &svc in &rule.to {
+            let service = &policy.services[svc.index()];
+            for &seg in &rule.from {
+                let segment = &policy.segments[seg.index()];
+                let shared_family = segment.prefixes.iter().any(|a| {
+                    service
+                        .addresses
+                        .iter()
+                        .any(|b| a.addr().is_ipv4() == b.addr().is_ipv4())
+                });
+                if !shared_family {
+                    continue;
+                }
+                let e = table.entry((seg, svc)).or_default();
+                e.0.extend(rule.allowed_ports(service));
+                e.1.push(format!(
+                    "rule \"{}\", {}",
+                    rule.name,
+                    policy.sources.cite(&rule.loc)
+                ));
+            }
+        }
+    }
+    table
+        .into_iter()
+        .map(|((seg, svc), (ports, rules))| {
+            let segment = &policy.segments[seg.index()];
+            let guard = policy
+                .guardrails
+                .iter()
+                .find(|g| g.applies_to_segment(segment) && g.protects(svc));
+            let (blocked, by) = match guard {
+                Some(g) => (
+                    true,
+                    format!("guardrail \"{}\", {}", g.name, policy.sources.cite(&g.loc)),
+                ),
+                None => (false, rules.join("; ")),
+            };
+            (
+                (seg, svc),
+                Reach {
+                    segment: policy.segment_name(seg),
+                    service: policy.service_name(svc),
+                    ports: normalise(ports),
+                    by,
+                    blocked,
+                },
+            )
+        })
+        .collect()
+}
+
+/// Who can reach service `name` (and who a rule names but a guardrail blocks).
+pub fn query_service(policy: &Policy, name: &str) -> Result<Vec<Reach>, String> {
+    let svc = find_service_anywhere(policy, name)
+        .ok_or_else(|| format!("unknown service {name:?} (write SERVICE or TENANT/SERVICE)"))?;
+    Ok(reach_table(policy)
+        .into_iter()
+        .filter(|((_, s), _)| *s == svc)
+        .map(|(_, r)| r)
+        .collect())
+}
+
+/// What segment `name` can reach.
+pub fn query_segment(policy: &Policy, name: &str) -> Result<Vec<Reach>, String> {
+    let seg = find_segment_anywhere(policy, name)
+        .ok_or_else(|| format!("unknown segment {name:?} (write TENANT/SEGMENT)"))?;
+    Ok(reach_table(policy)
+        .into_iter()
+        .filter(|((s, _), _)| *s == seg)
+        .map(|(_, r)| r)
+        .collect())
+}
+
+/// A flow that one policy version allows and the other does not.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FlowChange {
+    /// `true`: newly allowed; `false`: newly denied.
+    pub now_allowed: bool,
+    pub segment: String,
+    pub service: String,
+    pub ports: Vec<PortRange>,
+}
+
+impl fmt::Display for FlowChange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ports: Vec<String> = self.ports.iter().map(ToString::to_string).collect();
+        write!(
+            f,
+            "{} {} -> {} {}",
+            if self.now_allowed {
+                "+ allow"
+            } else {
+                "- deny "
+            },
+            self.segment,
+            self.service,
+            ports.join(",")
+        )
+    }
+}
+
+/// The flows (segment → service, ports) newly allowed and newly denied from `old` to `new`,
+/// and the segments and services whose addresses changed (same names, different packets).
+pub fn diff(old: &Policy, new: &Policy) -> (Vec<FlowChange>, Vec<String>) {
+    let flows = |p: &Policy| -> BTreeMap<(String, String), Vec<PortRange>> {
+        reach_table(p)
+            .into_values()
+            .filter(|r| !r.blocked)
+            .map(|r| ((r.segment, r.service), r.ports))
+            .collect()
+    };
+    let (a, b) = (flows(old), flows(new));
+    let mut changes = Vec::new();
+    for (key, ports) in &b {
+        let gained = subtract(ports, a.get(key).map_or(&[][..], Vec::as_slice));
+        if !gained.is_empty() {
+            changes.push(FlowChange {
+                now_allowed: true,
+                segment: key.0.clone(),
+                service: key.1.clone(),
+                ports: gained,
+            });
+        }
+    }
+    for (key, ports) in &a {
+        let lost = subtract(ports, b.get(key).map_or(&[][..], Vec::as_slice));
+        if !lost.is_empty() {
+            changes.push(FlowChange {
+                now_allowed: false,
+                segment: key.0.clone(),
+                service: key.1.clone(),
+                ports: lost,
+            });
+        }
+    }
+    let mut moved = Vec::new();
+    for (i, s) in new.segments.iter().enumerate() {
+        let name = new.segment_name(SegmentId(i as u32));
+        if let Some(o) = old.find_segment(&name, None) {
+            let before = &old.segments[o.index()].prefixes;
+            if *before != s.prefixes {
+                moved.push(format!(
+                    "segment {name}: {} -> {}",
+                    join(before),
+                    join(&s.prefixes)
+                ));
+            }
+        }
+    }
+    for (i, s) in new.services.iter().enumerate() {
+        let name = new.service_name(ServiceId(i as u32));
+        if let Some(o) = old.find_service(&name, None) {
+            let before = &old.services[o.index()];
+            if before.addresses != s.addresses {
+                moved.push(format!(
+                    "service {name}: {} -> {}",
+                    join(&before.addresses),
+                    join(&s.addresses)
+                ));
+            }
+        }
+    }
+    (changes, moved)
+}
+
+fn join(nets: &[IpNet]) -> String {
+    let v: Vec<String> = nets.iter().map(ToString::to_string).collect();
+    v.join(", ")
+}
+
+/// Sorted, merged, non-overlapping ranges.
+pub(crate) fn normalise(mut ranges: Vec<PortRange>) -> Vec<PortRange> {
+    ranges.sort();
+    let mut out: Vec<PortRange> = Vec::with_capacity(ranges.len());
+    for r in ranges {
+        match out.last_mut() {
+            Some(last) if last.proto == r.proto && u32::from(r.lo) <= u32::from(last.hi) + 1 => {
+                last.hi = last.hi.max(r.hi);
+            }
+            _ => out.push(r),
+        }
+    }
+    out
+}
+
+/// `a` minus `b`, both normalised.
+fn subtract(a: &[PortRange], b: &[PortRange]) -> Vec<PortRange> {
+    let mut out = Vec::new();
+    for r in a {
+        let mut pieces = vec![*r];
+        for cut in b.iter().filter(|c| c.proto == r.proto) {
+            pieces = pieces
+                .into_iter()
+                .flat_map(|p| {
+                    let mut keep = Vec::new();
+                    if cut.hi < p.lo || cut.lo > p.hi {
+                        keep.push(p);
+                        return keep;
+                    }
+                    if cut.lo > p.lo {
+                        keep.push(PortRange {
+                            hi: cut.lo - 1,
+                            ..p
+                        });
+                    }
+                    if cut.hi < p.hi {
+                        keep.push(PortRange {
+                            lo: cut.hi + 1,
+                            ..p
+                        });
+                    }
+                    keep
+                })
+                .collect();
+        }
+        out.extend(pieces);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r(proto: Proto, lo: u16, hi: u16) -> PortRange {
+        PortRange { proto, lo, hi }
+    }
+
+    #[test]
+    fn port_set_difference() {
+        let a = normalise(vec![r(Proto::Tcp, 1, 100), r(Proto::Udp, 53, 53)]);
+        let b = normalise(vec![r(Proto::Tcp, 10, 20), r(Proto::Tcp, 90, 200)]);
+        assert_eq!(
+            subtract(&a, &b),
+            vec![
+                r(Proto::Tcp, 1, 9),
+                r(Proto::Tcp, 21, 89),
+                r(Proto::Udp, 53, 53)
+            ]
+        );
+        assert!(subtract(&b, &b).is_empty());
+        assert_eq!(
+            normalise(vec![
+                r(Proto::Tcp, 5, 9),
+                r(Proto::Tcp, 1, 4),
+                r(Proto::Tcp, 8, 12)
+            ]),
+            vec![r(Proto::Tcp, 1, 12)]
+        );
+    }
+}

@@ -1,0 +1,221 @@
+//! A generated, realistic district policy for benchmarks and scale tests: many communes with
+//! the usual segments, shared data-centre services, and as many rules as asked for.
+
+use std::fmt::Write as _;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use crate::flow::{PacketMeta, Proto};
+
+/// The size of a generated policy.
+#[derive(Debug, Clone, Copy)]
+pub struct Shape {
+    pub communes: u32,
+    pub shared_services: u32,
+    /// Total rules over all communes (spread evenly).
+    pub rules: u32,
+}
+
+impl Shape {
+    /// 400 communes × 6 segments, 50 shared services, 10,000 rules.
+    pub const DISTRICT: Shape = Shape {
+        communes: 400,
+        shared_services: 50,
+        rules: 10_000,
+    };
+}
+
+/// A tiny deterministic generator: the same shape gives the same policy on every run.
+#[derive(Debug)]
+struct Lcg(u64);
+
+impl Lcg {
+    fn next(&mut self) -> u32 {
+        self.0 = self
+            .0
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        (self.0 >> 33) as u32
+    }
+    fn below(&mut self, n: u32) -> u32 {
+        self.next() % n.max(1)
+    }
+}
+
+const SITE_SEGMENTS: [(&str, &str); 5] = [
+    ("verwaltung", "staff"),
+    ("buergerbuero", "citizen-office"),
+    ("voip", "voip"),
+    ("gebaeude", "iot"),
+    ("gaeste", "guest"),
+];
+
+const SHARED_PORTS: [&str; 6] = [
+    "tcp/443", "tcp/8443", "tcp/25", "tcp/993", "udp/514", "tcp/3389",
+];
+
+fn commune(i: u32) -> String {
+    format!("gemeinde-{i:03}")
+}
+
+fn site_v4(i: u32, seg: u32) -> Ipv4Addr {
+    Ipv4Addr::new(10, 16 + (i / 16) as u8, ((i % 16) * 16 + seg) as u8, 0)
+}
+
+fn site_v6(i: u32, seg: u32) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, i as u16, seg as u16, 0, 0, 0, 0, 0)
+}
+
+fn shared_v4(k: u32) -> Ipv4Addr {
+    Ipv4Addr::new(10, 250, k as u8, 10)
+}
+
+fn shared_v6(k: u32) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd03, 0, 0, k as u16, 0, 0, 0, 0x10)
+}
+
+fn dc_v4(i: u32) -> Ipv4Addr {
+    Ipv4Addr::new(10, 1 + (i / 256) as u8, (i % 256) as u8, 5)
+}
+
+/// Generates the operator file and one fragment per commune, as (file name, text).
+pub fn generate(shape: Shape) -> (String, Vec<(String, String)>) {
+    let mut op = String::new();
+    let _ = writeln!(
+        op,
+        "[policy]\nname = \"synthetic district\"\nversion = 1\nkinds = [\"staff\", \"citizen-office\", \"voip\", \"iot\", \"guest\", \"homeoffice\"]\n"
+    );
+    for i in 0..shape.communes {
+        let c = commune(i);
+        let _ = writeln!(
+            op,
+            "[tenants.{c}]\ndatacenter = [\"{}/24\", \"fd02:{:x}::/64\"]\nhomeoffice = [\"172.{}.{}.0/24\", \"fd01:{:x}::/64\"]\n[tenants.{c}.sites.rathaus]\nprefixes = [\"{}/20\", \"fd00:{:x}::/48\"]\n",
+            Ipv4Addr::new(10, 1 + (i / 256) as u8, (i % 256) as u8, 0),
+            i,
+            16 + i / 256,
+            i % 256,
+            i,
+            site_v4(i, 0),
+            i
+        );
+    }
+    for k in 0..shape.shared_services {
+        let _ = writeln!(
+            op,
+            "[services.shared-{k:02}]\naddresses = [\"{}\", \"{}\"]\nports = [\"{}\", \"icmp\"]\nexport = [\"*\"]\n",
+            shared_v4(k),
+            shared_v6(k),
+            SHARED_PORTS[k as usize % SHARED_PORTS.len()]
+        );
+    }
+    op.push_str(
+        "[[guardrail]]\nname = \"guest-isolation\"\nfrom_kinds = [\"guest\"]\nto = [\"*\"]\n\n\
+         [[guardrail]]\nname = \"iot-not-dms\"\nfrom_kinds = [\"iot\"]\nto = [\"shared-00\"]\n",
+    );
+
+    let mut rng = Lcg(0x6b6f_6d6e_6574);
+    let per_commune = shape.rules / shape.communes.max(1);
+    let mut extra = shape.rules % shape.communes.max(1);
+    let mut tenants = Vec::new();
+    for i in 0..shape.communes {
+        let c = commune(i);
+        let mut t = format!("tenant = \"{c}\"\n\n");
+        for (n, (seg, kind)) in SITE_SEGMENTS.iter().enumerate() {
+            let _ = writeln!(
+                t,
+                "[segments.{seg}]\nkind = \"{kind}\"\nsite = \"rathaus\"\nprefixes = [\"{}/24\", \"{}/64\"]\n",
+                site_v4(i, n as u32),
+                site_v6(i, n as u32)
+            );
+        }
+        t.push_str("[segments.homeoffice]\nkind = \"homeoffice\"\n\n");
+        t.push_str(
+            "[groups]\nmitarbeiter = [\"verwaltung\", \"buergerbuero\", \"homeoffice\"]\n\n",
+        );
+        let _ = writeln!(
+            t,
+            "[services.fileserver]\naddresses = [\"{}\", \"fd02:{:x}::5\"]\nports = [\"tcp/445\", \"tcp/8000-8099\"]\n",
+            dc_v4(i),
+            i
+        );
+        let mut n = per_commune;
+        if extra > 0 {
+            n += 1;
+            extra -= 1;
+        }
+        for r in 0..n {
+            // Sources: never the guest segment (its guardrail would shadow the rule), and iot
+            // never towards shared-00.
+            let from = match rng.below(5) {
+                0 => "mitarbeiter",
+                1 => "verwaltung",
+                2 => "buergerbuero",
+                3 => "voip",
+                _ => "gebaeude",
+            };
+            let to = if r == 0 || rng.below(4) == 0 {
+                "fileserver".to_owned()
+            } else {
+                let k = if from == "gebaeude" || from == "mitarbeiter" {
+                    1 + rng.below(shape.shared_services.max(2) - 1)
+                } else {
+                    rng.below(shape.shared_services.max(1))
+                };
+                format!("shared-{k:02}")
+            };
+            let ports = if to == "fileserver" {
+                let lo = 8000 + rng.below(90);
+                format!("\nports = [\"tcp/{lo}-{}\"]", lo + rng.below(10))
+            } else {
+                String::new()
+            };
+            let _ = writeln!(
+                t,
+                "[[rule]]\nname = \"r{r}\"\nfrom = [\"{from}\"]\nto = [\"{to}\"]{ports}\n"
+            );
+        }
+        t.push_str("[[expect]]\nfrom = \"gaeste\"\nto = \"shared-01\"\nverdict = \"deny\"\n");
+        tenants.push((format!("{c}.toml"), t));
+    }
+    (op, tenants)
+}
+
+/// Packets resembling the hub's traffic for a [`generate`]d policy: mostly allowed flows to
+/// shared and own services, some denied, some from unknown sources, both address families.
+pub fn packets(shape: Shape, count: usize) -> Vec<PacketMeta> {
+    let mut rng = Lcg(0x7061_636b);
+    (0..count)
+        .map(|_| {
+            let i = rng.below(shape.communes);
+            let seg = rng.below(5);
+            let v6 = rng.below(4) == 0;
+            let host = 1 + rng.below(200);
+            let (src, dst_shared, dst_own) = if v6 {
+                let s = site_v6(i, seg);
+                let mut o = s.octets();
+                o[15] = host as u8;
+                let k = rng.below(shape.shared_services);
+                (
+                    IpAddr::V6(Ipv6Addr::from(o)),
+                    IpAddr::V6(shared_v6(k)),
+                    IpAddr::V6(Ipv6Addr::new(0xfd02, i as u16, 0, 0, 0, 0, 0, 5)),
+                )
+            } else {
+                let s = site_v4(i, seg);
+                let mut o = s.octets();
+                o[3] = host as u8;
+                let k = rng.below(shape.shared_services);
+                (
+                    IpAddr::V4(Ipv4Addr::from(o)),
+                    IpAddr::V4(shared_v4(k)),
+                    IpAddr::V4(dc_v4(i)),
+                )
+            };
+            match rng.below(10) {
+                0..=5 => PacketMeta::new(src, dst_shared, Proto::Tcp, 443),
+                6 | 7 => PacketMeta::new(src, dst_own, Proto::Tcp, 8000 + rng.below(100) as u16),
+                8 => PacketMeta::new(src, dst_shared, Proto::Udp, 514),
+                _ => PacketMeta::new(src, dst_own, Proto::Tcp, 22),
+            }
+        })
+        .collect()
+}
