@@ -3,6 +3,8 @@
 //!
 //! `cargo bench -p komnet-policy --bench classifier`
 
+#![allow(clippy::unwrap_used)] // test code: a failed setup should panic loudly
+
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
@@ -25,7 +27,7 @@ fn bench(c: &mut Criterion) {
     let shape = Shape::DISTRICT;
     let policy = load(shape);
     let classifier = Classifier::compile(&policy);
-    let batch = packets(shape, 4096);
+    let batch = packets(&policy, 4096);
 
     let mut g = c.benchmark_group("classify");
     g.throughput(Throughput::Elements(batch.len() as u64));

@@ -25,7 +25,10 @@ pub(crate) struct IntHasher(u64);
 
 impl Hasher for IntHasher {
     fn finish(&self) -> u64 {
-        self.0
+        // The multiply in `write_u64` moves entropy only upwards; fold the high half down so
+        // the table's bucket index (low bits) depends on every key bit.
+        let x = self.0 ^ (self.0 >> 32);
+        x.wrapping_mul(0xD6E8_FEB8_6659_FD93) ^ (x >> 29)
     }
     fn write(&mut self, bytes: &[u8]) {
         for b in bytes {

@@ -5,6 +5,7 @@ use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use crate::flow::{PacketMeta, Proto};
+use crate::model::Policy;
 
 /// The size of a generated policy.
 #[derive(Debug, Clone, Copy)]
@@ -62,7 +63,7 @@ fn site_v4(i: u32, seg: u32) -> Ipv4Addr {
 }
 
 fn site_v6(i: u32, seg: u32) -> Ipv6Addr {
-    Ipv6Addr::new(0xfd00, i as u16, seg as u16, 0, 0, 0, 0, 0)
+    Ipv6Addr::new(0xfd00, i as u16, 0, seg as u16, 0, 0, 0, 0)
 }
 
 fn shared_v4(k: u32) -> Ipv4Addr {
@@ -179,43 +180,47 @@ pub fn generate(shape: Shape) -> (String, Vec<(String, String)>) {
     (op, tenants)
 }
 
-/// Packets resembling the hub's traffic for a [`generate`]d policy: mostly allowed flows to
-/// shared and own services, some denied, some from unknown sources, both address families.
-pub fn packets(shape: Shape, count: usize) -> Vec<PacketMeta> {
+/// Packets resembling a hub's traffic under `policy`: about 70 % belong to flows some rule
+/// allows (a random rule, one of its segments and services, a port it allows), the rest are
+/// denied (other ports, other services), in both address families.
+pub fn packets(policy: &Policy, count: usize) -> Vec<PacketMeta> {
     let mut rng = Lcg(0x7061_636b);
-    (0..count)
-        .map(|_| {
-            let i = rng.below(shape.communes);
-            let seg = rng.below(5);
-            let v6 = rng.below(4) == 0;
-            let host = 1 + rng.below(200);
-            let (src, dst_shared, dst_own) = if v6 {
-                let s = site_v6(i, seg);
-                let mut o = s.octets();
-                o[15] = host as u8;
-                let k = rng.below(shape.shared_services);
-                (
-                    IpAddr::V6(Ipv6Addr::from(o)),
-                    IpAddr::V6(shared_v6(k)),
-                    IpAddr::V6(Ipv6Addr::new(0xfd02, i as u16, 0, 0, 0, 0, 0, 5)),
-                )
-            } else {
-                let s = site_v4(i, seg);
-                let mut o = s.octets();
-                o[3] = host as u8;
-                let k = rng.below(shape.shared_services);
-                (
-                    IpAddr::V4(Ipv4Addr::from(o)),
-                    IpAddr::V4(shared_v4(k)),
-                    IpAddr::V4(dc_v4(i)),
-                )
-            };
-            match rng.below(10) {
-                0..=5 => PacketMeta::new(src, dst_shared, Proto::Tcp, 443),
-                6 | 7 => PacketMeta::new(src, dst_own, Proto::Tcp, 8000 + rng.below(100) as u16),
-                8 => PacketMeta::new(src, dst_shared, Proto::Udp, 514),
-                _ => PacketMeta::new(src, dst_own, Proto::Tcp, 22),
-            }
-        })
-        .collect()
+    let mut out = Vec::with_capacity(count);
+    if policy.rules.is_empty() {
+        return out;
+    }
+    while out.len() < count {
+        let rule = &policy.rules[rng.below(policy.rules.len() as u32) as usize];
+        let seg = &policy.segments[rule.from[rng.below(rule.from.len() as u32) as usize].index()];
+        let svc_id = rule.to[rng.below(rule.to.len() as u32) as usize];
+        let svc = &policy.services[svc_id.index()];
+        let v6 = rng.below(4) == 0;
+        let (Some(src_net), Some(dst_net)) = (
+            seg.prefixes.iter().find(|p| p.addr().is_ipv6() == v6),
+            svc.addresses.iter().find(|p| p.addr().is_ipv6() == v6),
+        ) else {
+            continue;
+        };
+        let src = host_in(src_net, 1 + rng.below(200));
+        let dst = dst_net.network();
+        let allowed = rule.allowed_ports(svc);
+        let packet = if rng.below(10) < 7 && !allowed.is_empty() {
+            let r = allowed[rng.below(allowed.len() as u32) as usize];
+            let span = u32::from(r.hi - r.lo) + 1;
+            PacketMeta::new(src, dst, r.proto, r.lo + rng.below(span) as u16)
+        } else {
+            PacketMeta::new(src, dst, Proto::Tcp, 1 + rng.below(1024) as u16)
+        };
+        out.push(packet);
+    }
+    out
+}
+
+fn host_in(net: &ipnet::IpNet, host: u32) -> IpAddr {
+    match net {
+        ipnet::IpNet::V4(n) => IpAddr::V4(Ipv4Addr::from(u32::from(n.network()) | (host & 0xff))),
+        ipnet::IpNet::V6(n) => {
+            IpAddr::V6(Ipv6Addr::from(u128::from(n.network()) | u128::from(host)))
+        }
+    }
 }

@@ -1,0 +1,406 @@
+//! The checker: every kind of mistake gets an error at the right file, line and column, all of
+//! them at once, and no input makes it panic.
+
+#![allow(clippy::unwrap_used)] // test code: a failed setup should panic loudly
+
+use std::path::Path;
+
+use komnet_policy::{run_tests, Policy, PolicyErrors};
+
+const OPERATOR: &str = r#"[policy]
+name = "test district"
+version = 1
+kinds = ["staff", "guest", "iot", "homeoffice"]
+
+[tenants.a]
+datacenter = ["10.1.1.0/24", "fd00:1:1::/64"]
+homeoffice = ["10.250.1.0/24"]
+[tenants.a.sites.hq]
+prefixes = ["10.10.0.0/16", "fd00:10::/48"]
+
+[tenants.b]
+datacenter = ["10.1.2.0/24"]
+[tenants.b.sites.hq]
+prefixes = ["10.20.0.0/16"]
+
+[services.dms]
+addresses = ["10.0.1.10", "fd00::10"]
+ports = ["tcp/443"]
+export = ["a"]
+
+[[guardrail]]
+name = "guest-isolation"
+from_kinds = ["guest"]
+to = ["*"]
+"#;
+
+const TENANT_A: &str = r#"tenant = "a"
+
+[segments.staff]
+kind = "staff"
+site = "hq"
+prefixes = ["10.10.1.0/24", "fd00:10:0:1::/64"]
+
+[segments.guests]
+kind = "guest"
+site = "hq"
+prefixes = ["10.10.100.0/24"]
+
+[services.files]
+addresses = ["10.1.1.5"]
+ports = ["tcp/445"]
+
+[[rule]]
+name = "staff-dms"
+from = ["staff"]
+to = ["dms", "files"]
+"#;
+
+const TENANT_B: &str = r#"tenant = "b"
+
+[segments.staff]
+kind = "staff"
+site = "hq"
+prefixes = ["10.20.1.0/24"]
+"#;
+
+fn load(op: &str, a: &str, b: &str) -> Result<Policy, PolicyErrors> {
+    Policy::from_texts(op, &[("a.toml", a), ("b.toml", b)])
+}
+
+/// The errors as `file:line:col: message`, and the rendered report.
+fn errors(op: &str, a: &str, b: &str) -> (Vec<String>, String) {
+    match load(op, a, b) {
+        Ok(_) => panic!("expected errors, the policy loaded"),
+        Err(e) => {
+            let list = e
+                .diagnostics
+                .iter()
+                .filter(|d| d.is_error())
+                .map(|d| match &d.loc {
+                    Some(l) => format!("{}: {}", e.sources.position(l), d.message),
+                    None => d.message.clone(),
+                })
+                .collect();
+            (list, e.render())
+        }
+    }
+}
+
+fn assert_error(op: &str, a: &str, b: &str, at: &str, needle: &str) {
+    let (list, rendered) = errors(op, a, b);
+    assert!(
+        list.iter().any(|e| e.starts_with(at) && e.contains(needle)),
+        "wanted an error at {at} containing {needle:?}; got:\n{rendered}"
+    );
+}
+
+#[test]
+fn the_base_policy_is_valid() {
+    let p = load(OPERATOR, TENANT_A, TENANT_B).unwrap();
+    assert_eq!(p.tenants.len(), 2);
+    assert_eq!(p.rules.len(), 1);
+}
+
+#[test]
+fn unknown_segment_in_a_rule() {
+    let a = TENANT_A.replace(r#"from = ["staff"]"#, r#"from = ["stafff"]"#);
+    assert_error(
+        OPERATOR,
+        &a,
+        TENANT_B,
+        "tenants/a.toml:19:9",
+        "unknown segment or group \"stafff\"",
+    );
+}
+
+#[test]
+fn overlapping_tenant_prefixes() {
+    let op = OPERATOR.replace(
+        r#"prefixes = ["10.20.0.0/16"]"#,
+        r#"prefixes = ["10.10.128.0/17"]"#,
+    );
+    let b = TENANT_B.replace("10.20.1.0/24", "10.10.200.0/24");
+    assert_error(
+        &op,
+        TENANT_A,
+        &b,
+        "operator.toml:15:13",
+        "10.10.128.0/17 of site b/hq overlaps 10.10.0.0/16 of site a/hq",
+    );
+}
+
+#[test]
+fn rule_no_packet_can_match() {
+    // The guest segment is IPv4 only, the service IPv6 only.
+    let op = OPERATOR.replace(
+        r#"addresses = ["10.0.1.10", "fd00::10"]"#,
+        r#"addresses = ["fd00::10"]"#,
+    );
+    let a = TENANT_A
+        .replace(r#"to = ["dms", "files"]"#, r#"to = ["dms"]"#)
+        .replace(
+            r#"prefixes = ["10.10.1.0/24", "fd00:10:0:1::/64"]"#,
+            r#"prefixes = ["10.10.1.0/24"]"#,
+        );
+    assert_error(
+        &op,
+        &a,
+        TENANT_B,
+        "tenants/a.toml:18:8",
+        "can match no packet",
+    );
+    // A port the service does not offer.
+    let a = TENANT_A.replace(
+        r#"to = ["dms", "files"]"#,
+        "to = [\"files\"]\nports = [\"tcp/22\"]",
+    );
+    assert_error(
+        OPERATOR,
+        &a,
+        TENANT_B,
+        "tenants/a.toml:21:10",
+        "no packet can match tcp/22",
+    );
+}
+
+#[test]
+fn rule_shadowed_by_guardrail() {
+    let a = TENANT_A.replace(r#"from = ["staff"]"#, r#"from = ["guests"]"#);
+    assert_error(
+        OPERATOR,
+        &a,
+        TENANT_B,
+        "tenants/a.toml:18:8",
+        "shadowed by guardrail \"guest-isolation\" (operator.toml:23)",
+    );
+}
+
+#[test]
+fn partly_shadowed_rule_is_a_warning() {
+    let a = TENANT_A.replace(r#"from = ["staff"]"#, r#"from = ["staff", "guests"]"#);
+    let p = load(OPERATOR, &a, TENANT_B).unwrap();
+    assert!(p
+        .warnings
+        .iter()
+        .any(|w| w.message.contains("partly overridden")));
+}
+
+#[test]
+fn delegation_is_enforced() {
+    // b may not use a's segments, a's service (not exported) or dms (exported to a only).
+    let b = format!(
+        "{TENANT_B}\n[[rule]]\nname = \"grab\"\nfrom = [\"a/staff\"]\nto = [\"a/files\", \"dms\"]\n"
+    );
+    let (list, rendered) = errors(OPERATOR, TENANT_A, &b);
+    let want = [
+        ("tenants/b.toml:10:9", "may name only its own segments"),
+        (
+            "tenants/b.toml:11:7",
+            "\"a/files\" is not exported to tenant \"b\"",
+        ),
+        (
+            "tenants/b.toml:11:18",
+            "\"dms\" is not exported to tenant \"b\"",
+        ),
+    ];
+    for (at, needle) in want {
+        assert!(
+            list.iter().any(|e| e.starts_with(at) && e.contains(needle)),
+            "wanted {at} {needle:?}; got:\n{rendered}"
+        );
+    }
+    // A tenant cannot declare a service in another tenant's address space.
+    let b =
+        format!("{TENANT_B}\n[services.spy]\naddresses = [\"10.1.1.5\"]\nports = [\"tcp/445\"]\n");
+    assert_error(
+        OPERATOR,
+        TENANT_A,
+        &b,
+        "tenants/b.toml:9:14",
+        "outside tenant \"b\"",
+    );
+    // Nor add a tenant.
+    let c = "tenant = \"c\"\n";
+    let (list, _) = match Policy::from_texts(OPERATOR, &[("c.toml", c)]) {
+        Err(e) => (
+            e.diagnostics
+                .iter()
+                .map(|d| d.message.clone())
+                .collect::<Vec<_>>(),
+            (),
+        ),
+        Ok(_) => panic!("unknown tenant accepted"),
+    };
+    assert!(list[0].contains("only the operator adds tenants"));
+}
+
+#[test]
+fn cycles_in_groups() {
+    let a = format!(
+        "{TENANT_A}\n[groups]\nx = [\"y\"]\ny = [\"x\"]\n\n[[rule]]\nname = \"loop\"\nfrom = [\"x\"]\nto = [\"files\"]\n"
+    );
+    let (list, rendered) = errors(OPERATOR, &a, TENANT_B);
+    assert!(
+        list.iter()
+            .any(|e| e.contains("groups form a cycle: x -> y -> x")),
+        "{rendered}"
+    );
+}
+
+#[test]
+fn invalid_values_name_their_place() {
+    let cases: &[(&str, &str, &str, &str)] = &[
+        (
+            "10.10.1.0/24",
+            "10.10.1.0/33",
+            "tenants/a.toml:6:13",
+            "not an IP address or prefix",
+        ),
+        (
+            "10.10.1.0/24",
+            "10.10.1.7/24",
+            "tenants/a.toml:6:13",
+            "host bits set; did you mean 10.10.1.0/24",
+        ),
+        (
+            "tcp/445",
+            "tcp/70000",
+            "tenants/a.toml:15:10",
+            "out of range",
+        ),
+        ("tcp/445", "tcp/0", "tenants/a.toml:15:10", "out of range"),
+        (
+            "tcp/445",
+            "gre/1",
+            "tenants/a.toml:15:10",
+            "unknown protocol",
+        ),
+        (
+            "kind = \"guest\"",
+            "kind = \"printer\"",
+            "tenants/a.toml:9:8",
+            "unknown segment kind \"printer\"",
+        ),
+        (
+            "site = \"hq\"\nprefixes = [\"10.10.100",
+            "site = \"annex\"\nprefixes = [\"10.10.100",
+            "tenants/a.toml:10:8",
+            "no site \"annex\"",
+        ),
+    ];
+    for (from, to, at, needle) in cases {
+        let a = TENANT_A.replacen(from, to, 1);
+        assert_ne!(a, TENANT_A, "case {from} did not apply");
+        assert_error(OPERATOR, &a, TENANT_B, at, needle);
+    }
+}
+
+#[test]
+fn unknown_keys_and_duplicates() {
+    let a = TENANT_A.replace("kind = \"staff\"", "kind = \"staff\"\ncolour = \"blue\"");
+    assert_error(
+        OPERATOR,
+        &a,
+        TENANT_B,
+        "tenants/a.toml:5:1",
+        "unknown field `colour`",
+    );
+    let a = format!("{TENANT_A}\n[segments.staff]\nkind = \"staff\"\nsite = \"hq\"\nprefixes = [\"10.10.9.0/24\"]\n");
+    assert_error(
+        OPERATOR,
+        &a,
+        TENANT_B,
+        "tenants/a.toml:22:11",
+        "duplicate key",
+    );
+    let a = format!(
+        "{TENANT_A}\n[[rule]]\nname = \"staff-dms\"\nfrom = [\"staff\"]\nto = [\"files\"]\n"
+    );
+    assert_error(
+        OPERATOR,
+        &a,
+        TENANT_B,
+        "tenants/a.toml:23:8",
+        "rule \"staff-dms\" is declared twice",
+    );
+}
+
+#[test]
+fn all_errors_are_reported_at_once() {
+    let a = TENANT_A
+        .replace(r#"from = ["staff"]"#, r#"from = ["nobody"]"#)
+        .replace("tcp/445", "tcp/99999");
+    let b = TENANT_B.replace("10.20.1.0/24", "10.99.1.0/24");
+    let (list, rendered) = errors(OPERATOR, &a, &b);
+    assert!(list.len() >= 3, "{rendered}");
+    // Rendered with the source line and a caret under the spot.
+    assert!(rendered.contains("19 | from = [\"nobody\"]"), "{rendered}");
+    assert!(rendered.contains("^^^^^^^^"), "{rendered}");
+}
+
+#[test]
+fn garbage_huge_and_deep_inputs_get_errors_not_panics() {
+    let garbage: Vec<u8> = (0..4096u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 7) as u8)
+        .collect();
+    let text = String::from_utf8_lossy(&garbage).into_owned();
+    assert!(load(&text, TENANT_A, TENANT_B).is_err());
+    assert!(load(OPERATOR, &text, TENANT_B).is_err());
+
+    let deep = format!("x = {}1{}", "[".repeat(100_000), "]".repeat(100_000));
+    let (list, _) = errors(OPERATOR, &deep, TENANT_B);
+    assert!(!list.is_empty());
+    let deep_tables = format!("[{}]\n", vec!["a"; 50_000].join("."));
+    assert!(load(OPERATOR, &deep_tables, TENANT_B).is_err());
+
+    // Over the size limit on disk: refused before parsing, with the limit in the message.
+    let dir = tempdir("huge");
+    std::fs::write(dir.join("operator.toml"), OPERATOR).unwrap();
+    std::fs::create_dir_all(dir.join("tenants")).unwrap();
+    let big = format!("tenant = \"a\"\n# {}\n", "x".repeat(10 << 20));
+    std::fs::write(dir.join("tenants/a.toml"), big).unwrap();
+    std::fs::write(dir.join("tenants/b.toml"), [0xff, 0xfe, 0x00]).unwrap();
+    let err = Policy::load(&dir).unwrap_err();
+    let text = err.render();
+    assert!(
+        text.contains("policy files are limited to 1048576 bytes"),
+        "{text}"
+    );
+    assert!(text.contains("not UTF-8"), "{text}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn missing_directory_or_operator_file() {
+    let err = Policy::load(Path::new("/nonexistent/komnet-policy")).unwrap_err();
+    assert!(err.render().contains("not a directory"));
+    let dir = tempdir("empty");
+    let err = Policy::load(&dir).unwrap_err();
+    assert!(
+        err.render().contains("operator.toml: cannot read"),
+        "{}",
+        err.render()
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn worked_example_passes_check_and_tests() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/policy/landkreis");
+    let p = match Policy::load(&dir) {
+        Ok(p) => p,
+        Err(e) => panic!("{}", e.render()),
+    };
+    assert!(p.warnings.is_empty(), "{:?}", p.warnings);
+    let report = run_tests(&p);
+    assert_eq!(report.failed, 0, "{:#?}", report.outcomes);
+    assert!(report.passed >= 20);
+}
+
+fn tempdir(tag: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("komnet-policy-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
