@@ -51,19 +51,29 @@ impl fmt::Display for DaemonKind {
 /// `$CARGO_TARGET_DIR/release/komnet-gateway`, else `target/release/komnet-gateway` in the
 /// nearest directory above this crate that has one (the workspace root).
 pub fn komnet_gateway_binary() -> Result<PathBuf> {
-    const BUILD_HINT: &str = "build it with `cargo build --release -p komnet-gateway`";
-    if let Some(path) = std::env::var_os("KOMNET_GATEWAY_BIN") {
+    workspace_binary("komnet-gateway", "KOMNET_GATEWAY_BIN", "komnet-gateway")
+}
+
+/// The release build of the admins' `komnet` CLI, found like [`komnet_gateway_binary`]
+/// (`$KOMNET_CLI_BIN` overrides).
+pub fn komnet_cli_binary() -> Result<PathBuf> {
+    workspace_binary("komnet", "KOMNET_CLI_BIN", "komnet-cli")
+}
+
+fn workspace_binary(name: &str, env_var: &str, package: &str) -> Result<PathBuf> {
+    let build_hint = format!("build it with `cargo build --release -p {package}`");
+    if let Some(path) = std::env::var_os(env_var) {
         let path = PathBuf::from(path);
         if path.is_file() {
             return Ok(path);
         }
         bail!(
-            "KOMNET_GATEWAY_BIN={} is not a file; {BUILD_HINT} or fix the variable",
+            "{env_var}={} is not a file; {build_hint} or fix the variable",
             path.display()
         );
     }
     if let Some(target_dir) = std::env::var_os("CARGO_TARGET_DIR") {
-        let path = PathBuf::from(target_dir).join("release/komnet-gateway");
+        let path = PathBuf::from(target_dir).join("release").join(name);
         if path.is_file() {
             return Ok(path);
         }
@@ -71,12 +81,12 @@ pub fn komnet_gateway_binary() -> Result<PathBuf> {
     let manifest_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
     manifest_dir
         .ancestors()
-        .map(|dir| dir.join("target/release/komnet-gateway"))
+        .map(|dir| dir.join("target/release").join(name))
         .find(|candidate| candidate.is_file())
         .ok_or_else(|| {
             anyhow!(
-                "the komnet-gateway binary is missing (no target/release/komnet-gateway above {}, \
-                 KOMNET_GATEWAY_BIN unset): {BUILD_HINT}",
+                "the {name} binary is missing (no target/release/{name} above {}, {env_var} \
+                 unset): {build_hint}",
                 manifest_dir.display()
             )
         })

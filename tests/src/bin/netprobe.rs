@@ -1,0 +1,172 @@
+//! netprobe: real TCP/UDP/ICMP traffic for the firewall tests, run inside a namespace.
+//!
+//! `netprobe serve tcp:ADDR:PORT udp:[V6]:PORT …` listens (TCP answers "ok", UDP echoes),
+//! prints `ready` once every socket is bound, and runs until killed.
+//! `netprobe probe --timeout-ms N tcp,SRC,DST,PORT udp,SRC,DST,PORT icmp,SRC,DST …` tries each
+//! flow at once from its source address and prints one line per flow, in order: `pass` when
+//! the packet reached the destination (an answer, a TCP reset or an ICMP port-unreachable all
+//! prove that) or `blocked` when nothing came back before the timeout.
+
+use std::io::{Read as _, Write as _};
+use std::net::{IpAddr, SocketAddr, TcpListener, UdpSocket};
+use std::process::{Command, ExitCode};
+use std::time::Duration;
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("serve") => serve(&args[1..]),
+        Some("probe") => probe(&args[1..]),
+        _ => Err("usage: netprobe serve SPEC… | netprobe probe --timeout-ms N FLOW…".to_owned()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("netprobe: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn parse_listen(spec: &str) -> Result<(bool, SocketAddr), String> {
+    let (proto, addr) = spec
+        .split_once(':')
+        .ok_or_else(|| format!("bad listen spec {spec:?}"))?;
+    let addr: SocketAddr = addr
+        .parse()
+        .map_err(|e| format!("bad address in {spec:?}: {e}"))?;
+    match proto {
+        "tcp" => Ok((true, addr)),
+        "udp" => Ok((false, addr)),
+        _ => Err(format!("bad protocol in {spec:?}")),
+    }
+}
+
+fn serve(specs: &[String]) -> Result<(), String> {
+    for spec in specs {
+        let (tcp, addr) = parse_listen(spec)?;
+        if tcp {
+            let listener = TcpListener::bind(addr).map_err(|e| format!("bind tcp {addr}: {e}"))?;
+            std::thread::spawn(move || {
+                for mut conn in listener.incoming().flatten() {
+                    let _ = conn.write_all(b"ok");
+                }
+            });
+        } else {
+            let socket = UdpSocket::bind(addr).map_err(|e| format!("bind udp {addr}: {e}"))?;
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 1500];
+                while let Ok((n, from)) = socket.recv_from(&mut buf) {
+                    let _ = socket.send_to(&buf[..n], from);
+                }
+            });
+        }
+    }
+    println!("ready");
+    let _ = std::io::stdout().flush();
+    loop {
+        std::thread::park();
+    }
+}
+
+fn probe(args: &[String]) -> Result<(), String> {
+    let (timeout, flows) = match args {
+        [flag, ms, rest @ ..] if flag == "--timeout-ms" => (
+            Duration::from_millis(ms.parse().map_err(|e| format!("bad timeout: {e}"))?),
+            rest,
+        ),
+        _ => return Err("probe needs --timeout-ms N first".to_owned()),
+    };
+    let handles: Vec<_> = flows
+        .iter()
+        .cloned()
+        .map(|flow| std::thread::spawn(move || try_flow(&flow, timeout)))
+        .collect();
+    for h in handles {
+        let line = h
+            .join()
+            .map_err(|_| "a probe thread panicked".to_owned())??;
+        println!("{line}");
+    }
+    Ok(())
+}
+
+fn try_flow(flow: &str, timeout: Duration) -> Result<&'static str, String> {
+    let parts: Vec<&str> = flow.split(',').collect();
+    let ip = |s: &str| {
+        s.parse::<IpAddr>()
+            .map_err(|e| format!("bad address {s:?}: {e}"))
+    };
+    let port = |s: &str| s.parse::<u16>().map_err(|e| format!("bad port {s:?}: {e}"));
+    let passed = match parts.as_slice() {
+        ["tcp", src, dst, p] => tcp_passes(ip(src)?, SocketAddr::new(ip(dst)?, port(p)?), timeout)?,
+        ["udp", src, dst, p] => udp_passes(ip(src)?, SocketAddr::new(ip(dst)?, port(p)?), timeout)?,
+        ["icmp", src, dst] => icmp_passes(ip(src)?, ip(dst)?, timeout)?,
+        _ => return Err(format!("bad flow {flow:?}")),
+    };
+    Ok(if passed { "pass" } else { "blocked" })
+}
+
+fn tcp_passes(src: IpAddr, dst: SocketAddr, timeout: Duration) -> Result<bool, String> {
+    let socket = Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP))
+        .map_err(|e| e.to_string())?;
+    socket
+        .bind(&SocketAddr::new(src, 0).into())
+        .map_err(|e| format!("bind {src}: {e}"))?;
+    match socket.connect_timeout(&dst.into(), timeout) {
+        Ok(()) => {
+            let mut stream: std::net::TcpStream = socket.into();
+            let _ = stream.set_read_timeout(Some(timeout));
+            let mut buf = [0u8; 2];
+            Ok(stream.read_exact(&mut buf).is_ok() && &buf == b"ok")
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Ok(true),
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock
+            ) =>
+        {
+            Ok(false)
+        }
+        // Unreachable answers come from a router on the way: the packet did not get through.
+        Err(_) => Ok(false),
+    }
+}
+
+fn udp_passes(src: IpAddr, dst: SocketAddr, timeout: Duration) -> Result<bool, String> {
+    let socket =
+        UdpSocket::bind(SocketAddr::new(src, 0)).map_err(|e| format!("bind {src}: {e}"))?;
+    socket.connect(dst).map_err(|e| e.to_string())?;
+    socket
+        .set_read_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    socket.send(b"probe").map_err(|e| e.to_string())?;
+    let mut buf = [0u8; 16];
+    match socket.recv(&mut buf) {
+        Ok(n) => Ok(&buf[..n] == b"probe"),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Ok(true),
+        Err(_) => Ok(false),
+    }
+}
+
+fn icmp_passes(src: IpAddr, dst: IpAddr, timeout: Duration) -> Result<bool, String> {
+    let wait = timeout.as_secs().max(1).to_string();
+    let status = Command::new("ping")
+        .args([
+            "-n",
+            "-q",
+            "-c",
+            "1",
+            "-W",
+            &wait,
+            "-I",
+            &src.to_string(),
+            &dst.to_string(),
+        ])
+        .output()
+        .map_err(|e| format!("cannot run ping: {e}"))?;
+    Ok(status.status.success())
+}
