@@ -404,3 +404,30 @@ fn tempdir(tag: &str) -> std::path::PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
+
+#[test]
+fn docs_show_the_worked_example_verbatim() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let doc = std::fs::read_to_string(root.join("docs/policy.md")).unwrap();
+    let mut shown = 0;
+    for block in doc.split("```toml\n").skip(1) {
+        let Some(body) = block.split("```\n").next() else {
+            continue;
+        };
+        let Some(rest) = body.strip_prefix("# file: ") else {
+            continue;
+        };
+        let (name, text) = rest.split_once('\n').unwrap();
+        let on_disk =
+            std::fs::read_to_string(root.join("examples/policy/landkreis").join(name)).unwrap();
+        assert_eq!(text, on_disk, "docs/policy.md shows an outdated {name}");
+        shown += 1;
+    }
+    let files = 1 + std::fs::read_dir(root.join("examples/policy/landkreis/tenants"))
+        .unwrap()
+        .count();
+    assert_eq!(
+        shown, files,
+        "docs/policy.md must show every file of the example"
+    );
+}
