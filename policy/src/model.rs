@@ -604,6 +604,10 @@ struct Builder<'s> {
     pending_rules: Vec<(TenantId, FileId, Spanned<syntax::RuleDecl>)>,
     pending_expects: Vec<(TenantId, FileId, Spanned<syntax::ExpectDecl>)>,
     groups: HashMap<TenantId, GroupTable>,
+    /// Services and segments whose own declaration had errors: rules naming them are not
+    /// checked for reach, so one typo does not cascade into more errors.
+    broken_services: BTreeSet<ServiceId>,
+    broken_segments: BTreeSet<SegmentId>,
 }
 
 impl<'s> Builder<'s> {
@@ -628,7 +632,13 @@ impl<'s> Builder<'s> {
             pending_rules: Vec::new(),
             pending_expects: Vec::new(),
             groups: HashMap::new(),
+            broken_services: BTreeSet::new(),
+            broken_segments: BTreeSet::new(),
         }
+    }
+
+    fn error_count(&self) -> usize {
+        self.diags.iter().filter(|d| d.is_error()).count()
     }
 
     fn err(&mut self, file: FileId, span: std::ops::Range<usize>, msg: impl Into<String>) {
@@ -835,6 +845,7 @@ impl<'s> Builder<'s> {
         owner: Option<TenantId>,
         tenant_declared: bool,
     ) {
+        let errors_before = self.error_count();
         let addresses = self.prefixes(file, &decl.addresses, "service address");
         if decl.addresses.is_empty() {
             self.err(
@@ -882,6 +893,9 @@ impl<'s> Builder<'s> {
             }
         }
         let id = ServiceId(self.services.len() as u32);
+        if self.error_count() > errors_before {
+            self.broken_services.insert(id);
+        }
         self.services.push(Service {
             name: sname.get_ref().clone(),
             owner,
@@ -961,6 +975,7 @@ impl<'s> Builder<'s> {
                 );
             }
             let sloc = Loc::new(file, sname.span());
+            let errors_before = self.error_count();
             let (site, prefixes) = match &decl.site {
                 None => {
                     if !decl.prefixes.is_empty() {
@@ -1049,6 +1064,10 @@ impl<'s> Builder<'s> {
                     (Some(site), prefixes)
                 }
             };
+            if self.error_count() > errors_before {
+                self.broken_segments
+                    .insert(SegmentId(self.segments.len() as u32));
+            }
             self.segments.push(Segment {
                 tenant: tid,
                 name: sname.into_inner(),
@@ -1393,7 +1412,9 @@ impl<'s> Builder<'s> {
             loc: loc.clone(),
         };
         let errors_after = self.diags.iter().filter(|d| d.is_error()).count();
-        if errors_after == errors_before {
+        let names_broken = rule.to.iter().any(|s| self.broken_services.contains(s))
+            || rule.from.iter().any(|s| self.broken_segments.contains(s));
+        if errors_after == errors_before && !names_broken {
             self.check_rule_reach(&rule);
         }
         self.rules.push(rule);

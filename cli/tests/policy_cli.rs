@@ -1,0 +1,302 @@
+//! `komnet policy …` end to end: the real binary on the worked example and on broken copies.
+
+#![allow(clippy::unwrap_used)] // test code: a failed setup should panic loudly
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn example() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/policy/landkreis")
+}
+
+struct Out {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+fn komnet(args: &[&str]) -> Out {
+    let out = Command::new(env!("CARGO_BIN_EXE_komnet"))
+        .args(args)
+        .output()
+        .unwrap();
+    Out {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+fn copy_example(tag: &str) -> PathBuf {
+    let dst = std::env::temp_dir().join(format!("komnet-cli-{tag}-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&dst);
+    fs::create_dir_all(dst.join("tenants")).unwrap();
+    fs::copy(example().join("operator.toml"), dst.join("operator.toml")).unwrap();
+    for e in fs::read_dir(example().join("tenants")).unwrap() {
+        let e = e.unwrap();
+        fs::copy(e.path(), dst.join("tenants").join(e.file_name())).unwrap();
+    }
+    dst
+}
+
+fn replace_in(path: &Path, from: &str, to: &str) {
+    let text = fs::read_to_string(path).unwrap();
+    assert!(text.contains(from), "{from:?}");
+    fs::write(path, text.replacen(from, to, 1)).unwrap();
+}
+
+#[test]
+fn check_and_test_pass_on_the_example() {
+    let dir = example();
+    let dir = dir.to_str().unwrap();
+    let check = komnet(&["policy", "check", dir]);
+    assert_eq!(check.code, 0, "{}", check.stderr);
+    assert!(
+        check.stdout.contains("is valid: 4 tenants"),
+        "{}",
+        check.stdout
+    );
+    let test = komnet(&["policy", "test", dir]);
+    assert_eq!(test.code, 0, "{}", test.stdout);
+    assert!(
+        test.stdout.contains("28 passed, 0 failed"),
+        "{}",
+        test.stdout
+    );
+}
+
+#[test]
+fn check_reports_every_error_with_a_caret_and_exits_1() {
+    let dir = copy_example("check");
+    let frag = dir.join("tenants/musterstadt.toml");
+    replace_in(&frag, "from = [\"gebaeude\"]", "from = [\"gebäude\"]");
+    replace_in(&frag, "ports = [\"tcp/445\"]", "ports = [\"tcp/4455555\"]");
+    let out = komnet(&["policy", "check", dir.to_str().unwrap()]);
+    assert_eq!(out.code, 1);
+    assert!(
+        out.stderr.contains("tenants/musterstadt.toml:"),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        out.stderr.contains("unknown segment or group \"gebäude\""),
+        "{}",
+        out.stderr
+    );
+    assert!(out.stderr.contains("out of range"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains(" | from = [\"gebäude\"]\n"),
+        "{}",
+        out.stderr
+    );
+    assert!(out.stderr.contains("^^^^^^^^^"), "{}", out.stderr);
+    assert!(out.stderr.contains("2 error(s)"), "{}", out.stderr);
+    fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_failing_inline_test_names_the_guardrail_and_its_line() {
+    let dir = copy_example("test");
+    replace_in(
+        &dir.join("tenants/musterstadt.toml"),
+        "from = \"gaeste\"\nto = \"mail:993/tcp\"\nverdict = \"deny\"",
+        "from = \"gaeste\"\nto = \"mail:993/tcp\"\nverdict = \"allow\"",
+    );
+    let out = komnet(&["policy", "test", dir.to_str().unwrap()]);
+    assert_eq!(out.code, 1);
+    assert!(
+        out.stdout
+            .contains("expected allow, got deny (guardrail \"guest-isolation\","),
+        "{}",
+        out.stdout
+    );
+    assert!(out.stdout.contains("operator.toml:85)"), "{}", out.stdout);
+    assert!(out.stdout.contains("26 passed, 2 failed"), "{}", out.stdout);
+    fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn explain_query_and_compile() {
+    let dir = example();
+    let dir = dir.to_str().unwrap();
+    let out = komnet(&[
+        "policy",
+        "explain",
+        dir,
+        "--from",
+        "10.30.1.20",
+        "--to",
+        "musterstadt/fileserver:445/tcp",
+    ]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(
+        out.stdout.contains("allow (rule \"bauamt-share\", ")
+            && out.stdout.contains("tenants/beispieldorf.toml:27)"),
+        "{}",
+        out.stdout
+    );
+    let out = komnet(&[
+        "policy",
+        "explain",
+        dir,
+        "--from",
+        "musterstadt/gaeste",
+        "--to",
+        "dns:53/udp",
+    ]);
+    assert_eq!(
+        out.stdout
+            .matches("deny (guardrail \"guest-isolation\"")
+            .count(),
+        2,
+        "{}",
+        out.stdout
+    );
+    let out = komnet(&[
+        "policy",
+        "explain",
+        dir,
+        "--from",
+        "10.20.1.7",
+        "--to",
+        "10.0.1.10:8080/tcp",
+    ]);
+    assert!(
+        out.stdout
+            .contains("deny (default deny: no rule allows it)"),
+        "{}",
+        out.stdout
+    );
+    let out = komnet(&["policy", "explain", dir, "--from", "nowhere", "--to", "dms"]);
+    assert_eq!(out.code, 1);
+    assert!(
+        out.stderr.contains("unknown segment \"nowhere\""),
+        "{}",
+        out.stderr
+    );
+
+    let out = komnet(&["policy", "query", dir, "--segment", "musterstadt/gebaeude"]);
+    assert_eq!(out.code, 0);
+    assert!(
+        out.stdout
+            .contains("musterstadt/gebaeude -> gebaeudeleittechnik udp/47808"),
+        "{}",
+        out.stdout
+    );
+    let out = komnet(&["policy", "query", dir, "--service", "dms"]);
+    assert!(
+        out.stdout.contains("kreis/homeoffice -> dms tcp/443"),
+        "{}",
+        out.stdout
+    );
+    assert!(!out.stdout.contains("gebaeude"), "{}", out.stdout);
+
+    let out = komnet(&[
+        "policy",
+        "compile",
+        dir,
+        "--site",
+        "musterstadt/rathaus",
+        "--nft",
+        "--lan",
+        "eth1",
+    ]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(out.stdout.starts_with("table inet komnet {"));
+    assert!(out
+        .stdout
+        .contains("type filter hook forward priority filter; policy drop;"));
+    let out = komnet(&["policy", "compile", dir, "--site", "rathaus", "--nft"]);
+    assert_eq!(out.code, 1);
+    assert!(
+        out.stderr
+            .contains("several tenants have a site named \"rathaus\""),
+        "{}",
+        out.stderr
+    );
+    let out = komnet(&[
+        "policy",
+        "compile",
+        dir,
+        "--site",
+        "kreishaus",
+        "--nft",
+        "--tunnel",
+        "a-name-far-too-long",
+    ]);
+    assert_eq!(out.code, 1);
+    assert!(out.stderr.contains("is not valid"), "{}", out.stderr);
+}
+
+#[test]
+fn diff_lists_newly_allowed_and_denied_flows() {
+    let new = copy_example("diff");
+    let frag = new.join("tenants/musterstadt.toml");
+    // The citizen office loses the housing-benefit system; VoIP phones gain mail.
+    replace_in(
+        &frag,
+        "from = [\"alle-telefone\"]\nto = [\"telefonanlage\", \"dns\"]",
+        "from = [\"alle-telefone\"]\nto = [\"telefonanlage\", \"dns\", \"mail\"]",
+    );
+    replace_in(
+        &frag,
+        "[[rule]]\nname = \"staff-dms\"\nfrom = [\"mitarbeiter\"]",
+        "[[rule]]\nname = \"staff-dms\"\nfrom = [\"verwaltung\", \"bauhof-buero\", \"homeoffice\"]",
+    );
+    replace_in(&new.join("operator.toml"), "version = 7", "version = 8");
+    let old = example();
+    let out = komnet(&[
+        "policy",
+        "diff",
+        old.to_str().unwrap(),
+        new.to_str().unwrap(),
+    ]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(out.stdout.contains("version 7 -> 8"), "{}", out.stdout);
+    assert!(
+        out.stdout
+            .contains("+ allow musterstadt/voip -> mail tcp/25,tcp/587,tcp/993"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout
+            .contains("- deny  musterstadt/buergerbuero -> dms tcp/443"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout
+            .contains("- deny  musterstadt/buergerbuero -> wohngeld tcp/443,tcp/8443"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout
+            .contains("1 flow(s) newly allowed, 2 newly denied"),
+        "{}",
+        out.stdout
+    );
+    fs::remove_dir_all(&new).unwrap();
+}
+
+#[test]
+fn help_and_completions() {
+    let out = komnet(&["policy", "--help"]);
+    assert_eq!(out.code, 0);
+    for verb in [
+        "check", "test", "explain", "query", "diff", "compile", "apply",
+    ] {
+        assert!(
+            out.stdout.contains(verb),
+            "{verb} missing from help:\n{}",
+            out.stdout
+        );
+    }
+    let out = komnet(&["completions", "bash"]);
+    assert_eq!(out.code, 0);
+    assert!(out.stdout.contains("komnet"));
+    let out = komnet(&["policy", "query", "x"]);
+    assert_eq!(out.code, 2, "usage errors exit 2: {}", out.stderr);
+}
