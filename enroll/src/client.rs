@@ -320,6 +320,12 @@ impl Connection {
         let req = req
             .body(Full::new(Bytes::from(body.unwrap_or_default())))
             .map_err(|e| self.protocol(e.to_string()))?;
+        // The previous answer may still be finishing inside hyper's dispatcher; sending before
+        // it is ready fails with "connection was not ready".
+        tokio::time::timeout(REQUEST_TIMEOUT, self.sender.ready())
+            .await
+            .map_err(|_| self.protocol("connection not ready in time".into()))?
+            .map_err(|e| self.protocol(e.to_string()))?;
         tokio::time::timeout(REQUEST_TIMEOUT, self.sender.send_request(req))
             .await
             .map_err(|_| self.protocol("no answer in time".into()))?
