@@ -1,0 +1,386 @@
+//! Admin commands (`komnet token create`, `komnet revoke`, `komnet homeoffice issue`,
+//! `komnet audit`, `komnet policy-version set`): clap definitions and their implementation.
+//!
+//! They talk to the running service over its local admin socket (`DATA_DIR/admin.sock`, mode
+//! 0600, peer uid checked), never over the network and never unauthenticated. The service
+//! records each as an audit entry with the caller's uid.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context as _};
+use http_body_util::{BodyExt as _, Full};
+use hyper::{Method, Request};
+use hyper_util::rt::TokioIo;
+
+use crate::api::admin::{
+    self, AuditRecord, CreateTokenRequest, CreateTokenResponse, HomeOfficeRequest,
+    HomeOfficeResponse, PolicyVersionRequest, RevokeRequest, RevokeResponse,
+};
+use crate::api::{ApiError, RevocationReason};
+use crate::client::WgKeys;
+use crate::config::HumanDuration;
+use crate::identity::{Role, SiteId, TenantId, WgPublicKey};
+use crate::token::Bootstrap;
+
+/// Where `komnet-enroll serve` puts its admin socket by default.
+pub const DEFAULT_SOCKET: &str = "/var/lib/komnet-enroll/admin.sock";
+
+/// How to reach the service.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SocketArg {
+    /// The service's admin socket (DATA_DIR/admin.sock).
+    #[arg(long, env = "KOMNET_ENROLL_SOCKET", default_value = DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+}
+
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum AdminCommand {
+    /// One-time enrollment tokens and bootstrap files.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Revoke certificates by serial, site or tenant; hubs drop them within seconds.
+    Revoke(RevokeArgs),
+    /// Home-office identities for the stock WireGuard app.
+    #[command(subcommand)]
+    Homeoffice(HomeofficeCommand),
+    /// Show the audit log (oldest first).
+    Audit(AuditArgs),
+    /// The policy version handed out with enrollments.
+    #[command(subcommand)]
+    PolicyVersion(PolicyVersionCommand),
+}
+
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum TokenCommand {
+    /// Create a single-use token bound to tenant, site and role, and write a bootstrap file
+    /// (mode 0600) for the field technician's USB stick.
+    Create(TokenCreateArgs),
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct TokenCreateArgs {
+    #[arg(long)]
+    pub tenant: TenantId,
+    #[arg(long)]
+    pub site: SiteId,
+    #[arg(long, value_parser = parse_role)]
+    pub role: Role,
+    /// How long the token stays valid (e.g. 30m, 24h, 7d).
+    #[arg(long, default_value = "24h")]
+    pub ttl: HumanDuration,
+    /// Bootstrap file to write (default: komnet-bootstrap-TENANT-SITE.json).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Enroll URL(s) for the file, instead of the service's configured ones.
+    #[arg(long = "url")]
+    pub urls: Vec<String>,
+    #[command(flatten)]
+    pub socket: SocketArg,
+}
+
+fn parse_role(s: &str) -> Result<Role, String> {
+    s.parse()
+        .map_err(|e: crate::identity::IdentityError| e.to_string())
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct RevokeArgs {
+    /// A certificate serial (hex).
+    #[arg(long, conflicts_with_all = ["tenant", "site"])]
+    pub serial: Option<String>,
+    /// Every certificate of this tenant (with --site: of that site only).
+    #[arg(long, required_unless_present = "serial")]
+    pub tenant: Option<TenantId>,
+    #[arg(long, requires = "tenant")]
+    pub site: Option<SiteId>,
+    #[arg(long, value_enum, default_value = "unspecified")]
+    pub reason: RevocationReason,
+    /// The site is decommissioned: reason cessation_of_operation, its tunnel addresses are
+    /// released.
+    #[arg(long, conflicts_with = "reason")]
+    pub decommission: bool,
+    #[command(flatten)]
+    pub socket: SocketArg,
+}
+
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum HomeofficeCommand {
+    /// Issue a device identity and a wg-quick configuration (file, terminal QR code, PNG).
+    Issue(HomeofficeIssueArgs),
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct HomeofficeIssueArgs {
+    #[arg(long)]
+    pub tenant: TenantId,
+    /// The user (device) name, e.g. anna.schmidt.
+    #[arg(long)]
+    pub user: SiteId,
+    /// The device's own WireGuard public key; without it a key pair is generated here, shown
+    /// once and never stored by the service.
+    #[arg(long)]
+    pub public_key: Option<WgPublicKey>,
+    /// Lifetime of the identity (default: the service's homeoffice_lifetime).
+    #[arg(long)]
+    pub ttl: Option<HumanDuration>,
+    /// Directory for USER.conf and USER.png (mode 0600).
+    #[arg(long, default_value = ".")]
+    pub out_dir: PathBuf,
+    /// Do not draw the QR code on the terminal.
+    #[arg(long)]
+    pub no_qr: bool,
+    #[command(flatten)]
+    pub socket: SocketArg,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct AuditArgs {
+    #[arg(long, default_value_t = 50)]
+    pub limit: usize,
+    /// One JSON object per line instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub socket: SocketArg,
+}
+
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum PolicyVersionCommand {
+    Set {
+        version: u64,
+        #[command(flatten)]
+        socket: SocketArg,
+    },
+}
+
+/// Calls the admin API over the Unix socket.
+async fn call<T: serde::de::DeserializeOwned>(
+    socket: &Path,
+    method: Method,
+    path: &str,
+    body: Option<Vec<u8>>,
+) -> anyhow::Result<T> {
+    let stream = tokio::net::UnixStream::connect(socket).await.with_context(|| {
+        format!(
+            "cannot reach komnet-enroll at {} (is `komnet-enroll serve` running, and are you its user or root?)",
+            socket.display()
+        )
+    })?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .context("admin socket: HTTP handshake")?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header(hyper::header::HOST, "komnet-enroll")
+        .header(hyper::header::CONTENT_TYPE, "application/json")
+        .body(Full::new(axum::body::Bytes::from(body.unwrap_or_default())))?;
+    let resp = sender
+        .send_request(req)
+        .await
+        .context("admin socket: request")?;
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await?.to_bytes();
+    if !status.is_success() {
+        let err: ApiError = serde_json::from_slice(&bytes).with_context(|| {
+            format!(
+                "service answered {status}: {}",
+                String::from_utf8_lossy(&bytes)
+            )
+        })?;
+        bail!(
+            "{}: {}",
+            serde_json::to_string(&err.code)?.trim_matches('"'),
+            err.message
+        );
+    }
+    serde_json::from_slice(&bytes).context("admin socket: unexpected answer")
+}
+
+/// Runs an admin command, printing to stdout.
+pub async fn run(cmd: AdminCommand) -> anyhow::Result<ExitCode> {
+    let mut out = std::io::stdout().lock();
+    run_to(cmd, &mut out).await
+}
+
+/// Runs an admin command, printing to `out` (tests capture it).
+pub async fn run_to(cmd: AdminCommand, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
+    match cmd {
+        AdminCommand::Token(TokenCommand::Create(a)) => token_create(a, out).await,
+        AdminCommand::Revoke(a) => revoke(a, out).await,
+        AdminCommand::Homeoffice(HomeofficeCommand::Issue(a)) => homeoffice_issue(a, out).await,
+        AdminCommand::Audit(a) => audit(a, out).await,
+        AdminCommand::PolicyVersion(PolicyVersionCommand::Set { version, socket }) => {
+            let body = serde_json::to_vec(&PolicyVersionRequest { version })?;
+            let () = call(
+                &socket.socket,
+                Method::POST,
+                admin::POLICY_VERSION,
+                Some(body),
+            )
+            .await?;
+            writeln!(out, "policy version set to {version}")?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+async fn token_create(a: TokenCreateArgs, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
+    let path = a
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("komnet-bootstrap-{}-{}.json", a.tenant, a.site)));
+    if path.exists() {
+        bail!(
+            "{}: exists; not overwriting a bootstrap file",
+            path.display()
+        );
+    }
+    let body = serde_json::to_vec(&CreateTokenRequest {
+        tenant: a.tenant.clone(),
+        site: a.site.clone(),
+        role: a.role,
+        ttl_secs: a.ttl.0.as_secs(),
+    })?;
+    let resp: CreateTokenResponse =
+        call(&a.socket.socket, Method::POST, admin::TOKENS, Some(body)).await?;
+    let bootstrap = Bootstrap {
+        version: 1,
+        token: resp.token.clone(),
+        enroll_urls: if a.urls.is_empty() {
+            resp.enroll_urls
+        } else {
+            a.urls
+        },
+        root_fingerprint: resp.root_fingerprint.clone(),
+        root_ca_pem: resp.root_ca_pem,
+    };
+    bootstrap
+        .write(&path)
+        .with_context(|| "writing the bootstrap file".to_string())?;
+    writeln!(
+        out,
+        "token {} for {}/{} ({}), expires at {} (unix)",
+        resp.token_id, a.tenant, a.site, a.role, resp.expires_at
+    )?;
+    writeln!(
+        out,
+        "bootstrap file: {} (mode 0600; copy it to the USB stick)",
+        path.display()
+    )?;
+    writeln!(out, "root fingerprint: {}", resp.root_fingerprint)?;
+    writeln!(out, "token (shown once): {}", resp.token)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn revoke(a: RevokeArgs, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
+    let reason = if a.decommission {
+        RevocationReason::CessationOfOperation
+    } else {
+        a.reason
+    };
+    let body = serde_json::to_vec(&RevokeRequest {
+        serial: a.serial,
+        tenant: a.tenant,
+        site: a.site,
+        reason,
+    })?;
+    let resp: RevokeResponse =
+        call(&a.socket.socket, Method::POST, admin::REVOKE, Some(body)).await?;
+    for s in &resp.revoked_serials {
+        writeln!(out, "revoked {s} ({})", reason.as_str())?;
+    }
+    writeln!(out, "registry version {}", resp.registry_version)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn homeoffice_issue(a: HomeofficeIssueArgs, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    // The key pair is made here, on the admin's machine: the service only sees the public key.
+    let generated = match a.public_key {
+        Some(_) => None,
+        None => Some(WgKeys::generate()),
+    };
+    let public = match (&a.public_key, &generated) {
+        (Some(k), _) => *k,
+        (None, Some(g)) => g.public(),
+        (None, None) => bail!("no key"),
+    };
+    let body = serde_json::to_vec(&HomeOfficeRequest {
+        tenant: a.tenant.clone(),
+        user: a.user.clone(),
+        wg_public_key: public,
+        ttl_secs: a.ttl.map(|t| t.0.as_secs()),
+    })?;
+    let resp: HomeOfficeResponse = call(
+        &a.socket.socket,
+        Method::POST,
+        admin::HOMEOFFICE,
+        Some(body),
+    )
+    .await?;
+    let private = generated.as_ref().map(|g| g.private_base64());
+    let config = crate::homeoffice::wg_quick_config(&resp.enrollment, private.as_deref())?;
+    let png = crate::homeoffice::qr_png(&config)?;
+    std::fs::create_dir_all(&a.out_dir).with_context(|| format!("{}", a.out_dir.display()))?;
+    let mut written = Vec::new();
+    for (ext, bytes) in [("conf", config.as_bytes()), ("png", png.as_slice())] {
+        let path = a.out_dir.join(format!("{}.{ext}", a.user));
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .with_context(|| format!("{}: cannot create (exists?)", path.display()))?;
+        f.write_all(bytes)
+            .with_context(|| format!("{}", path.display()))?;
+        written.push(path);
+    }
+    let id = &resp.enrollment.identity;
+    writeln!(
+        out,
+        "home-office identity {}/{} serial {}",
+        id.tenant, id.site, id.serial
+    )?;
+    writeln!(out, "{}", config)?;
+    if !a.no_qr {
+        writeln!(out, "{}", crate::homeoffice::qr_terminal(&config)?)?;
+    }
+    for p in &written {
+        writeln!(out, "wrote {} (mode 0600)", p.display())?;
+    }
+    if generated.is_some() {
+        writeln!(
+            out,
+            "The private key above is shown once and stored nowhere else: hand the files to the user, then delete them."
+        )?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn audit(a: AuditArgs, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
+    let records: Vec<AuditRecord> = call(
+        &a.socket.socket,
+        Method::GET,
+        &format!("{}?limit={}", admin::AUDIT, a.limit),
+        None,
+    )
+    .await?;
+    for r in records {
+        if a.json {
+            writeln!(out, "{}", serde_json::to_string(&r)?)?;
+        } else {
+            writeln!(
+                out,
+                "{:>6} {} {:<12} {:<18} {}",
+                r.id, r.at, r.actor, r.action, r.details
+            )?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,653 @@
+//! The client library an appliance (the gateway) and a hub call: first enrollment from a
+//! bootstrap file, renewal over mutual TLS, and following the registry.
+//!
+//! It trusts exactly one root: the one in the bootstrap file, after checking it against the
+//! pinned fingerprint. Service URLs are tried in order; the first that answers decides (an
+//! answer that refuses is final, only connection failures move on to the next URL).
+//!
+//! ```no_run
+//! # async fn first_boot() -> Result<(), komnet_enroll::client::ClientError> {
+//! use komnet_enroll::client::{self, WgKeys};
+//! use komnet_enroll::token::Bootstrap;
+//! let bootstrap = Bootstrap::read("/media/usb/komnet-bootstrap.json".as_ref()).unwrap();
+//! let keys = WgKeys::generate();
+//! let enrollment = client::enroll(&bootstrap, &keys).await?;
+//! enrollment.save("/var/lib/komnet/enrollment.json".as_ref()).unwrap();
+//! // ... from enrollment.renew_after on:
+//! let renewed = client::renew(&enrollment, &keys).await?;
+//! # let _ = renewed; Ok(()) }
+//! ```
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine as _;
+use bytes_compat::Bytes;
+use http_body_util::{BodyExt as _, Full};
+use hyper::body::Incoming;
+use hyper::{Method, Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use ipnet::IpNet;
+use rustls_pki_types::pem::PemObject as _;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use serde::{Deserialize, Serialize};
+use x25519_dalek::StaticSecret;
+
+use crate::api::{
+    self, ApiError, EnrollRequest, EnrollResponse, HubPeer, RegistryEvent, RegistrySnapshot,
+    RenewRequest, ServiceInfo,
+};
+use crate::identity::{Identity, WgPublicKey};
+use crate::token::Bootstrap;
+
+mod bytes_compat {
+    pub(crate) use axum::body::Bytes;
+}
+
+/// Largest answer read from the service (a response is a few KiB).
+const MAX_RESPONSE_BYTES: usize = 1 << 20;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("bootstrap: the root CA's fingerprint {actual} is not the pinned {expected}")]
+    PinMismatch { expected: String, actual: String },
+    #[error("{0}")]
+    Config(String),
+    #[error("{url}: cannot connect: {message}")]
+    Connect { url: String, message: String },
+    #[error("{url}: the service refused ({status}): {error}")]
+    Api {
+        url: String,
+        status: u16,
+        error: ApiError,
+    },
+    #[error("{url}: unexpected answer: {message}")]
+    Protocol { url: String, message: String },
+}
+
+impl ClientError {
+    /// The service's typed error, if it answered with one.
+    pub fn api_error(&self) -> Option<&ApiError> {
+        match self {
+            ClientError::Api { error, .. } => Some(error),
+            _ => None,
+        }
+    }
+}
+
+/// A WireGuard key pair held by the appliance; the private half never leaves it.
+#[derive(Clone)]
+pub struct WgKeys {
+    secret: StaticSecret,
+}
+
+impl std::fmt::Debug for WgKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WgKeys")
+            .field("public", &self.public())
+            .finish_non_exhaustive()
+    }
+}
+
+impl WgKeys {
+    pub fn generate() -> Self {
+        WgKeys {
+            secret: StaticSecret::from(rand::random::<[u8; 32]>()),
+        }
+    }
+
+    pub fn from_secret(secret: StaticSecret) -> Self {
+        WgKeys { secret }
+    }
+
+    /// The private key in wg's base64 form (for a wg-quick file; handle with care).
+    pub fn private_base64(&self) -> String {
+        STANDARD.encode(self.secret.to_bytes())
+    }
+
+    pub fn secret(&self) -> &StaticSecret {
+        &self.secret
+    }
+
+    pub fn public(&self) -> WgPublicKey {
+        let bytes = x25519_dalek::PublicKey::from(&self.secret).to_bytes();
+        // A clamped scalar times the base point is never a low-order point.
+        WgPublicKey::from_bytes(bytes).unwrap_or_else(|_| unreachable_key())
+    }
+}
+
+#[allow(clippy::unwrap_used)]
+fn unreachable_key() -> WgPublicKey {
+    // Only reachable if x25519 were broken; keep a panic out of the type signature anyway.
+    WgPublicKey::from_bytes([9; 32]).unwrap()
+}
+
+/// What an appliance keeps after enrolling: its identity, certificate, TLS key and where to
+/// renew. Stored as JSON with mode 0600 (it holds the TLS private key).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Enrollment {
+    pub identity: Identity,
+    pub certificate_chain_pem: String,
+    pub private_key_pem: String,
+    pub root_ca_pem: String,
+    pub enroll_urls: Vec<String>,
+    pub renew_after: i64,
+    pub hub_endpoints: Vec<String>,
+    pub hubs: Vec<HubPeer>,
+    pub allowed_ips: Vec<IpNet>,
+    pub policy_version: u64,
+}
+
+impl std::fmt::Debug for Enrollment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Enrollment")
+            .field("identity", &self.identity)
+            .field("renew_after", &self.renew_after)
+            .field("hub_endpoints", &self.hub_endpoints)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Enrollment {
+    fn from_response(
+        resp: EnrollResponse,
+        private_key_pem: String,
+        root_ca_pem: String,
+        enroll_urls: Vec<String>,
+    ) -> Self {
+        Enrollment {
+            identity: resp.identity,
+            certificate_chain_pem: resp.certificate_chain_pem,
+            private_key_pem,
+            root_ca_pem,
+            enroll_urls,
+            renew_after: resp.renew_after,
+            hub_endpoints: resp.hub_endpoints,
+            hubs: resp.hubs,
+            allowed_ips: resp.allowed_ips,
+            policy_version: resp.policy_version,
+        }
+    }
+
+    /// Writes the enrollment atomically with mode 0600.
+    pub fn save(&self, path: &Path) -> std::io::Result<()> {
+        use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let tmp = path.with_extension("tmp");
+        let _ = std::fs::remove_file(&tmp);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(
+            serde_json::to_string_pretty(self)
+                .map_err(std::io::Error::other)?
+                .as_bytes(),
+        )?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    }
+
+    pub fn load(path: &Path) -> std::io::Result<Self> {
+        let text = std::fs::read_to_string(path)?;
+        serde_json::from_str(&text).map_err(std::io::Error::other)
+    }
+}
+
+struct Target {
+    url: String,
+    host: String,
+    port: u16,
+    server_name: ServerName<'static>,
+}
+
+fn parse_url(url: &str) -> Result<Target, ClientError> {
+    let bad = |m: &str| ClientError::Config(format!("enroll URL {url:?}: {m}"));
+    let uri: hyper::Uri = url.parse().map_err(|_| bad("not a URL"))?;
+    if uri.scheme_str() != Some("https") {
+        return Err(bad("must be https://"));
+    }
+    let host = uri
+        .host()
+        .ok_or_else(|| bad("has no host"))?
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
+    let server_name = ServerName::try_from(host.clone()).map_err(|_| bad("bad host name"))?;
+    Ok(Target {
+        url: url.trim_end_matches('/').to_owned(),
+        port: uri.port_u16().unwrap_or(443),
+        host,
+        server_name,
+    })
+}
+
+fn client_config(
+    root_ca_pem: &str,
+    client_auth: Option<(&str, &str)>,
+) -> Result<Arc<rustls::ClientConfig>, ClientError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let root = CertificateDer::from_pem_slice(root_ca_pem.as_bytes())
+        .map_err(|e| ClientError::Config(format!("root CA: {e}")))?;
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(root)
+        .map_err(|e| ClientError::Config(format!("root CA: {e}")))?;
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| ClientError::Config(e.to_string()))?
+        .with_root_certificates(roots);
+    let mut config = match client_auth {
+        None => builder.with_no_client_auth(),
+        Some((chain_pem, key_pem)) => {
+            let chain = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| ClientError::Config(format!("certificate chain: {e}")))?;
+            let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+                .map_err(|e| ClientError::Config(format!("private key: {e}")))?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| ClientError::Config(format!("client certificate: {e}")))?
+        }
+    };
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// One HTTPS connection to the service.
+struct Connection {
+    url: String,
+    host_header: String,
+    sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+}
+
+async fn connect(
+    target: &Target,
+    tls: Arc<rustls::ClientConfig>,
+) -> Result<Connection, ClientError> {
+    let cerr = |message: String| ClientError::Connect {
+        url: target.url.clone(),
+        message,
+    };
+    let tcp = tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        tokio::net::TcpStream::connect((target.host.as_str(), target.port)),
+    )
+    .await
+    .map_err(|_| cerr("timed out".into()))?
+    .map_err(|e| cerr(e.to_string()))?;
+    let _ = tcp.set_nodelay(true);
+    let stream = tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        tokio_rustls::TlsConnector::from(tls).connect(target.server_name.clone(), tcp),
+    )
+    .await
+    .map_err(|_| cerr("TLS handshake timed out".into()))?
+    .map_err(|e| cerr(format!("TLS: {e}")))?;
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| cerr(format!("HTTP: {e}")))?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(Connection {
+        url: target.url.clone(),
+        host_header: format!("{}:{}", target.host, target.port),
+        sender,
+    })
+}
+
+impl Connection {
+    async fn send(
+        &mut self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<hyper::Response<Incoming>, ClientError> {
+        let mut req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(hyper::header::HOST, &self.host_header);
+        if body.is_some() {
+            req = req.header(hyper::header::CONTENT_TYPE, "application/json");
+        }
+        let req = req
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .map_err(|e| self.protocol(e.to_string()))?;
+        // The previous answer may still be finishing inside hyper's dispatcher; sending before
+        // it is ready fails with "connection was not ready".
+        tokio::time::timeout(REQUEST_TIMEOUT, self.sender.ready())
+            .await
+            .map_err(|_| self.protocol("connection not ready in time".into()))?
+            .map_err(|e| self.protocol(e.to_string()))?;
+        tokio::time::timeout(REQUEST_TIMEOUT, self.sender.send_request(req))
+            .await
+            .map_err(|_| self.protocol("no answer in time".into()))?
+            .map_err(|e| self.protocol(e.to_string()))
+    }
+
+    fn protocol(&self, message: String) -> ClientError {
+        ClientError::Protocol {
+            url: self.url.clone(),
+            message,
+        }
+    }
+
+    /// Sends and decodes a JSON answer, or the typed error.
+    async fn call<T: serde::de::DeserializeOwned>(
+        &mut self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<T, ClientError> {
+        let resp = self.send(method, path, body).await?;
+        let status = resp.status();
+        let bytes = tokio::time::timeout(
+            REQUEST_TIMEOUT,
+            http_body_util::Limited::new(resp.into_body(), MAX_RESPONSE_BYTES).collect(),
+        )
+        .await
+        .map_err(|_| self.protocol("answer body timed out".into()))?
+        .map_err(|e| self.protocol(format!("answer body: {e}")))?
+        .to_bytes();
+        if status != StatusCode::OK {
+            let error: ApiError = serde_json::from_slice(&bytes).map_err(|_| {
+                self.protocol(format!(
+                    "status {status} without a typed error: {}",
+                    String::from_utf8_lossy(&bytes[..bytes.len().min(200)])
+                ))
+            })?;
+            return Err(ClientError::Api {
+                url: self.url.clone(),
+                status: status.as_u16(),
+                error,
+            });
+        }
+        serde_json::from_slice(&bytes).map_err(|e| self.protocol(format!("JSON: {e}")))
+    }
+}
+
+/// Runs `f` against each URL in turn until one is reachable.
+async fn with_first_reachable<T, F, Fut>(
+    urls: &[String],
+    tls: Arc<rustls::ClientConfig>,
+    mut f: F,
+) -> Result<T, ClientError>
+where
+    F: FnMut(Connection) -> Fut,
+    Fut: std::future::Future<Output = Result<T, ClientError>>,
+{
+    let mut last = ClientError::Config("no enroll URL given".into());
+    for url in urls {
+        let target = match parse_url(url) {
+            Ok(t) => t,
+            Err(e) => {
+                last = e;
+                continue;
+            }
+        };
+        match connect(&target, tls.clone()).await {
+            Ok(conn) => return f(conn).await,
+            Err(e) => {
+                tracing::warn!(error = %e, "enroll URL unreachable, trying the next");
+                last = e;
+            }
+        }
+    }
+    Err(last)
+}
+
+fn check_pin(bootstrap: &Bootstrap) -> Result<(), ClientError> {
+    let der = CertificateDer::from_pem_slice(bootstrap.root_ca_pem.as_bytes())
+        .map_err(|e| ClientError::Config(format!("bootstrap root CA: {e}")))?;
+    let actual = crate::ca::fingerprint(&der);
+    let expected = bootstrap
+        .root_fingerprint
+        .to_ascii_lowercase()
+        .replace(':', "");
+    if actual != expected {
+        return Err(ClientError::PinMismatch { expected, actual });
+    }
+    Ok(())
+}
+
+fn key_request(
+    keys: &WgKeys,
+    service_key: &WgPublicKey,
+    csr_der: &[u8],
+) -> (String, String, String) {
+    let proof = crate::wgproof::prove(keys.secret(), service_key, csr_der);
+    (
+        STANDARD.encode(csr_der),
+        keys.public().to_base64(),
+        STANDARD.encode(proof),
+    )
+}
+
+fn new_csr(identity: Option<&Identity>) -> Result<(rcgen::KeyPair, Vec<u8>), ClientError> {
+    crate::csr::build_csr(
+        identity.map(|i| &i.tenant),
+        identity.map(|i| &i.site),
+        identity.map(|i| i.role),
+    )
+    .map_err(|e| ClientError::Config(format!("CSR: {e}")))
+}
+
+/// First enrollment: the bootstrap file's token buys an identity for the WireGuard key.
+pub async fn enroll(bootstrap: &Bootstrap, keys: &WgKeys) -> Result<Enrollment, ClientError> {
+    check_pin(bootstrap)?;
+    let tls = client_config(&bootstrap.root_ca_pem, None)?;
+    with_first_reachable(&bootstrap.enroll_urls, tls, |mut conn| async move {
+        let info: ServiceInfo = conn.call(Method::GET, api::routes::INFO, None).await?;
+        let (key, csr_der) = new_csr(None)?;
+        let (csr, wg_public_key, wg_proof) = key_request(keys, &info.wg_proof_public_key, &csr_der);
+        let body = serde_json::to_vec(&EnrollRequest {
+            token: bootstrap.token.clone(),
+            csr,
+            wg_public_key,
+            wg_proof,
+        })
+        .map_err(|e| conn.protocol(e.to_string()))?;
+        let resp: EnrollResponse = conn
+            .call(Method::POST, api::routes::ENROLL, Some(body))
+            .await?;
+        Ok(Enrollment::from_response(
+            resp,
+            key.serialize_pem(),
+            bootstrap.root_ca_pem.clone(),
+            bootstrap.enroll_urls.clone(),
+        ))
+    })
+    .await
+}
+
+/// Renewal over mutual TLS with the current certificate; `keys` may be the same WireGuard key
+/// or a new one. A fresh TLS key is made every time.
+pub async fn renew(current: &Enrollment, keys: &WgKeys) -> Result<Enrollment, ClientError> {
+    let tls = client_config(
+        &current.root_ca_pem,
+        Some((&current.certificate_chain_pem, &current.private_key_pem)),
+    )?;
+    with_first_reachable(&current.enroll_urls, tls, |mut conn| async move {
+        let info: ServiceInfo = conn.call(Method::GET, api::routes::INFO, None).await?;
+        let (key, csr_der) = new_csr(Some(&current.identity))?;
+        let (csr, wg_public_key, wg_proof) = key_request(keys, &info.wg_proof_public_key, &csr_der);
+        let body = serde_json::to_vec(&RenewRequest {
+            csr,
+            wg_public_key,
+            wg_proof,
+        })
+        .map_err(|e| conn.protocol(e.to_string()))?;
+        let resp: EnrollResponse = conn
+            .call(Method::POST, api::routes::RENEW, Some(body))
+            .await?;
+        Ok(Enrollment::from_response(
+            resp,
+            key.serialize_pem(),
+            current.root_ca_pem.clone(),
+            current.enroll_urls.clone(),
+        ))
+    })
+    .await
+}
+
+/// The valid peers now (a hub calls this at start, then follows from its version).
+pub async fn registry_snapshot(hub: &Enrollment) -> Result<RegistrySnapshot, ClientError> {
+    let tls = client_config(
+        &hub.root_ca_pem,
+        Some((&hub.certificate_chain_pem, &hub.private_key_pem)),
+    )?;
+    with_first_reachable(&hub.enroll_urls, tls, |mut conn| async move {
+        conn.call(Method::GET, api::routes::REGISTRY, None).await
+    })
+    .await
+}
+
+/// The DER CRL (public).
+pub async fn fetch_crl(root_ca_pem: &str, urls: &[String]) -> Result<Vec<u8>, ClientError> {
+    let tls = client_config(root_ca_pem, None)?;
+    with_first_reachable(urls, tls, |mut conn| async move {
+        let resp = conn.send(Method::GET, api::routes::CRL, None).await?;
+        if resp.status() != StatusCode::OK {
+            return Err(conn.protocol(format!("CRL: status {}", resp.status())));
+        }
+        let body = http_body_util::Limited::new(resp.into_body(), MAX_RESPONSE_BYTES * 16)
+            .collect()
+            .await
+            .map_err(|e| conn.protocol(format!("CRL body: {e}")))?;
+        Ok(body.to_bytes().to_vec())
+    })
+    .await
+}
+
+/// A stream of registry changes (server-sent events).
+pub struct RegistryFollower {
+    url: String,
+    body: Incoming,
+    buffer: Vec<u8>,
+    /// The last version received; reconnect with it after an error.
+    pub last_version: u64,
+    _conn: Connection,
+}
+
+impl std::fmt::Debug for RegistryFollower {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegistryFollower")
+            .field("url", &self.url)
+            .field("last_version", &self.last_version)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Largest single event accepted from the stream.
+const MAX_EVENT_BYTES: usize = 64 * 1024;
+
+impl RegistryFollower {
+    /// The next change; `None` when the service closed the stream.
+    pub async fn next(&mut self) -> Option<Result<RegistryEvent, ClientError>> {
+        loop {
+            if let Some(end) = find_event_end(&self.buffer) {
+                let raw: Vec<u8> = self.buffer.drain(..end.1).collect();
+                let text = String::from_utf8_lossy(&raw[..end.0]).into_owned();
+                let data: String = text
+                    .lines()
+                    .filter_map(|l| l.strip_prefix("data:"))
+                    .map(|d| d.strip_prefix(' ').unwrap_or(d))
+                    .collect::<Vec<_>>()
+                    .join("\n");
+                if data.is_empty() {
+                    continue; // a keep-alive comment
+                }
+                return Some(match serde_json::from_str::<RegistryEvent>(&data) {
+                    Ok(ev) => {
+                        self.last_version = ev.version;
+                        Ok(ev)
+                    }
+                    Err(e) => Err(ClientError::Protocol {
+                        url: self.url.clone(),
+                        message: format!("registry event: {e}"),
+                    }),
+                });
+            }
+            if self.buffer.len() > MAX_EVENT_BYTES {
+                return Some(Err(ClientError::Protocol {
+                    url: self.url.clone(),
+                    message: "registry event larger than 64 KiB".into(),
+                }));
+            }
+            match self.body.frame().await? {
+                Ok(frame) => {
+                    if let Ok(data) = frame.into_data() {
+                        self.buffer.extend_from_slice(&data);
+                    }
+                }
+                Err(e) => {
+                    return Some(Err(ClientError::Protocol {
+                        url: self.url.clone(),
+                        message: format!("registry stream: {e}"),
+                    }))
+                }
+            }
+        }
+    }
+}
+
+/// (end of the event's text, end including the blank line).
+fn find_event_end(buf: &[u8]) -> Option<(usize, usize)> {
+    let lf = buf
+        .windows(2)
+        .position(|w| w == b"\n\n")
+        .map(|p| (p, p + 2));
+    let crlf = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|p| (p, p + 4));
+    match (lf, crlf) {
+        (Some(a), Some(b)) => Some(if a.0 < b.0 { a } else { b }),
+        (a, b) => a.or(b),
+    }
+}
+
+/// Follows the registry from `since` (0: the whole history; usually a snapshot's version).
+pub async fn follow_registry(
+    hub: &Enrollment,
+    since: u64,
+) -> Result<RegistryFollower, ClientError> {
+    let tls = client_config(
+        &hub.root_ca_pem,
+        Some((&hub.certificate_chain_pem, &hub.private_key_pem)),
+    )?;
+    with_first_reachable(&hub.enroll_urls, tls, |mut conn| async move {
+        let path = format!("{}?since={since}", api::routes::REGISTRY_EVENTS);
+        let resp = conn.send(Method::GET, &path, None).await?;
+        if resp.status() != StatusCode::OK {
+            let status = resp.status().as_u16();
+            let bytes = http_body_util::Limited::new(resp.into_body(), MAX_RESPONSE_BYTES)
+                .collect()
+                .await
+                .map(|c| c.to_bytes())
+                .unwrap_or_default();
+            let error = serde_json::from_slice(&bytes)
+                .map_err(|_| conn.protocol(format!("status {status} without a typed error")))?;
+            return Err(ClientError::Api {
+                url: conn.url.clone(),
+                status,
+                error,
+            });
+        }
+        Ok(RegistryFollower {
+            url: conn.url.clone(),
+            body: resp.into_body(),
+            buffer: Vec::new(),
+            last_version: since,
+            _conn: conn,
+        })
+    })
+    .await
+}

@@ -1,0 +1,268 @@
+//! The service's configuration: `enroll.toml` in the data directory, written by `init` with
+//! defaults an operator edits. Parsed with unknown keys denied, then checked as a whole so every
+//! mistake is reported at once.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use serde::{Deserialize, Serialize};
+
+/// Name of the configuration file inside the data directory.
+pub const CONFIG_FILE: &str = "enroll.toml";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path}: {}", .problems.join("; "))]
+    Invalid {
+        path: PathBuf,
+        problems: Vec<String>,
+    },
+}
+
+/// A duration written as `90s`, `30m`, `24h` or `7d`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+impl HumanDuration {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let text = text.trim();
+        let split = text
+            .find(|c: char| !c.is_ascii_digit())
+            .ok_or_else(|| format!("duration {text:?} needs a unit (s, m, h, d)"))?;
+        let (num, unit) = text.split_at(split);
+        let n: u64 = num
+            .parse()
+            .map_err(|_| format!("duration {text:?} does not start with a number"))?;
+        let secs = match unit {
+            "s" => n,
+            "m" => n.saturating_mul(60),
+            "h" => n.saturating_mul(3600),
+            "d" => n.saturating_mul(86_400),
+            _ => return Err(format!("duration {text:?}: unit must be s, m, h or d")),
+        };
+        Ok(HumanDuration(Duration::from_secs(secs)))
+    }
+}
+
+impl std::str::FromStr for HumanDuration {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::parse(s)
+    }
+}
+
+impl Serialize for HumanDuration {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let secs = self.0.as_secs();
+        let text = if secs.is_multiple_of(86_400) && secs > 0 {
+            format!("{}d", secs / 86_400)
+        } else if secs.is_multiple_of(3600) && secs > 0 {
+            format!("{}h", secs / 3600)
+        } else if secs.is_multiple_of(60) && secs > 0 {
+            format!("{}m", secs / 60)
+        } else {
+            format!("{secs}s")
+        };
+        s.serialize_str(&text)
+    }
+}
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = String::deserialize(d)?;
+        Self::parse(&raw).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Per-source request rate limit (token bucket per client IP).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimit {
+    pub per_second: f64,
+    pub burst: u32,
+}
+
+/// Size and time limits on every route.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Largest request body accepted on any route, bytes.
+    pub max_body_bytes: usize,
+    /// A TLS handshake, the request head, or a request body must arrive within this.
+    pub client_timeout: HumanDuration,
+    /// Most connections served at once; more wait in the kernel's backlog.
+    pub max_connections: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Where the HTTPS service listens.
+    pub listen: SocketAddr,
+    /// DNS names and IP addresses in the service's TLS certificate.
+    pub server_names: Vec<String>,
+    /// URLs written into bootstrap files, tried in order by appliances.
+    pub enroll_urls: Vec<String>,
+    /// Lifetime of appliance (spoke, hub) certificates; at least 1h.
+    pub cert_lifetime: HumanDuration,
+    /// Lifetime of home-office identities (the stock app cannot renew).
+    pub homeoffice_lifetime: HumanDuration,
+    /// Default lifetime of enrollment tokens.
+    pub token_ttl: HumanDuration,
+    /// Tunnel addresses: each tenant gets the next free `/tenant_prefix_v4` of this pool.
+    pub tunnel_pool_v4: Ipv4Net,
+    pub tenant_prefix_v4: u8,
+    /// Optional IPv6 tunnel pool; a site gets the same host number in its tenant's `/64`-ish
+    /// prefix as in IPv4.
+    pub tunnel_pool_v6: Option<Ipv6Net>,
+    pub tenant_prefix_v6: u8,
+    /// `host:port` of the data centre's WireGuard hubs.
+    pub hub_endpoints: Vec<String>,
+    /// Routes spokes and home-office devices send through the tunnel.
+    pub allowed_ips: Vec<IpNet>,
+    pub rate_limit: RateLimit,
+    pub limits: Limits,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8443)),
+            server_names: vec!["localhost".into(), "127.0.0.1".into(), "::1".into()],
+            enroll_urls: vec!["https://localhost:8443".into()],
+            cert_lifetime: HumanDuration(Duration::from_secs(7 * 86_400)),
+            homeoffice_lifetime: HumanDuration(Duration::from_secs(90 * 86_400)),
+            token_ttl: HumanDuration(Duration::from_secs(86_400)),
+            tunnel_pool_v4: Ipv4Net::new([10, 96, 0, 0].into(), 12).unwrap_or_default(),
+            tenant_prefix_v4: 22,
+            tunnel_pool_v6: Ipv6Net::new([0xfd4b, 0x6f6d, 0x6e65, 0, 0, 0, 0, 0].into(), 48).ok(),
+            tenant_prefix_v6: 64,
+            hub_endpoints: vec!["hub.example.invalid:51820".into()],
+            allowed_ips: vec![IpNet::V4(
+                Ipv4Net::new([10, 96, 0, 0].into(), 12).unwrap_or_default(),
+            )],
+            rate_limit: RateLimit {
+                per_second: 5.0,
+                burst: 20,
+            },
+            limits: Limits {
+                max_body_bytes: 16 * 1024,
+                client_timeout: HumanDuration(Duration::from_secs(10)),
+                max_connections: 4096,
+            },
+        }
+    }
+}
+
+impl Config {
+    /// Reads and checks `DATA_DIR/enroll.toml`.
+    pub fn load(data_dir: &Path) -> Result<Self, ConfigError> {
+        let path = data_dir.join(CONFIG_FILE);
+        let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        let config: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        config.check().map_err(|problems| ConfigError::Invalid {
+            path: path.clone(),
+            problems,
+        })?;
+        Ok(config)
+    }
+
+    /// Every problem at once.
+    pub fn check(&self) -> Result<(), Vec<String>> {
+        let mut problems = Vec::new();
+        let hour = Duration::from_secs(3600);
+        if self.cert_lifetime.0 < hour {
+            problems.push("cert_lifetime: must be at least 1h".to_string());
+        }
+        if self.homeoffice_lifetime.0 < hour {
+            problems.push("homeoffice_lifetime: must be at least 1h".to_string());
+        }
+        if self.token_ttl.0 < Duration::from_secs(60) {
+            problems.push("token_ttl: must be at least 1m".to_string());
+        }
+        if self.tenant_prefix_v4 < self.tunnel_pool_v4.prefix_len() || self.tenant_prefix_v4 > 30 {
+            problems.push(format!(
+                "tenant_prefix_v4: {} must lie between the pool's /{} and /30",
+                self.tenant_prefix_v4,
+                self.tunnel_pool_v4.prefix_len()
+            ));
+        }
+        if let Some(v6) = self.tunnel_pool_v6 {
+            if self.tenant_prefix_v6 < v6.prefix_len() || self.tenant_prefix_v6 > 120 {
+                problems.push(format!(
+                    "tenant_prefix_v6: {} must lie between the pool's /{} and /120",
+                    self.tenant_prefix_v6,
+                    v6.prefix_len()
+                ));
+            }
+        }
+        if self.server_names.is_empty() {
+            problems.push("server_names: at least one name is needed".to_string());
+        }
+        if self.enroll_urls.iter().any(|u| !u.starts_with("https://")) {
+            problems.push("enroll_urls: every URL must start with https://".to_string());
+        }
+        if self.rate_limit.per_second <= 0.0 || self.rate_limit.burst == 0 {
+            problems.push("rate_limit: per_second and burst must be positive".to_string());
+        }
+        if self.limits.max_body_bytes < 1024 {
+            problems.push("limits.max_body_bytes: at least 1024".to_string());
+        }
+        if self.limits.client_timeout.0.is_zero() {
+            problems.push("limits.client_timeout: must be positive".to_string());
+        }
+        if self.limits.max_connections == 0 {
+            problems.push("limits.max_connections: must be positive".to_string());
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems)
+        }
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_and_print() {
+        assert_eq!(HumanDuration::parse("7d").unwrap().0.as_secs(), 7 * 86_400);
+        assert_eq!(HumanDuration::parse("90m").unwrap().0.as_secs(), 5400);
+        assert!(HumanDuration::parse("7").is_err());
+        assert!(HumanDuration::parse("7w").is_err());
+        assert!(HumanDuration::parse("h").is_err());
+    }
+
+    #[test]
+    fn default_config_round_trips_and_all_problems_are_reported() {
+        let config = Config::default();
+        let back: Config = toml::from_str(&config.to_toml()).unwrap();
+        assert_eq!(back, config);
+        let mut bad = config;
+        bad.cert_lifetime = HumanDuration(Duration::from_secs(60));
+        bad.enroll_urls = vec!["http://x".into()];
+        let problems = bad.check().unwrap_err();
+        assert_eq!(problems.len(), 2, "{problems:?}");
+    }
+}

@@ -1,0 +1,171 @@
+//! `komnet-enroll`: the data centre's enrollment service. `init` creates a data directory with
+//! the CA; `serve` runs the HTTPS API and the admin socket; the admin commands (`token create`,
+//! `revoke`, `homeoffice issue`, `audit`, `policy-version set`) talk to a running service over
+//! that socket and are the same ones the `komnet` admin tool offers.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use clap::Parser;
+use komnet_enroll::admin::AdminCommand;
+use komnet_enroll::config::{Config, HumanDuration};
+use komnet_enroll::server;
+use komnet_enroll::service::{self, Clock as _, Service, SystemClock};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "komnet-enroll",
+    version,
+    about = "komnet enrollment service and CA"
+)]
+struct Cli {
+    /// Log lines as JSON objects (for the journal and log shippers).
+    #[arg(long, global = true)]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Create the data directory: enroll.toml, root and issuing CA (ECDSA P-256, key files
+    /// 0600), proof-of-possession key, database. Prints the root fingerprint appliances pin.
+    Init {
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Address the service will listen on.
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// DNS name or IP address for the service's TLS certificate (repeatable).
+        #[arg(long = "server-name")]
+        server_names: Vec<String>,
+        /// URL appliances enroll at, written into bootstrap files (repeatable).
+        #[arg(long = "enroll-url")]
+        enroll_urls: Vec<String>,
+        /// host:port of a WireGuard hub (repeatable).
+        #[arg(long = "hub-endpoint")]
+        hub_endpoints: Vec<String>,
+        /// Lifetime of appliance certificates (at least 1h).
+        #[arg(long)]
+        cert_lifetime: Option<HumanDuration>,
+    },
+    /// Serve the HTTPS API and the admin socket DATA_DIR/admin.sock until SIGTERM or SIGINT.
+    Serve {
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Override enroll.toml's listen address.
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+    },
+    #[command(flatten)]
+    Admin(AdminCommand),
+}
+
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_json);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("komnet-enroll: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("komnet-enroll: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Init {
+            data_dir,
+            listen,
+            server_names,
+            enroll_urls,
+            hub_endpoints,
+            cert_lifetime,
+        } => {
+            let mut config = Config::default();
+            if let Some(l) = listen {
+                config.listen = l;
+            }
+            if !server_names.is_empty() {
+                config.server_names = server_names;
+            }
+            if !enroll_urls.is_empty() {
+                config.enroll_urls = enroll_urls;
+            } else {
+                config.enroll_urls = vec![format!(
+                    "https://{}:{}",
+                    config
+                        .server_names
+                        .first()
+                        .map(String::as_str)
+                        .unwrap_or("localhost"),
+                    config.listen.port()
+                )];
+            }
+            if !hub_endpoints.is_empty() {
+                config.hub_endpoints = hub_endpoints;
+            }
+            if let Some(l) = cert_lifetime {
+                config.cert_lifetime = l;
+            }
+            let report = service::init(&data_dir, &config, SystemClock.now())
+                .with_context(|| format!("init {}", data_dir.display()))?;
+            println!("initialised {}", report.data_dir.display());
+            println!("root fingerprint (SHA-256): {}", report.root_fingerprint);
+            println!(
+                "the root key {} is needed only to make a new issuing CA: move it offline",
+                report.root_key.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Serve { data_dir, listen } => {
+            let service = Service::open(&data_dir, Arc::new(SystemClock))
+                .with_context(|| format!("open {}", data_dir.display()))?;
+            let listen = listen.unwrap_or(service.config.listen);
+            let running = server::start(
+                Arc::new(service),
+                listen,
+                Some(&data_dir.join(server::ADMIN_SOCKET)),
+            )
+            .await?;
+            println!("komnet-enroll listening on https://{}", running.addr);
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .context("SIGTERM handler")?;
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            running.shutdown().await;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Admin(cmd) => komnet_enroll::admin::run(cmd).await,
+    }
+}

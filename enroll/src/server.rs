@@ -1,0 +1,844 @@
+//! The HTTPS service (axum on hyper, rustls with ring, TLS 1.3 only) and the admin socket.
+//!
+//! Our own accept loop instead of `axum::serve`: it bounds the TLS handshake by a timeout, hands
+//! each request the client's address and verified certificate (mutual TLS is optional at the
+//! TLS layer and required by the routes that need it), and caps concurrent connections.
+//! Every route reads its body through [`read_json`]: a size limit and a time limit, and typed
+//! JSON errors for both.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use http_body_util::BodyExt as _;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use parking_lot::Mutex;
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
+use rustls_pki_types::{CertificateDer, UnixTime};
+use serde::de::DeserializeOwned;
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
+use tower::Service as _;
+
+use crate::api::{self, admin, ApiError, ErrorCode, RegistryEvent};
+use crate::identity::Role;
+use crate::service::{Clock, Service};
+use crate::store::CertificateRecord;
+
+/// File name of the admin socket inside the data directory.
+pub const ADMIN_SOCKET: &str = "admin.sock";
+
+impl ApiError {
+    fn status(&self) -> StatusCode {
+        use ErrorCode::*;
+        match self.code {
+            TokenInvalid | TokenExpired | CertificateRequired | CertificateExpired => {
+                StatusCode::UNAUTHORIZED
+            }
+            TokenUsed | WgKeyInUse | NoHub | RenewTooEarly => StatusCode::CONFLICT,
+            CsrInvalid | CsrSignatureInvalid | CsrKeyType | CsrIdentityMismatch | WgKeyInvalid
+            | WgProofInvalid | BadRequest => StatusCode::BAD_REQUEST,
+            CertificateRevoked | CertificateSuperseded | Forbidden => StatusCode::FORBIDDEN,
+            AddressPoolExhausted => StatusCode::SERVICE_UNAVAILABLE,
+            BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Timeout => StatusCode::REQUEST_TIMEOUT,
+            RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            NotFound | NothingToRevoke => StatusCode::NOT_FOUND,
+            Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let mut resp = (status, Json(self)).into_response();
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        resp
+    }
+}
+
+fn api_err(code: ErrorCode, message: impl Into<String>) -> ApiError {
+    ApiError {
+        code,
+        message: message.into(),
+    }
+}
+
+/// Who is on the other end of a connection.
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    pub remote: Option<SocketAddr>,
+    /// The leaf certificate the client presented, already chain-verified by rustls.
+    pub client_cert: Option<Arc<Vec<u8>>>,
+    /// For the admin socket: the peer's uid.
+    pub admin_actor: Option<String>,
+}
+
+/// Reads a JSON body with a size and a time limit.
+pub async fn read_json<T: DeserializeOwned>(
+    req: Request,
+    limit: usize,
+    timeout: Duration,
+) -> Result<T, ApiError> {
+    if let Some(len) = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        if len > limit as u64 {
+            return Err(api_err(
+                ErrorCode::BodyTooLarge,
+                format!("body of {len} bytes; this route takes at most {limit}"),
+            ));
+        }
+    }
+    let body = http_body_util::Limited::new(req.into_body(), limit);
+    let bytes = match tokio::time::timeout(timeout, body.collect()).await {
+        Err(_) => {
+            return Err(api_err(
+                ErrorCode::Timeout,
+                format!("body did not arrive within {}s", timeout.as_secs_f32()),
+            ))
+        }
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+            return Err(api_err(
+                ErrorCode::BodyTooLarge,
+                format!("body larger than {limit} bytes"),
+            ))
+        }
+        Ok(Err(e)) => return Err(api_err(ErrorCode::BadRequest, format!("body: {e}"))),
+        Ok(Ok(c)) => c.to_bytes(),
+    };
+    serde_json::from_slice(&bytes).map_err(|e| {
+        api_err(
+            ErrorCode::BadRequest,
+            format!("body is not the expected JSON: {e}"),
+        )
+    })
+}
+
+/// A token bucket per client IP.
+#[derive(Debug)]
+pub struct RateLimiter {
+    per_second: f64,
+    burst: f64,
+    buckets: Mutex<HashMap<IpAddr, (f64, Instant)>>,
+}
+
+impl RateLimiter {
+    pub fn new(per_second: f64, burst: u32) -> Self {
+        RateLimiter {
+            per_second,
+            burst: f64::from(burst),
+            buckets: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Takes one token for `ip` at `now`; false when the bucket is empty.
+    pub fn allow(&self, ip: IpAddr, now: Instant) -> bool {
+        let mut buckets = self.buckets.lock();
+        if buckets.len() > 100_000 {
+            // Forget sources whose buckets have refilled: they are indistinguishable from new.
+            let full = self.burst / self.per_second;
+            buckets.retain(|_, (_, last)| now.duration_since(*last).as_secs_f64() < full);
+        }
+        let (tokens, last) = buckets.entry(ip).or_insert((self.burst, now));
+        let refill = now.duration_since(*last).as_secs_f64() * self.per_second;
+        *tokens = (*tokens + refill).min(self.burst);
+        *last = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+#[derive(Debug)]
+struct AppState {
+    service: Arc<Service>,
+    limiter: RateLimiter,
+}
+
+type Shared = Arc<AppState>;
+
+fn conn_info(req: &Request) -> ConnInfo {
+    req.extensions()
+        .get::<ConnInfo>()
+        .cloned()
+        .unwrap_or(ConnInfo {
+            remote: None,
+            client_cert: None,
+            admin_actor: None,
+        })
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|_| api_err(ErrorCode::Internal, "worker task failed"))?
+}
+
+fn log_rejection(route: &str, remote: Option<SocketAddr>, e: &ApiError) {
+    // Only the code and message: neither contains a token secret or a private key.
+    tracing::warn!(route, remote = ?remote, code = ?e.code, message = %e.message, "request rejected");
+}
+
+async fn rate_limit(State(state): State<Shared>, req: Request, next: Next) -> Response {
+    let info = conn_info(&req);
+    if let Some(remote) = info.remote {
+        if !state.limiter.allow(remote.ip(), Instant::now()) {
+            let e = api_err(
+                ErrorCode::RateLimited,
+                format!("too many requests from {}; retry later", remote.ip()),
+            );
+            log_rejection(req.uri().path(), info.remote, &e);
+            return e.into_response();
+        }
+    }
+    next.run(req).await
+}
+
+async fn info_route(State(state): State<Shared>) -> Response {
+    Json(state.service.info()).into_response()
+}
+
+async fn enroll_route(State(state): State<Shared>, req: Request) -> Response {
+    let info = conn_info(&req);
+    let limits = &state.service.config.limits;
+    let result = async {
+        let body: api::EnrollRequest =
+            read_json(req, limits.max_body_bytes, limits.client_timeout.0).await?;
+        let service = state.service.clone();
+        let source = info
+            .remote
+            .map(|r| r.ip().to_string())
+            .unwrap_or_else(|| "local".into());
+        blocking(move || service.enroll(&body, &source)).await
+    }
+    .await;
+    respond(api::routes::ENROLL, info.remote, result)
+}
+
+async fn renew_route(State(state): State<Shared>, req: Request) -> Response {
+    let info = conn_info(&req);
+    let limits = &state.service.config.limits;
+    let result = async {
+        let cert = info.client_cert.clone().ok_or_else(|| {
+            api_err(
+                ErrorCode::CertificateRequired,
+                "renewal needs mutual TLS with the current certificate",
+            )
+        })?;
+        let body: api::RenewRequest =
+            read_json(req, limits.max_body_bytes, limits.client_timeout.0).await?;
+        let service = state.service.clone();
+        blocking(move || service.renew(&cert, &body)).await
+    }
+    .await;
+    respond(api::routes::RENEW, info.remote, result)
+}
+
+fn respond<T: serde::Serialize>(
+    route: &str,
+    remote: Option<SocketAddr>,
+    result: Result<T, ApiError>,
+) -> Response {
+    match result {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => {
+            log_rejection(route, remote, &e);
+            e.into_response()
+        }
+    }
+}
+
+/// The registry is for hubs: a valid, unrevoked hub certificate over mutual TLS.
+async fn require_hub(state: &Shared, info: &ConnInfo) -> Result<CertificateRecord, ApiError> {
+    let cert = info.client_cert.clone().ok_or_else(|| {
+        api_err(
+            ErrorCode::CertificateRequired,
+            "the registry needs mutual TLS with a hub certificate",
+        )
+    })?;
+    let service = state.service.clone();
+    let record = blocking(move || service.check_client_certificate(&cert)).await?;
+    if record.identity.role != Role::Hub {
+        return Err(api_err(
+            ErrorCode::Forbidden,
+            format!(
+                "the registry is for hubs; this certificate is a {}",
+                record.identity.role
+            ),
+        ));
+    }
+    Ok(record)
+}
+
+async fn registry_route(State(state): State<Shared>, req: Request) -> Response {
+    let info = conn_info(&req);
+    let result = async {
+        require_hub(&state, &info).await?;
+        let service = state.service.clone();
+        blocking(move || Ok(service.store.registry_snapshot(service.now())?)).await
+    }
+    .await;
+    respond(api::routes::REGISTRY, info.remote, result)
+}
+
+fn parse_since(query: Option<&str>) -> Result<u64, ApiError> {
+    let Some(q) = query else { return Ok(0) };
+    for pair in q.split('&') {
+        if let Some(v) = pair.strip_prefix("since=") {
+            return v.parse().map_err(|_| {
+                api_err(
+                    ErrorCode::BadRequest,
+                    format!("query since={v:?}: not a version number"),
+                )
+            });
+        }
+        if !pair.is_empty() {
+            return Err(api_err(
+                ErrorCode::BadRequest,
+                format!("query: unknown parameter {pair:?}; only since=VERSION"),
+            ));
+        }
+    }
+    Ok(0)
+}
+
+struct Follow {
+    service: Arc<Service>,
+    rx: tokio::sync::broadcast::Receiver<Arc<RegistryEvent>>,
+    last: u64,
+    backlog: std::collections::VecDeque<RegistryEvent>,
+    caught_up: bool,
+}
+
+impl Follow {
+    async fn next(&mut self) -> Option<Result<RegistryEvent, ApiError>> {
+        loop {
+            if let Some(ev) = self.backlog.pop_front() {
+                if ev.version > self.last {
+                    self.last = ev.version;
+                    return Some(Ok(ev));
+                }
+                continue;
+            }
+            if !self.caught_up {
+                let service = self.service.clone();
+                let since = self.last;
+                match blocking(move || Ok(service.store.registry_events_since(since, 1000)?)).await
+                {
+                    Ok(events) if events.is_empty() => self.caught_up = true,
+                    Ok(events) => self.backlog.extend(events),
+                    Err(e) => return Some(Err(e)),
+                }
+                continue;
+            }
+            match self.rx.recv().await {
+                Ok(ev) if ev.version <= self.last => continue,
+                Ok(ev) if ev.version == self.last + 1 => {
+                    self.last = ev.version;
+                    return Some(Ok((*ev).clone()));
+                }
+                // A gap or a lag: the store has every event, read them from there.
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                    self.caught_up = false
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    }
+}
+
+async fn registry_events_route(State(state): State<Shared>, req: Request) -> Response {
+    let info = conn_info(&req);
+    let since = match parse_since(req.uri().query()) {
+        Ok(s) => s,
+        Err(e) => return respond::<()>(api::routes::REGISTRY_EVENTS, info.remote, Err(e)),
+    };
+    let hub = match require_hub(&state, &info).await {
+        Ok(h) => h,
+        Err(e) => return respond::<()>(api::routes::REGISTRY_EVENTS, info.remote, Err(e)),
+    };
+    tracing::info!(hub = %format!("{}/{}", hub.identity.tenant, hub.identity.site), since, "hub follows the registry");
+    // Subscribe before reading the backlog, so nothing committed in between is missed.
+    let follow = Follow {
+        rx: state.service.store.subscribe(),
+        service: state.service.clone(),
+        last: since,
+        backlog: Default::default(),
+        caught_up: false,
+    };
+    let stream = futures_util::stream::unfold(follow, |mut f| async move {
+        let item = f.next().await?;
+        let event = match item {
+            Ok(ev) => Event::default()
+                .id(ev.version.to_string())
+                .event("registry")
+                .json_data(&ev)
+                .map_err(|e| api_err(ErrorCode::Internal, e.to_string())),
+            Err(e) => Err(e),
+        };
+        // A store failure ends the stream; the hub reconnects with its last version.
+        match event {
+            Ok(ev) => Some((Ok::<_, std::convert::Infallible>(ev), f)),
+            Err(e) => {
+                tracing::error!(error = %e, "registry stream ends");
+                None
+            }
+        }
+    });
+    Sse::new(stream)
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+        .into_response()
+}
+
+async fn crl_route(State(state): State<Shared>) -> Response {
+    let service = state.service.clone();
+    match blocking(move || service.crl()).await {
+        Ok(der) => (
+            [(header::CONTENT_TYPE, "application/pkix-crl")],
+            der.as_ref().clone(),
+        )
+            .into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn not_found(req: Request) -> Response {
+    api_err(
+        ErrorCode::NotFound,
+        format!("no route {} {}", req.method(), req.uri().path()),
+    )
+    .into_response()
+}
+
+/// The public HTTPS routes.
+fn public_router(state: Shared) -> Router {
+    Router::new()
+        .route(api::routes::INFO, get(info_route))
+        .route(api::routes::ENROLL, post(enroll_route))
+        .route(api::routes::RENEW, post(renew_route))
+        .route(api::routes::REGISTRY, get(registry_route))
+        .route(api::routes::REGISTRY_EVENTS, get(registry_events_route))
+        .route(api::routes::CRL, get(crl_route))
+        .fallback(not_found)
+        .method_not_allowed_fallback(not_found)
+        .layer(middleware::from_fn_with_state(state.clone(), rate_limit))
+        .with_state(state)
+}
+
+fn admin_actor(info: &ConnInfo) -> String {
+    info.admin_actor.clone().unwrap_or_else(|| "admin".into())
+}
+
+async fn admin_tokens(State(state): State<Shared>, req: Request) -> Response {
+    let info = conn_info(&req);
+    let limits = &state.service.config.limits;
+    let result = async {
+        let body: admin::CreateTokenRequest =
+            read_json(req, limits.max_body_bytes, limits.client_timeout.0).await?;
+        let service = state.service.clone();
+        let actor = admin_actor(&info);
+        blocking(move || service.create_token(&body, &actor)).await
+    }
+    .await;
+    respond(admin::TOKENS, None, result)
+}
+
+async fn admin_revoke(State(state): State<Shared>, req: Request) -> Response {
+    let info = conn_info(&req);
+    let limits = &state.service.config.limits;
+    let result = async {
+        let body: admin::RevokeRequest =
+            read_json(req, limits.max_body_bytes, limits.client_timeout.0).await?;
+        let service = state.service.clone();
+        let actor = admin_actor(&info);
+        blocking(move || service.revoke(&body, &actor)).await
+    }
+    .await;
+    respond(admin::REVOKE, None, result)
+}
+
+async fn admin_homeoffice(State(state): State<Shared>, req: Request) -> Response {
+    let info = conn_info(&req);
+    let limits = &state.service.config.limits;
+    let result = async {
+        let body: admin::HomeOfficeRequest =
+            read_json(req, limits.max_body_bytes, limits.client_timeout.0).await?;
+        let service = state.service.clone();
+        let actor = admin_actor(&info);
+        blocking(move || service.issue_homeoffice(&body, &actor)).await
+    }
+    .await;
+    respond(admin::HOMEOFFICE, None, result)
+}
+
+async fn admin_policy_version(State(state): State<Shared>, req: Request) -> Response {
+    let info = conn_info(&req);
+    let limits = &state.service.config.limits;
+    let result = async {
+        let body: admin::PolicyVersionRequest =
+            read_json(req, limits.max_body_bytes, limits.client_timeout.0).await?;
+        let service = state.service.clone();
+        let actor = admin_actor(&info);
+        blocking(move || service.set_policy_version(body.version, &actor)).await
+    }
+    .await;
+    respond(admin::POLICY_VERSION, None, result)
+}
+
+async fn admin_audit(State(state): State<Shared>, req: Request) -> Response {
+    let limit = req
+        .uri()
+        .query()
+        .and_then(|q| q.strip_prefix("limit="))
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(100)
+        .min(10_000);
+    let service = state.service.clone();
+    let result = blocking(move || Ok(service.store.audit_log(limit)?)).await;
+    respond(admin::AUDIT, None, result)
+}
+
+fn admin_router(state: Shared) -> Router {
+    Router::new()
+        .route(admin::TOKENS, post(admin_tokens))
+        .route(admin::REVOKE, post(admin_revoke))
+        .route(admin::HOMEOFFICE, post(admin_homeoffice))
+        .route(admin::POLICY_VERSION, post(admin_policy_version))
+        .route(admin::AUDIT, get(admin_audit))
+        .fallback(not_found)
+        .method_not_allowed_fallback(not_found)
+        .with_state(state)
+}
+
+/// Checks client certificates against the CA with the service's clock, and lets an expired
+/// (but otherwise valid) certificate through so the route can answer `certificate_expired` in
+/// JSON instead of a bare TLS alert. Every route that reads the certificate checks its expiry
+/// and revocation against the store.
+#[derive(Debug)]
+struct ClientVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+    clock: Arc<dyn Clock>,
+}
+
+impl ClientCertVerifier for ClientVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let now = UnixTime::since_unix_epoch(Duration::from_secs(self.clock.now().max(0) as u64));
+        match self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)
+        {
+            Err(rustls::Error::InvalidCertificate(
+                CertificateError::Expired | CertificateError::ExpiredContext { .. },
+            )) => {
+                let not_after = x509_parser::parse_x509_certificate(end_entity)
+                    .map(|(_, c)| c.validity().not_after.timestamp())
+                    .map_err(|_| {
+                        rustls::Error::InvalidCertificate(CertificateError::BadEncoding)
+                    })?;
+                let at_expiry =
+                    UnixTime::since_unix_epoch(Duration::from_secs((not_after - 1).max(0) as u64));
+                self.inner
+                    .verify_client_cert(end_entity, intermediates, at_expiry)
+            }
+            other => other,
+        }
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("TLS setup: {0}")]
+    Tls(String),
+    #[error("{what} {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: String,
+        source: std::io::Error,
+    },
+}
+
+fn tls_config(service: &Service) -> Result<rustls::ServerConfig, ServeError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(service.ca.root_der.clone())
+        .map_err(|e| ServeError::Tls(format!("root CA: {e}")))?;
+    let inner = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .allow_unauthenticated()
+        .build()
+        .map_err(|e| ServeError::Tls(format!("client verifier: {e}")))?;
+    let verifier = Arc::new(ClientVerifier {
+        inner,
+        clock: service.clock.clone(),
+    });
+    let (chain, key) = service
+        .ca
+        .server_tls(&service.config.server_names, service.now())
+        .map_err(|e| ServeError::Tls(e.to_string()))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| ServeError::Tls(e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .map_err(|e| ServeError::Tls(e.to_string()))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+/// A running service; dropping it (or calling `shutdown`) stops it.
+#[derive(Debug)]
+pub struct RunningServer {
+    pub addr: SocketAddr,
+    pub admin_socket: Option<PathBuf>,
+    stop: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl RunningServer {
+    pub async fn shutdown(mut self) {
+        let _ = self.stop.send(true);
+        for t in self.tasks.drain(..) {
+            let _ = t.await;
+        }
+        if let Some(p) = &self.admin_socket {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+impl Drop for RunningServer {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+async fn serve_connection<I>(io: I, router: Router, info: ConnInfo, header_timeout: Duration)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+        req.extensions_mut().insert(info.clone());
+        let mut router = router.clone();
+        async move { router.call(req.map(Body::new)).await }
+    });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .keep_alive(true);
+    if let Err(e) = builder.serve_connection(TokioIo::new(io), svc).await {
+        tracing::debug!(error = %e, "connection ended with an error");
+    }
+}
+
+/// Starts the HTTPS service on `listen` and, if given, the admin socket at `admin_socket`
+/// (mode 0600; only the service's own user and root may use it).
+pub async fn start(
+    service: Arc<Service>,
+    listen: SocketAddr,
+    admin_socket: Option<&Path>,
+) -> Result<RunningServer, ServeError> {
+    let tls = Arc::new(tls_config(&service)?);
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let listener = TcpListener::bind(listen)
+        .await
+        .map_err(|source| ServeError::Bind {
+            what: "listen on",
+            addr: listen.to_string(),
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| ServeError::Bind {
+        what: "listen on",
+        addr: listen.to_string(),
+        source,
+    })?;
+    let state = Arc::new(AppState {
+        limiter: RateLimiter::new(
+            service.config.rate_limit.per_second,
+            service.config.rate_limit.burst,
+        ),
+        service: service.clone(),
+    });
+    let (stop, stop_rx) = watch::channel(false);
+    let timeout = service.config.limits.client_timeout.0;
+    let permits = Arc::new(Semaphore::new(service.config.limits.max_connections));
+    let router = public_router(state.clone());
+    let mut tasks = Vec::new();
+    let mut stop_https = stop_rx.clone();
+    tasks.push(tokio::spawn(async move {
+        let mut conns = JoinSet::new();
+        loop {
+            let permit = tokio::select! {
+                _ = stop_https.changed() => break,
+                p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            };
+            let (tcp, remote) = tokio::select! {
+                _ = stop_https.changed() => break,
+                a = listener.accept() => match a {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let _ = tcp.set_nodelay(true);
+            let acceptor = acceptor.clone();
+            let router = router.clone();
+            conns.spawn(async move {
+                let _permit = permit;
+                let tls = match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => tls,
+                    Ok(Err(e)) => {
+                        tracing::info!(remote = %remote, error = %e, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::info!(remote = %remote, "TLS handshake timed out");
+                        return;
+                    }
+                };
+                let client_cert = tls
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .map(|c| Arc::new(c.to_vec()));
+                let info = ConnInfo {
+                    remote: Some(remote),
+                    client_cert,
+                    admin_actor: None,
+                };
+                serve_connection(tls, router, info, timeout).await;
+            });
+            while conns.try_join_next().is_some() {}
+        }
+        conns.shutdown().await;
+    }));
+
+    let mut admin_path = None;
+    if let Some(path) = admin_socket {
+        if path.exists() {
+            // A socket left by a killed service; a live one would still accept.
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(ServeError::Bind {
+                    what: "admin socket",
+                    addr: path.display().to_string(),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::AddrInUse,
+                        "another komnet-enroll serves this data directory",
+                    ),
+                });
+            }
+            let _ = std::fs::remove_file(path);
+        }
+        let bind_err = |source| ServeError::Bind {
+            what: "admin socket",
+            addr: path.display().to_string(),
+            source,
+        };
+        let unix = UnixListener::bind(path).map_err(bind_err)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(bind_err)?;
+        let owner = std::fs::metadata(path).map_err(bind_err)?.uid();
+        let router = admin_router(state.clone());
+        let mut stop_admin = stop_rx.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut conns = JoinSet::new();
+            loop {
+                let stream = tokio::select! {
+                    _ = stop_admin.changed() => break,
+                    a = unix.accept() => match a { Ok((s, _)) => s, Err(_) => continue },
+                };
+                let uid = stream.peer_cred().map(|c| c.uid()).ok();
+                // The socket's mode already keeps others out; checking the peer's uid as well
+                // means a permissive umask or a copied socket path cannot open it up.
+                if uid != Some(owner) && uid != Some(0) {
+                    tracing::warn!(uid = ?uid, "admin connection from a foreign user refused");
+                    continue;
+                }
+                let info = ConnInfo {
+                    remote: None,
+                    client_cert: None,
+                    admin_actor: Some(format!("uid:{}", uid.unwrap_or(u32::MAX))),
+                };
+                let router = router.clone();
+                conns.spawn(serve_connection(stream, router, info, timeout));
+                while conns.try_join_next().is_some() {}
+            }
+            conns.shutdown().await;
+        }));
+        admin_path = Some(path.to_owned());
+    }
+    tracing::info!(%addr, admin_socket = ?admin_path, root_fingerprint = %service.ca.root_fingerprint, "komnet-enroll serving");
+    Ok(RunningServer {
+        addr,
+        admin_socket: admin_path,
+        stop,
+        tasks,
+    })
+}

@@ -1,0 +1,812 @@
+//! The enrollment service's decisions, without HTTP: tokens, enroll, renew, revoke, home-office
+//! identities, the registry and the CRL. `server` calls these from blocking tasks; tests and
+//! benchmarks can call them directly.
+//!
+//! Time comes from a [`Clock`], so a test can walk a certificate through its renewal window.
+
+use std::net::{Ipv4Addr, Ipv6Addr};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine as _;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use parking_lot::Mutex;
+use serde_json::json;
+use x25519_dalek::StaticSecret;
+
+use crate::api::admin::{
+    CreateTokenRequest, CreateTokenResponse, HomeOfficeRequest, HomeOfficeResponse, RevokeRequest,
+    RevokeResponse,
+};
+use crate::api::{
+    ApiError, EnrollRequest, EnrollResponse, ErrorCode, HubPeer, RegistryChange, RenewRequest,
+    RevocationReason, ServiceInfo,
+};
+use crate::ca::{self, CaError, CertificateAuthority, Issued, LeafSpec};
+use crate::config::{Config, ConfigError, CONFIG_FILE};
+use crate::csr::{CsrError, VerifiedCsr};
+use crate::identity::{Identity, Role, SiteId, TenantId, WgPublicKey};
+use crate::store::{
+    CertStatus, CertificateRecord, Selector, SqliteStore, Store, StoreError, TokenRecord, Txn,
+};
+use crate::token::{NewToken, PresentedToken};
+use crate::wgproof;
+
+/// File of the service's static X25519 key for WireGuard possession proofs.
+pub const WG_PROOF_KEY: &str = "enroll-dh.key";
+
+/// Where "now" comes from (Unix seconds).
+pub trait Clock: Send + Sync + std::fmt::Debug {
+    fn now(&self) -> i64;
+}
+
+/// The system clock.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> i64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0)
+    }
+}
+
+/// A clock a test sets and advances; starts at the system time.
+#[derive(Debug)]
+pub struct ManualClock(AtomicI64);
+
+impl Default for ManualClock {
+    fn default() -> Self {
+        ManualClock(AtomicI64::new(SystemClock.now()))
+    }
+}
+
+impl ManualClock {
+    pub fn advance(&self, secs: i64) {
+        self.0.fetch_add(secs, Ordering::SeqCst);
+    }
+    pub fn set(&self, unix: i64) {
+        self.0.store(unix, Ordering::SeqCst);
+    }
+}
+
+impl Clock for ManualClock {
+    fn now(&self) -> i64 {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Ca(#[from] CaError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{path}: {message}")]
+    Key { path: PathBuf, message: String },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+fn err(code: ErrorCode, message: impl Into<String>) -> ApiError {
+    ApiError {
+        code,
+        message: message.into(),
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        tracing::error!(error = %e, "store failure");
+        err(ErrorCode::Internal, "internal store error")
+    }
+}
+
+impl From<CaError> for ApiError {
+    fn from(e: CaError) -> Self {
+        tracing::error!(error = %e, "CA failure");
+        err(ErrorCode::Internal, "internal CA error")
+    }
+}
+
+impl From<CsrError> for ApiError {
+    fn from(e: CsrError) -> Self {
+        let code = match e {
+            CsrError::Invalid(_) => ErrorCode::CsrInvalid,
+            CsrError::Signature => ErrorCode::CsrSignatureInvalid,
+            CsrError::KeyType(_) => ErrorCode::CsrKeyType,
+            CsrError::IdentityMismatch { .. } => ErrorCode::CsrIdentityMismatch,
+        };
+        err(code, e.to_string())
+    }
+}
+
+/// What `init` created.
+#[derive(Debug, Clone)]
+pub struct InitReport {
+    pub data_dir: PathBuf,
+    pub root_fingerprint: String,
+    pub root_key: PathBuf,
+}
+
+/// `komnet-enroll init`: data directory (0700), `enroll.toml` (kept if present), CA, proof key,
+/// database.
+pub fn init(data_dir: &Path, config: &Config, now: i64) -> Result<InitReport, OpenError> {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::create_dir_all(data_dir).map_err(|source| OpenError::Io {
+        path: data_dir.to_owned(),
+        source,
+    })?;
+    std::fs::set_permissions(data_dir, std::fs::Permissions::from_mode(0o700)).map_err(
+        |source| OpenError::Io {
+            path: data_dir.to_owned(),
+            source,
+        },
+    )?;
+    let config_path = data_dir.join(CONFIG_FILE);
+    if !config_path.exists() {
+        config.check().map_err(|problems| ConfigError::Invalid {
+            path: config_path.clone(),
+            problems,
+        })?;
+        std::fs::write(&config_path, config.to_toml()).map_err(|source| OpenError::Io {
+            path: config_path.clone(),
+            source,
+        })?;
+    }
+    let report = ca::init_ca(data_dir, now)?;
+    let secret: [u8; 32] = rand::random();
+    ca::write_secret_file(
+        &data_dir.join(WG_PROOF_KEY),
+        STANDARD.encode(secret).as_bytes(),
+    )?;
+    SqliteStore::open(data_dir)?;
+    Ok(InitReport {
+        data_dir: data_dir.to_owned(),
+        root_fingerprint: report.root_fingerprint,
+        root_key: report.root_key,
+    })
+}
+
+/// The service: configuration, CA, store, proof key and clock.
+pub struct Service {
+    pub config: Config,
+    pub ca: CertificateAuthority,
+    pub store: Arc<dyn Store>,
+    pub clock: Arc<dyn Clock>,
+    wg_proof_secret: StaticSecret,
+    pub wg_proof_public: WgPublicKey,
+    crl_cache: Mutex<Option<CachedCrl>>,
+}
+
+struct CachedCrl {
+    registry_version: u64,
+    made_at: i64,
+    der: Arc<Vec<u8>>,
+}
+
+impl std::fmt::Debug for Service {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Service")
+            .field("ca", &self.ca)
+            .field("wg_proof_public", &self.wg_proof_public)
+            .finish_non_exhaustive()
+    }
+}
+
+/// CRLs are re-signed when revocations change and at least this often.
+const CRL_REFRESH_SECS: i64 = 3600;
+const CRL_VALIDITY_SECS: i64 = 2 * 86_400;
+
+impl Service {
+    /// Opens the data directory `init` created.
+    pub fn open(data_dir: &Path, clock: Arc<dyn Clock>) -> Result<Self, OpenError> {
+        let config = Config::load(data_dir)?;
+        Self::open_with_config(data_dir, config, clock)
+    }
+
+    /// Like [`Service::open`] with a configuration given in code (tests, benchmarks).
+    pub fn open_with_config(
+        data_dir: &Path,
+        config: Config,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, OpenError> {
+        let ca = CertificateAuthority::load(data_dir)?;
+        let key_path = data_dir.join(WG_PROOF_KEY);
+        let text = std::fs::read_to_string(&key_path).map_err(|source| OpenError::Io {
+            path: key_path.clone(),
+            source,
+        })?;
+        let bytes: [u8; 32] = STANDARD
+            .decode(text.trim())
+            .ok()
+            .and_then(|b| b.try_into().ok())
+            .ok_or_else(|| OpenError::Key {
+                path: key_path.clone(),
+                message: "not 32 bytes of base64".into(),
+            })?;
+        let wg_proof_secret = StaticSecret::from(bytes);
+        let wg_proof_public =
+            WgPublicKey::from_bytes(x25519_dalek::PublicKey::from(&wg_proof_secret).to_bytes())
+                .map_err(|e| OpenError::Key {
+                    path: key_path.clone(),
+                    message: e.to_string(),
+                })?;
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(data_dir)?);
+        Ok(Service {
+            config,
+            ca,
+            store,
+            clock,
+            wg_proof_secret,
+            wg_proof_public,
+            crl_cache: Mutex::new(None),
+        })
+    }
+
+    pub fn now(&self) -> i64 {
+        self.clock.now()
+    }
+
+    pub fn info(&self) -> ServiceInfo {
+        ServiceInfo {
+            root_ca_pem: self.ca.root_pem.clone(),
+            issuing_ca_pem: self.ca.issuing_pem.clone(),
+            root_fingerprint: self.ca.root_fingerprint.clone(),
+            wg_proof_public_key: self.wg_proof_public,
+        }
+    }
+
+    /// Creates a one-time token bound to tenant, site and role.
+    pub fn create_token(
+        &self,
+        req: &CreateTokenRequest,
+        actor: &str,
+    ) -> Result<CreateTokenResponse, ApiError> {
+        if req.ttl_secs < 60 || req.ttl_secs > 30 * 86_400 {
+            return Err(err(
+                ErrorCode::BadRequest,
+                format!("ttl of {}s: must lie between 1m and 30d", req.ttl_secs),
+            ));
+        }
+        let now = self.now();
+        let token = NewToken::generate();
+        let expires_at = now + req.ttl_secs as i64;
+        let mut txn = self.store.begin()?;
+        txn.insert_token(&TokenRecord {
+            id: token.id.clone(),
+            secret_hash: token.secret_hash.clone(),
+            tenant: req.tenant.clone(),
+            site: req.site.clone(),
+            role: req.role,
+            created_at: now,
+            expires_at,
+            used_at: None,
+            created_by: actor.to_owned(),
+        })?;
+        txn.audit(
+            now,
+            actor,
+            "token.create",
+            &json!({"token_id": token.id, "tenant": req.tenant, "site": req.site,
+                    "role": req.role, "expires_at": expires_at}),
+        )?;
+        txn.commit()?;
+        Ok(CreateTokenResponse {
+            token: token.text,
+            token_id: token.id,
+            expires_at,
+            enroll_urls: self.config.enroll_urls.clone(),
+            root_ca_pem: self.ca.root_pem.clone(),
+            root_fingerprint: self.ca.root_fingerprint.clone(),
+        })
+    }
+
+    /// Checks the request parts that need no store: CSR, WireGuard key, possession proof.
+    fn check_keys(
+        &self,
+        csr_b64: &str,
+        wg_b64: &str,
+        proof_b64: &str,
+    ) -> Result<(VerifiedCsr, WgPublicKey), ApiError> {
+        let csr_der = STANDARD
+            .decode(csr_b64)
+            .map_err(|e| err(ErrorCode::CsrInvalid, format!("csr: not base64: {e}")))?;
+        let csr = VerifiedCsr::from_der(&csr_der)?;
+        let wg = WgPublicKey::from_base64(wg_b64)
+            .map_err(|e| err(ErrorCode::WgKeyInvalid, format!("wg_public_key: {e}")))?;
+        let proof = STANDARD.decode(proof_b64).map_err(|e| {
+            err(
+                ErrorCode::WgProofInvalid,
+                format!("wg_proof: not base64: {e}"),
+            )
+        })?;
+        wgproof::verify(&self.wg_proof_secret, &wg, &csr_der, &proof)
+            .map_err(|e| err(ErrorCode::WgProofInvalid, format!("wg_proof: {e}")))?;
+        Ok((csr, wg))
+    }
+
+    /// The tunnel addresses of a site: its host number in its tenant's pools.
+    fn allocate_addresses(
+        &self,
+        txn: &mut dyn Txn,
+        tenant: &TenantId,
+        site: &SiteId,
+    ) -> Result<Vec<IpNet>, ApiError> {
+        let c = &self.config;
+        let v4_pools = 1u64 << (c.tenant_prefix_v4 - c.tunnel_pool_v4.prefix_len());
+        let v6_pools = c
+            .tunnel_pool_v6
+            .map(|p| 1u64 << (c.tenant_prefix_v6 - p.prefix_len()).min(63))
+            .unwrap_or(u64::MAX);
+        let exhausted = |what: &str| {
+            err(
+                ErrorCode::AddressPoolExhausted,
+                format!("tenant {tenant}: {what}"),
+            )
+        };
+        let pool = txn
+            .tenant_pool(tenant, v4_pools.min(v6_pools))
+            .map_err(ApiError::from)?
+            .ok_or_else(|| exhausted("no free tenant pool left in tunnel_pool_v4/v6"))?;
+        let v4_hosts = (1u64 << (32 - c.tenant_prefix_v4)) - 2;
+        let host = txn
+            .site_host(tenant, site, v4_hosts)
+            .map_err(ApiError::from)?
+            .ok_or_else(|| exhausted("its pool has no free address"))?;
+        let base4 = u32::from(c.tunnel_pool_v4.network()) as u64;
+        let v4 = base4 + (pool << (32 - c.tenant_prefix_v4)) + host;
+        let mut out = vec![IpNet::V4(Ipv4Net::from(Ipv4Addr::from(v4 as u32)))];
+        if let Some(p6) = c.tunnel_pool_v6 {
+            let base6 = u128::from(p6.network());
+            let v6 = base6 + ((pool as u128) << (128 - c.tenant_prefix_v6)) + host as u128;
+            out.push(IpNet::V6(Ipv6Net::from(Ipv6Addr::from(v6))));
+        }
+        Ok(out)
+    }
+
+    fn response_for(
+        &self,
+        issued: &Issued,
+        identity: Identity,
+        issued_at: i64,
+    ) -> Result<EnrollResponse, ApiError> {
+        let now = self.now();
+        let hubs = self
+            .store
+            .hubs(now)?
+            .into_iter()
+            .map(|h| HubPeer {
+                site: h.site,
+                wg_public_key: h.wg_public_key,
+                tunnel_addrs: h.tunnel_addrs,
+            })
+            .collect();
+        Ok(EnrollResponse {
+            renew_after: renew_after(issued_at, identity.not_after),
+            certificate_chain_pem: format!("{}{}", issued.pem, self.ca.issuing_pem),
+            identity,
+            hub_endpoints: self.config.hub_endpoints.clone(),
+            hubs,
+            allowed_ips: self.config.allowed_ips.clone(),
+            policy_version: self.store.policy_version()?,
+        })
+    }
+
+    /// Supersedes whatever valid certificate the site has (a re-enrollment replaces the old
+    /// appliance) and checks the WireGuard key is not another site's.
+    fn make_room(
+        &self,
+        txn: &mut dyn Txn,
+        tenant: &TenantId,
+        site: &SiteId,
+        wg: &WgPublicKey,
+        now: i64,
+    ) -> Result<Vec<String>, ApiError> {
+        if let Some(holder) = txn.valid_certificate_for_key(wg)? {
+            if holder.identity.tenant != *tenant || holder.identity.site != *site {
+                return Err(err(
+                    ErrorCode::WgKeyInUse,
+                    "wg_public_key: this WireGuard key belongs to another valid identity",
+                ));
+            }
+        }
+        let mut superseded = Vec::new();
+        for old in txn.valid_certificates(&Selector::Site(tenant.clone(), site.clone()))? {
+            txn.end_certificate(
+                &old.identity.serial,
+                CertStatus::Superseded,
+                now,
+                RevocationReason::Superseded,
+            )?;
+            superseded.push(old.identity.serial);
+        }
+        Ok(superseded)
+    }
+
+    /// Issues, records and publishes one identity inside `txn`.
+    #[allow(clippy::too_many_arguments)]
+    fn issue_in(
+        &self,
+        txn: &mut dyn Txn,
+        tenant: &TenantId,
+        site: &SiteId,
+        role: Role,
+        wg: &WgPublicKey,
+        spki: Option<&[u8]>,
+        lifetime_secs: i64,
+        now: i64,
+    ) -> Result<(Issued, Identity), ApiError> {
+        let addrs = self.allocate_addresses(txn, tenant, site)?;
+        let spec = LeafSpec {
+            tenant,
+            site,
+            role,
+            wg_public_key: wg,
+            tunnel_addrs: &addrs,
+            not_before: now - ca::CLOCK_SKEW_SECS,
+            not_after: now + lifetime_secs,
+        };
+        let issued = match spki {
+            Some(spki) => self.ca.issue_identity(spki, &spec)?,
+            None => self.ca.issue_identity_with_throwaway_key(&spec)?,
+        };
+        let identity = Identity {
+            tenant: tenant.clone(),
+            site: site.clone(),
+            role,
+            wg_public_key: *wg,
+            tunnel_addrs: addrs.clone(),
+            not_after: spec.not_after,
+            serial: issued.serial.clone(),
+        };
+        txn.insert_certificate(&CertificateRecord {
+            identity: identity.clone(),
+            not_before: now,
+            status: CertStatus::Valid,
+            revoked_at: None,
+            reason: None,
+            der: issued.der.to_vec(),
+        })?;
+        txn.append_event(RegistryChange::Upsert(identity.clone()), now)?;
+        Ok((issued, identity))
+    }
+
+    /// `simpleenroll`: token + CSR + WireGuard key → identity, in one transaction.
+    pub fn enroll(&self, req: &EnrollRequest, source: &str) -> Result<EnrollResponse, ApiError> {
+        let presented = PresentedToken::parse(&req.token)
+            .map_err(|e| err(ErrorCode::TokenInvalid, format!("token: {e}")))?;
+        let (csr, wg) = self.check_keys(&req.csr, &req.wg_public_key, &req.wg_proof)?;
+        let now = self.now();
+        let mut txn = self.store.begin()?;
+        let token = match txn.token(&presented.id)? {
+            Some(t) if presented.matches(&t.secret_hash) => t,
+            _ => {
+                return Err(err(
+                    ErrorCode::TokenInvalid,
+                    "token: unknown or wrong secret",
+                ))
+            }
+        };
+        if token.used_at.is_some() {
+            return Err(err(
+                ErrorCode::TokenUsed,
+                "token: already used; tokens are single-use",
+            ));
+        }
+        if now >= token.expires_at {
+            return Err(err(
+                ErrorCode::TokenExpired,
+                format!("token: expired {}s ago", now - token.expires_at),
+            ));
+        }
+        csr.check_identity(&token.tenant, &token.site, token.role)?;
+        if token.role == Role::HomeOffice {
+            return Err(err(
+                ErrorCode::BadRequest,
+                "token: home-office identities are issued with `komnet homeoffice issue`",
+            ));
+        }
+        if !txn.use_token(&token.id, now)? {
+            return Err(err(
+                ErrorCode::TokenUsed,
+                "token: already used; tokens are single-use",
+            ));
+        }
+        let superseded = self.make_room(&mut *txn, &token.tenant, &token.site, &wg, now)?;
+        let lifetime = self.config.cert_lifetime.0.as_secs() as i64;
+        let (issued, identity) = self.issue_in(
+            &mut *txn,
+            &token.tenant,
+            &token.site,
+            token.role,
+            &wg,
+            Some(&csr.spki_der),
+            lifetime,
+            now,
+        )?;
+        txn.audit(
+            now,
+            &format!("appliance@{source}"),
+            "enroll",
+            &json!({"token_id": token.id, "serial": identity.serial, "tenant": identity.tenant,
+                    "site": identity.site, "role": identity.role,
+                    "wg_public_key": identity.wg_public_key, "tunnel_addrs": identity.tunnel_addrs,
+                    "superseded": superseded}),
+        )?;
+        txn.commit()?;
+        self.response_for(&issued, identity, now)
+    }
+
+    /// Checks a client certificate presented over mutual TLS against the store.
+    pub fn check_client_certificate(&self, der: &[u8]) -> Result<CertificateRecord, ApiError> {
+        let ident = Identity::from_certificate_der(der).map_err(|e| {
+            err(
+                ErrorCode::CertificateRequired,
+                format!("client certificate: {e}"),
+            )
+        })?;
+        let record = self.store.certificate(&ident.serial)?.ok_or_else(|| {
+            err(
+                ErrorCode::CertificateRevoked,
+                "client certificate: serial unknown to this CA",
+            )
+        })?;
+        match record.status {
+            CertStatus::Revoked => {
+                return Err(err(
+                    ErrorCode::CertificateRevoked,
+                    format!(
+                        "client certificate {} was revoked ({})",
+                        record.identity.serial,
+                        record
+                            .reason
+                            .unwrap_or(RevocationReason::Unspecified)
+                            .as_str()
+                    ),
+                ))
+            }
+            CertStatus::Superseded => {
+                return Err(err(
+                    ErrorCode::CertificateSuperseded,
+                    format!(
+                        "client certificate {} was replaced by a renewal",
+                        record.identity.serial
+                    ),
+                ))
+            }
+            CertStatus::Valid => {}
+        }
+        if self.now() >= record.identity.not_after {
+            return Err(err(
+                ErrorCode::CertificateExpired,
+                format!(
+                    "client certificate {} expired; enroll again with a new token",
+                    record.identity.serial
+                ),
+            ));
+        }
+        Ok(record)
+    }
+
+    /// `simplereenroll`: the current certificate (already checked by TLS) buys a new one from
+    /// 2/3 of its lifetime on.
+    pub fn renew(
+        &self,
+        client_cert_der: &[u8],
+        req: &RenewRequest,
+    ) -> Result<EnrollResponse, ApiError> {
+        let current = self.check_client_certificate(client_cert_der)?;
+        let now = self.now();
+        let opens = renew_after(current.not_before, current.identity.not_after);
+        if now < opens {
+            return Err(err(
+                ErrorCode::RenewTooEarly,
+                format!("renewal opens in {}s (at 2/3 of the lifetime)", opens - now),
+            ));
+        }
+        let (csr, wg) = self.check_keys(&req.csr, &req.wg_public_key, &req.wg_proof)?;
+        let id = &current.identity;
+        csr.check_identity(&id.tenant, &id.site, id.role)?;
+        let mut txn = self.store.begin()?;
+        // Re-read inside the transaction: a revocation or a concurrent renewal may have won.
+        match txn.certificate(&id.serial)? {
+            Some(c) if c.status == CertStatus::Valid => {}
+            _ => {
+                return Err(err(
+                    ErrorCode::CertificateSuperseded,
+                    "client certificate was revoked or renewed meanwhile",
+                ))
+            }
+        }
+        self.make_room(&mut *txn, &id.tenant, &id.site, &wg, now)?;
+        let lifetime = self.config.cert_lifetime.0.as_secs() as i64;
+        let (issued, identity) = self.issue_in(
+            &mut *txn,
+            &id.tenant,
+            &id.site,
+            id.role,
+            &wg,
+            Some(&csr.spki_der),
+            lifetime,
+            now,
+        )?;
+        txn.audit(
+            now,
+            &format!("{}/{}", id.tenant, id.site),
+            "renew",
+            &json!({"old_serial": id.serial, "serial": identity.serial,
+                    "wg_key_changed": wg != id.wg_public_key}),
+        )?;
+        txn.commit()?;
+        self.response_for(&issued, identity, now)
+    }
+
+    /// Revokes by serial, site or tenant; a decommission (`cessation_of_operation`) also
+    /// releases the sites' tunnel addresses.
+    pub fn revoke(&self, req: &RevokeRequest, actor: &str) -> Result<RevokeResponse, ApiError> {
+        let selector = match (&req.serial, &req.tenant, &req.site) {
+            (Some(s), None, None) => Selector::Serial(s.clone()),
+            (None, Some(t), None) => Selector::Tenant(t.clone()),
+            (None, Some(t), Some(s)) => Selector::Site(t.clone(), s.clone()),
+            _ => {
+                return Err(err(
+                    ErrorCode::BadRequest,
+                    "revoke: give either a serial, or a tenant, or a tenant and a site",
+                ))
+            }
+        };
+        let now = self.now();
+        let mut txn = self.store.begin()?;
+        let certs = txn.valid_certificates(&selector)?;
+        let release = req.reason == RevocationReason::CessationOfOperation;
+        if certs.is_empty() && !(release && matches!(selector, Selector::Site(..))) {
+            return Err(err(
+                ErrorCode::NothingToRevoke,
+                format!("revoke: no valid certificate matches {selector:?}"),
+            ));
+        }
+        let mut serials = Vec::new();
+        let mut version = 0;
+        for c in &certs {
+            let id = &c.identity;
+            txn.end_certificate(&id.serial, CertStatus::Revoked, now, req.reason)?;
+            version = txn.append_event(
+                RegistryChange::Remove {
+                    tenant: id.tenant.clone(),
+                    site: id.site.clone(),
+                    role: id.role,
+                    serial: id.serial.clone(),
+                    wg_public_key: id.wg_public_key,
+                    reason: req.reason,
+                },
+                now,
+            )?;
+            if release {
+                txn.release_site_host(&id.tenant, &id.site)?;
+            }
+            serials.push(id.serial.clone());
+        }
+        if let (true, Selector::Site(t, s)) = (release, &selector) {
+            txn.release_site_host(t, s)?;
+        }
+        txn.audit(
+            now,
+            actor,
+            "revoke",
+            &json!({"selector": format!("{selector:?}"), "reason": req.reason,
+                    "serials": serials, "addresses_released": release}),
+        )?;
+        txn.commit()?;
+        Ok(RevokeResponse {
+            revoked_serials: serials,
+            registry_version: version,
+        })
+    }
+
+    /// A home-office device identity for the stock WireGuard app (no CSR, no renewal).
+    pub fn issue_homeoffice(
+        &self,
+        req: &HomeOfficeRequest,
+        actor: &str,
+    ) -> Result<HomeOfficeResponse, ApiError> {
+        let lifetime = match req.ttl_secs {
+            Some(s) if !(3600..=400 * 86_400).contains(&s) => {
+                return Err(err(
+                    ErrorCode::BadRequest,
+                    format!("ttl of {s}s: must lie between 1h and 400d"),
+                ))
+            }
+            Some(s) => s as i64,
+            None => self.config.homeoffice_lifetime.0.as_secs() as i64,
+        };
+        let now = self.now();
+        if self.store.hubs(now)?.is_empty() {
+            return Err(err(
+                ErrorCode::NoHub,
+                "no hub is enrolled yet: a home-office configuration needs a hub to connect to",
+            ));
+        }
+        let mut txn = self.store.begin()?;
+        let superseded =
+            self.make_room(&mut *txn, &req.tenant, &req.user, &req.wg_public_key, now)?;
+        let (issued, identity) = self.issue_in(
+            &mut *txn,
+            &req.tenant,
+            &req.user,
+            Role::HomeOffice,
+            &req.wg_public_key,
+            None,
+            lifetime,
+            now,
+        )?;
+        txn.audit(
+            now,
+            actor,
+            "homeoffice.issue",
+            &json!({"serial": identity.serial, "tenant": identity.tenant, "user": identity.site,
+                    "wg_public_key": identity.wg_public_key, "tunnel_addrs": identity.tunnel_addrs,
+                    "superseded": superseded}),
+        )?;
+        txn.commit()?;
+        Ok(HomeOfficeResponse {
+            enrollment: self.response_for(&issued, identity, now)?,
+        })
+    }
+
+    /// Sets the policy version handed out with enrollments (until policy distribution lands,
+    /// the policy tooling reports the version it published here).
+    pub fn set_policy_version(&self, version: u64, actor: &str) -> Result<(), ApiError> {
+        let now = self.now();
+        let mut txn = self.store.begin()?;
+        txn.set_policy_version(version)?;
+        txn.audit(now, actor, "policy.version", &json!({"version": version}))?;
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// The DER CRL, re-signed when a revocation happened or an hour passed.
+    pub fn crl(&self) -> Result<Arc<Vec<u8>>, ApiError> {
+        let now = self.now();
+        let version = self.store.registry_version()?;
+        let mut cache = self.crl_cache.lock();
+        if let Some(c) = cache.as_ref() {
+            if c.registry_version == version && now - c.made_at < CRL_REFRESH_SECS {
+                return Ok(c.der.clone());
+            }
+        }
+        let revoked = self.store.revoked_unexpired(now)?;
+        // CRL numbers must grow: the registry version dominates, the time breaks ties.
+        let number = (version << 32) | (now as u64 & 0xffff_ffff);
+        let der = Arc::new(self.ca.crl(&revoked, number, now, CRL_VALIDITY_SECS)?);
+        *cache = Some(CachedCrl {
+            registry_version: version,
+            made_at: now,
+            der: der.clone(),
+        });
+        Ok(der)
+    }
+}
+
+/// Renewal opens at 2/3 of the lifetime (as step-ca does).
+pub fn renew_after(issued_at: i64, not_after: i64) -> i64 {
+    issued_at + (not_after - issued_at) * 2 / 3
+}
+
+/// Formats the tunnel address list of an identity, for humans.
+pub fn addr_list(addrs: &[IpNet]) -> String {
+    addrs
+        .iter()
+        .map(|a| a.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}

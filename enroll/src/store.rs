@@ -1,0 +1,798 @@
+//! Persistent state behind a trait, so a PostgreSQL backend can follow the embedded SQLite one.
+//!
+//! Everything an enrollment, renewal or revocation changes (token, address, certificate, registry
+//! event, audit record) is written through one [`Txn`]: it commits whole or not at all, so a
+//! `kill -9` mid-enrollment leaves no half-issued state. Registry events are published to
+//! watchers only after their transaction committed, in commit order.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use ipnet::IpNet;
+use parking_lot::{Mutex, MutexGuard};
+use rusqlite::{params, Connection, OptionalExtension as _};
+use tokio::sync::broadcast;
+
+use crate::api::admin::AuditRecord;
+use crate::api::{RegistryChange, RegistryEvent, RegistrySnapshot, RevocationReason};
+use crate::ca::RevokedEntry;
+use crate::identity::{Identity, Role, SiteId, TenantId, WgPublicKey};
+
+/// File name of the SQLite database inside the data directory.
+pub const DB_FILE: &str = "enroll.db";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("database holds a malformed {what}: {value:?}")]
+    Corrupt { what: &'static str, value: String },
+}
+
+/// A stored enrollment token (the secret is only present as its hash).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenRecord {
+    pub id: String,
+    pub secret_hash: Vec<u8>,
+    pub tenant: TenantId,
+    pub site: SiteId,
+    pub role: Role,
+    pub created_at: i64,
+    pub expires_at: i64,
+    pub used_at: Option<i64>,
+    pub created_by: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CertStatus {
+    Valid,
+    /// Replaced by a renewal or re-enrollment (listed in the CRL as `superseded`).
+    Superseded,
+    Revoked,
+}
+
+impl CertStatus {
+    fn as_str(self) -> &'static str {
+        match self {
+            CertStatus::Valid => "valid",
+            CertStatus::Superseded => "superseded",
+            CertStatus::Revoked => "revoked",
+        }
+    }
+    fn parse(s: &str) -> Result<Self, StoreError> {
+        Ok(match s {
+            "valid" => CertStatus::Valid,
+            "superseded" => CertStatus::Superseded,
+            "revoked" => CertStatus::Revoked,
+            _ => {
+                return Err(StoreError::Corrupt {
+                    what: "certificate status",
+                    value: s.to_owned(),
+                })
+            }
+        })
+    }
+}
+
+/// An issued certificate and its state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertificateRecord {
+    pub identity: Identity,
+    pub not_before: i64,
+    pub status: CertStatus,
+    pub revoked_at: Option<i64>,
+    pub reason: Option<RevocationReason>,
+    pub der: Vec<u8>,
+}
+
+/// Which certificates a revocation targets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Selector {
+    Serial(String),
+    Tenant(TenantId),
+    Site(TenantId, SiteId),
+}
+
+/// The persistent state of the enrollment service.
+pub trait Store: Send + Sync + 'static {
+    /// Starts a write transaction; dropping it without `commit` rolls everything back.
+    fn begin(&self) -> Result<Box<dyn Txn + '_>, StoreError>;
+    /// Registry events committed from now on.
+    fn subscribe(&self) -> broadcast::Receiver<Arc<RegistryEvent>>;
+    fn registry_snapshot(&self, now: i64) -> Result<RegistrySnapshot, StoreError>;
+    fn registry_events_since(
+        &self,
+        since: u64,
+        limit: usize,
+    ) -> Result<Vec<RegistryEvent>, StoreError>;
+    /// The newest registry version (0 before the first change).
+    fn registry_version(&self) -> Result<u64, StoreError>;
+    fn certificate(&self, serial: &str) -> Result<Option<CertificateRecord>, StoreError>;
+    /// Revoked and superseded certificates not yet expired (what the CRL lists).
+    fn revoked_unexpired(&self, now: i64) -> Result<Vec<RevokedEntry>, StoreError>;
+    /// Valid, unexpired hub identities.
+    fn hubs(&self, now: i64) -> Result<Vec<Identity>, StoreError>;
+    fn policy_version(&self) -> Result<u64, StoreError>;
+    fn audit_log(&self, limit: usize) -> Result<Vec<AuditRecord>, StoreError>;
+}
+
+/// One write transaction.
+pub trait Txn {
+    fn insert_token(&mut self, token: &TokenRecord) -> Result<(), StoreError>;
+    fn token(&mut self, id: &str) -> Result<Option<TokenRecord>, StoreError>;
+    /// Marks the token used; false when it already was (the caller lost a race).
+    fn use_token(&mut self, id: &str, now: i64) -> Result<bool, StoreError>;
+    /// The tenant's pool number, allocating the lowest free one below `max` on first use.
+    fn tenant_pool(&mut self, tenant: &TenantId, max: u64) -> Result<Option<u64>, StoreError>;
+    /// The site's host number in its tenant's pool (1..=max), allocating the lowest free one
+    /// on first use; it stays with the site until released.
+    fn site_host(
+        &mut self,
+        tenant: &TenantId,
+        site: &SiteId,
+        max: u64,
+    ) -> Result<Option<u64>, StoreError>;
+    fn release_site_host(&mut self, tenant: &TenantId, site: &SiteId) -> Result<(), StoreError>;
+    fn certificate(&mut self, serial: &str) -> Result<Option<CertificateRecord>, StoreError>;
+    /// Valid certificates that match the selector.
+    fn valid_certificates(
+        &mut self,
+        selector: &Selector,
+    ) -> Result<Vec<CertificateRecord>, StoreError>;
+    /// The valid certificate holding this WireGuard key, if any.
+    fn valid_certificate_for_key(
+        &mut self,
+        key: &WgPublicKey,
+    ) -> Result<Option<CertificateRecord>, StoreError>;
+    fn insert_certificate(&mut self, cert: &CertificateRecord) -> Result<(), StoreError>;
+    fn end_certificate(
+        &mut self,
+        serial: &str,
+        status: CertStatus,
+        at: i64,
+        reason: RevocationReason,
+    ) -> Result<(), StoreError>;
+    /// Appends a registry change; returns its version.
+    fn append_event(&mut self, change: RegistryChange, now: i64) -> Result<u64, StoreError>;
+    fn audit(
+        &mut self,
+        now: i64,
+        actor: &str,
+        action: &str,
+        details: &serde_json::Value,
+    ) -> Result<(), StoreError>;
+    fn set_policy_version(&mut self, version: u64) -> Result<(), StoreError>;
+    fn commit(self: Box<Self>) -> Result<(), StoreError>;
+}
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS tokens (
+    id TEXT PRIMARY KEY,
+    secret_hash BLOB NOT NULL,
+    tenant TEXT NOT NULL, site TEXT NOT NULL, role TEXT NOT NULL,
+    created_at INTEGER NOT NULL, expires_at INTEGER NOT NULL,
+    used_at INTEGER,
+    created_by TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS tenant_pools (
+    tenant TEXT PRIMARY KEY,
+    pool INTEGER NOT NULL UNIQUE
+);
+CREATE TABLE IF NOT EXISTS site_hosts (
+    tenant TEXT NOT NULL, site TEXT NOT NULL, host INTEGER NOT NULL,
+    PRIMARY KEY (tenant, site),
+    UNIQUE (tenant, host)
+);
+CREATE TABLE IF NOT EXISTS certificates (
+    serial TEXT PRIMARY KEY,
+    tenant TEXT NOT NULL, site TEXT NOT NULL, role TEXT NOT NULL,
+    wg_public_key TEXT NOT NULL,
+    tunnel_addrs TEXT NOT NULL,
+    not_before INTEGER NOT NULL, not_after INTEGER NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('valid', 'superseded', 'revoked')),
+    revoked_at INTEGER, reason TEXT,
+    der BLOB NOT NULL
+);
+-- One valid identity per site and per WireGuard key: the registry is keyed by both.
+CREATE UNIQUE INDEX IF NOT EXISTS certificates_one_valid_per_site
+    ON certificates (tenant, site) WHERE status = 'valid';
+CREATE UNIQUE INDEX IF NOT EXISTS certificates_one_valid_per_key
+    ON certificates (wg_public_key) WHERE status = 'valid';
+CREATE INDEX IF NOT EXISTS certificates_status ON certificates (status, not_after);
+CREATE TABLE IF NOT EXISTS registry_events (
+    version INTEGER PRIMARY KEY AUTOINCREMENT,
+    at INTEGER NOT NULL,
+    change TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS audit (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at INTEGER NOT NULL,
+    actor TEXT NOT NULL,
+    action TEXT NOT NULL,
+    details TEXT NOT NULL
+);
+"#;
+
+/// The embedded store: one SQLite file in WAL mode.
+///
+/// `synchronous = NORMAL`: a committed transaction survives a crash of the process (`kill -9`);
+/// a power loss may lose the last few commits but never corrupts the file. A certificate lost
+/// that way is harmless: hubs admit only peers the registry lists.
+pub struct SqliteStore {
+    conn: Mutex<Connection>,
+    events: broadcast::Sender<Arc<RegistryEvent>>,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore").finish_non_exhaustive()
+    }
+}
+
+impl SqliteStore {
+    /// Opens (and creates or migrates) `DATA_DIR/enroll.db`.
+    pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
+        Self::open_file(&data_dir.join(DB_FILE))
+    }
+
+    pub fn open_file(path: &Path) -> Result<Self, StoreError> {
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.execute_batch(SCHEMA)?;
+        let (events, _) = broadcast::channel(4096);
+        Ok(SqliteStore {
+            conn: Mutex::new(conn),
+            events,
+        })
+    }
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(
+    what: &'static str,
+    text: &str,
+) -> Result<T, StoreError> {
+    serde_json::from_str(text).map_err(|_| StoreError::Corrupt {
+        what,
+        value: text.chars().take(200).collect(),
+    })
+}
+
+fn parse_name<T>(
+    what: &'static str,
+    text: String,
+    f: impl FnOnce(&str) -> Result<T, crate::identity::IdentityError>,
+) -> Result<T, StoreError> {
+    f(&text).map_err(|_| StoreError::Corrupt { what, value: text })
+}
+
+const CERT_COLUMNS: &str = "serial, tenant, site, role, wg_public_key, tunnel_addrs, not_before, \
+                            not_after, status, revoked_at, reason, der";
+
+type CertRow = (
+    String,
+    String,
+    String,
+    String,
+    String,
+    String,
+    i64,
+    i64,
+    String,
+    Option<i64>,
+    Option<String>,
+    Vec<u8>,
+);
+
+fn read_cert_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<CertRow> {
+    Ok((
+        row.get(0)?,
+        row.get(1)?,
+        row.get(2)?,
+        row.get(3)?,
+        row.get(4)?,
+        row.get(5)?,
+        row.get(6)?,
+        row.get(7)?,
+        row.get(8)?,
+        row.get(9)?,
+        row.get(10)?,
+        row.get(11)?,
+    ))
+}
+
+fn cert_from_row(r: CertRow) -> Result<CertificateRecord, StoreError> {
+    let (serial, tenant, site, role, key, addrs, not_before, not_after, status, rat, reason, der) =
+        r;
+    let tunnel_addrs: Vec<IpNet> = parse_json("tunnel addresses", &addrs)?;
+    let reason = match reason {
+        None => None,
+        Some(r) => Some(RevocationReason::parse(&r).ok_or(StoreError::Corrupt {
+            what: "revocation reason",
+            value: r,
+        })?),
+    };
+    Ok(CertificateRecord {
+        identity: Identity {
+            tenant: parse_name("tenant", tenant, TenantId::parse)?,
+            site: parse_name("site", site, SiteId::parse)?,
+            role: parse_name("role", role, str::parse)?,
+            wg_public_key: parse_name("WireGuard key", key, WgPublicKey::from_base64)?,
+            tunnel_addrs,
+            not_after,
+            serial,
+        },
+        not_before,
+        status: CertStatus::parse(&status)?,
+        revoked_at: rat,
+        reason,
+        der,
+    })
+}
+
+fn query_certs(
+    conn: &Connection,
+    where_clause: &str,
+    params: &[&dyn rusqlite::ToSql],
+) -> Result<Vec<CertificateRecord>, StoreError> {
+    let sql = format!("SELECT {CERT_COLUMNS} FROM certificates WHERE {where_clause}");
+    let mut stmt = conn.prepare_cached(&sql)?;
+    let rows = stmt
+        .query_map(params, read_cert_row)?
+        .collect::<Result<Vec<_>, _>>()?;
+    rows.into_iter().map(cert_from_row).collect()
+}
+
+fn events_since(
+    conn: &Connection,
+    since: u64,
+    limit: usize,
+) -> Result<Vec<RegistryEvent>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT version, change FROM registry_events WHERE version > ?1 ORDER BY version LIMIT ?2",
+    )?;
+    let rows = stmt
+        .query_map(params![since as i64, limit as i64], |r| {
+            Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    rows.into_iter()
+        .map(|(version, change)| {
+            Ok(RegistryEvent {
+                version: version as u64,
+                change: parse_json("registry change", &change)?,
+            })
+        })
+        .collect()
+}
+
+impl Store for SqliteStore {
+    fn begin(&self) -> Result<Box<dyn Txn + '_>, StoreError> {
+        let conn = self.conn.lock();
+        // IMMEDIATE takes the write lock now, so two processes on one file cannot both read a
+        // token as unused and then both mark it.
+        conn.execute_batch("BEGIN IMMEDIATE")?;
+        Ok(Box::new(SqliteTxn {
+            conn,
+            events: &self.events,
+            pending: Vec::new(),
+            pending_audit: Vec::new(),
+            done: false,
+        }))
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<Arc<RegistryEvent>> {
+        self.events.subscribe()
+    }
+
+    fn registry_version(&self) -> Result<u64, StoreError> {
+        let version: i64 = self.conn.lock().query_row(
+            "SELECT COALESCE(MAX(version), 0) FROM registry_events",
+            [],
+            |r| r.get(0),
+        )?;
+        Ok(version as u64)
+    }
+
+    fn registry_snapshot(&self, now: i64) -> Result<RegistrySnapshot, StoreError> {
+        let conn = self.conn.lock();
+        let version: i64 = conn.query_row(
+            "SELECT COALESCE(MAX(version), 0) FROM registry_events",
+            [],
+            |r| r.get(0),
+        )?;
+        let peers = query_certs(
+            &conn,
+            "status = 'valid' AND not_after > ?1 ORDER BY tenant, site",
+            &[&now],
+        )?
+        .into_iter()
+        .map(|c| c.identity)
+        .collect();
+        Ok(RegistrySnapshot {
+            version: version as u64,
+            peers,
+        })
+    }
+
+    fn registry_events_since(
+        &self,
+        since: u64,
+        limit: usize,
+    ) -> Result<Vec<RegistryEvent>, StoreError> {
+        events_since(&self.conn.lock(), since, limit)
+    }
+
+    fn certificate(&self, serial: &str) -> Result<Option<CertificateRecord>, StoreError> {
+        Ok(query_certs(&self.conn.lock(), "serial = ?1", &[&serial])?
+            .into_iter()
+            .next())
+    }
+
+    fn revoked_unexpired(&self, now: i64) -> Result<Vec<RevokedEntry>, StoreError> {
+        let conn = self.conn.lock();
+        let certs = query_certs(
+            &conn,
+            "status IN ('revoked', 'superseded') AND not_after > ?1 ORDER BY revoked_at, serial",
+            &[&now],
+        )?;
+        Ok(certs
+            .into_iter()
+            .map(|c| RevokedEntry {
+                revoked_at: c.revoked_at.unwrap_or(c.not_before),
+                reason: c.reason.unwrap_or(RevocationReason::Unspecified),
+                serial: c.identity.serial,
+            })
+            .collect())
+    }
+
+    fn hubs(&self, now: i64) -> Result<Vec<Identity>, StoreError> {
+        Ok(query_certs(
+            &self.conn.lock(),
+            "status = 'valid' AND role = 'hub' AND not_after > ?1 ORDER BY tenant, site",
+            &[&now],
+        )?
+        .into_iter()
+        .map(|c| c.identity)
+        .collect())
+    }
+
+    fn policy_version(&self) -> Result<u64, StoreError> {
+        let v: Option<String> = self
+            .conn
+            .lock()
+            .query_row(
+                "SELECT value FROM meta WHERE key = 'policy_version'",
+                [],
+                |r| r.get(0),
+            )
+            .optional()?;
+        match v {
+            None => Ok(0),
+            Some(v) => v.parse().map_err(|_| StoreError::Corrupt {
+                what: "policy version",
+                value: v,
+            }),
+        }
+    }
+
+    fn audit_log(&self, limit: usize) -> Result<Vec<AuditRecord>, StoreError> {
+        let conn = self.conn.lock();
+        let mut stmt = conn.prepare_cached(
+            "SELECT id, at, actor, action, details FROM audit ORDER BY id DESC LIMIT ?1",
+        )?;
+        let rows = stmt
+            .query_map(params![limit as i64], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, String>(4)?,
+                ))
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut out = rows
+            .into_iter()
+            .map(|(id, at, actor, action, details)| {
+                Ok(AuditRecord {
+                    id,
+                    at,
+                    actor,
+                    action,
+                    details: parse_json("audit details", &details)?,
+                })
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        out.reverse();
+        Ok(out)
+    }
+}
+
+struct SqliteTxn<'a> {
+    conn: MutexGuard<'a, Connection>,
+    events: &'a broadcast::Sender<Arc<RegistryEvent>>,
+    pending: Vec<RegistryEvent>,
+    pending_audit: Vec<(i64, String, String, String)>,
+    done: bool,
+}
+
+impl Drop for SqliteTxn<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            // A failed rollback leaves the transaction open; the next BEGIN then fails loudly.
+            let _ = self.conn.execute_batch("ROLLBACK");
+        }
+    }
+}
+
+impl Txn for SqliteTxn<'_> {
+    fn insert_token(&mut self, t: &TokenRecord) -> Result<(), StoreError> {
+        self.conn.prepare_cached(
+            "INSERT INTO tokens (id, secret_hash, tenant, site, role, created_at, expires_at, used_at, created_by) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        )?
+        .execute(params![
+            t.id,
+            t.secret_hash,
+            t.tenant.as_str(),
+            t.site.as_str(),
+            t.role.as_str(),
+            t.created_at,
+            t.expires_at,
+            t.used_at,
+            t.created_by
+        ])?;
+        Ok(())
+    }
+
+    fn token(&mut self, id: &str) -> Result<Option<TokenRecord>, StoreError> {
+        let row = self
+            .conn
+            .prepare_cached(
+                "SELECT id, secret_hash, tenant, site, role, created_at, expires_at, used_at, created_by \
+                 FROM tokens WHERE id = ?1",
+            )?
+            .query_row(params![id], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, Vec<u8>>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, String>(4)?,
+                    r.get::<_, i64>(5)?,
+                    r.get::<_, i64>(6)?,
+                    r.get::<_, Option<i64>>(7)?,
+                    r.get::<_, String>(8)?,
+                ))
+            })
+            .optional()?;
+        let Some((id, secret_hash, tenant, site, role, created_at, expires_at, used_at, by)) = row
+        else {
+            return Ok(None);
+        };
+        Ok(Some(TokenRecord {
+            id,
+            secret_hash,
+            tenant: parse_name("tenant", tenant, TenantId::parse)?,
+            site: parse_name("site", site, SiteId::parse)?,
+            role: parse_name("role", role, str::parse)?,
+            created_at,
+            expires_at,
+            used_at,
+            created_by: by,
+        }))
+    }
+
+    fn use_token(&mut self, id: &str, now: i64) -> Result<bool, StoreError> {
+        let n = self
+            .conn
+            .prepare_cached("UPDATE tokens SET used_at = ?2 WHERE id = ?1 AND used_at IS NULL")?
+            .execute(params![id, now])?;
+        Ok(n == 1)
+    }
+
+    fn tenant_pool(&mut self, tenant: &TenantId, max: u64) -> Result<Option<u64>, StoreError> {
+        let existing: Option<i64> = self
+            .conn
+            .prepare_cached("SELECT pool FROM tenant_pools WHERE tenant = ?1")?
+            .query_row(params![tenant.as_str()], |r| r.get(0))
+            .optional()?;
+        if let Some(p) = existing {
+            return Ok(Some(p as u64));
+        }
+        // The lowest number not taken: 0 if free, else one past a taken number whose successor
+        // is free.
+        let free: i64 = self.conn.prepare_cached(
+            "SELECT CASE WHEN NOT EXISTS (SELECT 1 FROM tenant_pools WHERE pool = 0) THEN 0 ELSE \
+             (SELECT MIN(a.pool + 1) FROM tenant_pools a WHERE NOT EXISTS \
+               (SELECT 1 FROM tenant_pools b WHERE b.pool = a.pool + 1)) END",
+        )?
+        .query_row([], |r| r.get(0))?;
+        if free as u64 >= max {
+            return Ok(None);
+        }
+        self.conn
+            .prepare_cached("INSERT INTO tenant_pools (tenant, pool) VALUES (?1, ?2)")?
+            .execute(params![tenant.as_str(), free])?;
+        Ok(Some(free as u64))
+    }
+
+    fn site_host(
+        &mut self,
+        tenant: &TenantId,
+        site: &SiteId,
+        max: u64,
+    ) -> Result<Option<u64>, StoreError> {
+        let existing: Option<i64> = self
+            .conn
+            .prepare_cached("SELECT host FROM site_hosts WHERE tenant = ?1 AND site = ?2")?
+            .query_row(params![tenant.as_str(), site.as_str()], |r| r.get(0))
+            .optional()?;
+        if let Some(h) = existing {
+            return Ok(Some(h as u64));
+        }
+        let free: i64 = self
+            .conn
+            .prepare_cached(
+                "SELECT CASE WHEN NOT EXISTS (SELECT 1 FROM site_hosts WHERE tenant = ?1 AND host = 1) THEN 1 ELSE \
+                 (SELECT MIN(a.host + 1) FROM site_hosts a WHERE a.tenant = ?1 AND NOT EXISTS \
+                   (SELECT 1 FROM site_hosts b WHERE b.tenant = ?1 AND b.host = a.host + 1)) END",
+            )?
+            .query_row(params![tenant.as_str()], |r| r.get(0))?;
+        if free as u64 > max {
+            return Ok(None);
+        }
+        self.conn
+            .prepare_cached("INSERT INTO site_hosts (tenant, site, host) VALUES (?1, ?2, ?3)")?
+            .execute(params![tenant.as_str(), site.as_str(), free])?;
+        Ok(Some(free as u64))
+    }
+
+    fn release_site_host(&mut self, tenant: &TenantId, site: &SiteId) -> Result<(), StoreError> {
+        self.conn
+            .prepare_cached("DELETE FROM site_hosts WHERE tenant = ?1 AND site = ?2")?
+            .execute(params![tenant.as_str(), site.as_str()])?;
+        Ok(())
+    }
+
+    fn certificate(&mut self, serial: &str) -> Result<Option<CertificateRecord>, StoreError> {
+        Ok(query_certs(&self.conn, "serial = ?1", &[&serial])?
+            .into_iter()
+            .next())
+    }
+
+    fn valid_certificates(
+        &mut self,
+        selector: &Selector,
+    ) -> Result<Vec<CertificateRecord>, StoreError> {
+        match selector {
+            Selector::Serial(s) => query_certs(
+                &self.conn,
+                "status = 'valid' AND serial = ?1",
+                &[&s.to_ascii_lowercase()],
+            ),
+            Selector::Tenant(t) => query_certs(
+                &self.conn,
+                "status = 'valid' AND tenant = ?1 ORDER BY site",
+                &[&t.as_str()],
+            ),
+            Selector::Site(t, s) => query_certs(
+                &self.conn,
+                "status = 'valid' AND tenant = ?1 AND site = ?2",
+                &[&t.as_str(), &s.as_str()],
+            ),
+        }
+    }
+
+    fn valid_certificate_for_key(
+        &mut self,
+        key: &WgPublicKey,
+    ) -> Result<Option<CertificateRecord>, StoreError> {
+        Ok(query_certs(
+            &self.conn,
+            "status = 'valid' AND wg_public_key = ?1",
+            &[&key.to_base64()],
+        )?
+        .into_iter()
+        .next())
+    }
+
+    fn insert_certificate(&mut self, c: &CertificateRecord) -> Result<(), StoreError> {
+        let id = &c.identity;
+        let addrs = serde_json::to_string(&id.tunnel_addrs).unwrap_or_else(|_| "[]".into());
+        self.conn
+            .prepare_cached(&format!(
+                "INSERT INTO certificates ({CERT_COLUMNS}) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"
+            ))?
+            .execute(params![
+                id.serial,
+                id.tenant.as_str(),
+                id.site.as_str(),
+                id.role.as_str(),
+                id.wg_public_key.to_base64(),
+                addrs,
+                c.not_before,
+                id.not_after,
+                c.status.as_str(),
+                c.revoked_at,
+                c.reason.map(|r| r.as_str()),
+                c.der
+            ])?;
+        Ok(())
+    }
+
+    fn end_certificate(
+        &mut self,
+        serial: &str,
+        status: CertStatus,
+        at: i64,
+        reason: RevocationReason,
+    ) -> Result<(), StoreError> {
+        self.conn
+            .prepare_cached(
+                "UPDATE certificates SET status = ?2, revoked_at = ?3, reason = ?4 WHERE serial = ?1",
+            )?
+            .execute(params![serial, status.as_str(), at, reason.as_str()])?;
+        Ok(())
+    }
+
+    fn append_event(&mut self, change: RegistryChange, now: i64) -> Result<u64, StoreError> {
+        let text = serde_json::to_string(&change).unwrap_or_default();
+        self.conn
+            .prepare_cached("INSERT INTO registry_events (at, change) VALUES (?1, ?2)")?
+            .execute(params![now, text])?;
+        let version = self.conn.last_insert_rowid() as u64;
+        self.pending.push(RegistryEvent { version, change });
+        Ok(version)
+    }
+
+    fn audit(
+        &mut self,
+        now: i64,
+        actor: &str,
+        action: &str,
+        details: &serde_json::Value,
+    ) -> Result<(), StoreError> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO audit (at, actor, action, details) VALUES (?1, ?2, ?3, ?4)",
+            )?
+            .execute(params![now, actor, action, details.to_string()])?;
+        self.pending_audit.push((
+            now,
+            actor.to_owned(),
+            action.to_owned(),
+            details.to_string(),
+        ));
+        Ok(())
+    }
+
+    fn set_policy_version(&mut self, version: u64) -> Result<(), StoreError> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO meta (key, value) VALUES ('policy_version', ?1) \
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            )?
+            .execute(params![version.to_string()])?;
+        Ok(())
+    }
+
+    fn commit(mut self: Box<Self>) -> Result<(), StoreError> {
+        self.conn.execute_batch("COMMIT")?;
+        self.done = true;
+        // Logged only once committed, so the log never shows an action the store does not have.
+        for (at, actor, action, details) in self.pending_audit.drain(..) {
+            tracing::info!(target: "komnet_enroll::audit", at, actor, action, details, "audit");
+        }
+        // Still holding the connection lock: events reach watchers in commit order.
+        for event in self.pending.drain(..) {
+            let _ = self.events.send(Arc::new(event));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,186 @@
+//! Test harness: a real service (data directory, SQLite file, CA) serving HTTPS on loopback.
+#![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use komnet_enroll::api::admin::CreateTokenRequest;
+use komnet_enroll::config::{Config, HumanDuration, RateLimit};
+use komnet_enroll::identity::{Role, SiteId, TenantId};
+use komnet_enroll::server::{self, RunningServer};
+use komnet_enroll::service::{self, ManualClock, Service};
+use komnet_enroll::token::Bootstrap;
+
+pub struct Harness {
+    pub dir: tempfile::TempDir,
+    pub service: Arc<Service>,
+    pub server: RunningServer,
+    pub clock: Arc<ManualClock>,
+    pub url: String,
+}
+
+pub fn test_config() -> Config {
+    Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        server_names: vec!["127.0.0.1".into(), "localhost".into()],
+        hub_endpoints: vec!["203.0.113.1:51820".into()],
+        // Tests fire many requests from one address; the rate-limit test sets its own.
+        rate_limit: RateLimit {
+            per_second: 100_000.0,
+            burst: 100_000,
+        },
+        ..Config::default()
+    }
+}
+
+pub async fn start() -> Harness {
+    start_with(test_config()).await
+}
+
+pub async fn start_with(config: Config) -> Harness {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::default());
+    start_in(dir, config, clock).await
+}
+
+pub async fn start_in(dir: tempfile::TempDir, config: Config, clock: Arc<ManualClock>) -> Harness {
+    // RUST_LOG=komnet_enroll=debug shows the service's log lines with a failing test's output.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    use komnet_enroll::service::Clock as _;
+    if !dir.path().join("ca").exists() {
+        service::init(dir.path(), &config, clock.now()).unwrap();
+    }
+    let service = Arc::new(Service::open_with_config(dir.path(), config, clock.clone()).unwrap());
+    let server = server::start(
+        service.clone(),
+        "127.0.0.1:0".parse().unwrap(),
+        Some(&dir.path().join(server::ADMIN_SOCKET)),
+    )
+    .await
+    .unwrap();
+    let url = format!("https://127.0.0.1:{}", server.addr.port());
+    Harness {
+        dir,
+        service,
+        server,
+        clock,
+        url,
+    }
+}
+
+impl Harness {
+    /// A bootstrap file's content for tenant/site/role, as `komnet token create` writes it.
+    pub fn bootstrap(&self, tenant: &str, site: &str, role: Role) -> Bootstrap {
+        let resp = self
+            .service
+            .create_token(
+                &CreateTokenRequest {
+                    tenant: TenantId::parse(tenant).unwrap(),
+                    site: SiteId::parse(site).unwrap(),
+                    role,
+                    ttl_secs: 3600,
+                },
+                "test",
+            )
+            .unwrap();
+        Bootstrap {
+            version: 1,
+            token: resp.token,
+            enroll_urls: vec![self.url.clone()],
+            root_fingerprint: resp.root_fingerprint,
+            root_ca_pem: resp.root_ca_pem,
+        }
+    }
+
+    pub fn lifetime(&self) -> i64 {
+        self.service.config.cert_lifetime.0.as_secs() as i64
+    }
+}
+
+pub fn short_timeout_config(secs: u64) -> Config {
+    let mut c = test_config();
+    c.limits.client_timeout = HumanDuration(Duration::from_secs(secs));
+    c
+}
+
+/// A raw HTTPS exchange, for requests the client library would never send.
+pub async fn raw_request(
+    h: &Harness,
+    method: &str,
+    path: &str,
+    body: Vec<u8>,
+    client_auth: Option<(&str, &str)>,
+) -> (u16, serde_json::Value) {
+    use http_body_util::{BodyExt as _, Full};
+    use rustls_pki_types::pem::PemObject as _;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(h.service.ca.root_pem.as_bytes()).unwrap())
+        .unwrap();
+    let b = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+    let config = match client_auth {
+        None => b.with_no_client_auth(),
+        Some((chain, key)) => b
+            .with_client_auth_cert(
+                CertificateDer::pem_slice_iter(chain.as_bytes())
+                    .collect::<Result<Vec<_>, _>>()
+                    .unwrap(),
+                PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap(),
+            )
+            .unwrap(),
+    };
+    let tcp = tokio::net::TcpStream::connect(h.server.addr).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from("127.0.0.1").unwrap(), tcp)
+        .await
+        .unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "127.0.0.1")
+        .header("content-type", "application/json")
+        .body(Full::new(axum::body::Bytes::from(body)))
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    let status = resp.status().as_u16();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    let json = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
+    (status, json)
+}
+
+/// The `code` of a typed error answer.
+pub fn code(v: &serde_json::Value) -> String {
+    v["code"].as_str().unwrap_or("<no code>").to_string()
+}
+
+/// A well-formed enroll request body: fresh CSR (optionally with a subject), proof made with
+/// `keys` against the service's key.
+pub fn enroll_body(
+    h: &Harness,
+    token: &str,
+    keys: &komnet_enroll::client::WgKeys,
+    csr_der: &[u8],
+) -> serde_json::Value {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let proof = komnet_enroll::wgproof::prove(keys.secret(), &h.service.wg_proof_public, csr_der);
+    serde_json::json!({
+        "token": token,
+        "csr": b64.encode(csr_der),
+        "wg_public_key": keys.public().to_base64(),
+        "wg_proof": b64.encode(proof),
+    })
+}

@@ -1,0 +1,173 @@
+//! The whole flow over real HTTPS on loopback: init → token → enroll → renew → revoke →
+//! registry and CRL show it.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use komnet_enroll::api::admin::RevokeRequest;
+use komnet_enroll::api::{ErrorCode, RegistryChange, RevocationReason};
+use komnet_enroll::client::{self, WgKeys};
+use komnet_enroll::identity::{Identity, Role};
+use rustls_pki_types::pem::PemObject as _;
+use rustls_pki_types::CertificateDer;
+
+fn leaf_der(chain_pem: &str) -> Vec<u8> {
+    CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+        .next()
+        .unwrap()
+        .unwrap()
+        .to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn init_token_enroll_renew_revoke_registry() {
+    let h = common::start().await;
+
+    // A hub enrolls first; it is the one that may follow the registry.
+    let hub_keys = WgKeys::generate();
+    let hub = client::enroll(&h.bootstrap("dc", "hub1", Role::Hub), &hub_keys)
+        .await
+        .unwrap();
+    assert_eq!(hub.identity.role, Role::Hub);
+    let snapshot = client::registry_snapshot(&hub).await.unwrap();
+    assert_eq!(snapshot.peers, vec![hub.identity.clone()]);
+    let mut follower = client::follow_registry(&hub, snapshot.version)
+        .await
+        .unwrap();
+
+    // A town hall appliance enrolls from its bootstrap file.
+    let keys = WgKeys::generate();
+    let spoke = client::enroll(&h.bootstrap("nohfelden", "rathaus", Role::Spoke), &keys)
+        .await
+        .unwrap();
+    let id = &spoke.identity;
+    assert_eq!(
+        (id.tenant.as_str(), id.site.as_str(), id.role),
+        ("nohfelden", "rathaus", Role::Spoke)
+    );
+    assert_eq!(id.wg_public_key, keys.public());
+    assert_eq!(id.tunnel_addrs.len(), 2, "one IPv4 and one IPv6 address");
+    assert_eq!(spoke.hubs.len(), 1);
+    assert_eq!(spoke.hubs[0].wg_public_key, hub_keys.public());
+    assert_eq!(spoke.hub_endpoints, vec!["203.0.113.1:51820".to_string()]);
+    // The certificate itself carries the identity.
+    let from_cert =
+        Identity::from_certificate_der(&leaf_der(&spoke.certificate_chain_pem)).unwrap();
+    assert_eq!(&from_cert, id);
+    let lifetime = h.lifetime();
+    assert!((id.not_after - h.service.now() - lifetime).abs() <= 1);
+
+    // The hub hears of it.
+    let ev = tokio::time::timeout(Duration::from_secs(2), follower.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(ev.change, RegistryChange::Upsert(id.clone()));
+
+    // Too early to renew.
+    let err = client::renew(&spoke, &keys).await.unwrap_err();
+    assert_eq!(
+        err.api_error().unwrap().code,
+        ErrorCode::RenewTooEarly,
+        "{err}"
+    );
+
+    // From 2/3 of the lifetime on, renewal works and keeps the tunnel address.
+    h.clock.advance(lifetime * 2 / 3 + 1);
+    let renewed = client::renew(&spoke, &keys).await.unwrap();
+    assert_ne!(renewed.identity.serial, id.serial);
+    assert_eq!(renewed.identity.tunnel_addrs, id.tunnel_addrs);
+    let ev = follower.next().await.unwrap().unwrap();
+    assert_eq!(ev.change, RegistryChange::Upsert(renewed.identity.clone()));
+    // The old certificate cannot renew again.
+    let err = client::renew(&spoke, &keys).await.unwrap_err();
+    assert_eq!(
+        err.api_error().unwrap().code,
+        ErrorCode::CertificateSuperseded,
+        "{err}"
+    );
+
+    // Revocation reaches the watching hub within 2 s.
+    let started = std::time::Instant::now();
+    h.service
+        .revoke(
+            &RevokeRequest {
+                serial: Some(renewed.identity.serial.clone()),
+                tenant: None,
+                site: None,
+                reason: RevocationReason::KeyCompromise,
+            },
+            "test",
+        )
+        .unwrap();
+    let ev = tokio::time::timeout(Duration::from_secs(2), follower.next())
+        .await
+        .expect("revocation did not reach the hub within 2 s")
+        .unwrap()
+        .unwrap();
+    assert!(started.elapsed() < Duration::from_secs(2));
+    match ev.change {
+        RegistryChange::Remove { serial, reason, .. } => {
+            assert_eq!(serial, renewed.identity.serial);
+            assert_eq!(reason, RevocationReason::KeyCompromise);
+        }
+        other => panic!("expected a removal, got {other:?}"),
+    }
+    let snapshot = client::registry_snapshot(&hub).await.unwrap();
+    assert!(snapshot.peers.iter().all(|p| p.site.as_str() != "rathaus"));
+
+    // A revoked certificate cannot renew.
+    h.clock.advance(lifetime / 4);
+    let err = client::renew(&renewed, &keys).await.unwrap_err();
+    assert_eq!(
+        err.api_error().unwrap().code,
+        ErrorCode::CertificateRevoked,
+        "{err}"
+    );
+
+    // The CRL, signed by the issuing CA, lists the revoked and the superseded serial.
+    let crl_der = client::fetch_crl(&hub.root_ca_pem, &hub.enroll_urls)
+        .await
+        .unwrap();
+    let (_, crl) = x509_parser::parse_x509_crl(&crl_der).unwrap();
+    let issuing = CertificateDer::from_pem_slice(h.service.ca.issuing_pem.as_bytes()).unwrap();
+    let (_, issuing) = x509_parser::parse_x509_certificate(&issuing).unwrap();
+    crl.verify_signature(issuing.public_key()).unwrap();
+    let listed: Vec<String> = crl
+        .iter_revoked_certificates()
+        .map(|r| hex::encode(r.raw_serial()))
+        .collect();
+    assert!(listed.contains(&renewed.identity.serial), "{listed:?}");
+    assert!(
+        listed.contains(&id.serial),
+        "superseded serial listed too: {listed:?}"
+    );
+
+    // Every step is in the audit log.
+    let actions: Vec<String> = h
+        .service
+        .store
+        .audit_log(100)
+        .unwrap()
+        .into_iter()
+        .map(|a| a.action)
+        .collect();
+    for a in ["token.create", "enroll", "renew", "revoke"] {
+        assert!(actions.iter().any(|x| x == a), "{a} missing in {actions:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_pin_is_refused_before_any_connection() {
+    let h = common::start().await;
+    let mut b = h.bootstrap("nohfelden", "rathaus", Role::Spoke);
+    b.root_fingerprint = "00".repeat(32);
+    let err = client::enroll(&b, &WgKeys::generate()).await.unwrap_err();
+    assert!(
+        matches!(err, client::ClientError::PinMismatch { .. }),
+        "{err}"
+    );
+}

@@ -1,0 +1,412 @@
+//! The real binary: `komnet-enroll init` and `serve`, the admin commands over the 0600 socket,
+//! `kill -9` in the middle of enrollments (no half-issued state), restart persistence, and logs
+//! that never contain a token or a key.
+#![allow(clippy::unwrap_used)]
+
+use std::io::{BufRead as _, BufReader};
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use komnet_enroll::client::{self, WgKeys};
+use komnet_enroll::config::{Config, RateLimit};
+use komnet_enroll::token::Bootstrap;
+
+const BIN: &str = env!("CARGO_BIN_EXE_komnet-enroll");
+
+/// A `komnet-enroll serve` child, killed by its PID when dropped.
+struct Daemon {
+    child: Child,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn init(dir: &Path, port: u16) {
+    let out = Command::new(BIN)
+        .args(["init", "--data-dir"])
+        .arg(dir)
+        .args([
+            "--server-name",
+            "127.0.0.1",
+            "--hub-endpoint",
+            "198.51.100.7:51820",
+        ])
+        .arg("--enroll-url")
+        .arg(format!("https://127.0.0.1:{port}"))
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{port}"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("root fingerprint (SHA-256): "), "{stdout}");
+    for key in ["ca/root.key", "ca/issuing.key", "enroll-dh.key"] {
+        let mode = std::fs::metadata(dir.join(key))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o600, "{key}");
+    }
+    // A second init refuses to overwrite the CA.
+    let again = Command::new(BIN)
+        .args(["init", "--data-dir"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));
+    // Many enrollments come from this one address in these tests.
+    let mut config = Config::load(dir).unwrap();
+    config.rate_limit = RateLimit {
+        per_second: 10_000.0,
+        burst: 10_000,
+    };
+    std::fs::write(dir.join("enroll.toml"), config.to_toml()).unwrap();
+}
+
+fn serve(dir: &Path, log_name: &str) -> Daemon {
+    let log = dir.join(log_name);
+    let mut child = Command::new(BIN)
+        .args(["--log-json", "serve", "--data-dir"])
+        .arg(dir)
+        .env("RUST_LOG", "debug")
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(
+        line.contains("listening on"),
+        "daemon did not start: {line:?}, log: {}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    Daemon { child }
+}
+
+fn admin(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new(BIN)
+        .args(args)
+        .arg("--socket")
+        .arg(dir.join("admin.sock"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "komnet-enroll {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn token(dir: &Path, tenant: &str, site: &str, role: &str) -> Bootstrap {
+    let file = dir.join(format!(
+        "bootstrap-{tenant}-{site}-{}.json",
+        rand::random::<u32>()
+    ));
+    let out = admin(
+        dir,
+        &[
+            "token",
+            "create",
+            "--tenant",
+            tenant,
+            "--site",
+            site,
+            "--role",
+            role,
+            "--ttl",
+            "1h",
+            "--out",
+            file.to_str().unwrap(),
+        ],
+    );
+    assert!(out.contains("bootstrap file:"), "{out}");
+    let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "bootstrap file mode");
+    Bootstrap::read(&file).unwrap()
+}
+
+fn db(dir: &Path) -> rusqlite::Connection {
+    rusqlite::Connection::open(dir.join("enroll.db")).unwrap()
+}
+
+fn count(conn: &rusqlite::Connection, sql: &str) -> i64 {
+    conn.query_row(sql, [], |r| r.get(0)).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_commands_over_the_socket_and_logs_without_secrets() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    init(dir.path(), port);
+    let daemon = serve(dir.path(), "serve.log");
+    let sock = dir.path().join("admin.sock");
+    let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "admin socket mode");
+
+    // Without a hub, a home-office config cannot be made, and nothing is created.
+    let out = Command::new(BIN)
+        .args([
+            "homeoffice",
+            "issue",
+            "--tenant",
+            "nohfelden",
+            "--user",
+            "anna",
+            "--out-dir",
+        ])
+        .arg(dir.path())
+        .arg("--socket")
+        .arg(&sock)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no_hub"));
+
+    let hub_keys = WgKeys::generate();
+    let hub = client::enroll(&token(dir.path(), "dc", "hub1", "hub"), &hub_keys)
+        .await
+        .unwrap();
+    let spoke_bootstrap = token(dir.path(), "nohfelden", "rathaus", "spoke");
+    let spoke_keys = WgKeys::generate();
+    let spoke = client::enroll(&spoke_bootstrap, &spoke_keys).await.unwrap();
+    // A replay of the used token is refused.
+    assert!(client::enroll(&spoke_bootstrap, &WgKeys::generate())
+        .await
+        .is_err());
+
+    // Home office with a generated key pair: conf + PNG (0600), the private key in the file.
+    let ho_dir = dir.path().join("ho");
+    let out = admin(
+        dir.path(),
+        &[
+            "homeoffice",
+            "issue",
+            "--tenant",
+            "nohfelden",
+            "--user",
+            "anna.schmidt",
+            "--out-dir",
+            ho_dir.to_str().unwrap(),
+        ],
+    );
+    assert!(out.contains("PrivateKey = "), "{out}");
+    assert!(
+        out.contains('█') || out.contains('▀') || out.contains('▄'),
+        "no QR on the terminal"
+    );
+    let conf = std::fs::read_to_string(ho_dir.join("anna.schmidt.conf")).unwrap();
+    assert!(
+        conf.contains(&format!("PublicKey = {}", hub_keys.public())),
+        "{conf}"
+    );
+    assert!(conf.contains("Endpoint = 198.51.100.7:51820"), "{conf}");
+    let png = std::fs::read(ho_dir.join("anna.schmidt.png")).unwrap();
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    for f in ["anna.schmidt.conf", "anna.schmidt.png"] {
+        let mode = std::fs::metadata(ho_dir.join(f))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o600, "{f}");
+    }
+    let ho_private = conf
+        .lines()
+        .find_map(|l| l.strip_prefix("PrivateKey = "))
+        .unwrap()
+        .to_owned();
+    // With the user's own public key: no private key anywhere.
+    let own = WgKeys::generate();
+    let out = admin(
+        dir.path(),
+        &[
+            "homeoffice",
+            "issue",
+            "--tenant",
+            "nohfelden",
+            "--user",
+            "ben",
+            "--public-key",
+            &own.public().to_base64(),
+            "--out-dir",
+            ho_dir.to_str().unwrap(),
+            "--no-qr",
+        ],
+    );
+    assert!(!out.lines().any(|l| l.starts_with("PrivateKey")), "{out}");
+
+    // The hub sees the spoke and both home-office users; revocation via the CLI removes one.
+    let snap = client::registry_snapshot(&hub).await.unwrap();
+    assert_eq!(snap.peers.len(), 4, "{:?}", snap.peers);
+    let out = admin(
+        dir.path(),
+        &[
+            "revoke",
+            "--tenant",
+            "nohfelden",
+            "--site",
+            "anna.schmidt",
+            "--reason",
+            "key-compromise",
+        ],
+    );
+    assert!(out.contains("revoked "), "{out}");
+    let snap = client::registry_snapshot(&hub).await.unwrap();
+    assert_eq!(snap.peers.len(), 3);
+
+    // The audit log names the admin by uid.
+    let audit = admin(dir.path(), &["audit", "--json", "--limit", "100"]);
+    for action in ["token.create", "enroll", "homeoffice.issue", "revoke"] {
+        assert!(
+            audit.contains(&format!("\"action\":\"{action}\"")),
+            "{action}: {audit}"
+        );
+    }
+    assert!(audit.contains("\"actor\":\"uid:"), "{audit}");
+
+    // Logs: structured, and no secret in them.
+    drop(daemon);
+    let log = std::fs::read_to_string(dir.path().join("serve.log")).unwrap();
+    assert!(
+        log.contains("\"action\":\"enroll\""),
+        "audit lines missing from the log"
+    );
+    let (_, secret) = spoke_bootstrap.token.rsplit_once('.').unwrap();
+    assert!(!log.contains(secret), "token secret in the log");
+    let key_body: String = spoke
+        .private_key_pem
+        .lines()
+        .filter(|l| !l.starts_with("-----"))
+        .collect();
+    assert!(!log.contains(&key_body[..40]), "TLS private key in the log");
+    assert!(
+        !log.contains(&spoke_keys.private_base64()),
+        "WireGuard private key in the log"
+    );
+    assert!(
+        !log.contains(&ho_private),
+        "home-office private key in the log"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_enrollment_leaves_no_half_state_and_data_survives_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    init(dir.path(), port);
+    let daemon = serve(dir.path(), "serve-1.log");
+    let hub = client::enroll(&token(dir.path(), "dc", "hub1", "hub"), &WgKeys::generate())
+        .await
+        .unwrap();
+    let fingerprint = hub.identity.serial.clone();
+    let bootstraps: Vec<Bootstrap> = (0..60)
+        .map(|i| token(dir.path(), "nohfelden", &format!("site{i}"), "spoke"))
+        .collect();
+    let bootstraps = Arc::new(bootstraps);
+
+    let mut tasks = Vec::new();
+    for i in 0..bootstraps.len() {
+        let b = bootstraps.clone();
+        tasks.push(tokio::spawn(async move {
+            client::enroll(&b[i], &WgKeys::generate()).await
+        }));
+    }
+    // Kill while enrollments are in flight: wait for the first few to commit.
+    let started = Instant::now();
+    loop {
+        let n = count(&db(dir.path()), "SELECT COUNT(*) FROM certificates");
+        if n >= 6 || started.elapsed() > Duration::from_secs(20) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let mut daemon = daemon;
+    daemon.child.kill().unwrap(); // SIGKILL
+    daemon.child.wait().unwrap();
+    let mut succeeded = Vec::new();
+    let mut failed = Vec::new();
+    for (i, t) in tasks.into_iter().enumerate() {
+        match t.await.unwrap() {
+            Ok(e) => succeeded.push((i, e)),
+            Err(_) => failed.push(i),
+        }
+    }
+    assert!(
+        !failed.is_empty(),
+        "the kill came after every enrollment finished"
+    );
+
+    // Consistency straight from the file: every used token has its certificate, address,
+    // registry event and audit record, and nothing exists without a used token.
+    let conn = db(dir.path());
+    let used = count(
+        &conn,
+        "SELECT COUNT(*) FROM tokens WHERE used_at IS NOT NULL",
+    );
+    let certs = count(&conn, "SELECT COUNT(*) FROM certificates");
+    let hosts = count(&conn, "SELECT COUNT(*) FROM site_hosts");
+    let upserts = count(&conn, "SELECT COUNT(*) FROM registry_events");
+    let audits = count(&conn, "SELECT COUNT(*) FROM audit WHERE action = 'enroll'");
+    assert_eq!((certs, hosts, upserts, audits), (used, used, used, used));
+    assert_eq!(
+        count(
+            &conn,
+            "SELECT COUNT(*) FROM certificates c WHERE NOT EXISTS (SELECT 1 FROM tokens t \
+             WHERE t.site = c.site AND t.tenant = c.tenant AND t.used_at IS NOT NULL)"
+        ),
+        0
+    );
+    drop(conn);
+
+    // Restart: everything acknowledged before the kill is still there.
+    let _daemon = serve(dir.path(), "serve-2.log");
+    let snap = client::registry_snapshot(&hub).await.unwrap();
+    assert_eq!(snap.peers.len() as i64, used, "registry after restart");
+    for (_, e) in &succeeded {
+        assert!(
+            snap.peers.contains(&e.identity),
+            "{} lost",
+            e.identity.serial
+        );
+    }
+    assert!(snap.peers.iter().any(|p| p.serial == fingerprint));
+    // The interrupted ones either retry with the same token (it was never consumed) or find it
+    // consumed — and then their certificate is in the registry (committed, answer lost).
+    for i in failed {
+        match client::enroll(&bootstraps[i], &WgKeys::generate()).await {
+            Ok(_) => {}
+            Err(e) => {
+                let code = e.api_error().map(|a| a.code);
+                assert_eq!(code, Some(komnet_enroll::api::ErrorCode::TokenUsed), "{e}");
+                let site = format!("site{i}");
+                assert!(snap.peers.iter().any(|p| p.site.as_str() == site), "{site}");
+            }
+        }
+    }
+    let snap = client::registry_snapshot(&hub).await.unwrap();
+    assert_eq!(snap.peers.len(), 61);
+}
