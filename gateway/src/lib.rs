@@ -8,15 +8,19 @@
 //!   effects and applied atomically.
 //! - [`driver`]: the thin I/O layer: TUN with offloads (tun-rs), UDP with GSO/GRO
 //!   (quinn-udp), batches carried through the pipeline, one thread per direction.
+//! - [`firewall`]: the hub's stateful enforcement of the compiled segmentation policy (flow
+//!   table with idle timeouts and a bound, related ICMP errors), sans-IO.
 //! - `sys`: the few syscalls no crate wraps; the only place with `unsafe`.
 //!
-//! It does not own enrollment (`komnet-enroll`) or the segmentation policy (`komnet-policy`).
+//! It does not own enrollment (`komnet-enroll`) or the policy language (`komnet-policy`); it
+//! enforces the policy that crate compiles.
 
 pub mod allowed_ips;
 pub mod cookie;
 pub mod core;
 pub mod daemon;
 pub mod driver;
+pub mod firewall;
 pub mod packet;
 mod sys;
 pub mod uapi;

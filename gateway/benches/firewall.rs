@@ -1,0 +1,89 @@
+//! The hub firewall per packet: a packet of an established flow, and a new flow decided by
+//! the 10,000-rule synthetic district policy.
+//!
+//! `cargo bench -p komnet-gateway --bench firewall`
+
+#![allow(clippy::unwrap_used)] // bench code: a failed setup should panic loudly
+
+use std::hint::black_box;
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use komnet_gateway::firewall::{Firewall, FirewallConfig};
+use komnet_policy::synthetic::{generate, packets, Shape};
+use komnet_policy::{CompiledPolicy, Origin, PacketMeta, Policy};
+
+/// A TCP SYN (20-byte IPv4 or 40-byte IPv6 header + 20-byte TCP header) for `meta`.
+fn wire(meta: &PacketMeta, sport: u16) -> Vec<u8> {
+    let mut tcp = vec![0u8; 20];
+    tcp[0..2].copy_from_slice(&sport.to_be_bytes());
+    tcp[2..4].copy_from_slice(&meta.dport.to_be_bytes());
+    tcp[12] = 0x50;
+    tcp[13] = 0x02;
+    match (meta.src, meta.dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            let mut h = vec![0x45, 0, 0, 40, 0, 0, 0, 0, 64, 6, 0, 0];
+            h.extend(s.octets());
+            h.extend(d.octets());
+            h.extend(tcp);
+            h
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            let mut h = vec![0x60, 0, 0, 0, 0, 20, 6, 64];
+            h.extend(s.octets());
+            h.extend(d.octets());
+            h.extend(tcp);
+            h
+        }
+        _ => unreachable!(),
+    }
+}
+
+fn bench(c: &mut Criterion) {
+    let (op, tenants) = generate(Shape::DISTRICT);
+    let refs: Vec<(&str, &str)> = tenants
+        .iter()
+        .map(|(n, t)| (n.as_str(), t.as_str()))
+        .collect();
+    let policy = CompiledPolicy::from_policy(Policy::from_texts(&op, &refs).unwrap()).unwrap();
+    let metas: Vec<PacketMeta> = packets(&policy.policy, 4096)
+        .into_iter()
+        .filter(|m| policy.classify(Origin::Address, m).allow && m.ip_proto == 6)
+        .collect();
+    let wires: Vec<Vec<u8>> = metas
+        .iter()
+        .enumerate()
+        .map(|(i, m)| wire(m, 10_000 + i as u16))
+        .collect();
+
+    let mut g = c.benchmark_group("firewall");
+    g.throughput(Throughput::Elements(wires.len() as u64));
+    let now = Instant::now();
+    let mut fw = Firewall::new(FirewallConfig::default());
+    for w in &wires {
+        fw.to_peer(now, &policy, w).unwrap();
+    }
+    g.bench_function("established_flow", |b| {
+        b.iter(|| {
+            for w in &wires {
+                let _ = black_box(fw.to_peer(now, &policy, black_box(w)));
+            }
+        })
+    });
+    let mut t = now;
+    g.bench_function("new_flow_by_policy", |b| {
+        b.iter(|| {
+            // Every round starts on an empty table: each packet is a flow start.
+            let mut fw = Firewall::new(FirewallConfig::default());
+            t += Duration::from_secs(1);
+            for w in &wires {
+                let _ = black_box(fw.to_peer(t, &policy, black_box(w)));
+            }
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
