@@ -176,13 +176,13 @@ impl WgPublicKey {
     ///
     /// A low-order key (all zeros, or one of the few small-subgroup points and their
     /// non-canonical encodings) makes every Diffie-Hellman result a constant, so a peer with
-    /// such a key authenticates nothing. Clamped X25519 scalars are multiples of the cofactor
-    /// 8, so multiplying the point by any clamped scalar yields zero exactly for those points:
-    /// a fixed scalar gives a deterministic check.
+    /// such a key authenticates nothing. X25519 ignores the top bit, and Curve25519 has exactly
+    /// these seven such u-coordinates below 2^255 (the list libsodium blocks); a test checks the
+    /// list against the definition (a clamped scalar times the point is zero).
     pub fn from_bytes(bytes: [u8; 32]) -> Result<Self, IdentityError> {
-        let probe = x25519_dalek::StaticSecret::from([0x5a; 32]);
-        let shared = probe.diffie_hellman(&x25519_dalek::PublicKey::from(bytes));
-        if !shared.was_contributory() {
+        let mut masked = bytes;
+        masked[31] &= 0x7f;
+        if LOW_ORDER_POINTS.contains(&masked) {
             return Err(IdentityError::WgKeyLowOrder);
         }
         Ok(Self(bytes))
@@ -209,6 +209,40 @@ impl WgPublicKey {
         &self.0
     }
 }
+
+/// Curve25519 u-coordinates of order 1, 2, 4 or 8, and their encodings plus p (top bit clear).
+const LOW_ORDER_POINTS: [[u8; 32]; 7] = [
+    [0; 32],
+    [
+        1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+        0, 0,
+    ],
+    [
+        0xe0, 0xeb, 0x7a, 0x7c, 0x3b, 0x41, 0xb8, 0xae, 0x16, 0x56, 0xe3, 0xfa, 0xf1, 0x9f, 0xc4,
+        0x6a, 0xda, 0x09, 0x8d, 0xeb, 0x9c, 0x32, 0xb1, 0xfd, 0x86, 0x62, 0x05, 0x16, 0x5f, 0x49,
+        0xb8, 0x00,
+    ],
+    [
+        0x5f, 0x9c, 0x95, 0xbc, 0xa3, 0x50, 0x8c, 0x24, 0xb1, 0xd0, 0xb1, 0x55, 0x9c, 0x83, 0xef,
+        0x5b, 0x04, 0x44, 0x5c, 0xc4, 0x58, 0x1c, 0x8e, 0x86, 0xd8, 0x22, 0x4e, 0xdd, 0xd0, 0x9f,
+        0x11, 0x57,
+    ],
+    [
+        0xec, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+        0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+        0xff, 0x7f,
+    ],
+    [
+        0xed, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+        0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+        0xff, 0x7f,
+    ],
+    [
+        0xee, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+        0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+        0xff, 0x7f,
+    ],
+];
 
 impl FromStr for WgPublicKey {
     type Err = IdentityError;
@@ -401,6 +435,31 @@ mod tests {
                 Err(IdentityError::WgKeyLowOrder),
                 "{}",
                 hex::encode(key)
+            );
+        }
+        // The list agrees with the definition: for each listed point (also with the top bit
+        // set) DH with a clamped scalar is zero; for random points it is not.
+        let probe = x25519_dalek::StaticSecret::from([0x5a; 32]);
+        for key in LOW_ORDER_POINTS {
+            for top in [0u8, 0x80] {
+                let mut k = key;
+                k[31] |= top;
+                let shared = probe.diffie_hellman(&x25519_dalek::PublicKey::from(k));
+                assert!(!shared.was_contributory(), "{}", hex::encode(k));
+                assert_eq!(
+                    WgPublicKey::from_bytes(k),
+                    Err(IdentityError::WgKeyLowOrder)
+                );
+            }
+        }
+        for _ in 0..1000 {
+            let k: [u8; 32] = rand::random();
+            let shared = probe.diffie_hellman(&x25519_dalek::PublicKey::from(k));
+            assert_eq!(
+                shared.was_contributory(),
+                WgPublicKey::from_bytes(k).is_ok(),
+                "{}",
+                hex::encode(k)
             );
         }
         let good = x25519_dalek::PublicKey::from(&x25519_dalek::StaticSecret::from([7; 32]));

@@ -200,6 +200,8 @@ CREATE UNIQUE INDEX IF NOT EXISTS certificates_one_valid_per_site
 CREATE UNIQUE INDEX IF NOT EXISTS certificates_one_valid_per_key
     ON certificates (wg_public_key) WHERE status = 'valid';
 CREATE INDEX IF NOT EXISTS certificates_status ON certificates (status, not_after);
+-- Every enrollment answer lists the hubs: a few rows among many thousand spokes.
+CREATE INDEX IF NOT EXISTS certificates_role ON certificates (role, status, not_after);
 CREATE TABLE IF NOT EXISTS registry_events (
     version INTEGER PRIMARY KEY AUTOINCREMENT,
     at INTEGER NOT NULL,
@@ -243,6 +245,9 @@ impl SqliteStore {
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.execute_batch(SCHEMA)?;
+        // More distinct statements than rusqlite's default cache of 16: re-preparing costs more
+        // than running most of them.
+        conn.set_prepared_statement_cache_capacity(64);
         let (events, _) = broadcast::channel(4096);
         Ok(SqliteStore {
             conn: Mutex::new(conn),
@@ -450,14 +455,18 @@ impl Store for SqliteStore {
     }
 
     fn hubs(&self, now: i64) -> Result<Vec<Identity>, StoreError> {
-        Ok(query_certs(
+        // No ORDER BY: with one, SQLite walks the whole per-site index instead of the role
+        // index. Hubs are few; sort them here.
+        let mut hubs: Vec<Identity> = query_certs(
             &self.conn.lock(),
-            "status = 'valid' AND role = 'hub' AND not_after > ?1 ORDER BY tenant, site",
+            "status = 'valid' AND role = 'hub' AND not_after > ?1",
             &[&now],
         )?
         .into_iter()
         .map(|c| c.identity)
-        .collect())
+        .collect();
+        hubs.sort_by(|a, b| (&a.tenant, &a.site).cmp(&(&b.tenant, &b.site)));
+        Ok(hubs)
     }
 
     fn policy_version(&self) -> Result<u64, StoreError> {
@@ -604,6 +613,17 @@ impl Txn for SqliteTxn<'_> {
         if let Some(p) = existing {
             return Ok(Some(p as u64));
         }
+        // Usually one past the highest (an index lookup); after releases, the lowest gap.
+        let next: i64 = self
+            .conn
+            .prepare_cached("SELECT COALESCE(MAX(pool) + 1, 0) FROM tenant_pools")?
+            .query_row([], |r| r.get(0))?;
+        if (next as u64) < max {
+            self.conn
+                .prepare_cached("INSERT INTO tenant_pools (tenant, pool) VALUES (?1, ?2)")?
+                .execute(params![tenant.as_str(), next])?;
+            return Ok(Some(next as u64));
+        }
         // The lowest number not taken: 0 if free, else one past a taken number whose successor
         // is free.
         let free: i64 = self.conn.prepare_cached(
@@ -635,14 +655,24 @@ impl Txn for SqliteTxn<'_> {
         if let Some(h) = existing {
             return Ok(Some(h as u64));
         }
-        let free: i64 = self
+        // Usually one past the highest (an index lookup); after releases, the lowest gap (a
+        // scan of the tenant's sites, at most a few thousand rows).
+        let next: i64 = self
+            .conn
+            .prepare_cached("SELECT COALESCE(MAX(host) + 1, 1) FROM site_hosts WHERE tenant = ?1")?
+            .query_row(params![tenant.as_str()], |r| r.get(0))?;
+        let free: i64 = if (next as u64) <= max {
+            next
+        } else {
+            self
             .conn
             .prepare_cached(
                 "SELECT CASE WHEN NOT EXISTS (SELECT 1 FROM site_hosts WHERE tenant = ?1 AND host = 1) THEN 1 ELSE \
                  (SELECT MIN(a.host + 1) FROM site_hosts a WHERE a.tenant = ?1 AND NOT EXISTS \
                    (SELECT 1 FROM site_hosts b WHERE b.tenant = ?1 AND b.host = a.host + 1)) END",
             )?
-            .query_row(params![tenant.as_str()], |r| r.get(0))?;
+            .query_row(params![tenant.as_str()], |r| r.get(0))?
+        };
         if free as u64 > max {
             return Ok(None);
         }
