@@ -5,8 +5,11 @@ use std::fmt::Write as _;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context as _};
+use base64::Engine as _;
 use clap::Subcommand;
-use komnet_policy::{diff, explain, nft, query_segment, query_service, run_tests, Policy};
+use komnet_policy::{
+    bundle, diff, explain, nft, query_segment, query_service, run_tests, Policy, ReloadError,
+};
 
 use crate::Dir;
 
@@ -55,6 +58,28 @@ pub(crate) enum PolicyCommand {
         /// The appliance's tunnel interface.
         #[arg(long, default_value = "komnet0")]
         tunnel: String,
+    },
+    /// Create the operator's Ed25519 key for signing policy bundles: KEY (private, 0600) and
+    /// KEY.pub (what gateways pin).
+    Keygen {
+        /// Path of the private key file to create; the public key goes to PATH.pub.
+        #[arg(long)]
+        out: Dir,
+    },
+    /// Check, test and sign a policy into a versioned bundle for the gateways.
+    Bundle {
+        dir: Dir,
+        /// The private key from `komnet policy keygen`.
+        #[arg(long)]
+        key: Dir,
+        #[arg(long)]
+        out: Dir,
+    },
+    /// Verify a bundle's signature against a public key and show what it holds.
+    Verify {
+        bundle: Dir,
+        #[arg(long = "public-key")]
+        public_key: Dir,
     },
     /// Install a site's ruleset with nft: checked with `nft -c`, applied as one transaction,
     /// read back and compared. Needs CAP_NET_ADMIN. On failure the previous ruleset stays.
@@ -239,6 +264,77 @@ fn run_into(cmd: PolicyCommand, out: &mut String) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        PolicyCommand::Keygen { out: path } => {
+            let (private, public) = bundle::generate_key()?;
+            let pub_path = path.with_extension("pub");
+            for p in [&path, &pub_path] {
+                if p.exists() {
+                    bail!("{} exists; not overwriting a key", p.display());
+                }
+            }
+            write_private(&path, &B64.encode(&private))?;
+            std::fs::write(&pub_path, format!("{}\n", B64.encode(&public)))
+                .with_context(|| format!("cannot write {}", pub_path.display()))?;
+            say!(
+                out,
+                "private key {} (0600), public key {} (key id {})",
+                path.display(),
+                pub_path.display(),
+                bundle::key_id(&public)
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        PolicyCommand::Bundle {
+            dir,
+            key,
+            out: dest,
+        } => {
+            let private = read_key(&key)?;
+            let bytes = match bundle::create(&dir, &private) {
+                Ok(b) => b,
+                Err(bundle::BundleError::Load(ReloadError::Invalid(errors))) => {
+                    eprint!("{}", errors.render());
+                    bail!(
+                        "{}: the policy has errors; no bundle written",
+                        dir.display()
+                    );
+                }
+                Err(e) => return Err(e.into()),
+            };
+            let verified_version = bundle::verify(&bytes, &public_of(&private)?)?.version;
+            let tmp = dest.with_extension("tmp");
+            std::fs::write(&tmp, &bytes)
+                .with_context(|| format!("cannot write {}", tmp.display()))?;
+            std::fs::rename(&tmp, &dest)
+                .with_context(|| format!("cannot write {}", dest.display()))?;
+            say!(
+                out,
+                "wrote {} (policy version {verified_version}, {} bytes)",
+                dest.display(),
+                bytes.len()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        PolicyCommand::Verify {
+            bundle: path,
+            public_key,
+        } => {
+            let bytes =
+                std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+            let public = read_key(&public_key)?;
+            let verified = bundle::verify(&bytes, &public)?;
+            let compiled = verified.compile()?;
+            say!(
+                out,
+                "{}: signature valid (key id {}), policy {:?} version {}, {} rules",
+                path.display(),
+                bundle::key_id(&public),
+                verified.name,
+                verified.version,
+                compiled.policy.rules.len()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         PolicyCommand::Apply {
             dir,
             site,
@@ -269,6 +365,36 @@ fn run_into(cmd: PolicyCommand, out: &mut String) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
+
+fn read_key(path: &Dir) -> anyhow::Result<Vec<u8>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    B64.decode(text.trim())
+        .with_context(|| format!("{}: not a base64 key file", path.display()))
+}
+
+fn public_of(private: &[u8]) -> anyhow::Result<Vec<u8>> {
+    use ring::signature::KeyPair as _;
+    let pair = ring::signature::Ed25519KeyPair::from_pkcs8(private)
+        .map_err(|e| anyhow::anyhow!("not an Ed25519 private key: {e}"))?;
+    Ok(pair.public_key().as_ref().to_vec())
+}
+
+/// Creates `path` with mode 0600 before any secret is written into it.
+fn write_private(path: &Dir, contents: &str) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    writeln!(f, "{contents}").with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
 }
 
 fn site_ruleset(

@@ -300,3 +300,70 @@ fn help_and_completions() {
     let out = komnet(&["policy", "query", "x"]);
     assert_eq!(out.code, 2, "usage errors exit 2: {}", out.stderr);
 }
+
+#[test]
+fn keygen_bundle_verify() {
+    let tmp = std::env::temp_dir().join(format!("komnet-cli-bundle-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&tmp);
+    fs::create_dir_all(&tmp).unwrap();
+    let key = tmp.join("operator.key");
+    let out = komnet(&["policy", "keygen", "--out", key.to_str().unwrap()]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    use std::os::unix::fs::PermissionsExt as _;
+    assert_eq!(
+        fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    // Never overwrites a key.
+    assert_eq!(
+        komnet(&["policy", "keygen", "--out", key.to_str().unwrap()]).code,
+        1
+    );
+    let bundle = tmp.join("policy.bundle");
+    let out = komnet(&[
+        "policy",
+        "bundle",
+        example().to_str().unwrap(),
+        "--key",
+        key.to_str().unwrap(),
+        "--out",
+        bundle.to_str().unwrap(),
+    ]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(out.stdout.contains("policy version 7"), "{}", out.stdout);
+    let public = tmp.join("operator.pub");
+    let out = komnet(&[
+        "policy",
+        "verify",
+        bundle.to_str().unwrap(),
+        "--public-key",
+        public.to_str().unwrap(),
+    ]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(out.stdout.contains("signature valid"), "{}", out.stdout);
+    // A broken policy is not bundled, and says why.
+    let broken = copy_example("bundle-broken");
+    replace_in(
+        &broken.join("tenants/kreis.toml"),
+        "to = [\"dms\"",
+        "to = [\"dmz\"",
+    );
+    let out = komnet(&[
+        "policy",
+        "bundle",
+        broken.to_str().unwrap(),
+        "--key",
+        key.to_str().unwrap(),
+        "--out",
+        tmp.join("x.bundle").to_str().unwrap(),
+    ]);
+    assert_eq!(out.code, 1);
+    assert!(
+        out.stderr.contains("unknown service \"dmz\""),
+        "{}",
+        out.stderr
+    );
+    assert!(!tmp.join("x.bundle").exists());
+    fs::remove_dir_all(&tmp).unwrap();
+    fs::remove_dir_all(&broken).unwrap();
+}

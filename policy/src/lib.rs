@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 mod analysis;
+pub mod bundle;
 mod classifier;
 mod flow;
 mod model;

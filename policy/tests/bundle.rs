@@ -1,0 +1,152 @@
+//! Signed policy bundles: signature, anti-rollback, last-known-good on disk, and that a
+//! refused bundle changes nothing.
+
+#![allow(clippy::unwrap_used)] // test code: a failed setup should panic loudly
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use komnet_policy::bundle::{self, BundleError, BundleStore};
+
+fn example() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/policy/landkreis")
+}
+
+fn copy_example(tag: &str) -> PathBuf {
+    let dst = std::env::temp_dir().join(format!("komnet-bundle-{tag}-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&dst);
+    fs::create_dir_all(dst.join("tenants")).unwrap();
+    fs::copy(example().join("operator.toml"), dst.join("operator.toml")).unwrap();
+    for e in fs::read_dir(example().join("tenants")).unwrap() {
+        let e = e.unwrap();
+        fs::copy(e.path(), dst.join("tenants").join(e.file_name())).unwrap();
+    }
+    dst
+}
+
+fn set_version(dir: &Path, from: u64, to: u64) {
+    let p = dir.join("operator.toml");
+    let text = fs::read_to_string(&p).unwrap();
+    fs::write(
+        &p,
+        text.replace(&format!("version = {from}"), &format!("version = {to}")),
+    )
+    .unwrap();
+}
+
+#[test]
+fn signed_bundles_verify_and_tampering_does_not() {
+    let (private, public) = bundle::generate_key().unwrap();
+    let bytes = bundle::create(&example(), &private).unwrap();
+    let verified = bundle::verify(&bytes, &public).unwrap();
+    assert_eq!(verified.version, 7);
+    let compiled = verified.compile().unwrap();
+    assert_eq!(compiled.policy.tenants.len(), 4);
+
+    // Another key: refused.
+    let (_, other) = bundle::generate_key().unwrap();
+    assert!(matches!(
+        bundle::verify(&bytes, &other),
+        Err(BundleError::BadSignature { .. })
+    ));
+    // One changed byte in the signed payload: refused.
+    let text = String::from_utf8(bytes.clone()).unwrap();
+    let start = text.find("\"payload\": \"").unwrap() + 12;
+    let mut tampered = bytes.clone();
+    tampered[start + 40] = if tampered[start + 40] == b'A' {
+        b'B'
+    } else {
+        b'A'
+    };
+    assert!(matches!(
+        bundle::verify(&tampered, &public),
+        Err(BundleError::BadSignature { .. }) | Err(BundleError::Format(_))
+    ));
+    // Garbage: a format error, not a panic.
+    assert!(matches!(
+        bundle::verify(b"{\"x\":1}", &public),
+        Err(BundleError::Format(_))
+    ));
+    assert!(matches!(
+        bundle::verify(&[0xff; 100], &public),
+        Err(BundleError::Format(_))
+    ));
+}
+
+#[test]
+fn a_broken_policy_is_never_bundled() {
+    let dir = copy_example("broken");
+    let p = dir.join("tenants/kreis.toml");
+    let text = fs::read_to_string(&p).unwrap();
+    fs::write(&p, text.replace("to = [\"dms\"", "to = [\"dmz\"")).unwrap();
+    let (private, _) = bundle::generate_key().unwrap();
+    assert!(matches!(
+        bundle::create(&dir, &private),
+        Err(BundleError::Load(_))
+    ));
+    fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn store_keeps_the_last_known_good_and_refuses_rollbacks() {
+    let (private, public) = bundle::generate_key().unwrap();
+    let state = std::env::temp_dir().join(format!("komnet-bundle-state-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&state);
+    let store = BundleStore::new(&state, public.clone());
+    assert!(store.load_last_known_good().unwrap().is_none());
+
+    let v7 = bundle::create(&example(), &private).unwrap();
+    let (running, compiled) = store.install(&v7, None).unwrap();
+    assert_eq!(compiled.version(), 7);
+    let on_disk = fs::read(state.join("policy.bundle")).unwrap();
+
+    // Version 8 with a change, then back to 7: refused, disk unchanged.
+    let dir = copy_example("v8");
+    set_version(&dir, 7, 8);
+    let v8 = bundle::create(&dir, &private).unwrap();
+    let (running8, _) = store.install(&v8, Some(&running)).unwrap();
+    assert_eq!(running8.version, 8);
+    let err = store.install(&v7, Some(&running8)).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            BundleError::Rollback {
+                offered: 7,
+                running: 8
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(fs::read(state.join("policy.bundle")).unwrap(), v8);
+
+    // Same version, other content: refused.
+    let p = dir.join("tenants/rz.toml");
+    let text = fs::read_to_string(&p).unwrap();
+    fs::write(&p, text.replace("# Kommunales", "# Das Kommunale")).unwrap();
+    let v8b = bundle::create(&dir, &private).unwrap();
+    assert!(matches!(
+        store.install(&v8b, Some(&running8)),
+        Err(BundleError::SameVersionDifferentContent(8))
+    ));
+    // The identical bundle again is fine (a restart re-applying what runs).
+    assert!(store.install(&v8, Some(&running8)).is_ok());
+
+    // A restart comes back with version 8, verified again.
+    let (lkg, compiled) = BundleStore::new(&state, public.clone())
+        .load_last_known_good()
+        .unwrap()
+        .unwrap();
+    assert_eq!((lkg.version, compiled.version()), (8, 8));
+
+    // A corrupted file on disk is an error, not a silently accepted policy.
+    let mut bad = fs::read(state.join("policy.bundle")).unwrap();
+    let n = bad.len();
+    bad[n / 2] ^= 0x01;
+    fs::write(state.join("policy.bundle"), &bad).unwrap();
+    assert!(BundleStore::new(&state, public)
+        .load_last_known_good()
+        .is_err());
+    assert_ne!(on_disk, bad);
+    fs::remove_dir_all(&state).unwrap();
+    fs::remove_dir_all(&dir).unwrap();
+}
