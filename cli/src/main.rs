@@ -15,7 +15,9 @@ mod policy_cmd;
     about = "komnet: zero-trust network for municipalities — admin command line",
     long_about = "komnet's admin command line. `komnet policy …` checks, tests, explains and \
                   compiles the segmentation policy (a directory with operator.toml and \
-                  tenants/*.toml, see docs/policy.md) offline, before it reaches any appliance."
+                  tenants/*.toml, see docs/policy.md) offline, before it reaches any appliance. \
+                  `komnet token create`, `komnet revoke`, `komnet homeoffice issue`, \
+                  `komnet audit` administer the enrollment service over its admin socket."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -27,6 +29,9 @@ enum Command {
     /// Check, test, explain, query, diff and compile segmentation policies.
     #[command(subcommand)]
     Policy(policy_cmd::PolicyCommand),
+    /// Enrollment administration (talks to komnet-enroll over its admin socket).
+    #[command(flatten)]
+    Enroll(komnet_enroll::admin::AdminCommand),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions { shell: clap_complete::Shell },
 }
@@ -35,6 +40,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Policy(cmd) => policy_cmd::run(cmd),
+        Command::Enroll(cmd) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(komnet_enroll::admin::run(cmd))),
         Command::Completions { shell } => {
             let mut cmd = Cli::command();
             let mut script = Vec::new();

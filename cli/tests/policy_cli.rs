@@ -294,6 +294,38 @@ fn help_and_completions() {
             out.stdout
         );
     }
+    let out = komnet(&["--help"]);
+    for verb in [
+        "policy",
+        "token",
+        "revoke",
+        "homeoffice",
+        "audit",
+        "completions",
+    ] {
+        assert!(
+            out.stdout.contains(verb),
+            "{verb} missing from help:\n{}",
+            out.stdout
+        );
+    }
+    // Admin commands reach the enrollment service only through its socket: none here.
+    let out = komnet(&[
+        "token",
+        "create",
+        "--tenant",
+        "t",
+        "--site",
+        "s",
+        "--role",
+        "spoke",
+        "--out",
+        "/nonexistent/x.json",
+        "--socket",
+        "/nonexistent/admin.sock",
+    ]);
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert!(out.stderr.contains("admin.sock"), "{}", out.stderr);
     let out = komnet(&["completions", "bash"]);
     assert_eq!(out.code, 0);
     assert!(out.stdout.contains("komnet"));

@@ -336,11 +336,40 @@ struct Follow {
     last: u64,
     backlog: std::collections::VecDeque<RegistryEvent>,
     caught_up: bool,
+    /// The watching hub: its stream ends when its own certificate is revoked, replaced or
+    /// expires, so it must come back with a valid one.
+    hub: crate::identity::Identity,
+    hub_gone: bool,
 }
 
 impl Follow {
+    /// True when `ev` ends the hub's own certificate.
+    fn ends_hub(&self, ev: &RegistryEvent) -> bool {
+        match &ev.change {
+            api::RegistryChange::Remove { serial, .. } => *serial == self.hub.serial,
+            api::RegistryChange::Upsert(id) => {
+                id.tenant == self.hub.tenant
+                    && id.site == self.hub.site
+                    && id.serial != self.hub.serial
+            }
+        }
+    }
+
     async fn next(&mut self) -> Option<Result<RegistryEvent, ApiError>> {
+        let ev = self.next_event().await?;
+        if let Ok(ev) = &ev {
+            if self.ends_hub(ev) {
+                self.hub_gone = true;
+            }
+        }
+        Some(ev)
+    }
+
+    async fn next_event(&mut self) -> Option<Result<RegistryEvent, ApiError>> {
         loop {
+            if self.hub_gone {
+                return None;
+            }
             if let Some(ev) = self.backlog.pop_front() {
                 if ev.version > self.last {
                     self.last = ev.version;
@@ -359,7 +388,15 @@ impl Follow {
                 }
                 continue;
             }
-            match self.rx.recv().await {
+            let left = self.hub.not_after - self.service.now();
+            if left <= 0 {
+                return None;
+            }
+            let received = tokio::select! {
+                r = self.rx.recv() => r,
+                _ = tokio::time::sleep(Duration::from_secs(left as u64)) => continue,
+            };
+            match received {
                 Ok(ev) if ev.version <= self.last => continue,
                 Ok(ev) if ev.version == self.last + 1 => {
                     self.last = ev.version;
@@ -393,6 +430,8 @@ async fn registry_events_route(State(state): State<Shared>, req: Request) -> Res
         last: since,
         backlog: Default::default(),
         caught_up: false,
+        hub: hub.identity.clone(),
+        hub_gone: false,
     };
     let stream = futures_util::stream::unfold(follow, |mut f| async move {
         let item = f.next().await?;

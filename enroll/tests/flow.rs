@@ -146,6 +146,36 @@ async fn init_token_enroll_renew_revoke_registry() {
         "superseded serial listed too: {listed:?}"
     );
 
+    // Revoking the hub itself ends its registry stream: it must come back with a valid
+    // certificate, and cannot.
+    h.service
+        .revoke(
+            &RevokeRequest {
+                serial: Some(hub.identity.serial.clone()),
+                tenant: None,
+                site: None,
+                reason: RevocationReason::KeyCompromise,
+            },
+            "test",
+        )
+        .unwrap();
+    let last = tokio::time::timeout(Duration::from_secs(2), follower.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(matches!(last.change, RegistryChange::Remove { .. }));
+    let end = tokio::time::timeout(Duration::from_secs(2), follower.next())
+        .await
+        .expect("the revoked hub's stream stays open");
+    assert!(!matches!(end, Some(Ok(_))), "{end:?}");
+    let err = client::follow_registry(&hub, 0).await.unwrap_err();
+    assert_eq!(
+        err.api_error().unwrap().code,
+        ErrorCode::CertificateRevoked,
+        "{err}"
+    );
+
     // Every step is in the audit log.
     let actions: Vec<String> = h
         .service
