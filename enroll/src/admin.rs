@@ -61,10 +61,13 @@ pub enum TokenCommand {
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct TokenCreateArgs {
+    /// The commune the appliance belongs to, e.g. nohfelden.
     #[arg(long)]
     pub tenant: TenantId,
+    /// The site, e.g. rathaus (a hub: its name in the data centre).
     #[arg(long)]
     pub site: SiteId,
+    /// spoke, hub or homeoffice.
     #[arg(long, value_parser = parse_role)]
     pub role: Role,
     /// How long the token stays valid (e.g. 30m, 24h, 7d).
@@ -113,6 +116,7 @@ pub enum HomeofficeCommand {
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct HomeofficeIssueArgs {
+    /// The commune the user works for.
     #[arg(long)]
     pub tenant: TenantId,
     /// The user (device) name, e.g. anna.schmidt.
