@@ -42,13 +42,7 @@ fn bootstrap(service: &Service, url: &str, tenant: &str, site: &str, role: Role)
             "bench",
         )
         .unwrap();
-    Bootstrap {
-        version: 1,
-        token: resp.token,
-        enroll_urls: vec![url.to_owned()],
-        root_fingerprint: resp.root_fingerprint,
-        root_ca_pem: resp.root_ca_pem,
-    }
+    Bootstrap::from_token(resp, vec![url.to_owned()])
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {

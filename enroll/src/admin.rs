@@ -61,10 +61,13 @@ pub enum TokenCommand {
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct TokenCreateArgs {
+    /// The commune the appliance belongs to, e.g. nohfelden.
     #[arg(long)]
     pub tenant: TenantId,
+    /// The site, e.g. rathaus (a hub: its name in the data centre).
     #[arg(long)]
     pub site: SiteId,
+    /// spoke, hub or homeoffice.
     #[arg(long, value_parser = parse_role)]
     pub role: Role,
     /// How long the token stays valid (e.g. 30m, 24h, 7d).
@@ -113,6 +116,7 @@ pub enum HomeofficeCommand {
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct HomeofficeIssueArgs {
+    /// The commune the user works for.
     #[arg(long)]
     pub tenant: TenantId,
     /// The user (device) name, e.g. anna.schmidt.
@@ -249,32 +253,25 @@ async fn token_create(a: TokenCreateArgs, out: &mut dyn Write) -> anyhow::Result
     })?;
     let resp: CreateTokenResponse =
         call(&a.socket.socket, Method::POST, admin::TOKENS, Some(body)).await?;
-    let bootstrap = Bootstrap {
-        version: 1,
-        token: resp.token.clone(),
-        enroll_urls: if a.urls.is_empty() {
-            resp.enroll_urls
-        } else {
-            a.urls
-        },
-        root_fingerprint: resp.root_fingerprint.clone(),
-        root_ca_pem: resp.root_ca_pem,
-    };
+    let root_fingerprint = resp.root_fingerprint.clone();
+    let (token_id, token_text, expires_at) =
+        (resp.token_id.clone(), resp.token.clone(), resp.expires_at);
+    let bootstrap = Bootstrap::from_token(resp, a.urls);
     bootstrap
         .write(&path)
         .with_context(|| "writing the bootstrap file".to_string())?;
     writeln!(
         out,
-        "token {} for {}/{} ({}), expires at {} (unix)",
-        resp.token_id, a.tenant, a.site, a.role, resp.expires_at
+        "token {token_id} for {}/{} ({}), expires at {expires_at} (unix)",
+        a.tenant, a.site, a.role
     )?;
     writeln!(
         out,
         "bootstrap file: {} (mode 0600; copy it to the USB stick)",
         path.display()
     )?;
-    writeln!(out, "root fingerprint: {}", resp.root_fingerprint)?;
-    writeln!(out, "token (shown once): {}", resp.token)?;
+    writeln!(out, "root fingerprint: {root_fingerprint}")?;
+    writeln!(out, "token (shown once): {token_text}")?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -244,6 +244,7 @@ pub mod admin {
         pub enroll_urls: Vec<String>,
         pub root_ca_pem: String,
         pub root_fingerprint: String,
+        pub wg_proof_public_key: WgPublicKey,
     }
 
     /// Exactly one selector: a serial, or a tenant with optionally a site.

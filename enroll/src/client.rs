@@ -48,6 +48,8 @@ mod bytes_compat {
 
 /// Largest answer read from the service (a response is a few KiB).
 const MAX_RESPONSE_BYTES: usize = 1 << 20;
+/// Largest registry snapshot read (about 250 bytes a peer: room for ~250,000 peers).
+const MAX_SNAPSHOT_BYTES: usize = 64 << 20;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -136,6 +138,8 @@ pub struct Enrollment {
     pub private_key_pem: String,
     pub root_ca_pem: String,
     pub enroll_urls: Vec<String>,
+    /// The service's proof key, from the bootstrap file.
+    pub wg_proof_public_key: WgPublicKey,
     pub renew_after: i64,
     pub hub_endpoints: Vec<String>,
     pub hubs: Vec<HubPeer>,
@@ -159,6 +163,7 @@ impl Enrollment {
         private_key_pem: String,
         root_ca_pem: String,
         enroll_urls: Vec<String>,
+        wg_proof_public_key: WgPublicKey,
     ) -> Self {
         Enrollment {
             identity: resp.identity,
@@ -166,6 +171,7 @@ impl Enrollment {
             private_key_pem,
             root_ca_pem,
             enroll_urls,
+            wg_proof_public_key,
             renew_after: resp.renew_after,
             hub_endpoints: resp.hub_endpoints,
             hubs: resp.hubs,
@@ -346,11 +352,22 @@ impl Connection {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<T, ClientError> {
+        self.call_limited(method, path, body, MAX_RESPONSE_BYTES)
+            .await
+    }
+
+    async fn call_limited<T: serde::de::DeserializeOwned>(
+        &mut self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+        limit: usize,
+    ) -> Result<T, ClientError> {
         let resp = self.send(method, path, body).await?;
         let status = resp.status();
         let bytes = tokio::time::timeout(
             REQUEST_TIMEOUT,
-            http_body_util::Limited::new(resp.into_body(), MAX_RESPONSE_BYTES).collect(),
+            http_body_util::Limited::new(resp.into_body(), limit).collect(),
         )
         .await
         .map_err(|_| self.protocol("answer body timed out".into()))?
@@ -444,9 +461,9 @@ pub async fn enroll(bootstrap: &Bootstrap, keys: &WgKeys) -> Result<Enrollment, 
     check_pin(bootstrap)?;
     let tls = client_config(&bootstrap.root_ca_pem, None)?;
     with_first_reachable(&bootstrap.enroll_urls, tls, |mut conn| async move {
-        let info: ServiceInfo = conn.call(Method::GET, api::routes::INFO, None).await?;
         let (key, csr_der) = new_csr(None)?;
-        let (csr, wg_public_key, wg_proof) = key_request(keys, &info.wg_proof_public_key, &csr_der);
+        let (csr, wg_public_key, wg_proof) =
+            key_request(keys, &bootstrap.wg_proof_public_key, &csr_der);
         let body = serde_json::to_vec(&EnrollRequest {
             token: bootstrap.token.clone(),
             csr,
@@ -462,6 +479,7 @@ pub async fn enroll(bootstrap: &Bootstrap, keys: &WgKeys) -> Result<Enrollment, 
             key.serialize_pem(),
             bootstrap.root_ca_pem.clone(),
             bootstrap.enroll_urls.clone(),
+            bootstrap.wg_proof_public_key,
         ))
     })
     .await
@@ -475,9 +493,9 @@ pub async fn renew(current: &Enrollment, keys: &WgKeys) -> Result<Enrollment, Cl
         Some((&current.certificate_chain_pem, &current.private_key_pem)),
     )?;
     with_first_reachable(&current.enroll_urls, tls, |mut conn| async move {
-        let info: ServiceInfo = conn.call(Method::GET, api::routes::INFO, None).await?;
         let (key, csr_der) = new_csr(Some(&current.identity))?;
-        let (csr, wg_public_key, wg_proof) = key_request(keys, &info.wg_proof_public_key, &csr_der);
+        let (csr, wg_public_key, wg_proof) =
+            key_request(keys, &current.wg_proof_public_key, &csr_der);
         let body = serde_json::to_vec(&RenewRequest {
             csr,
             wg_public_key,
@@ -492,6 +510,7 @@ pub async fn renew(current: &Enrollment, keys: &WgKeys) -> Result<Enrollment, Cl
             key.serialize_pem(),
             current.root_ca_pem.clone(),
             current.enroll_urls.clone(),
+            current.wg_proof_public_key,
         ))
     })
     .await
@@ -504,7 +523,17 @@ pub async fn registry_snapshot(hub: &Enrollment) -> Result<RegistrySnapshot, Cli
         Some((&hub.certificate_chain_pem, &hub.private_key_pem)),
     )?;
     with_first_reachable(&hub.enroll_urls, tls, |mut conn| async move {
-        conn.call(Method::GET, api::routes::REGISTRY, None).await
+        conn.call_limited(Method::GET, api::routes::REGISTRY, None, MAX_SNAPSHOT_BYTES)
+            .await
+    })
+    .await
+}
+
+/// The service's CA certificates and proof key (`GET /v1/info`), trusting the given root.
+pub async fn service_info(root_ca_pem: &str, urls: &[String]) -> Result<ServiceInfo, ClientError> {
+    let tls = client_config(root_ca_pem, None)?;
+    with_first_reachable(urls, tls, |mut conn| async move {
+        conn.call(Method::GET, api::routes::INFO, None).await
     })
     .await
 }

@@ -308,6 +308,7 @@ impl Service {
             enroll_urls: self.config.enroll_urls.clone(),
             root_ca_pem: self.ca.root_pem.clone(),
             root_fingerprint: self.ca.root_fingerprint.clone(),
+            wg_proof_public_key: self.wg_proof_public,
         })
     }
 

