@@ -9,7 +9,9 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 
 use crate::flow::{Origin, PacketMeta, PortRange, Proto};
-use crate::model::{resolve_from, resolve_to, FromSpec, Policy, SegmentId, ServiceId, ToSpec};
+use crate::model::{
+    resolve_from, resolve_to, share_family, FromSpec, Policy, SegmentId, ServiceId, ToSpec,
+};
 use crate::oracle::{decide, Decision};
 
 /// One concrete packet a test or an explanation was decided on.
@@ -236,13 +238,7 @@ fn reach_table(policy: &Policy) -> BTreeMap<(SegmentId, ServiceId), Reach> {
             let service = &policy.services[svc.index()];
             for &seg in &rule.from {
                 let segment = &policy.segments[seg.index()];
-                let shared_family = segment.prefixes.iter().any(|a| {
-                    service
-                        .addresses
-                        .iter()
-                        .any(|b| a.addr().is_ipv4() == b.addr().is_ipv4())
-                });
-                if !shared_family {
+                if !share_family(&segment.prefixes, &service.addresses) {
                     continue;
                 }
                 let e = table.entry((seg, svc)).or_default();

@@ -320,10 +320,7 @@ impl Policy {
     }
 
     pub fn tenant_by_name(&self, name: &str) -> Option<TenantId> {
-        self.tenants
-            .iter()
-            .position(|t| t.name == name)
-            .map(|i| TenantId(i as u32))
+        tenant_index(&self.tenants, name)
     }
 
     pub fn site_by_name(&self, tenant: TenantId, name: &str) -> Option<SiteId> {
@@ -374,33 +371,12 @@ impl Policy {
 
     /// A segment named `tenant/segment` (or bare, when `within` names the tenant).
     pub fn find_segment(&self, name: &str, within: Option<TenantId>) -> Option<SegmentId> {
-        let (tenant, seg) = match name.split_once('/') {
-            Some((t, s)) => (self.tenant_by_name(t)?, s),
-            None => (within?, name),
-        };
-        self.segments
-            .iter()
-            .position(|s| s.tenant == tenant && s.name == seg)
-            .map(|i| SegmentId(i as u32))
+        lookup_segment(&self.tenants, &self.segments, name, within)
     }
 
     /// A service by its display name (`dms`, `tenant/service`), or bare from inside `within`.
     pub fn find_service(&self, name: &str, within: Option<TenantId>) -> Option<ServiceId> {
-        let found = |pred: &dyn Fn(&Service) -> bool| {
-            self.services
-                .iter()
-                .position(pred)
-                .map(|i| ServiceId(i as u32))
-        };
-        match name.split_once('/') {
-            Some((t, s)) => {
-                let tenant = self.tenant_by_name(t)?;
-                found(&|x| x.tenant_declared && x.owner == Some(tenant) && x.name == s)
-            }
-            None => within
-                .and_then(|t| found(&|x| x.tenant_declared && x.owner == Some(t) && x.name == name))
-                .or_else(|| found(&|x| !x.tenant_declared && x.name == name)),
-        }
+        lookup_service(&self.tenants, &self.services, name, within)
     }
 
     /// The segment an address belongs to (segments never overlap, the checker sees to that).
@@ -563,6 +539,12 @@ pub(crate) fn parse_prefix(s: &str) -> Result<IpNet, String> {
         ));
     }
     Ok(net)
+}
+
+/// Whether the two lists have a prefix of the same address family (IPv4 or IPv6).
+pub(crate) fn share_family(a: &[IpNet], b: &[IpNet]) -> bool {
+    a.iter()
+        .any(|x| b.iter().any(|y| x.addr().is_ipv4() == y.addr().is_ipv4()))
 }
 
 pub(crate) fn nets_overlap(a: &IpNet, b: &IpNet) -> bool {
@@ -831,10 +813,7 @@ impl<'s> Builder<'s> {
     }
 
     fn tenant_id(&self, name: &str) -> Option<TenantId> {
-        self.tenants
-            .iter()
-            .position(|t| t.name == name)
-            .map(|i| TenantId(i as u32))
+        tenant_index(&self.tenants, name)
     }
 
     fn add_service(
@@ -1253,21 +1232,7 @@ impl<'s> Builder<'s> {
 
     /// `dms` (shared), own `fileserver` from inside tenant `within`, or `tenant/service`.
     fn service_by_ref(&self, name: &str, within: Option<TenantId>) -> Option<ServiceId> {
-        let pos = |pred: &dyn Fn(&Service) -> bool| {
-            self.services
-                .iter()
-                .position(pred)
-                .map(|i| ServiceId(i as u32))
-        };
-        match name.split_once('/') {
-            Some((t, s)) => {
-                let t = self.tenant_id(t)?;
-                pos(&|x| x.tenant_declared && x.owner == Some(t) && x.name == s)
-            }
-            None => within
-                .and_then(|t| pos(&|x| x.tenant_declared && x.owner == Some(t) && x.name == name))
-                .or_else(|| pos(&|x| !x.tenant_declared && x.name == name)),
-        }
+        lookup_service(&self.tenants, &self.services, name, within)
     }
 
     fn may_use(&self, tenant: TenantId, service: &Service) -> bool {
@@ -1431,13 +1396,9 @@ impl<'s> Builder<'s> {
             let segment = &self.segments[seg.index()];
             for &svc in &rule.to {
                 let service = &self.services[svc.index()];
-                let family_shared = segment.prefixes.iter().any(|a| {
-                    service
-                        .addresses
-                        .iter()
-                        .any(|b| a.addr().is_ipv4() == b.addr().is_ipv4())
-                });
-                if !family_shared || rule.allowed_ports(service).is_empty() {
+                if !share_family(&segment.prefixes, &service.addresses)
+                    || rule.allowed_ports(service).is_empty()
+                {
                     continue;
                 }
                 matchable = true;
@@ -1544,14 +1505,51 @@ impl<'s> Builder<'s> {
     }
 
     fn segment_by_ref(&self, name: &str, within: Option<TenantId>) -> Option<SegmentId> {
-        let (tenant, seg) = match name.split_once('/') {
-            Some((t, s)) => (self.tenant_id(t)?, s),
-            None => (within?, name),
-        };
-        self.segments
-            .iter()
-            .position(|s| s.tenant == tenant && s.name == seg)
-            .map(|i| SegmentId(i as u32))
+        lookup_segment(&self.tenants, &self.segments, name, within)
+    }
+}
+
+fn tenant_index(tenants: &[Tenant], name: &str) -> Option<TenantId> {
+    tenants
+        .iter()
+        .position(|t| t.name == name)
+        .map(|i| TenantId(i as u32))
+}
+
+/// `tenant/segment`, or a bare segment name of tenant `within`.
+fn lookup_segment(
+    tenants: &[Tenant],
+    segments: &[Segment],
+    name: &str,
+    within: Option<TenantId>,
+) -> Option<SegmentId> {
+    let (tenant, seg) = match name.split_once('/') {
+        Some((t, s)) => (tenant_index(tenants, t)?, s),
+        None => (within?, name),
+    };
+    segments
+        .iter()
+        .position(|s| s.tenant == tenant && s.name == seg)
+        .map(|i| SegmentId(i as u32))
+}
+
+/// `tenant/service`; a bare name is tenant `within`'s own service, else a shared one.
+fn lookup_service(
+    tenants: &[Tenant],
+    services: &[Service],
+    name: &str,
+    within: Option<TenantId>,
+) -> Option<ServiceId> {
+    let find = |pred: &dyn Fn(&Service) -> bool| {
+        services.iter().position(pred).map(|i| ServiceId(i as u32))
+    };
+    let own =
+        |t: TenantId, n: &str| find(&|x| x.tenant_declared && x.owner == Some(t) && x.name == n);
+    match name.split_once('/') {
+        Some((t, s)) => own(tenant_index(tenants, t)?, s),
+        None => within
+            .and_then(|t| own(t, name))
+            .or_else(|| find(&|x| !x.tenant_declared && x.name == name)),
     }
 }
 
