@@ -10,11 +10,14 @@
 //!   (quinn-udp), batches carried through the pipeline, one thread per direction.
 //! - [`firewall`]: the hub's stateful enforcement of the compiled segmentation policy (flow
 //!   table with idle timeouts and a bound, related ICMP errors), sans-IO.
+//! - [`admission`]: which registry identities a hub admits, with which allowed IPs (from the
+//!   policy), turned into peer-table changes; sans-IO.
 //! - `sys`: the few syscalls no crate wraps; the only place with `unsafe`.
 //!
 //! It does not own enrollment (`komnet-enroll`) or the policy language (`komnet-policy`); it
 //! enforces the policy that crate compiles.
 
+pub mod admission;
 pub mod allowed_ips;
 pub mod cookie;
 pub mod core;

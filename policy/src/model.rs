@@ -292,6 +292,9 @@ impl Policy {
         }
         b.finish_checks();
         diags.append(&mut b.diags);
+        // A group named by several rules reports its unknown member once, not once per rule.
+        let mut seen = std::collections::HashSet::new();
+        diags.retain(|d| seen.insert((d.loc.clone(), d.message.clone())));
         diags.sort_by_key(|d| (d.severity, d.loc.as_ref().map(|l| (l.file, l.span.start))));
         if diags.iter().any(Diagnostic::is_error) || b.header.is_none() {
             if b.header.is_none() && !diags.iter().any(Diagnostic::is_error) {

@@ -1,0 +1,267 @@
+//! Hub admission with the worked example policy: allowed IPs from the policy, expiry,
+//! revocation, identities the policy does not know, and policy changes.
+
+#![allow(clippy::unwrap_used)] // test code: a failed setup should panic loudly
+
+use std::path::Path;
+
+use ipnet::IpNet;
+use komnet_gateway::admission::{Admission, AdmissionError, HubPeers, PeerChange};
+use komnet_policy::{Policy, Role};
+
+/// The worked example, with `edit` (from, to) applied to every file.
+fn policy(edit: Option<(&str, &str)>) -> Policy {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/policy/landkreis");
+    let apply = |text: String| match edit {
+        Some((from, to)) => text.replace(from, to),
+        None => text,
+    };
+    let op = apply(std::fs::read_to_string(dir.join("operator.toml")).unwrap());
+    let mut frags = Vec::new();
+    for e in std::fs::read_dir(dir.join("tenants")).unwrap() {
+        let e = e.unwrap();
+        frags.push((
+            e.file_name().to_string_lossy().into_owned(),
+            apply(std::fs::read_to_string(e.path()).unwrap()),
+        ));
+    }
+    let refs: Vec<(&str, &str)> = frags
+        .iter()
+        .map(|(n, t)| (n.as_str(), t.as_str()))
+        .collect();
+    Policy::from_texts(&op, &refs).unwrap_or_else(|e| panic!("{}", e.render()))
+}
+
+fn net(s: &str) -> IpNet {
+    s.parse().unwrap()
+}
+
+fn admission(
+    tenant: &str,
+    site: &str,
+    role: Role,
+    key: u8,
+    addr: &str,
+    not_after: i64,
+) -> Admission {
+    Admission {
+        tenant: tenant.into(),
+        site: site.into(),
+        role,
+        wg_public_key: [key; 32],
+        tunnel_addrs: vec![net(addr)],
+        not_after,
+        serial: format!("{key:02x}"),
+    }
+}
+
+#[test]
+fn spokes_get_their_site_and_home_offices_only_their_address() {
+    let p = policy(None);
+    let mut hub = HubPeers::default();
+    let (r, changes) = hub.upsert(
+        1000,
+        &p,
+        admission(
+            "musterstadt",
+            "rathaus",
+            Role::Spoke,
+            1,
+            "10.96.0.2/32",
+            2000,
+        ),
+    );
+    r.unwrap();
+    let [PeerChange::Upsert {
+        allowed_ips,
+        identity,
+        ..
+    }] = changes.as_slice()
+    else {
+        panic!("{changes:?}")
+    };
+    assert_eq!(
+        allowed_ips,
+        &vec![
+            net("10.20.0.0/16"),
+            net("10.96.0.2/32"),
+            net("fd00:20::/48")
+        ]
+    );
+    assert_eq!(
+        Some(*identity),
+        p.peer_identity("musterstadt", Some("rathaus"), Role::Spoke)
+    );
+
+    let (r, changes) = hub.upsert(
+        1000,
+        &p,
+        admission(
+            "musterstadt",
+            "anna",
+            Role::Homeoffice,
+            2,
+            "10.250.20.9/32",
+            2000,
+        ),
+    );
+    r.unwrap();
+    let [PeerChange::Upsert { allowed_ips, .. }] = changes.as_slice() else {
+        panic!()
+    };
+    assert_eq!(allowed_ips, &vec![net("10.250.20.9/32")]);
+    // A home-office address outside the tenant's pool is refused.
+    let (r, _) = hub.upsert(
+        1000,
+        &p,
+        admission(
+            "musterstadt",
+            "bob",
+            Role::Homeoffice,
+            3,
+            "10.250.30.9/32",
+            2000,
+        ),
+    );
+    assert!(matches!(
+        r,
+        Err(AdmissionError::AddressOutsidePolicy { .. })
+    ));
+    assert_eq!(hub.len(), 2);
+}
+
+#[test]
+fn unknown_expired_and_revoked_identities_lose_access() {
+    let p = policy(None);
+    let mut hub = HubPeers::default();
+    let (r, _) = hub.upsert(
+        1000,
+        &p,
+        admission("nowhere", "rathaus", Role::Spoke, 1, "10.96.0.2/32", 2000),
+    );
+    assert!(matches!(r, Err(AdmissionError::UnknownToPolicy { .. })));
+    let (r, _) = hub.upsert(
+        1000,
+        &p,
+        admission(
+            "musterstadt",
+            "rathaus",
+            Role::Spoke,
+            1,
+            "10.96.0.2/32",
+            900,
+        ),
+    );
+    assert!(matches!(r, Err(AdmissionError::Expired { .. })));
+    let (r, _) = hub.upsert(
+        1000,
+        &p,
+        admission("kreis", "kreishaus", Role::Hub, 9, "10.96.9.1/32", 2000),
+    );
+    assert_eq!(r, Err(AdmissionError::HubRole));
+
+    hub.upsert(
+        1000,
+        &p,
+        admission(
+            "musterstadt",
+            "rathaus",
+            Role::Spoke,
+            1,
+            "10.96.0.2/32",
+            2000,
+        ),
+    )
+    .0
+    .unwrap();
+    hub.upsert(
+        1000,
+        &p,
+        admission(
+            "beispieldorf",
+            "rathaus",
+            Role::Spoke,
+            2,
+            "10.96.1.2/32",
+            1500,
+        ),
+    )
+    .0
+    .unwrap();
+    // An update that is no longer acceptable withdraws the earlier admission.
+    let (r, changes) = hub.upsert(
+        1000,
+        &p,
+        admission("musterstadt", "gone", Role::Spoke, 1, "10.96.0.2/32", 2000),
+    );
+    assert!(r.is_err());
+    assert_eq!(changes, vec![PeerChange::Remove { key: [1; 32] }]);
+    // Expiry and revocation.
+    assert_eq!(hub.expire(1500), vec![PeerChange::Remove { key: [2; 32] }]);
+    assert!(hub.is_empty());
+    assert_eq!(hub.remove(&[2; 32]), None);
+}
+
+#[test]
+fn a_policy_change_updates_allowed_ips_and_drops_unknown_sites() {
+    let p = policy(None);
+    let mut hub = HubPeers::default();
+    hub.upsert(
+        1000,
+        &p,
+        admission(
+            "musterstadt",
+            "rathaus",
+            Role::Spoke,
+            1,
+            "10.96.0.2/32",
+            9000,
+        ),
+    )
+    .0
+    .unwrap();
+    hub.upsert(
+        1000,
+        &p,
+        admission(
+            "musterstadt",
+            "bauhof",
+            Role::Spoke,
+            2,
+            "10.96.0.3/32",
+            9000,
+        ),
+    )
+    .0
+    .unwrap();
+    // Same policy again: nothing to do.
+    assert!(hub.on_policy_change(1000, &p).is_empty());
+    // The depot's range grows; the town hall is unchanged.
+    let p2 = policy(Some((
+        "prefixes = [\"10.21.0.0/16\", \"fd00:21::/48\"]",
+        "prefixes = [\"10.21.0.0/16\", \"10.22.0.0/16\", \"fd00:21::/48\"]",
+    )));
+    let changes = hub.on_policy_change(1000, &p2);
+    assert_eq!(changes.len(), 1, "{changes:?}");
+    let PeerChange::Upsert {
+        key, allowed_ips, ..
+    } = &changes[0]
+    else {
+        panic!()
+    };
+    assert_eq!(key, &[2; 32]);
+    assert!(allowed_ips.contains(&net("10.22.0.0/16")));
+    // The depot is renamed in the policy: the peer enrolled for "bauhof" goes.
+    let p3 = policy(Some(("bauhof", "werkhof")));
+    let changes = hub.on_policy_change(1000, &p3);
+    assert!(
+        changes.contains(&PeerChange::Remove { key: [2; 32] }),
+        "{changes:?}"
+    );
+    assert_eq!(hub.len(), 1);
+    // The town hall's identity is re-resolved against the new policy (its indices moved).
+    assert_eq!(
+        hub.identity(&[1; 32]),
+        p3.peer_identity("musterstadt", Some("rathaus"), Role::Spoke)
+    );
+}
