@@ -1,7 +1,6 @@
 //! `komnet`: the command line of network admins and data-centre operators.
 
 use std::io::Write as _;
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand};
@@ -74,6 +73,3 @@ pub(crate) fn emit(text: &str) -> std::io::Result<()> {
         other => other,
     }
 }
-
-/// Shared by subcommands: a directory argument as given.
-pub(crate) type Dir = PathBuf;

@@ -11,17 +11,17 @@ use komnet_policy::{
     bundle, diff, explain, nft, query_segment, query_service, run_tests, Policy, ReloadError,
 };
 
-use crate::Dir;
+use std::path::{Path, PathBuf};
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum PolicyCommand {
     /// Parse and validate a policy directory; prints every error with file:line:col.
-    Check { dir: Dir },
+    Check { dir: PathBuf },
     /// Run the inline `[[expect]]` tests of a policy.
-    Test { dir: Dir },
+    Test { dir: PathBuf },
     /// Decide one flow and show the rule (or default deny) that decided it.
     Explain {
-        dir: Dir,
+        dir: PathBuf,
         /// Source: an address (10.20.1.7), a segment (musterstadt/verwaltung).
         #[arg(long)]
         from: String,
@@ -32,17 +32,17 @@ pub(crate) enum PolicyCommand {
     /// Who can reach a service, or what a segment can reach.
     #[command(group(clap::ArgGroup::new("what").required(true).args(["service", "segment"])))]
     Query {
-        dir: Dir,
+        dir: PathBuf,
         #[arg(long)]
         service: Option<String>,
         #[arg(long)]
         segment: Option<String>,
     },
     /// Flows newly allowed and newly denied between two versions of a policy.
-    Diff { old: Dir, new: Dir },
+    Diff { old: PathBuf, new: PathBuf },
     /// Print what one site's appliance would install.
     Compile {
-        dir: Dir,
+        dir: PathBuf,
         /// The site: SITE, or TENANT/SITE when several tenants use the name.
         #[arg(long)]
         site: String,
@@ -64,27 +64,27 @@ pub(crate) enum PolicyCommand {
     Keygen {
         /// Path of the private key file to create; the public key goes to PATH.pub.
         #[arg(long)]
-        out: Dir,
+        out: PathBuf,
     },
     /// Check, test and sign a policy into a versioned bundle for the gateways.
     Bundle {
-        dir: Dir,
+        dir: PathBuf,
         /// The private key from `komnet policy keygen`.
         #[arg(long)]
-        key: Dir,
+        key: PathBuf,
         #[arg(long)]
-        out: Dir,
+        out: PathBuf,
     },
     /// Verify a bundle's signature against a public key and show what it holds.
     Verify {
-        bundle: Dir,
+        bundle: PathBuf,
         #[arg(long = "public-key")]
-        public_key: Dir,
+        public_key: PathBuf,
     },
     /// Install a site's ruleset with nft: checked with `nft -c`, applied as one transaction,
     /// read back and compared. Needs CAP_NET_ADMIN. On failure the previous ruleset stays.
     Apply {
-        dir: Dir,
+        dir: PathBuf,
         #[arg(long)]
         site: String,
         #[arg(long = "lan", required = true)]
@@ -95,7 +95,7 @@ pub(crate) enum PolicyCommand {
 }
 
 /// Loads a policy or prints all its errors (exit 1).
-fn load(dir: &Dir) -> Result<Policy, ExitCode> {
+fn load(dir: &Path) -> Result<Policy, ExitCode> {
     match Policy::load(dir) {
         Ok(p) => {
             for w in &p.warnings {
@@ -319,6 +319,16 @@ fn run_into(cmd: PolicyCommand, out: &mut String) -> anyhow::Result<ExitCode> {
             bundle: path,
             public_key,
         } => {
+            let size = std::fs::metadata(&path)
+                .with_context(|| format!("cannot read {}", path.display()))?
+                .len();
+            if size > bundle::MAX_BUNDLE_BYTES as u64 {
+                bail!(
+                    "{}: {size} bytes, more than a bundle may have ({})",
+                    path.display(),
+                    bundle::MAX_BUNDLE_BYTES
+                );
+            }
             let bytes =
                 std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
             let public = read_key(&public_key)?;
@@ -369,7 +379,7 @@ fn run_into(cmd: PolicyCommand, out: &mut String) -> anyhow::Result<ExitCode> {
 
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
 
-fn read_key(path: &Dir) -> anyhow::Result<Vec<u8>> {
+fn read_key(path: &Path) -> anyhow::Result<Vec<u8>> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     B64.decode(text.trim())
@@ -384,7 +394,7 @@ fn public_of(private: &[u8]) -> anyhow::Result<Vec<u8>> {
 }
 
 /// Creates `path` with mode 0600 before any secret is written into it.
-fn write_private(path: &Dir, contents: &str) -> anyhow::Result<()> {
+fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt as _;
     let mut f = std::fs::OpenOptions::new()

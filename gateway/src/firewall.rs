@@ -99,8 +99,10 @@ enum Kind {
         closing: bool,
     },
     Udp,
-    /// Echo request/reply: the identifier stands in for the ports.
-    IcmpEcho,
+    /// Echo request or reply: the identifier stands in for the ports.
+    IcmpEcho {
+        request: bool,
+    },
     /// An ICMP error; the offending packet's header starts at this offset.
     IcmpError {
         inner: usize,
@@ -224,7 +226,8 @@ fn parse(packet: &[u8], truncated_ok: bool) -> Result<Transport, FirewallDrop> {
             };
             if echo {
                 let id = be16(l4, 4).ok_or(FirewallDrop::Malformed)?;
-                Ok(t(id, id, Kind::IcmpEcho))
+                let request = if v6 { ty == 128 } else { ty == 8 };
+                Ok(t(id, id, Kind::IcmpEcho { request }))
             } else if error && !truncated_ok {
                 Ok(t(0, 0, Kind::IcmpError { inner: off + 8 }))
             } else {
@@ -365,7 +368,7 @@ impl Firewall {
             src: t.src,
             dst: t.dst,
             ip_proto: t.proto,
-            dport: if matches!(t.kind, Kind::IcmpEcho) {
+            dport: if matches!(t.kind, Kind::IcmpEcho { .. }) {
                 0
             } else {
                 t.dport
@@ -376,10 +379,8 @@ impl Firewall {
             return Err(self.count(FirewallDrop::Policy(decision.by)));
         }
         // Only a request starts an echo flow; an unsolicited reply is not a flow start.
-        if let (Kind::IcmpEcho, Some(&ty)) = (t.kind, icmp_type(packet)) {
-            if ty == 0 || ty == 129 {
-                return Err(self.count(FirewallDrop::Policy(Decider::DefaultDeny)));
-            }
+        if t.kind == (Kind::IcmpEcho { request: false }) {
+            return Err(self.count(FirewallDrop::Policy(Decider::DefaultDeny)));
         }
         let mut senders = [None; 2];
         senders[side] = sender;
@@ -400,7 +401,7 @@ impl Firewall {
             Kind::Tcp { closing: true } => self.config.tcp_closing,
             Kind::Tcp { closing: false } => self.config.tcp_idle,
             Kind::Udp | Kind::Other => self.config.udp_idle,
-            Kind::IcmpEcho | Kind::IcmpError { .. } => self.config.icmp_idle,
+            Kind::IcmpEcho { .. } | Kind::IcmpError { .. } => self.config.icmp_idle,
         }
     }
 
@@ -436,12 +437,5 @@ impl Firewall {
     fn count(&mut self, drop: FirewallDrop) -> FirewallDrop {
         *self.counters.drops.entry(drop.as_str()).or_default() += 1;
         drop
-    }
-}
-
-fn icmp_type(packet: &[u8]) -> Option<&u8> {
-    match packet.first()? >> 4 {
-        4 => packet.get(usize::from(packet[0] & 0x0f) * 4),
-        _ => packet.get(40),
     }
 }

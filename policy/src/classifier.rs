@@ -328,11 +328,6 @@ impl Classifier {
             .map_or(fallback, |e| e.decision)
     }
 
-    /// Number of (segment, destination) pairs with decisions, for sizing reports.
-    pub fn pair_count(&self) -> usize {
-        self.pairs.len()
-    }
-
     pub fn entry_count(&self) -> usize {
         self.entries.len()
     }

@@ -821,22 +821,6 @@ fn run_nft(payload: &str, args: &[&str], stage: &'static str) -> Result<(), NftE
     }
 }
 
-/// Removes our table (the appliance stops forwarding only through its default-drop rules
-/// elsewhere; used by tests and decommissioning).
-pub fn remove_table() -> Result<(), NftError> {
-    let mut batch = Batch::new();
-    let table = schema::Table {
-        family: types::NfFamily::INet,
-        name: TABLE.into(),
-        handle: None,
-    };
-    batch.add(schema::NfListObject::Table(table.clone()));
-    batch.delete(schema::NfListObject::Table(table));
-    let payload = serde_json::to_string(&batch.to_nftables())
-        .map_err(|e| NftError::Exec(format!("cannot encode: {e}")))?;
-    run_nft(&payload, &[], "removing the table")
-}
-
 /// The address interval of a set element as nft lists it: a prefix, a range or one address.
 fn interval_of(e: &expr::Expression<'_>) -> Option<(IpAddr, IpAddr)> {
     match e {
