@@ -25,6 +25,9 @@ pub mod routes {
     pub const REGISTRY_EVENTS: &str = "/v1/registry/events";
     /// `GET`: the DER CRL of the issuing CA.
     pub const CRL: &str = "/v1/crl";
+    /// `GET` over mutual TLS with any valid appliance certificate: the hubs as
+    /// `Vec<`[`super::HubPeer`]`>`.
+    pub const HUBS: &str = "/v1/hubs";
 }
 
 /// A stable, machine-readable reason for every rejected request.
@@ -67,7 +70,7 @@ pub enum ErrorCode {
     NotFound,
     /// Nothing matched (e.g. a revocation of a site with no certificate).
     NothingToRevoke,
-    /// A hub identity is needed for this, and none is enrolled.
+    /// A hub identity is needed for this, and none is enrolled (or none has an endpoint).
     NoHub,
     Internal,
 }
@@ -111,6 +114,10 @@ pub struct HubPeer {
     pub site: SiteId,
     pub wg_public_key: WgPublicKey,
     pub tunnel_addrs: Vec<IpNet>,
+    /// `host:port` configured for this hub's site (`[hub_endpoints]` in enroll.toml); `None`
+    /// when none is. Defaulted so enrollments saved before it existed still load.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
 }
 
 /// What an enrollment or renewal answers.
@@ -122,9 +129,10 @@ pub struct EnrollResponse {
     pub certificate_chain_pem: String,
     /// Unix seconds from which `simplereenroll` is accepted (2/3 of the lifetime).
     pub renew_after: i64,
-    /// `host:port` of the data centre's WireGuard hubs.
+    /// `host:port` of the data centre's WireGuard hubs (every configured endpoint, ordered by
+    /// hub site; [`HubPeer::endpoint`] says which hub answers where).
     pub hub_endpoints: Vec<String>,
-    /// The hubs' identities: their WireGuard keys and tunnel addresses.
+    /// The hubs' identities: their WireGuard keys, tunnel addresses and endpoints, by site.
     pub hubs: Vec<HubPeer>,
     /// Routes to send through the tunnel (the data centre's networks).
     pub allowed_ips: Vec<IpNet>,

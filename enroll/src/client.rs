@@ -1,5 +1,5 @@
 //! The client library an appliance (the gateway) and a hub call: first enrollment from a
-//! bootstrap file, renewal over mutual TLS, and following the registry.
+//! bootstrap file, renewal over mutual TLS, following the registry, and fetching the hub list.
 //!
 //! It trusts exactly one root: the one in the bootstrap file, after checking it against the
 //! pinned fingerprint. Service URLs are tried in order; the first that answers decides (an
@@ -534,6 +534,19 @@ pub async fn service_info(root_ca_pem: &str, urls: &[String]) -> Result<ServiceI
     let tls = client_config(root_ca_pem, None)?;
     with_first_reachable(urls, tls, |mut conn| async move {
         conn.call(Method::GET, api::routes::INFO, None).await
+    })
+    .await
+}
+
+/// The hubs (`GET /v1/hubs`) with their keys, tunnel addresses and endpoints, by site: a spoke
+/// that enrolled before a hub existed learns of it here.
+pub async fn fetch_hubs(current: &Enrollment) -> Result<Vec<HubPeer>, ClientError> {
+    let tls = client_config(
+        &current.root_ca_pem,
+        Some((&current.certificate_chain_pem, &current.private_key_pem)),
+    )?;
+    with_first_reachable(&current.enroll_urls, tls, |mut conn| async move {
+        conn.call(Method::GET, api::routes::HUBS, None).await
     })
     .await
 }

@@ -2,12 +2,15 @@
 //! defaults an operator edits. Parsed with unknown keys denied, then checked as a whole so every
 //! mistake is reported at once.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
+
+use crate::identity::SiteId;
 
 /// Name of the configuration file inside the data directory.
 pub const CONFIG_FILE: &str = "enroll.toml";
@@ -125,8 +128,11 @@ pub struct Config {
     /// prefix as in IPv4.
     pub tunnel_pool_v6: Option<Ipv6Net>,
     pub tenant_prefix_v6: u8,
-    /// `host:port` of the data centre's WireGuard hubs.
-    pub hub_endpoints: Vec<String>,
+    /// `host:port` of each WireGuard hub, by the hub's site name (TOML table
+    /// `[hub_endpoints]`, e.g. `hub1 = "192.0.2.1:51820"`). Keyed by site so that an endpoint is
+    /// always handed out together with the key of the hub that answers there.
+    #[serde(deserialize_with = "hub_endpoints_table")]
+    pub hub_endpoints: BTreeMap<SiteId, String>,
     /// Routes spokes and home-office devices send through the tunnel.
     pub allowed_ips: Vec<IpNet>,
     pub rate_limit: RateLimit,
@@ -146,7 +152,9 @@ impl Default for Config {
             tenant_prefix_v4: 22,
             tunnel_pool_v6: Ipv6Net::new([0xfd4b, 0x6f6d, 0x6e65, 0, 0, 0, 0, 0].into(), 48).ok(),
             tenant_prefix_v6: 64,
-            hub_endpoints: vec!["hub.example.invalid:51820".into()],
+            // Empty rather than a placeholder: a made-up endpoint would end up in home-office
+            // configurations; without one, issuing them fails with a message saying what to set.
+            hub_endpoints: BTreeMap::new(),
             allowed_ips: vec![IpNet::V4(
                 Ipv4Net::new([10, 96, 0, 0].into(), 12).unwrap_or_default(),
             )],
@@ -161,6 +169,61 @@ impl Default for Config {
             },
         }
     }
+}
+
+/// Reads `[hub_endpoints]`; the list form of earlier versions gets a message saying how to
+/// rewrite it rather than serde's "invalid type".
+fn hub_endpoints_table<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<BTreeMap<SiteId, String>, D::Error> {
+    struct Visitor;
+    impl<'de> serde::de::Visitor<'de> for Visitor {
+        type Value = BTreeMap<SiteId, String>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a table from hub site name to \"host:port\"")
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, _: A) -> Result<Self::Value, A::Error> {
+            Err(serde::de::Error::custom(
+                "hub_endpoints is a table from hub site name to \"host:port\" now, not a list: \
+                 write [hub_endpoints] with lines like hub1 = \"192.0.2.1:51820\"",
+            ))
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut map: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut out = BTreeMap::new();
+            while let Some((site, endpoint)) = map.next_entry::<SiteId, String>()? {
+                out.insert(site, endpoint);
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_any(Visitor)
+}
+
+/// Checks a `host:port` endpoint: a port number and a non-empty host (IPv6 in brackets).
+pub fn check_endpoint(endpoint: &str) -> Result<(), String> {
+    let (host, port) = endpoint
+        .rsplit_once(':')
+        .ok_or_else(|| format!("{endpoint:?} is not host:port"))?;
+    port.parse::<u16>()
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| format!("{endpoint:?}: port {port:?} is not a number from 1 to 65535"))?;
+    let bare = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    if bare.is_empty() || bare.contains(char::is_whitespace) {
+        return Err(format!("{endpoint:?}: no host"));
+    }
+    if bare.contains(':') && bare == host {
+        return Err(format!(
+            "{endpoint:?}: write an IPv6 address in brackets, e.g. [2001:db8::1]:51820"
+        ));
+    }
+    Ok(())
 }
 
 impl Config {
@@ -229,6 +292,11 @@ impl Config {
         if self.limits.max_connections == 0 {
             problems.push("limits.max_connections: must be positive".to_string());
         }
+        for (site, endpoint) in &self.hub_endpoints {
+            if let Err(e) = check_endpoint(endpoint) {
+                problems.push(format!("hub_endpoints.{site}: {e}"));
+            }
+        }
         if problems.is_empty() {
             Ok(())
         } else {
@@ -264,5 +332,38 @@ mod tests {
         bad.enroll_urls = vec!["http://x".into()];
         let problems = bad.check().unwrap_err();
         assert_eq!(problems.len(), 2, "{problems:?}");
+    }
+
+    #[test]
+    fn hub_endpoints_are_a_table_and_the_old_list_gets_a_hint() {
+        let mut config = Config::default();
+        config
+            .hub_endpoints
+            .insert(SiteId::parse("hub2").unwrap(), "[2001:db8::2]:51820".into());
+        config
+            .hub_endpoints
+            .insert(SiteId::parse("hub1").unwrap(), "192.0.2.1:51820".into());
+        let text = config.to_toml();
+        assert!(text.contains("[hub_endpoints]"), "{text}");
+        let back: Config = toml::from_str(&text).unwrap();
+        assert_eq!(back, config);
+        assert!(back.check().is_ok());
+
+        let old = text.replace(
+            "[hub_endpoints]\nhub1 = \"192.0.2.1:51820\"\nhub2 = \"[2001:db8::2]:51820\"\n",
+            "",
+        );
+        let old = format!("hub_endpoints = [\"192.0.2.1:51820\"]\n{old}");
+        let e = toml::from_str::<Config>(&old).unwrap_err().to_string();
+        assert!(e.contains("[hub_endpoints]"), "{e}");
+
+        let mut bad = Config::default();
+        for (site, endpoint) in [("a", "192.0.2.1"), ("b", "x:0"), ("c", "2001:db8::1:51820")] {
+            bad.hub_endpoints
+                .insert(SiteId::parse(site).unwrap(), endpoint.into());
+        }
+        let problems = bad.check().unwrap_err();
+        assert_eq!(problems.len(), 3, "{problems:?}");
+        assert!(problems.iter().all(|p| p.starts_with("hub_endpoints.")));
     }
 }

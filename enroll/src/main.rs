@@ -3,6 +3,7 @@
 //! `revoke`, `homeoffice issue`, `audit`, `policy-version set`) talk to a running service over
 //! that socket and are the same ones the `komnet` admin tool offers.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -11,7 +12,8 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use clap::Parser;
 use komnet_enroll::admin::AdminCommand;
-use komnet_enroll::config::{Config, HumanDuration};
+use komnet_enroll::config::{self, Config, HumanDuration};
+use komnet_enroll::identity::SiteId;
 use komnet_enroll::server;
 use komnet_enroll::service::{self, Clock as _, Service, SystemClock};
 
@@ -45,9 +47,10 @@ enum Command {
         /// URL appliances enroll at, written into bootstrap files (repeatable).
         #[arg(long = "enroll-url")]
         enroll_urls: Vec<String>,
-        /// host:port of a WireGuard hub (repeatable).
-        #[arg(long = "hub-endpoint")]
-        hub_endpoints: Vec<String>,
+        /// SITE=HOST:PORT: where the hub enrolled as site SITE takes WireGuard connections,
+        /// e.g. hub1=192.0.2.1:51820 (repeatable, one per hub).
+        #[arg(long = "hub-endpoint", value_parser = parse_hub_endpoint)]
+        hub_endpoints: Vec<(SiteId, String)>,
         /// Lifetime of appliance certificates (at least 1h).
         #[arg(long)]
         cert_lifetime: Option<HumanDuration>,
@@ -62,6 +65,15 @@ enum Command {
     },
     #[command(flatten)]
     Admin(AdminCommand),
+}
+
+fn parse_hub_endpoint(text: &str) -> Result<(SiteId, String), String> {
+    let (site, endpoint) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?}: write SITE=HOST:PORT, e.g. hub1=192.0.2.1:51820"))?;
+    let site = SiteId::parse(site).map_err(|e| e.to_string())?;
+    config::check_endpoint(endpoint)?;
+    Ok((site, endpoint.to_owned()))
 }
 
 fn init_logging(json: bool) {
@@ -129,9 +141,13 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                     config.listen.port()
                 )];
             }
-            if !hub_endpoints.is_empty() {
-                config.hub_endpoints = hub_endpoints;
+            let mut endpoints = BTreeMap::new();
+            for (site, endpoint) in hub_endpoints {
+                if endpoints.insert(site.clone(), endpoint).is_some() {
+                    anyhow::bail!("--hub-endpoint: hub {site} given twice");
+                }
             }
+            config.hub_endpoints = endpoints;
             if let Some(l) = cert_lifetime {
                 config.cert_lifetime = l;
             }

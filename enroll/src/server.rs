@@ -276,16 +276,38 @@ fn respond<T: serde::Serialize>(
     }
 }
 
-/// The registry is for hubs: a valid, unrevoked hub certificate over mutual TLS.
-async fn require_hub(state: &Shared, info: &ConnInfo) -> Result<CertificateRecord, ApiError> {
+/// A valid appliance (spoke or hub) certificate over mutual TLS: current, not revoked, not
+/// superseded. Home-office certificates are records only (their key was thrown away), so one
+/// presented here is refused as well.
+async fn require_appliance(
+    state: &Shared,
+    info: &ConnInfo,
+    what: &str,
+    needed: &str,
+) -> Result<CertificateRecord, ApiError> {
     let cert = info.client_cert.clone().ok_or_else(|| {
         api_err(
             ErrorCode::CertificateRequired,
-            "the registry needs mutual TLS with a hub certificate",
+            format!("{what} needs mutual TLS with {needed}"),
         )
     })?;
     let service = state.service.clone();
     let record = blocking(move || service.check_client_certificate(&cert)).await?;
+    if !matches!(record.identity.role, Role::Spoke | Role::Hub) {
+        return Err(api_err(
+            ErrorCode::Forbidden,
+            format!(
+                "{what} is for appliances; this certificate is a {}",
+                record.identity.role
+            ),
+        ));
+    }
+    Ok(record)
+}
+
+/// The registry is for hubs: a valid, unrevoked hub certificate over mutual TLS.
+async fn require_hub(state: &Shared, info: &ConnInfo) -> Result<CertificateRecord, ApiError> {
+    let record = require_appliance(state, info, "the registry", "a hub certificate").await?;
     if record.identity.role != Role::Hub {
         return Err(api_err(
             ErrorCode::Forbidden,
@@ -307,6 +329,18 @@ async fn registry_route(State(state): State<Shared>, req: Request) -> Response {
     }
     .await;
     respond(api::routes::REGISTRY, info.remote, result)
+}
+
+/// `GET /v1/hubs`: the hubs with their keys, addresses and endpoints.
+async fn hubs_route(State(state): State<Shared>, req: Request) -> Response {
+    let info = conn_info(&req);
+    let result = async {
+        require_appliance(&state, &info, "the hub list", "an appliance certificate").await?;
+        let service = state.service.clone();
+        blocking(move || service.hub_peers(service.now())).await
+    }
+    .await;
+    respond(api::routes::HUBS, info.remote, result)
 }
 
 fn parse_since(query: Option<&str>) -> Result<u64, ApiError> {
@@ -486,6 +520,7 @@ fn public_router(state: Shared) -> Router {
         .route(api::routes::REGISTRY, get(registry_route))
         .route(api::routes::REGISTRY_EVENTS, get(registry_events_route))
         .route(api::routes::CRL, get(crl_route))
+        .route(api::routes::HUBS, get(hubs_route))
         .fallback(not_found)
         .method_not_allowed_fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), rate_limit))

@@ -375,28 +375,36 @@ impl Service {
         Ok(out)
     }
 
+    /// The valid hubs, ordered by site, each with its configured endpoint.
+    pub fn hub_peers(&self, now: i64) -> Result<Vec<HubPeer>, ApiError> {
+        let mut hubs: Vec<HubPeer> = self
+            .store
+            .hubs(now)?
+            .into_iter()
+            .map(|h| HubPeer {
+                endpoint: self.config.hub_endpoints.get(&h.site).cloned(),
+                site: h.site,
+                wg_public_key: h.wg_public_key,
+                tunnel_addrs: h.tunnel_addrs,
+            })
+            .collect();
+        // The store orders by (tenant, site); endpoints are keyed by site alone.
+        hubs.sort_by(|a, b| a.site.cmp(&b.site));
+        Ok(hubs)
+    }
+
     fn response_for(
         &self,
         issued: &Issued,
         identity: Identity,
         issued_at: i64,
     ) -> Result<EnrollResponse, ApiError> {
-        let now = self.now();
-        let hubs = self
-            .store
-            .hubs(now)?
-            .into_iter()
-            .map(|h| HubPeer {
-                site: h.site,
-                wg_public_key: h.wg_public_key,
-                tunnel_addrs: h.tunnel_addrs,
-            })
-            .collect();
+        let hubs = self.hub_peers(self.now())?;
         Ok(EnrollResponse {
             renew_after: renew_after(issued_at, identity.not_after),
             certificate_chain_pem: format!("{}{}", issued.pem, self.ca.issuing_pem),
             identity,
-            hub_endpoints: self.config.hub_endpoints.clone(),
+            hub_endpoints: self.config.hub_endpoints.values().cloned().collect(),
             hubs,
             allowed_ips: self.config.allowed_ips.clone(),
             policy_version: self.store.policy_version()?,
@@ -731,10 +739,22 @@ impl Service {
             None => self.config.homeoffice_lifetime.0.as_secs() as i64,
         };
         let now = self.now();
-        if self.store.hubs(now)?.is_empty() {
+        let hubs = self.hub_peers(now)?;
+        if hubs.is_empty() {
             return Err(err(
                 ErrorCode::NoHub,
                 "no hub is enrolled yet: a home-office configuration needs a hub to connect to",
+            ));
+        }
+        if hubs.iter().all(|h| h.endpoint.is_none()) {
+            let sites: Vec<&str> = hubs.iter().map(|h| h.site.as_str()).collect();
+            return Err(err(
+                ErrorCode::NoHub,
+                format!(
+                    "no enrolled hub has an endpoint: add SITE = \"host:port\" under \
+                     [hub_endpoints] in enroll.toml for one of the hubs {} and restart",
+                    sites.join(", ")
+                ),
             ));
         }
         let mut txn = self.store.begin()?;

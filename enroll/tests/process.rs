@@ -44,7 +44,7 @@ fn init(dir: &Path, port: u16) {
             "--server-name",
             "127.0.0.1",
             "--hub-endpoint",
-            "198.51.100.7:51820",
+            "hub1=198.51.100.7:51820",
         ])
         .arg("--enroll-url")
         .arg(format!("https://127.0.0.1:{port}"))
@@ -77,6 +77,10 @@ fn init(dir: &Path, port: u16) {
     assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));
     // Many enrollments come from this one address in these tests.
     let mut config = Config::load(dir).unwrap();
+    assert_eq!(
+        config.hub_endpoints.values().collect::<Vec<_>>(),
+        ["198.51.100.7:51820"]
+    );
     config.rate_limit = RateLimit {
         per_second: 10_000.0,
         burst: 10_000,

@@ -23,7 +23,12 @@ pub fn test_config() -> Config {
     Config {
         listen: "127.0.0.1:0".parse().unwrap(),
         server_names: vec!["127.0.0.1".into(), "localhost".into()],
-        hub_endpoints: vec!["203.0.113.1:51820".into()],
+        hub_endpoints: [(
+            SiteId::parse("hub1").unwrap(),
+            "203.0.113.1:51820".to_string(),
+        )]
+        .into_iter()
+        .collect(),
         // Tests fire many requests from one address; the rate-limit test sets its own.
         rate_limit: RateLimit {
             per_second: 100_000.0,
@@ -177,4 +182,21 @@ pub fn enroll_body(
         "wg_public_key": keys.public().to_base64(),
         "wg_proof": b64.encode(proof),
     })
+}
+
+/// Enrolls an appliance over HTTPS with a token made in-process.
+pub async fn enroll(
+    h: &Harness,
+    tenant: &str,
+    site: &str,
+    role: Role,
+) -> (
+    komnet_enroll::client::Enrollment,
+    komnet_enroll::client::WgKeys,
+) {
+    let keys = komnet_enroll::client::WgKeys::generate();
+    let e = komnet_enroll::client::enroll(&h.bootstrap(tenant, site, role), &keys)
+        .await
+        .unwrap();
+    (e, keys)
 }
