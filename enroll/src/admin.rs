@@ -1,5 +1,6 @@
 //! Admin commands (`komnet token create`, `komnet revoke`, `komnet homeoffice issue`,
-//! `komnet audit`, `komnet policy-version set`): clap definitions and their implementation.
+//! `komnet audit`, `komnet policy-publish`, `komnet policy-version set`): clap definitions and
+//! their implementation.
 //!
 //! They talk to the running service over its local admin socket (`DATA_DIR/admin.sock`, mode
 //! 0600, peer uid checked), never over the network and never unauthenticated. The service
@@ -16,7 +17,7 @@ use hyper_util::rt::TokioIo;
 
 use crate::api::admin::{
     self, AuditRecord, CreateTokenRequest, CreateTokenResponse, HomeOfficeRequest,
-    HomeOfficeResponse, PolicyVersionRequest, RevokeRequest, RevokeResponse,
+    HomeOfficeResponse, PolicyPublishResponse, PolicyVersionRequest, RevokeRequest, RevokeResponse,
 };
 use crate::api::{ApiError, RevocationReason};
 use crate::client::WgKeys;
@@ -47,9 +48,22 @@ pub enum AdminCommand {
     Homeoffice(HomeofficeCommand),
     /// Show the audit log (oldest first).
     Audit(AuditArgs),
-    /// The policy version handed out with enrollments.
+    /// Publish a signed policy bundle (from `komnet policy bundle`): the service verifies it
+    /// with policy_public_key, compiles it, refuses rollbacks, serves it to the gateways and
+    /// hands out its version with enrollments.
+    PolicyPublish(PolicyPublishArgs),
+    /// The policy version handed out with enrollments (set by policy-publish; by hand only
+    /// for policies distributed some other way).
     #[command(subcommand)]
     PolicyVersion(PolicyVersionCommand),
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct PolicyPublishArgs {
+    /// The signed bundle file.
+    pub bundle_file: PathBuf,
+    #[command(flatten)]
+    pub socket: SocketArg,
 }
 
 #[derive(Debug, Clone, clap::Subcommand)]
@@ -159,12 +173,23 @@ pub enum PolicyVersionCommand {
     },
 }
 
-/// Calls the admin API over the Unix socket.
+/// Calls the admin API over the Unix socket with a JSON body.
 async fn call<T: serde::de::DeserializeOwned>(
     socket: &Path,
     method: Method,
     path: &str,
     body: Option<Vec<u8>>,
+) -> anyhow::Result<T> {
+    call_with(socket, method, path, body, "application/json").await
+}
+
+/// Calls the admin API over the Unix socket.
+async fn call_with<T: serde::de::DeserializeOwned>(
+    socket: &Path,
+    method: Method,
+    path: &str,
+    body: Option<Vec<u8>>,
+    content_type: &'static str,
 ) -> anyhow::Result<T> {
     let stream = tokio::net::UnixStream::connect(socket).await.with_context(|| {
         format!(
@@ -182,7 +207,7 @@ async fn call<T: serde::de::DeserializeOwned>(
         .method(method)
         .uri(path)
         .header(hyper::header::HOST, "komnet-enroll")
-        .header(hyper::header::CONTENT_TYPE, "application/json")
+        .header(hyper::header::CONTENT_TYPE, content_type)
         .body(Full::new(axum::body::Bytes::from(body.unwrap_or_default())))?;
     let resp = sender
         .send_request(req)
@@ -219,6 +244,7 @@ pub async fn run_to(cmd: AdminCommand, out: &mut dyn Write) -> anyhow::Result<Ex
         AdminCommand::Revoke(a) => revoke(a, out).await,
         AdminCommand::Homeoffice(HomeofficeCommand::Issue(a)) => homeoffice_issue(a, out).await,
         AdminCommand::Audit(a) => audit(a, out).await,
+        AdminCommand::PolicyPublish(a) => policy_publish(a, out).await,
         AdminCommand::PolicyVersion(PolicyVersionCommand::Set { version, socket }) => {
             let body = serde_json::to_vec(&PolicyVersionRequest { version })?;
             let () = call(
@@ -355,6 +381,45 @@ async fn homeoffice_issue(a: HomeofficeIssueArgs, out: &mut dyn Write) -> anyhow
         writeln!(
             out,
             "The private key above is shown once and stored nowhere else: hand the files to the user, then delete them."
+        )?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn policy_publish(a: PolicyPublishArgs, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
+    let path = &a.bundle_file;
+    let max = komnet_policy::bundle::MAX_BUNDLE_BYTES;
+    // Checked before reading, so a wrong path (a disk image, say) is not read into memory.
+    let len = std::fs::metadata(path)
+        .with_context(|| format!("cannot read {}", path.display()))?
+        .len();
+    if len > max as u64 {
+        bail!(
+            "{}: {len} bytes, more than a bundle may have ({max})",
+            path.display()
+        );
+    }
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let resp: PolicyPublishResponse = call_with(
+        &a.socket.socket,
+        Method::POST,
+        admin::POLICY_PUBLISH,
+        Some(bytes),
+        "application/octet-stream",
+    )
+    .await
+    .with_context(|| format!("publishing {}", path.display()))?;
+    if resp.unchanged {
+        writeln!(
+            out,
+            "policy {:?} version {} is already published (key id {}); nothing changed",
+            resp.name, resp.version, resp.key_id
+        )?;
+    } else {
+        writeln!(
+            out,
+            "published policy {:?} version {} (key id {}); gateways fetch it from /v1/policy",
+            resp.name, resp.version, resp.key_id
         )?;
     }
     Ok(ExitCode::SUCCESS)

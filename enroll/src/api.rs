@@ -25,10 +25,17 @@ pub mod routes {
     pub const REGISTRY_EVENTS: &str = "/v1/registry/events";
     /// `GET`: the DER CRL of the issuing CA.
     pub const CRL: &str = "/v1/crl";
+    /// `GET ?have=VERSION` over mutual TLS with any valid appliance certificate: the published
+    /// signed policy bundle (its bytes as `komnet policy bundle` wrote them), its version in
+    /// [`super::POLICY_VERSION_HEADER`]; 304 when `have` is the published version.
+    pub const POLICY: &str = "/v1/policy";
     /// `GET` over mutual TLS with any valid appliance certificate: the hubs as
     /// `Vec<`[`super::HubPeer`]`>`.
     pub const HUBS: &str = "/v1/hubs";
 }
+
+/// The response header of `GET /v1/policy` (200 and 304) that carries the published version.
+pub const POLICY_VERSION_HEADER: &str = "x-komnet-policy-version";
 
 /// A stable, machine-readable reason for every rejected request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -72,6 +79,18 @@ pub enum ErrorCode {
     NothingToRevoke,
     /// A hub identity is needed for this, and none is enrolled (or none has an endpoint).
     NoHub,
+    /// No policy bundle has been published yet.
+    NoPolicy,
+    /// `policy_public_key` is not set in enroll.toml, so no bundle can be verified.
+    PolicyKeyMissing,
+    /// The bundle's signature does not verify with `policy_public_key`.
+    PolicySignatureInvalid,
+    /// The bundle is malformed, or its policy does not check, test or compile.
+    PolicyInvalid,
+    /// The bundle's version is lower than the published one.
+    PolicyRollback,
+    /// The bundle has the published version but other content.
+    PolicyVersionReused,
     Internal,
 }
 
@@ -231,6 +250,8 @@ pub mod admin {
     pub const HOMEOFFICE: &str = "/admin/homeoffice";
     pub const AUDIT: &str = "/admin/audit";
     pub const POLICY_VERSION: &str = "/admin/policy-version";
+    /// `POST` the bytes of a signed policy bundle (not JSON): [`PolicyPublishResponse`].
+    pub const POLICY_PUBLISH: &str = "/admin/policy-publish";
 
     #[derive(Debug, Clone, Serialize, Deserialize)]
     #[serde(deny_unknown_fields)]
@@ -302,5 +323,18 @@ pub mod admin {
     #[serde(deny_unknown_fields)]
     pub struct PolicyVersionRequest {
         pub version: u64,
+    }
+
+    /// What `policy-publish` did.
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct PolicyPublishResponse {
+        pub version: u64,
+        /// The policy's name (`[policy] name` in operator.toml).
+        pub name: String,
+        /// The signing key's id (first 16 hex digits of its SHA-256).
+        pub key_id: String,
+        /// True when exactly this bundle was already published: nothing changed.
+        pub unchanged: bool,
     }
 }

@@ -1,5 +1,6 @@
 //! The client library an appliance (the gateway) and a hub call: first enrollment from a
-//! bootstrap file, renewal over mutual TLS, following the registry, and fetching the hub list.
+//! bootstrap file, renewal over mutual TLS, following the registry, and fetching the signed
+//! policy bundle and the hub list.
 //!
 //! It trusts exactly one root: the one in the bootstrap file, after checking it against the
 //! pinned fingerprint. Service URLs are tried in order; the first that answers decides (an
@@ -365,28 +366,41 @@ impl Connection {
     ) -> Result<T, ClientError> {
         let resp = self.send(method, path, body).await?;
         let status = resp.status();
-        let bytes = tokio::time::timeout(
+        let bytes = self.read_body(resp, limit).await?;
+        if status != StatusCode::OK {
+            return Err(ClientError::Api {
+                url: self.url.clone(),
+                status: status.as_u16(),
+                error: self.api_error(status, &bytes)?,
+            });
+        }
+        serde_json::from_slice(&bytes).map_err(|e| self.protocol(format!("JSON: {e}")))
+    }
+
+    /// An answer's body, at most `limit` bytes, within the request timeout.
+    async fn read_body(
+        &self,
+        resp: hyper::Response<Incoming>,
+        limit: usize,
+    ) -> Result<Bytes, ClientError> {
+        Ok(tokio::time::timeout(
             REQUEST_TIMEOUT,
             http_body_util::Limited::new(resp.into_body(), limit).collect(),
         )
         .await
         .map_err(|_| self.protocol("answer body timed out".into()))?
         .map_err(|e| self.protocol(format!("answer body: {e}")))?
-        .to_bytes();
-        if status != StatusCode::OK {
-            let error: ApiError = serde_json::from_slice(&bytes).map_err(|_| {
-                self.protocol(format!(
-                    "status {status} without a typed error: {}",
-                    String::from_utf8_lossy(&bytes[..bytes.len().min(200)])
-                ))
-            })?;
-            return Err(ClientError::Api {
-                url: self.url.clone(),
-                status: status.as_u16(),
-                error,
-            });
-        }
-        serde_json::from_slice(&bytes).map_err(|e| self.protocol(format!("JSON: {e}")))
+        .to_bytes())
+    }
+
+    /// The typed error in a refusal's body.
+    fn api_error(&self, status: StatusCode, bytes: &[u8]) -> Result<ApiError, ClientError> {
+        serde_json::from_slice(bytes).map_err(|_| {
+            self.protocol(format!(
+                "status {status} without a typed error: {}",
+                String::from_utf8_lossy(&bytes[..bytes.len().min(200)])
+            ))
+        })
     }
 }
 
@@ -534,6 +548,85 @@ pub async fn service_info(root_ca_pem: &str, urls: &[String]) -> Result<ServiceI
     let tls = client_config(root_ca_pem, None)?;
     with_first_reachable(urls, tls, |mut conn| async move {
         conn.call(Method::GET, api::routes::INFO, None).await
+    })
+    .await
+}
+
+/// What [`fetch_policy`] found.
+#[derive(Clone, PartialEq, Eq)]
+pub enum PolicyFetch {
+    /// The published version is the one the caller has.
+    NotModified,
+    /// Nothing is published yet.
+    NoneYet,
+    /// The signed bundle as published; the caller verifies it with its pinned key
+    /// (`komnet_policy::bundle`) before using it, the service's word is not enough.
+    Bundle { version: u64, bytes: Vec<u8> },
+}
+
+impl std::fmt::Debug for PolicyFetch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PolicyFetch::NotModified => f.write_str("NotModified"),
+            PolicyFetch::NoneYet => f.write_str("NoneYet"),
+            PolicyFetch::Bundle { version, bytes } => f
+                .debug_struct("Bundle")
+                .field("version", version)
+                .field("bytes", &bytes.len())
+                .finish(),
+        }
+    }
+}
+
+/// The published policy bundle (`GET /v1/policy`) over mutual TLS with the appliance's
+/// certificate; `have` is the version the caller runs, if any.
+pub async fn fetch_policy(
+    current: &Enrollment,
+    have: Option<u64>,
+) -> Result<PolicyFetch, ClientError> {
+    let tls = client_config(
+        &current.root_ca_pem,
+        Some((&current.certificate_chain_pem, &current.private_key_pem)),
+    )?;
+    with_first_reachable(&current.enroll_urls, tls, |mut conn| async move {
+        let path = match have {
+            Some(v) => format!("{}?have={v}", api::routes::POLICY),
+            None => api::routes::POLICY.to_owned(),
+        };
+        let resp = conn.send(Method::GET, &path, None).await?;
+        let status = resp.status();
+        if status == StatusCode::NOT_MODIFIED {
+            return Ok(PolicyFetch::NotModified);
+        }
+        let version = resp
+            .headers()
+            .get(api::POLICY_VERSION_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        let bytes = conn
+            .read_body(resp, komnet_policy::bundle::MAX_BUNDLE_BYTES)
+            .await?;
+        if status != StatusCode::OK {
+            let error = conn.api_error(status, &bytes)?;
+            if error.code == api::ErrorCode::NoPolicy {
+                return Ok(PolicyFetch::NoneYet);
+            }
+            return Err(ClientError::Api {
+                url: conn.url.clone(),
+                status: status.as_u16(),
+                error,
+            });
+        }
+        let version = version.ok_or_else(|| {
+            conn.protocol(format!(
+                "policy bundle without a valid {} header",
+                api::POLICY_VERSION_HEADER
+            ))
+        })?;
+        Ok(PolicyFetch::Bundle {
+            version,
+            bytes: bytes.to_vec(),
+        })
     })
     .await
 }

@@ -7,6 +7,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine as _;
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
 
@@ -137,6 +139,10 @@ pub struct Config {
     pub allowed_ips: Vec<IpNet>,
     pub rate_limit: RateLimit,
     pub limits: Limits,
+    /// base64 of the raw Ed25519 public key policy bundles are signed with (the content of the
+    /// `.pub` file `komnet policy keygen` writes). Without it no bundle can be published.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy_public_key: Option<String>,
 }
 
 impl Default for Config {
@@ -167,6 +173,7 @@ impl Default for Config {
                 client_timeout: HumanDuration(Duration::from_secs(10)),
                 max_connections: 4096,
             },
+            policy_public_key: None,
         }
     }
 }
@@ -200,6 +207,21 @@ fn hub_endpoints_table<'de, D: serde::Deserializer<'de>>(
         }
     }
     d.deserialize_any(Visitor)
+}
+
+/// Decodes a policy public key: base64 of a raw 32-byte Ed25519 key, surrounding whitespace
+/// ignored (the `.pub` file ends in a newline).
+pub fn decode_policy_public_key(text: &str) -> Result<Vec<u8>, String> {
+    let bytes = STANDARD
+        .decode(text.trim())
+        .map_err(|e| format!("not base64 ({e})"))?;
+    if bytes.len() != 32 {
+        return Err(format!(
+            "{} bytes; an Ed25519 public key has 32 (use the .pub file of `komnet policy keygen`)",
+            bytes.len()
+        ));
+    }
+    Ok(bytes)
 }
 
 /// Checks a `host:port` endpoint: a port number and a non-empty host (IPv6 in brackets).
@@ -297,6 +319,11 @@ impl Config {
                 problems.push(format!("hub_endpoints.{site}: {e}"));
             }
         }
+        if let Some(key) = &self.policy_public_key {
+            if let Err(e) = decode_policy_public_key(key) {
+                problems.push(format!("policy_public_key: {e}"));
+            }
+        }
         if problems.is_empty() {
             Ok(())
         } else {
@@ -365,5 +392,25 @@ mod tests {
         let problems = bad.check().unwrap_err();
         assert_eq!(problems.len(), 3, "{problems:?}");
         assert!(problems.iter().all(|p| p.starts_with("hub_endpoints.")));
+    }
+
+    #[test]
+    fn policy_public_key_must_be_32_bytes_of_base64() {
+        let mut config = Config {
+            policy_public_key: Some(format!("{}\n", STANDARD.encode([7u8; 32]))),
+            ..Config::default()
+        };
+        assert!(config.check().is_ok());
+        let back: Config = toml::from_str(&config.to_toml()).unwrap();
+        assert_eq!(back.policy_public_key, config.policy_public_key);
+        config.policy_public_key = Some("not base64!".into());
+        let problems = config.check().unwrap_err();
+        assert!(
+            problems[0].contains("policy_public_key: not base64"),
+            "{problems:?}"
+        );
+        config.policy_public_key = Some(STANDARD.encode([7u8; 31]));
+        let problems = config.check().unwrap_err();
+        assert!(problems[0].contains("31 bytes"), "{problems:?}");
     }
 }

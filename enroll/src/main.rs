@@ -1,11 +1,11 @@
 //! `komnet-enroll`: the data centre's enrollment service. `init` creates a data directory with
 //! the CA; `serve` runs the HTTPS API and the admin socket; the admin commands (`token create`,
-//! `revoke`, `homeoffice issue`, `audit`, `policy-version set`) talk to a running service over
-//! that socket and are the same ones the `komnet` admin tool offers.
+//! `revoke`, `homeoffice issue`, `audit`, `policy-publish`, `policy-version set`) talk to a
+//! running service over that socket and are the same ones the `komnet` admin tool offers.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -51,6 +51,10 @@ enum Command {
         /// e.g. hub1=192.0.2.1:51820 (repeatable, one per hub).
         #[arg(long = "hub-endpoint", value_parser = parse_hub_endpoint)]
         hub_endpoints: Vec<(SiteId, String)>,
+        /// The `.pub` file of `komnet policy keygen`: policy bundles must be signed with its
+        /// private key to be published.
+        #[arg(long)]
+        policy_public_key: Option<PathBuf>,
         /// Lifetime of appliance certificates (at least 1h).
         #[arg(long)]
         cert_lifetime: Option<HumanDuration>,
@@ -74,6 +78,19 @@ fn parse_hub_endpoint(text: &str) -> Result<(SiteId, String), String> {
     let site = SiteId::parse(site).map_err(|e| e.to_string())?;
     config::check_endpoint(endpoint)?;
     Ok((site, endpoint.to_owned()))
+}
+
+/// The key file's content as enroll.toml keeps it (trimmed), after checking it is a key.
+fn read_policy_public_key(path: &Path) -> anyhow::Result<String> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    config::decode_policy_public_key(&text).map_err(|e| {
+        anyhow::anyhow!(
+            "{}: {e}; expected the .pub file of `komnet policy keygen`",
+            path.display()
+        )
+    })?;
+    Ok(text.trim().to_owned())
 }
 
 fn init_logging(json: bool) {
@@ -119,6 +136,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             server_names,
             enroll_urls,
             hub_endpoints,
+            policy_public_key,
             cert_lifetime,
         } => {
             let mut config = Config::default();
@@ -148,6 +166,9 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 }
             }
             config.hub_endpoints = endpoints;
+            if let Some(path) = policy_public_key {
+                config.policy_public_key = Some(read_policy_public_key(&path)?);
+            }
             if let Some(l) = cert_lifetime {
                 config.cert_lifetime = l;
             }

@@ -37,7 +37,7 @@ use tower::Service as _;
 
 use crate::api::{self, admin, ApiError, ErrorCode, RegistryEvent};
 use crate::identity::Role;
-use crate::service::{Clock, Service};
+use crate::service::{Clock, PolicyAnswer, Service};
 use crate::store::CertificateRecord;
 
 /// File name of the admin socket inside the data directory.
@@ -50,15 +50,23 @@ impl ApiError {
             TokenInvalid | TokenExpired | CertificateRequired | CertificateExpired => {
                 StatusCode::UNAUTHORIZED
             }
-            TokenUsed | WgKeyInUse | NoHub | RenewTooEarly => StatusCode::CONFLICT,
-            CsrInvalid | CsrSignatureInvalid | CsrKeyType | CsrIdentityMismatch | WgKeyInvalid
-            | WgProofInvalid | BadRequest => StatusCode::BAD_REQUEST,
+            TokenUsed | WgKeyInUse | NoHub | RenewTooEarly | PolicyKeyMissing | PolicyRollback
+            | PolicyVersionReused => StatusCode::CONFLICT,
+            CsrInvalid
+            | CsrSignatureInvalid
+            | CsrKeyType
+            | CsrIdentityMismatch
+            | WgKeyInvalid
+            | WgProofInvalid
+            | BadRequest
+            | PolicySignatureInvalid
+            | PolicyInvalid => StatusCode::BAD_REQUEST,
             CertificateRevoked | CertificateSuperseded | Forbidden => StatusCode::FORBIDDEN,
             AddressPoolExhausted => StatusCode::SERVICE_UNAVAILABLE,
             BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Timeout => StatusCode::REQUEST_TIMEOUT,
             RateLimited => StatusCode::TOO_MANY_REQUESTS,
-            NotFound | NothingToRevoke => StatusCode::NOT_FOUND,
+            NotFound | NothingToRevoke | NoPolicy => StatusCode::NOT_FOUND,
             Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -99,6 +107,21 @@ pub async fn read_json<T: DeserializeOwned>(
     limit: usize,
     timeout: Duration,
 ) -> Result<T, ApiError> {
+    let bytes = read_body(req, limit, timeout).await?;
+    serde_json::from_slice(&bytes).map_err(|e| {
+        api_err(
+            ErrorCode::BadRequest,
+            format!("body is not the expected JSON: {e}"),
+        )
+    })
+}
+
+/// Reads a body with a size and a time limit.
+pub async fn read_body(
+    req: Request,
+    limit: usize,
+    timeout: Duration,
+) -> Result<axum::body::Bytes, ApiError> {
     if let Some(len) = req
         .headers()
         .get(header::CONTENT_LENGTH)
@@ -129,12 +152,7 @@ pub async fn read_json<T: DeserializeOwned>(
         Ok(Err(e)) => return Err(api_err(ErrorCode::BadRequest, format!("body: {e}"))),
         Ok(Ok(c)) => c.to_bytes(),
     };
-    serde_json::from_slice(&bytes).map_err(|e| {
-        api_err(
-            ErrorCode::BadRequest,
-            format!("body is not the expected JSON: {e}"),
-        )
-    })
+    Ok(bytes)
 }
 
 /// A token bucket per client IP.
@@ -331,6 +349,79 @@ async fn registry_route(State(state): State<Shared>, req: Request) -> Response {
     respond(api::routes::REGISTRY, info.remote, result)
 }
 
+/// The one optional version parameter `name=VERSION` of a query string.
+fn parse_version_query(query: Option<&str>, name: &str) -> Result<Option<u64>, ApiError> {
+    let Some(q) = query else { return Ok(None) };
+    let mut found = None;
+    for pair in q.split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some((key, v)) if key == name && found.is_none() => {
+                found = Some(v.parse().map_err(|_| {
+                    api_err(
+                        ErrorCode::BadRequest,
+                        format!("query {name}={v:?}: not a version number"),
+                    )
+                })?);
+            }
+            _ => {
+                return Err(api_err(
+                    ErrorCode::BadRequest,
+                    format!("query: unexpected {pair:?}; only {name}=VERSION, once"),
+                ))
+            }
+        }
+    }
+    Ok(found)
+}
+
+fn parse_since(query: Option<&str>) -> Result<u64, ApiError> {
+    Ok(parse_version_query(query, "since")?.unwrap_or(0))
+}
+
+/// `GET /v1/policy?have=V`: the published bundle, 304 when the caller has it.
+async fn policy_route(State(state): State<Shared>, req: Request) -> Response {
+    let info = conn_info(&req);
+    // Parsed before the async block: holding `&req` across an await would make the future
+    // need `Request: Sync`, which a body is not.
+    let have = parse_version_query(req.uri().query(), "have");
+    let result = async {
+        require_appliance(&state, &info, "the policy", "an appliance certificate").await?;
+        let have = have?;
+        let service = state.service.clone();
+        blocking(move || service.policy_bundle(have)).await
+    }
+    .await;
+    let version_header = |v: u64| {
+        (
+            header::HeaderName::from_static(api::POLICY_VERSION_HEADER),
+            HeaderValue::from(v),
+        )
+    };
+    match result {
+        Ok(PolicyAnswer::NotModified { version }) => {
+            (StatusCode::NOT_MODIFIED, [version_header(version)]).into_response()
+        }
+        Ok(PolicyAnswer::Bundle { version, bytes }) => (
+            [
+                (
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                ),
+                version_header(version),
+            ],
+            bytes,
+        )
+            .into_response(),
+        Err(e) => {
+            // Polled often before the first publish: not worth a warning each time.
+            if e.code != ErrorCode::NoPolicy {
+                log_rejection(api::routes::POLICY, info.remote, &e);
+            }
+            e.into_response()
+        }
+    }
+}
+
 /// `GET /v1/hubs`: the hubs with their keys, addresses and endpoints.
 async fn hubs_route(State(state): State<Shared>, req: Request) -> Response {
     let info = conn_info(&req);
@@ -341,27 +432,6 @@ async fn hubs_route(State(state): State<Shared>, req: Request) -> Response {
     }
     .await;
     respond(api::routes::HUBS, info.remote, result)
-}
-
-fn parse_since(query: Option<&str>) -> Result<u64, ApiError> {
-    let Some(q) = query else { return Ok(0) };
-    for pair in q.split('&') {
-        if let Some(v) = pair.strip_prefix("since=") {
-            return v.parse().map_err(|_| {
-                api_err(
-                    ErrorCode::BadRequest,
-                    format!("query since={v:?}: not a version number"),
-                )
-            });
-        }
-        if !pair.is_empty() {
-            return Err(api_err(
-                ErrorCode::BadRequest,
-                format!("query: unknown parameter {pair:?}; only since=VERSION"),
-            ));
-        }
-    }
-    Ok(0)
 }
 
 struct Follow {
@@ -520,6 +590,7 @@ fn public_router(state: Shared) -> Router {
         .route(api::routes::REGISTRY, get(registry_route))
         .route(api::routes::REGISTRY_EVENTS, get(registry_events_route))
         .route(api::routes::CRL, get(crl_route))
+        .route(api::routes::POLICY, get(policy_route))
         .route(api::routes::HUBS, get(hubs_route))
         .fallback(not_found)
         .method_not_allowed_fallback(not_found)
@@ -587,6 +658,21 @@ async fn admin_policy_version(State(state): State<Shared>, req: Request) -> Resp
     respond(admin::POLICY_VERSION, None, result)
 }
 
+async fn admin_policy_publish(State(state): State<Shared>, req: Request) -> Response {
+    let info = conn_info(&req);
+    let timeout = state.service.config.limits.client_timeout.0;
+    let result = async {
+        // The bundle's own ceiling, not max_body_bytes: a whole county's policy is far larger
+        // than any enrollment request, and this socket is the owner's only.
+        let bytes = read_body(req, komnet_policy::bundle::MAX_BUNDLE_BYTES, timeout).await?;
+        let service = state.service.clone();
+        let actor = admin_actor(&info);
+        blocking(move || service.publish_policy(&bytes, &actor)).await
+    }
+    .await;
+    respond(admin::POLICY_PUBLISH, None, result)
+}
+
 async fn admin_audit(State(state): State<Shared>, req: Request) -> Response {
     let limit = req
         .uri()
@@ -606,6 +692,7 @@ fn admin_router(state: Shared) -> Router {
         .route(admin::REVOKE, post(admin_revoke))
         .route(admin::HOMEOFFICE, post(admin_homeoffice))
         .route(admin::POLICY_VERSION, post(admin_policy_version))
+        .route(admin::POLICY_PUBLISH, post(admin_policy_publish))
         .route(admin::AUDIT, get(admin_audit))
         .fallback(not_found)
         .method_not_allowed_fallback(not_found)

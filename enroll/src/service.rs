@@ -9,27 +9,30 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
+use axum::body::Bytes;
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use komnet_policy::bundle::{self, BundleError};
 use parking_lot::Mutex;
 use serde_json::json;
 use x25519_dalek::StaticSecret;
 
 use crate::api::admin::{
-    CreateTokenRequest, CreateTokenResponse, HomeOfficeRequest, HomeOfficeResponse, RevokeRequest,
-    RevokeResponse,
+    CreateTokenRequest, CreateTokenResponse, HomeOfficeRequest, HomeOfficeResponse,
+    PolicyPublishResponse, RevokeRequest, RevokeResponse,
 };
 use crate::api::{
     ApiError, EnrollRequest, EnrollResponse, ErrorCode, HubPeer, RegistryChange, RenewRequest,
     RevocationReason, ServiceInfo,
 };
 use crate::ca::{self, CaError, CertificateAuthority, Issued, LeafSpec};
-use crate::config::{Config, ConfigError, CONFIG_FILE};
+use crate::config::{decode_policy_public_key, Config, ConfigError, CONFIG_FILE};
 use crate::csr::{CsrError, VerifiedCsr};
 use crate::identity::{Identity, Role, SiteId, TenantId, WgPublicKey};
 use crate::store::{
-    CertStatus, CertificateRecord, Selector, SqliteStore, Store, StoreError, TokenRecord, Txn,
+    CertStatus, CertificateRecord, PublishedPolicy, Selector, SqliteStore, Store, StoreError,
+    TokenRecord, Txn,
 };
 use crate::token::{NewToken, PresentedToken};
 use crate::wgproof;
@@ -118,6 +121,29 @@ impl From<CaError> for ApiError {
     }
 }
 
+/// A bundle refused at publishing, or a stored one that no longer loads.
+fn bundle_error(e: BundleError) -> ApiError {
+    let code = match e {
+        BundleError::BadSignature { .. } => ErrorCode::PolicySignatureInvalid,
+        BundleError::Rollback { .. } => ErrorCode::PolicyRollback,
+        BundleError::SameVersionDifferentContent(_) => ErrorCode::PolicyVersionReused,
+        BundleError::Io { .. } | BundleError::Key(_) => ErrorCode::Internal,
+        BundleError::Format(_) | BundleError::Invalid(_) | BundleError::Load(_) => {
+            ErrorCode::PolicyInvalid
+        }
+    };
+    err(code, e.to_string())
+}
+
+fn no_policy_key() -> ApiError {
+    err(
+        ErrorCode::PolicyKeyMissing,
+        "no policy_public_key in enroll.toml: set it to the content of the .pub file \
+         `komnet policy keygen` wrote (or run init with --policy-public-key), then restart \
+         komnet-enroll",
+    )
+}
+
 impl From<CsrError> for ApiError {
     fn from(e: CsrError) -> Self {
         let code = match e {
@@ -186,6 +212,31 @@ pub struct Service {
     wg_proof_secret: StaticSecret,
     pub wg_proof_public: WgPublicKey,
     crl_cache: Mutex<Option<CachedCrl>>,
+    /// The decoded `policy_public_key`.
+    policy_key: Option<Vec<u8>>,
+    policy_cache: Mutex<PolicyCache>,
+}
+
+/// The published bundle's bytes (served to every gateway that polls), so they are not re-read
+/// from SQLite on each request. Keyed by version: a version names exactly one bundle, since
+/// publishing refuses the same version with other bytes.
+#[derive(Default)]
+struct PolicyCache {
+    /// `Bytes`: every answer shares the one copy.
+    bundle: Option<(u64, Bytes)>,
+}
+
+/// What `GET /v1/policy` answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PolicyAnswer {
+    /// The caller has the published version.
+    NotModified {
+        version: u64,
+    },
+    Bundle {
+        version: u64,
+        bytes: Bytes,
+    },
 }
 
 struct CachedCrl {
@@ -241,6 +292,15 @@ impl Service {
                     path: key_path.clone(),
                     message: e.to_string(),
                 })?;
+        let policy_key = config
+            .policy_public_key
+            .as_deref()
+            .map(decode_policy_public_key)
+            .transpose()
+            .map_err(|e| ConfigError::Invalid {
+                path: data_dir.join(CONFIG_FILE),
+                problems: vec![format!("policy_public_key: {e}")],
+            })?;
         let store: Arc<dyn Store> = Arc::new(SqliteStore::open(data_dir)?);
         Ok(Service {
             config,
@@ -250,6 +310,8 @@ impl Service {
             wg_proof_secret,
             wg_proof_public,
             crl_cache: Mutex::new(None),
+            policy_key,
+            policy_cache: Mutex::new(PolicyCache::default()),
         })
     }
 
@@ -451,11 +513,11 @@ impl Service {
         site: &SiteId,
         role: Role,
         wg: &WgPublicKey,
+        addrs: Vec<IpNet>,
         spki: Option<&[u8]>,
         lifetime_secs: i64,
         now: i64,
     ) -> Result<(Issued, Identity), ApiError> {
-        let addrs = self.allocate_addresses(txn, tenant, site)?;
         let spec = LeafSpec {
             tenant,
             site,
@@ -469,13 +531,14 @@ impl Service {
             Some(spki) => self.ca.issue_identity(spki, &spec)?,
             None => self.ca.issue_identity_with_throwaway_key(&spec)?,
         };
+        let not_after = spec.not_after;
         let identity = Identity {
             tenant: tenant.clone(),
             site: site.clone(),
             role,
             wg_public_key: *wg,
-            tunnel_addrs: addrs.clone(),
-            not_after: spec.not_after,
+            tunnel_addrs: addrs,
+            not_after,
             serial: issued.serial.clone(),
         };
         txn.insert_certificate(&CertificateRecord {
@@ -533,12 +596,14 @@ impl Service {
         }
         let superseded = self.make_room(&mut *txn, &token.tenant, &token.site, &wg, now)?;
         let lifetime = self.config.cert_lifetime.0.as_secs() as i64;
+        let addrs = self.allocate_addresses(&mut *txn, &token.tenant, &token.site)?;
         let (issued, identity) = self.issue_in(
             &mut *txn,
             &token.tenant,
             &token.site,
             token.role,
             &wg,
+            addrs,
             Some(&csr.spki_der),
             lifetime,
             now,
@@ -639,12 +704,14 @@ impl Service {
         }
         self.make_room(&mut *txn, &id.tenant, &id.site, &wg, now)?;
         let lifetime = self.config.cert_lifetime.0.as_secs() as i64;
+        let addrs = self.allocate_addresses(&mut *txn, &id.tenant, &id.site)?;
         let (issued, identity) = self.issue_in(
             &mut *txn,
             &id.tenant,
             &id.site,
             id.role,
             &wg,
+            addrs,
             Some(&csr.spki_der),
             lifetime,
             now,
@@ -760,12 +827,14 @@ impl Service {
         let mut txn = self.store.begin()?;
         let superseded =
             self.make_room(&mut *txn, &req.tenant, &req.user, &req.wg_public_key, now)?;
+        let addrs = self.allocate_addresses(&mut *txn, &req.tenant, &req.user)?;
         let (issued, identity) = self.issue_in(
             &mut *txn,
             &req.tenant,
             &req.user,
             Role::HomeOffice,
             &req.wg_public_key,
+            addrs,
             None,
             lifetime,
             now,
@@ -784,8 +853,113 @@ impl Service {
         })
     }
 
-    /// Sets the policy version handed out with enrollments (until policy distribution lands,
-    /// the policy tooling reports the version it published here).
+    /// Verifies, compiles and publishes a signed policy bundle: it is then served at
+    /// `/v1/policy`, and its version is handed out with enrollments. Refuses a bundle that does
+    /// not verify with `policy_public_key` or does not compile, a lower version than the
+    /// published one, and the published version with other bytes. Publishing the published
+    /// bundle again changes nothing.
+    pub fn publish_policy(
+        &self,
+        bytes: &[u8],
+        actor: &str,
+    ) -> Result<PolicyPublishResponse, ApiError> {
+        let key = self.policy_key.as_deref().ok_or_else(no_policy_key)?;
+        let key_id = bundle::key_id(key);
+        // Verified and compiled before the transaction: compiling runs the policy's tests and
+        // should not hold the store's write lock.
+        let verified = bundle::verify(bytes, key).map_err(bundle_error)?;
+        verified.compile().map_err(bundle_error)?;
+        let response = PolicyPublishResponse {
+            version: verified.version,
+            name: verified.name.clone(),
+            key_id: key_id.clone(),
+            unchanged: false,
+        };
+        let now = self.now();
+        let mut txn = self.store.begin()?;
+        if let Some(current) = txn.published_policy()? {
+            if verified.version < current.version {
+                return Err(err(
+                    ErrorCode::PolicyRollback,
+                    format!(
+                        "bundle version {} is older than the published version {}: refusing \
+                         a rollback (to undo a change, publish the old policy as version {})",
+                        verified.version,
+                        current.version,
+                        current.version + 1
+                    ),
+                ));
+            }
+            if verified.version == current.version {
+                if current.bytes != bytes {
+                    return Err(err(
+                        ErrorCode::PolicyVersionReused,
+                        format!(
+                            "version {} is already published with other content: a changed \
+                             policy needs a new version in operator.toml",
+                            verified.version
+                        ),
+                    ));
+                }
+                return Ok(PolicyPublishResponse {
+                    unchanged: true,
+                    ..response
+                });
+            }
+        }
+        txn.publish_policy(&PublishedPolicy {
+            version: verified.version,
+            bytes: bytes.to_vec(),
+            key_id: key_id.clone(),
+            published_at: now,
+        })?;
+        txn.set_policy_version(verified.version)?;
+        txn.audit(
+            now,
+            actor,
+            "policy.publish",
+            &json!({"version": verified.version, "key_id": key_id, "name": verified.name,
+                    "bytes": bytes.len()}),
+        )?;
+        txn.commit()?;
+        self.policy_cache.lock().bundle = Some((verified.version, Bytes::copy_from_slice(bytes)));
+        Ok(response)
+    }
+
+    /// The published bundle for a caller that has version `have`.
+    pub fn policy_bundle(&self, have: Option<u64>) -> Result<PolicyAnswer, ApiError> {
+        let version = self.store.published_policy_version()?.ok_or_else(|| {
+            err(
+                ErrorCode::NoPolicy,
+                "no policy bundle is published yet; try again later",
+            )
+        })?;
+        if have == Some(version) {
+            return Ok(PolicyAnswer::NotModified { version });
+        }
+        if let Some((v, bytes)) = &self.policy_cache.lock().bundle {
+            if *v == version {
+                return Ok(PolicyAnswer::Bundle {
+                    version,
+                    bytes: bytes.clone(),
+                });
+            }
+        }
+        // Read without the cache lock: a bundle can be megabytes.
+        let published = self
+            .store
+            .published_policy()?
+            .ok_or_else(|| err(ErrorCode::NoPolicy, "no policy bundle is published yet"))?;
+        let bytes = Bytes::from(published.bytes);
+        self.policy_cache.lock().bundle = Some((published.version, bytes.clone()));
+        Ok(PolicyAnswer::Bundle {
+            version: published.version,
+            bytes,
+        })
+    }
+
+    /// Sets the policy version handed out with enrollments by hand (publishing a bundle sets
+    /// it too; this stays for policies distributed some other way).
     pub fn set_policy_version(&self, version: u64, actor: &str) -> Result<(), ApiError> {
         let now = self.now();
         let mut txn = self.store.begin()?;

@@ -88,6 +88,27 @@ pub struct CertificateRecord {
     pub der: Vec<u8>,
 }
 
+/// The published policy bundle.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PublishedPolicy {
+    pub version: u64,
+    /// The signed bundle exactly as published (what gateways verify).
+    pub bytes: Vec<u8>,
+    pub key_id: String,
+    pub published_at: i64,
+}
+
+impl std::fmt::Debug for PublishedPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PublishedPolicy")
+            .field("version", &self.version)
+            .field("bytes", &self.bytes.len())
+            .field("key_id", &self.key_id)
+            .field("published_at", &self.published_at)
+            .finish()
+    }
+}
+
 /// Which certificates a revocation targets.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Selector {
@@ -116,6 +137,9 @@ pub trait Store: Send + Sync + 'static {
     /// Valid, unexpired hub identities.
     fn hubs(&self, now: i64) -> Result<Vec<Identity>, StoreError>;
     fn policy_version(&self) -> Result<u64, StoreError>;
+    /// The version of the published policy bundle (cheap: no bundle bytes are read).
+    fn published_policy_version(&self) -> Result<Option<u64>, StoreError>;
+    fn published_policy(&self) -> Result<Option<PublishedPolicy>, StoreError>;
     fn audit_log(&self, limit: usize) -> Result<Vec<AuditRecord>, StoreError>;
 }
 
@@ -165,6 +189,10 @@ pub trait Txn {
         details: &serde_json::Value,
     ) -> Result<(), StoreError>;
     fn set_policy_version(&mut self, version: u64) -> Result<(), StoreError>;
+    fn published_policy_version(&mut self) -> Result<Option<u64>, StoreError>;
+    fn published_policy(&mut self) -> Result<Option<PublishedPolicy>, StoreError>;
+    /// Replaces the published bundle.
+    fn publish_policy(&mut self, policy: &PublishedPolicy) -> Result<(), StoreError>;
     fn commit(self: Box<Self>) -> Result<(), StoreError>;
 }
 
@@ -209,6 +237,15 @@ CREATE TABLE IF NOT EXISTS registry_events (
     version INTEGER PRIMARY KEY AUTOINCREMENT,
     at INTEGER NOT NULL,
     change TEXT NOT NULL
+);
+-- One row: the published signed policy bundle. Versions are u64, kept as text like
+-- meta.policy_version (SQLite integers are signed).
+CREATE TABLE IF NOT EXISTS policy_bundle (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    version TEXT NOT NULL,
+    bytes BLOB NOT NULL,
+    key_id TEXT NOT NULL,
+    published_at INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS audit (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -414,6 +451,44 @@ fn events_since(
         .collect()
 }
 
+fn parse_version(what: &'static str, text: String) -> Result<u64, StoreError> {
+    text.parse()
+        .map_err(|_| StoreError::Corrupt { what, value: text })
+}
+
+fn published_policy_version(conn: &Connection) -> Result<Option<u64>, StoreError> {
+    conn.prepare_cached("SELECT version FROM policy_bundle WHERE id = 1")?
+        .query_row([], |r| r.get::<_, String>(0))
+        .optional()?
+        .map(|v| parse_version("policy bundle version", v))
+        .transpose()
+}
+
+fn published_policy(conn: &Connection) -> Result<Option<PublishedPolicy>, StoreError> {
+    let row = conn
+        .prepare_cached(
+            "SELECT version, bytes, key_id, published_at FROM policy_bundle WHERE id = 1",
+        )?
+        .query_row([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, Vec<u8>>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, i64>(3)?,
+            ))
+        })
+        .optional()?;
+    let Some((version, bytes, key_id, published_at)) = row else {
+        return Ok(None);
+    };
+    Ok(Some(PublishedPolicy {
+        version: parse_version("policy bundle version", version)?,
+        bytes,
+        key_id,
+        published_at,
+    }))
+}
+
 impl Store for SqliteStore {
     fn begin(&self) -> Result<Box<dyn Txn + '_>, StoreError> {
         let conn = self.conn.lock();
@@ -526,6 +601,14 @@ impl Store for SqliteStore {
                 value: v,
             }),
         }
+    }
+
+    fn published_policy_version(&self) -> Result<Option<u64>, StoreError> {
+        published_policy_version(&self.conn.lock())
+    }
+
+    fn published_policy(&self) -> Result<Option<PublishedPolicy>, StoreError> {
+        published_policy(&self.conn.lock())
     }
 
     fn audit_log(&self, limit: usize) -> Result<Vec<AuditRecord>, StoreError> {
@@ -849,6 +932,32 @@ impl Txn for SqliteTxn<'_> {
                  ON CONFLICT (key) DO UPDATE SET value = excluded.value",
             )?
             .execute(params![version.to_string()])?;
+        Ok(())
+    }
+
+    fn published_policy_version(&mut self) -> Result<Option<u64>, StoreError> {
+        published_policy_version(&self.conn)
+    }
+
+    fn published_policy(&mut self) -> Result<Option<PublishedPolicy>, StoreError> {
+        published_policy(&self.conn)
+    }
+
+    fn publish_policy(&mut self, p: &PublishedPolicy) -> Result<(), StoreError> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO policy_bundle (id, version, bytes, key_id, published_at) \
+                 VALUES (1, ?1, ?2, ?3, ?4) \
+                 ON CONFLICT (id) DO UPDATE SET version = excluded.version, \
+                 bytes = excluded.bytes, key_id = excluded.key_id, \
+                 published_at = excluded.published_at",
+            )?
+            .execute(params![
+                p.version.to_string(),
+                p.bytes,
+                p.key_id,
+                p.published_at
+            ])?;
         Ok(())
     }
 

@@ -1,19 +1,205 @@
-//! The service as distribution point, over real HTTPS on loopback: the hub list with
-//! endpoints.
+//! The service as distribution point, over real HTTPS on loopback: publishing signed policy
+//! bundles (and what is refused), serving them to appliances, the hub list with endpoints.
 #![allow(clippy::unwrap_used)]
 
 mod common;
 
-use komnet_enroll::api::ErrorCode;
-use komnet_enroll::client;
-use komnet_enroll::identity::Role;
+use komnet_enroll::admin::{AdminCommand, PolicyPublishArgs, SocketArg};
+use komnet_enroll::api::admin::RevokeRequest;
+use komnet_enroll::api::{ErrorCode, RevocationReason};
+use komnet_enroll::client::{self, PolicyFetch};
+use komnet_enroll::identity::{Role, SiteId, TenantId};
+use komnet_enroll::server;
 
-use common::enroll;
+use common::{enroll, PolicyFixture};
 
 fn code_of(e: &client::ClientError) -> ErrorCode {
     e.api_error()
         .unwrap_or_else(|| panic!("not a typed error: {e}"))
         .code
+}
+
+fn revoke(h: &common::Harness, tenant: &str, site: &str, reason: RevocationReason) {
+    h.service
+        .revoke(
+            &RevokeRequest {
+                serial: None,
+                tenant: Some(TenantId::parse(tenant).unwrap()),
+                site: Some(SiteId::parse(site).unwrap()),
+                reason,
+            },
+            "test",
+        )
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bundles_are_verified_published_and_served() {
+    let fixture = PolicyFixture::new();
+    let h = common::start_with_policy_key(&fixture).await;
+    let (hub, _) = enroll(&h, "rz", "hub1", Role::Hub).await;
+    let (spoke, _) = enroll(&h, "musterstadt", "rathaus", Role::Spoke).await;
+
+    // Nothing published yet: 404 no_policy, which the client reports as NoneYet.
+    assert_eq!(
+        client::fetch_policy(&spoke, None).await.unwrap(),
+        PolicyFetch::NoneYet
+    );
+    let (status, body) = common::raw_request(
+        &h,
+        "GET",
+        "/v1/policy",
+        vec![],
+        Some((&spoke.certificate_chain_pem, &spoke.private_key_pem)),
+    )
+    .await;
+    assert_eq!((status, common::code(&body).as_str()), (404, "no_policy"));
+    // Without a client certificate the route says what it needs.
+    let (status, body) = common::raw_request(&h, "GET", "/v1/policy", vec![], None).await;
+    assert_eq!(
+        (status, common::code(&body).as_str()),
+        (401, "certificate_required")
+    );
+
+    // Signed with another key: refused, nothing published.
+    let (other_key, _) = komnet_policy::bundle::generate_key().unwrap();
+    let forged = fixture.bundle_signed(7, |t| t.to_string(), &other_key);
+    let e = h.service.publish_policy(&forged, "test").unwrap_err();
+    assert_eq!(e.code, ErrorCode::PolicySignatureInvalid, "{e}");
+    // Not a bundle at all.
+    let e = h.service.publish_policy(b"{}", "test").unwrap_err();
+    assert_eq!(e.code, ErrorCode::PolicyInvalid, "{e}");
+    assert_eq!(
+        client::fetch_policy(&spoke, None).await.unwrap(),
+        PolicyFetch::NoneYet
+    );
+
+    // The good one, through the admin command over the socket.
+    let v7 = fixture.bundle(7);
+    let file = h.dir.path().join("v7.bundle");
+    std::fs::write(&file, &v7).unwrap();
+    let publish = |path: std::path::PathBuf| {
+        AdminCommand::PolicyPublish(PolicyPublishArgs {
+            bundle_file: path,
+            socket: SocketArg {
+                socket: h.dir.path().join(server::ADMIN_SOCKET),
+            },
+        })
+    };
+    let mut out = Vec::new();
+    komnet_enroll::admin::run_to(publish(file.clone()), &mut out)
+        .await
+        .unwrap();
+    let out = String::from_utf8(out).unwrap();
+    assert!(
+        out.contains("published policy") && out.contains("version 7"),
+        "{out}"
+    );
+    // Publishing it again changes nothing.
+    let mut out = Vec::new();
+    komnet_enroll::admin::run_to(publish(file), &mut out)
+        .await
+        .unwrap();
+    assert!(String::from_utf8(out)
+        .unwrap()
+        .contains("already published"));
+
+    // Served to a spoke and to a hub, byte for byte, and it verifies with the operator's key.
+    for appliance in [&spoke, &hub] {
+        match client::fetch_policy(appliance, None).await.unwrap() {
+            PolicyFetch::Bundle { version, bytes } => {
+                assert_eq!(version, 7);
+                assert_eq!(bytes, v7);
+                let verified = komnet_policy::bundle::verify(&bytes, &fixture.public_key).unwrap();
+                assert_eq!(verified.version, 7);
+            }
+            other => panic!("expected the bundle, got {other:?}"),
+        }
+    }
+    assert_eq!(
+        client::fetch_policy(&spoke, Some(7)).await.unwrap(),
+        PolicyFetch::NotModified
+    );
+    let (status, _) = common::raw_request(
+        &h,
+        "GET",
+        "/v1/policy?have=7",
+        vec![],
+        Some((&spoke.certificate_chain_pem, &spoke.private_key_pem)),
+    )
+    .await;
+    assert_eq!(status, 304);
+    let (status, body) = common::raw_request(
+        &h,
+        "GET",
+        "/v1/policy?have=seven",
+        vec![],
+        Some((&spoke.certificate_chain_pem, &spoke.private_key_pem)),
+    )
+    .await;
+    assert_eq!((status, common::code(&body).as_str()), (400, "bad_request"));
+    // Enrollments now carry the published version.
+    let (later, _) = enroll(&h, "musterstadt", "bauhof", Role::Spoke).await;
+    assert_eq!(later.policy_version, 7);
+
+    // Version 8 replaces it; 7 again is a rollback, 8 with other content is refused.
+    let v8 = fixture.bundle(8);
+    let r = h.service.publish_policy(&v8, "test").unwrap();
+    assert_eq!((r.version, r.unchanged), (8, false));
+    let e = h.service.publish_policy(&v7, "test").unwrap_err();
+    assert_eq!(e.code, ErrorCode::PolicyRollback, "{e}");
+    let v8_other = fixture.bundle_edited(8, |t| {
+        t.replace("\"Stadt Musterstadt\"", "\"Stadt Musterstadt (neu)\"")
+    });
+    assert_ne!(v8_other, v8);
+    let e = h.service.publish_policy(&v8_other, "test").unwrap_err();
+    assert_eq!(e.code, ErrorCode::PolicyVersionReused, "{e}");
+    match client::fetch_policy(&spoke, Some(7)).await.unwrap() {
+        PolicyFetch::Bundle { version, bytes } => assert_eq!((version, bytes), (8, v8.clone())),
+        other => panic!("expected version 8, got {other:?}"),
+    }
+    assert_eq!(h.service.store.policy_version().unwrap(), 8);
+
+    // Each publish is audited with version and key id; refusals are not publishes.
+    let key_id = komnet_policy::bundle::key_id(&fixture.public_key);
+    let publishes: Vec<_> = h
+        .service
+        .store
+        .audit_log(100)
+        .unwrap()
+        .into_iter()
+        .filter(|a| a.action == "policy.publish")
+        .collect();
+    assert_eq!(publishes.len(), 2, "{publishes:?}");
+    assert_eq!(publishes[0].details["version"], 7);
+    assert_eq!(publishes[1].details["version"], 8);
+    assert!(publishes
+        .iter()
+        .all(|a| a.details["key_id"] == key_id.as_str()));
+    assert!(publishes[0].actor.starts_with("uid:"), "{:?}", publishes[0]);
+
+    // A revoked appliance gets nothing.
+    revoke(
+        &h,
+        "musterstadt",
+        "rathaus",
+        RevocationReason::KeyCompromise,
+    );
+    let e = client::fetch_policy(&spoke, None).await.unwrap_err();
+    assert_eq!(code_of(&e), ErrorCode::CertificateRevoked, "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishing_without_a_configured_key_says_what_to_set() {
+    let fixture = PolicyFixture::new();
+    let h = common::start().await;
+    let e = h
+        .service
+        .publish_policy(&fixture.bundle(7), "test")
+        .unwrap_err();
+    assert_eq!(e.code, ErrorCode::PolicyKeyMissing);
+    assert!(e.message.contains("policy_public_key"), "{e}");
+    assert!(h.service.store.published_policy().unwrap().is_none());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

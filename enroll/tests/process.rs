@@ -3,6 +3,8 @@
 //! that never contain a token or a key.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::io::{BufRead as _, BufReader};
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
@@ -36,7 +38,10 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn init(dir: &Path, port: u16) {
+/// `init` with a policy key from `policy` (the `.pub` file `komnet policy keygen` writes).
+fn init(dir: &Path, port: u16, policy: &common::PolicyFixture) {
+    let pub_file = policy.dir.path().join("signing.pub");
+    std::fs::write(&pub_file, policy.public_key_text()).unwrap();
     let out = Command::new(BIN)
         .args(["init", "--data-dir"])
         .arg(dir)
@@ -46,6 +51,8 @@ fn init(dir: &Path, port: u16) {
             "--hub-endpoint",
             "hub1=198.51.100.7:51820",
         ])
+        .arg("--policy-public-key")
+        .arg(&pub_file)
         .arg("--enroll-url")
         .arg(format!("https://127.0.0.1:{port}"))
         .arg("--listen")
@@ -77,6 +84,10 @@ fn init(dir: &Path, port: u16) {
     assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));
     // Many enrollments come from this one address in these tests.
     let mut config = Config::load(dir).unwrap();
+    assert_eq!(
+        config.policy_public_key.as_deref(),
+        Some(policy.public_key_text().trim())
+    );
     assert_eq!(
         config.hub_endpoints.values().collect::<Vec<_>>(),
         ["198.51.100.7:51820"]
@@ -165,11 +176,21 @@ fn count(conn: &rusqlite::Connection, sql: &str) -> i64 {
 async fn admin_commands_over_the_socket_and_logs_without_secrets() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    init(dir.path(), port);
+    let policy = common::PolicyFixture::new();
+    init(dir.path(), port, &policy);
     let daemon = serve(dir.path(), "serve.log");
     let sock = dir.path().join("admin.sock");
     let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600, "admin socket mode");
+
+    // The operator publishes the signed policy.
+    let bundle = dir.path().join("policy.bundle");
+    std::fs::write(&bundle, policy.bundle(7)).unwrap();
+    let out = admin(dir.path(), &["policy-publish", bundle.to_str().unwrap()]);
+    assert!(
+        out.contains("published policy") && out.contains("version 7"),
+        "{out}"
+    );
 
     // Without a hub, a home-office config cannot be made, and nothing is created.
     let out = Command::new(BIN)
@@ -284,7 +305,13 @@ async fn admin_commands_over_the_socket_and_logs_without_secrets() {
 
     // The audit log names the admin by uid.
     let audit = admin(dir.path(), &["audit", "--json", "--limit", "100"]);
-    for action in ["token.create", "enroll", "homeoffice.issue", "revoke"] {
+    for action in [
+        "policy.publish",
+        "token.create",
+        "enroll",
+        "homeoffice.issue",
+        "revoke",
+    ] {
         assert!(
             audit.contains(&format!("\"action\":\"{action}\"")),
             "{action}: {audit}"
@@ -321,7 +348,7 @@ async fn admin_commands_over_the_socket_and_logs_without_secrets() {
 async fn kill_9_mid_enrollment_leaves_no_half_state_and_data_survives_restart() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    init(dir.path(), port);
+    init(dir.path(), port, &common::PolicyFixture::new());
     let daemon = serve(dir.path(), "serve-1.log");
     let hub = client::enroll(&token(dir.path(), "dc", "hub1", "hub"), &WgKeys::generate())
         .await

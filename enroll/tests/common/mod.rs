@@ -184,6 +184,84 @@ pub fn enroll_body(
     })
 }
 
+/// The worked example policy (`examples/policy/landkreis`, version 7) in a temporary
+/// directory, with a fresh signing key, for making signed bundles.
+pub struct PolicyFixture {
+    pub dir: tempfile::TempDir,
+    pub private_key: Vec<u8>,
+    pub public_key: Vec<u8>,
+    operator: String,
+}
+
+impl PolicyFixture {
+    pub fn new() -> Self {
+        let src =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/policy/landkreis");
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("tenants")).unwrap();
+        for entry in std::fs::read_dir(src.join("tenants")).unwrap() {
+            let entry = entry.unwrap();
+            std::fs::copy(
+                entry.path(),
+                dir.path().join("tenants").join(entry.file_name()),
+            )
+            .unwrap();
+        }
+        let operator = std::fs::read_to_string(src.join("operator.toml")).unwrap();
+        assert!(operator.contains("\nversion = 7\n"), "the example changed");
+        let (private_key, public_key) = komnet_policy::bundle::generate_key().unwrap();
+        PolicyFixture {
+            dir,
+            private_key,
+            public_key,
+            operator,
+        }
+    }
+
+    /// The public key as enroll.toml's `policy_public_key` takes it (a `.pub` file's text).
+    pub fn public_key_text(&self) -> String {
+        use base64::Engine as _;
+        format!(
+            "{}\n",
+            base64::engine::general_purpose::STANDARD.encode(&self.public_key)
+        )
+    }
+
+    /// A bundle of the example at `version`, signed with this fixture's key.
+    pub fn bundle(&self, version: u64) -> Vec<u8> {
+        self.bundle_edited(version, |t| t.to_string())
+    }
+
+    /// Like [`Self::bundle`] with operator.toml changed by `edit` first.
+    pub fn bundle_edited(&self, version: u64, edit: impl Fn(&str) -> String) -> Vec<u8> {
+        self.bundle_signed(version, edit, &self.private_key)
+    }
+
+    pub fn bundle_signed(
+        &self,
+        version: u64,
+        edit: impl Fn(&str) -> String,
+        private_key: &[u8],
+    ) -> Vec<u8> {
+        let text = edit(
+            &self
+                .operator
+                .replace("\nversion = 7\n", &format!("\nversion = {version}\n")),
+        );
+        std::fs::write(self.dir.path().join("operator.toml"), text).unwrap();
+        komnet_policy::bundle::create(self.dir.path(), private_key).unwrap()
+    }
+}
+
+/// A harness whose service verifies bundles with `fixture`'s key.
+pub async fn start_with_policy_key(fixture: &PolicyFixture) -> Harness {
+    start_with(Config {
+        policy_public_key: Some(fixture.public_key_text()),
+        ..test_config()
+    })
+    .await
+}
+
 /// Enrolls an appliance over HTTPS with a token made in-process.
 pub async fn enroll(
     h: &Harness,
