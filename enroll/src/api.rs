@@ -91,6 +91,8 @@ pub enum ErrorCode {
     PolicyRollback,
     /// The bundle has the published version but other content.
     PolicyVersionReused,
+    /// The tenant or site (or the tenant's home-office pool) is not in the published policy.
+    NotInPolicy,
     Internal,
 }
 

@@ -51,7 +51,7 @@ impl ApiError {
                 StatusCode::UNAUTHORIZED
             }
             TokenUsed | WgKeyInUse | NoHub | RenewTooEarly | PolicyKeyMissing | PolicyRollback
-            | PolicyVersionReused => StatusCode::CONFLICT,
+            | PolicyVersionReused | NotInPolicy => StatusCode::CONFLICT,
             CsrInvalid
             | CsrSignatureInvalid
             | CsrKeyType

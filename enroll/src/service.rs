@@ -4,7 +4,8 @@
 //!
 //! Time comes from a [`Clock`], so a test can walk a certificate through its renewal window.
 
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::collections::BTreeSet;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
@@ -14,6 +15,7 @@ use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use komnet_policy::bundle::{self, BundleError};
+use komnet_policy::CompiledPolicy;
 use parking_lot::Mutex;
 use serde_json::json;
 use x25519_dalek::StaticSecret;
@@ -217,13 +219,15 @@ pub struct Service {
     policy_cache: Mutex<PolicyCache>,
 }
 
-/// The published bundle's bytes (served to every gateway that polls), so they are not re-read
-/// from SQLite on each request. Keyed by version: a version names exactly one bundle, since
+/// The published bundle's bytes (served to every gateway that polls) and its compiled policy
+/// (needed for home-office addresses and token checks), so neither is re-read from SQLite or
+/// re-verified on each request. Keyed by version: a version names exactly one bundle, since
 /// publishing refuses the same version with other bytes.
 #[derive(Default)]
 struct PolicyCache {
     /// `Bytes`: every answer shares the one copy.
     bundle: Option<(u64, Bytes)>,
+    compiled: Option<Arc<CompiledPolicy>>,
 }
 
 /// What `GET /v1/policy` answers.
@@ -344,6 +348,33 @@ impl Service {
         let token = NewToken::generate();
         let expires_at = now + req.ttl_secs as i64;
         let mut txn = self.store.begin()?;
+        // A spoke the policy does not know would be refused by every hub; say so now, while
+        // the token is being made, not when the technician stands in the town hall. Hubs are
+        // the data centre's own and not in the tenants' policy.
+        if req.role == Role::Spoke {
+            if let Some(compiled) = self.compiled_policy_in(&mut *txn)? {
+                let policy = &compiled.policy;
+                let tenant = policy.tenant_by_name(req.tenant.as_str()).ok_or_else(|| {
+                    err(
+                        ErrorCode::NotInPolicy,
+                        format!(
+                            "tenant {} is not in the published policy (version {}): a spoke's \
+                             tenant and site must be in it",
+                            req.tenant, policy.version
+                        ),
+                    )
+                })?;
+                if policy.site_by_name(tenant, req.site.as_str()).is_none() {
+                    return Err(err(
+                        ErrorCode::NotInPolicy,
+                        format!(
+                            "tenant {} has no site {} in the published policy (version {})",
+                            req.tenant, req.site, policy.version
+                        ),
+                    ));
+                }
+            }
+        }
         txn.insert_token(&TokenRecord {
             id: token.id.clone(),
             secret_hash: token.secret_hash.clone(),
@@ -769,11 +800,13 @@ impl Service {
             )?;
             if release {
                 txn.release_site_host(&id.tenant, &id.site)?;
+                txn.release_homeoffice_user(&id.tenant, &id.site)?;
             }
             serials.push(id.serial.clone());
         }
         if let (true, Selector::Site(t, s)) = (release, &selector) {
             txn.release_site_host(t, s)?;
+            txn.release_homeoffice_user(t, s)?;
         }
         txn.audit(
             now,
@@ -825,9 +858,24 @@ impl Service {
             ));
         }
         let mut txn = self.store.begin()?;
+        let compiled = self.compiled_policy_in(&mut *txn)?.ok_or_else(|| {
+            err(
+                ErrorCode::NoPolicy,
+                "no policy bundle is published yet: home-office addresses come from the \
+                 tenant's home-office pool in the policy; publish one with \
+                 `komnet policy-publish BUNDLE`",
+            )
+        })?;
         let superseded =
             self.make_room(&mut *txn, &req.tenant, &req.user, &req.wg_public_key, now)?;
-        let addrs = self.allocate_addresses(&mut *txn, &req.tenant, &req.user)?;
+        let addrs = allocate_homeoffice(
+            &mut *txn,
+            &compiled.policy,
+            &req.tenant,
+            &req.user,
+            now + lifetime,
+            now,
+        )?;
         let (issued, identity) = self.issue_in(
             &mut *txn,
             &req.tenant,
@@ -845,7 +893,7 @@ impl Service {
             "homeoffice.issue",
             &json!({"serial": identity.serial, "tenant": identity.tenant, "user": identity.site,
                     "wg_public_key": identity.wg_public_key, "tunnel_addrs": identity.tunnel_addrs,
-                    "superseded": superseded}),
+                    "policy_version": compiled.policy.version, "superseded": superseded}),
         )?;
         txn.commit()?;
         Ok(HomeOfficeResponse {
@@ -868,7 +916,7 @@ impl Service {
         // Verified and compiled before the transaction: compiling runs the policy's tests and
         // should not hold the store's write lock.
         let verified = bundle::verify(bytes, key).map_err(bundle_error)?;
-        verified.compile().map_err(bundle_error)?;
+        let compiled = Arc::new(verified.compile().map_err(bundle_error)?);
         let response = PolicyPublishResponse {
             version: verified.version,
             name: verified.name.clone(),
@@ -922,7 +970,9 @@ impl Service {
                     "bytes": bytes.len()}),
         )?;
         txn.commit()?;
-        self.policy_cache.lock().bundle = Some((verified.version, Bytes::copy_from_slice(bytes)));
+        let mut cache = self.policy_cache.lock();
+        cache.bundle = Some((verified.version, Bytes::copy_from_slice(bytes)));
+        cache.compiled = Some(compiled);
         Ok(response)
     }
 
@@ -956,6 +1006,48 @@ impl Service {
             version: published.version,
             bytes,
         })
+    }
+
+    /// The compiled published policy as `txn` sees it; `None` when none is published. Read
+    /// inside the caller's transaction so a decision and what it writes rest on one version.
+    fn compiled_policy_in(
+        &self,
+        txn: &mut dyn Txn,
+    ) -> Result<Option<Arc<CompiledPolicy>>, ApiError> {
+        let Some(version) = txn.published_policy_version()? else {
+            return Ok(None);
+        };
+        if let Some(c) = &self.policy_cache.lock().compiled {
+            if c.policy.version == version {
+                return Ok(Some(c.clone()));
+            }
+        }
+        // Once per version after a start: the store is not trusted more than the wire, so the
+        // bundle is verified again with the configured key.
+        let published = txn
+            .published_policy()?
+            .ok_or_else(|| err(ErrorCode::Internal, "published policy vanished"))?;
+        let key = self.policy_key.as_deref().ok_or_else(|| {
+            err(
+                ErrorCode::PolicyKeyMissing,
+                format!(
+                    "policy version {version} is published but enroll.toml has no \
+                     policy_public_key to verify it with: set it and restart komnet-enroll"
+                ),
+            )
+        })?;
+        let loaded = bundle::verify(&published.bytes, key).and_then(|b| b.compile());
+        let compiled = Arc::new(loaded.map_err(|e| {
+            let mut e = bundle_error(e);
+            e.message = format!(
+                "the published policy bundle (version {version}) does not load: {}; publish a \
+                 bundle signed with the configured policy_public_key",
+                e.message
+            );
+            e
+        })?);
+        self.policy_cache.lock().compiled = Some(compiled.clone());
+        Ok(Some(compiled))
     }
 
     /// Sets the policy version handed out with enrollments by hand (publishing a bundle sets
@@ -992,6 +1084,126 @@ impl Service {
     }
 }
 
+/// A home-office user's tunnel addresses: one host address from each address family of the
+/// tenant's home-office pool in the policy. The user keeps the addresses it holds as long as
+/// they lie in the pool; others are held until their holder expires (or is decommissioned).
+fn allocate_homeoffice(
+    txn: &mut dyn Txn,
+    policy: &komnet_policy::Policy,
+    tenant: &TenantId,
+    user: &SiteId,
+    until: i64,
+    now: i64,
+) -> Result<Vec<IpNet>, ApiError> {
+    let version = policy.version;
+    let t = policy.tenant_by_name(tenant.as_str()).ok_or_else(|| {
+        err(
+            ErrorCode::NotInPolicy,
+            format!("tenant {tenant} is not in the published policy (version {version})"),
+        )
+    })?;
+    let pool = &policy.tenants[t.index()].homeoffice_pool;
+    if pool.is_empty() {
+        return Err(err(
+            ErrorCode::NotInPolicy,
+            format!(
+                "tenant {tenant} has no home-office pool in the published policy (version \
+                 {version}): set `homeoffice = [...]` for it in operator.toml and publish"
+            ),
+        ));
+    }
+    let held = txn.homeoffice_addrs(tenant)?;
+    let mut out = Vec::new();
+    let mut kept = Vec::new();
+    for (family, v6) in [("IPv4", false), ("IPv6", true)] {
+        let prefixes: Vec<IpNet> = pool
+            .iter()
+            .copied()
+            .filter(|p| matches!(p, IpNet::V6(_)) == v6)
+            .collect();
+        if prefixes.is_empty() {
+            continue;
+        }
+        // A host address of the pool: a pool moved by a new policy version can turn a held
+        // address into a network or broadcast address.
+        let in_pool = |a: &IpAddr| {
+            prefixes.iter().any(|p| {
+                p.contains(a)
+                    && *a != p.network()
+                    && !(matches!(p, IpNet::V4(_)) && *a == p.broadcast())
+            })
+        };
+        let own = held
+            .iter()
+            .filter(|h| h.user == *user && in_pool(&h.addr))
+            .map(|h| h.addr)
+            .min();
+        let addr = match own {
+            Some(a) => a,
+            None => {
+                let taken: BTreeSet<IpAddr> = held
+                    .iter()
+                    .filter(|h| h.user != *user && h.held_until > now)
+                    .map(|h| h.addr)
+                    .collect();
+                lowest_free(&prefixes, &taken).ok_or_else(|| {
+                    err(
+                        ErrorCode::AddressPoolExhausted,
+                        format!(
+                            "tenant {tenant}: the {family} home-office pool {} (policy version \
+                             {version}) has no free address",
+                            addr_list(&prefixes)
+                        ),
+                    )
+                })?
+            }
+        };
+        txn.hold_homeoffice_addr(tenant, user, addr, until)?;
+        kept.push(addr);
+        out.push(IpNet::from(addr));
+    }
+    // Addresses the user held outside the current pool (the policy changed) go back.
+    for h in held.iter().filter(|h| h.user == *user) {
+        if !kept.contains(&h.addr) {
+            txn.release_homeoffice_addr(tenant, h.addr)?;
+        }
+    }
+    Ok(out)
+}
+
+/// The lowest host address in `prefixes` (in their order) not in `taken`: never a network
+/// address, and for IPv4 never a broadcast address.
+fn lowest_free(prefixes: &[IpNet], taken: &BTreeSet<IpAddr>) -> Option<IpAddr> {
+    for prefix in prefixes {
+        let (first, last) = match prefix {
+            IpNet::V4(n) => (
+                u128::from(u32::from(n.network())).checked_add(1),
+                u128::from(u32::from(n.broadcast())).checked_sub(1),
+            ),
+            IpNet::V6(n) => (
+                u128::from(n.network()).checked_add(1),
+                Some(u128::from(n.broadcast())),
+            ),
+        };
+        let make = |v: u128| match prefix {
+            IpNet::V4(_) => IpAddr::V4(Ipv4Addr::from(v as u32)),
+            IpNet::V6(_) => IpAddr::V6(Ipv6Addr::from(v)),
+        };
+        let (Some(mut candidate), Some(last)) = (first, last) else {
+            continue;
+        };
+        // Each step skips one taken address, so this ends after at most |taken| + 1 steps.
+        while candidate <= last {
+            let addr = make(candidate);
+            if !taken.contains(&addr) {
+                return Some(addr);
+            }
+            candidate += 1;
+        }
+    }
+    None
+}
+
 /// Renewal opens at 2/3 of the lifetime (as step-ca does).
 pub fn renew_after(issued_at: i64, not_after: i64) -> i64 {
     issued_at + (not_after - issued_at) * 2 / 3
@@ -1004,4 +1216,52 @@ pub fn addr_list(addrs: &[IpNet]) -> String {
         .map(|a| a.to_string())
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(addrs: &[&str]) -> BTreeSet<IpAddr> {
+        addrs.iter().map(|a| a.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn lowest_free_skips_network_broadcast_and_taken() {
+        let v4: Vec<IpNet> = vec!["10.250.1.0/30".parse().unwrap()];
+        assert_eq!(
+            lowest_free(&v4, &set(&[])),
+            Some("10.250.1.1".parse().unwrap())
+        );
+        assert_eq!(
+            lowest_free(&v4, &set(&["10.250.1.1"])),
+            Some("10.250.1.2".parse().unwrap())
+        );
+        // .3 is the broadcast address.
+        assert_eq!(lowest_free(&v4, &set(&["10.250.1.1", "10.250.1.2"])), None);
+        // A full first prefix moves on to the next.
+        let two: Vec<IpNet> = vec![
+            "10.250.1.0/30".parse().unwrap(),
+            "10.250.9.0/29".parse().unwrap(),
+        ];
+        assert_eq!(
+            lowest_free(&two, &set(&["10.250.1.1", "10.250.1.2"])),
+            Some("10.250.9.1".parse().unwrap())
+        );
+        // IPv6 has no broadcast: the last address is a host.
+        let v6: Vec<IpNet> = vec!["fd00::/127".parse().unwrap()];
+        assert_eq!(
+            lowest_free(&v6, &set(&[])),
+            Some("fd00::1".parse().unwrap())
+        );
+        assert_eq!(lowest_free(&v6, &set(&["fd00::1"])), None);
+        // Degenerate pools have no host address at all, without overflow at the edges.
+        for p in [
+            "0.0.0.0/32",
+            "255.255.255.255/32",
+            "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff/128",
+        ] {
+            assert_eq!(lowest_free(&[p.parse().unwrap()], &set(&[])), None, "{p}");
+        }
+    }
 }

@@ -5,6 +5,7 @@
 //! `kill -9` mid-enrollment leaves no half-issued state. Registry events are published to
 //! watchers only after their transaction committed, in commit order.
 
+use std::net::IpAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -109,6 +110,15 @@ impl std::fmt::Debug for PublishedPolicy {
     }
 }
 
+/// A home-office address and who holds it until when.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HomeofficeAddr {
+    pub user: SiteId,
+    pub addr: IpAddr,
+    /// The holder's identity expires then; afterwards the address is free again.
+    pub held_until: i64,
+}
+
 /// Which certificates a revocation targets.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Selector {
@@ -193,6 +203,27 @@ pub trait Txn {
     fn published_policy(&mut self) -> Result<Option<PublishedPolicy>, StoreError>;
     /// Replaces the published bundle.
     fn publish_policy(&mut self, policy: &PublishedPolicy) -> Result<(), StoreError>;
+    /// Every home-office address recorded for the tenant, expired holders included.
+    fn homeoffice_addrs(&mut self, tenant: &TenantId) -> Result<Vec<HomeofficeAddr>, StoreError>;
+    /// Gives `addr` to `user` until `until` (taking it over from an expired holder).
+    fn hold_homeoffice_addr(
+        &mut self,
+        tenant: &TenantId,
+        user: &SiteId,
+        addr: IpAddr,
+        until: i64,
+    ) -> Result<(), StoreError>;
+    fn release_homeoffice_addr(
+        &mut self,
+        tenant: &TenantId,
+        addr: IpAddr,
+    ) -> Result<(), StoreError>;
+    /// Releases every address of the user (decommission).
+    fn release_homeoffice_user(
+        &mut self,
+        tenant: &TenantId,
+        user: &SiteId,
+    ) -> Result<(), StoreError>;
     fn commit(self: Box<Self>) -> Result<(), StoreError>;
 }
 
@@ -247,6 +278,14 @@ CREATE TABLE IF NOT EXISTS policy_bundle (
     key_id TEXT NOT NULL,
     published_at INTEGER NOT NULL
 );
+-- Home-office addresses come from the policy's pools, not from site_hosts: they are whole
+-- addresses (the pools can change with the policy), held until the holder's expiry.
+CREATE TABLE IF NOT EXISTS homeoffice_addrs (
+    tenant TEXT NOT NULL, user TEXT NOT NULL, addr TEXT NOT NULL,
+    held_until INTEGER NOT NULL,
+    PRIMARY KEY (tenant, addr)
+);
+CREATE INDEX IF NOT EXISTS homeoffice_addrs_user ON homeoffice_addrs (tenant, user);
 CREATE TABLE IF NOT EXISTS audit (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     at INTEGER NOT NULL,
@@ -958,6 +997,79 @@ impl Txn for SqliteTxn<'_> {
                 p.key_id,
                 p.published_at
             ])?;
+        Ok(())
+    }
+
+    fn homeoffice_addrs(&mut self, tenant: &TenantId) -> Result<Vec<HomeofficeAddr>, StoreError> {
+        let rows = self
+            .conn
+            .prepare_cached(
+                "SELECT user, addr, held_until FROM homeoffice_addrs WHERE tenant = ?1",
+            )?
+            .query_map(params![tenant.as_str()], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, i64>(2)?,
+                ))
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        rows.into_iter()
+            .map(|(user, addr, held_until)| {
+                Ok(HomeofficeAddr {
+                    user: parse_name("home-office user", user, SiteId::parse)?,
+                    addr: addr.parse().map_err(|_| StoreError::Corrupt {
+                        what: "home-office address",
+                        value: addr,
+                    })?,
+                    held_until,
+                })
+            })
+            .collect()
+    }
+
+    fn hold_homeoffice_addr(
+        &mut self,
+        tenant: &TenantId,
+        user: &SiteId,
+        addr: IpAddr,
+        until: i64,
+    ) -> Result<(), StoreError> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO homeoffice_addrs (tenant, user, addr, held_until) \
+                 VALUES (?1, ?2, ?3, ?4) \
+                 ON CONFLICT (tenant, addr) DO UPDATE SET user = excluded.user, \
+                 held_until = excluded.held_until",
+            )?
+            .execute(params![
+                tenant.as_str(),
+                user.as_str(),
+                addr.to_string(),
+                until
+            ])?;
+        Ok(())
+    }
+
+    fn release_homeoffice_addr(
+        &mut self,
+        tenant: &TenantId,
+        addr: IpAddr,
+    ) -> Result<(), StoreError> {
+        self.conn
+            .prepare_cached("DELETE FROM homeoffice_addrs WHERE tenant = ?1 AND addr = ?2")?
+            .execute(params![tenant.as_str(), addr.to_string()])?;
+        Ok(())
+    }
+
+    fn release_homeoffice_user(
+        &mut self,
+        tenant: &TenantId,
+        user: &SiteId,
+    ) -> Result<(), StoreError> {
+        self.conn
+            .prepare_cached("DELETE FROM homeoffice_addrs WHERE tenant = ?1 AND user = ?2")?
+            .execute(params![tenant.as_str(), user.as_str()])?;
         Ok(())
     }
 

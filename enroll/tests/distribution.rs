@@ -1,13 +1,16 @@
 //! The service as distribution point, over real HTTPS on loopback: publishing signed policy
-//! bundles (and what is refused), serving them to appliances, the hub list with endpoints.
+//! bundles (and what is refused), serving them to appliances, the hub list with endpoints,
+//! home-office addresses from the policy's pools, and token checks against the policy.
 #![allow(clippy::unwrap_used)]
 
 mod common;
 
+use std::net::IpAddr;
+
 use komnet_enroll::admin::{AdminCommand, PolicyPublishArgs, SocketArg};
-use komnet_enroll::api::admin::RevokeRequest;
-use komnet_enroll::api::{ErrorCode, RevocationReason};
-use komnet_enroll::client::{self, PolicyFetch};
+use komnet_enroll::api::admin::{CreateTokenRequest, HomeOfficeRequest, RevokeRequest};
+use komnet_enroll::api::{ApiError, ErrorCode, RevocationReason};
+use komnet_enroll::client::{self, PolicyFetch, WgKeys};
 use komnet_enroll::identity::{Role, SiteId, TenantId};
 use komnet_enroll::server;
 
@@ -31,6 +34,33 @@ fn revoke(h: &common::Harness, tenant: &str, site: &str, reason: RevocationReaso
             "test",
         )
         .unwrap();
+}
+
+fn homeoffice(
+    h: &common::Harness,
+    tenant: &str,
+    user: &str,
+    ttl_secs: Option<u64>,
+) -> Result<komnet_enroll::api::EnrollResponse, ApiError> {
+    h.service
+        .issue_homeoffice(
+            &HomeOfficeRequest {
+                tenant: TenantId::parse(tenant).unwrap(),
+                user: SiteId::parse(user).unwrap(),
+                wg_public_key: WgKeys::generate().public(),
+                ttl_secs,
+            },
+            "test",
+        )
+        .map(|r| r.enrollment)
+}
+
+fn addrs(resp: &komnet_enroll::api::EnrollResponse) -> Vec<String> {
+    resp.identity
+        .tunnel_addrs
+        .iter()
+        .map(|a| a.to_string())
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -237,4 +267,190 @@ async fn hubs_route_lists_hubs_with_their_endpoints() {
     let (_, _) = enroll(&h, "musterstadt", "rathaus", Role::Spoke).await;
     let e = client::fetch_hubs(&spoke).await.unwrap_err();
     assert_eq!(code_of(&e), ErrorCode::CertificateSuperseded, "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn homeoffice_addresses_come_from_the_policy_pool() {
+    let fixture = PolicyFixture::new();
+    let h = common::start_with_policy_key(&fixture).await;
+    let (_, hub_keys) = enroll(&h, "rz", "hub1", Role::Hub).await;
+
+    let e = homeoffice(&h, "musterstadt", "anna", None).unwrap_err();
+    assert_eq!(e.code, ErrorCode::NoPolicy, "{e}");
+    h.service
+        .publish_policy(&fixture.bundle(7), "test")
+        .unwrap();
+
+    let e = homeoffice(&h, "nohfelden", "anna", None).unwrap_err();
+    assert_eq!(e.code, ErrorCode::NotInPolicy, "{e}");
+    assert!(
+        e.message.contains("nohfelden") && e.message.contains("version 7"),
+        "{e}"
+    );
+    // The operator's own tenant has no home-office pool.
+    let e = homeoffice(&h, "rz", "anna", None).unwrap_err();
+    assert_eq!(e.code, ErrorCode::NotInPolicy, "{e}");
+    assert!(e.message.contains("no home-office pool"), "{e}");
+
+    // Two users, two addresses, each inside the pool (10.250.20.0/24, fd00:250:20::/64) and
+    // never the network address.
+    let anna = homeoffice(&h, "musterstadt", "anna", None).unwrap();
+    let ben = homeoffice(&h, "musterstadt", "ben", None).unwrap();
+    assert_eq!(addrs(&anna), ["10.250.20.1/32", "fd00:250:20::1/128"]);
+    assert_eq!(addrs(&ben), ["10.250.20.2/32", "fd00:250:20::2/128"]);
+    let pool: Vec<ipnet::IpNet> = vec![
+        "10.250.20.0/24".parse().unwrap(),
+        "fd00:250:20::/64".parse().unwrap(),
+    ];
+    for a in anna
+        .identity
+        .tunnel_addrs
+        .iter()
+        .chain(&ben.identity.tunnel_addrs)
+    {
+        assert!(pool.iter().any(|p| p.contains(a)), "{a} outside the pool");
+    }
+    // The configuration points at the hub with an endpoint.
+    let conf = komnet_enroll::homeoffice::wg_quick_config(&anna, Some("private")).unwrap();
+    assert!(
+        conf.contains("Address = 10.250.20.1/32, fd00:250:20::1/128"),
+        "{conf}"
+    );
+    assert!(
+        conf.contains(&format!("PublicKey = {}", hub_keys.public())),
+        "{conf}"
+    );
+    assert!(conf.contains("Endpoint = 203.0.113.1:51820"), "{conf}");
+
+    // A new device for anna keeps her addresses.
+    let anna2 = homeoffice(&h, "musterstadt", "anna", None).unwrap();
+    assert_eq!(addrs(&anna2), addrs(&anna));
+
+    // Revoked (not decommissioned): ben's address stays taken until his identity expires.
+    revoke(&h, "musterstadt", "ben", RevocationReason::KeyCompromise);
+    let carl = homeoffice(&h, "musterstadt", "carl", None).unwrap();
+    assert_eq!(addrs(&carl), ["10.250.20.3/32", "fd00:250:20::3/128"]);
+    // Decommissioned: released at once.
+    revoke(
+        &h,
+        "musterstadt",
+        "ben",
+        RevocationReason::CessationOfOperation,
+    );
+    let dora = homeoffice(&h, "musterstadt", "dora", None).unwrap();
+    assert_eq!(addrs(&dora), addrs(&ben));
+
+    // Expired: released too.
+    let eve = homeoffice(&h, "musterstadt", "eve", Some(3600)).unwrap();
+    assert_eq!(addrs(&eve), ["10.250.20.4/32", "fd00:250:20::4/128"]);
+    h.clock.advance(3601);
+    let fritz = homeoffice(&h, "musterstadt", "fritz", None).unwrap();
+    assert_eq!(addrs(&fritz), addrs(&eve));
+
+    // Another tenant's pool is separate.
+    let kim = homeoffice(&h, "kreis", "kim", None).unwrap();
+    assert_eq!(addrs(&kim), ["10.250.1.1/32", "fd00:250:1::1/128"]);
+
+    // The hubs see home-office identities with these addresses in the registry.
+    let peers = h
+        .service
+        .store
+        .registry_snapshot(h.service.now())
+        .unwrap()
+        .peers;
+    let fritz_peer = peers.iter().find(|p| p.site.as_str() == "fritz").unwrap();
+    assert_eq!(fritz_peer.tunnel_addrs, fritz.identity.tunnel_addrs);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_pool_runs_out_and_a_changed_pool_moves_its_users() {
+    let fixture = PolicyFixture::new();
+    let h = common::start_with_policy_key(&fixture).await;
+    enroll(&h, "rz", "hub1", Role::Hub).await;
+    let full = "homeoffice = [\"10.250.20.0/24\", \"fd00:250:20::/64\"]";
+    let v7 = fixture.bundle_edited(7, |t| {
+        assert!(t.contains(full), "the example changed");
+        // IPv4 only, two host addresses (.1 and .2; .0 and .3 are network and broadcast).
+        t.replace(full, "homeoffice = [\"10.250.20.0/30\"]")
+    });
+    h.service.publish_policy(&v7, "test").unwrap();
+    let anna = homeoffice(&h, "musterstadt", "anna", None).unwrap();
+    let ben = homeoffice(&h, "musterstadt", "ben", None).unwrap();
+    assert_eq!(addrs(&anna), ["10.250.20.1/32"]);
+    assert_eq!(addrs(&ben), ["10.250.20.2/32"]);
+    let e = homeoffice(&h, "musterstadt", "carl", None).unwrap_err();
+    assert_eq!(e.code, ErrorCode::AddressPoolExhausted, "{e}");
+    assert!(e.message.contains("10.250.20.0/30"), "{e}");
+    // Nothing of the refused issue was kept.
+    assert!(h
+        .service
+        .store
+        .registry_snapshot(h.service.now())
+        .unwrap()
+        .peers
+        .iter()
+        .all(|p| p.site.as_str() != "carl"));
+
+    // The policy moves the pool: a re-issued user gets an address in the new one.
+    let v8 = fixture.bundle_edited(8, |t| {
+        t.replace(
+            full,
+            "homeoffice = [\"10.250.21.0/24\", \"fd00:250:20::/64\"]",
+        )
+    });
+    h.service.publish_policy(&v8, "test").unwrap();
+    let anna = homeoffice(&h, "musterstadt", "anna", None).unwrap();
+    assert_eq!(addrs(&anna), ["10.250.21.1/32", "fd00:250:20::1/128"]);
+    let carl = homeoffice(&h, "musterstadt", "carl", None).unwrap();
+    assert_eq!(addrs(&carl), ["10.250.21.2/32", "fd00:250:20::2/128"]);
+    let first: IpAddr = "10.250.21.1".parse().unwrap();
+    assert_eq!(anna.identity.tunnel_addrs[0].addr(), first);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spoke_tokens_must_name_a_site_of_the_published_policy() {
+    let fixture = PolicyFixture::new();
+    let h = common::start_with_policy_key(&fixture).await;
+    let token = |tenant: &str, site: &str, role: Role| {
+        h.service.create_token(
+            &CreateTokenRequest {
+                tenant: TenantId::parse(tenant).unwrap(),
+                site: SiteId::parse(site).unwrap(),
+                role,
+                ttl_secs: 3600,
+            },
+            "test",
+        )
+    };
+    // Before a policy is published, any name is accepted.
+    token("nohfelden", "rathaus", Role::Spoke).unwrap();
+    h.service
+        .publish_policy(&fixture.bundle(7), "test")
+        .unwrap();
+
+    let e = token("nohfelden", "rathaus", Role::Spoke).unwrap_err();
+    assert_eq!(e.code, ErrorCode::NotInPolicy, "{e}");
+    assert!(
+        e.message.contains("nohfelden") && e.message.contains("version 7"),
+        "{e}"
+    );
+    let e = token("musterstadt", "schwimmbad", Role::Spoke).unwrap_err();
+    assert_eq!(e.code, ErrorCode::NotInPolicy, "{e}");
+    assert!(
+        e.message.contains("schwimmbad") && e.message.contains("version 7"),
+        "{e}"
+    );
+    token("musterstadt", "bauhof", Role::Spoke).unwrap();
+    // Hubs are the data centre's and not checked.
+    token("dc", "hub9", Role::Hub).unwrap();
+    // Refused tokens leave no trace.
+    let created = h
+        .service
+        .store
+        .audit_log(100)
+        .unwrap()
+        .into_iter()
+        .filter(|a| a.action == "token.create")
+        .count();
+    assert_eq!(created, 3);
 }

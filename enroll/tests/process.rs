@@ -183,7 +183,7 @@ async fn admin_commands_over_the_socket_and_logs_without_secrets() {
     let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600, "admin socket mode");
 
-    // The operator publishes the signed policy.
+    // The operator publishes the signed policy; home-office addresses come from its pools.
     let bundle = dir.path().join("policy.bundle");
     std::fs::write(&bundle, policy.bundle(7)).unwrap();
     let out = admin(dir.path(), &["policy-publish", bundle.to_str().unwrap()]);
@@ -198,7 +198,7 @@ async fn admin_commands_over_the_socket_and_logs_without_secrets() {
             "homeoffice",
             "issue",
             "--tenant",
-            "nohfelden",
+            "musterstadt",
             "--user",
             "anna",
             "--out-dir",
@@ -215,7 +215,7 @@ async fn admin_commands_over_the_socket_and_logs_without_secrets() {
     let hub = client::enroll(&token(dir.path(), "dc", "hub1", "hub"), &hub_keys)
         .await
         .unwrap();
-    let spoke_bootstrap = token(dir.path(), "nohfelden", "rathaus", "spoke");
+    let spoke_bootstrap = token(dir.path(), "musterstadt", "rathaus", "spoke");
     let spoke_keys = WgKeys::generate();
     let spoke = client::enroll(&spoke_bootstrap, &spoke_keys).await.unwrap();
     // A replay of the used token is refused.
@@ -231,7 +231,7 @@ async fn admin_commands_over_the_socket_and_logs_without_secrets() {
             "homeoffice",
             "issue",
             "--tenant",
-            "nohfelden",
+            "musterstadt",
             "--user",
             "anna.schmidt",
             "--out-dir",
@@ -249,6 +249,10 @@ async fn admin_commands_over_the_socket_and_logs_without_secrets() {
         "{conf}"
     );
     assert!(conf.contains("Endpoint = 198.51.100.7:51820"), "{conf}");
+    assert!(
+        conf.contains("Address = 10.250.20.1/32, fd00:250:20::1/128"),
+        "an address from musterstadt's home-office pool: {conf}"
+    );
     let png = std::fs::read(ho_dir.join("anna.schmidt.png")).unwrap();
     assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
     for f in ["anna.schmidt.conf", "anna.schmidt.png"] {
@@ -272,7 +276,7 @@ async fn admin_commands_over_the_socket_and_logs_without_secrets() {
             "homeoffice",
             "issue",
             "--tenant",
-            "nohfelden",
+            "musterstadt",
             "--user",
             "ben",
             "--public-key",
@@ -292,7 +296,7 @@ async fn admin_commands_over_the_socket_and_logs_without_secrets() {
         &[
             "revoke",
             "--tenant",
-            "nohfelden",
+            "musterstadt",
             "--site",
             "anna.schmidt",
             "--reason",
