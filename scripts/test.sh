@@ -11,5 +11,5 @@ if [ "$(id -u)" != 0 ]; then
 fi
 scripts/setup.sh
 # The tests start release-mode daemons: build them first so one test's timeout never pays for it.
-cargo build --release --locked -p komnet-gateway -p komnet-cli --bins
+cargo build --release --locked -p komnet-gateway -p komnet-enroll -p komnet-cli -p komnet-netns-tests --bins
 cargo test --workspace --locked --release

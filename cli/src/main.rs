@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{CommandFactory, Parser, Subcommand};
 
 mod policy_cmd;
+mod status_cmd;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -31,6 +32,16 @@ enum Command {
     /// Enrollment administration (talks to komnet-enroll over its admin socket).
     #[command(flatten)]
     Enroll(komnet_enroll::admin::AdminCommand),
+    /// Show a gateway's state: its identity, certificate, policy and peers (tenant, site, role,
+    /// endpoint, last handshake, traffic, certificate expiry).
+    Status {
+        /// The gateway's metrics_listen address (gateway.toml).
+        #[arg(long, default_value = "127.0.0.1:9120")]
+        gateway: std::net::SocketAddr,
+        /// Print the report as JSON, for scripts.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions { shell: clap_complete::Shell },
 }
@@ -44,6 +55,15 @@ fn main() -> ExitCode {
             .build()
             .map_err(anyhow::Error::from)
             .and_then(|rt| rt.block_on(komnet_enroll::admin::run(cmd))),
+        Command::Status { gateway, json } => status_cmd::fetch(gateway).and_then(|r| {
+            let text = if json {
+                serde_json::to_string_pretty(&r)? + "\n"
+            } else {
+                status_cmd::render(&r)
+            };
+            emit(&text)?;
+            Ok(ExitCode::SUCCESS)
+        }),
         Command::Completions { shell } => {
             let mut cmd = Cli::command();
             let mut script = Vec::new();

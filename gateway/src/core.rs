@@ -792,6 +792,14 @@ impl Core {
         self.scratch = scratch;
     }
 
+    /// Starts a new handshake with the peer now, whatever state its session is in: a spoke
+    /// calls this when its hub fell silent (the hub may have restarted and forgotten the
+    /// session, which WireGuard's own timers would notice only after 15 s or more).
+    pub fn force_handshake(&mut self, now: Instant, id: PeerId) {
+        self.enter(now);
+        self.send_with(id, |tunn, buf| tunn.format_handshake_initiation(buf, true));
+    }
+
     fn send_keepalive(&mut self, id: PeerId) {
         self.send_with(id, |tunn, buf| tunn.encapsulate(&[], buf));
     }

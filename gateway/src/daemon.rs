@@ -90,7 +90,7 @@ fn validate_ifname(name: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn init_logging() {
+pub(crate) fn init_logging() {
     // wireguard-go's LOG_LEVEL (verbose, error, silent) is honoured; RUST_LOG overrides it.
     let level = match std::env::var("LOG_LEVEL").as_deref() {
         Ok("verbose") | Ok("debug") => "debug",
@@ -135,7 +135,7 @@ fn bind_uapi(path: &Path) -> Result<UnixListener> {
 /// `sendmsg` for the last two; 60,000 bytes is at most 44 (measured: ~3 % more throughput).
 const TUN_GSO_MAX_SIZE: u32 = 60_000;
 
-fn create_tun(ifname: &str) -> Result<tun_rs::SyncDevice> {
+pub(crate) fn create_tun(ifname: &str) -> Result<tun_rs::SyncDevice> {
     let with_offload = tun_rs::DeviceBuilder::new()
         .name(ifname)
         .mtu(DEFAULT_MTU)
@@ -200,7 +200,7 @@ pub fn run(args: Args) -> Result<i32> {
     rand::rngs::OsRng.fill_bytes(&mut seed);
     let mut core = Core::new(Instant::now(), seed);
     core.set_listen_port(sockets.port());
-    let shared = Shared::new(core, tun, args.ifname.clone(), sockets)
+    let shared = Shared::new(core, None, tun, args.ifname.clone(), sockets)
         .context("creating the wake-up pipe")?;
     let (events_tx, events) = channel();
     driver::spawn(&shared, &events_tx).context("starting driver threads")?;
@@ -229,7 +229,7 @@ pub fn run(args: Args) -> Result<i32> {
     }
 }
 
-fn spawn_signals(events: Sender<Event>) -> std::io::Result<()> {
+pub(crate) fn spawn_signals(events: Sender<Event>) -> std::io::Result<()> {
     use signal_hook::consts::{SIGINT, SIGTERM};
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])?;
     std::thread::Builder::new()

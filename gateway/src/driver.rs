@@ -26,6 +26,7 @@ use socket2::{Domain, Protocol, SockRef, Socket, Type};
 use tun_rs::{GROTable, SyncDevice, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
 use crate::core::{Action, Core, TIMER_INTERVAL};
+use crate::gate::Gate;
 use crate::sys;
 
 /// Largest IP packet we read from or write to the TUN device (an MTU of up to 9000 fits).
@@ -167,6 +168,9 @@ impl Sockets {
 /// What the driver threads share.
 pub struct Shared {
     core: Mutex<Core>,
+    /// A hub's policy enforcement; `None` on spokes (the kernel's nftables enforce there) and
+    /// in the wireguard-go-compatible mode. Locked before the core, once per batch.
+    gate: Option<Mutex<Gate>>,
     pub tun: SyncDevice,
     pub ifname: String,
     sockets: ArcSwap<Sockets>,
@@ -189,12 +193,14 @@ impl std::fmt::Debug for Shared {
 impl Shared {
     pub fn new(
         core: Core,
+        gate: Option<Gate>,
         tun: SyncDevice,
         ifname: String,
         sockets: Sockets,
     ) -> io::Result<Arc<Self>> {
         Ok(Arc::new(Self {
             core: Mutex::new(core),
+            gate: gate.map(Mutex::new),
             tun,
             ifname,
             sockets: ArcSwap::from_pointee(sockets),
@@ -208,6 +214,17 @@ impl Shared {
     /// has no poisoning, and every core method finishes its bookkeeping before returning.
     pub fn core(&self) -> MutexGuard<'_, Core> {
         self.core.lock()
+    }
+
+    /// The gate (if this gateway enforces policy) and the core, locked in that order. Every
+    /// path that needs both takes them through here, so the lock order is always the same.
+    pub fn gate_and_core(&self) -> (Option<MutexGuard<'_, Gate>>, MutexGuard<'_, Core>) {
+        let gate = self.gate.as_ref().map(|g| g.lock());
+        (gate, self.core.lock())
+    }
+
+    pub fn has_gate(&self) -> bool {
+        self.gate.is_some()
     }
 
     pub fn sockets(&self) -> Arc<Sockets> {
@@ -325,8 +342,13 @@ fn outbound(shared: &Shared, events: &Sender<Event>) {
         sends.clear();
         let mut cursor = 0;
         let has_pending = {
-            let mut core = shared.core();
+            let (mut gate, mut core) = shared.gate_and_core();
             for (buf, &size) in bufs.iter().zip(&sizes).take(n) {
+                if let Some(g) = gate.as_deref_mut() {
+                    if !g.to_peer(now, &buf[..size]) {
+                        continue;
+                    }
+                }
                 let room = &mut out[cursor..];
                 if let Action::ToNetwork { dst, offset, len } =
                     core.handle_tun_packet(now, &buf[..size], room)
@@ -470,16 +492,17 @@ fn decrypt_batch(
 ) -> bool {
     let now = Instant::now();
     let mut k = 0;
-    let mut core = shared.core();
+    let (mut gate, mut core) = shared.gate_and_core();
     for (slot, meta) in metas.iter().enumerate() {
         let train = &rx[slot * RX_SLOT..slot * RX_SLOT + meta.len.min(RX_SLOT)];
         for datagram in train.chunks(meta.stride.max(1)) {
             if k == tun_bufs.len() {
                 // Full: write what we have without holding the core meanwhile.
                 drop(core);
+                drop(gate);
                 write_tun(shared, tun_bufs, k, gro);
                 k = 0;
-                core = shared.core();
+                (gate, core) = shared.gate_and_core();
             }
             let buf = &mut tun_bufs[k];
             buf.resize(
@@ -487,7 +510,13 @@ fn decrypt_batch(
                 0,
             );
             match core.handle_datagram(now, meta.addr, datagram, &mut buf[VIRTIO_NET_HDR_LEN..]) {
-                Action::ToTun { offset, len, .. } => {
+                Action::ToTun { peer, offset, len } => {
+                    if let Some(g) = gate.as_deref_mut() {
+                        let start = VIRTIO_NET_HDR_LEN + offset;
+                        if !g.from_peer(now, peer, &buf[start..start + len]) {
+                            continue;
+                        }
+                    }
                     if offset != 0 {
                         buf.copy_within(
                             VIRTIO_NET_HDR_LEN + offset..VIRTIO_NET_HDR_LEN + offset + len,
@@ -507,6 +536,7 @@ fn decrypt_batch(
     }
     let has_pending = core.has_pending();
     drop(core);
+    drop(gate);
     write_tun(shared, tun_bufs, k, gro);
     has_pending
 }
@@ -528,7 +558,14 @@ fn timers(shared: &Shared, events: &Sender<Event>) {
     let mut buf = vec![0u8; 2048];
     while !shared.stopping() {
         std::thread::sleep(TIMER_INTERVAL);
-        shared.core().update_timers(Instant::now());
+        let now = Instant::now();
+        {
+            let (gate, mut core) = shared.gate_and_core();
+            if let Some(mut g) = gate {
+                g.expire(now);
+            }
+            core.update_timers(now);
+        }
         shared.flush_pending(&mut buf);
         if sys::if_index(&shared.ifname).is_none() {
             let _ = events.send(Event::InterfaceGone);

@@ -78,6 +78,8 @@ pub struct FirewallCounters {
     pub related_icmp: u64,
     pub expired: u64,
     pub evicted: u64,
+    /// Flows a policy change no longer allows, removed at once.
+    pub cut_by_policy: u64,
     /// Drops by [`FirewallDrop::as_str`].
     pub drops: HashMap<&'static str, u64>,
 }
@@ -262,6 +264,9 @@ impl FlowKey {
 #[derive(Debug, Clone, Copy)]
 struct Flow {
     expires: Instant,
+    /// Which endpoint (0: `lo`, 1: `hi`) sent the first packet; a policy change re-judges the
+    /// flow in that direction.
+    initiator: u8,
     /// Which peer sends from each endpoint (`lo`, `hi` of the key), bound on its first packet:
     /// another peer cannot ride on a flow by copying its addresses and ports.
     senders: [Option<PeerIdentity>; 2],
@@ -389,6 +394,7 @@ impl Firewall {
             key,
             Flow {
                 expires: now + idle,
+                initiator: side as u8,
                 senders,
             },
         );
@@ -425,6 +431,50 @@ impl Firewall {
             }
         }
         self.flows.insert(key, flow);
+    }
+
+    /// A new policy is in force: sender identities are carried over by name (the new policy's
+    /// indices may differ), and each remembered flow is judged again in the direction it was
+    /// started. Flows the new policy still allows keep going; the others are removed, so a
+    /// tightened policy cuts existing connections as well as new ones.
+    pub fn on_policy_change(&mut self, old: &CompiledPolicy, new: &CompiledPolicy) {
+        let remap = |id: PeerIdentity| -> Option<PeerIdentity> {
+            let tenant = &old.policy.tenants.get(id.tenant.index())?.name;
+            let site = match id.site {
+                Some(s) => Some(old.policy.sites.get(s.index())?.name.as_str()),
+                None => None,
+            };
+            new.policy.peer_identity(tenant, site, id.role)
+        };
+        let before = self.flows.len();
+        self.flows.retain(|key, flow| {
+            for sender in flow.senders.iter_mut() {
+                if let Some(id) = *sender {
+                    match remap(id) {
+                        Some(mapped) => *sender = Some(mapped),
+                        None => return false,
+                    }
+                }
+            }
+            let (from, to) = if flow.initiator == 0 {
+                (key.lo, key.hi)
+            } else {
+                (key.hi, key.lo)
+            };
+            let origin = match flow.senders[usize::from(flow.initiator)] {
+                Some(id) => Origin::Peer(id),
+                None => Origin::Address,
+            };
+            let echo = matches!(key.proto, IPPROTO_ICMP | IPPROTO_ICMPV6);
+            let meta = PacketMeta {
+                src: from.0,
+                dst: to.0,
+                ip_proto: key.proto,
+                dport: if echo { 0 } else { to.1 },
+            };
+            new.classify(origin, &meta).allow
+        });
+        self.counters.cut_by_policy += (before - self.flows.len()) as u64;
     }
 
     /// Removes flows idle past their timeout; call from the timer tick.

@@ -10,8 +10,11 @@
 //!   (quinn-udp), batches carried through the pipeline, one thread per direction.
 //! - [`firewall`]: the hub's stateful enforcement of the compiled segmentation policy (flow
 //!   table with idle timeouts and a bound, related ICMP errors), sans-IO.
+//! - [`gate`]: the firewall, policy and peer identities as the driver locks them per batch.
 //! - [`admission`]: which registry identities a hub admits, with which allowed IPs (from the
 //!   policy), turned into peer-table changes; sans-IO.
+//! - [`appliance`]: `komnet-gateway run --config`: the hub or spoke appliance: enrollment,
+//!   registry, policy bundles, nftables, failover, `/metrics` and `/status`.
 //! - `sys`: the few syscalls no crate wraps; the only place with `unsafe`.
 //!
 //! It does not own enrollment (`komnet-enroll`) or the policy language (`komnet-policy`); it
@@ -19,11 +22,13 @@
 
 pub mod admission;
 pub mod allowed_ips;
+pub mod appliance;
 pub mod cookie;
 pub mod core;
 pub mod daemon;
 pub mod driver;
 pub mod firewall;
+pub mod gate;
 pub mod packet;
 mod sys;
 pub mod uapi;

@@ -248,6 +248,18 @@ impl BundleStore {
         bytes: &[u8],
         running: Option<&VerifiedBundle>,
     ) -> Result<(VerifiedBundle, CompiledPolicy), BundleError> {
+        let (bundle, compiled) = self.prepare(bytes, running)?;
+        self.commit(&bundle)?;
+        Ok((bundle, compiled))
+    }
+
+    /// Everything [`BundleStore::install`] checks, without storing: for callers that must
+    /// put the policy in force (e.g. install nftables rules) before it becomes last-known-good.
+    pub fn prepare(
+        &self,
+        bytes: &[u8],
+        running: Option<&VerifiedBundle>,
+    ) -> Result<(VerifiedBundle, CompiledPolicy), BundleError> {
         let bundle = verify(bytes, &self.public_key)?;
         if let Some(cur) = running {
             if bundle.version < cur.version {
@@ -261,6 +273,11 @@ impl BundleStore {
             }
         }
         let compiled = bundle.compile()?;
+        Ok((bundle, compiled))
+    }
+
+    /// Stores a prepared bundle as last-known-good, atomically (tmp, fsync, rename).
+    pub fn commit(&self, bundle: &VerifiedBundle) -> Result<(), BundleError> {
         fs::create_dir_all(&self.dir).map_err(io_err(&self.dir))?;
         let tmp = self.dir.join(format!("{CURRENT}.tmp"));
         {
@@ -273,6 +290,6 @@ impl BundleStore {
         if let Ok(d) = fs::File::open(&self.dir) {
             let _ = d.sync_all();
         }
-        Ok((bundle, compiled))
+        Ok(())
     }
 }

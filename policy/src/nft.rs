@@ -178,6 +178,20 @@ impl SetNamer {
     }
 }
 
+/// The ruleset an appliance installs before it has a policy: the `komnet` table whose forward
+/// chain drops everything. It stays in the kernel when the daemon dies, so a crashed or killed
+/// appliance forwards nothing between LAN and tunnel until a policy is applied again.
+pub fn closed_ruleset() -> Ruleset {
+    Ruleset {
+        sets: Vec::new(),
+        chains: vec![ChainDef {
+            name: "forward",
+            base: true,
+            rules: Vec::new(),
+        }],
+    }
+}
+
 /// Builds the ruleset for `site`: what its LAN segments may reach through the tunnel
 /// (`outbound`), and which flows from elsewhere may start towards services at the site
 /// (`inbound`). Replies of allowed flows pass by conntrack; everything else is dropped.

@@ -60,6 +60,12 @@ pub fn komnet_cli_binary() -> Result<PathBuf> {
     workspace_binary("komnet", "KOMNET_CLI_BIN", "komnet-cli")
 }
 
+/// The release build of the enrollment service, found like [`komnet_gateway_binary`]
+/// (`$KOMNET_ENROLL_BIN` overrides).
+pub fn komnet_enroll_binary() -> Result<PathBuf> {
+    workspace_binary("komnet-enroll", "KOMNET_ENROLL_BIN", "komnet-enroll")
+}
+
 fn workspace_binary(name: &str, env_var: &str, package: &str) -> Result<PathBuf> {
     let build_hint = format!("build it with `cargo build --release -p {package}`");
     if let Some(path) = std::env::var_os(env_var) {

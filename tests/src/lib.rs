@@ -17,6 +17,7 @@
 
 mod command;
 mod daemon;
+pub mod district;
 mod netns;
 mod ping;
 mod transfer;
@@ -28,8 +29,8 @@ pub use command::{
     TempDir,
 };
 pub use daemon::{
-    is_socket_path, komnet_cli_binary, komnet_gateway_binary, process_executable, same_executable,
-    uapi_socket_path, Daemon, DaemonKind,
+    is_socket_path, komnet_cli_binary, komnet_enroll_binary, komnet_gateway_binary,
+    process_executable, same_executable, uapi_socket_path, Daemon, DaemonKind,
 };
 pub use netns::{add_veth_pair, parse_link_stats, LinkStats, Netns};
 pub use ping::{parse_ping_summary, ping, ping_until_reply, PingSummary};

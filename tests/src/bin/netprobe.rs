@@ -2,6 +2,9 @@
 //!
 //! `netprobe serve tcp:ADDR:PORT udp:[V6]:PORT …` listens (TCP answers "ok", UDP echoes),
 //! prints `ready` once every socket is bound, and runs until killed.
+//! `netprobe serve echo:ADDR:PORT` is a TCP echo server (greeting "ok" first) for `netprobe hold SRC DST PORT SECS`,
+//! which keeps one connection open for SECS seconds, exchanging a byte every 100 ms, and
+//! prints `held` or `broken after MS ms: ERROR` (a connection that must survive a change).
 //! `netprobe probe --timeout-ms N tcp,SRC,DST,PORT udp,SRC,DST,PORT icmp,SRC,DST …` tries each
 //! flow at once from its source address and prints one line per flow, in order: `pass` when
 //! the packet reached the destination (an answer, a TCP reset or an ICMP port-unreachable all
@@ -19,6 +22,7 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("serve") => serve(&args[1..]),
         Some("probe") => probe(&args[1..]),
+        Some("hold") => hold(&args[1..]),
         _ => Err("usage: netprobe serve SPEC… | netprobe probe --timeout-ms N FLOW…".to_owned()),
     };
     match result {
@@ -30,7 +34,14 @@ fn main() -> ExitCode {
     }
 }
 
-fn parse_listen(spec: &str) -> Result<(bool, SocketAddr), String> {
+#[derive(Clone, Copy, PartialEq)]
+enum Listen {
+    Tcp,
+    Echo,
+    Udp,
+}
+
+fn parse_listen(spec: &str) -> Result<(Listen, SocketAddr), String> {
     let (proto, addr) = spec
         .split_once(':')
         .ok_or_else(|| format!("bad listen spec {spec:?}"))?;
@@ -38,16 +49,84 @@ fn parse_listen(spec: &str) -> Result<(bool, SocketAddr), String> {
         .parse()
         .map_err(|e| format!("bad address in {spec:?}: {e}"))?;
     match proto {
-        "tcp" => Ok((true, addr)),
-        "udp" => Ok((false, addr)),
+        "tcp" => Ok((Listen::Tcp, addr)),
+        "echo" => Ok((Listen::Echo, addr)),
+        "udp" => Ok((Listen::Udp, addr)),
         _ => Err(format!("bad protocol in {spec:?}")),
     }
 }
 
+fn hold(args: &[String]) -> Result<(), String> {
+    let [src, dst, port, secs] = args else {
+        return Err("usage: netprobe hold SRC DST PORT SECS".to_owned());
+    };
+    let src: IpAddr = src.parse().map_err(|e| format!("bad source: {e}"))?;
+    let dst: IpAddr = dst.parse().map_err(|e| format!("bad destination: {e}"))?;
+    let port: u16 = port.parse().map_err(|e| format!("bad port: {e}"))?;
+    let secs: u64 = secs.parse().map_err(|e| format!("bad seconds: {e}"))?;
+    let dst = SocketAddr::new(dst, port);
+    let socket = Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP))
+        .map_err(|e| e.to_string())?;
+    socket
+        .bind(&SocketAddr::new(src, 0).into())
+        .map_err(|e| format!("bind {src}: {e}"))?;
+    socket
+        .connect_timeout(&dst.into(), Duration::from_secs(3))
+        .map_err(|e| format!("connect {dst}: {e}"))?;
+    let mut stream: std::net::TcpStream = socket.into();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .map_err(|e| e.to_string())?;
+    let mut greeting = [0u8; 2];
+    stream
+        .read_exact(&mut greeting)
+        .map_err(|e| format!("no greeting from {dst}: {e}"))?;
+    println!("connected");
+    let _ = std::io::stdout().flush();
+    let start = std::time::Instant::now();
+    let mut n: u8 = 0;
+    while start.elapsed() < Duration::from_secs(secs) {
+        n = n.wrapping_add(1);
+        let mut back = [0u8; 1];
+        let result = stream
+            .write_all(&[n])
+            .and_then(|()| stream.read_exact(&mut back));
+        match result {
+            Ok(()) if back[0] == n => {}
+            Ok(()) => return Err(format!("echo returned {} for {n}", back[0])),
+            Err(e) => {
+                println!("broken after {} ms: {e}", start.elapsed().as_millis());
+                return Ok(());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    println!("held");
+    Ok(())
+}
+
 fn serve(specs: &[String]) -> Result<(), String> {
     for spec in specs {
-        let (tcp, addr) = parse_listen(spec)?;
-        if tcp {
+        let (kind, addr) = parse_listen(spec)?;
+        if kind == Listen::Echo {
+            let listener = TcpListener::bind(addr).map_err(|e| format!("bind tcp {addr}: {e}"))?;
+            std::thread::spawn(move || {
+                for mut conn in listener.incoming().flatten() {
+                    std::thread::spawn(move || {
+                        // "ok" first, as the plain TCP server: `probe` works against it too.
+                        if conn.write_all(b"ok").is_err() {
+                            return;
+                        }
+                        let mut buf = [0u8; 512];
+                        while let Ok(n) = conn.read(&mut buf) {
+                            if n == 0 || conn.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                    });
+                }
+            });
+        } else if kind == Listen::Tcp {
             let listener = TcpListener::bind(addr).map_err(|e| format!("bind tcp {addr}: {e}"))?;
             std::thread::spawn(move || {
                 for mut conn in listener.incoming().flatten() {

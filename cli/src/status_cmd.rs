@@ -1,0 +1,182 @@
+//! `komnet status`: what a gateway reports on its management address (`/status`).
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{anyhow, bail, Context, Result};
+use komnet_gateway::appliance::status::StatusReport;
+
+/// Fetches `/status` with a plain HTTP/1.0 GET (the management address is loopback or a
+/// management network; the gateway serves no TLS there).
+pub(crate) fn fetch(addr: SocketAddr) -> Result<StatusReport> {
+    let mut conn = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
+        .with_context(|| format!("cannot reach the gateway at {addr} (is komnet-gateway running, and is this its metrics_listen?)"))?;
+    conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(conn, "GET /status HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut raw = Vec::new();
+    conn.take(16 << 20).read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| anyhow!("{addr}: not an HTTP answer"))?;
+    if !head.starts_with("HTTP/1.") || head.split(' ').nth(1).is_none_or(|c| c != "200") {
+        bail!(
+            "{addr}: {}",
+            head.lines().next().unwrap_or("no status line")
+        );
+    }
+    serde_json::from_str(body).with_context(|| format!("{addr}: /status is not a status report"))
+}
+
+fn ago(now: i64, t: Option<i64>) -> String {
+    match t {
+        None => "never".into(),
+        Some(t) => {
+            let d = (now - t).max(0);
+            match d {
+                0..=119 => format!("{d}s ago"),
+                120..=7199 => format!("{}m ago", d / 60),
+                _ => format!("{}h ago", d / 3600),
+            }
+        }
+    }
+}
+
+fn until(now: i64, t: Option<i64>) -> String {
+    match t {
+        None => "-".into(),
+        Some(t) if t <= now => "EXPIRED".into(),
+        Some(t) => {
+            let d = t - now;
+            if d >= 2 * 86_400 {
+                format!("{}d", d / 86_400)
+            } else {
+                format!("{}h", d / 3600)
+            }
+        }
+    }
+}
+
+fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+/// The human form: the appliance, then one line per peer.
+pub(crate) fn render(r: &StatusReport) -> String {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let mut out = String::new();
+    let who = match (&r.tenant, &r.site) {
+        (Some(t), Some(s)) => format!("{t}/{s}"),
+        _ => "(not enrolled)".into(),
+    };
+    out.push_str(&format!(
+        "{} {who}  state: {}  interface: {} (udp/{})  addresses: {}\n",
+        r.role,
+        r.state,
+        r.interface,
+        r.listen_port,
+        if r.tunnel_addrs.is_empty() {
+            "-".into()
+        } else {
+            r.tunnel_addrs.join(", ")
+        }
+    ));
+    match &r.certificate {
+        Some(c) => out.push_str(&format!(
+            "certificate: serial {}  expires in {}  renews {}\n",
+            c.serial,
+            until(now, Some(c.not_after)),
+            if c.renew_after <= now {
+                "now".to_string()
+            } else {
+                format!("in {}", until(now, Some(c.renew_after)))
+            }
+        )),
+        None => out.push_str("certificate: none yet\n"),
+    }
+    match &r.policy {
+        Some(p) => out.push_str(&format!(
+            "policy: version {} ({}), in force since {}\n",
+            p.version,
+            p.name,
+            ago(now, Some(p.installed_at))
+        )),
+        None => out.push_str("policy: NONE — forwarding nothing until a policy arrives\n"),
+    }
+    if let Some(e) = &r.policy_error {
+        out.push_str(&format!("policy refused: {e}\n"));
+    }
+    if let Some(f) = r.flows {
+        out.push_str(&format!("firewall flows: {f}\n"));
+    }
+    out.push('\n');
+    let header = [
+        "TENANT",
+        "SITE",
+        "ROLE",
+        "ENDPOINT",
+        "HANDSHAKE",
+        "RX",
+        "TX",
+        "CERT",
+        "POLICY",
+    ];
+    let version = r
+        .policy
+        .as_ref()
+        .map_or("-".into(), |p| p.version.to_string());
+    let mut rows: Vec<Vec<String>> = vec![header.iter().map(|s| s.to_string()).collect()];
+    for p in &r.peers {
+        let mut site = p.site.clone().unwrap_or_else(|| "-".into());
+        if p.active {
+            site.push_str(" *");
+        }
+        rows.push(vec![
+            p.tenant.clone().unwrap_or_else(|| "-".into()),
+            site,
+            p.role.clone().unwrap_or_else(|| "?".into()),
+            p.endpoint.clone().unwrap_or_else(|| "-".into()),
+            ago(now, p.last_handshake),
+            bytes(p.rx_bytes),
+            bytes(p.tx_bytes),
+            until(now, p.cert_not_after),
+            version.clone(),
+        ]);
+    }
+    let widths: Vec<usize> = (0..header.len())
+        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+        .collect();
+    for row in &rows {
+        let line: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    if r.peers.is_empty() {
+        out.push_str("(no peers)\n");
+    } else if r.role == "spoke" {
+        out.push_str("* = the hub carrying the traffic now\n");
+    }
+    if !r.drops.is_empty() {
+        let drops: Vec<String> = r.drops.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        out.push_str(&format!("\ndrops: {}\n", drops.join(" ")));
+    }
+    out
+}

@@ -1,0 +1,228 @@
+//! `gateway.toml`: what an appliance is (hub or spoke) and where its state lives.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use komnet_enroll::config::HumanDuration;
+use serde::Deserialize;
+
+/// Default location of the configuration file.
+pub const DEFAULT_CONFIG: &str = "/etc/komnet/gateway.toml";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GatewayRole {
+    /// A data-centre concentrator: admits certified peers, enforces the policy per packet.
+    Hub,
+    /// A town-hall appliance: tunnels its LAN segments to the hubs, nftables enforce locally.
+    Spoke,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayConfig {
+    pub role: GatewayRole,
+    /// Keys, certificate, last-known-good policy (created with mode 0700).
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    /// The bootstrap file from `komnet token create`; read on first start only.
+    pub bootstrap: Option<PathBuf>,
+    /// The TUN interface the tunnel uses.
+    #[serde(default = "default_interface")]
+    pub interface: String,
+    /// UDP port for WireGuard; 0 picks a free one (fine for spokes, hubs need a fixed one).
+    #[serde(default)]
+    pub listen_port: u16,
+    /// The policy signing key (the `.pub` file of `komnet policy keygen`), pinned.
+    pub policy_public_key: PathBuf,
+    /// How often the policy bundle is polled from the enrollment service.
+    #[serde(default = "default_policy_poll")]
+    pub policy_poll: HumanDuration,
+    /// Spoke: the town-hall LAN interfaces whose segments it forwards.
+    #[serde(default)]
+    pub lan: Vec<String>,
+    /// `/metrics` and `/status` (HTTP, no authentication: keep it on loopback or a
+    /// management network).
+    #[serde(default = "default_metrics")]
+    pub metrics_listen: SocketAddr,
+    /// Logs as JSON lines.
+    #[serde(default)]
+    pub log_json: bool,
+    /// Spoke: a hub that sent nothing for this long is given up for the next one.
+    #[serde(default = "default_failover_after")]
+    pub failover_after: HumanDuration,
+    /// Keepalive interval between spoke and hub (both ways), seconds: it is how a spoke notices
+    /// a hub that stopped answering.
+    #[serde(default = "default_keepalive")]
+    pub keepalive: u16,
+    /// Hub: most flows the firewall remembers.
+    #[serde(default = "default_max_flows")]
+    pub max_flows: usize,
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("/var/lib/komnet")
+}
+fn default_interface() -> String {
+    "komnet0".into()
+}
+fn default_policy_poll() -> HumanDuration {
+    HumanDuration(Duration::from_secs(30))
+}
+fn default_metrics() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9120))
+}
+fn default_failover_after() -> HumanDuration {
+    HumanDuration(Duration::from_secs(3))
+}
+fn default_keepalive() -> u16 {
+    1
+}
+fn default_max_flows() -> usize {
+    262_144
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path}: {}", problems.join("; "))]
+    Invalid {
+        path: PathBuf,
+        problems: Vec<String>,
+    },
+}
+
+impl GatewayConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(path, &text)
+    }
+
+    pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        let config: GatewayConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string().trim_end().to_owned(),
+        })?;
+        config.check().map_err(|problems| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            problems,
+        })?;
+        Ok(config)
+    }
+
+    /// Every problem at once.
+    fn check(&self) -> Result<(), Vec<String>> {
+        let mut problems = Vec::new();
+        let ifname_ok = |n: &str| {
+            (1..=15).contains(&n.len())
+                && n.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        };
+        if !ifname_ok(&self.interface) {
+            problems.push(format!(
+                "interface: {:?} is not a valid interface name (1-15 of a-z, 0-9, '-', '_', '.')",
+                self.interface
+            ));
+        }
+        for lan in &self.lan {
+            if !ifname_ok(lan) {
+                problems.push(format!("lan: {lan:?} is not a valid interface name"));
+            }
+            if *lan == self.interface {
+                problems.push(format!("lan: {lan:?} is the tunnel interface"));
+            }
+        }
+        let hub = self.role == GatewayRole::Hub;
+        if !hub && self.lan.is_empty() {
+            problems.push("lan: a spoke needs at least one LAN interface".into());
+        }
+        if hub && !self.lan.is_empty() {
+            problems
+                .push("lan: only spokes have LAN interfaces; a hub routes with the host".into());
+        }
+        if hub && self.listen_port == 0 {
+            problems.push(
+                "listen_port: a hub needs a fixed port (the one in the enrollment service's hub_endpoints)"
+                    .into(),
+            );
+        }
+        if self.policy_poll.0 < Duration::from_secs(1) {
+            problems.push("policy_poll: at least 1s".into());
+        }
+        if self.failover_after.0 < Duration::from_secs(1) {
+            problems.push("failover_after: at least 1s".into());
+        }
+        if self.keepalive == 0 {
+            problems.push("keepalive: at least 1 (seconds)".into());
+        }
+        if self.max_flows < 1024 {
+            problems.push("max_flows: at least 1024".into());
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems)
+        }
+    }
+
+    /// Where the bootstrap file is looked for.
+    pub fn bootstrap_path(&self) -> PathBuf {
+        self.bootstrap
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("bootstrap.json"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_spoke_config_parses_with_defaults() {
+        let c = GatewayConfig::parse(
+            Path::new("gateway.toml"),
+            "role = \"spoke\"\npolicy_public_key = \"/etc/komnet/policy.pub\"\nlan = [\"eth1\"]\n",
+        )
+        .unwrap();
+        assert_eq!(c.role, GatewayRole::Spoke);
+        assert_eq!(c.interface, "komnet0");
+        assert_eq!(
+            c.bootstrap_path(),
+            Path::new("/var/lib/komnet/bootstrap.json")
+        );
+        assert_eq!(c.metrics_listen.to_string(), "127.0.0.1:9120");
+    }
+
+    #[test]
+    fn every_problem_is_named_with_the_file() {
+        let e = GatewayConfig::parse(
+            Path::new("/etc/komnet/gateway.toml"),
+            "role = \"hub\"\npolicy_public_key = \"k\"\nlan = [\"eth 1\"]\ninterface = \"a-very-long-interface\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.starts_with("/etc/komnet/gateway.toml: "), "{e}");
+        assert!(e.contains("interface: \"a-very-long-interface\""), "{e}");
+        assert!(e.contains("lan: \"eth 1\""), "{e}");
+        assert!(e.contains("only spokes have LAN"), "{e}");
+        assert!(e.contains("listen_port"), "{e}");
+        let e = GatewayConfig::parse(Path::new("g.toml"), "role = \"router\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("router"), "{e}");
+        let e = GatewayConfig::parse(Path::new("g.toml"), "role = \"hub\"\nlisten_prot = 1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("listen_prot"), "{e}");
+    }
+}

@@ -1,0 +1,1161 @@
+//! `komnet-gateway run --config gateway.toml`: the appliance, hub or spoke.
+//!
+//! The packet path is the same driver as in the wireguard-go-compatible mode; around it runs
+//! the control plane (one tokio runtime): enrollment on first start and renewal, the policy
+//! bundle (last-known-good from disk, then polled from the enrollment service), and per role:
+//! - **hub**: follows the enrollment registry, admits peers with valid certificates (allowed IPs
+//!   from the policy), enforces the policy per packet through the driver's [`Gate`], routes a
+//!   peer's addresses to the tunnel when it completes a handshake here;
+//! - **spoke**: tunnels its town-hall LAN to the active hub, fails over to the next hub when the
+//!   active one falls silent, and enforces the policy for its site with nftables.
+//!
+//! Fail closed: a spoke installs a drop-everything `komnet` table before anything else, and the
+//! table outlives the daemon; a hub's gate drops every packet until a policy is in force.
+
+pub mod config;
+pub mod net;
+pub mod status;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+use std::sync::mpsc::{channel, Sender};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{anyhow, bail, Context, Result};
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
+use ipnet::IpNet;
+use komnet_enroll::api::{ErrorCode, HubPeer, RegistryChange};
+use komnet_enroll::client::{self, ClientError, Enrollment, PolicyFetch, WgKeys};
+use komnet_enroll::identity::{Identity, Role as CertRole};
+use komnet_enroll::token::Bootstrap;
+use komnet_policy::bundle::{BundleStore, VerifiedBundle};
+use komnet_policy::nft::{self, Interfaces};
+use komnet_policy::{CompiledPolicy, Role};
+use parking_lot::Mutex;
+use rand::RngCore;
+
+use crate::admission::{Admission, HubPeers, PeerChange};
+use crate::core::{Core, PeerInfo};
+use crate::daemon;
+use crate::driver::{self, Event, Shared, Sockets};
+use crate::firewall::FirewallConfig;
+use crate::gate::Gate;
+use config::{GatewayConfig, GatewayRole};
+use status::{CertificateStatus, PeerStatus, PolicyStatus, StatusReport};
+
+const TUNNEL_MTU: u16 = 1420;
+const ENROLLMENT_FILE: &str = "enrollment.json";
+const WG_KEY_FILE: &str = "wg.key";
+const POLICY_DIR: &str = "policy";
+
+/// What the control plane knows, for its own decisions and for `/status`.
+#[derive(Default)]
+struct ControlState {
+    state: String,
+    enrollment: Option<Enrollment>,
+    policy: Option<(Arc<CompiledPolicy>, VerifiedBundle, i64)>,
+    policy_error: Option<String>,
+    /// Hub: every valid identity the registry lists, admitted or not.
+    registry: BTreeMap<[u8; 32], Admission>,
+    hub_peers: HubPeers,
+    /// Hub: the handshake time for which a peer's routes were last claimed, and those routes.
+    claimed: HashMap<[u8; 32], (SystemTime, Vec<IpNet>)>,
+    /// Spoke: the hubs and which one carries the traffic.
+    hubs: Vec<HubPeer>,
+    active_hub: usize,
+    counters: BTreeMap<String, u64>,
+}
+
+impl ControlState {
+    fn count(&mut self, event: &str) {
+        *self.counters.entry(event.to_owned()).or_default() += 1;
+    }
+}
+
+struct Ctx {
+    config: GatewayConfig,
+    state: Mutex<ControlState>,
+    shared: OnceLock<Arc<Shared>>,
+    keys: OnceLock<WgKeys>,
+    bundles: BundleStore,
+    events: Sender<Event>,
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// Runs the appliance described by `config_path`; returns the process exit code.
+pub fn run(config_path: &Path) -> Result<i32> {
+    let config = GatewayConfig::load(config_path)?;
+    init_logging(config.log_json);
+    let public_key = read_policy_key(&config.policy_public_key)?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&config.data_dir)
+        .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
+    if config.role == GatewayRole::Spoke {
+        // Before anything can forward: a killed or half-started spoke must not be open.
+        nft::closed_ruleset()
+            .apply()
+            .context("installing the fail-closed nftables table")?;
+    }
+    let (events_tx, events) = channel();
+    daemon::spawn_signals(events_tx.clone()).context("installing signal handlers")?;
+    let ctx = Arc::new(Ctx {
+        bundles: BundleStore::new(config.data_dir.join(POLICY_DIR), public_key),
+        config,
+        state: Mutex::new(ControlState {
+            state: "starting".into(),
+            ..Default::default()
+        }),
+        shared: OnceLock::new(),
+        keys: OnceLock::new(),
+        events: events_tx,
+    });
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("control")
+        .enable_all()
+        .build()
+        .context("starting the control runtime")?;
+    {
+        let ctx = ctx.clone();
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind(ctx.config.metrics_listen))
+            .with_context(|| format!("binding metrics_listen {}", ctx.config.metrics_listen))?;
+        runtime.spawn(serve_status(listener, ctx));
+    }
+    {
+        let ctx = ctx.clone();
+        runtime.spawn(async move {
+            if let Err(e) = start(ctx.clone()).await {
+                let _ = ctx.events.send(Event::Fatal(format!("{e:#}")));
+            }
+        });
+    }
+    tracing::info!(role = ?ctx.config.role, interface = %ctx.config.interface, "komnet-gateway starting");
+    let reason = events
+        .recv()
+        .unwrap_or(Event::Fatal("all event senders gone".into()));
+    if let Some(shared) = ctx.shared.get() {
+        shared.stop();
+    }
+    runtime.shutdown_timeout(Duration::from_millis(500));
+    match reason {
+        Event::InterfaceGone => {
+            tracing::info!("tunnel interface deleted; shutting down");
+            Ok(0)
+        }
+        Event::Signal(sig) => {
+            tracing::info!(signal = sig, "shutting down");
+            Ok(0)
+        }
+        Event::Fatal(msg) => {
+            tracing::error!(error = %msg, "stopping");
+            eprintln!("komnet-gateway: {msg}");
+            Ok(1)
+        }
+    }
+}
+
+fn init_logging(json: bool) {
+    if !json {
+        daemon::init_logging();
+        return;
+    }
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .json()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn read_policy_key(path: &Path) -> Result<Vec<u8>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("policy_public_key: cannot read {}", path.display()))?;
+    let key = B64.decode(text.trim()).map_err(|e| {
+        anyhow!(
+            "policy_public_key: {} is not a base64 Ed25519 public key: {e}",
+            path.display()
+        )
+    })?;
+    if key.len() != 32 {
+        bail!(
+            "policy_public_key: {} holds {} bytes, an Ed25519 public key has 32",
+            path.display(),
+            key.len()
+        );
+    }
+    Ok(key)
+}
+
+fn set_state(ctx: &Ctx, state: &str) {
+    let mut s = ctx.state.lock();
+    if s.state != state {
+        tracing::info!(state, "appliance state");
+        s.state = state.to_owned();
+    }
+}
+
+/// Enrols (or loads the stored identity), brings up the tunnel and starts the role's tasks.
+async fn start(ctx: Arc<Ctx>) -> Result<()> {
+    let (enrollment, keys) = obtain_identity(&ctx).await?;
+    let expected = match ctx.config.role {
+        GatewayRole::Hub => CertRole::Hub,
+        GatewayRole::Spoke => CertRole::Spoke,
+    };
+    if enrollment.identity.role != expected {
+        bail!(
+            "the stored certificate is for role {}, but gateway.toml says role = {:?}",
+            enrollment.identity.role.as_str(),
+            ctx.config.role
+        );
+    }
+    let _ = ctx.keys.set(keys.clone());
+    tracing::info!(
+        tenant = enrollment.identity.tenant.as_str(),
+        site = enrollment.identity.site.as_str(),
+        serial = %enrollment.identity.serial,
+        "identity ready"
+    );
+    {
+        let mut s = ctx.state.lock();
+        s.hubs = enrollment.hubs.clone();
+        s.enrollment = Some(enrollment.clone());
+    }
+    let shared = {
+        let ctx = ctx.clone();
+        let enrollment = enrollment.clone();
+        tokio::task::spawn_blocking(move || bring_up(&ctx, &enrollment, &keys))
+            .await
+            .context("tunnel set-up task")??
+    };
+    let _ = ctx.shared.set(shared);
+    set_state(&ctx, "waiting for policy");
+    // The last-known-good policy first: a restarted appliance enforces at once, even when the
+    // data centre is unreachable.
+    match ctx.bundles.load_last_known_good() {
+        Ok(Some((bundle, compiled))) => {
+            let version = bundle.version;
+            match put_in_force(&ctx, bundle, compiled).await {
+                Ok(()) => tracing::info!(version, "last-known-good policy in force"),
+                Err(e) => {
+                    tracing::error!(error = %format!("{e:#}"), "last-known-good policy cannot be applied")
+                }
+            }
+        }
+        Ok(None) => tracing::info!("no policy stored yet; forwarding nothing until one arrives"),
+        Err(e) => {
+            tracing::error!(error = %e, "stored policy refused; forwarding nothing until a valid one arrives")
+        }
+    }
+    tokio::spawn(policy_sync(ctx.clone()));
+    tokio::spawn(renewal(ctx.clone()));
+    match ctx.config.role {
+        GatewayRole::Hub => {
+            tokio::spawn(follow_registry(ctx.clone()));
+            tokio::spawn(hub_housekeeping(ctx.clone()));
+        }
+        GatewayRole::Spoke => {
+            apply_hubs(&ctx);
+            tokio::spawn(spoke_watch(ctx.clone()));
+        }
+    }
+    Ok(())
+}
+
+// ---- identity ------------------------------------------------------------------------------
+
+fn write_secret(path: &Path, text: &str) -> Result<()> {
+    use std::io::Write as _;
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("creating {}", tmp.display()))?;
+    f.write_all(text.as_bytes())
+        .and_then(|()| f.sync_all())
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
+}
+
+fn load_keys(path: &Path) -> Result<WgKeys> {
+    let meta = std::fs::metadata(path).with_context(|| format!("{}", path.display()))?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        bail!(
+            "{}: the WireGuard private key is readable by others (mode {:o}); chmod 600 it",
+            path.display(),
+            meta.permissions().mode() & 0o777
+        );
+    }
+    let text = std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
+    let bytes: [u8; 32] = B64
+        .decode(text.trim())
+        .ok()
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(|| anyhow!("{}: not a base64 WireGuard private key", path.display()))?;
+    Ok(WgKeys::from_secret(x25519_dalek::StaticSecret::from(bytes)))
+}
+
+/// The stored identity, or a new one from the bootstrap file. Network trouble is retried;
+/// a refused token is final (it will not become valid by retrying) and says why.
+async fn obtain_identity(ctx: &Ctx) -> Result<(Enrollment, WgKeys)> {
+    let dir = &ctx.config.data_dir;
+    let enrollment_path = dir.join(ENROLLMENT_FILE);
+    let key_path = dir.join(WG_KEY_FILE);
+    if enrollment_path.exists() {
+        let enrollment = Enrollment::load(&enrollment_path).with_context(|| {
+            format!(
+                "{}: stored enrollment unreadable",
+                enrollment_path.display()
+            )
+        })?;
+        let keys = load_keys(&key_path)?;
+        if keys.public() != enrollment.identity.wg_public_key {
+            bail!(
+                "{} and {} do not belong together (the certificate is for another WireGuard key)",
+                key_path.display(),
+                enrollment_path.display()
+            );
+        }
+        return Ok((enrollment, keys));
+    }
+    set_state(ctx, "enrolling");
+    let bootstrap_path = ctx.config.bootstrap_path();
+    let bootstrap = Bootstrap::read(&bootstrap_path).map_err(|e| {
+        anyhow!(
+            "not enrolled yet and no usable bootstrap file at {}: {e}",
+            bootstrap_path.display()
+        )
+    })?;
+    let keys = WgKeys::generate();
+    let mut delay = Duration::from_secs(1);
+    let enrollment = loop {
+        match client::enroll(&bootstrap, &keys).await {
+            Ok(e) => break e,
+            Err(e) if is_final(&e) => {
+                ctx.state.lock().count("enroll_refused");
+                bail!("enrollment refused: {e}");
+            }
+            Err(e) => {
+                ctx.state.lock().count("enroll_retry");
+                tracing::warn!(error = %e, retry_in = ?delay, "enrollment service not reachable");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(30));
+            }
+        }
+    };
+    // The key first: an enrollment without its key would be useless, a key without an
+    // enrollment is overwritten on the next attempt.
+    write_secret(&key_path, &format!("{}\n", keys.private_base64()))?;
+    enrollment
+        .save(&enrollment_path)
+        .with_context(|| format!("saving {}", enrollment_path.display()))?;
+    ctx.state.lock().count("enrolled");
+    tracing::info!(path = %enrollment_path.display(), "enrolled; the bootstrap token is used up");
+    Ok((enrollment, keys))
+}
+
+fn is_final(e: &ClientError) -> bool {
+    match e.api_error() {
+        Some(api) => !matches!(api.code, ErrorCode::RateLimited | ErrorCode::Internal),
+        None => matches!(e, ClientError::Config(_)),
+    }
+}
+
+// ---- tunnel --------------------------------------------------------------------------------
+
+fn bring_up(ctx: &Ctx, enrollment: &Enrollment, keys: &WgKeys) -> Result<Arc<Shared>> {
+    let ifname = &ctx.config.interface;
+    let tun = daemon::create_tun(ifname)?;
+    net::configure_interface(ifname, &enrollment.identity.tunnel_addrs, TUNNEL_MTU)?;
+    net::enable_forwarding()?;
+    let sockets = Sockets::bind(ctx.config.listen_port, 0)
+        .with_context(|| format!("binding UDP port {}", ctx.config.listen_port))?;
+    let mut seed = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut seed);
+    let now = Instant::now();
+    let mut core = Core::new(now, seed);
+    core.set_private_key(now, Some(keys.secret().to_bytes()));
+    core.set_listen_port(sockets.port());
+    let gate = (ctx.config.role == GatewayRole::Hub).then(|| {
+        Gate::new(FirewallConfig {
+            max_flows: ctx.config.max_flows,
+            ..FirewallConfig::default()
+        })
+    });
+    let shared = Shared::new(core, gate, tun, ifname.clone(), sockets)
+        .context("creating the wake-up pipe")?;
+    driver::spawn(&shared, &ctx.events).context("starting driver threads")?;
+    if ctx.config.role == GatewayRole::Spoke {
+        let mut routes = enrollment.allowed_ips.clone();
+        routes.extend(enrollment.hubs.iter().flat_map(|h| h.tunnel_addrs.clone()));
+        net::replace_routes(ifname, &routes)?;
+    }
+    tracing::info!(interface = %ifname, port = shared.sockets().port(), "tunnel up");
+    Ok(shared)
+}
+
+// ---- policy --------------------------------------------------------------------------------
+
+/// Puts a verified, compiled policy in force (spoke: nftables; hub: the gate and the peer
+/// table), then records it as last-known-good. On error the previous policy stays.
+async fn put_in_force(
+    ctx: &Arc<Ctx>,
+    bundle: VerifiedBundle,
+    compiled: CompiledPolicy,
+) -> Result<()> {
+    let compiled = Arc::new(compiled);
+    match ctx.config.role {
+        GatewayRole::Spoke => {
+            let identity = own_identity(ctx)?;
+            let policy = &compiled.policy;
+            let site = policy
+                .tenant_by_name(identity.tenant.as_str())
+                .and_then(|t| policy.site_by_name(t, identity.site.as_str()))
+                .ok_or_else(|| {
+                    anyhow!(
+                        "policy version {} has no site {}/{}: not applied",
+                        policy.version,
+                        identity.tenant.as_str(),
+                        identity.site.as_str()
+                    )
+                })?;
+            let interfaces = Interfaces {
+                lan: ctx.config.lan.clone(),
+                tunnel: ctx.config.interface.clone(),
+            };
+            let ruleset = nft::ruleset_for_site(policy, site, &interfaces)?;
+            tokio::task::spawn_blocking(move || ruleset.apply())
+                .await
+                .context("nft task")??;
+        }
+        GatewayRole::Hub => {
+            let shared = ctx.shared.get().ok_or_else(|| anyhow!("tunnel not up"))?;
+            let changes = {
+                let mut s = ctx.state.lock();
+                let now = unix_now();
+                let mut changes = s.hub_peers.on_policy_change(now, &compiled.policy);
+                // Identities the previous policy did not know may be admitted now.
+                let pending: Vec<Admission> = s
+                    .registry
+                    .values()
+                    .filter(|a| s.hub_peers.identity(&a.wg_public_key).is_none())
+                    .cloned()
+                    .collect();
+                for a in pending {
+                    let (_, mut c) = s.hub_peers.upsert(now, &compiled.policy, a);
+                    changes.append(&mut c);
+                }
+                changes
+            };
+            // The policy and the identities resolved against it change under one lock, so no
+            // packet sees an identity from the other version.
+            let (gate, mut core) = shared.gate_and_core();
+            let mut gate = gate.ok_or_else(|| anyhow!("hub without a gate"))?;
+            gate.set_policy(compiled.clone());
+            let removed = apply_peer_changes(ctx, &mut gate, &mut core, &changes);
+            drop(core);
+            drop(gate);
+            release_routes(ctx, &removed);
+        }
+    }
+    ctx.bundles.commit(&bundle)?;
+    let version = bundle.version;
+    let mut s = ctx.state.lock();
+    s.policy = Some((compiled, bundle, unix_now()));
+    s.policy_error = None;
+    s.count("policy_installed");
+    drop(s);
+    set_state(ctx, "running");
+    tracing::info!(version, "policy in force");
+    Ok(())
+}
+
+fn own_identity(ctx: &Ctx) -> Result<Identity> {
+    ctx.state
+        .lock()
+        .enrollment
+        .as_ref()
+        .map(|e| e.identity.clone())
+        .ok_or_else(|| anyhow!("not enrolled"))
+}
+
+fn current_enrollment(ctx: &Ctx) -> Option<Enrollment> {
+    ctx.state.lock().enrollment.clone()
+}
+
+/// Polls the enrollment service for a newer bundle.
+async fn policy_sync(ctx: Arc<Ctx>) {
+    loop {
+        if let Some(enrollment) = current_enrollment(&ctx) {
+            let have = ctx.state.lock().policy.as_ref().map(|p| p.1.version);
+            match client::fetch_policy(&enrollment, have).await {
+                Ok(PolicyFetch::Bundle { version, bytes }) => {
+                    offer_bundle(&ctx, version, &bytes).await;
+                }
+                Ok(PolicyFetch::NotModified) | Ok(PolicyFetch::NoneYet) => {}
+                Err(e) => tracing::warn!(error = %e, "policy poll failed"),
+            }
+        }
+        tokio::time::sleep(ctx.config.policy_poll.0).await;
+    }
+}
+
+async fn offer_bundle(ctx: &Arc<Ctx>, version: u64, bytes: &[u8]) {
+    let prepared = {
+        let s = ctx.state.lock();
+        ctx.bundles.prepare(bytes, s.policy.as_ref().map(|p| &p.1))
+    };
+    let result = match prepared {
+        Ok((bundle, compiled)) => put_in_force(ctx, bundle, compiled).await,
+        Err(e) => Err(e.into()),
+    };
+    if let Err(e) = result {
+        let message = format!("policy version {version} refused: {e:#}");
+        let mut s = ctx.state.lock();
+        s.count("policy_refused");
+        if s.policy_error.as_deref() != Some(&message) {
+            tracing::error!(error = %message, "keeping the policy in force");
+        }
+        s.policy_error = Some(message);
+    }
+}
+
+// ---- renewal -------------------------------------------------------------------------------
+
+async fn renewal(ctx: Arc<Ctx>) {
+    let Some(keys) = ctx.keys.get().cloned() else {
+        return;
+    };
+    loop {
+        let Some(enrollment) = current_enrollment(&ctx) else {
+            return;
+        };
+        let wait = enrollment.renew_after - unix_now();
+        if wait > 0 {
+            tokio::time::sleep(Duration::from_secs(wait.min(3600) as u64)).await;
+            continue;
+        }
+        match client::renew(&enrollment, &keys).await {
+            Ok(renewed) => {
+                let path = ctx.config.data_dir.join(ENROLLMENT_FILE);
+                if let Err(e) = renewed.save(&path) {
+                    tracing::error!(error = %e, path = %path.display(), "cannot store the renewed certificate");
+                }
+                tracing::info!(serial = %renewed.identity.serial, not_after = renewed.identity.not_after, "certificate renewed");
+                let mut s = ctx.state.lock();
+                s.count("renewed");
+                if !renewed.hubs.is_empty() {
+                    s.hubs = renewed.hubs.clone();
+                }
+                s.enrollment = Some(renewed);
+            }
+            Err(e) => {
+                ctx.state.lock().count("renew_failed");
+                let expired = enrollment.identity.not_after <= unix_now();
+                if expired {
+                    tracing::error!(error = %e, "certificate expired; the appliance needs a new bootstrap token");
+                } else {
+                    tracing::warn!(error = %e, "renewal failed; retrying");
+                }
+                tokio::time::sleep(Duration::from_secs(60)).await;
+            }
+        }
+    }
+}
+
+// ---- hub -----------------------------------------------------------------------------------
+
+fn to_admission(identity: &Identity) -> Admission {
+    Admission {
+        tenant: identity.tenant.as_str().to_owned(),
+        site: identity.site.as_str().to_owned(),
+        role: match identity.role {
+            CertRole::Spoke => Role::Spoke,
+            CertRole::Hub => Role::Hub,
+            CertRole::HomeOffice => Role::Homeoffice,
+        },
+        wg_public_key: *identity.wg_public_key.as_bytes(),
+        tunnel_addrs: identity.tunnel_addrs.clone(),
+        not_after: identity.not_after,
+        serial: identity.serial.clone(),
+    }
+}
+
+/// Applies admission changes to the peer table and the gate (both locked by the caller).
+/// Returns the keys that were removed, whose routes the caller releases.
+fn apply_peer_changes(
+    ctx: &Ctx,
+    gate: &mut Gate,
+    core: &mut Core,
+    changes: &[PeerChange],
+) -> Vec<[u8; 32]> {
+    let now = Instant::now();
+    let mut removed = Vec::new();
+    for change in changes {
+        match change {
+            PeerChange::Upsert {
+                key,
+                allowed_ips,
+                identity,
+            } => {
+                let Some(id) = core.upsert_peer(now, *key) else {
+                    tracing::error!("peer table full; peer not admitted");
+                    continue;
+                };
+                core.clear_allowed_ips(id);
+                for net in allowed_ips {
+                    core.add_allowed_ip(id, *net);
+                }
+                gate.set_identity(id, *identity);
+                // Spokes hear from the hub every keepalive interval: that is how they notice
+                // a hub that stopped. Home-office devices (phones, laptops) are spared.
+                let keepalive = (identity.role == Role::Spoke).then_some(ctx.config.keepalive);
+                core.set_persistent_keepalive(now, id, keepalive);
+            }
+            PeerChange::Remove { key } => {
+                if let Some(id) = core.peer_id(key) {
+                    gate.forget(id);
+                    core.remove_peer(id);
+                }
+                removed.push(*key);
+            }
+        }
+    }
+    removed
+}
+
+fn release_routes(ctx: &Ctx, keys: &[[u8; 32]]) {
+    let mut nets = Vec::new();
+    {
+        let mut s = ctx.state.lock();
+        for k in keys {
+            if let Some((_, routes)) = s.claimed.remove(k) {
+                nets.extend(routes);
+            }
+        }
+    }
+    if let Err(e) = net::delete_routes(&ctx.config.interface, &nets) {
+        tracing::warn!(error = %e, "removing routes of departed peers");
+    }
+}
+
+/// Applies registry-driven admission changes through the driver's locks.
+fn commit_changes(ctx: &Ctx, changes: Vec<PeerChange>) {
+    if changes.is_empty() {
+        return;
+    }
+    let Some(shared) = ctx.shared.get() else {
+        return;
+    };
+    let removed = {
+        let (gate, mut core) = shared.gate_and_core();
+        let Some(mut gate) = gate else {
+            return;
+        };
+        apply_peer_changes(ctx, &mut gate, &mut core, &changes)
+    };
+    shared.flush_pending(&mut vec![0u8; 2048]);
+    release_routes(ctx, &removed);
+}
+
+/// Admits (or refuses) one identity from the registry.
+fn admit(ctx: &Ctx, identity: &Identity) -> Vec<PeerChange> {
+    let admission = to_admission(identity);
+    let mut s = ctx.state.lock();
+    s.registry
+        .insert(admission.wg_public_key, admission.clone());
+    let Some(policy) = s.policy.as_ref().map(|p| p.0.clone()) else {
+        // Kept in the registry view; admitted once a policy is in force.
+        return Vec::new();
+    };
+    let (result, changes) = s.hub_peers.upsert(unix_now(), &policy.policy, admission);
+    match result {
+        Ok(()) => s.count("peer_admitted"),
+        Err(e) => {
+            s.count("peer_refused");
+            tracing::warn!(tenant = identity.tenant.as_str(), site = identity.site.as_str(), error = %e, "identity not admitted");
+        }
+    }
+    changes
+}
+
+fn withdraw(ctx: &Ctx, key: &[u8; 32]) -> Vec<PeerChange> {
+    let mut s = ctx.state.lock();
+    s.registry.remove(key);
+    let change = s.hub_peers.remove(key);
+    if change.is_some() {
+        s.count("peer_removed");
+    }
+    change.into_iter().collect()
+}
+
+/// Follows the registry: a snapshot, then its change stream; after any failure, again.
+async fn follow_registry(ctx: Arc<Ctx>) {
+    loop {
+        if let Err(e) = follow_once(&ctx).await {
+            tracing::warn!(error = %e, "registry connection lost; reconnecting");
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+async fn follow_once(ctx: &Arc<Ctx>) -> Result<()> {
+    let enrollment = current_enrollment(ctx).ok_or_else(|| anyhow!("not enrolled"))?;
+    let snapshot = client::registry_snapshot(&enrollment).await?;
+    let keys: std::collections::BTreeSet<[u8; 32]> = snapshot
+        .peers
+        .iter()
+        .map(|i| *i.wg_public_key.as_bytes())
+        .collect();
+    let mut changes = Vec::new();
+    let gone: Vec<[u8; 32]> = ctx
+        .state
+        .lock()
+        .registry
+        .keys()
+        .filter(|k| !keys.contains(*k))
+        .copied()
+        .collect();
+    for k in gone {
+        changes.extend(withdraw(ctx, &k));
+    }
+    for identity in &snapshot.peers {
+        if identity.role != CertRole::Hub {
+            changes.extend(admit(ctx, identity));
+        }
+    }
+    commit_changes(ctx, changes);
+    tracing::info!(
+        version = snapshot.version,
+        peers = snapshot.peers.len(),
+        "registry snapshot applied"
+    );
+    let mut follower = client::follow_registry(&enrollment, snapshot.version).await?;
+    while let Some(event) = follower.next().await {
+        let event = event?;
+        ctx.state.lock().count("registry_event");
+        let changes = match &event.change {
+            RegistryChange::Upsert(identity) if identity.role != CertRole::Hub => {
+                admit(ctx, identity)
+            }
+            RegistryChange::Upsert(_) => Vec::new(),
+            RegistryChange::Remove {
+                wg_public_key,
+                tenant,
+                site,
+                reason,
+                ..
+            } => {
+                tracing::info!(
+                    tenant = tenant.as_str(),
+                    site = site.as_str(),
+                    reason = reason.as_str(),
+                    "peer revoked"
+                );
+                withdraw(ctx, wg_public_key.as_bytes())
+            }
+        };
+        commit_changes(ctx, changes);
+    }
+    bail!("the registry stream ended")
+}
+
+/// Expiry of peer certificates, and routes that follow handshakes: a peer's addresses are
+/// routed into this hub's tunnel when the peer completes a handshake here (after a spoke
+/// fails over, the hub it moved to takes its routes).
+async fn hub_housekeeping(ctx: Arc<Ctx>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let mut last_expiry = Instant::now();
+    loop {
+        tick.tick().await;
+        if last_expiry.elapsed() >= Duration::from_secs(1) {
+            last_expiry = Instant::now();
+            let changes = {
+                let mut s = ctx.state.lock();
+                let expired = s.hub_peers.expire(unix_now());
+                for c in &expired {
+                    if let PeerChange::Remove { key } = c {
+                        s.registry.remove(key);
+                        s.count("peer_expired");
+                    }
+                }
+                expired
+            };
+            commit_changes(&ctx, changes);
+        }
+        claim_routes(&ctx);
+    }
+}
+
+fn peer_snapshot(shared: &Shared) -> Vec<PeerInfo> {
+    shared.core().peers(Instant::now(), SystemTime::now())
+}
+
+fn claim_routes(ctx: &Ctx) {
+    let Some(shared) = ctx.shared.get() else {
+        return;
+    };
+    let peers = peer_snapshot(shared);
+    let mut claims: Vec<([u8; 32], SystemTime, Vec<IpNet>)> = Vec::new();
+    {
+        let s = ctx.state.lock();
+        for p in peers {
+            let Some(at) = p.last_handshake else {
+                continue;
+            };
+            let fresh = match s.claimed.get(&p.public_key) {
+                Some((t, routes)) => *t != at || *routes != p.allowed_ips,
+                None => true,
+            };
+            if fresh {
+                claims.push((p.public_key, at, p.allowed_ips));
+            }
+        }
+    }
+    for (key, at, routes) in claims {
+        match net::replace_routes(&ctx.config.interface, &routes) {
+            Ok(()) => {
+                ctx.state.lock().claimed.insert(key, (at, routes));
+            }
+            Err(e) => tracing::warn!(error = %e, "routing a peer's addresses"),
+        }
+    }
+}
+
+// ---- spoke ---------------------------------------------------------------------------------
+
+/// Configures the hubs as peers: the active one carries the data centre's routes and keeps
+/// the session warm; the others wait with only their tunnel addresses.
+fn apply_hubs(ctx: &Ctx) {
+    let Some(shared) = ctx.shared.get() else {
+        return;
+    };
+    let (hubs, active, allowed) = {
+        let s = ctx.state.lock();
+        let allowed = s
+            .enrollment
+            .as_ref()
+            .map(|e| e.allowed_ips.clone())
+            .unwrap_or_default();
+        (s.hubs.clone(), s.active_hub, allowed)
+    };
+    let mut endpoints: Vec<Option<SocketAddr>> = Vec::new();
+    for hub in &hubs {
+        let resolved = hub.endpoint.as_deref().and_then(|e| {
+            use std::net::ToSocketAddrs as _;
+            match e.to_socket_addrs() {
+                Ok(mut it) => it.next(),
+                Err(err) => {
+                    tracing::warn!(endpoint = e, error = %err, "cannot resolve hub endpoint");
+                    None
+                }
+            }
+        });
+        endpoints.push(resolved);
+    }
+    let now = Instant::now();
+    {
+        let mut core = shared.core();
+        for (i, (hub, endpoint)) in hubs.iter().zip(&endpoints).enumerate() {
+            let Some(id) = core.upsert_peer(now, *hub.wg_public_key.as_bytes()) else {
+                continue;
+            };
+            if let Some(ep) = endpoint {
+                core.set_endpoint(id, *ep);
+            }
+            core.clear_allowed_ips(id);
+            for net in &hub.tunnel_addrs {
+                core.add_allowed_ip(id, *net);
+            }
+            if i == active {
+                for net in &allowed {
+                    core.add_allowed_ip(id, *net);
+                }
+                core.set_persistent_keepalive(now, id, Some(ctx.config.keepalive));
+            } else {
+                core.set_persistent_keepalive(now, id, None);
+            }
+        }
+    }
+    shared.flush_pending(&mut vec![0u8; 2048]);
+}
+
+/// Watches the active hub; when it has sent nothing for `failover_after`, moves to the next.
+/// Also refreshes the list of hubs from the enrollment service now and then.
+async fn spoke_watch(ctx: Arc<Ctx>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let mut last_rx: Option<(usize, u64)> = None;
+    let mut heard = Instant::now();
+    let mut last_refresh = Instant::now();
+    loop {
+        tick.tick().await;
+        let Some(shared) = ctx.shared.get() else {
+            continue;
+        };
+        let (active_key, n, active) = {
+            let s = ctx.state.lock();
+            (
+                s.hubs
+                    .get(s.active_hub)
+                    .map(|h| *h.wg_public_key.as_bytes()),
+                s.hubs.len(),
+                s.active_hub,
+            )
+        };
+        if let Some(key) = active_key {
+            let rx = peer_snapshot(shared)
+                .into_iter()
+                .find(|p| p.public_key == key)
+                .map_or(0, |p| p.rx_bytes);
+            if last_rx != Some((active, rx)) {
+                last_rx = Some((active, rx));
+                heard = Instant::now();
+            } else if heard.elapsed() >= ctx.config.failover_after.0 {
+                // With one hub: a fresh handshake (it may have restarted and lost the
+                // session); with more: the next hub takes over.
+                let next = (active + 1) % n;
+                if next != active {
+                    {
+                        let mut s = ctx.state.lock();
+                        s.active_hub = next;
+                        s.count("failover");
+                    }
+                    tracing::warn!(from = active, to = next, silent_for = ?heard.elapsed(), "hub not answering; failing over");
+                    apply_hubs(&ctx);
+                } else {
+                    ctx.state.lock().count("hub_rehandshake");
+                    tracing::info!(silent_for = ?heard.elapsed(), "hub silent; starting a new handshake");
+                }
+                let next_key = ctx
+                    .state
+                    .lock()
+                    .hubs
+                    .get(next)
+                    .map(|h| *h.wg_public_key.as_bytes());
+                if let Some(key) = next_key {
+                    {
+                        let mut core = shared.core();
+                        if let Some(id) = core.peer_id(&key) {
+                            core.force_handshake(Instant::now(), id);
+                        }
+                    }
+                    shared.flush_pending(&mut vec![0u8; 2048]);
+                }
+                heard = Instant::now();
+            }
+        }
+        let refresh_every = if n == 0 {
+            Duration::from_secs(2)
+        } else {
+            Duration::from_secs(60)
+        };
+        if last_refresh.elapsed() >= refresh_every {
+            last_refresh = Instant::now();
+            if let Some(enrollment) = current_enrollment(&ctx) {
+                match client::fetch_hubs(&enrollment).await {
+                    Ok(hubs) => {
+                        let changed = {
+                            let mut s = ctx.state.lock();
+                            let changed = s.hubs != hubs;
+                            if changed {
+                                s.hubs = hubs.clone();
+                                s.active_hub = s.active_hub.min(hubs.len().saturating_sub(1));
+                            }
+                            changed
+                        };
+                        if changed {
+                            let mut routes = enrollment.allowed_ips.clone();
+                            routes.extend(hubs.iter().flat_map(|h| h.tunnel_addrs.clone()));
+                            if let Err(e) = net::replace_routes(&ctx.config.interface, &routes) {
+                                tracing::warn!(error = %e, "routes to the hubs");
+                            }
+                            apply_hubs(&ctx);
+                        }
+                    }
+                    Err(e) => tracing::debug!(error = %e, "hub list refresh failed"),
+                }
+            }
+        }
+    }
+}
+
+// ---- status --------------------------------------------------------------------------------
+
+fn report(ctx: &Ctx) -> StatusReport {
+    let peers = ctx
+        .shared
+        .get()
+        .map(|s| peer_snapshot(s))
+        .unwrap_or_default();
+    let (flows, mut drops, mut counters) = match ctx.shared.get() {
+        Some(shared) => {
+            let (gate, core) = shared.gate_and_core();
+            let mut drops: BTreeMap<String, u64> = BTreeMap::new();
+            for reason in crate::core::DropReason::ALL {
+                let mut n = core.device_drops().get(*reason);
+                for p in &peers {
+                    n += core.peer_drops(p.id).map_or(0, |d| d.get(*reason));
+                }
+                if n > 0 {
+                    drops.insert(reason.as_str().to_owned(), n);
+                }
+            }
+            let mut counters = BTreeMap::new();
+            let flows = gate.as_ref().map(|g| {
+                let c = g.counters();
+                for (k, v) in &c.drops {
+                    drops.insert((*k).to_owned(), *v);
+                }
+                if g.no_policy_drops() > 0 {
+                    drops.insert("no_policy".into(), g.no_policy_drops());
+                }
+                for (k, v) in [
+                    ("flow_new", c.new_flows),
+                    ("flow_established_packet", c.established_packets),
+                    ("flow_related_icmp", c.related_icmp),
+                    ("flow_expired", c.expired),
+                    ("flow_evicted", c.evicted),
+                    ("flow_cut_by_policy", c.cut_by_policy),
+                ] {
+                    counters.insert(k.to_owned(), v);
+                }
+                g.flow_count()
+            });
+            (flows, drops, counters)
+        }
+        None => (None, BTreeMap::new(), BTreeMap::new()),
+    };
+    let s = ctx.state.lock();
+    counters.extend(s.counters.iter().map(|(k, v)| (k.clone(), *v)));
+    drops.retain(|_, v| *v > 0);
+    let identity = s.enrollment.as_ref().map(|e| &e.identity);
+    let active_key = s
+        .hubs
+        .get(s.active_hub)
+        .map(|h| *h.wg_public_key.as_bytes());
+    let peers = peers
+        .into_iter()
+        .map(|p| {
+            let admitted = s.registry.get(&p.public_key);
+            let hub = s
+                .hubs
+                .iter()
+                .find(|h| h.wg_public_key.as_bytes() == &p.public_key);
+            PeerStatus {
+                public_key: B64.encode(p.public_key),
+                tenant: admitted.map(|a| a.tenant.clone()),
+                site: admitted
+                    .map(|a| a.site.clone())
+                    .or_else(|| hub.map(|h| h.site.as_str().to_owned())),
+                role: admitted
+                    .map(|a| {
+                        match a.role {
+                            Role::Spoke => "spoke",
+                            Role::Hub => "hub",
+                            Role::Homeoffice => "homeoffice",
+                        }
+                        .to_owned()
+                    })
+                    .or_else(|| hub.map(|_| "hub".to_owned())),
+                endpoint: p.endpoint.map(|e| e.to_string()),
+                last_handshake: p
+                    .last_handshake
+                    .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                    .map(|d| d.as_secs() as i64),
+                rx_bytes: p.rx_bytes,
+                tx_bytes: p.tx_bytes,
+                cert_not_after: admitted.map(|a| a.not_after),
+                active: active_key == Some(p.public_key),
+            }
+        })
+        .collect();
+    StatusReport {
+        role: match ctx.config.role {
+            GatewayRole::Hub => "hub".into(),
+            GatewayRole::Spoke => "spoke".into(),
+        },
+        state: s.state.clone(),
+        interface: ctx.config.interface.clone(),
+        listen_port: ctx.shared.get().map_or(0, |sh| sh.sockets().port()),
+        tenant: identity.map(|i| i.tenant.as_str().to_owned()),
+        site: identity.map(|i| i.site.as_str().to_owned()),
+        tunnel_addrs: identity
+            .map(|i| i.tunnel_addrs.iter().map(|a| a.to_string()).collect())
+            .unwrap_or_default(),
+        certificate: s.enrollment.as_ref().map(|e| CertificateStatus {
+            serial: e.identity.serial.clone(),
+            not_after: e.identity.not_after,
+            renew_after: e.renew_after,
+        }),
+        policy: s.policy.as_ref().map(|(c, b, at)| PolicyStatus {
+            version: c.version(),
+            name: b.name.clone(),
+            installed_at: *at,
+        }),
+        policy_error: s.policy_error.clone(),
+        peers,
+        flows,
+        drops,
+        counters,
+    }
+}
+
+async fn serve_status(listener: tokio::net::TcpListener, ctx: Arc<Ctx>) {
+    use axum::routing::get;
+    let status_ctx = ctx.clone();
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let ctx = ctx.clone();
+                async move {
+                    let text =
+                        tokio::task::spawn_blocking(move || report(&ctx).to_prometheus(unix_now()))
+                            .await
+                            .unwrap_or_default();
+                    (
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "text/plain; version=0.0.4; charset=utf-8",
+                        )],
+                        text,
+                    )
+                }
+            }),
+        )
+        .route(
+            "/status",
+            get(move || {
+                let ctx = status_ctx.clone();
+                async move {
+                    let r = tokio::task::spawn_blocking(move || report(&ctx))
+                        .await
+                        .unwrap_or_default();
+                    axum::Json(r)
+                }
+            }),
+        );
+    if let Err(e) = axum::serve(listener, app).await {
+        tracing::error!(error = %e, "status server stopped");
+    }
+}
+
+/// Where the status server listens, for `komnet status`.
+pub fn status_url(listen: SocketAddr) -> String {
+    format!("http://{listen}/status")
+}

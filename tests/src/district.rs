@@ -1,0 +1,801 @@
+//! The district of St. Wendel in miniature, in network namespaces: the demo's scenario and the
+//! integration tests' fixture.
+//!
+//! ```text
+//!                 wan (bridge 192.0.2.0/24)
+//!      ┌──────────────┬───────────────┬──────────────┬─────────────┐
+//!     dc .1        nohfelden-gw .11  tholey-gw .12   ho .21 (wireguard-go, wg-quick)
+//!  hub(s), enroll    spoke            spoke
+//!      │           staff0  guest0    staff0  guest0
+//!     srv          10.30.1/24 10.30.100/24  10.40.1/24 10.40.100/24
+//!  DMS 10.0.1.10, Dateiserver Nohfelden 10.1.10.5, Dateiserver Tholey 10.1.20.5
+//! ```
+//!
+//! Everything is real: the enrollment service issues the identities from one-time tokens, the
+//! policy (`examples/policy/st-wendel`) is signed and published through it, the gateways are
+//! `komnet-gateway run` processes with their own TUN devices and nftables, the home office is
+//! Debian's `wireguard-go` brought up by `wg-quick` with the config the service issued.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use komnet_policy::{decide, Origin, PacketMeta, Policy, Role};
+
+use crate::command::{run, run_ok, wait_until, BackgroundProcess, TempDir};
+use crate::daemon::{komnet_cli_binary, komnet_enroll_binary, komnet_gateway_binary};
+use crate::netns::{add_veth_pair, Netns};
+use crate::COMMAND_TIMEOUT;
+
+pub const DC_WAN: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+const ENROLL_PORT: u16 = 8443;
+const HUB_PORT: u16 = 51820;
+
+/// The policy the district runs, relative to the workspace root.
+pub fn policy_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/policy/st-wendel")
+}
+
+/// Where the district's traffic goes in the data centre.
+#[derive(Debug, Clone, Copy)]
+pub struct Destination {
+    pub label: &'static str,
+    pub addr: Ipv4Addr,
+    pub port: u16,
+}
+
+pub const DESTINATIONS: [Destination; 3] = [
+    Destination {
+        label: "DMS (Kreis)",
+        addr: Ipv4Addr::new(10, 0, 1, 10),
+        port: 443,
+    },
+    Destination {
+        label: "Dateiserver Nohfelden",
+        addr: Ipv4Addr::new(10, 1, 10, 5),
+        port: 445,
+    },
+    Destination {
+        label: "Dateiserver Tholey",
+        addr: Ipv4Addr::new(10, 1, 20, 5),
+        port: 445,
+    },
+];
+
+/// A gateway process (`komnet-gateway run`) in a namespace.
+#[derive(Debug)]
+pub struct Gateway {
+    pub name: String,
+    pub netns: String,
+    pub config: PathBuf,
+    pub data_dir: PathBuf,
+    pub metrics: String,
+    log_dir: PathBuf,
+    starts: u32,
+    process: Option<BackgroundProcess>,
+}
+
+impl Gateway {
+    fn start(&mut self) -> Result<()> {
+        self.starts += 1;
+        let log = self
+            .log_dir
+            .join(format!("{}-{}.log", self.name, self.starts));
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.netns])
+            .arg(komnet_gateway_binary()?)
+            .arg("run")
+            .arg("--config")
+            .arg(&self.config)
+            .env("RUST_LOG", "info");
+        self.process = Some(BackgroundProcess::spawn(&mut cmd, &log)?);
+        Ok(())
+    }
+
+    /// The gateway's `/status` as JSON (via `komnet status --json` inside its namespace).
+    pub fn status(&self) -> Result<serde_json::Value> {
+        let out = run_ok(
+            Command::new("ip")
+                .args(["netns", "exec", &self.netns])
+                .arg(komnet_cli_binary()?)
+                .args(["status", "--json", "--gateway", &self.metrics]),
+            COMMAND_TIMEOUT,
+        )?;
+        serde_json::from_str(&out).context("komnet status --json")
+    }
+
+    /// `komnet status` as a person reads it.
+    pub fn status_text(&self) -> Result<String> {
+        run_ok(
+            Command::new("ip")
+                .args(["netns", "exec", &self.netns])
+                .arg(komnet_cli_binary()?)
+                .args(["status", "--gateway", &self.metrics]),
+            COMMAND_TIMEOUT,
+        )
+    }
+
+    /// Waits until the gateway runs with policy `version` in force.
+    pub fn wait_running(&mut self, version: u64, timeout: Duration) -> Result<()> {
+        let name = self.name.clone();
+        let result = wait_until(
+            &format!("{name} to run policy version {version}"),
+            timeout,
+            || {
+                if let Some(p) = self.process.as_mut() {
+                    if let Ok(Some(status)) = p.child.try_wait() {
+                        bail!("{name} exited ({status}):\n{}", p.log_text());
+                    }
+                }
+                let Ok(s) = self.status() else {
+                    return Ok(None);
+                };
+                Ok((s["state"] == "running" && s["policy"]["version"] == version).then_some(()))
+            },
+        );
+        result.map_err(|e| anyhow!("{e:#}\n{name}'s log:\n{}", self.log_tail()))
+    }
+
+    pub fn log_tail(&self) -> String {
+        self.process
+            .as_ref()
+            .map_or_else(String::new, BackgroundProcess::log_text)
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.process.as_ref().map(|p| p.child.id())
+    }
+
+    /// SIGTERM and wait.
+    pub fn stop(&mut self) -> Result<()> {
+        if let Some(mut p) = self.process.take() {
+            crate::command::send_signal(p.child.id(), "TERM");
+            p.wait_timeout(Duration::from_secs(5))?;
+        }
+        Ok(())
+    }
+
+    /// SIGKILL: no clean-up of any kind.
+    pub fn kill_hard(&mut self) -> Result<()> {
+        if let Some(mut p) = self.process.take() {
+            crate::command::send_signal(p.child.id(), "KILL");
+            p.wait_timeout(Duration::from_secs(5))?;
+        }
+        Ok(())
+    }
+
+    pub fn restart(&mut self) -> Result<()> {
+        self.stop()?;
+        self.start()
+    }
+}
+
+/// A town hall: its spoke appliance and two LAN namespaces.
+#[derive(Debug)]
+pub struct Commune {
+    pub name: &'static str,
+    pub label: &'static str,
+    /// Second octet of its LAN: 10.N.1.0/24 staff, 10.N.100.0/24 guest WLAN.
+    pub lan: u8,
+    pub spoke: Gateway,
+    pub gw: Netns,
+    pub staff: Netns,
+    pub guest: Netns,
+}
+
+impl Commune {
+    pub fn staff_addr(&self) -> Ipv4Addr {
+        Ipv4Addr::new(10, self.lan, 1, 10)
+    }
+    pub fn guest_addr(&self) -> Ipv4Addr {
+        Ipv4Addr::new(10, self.lan, 100, 10)
+    }
+}
+
+/// One source of traffic in the matrix.
+#[derive(Debug, Clone)]
+pub struct Source {
+    pub label: String,
+    pub netns: String,
+    pub addr: Ipv4Addr,
+    pub origin: Origin,
+}
+
+/// The home-office worker: stock wireguard-go via wg-quick.
+#[derive(Debug)]
+pub struct HomeOffice {
+    pub netns: Netns,
+    pub addr: Ipv4Addr,
+    pub config: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    /// Two hubs (the second on port 51821 in the same data-centre namespace) for failover.
+    pub two_hubs: bool,
+    pub homeoffice: bool,
+}
+
+/// The running district. Dropping it stops every process and deletes every namespace.
+#[derive(Debug)]
+pub struct District {
+    // Processes first: they are dropped (killed) before the namespaces go.
+    servers: Option<BackgroundProcess>,
+    enroll: Option<BackgroundProcess>,
+    pub hubs: Vec<Gateway>,
+    pub communes: Vec<Commune>,
+    pub homeoffice: Option<HomeOffice>,
+    pub srv: Netns,
+    pub dc: Netns,
+    pub wan: Netns,
+    pub policy: Policy,
+    pub policy_version: u64,
+    pub netprobe: PathBuf,
+    pub dir: TempDir,
+    wan_ports: u32,
+}
+
+fn attach_to_wan(wan: &Netns, ns: &Netns, index: &mut u32, addr: Ipv4Addr) -> Result<()> {
+    *index += 1;
+    let port = format!("p{index}");
+    add_veth_pair(ns, "wan0", wan, &port, 1500)?;
+    wan.ip(&["link", "set", &port, "master", "br0"])?;
+    ns.add_address("wan0", IpAddr::V4(addr), 24)
+}
+
+fn lan(gw: &Netns, dev: &str, host: &Netns, net: [u8; 3]) -> Result<()> {
+    add_veth_pair(gw, dev, host, "eth0", 1500)?;
+    let router = Ipv4Addr::new(net[0], net[1], net[2], 1);
+    gw.add_address(dev, IpAddr::V4(router), 24)?;
+    host.add_address(
+        "eth0",
+        IpAddr::V4(Ipv4Addr::new(net[0], net[1], net[2], 10)),
+        24,
+    )?;
+    host.ip(&["route", "add", "default", "via", &router.to_string()])
+        .map(drop)
+}
+
+impl District {
+    /// Builds the namespaces, starts the enrollment service, publishes the policy, enrols and
+    /// starts the hub(s), the spokes and (optionally) the home office, and the servers.
+    pub fn start(netprobe: &Path, options: Options) -> Result<District> {
+        let dir = TempDir::new("district")?;
+        let policy = Policy::load(&policy_dir())
+            .map_err(|e| anyhow!("the demo policy does not load:\n{}", e.render()))?;
+        let wan = Netns::new("wan")?;
+        wan.ip(&["link", "add", "br0", "type", "bridge"])?;
+        wan.ip(&["link", "set", "br0", "up"])?;
+        let mut ports = 0;
+        let dc = Netns::new("dc")?;
+        attach_to_wan(&wan, &dc, &mut ports, DC_WAN)?;
+        let srv = Netns::new("srv")?;
+        add_veth_pair(&dc, "srv0", &srv, "eth0", 1500)?;
+        dc.add_address("srv0", "10.255.0.1".parse()?, 30)?;
+        srv.add_address("eth0", "10.255.0.2".parse()?, 30)?;
+        srv.ip(&["route", "add", "default", "via", "10.255.0.1"])?;
+        for d in DESTINATIONS {
+            srv.add_address("eth0", IpAddr::V4(d.addr), 32)?;
+            dc.ip(&[
+                "route",
+                "add",
+                &format!("{}/32", d.addr),
+                "via",
+                "10.255.0.2",
+            ])?;
+        }
+        let mut district = District {
+            servers: None,
+            enroll: None,
+            hubs: Vec::new(),
+            communes: Vec::new(),
+            homeoffice: None,
+            srv,
+            dc,
+            wan,
+            policy,
+            policy_version: 1,
+            netprobe: netprobe.to_owned(),
+            dir,
+            wan_ports: ports,
+        };
+        district.start_servers()?;
+        district.start_enroll(options.two_hubs)?;
+        district.publish_policy(&policy_dir(), "policy-v1.bundle")?;
+        for i in 0..if options.two_hubs { 2 } else { 1 } {
+            district.add_hub(i)?;
+        }
+        for hub in &mut district.hubs {
+            hub.wait_running(1, Duration::from_secs(30))?;
+        }
+        for (name, label, lan, wan_host) in [
+            ("nohfelden", "Nohfelden", 30u8, 11u8),
+            ("tholey", "Tholey", 40, 12),
+        ] {
+            district.add_commune(name, label, lan, wan_host)?;
+        }
+        for c in &mut district.communes {
+            c.spoke.wait_running(1, Duration::from_secs(30))?;
+        }
+        if options.homeoffice {
+            district.add_homeoffice("nohfelden", "anna")?;
+        }
+        Ok(district)
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn enroll_socket(&self) -> PathBuf {
+        self.path("enroll").join("admin.sock")
+    }
+
+    /// `komnet ARGS` in the host namespace (admin commands reach the service by its socket).
+    pub fn komnet(&self, args: &[&str]) -> Result<String> {
+        run_ok(
+            Command::new(komnet_cli_binary()?).args(args),
+            COMMAND_TIMEOUT,
+        )
+    }
+
+    /// An admin command with the enrollment service's socket.
+    pub fn admin(&self, args: &[&str]) -> Result<String> {
+        let socket = self.enroll_socket();
+        let mut all: Vec<&str> = args.to_vec();
+        let socket = socket.to_string_lossy().into_owned();
+        all.extend(["--socket", &socket]);
+        self.komnet(&all)
+    }
+
+    fn start_servers(&mut self) -> Result<()> {
+        let log = self.path("servers.log");
+        let mut cmd = self.srv.command(&self.netprobe);
+        cmd.args(["serve", "tcp:0.0.0.0:445", "echo:0.0.0.0:443"]);
+        self.servers = Some(BackgroundProcess::spawn(&mut cmd, &log)?);
+        wait_until("the servers to listen", Duration::from_secs(10), || {
+            Ok(std::fs::read_to_string(&log)?
+                .contains("ready")
+                .then_some(()))
+        })
+    }
+
+    fn start_enroll(&mut self, two_hubs: bool) -> Result<()> {
+        let data = self.path("enroll");
+        let key = self.path("policy.key");
+        self.komnet(&["policy", "keygen", "--out", &key.to_string_lossy()])?;
+        let url = format!("https://{DC_WAN}:{ENROLL_PORT}");
+        let mut args: Vec<String> = vec![
+            "init".into(),
+            "--data-dir".into(),
+            data.to_string_lossy().into_owned(),
+            "--server-name".into(),
+            DC_WAN.to_string(),
+            "--enroll-url".into(),
+            url,
+            "--hub-endpoint".into(),
+            format!("hub1={DC_WAN}:{HUB_PORT}"),
+            "--policy-public-key".into(),
+            self.path("policy.pub").to_string_lossy().into_owned(),
+        ];
+        if two_hubs {
+            args.push("--hub-endpoint".into());
+            args.push(format!("hub2={DC_WAN}:{}", HUB_PORT + 1));
+        }
+        run_ok(
+            Command::new(komnet_enroll_binary()?).args(&args),
+            COMMAND_TIMEOUT,
+        )?;
+        // The data centre's networks go through the tunnel: all of 10.0.0.0/8 in this district.
+        let config_path = data.join("enroll.toml");
+        let mut config: toml::Table = toml::from_str(&std::fs::read_to_string(&config_path)?)?;
+        config.insert("listen".into(), format!("{DC_WAN}:{ENROLL_PORT}").into());
+        config.insert(
+            "allowed_ips".into(),
+            toml::Value::Array(vec!["10.0.0.0/8".into()]),
+        );
+        std::fs::write(&config_path, toml::to_string(&config)?)?;
+        let log = self.path("enroll.log");
+        let mut cmd = self.dc.command(komnet_enroll_binary()?);
+        cmd.args(["serve", "--data-dir"]).arg(&data);
+        self.enroll = Some(BackgroundProcess::spawn(&mut cmd, &log)?);
+        let socket = self.enroll_socket();
+        wait_until(
+            "the enrollment service's admin socket",
+            Duration::from_secs(15),
+            || Ok(socket.exists().then_some(())),
+        )
+        .map_err(|e| {
+            anyhow!(
+                "{e:#}\nenroll log:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            )
+        })
+    }
+
+    /// Signs `dir` into a bundle and publishes it through the enrollment service.
+    pub fn publish_policy(&self, dir: &Path, file: &str) -> Result<String> {
+        let bundle = self.path(file);
+        self.komnet(&[
+            "policy",
+            "bundle",
+            &dir.to_string_lossy(),
+            "--key",
+            &self.path("policy.key").to_string_lossy(),
+            "--out",
+            &bundle.to_string_lossy(),
+        ])?;
+        self.admin(&["policy-publish", &bundle.to_string_lossy()])
+    }
+
+    fn token(&self, tenant: &str, site: &str, role: &str) -> Result<PathBuf> {
+        let out = self.path(&format!("{tenant}-{site}.bootstrap.json"));
+        self.admin(&[
+            "token",
+            "create",
+            "--tenant",
+            tenant,
+            "--site",
+            site,
+            "--role",
+            role,
+            "--out",
+            &out.to_string_lossy(),
+        ])?;
+        Ok(out)
+    }
+
+    fn gateway_config(&self, name: &str, body: &str) -> Result<(PathBuf, PathBuf)> {
+        let data = self.path(name);
+        let config = self.path(&format!("{name}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "data_dir = \"{}\"\npolicy_public_key = \"{}\"\npolicy_poll = \"1s\"\n{body}",
+                data.display(),
+                self.path("policy.pub").display()
+            ),
+        )?;
+        Ok((config, data))
+    }
+
+    fn add_hub(&mut self, index: usize) -> Result<()> {
+        let name = format!("hub{}", index + 1);
+        let bootstrap = self.token("kreis", &name, "hub")?;
+        let metrics = format!("127.0.0.1:{}", 9120 + index);
+        let (config, data_dir) = self.gateway_config(
+            &name,
+            &format!(
+                "role = \"hub\"\nbootstrap = \"{}\"\ninterface = \"komnet{index}\"\nlisten_port = {}\nmetrics_listen = \"{metrics}\"\n",
+                bootstrap.display(),
+                HUB_PORT + index as u16
+            ),
+        )?;
+        let mut hub = Gateway {
+            name,
+            netns: self.dc.name().to_owned(),
+            config,
+            data_dir,
+            metrics,
+            log_dir: self.dir.path().to_owned(),
+            starts: 0,
+            process: None,
+        };
+        hub.start()?;
+        self.hubs.push(hub);
+        Ok(())
+    }
+
+    fn add_commune(
+        &mut self,
+        name: &'static str,
+        label: &'static str,
+        lan_octet: u8,
+        wan_host: u8,
+    ) -> Result<()> {
+        let gw = Netns::new(&format!("{name}-gw"))?;
+        attach_to_wan(
+            &self.wan,
+            &gw,
+            &mut self.wan_ports,
+            Ipv4Addr::new(192, 0, 2, wan_host),
+        )?;
+        let staff = Netns::new(&format!("{name}-staff"))?;
+        let guest = Netns::new(&format!("{name}-guest"))?;
+        lan(&gw, "staff0", &staff, [10, lan_octet, 1])?;
+        lan(&gw, "guest0", &guest, [10, lan_octet, 100])?;
+        let bootstrap = self.token(name, "rathaus", "spoke")?;
+        let gw_name = format!("{name}-spoke");
+        let (config, data_dir) = self.gateway_config(
+            &gw_name,
+            &format!(
+                "role = \"spoke\"\nbootstrap = \"{}\"\nlan = [\"staff0\", \"guest0\"]\n",
+                bootstrap.display()
+            ),
+        )?;
+        let mut spoke = Gateway {
+            name: gw_name,
+            netns: gw.name().to_owned(),
+            config,
+            data_dir,
+            metrics: "127.0.0.1:9120".into(),
+            log_dir: self.dir.path().to_owned(),
+            starts: 0,
+            process: None,
+        };
+        spoke.start()?;
+        self.communes.push(Commune {
+            name,
+            label,
+            lan: lan_octet,
+            spoke,
+            gw,
+            staff,
+            guest,
+        });
+        Ok(())
+    }
+
+    fn add_homeoffice(&mut self, tenant: &str, user: &str) -> Result<()> {
+        let ns = Netns::new("ho")?;
+        attach_to_wan(
+            &self.wan,
+            &ns,
+            &mut self.wan_ports,
+            Ipv4Addr::new(192, 0, 2, 21),
+        )?;
+        let out = self.path("homeoffice");
+        std::fs::create_dir_all(&out)?;
+        self.admin(&[
+            "homeoffice",
+            "issue",
+            "--tenant",
+            tenant,
+            "--user",
+            user,
+            "--out-dir",
+            &out.to_string_lossy(),
+        ])?;
+        let issued = std::fs::read_to_string(out.join(format!("{user}.conf")))
+            .context("the issued wg-quick config")?;
+        let addr: Ipv4Addr = issued
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("Address"))
+            .and_then(|rest| rest.trim_start_matches([' ', '=']).split(',').next())
+            .and_then(|a| a.trim().split('/').next()?.parse().ok())
+            .ok_or_else(|| anyhow!("no IPv4 Address in the issued config:\n{issued}"))?;
+        // wg-quick names the interface after the file.
+        let config = out.join("ho0.conf");
+        crate::command::write_private_file(&config, &issued)?;
+        run_ok(
+            ns.command("wg-quick")
+                .arg("up")
+                .arg(&config)
+                .env("WG_QUICK_USERSPACE_IMPLEMENTATION", "wireguard-go"),
+            COMMAND_TIMEOUT,
+        )?;
+        self.homeoffice = Some(HomeOffice {
+            netns: ns,
+            addr,
+            config,
+        });
+        Ok(())
+    }
+
+    /// Every traffic source of the matrix, with the identity the hub classifies it by.
+    pub fn sources(&self) -> Vec<Source> {
+        let mut out = Vec::new();
+        for c in &self.communes {
+            let id = self
+                .policy
+                .peer_identity(c.name, Some("rathaus"), Role::Spoke)
+                .map_or(Origin::Address, Origin::Peer);
+            out.push(Source {
+                label: format!("{} Verwaltung", c.label),
+                netns: c.staff.name().to_owned(),
+                addr: c.staff_addr(),
+                origin: id,
+            });
+            out.push(Source {
+                label: format!("{} Gäste-WLAN", c.label),
+                netns: c.guest.name().to_owned(),
+                addr: c.guest_addr(),
+                origin: id,
+            });
+        }
+        if let Some(ho) = &self.homeoffice {
+            let id = self
+                .policy
+                .peer_identity("nohfelden", None, Role::Homeoffice)
+                .map_or(Origin::Address, Origin::Peer);
+            out.push(Source {
+                label: "Home office Nohfelden (wireguard-go)".into(),
+                netns: ho.netns.name().to_owned(),
+                addr: ho.addr,
+                origin: id,
+            });
+        }
+        out
+    }
+
+    /// What the policy says for `source` → `dest` (TCP).
+    pub fn expected(&self, source: &Source, dest: &Destination) -> bool {
+        decide(
+            &self.policy,
+            source.origin,
+            &PacketMeta {
+                src: IpAddr::V4(source.addr),
+                dst: IpAddr::V4(dest.addr),
+                ip_proto: 6,
+                dport: dest.port,
+            },
+        )
+        .allow
+    }
+
+    /// Real TCP connections from `source` to each destination: pass or blocked.
+    pub fn probe(
+        &self,
+        source: &Source,
+        dests: &[Destination],
+        timeout: Duration,
+    ) -> Result<Vec<bool>> {
+        probe_with(&self.netprobe, source, dests, timeout)
+    }
+
+    /// The whole matrix: (source, destination, expected, observed).
+    pub fn matrix(&self) -> Result<Vec<(Source, Destination, bool, bool)>> {
+        let sources = self.sources();
+        let handles: Vec<_> = sources
+            .iter()
+            .map(|s| {
+                let s = s.clone();
+                let netprobe = self.netprobe.clone();
+                std::thread::spawn(move || -> Result<Vec<bool>> {
+                    probe_with(&netprobe, &s, &DESTINATIONS, Duration::from_millis(2000))
+                })
+            })
+            .collect();
+        let mut out = Vec::new();
+        for (s, h) in sources.into_iter().zip(handles) {
+            let observed = h.join().map_err(|_| anyhow!("probe thread panicked"))??;
+            for (d, o) in DESTINATIONS.iter().zip(observed) {
+                let e = self.expected(&s, d);
+                out.push((s.clone(), *d, e, o));
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn commune(&self, name: &str) -> &Commune {
+        self.communes
+            .iter()
+            .find(|c| c.name == name)
+            .unwrap_or_else(|| panic!("no commune {name}"))
+    }
+
+    pub fn commune_mut(&mut self, name: &str) -> &mut Commune {
+        self.communes
+            .iter_mut()
+            .find(|c| c.name == name)
+            .unwrap_or_else(|| panic!("no commune {name}"))
+    }
+
+    /// Revokes `tenant`'s appliance and measures how long until its staff can no longer reach
+    /// its file server: the start of the first probe that was blocked, after the revoke command
+    /// was issued (every probe before it passed).
+    pub fn revoke_and_time(&self, tenant: &str) -> Result<Duration> {
+        let c = self.commune(tenant);
+        let staff = Source {
+            label: String::new(),
+            netns: c.staff.name().to_owned(),
+            addr: c.staff_addr(),
+            origin: Origin::Address,
+        };
+        let fileserver = DESTINATIONS
+            .iter()
+            .copied()
+            .find(|d| d.label.ends_with(c.label))
+            .ok_or_else(|| anyhow!("no file server for {tenant}"))?;
+        if !self.probe(&staff, &[fileserver], Duration::from_millis(1500))?[0] {
+            bail!("{tenant}'s staff cannot reach its file server before the revocation");
+        }
+        let t0 = Instant::now();
+        self.admin(&[
+            "revoke",
+            "--tenant",
+            tenant,
+            "--site",
+            "rathaus",
+            "--reason",
+            "key-compromise",
+        ])?;
+        loop {
+            let started = t0.elapsed();
+            if !self.probe(&staff, &[fileserver], Duration::from_millis(300))?[0] {
+                return Ok(started);
+            }
+            if started > Duration::from_secs(20) {
+                bail!("{tenant} still reaches its file server 20 s after the revocation");
+            }
+        }
+    }
+}
+
+fn probe_with(
+    netprobe: &Path,
+    source: &Source,
+    dests: &[Destination],
+    timeout: Duration,
+) -> Result<Vec<bool>> {
+    let flows: Vec<String> = dests
+        .iter()
+        .map(|d| format!("tcp,{},{},{}", source.addr, d.addr, d.port))
+        .collect();
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &source.netns])
+        .arg(netprobe)
+        .args(["probe", "--timeout-ms", &timeout.as_millis().to_string()])
+        .args(&flows);
+    let out = run(&mut cmd, COMMAND_TIMEOUT)?;
+    if !out.succeeded() {
+        bail!("netprobe in {}: {out:?}", source.netns);
+    }
+    let verdicts: Vec<bool> = out.stdout.lines().map(|l| l.trim() == "pass").collect();
+    if verdicts.len() != dests.len() {
+        bail!(
+            "netprobe answered {:?} for {} flows",
+            out.stdout,
+            dests.len()
+        );
+    }
+    Ok(verdicts)
+}
+
+/// The matrix as a table: one row per source, one column per destination, each cell
+/// `expected/observed` with a mark when they differ.
+pub fn render_matrix(rows: &[(Source, Destination, bool, bool)]) -> String {
+    let word = |b: bool| if b { "allow" } else { "deny" };
+    let seen = |b: bool| if b { "reached" } else { "blocked" };
+    let mut sources: Vec<String> = Vec::new();
+    for (s, ..) in rows {
+        if !sources.contains(&s.label) {
+            sources.push(s.label.clone());
+        }
+    }
+    let first = sources
+        .iter()
+        .map(|s| s.chars().count())
+        .max()
+        .unwrap_or(0)
+        .max(6);
+    let col = DESTINATIONS
+        .iter()
+        .map(|d| format!("{} :{}", d.label, d.port).chars().count())
+        .max()
+        .unwrap_or(0)
+        .max(20);
+    let mut out = format!("{:<first$}", "from \\ to");
+    for d in DESTINATIONS {
+        out.push_str(&format!("  {:<col$}", format!("{} :{}", d.label, d.port)));
+    }
+    out.push('\n');
+    for s in &sources {
+        out.push_str(&format!("{s:<first$}"));
+        for d in DESTINATIONS {
+            let cell = rows
+                .iter()
+                .find(|(src, dst, ..)| &src.label == s && dst.addr == d.addr)
+                .map(|(_, _, e, o)| {
+                    let mark = if e == o { "  " } else { "!!" };
+                    format!("{} / {} {mark}", word(*e), seen(*o))
+                })
+                .unwrap_or_default();
+            out.push_str(&format!("  {cell:<col$}"));
+        }
+        out.push('\n');
+    }
+    out
+}

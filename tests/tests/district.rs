@@ -1,0 +1,409 @@
+//! The district end to end (`komnet_netns_tests::district`): the demo's scenario asserted
+//! cell by cell, revocation time, spoofing, restarts, live policy updates, refused bundles,
+//! fail-closed after `kill -9`, and failover between two hubs. Needs root; never skipped.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use komnet_netns_tests::district::{
+    render_matrix, Destination, District, Options, Source, DESTINATIONS,
+};
+use komnet_netns_tests::{require_root_and_tools, run, wait_until, COMMAND_TIMEOUT};
+use komnet_policy::Origin;
+
+fn netprobe() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_netprobe"))
+}
+
+fn dest(label: &str) -> Destination {
+    DESTINATIONS
+        .iter()
+        .copied()
+        .find(|d| d.label == label)
+        .expect("destination")
+}
+
+fn staff(d: &District, commune: &str) -> Source {
+    d.sources()
+        .into_iter()
+        .find(|s| s.netns == d.commune(commune).staff.name())
+        .expect("staff source")
+}
+
+fn counter(status: &serde_json::Value, group: &str, key: &str) -> u64 {
+    status[group][key].as_u64().unwrap_or(0)
+}
+
+#[test]
+fn district_matrix_revocation_spoofing_and_homeoffice() {
+    require_root_and_tools();
+    let district = District::start(
+        &netprobe(),
+        Options {
+            two_hubs: false,
+            homeoffice: true,
+        },
+    )
+    .expect("district");
+    let rows = district.matrix().expect("matrix");
+    let table = render_matrix(&rows);
+    assert_eq!(rows.len(), 15, "{table}");
+    let wrong: Vec<String> = rows
+        .iter()
+        .filter(|(_, _, e, o)| e != o)
+        .map(|(s, d, e, o)| format!("{} -> {}: policy {e}, observed {o}", s.label, d.label))
+        .collect();
+    assert!(wrong.is_empty(), "{}\n{table}", wrong.join("\n"));
+    // The matrix is not trivially all-deny or all-allow.
+    assert!(
+        rows.iter().any(|r| r.2) && rows.iter().any(|r| !r.2),
+        "{table}"
+    );
+
+    // The home-office worker reaches its own commune's file server and the DMS, not Tholey's.
+    let ho = district
+        .sources()
+        .into_iter()
+        .find(|s| s.label.starts_with("Home office"))
+        .expect("home office source");
+    let seen = district
+        .probe(
+            &ho,
+            &[
+                dest("Dateiserver Nohfelden"),
+                dest("DMS (Kreis)"),
+                dest("Dateiserver Tholey"),
+            ],
+            Duration::from_millis(1500),
+        )
+        .expect("home office probe");
+    assert_eq!(seen, vec![true, true, false], "{table}");
+
+    // Spoofing: the Nohfelden appliance sends with Tholey's staff address as inner source.
+    // Its allowed IPs at the hub do not contain it: dropped there, and counted.
+    let hub = &district.hubs[0];
+    let before = hub.status().expect("hub status");
+    let nohfelden = district.commune("nohfelden");
+    nohfelden
+        .gw
+        .ip(&["addr", "add", "10.40.1.99/32", "dev", "lo"])
+        .expect("spoof address");
+    let spoofed = Source {
+        label: "spoofer".into(),
+        netns: nohfelden.gw.name().to_owned(),
+        addr: "10.40.1.99".parse().expect("addr"),
+        origin: Origin::Address,
+    };
+    let reached = district
+        .probe(
+            &spoofed,
+            &[dest("Dateiserver Tholey")],
+            Duration::from_millis(1500),
+        )
+        .expect("spoof probe");
+    assert_eq!(reached, vec![false], "a spoofed inner source got through");
+    let after = hub.status().expect("hub status");
+    let reason = "spoofed_source";
+    assert!(
+        counter(&after, "drops", reason) > counter(&before, "drops", reason),
+        "the hub did not count the spoofed packets under {reason}: {:#}",
+        after["drops"]
+    );
+
+    // Revocation: Tholey's appliance is cut off within 2 s, Nohfelden keeps working.
+    let took = district.revoke_and_time("tholey").expect("revocation");
+    println!("revocation effective after {took:?}");
+    assert!(took <= Duration::from_secs(2), "revocation took {took:?}");
+    let tholey = staff(&district, "tholey");
+    assert_eq!(
+        district
+            .probe(&tholey, &DESTINATIONS, Duration::from_millis(1000))
+            .expect("probe"),
+        vec![false, false, false]
+    );
+    let noh = staff(&district, "nohfelden");
+    assert_eq!(
+        district
+            .probe(&noh, &[dest("DMS (Kreis)")], Duration::from_millis(1500))
+            .expect("probe"),
+        vec![true]
+    );
+    let status = hub.status().expect("hub status");
+    let peers = status["peers"].as_array().expect("peers");
+    assert!(
+        peers.iter().all(|p| p["tenant"] != "tholey"),
+        "the hub still lists tholey: {status:#}"
+    );
+    let metrics = run(
+        std::process::Command::new("ip")
+            .args(["netns", "exec", district.dc.name(), "python3", "-c"])
+            .arg("import urllib.request;print(urllib.request.urlopen('http://127.0.0.1:9120/metrics').read().decode())"),
+        COMMAND_TIMEOUT,
+    )
+    .expect("metrics");
+    for needle in [
+        "komnet_peers{tenant=\"nohfelden\",role=\"spoke\",state=\"up\"} 1",
+        "komnet_policy_version 1",
+        "komnet_drops_total{reason=\"spoofed_source\"}",
+        "komnet_certificate_expiry_seconds",
+    ] {
+        assert!(
+            metrics.stdout.contains(needle),
+            "{needle} missing:\n{}",
+            metrics.stdout
+        );
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to.join("tenants")).expect("mkdir");
+    for entry in walk(from) {
+        let rel = entry.strip_prefix(from).expect("prefix");
+        std::fs::copy(&entry, to.join(rel)).expect("copy");
+    }
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).expect("read_dir") {
+        let p = e.expect("entry").path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// A policy version that also lets Tholey's staff use Nohfelden's file server.
+fn policy_v2(district: &District, version: u64) -> PathBuf {
+    let dir = district.dir.path().join(format!("policy-v{version}"));
+    copy_dir(&komnet_netns_tests::district::policy_dir(), &dir);
+    let op = dir.join("operator.toml");
+    let text = std::fs::read_to_string(&op).expect("operator.toml");
+    std::fs::write(
+        &op,
+        text.replace("version = 1", &format!("version = {version}")),
+    )
+    .expect("write");
+    let noh = dir.join("tenants/nohfelden.toml");
+    let text = std::fs::read_to_string(&noh).expect("nohfelden.toml");
+    std::fs::write(
+        &noh,
+        text.replace(
+            "ports = [\"tcp/445\"]",
+            "ports = [\"tcp/445\"]\nexport = [\"tholey\"]",
+        ),
+    )
+    .expect("write");
+    let tho = dir.join("tenants/tholey.toml");
+    let mut text = std::fs::read_to_string(&tho).expect("tholey.toml");
+    text.push_str(
+        "\n[[rule]]\nname = \"shared-building-office\"\nfrom = [\"verwaltung\"]\nto = [\"nohfelden/dateiserver\"]\n",
+    );
+    std::fs::write(&tho, text).expect("write");
+    dir
+}
+
+fn wait_version(district: &mut District, version: u64) {
+    for hub in &mut district.hubs {
+        hub.wait_running(version, Duration::from_secs(20))
+            .expect("hub policy version");
+    }
+    for c in &mut district.communes {
+        c.spoke
+            .wait_running(version, Duration::from_secs(20))
+            .expect("spoke policy version");
+    }
+}
+
+#[test]
+fn restarts_live_policy_updates_refused_bundles_and_fail_closed() {
+    require_root_and_tools();
+    let mut district = District::start(
+        &netprobe(),
+        Options {
+            two_hubs: false,
+            homeoffice: false,
+        },
+    )
+    .expect("district");
+    let noh = staff(&district, "nohfelden");
+    let tho = staff(&district, "tholey");
+    let dms = dest("DMS (Kreis)");
+    let fs_noh = dest("Dateiserver Nohfelden");
+    let ok = |d: &District, s: &Source, to: Destination| {
+        d.probe(s, &[to], Duration::from_millis(1500))
+            .expect("probe")[0]
+    };
+    assert!(ok(&district, &noh, dms));
+    assert!(!ok(&district, &tho, fs_noh));
+
+    // A live update: a connection Nohfelden holds to the DMS survives it, and Tholey's new
+    // rule works once the gateways run version 2.
+    let mut hold = std::process::Command::new("ip");
+    hold.args(["netns", "exec", district.commune("nohfelden").staff.name()])
+        .arg(netprobe())
+        .args(["hold", "10.30.1.10", "10.0.1.10", "443", "8"]);
+    let held = std::thread::spawn(move || run(&mut hold, Duration::from_secs(30)));
+    std::thread::sleep(Duration::from_millis(1000));
+    let v2 = policy_v2(&district, 2);
+    district
+        .publish_policy(&v2, "policy-v2.bundle")
+        .expect("publish v2");
+    wait_version(&mut district, 2);
+    assert!(
+        ok(&district, &tho, fs_noh),
+        "version 2's new rule does not work"
+    );
+    let held = held.join().expect("hold thread").expect("hold");
+    assert!(
+        held.stdout.contains("held"),
+        "the established connection did not survive the update: {held:?}"
+    );
+
+    // Refused bundles: a lower version, and one signed with another key. The service refuses
+    // to publish them; the gateways keep version 2.
+    let v1 = district.dir.path().join("policy-v1.bundle");
+    let err = district
+        .admin(&["policy-publish", &v1.to_string_lossy()])
+        .expect_err("a rollback was published");
+    assert!(format!("{err:#}").contains("version"), "{err:#}");
+    let other_key = district.dir.path().join("other.key");
+    district
+        .komnet(&["policy", "keygen", "--out", &other_key.to_string_lossy()])
+        .expect("keygen");
+    let v3 = policy_v2(&district, 3);
+    let forged = district.dir.path().join("forged.bundle");
+    district
+        .komnet(&[
+            "policy",
+            "bundle",
+            &v3.to_string_lossy(),
+            "--key",
+            &other_key.to_string_lossy(),
+            "--out",
+            &forged.to_string_lossy(),
+        ])
+        .expect("bundle");
+    let err = district
+        .admin(&["policy-publish", &forged.to_string_lossy()])
+        .expect_err("a forged bundle was published");
+    assert!(format!("{err:#}").contains("signature"), "{err:#}");
+    // A gateway must not trust the service either: a forged bundle placed as its
+    // last-known-good is refused at restart; it forwards nothing until the good one arrives.
+    let spoke = &mut district.commune_mut("tholey").spoke;
+    spoke.stop().expect("stop");
+    let lkg = spoke.data_dir.join("policy/policy.bundle");
+    std::fs::copy(&forged, &lkg).expect("plant forged bundle");
+    spoke.restart().expect("start");
+    spoke
+        .wait_running(2, Duration::from_secs(20))
+        .expect("tholey back on version 2");
+    assert!(spoke.log_tail().contains("refused"), "{}", spoke.log_tail());
+    assert!(ok(&district, &tho, fs_noh));
+
+    // Hub restart: peers come back from the registry and the last-known-good policy, without
+    // new tokens.
+    for f in std::fs::read_dir(district.dir.path()).expect("dir") {
+        let p = f.expect("entry").path();
+        if p.to_string_lossy().ends_with(".bootstrap.json") {
+            std::fs::remove_file(p).expect("remove bootstrap");
+        }
+    }
+    district.hubs[0].restart().expect("hub restart");
+    district.hubs[0]
+        .wait_running(2, Duration::from_secs(20))
+        .expect("hub back");
+    let t = Instant::now();
+    wait_until(
+        "nohfelden to reach the DMS again",
+        Duration::from_secs(20),
+        || Ok(ok(&district, &noh, dms).then_some(())),
+    )
+    .expect("traffic after hub restart");
+    println!("traffic back {:?} after the hub restart", t.elapsed());
+
+    // Spoke restart: the stored identity, no token (the bootstrap files are gone).
+    let spoke = &mut district.commune_mut("nohfelden").spoke;
+    spoke.restart().expect("spoke restart");
+    spoke
+        .wait_running(2, Duration::from_secs(20))
+        .expect("spoke back");
+    wait_until(
+        "nohfelden to reach the DMS after its restart",
+        Duration::from_secs(20),
+        || Ok(ok(&district, &noh, dms).then_some(())),
+    )
+    .expect("traffic after spoke restart");
+
+    // kill -9 of a spoke: its LAN is cut off from the tunnel (and from the WAN), not open.
+    let spoke = &mut district.commune_mut("nohfelden").spoke;
+    spoke.kill_hard().expect("kill -9");
+    let gw = &district.commune("nohfelden").gw;
+    let table = gw
+        .exec(&["nft", "list", "table", "inet", "komnet"])
+        .expect("komnet table after kill -9");
+    assert!(table.contains("policy drop"), "{table}");
+    assert!(
+        !ok(&district, &noh, dms),
+        "the LAN reaches the DMS with the spoke killed"
+    );
+    let wan = Destination {
+        label: "enrollment service on the WAN",
+        addr: komnet_netns_tests::district::DC_WAN,
+        port: 8443,
+    };
+    assert!(
+        !ok(&district, &noh, wan),
+        "the LAN reaches the WAN with the spoke killed"
+    );
+}
+
+#[test]
+fn spoke_fails_over_to_the_second_hub_within_5s() {
+    require_root_and_tools();
+    let mut district = District::start(
+        &netprobe(),
+        Options {
+            two_hubs: true,
+            homeoffice: false,
+        },
+    )
+    .expect("district");
+    let noh = staff(&district, "nohfelden");
+    let dms = dest("DMS (Kreis)");
+    assert!(
+        district
+            .probe(&noh, &[dms], Duration::from_millis(1500))
+            .expect("probe")[0]
+    );
+    let hub1_peers = district.hubs[0].status().expect("status")["peers"].clone();
+    assert!(
+        hub1_peers.as_array().is_some_and(|p| p
+            .iter()
+            .any(|p| p["tenant"] == "nohfelden" && p["last_handshake"].is_i64())),
+        "nohfelden is not on hub1 first: {hub1_peers:#}"
+    );
+    let t0 = Instant::now();
+    district.hubs[0].kill_hard().expect("kill hub1");
+    let back = loop {
+        let started = t0.elapsed();
+        if district
+            .probe(&noh, &[dms], Duration::from_millis(500))
+            .expect("probe")[0]
+        {
+            break t0.elapsed();
+        }
+        assert!(started < Duration::from_secs(20), "no failover within 20 s");
+    };
+    println!("traffic through hub2 {back:?} after hub1 was killed");
+    assert!(back <= Duration::from_secs(5), "failover took {back:?}");
+    let status = district
+        .commune("nohfelden")
+        .spoke
+        .status()
+        .expect("spoke status");
+    assert!(counter(&status, "counters", "failover") >= 1, "{status:#}");
+}
