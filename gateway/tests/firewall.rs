@@ -323,3 +323,56 @@ proptest! {
         let _ = fw.to_peer(Instant::now(), &p, &bytes);
     }
 }
+
+/// The example policy with `edit` applied to the Musterstadt fragment and a new version.
+fn edited_policy(version: u64, edit: impl Fn(String) -> String) -> CompiledPolicy {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/policy/landkreis");
+    let read = |p: &str| std::fs::read_to_string(dir.join(p)).unwrap();
+    let operator = read("operator.toml").replace("version = 7", &format!("version = {version}"));
+    let musterstadt = edit(read("tenants/musterstadt.toml"));
+    let others: Vec<(String, String)> = ["beispieldorf", "kreis", "rz"]
+        .iter()
+        .map(|t| (format!("{t}.toml"), read(&format!("tenants/{t}.toml"))))
+        .collect();
+    let mut tenants: Vec<(&str, &str)> = vec![("musterstadt.toml", musterstadt.as_str())];
+    tenants.extend(others.iter().map(|(n, t)| (n.as_str(), t.as_str())));
+    let policy = komnet_policy::Policy::from_texts(&operator, &tenants).unwrap();
+    CompiledPolicy::from_policy(policy).unwrap()
+}
+
+#[test]
+fn a_policy_change_keeps_flows_it_allows_and_cuts_the_others() {
+    let v1 = policy();
+    let rathaus = spoke(&v1, "musterstadt", "rathaus");
+    let mut fw = Firewall::new(FirewallConfig::default());
+    let now = Instant::now();
+    let dms = packet("10.20.1.7", "10.0.1.10", 6, 40000, 443, SYN);
+    let files = packet("10.20.1.7", "10.1.20.5", 6, 40001, 445, SYN);
+    assert_eq!(fw.from_peer(now, &v1, rathaus, &dms), Ok(()));
+    assert_eq!(fw.from_peer(now, &v1, rathaus, &files), Ok(()));
+    assert_eq!(fw.flow_count(), 2);
+
+    // Version 8 still allows both: both flows go on, with identities resolved in version 8.
+    let v8 = edited_policy(8, |t| t);
+    fw.on_policy_change(&v1, &v8);
+    assert_eq!(fw.flow_count(), 2);
+    let rathaus8 = spoke(&v8, "musterstadt", "rathaus");
+    let ack = packet("10.20.1.7", "10.1.20.5", 6, 40001, 445, ACK);
+    assert_eq!(fw.from_peer(now, &v8, rathaus8, &ack), Ok(()));
+    assert_eq!(fw.counters().cut_by_policy, 0);
+
+    // Version 9 takes the file server away from staff: that flow is cut, the DMS flow stays.
+    let v9 = edited_policy(9, |t| {
+        t.replace(
+            "name = \"staff-files\"\nfrom = [\"mitarbeiter\"]",
+            "name = \"staff-files\"\nfrom = [\"bauhof-buero\", \"homeoffice\"]",
+        )
+    });
+    fw.on_policy_change(&v8, &v9);
+    assert_eq!(fw.flow_count(), 1);
+    assert_eq!(fw.counters().cut_by_policy, 1);
+    let rathaus9 = spoke(&v9, "musterstadt", "rathaus");
+    assert!(fw.from_peer(now, &v9, rathaus9, &ack).is_err());
+    let dms_ack = packet("10.20.1.7", "10.0.1.10", 6, 40000, 443, ACK);
+    assert_eq!(fw.from_peer(now, &v9, rathaus9, &dms_ack), Ok(()));
+}
