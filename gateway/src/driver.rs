@@ -41,6 +41,8 @@ const RX_SLOT: usize = 65_536;
 /// The core is unlocked between such chunks so the other direction (e.g. the ACKs of the
 /// flow being received) does not wait behind a long receive batch.
 const TUN_WRITE_BATCH: usize = 64;
+/// How often the hub's flow table is swept for idle flows.
+const FLOW_SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 /// How long a thread blocks before it looks at shutdown and socket changes.
 const POLL_MS: i32 = 250;
 
@@ -556,13 +558,17 @@ fn write_tun(shared: &Shared, tun_bufs: &mut [Vec<u8>], k: usize, gro: &mut GROT
 /// Runs the core's timers every `TIMER_INTERVAL` and watches that the interface still exists.
 fn timers(shared: &Shared, events: &Sender<Event>) {
     let mut buf = vec![0u8; 2048];
+    let mut last_sweep = Instant::now();
     while !shared.stopping() {
         std::thread::sleep(TIMER_INTERVAL);
         let now = Instant::now();
         {
             let (gate, mut core) = shared.gate_and_core();
-            if let Some(mut g) = gate {
+            // The flow sweep walks the whole table: once a second is enough for timeouts of
+            // ten seconds and more, and keeps the packet path's wait on the lock rare.
+            if let Some(mut g) = gate.filter(|_| now - last_sweep >= FLOW_SWEEP_INTERVAL) {
                 g.expire(now);
+                last_sweep = now;
             }
             core.update_timers(now);
         }

@@ -217,3 +217,25 @@ fn remove_leftovers_of_dead_runs() -> Vec<String> {
     }
     removed
 }
+
+/// Removes what this process created when it is interrupted (Ctrl-C) and destructors will not
+/// run: every namespace named `knt-PID-…` (ending the processes inside) and every temporary
+/// directory `komnet-netns-PID-…`.
+pub fn cleanup_after_interrupt() {
+    let prefix = format!("knt-{}-", std::process::id());
+    if let Ok(list) = command::host("ip", &["netns", "list"]) {
+        for name in list.lines().filter_map(|l| l.split_whitespace().next()) {
+            if name.starts_with(&prefix) {
+                netns::end_processes_and_delete(name);
+            }
+        }
+    }
+    let dir_prefix = format!("komnet-netns-{}-", std::process::id());
+    if let Ok(entries) = fs::read_dir(std::env::temp_dir()) {
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().starts_with(&dir_prefix) {
+                let _ = fs::remove_dir_all(e.path());
+            }
+        }
+    }
+}

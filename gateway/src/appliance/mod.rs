@@ -557,11 +557,9 @@ async fn renewal(ctx: Arc<Ctx>) {
                     tracing::error!(error = %e, path = %path.display(), "cannot store the renewed certificate");
                 }
                 tracing::info!(serial = %renewed.identity.serial, not_after = renewed.identity.not_after, "certificate renewed");
+                // The hub list is the spoke watcher's to change (it re-applies the peers).
                 let mut s = ctx.state.lock();
                 s.count("renewed");
-                if !renewed.hubs.is_empty() {
-                    s.hubs = renewed.hubs.clone();
-                }
                 s.enrollment = Some(renewed);
             }
             Err(e) => {

@@ -31,6 +31,19 @@ fn netprobe() -> Result<PathBuf> {
 }
 
 fn main() -> ExitCode {
+    // Ctrl-C or SIGTERM: no destructor runs, so remove the namespaces and files here.
+    match signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM]) {
+        Ok(mut signals) => {
+            std::thread::spawn(move || {
+                if signals.forever().next().is_some() {
+                    eprintln!("komnet-demo: interrupted; cleaning up");
+                    komnet_netns_tests::cleanup_after_interrupt();
+                    std::process::exit(130);
+                }
+            });
+        }
+        Err(e) => eprintln!("komnet-demo: cannot catch Ctrl-C ({e}); an interrupted run may leave namespaces behind"),
+    }
     match demo() {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(1),
