@@ -325,7 +325,19 @@ impl District {
         Ok(district)
     }
 
-    fn path(&self, name: &str) -> PathBuf {
+    /// A new namespace on the WAN with address 192.0.2.`host`, for extra appliances.
+    pub fn wan_namespace(&mut self, label: &str, host: u8) -> Result<Netns> {
+        let ns = Netns::new(label)?;
+        attach_to_wan(
+            &self.wan,
+            &ns,
+            &mut self.wan_ports,
+            Ipv4Addr::new(192, 0, 2, host),
+        )?;
+        Ok(ns)
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
 

@@ -37,7 +37,7 @@ fn counter(status: &serde_json::Value, group: &str, key: &str) -> u64 {
 #[test]
 fn district_matrix_revocation_spoofing_and_homeoffice() {
     require_root_and_tools();
-    let district = District::start(
+    let mut district = District::start(
         &netprobe(),
         Options {
             two_hubs: false,
@@ -78,6 +78,38 @@ fn district_matrix_revocation_spoofing_and_homeoffice() {
         )
         .expect("home office probe");
     assert_eq!(seen, vec![true, true, false], "{table}");
+
+    // A spent token: a second appliance with Nohfelden's bootstrap file is refused, says why,
+    // and leaves no key or identity behind.
+    let spare = district
+        .wan_namespace("spare", 31)
+        .expect("spare namespace");
+    let data = district.path("spare-data");
+    let config = district.path("spare.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "role = \"spoke\"\ndata_dir = \"{}\"\nbootstrap = \"{}\"\nlan = [\"lo\"]\npolicy_public_key = \"{}\"\n",
+            data.display(),
+            district.path("nohfelden-rathaus.bootstrap.json").display(),
+            district.path("policy.pub").display()
+        ),
+    )
+    .expect("config");
+    let refused = run(
+        spare
+            .command(komnet_netns_tests::komnet_gateway_binary().expect("binary"))
+            .arg("run")
+            .arg("--config")
+            .arg(&config),
+        Duration::from_secs(30),
+    )
+    .expect("second appliance");
+    assert_eq!(refused.code, Some(1), "{refused:?}");
+    assert!(refused.stderr.contains("token"), "{refused:?}");
+    assert!(!data.join("enrollment.json").exists() && !data.join("wg.key").exists());
+    drop(spare);
+    let district = district;
 
     // Spoofing: the Nohfelden appliance sends with Tholey's staff address as inner source.
     // Its allowed IPs at the hub do not contain it: dropped there, and counted.

@@ -28,6 +28,10 @@ pub struct GatewayConfig {
     pub data_dir: PathBuf,
     /// The bootstrap file from `komnet token create`; read on first start only.
     pub bootstrap: Option<PathBuf>,
+    /// Enrollment service URLs, tried in order; when set they replace the ones in the
+    /// bootstrap file and the stored enrollment (e.g. after the service moved).
+    #[serde(default)]
+    pub enroll_urls: Vec<String>,
     /// The TUN interface the tunnel uses.
     #[serde(default = "default_interface")]
     pub interface: String,
@@ -142,6 +146,11 @@ impl GatewayConfig {
                 problems.push(format!("lan: {lan:?} is the tunnel interface"));
             }
         }
+        for url in &self.enroll_urls {
+            if !url.starts_with("https://") {
+                problems.push(format!("enroll_urls: {url:?} must start with https://"));
+            }
+        }
         let hub = self.role == GatewayRole::Hub;
         if !hub && self.lan.is_empty() {
             problems.push("lan: a spoke needs at least one LAN interface".into());
@@ -216,6 +225,16 @@ mod tests {
         assert!(e.contains("lan: \"eth 1\""), "{e}");
         assert!(e.contains("only spokes have LAN"), "{e}");
         assert!(e.contains("listen_port"), "{e}");
+        let e = GatewayConfig::parse(
+            Path::new("g.toml"),
+            "role = \"spoke\"\npolicy_public_key = \"k\"\nlan = [\"eth1\"]\nenroll_urls = [\"http://x\"]\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("enroll_urls: \"http://x\" must start with https://"),
+            "{e}"
+        );
         let e = GatewayConfig::parse(Path::new("g.toml"), "role = \"router\"\n")
             .unwrap_err()
             .to_string();

@@ -317,7 +317,7 @@ async fn obtain_identity(ctx: &Ctx) -> Result<(Enrollment, WgKeys)> {
     let enrollment_path = dir.join(ENROLLMENT_FILE);
     let key_path = dir.join(WG_KEY_FILE);
     if enrollment_path.exists() {
-        let enrollment = Enrollment::load(&enrollment_path).with_context(|| {
+        let mut enrollment = Enrollment::load(&enrollment_path).with_context(|| {
             format!(
                 "{}: stored enrollment unreadable",
                 enrollment_path.display()
@@ -331,16 +331,22 @@ async fn obtain_identity(ctx: &Ctx) -> Result<(Enrollment, WgKeys)> {
                 enrollment_path.display()
             );
         }
+        if !ctx.config.enroll_urls.is_empty() {
+            enrollment.enroll_urls = ctx.config.enroll_urls.clone();
+        }
         return Ok((enrollment, keys));
     }
     set_state(ctx, "enrolling");
     let bootstrap_path = ctx.config.bootstrap_path();
-    let bootstrap = Bootstrap::read(&bootstrap_path).map_err(|e| {
+    let mut bootstrap = Bootstrap::read(&bootstrap_path).map_err(|e| {
         anyhow!(
             "not enrolled yet and no usable bootstrap file at {}: {e}",
             bootstrap_path.display()
         )
     })?;
+    if !ctx.config.enroll_urls.is_empty() {
+        bootstrap.enroll_urls = ctx.config.enroll_urls.clone();
+    }
     let keys = WgKeys::generate();
     let mut delay = Duration::from_secs(1);
     let enrollment = loop {
