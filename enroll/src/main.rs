@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Parser;
@@ -16,6 +17,7 @@ use komnet_enroll::config::{self, Config, HumanDuration};
 use komnet_enroll::identity::SiteId;
 use komnet_enroll::server;
 use komnet_enroll::service::{self, Clock as _, Service, SystemClock};
+use komnet_sdnotify::Notifier;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -91,6 +93,38 @@ fn read_policy_public_key(path: &Path) -> anyhow::Result<String> {
         )
     })?;
     Ok(text.trim().to_owned())
+}
+
+/// A notification that did not reach systemd changes nothing for the service; if systemd is
+/// waiting for it, its own timeout says so.
+fn notify_logged(result: &std::io::Result<()>) {
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "systemd notification not sent");
+    }
+}
+
+/// `WATCHDOG=1` at half of `WatchdogSec=`, sent only when the database answers in time: a
+/// service whose store is wedged answers no enrollment either, and is better restarted.
+async fn keepalive(notify: Arc<Notifier>, service: Arc<Service>) {
+    let Some(every) = notify.watchdog_interval() else {
+        return;
+    };
+    let mut tick = tokio::time::interval(every.max(Duration::from_millis(100)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let store = service.clone();
+        let probe = tokio::task::spawn_blocking(move || store.store.registry_version());
+        match tokio::time::timeout(every, probe).await {
+            Ok(Ok(Ok(_))) => notify_logged(&notify.watchdog()),
+            Ok(Ok(Err(e))) => {
+                tracing::error!(error = %e, "database not answering; withholding the systemd keep-alive");
+            }
+            Ok(Err(_)) | Err(_) => {
+                tracing::error!(waited = ?every, "database not answering in time; withholding the systemd keep-alive");
+            }
+        }
+    }
 }
 
 fn init_logging(json: bool) {
@@ -183,11 +217,13 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Serve { data_dir, listen } => {
-            let service = Service::open(&data_dir, Arc::new(SystemClock))
-                .with_context(|| format!("open {}", data_dir.display()))?;
+            let service = Arc::new(
+                Service::open(&data_dir, Arc::new(SystemClock))
+                    .with_context(|| format!("open {}", data_dir.display()))?,
+            );
             let listen = listen.unwrap_or(service.config.listen);
             let running = server::start(
-                Arc::new(service),
+                service.clone(),
                 listen,
                 Some(&data_dir.join(server::ADMIN_SOCKET)),
             )
@@ -196,10 +232,18 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             let mut term =
                 tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
                     .context("SIGTERM handler")?;
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
+            let notify = Arc::new(Notifier::from_env().unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "not sending systemd notifications");
+                Notifier::disabled()
+            }));
+            notify_logged(&notify.ready(&format!("serving https://{}", running.addr)));
+            let keepalive = tokio::spawn(keepalive(notify.clone(), service));
+            let signal = tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = tokio::signal::ctrl_c() => "SIGINT",
+            };
+            keepalive.abort();
+            notify_logged(&notify.stopping(&format!("stopping: {signal}")));
             running.shutdown().await;
             Ok(ExitCode::SUCCESS)
         }

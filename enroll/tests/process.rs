@@ -445,3 +445,64 @@ async fn kill_9_mid_enrollment_leaves_no_half_state_and_data_survives_restart() 
     let snap = client::registry_snapshot(&hub).await.unwrap();
     assert_eq!(snap.peers.len(), 61);
 }
+
+/// Under a `Type=notify` unit: READY=1 once it listens, WATCHDOG=1 at half of WatchdogSec,
+/// STOPPING=1 on SIGTERM; the socket is a file in a temporary directory, as systemd's would be.
+#[test]
+fn serve_notifies_systemd_ready_watchdog_and_stopping() {
+    use std::os::unix::net::UnixDatagram;
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let policy = common::PolicyFixture::new();
+    let data = dir.path().join("data");
+    init(&data, port, &policy);
+    let notify_path = dir.path().join("notify");
+    let manager = UnixDatagram::bind(&notify_path).unwrap();
+    manager
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let child = Command::new(BIN)
+        .args(["serve", "--data-dir"])
+        .arg(&data)
+        .env("NOTIFY_SOCKET", &notify_path)
+        .env("WATCHDOG_USEC", "200000")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut daemon = Daemon { child };
+    let mut buf = [0u8; 512];
+    let mut recv = || {
+        let len = manager.recv(&mut buf).expect("no notification within 10 s");
+        String::from_utf8_lossy(&buf[..len]).into_owned()
+    };
+    let first = recv();
+    assert!(
+        first.starts_with("READY=1\nSTATUS=serving https://127.0.0.1:"),
+        "{first:?}"
+    );
+    // It really listens when it says so.
+    std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let started = Instant::now();
+    let mut pings = 0;
+    while pings < 3 {
+        let m = recv();
+        assert_eq!(m, "WATCHDOG=1\n");
+        pings += 1;
+    }
+    // Three pings at 100 ms intervals; well under the 10 s a stalled service would take.
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let status = Command::new("kill")
+        .args(["-TERM", &daemon.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let stopping = loop {
+        let m = recv();
+        if m != "WATCHDOG=1\n" {
+            break m;
+        }
+    };
+    assert_eq!(stopping, "STOPPING=1\nSTATUS=stopping: SIGTERM\n");
+    assert!(daemon.child.wait().unwrap().success());
+}

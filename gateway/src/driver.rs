@@ -225,6 +225,21 @@ impl Shared {
         (gate, self.core.lock())
     }
 
+    /// Whether the packet path's locks can be taken within `timeout` each: a wedged driver
+    /// (a lock never released) fails this, and the appliance stops its watchdog keep-alives.
+    pub fn responsive(&self, timeout: std::time::Duration) -> bool {
+        let gate = match &self.gate {
+            Some(g) => match g.try_lock_for(timeout) {
+                Some(guard) => Some(guard),
+                None => return false,
+            },
+            None => None,
+        };
+        let core = self.core.try_lock_for(timeout).is_some();
+        drop(gate);
+        core
+    }
+
     pub fn has_gate(&self) -> bool {
         self.gate.is_some()
     }

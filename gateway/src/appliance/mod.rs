@@ -20,6 +20,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Sender};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -35,6 +36,7 @@ use komnet_enroll::token::Bootstrap;
 use komnet_policy::bundle::{BundleStore, VerifiedBundle};
 use komnet_policy::nft::{self, Interfaces};
 use komnet_policy::{CompiledPolicy, Role};
+use komnet_sdnotify::Notifier;
 use parking_lot::Mutex;
 use rand::RngCore;
 
@@ -83,6 +85,10 @@ struct Ctx {
     keys: OnceLock<WgKeys>,
     bundles: BundleStore,
     events: Sender<Event>,
+    /// systemd's readiness, watchdog and status (a no-op outside a `Type=notify` unit).
+    notify: Notifier,
+    /// The tunnel is up and the role's tasks run (READY=1 was sent).
+    ready: AtomicBool,
 }
 
 fn unix_now() -> i64 {
@@ -95,6 +101,10 @@ fn unix_now() -> i64 {
 pub fn run(config_path: &Path) -> Result<i32> {
     let config = GatewayConfig::load(config_path)?;
     init_logging(config.log_json);
+    let notify = Notifier::from_env().unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "not sending systemd notifications");
+        Notifier::disabled()
+    });
     let public_key = read_policy_key(&config.policy_public_key)?;
     std::fs::DirBuilder::new()
         .recursive(true)
@@ -119,6 +129,8 @@ pub fn run(config_path: &Path) -> Result<i32> {
         shared: OnceLock::new(),
         keys: OnceLock::new(),
         events: events_tx,
+        notify,
+        ready: AtomicBool::new(false),
     });
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -126,6 +138,8 @@ pub fn run(config_path: &Path) -> Result<i32> {
         .enable_all()
         .build()
         .context("starting the control runtime")?;
+    publish_status(&ctx);
+    runtime.spawn(keepalive(ctx.clone()));
     {
         let ctx = ctx.clone();
         let listener = runtime
@@ -145,6 +159,12 @@ pub fn run(config_path: &Path) -> Result<i32> {
     let reason = events
         .recv()
         .unwrap_or(Event::Fatal("all event senders gone".into()));
+    let stopping = match &reason {
+        Event::InterfaceGone => "stopping: tunnel interface deleted".to_owned(),
+        Event::Signal(sig) => format!("stopping: signal {sig}"),
+        Event::Fatal(msg) => format!("failed: {msg}"),
+    };
+    notify_logged(&ctx.notify.stopping(&stopping));
     if let Some(shared) = ctx.shared.get() {
         shared.stop();
     }
@@ -199,12 +219,103 @@ fn read_policy_key(path: &Path) -> Result<Vec<u8>> {
     Ok(key)
 }
 
-fn set_state(ctx: &Ctx, state: &str) {
-    let mut s = ctx.state.lock();
-    if s.state != state {
-        tracing::info!(state, "appliance state");
-        s.state = state.to_owned();
+/// Returns whether the state changed (and the status was published).
+fn set_state(ctx: &Ctx, state: &str) -> bool {
+    let changed = {
+        let mut s = ctx.state.lock();
+        let changed = s.state != state;
+        if changed {
+            tracing::info!(state, "appliance state");
+            s.state = state.to_owned();
+        }
+        changed
+    };
+    if changed {
+        publish_status(ctx);
     }
+    changed
+}
+
+/// One line for `systemctl status`: role, identity, state and policy version.
+fn status_line(ctx: &Ctx) -> String {
+    let s = ctx.state.lock();
+    let role = match ctx.config.role {
+        GatewayRole::Hub => "hub",
+        GatewayRole::Spoke => "spoke",
+    };
+    let mut line = match &s.enrollment {
+        Some(e) => format!(
+            "{role} {}/{}: {}",
+            e.identity.tenant.as_str(),
+            e.identity.site.as_str(),
+            s.state
+        ),
+        None => format!("{role}: {}", s.state),
+    };
+    if let Some((compiled, _, _)) = &s.policy {
+        line.push_str(&format!(", policy version {}", compiled.version()));
+    }
+    line
+}
+
+fn publish_status(ctx: &Ctx) {
+    notify_logged(&ctx.notify.status(&status_line(ctx)));
+}
+
+/// A notification that did not reach systemd changes nothing for the appliance itself; if
+/// systemd is waiting for it, its own timeout says so.
+fn notify_logged(result: &std::io::Result<()>) {
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "systemd notification not sent");
+    }
+}
+
+/// Tells systemd the control plane is alive: `WATCHDOG=1` once the appliance is ready, and
+/// `EXTEND_TIMEOUT_USEC` while the start is under way (a first start waits for the enrollment
+/// service as long as it takes, and a start timeout in the middle of an enrollment could waste
+/// the one-time token). Either is sent only when the control state and the packet path's
+/// locks can be taken, so a wedged daemon goes silent and systemd restarts it.
+async fn keepalive(ctx: Arc<Ctx>) {
+    const START_PROBE: Duration = Duration::from_secs(10);
+    let watchdog = ctx.notify.watchdog_interval();
+    let every = match watchdog {
+        Some(d) => d.max(Duration::from_millis(100)),
+        None if ctx.notify.is_enabled() => START_PROBE,
+        None => return,
+    };
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let probe = ctx.clone();
+        let alive = tokio::task::spawn_blocking(move || control_plane_responsive(&probe, every))
+            .await
+            .unwrap_or(false);
+        if !alive {
+            tracing::error!(
+                waited = ?every,
+                "control plane not responding; withholding the systemd keep-alive"
+            );
+            continue;
+        }
+        let sent = if ctx.ready.load(Ordering::Acquire) {
+            if watchdog.is_none() {
+                // Ready and no watchdog: nothing more to say.
+                return;
+            }
+            ctx.notify.watchdog()
+        } else {
+            ctx.notify.extend_timeout(every * 3)
+        };
+        notify_logged(&sent);
+    }
+}
+
+fn control_plane_responsive(ctx: &Ctx, timeout: Duration) -> bool {
+    if ctx.state.try_lock_for(timeout).is_none() {
+        return false;
+    }
+    ctx.shared.get().is_none_or(|s| s.responsive(timeout))
 }
 
 /// Enrols (or loads the stored identity), brings up the tunnel and starts the role's tasks.
@@ -271,6 +382,10 @@ async fn start(ctx: Arc<Ctx>) -> Result<()> {
             tokio::spawn(spoke_watch(ctx.clone()));
         }
     }
+    // Ready means the tunnel is up and the role's tasks run; a missing policy is a state the
+    // appliance handles itself (fail closed), shown in the status, not a failed start.
+    ctx.ready.store(true, Ordering::Release);
+    notify_logged(&ctx.notify.ready(&status_line(&ctx)));
     Ok(())
 }
 
@@ -486,7 +601,10 @@ async fn put_in_force(
     s.policy_error = None;
     s.count("policy_installed");
     drop(s);
-    set_state(ctx, "running");
+    if !set_state(ctx, "running") {
+        // Same state, new policy version: the status line still changes.
+        publish_status(ctx);
+    }
     tracing::info!(version, "policy in force");
     Ok(())
 }
