@@ -95,6 +95,44 @@ fn read_policy_public_key(path: &Path) -> anyhow::Result<String> {
     Ok(text.trim().to_owned())
 }
 
+/// `init` run as root into a data directory that belongs to the service's user (the package
+/// creates /var/lib/komnet-enroll for komnet-enroll): the keys and the database it made would
+/// be root's, unreadable to the service. Everything under the directory goes to its owner.
+/// Returns how many entries changed hands, and to whom.
+fn hand_over_to_directory_owner(data_dir: &Path) -> anyhow::Result<Option<(usize, u32)>> {
+    use std::os::unix::fs::MetadataExt as _;
+    let meta = std::fs::metadata(data_dir)
+        .with_context(|| format!("cannot read {}", data_dir.display()))?;
+    let (uid, gid) = (meta.uid(), meta.gid());
+    let mut changed = 0;
+    let mut pending = vec![data_dir.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        let entries =
+            std::fs::read_dir(&dir).with_context(|| format!("cannot list {}", dir.display()))?;
+        for entry in entries {
+            let path = entry
+                .with_context(|| format!("cannot list {}", dir.display()))?
+                .path();
+            let m = std::fs::symlink_metadata(&path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            if m.is_dir() {
+                pending.push(path.clone());
+            }
+            if m.uid() != uid || m.gid() != gid {
+                std::os::unix::fs::lchown(&path, Some(uid), Some(gid)).with_context(|| {
+                    format!(
+                        "cannot give {} to uid {uid} (the data directory's owner); \
+                         run init as that user or as root",
+                        path.display()
+                    )
+                })?;
+                changed += 1;
+            }
+        }
+    }
+    Ok((changed > 0).then_some((changed, uid)))
+}
+
 /// A notification that did not reach systemd changes nothing for the service; if systemd is
 /// waiting for it, its own timeout says so.
 fn notify_logged(result: &std::io::Result<()>) {
@@ -208,7 +246,11 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             }
             let report = service::init(&data_dir, &config, SystemClock.now())
                 .with_context(|| format!("init {}", data_dir.display()))?;
+            let handed = hand_over_to_directory_owner(&data_dir)?;
             println!("initialised {}", report.data_dir.display());
+            if let Some((n, uid)) = handed {
+                println!("gave {n} files to uid {uid}, the owner of the data directory");
+            }
             println!("root fingerprint (SHA-256): {}", report.root_fingerprint);
             println!(
                 "the root key {} is needed only to make a new issuing CA: move it offline",

@@ -5,11 +5,15 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use komnet_gateway::appliance::{self, config::DEFAULT_CONFIG};
+use komnet_gateway::appliance;
+use komnet_gateway::appliance::config::{ConfigError, DEFAULT_CONFIG};
 use komnet_gateway::daemon::{self, Command};
 
 const RUN_USAGE: &str =
     "usage: komnet-gateway run [--config FILE]   (default /etc/komnet/gateway.toml)";
+
+/// sysexits.h's "configuration error".
+const EX_CONFIG: u8 = 78;
 
 fn exit(code: i32) -> ExitCode {
     ExitCode::from(u8::try_from(code).unwrap_or(1))
@@ -43,7 +47,13 @@ fn main() -> ExitCode {
             Ok(code) => exit(code),
             Err(e) => {
                 eprintln!("komnet-gateway: {e:#}");
-                ExitCode::FAILURE
+                // A broken gateway.toml stays broken on restart: a distinct code lets the unit
+                // stop there (RestartPreventExitStatus=) instead of looping.
+                if e.downcast_ref::<ConfigError>().is_some() {
+                    ExitCode::from(EX_CONFIG)
+                } else {
+                    ExitCode::FAILURE
+                }
             }
         };
     }

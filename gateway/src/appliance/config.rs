@@ -10,6 +10,13 @@ use serde::Deserialize;
 /// Default location of the configuration file.
 pub const DEFAULT_CONFIG: &str = "/etc/komnet/gateway.toml";
 
+/// A file setting (`policy_public_key`, `bootstrap`) that starts with this names a systemd
+/// credential instead of a path: `credential:bootstrap.json` is the file systemd placed in
+/// `$CREDENTIALS_DIRECTORY` for `LoadCredential=bootstrap.json:…`. systemd reads the source as
+/// root and hands the unprivileged daemon a private, read-only copy, so the bootstrap token can
+/// stay a root-only file.
+pub const CREDENTIAL_PREFIX: &str = "credential:";
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum GatewayRole {
@@ -63,6 +70,9 @@ pub struct GatewayConfig {
     /// Hub: most flows the firewall remembers.
     #[serde(default = "default_max_flows")]
     pub max_flows: usize,
+    /// Settings that named a credential (resolved to a file in the credentials directory).
+    #[serde(skip)]
+    pub credentials: Vec<&'static str>,
 }
 
 fn default_data_dir() -> PathBuf {
@@ -112,16 +122,53 @@ impl GatewayConfig {
         Self::parse(path, &text)
     }
 
+    /// Parses `text`; `credential:` settings resolve against `$CREDENTIALS_DIRECTORY`.
     pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
-        let config: GatewayConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+        let dir = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
+        Self::parse_with_credentials(path, text, dir.as_deref())
+    }
+
+    /// Like [`GatewayConfig::parse`] with the credentials directory given.
+    pub fn parse_with_credentials(
+        path: &Path,
+        text: &str,
+        credentials_dir: Option<&Path>,
+    ) -> Result<Self, ConfigError> {
+        let mut config: GatewayConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_path_buf(),
             message: e.to_string().trim_end().to_owned(),
         })?;
-        config.check().map_err(|problems| ConfigError::Invalid {
-            path: path.to_path_buf(),
-            problems,
-        })?;
+        let mut problems = Vec::new();
+        if let Some(p) = resolve_credential(
+            "policy_public_key",
+            &mut config.policy_public_key,
+            credentials_dir,
+            &mut problems,
+        ) {
+            config.credentials.push(p);
+        }
+        if let Some(bootstrap) = config.bootstrap.as_mut() {
+            if let Some(p) =
+                resolve_credential("bootstrap", bootstrap, credentials_dir, &mut problems)
+            {
+                config.credentials.push(p);
+            }
+        }
+        if let Err(mut more) = config.check() {
+            problems.append(&mut more);
+        }
+        if !problems.is_empty() {
+            return Err(ConfigError::Invalid {
+                path: path.to_path_buf(),
+                problems,
+            });
+        }
         Ok(config)
+    }
+
+    /// Whether `bootstrap` names a systemd credential (an empty one means: no file was there).
+    pub fn bootstrap_is_credential(&self) -> bool {
+        self.credentials.contains(&"bootstrap")
     }
 
     /// Every problem at once.
@@ -192,6 +239,37 @@ impl GatewayConfig {
     }
 }
 
+/// Turns `credential:NAME` in `value` into the credential's file; returns `Some(key)` when it
+/// did. Problems (a bad name, no credentials directory) are added to `problems`.
+fn resolve_credential(
+    key: &'static str,
+    value: &mut PathBuf,
+    credentials_dir: Option<&Path>,
+    problems: &mut Vec<String>,
+) -> Option<&'static str> {
+    let name = value.to_str()?.strip_prefix(CREDENTIAL_PREFIX)?.to_owned();
+    // The same rule systemd applies to credential IDs: one file name.
+    if name.is_empty() || name == "." || name == ".." || name.contains('/') || name.len() > 255 {
+        problems.push(format!(
+            "{key}: {CREDENTIAL_PREFIX}{name:?} is not a credential name (one file name, as in LoadCredential=NAME:PATH)"
+        ));
+        return None;
+    }
+    match credentials_dir {
+        Some(dir) => {
+            *value = dir.join(&name);
+            Some(key)
+        }
+        None => {
+            problems.push(format!(
+                "{key}: {CREDENTIAL_PREFIX}{name} names a systemd credential, but $CREDENTIALS_DIRECTORY is not set \
+                 (it is under komnet-gateway.service with LoadCredential={name}:…; run by hand, give the file's path)"
+            ));
+            None
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -243,5 +321,41 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("listen_prot"), "{e}");
+    }
+
+    #[test]
+    fn credential_settings_resolve_in_the_credentials_directory() {
+        let text = "role = \"spoke\"\nlan = [\"eth1\"]\npolicy_public_key = \"credential:policy.pub\"\nbootstrap = \"credential:bootstrap.json\"\n";
+        let dir = Path::new("/run/credentials/komnet-gateway.service");
+        let c =
+            GatewayConfig::parse_with_credentials(Path::new("g.toml"), text, Some(dir)).unwrap();
+        assert_eq!(c.policy_public_key, dir.join("policy.pub"));
+        assert_eq!(c.bootstrap_path(), dir.join("bootstrap.json"));
+        assert!(c.bootstrap_is_credential());
+        // Plain paths stay paths.
+        let c = GatewayConfig::parse_with_credentials(
+            Path::new("g.toml"),
+            "role = \"spoke\"\nlan = [\"eth1\"]\npolicy_public_key = \"/etc/komnet/policy.pub\"\n",
+            Some(dir),
+        )
+        .unwrap();
+        assert_eq!(c.policy_public_key, Path::new("/etc/komnet/policy.pub"));
+        assert!(!c.bootstrap_is_credential());
+    }
+
+    #[test]
+    fn a_credential_outside_systemd_or_with_a_bad_name_is_explained() {
+        let text = "role = \"spoke\"\nlan = [\"eth1\"]\npolicy_public_key = \"credential:policy.pub\"\nbootstrap = \"credential:../etc/shadow\"\n";
+        let e = GatewayConfig::parse_with_credentials(Path::new("g.toml"), text, None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("policy_public_key: credential:policy.pub names a systemd credential, but $CREDENTIALS_DIRECTORY is not set"),
+            "{e}"
+        );
+        assert!(
+            e.contains("bootstrap: credential:\"../etc/shadow\" is not a credential name"),
+            "{e}"
+        );
     }
 }

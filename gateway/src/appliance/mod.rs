@@ -453,6 +453,16 @@ async fn obtain_identity(ctx: &Ctx) -> Result<(Enrollment, WgKeys)> {
     }
     set_state(ctx, "enrolling");
     let bootstrap_path = ctx.config.bootstrap_path();
+    let blank = std::fs::read(&bootstrap_path).is_ok_and(|b| b.iter().all(u8::is_ascii_whitespace));
+    if blank && ctx.config.bootstrap_is_credential() {
+        // komnet-gateway.service falls back to a blank credential (SetCredential=) when the
+        // file LoadCredential= names is missing, so that an enrolled appliance starts without it.
+        bail!(
+            "not enrolled yet and no bootstrap file: put the one `komnet token create` wrote at \
+             the path LoadCredential=bootstrap.json:… names in komnet-gateway.service \
+             (/var/lib/komnet/bootstrap.json unless changed) and restart"
+        );
+    }
     let mut bootstrap = Bootstrap::read(&bootstrap_path).map_err(|e| {
         anyhow!(
             "not enrolled yet and no usable bootstrap file at {}: {e}",

@@ -12,7 +12,7 @@ pub enum NetError {
     Exec(std::io::Error),
     #[error("ip(8) refused {what}: {message}")]
     Refused { what: String, message: String },
-    #[error("cannot enable forwarding ({path}): {source}")]
+    #[error("cannot enable forwarding ({path}): {source} (komnet-gateway.service switches it on before the daemon starts; elsewhere run as root or set the sysctl)")]
     Forwarding {
         path: &'static str,
         source: std::io::Error,
@@ -87,12 +87,18 @@ pub fn delete_routes(ifname: &str, nets: &[IpNet]) -> Result<(), NetError> {
     )
 }
 
-/// The appliance routes between LAN (or data centre) and tunnel.
+/// The appliance routes between LAN (or data centre) and tunnel. Already on is left alone:
+/// under systemd the unit switches it on before the daemon starts (`/proc/sys` is read-only to
+/// the sandboxed daemon, `ProtectKernelTunables=`), and the daemon runs without the root that
+/// writing these files needs.
 pub fn enable_forwarding() -> Result<(), NetError> {
     for path in [
         "/proc/sys/net/ipv4/ip_forward",
         "/proc/sys/net/ipv6/conf/all/forwarding",
     ] {
+        if std::fs::read_to_string(path).is_ok_and(|v| v.trim() == "1") {
+            continue;
+        }
         std::fs::write(path, "1").map_err(|source| NetError::Forwarding { path, source })?;
     }
     Ok(())
