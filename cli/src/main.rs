@@ -44,6 +44,10 @@ enum Command {
     },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions { shell: clap_complete::Shell },
+    /// Write the manual pages (komnet.1 and one per subcommand) into DIR; used to build the
+    /// Debian package.
+    #[command(hide = true)]
+    Manpages { dir: std::path::PathBuf },
 }
 
 fn main() -> ExitCode {
@@ -72,6 +76,10 @@ fn main() -> ExitCode {
                 .map(|()| ExitCode::SUCCESS)
                 .map_err(Into::into)
         }
+        Command::Manpages { dir } => write_manpages(&dir).map(|n| {
+            println!("{n} manual pages in {}", dir.display());
+            ExitCode::SUCCESS
+        }),
     };
     match result {
         Ok(code) => code,
@@ -80,6 +88,42 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// Writes `komnet.1`, `komnet-policy.1`, `komnet-policy-check.1`, … (the git style: one page
+/// per subcommand, named by its path) into `dir`; returns how many.
+fn write_manpages(dir: &std::path::Path) -> anyhow::Result<usize> {
+    use anyhow::Context as _;
+    // The synopsis shows the real invocation ("komnet policy check", the bin name clap's build
+    // gave each subcommand); the page name joins the path with dashes (the display name).
+    fn write(cmd: clap::Command, dir: &std::path::Path) -> anyhow::Result<usize> {
+        let name = cmd
+            .get_display_name()
+            .unwrap_or_else(|| cmd.get_name())
+            .to_owned();
+        let path = dir.join(format!("{name}.1"));
+        let mut page = Vec::new();
+        clap_mangen::Man::new(cmd.clone())
+            .source(format!("komnet {}", env!("CARGO_PKG_VERSION")))
+            .manual("komnet")
+            .render(&mut page)
+            .with_context(|| format!("rendering {name}.1"))?;
+        std::fs::write(&path, page).with_context(|| format!("writing {}", path.display()))?;
+        let mut written = 1;
+        // clap's generated `help` subcommands are not worth a page each.
+        for sub in cmd
+            .get_subcommands()
+            .filter(|s| !s.is_hide_set() && s.get_name() != "help")
+        {
+            let sub_name = format!("{name}-{}", sub.get_name());
+            written += write(sub.clone().display_name(sub_name), dir)?;
+        }
+        Ok(written)
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut cmd = Cli::command();
+    cmd.build();
+    write(cmd, dir)
 }
 
 /// Writes a command's output to stdout; a reader that went away (`| head`) is not an error.

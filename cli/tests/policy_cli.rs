@@ -399,3 +399,31 @@ fn keygen_bundle_verify() {
     fs::remove_dir_all(&tmp).unwrap();
     fs::remove_dir_all(&broken).unwrap();
 }
+
+/// The man pages the Debian package ships: one per subcommand, named by its path, with the real
+/// invocation in the synopsis; the generating command stays out of `--help`.
+#[test]
+fn manpages_for_every_subcommand() {
+    let dir = std::env::temp_dir().join(format!("komnet-cli-man-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&dir);
+    let out = komnet(&["manpages", dir.to_str().unwrap()]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    for page in [
+        "komnet.1",
+        "komnet-policy.1",
+        "komnet-policy-check.1",
+        "komnet-token-create.1",
+        "komnet-status.1",
+    ] {
+        assert!(dir.join(page).is_file(), "{page} missing");
+    }
+    assert!(!dir.join("komnet-help.1").exists());
+    assert!(!dir.join("komnet-manpages.1").exists());
+    let check = fs::read_to_string(dir.join("komnet-policy-check.1")).unwrap();
+    assert!(check.contains(".TH komnet-policy-check 1"), "{check}");
+    assert!(check.contains("komnet policy check"), "{check}");
+    let top = fs::read_to_string(dir.join("komnet.1")).unwrap();
+    assert!(top.contains("komnet\\-policy(1)"), "{top}");
+    assert!(!komnet(&["--help"]).stdout.contains("manpages"));
+    fs::remove_dir_all(&dir).unwrap();
+}

@@ -358,4 +358,48 @@ mod tests {
             "{e}"
         );
     }
+
+    /// The example the Debian package installs: every key it shows parses, with the value it
+    /// shows (its defaults must not drift from the code's), and as shipped (all commented) it
+    /// is refused for want of a role.
+    #[test]
+    fn the_packaged_example_matches_the_code() {
+        let shipped = include_str!("../../../packaging/etc/gateway.toml");
+        let e = GatewayConfig::parse_with_credentials(Path::new("gateway.toml"), shipped, None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("missing field `role`"), "{e}");
+        let uncommented: String = shipped
+            .lines()
+            .map(|l| match l.strip_prefix('#') {
+                Some(rest) if rest.starts_with(|c: char| c.is_ascii_lowercase()) => rest,
+                _ => l,
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let dir = Path::new("/run/credentials/komnet-gateway.service");
+        let c = GatewayConfig::parse_with_credentials(
+            Path::new("gateway.toml"),
+            &uncommented,
+            Some(dir),
+        )
+        .unwrap();
+        let defaults = GatewayConfig::parse_with_credentials(
+            Path::new("gateway.toml"),
+            "role = \"spoke\"\npolicy_public_key = \"k\"\nlan = [\"eth1\"]\n",
+            None,
+        )
+        .unwrap();
+        assert_eq!(c.data_dir, defaults.data_dir);
+        assert_eq!(c.interface, defaults.interface);
+        assert_eq!(c.listen_port, defaults.listen_port);
+        assert_eq!(c.policy_poll, defaults.policy_poll);
+        assert_eq!(c.metrics_listen, defaults.metrics_listen);
+        assert_eq!(c.log_json, defaults.log_json);
+        assert_eq!(c.failover_after, defaults.failover_after);
+        assert_eq!(c.keepalive, defaults.keepalive);
+        assert_eq!(c.max_flows, defaults.max_flows);
+        assert_eq!(c.policy_public_key, dir.join("policy.pub"));
+        assert_eq!(c.bootstrap_path(), dir.join("bootstrap.json"));
+    }
 }
