@@ -60,6 +60,8 @@ struct ControlState {
     state: String,
     enrollment: Option<Enrollment>,
     policy: Option<(Arc<CompiledPolicy>, VerifiedBundle, i64)>,
+    /// Hub: the policy the gate enforces, set under the same locks as the gate's.
+    in_force: Option<Arc<CompiledPolicy>>,
     policy_error: Option<String>,
     /// Hub: every valid identity the registry lists, admitted or not.
     registry: BTreeMap<[u8; 32], Admission>,
@@ -576,7 +578,7 @@ async fn put_in_force(
         }
         GatewayRole::Hub => {
             let shared = ctx.shared.get().ok_or_else(|| anyhow!("tunnel not up"))?;
-            let changes = {
+            let removed = {
                 let mut s = ctx.state.lock();
                 let now = unix_now();
                 let mut changes = s.hub_peers.on_policy_change(now, &compiled.policy);
@@ -591,16 +593,15 @@ async fn put_in_force(
                     let (_, mut c) = s.hub_peers.upsert(now, &compiled.policy, a);
                     changes.append(&mut c);
                 }
-                changes
+                // The policy and the identities resolved against it change under one lock, so
+                // no packet sees an identity from the other version, and registry changes
+                // (which take the state lock first) resolve against the new one from now on.
+                let (gate, mut core) = shared.gate_and_core();
+                let mut gate = gate.ok_or_else(|| anyhow!("hub without a gate"))?;
+                gate.set_policy(compiled.clone());
+                s.in_force = Some(compiled.clone());
+                apply_peer_changes(ctx, &mut gate, &mut core, &changes)
             };
-            // The policy and the identities resolved against it change under one lock, so no
-            // packet sees an identity from the other version.
-            let (gate, mut core) = shared.gate_and_core();
-            let mut gate = gate.ok_or_else(|| anyhow!("hub without a gate"))?;
-            gate.set_policy(compiled.clone());
-            let removed = apply_peer_changes(ctx, &mut gate, &mut core, &changes);
-            drop(core);
-            drop(gate);
             release_routes(ctx, &removed);
         }
     }
@@ -786,15 +787,19 @@ fn release_routes(ctx: &Ctx, keys: &[[u8; 32]]) {
     }
 }
 
-/// Applies registry-driven admission changes through the driver's locks.
-fn commit_changes(ctx: &Ctx, changes: Vec<PeerChange>) {
-    if changes.is_empty() {
-        return;
-    }
+/// Decides peer changes on the control state and applies them to the gate and the core while
+/// the state is still locked (lock order: state, gate, core): a policy swap cannot slip in
+/// between resolving an identity against one version and applying it under another.
+fn change_peers(ctx: &Ctx, decide: impl FnOnce(&mut ControlState) -> Vec<PeerChange>) {
     let Some(shared) = ctx.shared.get() else {
         return;
     };
     let removed = {
+        let mut s = ctx.state.lock();
+        let changes = decide(&mut s);
+        if changes.is_empty() {
+            return;
+        }
         let (gate, mut core) = shared.gate_and_core();
         let Some(mut gate) = gate else {
             return;
@@ -806,12 +811,11 @@ fn commit_changes(ctx: &Ctx, changes: Vec<PeerChange>) {
 }
 
 /// Admits (or refuses) one identity from the registry.
-fn admit(ctx: &Ctx, identity: &Identity) -> Vec<PeerChange> {
+fn admit(s: &mut ControlState, identity: &Identity) -> Vec<PeerChange> {
     let admission = to_admission(identity);
-    let mut s = ctx.state.lock();
     s.registry
         .insert(admission.wg_public_key, admission.clone());
-    let Some(policy) = s.policy.as_ref().map(|p| p.0.clone()) else {
+    let Some(policy) = s.in_force.clone() else {
         // Kept in the registry view; admitted once a policy is in force.
         return Vec::new();
     };
@@ -826,8 +830,7 @@ fn admit(ctx: &Ctx, identity: &Identity) -> Vec<PeerChange> {
     changes
 }
 
-fn withdraw(ctx: &Ctx, key: &[u8; 32]) -> Vec<PeerChange> {
-    let mut s = ctx.state.lock();
+fn withdraw(s: &mut ControlState, key: &[u8; 32]) -> Vec<PeerChange> {
     s.registry.remove(key);
     let change = s.hub_peers.remove(key);
     if change.is_some() {
@@ -854,24 +857,24 @@ async fn follow_once(ctx: &Arc<Ctx>) -> Result<()> {
         .iter()
         .map(|i| *i.wg_public_key.as_bytes())
         .collect();
-    let mut changes = Vec::new();
-    let gone: Vec<[u8; 32]> = ctx
-        .state
-        .lock()
-        .registry
-        .keys()
-        .filter(|k| !keys.contains(*k))
-        .copied()
-        .collect();
-    for k in gone {
-        changes.extend(withdraw(ctx, &k));
-    }
-    for identity in &snapshot.peers {
-        if identity.role != CertRole::Hub {
-            changes.extend(admit(ctx, identity));
+    change_peers(ctx, |s| {
+        let mut changes = Vec::new();
+        let gone: Vec<[u8; 32]> = s
+            .registry
+            .keys()
+            .filter(|k| !keys.contains(*k))
+            .copied()
+            .collect();
+        for k in gone {
+            changes.extend(withdraw(s, &k));
         }
-    }
-    commit_changes(ctx, changes);
+        for identity in &snapshot.peers {
+            if identity.role != CertRole::Hub {
+                changes.extend(admit(s, identity));
+            }
+        }
+        changes
+    });
     tracing::info!(
         version = snapshot.version,
         peers = snapshot.peers.len(),
@@ -880,29 +883,30 @@ async fn follow_once(ctx: &Arc<Ctx>) -> Result<()> {
     let mut follower = client::follow_registry(&enrollment, snapshot.version).await?;
     while let Some(event) = follower.next().await {
         let event = event?;
-        ctx.state.lock().count("registry_event");
-        let changes = match &event.change {
-            RegistryChange::Upsert(identity) if identity.role != CertRole::Hub => {
-                admit(ctx, identity)
+        change_peers(ctx, |s| {
+            s.count("registry_event");
+            match &event.change {
+                RegistryChange::Upsert(identity) if identity.role != CertRole::Hub => {
+                    admit(s, identity)
+                }
+                RegistryChange::Upsert(_) => Vec::new(),
+                RegistryChange::Remove {
+                    wg_public_key,
+                    tenant,
+                    site,
+                    reason,
+                    ..
+                } => {
+                    tracing::info!(
+                        tenant = tenant.as_str(),
+                        site = site.as_str(),
+                        reason = reason.as_str(),
+                        "peer revoked"
+                    );
+                    withdraw(s, wg_public_key.as_bytes())
+                }
             }
-            RegistryChange::Upsert(_) => Vec::new(),
-            RegistryChange::Remove {
-                wg_public_key,
-                tenant,
-                site,
-                reason,
-                ..
-            } => {
-                tracing::info!(
-                    tenant = tenant.as_str(),
-                    site = site.as_str(),
-                    reason = reason.as_str(),
-                    "peer revoked"
-                );
-                withdraw(ctx, wg_public_key.as_bytes())
-            }
-        };
-        commit_changes(ctx, changes);
+        });
     }
     bail!("the registry stream ended")
 }
@@ -917,8 +921,7 @@ async fn hub_housekeeping(ctx: Arc<Ctx>) {
         tick.tick().await;
         if last_expiry.elapsed() >= Duration::from_secs(1) {
             last_expiry = Instant::now();
-            let changes = {
-                let mut s = ctx.state.lock();
+            change_peers(&ctx, |s| {
                 let expired = s.hub_peers.expire(unix_now());
                 for c in &expired {
                     if let PeerChange::Remove { key } = c {
@@ -927,8 +930,7 @@ async fn hub_housekeeping(ctx: Arc<Ctx>) {
                     }
                 }
                 expired
-            };
-            commit_changes(&ctx, changes);
+            });
         }
         claim_routes(&ctx);
     }
