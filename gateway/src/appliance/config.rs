@@ -97,21 +97,8 @@ fn default_max_flows() -> usize {
     262_144
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("{path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("{path}: {message}")]
-    Parse { path: PathBuf, message: String },
-    #[error("{path}: {}", problems.join("; "))]
-    Invalid {
-        path: PathBuf,
-        problems: Vec<String>,
-    },
-}
+/// The same error as the enrollment service's configuration: file, then what is wrong.
+pub use komnet_enroll::config::ConfigError;
 
 impl GatewayConfig {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {

@@ -70,6 +70,9 @@ struct ControlState {
     claimed: HashMap<[u8; 32], (SystemTime, Vec<IpNet>)>,
     /// Spoke: the hubs and which one carries the traffic.
     hubs: Vec<HubPeer>,
+    /// The hubs' endpoints, resolved when the list is learnt or refreshed: a failover must not
+    /// wait for DNS (whose server may sit behind the hub that just failed).
+    hub_endpoints: Vec<Option<SocketAddr>>,
     active_hub: usize,
     counters: BTreeMap<String, u64>,
 }
@@ -380,6 +383,9 @@ async fn start(ctx: Arc<Ctx>) -> Result<()> {
             tokio::spawn(hub_housekeeping(ctx.clone()));
         }
         GatewayRole::Spoke => {
+            let hubs = ctx.state.lock().hubs.clone();
+            let endpoints = resolve_hub_endpoints(&hubs).await;
+            ctx.state.lock().hub_endpoints = endpoints;
             apply_hubs(&ctx);
             tokio::spawn(spoke_watch(ctx.clone()));
         }
@@ -979,29 +985,20 @@ fn apply_hubs(ctx: &Ctx) {
     let Some(shared) = ctx.shared.get() else {
         return;
     };
-    let (hubs, active, allowed) = {
+    let (hubs, endpoints, active, allowed) = {
         let s = ctx.state.lock();
         let allowed = s
             .enrollment
             .as_ref()
             .map(|e| e.allowed_ips.clone())
             .unwrap_or_default();
-        (s.hubs.clone(), s.active_hub, allowed)
+        (
+            s.hubs.clone(),
+            s.hub_endpoints.clone(),
+            s.active_hub,
+            allowed,
+        )
     };
-    let mut endpoints: Vec<Option<SocketAddr>> = Vec::new();
-    for hub in &hubs {
-        let resolved = hub.endpoint.as_deref().and_then(|e| {
-            use std::net::ToSocketAddrs as _;
-            match e.to_socket_addrs() {
-                Ok(mut it) => it.next(),
-                Err(err) => {
-                    tracing::warn!(endpoint = e, error = %err, "cannot resolve hub endpoint");
-                    None
-                }
-            }
-        });
-        endpoints.push(resolved);
-    }
     let now = Instant::now();
     {
         let mut core = shared.core();
@@ -1027,6 +1024,26 @@ fn apply_hubs(ctx: &Ctx) {
         }
     }
     shared.flush_pending(&mut vec![0u8; 2048]);
+}
+
+/// Resolves each hub's `host:port` (the first address DNS gives; `None` when it has no
+/// endpoint or does not resolve, which is logged).
+async fn resolve_hub_endpoints(hubs: &[HubPeer]) -> Vec<Option<SocketAddr>> {
+    let mut out = Vec::with_capacity(hubs.len());
+    for hub in hubs {
+        let resolved = match hub.endpoint.as_deref() {
+            None => None,
+            Some(e) => match tokio::net::lookup_host(e).await {
+                Ok(mut it) => it.next(),
+                Err(err) => {
+                    tracing::warn!(endpoint = e, error = %err, "cannot resolve hub endpoint");
+                    None
+                }
+            },
+        };
+        out.push(resolved);
+    }
+    out
 }
 
 /// Watches the active hub; when it has sent nothing for `failover_after`, moves to the next.
@@ -1103,21 +1120,27 @@ async fn spoke_watch(ctx: Arc<Ctx>) {
             if let Some(enrollment) = current_enrollment(&ctx) {
                 match client::fetch_hubs(&enrollment).await {
                     Ok(hubs) => {
-                        let changed = {
+                        // Re-resolved on every refresh: a hub's address may change in DNS.
+                        let endpoints = resolve_hub_endpoints(&hubs).await;
+                        let (changed, routes_changed) = {
                             let mut s = ctx.state.lock();
-                            let changed = s.hubs != hubs;
+                            let routes_changed = s.hubs != hubs;
+                            let changed = routes_changed || s.hub_endpoints != endpoints;
                             if changed {
                                 s.hubs = hubs.clone();
+                                s.hub_endpoints = endpoints;
                                 s.active_hub = s.active_hub.min(hubs.len().saturating_sub(1));
                             }
-                            changed
+                            (changed, routes_changed)
                         };
-                        if changed {
+                        if routes_changed {
                             let mut routes = enrollment.allowed_ips.clone();
                             routes.extend(hubs.iter().flat_map(|h| h.tunnel_addrs.clone()));
                             if let Err(e) = net::replace_routes(&ctx.config.interface, &routes) {
                                 tracing::warn!(error = %e, "routes to the hubs");
                             }
+                        }
+                        if changed {
                             apply_hubs(&ctx);
                         }
                     }
@@ -1287,9 +1310,4 @@ async fn serve_status(listener: tokio::net::TcpListener, ctx: Arc<Ctx>) {
     if let Err(e) = axum::serve(listener, app).await {
         tracing::error!(error = %e, "status server stopped");
     }
-}
-
-/// Where the status server listens, for `komnet status`.
-pub fn status_url(listen: SocketAddr) -> String {
-    format!("http://{listen}/status")
 }
