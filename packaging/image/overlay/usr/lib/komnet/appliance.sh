@@ -1,0 +1,39 @@
+# Shared by the appliance's scripts: where things are, and how to tell the console.
+# shellcheck shell=bash
+
+KOMNET_DATA=/var/lib/komnet
+KOMNET_ESP=/efi
+KOMNET_RELEASE=/etc/komnet-release
+
+# The slot (a or b) and image version this system booted.
+booted_slot() {
+    local arg
+    for arg in $(cat /proc/cmdline); do
+        case "$arg" in komnet.slot=*) echo "${arg#komnet.slot=}"; return 0 ;; esac
+    done
+    echo "?"
+}
+image_version() {
+    sed -n 's/^VERSION=//p' "$KOMNET_RELEASE" 2>/dev/null || echo "?"
+}
+
+# Why komnet-gateway.service failed, in one line: its last status, else its last log line.
+gateway_failure() {
+    local text
+    text=$(systemctl show -P StatusText komnet-gateway.service 2>/dev/null)
+    [ -n "$text" ] || text=$(journalctl -u komnet-gateway.service -n 1 -o cat --no-pager 2>/dev/null)
+    echo "${text:-no reason logged} (exit status $(systemctl show -P ExecMainStatus komnet-gateway.service 2>/dev/null))"
+}
+
+# One line to the journal, the screen (tty1) and the serial console, so a technician sees it
+# on a monitor and a data-centre operator on a serial console server.
+say() {
+    local line="komnet: $*"
+    echo "$line"
+    local tty
+    for tty in /dev/tty1 /dev/ttyS0; do
+        if [ -c "$tty" ]; then
+            printf '%s\r\n' "$line" >"$tty" 2>/dev/null || true
+        fi
+    done
+}

@@ -1,0 +1,319 @@
+#!/usr/bin/env bash
+# test-image.sh — boots the komnet appliance image in qemu (UEFI, OVMF) and checks it does what
+# docs/appliance.md promises, against a real enrollment service and hub:
+#
+#   1. power-on with a bootstrap stick (FAT, label KOMNET): the appliance copies the file,
+#      enrols, loads the policy, brings up the tunnel and routes its LAN: a PC on the appliance's
+#      LAN reaches the DMS in the data centre through the tunnel. The time from power-on to the
+#      first packet through is printed (goal: 60 s under TCG).
+#   2. an update stick (label KOMNET-UPD) with a deliberately broken version 2 (its gateway.toml
+#      is refused) is plugged in: the appliance writes slot b, restarts into it on probation,
+#      the health check fails on each try, systemd-boot falls back to slot a by itself, the
+#      console says so, traffic flows again, and the broken version is not installed again
+#      although the stick is still in.
+#   3. a fresh appliance without a stick says what it waits for; a stick with a token that is
+#      spent (the one of step 1) is refused plainly, and the data partition holds no key, no
+#      enrollment, no policy key afterwards.
+#
+#   sudo packaging/test-image.sh         (scripts/test.sh runs it)
+#
+# Everything runs in network namespaces it makes (kti-dc: enrollment service, hub, DMS, qemu
+# with user-mode networking for the appliance's WAN port; kti-lan: the town hall's PC on the
+# appliance's LAN port through a tap device) and removes again, also when it fails.
+# KVM is used when it works, TCG otherwise (KOMNET_QEMU_ACCEL=tcg|kvm forces one).
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+repo=$(pwd)
+target_dir=${CARGO_TARGET_DIR:-$repo/target}
+bin="$target_dir/release"
+work="$target_dir/image-test"
+policy_dir="$repo/examples/policy/st-wendel"
+
+fail() { echo "test-image.sh: FAILED: $*" >&2; exit 1; }
+if [ "$(id -u)" != 0 ]; then
+    echo "test-image.sh: needs root (network namespaces, tap devices, debootstrap): run it with sudo" >&2
+    exit 1
+fi
+OVMF_CODE=/usr/share/OVMF/OVMF_CODE_4M.fd
+OVMF_VARS=/usr/share/OVMF/OVMF_VARS_4M.fd
+for f in "$OVMF_CODE" "$OVMF_VARS"; do
+    [ -f "$f" ] || fail "$f is missing: this machine cannot boot UEFI images in qemu (package ovmf; scripts/setup.sh installs it)"
+done
+command -v qemu-system-x86_64 >/dev/null || fail "qemu-system-x86_64 is missing: this machine cannot run the image test (package qemu-system-x86; scripts/setup.sh installs it)"
+[ -c /dev/net/tun ] || fail "/dev/net/tun is missing: the LAN side of the appliance needs a tap device"
+for b in komnet komnet-enroll komnet-gateway netprobe; do
+    [ -x "$bin/$b" ] || fail "$bin/$b is missing: build first (cargo build --release --locked -p komnet-gateway -p komnet-enroll -p komnet-cli -p komnet-netns-tests --bins)"
+done
+
+DC=kti-dc
+LAN=kti-lan
+TAP=ktilan0
+QEMU_PID=""
+bg_pids=()
+cleanup() {
+    local rc=$?
+    [ -n "$QEMU_PID" ] && kill "$QEMU_PID" 2>/dev/null || true
+    for p in "${bg_pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    sleep 0.3
+    [ -n "$QEMU_PID" ] && kill -9 "$QEMU_PID" 2>/dev/null || true
+    for p in "${bg_pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+    ip netns del "$DC" 2>/dev/null || true
+    ip netns del "$LAN" 2>/dev/null || true
+    ip link del "$TAP" 2>/dev/null || true
+    if [ $rc != 0 ] && [ -f "$work/serial.log" ]; then
+        echo "---- last lines of the appliance's console ($work/serial.log)" >&2
+        tr -d '\r' <"$work/serial.log" | grep -a 'komnet' | tail -25 >&2 || true
+    fi
+    exit $rc
+}
+trap cleanup EXIT INT TERM
+# A run killed before its cleanup leaves these behind.
+ip netns del "$DC" 2>/dev/null || true
+ip netns del "$LAN" 2>/dev/null || true
+
+t0=$(date +%s)
+elapsed() { echo $(( $(date +%s) - t0 )); }
+note() { echo "== [$(elapsed)s] $*"; }
+
+# ---- the images -------------------------------------------------------------------------
+rm -rf "$work"
+mkdir -p "$work"
+out="$work/images"
+note "building image version 1 (packaging/image/build-image.sh)"
+packaging/image/build-image.sh --version 1 --allow-drift --out "$out" >"$work/build-1.log" 2>&1 \
+    || { tail -30 "$work/build-1.log" >&2; fail "building image version 1"; }
+grep '^== ' "$work/build-1.log" | tail -n 1
+# Version 2 is broken on purpose: its gateway.toml has a setting the gateway refuses.
+mkdir -p "$work/broken/etc/komnet"
+cp packaging/image/overlay/etc/komnet/gateway.toml "$work/broken/etc/komnet/gateway.toml"
+echo 'deliberately_broken = "test-image.sh: version 2 must be rolled back"' >>"$work/broken/etc/komnet/gateway.toml"
+note "building the broken version 2 (same base, other gateway.toml)"
+packaging/image/build-image.sh --version 2 --allow-drift --out "$out" --debs "$target_dir/debian" \
+    --overlay "$work/broken" >"$work/build-2.log" 2>&1 \
+    || { tail -30 "$work/build-2.log" >&2; fail "building image version 2"; }
+
+# ---- the data centre ----------------------------------------------------------------------
+note "data centre: enrollment service, hub, DMS (netns $DC)"
+ip netns add "$DC"
+ip netns add "$LAN"
+ip -n "$DC" link set lo up
+ip -n "$LAN" link set lo up
+# The appliance sees the data centre at 10.0.2.2 (qemu's user-mode network maps it to this
+# namespace's loopback); the hub and the service use the same address among themselves.
+ip -n "$DC" link add dc0 type dummy
+ip -n "$DC" link set dc0 up
+ip -n "$DC" addr add 10.0.2.2/32 dev dc0
+ip -n "$DC" addr add 10.0.1.10/32 dev dc0
+dcx() { ip netns exec "$DC" "$@"; }
+
+"$bin/komnet" policy keygen --out "$work/policy.key" >/dev/null
+"$bin/komnet-enroll" init --data-dir "$work/enroll" --server-name 10.0.2.2 \
+    --enroll-url https://10.0.2.2:8443 --hub-endpoint hub1=10.0.2.2:51820 \
+    --policy-public-key "$work/policy.pub" >/dev/null
+sed -i -e 's|^listen = .*|listen = "0.0.0.0:8443"|' -e 's|^allowed_ips = .*|allowed_ips = ["10.0.0.0/8"]|' "$work/enroll/enroll.toml"
+grep -q '^allowed_ips = \["10.0.0.0/8"\]' "$work/enroll/enroll.toml" || fail "could not set allowed_ips in enroll.toml"
+dcx "$bin/komnet-enroll" serve --data-dir "$work/enroll" >"$work/enroll.log" 2>&1 &
+bg_pids+=($!)
+for _ in $(seq 100); do [ -S "$work/enroll/admin.sock" ] && break; sleep 0.1; done
+[ -S "$work/enroll/admin.sock" ] || { cat "$work/enroll.log" >&2; fail "the enrollment service did not start"; }
+admin() { "$bin/komnet" "$@" --socket "$work/enroll/admin.sock"; }
+"$bin/komnet" policy bundle "$policy_dir" --key "$work/policy.key" --out "$work/policy-1.bundle" >/dev/null
+admin policy-publish "$work/policy-1.bundle" >/dev/null
+admin token create --tenant kreis --site hub1 --role hub --out "$work/hub1.bootstrap.json" >/dev/null
+admin token create --tenant nohfelden --site rathaus --role spoke --out "$work/nohfelden.bootstrap.json" >/dev/null
+cat >"$work/hub1.toml" <<EOF
+role = "hub"
+data_dir = "$work/hub1"
+bootstrap = "$work/hub1.bootstrap.json"
+policy_public_key = "$work/policy.pub"
+policy_poll = "1s"
+interface = "komnet0"
+listen_port = 51820
+EOF
+dcx "$bin/komnet-gateway" run --config "$work/hub1.toml" >"$work/hub1.log" 2>&1 &
+bg_pids+=($!)
+dcx "$bin/netprobe" serve echo:0.0.0.0:443 >"$work/dms.log" 2>&1 &
+bg_pids+=($!)
+for _ in $(seq 150); do
+    dcx "$bin/komnet" status --json 2>/dev/null | grep -q '"state":"running"' && break
+    sleep 0.2
+done
+dcx "$bin/komnet" status --json 2>/dev/null | grep -q '"state":"running"' \
+    || { tail -20 "$work/hub1.log" >&2; fail "the hub did not come up"; }
+
+# ---- sticks ----------------------------------------------------------------------------
+# A stick with one file, as a technician gets it: FAT, label KOMNET, komnet-bootstrap.json.
+make_stick() { # FILE BOOTSTRAP
+    rm -f "$1"
+    mkfs.vfat -n KOMNET -C "$1" 4096 >/dev/null
+    mcopy -i "$1" "$2" ::/komnet-bootstrap.json
+}
+make_stick "$work/stick-nohfelden.img" "$work/nohfelden.bootstrap.json"
+
+# ---- qemu --------------------------------------------------------------------------------
+accel=${KOMNET_QEMU_ACCEL:-}
+if [ -z "$accel" ]; then
+    accel=tcg
+    # /dev/kvm may be there and still not run a guest (nested virtualisation without the CPU
+    # features OVMF needs): KVM counts as working when the firmware runs for 5 s under it.
+    if [ -w /dev/kvm ]; then
+        rc=0
+        timeout 5 qemu-system-x86_64 -accel kvm -cpu host -machine pc -m 128 -nodefaults \
+            -display none -drive if=pflash,format=raw,readonly=on,file="$OVMF_CODE" \
+            >"$work/kvm-probe.log" 2>&1 || rc=$?
+        if [ $rc = 124 ]; then accel=kvm; else echo "test-image.sh: /dev/kvm does not run a guest here ($(head -n 1 "$work/kvm-probe.log")); using TCG"; fi
+    fi
+fi
+if [ "$accel" = kvm ]; then cpu=host; else cpu=max; fi
+note "qemu with $accel"
+
+serial="$work/serial.log"
+monitor="$work/monitor.sock"
+# Starts the appliance (DISK = its qcow2) with the LAN port on the tap device in $LAN, and
+# the extra qemu arguments given.
+start_vm() { # DISK [ARGS...]
+    local disk=$1; shift
+    : >"$serial"
+    cp "$OVMF_VARS" "$work/vars.fd"
+    ip -n "$DC" tuntap add dev "$TAP" mode tap
+    dcx qemu-system-x86_64 -name komnet-appliance -machine pc -accel "$accel" -cpu "$cpu" \
+        -smp 2 -m 1024 -nodefaults -display none -vga none \
+        -drive if=pflash,format=raw,readonly=on,file="$OVMF_CODE" \
+        -drive if=pflash,format=raw,file="$work/vars.fd" \
+        -drive if=virtio,format=qcow2,file="$disk" \
+        -netdev user,id=wan -device virtio-net-pci,netdev=wan,mac=52:54:00:6b:00:01 \
+        -netdev tap,id=lan,ifname="$TAP",script=no,downscript=no \
+        -device virtio-net-pci,netdev=lan,mac=52:54:00:6b:00:02 \
+        -chardev file,id=ser,path="$serial" -serial chardev:ser \
+        -monitor unix:"$monitor",server,nowait "$@" >"$work/qemu.log" 2>&1 &
+    QEMU_PID=$!
+    VM_START=$(date +%s.%N)
+    # Once qemu holds the tap device it has carrier; then it moves to the town hall.
+    local i
+    for i in $(seq 100); do
+        ip -n "$DC" link show "$TAP" 2>/dev/null | grep -q NO-CARRIER || break
+        kill -0 "$QEMU_PID" 2>/dev/null || { cat "$work/qemu.log" >&2; fail "qemu did not start"; }
+        sleep 0.1
+    done
+    ip -n "$DC" link set "$TAP" netns "$LAN"
+    ip -n "$LAN" link set "$TAP" up
+    ip -n "$LAN" addr add 10.30.1.50/24 dev "$TAP"
+    ip -n "$LAN" route add default via 10.30.1.1
+}
+stop_vm() {
+    [ -n "$QEMU_PID" ] || return 0
+    monitor_cmd quit || true
+    for _ in $(seq 50); do kill -0 "$QEMU_PID" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$QEMU_PID" 2>/dev/null || true
+    wait "$QEMU_PID" 2>/dev/null || true
+    QEMU_PID=""
+    ip -n "$LAN" link del "$TAP" 2>/dev/null || true
+}
+monitor_cmd() {
+    python3 - "$monitor" "$*" <<'PY'
+import socket, sys, time
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+s.settimeout(2)
+time.sleep(0.2)
+try:
+    s.recv(4096)
+except OSError:
+    pass
+s.sendall(sys.argv[2].encode() + b"\n")
+time.sleep(0.5)
+try:
+    out = s.recv(4096).decode(errors="replace")
+except OSError:
+    out = ""
+s.close()
+if "Error" in out or "error" in out:
+    print(out, file=sys.stderr)
+    sys.exit(1)
+PY
+}
+plug() { # ID FILE
+    monitor_cmd "drive_add 0 if=none,id=$1,format=raw,readonly=on,file=$2"
+    monitor_cmd "device_add virtio-blk-pci,drive=$1,id=$1"
+}
+unplug() { monitor_cmd "device_del $1"; }
+
+# The console lines (komnet: ...) seen so far; waits for one matching a pattern, counting
+# only lines after MARK (a line count) so that a line of an earlier boot does not count.
+console() { tr -d '\r' <"$serial" | grep -a '^komnet: ' || true; }
+mark() { console | wc -l; }
+wait_console() { # MARK SECONDS REGEX
+    local from=$1 secs=$2 re=$3 deadline=$(( $(date +%s) + $2 ))
+    while [ "$(date +%s)" -lt "$deadline" ]; do
+        if console | tail -n +"$(( from + 1 ))" | grep -qE -- "$re"; then
+            console | tail -n +"$(( from + 1 ))" | grep -E -- "$re" | head -n 1
+            return 0
+        fi
+        kill -0 "$QEMU_PID" 2>/dev/null || fail "qemu exited while waiting for '$re'"
+        sleep 0.5
+    done
+    fail "no console line matching '$re' within ${secs}s"
+}
+probe_dms() { # TIMEOUT_MS -> pass|blocked
+    ip netns exec "$LAN" "$bin/netprobe" probe --timeout-ms "$1" tcp,10.30.1.50,10.0.1.10,443
+}
+wait_traffic() { # SECONDS
+    local deadline=$(( $(date +%s) + $1 ))
+    while [ "$(date +%s)" -lt "$deadline" ]; do
+        [ "$(probe_dms 1000 2>/dev/null)" = pass ] && return 0
+        kill -0 "$QEMU_PID" 2>/dev/null || fail "qemu exited while waiting for traffic"
+        sleep 0.5
+    done
+    fail "the town hall PC did not reach the DMS through the tunnel within ${1}s"
+}
+
+# ---- 1. zero-touch first boot --------------------------------------------------------------
+note "1. first boot with the bootstrap stick"
+qemu-img create -q -f qcow2 -F qcow2 -b "$out/komnet-appliance-1.qcow2" "$work/appliance.qcow2"
+start_vm "$work/appliance.qcow2" -drive if=virtio,format=raw,readonly=on,file="$work/stick-nohfelden.img"
+wait_traffic 300
+first_packet=$(python3 -c "print(round($(date +%s.%N) - $VM_START, 1))")
+note "power-on to first packet through the tunnel: ${first_packet} s ($accel)"
+wait_console 0 30 '^komnet: bootstrap file copied from USB stick KOMNET' >/dev/null
+wait_console 0 30 '^komnet: running: nohfelden/rathaus, policy version 1, .*hub hub1.*LAN 10\.30\.1\.1/24'
+dcx "$bin/komnet" status | grep -q nohfelden || fail "the hub does not list the appliance"
+
+# ---- 2. a broken update is rolled back ----------------------------------------------------
+note "2. update stick with the broken version 2"
+m=$(mark)
+plug upd "$out/komnet-update-2.stick"
+wait_console "$m" 120 '^komnet: update: version 2 is in slot b'
+wait_console "$m" 240 '^komnet: version 2 \(slot b\) is on probation'
+wait_console "$m" 240 '^komnet: version 2 \(slot b\) failed its health check: komnet-gateway failed'
+wait_console "$m" 600 '^komnet: update rolled back: slot b: version 2, failed'
+wait_console "$m" 60 '^komnet: update: version 2 failed its health check in slot b before'
+wait_console "$m" 120 '^komnet: running: nohfelden/rathaus'
+wait_traffic 120
+console | tail -n +"$(( m + 1 ))" | grep -c '^komnet: komnet appliance, version 2 (slot b)' >"$work/tries"
+[ "$(cat "$work/tries")" = 2 ] || fail "version 2 was tried $(cat "$work/tries") times, expected 2"
+note "rolled back to version 1 after 2 failed tries; the stick left in is not installed again"
+stop_vm
+
+# ---- 3. no stick, then a spent token --------------------------------------------------------
+note "3. a new appliance: no stick, then a stick with a spent token"
+qemu-img create -q -f qcow2 -F qcow2 -b "$out/komnet-appliance-1.qcow2" "$work/appliance2.qcow2"
+start_vm "$work/appliance2.qcow2"
+wait_console 0 240 '^komnet: waiting for a bootstrap file at /var/lib/komnet/bootstrap.json'
+plug stick "$work/stick-nohfelden.img"
+wait_console 0 60 '^komnet: bootstrap file copied from USB stick KOMNET'
+wait_console 0 60 '^komnet: enrollment refused: .*waiting for a new bootstrap file'
+[ "$(probe_dms 1000 || true)" != pass ] || fail "a refused appliance passed traffic"
+stop_vm
+# What the refused enrollment left on the data partition (partition 4, after 1 + 256 + 2 x 1024 MiB).
+qemu-img convert -O raw "$work/appliance2.qcow2" "$work/appliance2.raw"
+dd if="$work/appliance2.raw" of="$work/data2.img" bs=1M skip=$(( 1 + 256 + 2048 )) count=256 status=none
+listing=$(debugfs -R 'ls -p /' "$work/data2.img" 2>/dev/null | cut -d/ -f6 | grep -v '^$' | sort | tr '\n' ' ')
+echo "data partition after the refusal: $listing"
+for f in wg.key enrollment.json policy.pub bootstrap.json; do
+    case " $listing " in *" $f "*) fail "the refused enrollment left $f behind" ;; esac
+done
+case " $listing " in *" bootstrap.json.refused "*) ;; *) fail "the refused bootstrap file was not kept as bootstrap.json.refused" ;; esac
+rm -f "$work/appliance2.raw" "$work/data2.img"
+
+note "all image tests passed (first packet after ${first_packet} s under $accel)"
