@@ -228,8 +228,11 @@ try:
 except OSError:
     out = ""
 s.close()
-if "Error" in out or "error" in out:
-    print(out, file=sys.stderr)
+# The monitor echoes the command with terminal escapes; what follows is its answer.
+import re
+answer = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", out).split(sys.argv[2])[-1]
+if re.search(r"(?m)^\s*(Error|Could not|Duplicate)", answer):
+    print("qemu monitor: " + answer.strip(), file=sys.stderr)
     sys.exit(1)
 PY
 }

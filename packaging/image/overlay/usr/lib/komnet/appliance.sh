@@ -21,7 +21,8 @@ image_version() {
 gateway_failure() {
     local text
     text=$(systemctl show -P StatusText komnet-gateway.service 2>/dev/null)
-    [ -n "$text" ] || text=$(journalctl -u komnet-gateway.service -n 1 -o cat --no-pager 2>/dev/null)
+    # What the daemon itself wrote last (its error), not systemd's lines about the unit.
+    [ -n "$text" ] || text=$(journalctl _SYSTEMD_UNIT=komnet-gateway.service -b -n 2 -o cat --no-pager 2>/dev/null | tr '\n' ' ')
     echo "${text:-no reason logged} (exit status $(systemctl show -P ExecMainStatus komnet-gateway.service 2>/dev/null))"
 }
 
