@@ -171,14 +171,22 @@ impl Bootstrap {
 
     /// Reads and parses the file; a `policy_public_key` that is not a key makes it unreadable.
     pub fn read(path: &Path) -> Result<Self, BootstrapError> {
-        let text = std::fs::read_to_string(path).map_err(|source| BootstrapError::Io {
+        let bytes = std::fs::read(path).map_err(|source| BootstrapError::Io {
             path: path.display().to_string(),
             source,
         })?;
-        Self::parse(&text).map_err(|message| BootstrapError::Parse {
-            path: path.display().to_string(),
-            message,
-        })
+        Self::from_bytes(path, &bytes)
+    }
+
+    /// Parses a bootstrap file's content already read from `path` (named in errors).
+    pub fn from_bytes(path: &Path, bytes: &[u8]) -> Result<Self, BootstrapError> {
+        std::str::from_utf8(bytes)
+            .map_err(|e| e.to_string())
+            .and_then(Self::parse)
+            .map_err(|message| BootstrapError::Parse {
+                path: path.display().to_string(),
+                message,
+            })
     }
 
     /// The file's text to a bootstrap, or what is wrong with it.
