@@ -200,7 +200,7 @@ impl Bootstrap {
     ///
     /// ```
     /// # use komnet_enroll::token::Bootstrap;
-    /// # fn f(b: &Bootstrap) -> Result<(), String> {
+    /// # fn f(b: &Bootstrap) -> Result<(), komnet_enroll::token::BootstrapError> {
     /// if let Some(key) = b.policy_key()? {
     ///     assert_eq!(key.len(), 32);
     /// }
