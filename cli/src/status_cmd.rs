@@ -95,6 +95,9 @@ pub(crate) fn render(r: &StatusReport) -> String {
             r.tunnel_addrs.join(", ")
         }
     ));
+    if !r.lan_addresses.is_empty() {
+        out.push_str(&format!("lan addresses: {}\n", r.lan_addresses.join(", ")));
+    }
     match &r.certificate {
         Some(c) => out.push_str(&format!(
             "certificate: serial {}  expires in {}  renews {}\n",
@@ -179,4 +182,35 @@ pub(crate) fn render(r: &StatusReport) -> String {
         out.push_str(&format!("\ndrops: {}\n", drops.join(" ")));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lan_addresses_are_shown_when_there_are_some() {
+        let mut r = StatusReport {
+            role: "spoke".into(),
+            state: "running".into(),
+            tenant: Some("nohfelden".into()),
+            site: Some("rathaus".into()),
+            ..StatusReport::default()
+        };
+        assert!(!render(&r).contains("lan addresses"));
+        r.lan_addresses = vec!["10.30.1.1/24".into(), "10.30.100.1/24".into()];
+        let text = render(&r);
+        assert!(
+            text.contains("\nlan addresses: 10.30.1.1/24, 10.30.100.1/24\n"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn reports_of_gateways_without_lan_addresses_still_parse() {
+        let mut v = serde_json::to_value(StatusReport::default()).unwrap();
+        v.as_object_mut().unwrap().remove("lan_addresses");
+        let r: StatusReport = serde_json::from_value(v).unwrap();
+        assert!(r.lan_addresses.is_empty());
+    }
 }

@@ -276,6 +276,10 @@ pub mod admin {
         pub root_ca_pem: String,
         pub root_fingerprint: String,
         pub wg_proof_public_key: WgPublicKey,
+        /// enroll.toml's `policy_public_key` (base64), when set: it goes into the bootstrap
+        /// file, so an appliance needs no site-specific key in its own configuration.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub policy_public_key: Option<String>,
     }
 
     /// Exactly one selector: a serial, or a tenant with optionally a site.

@@ -402,6 +402,11 @@ impl Service {
             root_ca_pem: self.ca.root_pem.clone(),
             root_fingerprint: self.ca.root_fingerprint.clone(),
             wg_proof_public_key: self.wg_proof_public,
+            policy_public_key: self
+                .config
+                .policy_public_key
+                .as_deref()
+                .map(|k| k.trim().to_owned()),
         })
     }
 

@@ -232,6 +232,22 @@ async fn publishing_without_a_configured_key_says_what_to_set() {
     assert!(h.service.store.published_policy().unwrap().is_none());
 }
 
+/// A gateway with no key of its own pins the one its bootstrap file carries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bootstrap_files_carry_the_policy_key_when_the_service_has_one() {
+    let fixture = PolicyFixture::new();
+    let h = common::start_with_policy_key(&fixture).await;
+    let b = h.bootstrap("nohfelden", "rathaus", Role::Spoke);
+    assert_eq!(
+        b.policy_public_key.as_deref(),
+        Some(fixture.public_key_text().trim())
+    );
+    assert_eq!(b.policy_key().unwrap(), Some(fixture.public_key.clone()));
+    let h = common::start().await;
+    let b = h.bootstrap("nohfelden", "rathaus", Role::Spoke);
+    assert_eq!(b.policy_public_key, None);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hubs_route_lists_hubs_with_their_endpoints() {
     let h = common::start().await;

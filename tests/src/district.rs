@@ -138,6 +138,29 @@ impl Gateway {
         result.map_err(|e| anyhow!("{e:#}\n{name}'s log:\n{}", self.log_tail()))
     }
 
+    /// Waits until the gateway's `/status` satisfies `what` (described by `label`), e.g. a
+    /// `state` that starts with `waiting for a bootstrap file`; returns that status.
+    pub fn wait_status(
+        &mut self,
+        label: &str,
+        timeout: Duration,
+        what: impl Fn(&serde_json::Value) -> bool,
+    ) -> Result<serde_json::Value> {
+        let name = self.name.clone();
+        let result = wait_until(&format!("{name}: {label}"), timeout, || {
+            if let Some(p) = self.process.as_mut() {
+                if let Ok(Some(status)) = p.child.try_wait() {
+                    bail!("{name} exited ({status}):\n{}", p.log_text());
+                }
+            }
+            let Ok(s) = self.status() else {
+                return Ok(None);
+            };
+            Ok(what(&s).then_some(s))
+        });
+        result.map_err(|e| anyhow!("{e:#}\n{name}'s log:\n{}", self.log_tail()))
+    }
+
     pub fn log_tail(&self) -> String {
         self.process
             .as_ref()
@@ -191,6 +214,49 @@ impl Commune {
     }
     pub fn guest_addr(&self) -> Ipv4Addr {
         Ipv4Addr::new(10, self.lan, 100, 10)
+    }
+}
+
+/// A spoke set up like the generic appliance image: no policy key in its gateway.toml (it
+/// comes with the bootstrap file), `wait_for_bootstrap` and `lan_addresses` on, one LAN
+/// interface `lan0` without addresses (the spoke puts its site's gateway addresses there) to a
+/// host at 10.N.1.10. Started without a bootstrap file: deliver one with
+/// [`ApplianceSpoke::deliver_bootstrap`].
+#[derive(Debug)]
+pub struct ApplianceSpoke {
+    pub spoke: Gateway,
+    /// Where the spoke looks for its bootstrap file (`DATA_DIR/bootstrap.json`).
+    pub bootstrap: PathBuf,
+    pub gw: Netns,
+    pub host: Netns,
+}
+
+impl ApplianceSpoke {
+    /// Puts `file` where the spoke waits for it, as the image's first-boot script must: a copy
+    /// next to the target, then a rename (the spoke never sees half a file).
+    pub fn deliver_bootstrap(&self, file: &Path) -> Result<()> {
+        let tmp = self.bootstrap.with_extension("json.part");
+        std::fs::copy(file, &tmp).with_context(|| format!("copying {}", file.display()))?;
+        std::fs::rename(&tmp, &self.bootstrap)
+            .with_context(|| format!("renaming to {}", self.bootstrap.display()))
+    }
+
+    /// The refused file the spoke moved aside, if any.
+    pub fn refused_bootstrap(&self) -> PathBuf {
+        let mut p = self.bootstrap.clone().into_os_string();
+        p.push(".refused");
+        PathBuf::from(p)
+    }
+
+    /// The addresses on `lan0` (`ip -brief addr`), e.g. `["10.30.1.1/24", ...]`.
+    pub fn lan_addresses(&self) -> Result<Vec<String>> {
+        let out = self.gw.ip(&["-brief", "addr", "show", "dev", "lan0"])?;
+        Ok(out
+            .split_whitespace()
+            .skip(2)
+            .filter(|a| a.contains('/') && !a.starts_with("fe80:"))
+            .map(str::to_owned)
+            .collect())
     }
 }
 
@@ -442,8 +508,15 @@ impl District {
         self.admin(&["policy-publish", &bundle.to_string_lossy()])
     }
 
-    fn token(&self, tenant: &str, site: &str, role: &str) -> Result<PathBuf> {
-        let out = self.path(&format!("{tenant}-{site}.bootstrap.json"));
+    /// A fresh bootstrap file from `komnet token create` (each call a new token).
+    pub fn token(&self, tenant: &str, site: &str, role: &str) -> Result<PathBuf> {
+        let mut out = self.path(&format!("{tenant}-{site}.bootstrap.json"));
+        for n in 2.. {
+            if !out.exists() {
+                break;
+            }
+            out = self.path(&format!("{tenant}-{site}-{n}.bootstrap.json"));
+        }
         self.admin(&[
             "token",
             "create",
@@ -460,17 +533,80 @@ impl District {
     }
 
     fn gateway_config(&self, name: &str, body: &str) -> Result<(PathBuf, PathBuf)> {
+        self.gateway_config_with(name, true, body)
+    }
+
+    /// `pin_key = false`: no policy_public_key, as on the generic appliance image.
+    fn gateway_config_with(
+        &self,
+        name: &str,
+        pin_key: bool,
+        body: &str,
+    ) -> Result<(PathBuf, PathBuf)> {
         let data = self.path(name);
         let config = self.path(&format!("{name}.toml"));
+        let key = if pin_key {
+            format!(
+                "policy_public_key = \"{}\"\n",
+                self.path("policy.pub").display()
+            )
+        } else {
+            String::new()
+        };
         std::fs::write(
             &config,
             format!(
-                "data_dir = \"{}\"\npolicy_public_key = \"{}\"\npolicy_poll = \"1s\"\n{body}",
-                data.display(),
-                self.path("policy.pub").display()
+                "data_dir = \"{}\"\n{key}policy_poll = \"1s\"\n{body}",
+                data.display()
             ),
         )?;
         Ok((config, data))
+    }
+
+    /// Starts a spoke configured like the generic appliance image ([`ApplianceSpoke`]) in a
+    /// new namespace on the WAN (192.0.2.`wan_host`), with its LAN host at
+    /// 10.`lan_octet`.1.10. It waits for a bootstrap file; nothing is enrolled yet.
+    pub fn add_appliance_spoke(
+        &mut self,
+        name: &str,
+        lan_octet: u8,
+        wan_host: u8,
+    ) -> Result<ApplianceSpoke> {
+        let gw = Netns::new(&format!("{name}-gw"))?;
+        attach_to_wan(
+            &self.wan,
+            &gw,
+            &mut self.wan_ports,
+            Ipv4Addr::new(192, 0, 2, wan_host),
+        )?;
+        let host = Netns::new(&format!("{name}-host"))?;
+        add_veth_pair(&gw, "lan0", &host, "eth0", 1500)?;
+        host.add_address("eth0", IpAddr::V4(Ipv4Addr::new(10, lan_octet, 1, 10)), 24)?;
+        let router = Ipv4Addr::new(10, lan_octet, 1, 1).to_string();
+        host.ip(&["route", "add", "default", "via", &router])?;
+        let (config, data_dir) = self.gateway_config_with(
+            name,
+            false,
+            "role = \"spoke\"\nlan = [\"lan0\"]\nwait_for_bootstrap = true\nlan_addresses = true\n",
+        )?;
+        std::fs::create_dir_all(&data_dir)?;
+        let mut spoke = Gateway {
+            name: name.to_owned(),
+            netns: gw.name().to_owned(),
+            config,
+            data_dir: data_dir.clone(),
+            metrics: "127.0.0.1:9120".into(),
+            log_dir: self.dir.path().to_owned(),
+            starts: 0,
+            process: None,
+        };
+        spoke.start()?;
+        Ok(ApplianceSpoke {
+            spoke,
+            bootstrap: data_dir.join("bootstrap.json"),
+            gw,
+            host,
+        })
     }
 
     fn add_hub(&mut self, index: usize) -> Result<()> {

@@ -45,8 +45,18 @@ pub struct GatewayConfig {
     /// UDP port for WireGuard; 0 picks a free one (fine for spokes, hubs need a fixed one).
     #[serde(default)]
     pub listen_port: u16,
-    /// The policy signing key (the `.pub` file of `komnet policy keygen`), pinned.
-    pub policy_public_key: PathBuf,
+    /// The policy signing key (the `.pub` file of `komnet policy keygen`), pinned. When not
+    /// set: `DATA_DIR/policy.pub`, which the first enrollment writes from the key the bootstrap
+    /// file carries.
+    pub policy_public_key: Option<PathBuf>,
+    /// Not enrolled and no bootstrap file: wait for one (polled every 2 s) instead of exiting;
+    /// a refused or unreadable one is moved aside to `<bootstrap>.refused` and waited for again.
+    #[serde(default)]
+    pub wait_for_bootstrap: bool,
+    /// Spoke: put the first host address of each of its site's segment prefixes on the first
+    /// `lan` interface (the appliance is its town hall's router), following the policy.
+    #[serde(default)]
+    pub lan_addresses: bool,
     /// How often the policy bundle is polled from the enrollment service.
     #[serde(default = "default_policy_poll")]
     pub policy_poll: HumanDuration,
@@ -126,13 +136,12 @@ impl GatewayConfig {
             message: e.to_string().trim_end().to_owned(),
         })?;
         let mut problems = Vec::new();
-        if let Some(p) = resolve_credential(
-            "policy_public_key",
-            &mut config.policy_public_key,
-            credentials_dir,
-            &mut problems,
-        ) {
-            config.credentials.push(p);
+        if let Some(key) = config.policy_public_key.as_mut() {
+            if let Some(p) =
+                resolve_credential("policy_public_key", key, credentials_dir, &mut problems)
+            {
+                config.credentials.push(p);
+            }
         }
         if let Some(bootstrap) = config.bootstrap.as_mut() {
             if let Some(p) =
@@ -156,6 +165,11 @@ impl GatewayConfig {
     /// Whether `bootstrap` names a systemd credential (an empty one means: no file was there).
     pub fn bootstrap_is_credential(&self) -> bool {
         self.credentials.contains(&"bootstrap")
+    }
+
+    /// Whether `policy_public_key` names a systemd credential.
+    pub fn policy_key_is_credential(&self) -> bool {
+        self.credentials.contains(&"policy_public_key")
     }
 
     /// Every problem at once.
@@ -192,6 +206,27 @@ impl GatewayConfig {
         if hub && !self.lan.is_empty() {
             problems
                 .push("lan: only spokes have LAN interfaces; a hub routes with the host".into());
+        }
+        if hub && self.lan_addresses {
+            problems.push(
+                "lan_addresses: only spokes put addresses on a LAN interface; a hub has none"
+                    .into(),
+            );
+        }
+        let bootstrap_credential = self.bootstrap_is_credential()
+            || self
+                .bootstrap
+                .as_deref()
+                .and_then(Path::to_str)
+                .is_some_and(|b| b.starts_with(CREDENTIAL_PREFIX));
+        if self.wait_for_bootstrap && bootstrap_credential {
+            problems.push(format!(
+                "wait_for_bootstrap: the bootstrap file cannot be a systemd credential \
+                 ({CREDENTIAL_PREFIX}NAME): systemd copies it once when the unit starts, so a file \
+                 put in place later is never seen and a refused one cannot be moved aside; give \
+                 its path (e.g. bootstrap = \"/var/lib/komnet/bootstrap.json\", owned by the \
+                 daemon's user) or leave bootstrap out for DATA_DIR/bootstrap.json"
+            ));
         }
         if hub && self.listen_port == 0 {
             problems.push(
@@ -277,6 +312,72 @@ mod tests {
         assert_eq!(c.metrics_listen.to_string(), "127.0.0.1:9120");
     }
 
+    /// What the generic appliance image ships: no key (it comes with the bootstrap file), a
+    /// bootstrap file waited for, the LAN's gateway addresses from the policy.
+    #[test]
+    fn the_appliance_settings_parse_and_default_to_off() {
+        let c = GatewayConfig::parse(
+            Path::new("gateway.toml"),
+            "role = \"spoke\"\nlan = [\"eth1\"]\n",
+        )
+        .unwrap();
+        assert_eq!(c.policy_public_key, None);
+        assert!(!c.wait_for_bootstrap);
+        assert!(!c.lan_addresses);
+        let c = GatewayConfig::parse(
+            Path::new("gateway.toml"),
+            "role = \"spoke\"\nlan = [\"eth1\"]\nwait_for_bootstrap = true\nlan_addresses = true\n\
+             bootstrap = \"/var/lib/komnet/bootstrap.json\"\n",
+        )
+        .unwrap();
+        assert!(c.wait_for_bootstrap);
+        assert!(c.lan_addresses);
+        assert_eq!(c.policy_public_key, None);
+        assert!(!c.bootstrap_is_credential());
+    }
+
+    #[test]
+    fn appliance_settings_that_cannot_work_are_named_with_the_file() {
+        let e = GatewayConfig::parse(
+            Path::new("/etc/komnet/gateway.toml"),
+            "role = \"hub\"\nlisten_port = 51820\nlan_addresses = true\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.starts_with("/etc/komnet/gateway.toml: "), "{e}");
+        assert!(
+            e.contains("lan_addresses: only spokes put addresses on a LAN interface"),
+            "{e}"
+        );
+        // A credential is copied once at the unit's start: waiting for it would wait forever.
+        let dir = Path::new("/run/credentials/komnet-gateway.service");
+        for credentials in [Some(dir), None] {
+            let e = GatewayConfig::parse_with_credentials(
+                Path::new("/etc/komnet/gateway.toml"),
+                "role = \"spoke\"\nlan = [\"eth1\"]\nwait_for_bootstrap = true\n\
+                 bootstrap = \"credential:bootstrap.json\"\n",
+                credentials,
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(e.starts_with("/etc/komnet/gateway.toml: "), "{e}");
+            assert!(
+                e.contains("wait_for_bootstrap: the bootstrap file cannot be a systemd credential"),
+                "{e}"
+            );
+        }
+        let e = GatewayConfig::parse(
+            Path::new("g.toml"),
+            "role = \"spoke\"\nlan = [\"eth1\"]\nwait_for_bootstrap = \"yes\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.starts_with("g.toml: ") && e.contains("wait_for_bootstrap"),
+            "{e}"
+        );
+    }
+
     #[test]
     fn every_problem_is_named_with_the_file() {
         let e = GatewayConfig::parse(
@@ -316,7 +417,8 @@ mod tests {
         let dir = Path::new("/run/credentials/komnet-gateway.service");
         let c =
             GatewayConfig::parse_with_credentials(Path::new("g.toml"), text, Some(dir)).unwrap();
-        assert_eq!(c.policy_public_key, dir.join("policy.pub"));
+        assert_eq!(c.policy_public_key, Some(dir.join("policy.pub")));
+        assert!(c.policy_key_is_credential());
         assert_eq!(c.bootstrap_path(), dir.join("bootstrap.json"));
         assert!(c.bootstrap_is_credential());
         // Plain paths stay paths.
@@ -326,8 +428,12 @@ mod tests {
             Some(dir),
         )
         .unwrap();
-        assert_eq!(c.policy_public_key, Path::new("/etc/komnet/policy.pub"));
+        assert_eq!(
+            c.policy_public_key.as_deref(),
+            Some(Path::new("/etc/komnet/policy.pub"))
+        );
         assert!(!c.bootstrap_is_credential());
+        assert!(!c.policy_key_is_credential());
     }
 
     #[test]
@@ -386,7 +492,9 @@ mod tests {
         assert_eq!(c.failover_after, defaults.failover_after);
         assert_eq!(c.keepalive, defaults.keepalive);
         assert_eq!(c.max_flows, defaults.max_flows);
-        assert_eq!(c.policy_public_key, dir.join("policy.pub"));
+        assert_eq!(c.wait_for_bootstrap, defaults.wait_for_bootstrap);
+        assert_eq!(c.lan_addresses, defaults.lan_addresses);
+        assert_eq!(c.policy_public_key, Some(dir.join("policy.pub")));
         assert_eq!(c.bootstrap_path(), dir.join("bootstrap.json"));
     }
 }

@@ -13,13 +13,14 @@
 //! table outlives the daemon; a hub's gate drops every packet until a policy is in force.
 
 pub mod config;
+pub mod lan;
 pub mod net;
 pub mod status;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Sender};
 use std::sync::{Arc, OnceLock};
@@ -53,6 +54,11 @@ const TUNNEL_MTU: u16 = 1420;
 const ENROLLMENT_FILE: &str = "enrollment.json";
 const WG_KEY_FILE: &str = "wg.key";
 const POLICY_DIR: &str = "policy";
+/// The policy signing key pinned at enrollment from the bootstrap file (when gateway.toml
+/// names none).
+const POLICY_KEY_FILE: &str = "policy.pub";
+/// How often a missing bootstrap file is looked for (`wait_for_bootstrap`).
+const BOOTSTRAP_POLL: Duration = Duration::from_secs(2);
 
 /// What the control plane knows, for its own decisions and for `/status`.
 #[derive(Default)]
@@ -74,6 +80,12 @@ struct ControlState {
     /// wait for DNS (whose server may sit behind the hub that just failed).
     hub_endpoints: Vec<Option<SocketAddr>>,
     active_hub: usize,
+    /// Spoke with `lan_addresses`: what the policy in force wants on the LAN interface, what
+    /// this process put there (and may have to take off again), and whether the last attempt
+    /// failed (retried by the spoke watcher).
+    lan_wanted: Vec<IpNet>,
+    lan_put: Vec<IpNet>,
+    lan_retry: bool,
     counters: BTreeMap<String, u64>,
 }
 
@@ -88,11 +100,19 @@ struct Ctx {
     state: Mutex<ControlState>,
     shared: OnceLock<Arc<Shared>>,
     keys: OnceLock<WgKeys>,
-    bundles: BundleStore,
+    /// The key gateway.toml names or an earlier enrollment stored, read at start.
+    pinned_key: Option<PinnedKey>,
+    /// Made once the policy key is known (at the latest after enrolling).
+    bundles: OnceLock<BundleStore>,
+    /// One change of the LAN addresses at a time (policy task and spoke watcher).
+    lan_lock: Mutex<()>,
+    /// How often a missing bootstrap file is looked for ([`BOOTSTRAP_POLL`]; tests go faster).
+    bootstrap_poll: Duration,
     events: Sender<Event>,
     /// systemd's readiness, watchdog and status (a no-op outside a `Type=notify` unit).
     notify: Notifier,
-    /// The tunnel is up and the role's tasks run (READY=1 was sent).
+    /// READY=1 was sent: the tunnel is up and the role's tasks run, or the appliance waits for
+    /// an operator to bring a bootstrap file (`wait_for_bootstrap`).
     ready: AtomicBool,
 }
 
@@ -110,7 +130,7 @@ pub fn run(config_path: &Path) -> Result<i32> {
         tracing::warn!(error = %e, "not sending systemd notifications");
         Notifier::disabled()
     });
-    let public_key = read_policy_key(&config.policy_public_key)?;
+    let pinned_key = pinned_policy_key(&config)?;
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -125,7 +145,10 @@ pub fn run(config_path: &Path) -> Result<i32> {
     let (events_tx, events) = channel();
     daemon::spawn_signals(events_tx.clone()).context("installing signal handlers")?;
     let ctx = Arc::new(Ctx {
-        bundles: BundleStore::new(config.data_dir.join(POLICY_DIR), public_key),
+        pinned_key,
+        bundles: OnceLock::new(),
+        lan_lock: Mutex::new(()),
+        bootstrap_poll: BOOTSTRAP_POLL,
         config,
         state: Mutex::new(ControlState {
             state: "starting".into(),
@@ -205,18 +228,79 @@ fn init_logging(json: bool) {
         .try_init();
 }
 
-fn read_policy_key(path: &Path) -> Result<Vec<u8>> {
+/// Where the pinned policy key came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum KeySource {
+    /// `policy_public_key` in gateway.toml.
+    Configured(PathBuf),
+    /// `DATA_DIR/policy.pub`, from the bootstrap file of an earlier enrollment.
+    Stored(PathBuf),
+}
+
+#[derive(Debug, Clone)]
+struct PinnedKey {
+    key: Vec<u8>,
+    source: KeySource,
+}
+
+/// The key gateway.toml names, else the one an earlier enrollment stored, else none yet (the
+/// bootstrap file brings it).
+fn pinned_policy_key(config: &GatewayConfig) -> Result<Option<PinnedKey>> {
+    if let Some(path) = &config.policy_public_key {
+        let key = read_policy_key(path, "policy_public_key").map_err(|e| {
+            if config.policy_key_is_credential() && is_blank(path) {
+                // komnet-gateway.service falls back to a blank credential when
+                // /etc/komnet/policy.pub is not there.
+                anyhow!(
+                    "policy_public_key names the systemd credential {}, which is empty: the file \
+                     LoadCredential=policy.pub:… names in komnet-gateway.service \
+                     (/etc/komnet/policy.pub unless changed) is missing; put the .pub file of \
+                     `komnet policy keygen` there, or remove policy_public_key from gateway.toml to \
+                     pin the key the bootstrap file carries",
+                    path.display()
+                )
+            } else {
+                e
+            }
+        })?;
+        return Ok(Some(PinnedKey {
+            key,
+            source: KeySource::Configured(path.clone()),
+        }));
+    }
+    let stored = config.data_dir.join(POLICY_KEY_FILE);
+    if !stored.exists() {
+        return Ok(None);
+    }
+    let key = read_policy_key(&stored, "stored policy key").with_context(|| {
+        format!(
+            "{} was written when this appliance enrolled; set policy_public_key in gateway.toml \
+             or put the right .pub file there",
+            stored.display()
+        )
+    })?;
+    Ok(Some(PinnedKey {
+        key,
+        source: KeySource::Stored(stored),
+    }))
+}
+
+fn is_blank(path: &Path) -> bool {
+    std::fs::read(path).is_ok_and(|b| b.iter().all(u8::is_ascii_whitespace))
+}
+
+fn read_policy_key(path: &Path, what: &str) -> Result<Vec<u8>> {
     let text = std::fs::read_to_string(path)
-        .with_context(|| format!("policy_public_key: cannot read {}", path.display()))?;
+        .with_context(|| format!("{what}: cannot read {}", path.display()))?;
     let key = B64.decode(text.trim()).map_err(|e| {
         anyhow!(
-            "policy_public_key: {} is not a base64 Ed25519 public key: {e}",
+            "{what}: {} is not a base64 Ed25519 public key: {e}",
             path.display()
         )
     })?;
     if key.len() != 32 {
         bail!(
-            "policy_public_key: {} holds {} bytes, an Ed25519 public key has 32",
+            "{what}: {} holds {} bytes, an Ed25519 public key has 32",
             path.display(),
             key.len()
         );
@@ -279,7 +363,9 @@ fn notify_logged(result: &std::io::Result<()>) {
 /// `EXTEND_TIMEOUT_USEC` while the start is under way (a first start waits for the enrollment
 /// service as long as it takes, and a start timeout in the middle of an enrollment could waste
 /// the one-time token). Either is sent only when the control state and the packet path's
-/// locks can be taken, so a wedged daemon goes silent and systemd restarts it.
+/// locks can be taken, so a wedged daemon goes silent and systemd restarts it. Waiting for an
+/// operator's bootstrap file counts as ready (see [`wait_for_operator`]): from then on the
+/// watchdog applies.
 async fn keepalive(ctx: Arc<Ctx>) {
     const START_PROBE: Duration = Duration::from_secs(10);
     let watchdog = ctx.notify.watchdog_interval();
@@ -325,7 +411,11 @@ fn control_plane_responsive(ctx: &Ctx, timeout: Duration) -> bool {
 
 /// Enrols (or loads the stored identity), brings up the tunnel and starts the role's tasks.
 async fn start(ctx: Arc<Ctx>) -> Result<()> {
-    let (enrollment, keys) = obtain_identity(&ctx).await?;
+    let (enrollment, keys, policy_key) = obtain_identity(&ctx).await?;
+    let _ = ctx.bundles.set(BundleStore::new(
+        ctx.config.data_dir.join(POLICY_DIR),
+        policy_key,
+    ));
     let expected = match ctx.config.role {
         GatewayRole::Hub => CertRole::Hub,
         GatewayRole::Spoke => CertRole::Spoke,
@@ -360,7 +450,7 @@ async fn start(ctx: Arc<Ctx>) -> Result<()> {
     set_state(&ctx, "waiting for policy");
     // The last-known-good policy first: a restarted appliance enforces at once, even when the
     // data centre is unreachable.
-    match ctx.bundles.load_last_known_good() {
+    match bundles(&ctx)?.load_last_known_good() {
         Ok(Some((bundle, compiled))) => {
             let version = bundle.version;
             match put_in_force(&ctx, bundle, compiled).await {
@@ -415,6 +505,23 @@ fn write_secret(path: &Path, text: &str) -> Result<()> {
     std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
 }
 
+/// A public file (the pinned policy key), written atomically like [`write_secret`].
+fn write_public(path: &Path, text: &str) -> Result<()> {
+    use std::io::Write as _;
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .open(&tmp)
+        .with_context(|| format!("creating {}", tmp.display()))?;
+    f.write_all(text.as_bytes())
+        .and_then(|()| f.sync_all())
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
+}
+
 fn load_keys(path: &Path) -> Result<WgKeys> {
     let meta = std::fs::metadata(path).with_context(|| format!("{}", path.display()))?;
     if meta.permissions().mode() & 0o077 != 0 {
@@ -433,9 +540,12 @@ fn load_keys(path: &Path) -> Result<WgKeys> {
     Ok(WgKeys::from_secret(x25519_dalek::StaticSecret::from(bytes)))
 }
 
-/// The stored identity, or a new one from the bootstrap file. Network trouble is retried;
-/// a refused token is final (it will not become valid by retrying) and says why.
-async fn obtain_identity(ctx: &Ctx) -> Result<(Enrollment, WgKeys)> {
+/// The stored identity with its pinned policy key, or a new identity from the bootstrap file.
+/// Network trouble is retried; a refused token is final (it will not become valid by
+/// retrying): the start fails and says why, or with `wait_for_bootstrap` the file is moved
+/// aside to `<file>.refused` and the next one is waited for. Nothing is written before the
+/// service said yes.
+async fn obtain_identity(ctx: &Ctx) -> Result<(Enrollment, WgKeys, Vec<u8>)> {
     let dir = &ctx.config.data_dir;
     let enrollment_path = dir.join(ENROLLMENT_FILE);
     let key_path = dir.join(WG_KEY_FILE);
@@ -457,38 +567,167 @@ async fn obtain_identity(ctx: &Ctx) -> Result<(Enrollment, WgKeys)> {
         if !ctx.config.enroll_urls.is_empty() {
             enrollment.enroll_urls = ctx.config.enroll_urls.clone();
         }
-        return Ok((enrollment, keys));
+        let Some(pinned) = &ctx.pinned_key else {
+            let stored = dir.join(POLICY_KEY_FILE);
+            bail!(
+                "no policy signing key: gateway.toml sets no policy_public_key and {} does not \
+                 exist, and this appliance is enrolled already (the bootstrap file, which may \
+                 carry the key, is read only to enrol); set policy_public_key in gateway.toml or \
+                 put the .pub file of `komnet policy keygen` at {}",
+                stored.display(),
+                stored.display()
+            );
+        };
+        return Ok((enrollment, keys, pinned.key.clone()));
     }
-    set_state(ctx, "enrolling");
-    let bootstrap_path = ctx.config.bootstrap_path();
-    let blank = std::fs::read(&bootstrap_path).is_ok_and(|b| b.iter().all(u8::is_ascii_whitespace));
-    if blank && ctx.config.bootstrap_is_credential() {
-        // komnet-gateway.service falls back to a blank credential (SetCredential=) when the
-        // file LoadCredential= names is missing, so that an enrolled appliance starts without it.
-        bail!(
-            "not enrolled yet and no bootstrap file: put the one `komnet token create` wrote at \
-             the path LoadCredential=bootstrap.json:… names in komnet-gateway.service \
-             (/var/lib/komnet/bootstrap.json unless changed) and restart"
-        );
-    }
-    let mut bootstrap = Bootstrap::read(&bootstrap_path).map_err(|e| {
-        anyhow!(
-            "not enrolled yet and no usable bootstrap file at {}: {e}",
-            bootstrap_path.display()
-        )
-    })?;
-    if !ctx.config.enroll_urls.is_empty() {
-        bootstrap.enroll_urls = ctx.config.enroll_urls.clone();
-    }
-    let keys = WgKeys::generate();
-    let mut delay = Duration::from_secs(1);
-    let enrollment = loop {
-        match client::enroll(&bootstrap, &keys).await {
-            Ok(e) => break e,
-            Err(e) if is_final(&e) => {
-                ctx.state.lock().count("enroll_refused");
-                bail!("enrollment refused: {e}");
+    let path = ctx.config.bootstrap_path();
+    let wait = ctx.config.wait_for_bootstrap;
+    // What the state says while there is no usable bootstrap file.
+    let mut waiting = format!("waiting for a bootstrap file at {}", path.display());
+    // A file that failed to parse is judged again one poll later: it may still be being written.
+    let mut unparsed: Option<Vec<u8>> = None;
+    // A refused file that could not be moved aside is not tried again while it is unchanged.
+    let mut refused: Option<Vec<u8>> = None;
+    loop {
+        let bytes = match std::fs::read(&path) {
+            Ok(b) if !b.iter().all(u8::is_ascii_whitespace) => b,
+            // Blank: komnet-gateway.service falls back to a blank credential (SetCredential=)
+            // when the file LoadCredential= names is missing.
+            Ok(_) if !wait && ctx.config.bootstrap_is_credential() => bail!(
+                "not enrolled yet and no bootstrap file: put the one `komnet token create` wrote \
+                 at the path LoadCredential=bootstrap.json:… names in komnet-gateway.service \
+                 (/var/lib/komnet/bootstrap.json unless changed) and restart"
+            ),
+            Ok(_) if wait => {
+                wait_for_operator(ctx, &waiting).await;
+                continue;
             }
+            Err(e) if wait && e.kind() == std::io::ErrorKind::NotFound => {
+                wait_for_operator(ctx, &waiting).await;
+                continue;
+            }
+            Err(e) if wait => {
+                // Not moved aside: it may be a copy whose owner or mode is about to be fixed.
+                wait_for_operator(
+                    ctx,
+                    &format!(
+                        "bootstrap file unreadable: {e}; waiting for a readable bootstrap file at {}",
+                        path.display()
+                    ),
+                )
+                .await;
+                continue;
+            }
+            // Without wait mode, a blank or missing file is reported by the parser below.
+            Ok(b) => b,
+            Err(_) => Vec::new(),
+        };
+        if refused.as_ref() == Some(&bytes) {
+            wait_for_operator(ctx, &waiting).await;
+            continue;
+        }
+        let bootstrap =
+            match Bootstrap::from_bytes(&path, &bytes).map_err(|e| match std::fs::metadata(&path) {
+                // Say "no such file" rather than what an empty file fails to parse as.
+                Err(io) => anyhow!("{}: {io}", path.display()),
+                Ok(_) => anyhow!(e),
+            }) {
+                Ok(b) => b,
+                Err(e) if !wait => bail!(
+                    "not enrolled yet and no usable bootstrap file at {}: {e}",
+                    path.display()
+                ),
+                Err(e) => {
+                    if unparsed.as_ref() != Some(&bytes) {
+                        unparsed = Some(bytes);
+                        tokio::time::sleep(ctx.bootstrap_poll).await;
+                        continue;
+                    }
+                    ctx.state.lock().count("bootstrap_unreadable");
+                    tracing::error!(error = %e, "bootstrap file unreadable; moving it aside");
+                    set_aside(&path, &bytes, &mut refused);
+                    waiting = format!(
+                        "bootstrap file unreadable: {e}; waiting for a new bootstrap file at {}",
+                        path.display()
+                    );
+                    continue;
+                }
+            };
+        unparsed = None;
+        let carried = bootstrap
+            .policy_key()
+            .map_err(|e| anyhow!("{}: {e}", path.display()))?;
+        let choice = match choose_policy_key(ctx.pinned_key.as_ref(), carried, dir, &path) {
+            Ok(c) => c,
+            Err(e) if !wait => bail!("{e}"),
+            Err(e) => {
+                // The token is not spent: the file is kept (moved aside) for a second try.
+                ctx.state.lock().count("bootstrap_without_policy_key");
+                tracing::error!(error = %e, "bootstrap file unusable; moving it aside");
+                set_aside(&path, &bytes, &mut refused);
+                waiting = format!(
+                    "bootstrap file unusable: {e}; waiting for a new bootstrap file at {}",
+                    path.display()
+                );
+                continue;
+            }
+        };
+        if let Some(w) = &choice.warning {
+            tracing::warn!("{w}");
+        }
+        let mut bootstrap = bootstrap;
+        if !ctx.config.enroll_urls.is_empty() {
+            bootstrap.enroll_urls = ctx.config.enroll_urls.clone();
+        }
+        set_state(ctx, "enrolling");
+        let keys = WgKeys::generate();
+        let enrollment = match enroll_with_retries(ctx, &bootstrap, &keys).await {
+            Ok(e) => e,
+            Err(e) => {
+                ctx.state.lock().count("enroll_refused");
+                if !wait {
+                    bail!("enrollment refused: {e}");
+                }
+                tracing::error!(error = %e, "enrollment refused; moving the bootstrap file aside");
+                set_aside(&path, &bytes, &mut refused);
+                waiting = format!(
+                    "enrollment refused: {}; waiting for a new bootstrap file at {}",
+                    refusal_reason(&e),
+                    path.display()
+                );
+                continue;
+            }
+        };
+        // The key first: an enrollment without its key would be useless, a key without an
+        // enrollment is overwritten on the next attempt. The policy key before the enrollment
+        // too: an enrolled appliance without it could not verify any policy.
+        write_secret(&key_path, &format!("{}\n", keys.private_base64()))?;
+        if choice.store {
+            let stored = dir.join(POLICY_KEY_FILE);
+            write_public(&stored, &format!("{}\n", B64.encode(&choice.key)))?;
+            tracing::info!(path = %stored.display(), key_id = %komnet_policy::bundle::key_id(&choice.key), "policy signing key from the bootstrap file pinned");
+        }
+        enrollment
+            .save(&enrollment_path)
+            .with_context(|| format!("saving {}", enrollment_path.display()))?;
+        ctx.state.lock().count("enrolled");
+        tracing::info!(path = %enrollment_path.display(), "enrolled; the bootstrap token is used up");
+        return Ok((enrollment, keys, choice.key));
+    }
+}
+
+/// Enrols, retrying network trouble (and the service's rate limit) for as long as it takes;
+/// returns the service's final refusal.
+async fn enroll_with_retries(
+    ctx: &Ctx,
+    bootstrap: &Bootstrap,
+    keys: &WgKeys,
+) -> Result<Enrollment, ClientError> {
+    let mut delay = Duration::from_secs(1);
+    loop {
+        match client::enroll(bootstrap, keys).await {
+            Ok(e) => return Ok(e),
+            Err(e) if is_final(&e) => return Err(e),
             Err(e) => {
                 ctx.state.lock().count("enroll_retry");
                 tracing::warn!(error = %e, retry_in = ?delay, "enrollment service not reachable");
@@ -496,22 +735,151 @@ async fn obtain_identity(ctx: &Ctx) -> Result<(Enrollment, WgKeys)> {
                 delay = (delay * 2).min(Duration::from_secs(30));
             }
         }
-    };
-    // The key first: an enrollment without its key would be useless, a key without an
-    // enrollment is overwritten on the next attempt.
-    write_secret(&key_path, &format!("{}\n", keys.private_base64()))?;
-    enrollment
-        .save(&enrollment_path)
-        .with_context(|| format!("saving {}", enrollment_path.display()))?;
-    ctx.state.lock().count("enrolled");
-    tracing::info!(path = %enrollment_path.display(), "enrolled; the bootstrap token is used up");
-    Ok((enrollment, keys))
+    }
+}
+
+/// The service's own words when it answered, else the whole error.
+fn refusal_reason(e: &ClientError) -> String {
+    match e.api_error() {
+        Some(api) => {
+            // The code as the service spells it on the wire (`token_used`).
+            let code = serde_json::to_value(api.code)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_else(|| format!("{:?}", api.code));
+            format!("{} ({code})", api.message)
+        }
+        None => e.to_string(),
+    }
+}
+
+/// Shows `state` while the appliance waits for an operator to bring a bootstrap file, and
+/// waits one poll interval.
+///
+/// READY=1 goes out when the wait begins. systemd's start job would otherwise stay open until
+/// someone brings a file, possibly days: `systemctl start` would hang and the boot would never
+/// finish (multi-user.target waits for the units it wants). The daemon has done all it can
+/// without an operator, the state says what it needs, and the watchdog covers it from now on.
+/// A first start that waits for the enrollment service (no operator needed) still extends the
+/// start timeout instead.
+async fn wait_for_operator(ctx: &Ctx, state: &str) {
+    set_state(ctx, state);
+    if !ctx.ready.swap(true, Ordering::AcqRel) {
+        notify_logged(&ctx.notify.ready(&status_line(ctx)));
+    }
+    tokio::time::sleep(ctx.bootstrap_poll).await;
+}
+
+/// Renames a refused bootstrap file to `<file>.refused` (replacing an older one) unless it
+/// changed meanwhile; when that fails its content is remembered, so it is not tried again.
+fn set_aside(path: &Path, bytes: &[u8], refused: &mut Option<Vec<u8>>) {
+    let mut to = path.as_os_str().to_owned();
+    to.push(".refused");
+    let to = PathBuf::from(to);
+    if std::fs::read(path).ok().as_deref() != Some(bytes) {
+        // Already replaced by a new file: that one is tried next.
+        return;
+    }
+    match std::fs::rename(path, &to) {
+        Ok(()) => {
+            *refused = None;
+            tracing::info!(to = %to.display(), "refused bootstrap file moved aside");
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, to = %to.display(), "cannot move the refused bootstrap file aside; ignoring it until it changes");
+            *refused = Some(bytes.to_vec());
+        }
+    }
+}
+
+/// Which policy key to pin at a first enrollment, and whether to store it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct KeyChoice {
+    key: Vec<u8>,
+    /// Write it to `DATA_DIR/policy.pub` once enrolled (it came from the bootstrap file).
+    store: bool,
+    warning: Option<String>,
+}
+
+/// gateway.toml's key wins; else the bootstrap file's (it comes with the trust anchor this
+/// enrollment is made with, so at a re-enrollment it replaces the one stored at the earlier
+/// one); else the stored one.
+fn choose_policy_key(
+    pinned: Option<&PinnedKey>,
+    carried: Option<Vec<u8>>,
+    data_dir: &Path,
+    bootstrap: &Path,
+) -> Result<KeyChoice, String> {
+    use komnet_policy::bundle::key_id;
+    match (pinned, carried) {
+        (
+            Some(
+                p @ PinnedKey {
+                    source: KeySource::Configured(path),
+                    ..
+                },
+            ),
+            carried,
+        ) => Ok(KeyChoice {
+            key: p.key.clone(),
+            store: false,
+            warning: carried.filter(|c| *c != p.key).map(|c| {
+                format!(
+                    "the bootstrap file carries policy signing key {}, but gateway.toml's \
+                     policy_public_key ({}) is {}: pinning the configured one",
+                    key_id(&c),
+                    path.display(),
+                    key_id(&p.key)
+                )
+            }),
+        }),
+        (
+            Some(
+                p @ PinnedKey {
+                    source: KeySource::Stored(path),
+                    ..
+                },
+            ),
+            Some(c),
+        ) => Ok(KeyChoice {
+            warning: (c != p.key).then(|| {
+                format!(
+                    "{} holds policy signing key {} from an earlier enrollment; the bootstrap file \
+                     carries {}, which replaces it",
+                    path.display(),
+                    key_id(&p.key),
+                    key_id(&c)
+                )
+            }),
+            key: c,
+            store: true,
+        }),
+        (Some(p), None) => Ok(KeyChoice {
+            key: p.key.clone(),
+            store: false,
+            warning: None,
+        }),
+        (None, Some(c)) => Ok(KeyChoice {
+            key: c,
+            store: true,
+            warning: None,
+        }),
+        (None, None) => Err(format!(
+            "no policy signing key: gateway.toml sets no policy_public_key, {} does not exist, and \
+             the bootstrap file {} carries none (the enrollment service had no policy_public_key \
+             when the token was made); set policy_public_key in the service's enroll.toml and make \
+             a new token with `komnet token create`, or set policy_public_key in gateway.toml",
+            data_dir.join(POLICY_KEY_FILE).display(),
+            bootstrap.display()
+        )),
+    }
 }
 
 fn is_final(e: &ClientError) -> bool {
     match e.api_error() {
         Some(api) => !matches!(api.code, ErrorCode::RateLimited | ErrorCode::Internal),
-        None => matches!(e, ClientError::Config(_)),
+        // A root that does not match its pinned fingerprint is a broken bootstrap file.
+        None => matches!(e, ClientError::Config(_) | ClientError::PinMismatch { .. }),
     }
 }
 
@@ -562,8 +930,8 @@ async fn put_in_force(
         GatewayRole::Spoke => {
             let identity = own_identity(ctx)?;
             let policy = &compiled.policy;
-            let site = policy
-                .tenant_by_name(identity.tenant.as_str())
+            let tenant = policy.tenant_by_name(identity.tenant.as_str());
+            let site = tenant
                 .and_then(|t| policy.site_by_name(t, identity.site.as_str()))
                 .ok_or_else(|| {
                     anyhow!(
@@ -581,6 +949,21 @@ async fn put_in_force(
             tokio::task::spawn_blocking(move || ruleset.apply())
                 .await
                 .context("nft task")??;
+            if let (true, Some(tenant)) = (ctx.config.lan_addresses, tenant) {
+                let plan = lan::gateway_addresses(policy, tenant, site);
+                for (segment, prefix) in &plan.skipped {
+                    tracing::warn!(
+                        segment = %segment,
+                        prefix = %prefix,
+                        "lan_addresses: no address taken in a single-address prefix (/32, /128): it leaves no room for a router beside its host"
+                    );
+                }
+                ctx.state.lock().lan_wanted = plan.addrs;
+                let task = ctx.clone();
+                tokio::task::spawn_blocking(move || sync_lan_addresses(&task))
+                    .await
+                    .context("LAN address task")?;
+            }
         }
         GatewayRole::Hub => {
             let shared = ctx.shared.get().ok_or_else(|| anyhow!("tunnel not up"))?;
@@ -611,7 +994,7 @@ async fn put_in_force(
             release_routes(ctx, &removed);
         }
     }
-    ctx.bundles.commit(&bundle)?;
+    bundles(ctx)?.commit(&bundle)?;
     let version = bundle.version;
     let mut s = ctx.state.lock();
     s.policy = Some((compiled, bundle, unix_now()));
@@ -624,6 +1007,14 @@ async fn put_in_force(
     }
     tracing::info!(version, "policy in force");
     Ok(())
+}
+
+/// The bundle store; there is none before the policy key is known (it may come with the
+/// bootstrap file), and no policy task runs before that.
+fn bundles(ctx: &Ctx) -> Result<&BundleStore> {
+    ctx.bundles
+        .get()
+        .ok_or_else(|| anyhow!("no policy signing key yet"))
 }
 
 fn own_identity(ctx: &Ctx) -> Result<Identity> {
@@ -657,13 +1048,13 @@ async fn policy_sync(ctx: Arc<Ctx>) {
 }
 
 async fn offer_bundle(ctx: &Arc<Ctx>, version: u64, bytes: &[u8]) {
-    let prepared = {
+    let prepared = bundles(ctx).and_then(|store| {
         let s = ctx.state.lock();
-        ctx.bundles.prepare(bytes, s.policy.as_ref().map(|p| &p.1))
-    };
+        Ok(store.prepare(bytes, s.policy.as_ref().map(|p| &p.1))?)
+    });
     let result = match prepared {
         Ok((bundle, compiled)) => put_in_force(ctx, bundle, compiled).await,
-        Err(e) => Err(e.into()),
+        Err(e) => Err(e),
     };
     if let Err(e) = result {
         let message = format!("policy version {version} refused: {e:#}");
@@ -673,6 +1064,52 @@ async fn offer_bundle(ctx: &Arc<Ctx>, version: u64, bytes: &[u8]) {
             tracing::error!(error = %message, "keeping the policy in force");
         }
         s.policy_error = Some(message);
+    }
+}
+
+// ---- LAN addresses (spoke, `lan_addresses`) ---------------------------------------------
+
+/// Makes the first `lan` interface carry the addresses the policy in force wants: adds the
+/// wanted ones (already there is fine) and takes off those this process put there before that
+/// are no longer wanted. Addresses it did not put there are left alone. A failure does not
+/// undo the policy (the firewall is in force either way); it is logged, counted and retried
+/// by the spoke watcher.
+fn sync_lan_addresses(ctx: &Ctx) {
+    let Some(lan) = ctx.config.lan.first() else {
+        return;
+    };
+    let _one_at_a_time = ctx.lan_lock.lock();
+    let (wanted, put) = {
+        let s = ctx.state.lock();
+        (s.lan_wanted.clone(), s.lan_put.clone())
+    };
+    let remove: Vec<IpNet> = put
+        .iter()
+        .filter(|a| !wanted.contains(a))
+        .copied()
+        .collect();
+    let result = net::set_lan_addresses(lan, &wanted, &remove);
+    let mut s = ctx.state.lock();
+    match result {
+        Ok(()) => {
+            if s.lan_put != wanted || s.lan_retry {
+                tracing::info!(interface = %lan, addresses = ?wanted.iter().map(ToString::to_string).collect::<Vec<_>>(), removed = ?remove.iter().map(ToString::to_string).collect::<Vec<_>>(), "LAN addresses set");
+            }
+            s.lan_put = wanted;
+            s.lan_retry = false;
+        }
+        Err(e) => {
+            // Which lines failed is not known: everything that may be there is remembered, so
+            // that a later change takes it off again.
+            for a in wanted {
+                if !s.lan_put.contains(&a) {
+                    s.lan_put.push(a);
+                }
+            }
+            s.lan_retry = true;
+            s.count("lan_addresses_failed");
+            tracing::error!(interface = %lan, error = %e, "cannot set the LAN addresses; retrying");
+        }
     }
 }
 
@@ -1053,6 +1490,7 @@ async fn spoke_watch(ctx: Arc<Ctx>) {
     let mut last_rx: Option<(usize, u64)> = None;
     let mut heard = Instant::now();
     let mut last_refresh = Instant::now();
+    let mut last_lan_retry = Instant::now();
     loop {
         tick.tick().await;
         let Some(shared) = ctx.shared.get() else {
@@ -1109,6 +1547,11 @@ async fn spoke_watch(ctx: Arc<Ctx>) {
                 }
                 heard = Instant::now();
             }
+        }
+        if ctx.state.lock().lan_retry && last_lan_retry.elapsed() >= Duration::from_secs(10) {
+            last_lan_retry = Instant::now();
+            let task = ctx.clone();
+            let _ = tokio::task::spawn_blocking(move || sync_lan_addresses(&task)).await;
         }
         let refresh_every = if n == 0 {
             Duration::from_secs(2)
@@ -1254,6 +1697,7 @@ fn report(ctx: &Ctx) -> StatusReport {
         tunnel_addrs: identity
             .map(|i| i.tunnel_addrs.iter().map(|a| a.to_string()).collect())
             .unwrap_or_default(),
+        lan_addresses: s.lan_put.iter().map(ToString::to_string).collect(),
         certificate: s.enrollment.as_ref().map(|e| CertificateStatus {
             serial: e.identity.serial.clone(),
             not_after: e.identity.not_after,
@@ -1309,5 +1753,294 @@ async fn serve_status(listener: tokio::net::TcpListener, ctx: Arc<Ctx>) {
         );
     if let Err(e) = axum::serve(listener, app).await {
         tracing::error!(error = %e, "status server stopped");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pinned(key: u8, source: KeySource) -> PinnedKey {
+        PinnedKey {
+            key: vec![key; 32],
+            source,
+        }
+    }
+
+    fn choose(pinned: Option<&PinnedKey>, carried: Option<u8>) -> Result<KeyChoice, String> {
+        choose_policy_key(
+            pinned,
+            carried.map(|k| vec![k; 32]),
+            Path::new("/var/lib/komnet"),
+            Path::new("/var/lib/komnet/bootstrap.json"),
+        )
+    }
+
+    #[test]
+    fn the_configured_policy_key_wins_and_a_different_carried_one_is_warned_about() {
+        let configured = pinned(1, KeySource::Configured("/etc/komnet/policy.pub".into()));
+        let c = choose(Some(&configured), Some(1)).unwrap();
+        assert_eq!((c.key, c.store, c.warning), (vec![1; 32], false, None));
+        let c = choose(Some(&configured), None).unwrap();
+        assert_eq!((c.key, c.store, c.warning), (vec![1; 32], false, None));
+        let c = choose(Some(&configured), Some(2)).unwrap();
+        assert_eq!((&c.key, c.store), (&vec![1; 32], false));
+        let w = c.warning.unwrap();
+        assert!(
+            w.contains("/etc/komnet/policy.pub") && w.contains("pinning the configured one"),
+            "{w}"
+        );
+    }
+
+    #[test]
+    fn the_bootstrap_files_key_is_pinned_and_stored_when_none_is_configured() {
+        let c = choose(None, Some(3)).unwrap();
+        assert_eq!((c.key, c.store, c.warning), (vec![3; 32], true, None));
+        // Stored at an earlier enrollment: kept when the new file carries none, replaced (with
+        // a warning) by the key of the file this enrollment is made with.
+        let stored = pinned(4, KeySource::Stored("/var/lib/komnet/policy.pub".into()));
+        let c = choose(Some(&stored), None).unwrap();
+        assert_eq!((c.key, c.store, c.warning), (vec![4; 32], false, None));
+        let c = choose(Some(&stored), Some(4)).unwrap();
+        assert_eq!((c.key, c.store, c.warning), (vec![4; 32], true, None));
+        let c = choose(Some(&stored), Some(5)).unwrap();
+        assert_eq!((&c.key, c.store), (&vec![5; 32], true));
+        assert!(c.warning.unwrap().contains("replaces it"));
+    }
+
+    #[test]
+    fn no_policy_key_anywhere_says_where_it_looked_and_what_to_do() {
+        let e = choose(None, None).unwrap_err();
+        for part in [
+            "no policy signing key",
+            "gateway.toml sets no policy_public_key",
+            "/var/lib/komnet/policy.pub does not exist",
+            "/var/lib/komnet/bootstrap.json carries none",
+            "set policy_public_key in the service's enroll.toml",
+            "komnet token create",
+        ] {
+            assert!(e.contains(part), "{part:?} not in {e}");
+        }
+    }
+
+    #[test]
+    fn a_refusal_is_shown_in_the_services_words() {
+        let e = ClientError::Api {
+            url: "https://enroll.example:8443".into(),
+            status: 409,
+            error: komnet_enroll::api::ApiError {
+                code: ErrorCode::TokenUsed,
+                message: "token already used".into(),
+            },
+        };
+        assert_eq!(refusal_reason(&e), "token already used (token_used)");
+        assert!(is_final(&e));
+        let pin = ClientError::PinMismatch {
+            expected: "aa".into(),
+            actual: "bb".into(),
+        };
+        assert!(is_final(&pin));
+        let net = ClientError::Connect {
+            url: "https://enroll.example:8443".into(),
+            message: "connection refused".into(),
+        };
+        assert!(!is_final(&net));
+    }
+
+    /// A scratch directory, removed on drop.
+    struct Scratch(PathBuf);
+    impl Scratch {
+        fn new(name: &str) -> Self {
+            let dir = std::env::temp_dir().join(format!(
+                "komnet-appliance-{name}-{}-{}",
+                std::process::id(),
+                rand::random::<u32>()
+            ));
+            std::fs::create_dir_all(&dir).unwrap();
+            Scratch(dir)
+        }
+    }
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn test_config(dir: &Path, extra: &str) -> GatewayConfig {
+        GatewayConfig::parse(
+            Path::new("gateway.toml"),
+            &format!(
+                "role = \"spoke\"\nlan = [\"eth1\"]\ndata_dir = \"{}\"\n{extra}",
+                dir.display()
+            ),
+        )
+        .unwrap()
+    }
+
+    fn test_ctx(dir: &Path, extra: &str) -> Arc<Ctx> {
+        let config = test_config(dir, extra);
+        let (events, _) = channel();
+        Arc::new(Ctx {
+            pinned_key: pinned_policy_key(&config).unwrap(),
+            config,
+            state: Mutex::new(ControlState::default()),
+            shared: OnceLock::new(),
+            keys: OnceLock::new(),
+            bundles: OnceLock::new(),
+            lan_lock: Mutex::new(()),
+            bootstrap_poll: Duration::from_millis(20),
+            events,
+            notify: Notifier::disabled(),
+            ready: AtomicBool::new(false),
+        })
+    }
+
+    /// A bootstrap file that parses but whose root is no certificate: the client refuses it
+    /// before any connection, as final as a spent token.
+    fn bootstrap_json(policy_key: Option<u8>) -> String {
+        let b = Bootstrap {
+            version: 1,
+            token: "kmt1.0011223344556677.secret".into(),
+            enroll_urls: vec!["https://127.0.0.1:9".into()],
+            root_fingerprint: "00".repeat(32),
+            root_ca_pem: "not a certificate".into(),
+            wg_proof_public_key: komnet_enroll::identity::WgPublicKey::from_bytes([9; 32]).unwrap(),
+            policy_public_key: policy_key.map(|k| B64.encode([k; 32])),
+        };
+        serde_json::to_string(&b).unwrap()
+    }
+
+    async fn wait_for_state(ctx: &Ctx, what: impl Fn(&str) -> bool) -> String {
+        for _ in 0..500 {
+            let state = ctx.state.lock().state.clone();
+            if what(&state) {
+                return state;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("state now: {}", ctx.state.lock().state);
+    }
+
+    fn files(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn waiting_for_a_bootstrap_file_sets_refused_and_unreadable_ones_aside() {
+        let scratch = Scratch::new("wait");
+        let dir = scratch.0.clone();
+        let path = dir.join("bootstrap.json");
+        let ctx = test_ctx(&dir, "wait_for_bootstrap = true\n");
+        let task = {
+            let ctx = ctx.clone();
+            tokio::spawn(async move { obtain_identity(&ctx).await.map(|_| ()) })
+        };
+        let waiting = format!("waiting for a bootstrap file at {}", path.display());
+        wait_for_state(&ctx, |s| s == waiting).await;
+        assert!(ctx.ready.load(Ordering::Acquire), "READY=1 once waiting");
+
+        // Blank is the same as missing.
+        std::fs::write(&path, "\n").unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(ctx.state.lock().state, waiting);
+        assert!(path.exists());
+
+        // Not JSON: moved aside (once it stayed the same for a poll), and said why.
+        std::fs::write(&path, "{ half a file").unwrap();
+        let s = wait_for_state(&ctx, |s| s.starts_with("bootstrap file unreadable: ")).await;
+        let again = format!("; waiting for a new bootstrap file at {}", path.display());
+        assert!(s.ends_with(&again), "{s}");
+        assert_eq!(files(&dir), ["bootstrap.json.refused"]);
+
+        // Refused: moved aside, replacing the older one, nothing else written.
+        std::fs::write(&path, bootstrap_json(Some(7))).unwrap();
+        let s = wait_for_state(&ctx, |s| s.starts_with("enrollment refused: ")).await;
+        assert!(s.contains("bootstrap root CA"), "{s}");
+        assert!(s.ends_with(&again), "{s}");
+        assert_eq!(files(&dir), ["bootstrap.json.refused"]);
+        assert_eq!(
+            std::fs::read_to_string(dir.join("bootstrap.json.refused")).unwrap(),
+            bootstrap_json(Some(7))
+        );
+        assert_eq!(ctx.state.lock().counters.get("enroll_refused"), Some(&1));
+        assert_eq!(
+            ctx.state.lock().counters.get("bootstrap_unreadable"),
+            Some(&1)
+        );
+
+        // No key anywhere: not sent to the service (the token is not spent), moved aside.
+        std::fs::write(&path, bootstrap_json(None)).unwrap();
+        let s = wait_for_state(&ctx, |s| {
+            s.starts_with("bootstrap file unusable: no policy signing key")
+        })
+        .await;
+        assert!(s.ends_with(&again), "{s}");
+        assert_eq!(files(&dir), ["bootstrap.json.refused"]);
+        assert_eq!(ctx.state.lock().counters.get("enroll_refused"), Some(&1));
+        assert!(!task.is_finished(), "it waits on");
+        task.abort();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn without_wait_mode_a_missing_or_refused_bootstrap_file_stops_the_start() {
+        let scratch = Scratch::new("nowait");
+        let dir = scratch.0.clone();
+        let ctx = test_ctx(&dir, "");
+        let e = format!("{:#}", obtain_identity(&ctx).await.err().unwrap());
+        assert!(
+            e.contains("not enrolled yet and no usable bootstrap file"),
+            "{e}"
+        );
+        assert!(e.contains("No such file"), "{e}");
+
+        std::fs::write(dir.join("bootstrap.json"), bootstrap_json(None)).unwrap();
+        let e = format!("{:#}", obtain_identity(&ctx).await.err().unwrap());
+        assert!(e.starts_with("no policy signing key"), "{e}");
+
+        // A configured key is enough; the refusal is final and leaves the file where it is.
+        let configured = dir.join("configured.pub");
+        std::fs::write(&configured, B64.encode([3u8; 32])).unwrap();
+        let ctx = test_ctx(
+            &dir,
+            &format!("policy_public_key = \"{}\"\n", configured.display()),
+        );
+        let e = format!("{:#}", obtain_identity(&ctx).await.err().unwrap());
+        assert!(e.starts_with("enrollment refused: "), "{e}");
+        assert_eq!(files(&dir), ["bootstrap.json", "configured.pub"]);
+        assert!(!ctx.ready.load(Ordering::Acquire));
+    }
+
+    #[test]
+    fn a_stored_policy_key_is_pinned_at_start_and_a_broken_one_named() {
+        let scratch = Scratch::new("stored");
+        let dir = scratch.0.clone();
+        assert!(pinned_policy_key(&test_config(&dir, "")).unwrap().is_none());
+        let stored = dir.join(POLICY_KEY_FILE);
+        std::fs::write(&stored, format!("{}\n", B64.encode([5u8; 32]))).unwrap();
+        let p = pinned_policy_key(&test_config(&dir, "")).unwrap().unwrap();
+        assert_eq!(p.key, vec![5; 32]);
+        assert_eq!(p.source, KeySource::Stored(stored.clone()));
+        // A configured one is read instead.
+        let configured = dir.join("c.pub");
+        std::fs::write(&configured, B64.encode([6u8; 32])).unwrap();
+        let c = test_config(
+            &dir,
+            &format!("policy_public_key = \"{}\"\n", configured.display()),
+        );
+        assert_eq!(pinned_policy_key(&c).unwrap().unwrap().key, vec![6; 32]);
+        std::fs::write(&stored, "short\n").unwrap();
+        let e = format!(
+            "{:#}",
+            pinned_policy_key(&test_config(&dir, "")).unwrap_err()
+        );
+        assert!(
+            e.contains("policy.pub was written when this appliance enrolled"),
+            "{e}"
+        );
     }
 }

@@ -87,6 +87,26 @@ pub fn delete_routes(ifname: &str, nets: &[IpNet]) -> Result<(), NetError> {
     )
 }
 
+/// Puts `add` on the LAN interface `ifname` (replacing what is there with the same address),
+/// takes `remove` off it (already gone is fine), and brings the link up.
+pub fn set_lan_addresses(ifname: &str, add: &[IpNet], remove: &[IpNet]) -> Result<(), NetError> {
+    let lines: Vec<String> = remove
+        .iter()
+        .map(|a| format!("addr del {a} dev {ifname}"))
+        .collect();
+    ip_batch(
+        &format!("address removal on {ifname}"),
+        &lines,
+        &["Cannot assign requested address"],
+    )?;
+    let mut lines: Vec<String> = add
+        .iter()
+        .map(|a| format!("addr replace {a} dev {ifname}"))
+        .collect();
+    lines.push(format!("link set dev {ifname} up"));
+    ip_batch(&format!("the addresses of {ifname}"), &lines, &[])
+}
+
 /// The appliance routes between LAN (or data centre) and tunnel. Already on is left alone:
 /// under systemd the unit switches it on before the daemon starts (`/proc/sys` is read-only to
 /// the sandboxed daemon, `ProtectKernelTunables=`), and the daemon runs without the root that

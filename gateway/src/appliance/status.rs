@@ -17,6 +17,10 @@ pub struct StatusReport {
     pub tenant: Option<String>,
     pub site: Option<String>,
     pub tunnel_addrs: Vec<String>,
+    /// Spoke with `lan_addresses`: the addresses it put on its LAN interface (its site's
+    /// segments' gateways). Absent in reports of older gateways.
+    #[serde(default)]
+    pub lan_addresses: Vec<String>,
     pub certificate: Option<CertificateStatus>,
     pub policy: Option<PolicyStatus>,
     /// Why the last offered policy bundle was refused, if it was.
