@@ -21,6 +21,7 @@
 # with user-mode networking for the appliance's WAN port; kti-lan: the town hall's PC on the
 # appliance's LAN port through a tap device) and removes again, also when it fails.
 # KVM is used when it works, TCG otherwise (KOMNET_QEMU_ACCEL=tcg|kvm forces one).
+# KOMNET_TEST_PAUSE_ON_FAILURE=SECS keeps everything up that long after a failure, to look.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -50,14 +51,23 @@ DC=kti-dc
 LAN=kti-lan
 TAP=ktilan0
 QEMU_PID=""
-bg_pids=()
+# Every process the test started in its namespaces (qemu, the service, the hub, the servers).
+kill_netns_processes() {
+    local ns sig
+    for sig in TERM KILL; do
+        for ns in "$DC" "$LAN"; do
+            ip netns pids "$ns" 2>/dev/null | xargs -r kill -s "$sig" 2>/dev/null || true
+        done
+        if [ $sig = TERM ]; then sleep 0.5; fi
+    done
+}
 cleanup() {
     local rc=$?
-    [ -n "$QEMU_PID" ] && kill "$QEMU_PID" 2>/dev/null || true
-    for p in "${bg_pids[@]}"; do kill "$p" 2>/dev/null || true; done
-    sleep 0.3
-    [ -n "$QEMU_PID" ] && kill -9 "$QEMU_PID" 2>/dev/null || true
-    for p in "${bg_pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+    if [ $rc != 0 ] && [ -n "${KOMNET_TEST_PAUSE_ON_FAILURE:-}" ]; then
+        echo "test-image.sh: failed; pausing ${KOMNET_TEST_PAUSE_ON_FAILURE}s for a look (netns $DC, $LAN)" >&2
+        sleep "$KOMNET_TEST_PAUSE_ON_FAILURE"
+    fi
+    kill_netns_processes
     ip netns del "$DC" 2>/dev/null || true
     ip netns del "$LAN" 2>/dev/null || true
     ip link del "$TAP" 2>/dev/null || true
@@ -69,6 +79,7 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 # A run killed before its cleanup leaves these behind.
+kill_netns_processes
 ip netns del "$DC" 2>/dev/null || true
 ip netns del "$LAN" 2>/dev/null || true
 
@@ -101,10 +112,8 @@ ip -n "$DC" link set lo up
 ip -n "$LAN" link set lo up
 # The appliance sees the data centre at 10.0.2.2 (qemu's user-mode network maps it to this
 # namespace's loopback); the hub and the service use the same address among themselves.
-ip -n "$DC" link add dc0 type dummy
-ip -n "$DC" link set dc0 up
-ip -n "$DC" addr add 10.0.2.2/32 dev dc0
-ip -n "$DC" addr add 10.0.1.10/32 dev dc0
+ip -n "$DC" addr add 10.0.2.2/32 dev lo
+ip -n "$DC" addr add 10.0.1.10/32 dev lo
 dcx() { ip netns exec "$DC" "$@"; }
 
 "$bin/komnet" policy keygen --out "$work/policy.key" >/dev/null
@@ -113,8 +122,7 @@ dcx() { ip netns exec "$DC" "$@"; }
     --policy-public-key "$work/policy.pub" >/dev/null
 sed -i -e 's|^listen = .*|listen = "0.0.0.0:8443"|' -e 's|^allowed_ips = .*|allowed_ips = ["10.0.0.0/8"]|' "$work/enroll/enroll.toml"
 grep -q '^allowed_ips = \["10.0.0.0/8"\]' "$work/enroll/enroll.toml" || fail "could not set allowed_ips in enroll.toml"
-dcx "$bin/komnet-enroll" serve --data-dir "$work/enroll" >"$work/enroll.log" 2>&1 &
-bg_pids+=($!)
+ip netns exec "$DC" "$bin/komnet-enroll" serve --data-dir "$work/enroll" >"$work/enroll.log" 2>&1 &
 for _ in $(seq 100); do [ -S "$work/enroll/admin.sock" ] && break; sleep 0.1; done
 [ -S "$work/enroll/admin.sock" ] || { cat "$work/enroll.log" >&2; fail "the enrollment service did not start"; }
 admin() { "$bin/komnet" "$@" --socket "$work/enroll/admin.sock"; }
@@ -131,15 +139,13 @@ policy_poll = "1s"
 interface = "komnet0"
 listen_port = 51820
 EOF
-dcx "$bin/komnet-gateway" run --config "$work/hub1.toml" >"$work/hub1.log" 2>&1 &
-bg_pids+=($!)
-dcx "$bin/netprobe" serve echo:0.0.0.0:443 >"$work/dms.log" 2>&1 &
-bg_pids+=($!)
+ip netns exec "$DC" "$bin/komnet-gateway" run --config "$work/hub1.toml" >"$work/hub1.log" 2>&1 &
+ip netns exec "$DC" "$bin/netprobe" serve echo:0.0.0.0:443 >"$work/dms.log" 2>&1 &
 for _ in $(seq 150); do
-    dcx "$bin/komnet" status --json 2>/dev/null | grep -q '"state":"running"' && break
+    dcx "$bin/komnet" status --json 2>/dev/null | grep -Eq '"state": *"running"' && break
     sleep 0.2
 done
-dcx "$bin/komnet" status --json 2>/dev/null | grep -q '"state":"running"' \
+dcx "$bin/komnet" status --json 2>/dev/null | grep -Eq '"state": *"running"' \
     || { tail -20 "$work/hub1.log" >&2; fail "the hub did not come up"; }
 
 # ---- sticks ----------------------------------------------------------------------------
@@ -176,8 +182,10 @@ start_vm() { # DISK [ARGS...]
     local disk=$1; shift
     : >"$serial"
     cp "$OVMF_VARS" "$work/vars.fd"
+    # Up before qemu opens it: an up tap shows NO-CARRIER until a program holds it.
     ip -n "$DC" tuntap add dev "$TAP" mode tap
-    dcx qemu-system-x86_64 -name komnet-appliance -machine pc -accel "$accel" -cpu "$cpu" \
+    ip -n "$DC" link set "$TAP" up
+    ip netns exec "$DC" qemu-system-x86_64 -name komnet-appliance -machine pc -accel "$accel" -cpu "$cpu" \
         -smp 2 -m 1024 -nodefaults -display none -vga none \
         -drive if=pflash,format=raw,readonly=on,file="$OVMF_CODE" \
         -drive if=pflash,format=raw,file="$work/vars.fd" \
@@ -189,22 +197,44 @@ start_vm() { # DISK [ARGS...]
         -monitor unix:"$monitor",server,nowait "$@" >"$work/qemu.log" 2>&1 &
     QEMU_PID=$!
     VM_START=$(date +%s.%N)
+    # When each console line appeared, seconds after power-on (printed after step 1).
+    (
+        seen=0
+        while kill -0 "$QEMU_PID" 2>/dev/null; do
+            n=$(tr -d '\r' <"$serial" | grep -ac 'komnet: ' || true)
+            if [ "$n" -gt "$seen" ]; then
+                now=$(date +%s.%N)
+                tr -d '\r' <"$serial" | grep -ao 'komnet: .*' | tail -n +"$(( seen + 1 ))" | head -n "$(( n - seen ))" \
+                    | while read -r l; do printf '%6.1f s  %s\n' "$(python3 -c "print($now - $VM_START)")" "$l"; done
+                seen=$n
+            fi
+            sleep 0.5
+        done
+    ) >"$work/timeline-$(basename "$disk" .qcow2).log" 2>/dev/null &
     # Once qemu holds the tap device it has carrier; then it moves to the town hall.
-    local i
-    for i in $(seq 100); do
-        ip -n "$DC" link show "$TAP" 2>/dev/null | grep -q NO-CARRIER || break
+    local i held=false
+    for i in $(seq 200); do
+        if ip -n "$DC" link show "$TAP" | grep -q 'LOWER_UP'; then held=true; break; fi
         kill -0 "$QEMU_PID" 2>/dev/null || { cat "$work/qemu.log" >&2; fail "qemu did not start"; }
         sleep 0.1
     done
+    $held || fail "qemu did not take the tap device $TAP within 20 s"
     ip -n "$DC" link set "$TAP" netns "$LAN"
     ip -n "$LAN" link set "$TAP" up
     ip -n "$LAN" addr add 10.30.1.50/24 dev "$TAP"
     ip -n "$LAN" route add default via 10.30.1.1
 }
+# Presses the power button (ACPI) and waits for the appliance to shut down, as unplugging it
+# the hard way could lose what it wrote last.
 stop_vm() {
     [ -n "$QEMU_PID" ] || return 0
-    monitor_cmd quit || true
-    for _ in $(seq 50); do kill -0 "$QEMU_PID" 2>/dev/null || break; sleep 0.1; done
+    monitor_cmd system_powerdown || true
+    for _ in $(seq 240); do kill -0 "$QEMU_PID" 2>/dev/null || break; sleep 0.5; done
+    if kill -0 "$QEMU_PID" 2>/dev/null; then
+        echo "test-image.sh: the appliance did not power off within 120 s; pulling the plug" >&2
+        monitor_cmd quit || true
+        sleep 1
+    fi
     kill -9 "$QEMU_PID" 2>/dev/null || true
     wait "$QEMU_PID" 2>/dev/null || true
     QEMU_PID=""
@@ -244,7 +274,7 @@ unplug() { monitor_cmd "device_del $1"; }
 
 # The console lines (komnet: ...) seen so far; waits for one matching a pattern, counting
 # only lines after MARK (a line count) so that a line of an earlier boot does not count.
-console() { tr -d '\r' <"$serial" | grep -a '^komnet: ' || true; }
+console() { tr -d '\r' <"$serial" | grep -ao 'komnet: .*' || true; }
 mark() { console | wc -l; }
 wait_console() { # MARK SECONDS REGEX
     local from=$1 secs=$2 re=$3 deadline=$(( $(date +%s) + $2 ))
@@ -275,18 +305,19 @@ wait_traffic() { # SECONDS
 note "1. first boot with the bootstrap stick"
 qemu-img create -q -f qcow2 -F qcow2 -b "$out/komnet-appliance-1.qcow2" "$work/appliance.qcow2"
 start_vm "$work/appliance.qcow2" -drive if=virtio,format=raw,readonly=on,file="$work/stick-nohfelden.img"
-wait_traffic 300
+wait_traffic ${KOMNET_FIRST_PACKET_TIMEOUT:-300}
 first_packet=$(python3 -c "print(round($(date +%s.%N) - $VM_START, 1))")
-note "power-on to first packet through the tunnel: ${first_packet} s ($accel)"
+note "power-on to first packet through the tunnel: ${first_packet} s ($accel); console timeline:"
+cut -c1-150 "$work/timeline-appliance.log"
 wait_console 0 30 '^komnet: bootstrap file copied from USB stick KOMNET' >/dev/null
-wait_console 0 30 '^komnet: running: nohfelden/rathaus, policy version 1, .*hub hub1.*LAN 10\.30\.1\.1/24'
+wait_console 0 30 '^komnet: running: nohfelden/rathaus, policy version 1, .*hub hub1.*LAN .*10\.30\.1\.1/24'
 dcx "$bin/komnet" status | grep -q nohfelden || fail "the hub does not list the appliance"
 
 # ---- 2. a broken update is rolled back ----------------------------------------------------
 note "2. update stick with the broken version 2"
 m=$(mark)
 plug upd "$out/komnet-update-2.stick"
-wait_console "$m" 120 '^komnet: update: version 2 is in slot b'
+wait_console "$m" 420 '^komnet: update: version 2 is in slot b'
 wait_console "$m" 240 '^komnet: version 2 \(slot b\) is on probation'
 wait_console "$m" 240 '^komnet: version 2 \(slot b\) failed its health check: komnet-gateway failed'
 wait_console "$m" 600 '^komnet: update rolled back: slot b: version 2, failed'
@@ -308,9 +339,14 @@ wait_console 0 60 '^komnet: bootstrap file copied from USB stick KOMNET'
 wait_console 0 60 '^komnet: enrollment refused: .*waiting for a new bootstrap file'
 [ "$(probe_dms 1000 || true)" != pass ] || fail "a refused appliance passed traffic"
 stop_vm
-# What the refused enrollment left on the data partition (partition 4, after 1 + 256 + 2 x 1024 MiB).
+# What the refused enrollment left on the data partition.
 qemu-img convert -O raw "$work/appliance2.qcow2" "$work/appliance2.raw"
-dd if="$work/appliance2.raw" of="$work/data2.img" bs=1M skip=$(( 1 + 256 + 2048 )) count=256 status=none
+read -r data_start data_size < <(sfdisk --json "$work/appliance2.raw" | python3 -c '
+import json, sys
+for p in json.load(sys.stdin)["partitiontable"]["partitions"]:
+    if p.get("name") == "komnet-data":
+        print(p["start"], p["size"])')
+dd if="$work/appliance2.raw" of="$work/data2.img" bs=512 skip="$data_start" count="$data_size" status=none
 listing=$(debugfs -R 'ls -p /' "$work/data2.img" 2>/dev/null | cut -d/ -f6 | grep -v '^$' | sort | tr '\n' ' ')
 echo "data partition after the refusal: $listing"
 for f in wg.key enrollment.json policy.pub bootstrap.json; do

@@ -13,3 +13,7 @@ scripts/setup.sh
 # The tests start release-mode daemons: build them first so one test's timeout never pays for it.
 cargo build --release --locked -p komnet-gateway -p komnet-enroll -p komnet-cli -p komnet-netns-tests --bins
 cargo test --workspace --locked --release
+# The appliance image: built (packaging/image/build-image.sh) and booted in qemu with OVMF
+# against a real enrollment service and hub; fails with a message when the machine cannot run
+# qemu. About 10 minutes under TCG.
+packaging/test-image.sh

@@ -29,7 +29,7 @@
 #   root-N.img                the root file system alone
 #
 # Layout (GPT): komnet-esp 256 MiB (systemd-boot, kernels and boot entries of both slots),
-# komnet-a and komnet-b 1 GiB each (ext4, mounted read-only), komnet-data 256 MiB (ext4,
+# komnet-a and komnet-b 768 MiB each (the root uses about 450) (ext4, mounted read-only), komnet-data 256 MiB (ext4,
 # /var/lib/komnet: keys, enrollment, last-known-good policy). docs/appliance.md explains it.
 set -euo pipefail
 
@@ -82,7 +82,7 @@ PRUNE_MODULES="sound drivers/gpu drivers/media drivers/net/wireless drivers/infi
 CMDLINE="ro rootwait console=tty1 console=ttyS0,115200n8 net.ifnames=0 quiet loglevel=3 systemd.show_status=auto"
 
 ESP_MIB=256
-ROOT_MIB=1024
+ROOT_MIB=768
 DATA_MIB=256
 
 work="$out/work"
@@ -206,7 +206,8 @@ systemctl --root="$rootfs" enable systemd-networkd.service systemd-resolved.serv
     systemd-timesyncd.service nftables.service komnet-gateway.service komnet-console.service \
     komnet-health.service >/dev/null 2>&1
 systemctl --root="$rootfs" mask apt-daily.timer apt-daily-upgrade.timer e2scrub_all.timer \
-    e2scrub_reap.service fstrim.timer systemd-boot-update.service >/dev/null 2>&1
+    e2scrub_reap.service fstrim.timer systemd-boot-update.service getty@.service \
+    serial-getty@.service >/dev/null 2>&1
 chroot_unmount
 
 kver=$(basename "$(ls -d "$rootfs"/usr/lib/modules/*)")

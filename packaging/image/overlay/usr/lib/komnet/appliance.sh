@@ -34,7 +34,7 @@ say() {
     local tty
     for tty in /dev/tty1 /dev/ttyS0; do
         if [ -c "$tty" ]; then
-            printf '%s\r\n' "$line" >"$tty" 2>/dev/null || true
+            printf '\r\n%s\r\n' "$line" >"$tty" 2>/dev/null || true
         fi
     done
 }
