@@ -490,30 +490,23 @@ async fn start(ctx: Arc<Ctx>) -> Result<()> {
 // ---- identity ------------------------------------------------------------------------------
 
 fn write_secret(path: &Path, text: &str) -> Result<()> {
-    use std::io::Write as _;
-    let tmp = path.with_extension("tmp");
-    let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("creating {}", tmp.display()))?;
-    f.write_all(text.as_bytes())
-        .and_then(|()| f.sync_all())
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
+    write_atomically(path, text, 0o600)
 }
 
-/// A public file (the pinned policy key), written atomically like [`write_secret`].
+/// A public file (the pinned policy key).
 fn write_public(path: &Path, text: &str) -> Result<()> {
+    write_atomically(path, text, 0o644)
+}
+
+/// Temp file with `mode`, synced, renamed over `path`: a crash leaves the old file or the new.
+fn write_atomically(path: &Path, text: &str, mode: u32) -> Result<()> {
     use std::io::Write as _;
     let tmp = path.with_extension("tmp");
     let _ = std::fs::remove_file(&tmp);
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
-        .mode(0o644)
+        .mode(mode)
         .open(&tmp)
         .with_context(|| format!("creating {}", tmp.display()))?;
     f.write_all(text.as_bytes())
