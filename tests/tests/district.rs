@@ -439,3 +439,80 @@ fn spoke_fails_over_to_the_second_hub_within_5s() {
         .expect("spoke status");
     assert!(counter(&status, "counters", "failover") >= 1, "{status:#}");
 }
+
+/// The spoke of the generic appliance image (no policy key in its gateway.toml,
+/// `wait_for_bootstrap`, `lan_addresses`): it waits for its bootstrap file and says so; a spent
+/// token is refused, moved aside, and nothing is written; a fresh token (which carries the policy
+/// key) enrols it, and it puts the first address of each of its site's segments on its LAN port.
+#[test]
+fn an_image_spoke_waits_refuses_a_spent_token_then_enrols_and_takes_its_lan_addresses() {
+    require_root_and_tools();
+    let mut district = District::start(
+        &netprobe(),
+        Options {
+            two_hubs: false,
+            homeoffice: false,
+        },
+    )
+    .expect("district");
+    let mut appliance = district
+        .add_appliance_spoke("image", 50, 40)
+        .expect("appliance spoke");
+    let state = |s: &serde_json::Value| s["state"].as_str().unwrap_or_default().to_owned();
+    appliance
+        .spoke
+        .wait_status(
+            "waiting for its bootstrap file",
+            Duration::from_secs(15),
+            |s| state(s).starts_with("waiting for a bootstrap file at "),
+        )
+        .expect("waiting");
+
+    // Nohfelden's own spoke used this token when the district started.
+    appliance
+        .deliver_bootstrap(&district.path("nohfelden-rathaus.bootstrap.json"))
+        .expect("deliver spent token");
+    let refused = appliance
+        .spoke
+        .wait_status("refusing the spent token", Duration::from_secs(15), |s| {
+            state(s).starts_with("enrollment refused: ")
+                && state(s).contains("waiting for a new bootstrap file")
+        })
+        .expect("refused");
+    assert!(state(&refused).contains("used"), "{refused}");
+    assert!(appliance.refused_bootstrap().exists());
+    let data = appliance.spoke.data_dir.clone();
+    for f in ["bootstrap.json", "wg.key", "enrollment.json", "policy.pub"] {
+        assert!(!data.join(f).exists(), "{f} left behind after a refusal");
+    }
+    assert!(appliance.lan_addresses().expect("lan").is_empty());
+
+    let fresh = district
+        .token("nohfelden", "rathaus", "spoke")
+        .expect("fresh token");
+    appliance.deliver_bootstrap(&fresh).expect("deliver token");
+    let running = appliance
+        .spoke
+        .wait_status("running with a policy", Duration::from_secs(30), |s| {
+            state(s) == "running" && !s["policy"].is_null()
+        })
+        .expect("running");
+    assert!(
+        data.join("policy.pub").exists(),
+        "the policy key from the bootstrap file is kept"
+    );
+    // Nohfelden's rathaus segments: verwaltung 10.30.1.0/24, gaeste 10.30.100.0/24.
+    let mut on_lan = appliance.lan_addresses().expect("lan");
+    on_lan.sort();
+    assert_eq!(on_lan, ["10.30.1.1/24", "10.30.100.1/24"], "{running}");
+    let mut reported: Vec<String> = running["lan_addresses"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    reported.sort();
+    assert_eq!(reported, on_lan, "{running}");
+}
