@@ -29,7 +29,7 @@ bench_require() {
     [ "$(id -u)" = 0 ] || bdie "must run as root (network namespaces, TUN)"
     [ -c /dev/net/tun ] || bdie "/dev/net/tun missing"
     local c
-    for c in ip wg iperf3 ping; do command -v "$c" >/dev/null || bdie "$c missing: run scripts/setup.sh"; done
+    for c in ip wg iperf3 ping; do command -v "$c" >/dev/null || bdie "$c missing: run scripts/setup.sh bench"; done
     trap bench_cleanup EXIT
     trap 'exit 130' INT TERM
 }

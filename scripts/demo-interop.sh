@@ -28,7 +28,7 @@ die() { log "FAILED: $*"; exit 1; }
 
 [ "$(id -u)" = 0 ] || { echo "demo-interop.sh needs root (network namespaces, TUN devices): run 'sudo scripts/demo-interop.sh'" >&2; exit 1; }
 
-scripts/setup.sh
+scripts/setup.sh demo
 if [ -n "${KOMNET_GATEWAY_BIN:-}" ]; then
     GATEWAY=$KOMNET_GATEWAY_BIN
     log "using KOMNET_GATEWAY_BIN=$GATEWAY (no build)"

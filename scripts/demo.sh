@@ -16,7 +16,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "demo.sh needs root (network namespaces, TUN devices, nftables): run 'sudo scripts/demo.sh'" >&2; exit 1; }
-scripts/setup.sh
+scripts/setup.sh demo
 echo "[demo] cargo build --release (komnet-gateway, komnet-enroll, komnet, komnet-demo)" >&2
 cargo build --release --locked -p komnet-gateway -p komnet-enroll -p komnet-cli -p komnet-netns-tests --bins
 exec target/release/komnet-demo

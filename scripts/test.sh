@@ -9,7 +9,7 @@ if [ "$(id -u)" != 0 ]; then
     echo "test.sh: the network-namespace tests need root (netns, veth, /dev/net/tun): run 'sudo scripts/test.sh'" >&2
     exit 1
 fi
-scripts/setup.sh
+scripts/setup.sh test
 # The tests start release-mode daemons: build them first so one test's timeout never pays for it.
 cargo build --release --locked -p komnet-gateway -p komnet-enroll -p komnet-cli -p komnet-netns-tests --bins
 cargo test --workspace --locked --release
