@@ -11,9 +11,13 @@
 #      the health check fails on each try, systemd-boot falls back to slot a by itself, the
 #      console says so, traffic flows again, and the broken version is not installed again
 #      although the stick is still in.
-#   3. a fresh appliance without a stick says what it waits for; a stick with a token that is
-#      spent (the one of step 1) is refused plainly, and the data partition holds no key, no
-#      enrollment, no policy key afterwards.
+#      Version 2 raises the version floor to 2: a stick with the (validly signed) version 1 is
+#      refused afterwards.
+#   3. a fresh appliance without a stick says what it waits for; update sticks an attacker
+#      could bring (a valid image signed with another key, one without a signature) are refused
+#      and nothing is written (slot b and the boot entries are as they were); a stick with a
+#      token that is spent (the one of step 1) is refused plainly, and the data partition holds
+#      no key, no enrollment, no policy key afterwards.
 #
 #   sudo packaging/test-image.sh         (scripts/test.sh runs it)
 #
@@ -91,8 +95,12 @@ note() { echo "== [$(elapsed)s] $*"; }
 rm -rf "$work"
 mkdir -p "$work"
 out="$work/images"
+# The release key for this test's images, and an attacker's key.
+minisign -G -W -p "$work/release.pub" -s "$work/release.key" >/dev/null
+minisign -G -W -p "$work/attacker.pub" -s "$work/attacker.key" >/dev/null
+keys=(--release-key "$work/release.key" --release-pub "$work/release.pub")
 note "building image version 1 (packaging/image/build-image.sh)"
-packaging/image/build-image.sh --version 1 --allow-drift --out "$out" >"$work/build-1.log" 2>&1 \
+packaging/image/build-image.sh "${keys[@]}" --version 1 --allow-drift --out "$out" >"$work/build-1.log" 2>&1 \
     || { tail -30 "$work/build-1.log" >&2; fail "building image version 1"; }
 grep '^== ' "$work/build-1.log" | tail -n 1
 # Version 2 is broken on purpose: its gateway.toml has a setting the gateway refuses.
@@ -100,7 +108,7 @@ mkdir -p "$work/broken/etc/komnet"
 cp packaging/image/overlay/etc/komnet/gateway.toml "$work/broken/etc/komnet/gateway.toml"
 echo 'deliberately_broken = "test-image.sh: version 2 must be rolled back"' >>"$work/broken/etc/komnet/gateway.toml"
 note "building the broken version 2 (same base, other gateway.toml)"
-packaging/image/build-image.sh --version 2 --allow-drift --out "$out" --debs "$target_dir/debian" \
+packaging/image/build-image.sh "${keys[@]}" --version 2 --floor 2 --allow-drift --out "$out" --debs "$target_dir/debian" \
     --overlay "$work/broken" >"$work/build-2.log" 2>&1 \
     || { tail -30 "$work/build-2.log" >&2; fail "building image version 2"; }
 
@@ -156,6 +164,21 @@ make_stick() { # FILE BOOTSTRAP
     mcopy -i "$1" "$2" ::/komnet-bootstrap.json
 }
 make_stick "$work/stick-nohfelden.img" "$work/nohfelden.bootstrap.json"
+# An update stick (FAT, label KOMNET-UPD) with the files of DIR.
+make_update_stick() { # FILE DIR
+    rm -f "$1"
+    mkfs.vfat -n KOMNET-UPD -C "$1" $(( $(du -k --apparent-size -c "$2"/* | tail -n 1 | cut -f1) + 8192 )) >/dev/null
+    mcopy -i "$1" "$2"/* ::/
+}
+# What an attacker could bring: version 2, intact, but signed with another key; and without
+# a signature.
+cp -a "$out/komnet-update-2" "$work/update-foreign"
+minisign -S -s "$work/attacker.key" -m "$work/update-foreign/komnet-update.txt" \
+    -x "$work/update-foreign/komnet-update.txt.minisig" </dev/null >/dev/null
+make_update_stick "$work/stick-foreign.img" "$work/update-foreign"
+cp -a "$out/komnet-update-2" "$work/update-unsigned"
+rm "$work/update-unsigned/komnet-update.txt.minisig"
+make_update_stick "$work/stick-unsigned.img" "$work/update-unsigned"
 
 # ---- qemu --------------------------------------------------------------------------------
 accel=${KOMNET_QEMU_ACCEL:-}
@@ -317,7 +340,8 @@ dcx "$bin/komnet" status | grep -q nohfelden || fail "the hub does not list the 
 note "2. update stick with the broken version 2"
 m=$(mark)
 plug upd "$out/komnet-update-2.stick"
-wait_console "$m" 420 '^komnet: update: version 2 is in slot b'
+wait_console "$m" 420 '^komnet: update: version floor raised to 2'
+wait_console "$m" 60 '^komnet: update: version 2 is in slot b'
 wait_console "$m" 240 '^komnet: version 2 \(slot b\) is on probation'
 wait_console "$m" 240 '^komnet: version 2 \(slot b\) failed its health check: komnet-gateway failed'
 wait_console "$m" 600 '^komnet: update rolled back: slot b: version 2, failed'
@@ -327,6 +351,10 @@ wait_traffic 120
 console | tail -n +"$(( m + 1 ))" | grep -c '^komnet: komnet appliance, version 2 (slot b)' >"$work/tries"
 [ "$(cat "$work/tries")" = 2 ] || fail "version 2 was tried $(cat "$work/tries") times, expected 2"
 note "rolled back to version 1 after 2 failed tries; the stick left in is not installed again"
+m=$(mark)
+plug old "$out/komnet-update-1.stick"
+wait_console "$m" 120 "^komnet: update refused: version 1 is below this appliance's version floor 2"
+note "the signed version 1 is refused below the floor version 2 raised"
 stop_vm
 
 # ---- 3. no stick, then a spent token --------------------------------------------------------
@@ -334,6 +362,10 @@ note "3. a new appliance: no stick, then a stick with a spent token"
 qemu-img create -q -f qcow2 -F qcow2 -b "$out/komnet-appliance-1.qcow2" "$work/appliance2.qcow2"
 start_vm "$work/appliance2.qcow2"
 wait_console 0 240 '^komnet: waiting for a bootstrap file at /var/lib/komnet/bootstrap.json'
+plug foreign "$work/stick-foreign.img"
+wait_console 0 120 "^komnet: update refused: the signature of USB stick .* is not the release key's"
+plug unsigned "$work/stick-unsigned.img"
+wait_console 0 120 '^komnet: update refused: USB stick .* has no signature'
 plug stick "$work/stick-nohfelden.img"
 wait_console 0 60 '^komnet: bootstrap file copied from USB stick KOMNET'
 wait_console 0 60 '^komnet: enrollment refused: .*waiting for a new bootstrap file'
@@ -353,6 +385,18 @@ for f in wg.key enrollment.json policy.pub bootstrap.json; do
     case " $listing " in *" $f "*) fail "the refused enrollment left $f behind" ;; esac
 done
 case " $listing " in *" bootstrap.json.refused "*) ;; *) fail "the refused bootstrap file was not kept as bootstrap.json.refused" ;; esac
+# The attacker's sticks wrote nothing: slot b is as empty as the image left it, and the ESP
+# holds slot a's boot entry only.
+read -r b_start b_size < <(sfdisk --json "$work/appliance2.raw" | python3 -c '
+import json, sys
+for p in json.load(sys.stdin)["partitiontable"]["partitions"]:
+    if p.get("name") == "komnet-b":
+        print(p["start"], p["size"])')
+dd if="$work/appliance2.raw" bs=512 skip="$b_start" count="$b_size" status=none | cmp -s - <(head -c $(( b_size * 512 )) /dev/zero) \
+    || fail "slot b was written although every update stick was refused"
+entries=$(MTOOLS_SKIP_CHECK=1 mdir -b -i "$work/appliance2.raw@@1M" ::/loader/entries | sed 's|.*/||' | sort | tr '\n' ' ')
+[ "$entries" = "komnet-a.conf " ] || fail "boot entries after the refused updates: $entries (expected komnet-a.conf only)"
+note "the refused update sticks left slot b empty and the boot entries as they were"
 rm -f "$work/appliance2.raw" "$work/data2.img"
 
 note "all image tests passed (first packet after ${first_packet} s under $accel)"

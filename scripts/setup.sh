@@ -8,8 +8,9 @@
 #   scripts/setup.sh test    # scripts/test.sh: all of the above, the image tools (qemu, OVMF,
 #                            # debootstrap, ...) and cargo-deb
 #
-# Never fails on a version pin it cannot satisfy: a pin is tried first and, when the machine's
-# apt sources do not carry that version, the package is installed unpinned.
+# Never removes a package to install one, and never pins a version the machine's apt sources do
+# not carry: qemu-system-x86 is taken from the suite the installed qemu-utils came from (adding
+# bookworm-backports when that is where it came from).
 set -euo pipefail
 
 profile=${1:-test}
@@ -44,6 +45,9 @@ IMAGE=(
     qemu-img:qemu-utils
     qemu-system-x86_64:qemu-system-x86
     /usr/share/OVMF/OVMF_CODE_4M.fd:ovmf
+    # Updates are signed (packaging/test-update.sh, test-image.sh); sticks are read with mtools.
+    minisign:minisign
+    mdir:mtools
 )
 
 case "$profile" in
@@ -66,16 +70,24 @@ for pair in "${NEED[@]}"; do
 done
 # resolvconf is not needed: wg-quick only calls it for DNS= lines, which komnet's configs do not use.
 
-# The version to ask for: qemu-system-x86 should match an installed qemu-utils (which may come
-# from backports), but only when the apt sources carry that version.
-wanted() {
-    local pkg=$1 utils
-    if [ "$pkg" = qemu-system-x86 ] && utils=$(dpkg-query -W -f='${Version}' qemu-utils 2>/dev/null) && [ -n "$utils" ] &&
-        apt-cache madison qemu-system-x86 2>/dev/null | awk -F'|' '{gsub(/ /,"",$2); print $2}' | grep -qxF "$utils"; then
-        echo "$pkg=$utils"
-    else
-        echo "$pkg"
+# qemu-system-x86 must come from the same qemu build as an installed qemu-utils (their common
+# files conflict otherwise, and apt would remove qemu-utils). When that qemu-utils came from
+# bookworm-backports and the apt sources lack that suite, the suite is added (same mirror).
+backports_for_qemu() {
+    local utils
+    utils=$(dpkg-query -W -f='${Version}' qemu-utils 2>/dev/null) || return 1
+    [[ "$utils" == *bpo12* ]] || return 1
+    if ! apt-cache madison qemu-system-x86 2>/dev/null | grep -q bookworm-backports; then
+        local uri
+        uri=$(awk '/^URIs:/ { print $2; exit }' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)
+        [ -n "$uri" ] || uri=$(awk '/^deb .* bookworm / { print $2; exit }' /etc/apt/sources.list 2>/dev/null || true)
+        [ -n "$uri" ] || return 1
+        echo "setup ($profile): qemu-utils $utils is from bookworm-backports; adding that suite to apt ($uri)"
+        printf 'Types: deb\nURIs: %s\nSuites: bookworm-backports\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' \
+            "$uri" >/etc/apt/sources.list.d/komnet-bookworm-backports.sources
+        apt-get update -qq
     fi
+    return 0
 }
 
 if [ ${#missing[@]} -eq 0 ]; then
@@ -90,12 +102,19 @@ else
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
     args=()
-    for pkg in "${uniq[@]}"; do args+=("$(wanted "$pkg")"); done
+    for pkg in "${uniq[@]}"; do
+        if [ "$pkg" = qemu-system-x86 ] && backports_for_qemu; then
+            args+=(qemu-system-x86/bookworm-backports)
+        else
+            args+=("$pkg")
+        fi
+    done
     echo "setup ($profile): apt-get install ${args[*]}"
-    if ! apt-get install -y -qq --no-install-recommends "${args[@]}" >/dev/null; then
-        # A pin that resolved but cannot be installed with the rest: take what apt offers.
-        echo "setup ($profile): retrying without version pins: ${uniq[*]}"
-        apt-get install -y -qq --no-install-recommends "${uniq[@]}" >/dev/null
+    # --no-remove: installing what a command needs never takes away what the machine has.
+    if ! apt-get install -y -qq --no-install-recommends --no-remove "${args[@]}" >/dev/null; then
+        echo "setup ($profile): apt-get could not install ${args[*]} without removing other packages;" >&2
+        echo "  see 'apt-get install --no-install-recommends ${args[*]}' for what is in the way" >&2
+        exit 1
     fi
     echo "setup ($profile): done"
 fi

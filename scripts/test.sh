@@ -10,6 +10,10 @@ if [ "$(id -u)" != 0 ]; then
     exit 1
 fi
 scripts/setup.sh test
+# Every systemd unit komnet ships, rated (systemd-analyze security); the update checks
+# (signature, version floor, sums) on this machine, without qemu.
+packaging/check-units.sh
+packaging/test-update.sh
 # The tests start release-mode daemons: build them first so one test's timeout never pays for it.
 cargo build --release --locked -p komnet-gateway -p komnet-enroll -p komnet-cli -p komnet-netns-tests --bins
 cargo test --workspace --locked --release

@@ -5,10 +5,19 @@
 # a folder, file systems made from folders (mkfs.ext4 -d, mkfs.vfat + mtools), partitions
 # placed into the disk file with dd.
 #
-#   sudo packaging/image/build-image.sh [--version N] [--debs DIR] [--out DIR] [--cache DIR]
-#                                       [--overlay DIR] [--allow-drift] [--refresh-lock]
+#   sudo packaging/image/build-image.sh --release-key KEY --release-pub PUB [--version N]
+#            [--floor N] [--debs DIR] [--out DIR] [--cache DIR] [--overlay DIR]
+#            [--allow-drift] [--refresh-lock]
 #
+#   --release-key KEY  the release team's minisign secret key: signs the update's manifest
+#   --release-pub PUB  its public key: the image checks every update against it (and an
+#                      update that carries another one hands over to it: key rotation)
+#                      Make a pair once with `minisign -G -p release.pub -s release.key` and
+#                      keep release.key off the build machines' disks when not in use.
 #   --version N     image version (a positive number; updates only go forward); default 1
+#   --floor N       version floor (default 1, at most N): an appliance that installs this
+#                   update refuses every update older than the floor from then on, however
+#                   it is signed (raise it when an old version has a known fault)
 #   --debs DIR      the komnet .debs to install; default: packaging/build-debs.sh builds them
 #   --out DIR       where the results go; default ${CARGO_TARGET_DIR:-target}/image
 #   --cache DIR     keeps the Debian base (debootstrap) between builds; default
@@ -23,7 +32,8 @@
 # Writes into --out:
 #   komnet-appliance-N.raw    the disk image (dd it onto the appliance's disk or a USB stick)
 #   komnet-appliance-N.qcow2  the same for virtual machines
-#   komnet-update-N/          the update (komnet-update.txt, root.img.zst, vmlinuz, initrd.img)
+#   komnet-update-N/          the update (komnet-update.txt and its signature
+#                             komnet-update.txt.minisig, root.img.zst, vmlinuz, initrd.img)
 #   komnet-update-N.stick     a FAT image labelled KOMNET-UPD holding the update (dd it onto a
 #                             USB stick; the appliance installs it when the stick is plugged in)
 #   root-N.img                the root file system alone
@@ -38,6 +48,9 @@ repo=$(cd "$here/../.." && pwd)
 target_dir=${CARGO_TARGET_DIR:-$repo/target}
 
 version=1
+floor=1
+release_key=""
+release_pub=""
 debs=""
 out="$target_dir/image"
 cache="$target_dir/image-cache"
@@ -47,6 +60,9 @@ overlays=()
 while [ $# -gt 0 ]; do
     case "$1" in
         --version) version=${2:?--version needs a number}; shift ;;
+        --floor) floor=${2:?--floor needs a number}; shift ;;
+        --release-key) release_key=${2:?--release-key needs a file}; shift ;;
+        --release-pub) release_pub=${2:?--release-pub needs a file}; shift ;;
         --debs) debs=${2:?--debs needs a folder}; shift ;;
         --out) out=${2:?--out needs a folder}; shift ;;
         --cache) cache=${2:?--cache needs a folder}; shift ;;
@@ -60,11 +76,22 @@ while [ $# -gt 0 ]; do
     shift
 done
 [[ "$version" =~ ^[1-9][0-9]{0,8}$ ]] || { echo "build-image.sh: --version must be a positive number, not '$version'" >&2; exit 2; }
+[[ "$floor" =~ ^[1-9][0-9]{0,8}$ ]] && [ "$floor" -le "$version" ] || { echo "build-image.sh: --floor must be a positive number up to --version ($version), not '$floor'" >&2; exit 2; }
+if [ -z "$release_key" ] || [ -z "$release_pub" ]; then
+    echo "build-image.sh: --release-key and --release-pub are needed: appliances install only updates signed" >&2
+    echo "  with the release key (make a pair once: minisign -G -p release.pub -s release.key)" >&2
+    exit 2
+fi
+for f in "$release_key" "$release_pub"; do
+    [ -r "$f" ] || { echo "build-image.sh: cannot read $f" >&2; exit 2; }
+done
+release_key=$(cd "$(dirname "$release_key")" && pwd)/$(basename "$release_key")
+release_pub=$(cd "$(dirname "$release_pub")" && pwd)/$(basename "$release_pub")
 if [ "$(id -u)" != 0 ]; then
     echo "build-image.sh: needs root (debootstrap and chroot); run it with sudo" >&2
     exit 1
 fi
-for tool in debootstrap sfdisk mkfs.ext4 mkfs.vfat mcopy mmd qemu-img zstd sha256sum; do
+for tool in debootstrap sfdisk mkfs.ext4 mkfs.vfat mcopy mmd qemu-img zstd sha256sum minisign; do
     command -v "$tool" >/dev/null || { echo "build-image.sh: $tool is missing (scripts/setup.sh installs it)" >&2; exit 1; }
 done
 
@@ -74,8 +101,9 @@ SUITE=bookworm
 # systemd-boot: the boot loader and systemd-bless-boot (boot counting); systemd-resolved and
 # -timesyncd: DNS and time from the WAN (certificates need a correct clock; resolved needs
 # dbus); jq: the console and health check read `komnet status --json`; zstd: updates are
-# compressed; netbase: /etc/protocols for nft.
-PACKAGES=linux-image-amd64,systemd,dbus,netbase,systemd-sysv,systemd-boot,systemd-boot-efi,systemd-resolved,systemd-timesyncd,udev,kmod,nftables,iproute2,e2fsprogs,initramfs-tools,zstd,jq
+# compressed; netbase: /etc/protocols for nft; minisign: updates are signed; mtools: USB sticks
+# are read without mounting them.
+PACKAGES=linux-image-amd64,systemd,dbus,netbase,systemd-sysv,systemd-boot,systemd-boot-efi,systemd-resolved,systemd-timesyncd,udev,kmod,nftables,iproute2,e2fsprogs,initramfs-tools,zstd,jq,minisign,mtools
 # Kernel modules an appliance never loads (sound, graphics, radios, cameras, ...): out, to keep
 # the root small and the initramfs quick to unpack.
 PRUNE_MODULES="sound drivers/gpu drivers/media drivers/net/wireless drivers/infiniband drivers/staging drivers/bluetooth drivers/isdn drivers/iio drivers/input/touchscreen drivers/misc/mei net/bluetooth net/wireless net/mac80211"
@@ -194,7 +222,10 @@ for o in "${overlays[@]}"; do
     cp -a "$o/." "$rootfs/"
 done
 cp "$repo/docs/appliance.md" "$rootfs/usr/share/doc/komnet-gateway/appliance.md" 2>/dev/null || true
-printf 'NAME="komnet appliance"\nVERSION=%s\nDEBIAN=%s\n' "$version" "$(cat "$rootfs/etc/debian_version")" >"$rootfs/etc/komnet-release"
+printf 'NAME="komnet appliance"\nVERSION=%s\nFLOOR=%s\nDEBIAN=%s\n' "$version" "$floor" "$(cat "$rootfs/etc/debian_version")" >"$rootfs/etc/komnet-release"
+# The key every update must be signed with, and this image's own version floor.
+install -D -m 0644 "$release_pub" "$rootfs/usr/share/komnet/release.pub"
+echo "$floor" >"$rootfs/usr/lib/komnet/update-floor"
 mkdir -p "$rootfs/efi" "$rootfs/var/lib/komnet"
 # The root is read-only: systemd gives each boot a machine ID in memory.
 : >"$rootfs/etc/machine-id"
@@ -291,12 +322,20 @@ cp "$rootfs/boot/initrd.img-$kver" "$upd/initrd.img"
 sum() { sha256sum "$1" | cut -d' ' -f1; }
 cat >"$upd/komnet-update.txt" <<MANIFEST
 VERSION=$version
+FLOOR=$floor
 CMDLINE=$CMDLINE
 ROOT_SIZE=$root_size
 ROOT_SHA256=$(sum "$root_img")
+ROOT_ZST_SHA256=$(sum "$upd/root.img.zst")
 KERNEL_SHA256=$(sum "$upd/vmlinuz")
 INITRD_SHA256=$(sum "$upd/initrd.img")
 MANIFEST
+step "signing the update with the release key"
+minisign -S -s "$release_key" -m "$upd/komnet-update.txt" -x "$upd/komnet-update.txt.minisig" \
+    -t "komnet update VERSION=$version FLOOR=$floor" </dev/null >/dev/null \
+    || { echo "build-image.sh: signing komnet-update.txt with $release_key failed" >&2; exit 1; }
+minisign -V -q -p "$release_pub" -m "$upd/komnet-update.txt" -x "$upd/komnet-update.txt.minisig" \
+    || { echo "build-image.sh: $release_key and $release_pub are not one key pair" >&2; exit 1; }
 stick="$out/komnet-update-$version.stick"
 rm -f "$stick"
 stick_kib=$(( $(du -k --apparent-size -c "$upd"/* | tail -n 1 | cut -f1) + 16 * 1024 ))

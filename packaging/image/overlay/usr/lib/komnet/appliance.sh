@@ -1,14 +1,16 @@
 # Shared by the appliance's scripts: where things are, and how to tell the console.
 # shellcheck shell=bash
 
-KOMNET_DATA=/var/lib/komnet
-KOMNET_ESP=/efi
-KOMNET_RELEASE=/etc/komnet-release
+# Overridable only so that packaging/test-update.sh can run the update checks on a build host.
+KOMNET_DATA=${KOMNET_DATA:-/var/lib/komnet}
+KOMNET_ESP=${KOMNET_ESP:-/efi}
+KOMNET_RELEASE=${KOMNET_RELEASE:-/etc/komnet-release}
+KOMNET_CONSOLES=${KOMNET_CONSOLES-/dev/tty1 /dev/ttyS0}
 
 # The slot (a or b) and image version this system booted.
 booted_slot() {
     local arg
-    for arg in $(cat /proc/cmdline); do
+    for arg in ${KOMNET_CMDLINE:-$(cat /proc/cmdline)}; do
         case "$arg" in komnet.slot=*) echo "${arg#komnet.slot=}"; return 0 ;; esac
     done
     echo "?"
@@ -32,7 +34,7 @@ say() {
     local line="komnet: $*"
     echo "$line"
     local tty
-    for tty in /dev/tty1 /dev/ttyS0; do
+    for tty in $KOMNET_CONSOLES; do
         if [ -c "$tty" ]; then
             printf '\r\n%s\r\n' "$line" >"$tty" 2>/dev/null || true
         fi
