@@ -28,6 +28,9 @@ pub struct StatusReport {
     pub peers: Vec<PeerStatus>,
     /// Hub: flows the firewall remembers.
     pub flows: Option<usize>,
+    /// Hub: the flows the data-centre side started, and those it lost to a full table.
+    #[serde(default)]
+    pub datacentre_flows: Option<FlowShare>,
     /// Packets dropped, by reason (WireGuard layer and firewall).
     pub drops: BTreeMap<String, u64>,
     /// Control-plane events (registry, renewals, policy, failovers), by name.
@@ -63,6 +66,17 @@ pub struct PeerStatus {
     pub cert_not_after: Option<i64>,
     /// Spoke: the hub its traffic goes to now.
     pub active: bool,
+    /// Hub: flows this peer started that the firewall remembers, and those it lost because
+    /// the table was full (a peer opening flows without end loses its own; issue 14).
+    #[serde(default)]
+    pub flows: Option<FlowShare>,
+}
+
+/// One owner's part of a hub's flow table.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowShare {
+    pub flows: u64,
+    pub evicted: u64,
 }
 
 /// A peer counts as up when its last handshake is younger than this (WireGuard rekeys every
@@ -209,6 +223,49 @@ impl StatusReport {
             );
             line(&mut out, format!("{n} {flows}"));
         }
+        // Per owner of flows: each peer (labelled with its key too, as several home offices of
+        // one tenant share the other labels) and the data centre.
+        let owners: Vec<(String, FlowShare)> = self
+            .peers
+            .iter()
+            .filter_map(|p| {
+                let share = p.flows?;
+                Some((
+                    format!("{},key=\"{}\"", peer_labels(p), label(&p.public_key)),
+                    share,
+                ))
+            })
+            .chain(self.datacentre_flows.map(|d| {
+                (
+                    "tenant=\"\",site=\"\",role=\"datacentre\",key=\"\"".to_owned(),
+                    d,
+                )
+            }))
+            .collect();
+        if !owners.is_empty() {
+            for (name, help, get) in [
+                (
+                    "komnet_flow_owner_flows",
+                    "gauge",
+                    (|s: &FlowShare| s.flows) as fn(&FlowShare) -> u64,
+                ),
+                (
+                    "komnet_flow_owner_evicted_total",
+                    "counter",
+                    |s: &FlowShare| s.evicted,
+                ),
+            ] {
+                let help_text = if help == "gauge" {
+                    "Hub: flows each peer (or the data centre) started that the firewall remembers."
+                } else {
+                    "Hub: flows a peer (or the data centre) lost because the table was full; it loses its own oldest when it holds its share or more (an attacker's count grows, others' stay)."
+                };
+                let n = family(&mut out, name, help, help_text);
+                for (labels, share) in &owners {
+                    line(&mut out, format!("{n}{{{labels}}} {}", get(share)));
+                }
+            }
+        }
         let n = family(
             &mut out,
             "komnet_policy_version",
@@ -273,6 +330,14 @@ mod tests {
             tx_bytes: 6,
             cert_not_after: Some(5000),
             active: false,
+            flows: Some(FlowShare {
+                flows: 990,
+                evicted: 9010,
+            }),
+        });
+        r.datacentre_flows = Some(FlowShare {
+            flows: 4,
+            evicted: 0,
         });
         r.drops.insert("policy_default_deny".into(), 3);
         let text = r.to_prometheus(1000);
@@ -281,6 +346,12 @@ mod tests {
         );
         assert!(text.contains("komnet_drops_total{reason=\"policy_default_deny\"} 3"));
         assert!(text.contains("komnet_policy_version 0"));
+        assert!(text.contains(
+            "komnet_flow_owner_evicted_total{tenant=\"noh\\\"felden\",site=\"rathaus\",role=\"spoke\",key=\"k\"} 9010"
+        ));
+        assert!(text.contains(
+            "komnet_flow_owner_flows{tenant=\"\",site=\"\",role=\"datacentre\",key=\"\"} 4"
+        ));
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let value = line.rsplit(' ').next().unwrap();
             assert!(value.parse::<f64>().is_ok(), "{line}");
