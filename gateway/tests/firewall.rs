@@ -150,21 +150,21 @@ fn new_flows_by_policy_replies_by_state() {
     let now = Instant::now();
     let town = spoke(&p, "musterstadt", "rathaus");
     // Staff PC -> DMS: allowed; the DMS's reply passes; the DMS cannot start a flow back.
-    let syn = packet("10.20.1.7", "10.0.1.10", 6, 40000, 443, SYN);
+    let syn = packet("10.20.1.7", "10.1.0.10", 6, 40000, 443, SYN);
     assert_eq!(
         fw.from_peer(now, &p, peer(town), town, &peers, &syn),
         Ok(())
     );
-    let reply = packet("10.0.1.10", "10.20.1.7", 6, 443, 40000, SYN | ACK);
+    let reply = packet("10.1.0.10", "10.20.1.7", 6, 443, 40000, SYN | ACK);
     assert_eq!(fw.to_peer(now, &p, &peers, &reply), Ok(()));
-    let unsolicited = packet("10.0.1.10", "10.20.1.7", 6, 443, 40001, SYN);
+    let unsolicited = packet("10.1.0.10", "10.20.1.7", 6, 443, 40001, SYN);
     // The DMS's address is in no segment: nothing may start a flow from it.
     assert!(matches!(
         fw.to_peer(now, &p, &peers, &unsolicited),
         Err(FirewallDrop::Policy(Decider::NoSegment))
     ));
     // Same over IPv6.
-    let syn6 = packet("fd00:20:0:1::7", "fd00:0:0:1::10", 6, 40000, 443, SYN);
+    let syn6 = packet("fd00:20:0:1::7", "fd00:1::10", 6, 40000, 443, SYN);
     assert_eq!(
         fw.from_peer(now, &p, peer(town), town, &peers, &syn6),
         Ok(())
@@ -174,7 +174,7 @@ fn new_flows_by_policy_replies_by_state() {
             now,
             &p,
             &peers,
-            &packet("fd00:0:0:1::10", "fd00:20:0:1::7", 6, 443, 40000, ACK)
+            &packet("fd00:1::10", "fd00:20:0:1::7", 6, 443, 40000, ACK)
         ),
         Ok(())
     );
@@ -185,7 +185,7 @@ fn new_flows_by_policy_replies_by_state() {
         Err(FirewallDrop::Policy(Decider::Guardrail(_)))
     ));
     // A spoke sending from another site's or another commune's address.
-    let foreign = packet("10.30.1.7", "10.0.1.10", 6, 40000, 443, SYN);
+    let foreign = packet("10.30.1.7", "10.1.0.10", 6, 40000, 443, SYN);
     assert!(matches!(
         fw.from_peer(now, &p, peer(town), town, &peers, &foreign),
         Err(FirewallDrop::Policy(Decider::ForeignSource))
@@ -304,7 +304,7 @@ fn the_table_is_bounded_and_evictions_are_counted() {
     let now = Instant::now();
     let town = spoke(&p, "musterstadt", "rathaus");
     for port in 0..1000u16 {
-        let syn = packet("10.20.1.7", "10.0.1.10", 6, 20000 + port, 443, SYN);
+        let syn = packet("10.20.1.7", "10.1.0.10", 6, 20000 + port, 443, SYN);
         assert_eq!(
             fw.from_peer(
                 now + Duration::from_millis(u64::from(port)),
@@ -354,7 +354,7 @@ fn icmp_echo_and_related_errors() {
         )
         .is_err());
     // Packet-too-big for a remembered TCP flow passes (path MTU discovery); an unrelated one not.
-    let syn = packet("fd00:20:0:1::7", "fd00:0:0:1::10", 6, 40000, 443, SYN);
+    let syn = packet("fd00:20:0:1::7", "fd00:1::10", 6, 40000, 443, SYN);
     assert_eq!(
         fw.from_peer(now, &p, peer(town), town, &peers, &syn),
         Ok(())
@@ -369,7 +369,7 @@ fn icmp_echo_and_related_errors() {
     );
     assert_eq!(fw.to_peer(now, &p, &peers, &icmp), Ok(()));
     let mut other = vec![2u8, 0, 0, 0, 0, 0, 5, 0x78];
-    other.extend(&packet("fd00:20:0:1::7", "fd00:0:0:1::10", 6, 40999, 443, SYN)[..48]);
+    other.extend(&packet("fd00:20:0:1::7", "fd00:1::10", 6, 40999, 443, SYN)[..48]);
     let icmp = ip(
         "fd99::1".parse().unwrap(),
         "fd00:20:0:1::7".parse().unwrap(),
@@ -390,14 +390,14 @@ fn fragments_and_malformed_packets_are_dropped_and_counted() {
     let mut fw = Firewall::new(FirewallConfig::default());
     let now = Instant::now();
     let town = spoke(&p, "musterstadt", "rathaus");
-    let mut frag = packet("10.20.1.7", "10.0.1.10", 6, 40000, 443, SYN);
+    let mut frag = packet("10.20.1.7", "10.1.0.10", 6, 40000, 443, SYN);
     frag[6] = 0x00;
     frag[7] = 0x10; // fragment offset 16
     assert_eq!(
         fw.from_peer(now, &p, peer(town), town, &peers, &frag),
         Err(FirewallDrop::Fragment)
     );
-    let syn = packet("10.20.1.7", "10.0.1.10", 6, 40000, 443, SYN);
+    let syn = packet("10.20.1.7", "10.1.0.10", 6, 40000, 443, SYN);
     assert_eq!(
         fw.from_peer(now, &p, peer(town), town, &peers, &syn[..22]),
         Err(FirewallDrop::Malformed)
@@ -449,7 +449,7 @@ fn a_policy_change_keeps_flows_it_allows_and_cuts_the_others() {
     let rathaus = spoke(&v1, "musterstadt", "rathaus");
     let mut fw = Firewall::new(FirewallConfig::default());
     let now = Instant::now();
-    let dms = packet("10.20.1.7", "10.0.1.10", 6, 40000, 443, SYN);
+    let dms = packet("10.20.1.7", "10.1.0.10", 6, 40000, 443, SYN);
     let files = packet("10.20.1.7", "10.1.20.5", 6, 40001, 445, SYN);
     assert_eq!(
         fw.from_peer(now, &v1, peer(rathaus), rathaus, &peers, &dms),
@@ -487,7 +487,7 @@ fn a_policy_change_keeps_flows_it_allows_and_cuts_the_others() {
     assert!(fw
         .from_peer(now, &v9, peer(rathaus9), rathaus9, &peers, &ack)
         .is_err());
-    let dms_ack = packet("10.20.1.7", "10.0.1.10", 6, 40000, 443, ACK);
+    let dms_ack = packet("10.20.1.7", "10.1.0.10", 6, 40000, 443, ACK);
     assert_eq!(
         fw.from_peer(now, &v9, peer(rathaus9), rathaus9, &peers, &dms_ack),
         Ok(())
@@ -521,13 +521,13 @@ fn one_peer_opening_many_flows_cannot_evict_another_peers_flows() {
     let a = spoke(&p, "beispieldorf", "rathaus");
     // B: ten flows to the DMS, first.
     for i in 0..10u16 {
-        let syn = packet("10.20.1.7", "10.0.1.10", 6, 40000 + i, 443, SYN);
+        let syn = packet("10.20.1.7", "10.1.0.10", 6, 40000 + i, 443, SYN);
         assert_eq!(fw.from_peer(t0, &p, peer(b), b, &peers, &syn), Ok(()));
     }
     // A: ten thousand flows to the same service (1 h idle timeout each), later.
     for i in 0..10_000u32 {
         let src = format!("10.30.1.{}", 1 + i % 200);
-        let syn = packet(&src, "10.0.1.10", 6, 20000 + (i / 200) as u16, 443, SYN);
+        let syn = packet(&src, "10.1.0.10", 6, 20000 + (i / 200) as u16, 443, SYN);
         let t = t0 + Duration::from_millis(u64::from(i));
         assert_eq!(fw.from_peer(t, &p, peer(a), a, &peers, &syn), Ok(()));
     }
@@ -535,7 +535,7 @@ fn one_peer_opening_many_flows_cannot_evict_another_peers_flows() {
     // Every reply to B still belongs to a remembered flow.
     let t = t0 + Duration::from_secs(11);
     for i in 0..10u16 {
-        let reply = packet("10.0.1.10", "10.20.1.7", 6, 443, 40000 + i, SYN | ACK);
+        let reply = packet("10.1.0.10", "10.20.1.7", 6, 443, 40000 + i, SYN | ACK);
         assert_eq!(
             fw.to_peer(t, &p, &peers, &reply),
             Ok(()),
@@ -559,7 +559,7 @@ fn one_peer_opening_many_flows_cannot_evict_another_peers_flows() {
     );
     assert_eq!(fw.counters().evicted, 9010);
     // A's newest flows are the ones it kept.
-    let newest = packet("10.30.1.200", "10.0.1.10", 6, 20049, 443, ACK);
+    let newest = packet("10.30.1.200", "10.1.0.10", 6, 20049, 443, ACK);
     assert_eq!(fw.from_peer(t, &p, peer(a), a, &peers, &newest), Ok(()));
 }
 
@@ -572,15 +572,15 @@ fn icmp_errors_pass_only_from_the_flows_far_side_to_its_near_end() {
     let town = spoke(&p, "musterstadt", "rathaus");
     let other = spoke(&p, "beispieldorf", "rathaus");
     // Musterstadt's staff PC talks to the DMS, over IPv4 and IPv6.
-    let syn = packet("10.20.1.7", "10.0.1.10", 6, 40000, 443, SYN);
-    let syn_ack = packet("10.0.1.10", "10.20.1.7", 6, 443, 40000, SYN | ACK);
+    let syn = packet("10.20.1.7", "10.1.0.10", 6, 40000, 443, SYN);
+    let syn_ack = packet("10.1.0.10", "10.20.1.7", 6, 443, 40000, SYN | ACK);
     assert_eq!(
         fw.from_peer(now, &p, peer(town), town, &peers, &syn),
         Ok(())
     );
     assert_eq!(fw.to_peer(now, &p, &peers, &syn_ack), Ok(()));
-    let syn6 = packet("fd00:20:0:1::7", "fd00:0:0:1::10", 6, 40000, 443, SYN);
-    let syn_ack6 = packet("fd00:0:0:1::10", "fd00:20:0:1::7", 6, 443, 40000, SYN | ACK);
+    let syn6 = packet("fd00:20:0:1::7", "fd00:1::10", 6, 40000, 443, SYN);
+    let syn_ack6 = packet("fd00:1::10", "fd00:20:0:1::7", 6, 443, 40000, SYN | ACK);
     assert_eq!(
         fw.from_peer(now, &p, peer(town), town, &peers, &syn6),
         Ok(())
@@ -599,7 +599,7 @@ fn icmp_errors_pass_only_from_the_flows_far_side_to_its_near_end() {
     // Forged "packet too big" to the DMS about Musterstadt's flow, from Beispieldorf.
     let ptb = icmp_error(
         "fd00:30:0:1::9",
-        "fd00:0:0:1::10",
+        "fd00:1::10",
         2,
         0,
         1280,
@@ -613,7 +613,7 @@ fn icmp_errors_pass_only_from_the_flows_far_side_to_its_near_end() {
     // packets) is path-MTU discovery and passes.
     let ptb_own = icmp_error(
         "fd00:20:0:1::1",
-        "fd00:0:0:1::10",
+        "fd00:1::10",
         2,
         0,
         1280,
@@ -639,7 +639,7 @@ fn icmp_errors_pass_only_from_the_flows_far_side_to_its_near_end() {
         Err(FirewallDrop::ForgedIcmpError)
     );
     // nor with a type that does not belong to a TCP flow (port unreachable is UDP's answer),
-    let port_unreachable = icmp_error("10.0.1.10", "10.20.1.7", 3, 3, 0, &syn[..28]);
+    let port_unreachable = icmp_error("10.1.0.10", "10.20.1.7", 3, 3, 0, &syn[..28]);
     assert_eq!(
         fw.to_peer(now, &p, &peers, &port_unreachable),
         Err(FirewallDrop::ForgedIcmpError)
@@ -708,10 +708,10 @@ fn a_removed_peer_takes_its_flows_with_it() {
     let now = Instant::now();
     let town = spoke(&p, "musterstadt", "rathaus");
     let other = spoke(&p, "beispieldorf", "rathaus");
-    let syn = packet("10.20.1.7", "10.0.1.10", 6, 40000, 443, SYN);
+    let syn = packet("10.20.1.7", "10.1.0.10", 6, 40000, 443, SYN);
     let probe = packet("10.0.16.10", "10.20.1.50", 6, 50000, 9100, SYN);
     let answer = packet("10.20.1.50", "10.0.16.10", 6, 9100, 50000, SYN | ACK);
-    let theirs = packet("10.30.1.7", "10.0.1.10", 6, 40000, 443, SYN);
+    let theirs = packet("10.30.1.7", "10.1.0.10", 6, 40000, 443, SYN);
     assert_eq!(
         fw.from_peer(now, &p, peer(town), town, &peers, &syn),
         Ok(())
@@ -734,6 +734,6 @@ fn a_removed_peer_takes_its_flows_with_it() {
         OwnerStats::default()
     );
     assert_eq!(fw.owner_stats(FlowOwner::DataCentre), OwnerStats::default());
-    let reply = packet("10.0.1.10", "10.20.1.7", 6, 443, 40000, ACK);
+    let reply = packet("10.1.0.10", "10.20.1.7", 6, 443, 40000, ACK);
     assert!(fw.to_peer(now, &p, &peers, &reply).is_err());
 }
