@@ -597,28 +597,14 @@ fn icmp_errors_pass_only_from_the_flows_far_side_to_its_near_end() {
         Err(FirewallDrop::ForgedIcmpError)
     );
     // Forged "packet too big" to the DMS about Musterstadt's flow, from Beispieldorf.
-    let ptb = icmp_error(
-        "fd00:30:0:1::9",
-        "fd00:1::10",
-        2,
-        0,
-        1280,
-        &syn_ack6[..48],
-    );
+    let ptb = icmp_error("fd00:30:0:1::9", "fd00:1::10", 2, 0, 1280, &syn_ack6[..48]);
     assert_eq!(
         fw.from_peer(now, &p, peer(other), other, &peers, &ptb),
         Err(FirewallDrop::ForgedIcmpError)
     );
     // The same from a router in Musterstadt's own town hall (the flow's far side for the DMS's
     // packets) is path-MTU discovery and passes.
-    let ptb_own = icmp_error(
-        "fd00:20:0:1::1",
-        "fd00:1::10",
-        2,
-        0,
-        1280,
-        &syn_ack6[..48],
-    );
+    let ptb_own = icmp_error("fd00:20:0:1::1", "fd00:1::10", 2, 0, 1280, &syn_ack6[..48]);
     assert_eq!(
         fw.from_peer(now, &p, peer(town), town, &peers, &ptb_own),
         Ok(())
