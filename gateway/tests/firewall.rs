@@ -93,24 +93,24 @@ fn new_flows_by_policy_replies_by_state() {
     let now = Instant::now();
     let town = spoke(&p, "musterstadt", "rathaus");
     // Staff PC -> DMS: allowed; the DMS's reply passes; the DMS cannot start a flow back.
-    let syn = packet("10.20.1.7", "10.0.1.10", 6, 40000, 443, SYN);
+    let syn = packet("10.20.1.7", "10.1.0.10", 6, 40000, 443, SYN);
     assert_eq!(fw.from_peer(now, &p, town, &syn), Ok(()));
-    let reply = packet("10.0.1.10", "10.20.1.7", 6, 443, 40000, SYN | ACK);
+    let reply = packet("10.1.0.10", "10.20.1.7", 6, 443, 40000, SYN | ACK);
     assert_eq!(fw.to_peer(now, &p, &reply), Ok(()));
-    let unsolicited = packet("10.0.1.10", "10.20.1.7", 6, 443, 40001, SYN);
+    let unsolicited = packet("10.1.0.10", "10.20.1.7", 6, 443, 40001, SYN);
     // The DMS's address is in no segment: nothing may start a flow from it.
     assert!(matches!(
         fw.to_peer(now, &p, &unsolicited),
         Err(FirewallDrop::Policy(Decider::NoSegment))
     ));
     // Same over IPv6.
-    let syn6 = packet("fd00:20:0:1::7", "fd00:0:0:1::10", 6, 40000, 443, SYN);
+    let syn6 = packet("fd00:20:0:1::7", "fd00:1::10", 6, 40000, 443, SYN);
     assert_eq!(fw.from_peer(now, &p, town, &syn6), Ok(()));
     assert_eq!(
         fw.to_peer(
             now,
             &p,
-            &packet("fd00:0:0:1::10", "fd00:20:0:1::7", 6, 443, 40000, ACK)
+            &packet("fd00:1::10", "fd00:20:0:1::7", 6, 443, 40000, ACK)
         ),
         Ok(())
     );
@@ -121,7 +121,7 @@ fn new_flows_by_policy_replies_by_state() {
         Err(FirewallDrop::Policy(Decider::Guardrail(_)))
     ));
     // A spoke sending from another site's or another commune's address.
-    let foreign = packet("10.30.1.7", "10.0.1.10", 6, 40000, 443, SYN);
+    let foreign = packet("10.30.1.7", "10.1.0.10", 6, 40000, 443, SYN);
     assert!(matches!(
         fw.from_peer(now, &p, town, &foreign),
         Err(FirewallDrop::Policy(Decider::ForeignSource))
@@ -228,7 +228,7 @@ fn the_table_is_bounded_and_evictions_are_counted() {
     let now = Instant::now();
     let town = spoke(&p, "musterstadt", "rathaus");
     for port in 0..1000u16 {
-        let syn = packet("10.20.1.7", "10.0.1.10", 6, 20000 + port, 443, SYN);
+        let syn = packet("10.20.1.7", "10.1.0.10", 6, 20000 + port, 443, SYN);
         assert_eq!(
             fw.from_peer(now + Duration::from_millis(u64::from(port)), &p, town, &syn),
             Ok(())
@@ -257,7 +257,7 @@ fn icmp_echo_and_related_errors() {
         .to_peer(now, &p, &packet("10.0.2.10", "10.20.3.7", 1, 0, 78, 0))
         .is_err());
     // Packet-too-big for a remembered TCP flow passes (path MTU discovery); an unrelated one not.
-    let syn = packet("fd00:20:0:1::7", "fd00:0:0:1::10", 6, 40000, 443, SYN);
+    let syn = packet("fd00:20:0:1::7", "fd00:1::10", 6, 40000, 443, SYN);
     assert_eq!(fw.from_peer(now, &p, town, &syn), Ok(()));
     let mut ptb = vec![2u8, 0, 0, 0, 0, 0, 5, 0x78];
     ptb.extend(&syn[..48]);
@@ -269,7 +269,7 @@ fn icmp_echo_and_related_errors() {
     );
     assert_eq!(fw.to_peer(now, &p, &icmp), Ok(()));
     let mut other = vec![2u8, 0, 0, 0, 0, 0, 5, 0x78];
-    other.extend(&packet("fd00:20:0:1::7", "fd00:0:0:1::10", 6, 40999, 443, SYN)[..48]);
+    other.extend(&packet("fd00:20:0:1::7", "fd00:1::10", 6, 40999, 443, SYN)[..48]);
     let icmp = ip(
         "fd99::1".parse().unwrap(),
         "fd00:20:0:1::7".parse().unwrap(),
@@ -289,14 +289,14 @@ fn fragments_and_malformed_packets_are_dropped_and_counted() {
     let mut fw = Firewall::new(FirewallConfig::default());
     let now = Instant::now();
     let town = spoke(&p, "musterstadt", "rathaus");
-    let mut frag = packet("10.20.1.7", "10.0.1.10", 6, 40000, 443, SYN);
+    let mut frag = packet("10.20.1.7", "10.1.0.10", 6, 40000, 443, SYN);
     frag[6] = 0x00;
     frag[7] = 0x10; // fragment offset 16
     assert_eq!(
         fw.from_peer(now, &p, town, &frag),
         Err(FirewallDrop::Fragment)
     );
-    let syn = packet("10.20.1.7", "10.0.1.10", 6, 40000, 443, SYN);
+    let syn = packet("10.20.1.7", "10.1.0.10", 6, 40000, 443, SYN);
     assert_eq!(
         fw.from_peer(now, &p, town, &syn[..22]),
         Err(FirewallDrop::Malformed)
@@ -346,7 +346,7 @@ fn a_policy_change_keeps_flows_it_allows_and_cuts_the_others() {
     let rathaus = spoke(&v1, "musterstadt", "rathaus");
     let mut fw = Firewall::new(FirewallConfig::default());
     let now = Instant::now();
-    let dms = packet("10.20.1.7", "10.0.1.10", 6, 40000, 443, SYN);
+    let dms = packet("10.20.1.7", "10.1.0.10", 6, 40000, 443, SYN);
     let files = packet("10.20.1.7", "10.1.20.5", 6, 40001, 445, SYN);
     assert_eq!(fw.from_peer(now, &v1, rathaus, &dms), Ok(()));
     assert_eq!(fw.from_peer(now, &v1, rathaus, &files), Ok(()));
@@ -373,6 +373,6 @@ fn a_policy_change_keeps_flows_it_allows_and_cuts_the_others() {
     assert_eq!(fw.counters().cut_by_policy, 1);
     let rathaus9 = spoke(&v9, "musterstadt", "rathaus");
     assert!(fw.from_peer(now, &v9, rathaus9, &ack).is_err());
-    let dms_ack = packet("10.20.1.7", "10.0.1.10", 6, 40000, 443, ACK);
+    let dms_ack = packet("10.20.1.7", "10.1.0.10", 6, 40000, 443, ACK);
     assert_eq!(fw.from_peer(now, &v9, rathaus9, &dms_ack), Ok(()));
 }
