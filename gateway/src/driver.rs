@@ -306,10 +306,10 @@ pub fn spawn(shared: &Arc<Shared>, events: &Sender<Event>) -> io::Result<()> {
     std::thread::Builder::new()
         .name("udp-to-tun".into())
         .spawn(move || inbound(&s, &e))?;
-    let (s, e) = (shared.clone(), events.clone());
+    let s = shared.clone();
     std::thread::Builder::new()
         .name("timers".into())
-        .spawn(move || timers(&s, &e))?;
+        .spawn(move || timers(&s))?;
     Ok(())
 }
 
@@ -577,7 +577,7 @@ fn write_tun(shared: &Shared, tun_bufs: &mut [Vec<u8>], k: usize, gro: &mut GROT
 /// (`ip link set IF netns NS`, what WireGuard's documentation recommends for namespace-based
 /// routing) vanishes from ours but keeps working. That the interface was deleted is learnt from
 /// the TUN file descriptor (`tun_gone` in `outbound`), as wireguard-go does.
-fn timers(shared: &Shared, events: &Sender<Event>) {
+fn timers(shared: &Shared) {
     let mut buf = vec![0u8; 2048];
     let mut last_sweep = Instant::now();
     while !shared.stopping() {

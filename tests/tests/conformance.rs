@@ -44,9 +44,13 @@ fn interface_moved_to_another_namespace(kind: DaemonKind) {
     // Longer than the 250 ms in which the old name check shut the daemon down.
     std::thread::sleep(Duration::from_millis(600));
     t.ensure_running().unwrap();
-    t.ping(1, &["-c", "10", "-f", "-W", "1"], TUNNEL_V4[0]).unwrap();
-    t.ping(0, &["-c", "10", "-f", "-W", "1"], TUNNEL_V6[1]).unwrap();
-    let show = t.wg(0, &["show", &t.ifname[0], "latest-handshakes"]).unwrap();
+    t.ping(1, &["-c", "10", "-f", "-W", "1"], TUNNEL_V4[0])
+        .unwrap();
+    t.ping(0, &["-c", "10", "-f", "-W", "1"], TUNNEL_V6[1])
+        .unwrap();
+    let show = t
+        .wg(0, &["show", &t.ifname[0], "latest-handshakes"])
+        .unwrap();
     assert!(
         show.contains(&t.keys[1].public) && !show.trim_end().ends_with("\t0"),
         "UAPI after the move: {show:?}"
