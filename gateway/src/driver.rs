@@ -50,7 +50,8 @@ const POLL_MS: i32 = 250;
 /// Why the daemon should stop.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
-    /// The TUN interface was deleted.
+    /// The TUN interface was deleted (its file descriptor says so; wherever the interface was
+    /// moved, it is not looked up by name).
     InterfaceGone,
     /// SIGTERM or SIGINT.
     Signal(i32),
@@ -306,10 +307,10 @@ pub fn spawn(shared: &Arc<Shared>, events: &Sender<Event>) -> io::Result<()> {
     std::thread::Builder::new()
         .name("udp-to-tun".into())
         .spawn(move || inbound(&s, &e))?;
-    let (s, e) = (shared.clone(), events.clone());
+    let s = shared.clone();
     std::thread::Builder::new()
         .name("timers".into())
-        .spawn(move || timers(&s, &e))?;
+        .spawn(move || timers(&s))?;
     Ok(())
 }
 
@@ -633,8 +634,13 @@ fn write_tun(shared: &Shared, tun_bufs: &mut [Vec<u8>], k: usize, gro: &mut GROT
     }
 }
 
-/// Runs the core's timers every `TIMER_INTERVAL` and watches that the interface still exists.
-fn timers(shared: &Shared, events: &Sender<Event>) {
+/// Runs the core's timers every `TIMER_INTERVAL`.
+///
+/// It does not look the interface up by name: an interface moved to another network namespace
+/// (`ip link set IF netns NS`, what WireGuard's documentation recommends for namespace-based
+/// routing) vanishes from ours but keeps working. That the interface was deleted is learnt from
+/// the TUN file descriptor (`tun_gone` in `outbound`), as wireguard-go does.
+fn timers(shared: &Shared) {
     let mut buf = vec![0u8; 2048];
     let mut last_sweep = Instant::now();
     while !shared.stopping() {
@@ -651,9 +657,5 @@ fn timers(shared: &Shared, events: &Sender<Event>) {
             core.update_timers(now);
         }
         shared.flush_pending(&mut buf);
-        if sys::if_index(&shared.ifname).is_none() {
-            let _ = events.send(Event::InterfaceGone);
-            return;
-        }
     }
 }
