@@ -10,6 +10,9 @@ if [ "$(id -u)" != 0 ]; then
     exit 1
 fi
 scripts/setup.sh test
+# The crate graph: the appliance never compiles the enrollment server, database or CA, the
+# admins' command line never the packet path (docs/architecture.md).
+scripts/check-crate-graph.sh
 # Every systemd unit komnet ships, rated (systemd-analyze security); the update checks
 # (signature, version floor, sums) on this machine, without qemu.
 packaging/check-units.sh

@@ -163,7 +163,7 @@ fn home_office_peers_are_classified_by_their_role() {
     let now = Instant::now();
     let home = p
         .policy
-        .peer_identity("musterstadt", None, Role::Homeoffice);
+        .peer_identity("musterstadt", None, Role::HomeOffice);
     let to_files = packet("10.250.20.9", "10.1.20.5", 6, 40000, 445, SYN);
     assert_eq!(fw.from_peer(now, &p, home, &to_files), Ok(()));
     // The same address sent by a spoke identity is not the spoke's to use.
@@ -177,7 +177,7 @@ fn home_office_peers_are_classified_by_their_role() {
         )
         .is_err());
     // Another commune's home office cannot reach Musterstadt's files.
-    let other = p.policy.peer_identity("kreis", None, Role::Homeoffice);
+    let other = p.policy.peer_identity("kreis", None, Role::HomeOffice);
     assert!(fw
         .from_peer(
             now,

@@ -321,7 +321,7 @@ fn random_origin(rng: &mut Rng, policy: &Policy) -> Origin {
         return Origin::Address;
     }
     let tenant = TenantId(rng.below(policy.tenants.len() as u64) as u32);
-    let role = [Role::Spoke, Role::Hub, Role::Homeoffice][rng.below(3) as usize];
+    let role = [Role::Spoke, Role::Hub, Role::HomeOffice][rng.below(3) as usize];
     let site = (role == Role::Spoke).then(|| {
         let sites = &policy.tenants[tenant.index()].sites;
         sites[rng.below(sites.len() as u64) as usize]
