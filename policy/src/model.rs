@@ -550,6 +550,12 @@ pub(crate) fn share_family(a: &[IpNet], b: &[IpNet]) -> bool {
         .any(|x| b.iter().any(|y| x.addr().is_ipv4() == y.addr().is_ipv4()))
 }
 
+/// Where a definition stands in the order an admin reads the files: the operator file first,
+/// then the fragments, each from top to bottom.
+fn reading_order(loc: &Loc) -> (FileId, usize) {
+    (loc.file, loc.span.start)
+}
+
 pub(crate) fn nets_overlap(a: &IpNet, b: &IpNet) -> bool {
     a.contains(&b.network()) || b.contains(&a.network())
 }
@@ -558,6 +564,15 @@ pub(crate) fn nets_overlap(a: &IpNet, b: &IpNet) -> bool {
 struct PrefixOwner {
     net: IpNet,
     what: String,
+    loc: Loc,
+}
+
+/// A service address with its owner, to refuse one address claimed by two owners.
+#[derive(Clone)]
+struct ServiceClaim {
+    net: IpNet,
+    owner: Option<TenantId>,
+    service: String,
     loc: Loc,
 }
 
@@ -581,6 +596,7 @@ struct Builder<'s> {
     expectations: Vec<Expectation>,
     /// Site, data-centre and home-office prefixes of all tenants: none may overlap another.
     claimed: Vec<PrefixOwner>,
+    service_claims: Vec<ServiceClaim>,
     fragment_of: HashMap<TenantId, Loc>,
     /// Operator-file items whose references are resolved after all fragments are in.
     pending_guardrails: Vec<(FileId, Spanned<syntax::GuardrailDecl>)>,
@@ -610,6 +626,7 @@ impl<'s> Builder<'s> {
             guardrails: Vec::new(),
             expectations: Vec::new(),
             claimed: Vec::new(),
+            service_claims: Vec::new(),
             fragment_of: HashMap::new(),
             pending_guardrails: Vec::new(),
             pending_operator_expects: Vec::new(),
@@ -664,19 +681,30 @@ impl<'s> Builder<'s> {
         out
     }
 
-    /// Records `net` as claimed; an overlap with an earlier claim is an error naming both.
+    /// Records `net` as claimed; an overlap with an earlier claim is an error naming both,
+    /// blamed on whichever of the two comes later in reading order (tables are visited in name
+    /// order, not in the order the admin wrote them). Every overlap is reported, not only the
+    /// first: the prefix is recorded even when it overlaps.
     fn claim(&mut self, net: IpNet, what: String, loc: Loc) {
-        if let Some(prev) = self.claimed.iter().find(|c| nets_overlap(&c.net, &net)) {
+        let overlapping: Vec<usize> = (0..self.claimed.len())
+            .filter(|&i| nets_overlap(&self.claimed[i].net, &net))
+            .collect();
+        for i in overlapping {
+            let prev = &self.claimed[i];
+            let (later, later_net, later_what, earlier, earlier_net, earlier_what) =
+                if reading_order(&loc) >= reading_order(&prev.loc) {
+                    (&loc, net, &what, &prev.loc, prev.net, &prev.what)
+                } else {
+                    (&prev.loc, prev.net, &prev.what, &loc, net, &what)
+                };
             let d = Diagnostic::error(
-                loc.clone(),
+                later.clone(),
                 format!(
-                    "{net} of {what} overlaps {} of {}: tenants' address ranges must not overlap",
-                    prev.net, prev.what
+                    "{later_net} of {later_what} overlaps {earlier_net} of {earlier_what}: tenants' address ranges must not overlap"
                 ),
             )
-            .with_related(prev.loc.clone(), format!("{} is declared here", prev.net));
+            .with_related(earlier.clone(), format!("{earlier_net} is declared here"));
             self.diags.push(d);
-            return;
         }
         self.claimed.push(PrefixOwner { net, what, loc });
     }
@@ -874,6 +902,10 @@ impl<'s> Builder<'s> {
                 }
             }
         }
+        if !tenant_declared {
+            self.check_operator_service_addresses(file, &sname, &decl, &addresses, owner);
+        }
+        self.check_service_claims(file, &sname, &decl, &addresses, owner);
         let id = ServiceId(self.services.len() as u32);
         if self.error_count() > errors_before {
             self.broken_services.insert(id);
@@ -889,6 +921,151 @@ impl<'s> Builder<'s> {
             loc: Loc::new(file, sname.span()),
         });
         self.pending_exports.push((id, file, decl.export));
+    }
+
+    /// A service of the operator file opens firewalls in every site that may reach it, so it
+    /// must be where the data centre is: inside its owner's data-centre ranges (the operator's
+    /// own services: inside some tenant's data-centre ranges), never a default route, never
+    /// inside a site or a home-office pool.
+    fn check_operator_service_addresses(
+        &mut self,
+        file: FileId,
+        sname: &Name,
+        decl: &syntax::ServiceDecl,
+        addresses: &[IpNet],
+        owner: Option<TenantId>,
+    ) {
+        for (net, p) in addresses.iter().zip(&decl.addresses) {
+            if net.prefix_len() == 0 {
+                self.err(
+                    file,
+                    p.span(),
+                    format!(
+                        "service {:?}: {net} is a default route, not a service address: it would open every site to everything the service's rules allow; list the servers' addresses",
+                        sname.get_ref()
+                    ),
+                );
+                continue;
+            }
+            let (ranges, whose): (Vec<IpNet>, String) = match owner {
+                Some(t) => (
+                    self.tenants[t.index()].datacenter.clone(),
+                    format!("its owner {:?}'s", self.tenants[t.index()].name),
+                ),
+                None => (
+                    self.tenants
+                        .iter()
+                        .flat_map(|t| t.datacenter.iter().copied())
+                        .collect(),
+                    "any tenant's".to_owned(),
+                ),
+            };
+            if !ranges.iter().any(|r| r.contains(net)) {
+                let shown: Vec<String> = ranges.iter().map(ToString::to_string).collect();
+                let shown = if shown.is_empty() {
+                    "none declared".to_owned()
+                } else {
+                    shown.join(", ")
+                };
+                self.err(
+                    file,
+                    p.span(),
+                    format!(
+                        "service {:?}: {net} is outside {whose} data-centre ranges ({shown}): a shared service lies in the data centre",
+                        sname.get_ref()
+                    ),
+                );
+            }
+            let inside_site = self.sites.iter().find_map(|s| {
+                s.prefixes
+                    .iter()
+                    .find(|sp| nets_overlap(sp, net))
+                    .map(|sp| (*sp, s.loc.clone(), s.tenant, s.name.clone()))
+            });
+            if let Some((sp, sloc, t, site)) = inside_site {
+                let d = Diagnostic::error(
+                    Loc::new(file, p.span()),
+                    format!(
+                        "service {:?}: {net} overlaps {sp} of site {}/{site}: a shared service inside a site would open that site's firewall to everyone it is exported to",
+                        sname.get_ref(),
+                        self.tenants[t.index()].name
+                    ),
+                )
+                .with_related(sloc, "the site is declared here");
+                self.diags.push(d);
+            }
+            let inside_pool = self.tenants.iter().find_map(|t| {
+                t.homeoffice_pool
+                    .iter()
+                    .find(|hp| nets_overlap(hp, net))
+                    .map(|hp| (*hp, t.loc.clone(), t.name.clone()))
+            });
+            if let Some((hp, tloc, tname)) = inside_pool {
+                let d = Diagnostic::error(
+                    Loc::new(file, p.span()),
+                    format!(
+                        "service {:?}: {net} overlaps {hp}, the home-office pool of tenant {tname:?}: home-office devices are not servers",
+                        sname.get_ref()
+                    ),
+                )
+                .with_related(tloc, "the tenant is declared here");
+                self.diags.push(d);
+            }
+        }
+    }
+
+    /// One address, one owner: a service address that two owners claim would let each open the
+    /// other's server to its own exports.
+    fn check_service_claims(
+        &mut self,
+        file: FileId,
+        sname: &Name,
+        decl: &syntax::ServiceDecl,
+        addresses: &[IpNet],
+        owner: Option<TenantId>,
+    ) {
+        let owner_name = |b: &Self, o: Option<TenantId>| match o {
+            Some(t) => format!("tenant {:?}", b.tenants[t.index()].name),
+            None => "the operator".to_owned(),
+        };
+        for (net, p) in addresses.iter().zip(&decl.addresses) {
+            let loc = Loc::new(file, p.span());
+            let clashes: Vec<ServiceClaim> = self
+                .service_claims
+                .iter()
+                .filter(|c| c.owner != owner && nets_overlap(&c.net, net))
+                .cloned()
+                .collect();
+            for prev in clashes {
+                let this = (loc.clone(), *net, sname.get_ref().clone(), owner);
+                let other = (prev.loc.clone(), prev.net, prev.service.clone(), prev.owner);
+                let (later, earlier) = if reading_order(&loc) >= reading_order(&prev.loc) {
+                    (this, other)
+                } else {
+                    (other, this)
+                };
+                let d = Diagnostic::error(
+                    later.0,
+                    format!(
+                        "{} of service {:?} ({}) overlaps {} of service {:?} ({}): a service address has one owner",
+                        later.1,
+                        later.2,
+                        owner_name(self, later.3),
+                        earlier.1,
+                        earlier.2,
+                        owner_name(self, earlier.3)
+                    ),
+                )
+                .with_related(earlier.0, "the other service's address");
+                self.diags.push(d);
+            }
+            self.service_claims.push(ServiceClaim {
+                net: *net,
+                owner,
+                service: sname.get_ref().clone(),
+                loc,
+            });
+        }
     }
 
     fn load_fragment(&mut self, file: FileId) {
@@ -1027,21 +1204,28 @@ impl<'s> Builder<'s> {
                             );
                         }
                         let ploc = Loc::new(file, p.span());
-                        if let Some((prev_net, prev_name, prev_loc)) =
-                            own_segments.iter().find(|(n, _, _)| nets_overlap(n, net))
+                        for (prev_net, prev_name, prev_loc) in
+                            own_segments.iter().filter(|(n, _, _)| nets_overlap(n, net))
                         {
+                            let this = (&ploc, *net, sname.get_ref());
+                            let prev = (prev_loc, *prev_net, prev_name);
+                            let (later, earlier) =
+                                if reading_order(&ploc) >= reading_order(prev_loc) {
+                                    (this, prev)
+                                } else {
+                                    (prev, this)
+                                };
                             let d = Diagnostic::error(
-                                ploc.clone(),
+                                later.0.clone(),
                                 format!(
-                                    "{net} of segment {:?} overlaps {prev_net} of segment {prev_name:?}: an address belongs to one segment",
-                                    sname.get_ref()
+                                    "{} of segment {:?} overlaps {} of segment {:?}: an address belongs to one segment",
+                                    later.1, later.2, earlier.1, earlier.2
                                 ),
                             )
-                            .with_related(prev_loc.clone(), "declared here");
+                            .with_related(earlier.0.clone(), "declared here");
                             self.diags.push(d);
-                        } else {
-                            own_segments.push((*net, sname.get_ref().clone(), ploc));
                         }
+                        own_segments.push((*net, sname.get_ref().clone(), ploc));
                     }
                     (Some(site), prefixes)
                 }

@@ -42,13 +42,13 @@ use parking_lot::Mutex;
 use rand::RngCore;
 
 use crate::admission::{HubPeers, PeerChange};
-use crate::core::{Core, PeerInfo};
+use crate::core::{Core, PeerId, PeerInfo};
 use crate::daemon;
 use crate::driver::{self, Event, Shared, Sockets};
-use crate::firewall::FirewallConfig;
+use crate::firewall::{FirewallConfig, FlowOwner};
 use crate::gate::Gate;
 use config::{GatewayConfig, GatewayRole};
-use status::{CertificateStatus, PeerStatus, PolicyStatus, StatusReport};
+use status::{CertificateStatus, FlowShare, PeerStatus, PolicyStatus, StatusReport};
 
 const TUNNEL_MTU: u16 = 1420;
 const ENROLLMENT_FILE: &str = "enrollment.json";
@@ -1579,9 +1579,21 @@ fn report(ctx: &Ctx) -> StatusReport {
         .get()
         .map(|s| peer_snapshot(s))
         .unwrap_or_default();
+    let mut shares: HashMap<PeerId, FlowShare> = HashMap::new();
+    let mut datacentre_flows = None;
     let (flows, mut drops, mut counters) = match ctx.shared.get() {
         Some(shared) => {
             let (gate, core) = shared.gate_and_core();
+            if let Some(g) = gate.as_ref() {
+                let share = |s: crate::firewall::OwnerStats| FlowShare {
+                    flows: s.flows,
+                    evicted: s.evicted,
+                };
+                for p in &peers {
+                    shares.insert(p.id, share(g.owner_stats(FlowOwner::Peer(p.id))));
+                }
+                datacentre_flows = Some(share(g.owner_stats(FlowOwner::DataCentre)));
+            }
             let mut drops: BTreeMap<String, u64> = BTreeMap::new();
             for reason in crate::core::DropReason::ALL {
                 let mut n = core.device_drops().get(*reason);
@@ -1608,6 +1620,7 @@ fn report(ctx: &Ctx) -> StatusReport {
                     ("flow_expired", c.expired),
                     ("flow_evicted", c.evicted),
                     ("flow_cut_by_policy", c.cut_by_policy),
+                    ("flow_cut_peer_removed", c.cut_peer_removed),
                 ] {
                     counters.insert(k.to_owned(), v);
                 }
@@ -1651,6 +1664,7 @@ fn report(ctx: &Ctx) -> StatusReport {
                 tx_bytes: p.tx_bytes,
                 cert_not_after: admitted.map(|a| a.not_after),
                 active: active_key == Some(p.public_key),
+                flows: shares.get(&p.id).copied(),
             }
         })
         .collect();
@@ -1681,6 +1695,7 @@ fn report(ctx: &Ctx) -> StatusReport {
         policy_error: s.policy_error.clone(),
         peers,
         flows,
+        datacentre_flows,
         drops,
         counters,
     }

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 pub use komnet_proto::status::{
-    CertificateStatus, PeerStatus, PolicyStatus, StatusReport, PEER_UP_SECS,
+    CertificateStatus, FlowShare, PeerStatus, PolicyStatus, StatusReport, PEER_UP_SECS,
 };
 
 fn label(value: &str) -> String {
@@ -148,6 +148,49 @@ pub fn to_prometheus(report: &StatusReport, now: i64) -> String {
         );
         line(&mut out, format!("{n} {flows}"));
     }
+    // Per owner of flows: each peer (labelled with its key too, as several home offices of
+    // one tenant share the other labels) and the data centre.
+    let owners: Vec<(String, FlowShare)> = this
+        .peers
+        .iter()
+        .filter_map(|p| {
+            let share = p.flows?;
+            Some((
+                format!("{},key=\"{}\"", peer_labels(p), label(&p.public_key)),
+                share,
+            ))
+        })
+        .chain(this.datacentre_flows.map(|d| {
+            (
+                "tenant=\"\",site=\"\",role=\"datacentre\",key=\"\"".to_owned(),
+                d,
+            )
+        }))
+        .collect();
+    if !owners.is_empty() {
+        for (name, help, get) in [
+            (
+                "komnet_flow_owner_flows",
+                "gauge",
+                (|s: &FlowShare| s.flows) as fn(&FlowShare) -> u64,
+            ),
+            (
+                "komnet_flow_owner_evicted_total",
+                "counter",
+                |s: &FlowShare| s.evicted,
+            ),
+        ] {
+            let help_text = if help == "gauge" {
+                "Hub: flows each peer (or the data centre) started that the firewall remembers."
+            } else {
+                "Hub: flows a peer (or the data centre) lost because the table was full; it loses its own oldest when it holds its share or more (an attacker's count grows, others' stay)."
+            };
+            let n = family(&mut out, name, help, help_text);
+            for (labels, share) in &owners {
+                line(&mut out, format!("{n}{{{labels}}} {}", get(share)));
+            }
+        }
+    }
     let n = family(
         &mut out,
         "komnet_policy_version",
@@ -211,6 +254,14 @@ mod tests {
             tx_bytes: 6,
             cert_not_after: Some(5000),
             active: false,
+            flows: Some(FlowShare {
+                flows: 990,
+                evicted: 9010,
+            }),
+        });
+        r.datacentre_flows = Some(FlowShare {
+            flows: 4,
+            evicted: 0,
         });
         r.drops.insert("policy_default_deny".into(), 3);
         let text = to_prometheus(&r, 1000);
@@ -219,6 +270,12 @@ mod tests {
         );
         assert!(text.contains("komnet_drops_total{reason=\"policy_default_deny\"} 3"));
         assert!(text.contains("komnet_policy_version 0"));
+        assert!(text.contains(
+            "komnet_flow_owner_evicted_total{tenant=\"noh\\\"felden\",site=\"rathaus\",role=\"spoke\",key=\"k\"} 9010"
+        ));
+        assert!(text.contains(
+            "komnet_flow_owner_flows{tenant=\"\",site=\"\",role=\"datacentre\",key=\"\"} 4"
+        ));
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let value = line.rsplit(' ').next().unwrap();
             assert!(value.parse::<f64>().is_ok(), "{line}");
