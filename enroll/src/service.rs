@@ -857,7 +857,7 @@ impl Service {
         if certs.is_empty() && !(release && matches!(selector, Selector::Site(..))) {
             return Err(err(
                 ErrorCode::NothingToRevoke,
-                format!("revoke: no valid certificate matches {selector:?}"),
+                format!("revoke: no valid certificate for {selector}"),
             ));
         }
         let mut serials = Vec::new();
@@ -890,7 +890,7 @@ impl Service {
             now,
             actor,
             "revoke",
-            &json!({"selector": format!("{selector:?}"), "reason": req.reason,
+            &json!({"selector": selector.to_string(), "reason": req.reason,
                     "serials": serials, "addresses_released": release}),
         )?;
         txn.commit()?;
