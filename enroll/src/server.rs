@@ -43,10 +43,11 @@ use crate::store::CertificateRecord;
 /// File name of the admin socket inside the data directory.
 pub const ADMIN_SOCKET: &str = "admin.sock";
 
-impl ApiError {
-    fn status(&self) -> StatusCode {
+/// The HTTP status every error code is answered with.
+fn http_status(e: &ApiError) -> StatusCode {
+    {
         use ErrorCode::*;
-        match self.code {
+        match e.code {
             TokenInvalid | TokenExpired | CertificateRequired | CertificateExpired => {
                 StatusCode::UNAUTHORIZED
             }
@@ -72,16 +73,15 @@ impl ApiError {
     }
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let status = self.status();
-        let mut resp = (status, Json(self)).into_response();
-        if status == StatusCode::TOO_MANY_REQUESTS {
-            resp.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-        }
-        resp
+/// The answer to a refused request: its status and the typed error as JSON.
+fn refusal(e: ApiError) -> Response {
+    let status = http_status(&e);
+    let mut resp = (status, Json(e)).into_response();
+    if status == StatusCode::TOO_MANY_REQUESTS {
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     }
+    resp
 }
 
 fn api_err(code: ErrorCode, message: impl Into<String>) -> ApiError {
@@ -234,7 +234,7 @@ async fn rate_limit(State(state): State<Shared>, req: Request, next: Next) -> Re
                 format!("too many requests from {}; retry later", remote.ip()),
             );
             log_rejection(req.uri().path(), info.remote, &e);
-            return e.into_response();
+            return refusal(e);
         }
     }
     next.run(req).await
@@ -289,7 +289,7 @@ fn respond<T: serde::Serialize>(
         Ok(v) => Json(v).into_response(),
         Err(e) => {
             log_rejection(route, remote, &e);
-            e.into_response()
+            refusal(e)
         }
     }
 }
@@ -417,7 +417,7 @@ async fn policy_route(State(state): State<Shared>, req: Request) -> Response {
             if e.code != ErrorCode::NoPolicy {
                 log_rejection(api::routes::POLICY, info.remote, &e);
             }
-            e.into_response()
+            refusal(e)
         }
     }
 }
@@ -569,16 +569,15 @@ async fn crl_route(State(state): State<Shared>) -> Response {
             der.as_ref().clone(),
         )
             .into_response(),
-        Err(e) => e.into_response(),
+        Err(e) => refusal(e),
     }
 }
 
 async fn not_found(req: Request) -> Response {
-    api_err(
+    refusal(api_err(
         ErrorCode::NotFound,
         format!("no route {} {}", req.method(), req.uri().path()),
-    )
-    .into_response()
+    ))
 }
 
 /// The public HTTPS routes.

@@ -676,7 +676,7 @@ impl Service {
 
     /// Checks a client certificate presented over mutual TLS against the store.
     pub fn check_client_certificate(&self, der: &[u8]) -> Result<CertificateRecord, ApiError> {
-        let ident = Identity::from_certificate_der(der).map_err(|e| {
+        let ident = crate::identity::from_certificate_der(der).map_err(|e| {
             err(
                 ErrorCode::CertificateRequired,
                 format!("client certificate: {e}"),

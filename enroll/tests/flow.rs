@@ -9,7 +9,7 @@ use std::time::Duration;
 use komnet_enroll::api::admin::RevokeRequest;
 use komnet_enroll::api::{ErrorCode, RegistryChange, RevocationReason};
 use komnet_enroll::client::{self, WgKeys};
-use komnet_enroll::identity::{Identity, Role};
+use komnet_enroll::identity::Role;
 use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::CertificateDer;
 
@@ -61,7 +61,8 @@ async fn init_token_enroll_renew_revoke_registry() {
     assert_eq!(spoke.hub_endpoints, vec!["203.0.113.1:51820".to_string()]);
     // The certificate itself carries the identity.
     let from_cert =
-        Identity::from_certificate_der(&leaf_der(&spoke.certificate_chain_pem)).unwrap();
+        komnet_enroll::identity::from_certificate_der(&leaf_der(&spoke.certificate_chain_pem))
+            .unwrap();
     assert_eq!(&from_cert, id);
     let lifetime = h.lifetime();
     assert!((id.not_after - h.service.now() - lifetime).abs() <= 1);

@@ -30,25 +30,25 @@ use anyhow::{anyhow, bail, Context, Result};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use ipnet::IpNet;
-use komnet_enroll::api::{ErrorCode, HubPeer, RegistryChange};
-use komnet_enroll::client::{self, ClientError, Enrollment, PolicyFetch, WgKeys};
-use komnet_enroll::identity::{Identity, Role as CertRole};
-use komnet_enroll::token::Bootstrap;
+use komnet_enroll_client::{self as client, ClientError, Enrollment, PolicyFetch, WgKeys};
 use komnet_policy::bundle::{BundleStore, VerifiedBundle};
 use komnet_policy::nft::{self, Interfaces};
 use komnet_policy::{CompiledPolicy, Role};
+use komnet_proto::api::{ErrorCode, HubPeer, RegistryChange};
+use komnet_proto::bootstrap::Bootstrap;
+use komnet_proto::identity::Identity;
 use komnet_sdnotify::Notifier;
 use parking_lot::Mutex;
 use rand::RngCore;
 
-use crate::admission::{Admission, HubPeers, PeerChange};
-use crate::core::{Core, PeerInfo};
+use crate::admission::{HubPeers, PeerChange};
+use crate::core::{Core, PeerId, PeerInfo};
 use crate::daemon;
 use crate::driver::{self, Event, Shared, Sockets};
-use crate::firewall::FirewallConfig;
+use crate::firewall::{FirewallConfig, FlowOwner};
 use crate::gate::Gate;
 use config::{GatewayConfig, GatewayRole};
-use status::{CertificateStatus, PeerStatus, PolicyStatus, StatusReport};
+use status::{CertificateStatus, FlowShare, PeerStatus, PolicyStatus, StatusReport};
 
 const TUNNEL_MTU: u16 = 1420;
 const ENROLLMENT_FILE: &str = "enrollment.json";
@@ -70,7 +70,7 @@ struct ControlState {
     in_force: Option<Arc<CompiledPolicy>>,
     policy_error: Option<String>,
     /// Hub: every valid identity the registry lists, admitted or not.
-    registry: BTreeMap<[u8; 32], Admission>,
+    registry: BTreeMap<[u8; 32], Identity>,
     hub_peers: HubPeers,
     /// Hub: the handshake time for which a peer's routes were last claimed, and those routes.
     claimed: HashMap<[u8; 32], (SystemTime, Vec<IpNet>)>,
@@ -417,8 +417,8 @@ async fn start(ctx: Arc<Ctx>) -> Result<()> {
         policy_key,
     ));
     let expected = match ctx.config.role {
-        GatewayRole::Hub => CertRole::Hub,
-        GatewayRole::Spoke => CertRole::Spoke,
+        GatewayRole::Hub => Role::Hub,
+        GatewayRole::Spoke => Role::Spoke,
     };
     if enrollment.identity.role != expected {
         bail!(
@@ -965,10 +965,10 @@ async fn put_in_force(
                 let now = unix_now();
                 let mut changes = s.hub_peers.on_policy_change(now, &compiled.policy);
                 // Identities the previous policy did not know may be admitted now.
-                let pending: Vec<Admission> = s
+                let pending: Vec<Identity> = s
                     .registry
                     .values()
-                    .filter(|a| s.hub_peers.identity(&a.wg_public_key).is_none())
+                    .filter(|a| s.hub_peers.identity(a.wg_public_key.as_bytes()).is_none())
                     .cloned()
                     .collect();
                 for a in pending {
@@ -1149,22 +1149,6 @@ async fn renewal(ctx: Arc<Ctx>) {
 
 // ---- hub -----------------------------------------------------------------------------------
 
-fn to_admission(identity: &Identity) -> Admission {
-    Admission {
-        tenant: identity.tenant.as_str().to_owned(),
-        site: identity.site.as_str().to_owned(),
-        role: match identity.role {
-            CertRole::Spoke => Role::Spoke,
-            CertRole::Hub => Role::Hub,
-            CertRole::HomeOffice => Role::Homeoffice,
-        },
-        wg_public_key: *identity.wg_public_key.as_bytes(),
-        tunnel_addrs: identity.tunnel_addrs.clone(),
-        not_after: identity.not_after,
-        serial: identity.serial.clone(),
-    }
-}
-
 /// Applies admission changes to the peer table and the gate (both locked by the caller).
 /// Returns the keys that were removed, whose routes the caller releases.
 fn apply_peer_changes(
@@ -1248,9 +1232,9 @@ fn change_peers(ctx: &Ctx, decide: impl FnOnce(&mut ControlState) -> Vec<PeerCha
 
 /// Admits (or refuses) one identity from the registry.
 fn admit(s: &mut ControlState, identity: &Identity) -> Vec<PeerChange> {
-    let admission = to_admission(identity);
+    let admission = identity.clone();
     s.registry
-        .insert(admission.wg_public_key, admission.clone());
+        .insert(*admission.wg_public_key.as_bytes(), admission.clone());
     let Some(policy) = s.in_force.clone() else {
         // Kept in the registry view; admitted once a policy is in force.
         return Vec::new();
@@ -1305,7 +1289,7 @@ async fn follow_once(ctx: &Arc<Ctx>) -> Result<()> {
             changes.extend(withdraw(s, &k));
         }
         for identity in &snapshot.peers {
-            if identity.role != CertRole::Hub {
+            if identity.role != Role::Hub {
                 changes.extend(admit(s, identity));
             }
         }
@@ -1322,7 +1306,7 @@ async fn follow_once(ctx: &Arc<Ctx>) -> Result<()> {
         change_peers(ctx, |s| {
             s.count("registry_event");
             match &event.change {
-                RegistryChange::Upsert(identity) if identity.role != CertRole::Hub => {
+                RegistryChange::Upsert(identity) if identity.role != Role::Hub => {
                     admit(s, identity)
                 }
                 RegistryChange::Upsert(_) => Vec::new(),
@@ -1595,9 +1579,21 @@ fn report(ctx: &Ctx) -> StatusReport {
         .get()
         .map(|s| peer_snapshot(s))
         .unwrap_or_default();
+    let mut shares: HashMap<PeerId, FlowShare> = HashMap::new();
+    let mut datacentre_flows = None;
     let (flows, mut drops, mut counters) = match ctx.shared.get() {
         Some(shared) => {
             let (gate, core) = shared.gate_and_core();
+            if let Some(g) = gate.as_ref() {
+                let share = |s: crate::firewall::OwnerStats| FlowShare {
+                    flows: s.flows,
+                    evicted: s.evicted,
+                };
+                for p in &peers {
+                    shares.insert(p.id, share(g.owner_stats(FlowOwner::Peer(p.id))));
+                }
+                datacentre_flows = Some(share(g.owner_stats(FlowOwner::DataCentre)));
+            }
             let mut drops: BTreeMap<String, u64> = BTreeMap::new();
             for reason in crate::core::DropReason::ALL {
                 let mut n = core.device_drops().get(*reason);
@@ -1624,6 +1620,7 @@ fn report(ctx: &Ctx) -> StatusReport {
                     ("flow_expired", c.expired),
                     ("flow_evicted", c.evicted),
                     ("flow_cut_by_policy", c.cut_by_policy),
+                    ("flow_cut_peer_removed", c.cut_peer_removed),
                 ] {
                     counters.insert(k.to_owned(), v);
                 }
@@ -1651,19 +1648,12 @@ fn report(ctx: &Ctx) -> StatusReport {
                 .find(|h| h.wg_public_key.as_bytes() == &p.public_key);
             PeerStatus {
                 public_key: B64.encode(p.public_key),
-                tenant: admitted.map(|a| a.tenant.clone()),
+                tenant: admitted.map(|a| a.tenant.to_string()),
                 site: admitted
-                    .map(|a| a.site.clone())
+                    .map(|a| a.site.to_string())
                     .or_else(|| hub.map(|h| h.site.as_str().to_owned())),
                 role: admitted
-                    .map(|a| {
-                        match a.role {
-                            Role::Spoke => "spoke",
-                            Role::Hub => "hub",
-                            Role::Homeoffice => "homeoffice",
-                        }
-                        .to_owned()
-                    })
+                    .map(|a| a.role.as_str().to_owned())
                     .or_else(|| hub.map(|_| "hub".to_owned())),
                 endpoint: p.endpoint.map(|e| e.to_string()),
                 last_handshake: p
@@ -1674,6 +1664,7 @@ fn report(ctx: &Ctx) -> StatusReport {
                 tx_bytes: p.tx_bytes,
                 cert_not_after: admitted.map(|a| a.not_after),
                 active: active_key == Some(p.public_key),
+                flows: shares.get(&p.id).copied(),
             }
         })
         .collect();
@@ -1704,48 +1695,86 @@ fn report(ctx: &Ctx) -> StatusReport {
         policy_error: s.policy_error.clone(),
         peers,
         flows,
+        datacentre_flows,
         drops,
         counters,
     }
 }
 
+/// Serves `GET /metrics` and `GET /status` on the management address: a bare HTTP/1 server,
+/// one task per connection, each connection closed after a minute.
 async fn serve_status(listener: tokio::net::TcpListener, ctx: Arc<Ctx>) {
-    use axum::routing::get;
-    let status_ctx = ctx.clone();
-    let app = axum::Router::new()
-        .route(
-            "/metrics",
-            get(move || {
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                tracing::warn!(error = %e, "status server: accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
                 let ctx = ctx.clone();
-                async move {
-                    let text =
-                        tokio::task::spawn_blocking(move || report(&ctx).to_prometheus(unix_now()))
-                            .await
-                            .unwrap_or_default();
-                    (
-                        [(
-                            axum::http::header::CONTENT_TYPE,
-                            "text/plain; version=0.0.4; charset=utf-8",
-                        )],
-                        text,
-                    )
-                }
-            }),
-        )
-        .route(
-            "/status",
-            get(move || {
-                let ctx = status_ctx.clone();
-                async move {
-                    let r = tokio::task::spawn_blocking(move || report(&ctx))
-                        .await
-                        .unwrap_or_default();
-                    axum::Json(r)
-                }
-            }),
+                async move { Ok::<_, std::convert::Infallible>(status_answer(ctx, req).await) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            let _ = tokio::time::timeout(Duration::from_secs(60), conn).await;
+        });
+    }
+}
+
+async fn status_answer(
+    ctx: Arc<Ctx>,
+    req: hyper::Request<hyper::body::Incoming>,
+) -> hyper::Response<http_body_util::Full<bytes::Bytes>> {
+    use hyper::{header, Method, StatusCode};
+    let respond = |status: StatusCode, content_type: &'static str, body: Vec<u8>| {
+        let mut resp = hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from(body)));
+        *resp.status_mut() = status;
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static(content_type),
         );
-    if let Err(e) = axum::serve(listener, app).await {
-        tracing::error!(error = %e, "status server stopped");
+        resp
+    };
+    if req.method() != Method::GET {
+        return respond(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain; charset=utf-8",
+            b"only GET\n".to_vec(),
+        );
+    }
+    match req.uri().path() {
+        "/metrics" => {
+            let text = tokio::task::spawn_blocking(move || {
+                status::to_prometheus(&report(&ctx), unix_now())
+            })
+            .await
+            .unwrap_or_default();
+            respond(
+                StatusCode::OK,
+                "text/plain; version=0.0.4; charset=utf-8",
+                text.into_bytes(),
+            )
+        }
+        "/status" => {
+            let r = tokio::task::spawn_blocking(move || report(&ctx))
+                .await
+                .unwrap_or_default();
+            respond(
+                StatusCode::OK,
+                "application/json",
+                serde_json::to_vec(&r).unwrap_or_default(),
+            )
+        }
+        _ => respond(
+            StatusCode::NOT_FOUND,
+            "text/plain; charset=utf-8",
+            b"not found: /metrics or /status\n".to_vec(),
+        ),
     }
 }
 
@@ -1821,7 +1850,7 @@ mod tests {
         let e = ClientError::Api {
             url: "https://enroll.example:8443".into(),
             status: 409,
-            error: komnet_enroll::api::ApiError {
+            error: komnet_proto::api::ApiError {
                 code: ErrorCode::TokenUsed,
                 message: "token already used".into(),
             },
@@ -1897,7 +1926,7 @@ mod tests {
             enroll_urls: vec!["https://127.0.0.1:9".into()],
             root_fingerprint: "00".repeat(32),
             root_ca_pem: "not a certificate".into(),
-            wg_proof_public_key: komnet_enroll::identity::WgPublicKey::from_bytes([9; 32]).unwrap(),
+            wg_proof_public_key: komnet_proto::identity::WgPublicKey::from_bytes([9; 32]).unwrap(),
             policy_public_key: policy_key.map(|k| B64.encode([k; 32])),
         };
         serde_json::to_string(&b).unwrap()

@@ -1,15 +1,19 @@
-//! The client library an appliance (the gateway) and a hub call: first enrollment from a
-//! bootstrap file, renewal over mutual TLS, following the registry, and fetching the signed
-//! policy bundle and the hub list.
+//! komnet-enroll-client: the client library an appliance (the gateway) and a hub call: first
+//! enrollment from a bootstrap file, renewal over mutual TLS, following the registry, and
+//! fetching the signed policy bundle and the hub list. It builds its own CSR ([`csr`]) and the
+//! WireGuard possession proof ([`proof`]).
+//!
+//! It owns no server, no database and no certificate authority: those are `komnet-enroll`'s,
+//! and an appliance never compiles them (`scripts/check-crate-graph.sh`).
 //!
 //! It trusts exactly one root: the one in the bootstrap file, after checking it against the
 //! pinned fingerprint. Service URLs are tried in order; the first that answers decides (an
 //! answer that refuses is final, only connection failures move on to the next URL).
 //!
 //! ```no_run
-//! # async fn first_boot() -> Result<(), komnet_enroll::client::ClientError> {
-//! use komnet_enroll::client::{self, WgKeys};
-//! use komnet_enroll::token::Bootstrap;
+//! # async fn first_boot() -> Result<(), komnet_enroll_client::ClientError> {
+//! use komnet_enroll_client::{self as client, WgKeys};
+//! use komnet_proto::bootstrap::Bootstrap;
 //! let bootstrap = Bootstrap::read("/media/usb/komnet-bootstrap.json".as_ref()).unwrap();
 //! let keys = WgKeys::generate();
 //! let enrollment = client::enroll(&bootstrap, &keys).await?;
@@ -19,13 +23,17 @@
 //! # let _ = renewed; Ok(()) }
 //! ```
 
+#![forbid(unsafe_code)]
+
+pub mod csr;
+pub mod proof;
+
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
-use bytes_compat::Bytes;
 use http_body_util::{BodyExt as _, Full};
 use hyper::body::Incoming;
 use hyper::{Method, Request, StatusCode};
@@ -36,16 +44,14 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use serde::{Deserialize, Serialize};
 use x25519_dalek::StaticSecret;
 
-use crate::api::{
+use bytes::Bytes;
+use komnet_proto::api::{
     self, ApiError, EnrollRequest, EnrollResponse, HubPeer, RegistryEvent, RegistrySnapshot,
     RenewRequest, ServiceInfo,
 };
-use crate::identity::{Identity, WgPublicKey};
-use crate::token::Bootstrap;
-
-mod bytes_compat {
-    pub(crate) use axum::body::Bytes;
-}
+use komnet_proto::bootstrap::Bootstrap;
+use komnet_proto::files::{write_atomic, FileError, Visibility};
+use komnet_proto::identity::{Identity, WgPublicKey};
 
 /// Largest answer read from the service (a response is a few KiB).
 const MAX_RESPONSE_BYTES: usize = 1 << 20;
@@ -182,23 +188,12 @@ impl Enrollment {
     }
 
     /// Writes the enrollment atomically with mode 0600.
-    pub fn save(&self, path: &Path) -> std::io::Result<()> {
-        use std::io::Write as _;
-        use std::os::unix::fs::OpenOptionsExt as _;
-        let tmp = path.with_extension("tmp");
-        let _ = std::fs::remove_file(&tmp);
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        f.write_all(
-            serde_json::to_string_pretty(self)
-                .map_err(std::io::Error::other)?
-                .as_bytes(),
-        )?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
+    pub fn save(&self, path: &Path) -> Result<(), FileError> {
+        let text = serde_json::to_string_pretty(self).map_err(|e| FileError::Io {
+            path: path.to_owned(),
+            source: std::io::Error::other(e),
+        })?;
+        write_atomic(path, text.as_bytes(), Visibility::Secret)
     }
 
     pub fn load(path: &Path) -> std::io::Result<Self> {
@@ -437,7 +432,7 @@ where
 fn check_pin(bootstrap: &Bootstrap) -> Result<(), ClientError> {
     let der = CertificateDer::from_pem_slice(bootstrap.root_ca_pem.as_bytes())
         .map_err(|e| ClientError::Config(format!("bootstrap root CA: {e}")))?;
-    let actual = crate::ca::fingerprint(&der);
+    let actual = fingerprint(&der);
     let expected = bootstrap
         .root_fingerprint
         .to_ascii_lowercase()
@@ -448,12 +443,17 @@ fn check_pin(bootstrap: &Bootstrap) -> Result<(), ClientError> {
     Ok(())
 }
 
+/// Lower-case hex SHA-256 of a DER certificate: the pin appliances compare the root against.
+pub fn fingerprint(der: &[u8]) -> String {
+    hex::encode(ring::digest::digest(&ring::digest::SHA256, der))
+}
+
 fn key_request(
     keys: &WgKeys,
     service_key: &WgPublicKey,
     csr_der: &[u8],
 ) -> (String, String, String) {
-    let proof = crate::wgproof::prove(keys.secret(), service_key, csr_der);
+    let proof = proof::prove(keys.secret(), service_key, csr_der);
     (
         STANDARD.encode(csr_der),
         keys.public().to_base64(),
@@ -461,13 +461,8 @@ fn key_request(
     )
 }
 
-fn new_csr(identity: Option<&Identity>) -> Result<(rcgen::KeyPair, Vec<u8>), ClientError> {
-    crate::csr::build_csr(
-        identity.map(|i| &i.tenant),
-        identity.map(|i| &i.site),
-        identity.map(|i| i.role),
-    )
-    .map_err(|e| ClientError::Config(format!("CSR: {e}")))
+fn new_csr(identity: Option<&Identity>) -> Result<csr::NewKey, ClientError> {
+    csr::new_key_and_csr(identity).map_err(|e| ClientError::Config(e.to_string()))
 }
 
 /// First enrollment: the bootstrap file's token buys an identity for the WireGuard key.
@@ -475,9 +470,9 @@ pub async fn enroll(bootstrap: &Bootstrap, keys: &WgKeys) -> Result<Enrollment, 
     check_pin(bootstrap)?;
     let tls = client_config(&bootstrap.root_ca_pem, None)?;
     with_first_reachable(&bootstrap.enroll_urls, tls, |mut conn| async move {
-        let (key, csr_der) = new_csr(None)?;
+        let key = new_csr(None)?;
         let (csr, wg_public_key, wg_proof) =
-            key_request(keys, &bootstrap.wg_proof_public_key, &csr_der);
+            key_request(keys, &bootstrap.wg_proof_public_key, &key.csr_der);
         let body = serde_json::to_vec(&EnrollRequest {
             token: bootstrap.token.clone(),
             csr,
@@ -490,7 +485,7 @@ pub async fn enroll(bootstrap: &Bootstrap, keys: &WgKeys) -> Result<Enrollment, 
             .await?;
         Ok(Enrollment::from_response(
             resp,
-            key.serialize_pem(),
+            key.private_key_pem,
             bootstrap.root_ca_pem.clone(),
             bootstrap.enroll_urls.clone(),
             bootstrap.wg_proof_public_key,
@@ -507,9 +502,9 @@ pub async fn renew(current: &Enrollment, keys: &WgKeys) -> Result<Enrollment, Cl
         Some((&current.certificate_chain_pem, &current.private_key_pem)),
     )?;
     with_first_reachable(&current.enroll_urls, tls, |mut conn| async move {
-        let (key, csr_der) = new_csr(Some(&current.identity))?;
+        let key = new_csr(Some(&current.identity))?;
         let (csr, wg_public_key, wg_proof) =
-            key_request(keys, &current.wg_proof_public_key, &csr_der);
+            key_request(keys, &current.wg_proof_public_key, &key.csr_der);
         let body = serde_json::to_vec(&RenewRequest {
             csr,
             wg_public_key,
@@ -521,7 +516,7 @@ pub async fn renew(current: &Enrollment, keys: &WgKeys) -> Result<Enrollment, Cl
             .await?;
         Ok(Enrollment::from_response(
             resp,
-            key.serialize_pem(),
+            key.private_key_pem,
             current.root_ca_pem.clone(),
             current.enroll_urls.clone(),
             current.wg_proof_public_key,
