@@ -506,3 +506,74 @@ fn serve_notifies_systemd_ready_watchdog_and_stopping() {
     assert_eq!(stopping, "STOPPING=1\nSTATUS=stopping: SIGTERM\n");
     assert!(daemon.child.wait().unwrap().success());
 }
+
+/// The database deleted under `serve`: the process stops with the reason instead of serving
+/// from an empty database, and the next start refuses to create one. `backup` works while the
+/// service runs, and the backup put back in place (service stopped) starts again.
+#[test]
+fn serve_stops_when_its_database_is_deleted_and_a_backup_restores() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let policy = common::PolicyFixture::new();
+    init(dir.path(), port, &policy);
+    let mut daemon = serve(dir.path(), "serve.log");
+    let _ = token(dir.path(), "nohfelden", "rathaus", "spoke");
+
+    let backup = dir.path().join("enroll-backup.db");
+    let out = Command::new(BIN)
+        .args(["backup", "--data-dir"])
+        .arg(dir.path())
+        .arg("--out")
+        .arg(&backup)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        count(
+            &rusqlite::Connection::open(&backup).unwrap(),
+            "SELECT COUNT(*) FROM tokens"
+        ),
+        1
+    );
+
+    for f in ["enroll.db", "enroll.db-wal", "enroll.db-shm"] {
+        let _ = std::fs::remove_file(dir.path().join(f));
+    }
+    let started = Instant::now();
+    let status = loop {
+        if let Some(s) = daemon.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "serve kept running on a deleted database"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(!status.success());
+    let log = std::fs::read_to_string(dir.path().join("serve.log")).unwrap();
+    assert!(log.contains("was deleted while the service ran"), "{log}");
+
+    // Restarting does not make a new, empty database.
+    let out = Command::new(BIN)
+        .args(["serve", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("is missing") && err.contains("restore the last backup"),
+        "{err}"
+    );
+    assert!(!dir.path().join("enroll.db").exists());
+
+    // Restore as docs/operations.md says: the backup copied into place, then start.
+    std::fs::copy(&backup, dir.path().join("enroll.db")).unwrap();
+    let _daemon = serve(dir.path(), "serve2.log");
+    assert_eq!(count(&db(dir.path()), "SELECT COUNT(*) FROM tokens"), 1);
+}
