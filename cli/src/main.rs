@@ -31,7 +31,7 @@ enum Command {
     Policy(policy_cmd::PolicyCommand),
     /// Enrollment administration (talks to komnet-enroll over its admin socket).
     #[command(flatten)]
-    Enroll(komnet_enroll::admin::AdminCommand),
+    Enroll(komnet_enroll_admin::AdminCommand),
     /// Show a gateway's state: its identity, certificate, policy and peers (tenant, site, role,
     /// endpoint, last handshake, traffic, certificate expiry).
     Status {
@@ -58,7 +58,7 @@ fn main() -> ExitCode {
             .enable_all()
             .build()
             .map_err(anyhow::Error::from)
-            .and_then(|rt| rt.block_on(komnet_enroll::admin::run(cmd))),
+            .and_then(|rt| rt.block_on(komnet_enroll_admin::run(cmd))),
         Command::Status { gateway, json } => status_cmd::fetch(gateway).and_then(|r| {
             let text = if json {
                 serde_json::to_string_pretty(&r)? + "\n"

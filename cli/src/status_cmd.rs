@@ -5,7 +5,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context, Result};
-use komnet_gateway::appliance::status::StatusReport;
+use komnet_proto::status::StatusReport;
 
 /// Fetches `/status` with a plain HTTP/1.0 GET (the management address is loopback or a
 /// management network; the gateway serves no TLS there).

@@ -4,13 +4,13 @@
 //! P-256 with SHA-256 is what BSI TR-02102-1 lists for ECDSA through 2030+; rcgen signs with
 //! ring.
 
-use std::fs::{self, OpenOptions};
-use std::io::Write as _;
+use std::fs;
 use std::net::IpAddr;
-use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 
 use ipnet::IpNet;
+use komnet_proto::files::{self, FileError, Visibility};
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateRevocationListParams, DistinguishedName,
     DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose,
@@ -29,8 +29,9 @@ pub const ISSUING_KEY: &str = "ca/issuing.key";
 
 const ROOT_LIFETIME_SECS: i64 = 10 * 365 * 86_400;
 const ISSUING_LIFETIME_SECS: i64 = 3 * 365 * 86_400;
-/// The service's own TLS certificate is made anew at every start and never written to disk.
-const SERVER_CERT_LIFETIME_SECS: i64 = 30 * 86_400;
+/// The service's own TLS certificate is made at start and renewed while it runs (see
+/// `server_cert`), never written to disk.
+pub const SERVER_CERT_LIFETIME_SECS: i64 = 30 * 86_400;
 /// Certificates are back-dated a little so a client whose clock is slightly behind accepts them.
 pub const CLOCK_SKEW_SECS: i64 = 300;
 
@@ -71,47 +72,21 @@ pub(crate) fn datetime(unix: i64) -> Result<OffsetDateTime, CaError> {
 
 /// Writes a file readable by its owner only, refusing to replace an existing one.
 pub fn write_secret_file(path: &Path, contents: &[u8]) -> Result<(), CaError> {
-    if let Some(parent) = path.parent() {
-        fs::create_dir_all(parent).map_err(io_err(parent))?;
-    }
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(|e| {
-            if e.kind() == std::io::ErrorKind::AlreadyExists {
-                CaError::Exists {
-                    path: path.to_owned(),
-                }
-            } else {
-                CaError::Io {
-                    path: path.to_owned(),
-                    source: e,
-                }
-            }
-        })?;
-    // The mode given to open() is filtered by the umask; set it explicitly.
-    file.set_permissions(fs::Permissions::from_mode(0o600))
-        .map_err(io_err(path))?;
-    file.write_all(contents).map_err(io_err(path))?;
-    file.sync_all().map_err(io_err(path))?;
-    Ok(())
+    files::create_new(path, contents, Visibility::Secret).map_err(file_err)
 }
 
 fn write_public_file(path: &Path, contents: &[u8]) -> Result<(), CaError> {
-    if path.exists() {
-        return Err(CaError::Exists {
-            path: path.to_owned(),
-        });
-    }
-    fs::write(path, contents).map_err(io_err(path))
+    files::create_new(path, contents, Visibility::Public).map_err(file_err)
 }
 
-/// Lower-case hex SHA-256 of a DER certificate: the pin appliances compare the root against.
-pub fn fingerprint(der: &[u8]) -> String {
-    hex::encode(ring::digest::digest(&ring::digest::SHA256, der))
+fn file_err(e: FileError) -> CaError {
+    match e {
+        FileError::Exists { path } => CaError::Exists { path },
+        FileError::Io { path, source } => CaError::Io { path, source },
+    }
 }
+
+pub use komnet_enroll_client::fingerprint;
 
 fn ca_params(cn: &str, path_len: Option<u8>) -> CertificateParams {
     let mut params = CertificateParams::default();

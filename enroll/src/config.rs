@@ -4,11 +4,9 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
-use base64::engine::general_purpose::STANDARD;
-use base64::Engine as _;
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
 
@@ -17,76 +15,9 @@ use crate::identity::SiteId;
 /// Name of the configuration file inside the data directory.
 pub const CONFIG_FILE: &str = "enroll.toml";
 
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("{path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("{path}: {message}")]
-    Parse { path: PathBuf, message: String },
-    #[error("{path}: {}", .problems.join("; "))]
-    Invalid {
-        path: PathBuf,
-        problems: Vec<String>,
-    },
-}
-
-/// A duration written as `90s`, `30m`, `24h` or `7d`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct HumanDuration(pub Duration);
-
-impl HumanDuration {
-    pub fn parse(text: &str) -> Result<Self, String> {
-        let text = text.trim();
-        let split = text
-            .find(|c: char| !c.is_ascii_digit())
-            .ok_or_else(|| format!("duration {text:?} needs a unit (s, m, h, d)"))?;
-        let (num, unit) = text.split_at(split);
-        let n: u64 = num
-            .parse()
-            .map_err(|_| format!("duration {text:?} does not start with a number"))?;
-        let secs = match unit {
-            "s" => n,
-            "m" => n.saturating_mul(60),
-            "h" => n.saturating_mul(3600),
-            "d" => n.saturating_mul(86_400),
-            _ => return Err(format!("duration {text:?}: unit must be s, m, h or d")),
-        };
-        Ok(HumanDuration(Duration::from_secs(secs)))
-    }
-}
-
-impl std::str::FromStr for HumanDuration {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Self::parse(s)
-    }
-}
-
-impl Serialize for HumanDuration {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let secs = self.0.as_secs();
-        let text = if secs.is_multiple_of(86_400) && secs > 0 {
-            format!("{}d", secs / 86_400)
-        } else if secs.is_multiple_of(3600) && secs > 0 {
-            format!("{}h", secs / 3600)
-        } else if secs.is_multiple_of(60) && secs > 0 {
-            format!("{}m", secs / 60)
-        } else {
-            format!("{secs}s")
-        };
-        s.serialize_str(&text)
-    }
-}
-
-impl<'de> Deserialize<'de> for HumanDuration {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let raw = String::deserialize(d)?;
-        Self::parse(&raw).map_err(serde::de::Error::custom)
-    }
-}
+pub use komnet_proto::config::{
+    check_endpoint, decode_policy_public_key, ConfigError, HumanDuration,
+};
 
 /// Per-source request rate limit (token bucket per client IP).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -106,6 +37,15 @@ pub struct Limits {
     pub client_timeout: HumanDuration,
     /// Most connections served at once; more wait in the kernel's backlog.
     pub max_connections: usize,
+    /// Most connections one source (an IPv4 address, an IPv6 /64) holds at once; more are
+    /// closed before their TLS handshake, so one host cannot take every slot with silent
+    /// connections.
+    #[serde(default = "default_max_connections_per_source")]
+    pub max_connections_per_source: usize,
+}
+
+fn default_max_connections_per_source() -> usize {
+    64
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -172,6 +112,7 @@ impl Default for Config {
                 max_body_bytes: 16 * 1024,
                 client_timeout: HumanDuration(Duration::from_secs(10)),
                 max_connections: 4096,
+                max_connections_per_source: default_max_connections_per_source(),
             },
             policy_public_key: None,
         }
@@ -207,45 +148,6 @@ fn hub_endpoints_table<'de, D: serde::Deserializer<'de>>(
         }
     }
     d.deserialize_any(Visitor)
-}
-
-/// Decodes a policy public key: base64 of a raw 32-byte Ed25519 key, surrounding whitespace
-/// ignored (the `.pub` file ends in a newline).
-pub fn decode_policy_public_key(text: &str) -> Result<Vec<u8>, String> {
-    let bytes = STANDARD
-        .decode(text.trim())
-        .map_err(|e| format!("not base64 ({e})"))?;
-    if bytes.len() != 32 {
-        return Err(format!(
-            "{} bytes; an Ed25519 public key has 32 (use the .pub file of `komnet policy keygen`)",
-            bytes.len()
-        ));
-    }
-    Ok(bytes)
-}
-
-/// Checks a `host:port` endpoint: a port number and a non-empty host (IPv6 in brackets).
-pub fn check_endpoint(endpoint: &str) -> Result<(), String> {
-    let (host, port) = endpoint
-        .rsplit_once(':')
-        .ok_or_else(|| format!("{endpoint:?} is not host:port"))?;
-    port.parse::<u16>()
-        .ok()
-        .filter(|p| *p != 0)
-        .ok_or_else(|| format!("{endpoint:?}: port {port:?} is not a number from 1 to 65535"))?;
-    let bare = host
-        .strip_prefix('[')
-        .and_then(|h| h.strip_suffix(']'))
-        .unwrap_or(host);
-    if bare.is_empty() || bare.contains(char::is_whitespace) {
-        return Err(format!("{endpoint:?}: no host"));
-    }
-    if bare.contains(':') && bare == host {
-        return Err(format!(
-            "{endpoint:?}: write an IPv6 address in brackets, e.g. [2001:db8::1]:51820"
-        ));
-    }
-    Ok(())
 }
 
 impl Config {
@@ -314,6 +216,9 @@ impl Config {
         if self.limits.max_connections == 0 {
             problems.push("limits.max_connections: must be positive".to_string());
         }
+        if self.limits.max_connections_per_source == 0 {
+            problems.push("limits.max_connections_per_source: must be positive".to_string());
+        }
         for (site, endpoint) in &self.hub_endpoints {
             if let Err(e) = check_endpoint(endpoint) {
                 problems.push(format!("hub_endpoints.{site}: {e}"));
@@ -339,6 +244,8 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use base64::engine::general_purpose::STANDARD;
+    use base64::Engine as _;
 
     #[test]
     fn durations_parse_and_print() {

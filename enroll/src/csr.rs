@@ -185,6 +185,39 @@ mod tests {
             .unwrap();
     }
 
+    /// The appliance builds its CSR without rcgen (`komnet_enroll_client::csr`): the service
+    /// must accept exactly that shape, with and without a subject.
+    #[test]
+    fn the_clients_own_csr_verifies_and_names_its_identity() {
+        use komnet_enroll_client::csr::new_key_and_csr;
+        let identity = crate::identity::Identity {
+            tenant: TenantId::parse("nohfelden").unwrap(),
+            site: SiteId::parse("rathaus").unwrap(),
+            role: Role::Spoke,
+            wg_public_key: crate::identity::WgPublicKey::from_bytes([7; 32]).unwrap(),
+            tunnel_addrs: Vec::new(),
+            not_after: 0,
+            serial: "01".into(),
+        };
+        let renewal = new_key_and_csr(Some(&identity)).unwrap();
+        let csr = VerifiedCsr::from_der(&renewal.csr_der).unwrap();
+        csr.check_identity(&identity.tenant, &identity.site, Role::Spoke)
+            .unwrap();
+        assert!(csr
+            .check_identity(&identity.tenant, &identity.site, Role::Hub)
+            .is_err());
+        let first = new_key_and_csr(None).unwrap();
+        VerifiedCsr::from_der(&first.csr_der)
+            .unwrap()
+            .check_identity(&identity.tenant, &identity.site, Role::Hub)
+            .unwrap();
+        // A flipped signature bit is caught, so the signature really covers the request.
+        let mut bad = first.csr_der.clone();
+        let n = bad.len();
+        bad[n - 3] ^= 1;
+        assert_eq!(VerifiedCsr::from_der(&bad), Err(CsrError::Signature));
+    }
+
     #[test]
     fn bad_csrs_are_rejected_with_their_reason() {
         let (_, der) = build_csr(None, None, None).unwrap();

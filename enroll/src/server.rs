@@ -37,16 +37,18 @@ use tower::Service as _;
 
 use crate::api::{self, admin, ApiError, ErrorCode, RegistryEvent};
 use crate::identity::Role;
+use crate::server_cert::{Renewal, RotatingServerCert};
 use crate::service::{Clock, PolicyAnswer, Service};
 use crate::store::CertificateRecord;
 
 /// File name of the admin socket inside the data directory.
 pub const ADMIN_SOCKET: &str = "admin.sock";
 
-impl ApiError {
-    fn status(&self) -> StatusCode {
+/// The HTTP status every error code is answered with.
+fn http_status(e: &ApiError) -> StatusCode {
+    {
         use ErrorCode::*;
-        match self.code {
+        match e.code {
             TokenInvalid | TokenExpired | CertificateRequired | CertificateExpired => {
                 StatusCode::UNAUTHORIZED
             }
@@ -72,16 +74,15 @@ impl ApiError {
     }
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let status = self.status();
-        let mut resp = (status, Json(self)).into_response();
-        if status == StatusCode::TOO_MANY_REQUESTS {
-            resp.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-        }
-        resp
+/// The answer to a refused request: its status and the typed error as JSON.
+fn refusal(e: ApiError) -> Response {
+    let status = http_status(&e);
+    let mut resp = (status, Json(e)).into_response();
+    if status == StatusCode::TOO_MANY_REQUESTS {
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     }
+    resp
 }
 
 fn api_err(code: ErrorCode, message: impl Into<String>) -> ApiError {
@@ -155,7 +156,113 @@ pub async fn read_body(
     Ok(bytes)
 }
 
-/// A token bucket per client IP.
+/// What one client is, for limits: an IPv4 address, or the /64 of an IPv6 address (one host
+/// holds a whole /64 and picks addresses from it at will). IPv4-mapped IPv6 is IPv4.
+pub fn source_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let bits = u128::from(v6) & !((1u128 << 64) - 1);
+                IpAddr::V6(std::net::Ipv6Addr::from(bits))
+            }
+        },
+    }
+}
+
+/// Connections held per source, so one host cannot take every slot.
+#[derive(Debug, Default)]
+pub struct SourceConnections {
+    held: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// One held connection; dropping it gives the slot back.
+#[derive(Debug)]
+pub struct SourceSlot {
+    table: Arc<SourceConnections>,
+    key: IpAddr,
+}
+
+impl SourceConnections {
+    /// A slot for `ip`'s source, or `None` when it holds `max` already.
+    pub fn take(self: &Arc<Self>, ip: IpAddr, max: usize) -> Option<SourceSlot> {
+        let key = source_key(ip);
+        let mut held = self.held.lock();
+        let n = held.entry(key).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(SourceSlot {
+            table: self.clone(),
+            key,
+        })
+    }
+
+    pub fn held(&self, ip: IpAddr) -> usize {
+        self.held.lock().get(&source_key(ip)).copied().unwrap_or(0)
+    }
+}
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        let mut held = self.table.held.lock();
+        if let Some(n) = held.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                held.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// Log lines about refused requests and connections, at most one per source and interval:
+/// a flood must not flood the journal. The line after a quiet interval says how many were
+/// left out.
+#[derive(Debug)]
+pub struct RefusalLog {
+    interval: Duration,
+    seen: Mutex<HashMap<IpAddr, (Instant, u64)>>,
+}
+
+impl RefusalLog {
+    pub fn new(interval: Duration) -> Self {
+        RefusalLog {
+            interval,
+            seen: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// `Some(left_out)` when a line for `ip` may be written now (with the number of refusals
+    /// since the last line that were not logged), `None` when it is to be left out.
+    pub fn admit(&self, ip: IpAddr, now: Instant) -> Option<u64> {
+        let key = source_key(ip);
+        let mut seen = self.seen.lock();
+        if seen.len() > 100_000 {
+            let interval = self.interval;
+            seen.retain(|_, (at, _)| now.duration_since(*at) < interval);
+        }
+        match seen.get_mut(&key) {
+            Some((at, left_out)) if now.duration_since(*at) < self.interval => {
+                *left_out += 1;
+                None
+            }
+            Some((at, left_out)) => {
+                let n = *left_out;
+                *at = now;
+                *left_out = 0;
+                Some(n)
+            }
+            None => {
+                seen.insert(key, (now, 0));
+                Some(0)
+            }
+        }
+    }
+}
+
+/// A token bucket per client (see [`source_key`]).
 #[derive(Debug)]
 pub struct RateLimiter {
     per_second: f64,
@@ -180,7 +287,7 @@ impl RateLimiter {
             let full = self.burst / self.per_second;
             buckets.retain(|_, (_, last)| now.duration_since(*last).as_secs_f64() < full);
         }
-        let (tokens, last) = buckets.entry(ip).or_insert((self.burst, now));
+        let (tokens, last) = buckets.entry(source_key(ip)).or_insert((self.burst, now));
         let refill = now.duration_since(*last).as_secs_f64() * self.per_second;
         *tokens = (*tokens + refill).min(self.burst);
         *last = now;
@@ -197,6 +304,7 @@ impl RateLimiter {
 struct AppState {
     service: Arc<Service>,
     limiter: RateLimiter,
+    refusals: RefusalLog,
 }
 
 type Shared = Arc<AppState>;
@@ -220,9 +328,26 @@ async fn blocking<T: Send + 'static>(
         .map_err(|_| api_err(ErrorCode::Internal, "worker task failed"))?
 }
 
-fn log_rejection(route: &str, remote: Option<SocketAddr>, e: &ApiError) {
+fn log_rejection(state: &AppState, route: &str, remote: Option<SocketAddr>, e: &ApiError) {
+    let left_out = match remote {
+        Some(r) => match state.refusals.admit(r.ip(), Instant::now()) {
+            Some(n) => n,
+            None => return,
+        },
+        None => 0,
+    };
+    let remote = remote
+        .map(|r| r.to_string())
+        .unwrap_or_else(|| "admin socket".into());
     // Only the code and message: neither contains a token secret or a private key.
-    tracing::warn!(route, remote = ?remote, code = ?e.code, message = %e.message, "request rejected");
+    tracing::warn!(
+        route,
+        remote = %remote,
+        code = ?e.code,
+        refused_meanwhile = left_out,
+        "request refused: {}",
+        e.message
+    );
 }
 
 async fn rate_limit(State(state): State<Shared>, req: Request, next: Next) -> Response {
@@ -233,8 +358,8 @@ async fn rate_limit(State(state): State<Shared>, req: Request, next: Next) -> Re
                 ErrorCode::RateLimited,
                 format!("too many requests from {}; retry later", remote.ip()),
             );
-            log_rejection(req.uri().path(), info.remote, &e);
-            return e.into_response();
+            log_rejection(&state, req.uri().path(), info.remote, &e);
+            return refusal(e);
         }
     }
     next.run(req).await
@@ -258,7 +383,7 @@ async fn enroll_route(State(state): State<Shared>, req: Request) -> Response {
         blocking(move || service.enroll(&body, &source)).await
     }
     .await;
-    respond(api::routes::ENROLL, info.remote, result)
+    respond(&state, api::routes::ENROLL, info.remote, result)
 }
 
 async fn renew_route(State(state): State<Shared>, req: Request) -> Response {
@@ -277,10 +402,11 @@ async fn renew_route(State(state): State<Shared>, req: Request) -> Response {
         blocking(move || service.renew(&cert, &body)).await
     }
     .await;
-    respond(api::routes::RENEW, info.remote, result)
+    respond(&state, api::routes::RENEW, info.remote, result)
 }
 
 fn respond<T: serde::Serialize>(
+    state: &AppState,
     route: &str,
     remote: Option<SocketAddr>,
     result: Result<T, ApiError>,
@@ -288,8 +414,8 @@ fn respond<T: serde::Serialize>(
     match result {
         Ok(v) => Json(v).into_response(),
         Err(e) => {
-            log_rejection(route, remote, &e);
-            e.into_response()
+            log_rejection(state, route, remote, &e);
+            refusal(e)
         }
     }
 }
@@ -346,7 +472,7 @@ async fn registry_route(State(state): State<Shared>, req: Request) -> Response {
         blocking(move || Ok(service.store.registry_snapshot(service.now())?)).await
     }
     .await;
-    respond(api::routes::REGISTRY, info.remote, result)
+    respond(&state, api::routes::REGISTRY, info.remote, result)
 }
 
 /// The one optional version parameter `name=VERSION` of a query string.
@@ -415,9 +541,9 @@ async fn policy_route(State(state): State<Shared>, req: Request) -> Response {
         Err(e) => {
             // Polled often before the first publish: not worth a warning each time.
             if e.code != ErrorCode::NoPolicy {
-                log_rejection(api::routes::POLICY, info.remote, &e);
+                log_rejection(&state, api::routes::POLICY, info.remote, &e);
             }
-            e.into_response()
+            refusal(e)
         }
     }
 }
@@ -431,7 +557,7 @@ async fn hubs_route(State(state): State<Shared>, req: Request) -> Response {
         blocking(move || service.hub_peers(service.now())).await
     }
     .await;
-    respond(api::routes::HUBS, info.remote, result)
+    respond(&state, api::routes::HUBS, info.remote, result)
 }
 
 struct Follow {
@@ -520,11 +646,11 @@ async fn registry_events_route(State(state): State<Shared>, req: Request) -> Res
     let info = conn_info(&req);
     let since = match parse_since(req.uri().query()) {
         Ok(s) => s,
-        Err(e) => return respond::<()>(api::routes::REGISTRY_EVENTS, info.remote, Err(e)),
+        Err(e) => return respond::<()>(&state, api::routes::REGISTRY_EVENTS, info.remote, Err(e)),
     };
     let hub = match require_hub(&state, &info).await {
         Ok(h) => h,
-        Err(e) => return respond::<()>(api::routes::REGISTRY_EVENTS, info.remote, Err(e)),
+        Err(e) => return respond::<()>(&state, api::routes::REGISTRY_EVENTS, info.remote, Err(e)),
     };
     tracing::info!(hub = %format!("{}/{}", hub.identity.tenant, hub.identity.site), since, "hub follows the registry");
     // Subscribe before reading the backlog, so nothing committed in between is missed.
@@ -569,16 +695,15 @@ async fn crl_route(State(state): State<Shared>) -> Response {
             der.as_ref().clone(),
         )
             .into_response(),
-        Err(e) => e.into_response(),
+        Err(e) => refusal(e),
     }
 }
 
 async fn not_found(req: Request) -> Response {
-    api_err(
+    refusal(api_err(
         ErrorCode::NotFound,
         format!("no route {} {}", req.method(), req.uri().path()),
-    )
-    .into_response()
+    ))
 }
 
 /// The public HTTPS routes.
@@ -613,7 +738,7 @@ async fn admin_tokens(State(state): State<Shared>, req: Request) -> Response {
         blocking(move || service.create_token(&body, &actor)).await
     }
     .await;
-    respond(admin::TOKENS, None, result)
+    respond(&state, admin::TOKENS, None, result)
 }
 
 async fn admin_revoke(State(state): State<Shared>, req: Request) -> Response {
@@ -627,7 +752,7 @@ async fn admin_revoke(State(state): State<Shared>, req: Request) -> Response {
         blocking(move || service.revoke(&body, &actor)).await
     }
     .await;
-    respond(admin::REVOKE, None, result)
+    respond(&state, admin::REVOKE, None, result)
 }
 
 async fn admin_homeoffice(State(state): State<Shared>, req: Request) -> Response {
@@ -641,7 +766,7 @@ async fn admin_homeoffice(State(state): State<Shared>, req: Request) -> Response
         blocking(move || service.issue_homeoffice(&body, &actor)).await
     }
     .await;
-    respond(admin::HOMEOFFICE, None, result)
+    respond(&state, admin::HOMEOFFICE, None, result)
 }
 
 async fn admin_policy_version(State(state): State<Shared>, req: Request) -> Response {
@@ -655,7 +780,7 @@ async fn admin_policy_version(State(state): State<Shared>, req: Request) -> Resp
         blocking(move || service.set_policy_version(body.version, &actor)).await
     }
     .await;
-    respond(admin::POLICY_VERSION, None, result)
+    respond(&state, admin::POLICY_VERSION, None, result)
 }
 
 async fn admin_policy_publish(State(state): State<Shared>, req: Request) -> Response {
@@ -670,7 +795,7 @@ async fn admin_policy_publish(State(state): State<Shared>, req: Request) -> Resp
         blocking(move || service.publish_policy(&bytes, &actor)).await
     }
     .await;
-    respond(admin::POLICY_PUBLISH, None, result)
+    respond(&state, admin::POLICY_PUBLISH, None, result)
 }
 
 async fn admin_audit(State(state): State<Shared>, req: Request) -> Response {
@@ -683,7 +808,7 @@ async fn admin_audit(State(state): State<Shared>, req: Request) -> Response {
         .min(10_000);
     let service = state.service.clone();
     let result = blocking(move || Ok(service.store.audit_log(limit)?)).await;
-    respond(admin::AUDIT, None, result)
+    respond(&state, admin::AUDIT, None, result)
 }
 
 fn admin_router(state: Shared) -> Router {
@@ -779,7 +904,9 @@ pub enum ServeError {
     },
 }
 
-fn tls_config(service: &Service) -> Result<rustls::ServerConfig, ServeError> {
+fn tls_config(
+    service: &Service,
+) -> Result<(rustls::ServerConfig, Arc<RotatingServerCert>), ServeError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = rustls::RootCertStore::empty();
     roots
@@ -793,24 +920,60 @@ fn tls_config(service: &Service) -> Result<rustls::ServerConfig, ServeError> {
         inner,
         clock: service.clock.clone(),
     });
-    let (chain, key) = service
-        .ca
-        .server_tls(&service.config.server_names, service.now())
-        .map_err(|e| ServeError::Tls(e.to_string()))?;
+    let cert = Arc::new(
+        RotatingServerCert::new(
+            &service.ca,
+            &service.config.server_names,
+            service.now(),
+            provider.clone(),
+        )
+        .map_err(|e| ServeError::Tls(e.to_string()))?,
+    );
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| ServeError::Tls(e.to_string()))?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(chain, key)
-        .map_err(|e| ServeError::Tls(e.to_string()))?;
+        .with_cert_resolver(cert.clone());
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(config)
+    Ok((config, cert))
+}
+
+/// Renews the service's TLS certificate two thirds into its lifetime, checked every second
+/// against the service's clock; a failed renewal is retried and, once less than a third of the
+/// lifetime is left, logged as an error every minute until it works.
+async fn renew_server_cert(service: Arc<Service>, cert: Arc<RotatingServerCert>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut last_alarm = None::<i64>;
+    loop {
+        tick.tick().await;
+        let now = service.now();
+        match cert.renew_if_due(&service.ca, now) {
+            Ok(Renewal::NotDue) => {}
+            Ok(Renewal::Renewed { not_after }) => {
+                tracing::info!(not_after, "renewed the service's TLS certificate");
+                last_alarm = None;
+            }
+            Err(e) => {
+                if last_alarm.is_none_or(|t| now - t >= 60) {
+                    last_alarm = Some(now);
+                    tracing::error!(
+                        error = %e,
+                        expires_in_secs = cert.not_after() - now,
+                        "cannot renew the service's TLS certificate: appliances cannot reach \
+                         the service once it expires"
+                    );
+                }
+            }
+        }
+    }
 }
 
 /// A running service; dropping it (or calling `shutdown`) stops it.
 #[derive(Debug)]
 pub struct RunningServer {
     pub addr: SocketAddr,
+    /// The service's TLS certificate, renewed while it runs.
+    pub server_cert: Arc<RotatingServerCert>,
     pub admin_socket: Option<PathBuf>,
     stop: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -863,7 +1026,8 @@ pub async fn start(
     listen: SocketAddr,
     admin_socket: Option<&Path>,
 ) -> Result<RunningServer, ServeError> {
-    let tls = Arc::new(tls_config(&service)?);
+    let (tls, server_cert) = tls_config(&service)?;
+    let tls = Arc::new(tls);
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let listener = TcpListener::bind(listen)
         .await
@@ -878,6 +1042,7 @@ pub async fn start(
         source,
     })?;
     let state = Arc::new(AppState {
+        refusals: RefusalLog::new(Duration::from_secs(10)),
         limiter: RateLimiter::new(
             service.config.rate_limit.per_second,
             service.config.rate_limit.burst,
@@ -887,8 +1052,14 @@ pub async fn start(
     let (stop, stop_rx) = watch::channel(false);
     let timeout = service.config.limits.client_timeout.0;
     let permits = Arc::new(Semaphore::new(service.config.limits.max_connections));
+    let per_source = Arc::new(SourceConnections::default());
+    let max_per_source = service.config.limits.max_connections_per_source;
+    let refusals = RefusalLog::new(Duration::from_secs(10));
     let router = public_router(state.clone());
-    let mut tasks = Vec::new();
+    let mut tasks = vec![tokio::spawn(renew_server_cert(
+        service.clone(),
+        server_cert.clone(),
+    ))];
     let mut stop_https = stop_rx.clone();
     tasks.push(tokio::spawn(async move {
         let mut conns = JoinSet::new();
@@ -908,11 +1079,26 @@ pub async fn start(
                     }
                 },
             };
+            let Some(slot) = per_source.take(remote.ip(), max_per_source) else {
+                // Closed before any TLS work: one host holding many silent connections must
+                // not take the slots of every town hall.
+                if let Some(left_out) = refusals.admit(remote.ip(), Instant::now()) {
+                    tracing::warn!(
+                        remote = %remote,
+                        limit = max_per_source,
+                        refused_meanwhile = left_out,
+                        "connection refused: this source holds limits.max_connections_per_source connections already"
+                    );
+                }
+                drop(tcp);
+                continue;
+            };
             let _ = tcp.set_nodelay(true);
             let acceptor = acceptor.clone();
             let router = router.clone();
             conns.spawn(async move {
                 let _permit = permit;
+                let _slot = slot;
                 let tls = match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => tls,
                     Ok(Err(e)) => {
@@ -998,8 +1184,62 @@ pub async fn start(
     tracing::info!(%addr, admin_socket = ?admin_path, root_fingerprint = %service.ca.root_fingerprint, "komnet-enroll serving");
     Ok(RunningServer {
         addr,
+        server_cert,
         admin_socket: admin_path,
         stop,
         tasks,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_source_is_an_ipv4_address_or_an_ipv6_64() {
+        let key = |s: &str| source_key(s.parse().unwrap()).to_string();
+        assert_eq!(key("192.0.2.7"), "192.0.2.7");
+        assert_eq!(key("2001:db8:1:2:aaaa:bbbb:cccc:dddd"), "2001:db8:1:2::");
+        assert_eq!(key("2001:db8:1:2::1"), key("2001:db8:1:2:ffff::9"));
+        assert_ne!(key("2001:db8:1:2::1"), key("2001:db8:1:3::1"));
+        assert_eq!(key("::ffff:192.0.2.7"), "192.0.2.7");
+    }
+
+    #[test]
+    fn a_rate_limit_counts_a_whole_ipv6_64() {
+        let limiter = RateLimiter::new(0.001, 3);
+        let now = Instant::now();
+        for host in 1..=3 {
+            let ip: IpAddr = format!("2001:db8::{host}").parse().unwrap();
+            assert!(limiter.allow(ip, now));
+        }
+        assert!(!limiter.allow("2001:db8::99".parse().unwrap(), now));
+        assert!(limiter.allow("2001:db8:0:1::1".parse().unwrap(), now));
+    }
+
+    #[test]
+    fn refusals_are_logged_once_per_source_and_interval_with_a_count() {
+        let log = RefusalLog::new(Duration::from_secs(10));
+        let t0 = Instant::now();
+        let ip: IpAddr = "192.0.2.7".parse().unwrap();
+        assert_eq!(log.admit(ip, t0), Some(0));
+        for i in 1..=5 {
+            assert_eq!(log.admit(ip, t0 + Duration::from_secs(i)), None);
+        }
+        assert_eq!(log.admit("192.0.2.8".parse().unwrap(), t0), Some(0));
+        assert_eq!(log.admit(ip, t0 + Duration::from_secs(11)), Some(5));
+        assert_eq!(log.admit(ip, t0 + Duration::from_secs(12)), None);
+    }
+
+    #[test]
+    fn connection_slots_per_source_come_back() {
+        let table = Arc::new(SourceConnections::default());
+        let ip: IpAddr = "2001:db8::1".parse().unwrap();
+        let a = table.take(ip, 2).unwrap();
+        let _b = table.take("2001:db8::2".parse().unwrap(), 2).unwrap();
+        assert!(table.take(ip, 2).is_none(), "one /64 is one source");
+        drop(a);
+        assert_eq!(table.held(ip), 1);
+        assert!(table.take(ip, 2).is_some());
+    }
 }

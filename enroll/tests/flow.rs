@@ -9,7 +9,7 @@ use std::time::Duration;
 use komnet_enroll::api::admin::RevokeRequest;
 use komnet_enroll::api::{ErrorCode, RegistryChange, RevocationReason};
 use komnet_enroll::client::{self, WgKeys};
-use komnet_enroll::identity::{Identity, Role};
+use komnet_enroll::identity::Role;
 use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::CertificateDer;
 
@@ -61,7 +61,8 @@ async fn init_token_enroll_renew_revoke_registry() {
     assert_eq!(spoke.hub_endpoints, vec!["203.0.113.1:51820".to_string()]);
     // The certificate itself carries the identity.
     let from_cert =
-        Identity::from_certificate_der(&leaf_der(&spoke.certificate_chain_pem)).unwrap();
+        komnet_enroll::identity::from_certificate_der(&leaf_der(&spoke.certificate_chain_pem))
+            .unwrap();
     assert_eq!(&from_cert, id);
     let lifetime = h.lifetime();
     assert!((id.not_after - h.service.now() - lifetime).abs() <= 1);
@@ -279,4 +280,53 @@ async fn a_replaced_key_is_removed_from_the_registry() {
     h.clock.advance(h.lifetime() * 2 / 3 + 1);
     let fourth = client::renew(&third, &k3).await.unwrap();
     assert_eq!(next!(), RegistryChange::Upsert(fourth.identity.clone()));
+}
+
+/// The service's own TLS certificate (30 days) is renewed while the service runs: after 21
+/// days of the service's clock a new one is in use, valid for 30 days from then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_services_tls_certificate_is_renewed_while_it_runs() {
+    use komnet_enroll::service::Clock as _;
+    let h = common::start().await;
+    let first = h.server.server_cert.not_after();
+    assert!((first - h.clock.now() - 30 * 86_400).abs() <= 1);
+    h.clock.advance(21 * 86_400);
+    let started = std::time::Instant::now();
+    while h.server.server_cert.not_after() == first {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "no renewal within 5 s of the clock passing two thirds of the lifetime"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let renewed = h.server.server_cert.not_after();
+    assert!((renewed - h.clock.now() - 30 * 86_400).abs() <= 2);
+    // Nothing renews again before the next two thirds.
+    h.clock.advance(86_400);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(h.server.server_cert.not_after(), renewed);
+}
+
+/// An appliance whose clock is a day behind the service hears that in words, with both times,
+/// instead of a TLS error about certificate validity.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_appliance_clock_is_reported_in_words() {
+    let clock = std::sync::Arc::new(komnet_enroll::service::ManualClock::default());
+    // The service's clock runs a day (and ten minutes) ahead of this machine's, which is the
+    // appliance's.
+    clock.advance(86_400 + 600);
+    let h = common::start_in(tempfile::tempdir().unwrap(), common::test_config(), clock).await;
+    let err = client::enroll(
+        &h.bootstrap("nohfelden", "rathaus", Role::Spoke),
+        &WgKeys::generate(),
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("this appliance's clock is 1 day behind the enrollment service")
+            && err.contains("check NTP")
+            && err.contains("UTC"),
+        "{err}"
+    );
 }

@@ -11,19 +11,7 @@ use std::collections::BTreeMap;
 
 use ipnet::IpNet;
 use komnet_policy::{PeerIdentity, Policy, Role};
-
-/// One valid identity from the registry (the fields of the enrollment service's `Identity`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Admission {
-    pub tenant: String,
-    pub site: String,
-    pub role: Role,
-    pub wg_public_key: [u8; 32],
-    pub tunnel_addrs: Vec<IpNet>,
-    /// Certificate expiry, Unix seconds.
-    pub not_after: i64,
-    pub serial: String,
-}
+use komnet_proto::identity::Identity;
 
 /// A change the driver applies to the WireGuard peer table and the firewall's identity map.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,7 +51,7 @@ pub enum AdmissionError {
 
 #[derive(Debug, Clone)]
 struct Admitted {
-    admission: Admission,
+    admission: Identity,
     identity: PeerIdentity,
     allowed_ips: Vec<IpNet>,
 }
@@ -94,9 +82,9 @@ impl HubPeers {
         &mut self,
         now_unix: i64,
         policy: &Policy,
-        admission: Admission,
+        admission: Identity,
     ) -> (Result<(), AdmissionError>, Vec<PeerChange>) {
-        let key = admission.wg_public_key;
+        let key = *admission.wg_public_key.as_bytes();
         match resolve(now_unix, policy, &admission) {
             Ok((identity, allowed_ips)) => {
                 // Two keys never claim one site's (or one device's) addresses: the registry
@@ -191,7 +179,7 @@ fn overlap(a: &IpNet, b: &IpNet) -> bool {
 fn resolve(
     now_unix: i64,
     policy: &Policy,
-    a: &Admission,
+    a: &Identity,
 ) -> Result<(PeerIdentity, Vec<IpNet>), AdmissionError> {
     if a.not_after <= now_unix {
         return Err(AdmissionError::Expired {
@@ -200,15 +188,19 @@ fn resolve(
         });
     }
     let unknown = || AdmissionError::UnknownToPolicy {
-        tenant: a.tenant.clone(),
-        site: a.site.clone(),
+        tenant: a.tenant.to_string(),
+        site: a.site.to_string(),
         version: policy.version,
     };
-    let tenant = policy.tenant_by_name(&a.tenant).ok_or_else(unknown)?;
+    let tenant = policy
+        .tenant_by_name(a.tenant.as_str())
+        .ok_or_else(unknown)?;
     let (identity, own_space): (PeerIdentity, Vec<IpNet>) = match a.role {
         Role::Hub => return Err(AdmissionError::HubRole),
         Role::Spoke => {
-            let site = policy.site_by_name(tenant, &a.site).ok_or_else(unknown)?;
+            let site = policy
+                .site_by_name(tenant, a.site.as_str())
+                .ok_or_else(unknown)?;
             (
                 PeerIdentity {
                     tenant,
@@ -218,23 +210,23 @@ fn resolve(
                 policy.sites[site.index()].prefixes.clone(),
             )
         }
-        Role::Homeoffice => (
+        Role::HomeOffice => (
             PeerIdentity {
                 tenant,
-                role: Role::Homeoffice,
+                role: Role::HomeOffice,
                 site: None,
             },
             policy.tenants[tenant.index()].homeoffice_pool.clone(),
         ),
     };
     let mut allowed = a.tunnel_addrs.clone();
-    if a.role == Role::Homeoffice {
+    if a.role == Role::HomeOffice {
         for addr in &a.tunnel_addrs {
             if !own_space.iter().any(|p| p.contains(addr)) {
                 return Err(AdmissionError::AddressOutsidePolicy {
                     addr: *addr,
-                    tenant: a.tenant.clone(),
-                    site: a.site.clone(),
+                    tenant: a.tenant.to_string(),
+                    site: a.site.to_string(),
                 });
             }
         }

@@ -6,8 +6,9 @@
 use std::path::Path;
 
 use ipnet::IpNet;
-use komnet_gateway::admission::{Admission, AdmissionError, HubPeers, PeerChange};
+use komnet_gateway::admission::{AdmissionError, HubPeers, PeerChange};
 use komnet_policy::{Policy, Role};
+use komnet_proto::identity::{Identity, SiteId, TenantId, WgPublicKey};
 
 /// The worked example, with `edit` (from, to) applied to every file.
 fn policy(edit: Option<(&str, &str)>) -> Policy {
@@ -43,12 +44,12 @@ fn admission(
     key: u8,
     addr: &str,
     not_after: i64,
-) -> Admission {
-    Admission {
-        tenant: tenant.into(),
-        site: site.into(),
+) -> Identity {
+    Identity {
+        tenant: TenantId::parse(tenant).unwrap(),
+        site: SiteId::parse(site).unwrap(),
         role,
-        wg_public_key: [key; 32],
+        wg_public_key: WgPublicKey::from_bytes([key; 32]).unwrap(),
         tunnel_addrs: vec![net(addr)],
         not_after,
         serial: format!("{key:02x}"),
@@ -99,7 +100,7 @@ fn spokes_get_their_site_and_home_offices_only_their_address() {
         admission(
             "musterstadt",
             "anna",
-            Role::Homeoffice,
+            Role::HomeOffice,
             2,
             "10.250.20.9/32",
             2000,
@@ -117,7 +118,7 @@ fn spokes_get_their_site_and_home_offices_only_their_address() {
         admission(
             "musterstadt",
             "bob",
-            Role::Homeoffice,
+            Role::HomeOffice,
             3,
             "10.250.30.9/32",
             2000,
@@ -316,7 +317,7 @@ fn a_new_key_for_a_site_displaces_the_old_one() {
     let phone1 = admission(
         "musterstadt",
         "anna",
-        Role::Homeoffice,
+        Role::HomeOffice,
         7,
         "10.250.20.9/32",
         5000,
@@ -326,7 +327,7 @@ fn a_new_key_for_a_site_displaces_the_old_one() {
     let phone2 = admission(
         "musterstadt",
         "anna",
-        Role::Homeoffice,
+        Role::HomeOffice,
         8,
         "10.250.20.9/32",
         5000,

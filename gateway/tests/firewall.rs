@@ -31,7 +31,7 @@ fn peer(identity: Option<PeerIdentity>) -> PeerId {
         Some(i) => PeerId(
             (i.tenant.index() as u32) << 8
                 | i.site.map_or(0x7f, |s| s.index() as u32)
-                | if i.role == Role::Homeoffice { 0x80 } else { 0 },
+                | if i.role == Role::HomeOffice { 0x80 } else { 0 },
         ),
     }
 }
@@ -52,7 +52,7 @@ impl PeerAddresses for Peers {
 
 fn peers() -> Peers {
     let p = policy();
-    let home = |t| peer(p.policy.peer_identity(t, None, Role::Homeoffice));
+    let home = |t| peer(p.policy.peer_identity(t, None, Role::HomeOffice));
     let mut v = Vec::new();
     for (tenant, site, nets) in [
         ("kreis", "kreishaus", ["10.10.0.0/16", "fd00:10::/48"]),
@@ -230,7 +230,7 @@ fn home_office_peers_are_classified_by_their_role() {
     let now = Instant::now();
     let home = p
         .policy
-        .peer_identity("musterstadt", None, Role::Homeoffice);
+        .peer_identity("musterstadt", None, Role::HomeOffice);
     let to_files = packet("10.250.20.9", "10.1.20.5", 6, 40000, 445, SYN);
     assert_eq!(
         fw.from_peer(now, &p, peer(home), home, &peers, &to_files),
@@ -249,7 +249,7 @@ fn home_office_peers_are_classified_by_their_role() {
         )
         .is_err());
     // Another commune's home office cannot reach Musterstadt's files.
-    let other = p.policy.peer_identity("kreis", None, Role::Homeoffice);
+    let other = p.policy.peer_identity("kreis", None, Role::HomeOffice);
     assert!(fw
         .from_peer(
             now,
@@ -660,7 +660,7 @@ fn the_data_centre_side_cannot_send_with_a_tunnel_peers_source() {
     // Nor can it ride on the home office's real flow by copying its addresses and ports.
     let home = p
         .policy
-        .peer_identity("musterstadt", None, Role::Homeoffice);
+        .peer_identity("musterstadt", None, Role::HomeOffice);
     let syn = packet("10.250.20.9", "10.20.1.50", 6, 40001, 9100, SYN);
     assert_eq!(
         fw.from_peer(now, &p, peer(home), home, &peers, &syn),

@@ -303,7 +303,7 @@ impl Classifier {
         if let Origin::Peer(id) = origin {
             let ok = id.tenant.0 == info.tenant
                 && match id.role {
-                    Role::Homeoffice => info.homeoffice,
+                    Role::HomeOffice => info.homeoffice,
                     Role::Spoke => !info.homeoffice && info.site == id.site.map(|s| s.0),
                     Role::Hub => !info.homeoffice,
                 };

@@ -188,24 +188,8 @@ pub struct PeerIdentity {
     pub site: Option<crate::SiteId>,
 }
 
-/// The role carried in a certificate.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Role {
-    Spoke,
-    Hub,
-    Homeoffice,
-}
-
-impl Role {
-    pub fn parse(s: &str) -> Option<Role> {
-        match s {
-            "spoke" => Some(Role::Spoke),
-            "hub" => Some(Role::Hub),
-            "homeoffice" => Some(Role::Homeoffice),
-            _ => None,
-        }
-    }
-}
+/// The role carried in a certificate: komnet's one `Role`, from `komnet-proto`.
+pub use komnet_proto::identity::Role;
 
 #[cfg(test)]
 mod tests {

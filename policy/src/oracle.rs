@@ -43,7 +43,7 @@ pub(crate) fn origin_may_use(policy: &Policy, origin: Origin, seg: SegmentId) ->
         Origin::Peer(id) => {
             id.tenant == segment.tenant
                 && match id.role {
-                    Role::Homeoffice => segment.is_homeoffice(),
+                    Role::HomeOffice => segment.is_homeoffice(),
                     Role::Spoke => !segment.is_homeoffice() && segment.site == id.site,
                     Role::Hub => !segment.is_homeoffice(),
                 }

@@ -323,7 +323,7 @@ fn random_origin(rng: &mut Rng, policy: &Policy) -> Origin {
         return Origin::Address;
     }
     let tenant = TenantId(rng.below(policy.tenants.len() as u64) as u32);
-    let mut role = [Role::Spoke, Role::Hub, Role::Homeoffice][rng.below(3) as usize];
+    let mut role = [Role::Spoke, Role::Hub, Role::HomeOffice][rng.below(3) as usize];
     let sites = &policy.tenants[tenant.index()].sites;
     if sites.is_empty() && role == Role::Spoke {
         // The operator's tenant has a data centre but no town hall.

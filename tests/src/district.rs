@@ -756,7 +756,7 @@ impl District {
         if let Some(ho) = &self.homeoffice {
             let id = self
                 .policy
-                .peer_identity("nohfelden", None, Role::Homeoffice)
+                .peer_identity("nohfelden", None, Role::HomeOffice)
                 .map_or(Origin::Address, Origin::Peer);
             out.push(Source {
                 label: "Home office Nohfelden (wireguard-go)".into(),

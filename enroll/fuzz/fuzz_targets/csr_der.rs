@@ -3,7 +3,7 @@
 #![no_main]
 
 use komnet_enroll::csr::VerifiedCsr;
-use komnet_enroll::identity::{Identity, Role, SiteId, TenantId};
+use komnet_enroll::identity::{Role, SiteId, TenantId};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -15,5 +15,5 @@ fuzz_target!(|data: &[u8]| {
         rcgen::SubjectPublicKeyInfo::from_der(&csr.spki_der)
             .expect("a verified CSR's key is one rcgen can put in a certificate");
     }
-    let _ = Identity::from_certificate_der(data);
+    let _ = komnet_enroll::identity::from_certificate_der(data);
 });

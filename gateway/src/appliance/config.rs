@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use komnet_enroll::config::HumanDuration;
+use komnet_proto::config::HumanDuration;
 use serde::Deserialize;
 
 /// Default location of the configuration file.
@@ -108,7 +108,7 @@ fn default_max_flows() -> usize {
 }
 
 /// The same error as the enrollment service's configuration: file, then what is wrong.
-pub use komnet_enroll::config::ConfigError;
+pub use komnet_proto::config::ConfigError;
 
 impl GatewayConfig {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {

@@ -30,18 +30,18 @@ use anyhow::{anyhow, bail, Context, Result};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use ipnet::IpNet;
-use komnet_enroll::api::{ErrorCode, HubPeer, RegistryChange};
-use komnet_enroll::client::{self, ClientError, Enrollment, PolicyFetch, WgKeys};
-use komnet_enroll::identity::{Identity, Role as CertRole};
-use komnet_enroll::token::Bootstrap;
+use komnet_enroll_client::{self as client, ClientError, Enrollment, PolicyFetch, WgKeys};
 use komnet_policy::bundle::{BundleStore, VerifiedBundle};
 use komnet_policy::nft::{self, Interfaces};
 use komnet_policy::{CompiledPolicy, Role};
+use komnet_proto::api::{ErrorCode, HubPeer, RegistryChange};
+use komnet_proto::bootstrap::Bootstrap;
+use komnet_proto::identity::Identity;
 use komnet_sdnotify::Notifier;
 use parking_lot::Mutex;
 use rand::RngCore;
 
-use crate::admission::{Admission, HubPeers, PeerChange};
+use crate::admission::{HubPeers, PeerChange};
 use crate::core::{Core, PeerId, PeerInfo};
 use crate::daemon;
 use crate::driver::{self, Event, Shared, Sockets};
@@ -70,7 +70,7 @@ struct ControlState {
     in_force: Option<Arc<CompiledPolicy>>,
     policy_error: Option<String>,
     /// Hub: every valid identity the registry lists, admitted or not.
-    registry: BTreeMap<[u8; 32], Admission>,
+    registry: BTreeMap<[u8; 32], Identity>,
     hub_peers: HubPeers,
     /// Hub: the handshake time for which a peer's routes were last claimed, and those routes.
     claimed: HashMap<[u8; 32], (SystemTime, Vec<IpNet>)>,
@@ -223,6 +223,7 @@ fn init_logging(json: bool) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let _ = tracing_subscriber::fmt()
         .json()
+        .flatten_event(true)
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .try_init();
@@ -417,8 +418,8 @@ async fn start(ctx: Arc<Ctx>) -> Result<()> {
         policy_key,
     ));
     let expected = match ctx.config.role {
-        GatewayRole::Hub => CertRole::Hub,
-        GatewayRole::Spoke => CertRole::Spoke,
+        GatewayRole::Hub => Role::Hub,
+        GatewayRole::Spoke => Role::Spoke,
     };
     if enrollment.identity.role != expected {
         bail!(
@@ -965,10 +966,10 @@ async fn put_in_force(
                 let now = unix_now();
                 let mut changes = s.hub_peers.on_policy_change(now, &compiled.policy);
                 // Identities the previous policy did not know may be admitted now.
-                let pending: Vec<Admission> = s
+                let pending: Vec<Identity> = s
                     .registry
                     .values()
-                    .filter(|a| s.hub_peers.identity(&a.wg_public_key).is_none())
+                    .filter(|a| s.hub_peers.identity(a.wg_public_key.as_bytes()).is_none())
                     .cloned()
                     .collect();
                 for a in pending {
@@ -1149,22 +1150,6 @@ async fn renewal(ctx: Arc<Ctx>) {
 
 // ---- hub -----------------------------------------------------------------------------------
 
-fn to_admission(identity: &Identity) -> Admission {
-    Admission {
-        tenant: identity.tenant.as_str().to_owned(),
-        site: identity.site.as_str().to_owned(),
-        role: match identity.role {
-            CertRole::Spoke => Role::Spoke,
-            CertRole::Hub => Role::Hub,
-            CertRole::HomeOffice => Role::Homeoffice,
-        },
-        wg_public_key: *identity.wg_public_key.as_bytes(),
-        tunnel_addrs: identity.tunnel_addrs.clone(),
-        not_after: identity.not_after,
-        serial: identity.serial.clone(),
-    }
-}
-
 /// Applies admission changes to the peer table and the gate (both locked by the caller).
 /// Returns the keys that were removed, whose routes the caller releases.
 fn apply_peer_changes(
@@ -1248,9 +1233,9 @@ fn change_peers(ctx: &Ctx, decide: impl FnOnce(&mut ControlState) -> Vec<PeerCha
 
 /// Admits (or refuses) one identity from the registry.
 fn admit(s: &mut ControlState, identity: &Identity) -> Vec<PeerChange> {
-    let admission = to_admission(identity);
+    let admission = identity.clone();
     s.registry
-        .insert(admission.wg_public_key, admission.clone());
+        .insert(*admission.wg_public_key.as_bytes(), admission.clone());
     let Some(policy) = s.in_force.clone() else {
         // Kept in the registry view; admitted once a policy is in force.
         return Vec::new();
@@ -1305,7 +1290,7 @@ async fn follow_once(ctx: &Arc<Ctx>) -> Result<()> {
             changes.extend(withdraw(s, &k));
         }
         for identity in &snapshot.peers {
-            if identity.role != CertRole::Hub {
+            if identity.role != Role::Hub {
                 changes.extend(admit(s, identity));
             }
         }
@@ -1322,7 +1307,7 @@ async fn follow_once(ctx: &Arc<Ctx>) -> Result<()> {
         change_peers(ctx, |s| {
             s.count("registry_event");
             match &event.change {
-                RegistryChange::Upsert(identity) if identity.role != CertRole::Hub => {
+                RegistryChange::Upsert(identity) if identity.role != Role::Hub => {
                     admit(s, identity)
                 }
                 RegistryChange::Upsert(_) => Vec::new(),
@@ -1664,19 +1649,12 @@ fn report(ctx: &Ctx) -> StatusReport {
                 .find(|h| h.wg_public_key.as_bytes() == &p.public_key);
             PeerStatus {
                 public_key: B64.encode(p.public_key),
-                tenant: admitted.map(|a| a.tenant.clone()),
+                tenant: admitted.map(|a| a.tenant.to_string()),
                 site: admitted
-                    .map(|a| a.site.clone())
+                    .map(|a| a.site.to_string())
                     .or_else(|| hub.map(|h| h.site.as_str().to_owned())),
                 role: admitted
-                    .map(|a| {
-                        match a.role {
-                            Role::Spoke => "spoke",
-                            Role::Hub => "hub",
-                            Role::Homeoffice => "homeoffice",
-                        }
-                        .to_owned()
-                    })
+                    .map(|a| a.role.as_str().to_owned())
                     .or_else(|| hub.map(|_| "hub".to_owned())),
                 endpoint: p.endpoint.map(|e| e.to_string()),
                 last_handshake: p
@@ -1724,43 +1702,80 @@ fn report(ctx: &Ctx) -> StatusReport {
     }
 }
 
+/// Serves `GET /metrics` and `GET /status` on the management address: a bare HTTP/1 server,
+/// one task per connection, each connection closed after a minute.
 async fn serve_status(listener: tokio::net::TcpListener, ctx: Arc<Ctx>) {
-    use axum::routing::get;
-    let status_ctx = ctx.clone();
-    let app = axum::Router::new()
-        .route(
-            "/metrics",
-            get(move || {
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                tracing::warn!(error = %e, "status server: accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
                 let ctx = ctx.clone();
-                async move {
-                    let text =
-                        tokio::task::spawn_blocking(move || report(&ctx).to_prometheus(unix_now()))
-                            .await
-                            .unwrap_or_default();
-                    (
-                        [(
-                            axum::http::header::CONTENT_TYPE,
-                            "text/plain; version=0.0.4; charset=utf-8",
-                        )],
-                        text,
-                    )
-                }
-            }),
-        )
-        .route(
-            "/status",
-            get(move || {
-                let ctx = status_ctx.clone();
-                async move {
-                    let r = tokio::task::spawn_blocking(move || report(&ctx))
-                        .await
-                        .unwrap_or_default();
-                    axum::Json(r)
-                }
-            }),
+                async move { Ok::<_, std::convert::Infallible>(status_answer(ctx, req).await) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            let _ = tokio::time::timeout(Duration::from_secs(60), conn).await;
+        });
+    }
+}
+
+async fn status_answer(
+    ctx: Arc<Ctx>,
+    req: hyper::Request<hyper::body::Incoming>,
+) -> hyper::Response<http_body_util::Full<bytes::Bytes>> {
+    use hyper::{header, Method, StatusCode};
+    let respond = |status: StatusCode, content_type: &'static str, body: Vec<u8>| {
+        let mut resp = hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from(body)));
+        *resp.status_mut() = status;
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static(content_type),
         );
-    if let Err(e) = axum::serve(listener, app).await {
-        tracing::error!(error = %e, "status server stopped");
+        resp
+    };
+    if req.method() != Method::GET {
+        return respond(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain; charset=utf-8",
+            b"only GET\n".to_vec(),
+        );
+    }
+    match req.uri().path() {
+        "/metrics" => {
+            let text = tokio::task::spawn_blocking(move || {
+                status::to_prometheus(&report(&ctx), unix_now())
+            })
+            .await
+            .unwrap_or_default();
+            respond(
+                StatusCode::OK,
+                "text/plain; version=0.0.4; charset=utf-8",
+                text.into_bytes(),
+            )
+        }
+        "/status" => {
+            let r = tokio::task::spawn_blocking(move || report(&ctx))
+                .await
+                .unwrap_or_default();
+            respond(
+                StatusCode::OK,
+                "application/json",
+                serde_json::to_vec(&r).unwrap_or_default(),
+            )
+        }
+        _ => respond(
+            StatusCode::NOT_FOUND,
+            "text/plain; charset=utf-8",
+            b"not found: /metrics or /status\n".to_vec(),
+        ),
     }
 }
 
@@ -1836,7 +1851,7 @@ mod tests {
         let e = ClientError::Api {
             url: "https://enroll.example:8443".into(),
             status: 409,
-            error: komnet_enroll::api::ApiError {
+            error: komnet_proto::api::ApiError {
                 code: ErrorCode::TokenUsed,
                 message: "token already used".into(),
             },
@@ -1912,7 +1927,7 @@ mod tests {
             enroll_urls: vec!["https://127.0.0.1:9".into()],
             root_fingerprint: "00".repeat(32),
             root_ca_pem: "not a certificate".into(),
-            wg_proof_public_key: komnet_enroll::identity::WgPublicKey::from_bytes([9; 32]).unwrap(),
+            wg_proof_public_key: komnet_proto::identity::WgPublicKey::from_bytes([9; 32]).unwrap(),
             policy_public_key: policy_key.map(|k| B64.encode([k; 32])),
         };
         serde_json::to_string(&b).unwrap()

@@ -4,84 +4,9 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
-use serde::{Deserialize, Serialize};
-
-/// The appliance's state as `komnet status` shows it.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct StatusReport {
-    pub role: String,
-    /// `enrolling`, `waiting for policy`, `running`, or what stopped it.
-    pub state: String,
-    pub interface: String,
-    pub listen_port: u16,
-    pub tenant: Option<String>,
-    pub site: Option<String>,
-    pub tunnel_addrs: Vec<String>,
-    /// Spoke with `lan_addresses`: the addresses it put on its LAN interface (its site's
-    /// segments' gateways). Absent in reports of older gateways.
-    #[serde(default)]
-    pub lan_addresses: Vec<String>,
-    pub certificate: Option<CertificateStatus>,
-    pub policy: Option<PolicyStatus>,
-    /// Why the last offered policy bundle was refused, if it was.
-    pub policy_error: Option<String>,
-    pub peers: Vec<PeerStatus>,
-    /// Hub: flows the firewall remembers.
-    pub flows: Option<usize>,
-    /// Hub: the flows the data-centre side started, and those it lost to a full table.
-    #[serde(default)]
-    pub datacentre_flows: Option<FlowShare>,
-    /// Packets dropped, by reason (WireGuard layer and firewall).
-    pub drops: BTreeMap<String, u64>,
-    /// Control-plane events (registry, renewals, policy, failovers), by name.
-    pub counters: BTreeMap<String, u64>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct CertificateStatus {
-    pub serial: String,
-    pub not_after: i64,
-    pub renew_after: i64,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct PolicyStatus {
-    pub version: u64,
-    pub name: String,
-    /// Unix seconds when this version was put in force here.
-    pub installed_at: i64,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct PeerStatus {
-    pub public_key: String,
-    pub tenant: Option<String>,
-    pub site: Option<String>,
-    pub role: Option<String>,
-    pub endpoint: Option<String>,
-    /// Unix seconds.
-    pub last_handshake: Option<i64>,
-    pub rx_bytes: u64,
-    pub tx_bytes: u64,
-    pub cert_not_after: Option<i64>,
-    /// Spoke: the hub its traffic goes to now.
-    pub active: bool,
-    /// Hub: flows this peer started that the firewall remembers, and those it lost because
-    /// the table was full (a peer opening flows without end loses its own; issue 14).
-    #[serde(default)]
-    pub flows: Option<FlowShare>,
-}
-
-/// One owner's part of a hub's flow table.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FlowShare {
-    pub flows: u64,
-    pub evicted: u64,
-}
-
-/// A peer counts as up when its last handshake is younger than this (WireGuard rekeys every
-/// two minutes while traffic flows; keepalives keep spokes' sessions warm).
-pub const PEER_UP_SECS: i64 = 180;
+pub use komnet_proto::status::{
+    CertificateStatus, FlowShare, PeerStatus, PolicyStatus, StatusReport, PEER_UP_SECS,
+};
 
 fn label(value: &str) -> String {
     value
@@ -90,212 +15,211 @@ fn label(value: &str) -> String {
         .replace('\n', "\\n")
 }
 
-impl StatusReport {
-    /// The Prometheus text exposition of this report at `now` (Unix seconds).
-    pub fn to_prometheus(&self, now: i64) -> String {
-        let mut out = String::new();
+/// The Prometheus text exposition of a report at `now` (Unix seconds).
+pub fn to_prometheus(report: &StatusReport, now: i64) -> String {
+    let this = report;
+    let mut out = String::new();
 
-        let n = family(
-            &mut out,
-            "komnet_info",
-            "gauge",
-            "The appliance's role and identity.",
-        );
+    let n = family(
+        &mut out,
+        "komnet_info",
+        "gauge",
+        "The appliance's role and identity.",
+    );
+    line(
+        &mut out,
+        format!(
+            "{n}{{role=\"{}\",tenant=\"{}\",site=\"{}\",state=\"{}\"}} 1",
+            label(&this.role),
+            label(this.tenant.as_deref().unwrap_or("")),
+            label(this.site.as_deref().unwrap_or("")),
+            label(&this.state)
+        ),
+    );
+
+    let mut by_tenant: BTreeMap<(String, String, &str), u64> = BTreeMap::new();
+    for p in &this.peers {
+        let up = p.last_handshake.is_some_and(|t| now - t < PEER_UP_SECS);
+        *by_tenant
+            .entry((
+                p.tenant.clone().unwrap_or_default(),
+                p.role.clone().unwrap_or_default(),
+                if up { "up" } else { "down" },
+            ))
+            .or_default() += 1;
+    }
+    let n = family(
+        &mut out,
+        "komnet_peers",
+        "gauge",
+        "Peers by tenant, role and state (up: handshake within 180 s).",
+    );
+    for ((tenant, role, state), count) in &by_tenant {
         line(
             &mut out,
             format!(
-                "{n}{{role=\"{}\",tenant=\"{}\",site=\"{}\",state=\"{}\"}} 1",
-                label(&self.role),
-                label(self.tenant.as_deref().unwrap_or("")),
-                label(self.site.as_deref().unwrap_or("")),
-                label(&self.state)
+                "{n}{{tenant=\"{}\",role=\"{}\",state=\"{state}\"}} {count}",
+                label(tenant),
+                label(role)
             ),
         );
+    }
 
-        let mut by_tenant: BTreeMap<(String, String, &str), u64> = BTreeMap::new();
-        for p in &self.peers {
-            let up = p.last_handshake.is_some_and(|t| now - t < PEER_UP_SECS);
-            *by_tenant
-                .entry((
-                    p.tenant.clone().unwrap_or_default(),
-                    p.role.clone().unwrap_or_default(),
-                    if up { "up" } else { "down" },
-                ))
-                .or_default() += 1;
+    let peer_labels = |p: &PeerStatus| {
+        format!(
+            "tenant=\"{}\",site=\"{}\",role=\"{}\"",
+            label(p.tenant.as_deref().unwrap_or("")),
+            label(p.site.as_deref().unwrap_or("")),
+            label(p.role.as_deref().unwrap_or(""))
+        )
+    };
+    let n = family(
+        &mut out,
+        "komnet_peer_last_handshake_seconds",
+        "gauge",
+        "Unix time of the peer's last completed handshake.",
+    );
+    for p in &this.peers {
+        if let Some(t) = p.last_handshake {
+            line(&mut out, format!("{n}{{{}}} {t}", peer_labels(p)));
         }
-        let n = family(
-            &mut out,
-            "komnet_peers",
-            "gauge",
-            "Peers by tenant, role and state (up: handshake within 180 s).",
-        );
-        for ((tenant, role, state), count) in &by_tenant {
-            line(
-                &mut out,
-                format!(
-                    "{n}{{tenant=\"{}\",role=\"{}\",state=\"{state}\"}} {count}",
-                    label(tenant),
-                    label(role)
-                ),
-            );
+    }
+    for (name, help, get) in [
+        (
+            "komnet_peer_rx_bytes_total",
+            "Bytes received from the peer (encrypted).",
+            (|p: &PeerStatus| p.rx_bytes) as fn(&PeerStatus) -> u64,
+        ),
+        (
+            "komnet_peer_tx_bytes_total",
+            "Bytes sent to the peer (encrypted).",
+            |p: &PeerStatus| p.tx_bytes,
+        ),
+    ] {
+        let n = family(&mut out, name, "counter", help);
+        for p in &this.peers {
+            line(&mut out, format!("{n}{{{}}} {}", peer_labels(p), get(p)));
         }
+    }
+    let n = family(
+        &mut out,
+        "komnet_peer_certificate_expiry_seconds",
+        "gauge",
+        "Unix time the peer's certificate expires.",
+    );
+    for p in &this.peers {
+        if let Some(t) = p.cert_not_after {
+            line(&mut out, format!("{n}{{{}}} {t}", peer_labels(p)));
+        }
+    }
 
-        let peer_labels = |p: &PeerStatus| {
-            format!(
-                "tenant=\"{}\",site=\"{}\",role=\"{}\"",
-                label(p.tenant.as_deref().unwrap_or("")),
-                label(p.site.as_deref().unwrap_or("")),
-                label(p.role.as_deref().unwrap_or(""))
-            )
-        };
-        let n = family(
+    let n = family(
+        &mut out,
+        "komnet_drops_total",
+        "counter",
+        "Packets dropped, by reason (WireGuard layer and policy firewall).",
+    );
+    for (reason, count) in &this.drops {
+        line(
             &mut out,
-            "komnet_peer_last_handshake_seconds",
-            "gauge",
-            "Unix time of the peer's last completed handshake.",
+            format!("{n}{{reason=\"{}\"}} {count}", label(reason)),
         );
-        for p in &self.peers {
-            if let Some(t) = p.last_handshake {
-                line(&mut out, format!("{n}{{{}}} {t}", peer_labels(p)));
-            }
-        }
-        for (name, help, get) in [
-            (
-                "komnet_peer_rx_bytes_total",
-                "Bytes received from the peer (encrypted).",
-                (|p: &PeerStatus| p.rx_bytes) as fn(&PeerStatus) -> u64,
-            ),
-            (
-                "komnet_peer_tx_bytes_total",
-                "Bytes sent to the peer (encrypted).",
-                |p: &PeerStatus| p.tx_bytes,
-            ),
-        ] {
-            let n = family(&mut out, name, "counter", help);
-            for p in &self.peers {
-                line(&mut out, format!("{n}{{{}}} {}", peer_labels(p), get(p)));
-            }
-        }
-        let n = family(
-            &mut out,
-            "komnet_peer_certificate_expiry_seconds",
-            "gauge",
-            "Unix time the peer's certificate expires.",
-        );
-        for p in &self.peers {
-            if let Some(t) = p.cert_not_after {
-                line(&mut out, format!("{n}{{{}}} {t}", peer_labels(p)));
-            }
-        }
+    }
 
-        let n = family(
-            &mut out,
-            "komnet_drops_total",
-            "counter",
-            "Packets dropped, by reason (WireGuard layer and policy firewall).",
-        );
-        for (reason, count) in &self.drops {
-            line(
-                &mut out,
-                format!("{n}{{reason=\"{}\"}} {count}", label(reason)),
-            );
-        }
-
-        let n = family(
+    let n = family(
             &mut out,
             "komnet_events_total",
             "counter",
             "Control-plane and firewall events: registry changes, admissions, renewals, policy installs and refusals, failovers, new flows, evictions.",
         );
-        for (event, count) in &self.counters {
-            line(
-                &mut out,
-                format!("{n}{{event=\"{}\"}} {count}", label(event)),
-            );
-        }
-
-        if let Some(flows) = self.flows {
-            let n = family(
-                &mut out,
-                "komnet_flows",
-                "gauge",
-                "Flows the hub firewall remembers.",
-            );
-            line(&mut out, format!("{n} {flows}"));
-        }
-        // Per owner of flows: each peer (labelled with its key too, as several home offices of
-        // one tenant share the other labels) and the data centre.
-        let owners: Vec<(String, FlowShare)> = self
-            .peers
-            .iter()
-            .filter_map(|p| {
-                let share = p.flows?;
-                Some((
-                    format!("{},key=\"{}\"", peer_labels(p), label(&p.public_key)),
-                    share,
-                ))
-            })
-            .chain(self.datacentre_flows.map(|d| {
-                (
-                    "tenant=\"\",site=\"\",role=\"datacentre\",key=\"\"".to_owned(),
-                    d,
-                )
-            }))
-            .collect();
-        if !owners.is_empty() {
-            for (name, help, get) in [
-                (
-                    "komnet_flow_owner_flows",
-                    "gauge",
-                    (|s: &FlowShare| s.flows) as fn(&FlowShare) -> u64,
-                ),
-                (
-                    "komnet_flow_owner_evicted_total",
-                    "counter",
-                    |s: &FlowShare| s.evicted,
-                ),
-            ] {
-                let help_text = if help == "gauge" {
-                    "Hub: flows each peer (or the data centre) started that the firewall remembers."
-                } else {
-                    "Hub: flows a peer (or the data centre) lost because the table was full; it loses its own oldest when it holds its share or more (an attacker's count grows, others' stay)."
-                };
-                let n = family(&mut out, name, help, help_text);
-                for (labels, share) in &owners {
-                    line(&mut out, format!("{n}{{{labels}}} {}", get(share)));
-                }
-            }
-        }
-        let n = family(
-            &mut out,
-            "komnet_policy_version",
-            "gauge",
-            "Version of the policy in force (0: none yet, forwarding nothing).",
-        );
+    for (event, count) in &this.counters {
         line(
             &mut out,
-            format!("{n} {}", self.policy.as_ref().map_or(0, |p| p.version)),
+            format!("{n}{{event=\"{}\"}} {count}", label(event)),
         );
-        if let Some(p) = &self.policy {
-            let n = family(
-                &mut out,
-                "komnet_policy_age_seconds",
-                "gauge",
-                "Seconds since the policy in force was installed here.",
-            );
-            line(&mut out, format!("{n} {}", (now - p.installed_at).max(0)));
-        }
-        if let Some(c) = &self.certificate {
-            let n = family(
-                &mut out,
-                "komnet_certificate_expiry_seconds",
-                "gauge",
-                "Unix time this appliance's own certificate expires.",
-            );
-            line(&mut out, format!("{n} {}", c.not_after));
-        }
-        out
     }
+
+    if let Some(flows) = this.flows {
+        let n = family(
+            &mut out,
+            "komnet_flows",
+            "gauge",
+            "Flows the hub firewall remembers.",
+        );
+        line(&mut out, format!("{n} {flows}"));
+    }
+    // Per owner of flows: each peer (labelled with its key too, as several home offices of
+    // one tenant share the other labels) and the data centre.
+    let owners: Vec<(String, FlowShare)> = this
+        .peers
+        .iter()
+        .filter_map(|p| {
+            let share = p.flows?;
+            Some((
+                format!("{},key=\"{}\"", peer_labels(p), label(&p.public_key)),
+                share,
+            ))
+        })
+        .chain(this.datacentre_flows.map(|d| {
+            (
+                "tenant=\"\",site=\"\",role=\"datacentre\",key=\"\"".to_owned(),
+                d,
+            )
+        }))
+        .collect();
+    if !owners.is_empty() {
+        for (name, help, get) in [
+            (
+                "komnet_flow_owner_flows",
+                "gauge",
+                (|s: &FlowShare| s.flows) as fn(&FlowShare) -> u64,
+            ),
+            (
+                "komnet_flow_owner_evicted_total",
+                "counter",
+                |s: &FlowShare| s.evicted,
+            ),
+        ] {
+            let help_text = if help == "gauge" {
+                "Hub: flows each peer (or the data centre) started that the firewall remembers."
+            } else {
+                "Hub: flows a peer (or the data centre) lost because the table was full; it loses its own oldest when it holds its share or more (an attacker's count grows, others' stay)."
+            };
+            let n = family(&mut out, name, help, help_text);
+            for (labels, share) in &owners {
+                line(&mut out, format!("{n}{{{labels}}} {}", get(share)));
+            }
+        }
+    }
+    let n = family(
+        &mut out,
+        "komnet_policy_version",
+        "gauge",
+        "Version of the policy in force (0: none yet, forwarding nothing).",
+    );
+    line(
+        &mut out,
+        format!("{n} {}", this.policy.as_ref().map_or(0, |p| p.version)),
+    );
+    if let Some(p) = &this.policy {
+        let n = family(
+            &mut out,
+            "komnet_policy_age_seconds",
+            "gauge",
+            "Seconds since the policy in force was installed here.",
+        );
+        line(&mut out, format!("{n} {}", (now - p.installed_at).max(0)));
+    }
+    if let Some(c) = &this.certificate {
+        let n = family(
+            &mut out,
+            "komnet_certificate_expiry_seconds",
+            "gauge",
+            "Unix time this appliance's own certificate expires.",
+        );
+        line(&mut out, format!("{n} {}", c.not_after));
+    }
+    out
 }
 
 fn family(out: &mut String, name: &str, kind: &str, help: &str) -> String {
@@ -340,7 +264,7 @@ mod tests {
             evicted: 0,
         });
         r.drops.insert("policy_default_deny".into(), 3);
-        let text = r.to_prometheus(1000);
+        let text = to_prometheus(&r, 1000);
         assert!(
             text.contains("komnet_peers{tenant=\"noh\\\"felden\",role=\"spoke\",state=\"up\"} 1")
         );

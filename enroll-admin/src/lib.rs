@@ -1,4 +1,4 @@
-//! Admin commands (`komnet token create`, `komnet revoke`, `komnet homeoffice issue`,
+//! komnet-enroll-admin: the admin commands (`komnet token create`, `komnet revoke`, `komnet homeoffice issue`,
 //! `komnet audit`, `komnet policy-publish`, `komnet policy-version set`): clap definitions and
 //! their implementation.
 //!
@@ -15,15 +15,17 @@ use http_body_util::{BodyExt as _, Full};
 use hyper::{Method, Request};
 use hyper_util::rt::TokioIo;
 
-use crate::api::admin::{
+use komnet_enroll_client::WgKeys;
+use komnet_proto::api::admin::{
     self, AuditRecord, CreateTokenRequest, CreateTokenResponse, HomeOfficeRequest,
     HomeOfficeResponse, PolicyPublishResponse, PolicyVersionRequest, RevokeRequest, RevokeResponse,
 };
-use crate::api::{ApiError, RevocationReason};
-use crate::client::WgKeys;
-use crate::config::HumanDuration;
-use crate::identity::{Role, SiteId, TenantId, WgPublicKey};
-use crate::token::Bootstrap;
+use komnet_proto::api::{ApiError, RevocationReason};
+use komnet_proto::bootstrap::Bootstrap;
+use komnet_proto::config::HumanDuration;
+use komnet_proto::identity::{Role, SiteId, TenantId, WgPublicKey};
+
+pub mod homeoffice;
 
 /// Where `komnet-enroll serve` puts its admin socket by default.
 pub const DEFAULT_SOCKET: &str = "/var/lib/komnet-enroll/admin.sock";
@@ -99,7 +101,30 @@ pub struct TokenCreateArgs {
 
 fn parse_role(s: &str) -> Result<Role, String> {
     s.parse()
-        .map_err(|e: crate::identity::IdentityError| e.to_string())
+        .map_err(|e: komnet_proto::identity::IdentityError| e.to_string())
+}
+
+/// The RFC 5280 reason names as the command line writes them (`key-compromise`).
+const REASONS: [(&str, RevocationReason); 6] = [
+    ("unspecified", RevocationReason::Unspecified),
+    ("key-compromise", RevocationReason::KeyCompromise),
+    ("affiliation-changed", RevocationReason::AffiliationChanged),
+    ("superseded", RevocationReason::Superseded),
+    (
+        "cessation-of-operation",
+        RevocationReason::CessationOfOperation,
+    ),
+    ("privilege-withdrawn", RevocationReason::PrivilegeWithdrawn),
+];
+
+fn reason_parser() -> impl clap::builder::TypedValueParser<Value = RevocationReason> {
+    use clap::builder::TypedValueParser as _;
+    clap::builder::PossibleValuesParser::new(REASONS.map(|(name, _)| name)).map(|name| {
+        REASONS
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map_or(RevocationReason::Unspecified, |(_, r)| *r)
+    })
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -112,7 +137,7 @@ pub struct RevokeArgs {
     pub tenant: Option<TenantId>,
     #[arg(long, requires = "tenant")]
     pub site: Option<SiteId>,
-    #[arg(long, value_enum, default_value = "unspecified")]
+    #[arg(long, default_value = "unspecified", value_parser = reason_parser())]
     pub reason: RevocationReason,
     /// The site is decommissioned: reason cessation_of_operation, its tunnel addresses are
     /// released.
@@ -134,7 +159,7 @@ pub struct HomeofficeIssueArgs {
     #[arg(long)]
     pub tenant: TenantId,
     /// The user (device) name, e.g. anna.schmidt.
-    #[arg(long)]
+    #[arg(long, value_parser = parse_user)]
     pub user: SiteId,
     /// The device's own WireGuard public key; without it a key pair is generated here, shown
     /// once and never stored by the service.
@@ -208,7 +233,7 @@ async fn call_with<T: serde::de::DeserializeOwned>(
         .uri(path)
         .header(hyper::header::HOST, "komnet-enroll")
         .header(hyper::header::CONTENT_TYPE, content_type)
-        .body(Full::new(axum::body::Bytes::from(body.unwrap_or_default())))?;
+        .body(Full::new(bytes::Bytes::from(body.unwrap_or_default())))?;
     let resp = sender
         .send_request(req)
         .await
@@ -323,7 +348,6 @@ async fn revoke(a: RevokeArgs, out: &mut dyn Write) -> anyhow::Result<ExitCode> 
 }
 
 async fn homeoffice_issue(a: HomeofficeIssueArgs, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
-    use std::os::unix::fs::OpenOptionsExt as _;
     // The key pair is made here, on the admin's machine: the service only sees the public key.
     let generated = match a.public_key {
         Some(_) => None,
@@ -354,14 +378,7 @@ async fn homeoffice_issue(a: HomeofficeIssueArgs, out: &mut dyn Write) -> anyhow
     let mut written = Vec::new();
     for (ext, bytes) in [("conf", config.as_bytes()), ("png", png.as_slice())] {
         let path = a.out_dir.join(format!("{}.{ext}", a.user));
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&path)
-            .with_context(|| format!("{}: cannot create (exists?)", path.display()))?;
-        f.write_all(bytes)
-            .with_context(|| format!("{}", path.display()))?;
+        komnet_proto::files::create_secret(&path, bytes)?;
         written.push(path);
     }
     let id = &resp.enrollment.identity;
@@ -445,4 +462,14 @@ async fn audit(a: AuditArgs, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A home-office user's name: stored like a site name, but the error speaks of users.
+fn parse_user(text: &str) -> Result<SiteId, String> {
+    SiteId::parse(text).map_err(|_| {
+        format!(
+            "user name {text:?} is not valid: 1-63 characters of a-z, 0-9, '-', '.' and '_', \
+             starting with a letter or digit (e.g. anna.schmidt)"
+        )
+    })
 }

@@ -18,7 +18,7 @@
 use ring::{hkdf, hmac};
 use x25519_dalek::{PublicKey, StaticSecret};
 
-use crate::identity::WgPublicKey;
+use komnet_proto::identity::WgPublicKey;
 
 const LABEL: &[u8] = b"komnet-enroll wg-possession v1";
 

@@ -3,7 +3,7 @@
 
 use std::fmt::Write as _;
 
-use crate::api::{EnrollResponse, HubPeer};
+use komnet_proto::api::{EnrollResponse, HubPeer};
 
 #[derive(Debug, thiserror::Error)]
 pub enum HomeOfficeError {
@@ -139,7 +139,7 @@ pub fn qr_png(text: &str) -> Result<Vec<u8>, HomeOfficeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::identity::{Identity, Role, SiteId, TenantId, WgPublicKey};
+    use komnet_proto::identity::{Identity, Role, SiteId, TenantId, WgPublicKey};
 
     fn hub(site: &str, key: u8, endpoint: Option<&str>) -> HubPeer {
         HubPeer {

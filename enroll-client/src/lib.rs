@@ -1,15 +1,19 @@
-//! The client library an appliance (the gateway) and a hub call: first enrollment from a
-//! bootstrap file, renewal over mutual TLS, following the registry, and fetching the signed
-//! policy bundle and the hub list.
+//! komnet-enroll-client: the client library an appliance (the gateway) and a hub call: first
+//! enrollment from a bootstrap file, renewal over mutual TLS, following the registry, and
+//! fetching the signed policy bundle and the hub list. It builds its own CSR ([`csr`]) and the
+//! WireGuard possession proof ([`proof`]).
+//!
+//! It owns no server, no database and no certificate authority: those are `komnet-enroll`'s,
+//! and an appliance never compiles them (`scripts/check-crate-graph.sh`).
 //!
 //! It trusts exactly one root: the one in the bootstrap file, after checking it against the
 //! pinned fingerprint. Service URLs are tried in order; the first that answers decides (an
 //! answer that refuses is final, only connection failures move on to the next URL).
 //!
 //! ```no_run
-//! # async fn first_boot() -> Result<(), komnet_enroll::client::ClientError> {
-//! use komnet_enroll::client::{self, WgKeys};
-//! use komnet_enroll::token::Bootstrap;
+//! # async fn first_boot() -> Result<(), komnet_enroll_client::ClientError> {
+//! use komnet_enroll_client::{self as client, WgKeys};
+//! use komnet_proto::bootstrap::Bootstrap;
 //! let bootstrap = Bootstrap::read("/media/usb/komnet-bootstrap.json".as_ref()).unwrap();
 //! let keys = WgKeys::generate();
 //! let enrollment = client::enroll(&bootstrap, &keys).await?;
@@ -19,13 +23,17 @@
 //! # let _ = renewed; Ok(()) }
 //! ```
 
+#![forbid(unsafe_code)]
+
+pub mod csr;
+pub mod proof;
+
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
-use bytes_compat::Bytes;
 use http_body_util::{BodyExt as _, Full};
 use hyper::body::Incoming;
 use hyper::{Method, Request, StatusCode};
@@ -36,16 +44,14 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use serde::{Deserialize, Serialize};
 use x25519_dalek::StaticSecret;
 
-use crate::api::{
+use bytes::Bytes;
+use komnet_proto::api::{
     self, ApiError, EnrollRequest, EnrollResponse, HubPeer, RegistryEvent, RegistrySnapshot,
     RenewRequest, ServiceInfo,
 };
-use crate::identity::{Identity, WgPublicKey};
-use crate::token::Bootstrap;
-
-mod bytes_compat {
-    pub(crate) use axum::body::Bytes;
-}
+use komnet_proto::bootstrap::Bootstrap;
+use komnet_proto::files::{write_atomic, FileError, Visibility};
+use komnet_proto::identity::{Identity, WgPublicKey};
 
 /// Largest answer read from the service (a response is a few KiB).
 const MAX_RESPONSE_BYTES: usize = 1 << 20;
@@ -182,23 +188,12 @@ impl Enrollment {
     }
 
     /// Writes the enrollment atomically with mode 0600.
-    pub fn save(&self, path: &Path) -> std::io::Result<()> {
-        use std::io::Write as _;
-        use std::os::unix::fs::OpenOptionsExt as _;
-        let tmp = path.with_extension("tmp");
-        let _ = std::fs::remove_file(&tmp);
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        f.write_all(
-            serde_json::to_string_pretty(self)
-                .map_err(std::io::Error::other)?
-                .as_bytes(),
-        )?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
+    pub fn save(&self, path: &Path) -> Result<(), FileError> {
+        let text = serde_json::to_string_pretty(self).map_err(|e| FileError::Io {
+            path: path.to_owned(),
+            source: std::io::Error::other(e),
+        })?;
+        write_atomic(path, text.as_bytes(), Visibility::Secret)
     }
 
     pub fn load(path: &Path) -> std::io::Result<Self> {
@@ -296,7 +291,7 @@ async fn connect(
     )
     .await
     .map_err(|_| cerr("TLS handshake timed out".into()))?
-    .map_err(|e| cerr(format!("TLS: {e}")))?;
+    .map_err(|e| cerr(describe_tls_error(&e)))?;
     let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| cerr(format!("HTTP: {e}")))?;
@@ -404,6 +399,89 @@ impl Connection {
     }
 }
 
+/// The service back-dates its certificate by this much (its own `CLOCK_SKEW_SECS`): its clock
+/// read the certificate's notBefore plus this when it made it.
+const SERVICE_BACKDATE_SECS: i64 = 300;
+
+/// A TLS failure in words; a certificate "not valid yet" or "expired" on the appliance's side
+/// means its clock is wrong, which is what a field technician can fix.
+fn describe_tls_error(e: &std::io::Error) -> String {
+    use rustls::CertificateError as C;
+    let cert_error = e
+        .get_ref()
+        .and_then(|i| i.downcast_ref::<rustls::Error>())
+        .and_then(|r| match r {
+            rustls::Error::InvalidCertificate(c) => Some(c),
+            _ => None,
+        });
+    match cert_error {
+        Some(C::NotValidYetContext { time, not_before }) => {
+            let here = time.as_secs() as i64;
+            let service = not_before.as_secs() as i64 + SERVICE_BACKDATE_SECS;
+            clock_skew_message(here, service)
+        }
+        Some(C::ExpiredContext { time, not_after }) => {
+            let here = time.as_secs() as i64;
+            let until = not_after.as_secs() as i64;
+            format!(
+                "this appliance's clock ({}) is past the end of the enrollment service's \
+                 certificate ({}), which the service renews long before: the clock is at least {} \
+                 ahead; check NTP",
+                utc(here),
+                utc(until),
+                span(here - until)
+            )
+        }
+        _ => format!("TLS: {e}"),
+    }
+}
+
+/// "this appliance's clock is 1 day behind the enrollment service …", with both times.
+pub fn clock_skew_message(appliance_now: i64, service_now: i64) -> String {
+    let behind = service_now - appliance_now;
+    let (amount, direction) = if behind >= 0 {
+        (behind, "behind")
+    } else {
+        (-behind, "ahead of")
+    };
+    format!(
+        "this appliance's clock is {} {direction} the enrollment service (appliance: {}, \
+         service: about {}); check NTP",
+        span(amount),
+        utc(appliance_now),
+        utc(service_now)
+    )
+}
+
+fn utc(unix: i64) -> String {
+    match time::OffsetDateTime::from_unix_timestamp(unix) {
+        Ok(t) => format!(
+            "{} {:02}:{:02} UTC",
+            t.date(),
+            t.time().hour(),
+            t.time().minute()
+        ),
+        Err(_) => format!("{unix} (Unix time)"),
+    }
+}
+
+/// A duration as people say it: the largest unit, rounded down.
+fn span(secs: i64) -> String {
+    let plural = |n: i64, unit: &str| {
+        if n == 1 {
+            format!("1 {unit}")
+        } else {
+            format!("{n} {unit}s")
+        }
+    };
+    match secs {
+        s if s >= 86_400 => plural(s / 86_400, "day"),
+        s if s >= 3600 => plural(s / 3600, "hour"),
+        s if s >= 60 => plural(s / 60, "minute"),
+        s => plural(s.max(0), "second"),
+    }
+}
+
 /// Runs `f` against each URL in turn until one is reachable.
 async fn with_first_reachable<T, F, Fut>(
     urls: &[String],
@@ -437,7 +515,7 @@ where
 fn check_pin(bootstrap: &Bootstrap) -> Result<(), ClientError> {
     let der = CertificateDer::from_pem_slice(bootstrap.root_ca_pem.as_bytes())
         .map_err(|e| ClientError::Config(format!("bootstrap root CA: {e}")))?;
-    let actual = crate::ca::fingerprint(&der);
+    let actual = fingerprint(&der);
     let expected = bootstrap
         .root_fingerprint
         .to_ascii_lowercase()
@@ -448,12 +526,17 @@ fn check_pin(bootstrap: &Bootstrap) -> Result<(), ClientError> {
     Ok(())
 }
 
+/// Lower-case hex SHA-256 of a DER certificate: the pin appliances compare the root against.
+pub fn fingerprint(der: &[u8]) -> String {
+    hex::encode(ring::digest::digest(&ring::digest::SHA256, der))
+}
+
 fn key_request(
     keys: &WgKeys,
     service_key: &WgPublicKey,
     csr_der: &[u8],
 ) -> (String, String, String) {
-    let proof = crate::wgproof::prove(keys.secret(), service_key, csr_der);
+    let proof = proof::prove(keys.secret(), service_key, csr_der);
     (
         STANDARD.encode(csr_der),
         keys.public().to_base64(),
@@ -461,13 +544,8 @@ fn key_request(
     )
 }
 
-fn new_csr(identity: Option<&Identity>) -> Result<(rcgen::KeyPair, Vec<u8>), ClientError> {
-    crate::csr::build_csr(
-        identity.map(|i| &i.tenant),
-        identity.map(|i| &i.site),
-        identity.map(|i| i.role),
-    )
-    .map_err(|e| ClientError::Config(format!("CSR: {e}")))
+fn new_csr(identity: Option<&Identity>) -> Result<csr::NewKey, ClientError> {
+    csr::new_key_and_csr(identity).map_err(|e| ClientError::Config(e.to_string()))
 }
 
 /// First enrollment: the bootstrap file's token buys an identity for the WireGuard key.
@@ -475,9 +553,9 @@ pub async fn enroll(bootstrap: &Bootstrap, keys: &WgKeys) -> Result<Enrollment, 
     check_pin(bootstrap)?;
     let tls = client_config(&bootstrap.root_ca_pem, None)?;
     with_first_reachable(&bootstrap.enroll_urls, tls, |mut conn| async move {
-        let (key, csr_der) = new_csr(None)?;
+        let key = new_csr(None)?;
         let (csr, wg_public_key, wg_proof) =
-            key_request(keys, &bootstrap.wg_proof_public_key, &csr_der);
+            key_request(keys, &bootstrap.wg_proof_public_key, &key.csr_der);
         let body = serde_json::to_vec(&EnrollRequest {
             token: bootstrap.token.clone(),
             csr,
@@ -490,7 +568,7 @@ pub async fn enroll(bootstrap: &Bootstrap, keys: &WgKeys) -> Result<Enrollment, 
             .await?;
         Ok(Enrollment::from_response(
             resp,
-            key.serialize_pem(),
+            key.private_key_pem,
             bootstrap.root_ca_pem.clone(),
             bootstrap.enroll_urls.clone(),
             bootstrap.wg_proof_public_key,
@@ -507,9 +585,9 @@ pub async fn renew(current: &Enrollment, keys: &WgKeys) -> Result<Enrollment, Cl
         Some((&current.certificate_chain_pem, &current.private_key_pem)),
     )?;
     with_first_reachable(&current.enroll_urls, tls, |mut conn| async move {
-        let (key, csr_der) = new_csr(Some(&current.identity))?;
+        let key = new_csr(Some(&current.identity))?;
         let (csr, wg_public_key, wg_proof) =
-            key_request(keys, &current.wg_proof_public_key, &csr_der);
+            key_request(keys, &current.wg_proof_public_key, &key.csr_der);
         let body = serde_json::to_vec(&RenewRequest {
             csr,
             wg_public_key,
@@ -521,7 +599,7 @@ pub async fn renew(current: &Enrollment, keys: &WgKeys) -> Result<Enrollment, Cl
             .await?;
         Ok(Enrollment::from_response(
             resp,
-            key.serialize_pem(),
+            key.private_key_pem,
             current.root_ca_pem.clone(),
             current.enroll_urls.clone(),
             current.wg_proof_public_key,
@@ -785,4 +863,28 @@ pub async fn follow_registry(
         })
     })
     .await
+}
+
+#[cfg(test)]
+mod clock_tests {
+    use super::*;
+
+    #[test]
+    fn a_wrong_clock_is_told_in_words_with_both_times() {
+        // 2026-12-02 10:00 UTC on the service, the appliance a day behind.
+        let service = 1_796_205_600;
+        let m = clock_skew_message(service - 86_400, service);
+        assert_eq!(
+            m,
+            "this appliance's clock is 1 day behind the enrollment service (appliance: \
+             2026-12-01 10:00 UTC, service: about 2026-12-02 10:00 UTC); check NTP"
+        );
+        let m = clock_skew_message(service + 3 * 3600 + 59, service);
+        assert!(
+            m.starts_with("this appliance's clock is 3 hours ahead of"),
+            "{m}"
+        );
+        assert_eq!(span(59), "59 seconds");
+        assert_eq!(span(120), "2 minutes");
+    }
 }

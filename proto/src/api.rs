@@ -1,0 +1,346 @@
+//! The wire types the enrollment service and its clients share: requests, responses, registry events and the
+//! typed error every route answers with.
+//!
+//! Binary fields (DER, proofs) travel as standard base64 strings inside JSON. Every request type
+//! denies unknown fields, so a client that sends something the service would ignore learns so.
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+use crate::identity::{Identity, Role, SiteId, TenantId, WgPublicKey};
+
+/// Routes of the HTTPS service (EST-like names, RFC 7030 §3.2.2).
+pub mod routes {
+    /// `GET`: root and issuing CA, the service's proof-of-possession key.
+    pub const INFO: &str = "/v1/info";
+    /// `POST` [`super::EnrollRequest`]: a token buys the first certificate (`simpleenroll`).
+    pub const ENROLL: &str = "/v1/simpleenroll";
+    /// `POST` [`super::RenewRequest`] over mutual TLS with the current certificate
+    /// (`simplereenroll`).
+    pub const RENEW: &str = "/v1/simplereenroll";
+    /// `GET` over mutual TLS with a hub certificate: [`super::RegistrySnapshot`].
+    pub const REGISTRY: &str = "/v1/registry";
+    /// `GET ?since=VERSION` over mutual TLS with a hub certificate: server-sent events, one
+    /// [`super::RegistryEvent`] each.
+    pub const REGISTRY_EVENTS: &str = "/v1/registry/events";
+    /// `GET`: the DER CRL of the issuing CA.
+    pub const CRL: &str = "/v1/crl";
+    /// `GET ?have=VERSION` over mutual TLS with any valid appliance certificate: the published
+    /// signed policy bundle (its bytes as `komnet policy bundle` wrote them), its version in
+    /// [`super::POLICY_VERSION_HEADER`]; 304 when `have` is the published version.
+    pub const POLICY: &str = "/v1/policy";
+    /// `GET` over mutual TLS with any valid appliance certificate: the hubs as
+    /// `Vec<`[`super::HubPeer`]`>`.
+    pub const HUBS: &str = "/v1/hubs";
+}
+
+/// The response header of `GET /v1/policy` (200 and 304) that carries the published version.
+pub const POLICY_VERSION_HEADER: &str = "x-komnet-policy-version";
+
+/// A stable, machine-readable reason for every rejected request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The token is unknown or its secret does not match (the two are not told apart).
+    TokenInvalid,
+    TokenExpired,
+    TokenUsed,
+    /// The CSR is not DER PKCS#10 or its structure is broken.
+    CsrInvalid,
+    CsrSignatureInvalid,
+    /// The CSR's key is not ECDSA P-256 with SHA-256.
+    CsrKeyType,
+    /// The CSR asks for a tenant, site or role other than the token's (or certificate's).
+    CsrIdentityMismatch,
+    WgKeyInvalid,
+    /// The WireGuard key possession proof does not verify.
+    WgProofInvalid,
+    /// The WireGuard key already belongs to another valid identity.
+    WgKeyInUse,
+    /// Renew and registry need a client certificate.
+    CertificateRequired,
+    CertificateExpired,
+    CertificateRevoked,
+    /// The certificate was replaced by a renewal; only the newest one may renew.
+    CertificateSuperseded,
+    /// Renewal opens at 2/3 of the lifetime.
+    RenewTooEarly,
+    /// The route is for hubs only.
+    Forbidden,
+    AddressPoolExhausted,
+    BodyTooLarge,
+    /// The body did not arrive in time.
+    Timeout,
+    RateLimited,
+    /// The JSON body or query does not match the route's type.
+    BadRequest,
+    NotFound,
+    /// Nothing matched (e.g. a revocation of a site with no certificate).
+    NothingToRevoke,
+    /// A hub identity is needed for this, and none is enrolled (or none has an endpoint).
+    NoHub,
+    /// No policy bundle has been published yet.
+    NoPolicy,
+    /// `policy_public_key` is not set in enroll.toml, so no bundle can be verified.
+    PolicyKeyMissing,
+    /// The bundle's signature does not verify with `policy_public_key`.
+    PolicySignatureInvalid,
+    /// The bundle is malformed, or its policy does not check, test or compile.
+    PolicyInvalid,
+    /// The bundle's version is lower than the published one.
+    PolicyRollback,
+    /// The bundle has the published version but other content.
+    PolicyVersionReused,
+    /// The tenant or site (or the tenant's home-office pool) is not in the published policy.
+    NotInPolicy,
+    Internal,
+}
+
+/// The body of every error answer: a stable code and a message for humans.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[serde(deny_unknown_fields)]
+#[error("{code:?}: {message}")]
+pub struct ApiError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+/// `simpleenroll`: a one-time token, a CSR for a fresh P-256 key and the WireGuard public key
+/// with its possession proof (see `komnet_enroll_client::proof`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnrollRequest {
+    pub token: String,
+    /// base64 DER PKCS#10.
+    pub csr: String,
+    pub wg_public_key: String,
+    /// base64 HMAC, see `komnet_enroll_client::proof`.
+    pub wg_proof: String,
+}
+
+/// `simplereenroll`: like enroll, but the current certificate (mutual TLS) replaces the token.
+/// The WireGuard key may stay or change; either way its possession is proven again.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RenewRequest {
+    pub csr: String,
+    pub wg_public_key: String,
+    pub wg_proof: String,
+}
+
+/// A hub a spoke or home-office device connects to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HubPeer {
+    pub site: SiteId,
+    pub wg_public_key: WgPublicKey,
+    pub tunnel_addrs: Vec<IpNet>,
+    /// `host:port` configured for this hub's site (`[hub_endpoints]` in enroll.toml); `None`
+    /// when none is. Defaulted so enrollments saved before it existed still load.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+}
+
+/// What an enrollment or renewal answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnrollResponse {
+    pub identity: Identity,
+    /// Leaf, then issuing CA (PEM).
+    pub certificate_chain_pem: String,
+    /// Unix seconds from which `simplereenroll` is accepted (2/3 of the lifetime).
+    pub renew_after: i64,
+    /// `host:port` of the data centre's WireGuard hubs (every configured endpoint, ordered by
+    /// hub site; [`HubPeer::endpoint`] says which hub answers where).
+    pub hub_endpoints: Vec<String>,
+    /// The hubs' identities: their WireGuard keys, tunnel addresses and endpoints, by site.
+    pub hubs: Vec<HubPeer>,
+    /// Routes to send through the tunnel (the data centre's networks).
+    pub allowed_ips: Vec<IpNet>,
+    /// The policy bundle version current at issue time.
+    pub policy_version: u64,
+}
+
+/// `GET /v1/info`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceInfo {
+    pub root_ca_pem: String,
+    pub issuing_ca_pem: String,
+    /// Lower-case hex SHA-256 of the root certificate's DER.
+    pub root_fingerprint: String,
+    /// The service's static X25519 key that WireGuard possession proofs are made against.
+    pub wg_proof_public_key: WgPublicKey,
+}
+
+/// The valid peers at one registry version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistrySnapshot {
+    pub version: u64,
+    pub peers: Vec<Identity>,
+}
+
+/// One change of the registry. Peers are keyed by (tenant, site): an upsert replaces whatever
+/// that site had (a renewal, a new key), a removal cuts it off.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryEvent {
+    pub version: u64,
+    pub change: RegistryChange,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum RegistryChange {
+    Upsert(Identity),
+    Remove {
+        tenant: TenantId,
+        site: SiteId,
+        role: Role,
+        serial: String,
+        wg_public_key: WgPublicKey,
+        reason: RevocationReason,
+    },
+}
+
+/// Why a certificate stopped being valid (RFC 5280 §5.3.1 names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RevocationReason {
+    Unspecified,
+    KeyCompromise,
+    AffiliationChanged,
+    /// Replaced by a renewal or a re-enrollment of the same site.
+    Superseded,
+    /// Decommissioned: the site's tunnel addresses are released.
+    CessationOfOperation,
+    PrivilegeWithdrawn,
+}
+
+impl RevocationReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RevocationReason::Unspecified => "unspecified",
+            RevocationReason::KeyCompromise => "key_compromise",
+            RevocationReason::AffiliationChanged => "affiliation_changed",
+            RevocationReason::Superseded => "superseded",
+            RevocationReason::CessationOfOperation => "cessation_of_operation",
+            RevocationReason::PrivilegeWithdrawn => "privilege_withdrawn",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "unspecified" => RevocationReason::Unspecified,
+            "key_compromise" => RevocationReason::KeyCompromise,
+            "affiliation_changed" => RevocationReason::AffiliationChanged,
+            "superseded" => RevocationReason::Superseded,
+            "cessation_of_operation" => RevocationReason::CessationOfOperation,
+            "privilege_withdrawn" => RevocationReason::PrivilegeWithdrawn,
+            _ => return None,
+        })
+    }
+}
+
+/// Admin API (local Unix socket only). Not for appliances.
+pub mod admin {
+    use super::*;
+
+    pub const TOKENS: &str = "/admin/tokens";
+    pub const REVOKE: &str = "/admin/revoke";
+    pub const HOMEOFFICE: &str = "/admin/homeoffice";
+    pub const AUDIT: &str = "/admin/audit";
+    pub const POLICY_VERSION: &str = "/admin/policy-version";
+    /// `POST` the bytes of a signed policy bundle (not JSON): [`PolicyPublishResponse`].
+    pub const POLICY_PUBLISH: &str = "/admin/policy-publish";
+
+    #[derive(Debug, Clone, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct CreateTokenRequest {
+        pub tenant: TenantId,
+        pub site: SiteId,
+        pub role: Role,
+        /// Seconds.
+        pub ttl_secs: u64,
+    }
+
+    /// The token is in this answer only; the service keeps its hash.
+    #[derive(Debug, Clone, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct CreateTokenResponse {
+        pub token: String,
+        pub token_id: String,
+        pub expires_at: i64,
+        pub enroll_urls: Vec<String>,
+        pub root_ca_pem: String,
+        pub root_fingerprint: String,
+        pub wg_proof_public_key: WgPublicKey,
+        /// enroll.toml's `policy_public_key` (base64), when set: it goes into the bootstrap
+        /// file, so an appliance needs no site-specific key in its own configuration.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub policy_public_key: Option<String>,
+    }
+
+    /// Exactly one selector: a serial, or a tenant with optionally a site.
+    #[derive(Debug, Clone, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct RevokeRequest {
+        pub serial: Option<String>,
+        pub tenant: Option<TenantId>,
+        pub site: Option<SiteId>,
+        pub reason: RevocationReason,
+    }
+
+    #[derive(Debug, Clone, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct RevokeResponse {
+        pub revoked_serials: Vec<String>,
+        pub registry_version: u64,
+    }
+
+    #[derive(Debug, Clone, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct HomeOfficeRequest {
+        pub tenant: TenantId,
+        pub user: SiteId,
+        pub wg_public_key: WgPublicKey,
+        /// Seconds; the stock app cannot renew, so this is longer than an appliance's.
+        pub ttl_secs: Option<u64>,
+    }
+
+    #[derive(Debug, Clone, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct HomeOfficeResponse {
+        pub enrollment: EnrollResponse,
+    }
+
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct AuditRecord {
+        pub id: i64,
+        pub at: i64,
+        pub actor: String,
+        pub action: String,
+        pub details: serde_json::Value,
+    }
+
+    #[derive(Debug, Clone, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct PolicyVersionRequest {
+        pub version: u64,
+    }
+
+    /// What `policy-publish` did.
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct PolicyPublishResponse {
+        pub version: u64,
+        /// The policy's name (`[policy] name` in operator.toml).
+        pub name: String,
+        /// The signing key's id (first 16 hex digits of its SHA-256).
+        pub key_id: String,
+        /// True when exactly this bundle was already published: nothing changed.
+        pub unchanged: bool,
+    }
+}

@@ -1,0 +1,82 @@
+//! The report an appliance serves on `/status` (JSON) and `komnet status` renders.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// The appliance's state as `komnet status` shows it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub role: String,
+    /// `enrolling`, `waiting for policy`, `running`, or what stopped it.
+    pub state: String,
+    pub interface: String,
+    pub listen_port: u16,
+    pub tenant: Option<String>,
+    pub site: Option<String>,
+    pub tunnel_addrs: Vec<String>,
+    /// Spoke with `lan_addresses`: the addresses it put on its LAN interface (its site's
+    /// segments' gateways). Absent in reports of older gateways.
+    #[serde(default)]
+    pub lan_addresses: Vec<String>,
+    pub certificate: Option<CertificateStatus>,
+    pub policy: Option<PolicyStatus>,
+    /// Why the last offered policy bundle was refused, if it was.
+    pub policy_error: Option<String>,
+    pub peers: Vec<PeerStatus>,
+    /// Hub: flows the firewall remembers.
+    pub flows: Option<usize>,
+    /// Hub: the flows the data-centre side started, and those it lost to a full table.
+    #[serde(default)]
+    pub datacentre_flows: Option<FlowShare>,
+    /// Packets dropped, by reason (WireGuard layer and firewall).
+    pub drops: BTreeMap<String, u64>,
+    /// Control-plane events (registry, renewals, policy, failovers), by name.
+    pub counters: BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CertificateStatus {
+    pub serial: String,
+    pub not_after: i64,
+    pub renew_after: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PolicyStatus {
+    pub version: u64,
+    pub name: String,
+    /// Unix seconds when this version was put in force here.
+    pub installed_at: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PeerStatus {
+    pub public_key: String,
+    pub tenant: Option<String>,
+    pub site: Option<String>,
+    pub role: Option<String>,
+    pub endpoint: Option<String>,
+    /// Unix seconds.
+    pub last_handshake: Option<i64>,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+    pub cert_not_after: Option<i64>,
+    /// Spoke: the hub its traffic goes to now.
+    pub active: bool,
+    /// Hub: flows this peer started that the firewall remembers, and those it lost because
+    /// the table was full (a peer opening flows without end loses its own; issue 14).
+    #[serde(default)]
+    pub flows: Option<FlowShare>,
+}
+
+/// One owner's part of a hub's flow table.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowShare {
+    pub flows: u64,
+    pub evicted: u64,
+}
+
+/// A peer counts as up when its last handshake is younger than this (WireGuard rekeys every
+/// two minutes while traffic flows; keepalives keep spokes' sessions warm).
+pub const PEER_UP_SECS: i64 = 180;

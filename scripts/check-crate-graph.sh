@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# The crate graph shows the architecture, and this check keeps it so (docs/architecture.md):
+# an appliance never compiles the enrollment service's server, database or CA, and the admins'
+# command line never compiles the packet path. It reads `cargo tree -e normal` (what a release
+# build links, without dev-dependencies) of each package on its own, so features another
+# package turns on do not hide a violation.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+fail=0
+
+# forbid PACKAGE CRATE... : none of CRATE may be in PACKAGE's normal dependency tree.
+forbid() {
+    local package=$1
+    shift
+    local tree
+    tree=$(cargo tree --offline -e normal -p "$package" --prefix none --format '{p}' 2>/dev/null \
+        || cargo tree -e normal -p "$package" --prefix none --format '{p}')
+    for crate in "$@"; do
+        if grep -Eq "^${crate} v" <<<"$tree"; then
+            echo "crate graph: $package depends on $crate:" >&2
+            cargo tree -e normal -p "$package" -i "$crate" --depth 6 >&2 || true
+            fail=1
+        fi
+    done
+}
+
+# forbid_feature PACKAGE CRATE FEATURE : CRATE must not be built with FEATURE for PACKAGE.
+forbid_feature() {
+    local package=$1 crate=$2 feature=$3
+    if cargo tree -e normal,features -p "$package" -i "$crate" --prefix none 2>/dev/null \
+        | grep -Eq "^${crate} feature \"${feature}\""; then
+        echo "crate graph: $package builds $crate with feature \"$feature\":" >&2
+        cargo tree -e normal,features -p "$package" -i "$crate" >&2 || true
+        fail=1
+    fi
+}
+
+# The appliance: no enrollment server, database, CA, web framework or command-line parser of
+# another program. (Its own /metrics endpoint is a bare hyper http1 server.)
+forbid komnet-gateway komnet-enroll komnet-enroll-admin rusqlite rcgen axum tower-http clap
+# The enrollment client is what the appliance links for enrolling: no server side at all.
+forbid komnet-enroll-client komnet-enroll rusqlite rcgen axum clap
+forbid_feature komnet-enroll-client hyper server
+# The admins' command line: no packet path (boringtun, TUN, UDP offloads) and no service.
+forbid komnet-cli komnet-gateway boringtun tun-rs quinn-udp komnet-enroll rusqlite rcgen axum
+# The vocabulary depends on nothing of komnet and does no networking.
+forbid komnet-proto komnet-policy komnet-enroll komnet-enroll-client komnet-gateway tokio hyper rustls
+# The policy language knows nothing of sockets, certificates or the packet path.
+forbid komnet-policy tokio hyper rustls boringtun komnet-enroll komnet-enroll-client
+
+if [ "$fail" -ne 0 ]; then
+    echo "crate graph: FAILED (see docs/architecture.md for the intended graph)" >&2
+    exit 1
+fi
+echo "crate graph: ok (gateway without server/database/CA/clap; komnet CLI without the packet path)"
