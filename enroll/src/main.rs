@@ -194,9 +194,13 @@ fn init_logging(json: bool) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
     if json {
-        builder.json().init();
+        // The event's fields at the top level: one `message` key per line, as log shippers
+        // expect.
+        builder.json().flatten_event(true).init();
     } else {
-        builder.init();
+        builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init();
     }
 }
 

@@ -168,6 +168,17 @@ pub enum Selector {
     Site(TenantId, SiteId),
 }
 
+/// As people say it: `serial 5F3A…`, `tenant tholey`, `site tholey/rathaus`.
+impl std::fmt::Display for Selector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Selector::Serial(s) => write!(f, "serial {s}"),
+            Selector::Tenant(t) => write!(f, "tenant {t}"),
+            Selector::Site(t, s) => write!(f, "site {t}/{s}"),
+        }
+    }
+}
+
 /// The persistent state of the enrollment service.
 pub trait Store: Send + Sync + 'static {
     /// Starts a write transaction; dropping it without `commit` rolls everything back.
