@@ -568,9 +568,14 @@ fn handshake_delivers_the_queued_packet_then_data_flows_both_ways() {
         [
             (Side::A, MSG_HANDSHAKE_INIT, HANDSHAKE_INIT_LEN),
             (Side::B, MSG_HANDSHAKE_RESP, HANDSHAKE_RESP_LEN),
-            // The initiator confirms the session with a keepalive, then flushes its queue.
+            // The initiator confirms the session with a keepalive, then flushes its queue
+            // (padded to a multiple of 16).
             (Side::A, MSG_DATA, DATA_OVERHEAD),
-            (Side::A, MSG_DATA, first.len() + DATA_OVERHEAD),
+            (
+                Side::A,
+                MSG_DATA,
+                first.len().next_multiple_of(16) + DATA_OVERHEAD
+            ),
         ]
     );
 
@@ -1424,4 +1429,38 @@ fn a_packet_from_a_disallowed_source_is_dropped_but_its_endpoint_is_learnt() {
         rx_after, rx_before,
         "a dishonest packet is not counted as received"
     );
+}
+
+#[test]
+fn data_packets_are_padded_to_sixteen_bytes_but_never_past_the_mtu() {
+    use komnet_gateway::core::padding_len;
+    assert_eq!(padding_len(84, 1420), 12);
+    assert_eq!(padding_len(96, 1420), 0);
+    assert_eq!(padding_len(1419, 1420), 1, "up to the MTU, not to 1424");
+    assert_eq!(padding_len(1420, 1420), 0);
+    assert_eq!(padding_len(0, 1420), 0, "keepalives stay empty");
+    assert_eq!(
+        padding_len(85, 0),
+        11,
+        "unknown MTU: the next multiple of 16"
+    );
+
+    let mut pair = Pair::new();
+    pair.a.core.set_mtu(1420);
+    pair.b.core.set_mtu(1420);
+    pair.handshake();
+    let (_, tx_before) = pair.transfer_counters(Side::A);
+    let packet = ipv4_udp(A_V4, B_V4, &[7u8; 56]); // 84 bytes, as a ping
+    let Action::ToNetwork { len, .. } = pair.send(Side::A, &packet) else {
+        panic!("a session exists");
+    };
+    assert_eq!(len, 96 + DATA_OVERHEAD, "84 bytes padded to 96");
+    pair.run();
+    assert_eq!(
+        pair.b.tun.last(),
+        Some(&packet),
+        "the padding is gone on arrival"
+    );
+    let (_, tx_after) = pair.transfer_counters(Side::A);
+    assert_eq!(tx_after - tx_before, 128);
 }

@@ -1227,7 +1227,7 @@ fn change_peers(ctx: &Ctx, decide: impl FnOnce(&mut ControlState) -> Vec<PeerCha
         };
         apply_peer_changes(ctx, &mut gate, &mut core, &changes)
     };
-    shared.flush_pending(&mut vec![0u8; 2048]);
+    shared.flush_pending();
     release_routes(ctx, &removed);
 }
 
@@ -1438,7 +1438,7 @@ fn apply_hubs(ctx: &Ctx) {
             }
         }
     }
-    shared.flush_pending(&mut vec![0u8; 2048]);
+    shared.flush_pending();
 }
 
 /// Resolves each hub's `host:port` (the first address DNS gives; `None` when it has no
@@ -1521,7 +1521,7 @@ async fn spoke_watch(ctx: Arc<Ctx>) {
                             core.force_handshake(Instant::now(), id);
                         }
                     }
-                    shared.flush_pending(&mut vec![0u8; 2048]);
+                    shared.flush_pending();
                 }
                 heard = Instant::now();
             }
