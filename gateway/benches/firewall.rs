@@ -100,7 +100,7 @@ fn bench(c: &mut Criterion) {
     for (i, t) in policy.policy.tenants.iter().enumerate() {
         let id = policy
             .policy
-            .peer_identity(&t.name, None, Role::Homeoffice)
+            .peer_identity(&t.name, None, Role::HomeOffice)
             .unwrap();
         for net in &t.homeoffice_pool {
             spokes.insert(*net, PeerId((n_sites + i) as u32));
