@@ -32,7 +32,7 @@ THREADS=${THREADS:-1}; GSO=${GSO:-1}
 SCENARIOS=${SCENARIOS:-"1 1000"}; DAEMONS=${DAEMONS:-"komnet wggo2023"}
 LEGIT=$(command -v wireguard-go) || bdie "Debian's wireguard-go (the legitimate peer) missing: scripts/setup.sh bench"
 bench_require
-REF=$(scripts/wireguard-go-2023.sh) || bdie "wireguard-go 0.0.20231211 not available"
+REF=$(wggo_2023)
 
 ID=$BENCH_ID
 NS_HUB=kfh-$ID; NS_NEW=kfn-$ID; NS_OLD=kfo-$ID; NS_ATK=kfa-$ID
