@@ -189,6 +189,200 @@ fn line(out: &mut String, text: String) {
     out.push('\n');
 }
 
+// ---- the report and its server -------------------------------------------------------------
+
+use super::*;
+
+pub(super) fn report(ctx: &Ctx) -> StatusReport {
+    let peers = ctx
+        .shared
+        .get()
+        .map(|s| peer_snapshot(s))
+        .unwrap_or_default();
+    let (flows, mut drops, mut counters) = match ctx.shared.get() {
+        Some(shared) => {
+            let (gate, core) = shared.gate_and_core();
+            let mut drops: BTreeMap<String, u64> = BTreeMap::new();
+            for reason in crate::core::DropReason::ALL {
+                let mut n = core.device_drops().get(*reason);
+                for p in &peers {
+                    n += core.peer_drops(p.id).map_or(0, |d| d.get(*reason));
+                }
+                if n > 0 {
+                    drops.insert(reason.as_str().to_owned(), n);
+                }
+            }
+            let mut counters = BTreeMap::new();
+            let flows = gate.as_ref().map(|g| {
+                let c = g.counters();
+                for (k, v) in &c.drops {
+                    drops.insert((*k).to_owned(), *v);
+                }
+                if g.no_policy_drops() > 0 {
+                    drops.insert("no_policy".into(), g.no_policy_drops());
+                }
+                for (k, v) in [
+                    ("flow_new", c.new_flows),
+                    ("flow_established_packet", c.established_packets),
+                    ("flow_related_icmp", c.related_icmp),
+                    ("flow_expired", c.expired),
+                    ("flow_evicted", c.evicted),
+                    ("flow_cut_by_policy", c.cut_by_policy),
+                ] {
+                    counters.insert(k.to_owned(), v);
+                }
+                g.flow_count()
+            });
+            (flows, drops, counters)
+        }
+        None => (None, BTreeMap::new(), BTreeMap::new()),
+    };
+    let s = ctx.state.lock();
+    counters.extend(s.all_counters());
+    drops.retain(|_, v| *v > 0);
+    let identity = s.enrollment.as_ref().map(|e| &e.identity);
+    let active_key = s
+        .hubs
+        .get(s.active_hub())
+        .map(|h| *h.wg_public_key.as_bytes());
+    let peers = peers
+        .into_iter()
+        .map(|p| {
+            let admitted = s.hub.as_ref().and_then(|h| h.registered(&p.public_key));
+            let hub = s
+                .hubs
+                .iter()
+                .find(|h| h.wg_public_key.as_bytes() == &p.public_key);
+            PeerStatus {
+                public_key: B64.encode(p.public_key),
+                tenant: admitted.map(|a| a.tenant.to_string()),
+                site: admitted
+                    .map(|a| a.site.to_string())
+                    .or_else(|| hub.map(|h| h.site.as_str().to_owned())),
+                role: admitted
+                    .map(|a| a.role.as_str().to_owned())
+                    .or_else(|| hub.map(|_| "hub".to_owned())),
+                endpoint: p.endpoint.map(|e| e.to_string()),
+                last_handshake: p
+                    .last_handshake
+                    .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                    .map(|d| d.as_secs() as i64),
+                rx_bytes: p.rx_bytes,
+                tx_bytes: p.tx_bytes,
+                cert_not_after: admitted.map(|a| a.not_after),
+                active: active_key == Some(p.public_key),
+            }
+        })
+        .collect();
+    StatusReport {
+        role: match ctx.config.role {
+            GatewayRole::Hub => "hub".into(),
+            GatewayRole::Spoke => "spoke".into(),
+        },
+        state: s.state.clone(),
+        interface: ctx.config.interface.clone(),
+        listen_port: ctx.shared.get().map_or(0, |sh| sh.sockets().port()),
+        tenant: identity.map(|i| i.tenant.as_str().to_owned()),
+        site: identity.map(|i| i.site.as_str().to_owned()),
+        tunnel_addrs: identity
+            .map(|i| i.tunnel_addrs.iter().map(|a| a.to_string()).collect())
+            .unwrap_or_default(),
+        lan_addresses: s.lan_put.iter().map(ToString::to_string).collect(),
+        certificate: s.enrollment.as_ref().map(|e| CertificateStatus {
+            serial: e.identity.serial.clone(),
+            not_after: e.identity.not_after,
+            renew_after: e.renew_after,
+        }),
+        policy: s.policy.as_ref().map(|(c, b)| PolicyStatus {
+            version: c.version(),
+            name: b.name.clone(),
+            installed_at: s.slot.in_force().map_or(0, |p| p.installed_at),
+        }),
+        policy_error: s.slot.error().map(str::to_owned),
+        peers,
+        flows,
+        drops,
+        counters,
+    }
+}
+
+/// Serves `GET /metrics` and `GET /status` on the management address: a bare HTTP/1 server,
+/// one task per connection, each connection closed after a minute.
+pub(super) async fn serve_status(listener: tokio::net::TcpListener, ctx: Arc<Ctx>) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                tracing::warn!(error = %e, "status server: accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let ctx = ctx.clone();
+                async move { Ok::<_, std::convert::Infallible>(status_answer(ctx, req).await) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            let _ = tokio::time::timeout(Duration::from_secs(60), conn).await;
+        });
+    }
+}
+
+pub(super) async fn status_answer(
+    ctx: Arc<Ctx>,
+    req: hyper::Request<hyper::body::Incoming>,
+) -> hyper::Response<http_body_util::Full<bytes::Bytes>> {
+    use hyper::{header, Method, StatusCode};
+    let respond = |status: StatusCode, content_type: &'static str, body: Vec<u8>| {
+        let mut resp = hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from(body)));
+        *resp.status_mut() = status;
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static(content_type),
+        );
+        resp
+    };
+    if req.method() != Method::GET {
+        return respond(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain; charset=utf-8",
+            b"only GET\n".to_vec(),
+        );
+    }
+    match req.uri().path() {
+        "/metrics" => {
+            let text = tokio::task::spawn_blocking(move || {
+                status::to_prometheus(&report(&ctx), unix_now())
+            })
+            .await
+            .unwrap_or_default();
+            respond(
+                StatusCode::OK,
+                "text/plain; version=0.0.4; charset=utf-8",
+                text.into_bytes(),
+            )
+        }
+        "/status" => {
+            let r = tokio::task::spawn_blocking(move || report(&ctx))
+                .await
+                .unwrap_or_default();
+            respond(
+                StatusCode::OK,
+                "application/json",
+                serde_json::to_vec(&r).unwrap_or_default(),
+            )
+        }
+        _ => respond(
+            StatusCode::NOT_FOUND,
+            "text/plain; charset=utf-8",
+            b"not found: /metrics or /status\n".to_vec(),
+        ),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
