@@ -13,6 +13,9 @@ scripts/setup.sh test
 # The crate graph: the appliance never compiles the enrollment server, database or CA, the
 # admins' command line never the packet path (docs/architecture.md).
 scripts/check-crate-graph.sh
+# The conformance tests' reference: wireguard-go 0.0.20231211, unpacked beside (not over) Debian's.
+KOMNET_WIREGUARD_GO_2023=$(scripts/wireguard-go-2023.sh)
+export KOMNET_WIREGUARD_GO_2023
 # Every systemd unit komnet ships, rated (systemd-analyze security); the update checks
 # (signature, version floor, sums) on this machine, without qemu.
 packaging/check-units.sh

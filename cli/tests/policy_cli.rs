@@ -160,7 +160,7 @@ fn explain_query_and_compile() {
         "--from",
         "10.20.1.7",
         "--to",
-        "10.0.1.10:8080/tcp",
+        "10.1.0.10:8080/tcp",
     ]);
     assert!(
         out.stdout

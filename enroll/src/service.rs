@@ -510,7 +510,10 @@ impl Service {
     }
 
     /// Supersedes whatever valid certificate the site has (a re-enrollment replaces the old
-    /// appliance) and checks the WireGuard key is not another site's.
+    /// appliance) and checks the WireGuard key is not another site's. A superseded certificate
+    /// with another WireGuard key is removed from the registry: the replaced box (stolen, lost,
+    /// broken) must not keep its access until its certificate runs out. One with the same key
+    /// is replaced by the new certificate's upsert.
     fn make_room(
         &self,
         txn: &mut dyn Txn,
@@ -529,12 +532,26 @@ impl Service {
         }
         let mut superseded = Vec::new();
         for old in txn.valid_certificates(&Selector::Site(tenant.clone(), site.clone()))? {
+            let id = &old.identity;
             txn.end_certificate(
-                &old.identity.serial,
+                &id.serial,
                 CertStatus::Superseded,
                 now,
                 RevocationReason::Superseded,
             )?;
+            if id.wg_public_key != *wg {
+                txn.append_event(
+                    RegistryChange::Remove {
+                        tenant: id.tenant.clone(),
+                        site: id.site.clone(),
+                        role: id.role,
+                        serial: id.serial.clone(),
+                        wg_public_key: id.wg_public_key,
+                        reason: RevocationReason::Superseded,
+                    },
+                    now,
+                )?;
+            }
             superseded.push(old.identity.serial);
         }
         Ok(superseded)

@@ -209,3 +209,75 @@ async fn a_wrong_pin_is_refused_before_any_connection() {
         "{err}"
     );
 }
+
+/// Replacing an appliance (a new key, by re-enrolment or by a renewal with a new key) takes the
+/// old key out of every hub: the box that was replaced must not keep its access.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replaced_key_is_removed_from_the_registry() {
+    let h = common::start().await;
+    let hub = client::enroll(&h.bootstrap("dc", "hub1", Role::Hub), &WgKeys::generate())
+        .await
+        .unwrap();
+    let snapshot = client::registry_snapshot(&hub).await.unwrap();
+    let mut follower = client::follow_registry(&hub, snapshot.version)
+        .await
+        .unwrap();
+    macro_rules! next {
+        () => {
+            tokio::time::timeout(Duration::from_secs(2), follower.next())
+                .await
+                .expect("no registry event within 2 s")
+                .unwrap()
+                .unwrap()
+                .change
+        };
+    }
+
+    let k1 = WgKeys::generate();
+    let first = client::enroll(&h.bootstrap("nohfelden", "rathaus", Role::Spoke), &k1)
+        .await
+        .unwrap();
+    assert_eq!(next!(), RegistryChange::Upsert(first.identity.clone()));
+
+    // The town hall gets a new box: a fresh token, a new key K2.
+    let k2 = WgKeys::generate();
+    let second = client::enroll(&h.bootstrap("nohfelden", "rathaus", Role::Spoke), &k2)
+        .await
+        .unwrap();
+    match next!() {
+        RegistryChange::Remove {
+            serial,
+            wg_public_key,
+            reason,
+            ..
+        } => {
+            assert_eq!(serial, first.identity.serial);
+            assert_eq!(wg_public_key, k1.public());
+            assert_eq!(reason, RevocationReason::Superseded);
+        }
+        other => panic!("expected K1's removal, got {other:?}"),
+    }
+    assert_eq!(next!(), RegistryChange::Upsert(second.identity.clone()));
+    let snapshot = client::registry_snapshot(&hub).await.unwrap();
+    assert!(
+        snapshot
+            .peers
+            .iter()
+            .all(|p| p.wg_public_key != k1.public()),
+        "K1 is still in the snapshot: {:?}",
+        snapshot.peers
+    );
+
+    // A renewal with a new key K3 removes K2; one with the same key removes nothing.
+    h.clock.advance(h.lifetime() * 2 / 3 + 1);
+    let k3 = WgKeys::generate();
+    let third = client::renew(&second, &k3).await.unwrap();
+    match next!() {
+        RegistryChange::Remove { wg_public_key, .. } => assert_eq!(wg_public_key, k2.public()),
+        other => panic!("expected K2's removal, got {other:?}"),
+    }
+    assert_eq!(next!(), RegistryChange::Upsert(third.identity.clone()));
+    h.clock.advance(h.lifetime() * 2 / 3 + 1);
+    let fourth = client::renew(&third, &k3).await.unwrap();
+    assert_eq!(next!(), RegistryChange::Upsert(fourth.identity.clone()));
+}

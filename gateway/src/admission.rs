@@ -87,11 +87,27 @@ impl HubPeers {
         let key = *admission.wg_public_key.as_bytes();
         match resolve(now_unix, policy, &admission) {
             Ok((identity, allowed_ips)) => {
-                let change = PeerChange::Upsert {
+                // Two keys never claim one site's (or one device's) addresses: the registry
+                // announces identities in the order they were issued, so the one arriving now
+                // replaces the one it overlaps (a replaced appliance, a re-issued phone).
+                let displaced: Vec<[u8; 32]> = self
+                    .peers
+                    .iter()
+                    .filter(|(k, p)| {
+                        **k != key
+                            && p.allowed_ips
+                                .iter()
+                                .any(|a| allowed_ips.iter().any(|b| overlap(a, b)))
+                    })
+                    .map(|(k, _)| *k)
+                    .collect();
+                let mut changes: Vec<PeerChange> =
+                    displaced.iter().filter_map(|k| self.remove(k)).collect();
+                changes.push(PeerChange::Upsert {
                     key,
                     allowed_ips: allowed_ips.clone(),
                     identity,
-                };
+                });
                 self.peers.insert(
                     key,
                     Admitted {
@@ -100,7 +116,7 @@ impl HubPeers {
                         allowed_ips,
                     },
                 );
-                (Ok(()), vec![change])
+                (Ok(()), changes)
             }
             Err(e) => {
                 let removed = self.peers.remove(&key).map(|_| PeerChange::Remove { key });
@@ -154,6 +170,10 @@ impl HubPeers {
         }
         changes
     }
+}
+
+fn overlap(a: &IpNet, b: &IpNet) -> bool {
+    a.contains(&b.network()) || b.contains(&a.network())
 }
 
 fn resolve(

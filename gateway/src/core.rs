@@ -48,7 +48,7 @@ impl PeerId {
     fn new(slot: u16, generation: u8) -> Self {
         Self(u32::from(generation) << 16 | u32::from(slot))
     }
-    fn slot(self) -> usize {
+    pub(crate) fn slot(self) -> usize {
         (self.0 & 0xffff) as usize
     }
 }
@@ -693,6 +693,12 @@ impl Core {
         self.decapsulate(id, src, datagram, out)
     }
 
+    /// The peer whose allowed IPs contain `addr`: where a packet to it would be sent.
+    #[inline]
+    pub fn route(&self, addr: IpAddr) -> Option<PeerId> {
+        self.allowed_ips.lookup(addr)
+    }
+
     fn id_by_index(&self, receiver: u32) -> Option<PeerId> {
         let id = PeerId(receiver >> 8);
         self.peer(id).map(|p| p.id)
@@ -896,5 +902,11 @@ impl Core {
             }
             self.device_drops.add(DropReason::BufferTooSmall);
         }
+    }
+}
+
+impl crate::firewall::PeerAddresses for Core {
+    fn peer_of(&self, addr: IpAddr) -> Option<PeerId> {
+        self.route(addr)
     }
 }

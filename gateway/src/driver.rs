@@ -27,6 +27,7 @@ use tun_rs::{GROTable, SyncDevice, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
 use crate::core::{Action, Core, TIMER_INTERVAL};
 use crate::gate::Gate;
+use crate::packet::IpHeader;
 use crate::sys;
 
 /// Largest IP packet we read from or write to the TUN device (an MTU of up to 9000 fits).
@@ -49,7 +50,8 @@ const POLL_MS: i32 = 250;
 /// Why the daemon should stop.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
-    /// The TUN interface was deleted.
+    /// The TUN interface was deleted (its file descriptor says so; wherever the interface was
+    /// moved, it is not looked up by name).
     InterfaceGone,
     /// SIGTERM or SIGINT.
     Signal(i32),
@@ -305,10 +307,10 @@ pub fn spawn(shared: &Arc<Shared>, events: &Sender<Event>) -> io::Result<()> {
     std::thread::Builder::new()
         .name("udp-to-tun".into())
         .spawn(move || inbound(&s, &e))?;
-    let (s, e) = (shared.clone(), events.clone());
+    let s = shared.clone();
     std::thread::Builder::new()
         .name("timers".into())
-        .spawn(move || timers(&s, &e))?;
+        .spawn(move || timers(&s))?;
     Ok(())
 }
 
@@ -362,7 +364,7 @@ fn outbound(shared: &Shared, events: &Sender<Event>) {
             let (mut gate, mut core) = shared.gate_and_core();
             for (buf, &size) in bufs.iter().zip(&sizes).take(n) {
                 if let Some(g) = gate.as_deref_mut() {
-                    if !g.to_peer(now, &buf[..size]) {
+                    if !g.to_peer(now, &*core, &buf[..size]) {
                         continue;
                     }
                 }
@@ -434,6 +436,7 @@ fn inbound(shared: &Shared, events: &Sender<Event>) {
         .collect();
     let mut gro = GROTable::default();
     let mut replies: Vec<(SocketAddr, Vec<u8>)> = Vec::new();
+    let mut hairpin = Hairpin::new(shared.has_gate());
     let mut pending_buf = vec![0u8; 2048];
     while !shared.stopping() {
         let sockets = shared.sockets();
@@ -482,8 +485,10 @@ fn inbound(shared: &Shared, events: &Sender<Event>) {
                     &mut tun_bufs,
                     &mut gro,
                     &mut replies,
+                    &mut hairpin,
                 );
                 send_each(&sockets, replies.drain(..));
+                hairpin.flush(&sockets);
                 if has_pending {
                     shared.flush_pending(&mut pending_buf);
                 }
@@ -497,8 +502,59 @@ fn inbound(shared: &Shared, events: &Sender<Event>) {
     }
 }
 
-/// Decrypts one receive batch into `tun_bufs` and writes them to the TUN device (with GRO).
-/// Returns whether the core queued datagrams (a handshake completed).
+/// Packets from one peer to another (a home office printing in its town hall): a hub sends
+/// them on itself, encrypted for the destination peer, instead of through the TUN device and
+/// back. So every packet the hub reads from its TUN device comes from the data-centre side,
+/// and the firewall can refuse those with a tunnel peer's source address (issue 14).
+struct Hairpin {
+    out: Vec<u8>,
+    sends: Vec<(SocketAddr, usize, usize)>,
+    cursor: usize,
+}
+
+/// Room for encrypted peer-to-peer packets per receive batch before they are sent.
+const HAIRPIN_BYTES: usize = 1 << 20;
+
+impl Hairpin {
+    fn new(hub: bool) -> Self {
+        Self {
+            out: vec![0u8; if hub { HAIRPIN_BYTES } else { 0 }],
+            sends: Vec::new(),
+            cursor: 0,
+        }
+    }
+
+    /// Whether a packet of `len` bytes still fits (always, where there is no hairpin: spokes
+    /// and the wireguard-go-compatible mode).
+    fn has_room(&self, len: usize) -> bool {
+        self.out.is_empty()
+            || self.out.len() - self.cursor >= (len + 32).max(crate::core::MIN_OUT_BUF)
+    }
+
+    /// Encrypts `packet` for the peer that owns its destination.
+    fn push(&mut self, core: &mut Core, now: Instant, packet: &[u8]) {
+        let room = &mut self.out[self.cursor..];
+        if let Action::ToNetwork { dst, offset, len } = core.handle_tun_packet(now, packet, room) {
+            if offset != 0 {
+                room.copy_within(offset..offset + len, 0);
+            }
+            self.sends.push((dst, self.cursor, len));
+            self.cursor += len;
+        }
+    }
+
+    fn flush(&mut self, sockets: &Sockets) {
+        if !self.sends.is_empty() {
+            send_runs(sockets, &self.out, &self.sends);
+        }
+        self.sends.clear();
+        self.cursor = 0;
+    }
+}
+
+/// Decrypts one receive batch into `tun_bufs` and writes them to the TUN device (with GRO);
+/// a hub's peer-to-peer packets go to `hairpin`. Returns whether the core queued datagrams (a
+/// handshake completed).
 fn decrypt_batch(
     shared: &Shared,
     rx: &[u8],
@@ -506,6 +562,7 @@ fn decrypt_batch(
     tun_bufs: &mut [Vec<u8>],
     gro: &mut GROTable,
     replies: &mut Vec<(SocketAddr, Vec<u8>)>,
+    hairpin: &mut Hairpin,
 ) -> bool {
     let now = Instant::now();
     let mut k = 0;
@@ -513,11 +570,12 @@ fn decrypt_batch(
     for (slot, meta) in metas.iter().enumerate() {
         let train = &rx[slot * RX_SLOT..slot * RX_SLOT + meta.len.min(RX_SLOT)];
         for datagram in train.chunks(meta.stride.max(1)) {
-            if k == tun_bufs.len() {
+            if k == tun_bufs.len() || !hairpin.has_room(datagram.len()) {
                 // Full: write what we have without holding the core meanwhile.
                 drop(core);
                 drop(gate);
                 write_tun(shared, tun_bufs, k, gro);
+                hairpin.flush(&shared.sockets());
                 k = 0;
                 (gate, core) = shared.gate_and_core();
             }
@@ -530,7 +588,13 @@ fn decrypt_batch(
                 Action::ToTun { peer, offset, len } => {
                     if let Some(g) = gate.as_deref_mut() {
                         let start = VIRTIO_NET_HDR_LEN + offset;
-                        if !g.from_peer(now, peer, &buf[start..start + len]) {
+                        let inner = &buf[start..start + len];
+                        if !g.from_peer(now, peer, &*core, inner) {
+                            continue;
+                        }
+                        let to_peer = IpHeader::parse(inner).and_then(|h| core.route(h.dst));
+                        if to_peer.is_some() {
+                            hairpin.push(&mut core, now, inner);
                             continue;
                         }
                     }
@@ -570,8 +634,13 @@ fn write_tun(shared: &Shared, tun_bufs: &mut [Vec<u8>], k: usize, gro: &mut GROT
     }
 }
 
-/// Runs the core's timers every `TIMER_INTERVAL` and watches that the interface still exists.
-fn timers(shared: &Shared, events: &Sender<Event>) {
+/// Runs the core's timers every `TIMER_INTERVAL`.
+///
+/// It does not look the interface up by name: an interface moved to another network namespace
+/// (`ip link set IF netns NS`, what WireGuard's documentation recommends for namespace-based
+/// routing) vanishes from ours but keeps working. That the interface was deleted is learnt from
+/// the TUN file descriptor (`tun_gone` in `outbound`), as wireguard-go does.
+fn timers(shared: &Shared) {
     let mut buf = vec![0u8; 2048];
     let mut last_sweep = Instant::now();
     while !shared.stopping() {
@@ -588,9 +657,5 @@ fn timers(shared: &Shared, events: &Sender<Event>) {
             core.update_timers(now);
         }
         shared.flush_pending(&mut buf);
-        if sys::if_index(&shared.ifname).is_none() {
-            let _ = events.send(Event::InterfaceGone);
-            return;
-        }
     }
 }

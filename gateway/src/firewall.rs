@@ -3,16 +3,32 @@
 //!
 //! As admins know it from firewalls: the first packet of a flow is decided by the policy (with
 //! the sending peer's certificate identity when it comes from a peer); the flow is then
-//! remembered, so its replies pass and later packets skip the policy. ICMP errors (destination
-//! unreachable, packet too big, time exceeded) pass when they belong to a remembered flow, so
-//! path-MTU discovery keeps working. The table is bounded: expired flows are swept, and when it
-//! is full the flow that would expire first among a small sample is evicted and counted.
+//! remembered, so its replies pass and later packets skip the policy. Each end of a flow is
+//! bound to the side it was first seen on — one peer, or the data centre — and a packet from
+//! any other side is refused.
+//!
+//! Under attack (issue 14):
+//! - **The table is shared fairly.** Each flow is charged to the peer that started it (or to
+//!   the data centre). When the table is full, a flow is evicted from the inserting owner if it
+//!   holds its fair share (table size / owners with flows) or more, otherwise from the owner
+//!   holding the most: a peer that opens thousands of flows loses its own oldest flows, never
+//!   another peer's. "Oldest" is by age with a second chance for flows used since they were
+//!   queued (the CLOCK approximation of least-recently-used, one flag write per packet).
+//! - **ICMP errors** pass only about a remembered flow, from the side of the quoted packet's
+//!   destination (the far end, or a router on the way to it) to the quoted packet's source
+//!   (the near end), in the family of the flow and with a type that fits its protocol.
+//! - **The data-centre side cannot use a tunnel peer's address**: a packet towards a peer whose
+//!   source lies in any peer's allowed IPs is refused (peer-to-peer traffic never comes this
+//!   way: the driver carries it from peer to peer itself).
 
-use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::collections::{HashMap, VecDeque};
+use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use komnet_policy::{CompiledPolicy, Decider, Origin, PacketMeta, PeerIdentity};
+
+use crate::core::PeerId;
+use crate::packet::{proto, IpError, IpPacket};
 
 /// Limits and idle timeouts of the flow table.
 #[derive(Debug, Clone)]
@@ -38,6 +54,19 @@ impl Default for FirewallConfig {
     }
 }
 
+/// Which peer owns an address: the core's allowed-IPs table, where it would route a packet.
+/// The firewall asks only on rare paths (a flow's start from the data centre, an end seen for
+/// the first time, an ICMP error), never for a packet of an established flow.
+pub trait PeerAddresses {
+    fn peer_of(&self, addr: IpAddr) -> Option<PeerId>;
+}
+
+impl<F: Fn(IpAddr) -> Option<PeerId>> PeerAddresses for F {
+    fn peer_of(&self, addr: IpAddr) -> Option<PeerId> {
+        self(addr)
+    }
+}
+
 /// Why the firewall refused a packet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FirewallDrop {
@@ -51,6 +80,12 @@ pub enum FirewallDrop {
     Fragment,
     /// An ICMP error that belongs to no remembered flow.
     UnrelatedIcmpError,
+    /// An ICMP error about a remembered flow that does not fit it: from another side than the
+    /// flow's far end, to another address than its near end, of another family, or of a type
+    /// that does not belong to the flow's protocol (a covert channel or a forged error).
+    ForgedIcmpError,
+    /// A packet from the data-centre side with a source address that belongs to a tunnel peer.
+    DataCentreSpoof,
 }
 
 impl FirewallDrop {
@@ -66,6 +101,8 @@ impl FirewallDrop {
             FirewallDrop::Malformed => "malformed_inner_packet",
             FirewallDrop::Fragment => "fragment",
             FirewallDrop::UnrelatedIcmpError => "unrelated_icmp_error",
+            FirewallDrop::ForgedIcmpError => "forged_icmp_error",
+            FirewallDrop::DataCentreSpoof => "dc_spoofed_source",
         }
     }
 }
@@ -80,8 +117,26 @@ pub struct FirewallCounters {
     pub evicted: u64,
     /// Flows a policy change no longer allows, removed at once.
     pub cut_by_policy: u64,
+    /// Flows of a peer that was removed, removed with it.
+    pub cut_peer_removed: u64,
     /// Drops by [`FirewallDrop::as_str`].
     pub drops: HashMap<&'static str, u64>,
+}
+
+/// Who a flow is charged to: the side that started it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FlowOwner {
+    DataCentre,
+    Peer(PeerId),
+}
+
+/// One owner's part of the table.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OwnerStats {
+    /// Flows it holds now.
+    pub flows: u64,
+    /// Flows of its own it lost because the table was full.
+    pub evicted: u64,
 }
 
 /// The transport fields of a packet, as far as flows are concerned.
@@ -105,97 +160,45 @@ enum Kind {
     IcmpEcho {
         request: bool,
     },
-    /// An ICMP error; the offending packet's header starts at this offset.
+    /// An ICMP error; the offending packet's header starts at offset `inner`.
     IcmpError {
         inner: usize,
+        ty: u8,
+        code: u8,
+        /// The header's second word (the MTU of "packet too big").
+        rest: u32,
     },
     Other,
 }
-
-const IPPROTO_ICMP: u8 = 1;
-const IPPROTO_TCP: u8 = 6;
-const IPPROTO_UDP: u8 = 17;
-const IPPROTO_ICMPV6: u8 = 58;
 
 fn be16(b: &[u8], at: usize) -> Option<u16> {
     Some(u16::from_be_bytes([*b.get(at)?, *b.get(at + 1)?]))
 }
 
-/// Parses IP and transport headers. `truncated_ok`: the packet quoted in an ICMP error may be
-/// cut after the transport ports, and its length fields then describe the original.
-fn parse(packet: &[u8], truncated_ok: bool) -> Result<Transport, FirewallDrop> {
-    let version = packet.first().ok_or(FirewallDrop::Malformed)? >> 4;
-    let (src, dst, mut proto, mut off) = match version {
-        4 => {
-            let h = packet.get(..20).ok_or(FirewallDrop::Malformed)?;
-            let ihl = usize::from(h[0] & 0x0f) * 4;
-            let total = usize::from(u16::from_be_bytes([h[2], h[3]]));
-            if ihl < 20 || (!truncated_ok && (total < ihl || total > packet.len())) {
-                return Err(FirewallDrop::Malformed);
-            }
-            let frag_offset = u16::from_be_bytes([h[6], h[7]]) & 0x1fff;
-            if frag_offset != 0 {
-                return Err(FirewallDrop::Fragment);
-            }
-            (
-                IpAddr::V4(Ipv4Addr::new(h[12], h[13], h[14], h[15])),
-                IpAddr::V4(Ipv4Addr::new(h[16], h[17], h[18], h[19])),
-                h[9],
-                ihl,
-            )
-        }
-        6 => {
-            let h = packet.get(..40).ok_or(FirewallDrop::Malformed)?;
-            let total = 40 + usize::from(u16::from_be_bytes([h[4], h[5]]));
-            if !truncated_ok && total > packet.len() {
-                return Err(FirewallDrop::Malformed);
-            }
-            let s: [u8; 16] = h[8..24].try_into().map_err(|_| FirewallDrop::Malformed)?;
-            let d: [u8; 16] = h[24..40].try_into().map_err(|_| FirewallDrop::Malformed)?;
-            (
-                IpAddr::V6(Ipv6Addr::from(s)),
-                IpAddr::V6(Ipv6Addr::from(d)),
-                h[6],
-                40,
-            )
-        }
-        _ => return Err(FirewallDrop::Malformed),
-    };
-    // IPv6 extension headers before the transport header (a few, never a loop).
-    if version == 6 {
-        for _ in 0..8 {
-            match proto {
-                0 | 43 | 60 => {
-                    let next = *packet.get(off).ok_or(FirewallDrop::Malformed)?;
-                    let len =
-                        (usize::from(*packet.get(off + 1).ok_or(FirewallDrop::Malformed)?) + 1) * 8;
-                    proto = next;
-                    off += len;
-                }
-                44 => {
-                    let next = *packet.get(off).ok_or(FirewallDrop::Malformed)?;
-                    let frag = be16(packet, off + 2).ok_or(FirewallDrop::Malformed)? >> 3;
-                    if frag != 0 {
-                        return Err(FirewallDrop::Fragment);
-                    }
-                    proto = next;
-                    off += 8;
-                }
-                _ => break,
-            }
+impl From<IpError> for FirewallDrop {
+    fn from(e: IpError) -> Self {
+        match e {
+            IpError::Malformed => FirewallDrop::Malformed,
+            IpError::Fragment => FirewallDrop::Fragment,
         }
     }
-    let l4 = packet.get(off..).ok_or(FirewallDrop::Malformed)?;
+}
+
+/// Parses IP and transport headers (the IP part is [`IpPacket::parse`], shared with the
+/// core). `quoted`: the packet quoted in an ICMP error, cut after the transport ports.
+fn parse(packet: &[u8], quoted: bool) -> Result<Transport, FirewallDrop> {
+    let ip = IpPacket::parse(packet, quoted)?;
+    let l4 = ip.transport(packet);
     let t = |sport, dport, kind| Transport {
-        src,
-        dst,
-        proto,
+        src: ip.header.src,
+        dst: ip.header.dst,
+        proto: ip.proto,
         sport,
         dport,
         kind,
     };
-    match proto {
-        IPPROTO_TCP => {
+    match ip.proto {
+        proto::TCP => {
             let sport = be16(l4, 0).ok_or(FirewallDrop::Malformed)?;
             let dport = be16(l4, 2).ok_or(FirewallDrop::Malformed)?;
             // Flags are beyond the 8 bytes an ICMP error must quote; treat them as unknown there.
@@ -208,14 +211,14 @@ fn parse(packet: &[u8], truncated_ok: bool) -> Result<Transport, FirewallDrop> {
                 },
             ))
         }
-        IPPROTO_UDP => Ok(t(
+        proto::UDP => Ok(t(
             be16(l4, 0).ok_or(FirewallDrop::Malformed)?,
             be16(l4, 2).ok_or(FirewallDrop::Malformed)?,
             Kind::Udp,
         )),
-        IPPROTO_ICMP | IPPROTO_ICMPV6 => {
+        proto::ICMP | proto::ICMPV6 => {
             let ty = *l4.first().ok_or(FirewallDrop::Malformed)?;
-            let v6 = proto == IPPROTO_ICMPV6;
+            let v6 = ip.proto == proto::ICMPV6;
             let echo = if v6 {
                 matches!(ty, 128 | 129)
             } else {
@@ -230,13 +233,48 @@ fn parse(packet: &[u8], truncated_ok: bool) -> Result<Transport, FirewallDrop> {
                 let id = be16(l4, 4).ok_or(FirewallDrop::Malformed)?;
                 let request = if v6 { ty == 128 } else { ty == 8 };
                 Ok(t(id, id, Kind::IcmpEcho { request }))
-            } else if error && !truncated_ok {
-                Ok(t(0, 0, Kind::IcmpError { inner: off + 8 }))
+            } else if error {
+                let head = l4.get(..8).ok_or(FirewallDrop::Malformed)?;
+                Ok(t(
+                    0,
+                    0,
+                    Kind::IcmpError {
+                        inner: ip.l4 + 8,
+                        ty,
+                        code: head[1],
+                        rest: u32::from_be_bytes([head[4], head[5], head[6], head[7]]),
+                    },
+                ))
             } else {
                 Ok(t(0, 0, Kind::Other))
             }
         }
         _ => Ok(t(0, 0, Kind::Other)),
+    }
+}
+
+/// Whether an ICMP error of `ty`/`code` may be about a packet of protocol `quoted_proto`.
+/// Port unreachable is the answer to a UDP datagram (TCP answers with a reset); the codes are
+/// those RFC 792/1812 (ICMP) and RFC 4443/7112 (ICMPv6) define; a "packet too big" below the
+/// IPv6 minimum MTU is refused (RFC 8201, section 4).
+fn error_fits(v6: bool, ty: u8, code: u8, rest: u32, quoted_proto: u8) -> bool {
+    let port_unreachable = if v6 {
+        ty == 1 && code == 4
+    } else {
+        ty == 3 && code == 3
+    };
+    if port_unreachable {
+        return quoted_proto == proto::UDP;
+    }
+    match (v6, ty) {
+        (false, 3) => code <= 15,
+        (false, 11) => code <= 1,
+        (false, 12) => code <= 2,
+        (true, 1) => code <= 8,
+        (true, 2) => code == 0 && rest >= 1280,
+        (true, 3) => code <= 1,
+        (true, 4) => code <= 3,
+        _ => false,
     }
 }
 
@@ -259,24 +297,76 @@ impl FlowKey {
             hi,
         }
     }
+
+    /// Which end (0: `lo`, 1: `hi`) `(addr, port)` is.
+    fn side(&self, addr: IpAddr, port: u16) -> usize {
+        usize::from((addr, port) != self.lo)
+    }
+}
+
+/// Where one end of a flow sends from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    /// Not seen sending yet (the answering end of a new flow).
+    Unseen,
+    /// The hub's own side: the data centre.
+    DataCentre,
+    /// This peer, with the identity it had under the policy in force.
+    Peer {
+        peer: PeerId,
+        identity: PeerIdentity,
+    },
+}
+
+/// Where a packet comes from.
+#[derive(Debug, Clone, Copy)]
+enum Sender {
+    DataCentre,
+    Peer {
+        peer: PeerId,
+        identity: PeerIdentity,
+    },
 }
 
 #[derive(Debug, Clone, Copy)]
 struct Flow {
     expires: Instant,
-    /// Which endpoint (0: `lo`, 1: `hi`) sent the first packet; a policy change re-judges the
-    /// flow in that direction.
+    ends: [End; 2],
+    /// Which end sent the first packet; a policy change re-judges the flow in that direction.
     initiator: u8,
-    /// Which peer sends from each endpoint (`lo`, `hi` of the key), bound on its first packet:
-    /// another peer cannot ride on a flow by copying its addresses and ports.
-    senders: [Option<PeerIdentity>; 2],
+    /// Used since it was last queued for eviction (the second chance).
+    used: bool,
+    /// Index of its owner in `Firewall::owners`.
+    owner: u32,
+    /// Matches the flow to its entry in the owner's queue (a key may be reused by a later flow).
+    seq: u32,
 }
+
+/// One owner's flows in the order they were queued.
+#[derive(Debug, Default)]
+struct Owner {
+    /// The peer this slot holds flows for (the slot is the peer's slot number + 1; 0 is the
+    /// data centre).
+    peer: Option<PeerId>,
+    flows: u32,
+    evicted: u64,
+    queue: VecDeque<(FlowKey, u32)>,
+}
+
+/// Entries an eviction may give a second chance before it takes the next one anyway.
+const SECOND_CHANCES: usize = 8;
 
 /// The flow table and its counters.
 #[derive(Debug)]
 pub struct Firewall {
     config: FirewallConfig,
     flows: HashMap<FlowKey, Flow>,
+    owners: Vec<Owner>,
+    /// Owners holding at least one flow.
+    active_owners: usize,
+    /// The owner that held the most flows when last looked for.
+    largest: usize,
+    next_seq: u32,
     counters: FirewallCounters,
 }
 
@@ -284,6 +374,10 @@ impl Firewall {
     pub fn new(config: FirewallConfig) -> Self {
         Firewall {
             flows: HashMap::with_capacity(config.max_flows.min(4096)),
+            owners: vec![Owner::default()],
+            active_owners: 0,
+            largest: 0,
+            next_seq: 0,
             config,
             counters: FirewallCounters::default(),
         }
@@ -297,18 +391,36 @@ impl Firewall {
         self.flows.len()
     }
 
-    /// A decrypted packet from a peer, on its way to the TUN device.
+    /// The flows `owner` holds and the ones it lost to a full table.
+    pub fn owner_stats(&self, owner: FlowOwner) -> OwnerStats {
+        let o = match owner {
+            FlowOwner::DataCentre => self.owners.first(),
+            FlowOwner::Peer(id) => self
+                .owners
+                .get(id.slot() + 1)
+                .filter(|o| o.peer == Some(id)),
+        };
+        o.map_or(OwnerStats::default(), |o| OwnerStats {
+            flows: u64::from(o.flows),
+            evicted: o.evicted,
+        })
+    }
+
+    /// A decrypted packet from `peer` (whose allowed IPs the core has already checked its
+    /// source against), on its way to the TUN device or to another peer.
     pub fn from_peer(
         &mut self,
         now: Instant,
         policy: &CompiledPolicy,
+        peer: PeerId,
         identity: Option<PeerIdentity>,
+        peers: &impl PeerAddresses,
         packet: &[u8],
     ) -> Result<(), FirewallDrop> {
         let Some(identity) = identity else {
             return Err(self.count(FirewallDrop::NoIdentity));
         };
-        self.check(now, policy, Origin::Peer(identity), packet)
+        self.check(now, policy, Sender::Peer { peer, identity }, peers, packet)
     }
 
     /// A packet from the hub's side (the data centre) on its way to a peer.
@@ -316,59 +428,79 @@ impl Firewall {
         &mut self,
         now: Instant,
         policy: &CompiledPolicy,
+        peers: &impl PeerAddresses,
         packet: &[u8],
     ) -> Result<(), FirewallDrop> {
-        self.check(now, policy, Origin::Address, packet)
+        self.check(now, policy, Sender::DataCentre, peers, packet)
     }
 
     fn check(
         &mut self,
         now: Instant,
         policy: &CompiledPolicy,
-        origin: Origin,
+        from: Sender,
+        peers: &impl PeerAddresses,
         packet: &[u8],
     ) -> Result<(), FirewallDrop> {
         let t = parse(packet, false).map_err(|d| self.count(d))?;
-        if let Kind::IcmpError { inner } = t.kind {
-            // The quoted packet went the other way: its flow, if remembered, makes this related.
-            let quoted = packet
-                .get(inner..)
-                .and_then(|q| parse(q, true).ok())
-                .map(|q| FlowKey::of(&q));
-            return match quoted.and_then(|k| self.flows.get(&k)) {
-                Some(f) if f.expires > now => {
-                    self.counters.related_icmp += 1;
-                    Ok(())
-                }
-                _ => Err(self.count(FirewallDrop::UnrelatedIcmpError)),
-            };
+        if let Kind::IcmpError {
+            inner,
+            ty,
+            code,
+            rest,
+        } = t.kind
+        {
+            return self.icmp_error(now, from, peers, packet, &t, inner, (ty, code, rest));
         }
         let key = FlowKey::of(&t);
+        let side = key.side(t.src, t.sport);
         let idle = self.idle(&t.kind);
-        let side = usize::from((t.src, t.sport) != key.lo);
-        let sender = match origin {
-            Origin::Peer(id) => Some(id),
-            Origin::Address => None,
-        };
         if let Some(flow) = self.flows.get_mut(&key) {
             if flow.expires > now {
-                if let Some(id) = sender {
-                    match flow.senders[side] {
-                        None => flow.senders[side] = Some(id),
-                        Some(bound) if bound != id => {
-                            return Err(self.count(FirewallDrop::Policy(Decider::ForeignSource)))
-                        }
-                        Some(_) => {}
+                // The established path: one table probe, a comparison, two stores.
+                let fits = match (flow.ends[side], from) {
+                    (End::Peer { peer: bound, .. }, Sender::Peer { peer, .. }) => bound == peer,
+                    (End::DataCentre, Sender::DataCentre) => true,
+                    (End::Unseen, _) => {
+                        // The answering end's first packet: bind it to the side it came from.
+                        let owner = peers.peer_of(t.src);
+                        let end = match from {
+                            Sender::Peer { peer, identity } if owner == Some(peer) => {
+                                End::Peer { peer, identity }
+                            }
+                            Sender::DataCentre if owner.is_none() => End::DataCentre,
+                            _ => End::Unseen,
+                        };
+                        flow.ends[side] = end;
+                        end != End::Unseen
                     }
+                    _ => false,
+                };
+                if !fits {
+                    let drop = match from {
+                        Sender::DataCentre => FirewallDrop::DataCentreSpoof,
+                        Sender::Peer { .. } => FirewallDrop::Policy(Decider::ForeignSource),
+                    };
+                    return Err(self.count(drop));
                 }
                 flow.expires = now + idle;
+                flow.used = true;
                 self.counters.established_packets += 1;
                 return Ok(());
             }
             // Idle past its timeout: this packet is judged as a new flow.
-            self.flows.remove(&key);
+            self.remove(&key);
             self.counters.expired += 1;
         }
+        let origin = match from {
+            Sender::Peer { identity, .. } => Origin::Peer(identity),
+            Sender::DataCentre => {
+                if peers.peer_of(t.src).is_some() {
+                    return Err(self.count(FirewallDrop::DataCentreSpoof));
+                }
+                Origin::Address
+            }
+        };
         let meta = PacketMeta {
             src: t.src,
             dst: t.dst,
@@ -387,18 +519,61 @@ impl Firewall {
         if t.kind == (Kind::IcmpEcho { request: false }) {
             return Err(self.count(FirewallDrop::Policy(Decider::DefaultDeny)));
         }
-        let mut senders = [None; 2];
-        senders[side] = sender;
-        self.insert(
-            now,
-            key,
-            Flow {
-                expires: now + idle,
-                initiator: side as u8,
-                senders,
-            },
-        );
+        let (owner, end) = match from {
+            Sender::Peer { peer, identity } => {
+                (FlowOwner::Peer(peer), End::Peer { peer, identity })
+            }
+            Sender::DataCentre => (FlowOwner::DataCentre, End::DataCentre),
+        };
+        let mut ends = [End::Unseen; 2];
+        ends[side] = end;
+        self.insert(now, key, owner, ends, side as u8, now + idle);
         self.counters.new_flows += 1;
+        Ok(())
+    }
+
+    /// An ICMP error: it must quote a packet of a remembered flow, in the same family, with a
+    /// type that fits the flow's protocol; it must go to the quoted packet's source (the near
+    /// end) and come from the side of the quoted packet's destination (the far end, or a
+    /// router on the way there).
+    #[allow(clippy::too_many_arguments)]
+    fn icmp_error(
+        &mut self,
+        now: Instant,
+        from: Sender,
+        peers: &impl PeerAddresses,
+        packet: &[u8],
+        outer: &Transport,
+        inner: usize,
+        (ty, code, rest): (u8, u8, u32),
+    ) -> Result<(), FirewallDrop> {
+        let Some(q) = packet.get(inner..).and_then(|q| parse(q, true).ok()) else {
+            return Err(self.count(FirewallDrop::UnrelatedIcmpError));
+        };
+        let key = FlowKey::of(&q);
+        let Some(flow) = self.flows.get(&key).filter(|f| f.expires > now) else {
+            return Err(self.count(FirewallDrop::UnrelatedIcmpError));
+        };
+        let v6 = outer.proto == proto::ICMPV6;
+        let far = key.side(q.dst, q.dport);
+        let fits = q.src.is_ipv6() == v6
+            // No error about an error (RFC 1122, 3.2.2).
+            && !matches!(q.kind, Kind::IcmpError { .. })
+            && error_fits(v6, ty, code, rest, q.proto)
+            && outer.dst == q.src
+            && match (from, flow.ends[far]) {
+                (Sender::Peer { peer, .. }, End::Peer { peer: bound, .. }) => peer == bound,
+                (Sender::Peer { peer, .. }, End::Unseen) => peers.peer_of(q.dst) == Some(peer),
+                (Sender::DataCentre, End::DataCentre) => peers.peer_of(outer.src).is_none(),
+                (Sender::DataCentre, End::Unseen) => {
+                    peers.peer_of(outer.src).is_none() && peers.peer_of(q.dst).is_none()
+                }
+                _ => false,
+            };
+        if !fits {
+            return Err(self.count(FirewallDrop::ForgedIcmpError));
+        }
+        self.counters.related_icmp += 1;
         Ok(())
     }
 
@@ -411,26 +586,173 @@ impl Firewall {
         }
     }
 
-    fn insert(&mut self, now: Instant, key: FlowKey, flow: Flow) {
-        if self.flows.len() >= self.config.max_flows && !self.flows.contains_key(&key) {
-            // Among a small sample, drop the flow that would expire first (an expired one if
-            // there is one): bounded work per insert, close to least-recently-used.
-            let victim = self
-                .flows
-                .iter()
-                .take(16)
-                .min_by_key(|(_, f)| f.expires)
-                .map(|(k, f)| (*k, f.expires <= now));
-            if let Some((k, expired)) = victim {
-                self.flows.remove(&k);
-                if expired {
-                    self.counters.expired += 1;
-                } else {
-                    self.counters.evicted += 1;
+    /// The owner slot of `owner`, made ready for a new flow.
+    fn owner_slot(&mut self, owner: FlowOwner) -> usize {
+        let (index, peer) = match owner {
+            FlowOwner::DataCentre => (0, None),
+            FlowOwner::Peer(id) => (id.slot() + 1, Some(id)),
+        };
+        if self.owners.len() <= index {
+            self.owners.resize_with(index + 1, Owner::default);
+        }
+        if self.owners[index].peer != peer {
+            // The slot's earlier peer is gone (normally `forget_peer` already cleared it).
+            if self.owners[index].flows > 0 {
+                if let Some(old) = self.owners[index].peer {
+                    self.forget_peer(old);
                 }
             }
+            self.owners[index] = Owner {
+                peer,
+                ..Owner::default()
+            };
         }
-        self.flows.insert(key, flow);
+        index
+    }
+
+    fn insert(
+        &mut self,
+        now: Instant,
+        key: FlowKey,
+        owner: FlowOwner,
+        ends: [End; 2],
+        initiator: u8,
+        expires: Instant,
+    ) {
+        let o = self.owner_slot(owner);
+        if self.flows.len() >= self.config.max_flows {
+            self.make_room(now, o);
+        }
+        let seq = self.next_seq;
+        self.next_seq = self.next_seq.wrapping_add(1);
+        self.flows.insert(
+            key,
+            Flow {
+                expires,
+                ends,
+                initiator,
+                used: false,
+                owner: o as u32,
+                seq,
+            },
+        );
+        let owner = &mut self.owners[o];
+        if owner.flows == 0 {
+            self.active_owners += 1;
+        }
+        owner.flows += 1;
+        owner.queue.push_back((key, seq));
+        if owner.queue.len() > 2 * owner.flows as usize + 32 {
+            // Entries of flows that expired or were cut: drop them, amortised over the pushes
+            // that made them pile up.
+            let flows = &self.flows;
+            owner.queue.retain(|(k, s)| {
+                flows
+                    .get(k)
+                    .is_some_and(|f| f.seq == *s && f.owner == o as u32)
+            });
+        }
+        let flows = owner.flows;
+        if flows > self.owners[self.largest].flows {
+            self.largest = o;
+        }
+    }
+
+    /// The table is full and owner `o` wants a new flow: take one from `o` if it holds its fair
+    /// share or more, else from the owner that holds the most.
+    fn make_room(&mut self, now: Instant, o: usize) {
+        let active = self.active_owners + usize::from(self.owners[o].flows == 0);
+        let max = self.config.max_flows;
+        let at_share = |flows: u32| flows as usize * active >= max;
+        let victim = if at_share(self.owners[o].flows) {
+            o
+        } else {
+            if !at_share(self.owners[self.largest].flows) {
+                // Rare: the remembered largest owner shrank. Someone holds more than its share
+                // (the table is full and `o` holds less), so the scan finds an owner.
+                self.largest = (0..self.owners.len())
+                    .max_by_key(|&i| self.owners[i].flows)
+                    .unwrap_or(0);
+            }
+            self.largest
+        };
+        if !self.evict_from(now, victim) {
+            // Cannot happen while the books are right; keep the bound regardless.
+            if let Some(k) = self.flows.keys().next().copied() {
+                self.remove(&k);
+                self.counters.evicted += 1;
+            }
+        }
+    }
+
+    /// Evicts `o`'s oldest flow (an expired one counts as expired), giving recently used ones a
+    /// second chance. Returns whether a flow was removed.
+    fn evict_from(&mut self, now: Instant, o: usize) -> bool {
+        let mut chances = 0;
+        while let Some((key, seq)) = self.owners[o].queue.pop_front() {
+            let Some(flow) = self.flows.get_mut(&key) else {
+                continue;
+            };
+            if flow.seq != seq || flow.owner != o as u32 {
+                continue;
+            }
+            if flow.expires > now && flow.used && chances < SECOND_CHANCES {
+                flow.used = false;
+                chances += 1;
+                self.owners[o].queue.push_back((key, seq));
+                continue;
+            }
+            let expired = flow.expires <= now;
+            self.remove(&key);
+            if expired {
+                self.counters.expired += 1;
+            } else {
+                self.counters.evicted += 1;
+                self.owners[o].evicted += 1;
+            }
+            return true;
+        }
+        false
+    }
+
+    /// Removes one flow and books it off its owner (its queue entry goes stale).
+    fn remove(&mut self, key: &FlowKey) {
+        if let Some(f) = self.flows.remove(key) {
+            Self::book_off(&mut self.owners, &mut self.active_owners, f.owner);
+        }
+    }
+
+    fn book_off(owners: &mut [Owner], active: &mut usize, owner: u32) {
+        if let Some(o) = owners.get_mut(owner as usize) {
+            o.flows = o.flows.saturating_sub(1);
+            if o.flows == 0 {
+                *active = active.saturating_sub(1);
+                o.queue.clear();
+            }
+        }
+    }
+
+    /// `peer` was removed from the hub: its flows go with it (those it started and those it
+    /// answered), and its slot is free for the next peer.
+    pub fn forget_peer(&mut self, peer: PeerId) {
+        let before = self.flows.len();
+        let (owners, active) = (&mut self.owners, &mut self.active_owners);
+        self.flows.retain(|_, f| {
+            let gone = f
+                .ends
+                .iter()
+                .any(|e| matches!(e, End::Peer { peer: p, .. } if *p == peer));
+            if gone {
+                Self::book_off(owners, active, f.owner);
+            }
+            !gone
+        });
+        self.counters.cut_peer_removed += (before - self.flows.len()) as u64;
+        if let Some(o) = self.owners.get_mut(peer.slot() + 1) {
+            if o.peer == Some(peer) {
+                *o = Owner::default();
+            }
+        }
     }
 
     /// A new policy is in force: sender identities are carried over by name (the new policy's
@@ -447,32 +769,39 @@ impl Firewall {
             new.policy.peer_identity(tenant, site, id.role)
         };
         let before = self.flows.len();
+        let (owners, active) = (&mut self.owners, &mut self.active_owners);
         self.flows.retain(|key, flow| {
-            for sender in flow.senders.iter_mut() {
-                if let Some(id) = *sender {
-                    match remap(id) {
-                        Some(mapped) => *sender = Some(mapped),
-                        None => return false,
+            let keep = 'judge: {
+                for end in flow.ends.iter_mut() {
+                    if let End::Peer { identity, .. } = end {
+                        match remap(*identity) {
+                            Some(mapped) => *identity = mapped,
+                            None => break 'judge false,
+                        }
                     }
                 }
+                let (from, to) = if flow.initiator == 0 {
+                    (key.lo, key.hi)
+                } else {
+                    (key.hi, key.lo)
+                };
+                let origin = match flow.ends[usize::from(flow.initiator)] {
+                    End::Peer { identity, .. } => Origin::Peer(identity),
+                    End::DataCentre | End::Unseen => Origin::Address,
+                };
+                let echo = matches!(key.proto, proto::ICMP | proto::ICMPV6);
+                let meta = PacketMeta {
+                    src: from.0,
+                    dst: to.0,
+                    ip_proto: key.proto,
+                    dport: if echo { 0 } else { to.1 },
+                };
+                new.classify(origin, &meta).allow
+            };
+            if !keep {
+                Self::book_off(owners, active, flow.owner);
             }
-            let (from, to) = if flow.initiator == 0 {
-                (key.lo, key.hi)
-            } else {
-                (key.hi, key.lo)
-            };
-            let origin = match flow.senders[usize::from(flow.initiator)] {
-                Some(id) => Origin::Peer(id),
-                None => Origin::Address,
-            };
-            let echo = matches!(key.proto, IPPROTO_ICMP | IPPROTO_ICMPV6);
-            let meta = PacketMeta {
-                src: from.0,
-                dst: to.0,
-                ip_proto: key.proto,
-                dport: if echo { 0 } else { to.1 },
-            };
-            new.classify(origin, &meta).allow
+            keep
         });
         self.counters.cut_by_policy += (before - self.flows.len()) as u64;
     }
@@ -480,7 +809,14 @@ impl Firewall {
     /// Removes flows idle past their timeout; call from the timer tick.
     pub fn expire(&mut self, now: Instant) {
         let before = self.flows.len();
-        self.flows.retain(|_, f| f.expires > now);
+        let (owners, active) = (&mut self.owners, &mut self.active_owners);
+        self.flows.retain(|_, f| {
+            let live = f.expires > now;
+            if !live {
+                Self::book_off(owners, active, f.owner);
+            }
+            live
+        });
         self.counters.expired += (before - self.flows.len()) as u64;
     }
 

@@ -8,7 +8,9 @@ use std::time::Instant;
 use komnet_policy::{CompiledPolicy, PeerIdentity};
 
 use crate::core::PeerId;
-use crate::firewall::{Firewall, FirewallConfig, FirewallCounters};
+use crate::firewall::{
+    Firewall, FirewallConfig, FirewallCounters, FlowOwner, OwnerStats, PeerAddresses,
+};
 
 /// Policy, identities and flow state of a hub.
 #[derive(Debug)]
@@ -30,27 +32,34 @@ impl Gate {
         }
     }
 
-    /// A decrypted packet from `peer`: may it go to the TUN device?
+    /// A decrypted packet from `peer`: may it go to the TUN device (or on to another peer)?
+    /// `peers` says which peer owns an address (the core's allowed IPs).
     #[inline]
-    pub fn from_peer(&mut self, now: Instant, peer: PeerId, packet: &[u8]) -> bool {
+    pub fn from_peer(
+        &mut self,
+        now: Instant,
+        peer: PeerId,
+        peers: &impl PeerAddresses,
+        packet: &[u8],
+    ) -> bool {
         let Some(policy) = self.policy.as_deref() else {
             self.no_policy += 1;
             return false;
         };
         let identity = self.identities.get(&peer).copied();
         self.firewall
-            .from_peer(now, policy, identity, packet)
+            .from_peer(now, policy, peer, identity, peers, packet)
             .is_ok()
     }
 
     /// A packet from the data-centre side: may it be sent to a peer?
     #[inline]
-    pub fn to_peer(&mut self, now: Instant, packet: &[u8]) -> bool {
+    pub fn to_peer(&mut self, now: Instant, peers: &impl PeerAddresses, packet: &[u8]) -> bool {
         let Some(policy) = self.policy.as_deref() else {
             self.no_policy += 1;
             return false;
         };
-        self.firewall.to_peer(now, policy, packet).is_ok()
+        self.firewall.to_peer(now, policy, peers, packet).is_ok()
     }
 
     /// Puts `policy` in force; remembered flows are carried over and re-judged.
@@ -69,8 +78,10 @@ impl Gate {
         self.identities.insert(peer, identity);
     }
 
+    /// The peer was removed: its identity and its flows go.
     pub fn forget(&mut self, peer: PeerId) {
         self.identities.remove(&peer);
+        self.firewall.forget_peer(peer);
     }
 
     pub fn expire(&mut self, now: Instant) {
@@ -79,6 +90,11 @@ impl Gate {
 
     pub fn counters(&self) -> &FirewallCounters {
         self.firewall.counters()
+    }
+
+    /// The flows `owner` holds and the ones it lost to a full table.
+    pub fn owner_stats(&self, owner: FlowOwner) -> OwnerStats {
+        self.firewall.owner_stats(owner)
     }
 
     pub fn flow_count(&self) -> usize {

@@ -266,3 +266,74 @@ fn a_policy_change_updates_allowed_ips_and_drops_unknown_sites() {
         p3.peer_identity("musterstadt", Some("rathaus"), Role::Spoke)
     );
 }
+
+/// A town hall's replaced appliance (new key K2) displaces the old one (K1) even if the
+/// registry's removal of K1 never arrived: two keys never hold one site's addresses.
+#[test]
+fn a_new_key_for_a_site_displaces_the_old_one() {
+    let p = policy(None);
+    let mut hub = HubPeers::default();
+    let k1 = admission(
+        "musterstadt",
+        "rathaus",
+        Role::Spoke,
+        1,
+        "10.96.0.2/32",
+        5000,
+    );
+    let (r, _) = hub.upsert(1000, &p, k1);
+    r.unwrap();
+    let other_site = admission(
+        "musterstadt",
+        "bauhof",
+        Role::Spoke,
+        3,
+        "10.96.0.3/32",
+        5000,
+    );
+    let (r, _) = hub.upsert(1000, &p, other_site);
+    r.unwrap();
+    let k2 = admission(
+        "musterstadt",
+        "rathaus",
+        Role::Spoke,
+        2,
+        "10.96.0.4/32",
+        6000,
+    );
+    let (r, changes) = hub.upsert(1100, &p, k2);
+    r.unwrap();
+    assert_eq!(changes.len(), 2, "{changes:?}");
+    assert_eq!(changes[0], PeerChange::Remove { key: [1; 32] });
+    assert!(matches!(changes[1], PeerChange::Upsert { key, .. } if key == [2; 32]));
+    assert!(hub.identity(&[1; 32]).is_none());
+    assert!(
+        hub.identity(&[3; 32]).is_some(),
+        "another site is untouched"
+    );
+    assert_eq!(hub.len(), 2);
+
+    // A home-office device re-issued with a new key at the same address.
+    let phone1 = admission(
+        "musterstadt",
+        "anna",
+        Role::HomeOffice,
+        7,
+        "10.250.20.9/32",
+        5000,
+    );
+    let (r, _) = hub.upsert(1000, &p, phone1);
+    r.unwrap();
+    let phone2 = admission(
+        "musterstadt",
+        "anna",
+        Role::HomeOffice,
+        8,
+        "10.250.20.9/32",
+        5000,
+    );
+    let (r, changes) = hub.upsert(1000, &p, phone2);
+    r.unwrap();
+    assert_eq!(changes[0], PeerChange::Remove { key: [7; 32] });
+    assert!(hub.identity(&[7; 32]).is_none());
+}

@@ -99,6 +99,8 @@ pub fn generate(shape: Shape) -> (String, Vec<(String, String)>) {
             i
         );
     }
+    // The operator's own data centre, where the shared services live.
+    op.push_str("[tenants.rz]\ndatacenter = [\"10.250.0.0/16\", \"fd03::/48\"]\n\n");
     for k in 0..shape.shared_services {
         let _ = writeln!(
             op,

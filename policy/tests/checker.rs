@@ -24,7 +24,7 @@ datacenter = ["10.1.2.0/24"]
 prefixes = ["10.20.0.0/16"]
 
 [services.dms]
-addresses = ["10.0.1.10", "fd00::10"]
+addresses = ["10.1.1.10", "fd00:1:1::10"]
 ports = ["tcp/443"]
 export = ["a"]
 
@@ -134,8 +134,8 @@ fn overlapping_tenant_prefixes() {
 fn rule_no_packet_can_match() {
     // The guest segment is IPv4 only, the service IPv6 only.
     let op = OPERATOR.replace(
-        r#"addresses = ["10.0.1.10", "fd00::10"]"#,
-        r#"addresses = ["fd00::10"]"#,
+        r#"addresses = ["10.1.1.10", "fd00:1:1::10"]"#,
+        r#"addresses = ["fd00:1:1::10"]"#,
     );
     let a = TENANT_A
         .replace(r#"to = ["dms", "files"]"#, r#"to = ["dms"]"#)
@@ -429,5 +429,124 @@ fn docs_show_the_worked_example_verbatim() {
     assert_eq!(
         shown, files,
         "docs/policy.md must show every file of the example"
+    );
+}
+
+/// The operator file's own services are checked like the tenants': they must lie in the data
+/// centre, never in a site, a home-office pool or everywhere.
+#[test]
+fn operator_service_as_a_default_route_is_refused() {
+    let op = OPERATOR
+        .replace(
+            r#"addresses = ["10.1.1.10", "fd00:1:1::10"]"#,
+            r#"addresses = ["0.0.0.0/0", "fd00:1:1::10"]"#,
+        )
+        .replace(r#"export = ["a"]"#, r#"export = ["*"]"#);
+    assert_error(
+        &op,
+        TENANT_A,
+        TENANT_B,
+        "operator.toml:18:14",
+        "is a default route",
+    );
+}
+
+#[test]
+fn operator_service_inside_a_site_is_refused() {
+    // A typo that puts a shared service into tenant a's staff segment.
+    let op = OPERATOR.replace(
+        r#"addresses = ["10.1.1.10", "fd00:1:1::10"]"#,
+        r#"addresses = ["10.10.1.10", "fd00:1:1::10"]"#,
+    );
+    let (list, rendered) = errors(&op, TENANT_A, TENANT_B);
+    let at_address: Vec<&String> = list
+        .iter()
+        .filter(|e| e.starts_with("operator.toml:18:14"))
+        .collect();
+    assert!(
+        at_address
+            .iter()
+            .any(|e| e.contains("overlaps 10.10.0.0/16 of site a/hq")),
+        "{rendered}"
+    );
+    assert!(
+        at_address
+            .iter()
+            .any(|e| e.contains("outside any tenant's data-centre ranges")),
+        "{rendered}"
+    );
+}
+
+#[test]
+fn operator_service_inside_a_home_office_pool_is_refused() {
+    let op = OPERATOR.replace(
+        r#"addresses = ["10.1.1.10", "fd00:1:1::10"]"#,
+        r#"addresses = ["10.250.1.0/28", "fd00:1:1::10"]"#,
+    );
+    assert_error(
+        &op,
+        TENANT_A,
+        TENANT_B,
+        "operator.toml:18:14",
+        "the home-office pool of tenant \"a\"",
+    );
+}
+
+#[test]
+fn owned_operator_service_lies_in_its_owners_data_centre() {
+    // Owned by b, but at an address in a's data centre.
+    let op = OPERATOR.replace("[services.dms]\n", "[services.dms]\nowner = \"b\"\n");
+    assert_error(
+        &op,
+        TENANT_A,
+        TENANT_B,
+        "operator.toml:19:14",
+        "outside its owner \"b\"'s data-centre ranges (10.1.2.0/24)",
+    );
+}
+
+#[test]
+fn one_service_address_has_one_owner() {
+    // Tenant a declares its file server at the operator's DMS address.
+    let a = TENANT_A.replace(
+        r#"addresses = ["10.1.1.5"]"#,
+        r#"addresses = ["10.1.1.10"]"#,
+    );
+    assert_error(
+        OPERATOR,
+        &a,
+        TENANT_B,
+        "tenants/a.toml:14:14",
+        "10.1.1.10/32 of service \"files\" (tenant \"a\") overlaps 10.1.1.10/32 of service \"dms\" (the operator)",
+    );
+}
+
+#[test]
+fn every_overlap_is_reported_and_blamed_on_the_later_definition() {
+    // Tenant "z" is written before tenant "b" but sorts after it: the overlap is b's fault, the
+    // later one in reading order. A second, independent overlap is reported in the same run.
+    let op = OPERATOR
+        .replace(
+            "[tenants.b]\n",
+            "[tenants.z]\ndatacenter = [\"10.1.9.0/24\"]\n[tenants.z.sites.hq]\nprefixes = [\"10.90.0.0/16\"]\n\n[tenants.b]\n",
+        )
+        .replace(
+            r#"datacenter = ["10.1.2.0/24"]"#,
+            r#"datacenter = ["10.1.9.128/25"]"#,
+        )
+        .replace(r#"prefixes = ["10.20.0.0/16"]"#, r#"prefixes = ["10.90.4.0/24"]"#);
+    let b = TENANT_B.replace("10.20.1.0/24", "10.90.4.0/25");
+    let (list, rendered) = errors(&op, TENANT_A, &b);
+    assert!(
+        list.iter().any(|e| e.starts_with("operator.toml:18:15")
+            && e.contains(
+                "10.1.9.128/25 of tenant \"b\" (data centre) overlaps 10.1.9.0/24 of tenant \"z\""
+            )),
+        "{rendered}"
+    );
+    assert!(
+        list.iter().any(|e| e.starts_with("operator.toml:20:13")
+            && e.contains("10.90.4.0/24 of site b/hq overlaps 10.90.0.0/16 of site z/hq")),
+        "{rendered}"
     );
 }

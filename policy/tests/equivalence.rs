@@ -82,6 +82,8 @@ fn generate(seed: u64) -> Generated {
             100 + t
         );
     }
+    // The operator's own data centre, where the shared services live.
+    op.push_str("[tenants.rz]\ndatacenter = [\"10.50.0.0/16\", \"fd05::/64\"]\n\n");
     // Shared services, possibly nested inside each other.
     let shared = rng.below(4) as usize;
     let mut shared_names = Vec::new();
@@ -321,11 +323,13 @@ fn random_origin(rng: &mut Rng, policy: &Policy) -> Origin {
         return Origin::Address;
     }
     let tenant = TenantId(rng.below(policy.tenants.len() as u64) as u32);
-    let role = [Role::Spoke, Role::Hub, Role::HomeOffice][rng.below(3) as usize];
-    let site = (role == Role::Spoke).then(|| {
-        let sites = &policy.tenants[tenant.index()].sites;
-        sites[rng.below(sites.len() as u64) as usize]
-    });
+    let mut role = [Role::Spoke, Role::Hub, Role::HomeOffice][rng.below(3) as usize];
+    let sites = &policy.tenants[tenant.index()].sites;
+    if sites.is_empty() && role == Role::Spoke {
+        // The operator's tenant has a data centre but no town hall.
+        role = Role::Hub;
+    }
+    let site = (role == Role::Spoke).then(|| sites[rng.below(sites.len() as u64) as usize]);
     Origin::Peer(PeerIdentity {
         tenant,
         role,

@@ -34,7 +34,7 @@ fn a_bad_policy_never_replaces_a_good_one() {
     assert_eq!(handle.current().version(), 7);
     let staff_to_dms = PacketMeta::new(
         "10.20.1.7".parse().unwrap(),
-        "10.0.1.10".parse().unwrap(),
+        "10.1.0.10".parse().unwrap(),
         Proto::Tcp,
         443,
     );

@@ -26,6 +26,9 @@ pub struct StatusReport {
     pub peers: Vec<PeerStatus>,
     /// Hub: flows the firewall remembers.
     pub flows: Option<usize>,
+    /// Hub: the flows the data-centre side started, and those it lost to a full table.
+    #[serde(default)]
+    pub datacentre_flows: Option<FlowShare>,
     /// Packets dropped, by reason (WireGuard layer and firewall).
     pub drops: BTreeMap<String, u64>,
     /// Control-plane events (registry, renewals, policy, failovers), by name.
@@ -61,6 +64,17 @@ pub struct PeerStatus {
     pub cert_not_after: Option<i64>,
     /// Spoke: the hub its traffic goes to now.
     pub active: bool,
+    /// Hub: flows this peer started that the firewall remembers, and those it lost because
+    /// the table was full (a peer opening flows without end loses its own; issue 14).
+    #[serde(default)]
+    pub flows: Option<FlowShare>,
+}
+
+/// One owner's part of a hub's flow table.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowShare {
+    pub flows: u64,
+    pub evicted: u64,
 }
 
 /// A peer counts as up when its last handshake is younger than this (WireGuard rekeys every

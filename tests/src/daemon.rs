@@ -20,6 +20,9 @@ pub enum DaemonKind {
     Komnet,
     /// Debian's stock `wireguard-go` from `PATH`.
     WireguardGo,
+    /// wireguard-go 0.0.20231211, the reference of the conformance tests and benchmarks,
+    /// unpacked by `scripts/wireguard-go-2023.sh` (see [`wireguard_go_2023_binary`]).
+    WireguardGo2023,
 }
 
 impl DaemonKind {
@@ -27,6 +30,7 @@ impl DaemonKind {
         match self {
             DaemonKind::Komnet => "komnet",
             DaemonKind::WireguardGo => "wireguard-go",
+            DaemonKind::WireguardGo2023 => "wireguard-go-2023",
         }
     }
 
@@ -37,6 +41,7 @@ impl DaemonKind {
             DaemonKind::WireguardGo => find_on_path("wireguard-go").ok_or_else(|| {
                 anyhow!("wireguard-go is not on PATH (scripts/setup.sh installs it)")
             }),
+            DaemonKind::WireguardGo2023 => wireguard_go_2023_binary(),
         }
     }
 }
@@ -52,6 +57,26 @@ impl fmt::Display for DaemonKind {
 /// nearest directory above this crate that has one (the workspace root).
 pub fn komnet_gateway_binary() -> Result<PathBuf> {
     workspace_binary("komnet-gateway", "KOMNET_GATEWAY_BIN", "komnet-gateway")
+}
+
+/// Where `scripts/wireguard-go-2023.sh` puts wireguard-go 0.0.20231211 by default.
+const WIREGUARD_GO_2023_DEFAULT: &str =
+    "/opt/komnet-peers/wireguard-go-0.0.20231211/usr/bin/wireguard-go";
+
+/// wireguard-go 0.0.20231211: `$KOMNET_WIREGUARD_GO_2023` if set, else where
+/// `scripts/wireguard-go-2023.sh` unpacks it (`scripts/test.sh` runs that script first).
+pub fn wireguard_go_2023_binary() -> Result<PathBuf> {
+    let path = std::env::var_os("KOMNET_WIREGUARD_GO_2023")
+        .map_or_else(|| PathBuf::from(WIREGUARD_GO_2023_DEFAULT), PathBuf::from);
+    if path.is_file() {
+        Ok(path)
+    } else {
+        bail!(
+            "wireguard-go 0.0.20231211 is not at {} : run `sudo scripts/wireguard-go-2023.sh` \
+             (or point KOMNET_WIREGUARD_GO_2023 at it)",
+            path.display()
+        )
+    }
 }
 
 /// The release build of the admins' `komnet` CLI, found like [`komnet_gateway_binary`]

@@ -16,6 +16,7 @@
 //!   `/run/wireguard` is shared by all namespaces.
 
 mod command;
+pub mod conformance;
 mod daemon;
 pub mod district;
 mod netns;
@@ -30,7 +31,8 @@ pub use command::{
 };
 pub use daemon::{
     is_socket_path, komnet_cli_binary, komnet_enroll_binary, komnet_gateway_binary,
-    process_executable, same_executable, uapi_socket_path, Daemon, DaemonKind,
+    process_executable, same_executable, uapi_socket_path, wireguard_go_2023_binary, Daemon,
+    DaemonKind,
 };
 pub use netns::{add_veth_pair, parse_link_stats, LinkStats, Netns};
 pub use ping::{parse_ping_summary, ping, ping_until_reply, PingSummary};

@@ -52,10 +52,10 @@ use parking_lot::Mutex;
 use rand::RngCore;
 
 use crate::admission::PeerChange;
-use crate::core::{Core, PeerInfo};
+use crate::core::{Core, PeerId, PeerInfo};
 use crate::daemon;
 use crate::driver::{self, Event, Shared, Sockets};
-use crate::firewall::FirewallConfig;
+use crate::firewall::{FirewallConfig, FlowOwner};
 use crate::gate::Gate;
 use config::{GatewayConfig, GatewayRole};
 use control::bootstrap::{BootstrapStep, BootstrapWatch, FileRead, SetAside};

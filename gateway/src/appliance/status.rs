@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 pub use komnet_proto::status::{
-    CertificateStatus, PeerStatus, PolicyStatus, StatusReport, PEER_UP_SECS,
+    CertificateStatus, FlowShare, PeerStatus, PolicyStatus, StatusReport, PEER_UP_SECS,
 };
 
 fn label(value: &str) -> String {
@@ -148,6 +148,49 @@ pub fn to_prometheus(report: &StatusReport, now: i64) -> String {
         );
         line(&mut out, format!("{n} {flows}"));
     }
+    // Per owner of flows: each peer (labelled with its key too, as several home offices of
+    // one tenant share the other labels) and the data centre.
+    let owners: Vec<(String, FlowShare)> = this
+        .peers
+        .iter()
+        .filter_map(|p| {
+            let share = p.flows?;
+            Some((
+                format!("{},key=\"{}\"", peer_labels(p), label(&p.public_key)),
+                share,
+            ))
+        })
+        .chain(this.datacentre_flows.map(|d| {
+            (
+                "tenant=\"\",site=\"\",role=\"datacentre\",key=\"\"".to_owned(),
+                d,
+            )
+        }))
+        .collect();
+    if !owners.is_empty() {
+        for (name, help, get) in [
+            (
+                "komnet_flow_owner_flows",
+                "gauge",
+                (|s: &FlowShare| s.flows) as fn(&FlowShare) -> u64,
+            ),
+            (
+                "komnet_flow_owner_evicted_total",
+                "counter",
+                |s: &FlowShare| s.evicted,
+            ),
+        ] {
+            let help_text = if help == "gauge" {
+                "Hub: flows each peer (or the data centre) started that the firewall remembers."
+            } else {
+                "Hub: flows a peer (or the data centre) lost because the table was full; it loses its own oldest when it holds its share or more (an attacker's count grows, others' stay)."
+            };
+            let n = family(&mut out, name, help, help_text);
+            for (labels, share) in &owners {
+                line(&mut out, format!("{n}{{{labels}}} {}", get(share)));
+            }
+        }
+    }
     let n = family(
         &mut out,
         "komnet_policy_version",
@@ -199,9 +242,21 @@ pub(super) fn report(ctx: &Ctx) -> StatusReport {
         .get()
         .map(|s| peer_snapshot(s))
         .unwrap_or_default();
+    let mut shares: HashMap<PeerId, FlowShare> = HashMap::new();
+    let mut datacentre_flows = None;
     let (flows, mut drops, mut counters) = match ctx.shared.get() {
         Some(shared) => {
             let (gate, core) = shared.gate_and_core();
+            if let Some(g) = gate.as_ref() {
+                let share = |s: crate::firewall::OwnerStats| FlowShare {
+                    flows: s.flows,
+                    evicted: s.evicted,
+                };
+                for p in &peers {
+                    shares.insert(p.id, share(g.owner_stats(FlowOwner::Peer(p.id))));
+                }
+                datacentre_flows = Some(share(g.owner_stats(FlowOwner::DataCentre)));
+            }
             let mut drops: BTreeMap<String, u64> = BTreeMap::new();
             for reason in crate::core::DropReason::ALL {
                 let mut n = core.device_drops().get(*reason);
@@ -228,6 +283,7 @@ pub(super) fn report(ctx: &Ctx) -> StatusReport {
                     ("flow_expired", c.expired),
                     ("flow_evicted", c.evicted),
                     ("flow_cut_by_policy", c.cut_by_policy),
+                    ("flow_cut_peer_removed", c.cut_peer_removed),
                 ] {
                     counters.insert(k.to_owned(), v);
                 }
@@ -271,6 +327,7 @@ pub(super) fn report(ctx: &Ctx) -> StatusReport {
                 tx_bytes: p.tx_bytes,
                 cert_not_after: admitted.map(|a| a.not_after),
                 active: active_key == Some(p.public_key),
+                flows: shares.get(&p.id).copied(),
             }
         })
         .collect();
@@ -301,6 +358,7 @@ pub(super) fn report(ctx: &Ctx) -> StatusReport {
         policy_error: s.slot.error().map(str::to_owned),
         peers,
         flows,
+        datacentre_flows,
         drops,
         counters,
     }
@@ -405,6 +463,14 @@ mod tests {
             tx_bytes: 6,
             cert_not_after: Some(5000),
             active: false,
+            flows: Some(FlowShare {
+                flows: 990,
+                evicted: 9010,
+            }),
+        });
+        r.datacentre_flows = Some(FlowShare {
+            flows: 4,
+            evicted: 0,
         });
         r.drops.insert("policy_default_deny".into(), 3);
         let text = to_prometheus(&r, 1000);
@@ -413,6 +479,12 @@ mod tests {
         );
         assert!(text.contains("komnet_drops_total{reason=\"policy_default_deny\"} 3"));
         assert!(text.contains("komnet_policy_version 0"));
+        assert!(text.contains(
+            "komnet_flow_owner_evicted_total{tenant=\"noh\\\"felden\",site=\"rathaus\",role=\"spoke\",key=\"k\"} 9010"
+        ));
+        assert!(text.contains(
+            "komnet_flow_owner_flows{tenant=\"\",site=\"\",role=\"datacentre\",key=\"\"} 4"
+        ));
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let value = line.rsplit(' ').next().unwrap();
             assert!(value.parse::<f64>().is_ok(), "{line}");

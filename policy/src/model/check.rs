@@ -1,6 +1,6 @@
-//! Checking the operator file and the tenants' fragments into a [`Policy`]: names, prefixes
-//! (no overlaps), sites, segments, services and exports. Rules, guardrails and expectations
-//! are checked in `rules.rs` with the same builder.
+//! Checking the operator file into a [`Policy`]: names, prefixes (no overlaps), tenants, sites,
+//! services and their addresses. The tenants' fragments are checked in `fragment.rs`, rules,
+//! guardrails and expectations in `rules.rs`, all with this builder.
 
 use super::*;
 
@@ -35,6 +35,12 @@ pub(crate) fn share_family(a: &[IpNet], b: &[IpNet]) -> bool {
         .any(|x| b.iter().any(|y| x.addr().is_ipv4() == y.addr().is_ipv4()))
 }
 
+/// Where a definition stands in the order an admin reads the files: the operator file first,
+/// then the fragments, each from top to bottom.
+pub(super) fn reading_order(loc: &Loc) -> (FileId, usize) {
+    (loc.file, loc.span.start)
+}
+
 pub(crate) fn nets_overlap(a: &IpNet, b: &IpNet) -> bool {
     a.contains(&b.network()) || b.contains(&a.network())
 }
@@ -43,6 +49,15 @@ pub(crate) fn nets_overlap(a: &IpNet, b: &IpNet) -> bool {
 pub(super) struct PrefixOwner {
     pub(super) net: IpNet,
     pub(super) what: String,
+    pub(super) loc: Loc,
+}
+
+/// A service address with its owner, to refuse one address claimed by two owners.
+#[derive(Clone)]
+pub(super) struct ServiceClaim {
+    pub(super) net: IpNet,
+    pub(super) owner: Option<TenantId>,
+    pub(super) service: String,
     pub(super) loc: Loc,
 }
 
@@ -66,6 +81,7 @@ pub(super) struct Builder<'s> {
     pub(super) expectations: Vec<Expectation>,
     /// Site, data-centre and home-office prefixes of all tenants: none may overlap another.
     pub(super) claimed: Vec<PrefixOwner>,
+    pub(super) service_claims: Vec<ServiceClaim>,
     pub(super) fragment_of: HashMap<TenantId, Loc>,
     /// Operator-file items whose references are resolved after all fragments are in.
     pub(super) pending_guardrails: Vec<(FileId, Spanned<syntax::GuardrailDecl>)>,
@@ -95,6 +111,7 @@ impl<'s> Builder<'s> {
             guardrails: Vec::new(),
             expectations: Vec::new(),
             claimed: Vec::new(),
+            service_claims: Vec::new(),
             fragment_of: HashMap::new(),
             pending_guardrails: Vec::new(),
             pending_operator_expects: Vec::new(),
@@ -159,19 +176,30 @@ impl<'s> Builder<'s> {
         out
     }
 
-    /// Records `net` as claimed; an overlap with an earlier claim is an error naming both.
+    /// Records `net` as claimed; an overlap with an earlier claim is an error naming both,
+    /// blamed on whichever of the two comes later in reading order (tables are visited in name
+    /// order, not in the order the admin wrote them). Every overlap is reported, not only the
+    /// first: the prefix is recorded even when it overlaps.
     pub(super) fn claim(&mut self, net: IpNet, what: String, loc: Loc) {
-        if let Some(prev) = self.claimed.iter().find(|c| nets_overlap(&c.net, &net)) {
+        let overlapping: Vec<usize> = (0..self.claimed.len())
+            .filter(|&i| nets_overlap(&self.claimed[i].net, &net))
+            .collect();
+        for i in overlapping {
+            let prev = &self.claimed[i];
+            let (later, later_net, later_what, earlier, earlier_net, earlier_what) =
+                if reading_order(&loc) >= reading_order(&prev.loc) {
+                    (&loc, net, &what, &prev.loc, prev.net, &prev.what)
+                } else {
+                    (&prev.loc, prev.net, &prev.what, &loc, net, &what)
+                };
             let d = Diagnostic::error(
-                loc.clone(),
+                later.clone(),
                 format!(
-                    "{net} of {what} overlaps {} of {}: tenants' address ranges must not overlap",
-                    prev.net, prev.what
+                    "{later_net} of {later_what} overlaps {earlier_net} of {earlier_what}: tenants' address ranges must not overlap"
                 ),
             )
-            .with_related(prev.loc.clone(), format!("{} is declared here", prev.net));
+            .with_related(earlier.clone(), format!("{earlier_net} is declared here"));
             self.diags.push(d);
-            return;
         }
         self.claimed.push(PrefixOwner { net, what, loc });
     }
@@ -369,6 +397,10 @@ impl<'s> Builder<'s> {
                 }
             }
         }
+        if !tenant_declared {
+            self.check_operator_service_addresses(file, &sname, &decl, &addresses, owner);
+        }
+        self.check_service_claims(file, &sname, &decl, &addresses, owner);
         let id = ServiceId(self.services.len() as u32);
         if self.error_count() > errors_before {
             self.broken_services.insert(id);
@@ -386,278 +418,148 @@ impl<'s> Builder<'s> {
         self.pending_exports.push((id, file, decl.export));
     }
 
-    pub(super) fn load_fragment(&mut self, file: FileId) {
-        let text = &self.sources.file(file).text;
-        let doc: syntax::TenantFile = match toml::from_str(text) {
-            Ok(d) => d,
-            Err(e) => return self.toml_error(file, e),
-        };
-        let Some(tid) = self.tenant_id(doc.tenant.get_ref()) else {
-            return self.err(
-                file,
-                doc.tenant.span(),
-                format!(
-                    "tenant {:?} is not declared in operator.toml: only the operator adds tenants",
-                    doc.tenant.get_ref()
-                ),
-            );
-        };
-        let stem = self
-            .sources
-            .file(file)
-            .path
-            .file_stem()
-            .and_then(|s| s.to_str())
-            .unwrap_or("")
-            .to_owned();
-        if stem != *doc.tenant.get_ref() {
-            self.err(
-                file,
-                doc.tenant.span(),
-                format!(
-                    "this file is tenants/{stem}.toml but says tenant = {:?}: name the file after its tenant",
-                    doc.tenant.get_ref()
-                ),
-            );
-        }
-        let here = Loc::new(file, doc.tenant.span());
-        if let Some(prev) = self.fragment_of.get(&tid).cloned() {
-            let d = Diagnostic::error(
-                here,
-                format!("tenant {:?} already has a fragment", doc.tenant.get_ref()),
-            )
-            .with_related(prev, "the other fragment");
-            self.diags.push(d);
-            return;
-        }
-        self.fragment_of.insert(tid, here);
-        let tname = doc.tenant.get_ref().clone();
-
-        let mut has_homeoffice: Option<Loc> = None;
-        let mut own_segments: Vec<(IpNet, String, Loc)> = Vec::new();
-        for (sname, decl) in doc.segments {
-            if !self.name_ok(file, &sname, "segment") {
-                continue;
-            }
-            if !self.kinds.contains_key(decl.kind.get_ref()) {
-                let known: Vec<&str> = self.kinds.keys().map(String::as_str).collect();
+    /// A service of the operator file opens firewalls in every site that may reach it, so it
+    /// must be where the data centre is: inside its owner's data-centre ranges (the operator's
+    /// own services: inside some tenant's data-centre ranges), never a default route, never
+    /// inside a site or a home-office pool.
+    pub(super) fn check_operator_service_addresses(
+        &mut self,
+        file: FileId,
+        sname: &Name,
+        decl: &syntax::ServiceDecl,
+        addresses: &[IpNet],
+        owner: Option<TenantId>,
+    ) {
+        for (net, p) in addresses.iter().zip(&decl.addresses) {
+            if net.prefix_len() == 0 {
                 self.err(
                     file,
-                    decl.kind.span(),
+                    p.span(),
                     format!(
-                        "unknown segment kind {:?}; the operator allows: {}",
-                        decl.kind.get_ref(),
-                        known.join(", ")
+                        "service {:?}: {net} is a default route, not a service address: it would open every site to everything the service's rules allow; list the servers' addresses",
+                        sname.get_ref()
+                    ),
+                );
+                continue;
+            }
+            let (ranges, whose): (Vec<IpNet>, String) = match owner {
+                Some(t) => (
+                    self.tenants[t.index()].datacenter.clone(),
+                    format!("its owner {:?}'s", self.tenants[t.index()].name),
+                ),
+                None => (
+                    self.tenants
+                        .iter()
+                        .flat_map(|t| t.datacenter.iter().copied())
+                        .collect(),
+                    "any tenant's".to_owned(),
+                ),
+            };
+            if !ranges.iter().any(|r| r.contains(net)) {
+                let shown: Vec<String> = ranges.iter().map(ToString::to_string).collect();
+                let shown = if shown.is_empty() {
+                    "none declared".to_owned()
+                } else {
+                    shown.join(", ")
+                };
+                self.err(
+                    file,
+                    p.span(),
+                    format!(
+                        "service {:?}: {net} is outside {whose} data-centre ranges ({shown}): a shared service lies in the data centre",
+                        sname.get_ref()
                     ),
                 );
             }
-            let sloc = Loc::new(file, sname.span());
-            let errors_before = self.error_count();
-            let (site, prefixes) = match &decl.site {
-                None => {
-                    if !decl.prefixes.is_empty() {
-                        self.err(
-                            file,
-                            decl.prefixes[0].span(),
-                            "a segment without a site is the home-office segment: its addresses are the tenant's home-office pool, so it takes no prefixes",
-                        );
-                    }
-                    if let Some(prev) = has_homeoffice.clone() {
-                        let d = Diagnostic::error(
-                            sloc.clone(),
-                            "a tenant has at most one home-office segment (a segment without a site)",
-                        )
-                        .with_related(prev, "the other one");
-                        self.diags.push(d);
-                    }
-                    has_homeoffice = Some(sloc.clone());
-                    let pool = self.tenants[tid.index()].homeoffice_pool.clone();
-                    if pool.is_empty() {
-                        self.err(
-                            file,
-                            sname.span(),
-                            format!(
-                                "segment {:?} has no site, which makes it the home-office segment, but tenant {tname:?} has no home-office pool in operator.toml",
-                                sname.get_ref()
-                            ),
-                        );
-                    }
-                    (None, pool)
-                }
-                Some(site_name) => {
-                    let site = self.tenants[tid.index()]
-                        .sites
-                        .iter()
-                        .copied()
-                        .find(|s| self.sites[s.index()].name == *site_name.get_ref());
-                    let Some(site) = site else {
-                        self.err(
-                            file,
-                            site_name.span(),
-                            format!("tenant {tname:?} has no site {:?}", site_name.get_ref()),
-                        );
-                        continue;
-                    };
-                    let prefixes = self.prefixes(file, &decl.prefixes, "segment prefix");
-                    if decl.prefixes.is_empty() {
-                        self.err(
-                            file,
-                            sname.span(),
-                            format!("segment {:?} has no prefixes", sname.get_ref()),
-                        );
-                    }
-                    for (net, p) in prefixes.iter().zip(&decl.prefixes) {
-                        let site_prefixes = &self.sites[site.index()].prefixes;
-                        if !site_prefixes.iter().any(|sp| sp.contains(net)) {
-                            let shown: Vec<String> =
-                                site_prefixes.iter().map(ToString::to_string).collect();
-                            self.err(
-                                file,
-                                p.span(),
-                                format!(
-                                    "{net} is outside site {:?} ({})",
-                                    site_name.get_ref(),
-                                    shown.join(", ")
-                                ),
-                            );
-                        }
-                        let ploc = Loc::new(file, p.span());
-                        if let Some((prev_net, prev_name, prev_loc)) =
-                            own_segments.iter().find(|(n, _, _)| nets_overlap(n, net))
-                        {
-                            let d = Diagnostic::error(
-                                ploc.clone(),
-                                format!(
-                                    "{net} of segment {:?} overlaps {prev_net} of segment {prev_name:?}: an address belongs to one segment",
-                                    sname.get_ref()
-                                ),
-                            )
-                            .with_related(prev_loc.clone(), "declared here");
-                            self.diags.push(d);
-                        } else {
-                            own_segments.push((*net, sname.get_ref().clone(), ploc));
-                        }
-                    }
-                    (Some(site), prefixes)
-                }
-            };
-            if self.error_count() > errors_before {
-                self.broken_segments
-                    .insert(SegmentId(self.segments.len() as u32));
-            }
-            self.segments.push(Segment {
-                tenant: tid,
-                name: sname.into_inner(),
-                kind: decl.kind.into_inner(),
-                site,
-                prefixes,
-                description: decl.description,
-                loc: sloc,
+            let inside_site = self.sites.iter().find_map(|s| {
+                s.prefixes
+                    .iter()
+                    .find(|sp| nets_overlap(sp, net))
+                    .map(|sp| (*sp, s.loc.clone(), s.tenant, s.name.clone()))
             });
-        }
-
-        let mut groups = BTreeMap::new();
-        for (gname, members) in doc.groups {
-            if !self.name_ok(file, &gname, "group") {
-                continue;
-            }
-            if self
-                .segments
-                .iter()
-                .any(|s| s.tenant == tid && s.name == *gname.get_ref())
-            {
-                self.err(
-                    file,
-                    gname.span(),
-                    format!("group {:?} has the name of a segment", gname.get_ref()),
-                );
-            }
-            let members = members
-                .into_iter()
-                .map(|m| (m.get_ref().clone(), Loc::new(file, m.span())))
-                .collect();
-            groups.insert(
-                gname.get_ref().clone(),
-                (Loc::new(file, gname.span()), members),
-            );
-        }
-        self.groups.insert(tid, groups);
-
-        for (sname, decl) in doc.services {
-            if !self.name_ok(file, &sname, "service") {
-                continue;
-            }
-            if let Some(o) = &decl.owner {
-                self.err(
-                    file,
-                    o.span(),
-                    "a tenant's services belong to that tenant: `owner` is only for shared services in operator.toml",
-                );
-            }
-            if let Some(op) = self
-                .services
-                .iter()
-                .find(|s| !s.tenant_declared && s.name == *sname.get_ref())
-            {
+            if let Some((sp, sloc, t, site)) = inside_site {
                 let d = Diagnostic::error(
-                    Loc::new(file, sname.span()),
+                    Loc::new(file, p.span()),
                     format!(
-                        "service {:?} has the name of a shared service of the operator: pick another name",
+                        "service {:?}: {net} overlaps {sp} of site {}/{site}: a shared service inside a site would open that site's firewall to everyone it is exported to",
+                        sname.get_ref(),
+                        self.tenants[t.index()].name
+                    ),
+                )
+                .with_related(sloc, "the site is declared here");
+                self.diags.push(d);
+            }
+            let inside_pool = self.tenants.iter().find_map(|t| {
+                t.homeoffice_pool
+                    .iter()
+                    .find(|hp| nets_overlap(hp, net))
+                    .map(|hp| (*hp, t.loc.clone(), t.name.clone()))
+            });
+            if let Some((hp, tloc, tname)) = inside_pool {
+                let d = Diagnostic::error(
+                    Loc::new(file, p.span()),
+                    format!(
+                        "service {:?}: {net} overlaps {hp}, the home-office pool of tenant {tname:?}: home-office devices are not servers",
                         sname.get_ref()
                     ),
                 )
-                .with_related(op.loc.clone(), "the shared service");
+                .with_related(tloc, "the tenant is declared here");
                 self.diags.push(d);
             }
-            self.add_service(file, sname, decl, Some(tid), true);
-        }
-        for r in doc.rule {
-            self.pending_rules.push((tid, file, r));
-        }
-        for e in doc.expect {
-            self.pending_expects.push((tid, file, e));
         }
     }
 
-    /// Everything that needs all files: exports, groups, rules, guardrails, tests, and the
-    /// cross-checks (rules no packet can match, rules shadowed by guardrails).
-    pub(super) fn finish_checks(&mut self) {
-        for (sid, file, export) in std::mem::take(&mut self.pending_exports) {
-            let mut list = Vec::new();
-            let mut all = false;
-            for e in export {
-                if e.get_ref() == "*" {
-                    all = true;
-                } else if let Some(t) = self.tenant_id(e.get_ref()) {
-                    list.push(t);
+    /// One address, one owner: a service address that two owners claim would let each open the
+    /// other's server to its own exports.
+    pub(super) fn check_service_claims(
+        &mut self,
+        file: FileId,
+        sname: &Name,
+        decl: &syntax::ServiceDecl,
+        addresses: &[IpNet],
+        owner: Option<TenantId>,
+    ) {
+        let owner_name = |b: &Self, o: Option<TenantId>| match o {
+            Some(t) => format!("tenant {:?}", b.tenants[t.index()].name),
+            None => "the operator".to_owned(),
+        };
+        for (net, p) in addresses.iter().zip(&decl.addresses) {
+            let loc = Loc::new(file, p.span());
+            let clashes: Vec<ServiceClaim> = self
+                .service_claims
+                .iter()
+                .filter(|c| c.owner != owner && nets_overlap(&c.net, net))
+                .cloned()
+                .collect();
+            for prev in clashes {
+                let this = (loc.clone(), *net, sname.get_ref().clone(), owner);
+                let other = (prev.loc.clone(), prev.net, prev.service.clone(), prev.owner);
+                let (later, earlier) = if reading_order(&loc) >= reading_order(&prev.loc) {
+                    (this, other)
                 } else {
-                    self.err(
-                        file,
-                        e.span(),
-                        format!("export to {:?}: no such tenant", e.get_ref()),
-                    );
-                }
+                    (other, this)
+                };
+                let d = Diagnostic::error(
+                    later.0,
+                    format!(
+                        "{} of service {:?} ({}) overlaps {} of service {:?} ({}): a service address has one owner",
+                        later.1,
+                        later.2,
+                        owner_name(self, later.3),
+                        earlier.1,
+                        earlier.2,
+                        owner_name(self, earlier.3)
+                    ),
+                )
+                .with_related(earlier.0, "the other service's address");
+                self.diags.push(d);
             }
-            self.services[sid.index()].export = if all {
-                Export::All
-            } else if list.is_empty() {
-                Export::Nobody
-            } else {
-                Export::Tenants(list)
-            };
-        }
-
-        for (file, g) in std::mem::take(&mut self.pending_guardrails) {
-            self.add_guardrail(file, g);
-        }
-        for (tid, file, r) in std::mem::take(&mut self.pending_rules) {
-            self.add_rule(tid, file, r);
-        }
-        for (file, e) in std::mem::take(&mut self.pending_operator_expects) {
-            self.add_expect(None, file, e);
-        }
-        for (tid, file, e) in std::mem::take(&mut self.pending_expects) {
-            self.add_expect(Some(tid), file, e);
+            self.service_claims.push(ServiceClaim {
+                net: *net,
+                owner,
+                service: sname.get_ref().clone(),
+                loc,
+            });
         }
     }
 }

@@ -430,6 +430,7 @@ impl Policy {
 }
 
 mod check;
+mod fragment;
 mod load;
 mod rules;
 
