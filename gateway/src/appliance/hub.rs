@@ -12,6 +12,7 @@ pub(super) fn apply_peer_changes(
     ctx: &Ctx,
     gate: &mut Gate,
     core: &mut Core,
+    retired: &mut RetiredDrops,
     changes: &[PeerChange],
 ) -> Vec<[u8; 32]> {
     let now = Instant::now();
@@ -40,6 +41,9 @@ pub(super) fn apply_peer_changes(
             PeerChange::Remove { key } => {
                 if let Some(id) = core.peer_id(key) {
                     gate.forget(id);
+                    if let Some(drops) = core.peer_drops(id) {
+                        retired.retire(drops);
+                    }
                     core.remove_peer(id);
                 }
                 removed.push(*key);
@@ -81,7 +85,7 @@ pub(super) fn change_peers(ctx: &Ctx, decide: impl FnOnce(&mut ControlState) -> 
         let Some(mut gate) = gate else {
             return;
         };
-        apply_peer_changes(ctx, &mut gate, &mut core, &changes)
+        apply_peer_changes(ctx, &mut gate, &mut core, &mut s.retired_drops, &changes)
     };
     shared.flush_pending(&mut vec![0u8; 2048]);
     release_routes(ctx, &removed);

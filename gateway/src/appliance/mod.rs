@@ -52,6 +52,7 @@ use parking_lot::Mutex;
 use rand::RngCore;
 
 use crate::admission::PeerChange;
+use crate::core::DropReason;
 use crate::core::{Core, PeerId, PeerInfo};
 use crate::daemon;
 use crate::driver::{self, Event, Shared, Sockets};
@@ -65,7 +66,7 @@ use control::renewal::{RenewalFailure, RenewalSchedule, RenewalStep};
 use control::spoke::{SpokeAction, SpokeCore};
 use control::{ControlEvent, Counters};
 use komnet_proto::files::{write_atomic, Visibility};
-use status::serve_status;
+use status::{serve_status, RetiredDrops};
 
 const TUNNEL_MTU: u16 = 1420;
 const ENROLLMENT_FILE: &str = "enrollment.json";
@@ -103,6 +104,8 @@ struct ControlState {
     /// what this process put there (and may have to take off again).
     lan_wanted: Vec<IpNet>,
     lan_put: Vec<IpNet>,
+    /// Drops of peers removed from the table (so `komnet_drops_total` never goes down).
+    retired_drops: RetiredDrops,
     /// The bootstrap watch's counts (first start only).
     bootstrap: Counters,
     counters: Counters,

@@ -69,7 +69,7 @@ pub(super) async fn put_in_force(
                 let (gate, mut core) = shared.gate_and_core();
                 let mut gate = gate.ok_or_else(|| anyhow!("hub without a gate"))?;
                 gate.set_policy(compiled.clone());
-                apply_peer_changes(ctx, &mut gate, &mut core, &changes)
+                apply_peer_changes(ctx, &mut gate, &mut core, &mut s.retired_drops, &changes)
             };
             release_routes(ctx, &removed);
         }

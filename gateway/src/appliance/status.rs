@@ -236,7 +236,48 @@ fn line(out: &mut String, text: String) {
 
 use super::*;
 
+/// Drop counts of peers that left the peer table. `komnet_drops_total` is a counter: it must
+/// never go down, but a removed peer takes its own counters with it, so they are kept here
+/// when it goes (under the same locks as the removal) and added to every report.
+#[derive(Debug, Clone, Default)]
+pub struct RetiredDrops(Vec<u64>);
+
+impl RetiredDrops {
+    /// Keeps a departing peer's counts.
+    pub fn retire(&mut self, counters: &crate::core::DropCounters) {
+        if self.0.len() < DropReason::ALL.len() {
+            self.0.resize(DropReason::ALL.len(), 0);
+        }
+        for reason in DropReason::ALL {
+            self.0[*reason as usize] += counters.get(*reason);
+        }
+    }
+
+    /// Drops by reason: the device's, the live peers', and those of peers gone.
+    pub fn totals(
+        &self,
+        core: &Core,
+        peers: impl IntoIterator<Item = PeerId> + Clone,
+    ) -> BTreeMap<&'static str, u64> {
+        let mut out = BTreeMap::new();
+        for reason in DropReason::ALL {
+            let mut n = core.device_drops().get(*reason);
+            n += self.0.get(*reason as usize).copied().unwrap_or(0);
+            for id in peers.clone() {
+                n += core.peer_drops(id).map_or(0, |d| d.get(*reason));
+            }
+            if n > 0 {
+                out.insert(reason.as_str(), n);
+            }
+        }
+        out
+    }
+}
+
 pub(super) fn report(ctx: &Ctx) -> StatusReport {
+    // The state first (lock order: state, gate, core): a peer removed meanwhile is counted
+    // either live or retired, never both or neither.
+    let s = ctx.state.lock();
     let peers = ctx
         .shared
         .get()
@@ -257,16 +298,12 @@ pub(super) fn report(ctx: &Ctx) -> StatusReport {
                 }
                 datacentre_flows = Some(share(g.owner_stats(FlowOwner::DataCentre)));
             }
-            let mut drops: BTreeMap<String, u64> = BTreeMap::new();
-            for reason in crate::core::DropReason::ALL {
-                let mut n = core.device_drops().get(*reason);
-                for p in &peers {
-                    n += core.peer_drops(p.id).map_or(0, |d| d.get(*reason));
-                }
-                if n > 0 {
-                    drops.insert(reason.as_str().to_owned(), n);
-                }
-            }
+            let mut drops: BTreeMap<String, u64> = s
+                .retired_drops
+                .totals(&core, peers.iter().map(|p| p.id))
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v))
+                .collect();
             let mut counters = BTreeMap::new();
             let flows = gate.as_ref().map(|g| {
                 let c = g.counters();
@@ -293,7 +330,6 @@ pub(super) fn report(ctx: &Ctx) -> StatusReport {
         }
         None => (None, BTreeMap::new(), BTreeMap::new()),
     };
-    let s = ctx.state.lock();
     counters.extend(s.all_counters());
     drops.retain(|_, v| *v > 0);
     let identity = s.enrollment.as_ref().map(|e| &e.identity);
@@ -444,6 +480,35 @@ pub(super) async fn status_answer(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A removed peer's drops stay in `komnet_drops_total` (it used to sum live peers only,
+    /// so the counter went down when a peer was revoked).
+    #[test]
+    fn drop_totals_never_go_down_when_a_peer_is_removed() {
+        let now = std::time::Instant::now();
+        let mut core = Core::new(now, [7; 32]);
+        core.set_private_key(now, Some([1; 32]));
+        let id = core.upsert_peer(now, [2; 32]).unwrap();
+        core.add_allowed_ip(id, "10.0.0.0/24".parse().unwrap());
+        // An IPv4 packet for the peer, which has no endpoint yet: dropped on its account.
+        let packet = [
+            0x45, 0, 0, 20, 0, 0, 0, 0, 64, 17, 0, 0, 10, 0, 0, 1, 10, 0, 0, 5,
+        ];
+        let mut out = vec![0u8; 2048];
+        for _ in 0..3 {
+            core.handle_tun_packet(now, &packet, &mut out);
+        }
+        let mut retired = RetiredDrops::default();
+        let before = retired.totals(&core, [id]);
+        assert_eq!(before.get("no_endpoint"), Some(&3), "{before:?}");
+
+        retired.retire(core.peer_drops(id).unwrap());
+        core.remove_peer(id);
+        assert_eq!(retired.totals(&core, []), before);
+        // What the bare sum over the live peers shows after the removal: the counter went down.
+        let bare = RetiredDrops::default().totals(&core, []);
+        assert_eq!(bare.get("no_endpoint"), None);
+    }
 
     #[test]
     fn prometheus_text_is_well_formed() {
