@@ -197,7 +197,7 @@ pub fn init(data_dir: &Path, config: &Config, now: i64) -> Result<InitReport, Op
         &data_dir.join(WG_PROOF_KEY),
         STANDARD.encode(secret).as_bytes(),
     )?;
-    SqliteStore::open(data_dir)?;
+    SqliteStore::create(data_dir)?;
     Ok(InitReport {
         data_dir: data_dir.to_owned(),
         root_fingerprint: report.root_fingerprint,
@@ -623,9 +623,25 @@ impl Service {
             }
         };
         if token.used_at.is_some() {
+            // The answer to the first use may have been lost (service killed after the commit,
+            // connection dropped): the same appliance asking again with the same key and CSR
+            // key gets the same certificate, not a trip to the town hall.
+            if let Some((issued, identity, issued_at)) =
+                self.answer_again(&mut *txn, &token.id, &csr, &wg, now)?
+            {
+                txn.audit(
+                    now,
+                    &format!("appliance@{source}"),
+                    "enroll.retry",
+                    &json!({"token_id": token.id, "serial": identity.serial}),
+                )?;
+                txn.commit()?;
+                return self.response_for(&issued, identity, issued_at);
+            }
             return Err(err(
                 ErrorCode::TokenUsed,
-                "token: already used; tokens are single-use",
+                "token: already used; tokens are single-use (a retry is answered only with the \
+                 same WireGuard key and CSR key as the first use, while that certificate is valid)",
             ));
         }
         if now >= token.expires_at {
@@ -661,6 +677,7 @@ impl Service {
             lifetime,
             now,
         )?;
+        txn.set_token_certificate(&token.id, &identity.serial)?;
         txn.audit(
             now,
             &format!("appliance@{source}"),
@@ -672,6 +689,45 @@ impl Service {
         )?;
         txn.commit()?;
         self.response_for(&issued, identity, now)
+    }
+
+    /// The certificate of a token's first use again, when the request carries the same
+    /// WireGuard key and CSR key and the certificate is still the site's valid one. (The answer
+    /// is made after the commit: it reads the store.)
+    fn answer_again(
+        &self,
+        txn: &mut dyn Txn,
+        token_id: &str,
+        csr: &VerifiedCsr,
+        wg: &WgPublicKey,
+        now: i64,
+    ) -> Result<Option<(Issued, Identity, i64)>, ApiError> {
+        let Some(serial) = txn.token_certificate(token_id)? else {
+            return Ok(None);
+        };
+        let Some(cert) = txn.certificate(&serial)? else {
+            return Ok(None);
+        };
+        if cert.status != CertStatus::Valid
+            || cert.identity.not_after <= now
+            || cert.identity.wg_public_key != *wg
+        {
+            return Ok(None);
+        }
+        let same_key = x509_parser::parse_x509_certificate(&cert.der)
+            .map(|(_, c)| c.public_key().raw == csr.spki_der.as_slice())
+            .unwrap_or(false);
+        if !same_key {
+            return Ok(None);
+        }
+        let der = rustls_pki_types::CertificateDer::from(cert.der.clone());
+        let pem = pem_certificate(&cert.der);
+        let issued = Issued {
+            der,
+            pem,
+            serial: cert.identity.serial.clone(),
+        };
+        Ok(Some((issued, cert.identity, cert.not_before)))
     }
 
     /// Checks a client certificate presented over mutual TLS against the store.
@@ -801,7 +857,7 @@ impl Service {
         if certs.is_empty() && !(release && matches!(selector, Selector::Site(..))) {
             return Err(err(
                 ErrorCode::NothingToRevoke,
-                format!("revoke: no valid certificate matches {selector:?}"),
+                format!("revoke: no valid certificate for {selector}"),
             ));
         }
         let mut serials = Vec::new();
@@ -834,7 +890,7 @@ impl Service {
             now,
             actor,
             "revoke",
-            &json!({"selector": format!("{selector:?}"), "reason": req.reason,
+            &json!({"selector": selector.to_string(), "reason": req.reason,
                     "serials": serials, "addresses_released": release}),
         )?;
         txn.commit()?;
@@ -1227,6 +1283,18 @@ fn lowest_free(prefixes: &[IpNet], taken: &BTreeSet<IpAddr>) -> Option<IpAddr> {
 }
 
 /// Renewal opens at 2/3 of the lifetime (as step-ca does).
+/// A certificate as PEM, 64 base64 characters per line (RFC 7468).
+fn pem_certificate(der: &[u8]) -> String {
+    let b64 = STANDARD.encode(der);
+    let mut out = String::from("-----BEGIN CERTIFICATE-----\n");
+    for chunk in b64.as_bytes().chunks(64) {
+        out.push_str(std::str::from_utf8(chunk).unwrap_or_default());
+        out.push('\n');
+    }
+    out.push_str("-----END CERTIFICATE-----\n");
+    out
+}
+
 pub fn renew_after(issued_at: i64, not_after: i64) -> i64 {
     issued_at + (not_after - issued_at) * 2 / 3
 }

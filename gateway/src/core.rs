@@ -72,6 +72,7 @@ macro_rules! drop_reasons {
 drop_reasons! {
     Malformed => "malformed": "Not a WireGuard message: wrong type, reserved bits or length.",
     NoPrivateKey => "no_private_key": "The device has no private key yet.",
+    LowOrderKey => "low_order_key": "The peer's public key is a low-order point: no handshake is ever made with it.",
     InvalidMac => "invalid_mac": "Handshake MAC1 does not match our public key.",
     CookieRequired => "cookie_required": "Handshake without a valid cookie under load: a cookie reply was sent instead.",
     RateLimited => "rate_limited": "Handshake over its source's rate limit.",
@@ -172,6 +173,10 @@ struct Peer {
     /// boringtun may hold packets queued while a handshake runs; they go out once a session
     /// is usable (see `decapsulate`).
     queued: bool,
+    /// The peer's public key is a low-order point (the static-static Diffie-Hellman with our
+    /// key is all zeros): like the kernel and wireguard-go we never handshake with it, since
+    /// the handshake would prove nothing and each initiation would show our identity.
+    low_order: bool,
     drops: DropCounters,
 }
 
@@ -236,9 +241,12 @@ fn drop_reason(e: &WireGuardError) -> DropReason {
 /// The peer's Noise state, created on first use (a packet to send, a handshake received, a
 /// keepalive due). A `Tunn` is ~11 KiB (eight inline session slots); an idle configured peer
 /// without one costs a few hundred bytes, which keeps 1,000 idle peers within 5 MiB.
-fn tunn_of<'a>(key: &Option<DeviceKey>, peer: &'a mut Peer) -> Option<&'a mut Tunn> {
+fn tunn_of<'a>(key: &Option<DeviceKey>, peer: &'a mut Peer) -> Result<&'a mut Tunn, DropReason> {
+    if peer.low_order {
+        return Err(DropReason::LowOrderKey);
+    }
     if peer.tunn.is_none() {
-        let k = key.as_ref()?;
+        let k = key.as_ref().ok_or(DropReason::NoPrivateKey)?;
         peer.tunn = Some(Box::new(Tunn::new(
             k.secret.clone(),
             PublicKey::from(peer.public_key),
@@ -250,7 +258,24 @@ fn tunn_of<'a>(key: &Option<DeviceKey>, peer: &'a mut Peer) -> Option<&'a mut Tu
             Some(k.tunn_limiter.clone()),
         )));
     }
-    peer.tunn.as_deref_mut()
+    peer.tunn.as_deref_mut().ok_or(DropReason::NoPrivateKey)
+}
+
+/// Clamps a Curve25519 private key as RFC 7748 section 5 does before use. The kernel and
+/// wireguard-go store and show the key clamped; so do we.
+pub fn clamp_private_key(mut key: [u8; 32]) -> [u8; 32] {
+    key[0] &= 248;
+    key[31] &= 127;
+    key[31] |= 64;
+    key
+}
+
+/// Whether the static-static Diffie-Hellman of `secret` with `peer_public` is all zeros (the
+/// peer's key is a low-order point).
+fn is_low_order(secret: &StaticSecret, peer_public: &[u8; 32]) -> bool {
+    !secret
+        .diffie_hellman(&PublicKey::from(*peer_public))
+        .was_contributory()
 }
 
 /// Records when the peer's current session was established (boringtun only knows "how long
@@ -359,10 +384,11 @@ impl Core {
         self.fwmark = mark;
     }
 
-    /// Sets (or with `None` removes) the device's private key. All sessions restart. A peer
-    /// with our own public key is removed, as wireguard-go does.
+    /// Sets (or with `None` removes) the device's private key, clamped. All sessions restart. A
+    /// peer with our own public key is removed, as wireguard-go does.
     pub fn set_private_key(&mut self, now: Instant, key: Option<[u8; 32]>) {
         self.enter(now);
+        let key = key.map(clamp_private_key);
         if key.is_some() && key == self.private_key() {
             return;
         }
@@ -390,10 +416,22 @@ impl Core {
     /// Forgets the peer's Noise state (keys or pre-shared key changed); `tunn_of` builds a
     /// fresh one on next use.
     fn rebuild_tunn(&mut self, id: PeerId) {
-        if let Some(peer) = self.peer_mut(id) {
-            peer.tunn = None;
-            peer.queued = false;
+        let Some(peer) = peer_in(&mut self.slots, id) else {
+            return;
+        };
+        peer.tunn = None;
+        peer.queued = false;
+        let low_order = self
+            .key
+            .as_ref()
+            .is_some_and(|k| is_low_order(&k.secret, &peer.public_key));
+        if low_order && !peer.low_order {
+            tracing::warn!(
+                peer = %base64::Engine::encode(&base64::engine::general_purpose::STANDARD, peer.public_key),
+                "peer's public key is a low-order point; refusing to handshake with it"
+            );
         }
+        peer.low_order = low_order;
     }
 
     pub fn peer_id(&self, public_key: &[u8; 32]) -> Option<PeerId> {
@@ -429,6 +467,7 @@ impl Core {
             last_sent: self.clock,
             handshake_at: None,
             queued: false,
+            low_order: false,
             drops: DropCounters::default(),
         });
         self.by_key.insert(public_key, id);
@@ -599,8 +638,9 @@ impl Core {
         let Some(endpoint) = peer.endpoint else {
             return self.peer_drop(id, DropReason::NoEndpoint);
         };
-        let Some(tunn) = tunn_of(&self.key, peer) else {
-            return self.peer_drop(id, DropReason::NoPrivateKey);
+        let tunn = match tunn_of(&self.key, peer) {
+            Ok(tunn) => tunn,
+            Err(reason) => return self.peer_drop(id, reason),
         };
         let base = out.as_ptr() as usize;
         match tunn.encapsulate(&packet[..header.total_len], out) {
@@ -719,10 +759,11 @@ impl Core {
         let tunn = if datagram.first() == Some(&1) {
             tunn_of(&self.key, peer)
         } else {
-            peer.tunn.as_deref_mut()
+            peer.tunn.as_deref_mut().ok_or(DropReason::NoSession)
         };
-        let Some(tunn) = tunn else {
-            return self.peer_drop(id, DropReason::NoSession);
+        let tunn = match tunn {
+            Ok(tunn) => tunn,
+            Err(reason) => return self.peer_drop(id, reason),
         };
         let is_data = datagram.first() == Some(&4);
         let is_response = datagram.first() == Some(&2);
@@ -741,7 +782,14 @@ impl Core {
         };
         // Authenticated: the peer may have roamed (WireGuard paper, section 2.1). A cookie
         // reply proves nothing about the sender's address, so it does not move the endpoint.
+        // The endpoint is learnt before the inner source is checked, as the kernel does: the
+        // datagram is the peer's even when the packet inside is one it may not send.
         let roams = inner.is_some() || reply.is_some() || is_data;
+        if roams {
+            if let Some(peer) = self.peer_mut(id) {
+                peer.endpoint = Some(src);
+            }
+        }
         if let Some((_, _, inner_src)) = inner {
             if self.allowed_ips.lookup(inner_src) != Some(id) {
                 return self.peer_drop(id, DropReason::SpoofedSource);
@@ -751,7 +799,6 @@ impl Core {
             return Action::Nothing;
         };
         if roams {
-            peer.endpoint = Some(src);
             peer.rx_bytes += datagram.len() as u64;
         }
         // Queued packets can go once boringtun has a current session: as initiator after the
@@ -822,11 +869,11 @@ impl Core {
         if let Some(peer) = peer_in(&mut self.slots, id) {
             if let Some(dst) = peer.endpoint {
                 let sent = match tunn_of(&self.key, peer) {
-                    Some(tunn) => match op(tunn, &mut scratch) {
+                    Ok(tunn) => match op(tunn, &mut scratch) {
                         TunnResult::WriteToNetwork(b) => Some(b.to_vec()),
                         _ => None,
                     },
-                    None => None,
+                    Err(_) => None,
                 };
                 if let Some(bytes) = sent {
                     peer.tx_bytes += bytes.len() as u64;

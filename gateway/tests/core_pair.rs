@@ -526,6 +526,14 @@ impl Pair {
         assert_eq!(peers.len(), 1);
         peers[0].endpoint
     }
+
+    /// (received, sent) bytes as `wg show transfer` reports them on `side`.
+    fn transfer_counters(&mut self, side: Side) -> (u64, u64) {
+        let now = self.now;
+        let peers = self.node(side).core.peers(now, wall_clock());
+        assert_eq!(peers.len(), 1);
+        (peers[0].rx_bytes, peers[0].tx_bytes)
+    }
 }
 
 // ---- tests -----------------------------------------------------------------------------------
@@ -1221,4 +1229,132 @@ fn both_sides_sending_first_converge_on_sessions_and_deliver_both_packets() {
     pair.transfer(Side::B, &ipv4_udp(B_V4, A_V4, b"again back"));
     assert_eq!(pair.a.tun.len(), 2);
     assert_eq!(pair.b.tun.len(), 2);
+}
+
+// ---- conformance with the kernel (issue 20) -----------------------------------------------
+
+#[test]
+fn the_private_key_is_stored_and_shown_clamped() {
+    // Low three bits set, top bit set, second-highest clear: all three get clamped.
+    let mut unclamped = [0x5a; 32];
+    unclamped[0] = 0xff;
+    unclamped[31] = 0x80;
+    let mut clamped = unclamped;
+    clamped[0] = 0xf8;
+    clamped[31] = 0x40;
+    let mut core = Core::new(Instant::now(), [7; 32]);
+    let set = uapi::parse_set([format!("private_key={}", hex::encode(unclamped)).as_str()])
+        .expect("a well-formed request");
+    uapi::apply_set(&mut core, Instant::now(), &set);
+    assert_eq!(core.private_key(), Some(clamped));
+    assert_eq!(core.public_key(), Some(public_key(clamped)));
+    let get = uapi::format_get(&mut core, Instant::now(), wall_clock());
+    assert!(
+        get.contains(&format!("private_key={}\n", hex::encode(clamped))),
+        "{get}"
+    );
+    // Setting the clamped form of the same key changes nothing (no session restart).
+    assert_eq!(komnet_gateway::core::clamp_private_key(unclamped), clamped);
+}
+
+/// The low-order points of Curve25519 the kernel selftest tries (as 32-byte keys).
+fn low_order_points() -> Vec<[u8; 32]> {
+    let mut points = vec![[0u8; 32]];
+    let mut one = [0u8; 32];
+    one[0] = 1;
+    points.push(one);
+    for hex_point in [
+        "e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800",
+        "5f9c95bca3508c24b1d0b1559c83ef5b04445cc4581c8e86d8224eddd09f1157",
+        "ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+        "edffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+        "eeffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+    ] {
+        let mut p = [0u8; 32];
+        hex::decode_to_slice(hex_point, &mut p).expect("literal");
+        points.push(p);
+    }
+    points
+}
+
+#[test]
+fn a_peer_with_a_low_order_public_key_gets_no_handshake_ever() {
+    let start = Instant::now();
+    let mut core = Core::new(start, [3; 32]);
+    core.set_private_key(start, Some(KEY_A));
+    let mut ids = Vec::new();
+    for (i, point) in low_order_points().into_iter().enumerate() {
+        let id = core.upsert_peer(start, point).expect("room");
+        core.set_endpoint(id, SocketAddr::from(([127, 0, 0, 1], 1111)));
+        core.add_allowed_ip(id, net(&format!("10.9.{i}.0/24")));
+        // Turning keepalive on sends one at once to a normal peer.
+        core.set_persistent_keepalive(start, id, Some(1));
+        ids.push(id);
+    }
+    let mut out = vec![0u8; BUF_LEN];
+    for (i, id) in ids.iter().enumerate() {
+        let packet = ipv4_udp(A_V4, Ipv4Addr::new(10, 9, i as u8, 1), b"hello?");
+        assert_eq!(
+            core.handle_tun_packet(start, &packet, &mut out),
+            Action::Drop(DropReason::LowOrderKey)
+        );
+        assert_eq!(
+            core.peer_drops(*id)
+                .expect("configured")
+                .get(DropReason::LowOrderKey),
+            1
+        );
+    }
+    let mut now = start;
+    for _ in 0..(30_000 / TIMER_INTERVAL.as_millis()) {
+        now += TIMER_INTERVAL;
+        core.update_timers(now);
+    }
+    assert_eq!(core.poll_transmit(&mut out), None, "nothing is ever sent");
+    assert_eq!(core.peers_with_state(), 0);
+
+    // A new private key is checked again: still refused, and a normal peer is unaffected.
+    core.set_private_key(now, Some(KEY_C));
+    let b = core.upsert_peer(now, public_key(KEY_B)).expect("room");
+    core.set_endpoint(b, b_addr());
+    core.add_allowed_ip(b, net("10.0.0.2/32"));
+    assert_eq!(
+        core.handle_tun_packet(
+            now,
+            &ipv4_udp(A_V4, Ipv4Addr::new(10, 9, 0, 1), b"x"),
+            &mut out
+        ),
+        Action::Drop(DropReason::LowOrderKey)
+    );
+    assert!(matches!(
+        core.handle_tun_packet(now, &ipv4_udp(A_V4, B_V4, b"x"), &mut out),
+        Action::ToNetwork { .. }
+    ));
+}
+
+#[test]
+fn a_packet_from_a_disallowed_source_is_dropped_but_its_endpoint_is_learnt() {
+    let mut pair = Pair::new();
+    pair.handshake();
+    let (rx_before, _) = pair.transfer_counters(Side::A);
+    // B roams and its first packet from there carries a source it may not use.
+    let roamed = SocketAddr::from(([203, 0, 113, 9], 61000));
+    pair.b.addr = roamed;
+    pair.send(
+        Side::B,
+        &ipv4_udp(Ipv4Addr::new(10, 0, 0, 99), A_V4, b"spoofed"),
+    );
+    pair.run();
+    assert_eq!(pair.a.drops, vec![DropReason::SpoofedSource]);
+    assert!(pair.a.tun.is_empty());
+    assert_eq!(
+        pair.peer_endpoint(Side::A),
+        Some(roamed),
+        "the kernel learns the endpoint from any authenticated packet"
+    );
+    let (rx_after, _) = pair.transfer_counters(Side::A);
+    assert_eq!(
+        rx_after, rx_before,
+        "a dishonest packet is not counted as received"
+    );
 }

@@ -13,8 +13,8 @@
 
 use std::time::Duration;
 
-use komnet_netns_tests::conformance::{Trio, TUNNEL_V4, TUNNEL_V6};
-use komnet_netns_tests::{uapi_socket_path, wait_until, DaemonKind};
+use komnet_netns_tests::conformance::{send_udp, Trio, UdpCatcher, TUNNEL_V4, TUNNEL_V6};
+use komnet_netns_tests::{uapi_socket_path, wait_until, DaemonKind, KeyPair};
 
 /// One `#[test]` per implementation for a scenario `fn NAME(kind)`.
 macro_rules! scenario {
@@ -73,3 +73,148 @@ fn interface_moved_to_another_namespace(kind: DaemonKind) {
     }
 }
 scenario!(interface_moved_to_another_namespace: Komnet, WireguardGo2023);
+
+/// Defect 5: allowed IPs filter by source (the selftest's "crypto-RP filter"), and an
+/// authenticated packet with a refused source still teaches the receiver the sender's endpoint.
+fn allowed_ips_filter_sources_but_endpoints_are_learnt(kind: DaemonKind) {
+    let t = trio(kind);
+    t.set_loopback_endpoints(false).unwrap();
+    let (if1, if2) = (&t.ifname[0], &t.ifname[1]);
+    t.wg(
+        0,
+        &[
+            "set",
+            if1,
+            "peer",
+            &t.keys[1].public,
+            "allowed-ips",
+            "192.168.241.0/24",
+        ],
+    )
+    .unwrap();
+    let catcher =
+        UdpCatcher::start(t.end_ns(0), TUNNEL_V4[0], 1111, Duration::from_secs(3)).unwrap();
+    send_udp(t.end_ns(1), TUNNEL_V4[0], 1111, "X").unwrap();
+    assert_eq!(catcher.caught().unwrap().as_deref(), Some("X"));
+
+    // A more specific peer takes 192.168.241.2 away from end 2, which then moves its port.
+    let other = KeyPair::generate().unwrap();
+    t.wg(
+        0,
+        &[
+            "set",
+            if1,
+            "peer",
+            &other.public,
+            "allowed-ips",
+            "192.168.241.2/32",
+        ],
+    )
+    .unwrap();
+    t.wg(1, &["set", if2, "listen-port", "9997"]).unwrap();
+    let catcher =
+        UdpCatcher::start(t.end_ns(0), TUNNEL_V4[0], 1111, Duration::from_secs(2)).unwrap();
+    send_udp(t.end_ns(1), TUNNEL_V4[0], 1111, "X").unwrap();
+    assert_eq!(
+        catcher.caught().unwrap(),
+        None,
+        "a packet whose source belongs to another peer must not pass"
+    );
+    t.wg(0, &["set", if1, "peer", &other.public, "remove"])
+        .unwrap();
+    let endpoints = t.wg(0, &["show", if1, "endpoints"]).unwrap();
+    assert_eq!(
+        endpoints.trim(),
+        format!("{}\t127.0.0.1:9997", t.keys[1].public),
+        "the endpoint is learnt from the refused packet"
+    );
+}
+scenario!(allowed_ips_filter_sources_but_endpoints_are_learnt: Komnet, WireguardGo2023);
+
+/// Defect 6: a private key is stored and shown clamped.
+fn private_key_is_clamped(kind: DaemonKind) {
+    let t = trio(kind);
+    let key = &t.keys[0].private;
+    // wg genkey's keys are clamped already; '/' as the first base64 digit sets a bit that
+    // clamping clears (making it '+').
+    let unclamped = format!("/{}", &key[1..]);
+    let file = t.key_file(0) + ".unclamped";
+    komnet_netns_tests::write_private_file(std::path::Path::new(&file), &format!("{unclamped}\n"))
+        .unwrap();
+    t.wg(0, &["set", &t.ifname[0], "private-key", &file])
+        .unwrap();
+    assert_eq!(
+        t.wg(0, &["show", &t.ifname[0], "private-key"])
+            .unwrap()
+            .trim(),
+        format!("+{}", &key[1..])
+    );
+}
+scenario!(private_key_is_clamped: Komnet, WireguardGo2023);
+
+/// Defect 7: peers whose public key is a low-order point get no handshake initiation, even
+/// with persistent keepalive on.
+fn low_order_public_keys_get_no_handshake(kind: DaemonKind) {
+    let t = trio(kind);
+    let if1 = &t.ifname[0];
+    // The daemons' sockets live in ns0, so that is where 127.0.0.1 is. A normal peer on port
+    // 1112 is the control: it must get a handshake initiation in the same time.
+    let wait = Duration::from_secs(3);
+    let refused = UdpCatcher::start(&t.ns[0], "127.0.0.1", 1111, wait).unwrap();
+    let control = UdpCatcher::start(&t.ns[0], "127.0.0.1", 1112, wait).unwrap();
+    for point in [
+        "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+        "AQAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+        "4Ot6fDtBuK4WVuP68Z/EatoJjeucMrH9hmIFFl9JuAA=",
+        "X5yVvKNQjCSx0LFVnIPvWwREXMRYHI6G2CJO3dCfEVc=",
+        "7P///////////////////////////////////////38=",
+        "7f///////////////////////////////////////38=",
+        "7v///////////////////////////////////////38=",
+    ] {
+        t.wg(
+            0,
+            &[
+                "set",
+                if1,
+                "peer",
+                point,
+                "persistent-keepalive",
+                "1",
+                "endpoint",
+                "127.0.0.1:1111",
+            ],
+        )
+        .unwrap();
+    }
+    let normal = KeyPair::generate().unwrap();
+    t.wg(
+        0,
+        &[
+            "set",
+            if1,
+            "peer",
+            &normal.public,
+            "persistent-keepalive",
+            "1",
+            "endpoint",
+            "127.0.0.1:1112",
+        ],
+    )
+    .unwrap();
+    let peers = t.wg(0, &["show", if1, "peers"]).unwrap();
+    assert_eq!(peers.lines().count(), 9, "all are configured: {peers}");
+    t.end_ns(0)
+        .ip(&["link", "set", "down", "dev", if1])
+        .unwrap();
+    t.end_ns(0).ip(&["link", "set", "up", "dev", if1]).unwrap();
+    assert!(
+        control.caught().unwrap().is_some(),
+        "the control peer got nothing"
+    );
+    assert_eq!(
+        refused.caught().unwrap(),
+        None,
+        "a datagram went to a low-order peer"
+    );
+}
+scenario!(low_order_public_keys_get_no_handshake: Komnet, WireguardGo2023);

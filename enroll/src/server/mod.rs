@@ -40,6 +40,7 @@ use crate::api::{self, admin, ApiError, ErrorCode, RegistryEvent};
 
 mod admin_routes;
 mod extract;
+mod limits;
 mod routes;
 
 use crate::identity::Role;
@@ -48,8 +49,8 @@ use crate::store::CertificateRecord;
 use admin_routes::admin_router;
 pub use extract::ConnInfo;
 use extract::*;
+pub use limits::{source_key, RateLimiter, RefusalLog, SourceConnections, SourceSlot};
 use routes::public_router;
-pub use routes::RateLimiter;
 
 /// File name of the admin socket inside the data directory.
 pub const ADMIN_SOCKET: &str = "admin.sock";
@@ -58,6 +59,7 @@ pub const ADMIN_SOCKET: &str = "admin.sock";
 struct AppState {
     service: Arc<Service>,
     limiter: RateLimiter,
+    refusals: RefusalLog,
 }
 
 type Shared = Arc<AppState>;
@@ -241,6 +243,7 @@ pub async fn start(
         source,
     })?;
     let state = Arc::new(AppState {
+        refusals: RefusalLog::new(Duration::from_secs(10)),
         limiter: RateLimiter::new(
             service.config.rate_limit.per_second,
             service.config.rate_limit.burst,
@@ -250,6 +253,9 @@ pub async fn start(
     let (stop, stop_rx) = watch::channel(false);
     let timeout = service.config.limits.client_timeout.0;
     let permits = Arc::new(Semaphore::new(service.config.limits.max_connections));
+    let per_source = Arc::new(SourceConnections::default());
+    let max_per_source = service.config.limits.max_connections_per_source;
+    let refusals = RefusalLog::new(Duration::from_secs(10));
     let router = public_router(state.clone());
     let mut tasks = Vec::new();
     let mut stop_https = stop_rx.clone();
@@ -271,11 +277,26 @@ pub async fn start(
                     }
                 },
             };
+            let Some(slot) = per_source.take(remote.ip(), max_per_source) else {
+                // Closed before any TLS work: one host holding many silent connections must
+                // not take the slots of every town hall.
+                if let Some(left_out) = refusals.admit(remote.ip(), Instant::now()) {
+                    tracing::warn!(
+                        remote = %remote,
+                        limit = max_per_source,
+                        refused_meanwhile = left_out,
+                        "connection refused: this source holds limits.max_connections_per_source connections already"
+                    );
+                }
+                drop(tcp);
+                continue;
+            };
             let _ = tcp.set_nodelay(true);
             let acceptor = acceptor.clone();
             let router = router.clone();
             conns.spawn(async move {
                 let _permit = permit;
+                let _slot = slot;
                 let tls = match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => tls,
                     Ok(Err(e)) => {

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use komnet_enroll::api::admin::CreateTokenRequest;
-use komnet_enroll::config::{Config, HumanDuration, RateLimit};
+use komnet_enroll::config::{Config, HumanDuration, Limits, RateLimit};
 use komnet_enroll::identity::{Role, SiteId, TenantId};
 use komnet_enroll::server::{self, RunningServer};
 use komnet_enroll::service::{self, ManualClock, Service};
@@ -33,6 +33,10 @@ pub fn test_config() -> Config {
         rate_limit: RateLimit {
             per_second: 100_000.0,
             burst: 100_000,
+        },
+        limits: Limits {
+            max_connections_per_source: 10_000,
+            ..Config::default().limits
         },
         ..Config::default()
     }
