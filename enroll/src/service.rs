@@ -127,7 +127,8 @@ impl From<CaError> for ApiError {
 fn bundle_error(e: BundleError) -> ApiError {
     let code = match e {
         BundleError::BadSignature { .. } => ErrorCode::PolicySignatureInvalid,
-        BundleError::Rollback { .. } => ErrorCode::PolicyRollback,
+        BundleError::Rollback { .. } | BundleError::BelowFloor { .. } => ErrorCode::PolicyRollback,
+        BundleError::NotYetValid { .. } | BundleError::Expired { .. } => ErrorCode::PolicyInvalid,
         BundleError::SameVersionDifferentContent(_) => ErrorCode::PolicyVersionReused,
         BundleError::Io { .. } | BundleError::Key(_) => ErrorCode::Internal,
         BundleError::Format(_) | BundleError::Invalid(_) | BundleError::Load(_) => {
