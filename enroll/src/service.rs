@@ -41,6 +41,8 @@ use crate::wgproof;
 
 /// File of the service's static X25519 key for WireGuard possession proofs.
 pub const WG_PROOF_KEY: &str = "enroll-dh.key";
+/// Where the service follows policy signing-key rotations (see [`bundle::BundleStore`]).
+pub const POLICY_KEYS_DIR: &str = "policy-keys";
 
 /// Where "now" comes from (Unix seconds).
 pub trait Clock: Send + Sync + std::fmt::Debug {
@@ -217,6 +219,10 @@ pub struct Service {
     crl_cache: Mutex<Option<CachedCrl>>,
     /// The decoded `policy_public_key`.
     policy_key: Option<Vec<u8>>,
+    /// The policy signing keys followed from `policy_public_key` through announced rotations
+    /// (`DATA_DIR/policy-keys/`): which keys a published bundle may be signed with, and which
+    /// key bootstrap files carry.
+    policy_keys: Option<bundle::BundleStore>,
     policy_cache: Mutex<PolicyCache>,
 }
 
@@ -315,6 +321,9 @@ impl Service {
             wg_proof_secret,
             wg_proof_public,
             crl_cache: Mutex::new(None),
+            policy_keys: policy_key
+                .clone()
+                .map(|k| bundle::BundleStore::new(data_dir.join(POLICY_KEYS_DIR), k)),
             policy_key,
             policy_cache: Mutex::new(PolicyCache::default()),
         })
@@ -403,11 +412,7 @@ impl Service {
             root_ca_pem: self.ca.root_pem.clone(),
             root_fingerprint: self.ca.root_fingerprint.clone(),
             wg_proof_public_key: self.wg_proof_public,
-            policy_public_key: self
-                .config
-                .policy_public_key
-                .as_deref()
-                .map(|k| k.trim().to_owned()),
+            policy_public_key: self.current_policy_key(),
         })
     }
 
@@ -980,6 +985,22 @@ impl Service {
         })
     }
 
+    /// The policy key new appliances pin: the configured one, or the one it rotated to.
+    fn current_policy_key(&self) -> Option<String> {
+        match &self.policy_keys {
+            Some(store) => store.accepted_keys().first().map(|k| STANDARD.encode(k)),
+            None => None,
+        }
+    }
+
+    /// The keys a bundle may be signed with: the current one and an announced successor.
+    fn accepted_policy_keys(&self) -> Vec<Vec<u8>> {
+        self.policy_keys
+            .as_ref()
+            .map(bundle::BundleStore::accepted_keys)
+            .unwrap_or_default()
+    }
+
     /// Verifies, compiles and publishes a signed policy bundle: it is then served at
     /// `/v1/policy`, and its version is handed out with enrollments. Refuses a bundle that does
     /// not verify with `policy_public_key` or does not compile, a lower version than the
@@ -990,11 +1011,14 @@ impl Service {
         bytes: &[u8],
         actor: &str,
     ) -> Result<PolicyPublishResponse, ApiError> {
-        let key = self.policy_key.as_deref().ok_or_else(no_policy_key)?;
-        let key_id = bundle::key_id(key);
+        self.policy_key.as_deref().ok_or_else(no_policy_key)?;
         // Verified and compiled before the transaction: compiling runs the policy's tests and
         // should not hold the store's write lock.
-        let verified = bundle::verify(bytes, key).map_err(bundle_error)?;
+        let verified =
+            bundle::verify_any(bytes, &self.accepted_policy_keys()).map_err(bundle_error)?;
+        let key_id = bundle::key_id(&verified.signed_by);
+        // Gateways would refuse it: refuse it here, where the operator sees why.
+        verified.check_time(self.now()).map_err(bundle_error)?;
         let compiled = Arc::new(verified.compile().map_err(bundle_error)?);
         let response = PolicyPublishResponse {
             version: verified.version,
@@ -1049,6 +1073,21 @@ impl Service {
                     "bytes": bytes.len()}),
         )?;
         txn.commit()?;
+        if let Some(store) = &self.policy_keys {
+            // Follows an announced or completed key rotation. The database has the bundle
+            // already; a failure here only delays the rotation until the next publish.
+            let before = store.accepted_keys();
+            match store.commit(&verified) {
+                Ok(()) if store.accepted_keys() != before => tracing::info!(
+                    keys = ?store.accepted_keys().iter().map(|k| bundle::key_id(k)).collect::<Vec<_>>(),
+                    "policy signing keys changed: bundles are accepted with these keys, \
+                     bootstrap files carry the first; set policy_public_key in enroll.toml to it \
+                     once the rotation is complete"
+                ),
+                Ok(()) => {}
+                Err(e) => tracing::error!(error = %e, "cannot record the policy signing keys"),
+            }
+        }
         let mut cache = self.policy_cache.lock();
         cache.bundle = Some((verified.version, Bytes::copy_from_slice(bytes)));
         cache.compiled = Some(compiled);
@@ -1106,16 +1145,17 @@ impl Service {
         let published = txn
             .published_policy()?
             .ok_or_else(|| err(ErrorCode::Internal, "published policy vanished"))?;
-        let key = self.policy_key.as_deref().ok_or_else(|| {
-            err(
+        if self.policy_key.is_none() {
+            return Err(err(
                 ErrorCode::PolicyKeyMissing,
                 format!(
                     "policy version {version} is published but enroll.toml has no \
                      policy_public_key to verify it with: set it and restart komnet-enroll"
                 ),
-            )
-        })?;
-        let loaded = bundle::verify(&published.bytes, key).and_then(|b| b.compile());
+            ));
+        }
+        let loaded = bundle::verify_any(&published.bytes, &self.accepted_policy_keys())
+            .and_then(|b| b.compile());
         let compiled = Arc::new(loaded.map_err(|e| {
             let mut e = bundle_error(e);
             e.message = format!(

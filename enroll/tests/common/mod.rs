@@ -241,6 +241,20 @@ impl PolicyFixture {
         self.bundle_signed(version, edit, &self.private_key)
     }
 
+    /// Version `version`, signed with `private_key`, with a validity window or announced key.
+    pub fn bundle_with(
+        &self,
+        version: u64,
+        private_key: &[u8],
+        options: &komnet_policy::bundle::BundleOptions,
+    ) -> Vec<u8> {
+        let text = self
+            .operator
+            .replace("\nversion = 7\n", &format!("\nversion = {version}\n"));
+        std::fs::write(self.dir.path().join("operator.toml"), text).unwrap();
+        komnet_policy::bundle::create_with(self.dir.path(), private_key, options).unwrap()
+    }
+
     pub fn bundle_signed(
         &self,
         version: u64,
