@@ -306,3 +306,27 @@ async fn the_services_tls_certificate_is_renewed_while_it_runs() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(h.server.server_cert.not_after(), renewed);
 }
+
+/// An appliance whose clock is a day behind the service hears that in words, with both times,
+/// instead of a TLS error about certificate validity.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_appliance_clock_is_reported_in_words() {
+    let clock = std::sync::Arc::new(komnet_enroll::service::ManualClock::default());
+    // The service's clock runs a day (and ten minutes) ahead of this machine's, which is the
+    // appliance's.
+    clock.advance(86_400 + 600);
+    let h = common::start_in(tempfile::tempdir().unwrap(), common::test_config(), clock).await;
+    let err = client::enroll(
+        &h.bootstrap("nohfelden", "rathaus", Role::Spoke),
+        &WgKeys::generate(),
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("this appliance's clock is 1 day behind the enrollment service")
+            && err.contains("check NTP")
+            && err.contains("UTC"),
+        "{err}"
+    );
+}

@@ -26,7 +26,7 @@ use rand::SeedableRng;
 
 use crate::allowed_ips::AllowedIps;
 use crate::cookie::{Admission, CookieGuard, HandshakeLimits};
-use crate::packet::{IpHeader, WireMessage, HANDSHAKE_INIT_LEN};
+use crate::packet::{IpHeader, WireMessage, DATA_OVERHEAD, HANDSHAKE_INIT_LEN};
 
 /// How often `update_timers` wants to run: boringtun's timers are designed for a ~250 ms tick.
 pub const TIMER_INTERVAL: Duration = Duration::from_millis(250);
@@ -37,6 +37,24 @@ pub const MAX_PEERS: usize = 1 << 16;
 const MOCK_CLOCK_ORIGIN: Duration = Duration::from_secs(24 * 3600);
 /// The smallest output buffer `handle_tun_packet` and `update_timers` can always fill.
 pub const MIN_OUT_BUF: usize = HANDSHAKE_INIT_LEN;
+/// The largest datagram the core produces: a 65,535-byte IP packet (the largest a TUN device
+/// takes) plus WireGuard's 32 bytes.
+pub const MAX_DATAGRAM: usize = u16::MAX as usize + DATA_OVERHEAD;
+/// Data packets are padded to a multiple of this (WireGuard paper, section 5.4.6).
+pub const PADDING_MULTIPLE: usize = 16;
+
+/// Zero bytes to append to an inner packet of `len` bytes on an interface of MTU `mtu` (0:
+/// unknown): up to the next multiple of 16, never past the MTU. The kernel's rule, so inner
+/// lengths leak only to 16 bytes and `wg show transfer` matches every other implementation.
+pub fn padding_len(len: usize, mtu: usize) -> usize {
+    if mtu == 0 {
+        return len.next_multiple_of(PADDING_MULTIPLE) - len;
+    }
+    let last = if len > mtu { len % mtu } else { len };
+    last.next_multiple_of(PADDING_MULTIPLE)
+        .min(mtu)
+        .saturating_sub(last)
+}
 
 /// A peer's handle: a slot number and a generation, packed into the 24-bit index boringtun
 /// puts in the top bits of every session index, so an incoming message's receiver index leads
@@ -204,6 +222,8 @@ pub struct Core {
     /// handshake); drained with `poll_transmit`.
     pending: VecDeque<(SocketAddr, Vec<u8>)>,
     scratch: Vec<u8>,
+    /// The tunnel interface's MTU, for padding (0 until the driver learns it).
+    mtu: usize,
     device_drops: DropCounters,
 }
 
@@ -326,7 +346,9 @@ impl Core {
             by_key: HashMap::new(),
             allowed_ips: AllowedIps::default(),
             pending: VecDeque::new(),
-            scratch: vec![0; 2048],
+            // Zeroed pages are mapped lazily: only what large packets touch costs memory.
+            scratch: vec![0; MAX_DATAGRAM],
+            mtu: 0,
             device_drops: DropCounters::default(),
         }
     }
@@ -374,6 +396,15 @@ impl Core {
 
     pub fn set_listen_port(&mut self, port: u16) {
         self.listen_port = port;
+    }
+
+    /// The tunnel interface's MTU, which bounds the padding of data packets.
+    pub fn set_mtu(&mut self, mtu: u32) {
+        self.mtu = mtu as usize;
+    }
+
+    pub fn mtu(&self) -> u32 {
+        self.mtu as u32
     }
 
     pub fn fwmark(&self) -> u32 {
@@ -615,11 +646,39 @@ impl Core {
         Action::Drop(reason)
     }
 
-    /// An IP packet read from the TUN device: route it by destination to a peer and encrypt
-    /// it into `out`. `out` must hold `packet.len() + 32` and at least `MIN_OUT_BUF` bytes.
-    #[inline]
+    /// An IP packet read from the TUN device: route it by destination to a peer, pad it and
+    /// encrypt it into `out`. `out` must hold `packet.len() + 48` and at least `MIN_OUT_BUF`
+    /// bytes. The packet is copied for the padding; the driver's path is
+    /// [`Core::handle_tun_buffer`], which pads in place.
     pub fn handle_tun_packet(&mut self, now: Instant, packet: &[u8], out: &mut [u8]) -> Action {
+        let mut scratch = std::mem::take(&mut self.scratch);
+        let len = packet.len().min(scratch.len() - PADDING_MULTIPLE);
+        scratch[..len].copy_from_slice(&packet[..len]);
+        let action = if len == packet.len() {
+            self.handle_tun_buffer(now, &mut scratch, len, out)
+        } else {
+            self.enter(now);
+            self.device_drop(DropReason::InvalidInnerPacket)
+        };
+        self.scratch = scratch;
+        action
+    }
+
+    /// [`Core::handle_tun_packet`] for a packet in `buf[..len]`; the zero padding is written
+    /// into `buf` behind it when `buf` has the room (else the packet goes unpadded, as the
+    /// kernel does when it cannot grow a buffer).
+    #[inline]
+    pub fn handle_tun_buffer(
+        &mut self,
+        now: Instant,
+        buf: &mut [u8],
+        len: usize,
+        out: &mut [u8],
+    ) -> Action {
         self.enter(now);
+        let Some(packet) = buf.get(..len) else {
+            return self.device_drop(DropReason::BufferTooSmall);
+        };
         let Some(header) = IpHeader::parse(packet) else {
             return self.device_drop(DropReason::InvalidInnerPacket);
         };
@@ -628,7 +687,15 @@ impl Core {
         let Some(id) = self.allowed_ips.lookup(header.dst) else {
             return self.device_drop(DropReason::NoRoute);
         };
-        if out.len() < (packet.len() + 32).max(MIN_OUT_BUF) {
+        let total = header.total_len;
+        let pad = padding_len(total, self.mtu);
+        let padded = if buf.len() >= total + pad {
+            buf[total..total + pad].fill(0);
+            total + pad
+        } else {
+            total
+        };
+        if out.len() < (padded + DATA_OVERHEAD).max(MIN_OUT_BUF) {
             return self.peer_drop(id, DropReason::BufferTooSmall);
         }
         let clock = self.clock;
@@ -643,7 +710,7 @@ impl Core {
             Err(reason) => return self.peer_drop(id, reason),
         };
         let base = out.as_ptr() as usize;
-        match tunn.encapsulate(&packet[..header.total_len], out) {
+        match tunn.encapsulate(&buf[..padded], out) {
             TunnResult::WriteToNetwork(b) => {
                 let (offset, len) = (offset_in(base, b), b.len());
                 // Anything but a data message means boringtun queued the packet and started
@@ -937,6 +1004,13 @@ impl Core {
     /// Whether `poll_transmit` has something.
     pub fn has_pending(&self) -> bool {
         !self.pending.is_empty()
+    }
+
+    /// Every datagram queued by timers or a finished handshake, in order, without a copy.
+    pub fn drain_pending(
+        &mut self,
+    ) -> std::collections::vec_deque::Drain<'_, (SocketAddr, Vec<u8>)> {
+        self.pending.drain(..)
     }
 
     /// The next datagram queued by timers or a finished handshake, written into `out`.

@@ -568,9 +568,14 @@ fn handshake_delivers_the_queued_packet_then_data_flows_both_ways() {
         [
             (Side::A, MSG_HANDSHAKE_INIT, HANDSHAKE_INIT_LEN),
             (Side::B, MSG_HANDSHAKE_RESP, HANDSHAKE_RESP_LEN),
-            // The initiator confirms the session with a keepalive, then flushes its queue.
+            // The initiator confirms the session with a keepalive, then flushes its queue
+            // (padded to a multiple of 16).
             (Side::A, MSG_DATA, DATA_OVERHEAD),
-            (Side::A, MSG_DATA, first.len() + DATA_OVERHEAD),
+            (
+                Side::A,
+                MSG_DATA,
+                first.len().next_multiple_of(16) + DATA_OVERHEAD
+            ),
         ]
     );
 
@@ -773,6 +778,9 @@ fn under_load_a_cookie_reply_is_sent_and_the_retry_with_mac2_is_accepted() {
         global_per_second: 1,
         per_source_per_second: 1,
         per_source_burst: 1,
+        // No allowance for quiet sources: here B is to need the cookie.
+        quiet_burst: 0,
+        ..HandshakeLimits::default()
     };
     let mut pair = Pair::with_limits_on_a(strict);
     let a_public = public_key(KEY_A);
@@ -896,6 +904,70 @@ fn under_load_a_cookie_reply_is_sent_and_the_retry_with_mac2_is_accepted() {
             ..
         })
     ));
+}
+
+#[test]
+fn a_peer_completes_a_new_handshake_at_once_while_many_sources_flood() {
+    // Default limits. Someone with a peer's configuration floods from 300 spoofed addresses of
+    // one /24, twenty initiations from each, all at the same moment (issue 14).
+    let mut pair = Pair::new();
+    let a_public = public_key(KEY_A);
+    let now = pair.now;
+    let mut attacker = Core::new(now, [3; 32]);
+    configure_with_methods(
+        &mut attacker,
+        now,
+        KEY_C,
+        &PeerConfig {
+            public_key: a_public,
+            endpoint: a_addr(),
+            allowed_ips: vec![net("10.0.0.1/32")],
+        },
+    );
+    let mut out = vec![0; BUF_LEN];
+    let Action::ToNetwork { offset, len, .. } =
+        attacker.handle_tun_packet(now, &ipv4_udp(C_V4, A_V4, b"x"), &mut out)
+    else {
+        panic!("the attacker's core starts a handshake");
+    };
+    let init = out[offset..offset + len].to_vec();
+    for _ in 0..20 {
+        for host in 0..300u16 {
+            let src = SocketAddr::from(([100, 64, 7, (host % 250) as u8 + 1], 1000 + host));
+            pair.deliver(Datagram {
+                src,
+                dst: a_addr(),
+                bytes: init.clone(),
+            });
+        }
+    }
+    let cookies = pair.a.core.device_drops().get(DropReason::CookieRequired);
+    let limited = pair.a.core.device_drops().get(DropReason::RateLimited);
+    assert!(cookies <= 250 * 2, "{cookies} cookie replies");
+    assert!(
+        limited >= 4000,
+        "only {limited} initiations dropped over budget"
+    );
+    pair.lose_in_flight();
+
+    // B, an honest peer, needs a new handshake right now: it completes without the cookie
+    // round trip (which would cost it REKEY_TIMEOUT) and its packet arrives.
+    let packet = ipv4_udp(B_V4, A_V4, b"through the flood");
+    pair.send(Side::B, &packet);
+    pair.run();
+    assert_eq!(
+        pair.a.tun,
+        vec![packet],
+        "A dropped {:?}, B dropped {:?}",
+        &pair.a.drops[pair.a.drops.len().saturating_sub(5)..],
+        pair.b.drops
+    );
+    assert_eq!(pair.elapsed(), Duration::ZERO);
+    assert_eq!(
+        pair.a.core.device_drops().get(DropReason::CookieRequired),
+        cookies,
+        "B was sent no cookie"
+    );
 }
 
 #[test]
@@ -1357,4 +1429,38 @@ fn a_packet_from_a_disallowed_source_is_dropped_but_its_endpoint_is_learnt() {
         rx_after, rx_before,
         "a dishonest packet is not counted as received"
     );
+}
+
+#[test]
+fn data_packets_are_padded_to_sixteen_bytes_but_never_past_the_mtu() {
+    use komnet_gateway::core::padding_len;
+    assert_eq!(padding_len(84, 1420), 12);
+    assert_eq!(padding_len(96, 1420), 0);
+    assert_eq!(padding_len(1419, 1420), 1, "up to the MTU, not to 1424");
+    assert_eq!(padding_len(1420, 1420), 0);
+    assert_eq!(padding_len(0, 1420), 0, "keepalives stay empty");
+    assert_eq!(
+        padding_len(85, 0),
+        11,
+        "unknown MTU: the next multiple of 16"
+    );
+
+    let mut pair = Pair::new();
+    pair.a.core.set_mtu(1420);
+    pair.b.core.set_mtu(1420);
+    pair.handshake();
+    let (_, tx_before) = pair.transfer_counters(Side::A);
+    let packet = ipv4_udp(A_V4, B_V4, &[7u8; 56]); // 84 bytes, as a ping
+    let Action::ToNetwork { len, .. } = pair.send(Side::A, &packet) else {
+        panic!("a session exists");
+    };
+    assert_eq!(len, 96 + DATA_OVERHEAD, "84 bytes padded to 96");
+    pair.run();
+    assert_eq!(
+        pair.b.tun.last(),
+        Some(&packet),
+        "the padding is gone on arrival"
+    );
+    let (_, tx_after) = pair.transfer_counters(Side::A);
+    assert_eq!(tx_after - tx_before, 128);
 }
