@@ -74,6 +74,15 @@ pub(crate) enum PolicyCommand {
         key: PathBuf,
         #[arg(long)]
         out: PathBuf,
+        /// Gateways refuse to install the bundle after this long (e.g. 90d); it stays in force
+        /// where it runs. Without it the bundle never expires.
+        #[arg(long)]
+        valid_for: Option<komnet_proto::config::HumanDuration>,
+        /// Announce the key that signs the next bundles (the .pub file of a new `komnet policy
+        /// keygen`): gateways accept it from this bundle on, and only it once they installed a
+        /// bundle it signed.
+        #[arg(long)]
+        next_key: Option<PathBuf>,
     },
     /// Verify a bundle's signature against a public key and show what it holds.
     Verify {
@@ -288,9 +297,33 @@ fn run_into(cmd: PolicyCommand, out: &mut String) -> anyhow::Result<ExitCode> {
             dir,
             key,
             out: dest,
+            valid_for,
+            next_key,
         } => {
             let private = read_key(&key)?;
-            let bytes = match bundle::create(&dir, &private) {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs() as i64)
+                .unwrap_or(0);
+            let next_key = match &next_key {
+                None => None,
+                Some(path) => {
+                    let k = read_key(path)?;
+                    if k.len() != 32 {
+                        bail!(
+                            "{}: not an Ed25519 public key (the .pub file of `komnet policy keygen`)",
+                            path.display()
+                        );
+                    }
+                    Some(k)
+                }
+            };
+            let options = bundle::BundleOptions {
+                not_before: valid_for.map(|_| now - bundle::CLOCK_SKEW_SECS),
+                expires: valid_for.map(|d| now + d.0.as_secs() as i64),
+                next_key,
+            };
+            let bytes = match bundle::create_with(&dir, &private, &options) {
                 Ok(b) => b,
                 Err(bundle::BundleError::Load(ReloadError::Invalid(errors))) => {
                     eprint!("{}", errors.render());

@@ -159,7 +159,7 @@ pub struct HomeofficeIssueArgs {
     #[arg(long)]
     pub tenant: TenantId,
     /// The user (device) name, e.g. anna.schmidt.
-    #[arg(long)]
+    #[arg(long, value_parser = parse_user)]
     pub user: SiteId,
     /// The device's own WireGuard public key; without it a key pair is generated here, shown
     /// once and never stored by the service.
@@ -462,4 +462,14 @@ async fn audit(a: AuditArgs, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A home-office user's name: stored like a site name, but the error speaks of users.
+fn parse_user(text: &str) -> Result<SiteId, String> {
+    SiteId::parse(text).map_err(|_| {
+        format!(
+            "user name {text:?} is not valid: 1-63 characters of a-z, 0-9, '-', '.' and '_', \
+             starting with a letter or digit (e.g. anna.schmidt)"
+        )
+    })
 }

@@ -291,7 +291,7 @@ async fn connect(
     )
     .await
     .map_err(|_| cerr("TLS handshake timed out".into()))?
-    .map_err(|e| cerr(format!("TLS: {e}")))?;
+    .map_err(|e| cerr(describe_tls_error(&e)))?;
     let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| cerr(format!("HTTP: {e}")))?;
@@ -396,6 +396,89 @@ impl Connection {
                 String::from_utf8_lossy(&bytes[..bytes.len().min(200)])
             ))
         })
+    }
+}
+
+/// The service back-dates its certificate by this much (its own `CLOCK_SKEW_SECS`): its clock
+/// read the certificate's notBefore plus this when it made it.
+const SERVICE_BACKDATE_SECS: i64 = 300;
+
+/// A TLS failure in words; a certificate "not valid yet" or "expired" on the appliance's side
+/// means its clock is wrong, which is what a field technician can fix.
+fn describe_tls_error(e: &std::io::Error) -> String {
+    use rustls::CertificateError as C;
+    let cert_error = e
+        .get_ref()
+        .and_then(|i| i.downcast_ref::<rustls::Error>())
+        .and_then(|r| match r {
+            rustls::Error::InvalidCertificate(c) => Some(c),
+            _ => None,
+        });
+    match cert_error {
+        Some(C::NotValidYetContext { time, not_before }) => {
+            let here = time.as_secs() as i64;
+            let service = not_before.as_secs() as i64 + SERVICE_BACKDATE_SECS;
+            clock_skew_message(here, service)
+        }
+        Some(C::ExpiredContext { time, not_after }) => {
+            let here = time.as_secs() as i64;
+            let until = not_after.as_secs() as i64;
+            format!(
+                "this appliance's clock ({}) is past the end of the enrollment service's \
+                 certificate ({}), which the service renews long before: the clock is at least {} \
+                 ahead; check NTP",
+                utc(here),
+                utc(until),
+                span(here - until)
+            )
+        }
+        _ => format!("TLS: {e}"),
+    }
+}
+
+/// "this appliance's clock is 1 day behind the enrollment service …", with both times.
+pub fn clock_skew_message(appliance_now: i64, service_now: i64) -> String {
+    let behind = service_now - appliance_now;
+    let (amount, direction) = if behind >= 0 {
+        (behind, "behind")
+    } else {
+        (-behind, "ahead of")
+    };
+    format!(
+        "this appliance's clock is {} {direction} the enrollment service (appliance: {}, \
+         service: about {}); check NTP",
+        span(amount),
+        utc(appliance_now),
+        utc(service_now)
+    )
+}
+
+fn utc(unix: i64) -> String {
+    match time::OffsetDateTime::from_unix_timestamp(unix) {
+        Ok(t) => format!(
+            "{} {:02}:{:02} UTC",
+            t.date(),
+            t.time().hour(),
+            t.time().minute()
+        ),
+        Err(_) => format!("{unix} (Unix time)"),
+    }
+}
+
+/// A duration as people say it: the largest unit, rounded down.
+fn span(secs: i64) -> String {
+    let plural = |n: i64, unit: &str| {
+        if n == 1 {
+            format!("1 {unit}")
+        } else {
+            format!("{n} {unit}s")
+        }
+    };
+    match secs {
+        s if s >= 86_400 => plural(s / 86_400, "day"),
+        s if s >= 3600 => plural(s / 3600, "hour"),
+        s if s >= 60 => plural(s / 60, "minute"),
+        s => plural(s.max(0), "second"),
     }
 }
 
@@ -780,4 +863,28 @@ pub async fn follow_registry(
         })
     })
     .await
+}
+
+#[cfg(test)]
+mod clock_tests {
+    use super::*;
+
+    #[test]
+    fn a_wrong_clock_is_told_in_words_with_both_times() {
+        // 2026-12-02 10:00 UTC on the service, the appliance a day behind.
+        let service = 1_796_205_600;
+        let m = clock_skew_message(service - 86_400, service);
+        assert_eq!(
+            m,
+            "this appliance's clock is 1 day behind the enrollment service (appliance: \
+             2026-12-01 10:00 UTC, service: about 2026-12-02 10:00 UTC); check NTP"
+        );
+        let m = clock_skew_message(service + 3 * 3600 + 59, service);
+        assert!(
+            m.starts_with("this appliance's clock is 3 hours ahead of"),
+            "{m}"
+        );
+        assert_eq!(span(59), "59 seconds");
+        assert_eq!(span(120), "2 minutes");
+    }
 }

@@ -29,8 +29,9 @@ pub const ISSUING_KEY: &str = "ca/issuing.key";
 
 const ROOT_LIFETIME_SECS: i64 = 10 * 365 * 86_400;
 const ISSUING_LIFETIME_SECS: i64 = 3 * 365 * 86_400;
-/// The service's own TLS certificate is made anew at every start and never written to disk.
-const SERVER_CERT_LIFETIME_SECS: i64 = 30 * 86_400;
+/// The service's own TLS certificate is made at start and renewed while it runs (see
+/// `server_cert`), never written to disk.
+pub const SERVER_CERT_LIFETIME_SECS: i64 = 30 * 86_400;
 /// Certificates are back-dated a little so a client whose clock is slightly behind accepts them.
 pub const CLOCK_SKEW_SECS: i64 = 300;
 

@@ -37,6 +37,15 @@ pub struct Limits {
     pub client_timeout: HumanDuration,
     /// Most connections served at once; more wait in the kernel's backlog.
     pub max_connections: usize,
+    /// Most connections one source (an IPv4 address, an IPv6 /64) holds at once; more are
+    /// closed before their TLS handshake, so one host cannot take every slot with silent
+    /// connections.
+    #[serde(default = "default_max_connections_per_source")]
+    pub max_connections_per_source: usize,
+}
+
+fn default_max_connections_per_source() -> usize {
+    64
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -103,6 +112,7 @@ impl Default for Config {
                 max_body_bytes: 16 * 1024,
                 client_timeout: HumanDuration(Duration::from_secs(10)),
                 max_connections: 4096,
+                max_connections_per_source: default_max_connections_per_source(),
             },
             policy_public_key: None,
         }
@@ -205,6 +215,9 @@ impl Config {
         }
         if self.limits.max_connections == 0 {
             problems.push("limits.max_connections: must be positive".to_string());
+        }
+        if self.limits.max_connections_per_source == 0 {
+            problems.push("limits.max_connections_per_source: must be positive".to_string());
         }
         for (site, endpoint) in &self.hub_endpoints {
             if let Err(e) = check_endpoint(endpoint) {

@@ -4,7 +4,8 @@
 //! tokens and bootstrap files (`token`), CSR checks (`csr`, x509-parser), the proof that a client
 //! holds its WireGuard private key (`wgproof`), the persistent store (`store`, SQLite behind a
 //! trait), the decisions of enroll / renew / revoke / home office (`service`), the HTTPS API and
-//! the admin socket (`server`), and the peer registry that hubs follow. The wire types and
+//! the admin socket (`server`; its TLS certificate is renewed while it runs: `server_cert`),
+//! and the peer registry that hubs follow. The wire types and
 //! names are `komnet-proto`'s, the client the gateway calls is `komnet-enroll-client` (whose
 //! possession proof the service verifies), the admin commands are `komnet-enroll-admin`'s; they
 //! are re-exported here for the service's binary and tests. It does not own the packet path
@@ -17,6 +18,7 @@ pub mod config;
 pub mod csr;
 pub mod identity;
 pub mod server;
+pub mod server_cert;
 pub mod service;
 pub mod store;
 pub mod token;

@@ -69,8 +69,30 @@ enum Command {
         #[arg(long)]
         listen: Option<SocketAddr>,
     },
+    /// Copy the database, consistently, while the service runs (SQLite's VACUUM INTO): the
+    /// copy is written to OUT.partial, synced and renamed to OUT (mode 0600). Restore: see
+    /// docs/operations.md, "Backup and restore".
+    Backup {
+        #[arg(long)]
+        data_dir: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
     #[command(flatten)]
     Admin(AdminCommand),
+}
+
+/// Returns when the database file under the running service was deleted or replaced: every
+/// write checks it too, but a service that only reads (polls, registry streams) would go on
+/// serving what may no longer be true.
+async fn watch_database(service: &Service) -> komnet_enroll::store::StoreError {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        if let Err(e) = service.store.check_file() {
+            return e;
+        }
+    }
 }
 
 fn parse_hub_endpoint(text: &str) -> Result<(SiteId, String), String> {
@@ -172,9 +194,13 @@ fn init_logging(json: bool) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
     if json {
-        builder.json().init();
+        // The event's fields at the top level: one `message` key per line, as log shippers
+        // expect.
+        builder.json().flatten_event(true).init();
     } else {
-        builder.init();
+        builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init();
     }
 }
 
@@ -279,14 +305,33 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 Notifier::disabled()
             }));
             notify_logged(&notify.ready(&format!("serving https://{}", running.addr)));
-            let keepalive = tokio::spawn(keepalive(notify.clone(), service));
-            let signal = tokio::select! {
-                _ = term.recv() => "SIGTERM",
-                _ = tokio::signal::ctrl_c() => "SIGINT",
+            let keepalive = tokio::spawn(keepalive(notify.clone(), service.clone()));
+            let stopped = tokio::select! {
+                _ = term.recv() => Ok("SIGTERM"),
+                _ = tokio::signal::ctrl_c() => Ok("SIGINT"),
+                e = watch_database(&service) => Err(e),
             };
             keepalive.abort();
-            notify_logged(&notify.stopping(&format!("stopping: {signal}")));
-            running.shutdown().await;
+            match stopped {
+                Ok(signal) => {
+                    notify_logged(&notify.stopping(&format!("stopping: {signal}")));
+                    running.shutdown().await;
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "stopping: the database is gone");
+                    notify_logged(&notify.stopping(&format!("stopping: {e}")));
+                    running.shutdown().await;
+                    Err(anyhow::Error::new(e))
+                }
+            }
+        }
+        Command::Backup { data_dir, out } => {
+            let store = komnet_enroll::store::SqliteStore::open(&data_dir)
+                .with_context(|| format!("open {}", data_dir.display()))?;
+            komnet_enroll::store::Store::backup_to(&store, &out)
+                .with_context(|| format!("backup of {}", data_dir.display()))?;
+            println!("backup written to {}", out.display());
             Ok(ExitCode::SUCCESS)
         }
         Command::Admin(cmd) => komnet_enroll::admin::run(cmd).await,

@@ -41,6 +41,8 @@ use crate::wgproof;
 
 /// File of the service's static X25519 key for WireGuard possession proofs.
 pub const WG_PROOF_KEY: &str = "enroll-dh.key";
+/// Where the service follows policy signing-key rotations (see [`bundle::BundleStore`]).
+pub const POLICY_KEYS_DIR: &str = "policy-keys";
 
 /// Where "now" comes from (Unix seconds).
 pub trait Clock: Send + Sync + std::fmt::Debug {
@@ -127,7 +129,8 @@ impl From<CaError> for ApiError {
 fn bundle_error(e: BundleError) -> ApiError {
     let code = match e {
         BundleError::BadSignature { .. } => ErrorCode::PolicySignatureInvalid,
-        BundleError::Rollback { .. } => ErrorCode::PolicyRollback,
+        BundleError::Rollback { .. } | BundleError::BelowFloor { .. } => ErrorCode::PolicyRollback,
+        BundleError::NotYetValid { .. } | BundleError::Expired { .. } => ErrorCode::PolicyInvalid,
         BundleError::SameVersionDifferentContent(_) => ErrorCode::PolicyVersionReused,
         BundleError::Io { .. } | BundleError::Key(_) => ErrorCode::Internal,
         BundleError::Format(_) | BundleError::Invalid(_) | BundleError::Load(_) => {
@@ -197,7 +200,7 @@ pub fn init(data_dir: &Path, config: &Config, now: i64) -> Result<InitReport, Op
         &data_dir.join(WG_PROOF_KEY),
         STANDARD.encode(secret).as_bytes(),
     )?;
-    SqliteStore::open(data_dir)?;
+    SqliteStore::create(data_dir)?;
     Ok(InitReport {
         data_dir: data_dir.to_owned(),
         root_fingerprint: report.root_fingerprint,
@@ -216,6 +219,10 @@ pub struct Service {
     crl_cache: Mutex<Option<CachedCrl>>,
     /// The decoded `policy_public_key`.
     policy_key: Option<Vec<u8>>,
+    /// The policy signing keys followed from `policy_public_key` through announced rotations
+    /// (`DATA_DIR/policy-keys/`): which keys a published bundle may be signed with, and which
+    /// key bootstrap files carry.
+    policy_keys: Option<bundle::BundleStore>,
     policy_cache: Mutex<PolicyCache>,
 }
 
@@ -314,6 +321,9 @@ impl Service {
             wg_proof_secret,
             wg_proof_public,
             crl_cache: Mutex::new(None),
+            policy_keys: policy_key
+                .clone()
+                .map(|k| bundle::BundleStore::new(data_dir.join(POLICY_KEYS_DIR), k)),
             policy_key,
             policy_cache: Mutex::new(PolicyCache::default()),
         })
@@ -402,11 +412,7 @@ impl Service {
             root_ca_pem: self.ca.root_pem.clone(),
             root_fingerprint: self.ca.root_fingerprint.clone(),
             wg_proof_public_key: self.wg_proof_public,
-            policy_public_key: self
-                .config
-                .policy_public_key
-                .as_deref()
-                .map(|k| k.trim().to_owned()),
+            policy_public_key: self.current_policy_key(),
         })
     }
 
@@ -623,9 +629,25 @@ impl Service {
             }
         };
         if token.used_at.is_some() {
+            // The answer to the first use may have been lost (service killed after the commit,
+            // connection dropped): the same appliance asking again with the same key and CSR
+            // key gets the same certificate, not a trip to the town hall.
+            if let Some((issued, identity, issued_at)) =
+                self.answer_again(&mut *txn, &token.id, &csr, &wg, now)?
+            {
+                txn.audit(
+                    now,
+                    &format!("appliance@{source}"),
+                    "enroll.retry",
+                    &json!({"token_id": token.id, "serial": identity.serial}),
+                )?;
+                txn.commit()?;
+                return self.response_for(&issued, identity, issued_at);
+            }
             return Err(err(
                 ErrorCode::TokenUsed,
-                "token: already used; tokens are single-use",
+                "token: already used; tokens are single-use (a retry is answered only with the \
+                 same WireGuard key and CSR key as the first use, while that certificate is valid)",
             ));
         }
         if now >= token.expires_at {
@@ -661,6 +683,7 @@ impl Service {
             lifetime,
             now,
         )?;
+        txn.set_token_certificate(&token.id, &identity.serial)?;
         txn.audit(
             now,
             &format!("appliance@{source}"),
@@ -672,6 +695,45 @@ impl Service {
         )?;
         txn.commit()?;
         self.response_for(&issued, identity, now)
+    }
+
+    /// The certificate of a token's first use again, when the request carries the same
+    /// WireGuard key and CSR key and the certificate is still the site's valid one. (The answer
+    /// is made after the commit: it reads the store.)
+    fn answer_again(
+        &self,
+        txn: &mut dyn Txn,
+        token_id: &str,
+        csr: &VerifiedCsr,
+        wg: &WgPublicKey,
+        now: i64,
+    ) -> Result<Option<(Issued, Identity, i64)>, ApiError> {
+        let Some(serial) = txn.token_certificate(token_id)? else {
+            return Ok(None);
+        };
+        let Some(cert) = txn.certificate(&serial)? else {
+            return Ok(None);
+        };
+        if cert.status != CertStatus::Valid
+            || cert.identity.not_after <= now
+            || cert.identity.wg_public_key != *wg
+        {
+            return Ok(None);
+        }
+        let same_key = x509_parser::parse_x509_certificate(&cert.der)
+            .map(|(_, c)| c.public_key().raw == csr.spki_der.as_slice())
+            .unwrap_or(false);
+        if !same_key {
+            return Ok(None);
+        }
+        let der = rustls_pki_types::CertificateDer::from(cert.der.clone());
+        let pem = pem_certificate(&cert.der);
+        let issued = Issued {
+            der,
+            pem,
+            serial: cert.identity.serial.clone(),
+        };
+        Ok(Some((issued, cert.identity, cert.not_before)))
     }
 
     /// Checks a client certificate presented over mutual TLS against the store.
@@ -801,7 +863,7 @@ impl Service {
         if certs.is_empty() && !(release && matches!(selector, Selector::Site(..))) {
             return Err(err(
                 ErrorCode::NothingToRevoke,
-                format!("revoke: no valid certificate matches {selector:?}"),
+                format!("revoke: no valid certificate for {selector}"),
             ));
         }
         let mut serials = Vec::new();
@@ -834,7 +896,7 @@ impl Service {
             now,
             actor,
             "revoke",
-            &json!({"selector": format!("{selector:?}"), "reason": req.reason,
+            &json!({"selector": selector.to_string(), "reason": req.reason,
                     "serials": serials, "addresses_released": release}),
         )?;
         txn.commit()?;
@@ -923,6 +985,22 @@ impl Service {
         })
     }
 
+    /// The policy key new appliances pin: the configured one, or the one it rotated to.
+    fn current_policy_key(&self) -> Option<String> {
+        match &self.policy_keys {
+            Some(store) => store.accepted_keys().first().map(|k| STANDARD.encode(k)),
+            None => None,
+        }
+    }
+
+    /// The keys a bundle may be signed with: the current one and an announced successor.
+    fn accepted_policy_keys(&self) -> Vec<Vec<u8>> {
+        self.policy_keys
+            .as_ref()
+            .map(bundle::BundleStore::accepted_keys)
+            .unwrap_or_default()
+    }
+
     /// Verifies, compiles and publishes a signed policy bundle: it is then served at
     /// `/v1/policy`, and its version is handed out with enrollments. Refuses a bundle that does
     /// not verify with `policy_public_key` or does not compile, a lower version than the
@@ -933,11 +1011,14 @@ impl Service {
         bytes: &[u8],
         actor: &str,
     ) -> Result<PolicyPublishResponse, ApiError> {
-        let key = self.policy_key.as_deref().ok_or_else(no_policy_key)?;
-        let key_id = bundle::key_id(key);
+        self.policy_key.as_deref().ok_or_else(no_policy_key)?;
         // Verified and compiled before the transaction: compiling runs the policy's tests and
         // should not hold the store's write lock.
-        let verified = bundle::verify(bytes, key).map_err(bundle_error)?;
+        let verified =
+            bundle::verify_any(bytes, &self.accepted_policy_keys()).map_err(bundle_error)?;
+        let key_id = bundle::key_id(&verified.signed_by);
+        // Gateways would refuse it: refuse it here, where the operator sees why.
+        verified.check_time(self.now()).map_err(bundle_error)?;
         let compiled = Arc::new(verified.compile().map_err(bundle_error)?);
         let response = PolicyPublishResponse {
             version: verified.version,
@@ -992,6 +1073,21 @@ impl Service {
                     "bytes": bytes.len()}),
         )?;
         txn.commit()?;
+        if let Some(store) = &self.policy_keys {
+            // Follows an announced or completed key rotation. The database has the bundle
+            // already; a failure here only delays the rotation until the next publish.
+            let before = store.accepted_keys();
+            match store.commit(&verified) {
+                Ok(()) if store.accepted_keys() != before => tracing::info!(
+                    keys = ?store.accepted_keys().iter().map(|k| bundle::key_id(k)).collect::<Vec<_>>(),
+                    "policy signing keys changed: bundles are accepted with these keys, \
+                     bootstrap files carry the first; set policy_public_key in enroll.toml to it \
+                     once the rotation is complete"
+                ),
+                Ok(()) => {}
+                Err(e) => tracing::error!(error = %e, "cannot record the policy signing keys"),
+            }
+        }
         let mut cache = self.policy_cache.lock();
         cache.bundle = Some((verified.version, Bytes::copy_from_slice(bytes)));
         cache.compiled = Some(compiled);
@@ -1049,16 +1145,17 @@ impl Service {
         let published = txn
             .published_policy()?
             .ok_or_else(|| err(ErrorCode::Internal, "published policy vanished"))?;
-        let key = self.policy_key.as_deref().ok_or_else(|| {
-            err(
+        if self.policy_key.is_none() {
+            return Err(err(
                 ErrorCode::PolicyKeyMissing,
                 format!(
                     "policy version {version} is published but enroll.toml has no \
                      policy_public_key to verify it with: set it and restart komnet-enroll"
                 ),
-            )
-        })?;
-        let loaded = bundle::verify(&published.bytes, key).and_then(|b| b.compile());
+            ));
+        }
+        let loaded = bundle::verify_any(&published.bytes, &self.accepted_policy_keys())
+            .and_then(|b| b.compile());
         let compiled = Arc::new(loaded.map_err(|e| {
             let mut e = bundle_error(e);
             e.message = format!(
@@ -1227,6 +1324,18 @@ fn lowest_free(prefixes: &[IpNet], taken: &BTreeSet<IpAddr>) -> Option<IpAddr> {
 }
 
 /// Renewal opens at 2/3 of the lifetime (as step-ca does).
+/// A certificate as PEM, 64 base64 characters per line (RFC 7468).
+fn pem_certificate(der: &[u8]) -> String {
+    let b64 = STANDARD.encode(der);
+    let mut out = String::from("-----BEGIN CERTIFICATE-----\n");
+    for chunk in b64.as_bytes().chunks(64) {
+        out.push_str(std::str::from_utf8(chunk).unwrap_or_default());
+        out.push('\n');
+    }
+    out.push_str("-----END CERTIFICATE-----\n");
+    out
+}
+
 pub fn renew_after(issued_at: i64, not_after: i64) -> i64 {
     issued_at + (not_after - issued_at) * 2 / 3
 }

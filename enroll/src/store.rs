@@ -6,7 +6,7 @@
 //! watchers only after their transaction committed, in commit order.
 
 use std::net::IpAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -27,6 +27,47 @@ pub const DB_FILE: &str = "enroll.db";
 pub enum StoreError {
     #[error("database: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    #[error(
+        "the database {} is missing: only `komnet-enroll init` creates one, so that addresses and \
+         serials already handed out are never handed out again; restore the last backup \
+         (docs/operations.md, \"Backup and restore\")",
+        path.display()
+    )]
+    Missing { path: PathBuf },
+    #[error(
+        "the database {} is read-only ({reason}): the service writes every enrollment to it; \
+         make it writable for the service's user",
+        path.display()
+    )]
+    ReadOnly { path: PathBuf, reason: String },
+    #[error("cannot open the database {}: {source}", path.display())]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error(
+        "the database {} was {what} while the service ran: stopping so that nothing is handed \
+         out twice from an empty or older copy; restore it (docs/operations.md) and restart",
+        path.display()
+    )]
+    Replaced { path: PathBuf, what: &'static str },
+    #[error(
+        "the database {} has schema version {found}, newer than this komnet-enroll understands \
+         ({supported}): run the newer komnet-enroll, or restore a backup made with this one",
+        path.display()
+    )]
+    NewerSchema {
+        path: PathBuf,
+        found: i64,
+        supported: i64,
+    },
+    #[error("cannot write the backup {}: {source}", path.display())]
+    Backup {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("database checkpoint thread: {0}")]
     Thread(String),
     #[error("database holds a malformed {what}: {value:?}")]
@@ -127,10 +168,25 @@ pub enum Selector {
     Site(TenantId, SiteId),
 }
 
+/// As people say it: `serial 5F3A…`, `tenant tholey`, `site tholey/rathaus`.
+impl std::fmt::Display for Selector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Selector::Serial(s) => write!(f, "serial {s}"),
+            Selector::Tenant(t) => write!(f, "tenant {t}"),
+            Selector::Site(t, s) => write!(f, "site {t}/{s}"),
+        }
+    }
+}
+
 /// The persistent state of the enrollment service.
 pub trait Store: Send + Sync + 'static {
     /// Starts a write transaction; dropping it without `commit` rolls everything back.
     fn begin(&self) -> Result<Box<dyn Txn + '_>, StoreError>;
+    /// Fails when the database under the running service was deleted or replaced.
+    fn check_file(&self) -> Result<(), StoreError>;
+    /// A consistent copy of the database, taken while the service runs.
+    fn backup_to(&self, out: &Path) -> Result<(), StoreError>;
     /// Registry events committed from now on.
     fn subscribe(&self) -> broadcast::Receiver<Arc<RegistryEvent>>;
     fn registry_snapshot(&self, now: i64) -> Result<RegistrySnapshot, StoreError>;
@@ -159,6 +215,10 @@ pub trait Txn {
     fn token(&mut self, id: &str) -> Result<Option<TokenRecord>, StoreError>;
     /// Marks the token used; false when it already was (the caller lost a race).
     fn use_token(&mut self, id: &str, now: i64) -> Result<bool, StoreError>;
+    /// Records the certificate a token bought.
+    fn set_token_certificate(&mut self, token_id: &str, serial: &str) -> Result<(), StoreError>;
+    /// The certificate a used token bought (tokens used before schema version 2: none).
+    fn token_certificate(&mut self, token_id: &str) -> Result<Option<String>, StoreError>;
     /// The tenant's pool number, allocating the lowest free one below `max` on first use.
     fn tenant_pool(&mut self, tenant: &TenantId, max: u64) -> Result<Option<u64>, StoreError>;
     /// The site's host number in its tenant's pool (1..=max), allocating the lowest free one
@@ -286,6 +346,12 @@ CREATE TABLE IF NOT EXISTS homeoffice_addrs (
     PRIMARY KEY (tenant, addr)
 );
 CREATE INDEX IF NOT EXISTS homeoffice_addrs_user ON homeoffice_addrs (tenant, user);
+-- Which certificate a used token bought: a retry with the same token, key and CSR (the
+-- answer was lost) gets that certificate again instead of `token_used`. (Schema version 2.)
+CREATE TABLE IF NOT EXISTS token_certificates (
+    token_id TEXT PRIMARY KEY,
+    serial TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS audit (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     at INTEGER NOT NULL,
@@ -302,6 +368,10 @@ CREATE TABLE IF NOT EXISTS audit (
 /// that way is harmless: hubs admit only peers the registry lists.
 pub struct SqliteStore {
     conn: Mutex<Connection>,
+    path: PathBuf,
+    /// Device and inode of the file at open: a file deleted or replaced under the running
+    /// service is noticed before the next write.
+    identity: (u64, u64),
     events: broadcast::Sender<Arc<RegistryEvent>>,
     stop_checkpointer: Arc<AtomicBool>,
 }
@@ -321,14 +391,112 @@ impl std::fmt::Debug for SqliteStore {
     }
 }
 
+/// The schema this build writes. Version 1 had no `user_version` (0); version 2 added
+/// `token_certificates`. Every change is additive (`IF NOT EXISTS`) and bumps this number;
+/// a database from a newer build is refused rather than half understood.
+pub const SCHEMA_VERSION: i64 = 2;
+
+fn file_identity(path: &Path) -> std::io::Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    let m = std::fs::metadata(path)?;
+    Ok((m.dev(), m.ino()))
+}
+
 impl SqliteStore {
-    /// Opens (and creates or migrates) `DATA_DIR/enroll.db`.
+    /// Opens `DATA_DIR/enroll.db`, which `init` created ([`SqliteStore::create`]); a missing
+    /// file is an error, never a new empty database.
     pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
+        let path = data_dir.join(DB_FILE);
+        if !path.exists() {
+            return Err(StoreError::Missing { path });
+        }
+        Self::open_file(&path)
+    }
+
+    /// Creates (or opens) `DATA_DIR/enroll.db`: for `init` only.
+    pub fn create(data_dir: &Path) -> Result<Self, StoreError> {
         Self::open_file(&data_dir.join(DB_FILE))
     }
 
+    /// Online copy of the database into `out` (consistent, taken while the service runs:
+    /// SQLite's `VACUUM INTO`), written to a temporary name and renamed, mode 0600.
+    fn write_backup(&self, out: &Path) -> Result<(), StoreError> {
+        use std::os::unix::fs::PermissionsExt as _;
+        let tmp = out.with_extension("partial");
+        let _ = std::fs::remove_file(&tmp);
+        let conn = self.conn.lock();
+        conn.execute("VACUUM INTO ?1", params![tmp.to_string_lossy()])?;
+        drop(conn);
+        let io = |source: std::io::Error| StoreError::Backup {
+            path: out.to_owned(),
+            source,
+        };
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+        std::fs::File::open(&tmp)
+            .and_then(|f| f.sync_all())
+            .map_err(io)?;
+        std::fs::rename(&tmp, out).map_err(io)?;
+        if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::File::open(dir)
+                .and_then(|f| f.sync_all())
+                .map_err(io)?;
+        }
+        Ok(())
+    }
+
+    /// Fails when the database file was deleted or replaced since it was opened.
+    fn same_file(&self) -> Result<(), StoreError> {
+        match file_identity(&self.path) {
+            Ok(id) if id == self.identity => Ok(()),
+            Ok(_) => Err(StoreError::Replaced {
+                path: self.path.clone(),
+                what: "replaced by another file",
+            }),
+            Err(_) => Err(StoreError::Replaced {
+                path: self.path.clone(),
+                what: "deleted",
+            }),
+        }
+    }
+
     pub fn open_file(path: &Path) -> Result<Self, StoreError> {
-        let conn = Connection::open(path)?;
+        use std::os::unix::fs::PermissionsExt as _;
+        if let Ok(m) = std::fs::metadata(path) {
+            // Root ignores permission bits, SQLite would write anyway; refuse what the service's
+            // own user could not write either, with the file named.
+            if m.permissions().mode() & 0o222 == 0 {
+                return Err(StoreError::ReadOnly {
+                    path: path.to_owned(),
+                    reason: format!("mode {:o}", m.permissions().mode() & 0o7777),
+                });
+            }
+        }
+        let opened = || -> Result<Connection, rusqlite::Error> {
+            let conn = Connection::open(path)?;
+            conn.busy_timeout(std::time::Duration::from_secs(5))?;
+            conn.pragma_update(None, "journal_mode", "WAL")?;
+            Ok(conn)
+        };
+        let conn = opened().map_err(|source| match source.sqlite_error_code() {
+            Some(rusqlite::ErrorCode::ReadOnly) => StoreError::ReadOnly {
+                path: path.to_owned(),
+                reason:
+                    "the file or its directory cannot be written (immutable or read-only mount)"
+                        .into(),
+            },
+            _ => StoreError::Open {
+                path: path.to_owned(),
+                source,
+            },
+        })?;
+        let found: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        if found > SCHEMA_VERSION {
+            return Err(StoreError::NewerSchema {
+                path: path.to_owned(),
+                found,
+                supported: SCHEMA_VERSION,
+            });
+        }
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
@@ -338,7 +506,26 @@ impl SqliteStore {
         // writers).
         conn.pragma_update(None, "wal_autocheckpoint", 0)?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
-        conn.execute_batch(SCHEMA)?;
+        conn.execute_batch(SCHEMA)
+            .map_err(|source| match source.sqlite_error_code() {
+                Some(rusqlite::ErrorCode::ReadOnly) => StoreError::ReadOnly {
+                    path: path.to_owned(),
+                    reason:
+                        "the file or its directory cannot be written (immutable or read-only mount)"
+                            .into(),
+                },
+                _ => StoreError::Open {
+                    path: path.to_owned(),
+                    source,
+                },
+            })?;
+        if found < SCHEMA_VERSION {
+            conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        }
+        let identity = file_identity(path).map_err(|_| StoreError::Replaced {
+            path: path.to_owned(),
+            what: "deleted",
+        })?;
         // More distinct statements than rusqlite's default cache of 16: re-preparing costs more
         // than running most of them.
         conn.set_prepared_statement_cache_capacity(64);
@@ -366,6 +553,8 @@ impl SqliteStore {
             .map_err(|e| StoreError::Thread(e.to_string()))?;
         Ok(SqliteStore {
             conn: Mutex::new(conn),
+            path: path.to_owned(),
+            identity,
             events,
             stop_checkpointer: stop,
         })
@@ -529,7 +718,16 @@ fn published_policy(conn: &Connection) -> Result<Option<PublishedPolicy>, StoreE
 }
 
 impl Store for SqliteStore {
+    fn check_file(&self) -> Result<(), StoreError> {
+        self.same_file()
+    }
+
+    fn backup_to(&self, out: &Path) -> Result<(), StoreError> {
+        self.write_backup(out)
+    }
+
     fn begin(&self) -> Result<Box<dyn Txn + '_>, StoreError> {
+        self.same_file()?;
         let conn = self.conn.lock();
         // IMMEDIATE takes the write lock now, so two processes on one file cannot both read a
         // token as unused and then both mark it.
@@ -756,6 +954,21 @@ impl Txn for SqliteTxn<'_> {
             used_at,
             created_by: by,
         }))
+    }
+
+    fn set_token_certificate(&mut self, token_id: &str, serial: &str) -> Result<(), StoreError> {
+        self.conn
+            .prepare_cached("INSERT INTO token_certificates (token_id, serial) VALUES (?1, ?2)")?
+            .execute(params![token_id, serial])?;
+        Ok(())
+    }
+
+    fn token_certificate(&mut self, token_id: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT serial FROM token_certificates WHERE token_id = ?1")?
+            .query_row(params![token_id], |r| r.get(0))
+            .optional()?)
     }
 
     fn use_token(&mut self, id: &str, now: i64) -> Result<bool, StoreError> {

@@ -511,3 +511,54 @@ async fn decommission_releases_the_address_and_tenants_are_isolated_pools() {
         .unwrap_err();
     assert_eq!(err.code, ErrorCode::NothingToRevoke);
 }
+
+/// One host cannot hold every connection slot with silent connections: past
+/// `limits.max_connections_per_source` its connections are closed before the TLS handshake,
+/// while another source is served as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_source_cannot_hold_every_connection() {
+    let mut config = common::test_config();
+    config.limits.max_connections_per_source = 4;
+    let h = common::start_with(config).await;
+    let connect_from = |src: &'static str| {
+        let addr = h.server.addr;
+        async move {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.bind(format!("{src}:0").parse().unwrap()).unwrap();
+            socket.connect(addr).await.unwrap()
+        }
+    };
+    // Is the connection closed by the server within `wait`?
+    async fn closed_within(tcp: &mut tokio::net::TcpStream, wait: Duration) -> bool {
+        let mut buf = [0u8; 16];
+        matches!(
+            tokio::time::timeout(wait, tcp.read(&mut buf)).await,
+            Ok(Ok(0)) | Ok(Err(_))
+        )
+    }
+
+    let mut silent = Vec::new();
+    for _ in 0..4 {
+        silent.push(connect_from("127.0.0.1").await);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut fifth = connect_from("127.0.0.1").await;
+    assert!(
+        closed_within(&mut fifth, Duration::from_secs(2)).await,
+        "a fifth connection from one source was kept"
+    );
+    // Another source still gets in and is served.
+    let mut other = connect_from("127.0.0.2").await;
+    assert!(
+        !closed_within(&mut other, Duration::from_millis(500)).await,
+        "another source was refused"
+    );
+    // A slot given back can be taken again.
+    drop(silent.pop());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut again = connect_from("127.0.0.1").await;
+    assert!(
+        !closed_within(&mut again, Duration::from_millis(500)).await,
+        "a freed slot was not given back"
+    );
+}

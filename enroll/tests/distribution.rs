@@ -470,3 +470,64 @@ async fn spoke_tokens_must_name_a_site_of_the_published_policy() {
         .count();
     assert_eq!(created, 3);
 }
+
+/// The policy signing key rotates without touching enroll.toml or any appliance: a bundle
+/// signed with the current key announces the next; the service then accepts bundles signed
+/// with it, and once one is published bootstrap files carry the new key and the old key's
+/// bundles are refused. An expired bundle is refused at publishing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_policy_signing_key_rotates_by_announcement() {
+    use base64::Engine as _;
+    use komnet_policy::bundle::{self, BundleOptions};
+    let fixture = PolicyFixture::new();
+    let h = common::start_with_policy_key(&fixture).await;
+    let (k1, k1_pub) = bundle::generate_key().unwrap();
+
+    let early = fixture.bundle_with(7, &k1, &BundleOptions::default());
+    let e = h.service.publish_policy(&early, "test").unwrap_err();
+    assert_eq!(e.code, ErrorCode::PolicySignatureInvalid, "{e}");
+
+    let announce = fixture.bundle_with(
+        7,
+        &fixture.private_key,
+        &BundleOptions {
+            next_key: Some(k1_pub.clone()),
+            ..Default::default()
+        },
+    );
+    h.service.publish_policy(&announce, "test").unwrap();
+    let b = h.bootstrap("musterstadt", "rathaus", Role::Spoke);
+    assert_eq!(b.policy_key().unwrap(), Some(fixture.public_key.clone()));
+
+    let by_k1 = fixture.bundle_with(8, &k1, &BundleOptions::default());
+    let published = h.service.publish_policy(&by_k1, "test").unwrap();
+    assert_eq!(published.key_id, bundle::key_id(&k1_pub));
+    let b = h.bootstrap("musterstadt", "rathaus", Role::Spoke);
+    assert_eq!(b.policy_key().unwrap(), Some(k1_pub.clone()));
+    assert_eq!(
+        b.policy_public_key.as_deref(),
+        Some(
+            base64::engine::general_purpose::STANDARD
+                .encode(&k1_pub)
+                .as_str()
+        )
+    );
+    let by_k0 = fixture.bundle_with(9, &fixture.private_key, &BundleOptions::default());
+    let e = h.service.publish_policy(&by_k0, "test").unwrap_err();
+    assert_eq!(e.code, ErrorCode::PolicySignatureInvalid, "{e}");
+
+    use komnet_enroll::service::Clock as _;
+    let now = h.clock.now();
+    let expired = fixture.bundle_with(
+        9,
+        &k1,
+        &BundleOptions {
+            not_before: Some(now - 7200),
+            expires: Some(now - 3600),
+            next_key: None,
+        },
+    );
+    let e = h.service.publish_policy(&expired, "test").unwrap_err();
+    assert_eq!(e.code, ErrorCode::PolicyInvalid, "{e}");
+    assert!(e.message.contains("expired"), "{e}");
+}

@@ -281,3 +281,52 @@ async fn a_replaced_key_is_removed_from_the_registry() {
     let fourth = client::renew(&third, &k3).await.unwrap();
     assert_eq!(next!(), RegistryChange::Upsert(fourth.identity.clone()));
 }
+
+/// The service's own TLS certificate (30 days) is renewed while the service runs: after 21
+/// days of the service's clock a new one is in use, valid for 30 days from then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_services_tls_certificate_is_renewed_while_it_runs() {
+    use komnet_enroll::service::Clock as _;
+    let h = common::start().await;
+    let first = h.server.server_cert.not_after();
+    assert!((first - h.clock.now() - 30 * 86_400).abs() <= 1);
+    h.clock.advance(21 * 86_400);
+    let started = std::time::Instant::now();
+    while h.server.server_cert.not_after() == first {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "no renewal within 5 s of the clock passing two thirds of the lifetime"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let renewed = h.server.server_cert.not_after();
+    assert!((renewed - h.clock.now() - 30 * 86_400).abs() <= 2);
+    // Nothing renews again before the next two thirds.
+    h.clock.advance(86_400);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(h.server.server_cert.not_after(), renewed);
+}
+
+/// An appliance whose clock is a day behind the service hears that in words, with both times,
+/// instead of a TLS error about certificate validity.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_appliance_clock_is_reported_in_words() {
+    let clock = std::sync::Arc::new(komnet_enroll::service::ManualClock::default());
+    // The service's clock runs a day (and ten minutes) ahead of this machine's, which is the
+    // appliance's.
+    clock.advance(86_400 + 600);
+    let h = common::start_in(tempfile::tempdir().unwrap(), common::test_config(), clock).await;
+    let err = client::enroll(
+        &h.bootstrap("nohfelden", "rathaus", Role::Spoke),
+        &WgKeys::generate(),
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("this appliance's clock is 1 day behind the enrollment service")
+            && err.contains("check NTP")
+            && err.contains("UTC"),
+        "{err}"
+    );
+}

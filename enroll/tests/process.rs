@@ -506,3 +506,165 @@ fn serve_notifies_systemd_ready_watchdog_and_stopping() {
     assert_eq!(stopping, "STOPPING=1\nSTATUS=stopping: SIGTERM\n");
     assert!(daemon.child.wait().unwrap().success());
 }
+
+/// The database deleted under `serve`: the process stops with the reason instead of serving
+/// from an empty database, and the next start refuses to create one. `backup` works while the
+/// service runs, and the backup put back in place (service stopped) starts again.
+#[test]
+fn serve_stops_when_its_database_is_deleted_and_a_backup_restores() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let policy = common::PolicyFixture::new();
+    init(dir.path(), port, &policy);
+    let mut daemon = serve(dir.path(), "serve.log");
+    let _ = token(dir.path(), "nohfelden", "rathaus", "spoke");
+
+    let backup = dir.path().join("enroll-backup.db");
+    let out = Command::new(BIN)
+        .args(["backup", "--data-dir"])
+        .arg(dir.path())
+        .arg("--out")
+        .arg(&backup)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        count(
+            &rusqlite::Connection::open(&backup).unwrap(),
+            "SELECT COUNT(*) FROM tokens"
+        ),
+        1
+    );
+
+    for f in ["enroll.db", "enroll.db-wal", "enroll.db-shm"] {
+        let _ = std::fs::remove_file(dir.path().join(f));
+    }
+    let started = Instant::now();
+    let status = loop {
+        if let Some(s) = daemon.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "serve kept running on a deleted database"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(!status.success());
+    let log = std::fs::read_to_string(dir.path().join("serve.log")).unwrap();
+    assert!(log.contains("was deleted while the service ran"), "{log}");
+
+    // Restarting does not make a new, empty database.
+    let out = Command::new(BIN)
+        .args(["serve", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("is missing") && err.contains("restore the last backup"),
+        "{err}"
+    );
+    assert!(!dir.path().join("enroll.db").exists());
+
+    // Restore as docs/operations.md says: the backup copied into place, then start.
+    std::fs::copy(&backup, dir.path().join("enroll.db")).unwrap();
+    let _daemon = serve(dir.path(), "serve2.log");
+    assert_eq!(count(&db(dir.path()), "SELECT COUNT(*) FROM tokens"), 1);
+}
+
+/// Log lines for people and for log shippers: without a terminal no colour codes; with
+/// `--log-json` one JSON object per line with exactly one top-level `message`; refusals say
+/// what was refused in words, without Rust type names.
+#[test]
+fn logs_are_plain_without_a_terminal_and_json_lines_have_one_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let policy = common::PolicyFixture::new();
+    init(dir.path(), port, &policy);
+    {
+        let _daemon = serve(dir.path(), "serve.log");
+        // A refused revocation: the error names the site as people write it.
+        let out = Command::new(BIN)
+            .args([
+                "revoke",
+                "--tenant",
+                "tholey",
+                "--site",
+                "rathaus",
+                "--reason",
+                "key-compromise",
+            ])
+            .arg("--socket")
+            .arg(dir.path().join("admin.sock"))
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("no valid certificate for site tholey/rathaus"),
+            "{err}"
+        );
+        assert!(!err.contains("TenantId") && !err.contains("Site("), "{err}");
+    }
+    let log = std::fs::read_to_string(dir.path().join("serve.log")).unwrap();
+    let mut lines = 0;
+    for line in log.lines() {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("not one JSON object per line ({e}): {line}"));
+        assert_eq!(line.matches("\"message\":").count(), 1, "{line}");
+        assert!(v["message"].is_string(), "{line}");
+        lines += 1;
+    }
+    assert!(lines > 0);
+    assert!(
+        log.contains("request refused: revoke: no valid certificate for site tholey/rathaus"),
+        "{log}"
+    );
+
+    // A home-office user is a user, not a site.
+    let out = Command::new(BIN)
+        .args([
+            "homeoffice",
+            "issue",
+            "--tenant",
+            "tholey",
+            "--user",
+            "Anna Schmidt",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("user name \"Anna Schmidt\" is not valid"),
+        "{err}"
+    );
+    assert!(!err.contains("site"), "{err}");
+
+    // Plain text to a file: no ANSI escape sequences.
+    let plain_log = dir.path().join("plain.log");
+    let mut child = Command::new(BIN)
+        .args(["serve", "--data-dir"])
+        .arg(dir.path())
+        .env("RUST_LOG", "debug")
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&plain_log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(line.contains("listening on"), "{line}");
+    let text = std::fs::read_to_string(&plain_log).unwrap();
+    assert!(!text.is_empty(), "no log lines to check");
+    assert!(!text.contains('\u{1b}'), "{text:?}");
+}

@@ -26,7 +26,7 @@ use rand::SeedableRng;
 
 use crate::allowed_ips::AllowedIps;
 use crate::cookie::{Admission, CookieGuard, HandshakeLimits};
-use crate::packet::{IpHeader, WireMessage, HANDSHAKE_INIT_LEN};
+use crate::packet::{IpHeader, WireMessage, DATA_OVERHEAD, HANDSHAKE_INIT_LEN};
 
 /// How often `update_timers` wants to run: boringtun's timers are designed for a ~250 ms tick.
 pub const TIMER_INTERVAL: Duration = Duration::from_millis(250);
@@ -37,6 +37,24 @@ pub const MAX_PEERS: usize = 1 << 16;
 const MOCK_CLOCK_ORIGIN: Duration = Duration::from_secs(24 * 3600);
 /// The smallest output buffer `handle_tun_packet` and `update_timers` can always fill.
 pub const MIN_OUT_BUF: usize = HANDSHAKE_INIT_LEN;
+/// The largest datagram the core produces: a 65,535-byte IP packet (the largest a TUN device
+/// takes) plus WireGuard's 32 bytes.
+pub const MAX_DATAGRAM: usize = u16::MAX as usize + DATA_OVERHEAD;
+/// Data packets are padded to a multiple of this (WireGuard paper, section 5.4.6).
+pub const PADDING_MULTIPLE: usize = 16;
+
+/// Zero bytes to append to an inner packet of `len` bytes on an interface of MTU `mtu` (0:
+/// unknown): up to the next multiple of 16, never past the MTU. The kernel's rule, so inner
+/// lengths leak only to 16 bytes and `wg show transfer` matches every other implementation.
+pub fn padding_len(len: usize, mtu: usize) -> usize {
+    if mtu == 0 {
+        return len.next_multiple_of(PADDING_MULTIPLE) - len;
+    }
+    let last = if len > mtu { len % mtu } else { len };
+    last.next_multiple_of(PADDING_MULTIPLE)
+        .min(mtu)
+        .saturating_sub(last)
+}
 
 /// A peer's handle: a slot number and a generation, packed into the 24-bit index boringtun
 /// puts in the top bits of every session index, so an incoming message's receiver index leads
@@ -72,6 +90,7 @@ macro_rules! drop_reasons {
 drop_reasons! {
     Malformed => "malformed": "Not a WireGuard message: wrong type, reserved bits or length.",
     NoPrivateKey => "no_private_key": "The device has no private key yet.",
+    LowOrderKey => "low_order_key": "The peer's public key is a low-order point: no handshake is ever made with it.",
     InvalidMac => "invalid_mac": "Handshake MAC1 does not match our public key.",
     CookieRequired => "cookie_required": "Handshake without a valid cookie under load: a cookie reply was sent instead.",
     RateLimited => "rate_limited": "Handshake over its source's rate limit.",
@@ -172,6 +191,10 @@ struct Peer {
     /// boringtun may hold packets queued while a handshake runs; they go out once a session
     /// is usable (see `decapsulate`).
     queued: bool,
+    /// The peer's public key is a low-order point (the static-static Diffie-Hellman with our
+    /// key is all zeros): like the kernel and wireguard-go we never handshake with it, since
+    /// the handshake would prove nothing and each initiation would show our identity.
+    low_order: bool,
     drops: DropCounters,
 }
 
@@ -199,6 +222,8 @@ pub struct Core {
     /// handshake); drained with `poll_transmit`.
     pending: VecDeque<(SocketAddr, Vec<u8>)>,
     scratch: Vec<u8>,
+    /// The tunnel interface's MTU, for padding (0 until the driver learns it).
+    mtu: usize,
     device_drops: DropCounters,
 }
 
@@ -236,9 +261,12 @@ fn drop_reason(e: &WireGuardError) -> DropReason {
 /// The peer's Noise state, created on first use (a packet to send, a handshake received, a
 /// keepalive due). A `Tunn` is ~11 KiB (eight inline session slots); an idle configured peer
 /// without one costs a few hundred bytes, which keeps 1,000 idle peers within 5 MiB.
-fn tunn_of<'a>(key: &Option<DeviceKey>, peer: &'a mut Peer) -> Option<&'a mut Tunn> {
+fn tunn_of<'a>(key: &Option<DeviceKey>, peer: &'a mut Peer) -> Result<&'a mut Tunn, DropReason> {
+    if peer.low_order {
+        return Err(DropReason::LowOrderKey);
+    }
     if peer.tunn.is_none() {
-        let k = key.as_ref()?;
+        let k = key.as_ref().ok_or(DropReason::NoPrivateKey)?;
         peer.tunn = Some(Box::new(Tunn::new(
             k.secret.clone(),
             PublicKey::from(peer.public_key),
@@ -250,7 +278,24 @@ fn tunn_of<'a>(key: &Option<DeviceKey>, peer: &'a mut Peer) -> Option<&'a mut Tu
             Some(k.tunn_limiter.clone()),
         )));
     }
-    peer.tunn.as_deref_mut()
+    peer.tunn.as_deref_mut().ok_or(DropReason::NoPrivateKey)
+}
+
+/// Clamps a Curve25519 private key as RFC 7748 section 5 does before use. The kernel and
+/// wireguard-go store and show the key clamped; so do we.
+pub fn clamp_private_key(mut key: [u8; 32]) -> [u8; 32] {
+    key[0] &= 248;
+    key[31] &= 127;
+    key[31] |= 64;
+    key
+}
+
+/// Whether the static-static Diffie-Hellman of `secret` with `peer_public` is all zeros (the
+/// peer's key is a low-order point).
+fn is_low_order(secret: &StaticSecret, peer_public: &[u8; 32]) -> bool {
+    !secret
+        .diffie_hellman(&PublicKey::from(*peer_public))
+        .was_contributory()
 }
 
 /// Records when the peer's current session was established (boringtun only knows "how long
@@ -301,7 +346,9 @@ impl Core {
             by_key: HashMap::new(),
             allowed_ips: AllowedIps::default(),
             pending: VecDeque::new(),
-            scratch: vec![0; 2048],
+            // Zeroed pages are mapped lazily: only what large packets touch costs memory.
+            scratch: vec![0; MAX_DATAGRAM],
+            mtu: 0,
             device_drops: DropCounters::default(),
         }
     }
@@ -351,6 +398,15 @@ impl Core {
         self.listen_port = port;
     }
 
+    /// The tunnel interface's MTU, which bounds the padding of data packets.
+    pub fn set_mtu(&mut self, mtu: u32) {
+        self.mtu = mtu as usize;
+    }
+
+    pub fn mtu(&self) -> u32 {
+        self.mtu as u32
+    }
+
     pub fn fwmark(&self) -> u32 {
         self.fwmark
     }
@@ -359,10 +415,11 @@ impl Core {
         self.fwmark = mark;
     }
 
-    /// Sets (or with `None` removes) the device's private key. All sessions restart. A peer
-    /// with our own public key is removed, as wireguard-go does.
+    /// Sets (or with `None` removes) the device's private key, clamped. All sessions restart. A
+    /// peer with our own public key is removed, as wireguard-go does.
     pub fn set_private_key(&mut self, now: Instant, key: Option<[u8; 32]>) {
         self.enter(now);
+        let key = key.map(clamp_private_key);
         if key.is_some() && key == self.private_key() {
             return;
         }
@@ -390,10 +447,22 @@ impl Core {
     /// Forgets the peer's Noise state (keys or pre-shared key changed); `tunn_of` builds a
     /// fresh one on next use.
     fn rebuild_tunn(&mut self, id: PeerId) {
-        if let Some(peer) = self.peer_mut(id) {
-            peer.tunn = None;
-            peer.queued = false;
+        let Some(peer) = peer_in(&mut self.slots, id) else {
+            return;
+        };
+        peer.tunn = None;
+        peer.queued = false;
+        let low_order = self
+            .key
+            .as_ref()
+            .is_some_and(|k| is_low_order(&k.secret, &peer.public_key));
+        if low_order && !peer.low_order {
+            tracing::warn!(
+                peer = %base64::Engine::encode(&base64::engine::general_purpose::STANDARD, peer.public_key),
+                "peer's public key is a low-order point; refusing to handshake with it"
+            );
         }
+        peer.low_order = low_order;
     }
 
     pub fn peer_id(&self, public_key: &[u8; 32]) -> Option<PeerId> {
@@ -429,6 +498,7 @@ impl Core {
             last_sent: self.clock,
             handshake_at: None,
             queued: false,
+            low_order: false,
             drops: DropCounters::default(),
         });
         self.by_key.insert(public_key, id);
@@ -576,11 +646,39 @@ impl Core {
         Action::Drop(reason)
     }
 
-    /// An IP packet read from the TUN device: route it by destination to a peer and encrypt
-    /// it into `out`. `out` must hold `packet.len() + 32` and at least `MIN_OUT_BUF` bytes.
-    #[inline]
+    /// An IP packet read from the TUN device: route it by destination to a peer, pad it and
+    /// encrypt it into `out`. `out` must hold `packet.len() + 48` and at least `MIN_OUT_BUF`
+    /// bytes. The packet is copied for the padding; the driver's path is
+    /// [`Core::handle_tun_buffer`], which pads in place.
     pub fn handle_tun_packet(&mut self, now: Instant, packet: &[u8], out: &mut [u8]) -> Action {
+        let mut scratch = std::mem::take(&mut self.scratch);
+        let len = packet.len().min(scratch.len() - PADDING_MULTIPLE);
+        scratch[..len].copy_from_slice(&packet[..len]);
+        let action = if len == packet.len() {
+            self.handle_tun_buffer(now, &mut scratch, len, out)
+        } else {
+            self.enter(now);
+            self.device_drop(DropReason::InvalidInnerPacket)
+        };
+        self.scratch = scratch;
+        action
+    }
+
+    /// [`Core::handle_tun_packet`] for a packet in `buf[..len]`; the zero padding is written
+    /// into `buf` behind it when `buf` has the room (else the packet goes unpadded, as the
+    /// kernel does when it cannot grow a buffer).
+    #[inline]
+    pub fn handle_tun_buffer(
+        &mut self,
+        now: Instant,
+        buf: &mut [u8],
+        len: usize,
+        out: &mut [u8],
+    ) -> Action {
         self.enter(now);
+        let Some(packet) = buf.get(..len) else {
+            return self.device_drop(DropReason::BufferTooSmall);
+        };
         let Some(header) = IpHeader::parse(packet) else {
             return self.device_drop(DropReason::InvalidInnerPacket);
         };
@@ -589,7 +687,15 @@ impl Core {
         let Some(id) = self.allowed_ips.lookup(header.dst) else {
             return self.device_drop(DropReason::NoRoute);
         };
-        if out.len() < (packet.len() + 32).max(MIN_OUT_BUF) {
+        let total = header.total_len;
+        let pad = padding_len(total, self.mtu);
+        let padded = if buf.len() >= total + pad {
+            buf[total..total + pad].fill(0);
+            total + pad
+        } else {
+            total
+        };
+        if out.len() < (padded + DATA_OVERHEAD).max(MIN_OUT_BUF) {
             return self.peer_drop(id, DropReason::BufferTooSmall);
         }
         let clock = self.clock;
@@ -599,11 +705,12 @@ impl Core {
         let Some(endpoint) = peer.endpoint else {
             return self.peer_drop(id, DropReason::NoEndpoint);
         };
-        let Some(tunn) = tunn_of(&self.key, peer) else {
-            return self.peer_drop(id, DropReason::NoPrivateKey);
+        let tunn = match tunn_of(&self.key, peer) {
+            Ok(tunn) => tunn,
+            Err(reason) => return self.peer_drop(id, reason),
         };
         let base = out.as_ptr() as usize;
-        match tunn.encapsulate(&packet[..header.total_len], out) {
+        match tunn.encapsulate(&buf[..padded], out) {
             TunnResult::WriteToNetwork(b) => {
                 let (offset, len) = (offset_in(base, b), b.len());
                 // Anything but a data message means boringtun queued the packet and started
@@ -719,10 +826,11 @@ impl Core {
         let tunn = if datagram.first() == Some(&1) {
             tunn_of(&self.key, peer)
         } else {
-            peer.tunn.as_deref_mut()
+            peer.tunn.as_deref_mut().ok_or(DropReason::NoSession)
         };
-        let Some(tunn) = tunn else {
-            return self.peer_drop(id, DropReason::NoSession);
+        let tunn = match tunn {
+            Ok(tunn) => tunn,
+            Err(reason) => return self.peer_drop(id, reason),
         };
         let is_data = datagram.first() == Some(&4);
         let is_response = datagram.first() == Some(&2);
@@ -741,7 +849,14 @@ impl Core {
         };
         // Authenticated: the peer may have roamed (WireGuard paper, section 2.1). A cookie
         // reply proves nothing about the sender's address, so it does not move the endpoint.
+        // The endpoint is learnt before the inner source is checked, as the kernel does: the
+        // datagram is the peer's even when the packet inside is one it may not send.
         let roams = inner.is_some() || reply.is_some() || is_data;
+        if roams {
+            if let Some(peer) = self.peer_mut(id) {
+                peer.endpoint = Some(src);
+            }
+        }
         if let Some((_, _, inner_src)) = inner {
             if self.allowed_ips.lookup(inner_src) != Some(id) {
                 return self.peer_drop(id, DropReason::SpoofedSource);
@@ -751,7 +866,6 @@ impl Core {
             return Action::Nothing;
         };
         if roams {
-            peer.endpoint = Some(src);
             peer.rx_bytes += datagram.len() as u64;
         }
         // Queued packets can go once boringtun has a current session: as initiator after the
@@ -822,11 +936,11 @@ impl Core {
         if let Some(peer) = peer_in(&mut self.slots, id) {
             if let Some(dst) = peer.endpoint {
                 let sent = match tunn_of(&self.key, peer) {
-                    Some(tunn) => match op(tunn, &mut scratch) {
+                    Ok(tunn) => match op(tunn, &mut scratch) {
                         TunnResult::WriteToNetwork(b) => Some(b.to_vec()),
                         _ => None,
                     },
-                    None => None,
+                    Err(_) => None,
                 };
                 if let Some(bytes) = sent {
                     peer.tx_bytes += bytes.len() as u64;
@@ -890,6 +1004,13 @@ impl Core {
     /// Whether `poll_transmit` has something.
     pub fn has_pending(&self) -> bool {
         !self.pending.is_empty()
+    }
+
+    /// Every datagram queued by timers or a finished handshake, in order, without a copy.
+    pub fn drain_pending(
+        &mut self,
+    ) -> std::collections::vec_deque::Drain<'_, (SocketAddr, Vec<u8>)> {
+        self.pending.drain(..)
     }
 
     /// The next datagram queued by timers or a finished handshake, written into `out`.

@@ -375,8 +375,7 @@ fn apply(shared: &Shared, set: &uapi::DeviceSet) -> Result<(), UapiError> {
     if let Some(s) = new_sockets {
         shared.replace_sockets(s);
     }
-    let mut buf = vec![0u8; 2048];
-    shared.flush_pending(&mut buf);
+    shared.flush_pending();
     Ok(())
 }
 

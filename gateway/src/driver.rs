@@ -17,6 +17,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
 
+use std::collections::HashMap;
+
 use parking_lot::{Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -30,8 +32,10 @@ use crate::gate::Gate;
 use crate::packet::IpHeader;
 use crate::sys;
 
-/// Largest IP packet we read from or write to the TUN device (an MTU of up to 9000 fits).
-const MAX_PACKET: usize = 9216;
+/// Largest IP packet we read from or write to the TUN device: any MTU a TUN device accepts
+/// (up to 65,535) works, as in the kernel and wireguard-go. The buffers are zeroed allocations,
+/// so memory is spent only as far as packets reach into them.
+const MAX_PACKET: usize = u16::MAX as usize;
 /// Socket buffers: big enough for several GSO/GRO batches in flight.
 const SOCKET_BUFFER: i32 = 7 << 20;
 /// Largest UDP payload one GSO send may carry.
@@ -65,7 +69,16 @@ pub struct Sockets {
     v4: Option<(UdpSocket, UdpSocketState)>,
     v6: Option<(UdpSocket, UdpSocketState)>,
     port: u16,
+    /// Route MTUs by destination, looked up when a GSO send's segments are larger than any
+    /// path is sure to carry (see `gso_fits`).
+    route_mtus: Mutex<HashMap<SocketAddr, (usize, Instant)>>,
 }
+
+/// Segments up to this size fit every IPv6 path (1,280 minus 48 bytes of IPv6 and UDP
+/// headers): GSO sends of them need no route lookup.
+const ALWAYS_FITS: usize = 1280 - 48;
+/// How long a looked-up route MTU is trusted.
+const ROUTE_MTU_TTL: std::time::Duration = std::time::Duration::from_secs(5);
 
 fn bind_one(addr: SocketAddr, fwmark: u32) -> io::Result<(UdpSocket, UdpSocketState)> {
     let domain = if addr.is_ipv4() {
@@ -85,6 +98,9 @@ fn bind_one(addr: SocketAddr, fwmark: u32) -> io::Result<(UdpSocket, UdpSocketSt
     let sock: UdpSocket = sock.into();
     // Enables GRO and reads what GSO the kernel offers; also makes the socket non-blocking.
     let state = UdpSocketState::new((&sock).into())?;
+    // After quinn-udp, which forbids fragmentation: a tunnel MTU above the path MTU must make
+    // the kernel fragment the outer datagrams, as it does for its own WireGuard.
+    sys::allow_fragmentation(&sock, addr.is_ipv6())?;
     Ok((sock, state))
 }
 
@@ -108,6 +124,7 @@ impl Sockets {
                         v4: Some(v4),
                         v6: Some(v6),
                         port: bound,
+                        route_mtus: Mutex::default(),
                     })
                 }
                 Err(e) if e.raw_os_error() == Some(libc::EAFNOSUPPORT) => {
@@ -115,6 +132,7 @@ impl Sockets {
                         v4: Some(v4),
                         v6: None,
                         port: bound,
+                        route_mtus: Mutex::default(),
                     });
                 }
                 Err(e) => last_err = Some(e),
@@ -159,6 +177,30 @@ impl Sockets {
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    /// Whether segments of `seg` bytes to `dst` fit the route's MTU. The kernel refuses a GSO
+    /// send whose segments do not (EINVAL), and quinn-udp then turns GSO off for good; such
+    /// datagrams are sent one by one instead, and the kernel fragments them.
+    fn gso_fits(&self, dst: SocketAddr, seg: usize) -> bool {
+        if seg <= ALWAYS_FITS {
+            return true;
+        }
+        let now = Instant::now();
+        let mut cache = self.route_mtus.lock();
+        let mtu = match cache.get(&dst) {
+            Some(&(mtu, at)) if now - at < ROUTE_MTU_TTL => mtu,
+            _ => {
+                let mtu = sys::route_mtu(dst).map_or(ALWAYS_FITS + 48, |m| m as usize);
+                if cache.len() >= 4096 {
+                    cache.clear();
+                }
+                cache.insert(dst, (mtu, now));
+                mtu
+            }
+        };
+        let headers = if dst.is_ipv4() { 28 } else { 48 };
+        seg + headers <= mtu
     }
 
     fn max_gso_segments(&self) -> usize {
@@ -265,15 +307,9 @@ impl Shared {
     }
 
     /// Sends datagrams the core queued (handshakes, keepalives) one by one.
-    pub fn flush_pending(&self, buf: &mut [u8]) {
-        let mut queued: Vec<(SocketAddr, Vec<u8>)> = Vec::new();
-        {
-            let mut core = self.core();
-            while let Some((dst, len)) = core.poll_transmit(buf) {
-                queued.push((dst, buf[..len].to_vec()));
-            }
-        }
-        send_each(&self.sockets(), queued.drain(..));
+    pub fn flush_pending(&self) {
+        let queued: Vec<(SocketAddr, Vec<u8>)> = self.core().drain_pending().collect();
+        send_each(&self.sockets(), queued.into_iter());
     }
 }
 
@@ -324,13 +360,15 @@ fn tun_gone(e: &io::Error) -> bool {
 /// TUN → encrypt → UDP.
 fn outbound(shared: &Shared, events: &Sender<Event>) {
     let mut original = vec![0u8; VIRTIO_NET_HDR_LEN + 65_535];
-    let mut bufs = vec![vec![0u8; MAX_PACKET]; IDEAL_BATCH_SIZE];
+    // Not `vec![vec![..]; n]`: cloning would write (and so map) every page of every buffer.
+    let mut bufs: Vec<Vec<u8>> = (0..IDEAL_BATCH_SIZE)
+        .map(|_| vec![0u8; MAX_PACKET])
+        .collect();
     let mut sizes = vec![0usize; IDEAL_BATCH_SIZE];
     // Encrypted datagrams are written back to back, so a run of equal-sized ones to the same
     // peer is already the contiguous buffer a GSO send wants.
-    let mut out = vec![0u8; IDEAL_BATCH_SIZE * (MAX_PACKET + 32)];
+    let mut out = vec![0u8; IDEAL_BATCH_SIZE * (MAX_PACKET + crate::packet::DATA_OVERHEAD)];
     let mut sends: Vec<(SocketAddr, usize, usize)> = Vec::with_capacity(IDEAL_BATCH_SIZE);
-    let mut pending_buf = vec![0u8; 2048];
     // The TUN device is blocking: one syscall per super-packet, no poll in front of it. On
     // shutdown the process exits under this thread.
     while !shared.stopping() {
@@ -362,15 +400,16 @@ fn outbound(shared: &Shared, events: &Sender<Event>) {
         let mut cursor = 0;
         let has_pending = {
             let (mut gate, mut core) = shared.gate_and_core();
-            for (buf, &size) in bufs.iter().zip(&sizes).take(n) {
+            for (buf, &size) in bufs.iter_mut().zip(&sizes).take(n) {
                 if let Some(g) = gate.as_deref_mut() {
                     if !g.to_peer(now, &*core, &buf[..size]) {
                         continue;
                     }
                 }
                 let room = &mut out[cursor..];
+                // The padding goes into `buf` behind the packet (it has MAX_PACKET bytes).
                 if let Action::ToNetwork { dst, offset, len } =
-                    core.handle_tun_packet(now, &buf[..size], room)
+                    core.handle_tun_buffer(now, buf, size, room)
                 {
                     // boringtun writes at the start of the buffer; moving in place would still
                     // cost a memmove of the whole datagram.
@@ -385,7 +424,7 @@ fn outbound(shared: &Shared, events: &Sender<Event>) {
         };
         send_runs(&shared.sockets(), &out, &sends);
         if has_pending {
-            shared.flush_pending(&mut pending_buf);
+            shared.flush_pending();
         }
     }
 }
@@ -409,6 +448,23 @@ fn send_runs(sockets: &Sockets, out: &[u8], sends: &[(SocketAddr, usize, usize)]
             if len < seg {
                 break;
             }
+        }
+        if j - i > 1 && !sockets.gso_fits(dst, seg) {
+            // Larger than the path: one datagram per send, fragmented by the kernel.
+            for &(dst, start, len) in &sends[i..j] {
+                send_logged(
+                    sockets,
+                    &Transmit {
+                        destination: dst,
+                        ecn: None,
+                        contents: &out[start..start + len],
+                        segment_size: None,
+                        src_ip: None,
+                    },
+                );
+            }
+            i = j;
+            continue;
         }
         let segment_size = (j - i > 1).then_some(seg);
         send_logged(
@@ -437,7 +493,6 @@ fn inbound(shared: &Shared, events: &Sender<Event>) {
     let mut gro = GROTable::default();
     let mut replies: Vec<(SocketAddr, Vec<u8>)> = Vec::new();
     let mut hairpin = Hairpin::new(shared.has_gate());
-    let mut pending_buf = vec![0u8; 2048];
     while !shared.stopping() {
         let sockets = shared.sockets();
         let socks = [sockets.v4.as_ref(), sockets.v6.as_ref()];
@@ -490,7 +545,7 @@ fn inbound(shared: &Shared, events: &Sender<Event>) {
                 send_each(&sockets, replies.drain(..));
                 hairpin.flush(&sockets);
                 if has_pending {
-                    shared.flush_pending(&mut pending_buf);
+                    shared.flush_pending();
                 }
                 if n < quinn_udp::BATCH_SIZE {
                     // The socket is most likely drained: go back to poll rather than pay a
@@ -528,7 +583,9 @@ impl Hairpin {
     /// and the wireguard-go-compatible mode).
     fn has_room(&self, len: usize) -> bool {
         self.out.is_empty()
-            || self.out.len() - self.cursor >= (len + 32).max(crate::core::MIN_OUT_BUF)
+            || self.out.len() - self.cursor
+                >= (len + crate::core::PADDING_MULTIPLE + crate::packet::DATA_OVERHEAD)
+                    .max(crate::core::MIN_OUT_BUF)
     }
 
     /// Encrypts `packet` for the peer that owns its destination.
@@ -641,13 +698,29 @@ fn write_tun(shared: &Shared, tun_bufs: &mut [Vec<u8>], k: usize, gro: &mut GROT
 /// routing) vanishes from ours but keeps working. That the interface was deleted is learnt from
 /// the TUN file descriptor (`tun_gone` in `outbound`), as wireguard-go does.
 fn timers(shared: &Shared) {
-    let mut buf = vec![0u8; 2048];
     let mut last_sweep = Instant::now();
+    let mut mtu_reader = sys::TunMtuReader::default();
+    let mut tick: u32 = 0;
     while !shared.stopping() {
-        std::thread::sleep(TIMER_INTERVAL);
+        // The interface's MTU bounds the padding; it may change at any time (`ip link set
+        // mtu`), also in the namespace the interface was moved to. Read every second.
+        let mtu = tick
+            .is_multiple_of(4)
+            .then(|| mtu_reader.read(&shared.tun))
+            .and_then(|r| {
+                r.map_err(|e| tracing::debug!(error = %e, "cannot read the TUN MTU"))
+                    .ok()
+            });
+        tick = tick.wrapping_add(1);
+        if tick > 1 {
+            std::thread::sleep(TIMER_INTERVAL);
+        }
         let now = Instant::now();
         {
             let (gate, mut core) = shared.gate_and_core();
+            if let Some(mtu) = mtu {
+                core.set_mtu(mtu);
+            }
             // The flow sweep walks the whole table: once a second is enough for timeouts of
             // ten seconds and more, and keeps the packet path's wait on the lock rare.
             if let Some(mut g) = gate.filter(|_| now - last_sweep >= FLOW_SWEEP_INTERVAL) {
@@ -656,6 +729,6 @@ fn timers(shared: &Shared) {
             }
             core.update_timers(now);
         }
-        shared.flush_pending(&mut buf);
+        shared.flush_pending();
     }
 }

@@ -188,3 +188,138 @@ pub(crate) fn set_gso_max_size(ifindex: u32, size: u32) -> io::Result<()> {
         Err(io::Error::other("unexpected rtnetlink answer"))
     }
 }
+
+fn setsockopt_on(fd: &impl AsRawFd, level: i32, name: i32, value: i32) -> io::Result<()> {
+    setsockopt_int(fd, level, name, value)
+}
+
+/// Lets the kernel fragment our outer datagrams as the kernel's WireGuard does (it sends with
+/// DF clear): IPv4 `IP_PMTUDISC_DONT`, IPv6 `IPV6_PMTUDISC_DONT` and `IPV6_DONTFRAG` off.
+/// quinn-udp sets the opposite (a QUIC stack does its own path MTU discovery); called after it.
+pub(crate) fn allow_fragmentation(fd: &impl AsRawFd, v6: bool) -> io::Result<()> {
+    if v6 {
+        setsockopt_on(
+            fd,
+            libc::IPPROTO_IPV6,
+            libc::IPV6_MTU_DISCOVER,
+            libc::IPV6_PMTUDISC_DONT,
+        )?;
+        setsockopt_on(fd, libc::IPPROTO_IPV6, libc::IPV6_DONTFRAG, 0)
+    } else {
+        setsockopt_on(
+            fd,
+            libc::IPPROTO_IP,
+            libc::IP_MTU_DISCOVER,
+            libc::IP_PMTUDISC_DONT,
+        )
+    }
+}
+
+/// The MTU of the route to `dst` (`IP_MTU`/`IPV6_MTU` of a UDP socket connected to it; no
+/// datagram is sent).
+pub(crate) fn route_mtu(dst: std::net::SocketAddr) -> io::Result<u32> {
+    let domain = if dst.is_ipv4() {
+        socket2::Domain::IPV4
+    } else {
+        socket2::Domain::IPV6
+    };
+    let sock = socket2::Socket::new(domain, socket2::Type::DGRAM, None)?;
+    sock.connect(&dst.into())?;
+    let (level, name) = if dst.is_ipv4() {
+        (libc::IPPROTO_IP, libc::IP_MTU)
+    } else {
+        (libc::IPPROTO_IPV6, libc::IPV6_MTU)
+    };
+    let mut value: i32 = 0;
+    let mut len = std::mem::size_of::<i32>() as libc::socklen_t;
+    // SAFETY: `sock` is a live socket; we pass a pointer to a local i32 and its size.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            level,
+            name,
+            (&mut value as *mut i32).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    u32::try_from(value).map_err(|_| io::Error::other("negative MTU"))
+}
+
+/// An `ifreq` with only the name and one int-sized field, as TUNGETIFF and SIOCGIFMTU use it.
+#[repr(C)]
+struct IfReq {
+    name: [u8; libc::IFNAMSIZ],
+    value: i32,
+    _pad: [u8; 20],
+}
+
+/// Reads the MTU of the TUN interface behind a file descriptor wherever the interface lives:
+/// it may have been moved to another network namespace (the kernel selftest does), where our
+/// sockets cannot see it by name. `TUNGETDEVNETNS` gives that namespace; a socket opened in it
+/// (by a short-lived thread that enters it) is kept until the interface moves again.
+#[derive(Debug, Default)]
+pub(crate) struct TunMtuReader {
+    /// (device, inode) of the namespace `sock` lives in.
+    netns: Option<(u64, u64)>,
+    sock: Option<std::os::fd::OwnedFd>,
+}
+
+impl TunMtuReader {
+    pub(crate) fn read(&mut self, tun: &impl AsRawFd) -> io::Result<u32> {
+        let mut req = IfReq {
+            name: [0; libc::IFNAMSIZ],
+            value: 0,
+            _pad: [0; 20],
+        };
+        // SAFETY: TUNGETIFF writes an ifreq (name and flags) into `req`, which is large enough.
+        if unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNGETIFF, &mut req) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: TUNGETDEVNETNS takes no argument and returns a new descriptor (or -1).
+        let raw = unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNGETDEVNETNS) };
+        if raw < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `raw` is a fresh descriptor nothing else owns.
+        let ns = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) };
+        let meta = std::fs::File::from(ns);
+        let id = {
+            use std::os::unix::fs::MetadataExt;
+            let m = meta.metadata()?;
+            (m.dev(), m.ino())
+        };
+        if self.netns != Some(id) || self.sock.is_none() {
+            self.sock = Some(socket_in_netns(meta)?);
+            self.netns = Some(id);
+        }
+        let sock = self
+            .sock
+            .as_ref()
+            .ok_or_else(|| io::Error::other("no socket"))?;
+        req.value = 0;
+        // SAFETY: SIOCGIFMTU reads the name from `req` and writes the MTU into its int field.
+        if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFMTU, &mut req) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        u32::try_from(req.value).map_err(|_| io::Error::other("negative MTU"))
+    }
+}
+
+/// A datagram socket in the network namespace `ns` refers to. Entering a namespace changes only
+/// the calling thread, so a throwaway thread does it; the socket stays in that namespace.
+fn socket_in_netns(ns: std::fs::File) -> io::Result<std::os::fd::OwnedFd> {
+    std::thread::spawn(move || {
+        // SAFETY: `ns` is a namespace descriptor from TUNGETDEVNETNS; setns affects only this
+        // thread, which ends right after creating the socket.
+        if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)?;
+        Ok(std::os::fd::OwnedFd::from(sock))
+    })
+    .join()
+    .map_err(|_| io::Error::other("namespace thread panicked"))?
+}

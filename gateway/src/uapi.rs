@@ -449,8 +449,12 @@ mod tests {
         );
         apply_set(&mut core, Instant::now(), &parse_set(lines(&req)).unwrap());
         let got = format_get(&mut core, Instant::now(), UNIX_EPOCH);
+        // The private key comes back clamped, as from the kernel and wireguard-go.
+        let clamped = hex::encode(crate::core::clamp_private_key(
+            hex::decode(K1).unwrap().try_into().unwrap(),
+        ));
         let expected = format!(
-            "private_key={K1}\nlisten_port=4242\nfwmark=7\npublic_key={K2}\npreshared_key={K1}\n\
+            "private_key={clamped}\nlisten_port=4242\nfwmark=7\npublic_key={K2}\npreshared_key={K1}\n\
              protocol_version=1\nendpoint=192.0.2.1:51820\nlast_handshake_time_sec=0\n\
              last_handshake_time_nsec=0\ntx_bytes=0\nrx_bytes=0\npersistent_keepalive_interval=0\n\
              allowed_ip=10.0.0.0/24\nallowed_ip=fd00::/64\nerrno=0\n\n"

@@ -526,6 +526,14 @@ impl Pair {
         assert_eq!(peers.len(), 1);
         peers[0].endpoint
     }
+
+    /// (received, sent) bytes as `wg show transfer` reports them on `side`.
+    fn transfer_counters(&mut self, side: Side) -> (u64, u64) {
+        let now = self.now;
+        let peers = self.node(side).core.peers(now, wall_clock());
+        assert_eq!(peers.len(), 1);
+        (peers[0].rx_bytes, peers[0].tx_bytes)
+    }
 }
 
 // ---- tests -----------------------------------------------------------------------------------
@@ -560,9 +568,14 @@ fn handshake_delivers_the_queued_packet_then_data_flows_both_ways() {
         [
             (Side::A, MSG_HANDSHAKE_INIT, HANDSHAKE_INIT_LEN),
             (Side::B, MSG_HANDSHAKE_RESP, HANDSHAKE_RESP_LEN),
-            // The initiator confirms the session with a keepalive, then flushes its queue.
+            // The initiator confirms the session with a keepalive, then flushes its queue
+            // (padded to a multiple of 16).
             (Side::A, MSG_DATA, DATA_OVERHEAD),
-            (Side::A, MSG_DATA, first.len() + DATA_OVERHEAD),
+            (
+                Side::A,
+                MSG_DATA,
+                first.len().next_multiple_of(16) + DATA_OVERHEAD
+            ),
         ]
     );
 
@@ -765,6 +778,9 @@ fn under_load_a_cookie_reply_is_sent_and_the_retry_with_mac2_is_accepted() {
         global_per_second: 1,
         per_source_per_second: 1,
         per_source_burst: 1,
+        // No allowance for quiet sources: here B is to need the cookie.
+        quiet_burst: 0,
+        ..HandshakeLimits::default()
     };
     let mut pair = Pair::with_limits_on_a(strict);
     let a_public = public_key(KEY_A);
@@ -888,6 +904,70 @@ fn under_load_a_cookie_reply_is_sent_and_the_retry_with_mac2_is_accepted() {
             ..
         })
     ));
+}
+
+#[test]
+fn a_peer_completes_a_new_handshake_at_once_while_many_sources_flood() {
+    // Default limits. Someone with a peer's configuration floods from 300 spoofed addresses of
+    // one /24, twenty initiations from each, all at the same moment (issue 14).
+    let mut pair = Pair::new();
+    let a_public = public_key(KEY_A);
+    let now = pair.now;
+    let mut attacker = Core::new(now, [3; 32]);
+    configure_with_methods(
+        &mut attacker,
+        now,
+        KEY_C,
+        &PeerConfig {
+            public_key: a_public,
+            endpoint: a_addr(),
+            allowed_ips: vec![net("10.0.0.1/32")],
+        },
+    );
+    let mut out = vec![0; BUF_LEN];
+    let Action::ToNetwork { offset, len, .. } =
+        attacker.handle_tun_packet(now, &ipv4_udp(C_V4, A_V4, b"x"), &mut out)
+    else {
+        panic!("the attacker's core starts a handshake");
+    };
+    let init = out[offset..offset + len].to_vec();
+    for _ in 0..20 {
+        for host in 0..300u16 {
+            let src = SocketAddr::from(([100, 64, 7, (host % 250) as u8 + 1], 1000 + host));
+            pair.deliver(Datagram {
+                src,
+                dst: a_addr(),
+                bytes: init.clone(),
+            });
+        }
+    }
+    let cookies = pair.a.core.device_drops().get(DropReason::CookieRequired);
+    let limited = pair.a.core.device_drops().get(DropReason::RateLimited);
+    assert!(cookies <= 250 * 2, "{cookies} cookie replies");
+    assert!(
+        limited >= 4000,
+        "only {limited} initiations dropped over budget"
+    );
+    pair.lose_in_flight();
+
+    // B, an honest peer, needs a new handshake right now: it completes without the cookie
+    // round trip (which would cost it REKEY_TIMEOUT) and its packet arrives.
+    let packet = ipv4_udp(B_V4, A_V4, b"through the flood");
+    pair.send(Side::B, &packet);
+    pair.run();
+    assert_eq!(
+        pair.a.tun,
+        vec![packet],
+        "A dropped {:?}, B dropped {:?}",
+        &pair.a.drops[pair.a.drops.len().saturating_sub(5)..],
+        pair.b.drops
+    );
+    assert_eq!(pair.elapsed(), Duration::ZERO);
+    assert_eq!(
+        pair.a.core.device_drops().get(DropReason::CookieRequired),
+        cookies,
+        "B was sent no cookie"
+    );
 }
 
 #[test]
@@ -1221,4 +1301,166 @@ fn both_sides_sending_first_converge_on_sessions_and_deliver_both_packets() {
     pair.transfer(Side::B, &ipv4_udp(B_V4, A_V4, b"again back"));
     assert_eq!(pair.a.tun.len(), 2);
     assert_eq!(pair.b.tun.len(), 2);
+}
+
+// ---- conformance with the kernel (issue 20) -----------------------------------------------
+
+#[test]
+fn the_private_key_is_stored_and_shown_clamped() {
+    // Low three bits set, top bit set, second-highest clear: all three get clamped.
+    let mut unclamped = [0x5a; 32];
+    unclamped[0] = 0xff;
+    unclamped[31] = 0x80;
+    let mut clamped = unclamped;
+    clamped[0] = 0xf8;
+    clamped[31] = 0x40;
+    let mut core = Core::new(Instant::now(), [7; 32]);
+    let set = uapi::parse_set([format!("private_key={}", hex::encode(unclamped)).as_str()])
+        .expect("a well-formed request");
+    uapi::apply_set(&mut core, Instant::now(), &set);
+    assert_eq!(core.private_key(), Some(clamped));
+    assert_eq!(core.public_key(), Some(public_key(clamped)));
+    let get = uapi::format_get(&mut core, Instant::now(), wall_clock());
+    assert!(
+        get.contains(&format!("private_key={}\n", hex::encode(clamped))),
+        "{get}"
+    );
+    // Setting the clamped form of the same key changes nothing (no session restart).
+    assert_eq!(komnet_gateway::core::clamp_private_key(unclamped), clamped);
+}
+
+/// The low-order points of Curve25519 the kernel selftest tries (as 32-byte keys).
+fn low_order_points() -> Vec<[u8; 32]> {
+    let mut points = vec![[0u8; 32]];
+    let mut one = [0u8; 32];
+    one[0] = 1;
+    points.push(one);
+    for hex_point in [
+        "e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800",
+        "5f9c95bca3508c24b1d0b1559c83ef5b04445cc4581c8e86d8224eddd09f1157",
+        "ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+        "edffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+        "eeffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+    ] {
+        let mut p = [0u8; 32];
+        hex::decode_to_slice(hex_point, &mut p).expect("literal");
+        points.push(p);
+    }
+    points
+}
+
+#[test]
+fn a_peer_with_a_low_order_public_key_gets_no_handshake_ever() {
+    let start = Instant::now();
+    let mut core = Core::new(start, [3; 32]);
+    core.set_private_key(start, Some(KEY_A));
+    let mut ids = Vec::new();
+    for (i, point) in low_order_points().into_iter().enumerate() {
+        let id = core.upsert_peer(start, point).expect("room");
+        core.set_endpoint(id, SocketAddr::from(([127, 0, 0, 1], 1111)));
+        core.add_allowed_ip(id, net(&format!("10.9.{i}.0/24")));
+        // Turning keepalive on sends one at once to a normal peer.
+        core.set_persistent_keepalive(start, id, Some(1));
+        ids.push(id);
+    }
+    let mut out = vec![0u8; BUF_LEN];
+    for (i, id) in ids.iter().enumerate() {
+        let packet = ipv4_udp(A_V4, Ipv4Addr::new(10, 9, i as u8, 1), b"hello?");
+        assert_eq!(
+            core.handle_tun_packet(start, &packet, &mut out),
+            Action::Drop(DropReason::LowOrderKey)
+        );
+        assert_eq!(
+            core.peer_drops(*id)
+                .expect("configured")
+                .get(DropReason::LowOrderKey),
+            1
+        );
+    }
+    let mut now = start;
+    for _ in 0..(30_000 / TIMER_INTERVAL.as_millis()) {
+        now += TIMER_INTERVAL;
+        core.update_timers(now);
+    }
+    assert_eq!(core.poll_transmit(&mut out), None, "nothing is ever sent");
+    assert_eq!(core.peers_with_state(), 0);
+
+    // A new private key is checked again: still refused, and a normal peer is unaffected.
+    core.set_private_key(now, Some(KEY_C));
+    let b = core.upsert_peer(now, public_key(KEY_B)).expect("room");
+    core.set_endpoint(b, b_addr());
+    core.add_allowed_ip(b, net("10.0.0.2/32"));
+    assert_eq!(
+        core.handle_tun_packet(
+            now,
+            &ipv4_udp(A_V4, Ipv4Addr::new(10, 9, 0, 1), b"x"),
+            &mut out
+        ),
+        Action::Drop(DropReason::LowOrderKey)
+    );
+    assert!(matches!(
+        core.handle_tun_packet(now, &ipv4_udp(A_V4, B_V4, b"x"), &mut out),
+        Action::ToNetwork { .. }
+    ));
+}
+
+#[test]
+fn a_packet_from_a_disallowed_source_is_dropped_but_its_endpoint_is_learnt() {
+    let mut pair = Pair::new();
+    pair.handshake();
+    let (rx_before, _) = pair.transfer_counters(Side::A);
+    // B roams and its first packet from there carries a source it may not use.
+    let roamed = SocketAddr::from(([203, 0, 113, 9], 61000));
+    pair.b.addr = roamed;
+    pair.send(
+        Side::B,
+        &ipv4_udp(Ipv4Addr::new(10, 0, 0, 99), A_V4, b"spoofed"),
+    );
+    pair.run();
+    assert_eq!(pair.a.drops, vec![DropReason::SpoofedSource]);
+    assert!(pair.a.tun.is_empty());
+    assert_eq!(
+        pair.peer_endpoint(Side::A),
+        Some(roamed),
+        "the kernel learns the endpoint from any authenticated packet"
+    );
+    let (rx_after, _) = pair.transfer_counters(Side::A);
+    assert_eq!(
+        rx_after, rx_before,
+        "a dishonest packet is not counted as received"
+    );
+}
+
+#[test]
+fn data_packets_are_padded_to_sixteen_bytes_but_never_past_the_mtu() {
+    use komnet_gateway::core::padding_len;
+    assert_eq!(padding_len(84, 1420), 12);
+    assert_eq!(padding_len(96, 1420), 0);
+    assert_eq!(padding_len(1419, 1420), 1, "up to the MTU, not to 1424");
+    assert_eq!(padding_len(1420, 1420), 0);
+    assert_eq!(padding_len(0, 1420), 0, "keepalives stay empty");
+    assert_eq!(
+        padding_len(85, 0),
+        11,
+        "unknown MTU: the next multiple of 16"
+    );
+
+    let mut pair = Pair::new();
+    pair.a.core.set_mtu(1420);
+    pair.b.core.set_mtu(1420);
+    pair.handshake();
+    let (_, tx_before) = pair.transfer_counters(Side::A);
+    let packet = ipv4_udp(A_V4, B_V4, &[7u8; 56]); // 84 bytes, as a ping
+    let Action::ToNetwork { len, .. } = pair.send(Side::A, &packet) else {
+        panic!("a session exists");
+    };
+    assert_eq!(len, 96 + DATA_OVERHEAD, "84 bytes padded to 96");
+    pair.run();
+    assert_eq!(
+        pair.b.tun.last(),
+        Some(&packet),
+        "the padding is gone on arrival"
+    );
+    let (_, tx_after) = pair.transfer_counters(Side::A);
+    assert_eq!(tx_after - tx_before, 128);
 }

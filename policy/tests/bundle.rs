@@ -150,3 +150,127 @@ fn store_keeps_the_last_known_good_and_refuses_rollbacks() {
     fs::remove_dir_all(&state).unwrap();
     fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A policy version `v` of the worked example, signed with `key`, with `options`.
+fn versioned(tag: &str, v: u64, key: &[u8], options: &bundle::BundleOptions) -> Vec<u8> {
+    let dir = copy_example(&format!("{tag}-v{v}"));
+    set_version(&dir, 7, v);
+    let bytes = bundle::create_with(&dir, key, options).unwrap();
+    fs::remove_dir_all(&dir).unwrap();
+    bytes
+}
+
+fn state_dir(tag: &str) -> PathBuf {
+    let state = std::env::temp_dir().join(format!("komnet-bundle-{tag}-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&state);
+    state
+}
+
+/// A new or re-flashed appliance has no bundle to compare with: the floor (from the enrollment
+/// answer, and raised by every installed bundle) refuses old signed bundles anyway.
+#[test]
+fn the_floor_refuses_old_bundles_without_a_running_one() {
+    let (private, public) = bundle::generate_key().unwrap();
+    let none = bundle::BundleOptions::default();
+    let state = state_dir("floor");
+    let store = BundleStore::new(&state, public.clone());
+    let v7 = versioned("floor", 7, &private, &none);
+    let v8 = versioned("floor", 8, &private, &none);
+    let v9 = versioned("floor", 9, &private, &none);
+
+    // The enrollment answer said the district runs version 8.
+    store.raise_floor(8).unwrap();
+    store.raise_floor(3).unwrap();
+    assert_eq!(store.floor(), 8, "the floor never goes down");
+    assert!(matches!(
+        store.install(&v7, None),
+        Err(BundleError::BelowFloor {
+            offered: 7,
+            floor: 8
+        })
+    ));
+    assert!(!state.join("policy.bundle").exists(), "nothing stored");
+    store.install(&v9, None).unwrap();
+    // After a restart, with no running bundle given, 8 is below what was installed.
+    let store = BundleStore::new(&state, public);
+    assert!(matches!(
+        store.install(&v8, None),
+        Err(BundleError::BelowFloor {
+            offered: 8,
+            floor: 9
+        })
+    ));
+    fs::remove_dir_all(&state).unwrap();
+}
+
+#[test]
+fn bundles_are_used_only_inside_their_validity_window() {
+    let (private, public) = bundle::generate_key().unwrap();
+    let now = 1_800_000_000;
+    let state = state_dir("window");
+    let store = BundleStore::new(&state, public);
+    let window = |nb: i64, ex: i64| bundle::BundleOptions {
+        not_before: Some(nb),
+        expires: Some(ex),
+        next_key: None,
+    };
+    let expired = versioned("window", 8, &private, &window(now - 200, now - 100));
+    let err = store.prepare_at(&expired, None, now).unwrap_err();
+    assert!(matches!(err, BundleError::Expired { .. }), "{err}");
+    let future = versioned("window", 9, &private, &window(now + 3600, now + 7200));
+    let err = store.prepare_at(&future, None, now).unwrap_err();
+    assert!(
+        err.to_string().contains("check this gateway's clock"),
+        "{err}"
+    );
+    // A clock a few minutes behind is tolerated.
+    let soon = versioned("window", 10, &private, &window(now + 60, now + 7200));
+    store.prepare_at(&soon, None, now).unwrap();
+    assert!(bundle::create_with(&example(), &private, &window(now, now - 1)).is_err());
+    let _ = fs::remove_dir_all(&state);
+}
+
+/// Key rotation without re-flashing: K0 announces K1 in a signed bundle; K1's bundles are then
+/// accepted, and once one is installed K0's are refused (a leaked old key cannot roll back).
+#[test]
+fn the_signing_key_rotates_by_announcement() {
+    let (k0, k0_pub) = bundle::generate_key().unwrap();
+    let (k1, k1_pub) = bundle::generate_key().unwrap();
+    let none = bundle::BundleOptions::default();
+    let state = state_dir("rotate");
+    let store = BundleStore::new(&state, k0_pub.clone());
+
+    // Before any announcement, K1 is nobody.
+    let early = versioned("rotate", 8, &k1, &none);
+    assert!(matches!(
+        store.install(&early, None),
+        Err(BundleError::BadSignature { .. })
+    ));
+    let announce = versioned(
+        "rotate",
+        8,
+        &k0,
+        &bundle::BundleOptions {
+            next_key: Some(k1_pub.clone()),
+            ..Default::default()
+        },
+    );
+    let (running, _) = store.install(&announce, None).unwrap();
+    assert_eq!(running.next_key.as_deref(), Some(k1_pub.as_slice()));
+    assert_eq!(store.accepted_keys(), vec![k0_pub.clone(), k1_pub.clone()]);
+
+    let by_k1 = versioned("rotate", 9, &k1, &none);
+    let (running, _) = store.install(&by_k1, Some(&running)).unwrap();
+    assert_eq!(store.accepted_keys(), vec![k1_pub.clone()]);
+    let by_k0 = versioned("rotate", 10, &k0, &none);
+    assert!(matches!(
+        store.install(&by_k0, Some(&running)),
+        Err(BundleError::BadSignature { .. })
+    ));
+
+    // A restart with the same configured key K0 comes back on K1's bundle.
+    let restarted = BundleStore::new(&state, k0_pub);
+    let (lkg, _) = restarted.load_last_known_good().unwrap().unwrap();
+    assert_eq!((lkg.version, lkg.signed_by.clone()), (9, k1_pub));
+    fs::remove_dir_all(&state).unwrap();
+}

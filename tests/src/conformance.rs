@@ -267,3 +267,85 @@ impl Drop for Trio {
         }
     }
 }
+
+/// A UDP listener on `addr:port` inside `ns` that waits up to `wait` for one datagram.
+/// [`UdpCatcher::caught`] says whether one came and what it said (lossy UTF-8).
+#[derive(Debug)]
+pub struct UdpCatcher {
+    child: std::process::Child,
+}
+
+const CATCHER: &str = "import socket,sys\n\
+fam = socket.AF_INET6 if ':' in sys.argv[1] else socket.AF_INET\n\
+s = socket.socket(fam, socket.SOCK_DGRAM)\n\
+s.bind((sys.argv[1], int(sys.argv[2])))\n\
+s.settimeout(float(sys.argv[3]))\n\
+print('ready', flush=True)\n\
+try:\n    data, peer = s.recvfrom(65535)\n    print('got', data.hex(), flush=True)\n\
+except socket.timeout:\n    print('none', flush=True)\n";
+
+impl UdpCatcher {
+    /// Starts the listener and returns once it is bound.
+    pub fn start(ns: &Netns, addr: &str, port: u16, wait: Duration) -> Result<UdpCatcher> {
+        use std::io::BufRead;
+        let mut child = ns
+            .command("python3")
+            .args([
+                "-c",
+                CATCHER,
+                addr,
+                &port.to_string(),
+                &wait.as_secs_f64().to_string(),
+            ])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .context("starting the python3 UDP listener")?;
+        let stdout = child
+            .stdout
+            .as_mut()
+            .ok_or_else(|| anyhow!("listener without stdout"))?;
+        let mut line = String::new();
+        std::io::BufReader::new(stdout).read_line(&mut line)?;
+        if line.trim() != "ready" {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("UDP listener on {addr}:{port} did not start: {line:?}");
+        }
+        Ok(UdpCatcher { child })
+    }
+
+    /// Waits for the listener to finish: `Some(text)` if a datagram came, `None` if not.
+    pub fn caught(mut self) -> Result<Option<String>> {
+        use std::io::Read;
+        let mut out = String::new();
+        if let Some(mut stdout) = self.child.stdout.take() {
+            stdout.read_to_string(&mut out)?;
+        }
+        let _ = self.child.wait();
+        let last = out.lines().last().unwrap_or_default().trim().to_owned();
+        let Some(hex) = last.strip_prefix("got ") else {
+            return Ok(None);
+        };
+        let bytes: Vec<u8> = (0..hex.len() / 2)
+            .filter_map(|i| u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok())
+            .collect();
+        Ok(Some(String::from_utf8_lossy(&bytes).into_owned()))
+    }
+}
+
+impl Drop for UdpCatcher {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Sends one UDP datagram `text` from `ns` to `addr:port`.
+pub fn send_udp(ns: &Netns, addr: &str, port: u16, text: &str) -> Result<()> {
+    let script = "import socket,sys\n\
+fam = socket.AF_INET6 if ':' in sys.argv[1] else socket.AF_INET\n\
+socket.socket(fam, socket.SOCK_DGRAM).sendto(sys.argv[3].encode(), (sys.argv[1], int(sys.argv[2])))\n";
+    ns.exec(&["python3", "-c", script, addr, &port.to_string(), text])
+        .map(drop)
+}

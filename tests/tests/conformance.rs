@@ -13,8 +13,8 @@
 
 use std::time::Duration;
 
-use komnet_netns_tests::conformance::{Trio, TUNNEL_V4, TUNNEL_V6};
-use komnet_netns_tests::{uapi_socket_path, wait_until, DaemonKind};
+use komnet_netns_tests::conformance::{send_udp, Trio, UdpCatcher, TUNNEL_V4, TUNNEL_V6};
+use komnet_netns_tests::{uapi_socket_path, wait_until, DaemonKind, KeyPair};
 
 /// One `#[test]` per implementation for a scenario `fn NAME(kind)`.
 macro_rules! scenario {
@@ -73,3 +73,288 @@ fn interface_moved_to_another_namespace(kind: DaemonKind) {
     }
 }
 scenario!(interface_moved_to_another_namespace: Komnet, WireguardGo2023);
+
+/// Defect 5: allowed IPs filter by source (the selftest's "crypto-RP filter"), and an
+/// authenticated packet with a refused source still teaches the receiver the sender's endpoint.
+fn allowed_ips_filter_sources_but_endpoints_are_learnt(kind: DaemonKind) {
+    let t = trio(kind);
+    t.set_loopback_endpoints(false).unwrap();
+    let (if1, if2) = (&t.ifname[0], &t.ifname[1]);
+    t.wg(
+        0,
+        &[
+            "set",
+            if1,
+            "peer",
+            &t.keys[1].public,
+            "allowed-ips",
+            "192.168.241.0/24",
+        ],
+    )
+    .unwrap();
+    let catcher =
+        UdpCatcher::start(t.end_ns(0), TUNNEL_V4[0], 1111, Duration::from_secs(3)).unwrap();
+    send_udp(t.end_ns(1), TUNNEL_V4[0], 1111, "X").unwrap();
+    assert_eq!(catcher.caught().unwrap().as_deref(), Some("X"));
+
+    // A more specific peer takes 192.168.241.2 away from end 2, which then moves its port.
+    let other = KeyPair::generate().unwrap();
+    t.wg(
+        0,
+        &[
+            "set",
+            if1,
+            "peer",
+            &other.public,
+            "allowed-ips",
+            "192.168.241.2/32",
+        ],
+    )
+    .unwrap();
+    t.wg(1, &["set", if2, "listen-port", "9997"]).unwrap();
+    let catcher =
+        UdpCatcher::start(t.end_ns(0), TUNNEL_V4[0], 1111, Duration::from_secs(2)).unwrap();
+    send_udp(t.end_ns(1), TUNNEL_V4[0], 1111, "X").unwrap();
+    assert_eq!(
+        catcher.caught().unwrap(),
+        None,
+        "a packet whose source belongs to another peer must not pass"
+    );
+    t.wg(0, &["set", if1, "peer", &other.public, "remove"])
+        .unwrap();
+    let endpoints = t.wg(0, &["show", if1, "endpoints"]).unwrap();
+    assert_eq!(
+        endpoints.trim(),
+        format!("{}\t127.0.0.1:9997", t.keys[1].public),
+        "the endpoint is learnt from the refused packet"
+    );
+}
+scenario!(allowed_ips_filter_sources_but_endpoints_are_learnt: Komnet, WireguardGo2023);
+
+/// Defect 6: a private key is stored and shown clamped.
+fn private_key_is_clamped(kind: DaemonKind) {
+    let t = trio(kind);
+    let key = &t.keys[0].private;
+    // wg genkey's keys are clamped already; '/' as the first base64 digit sets a bit that
+    // clamping clears (making it '+').
+    let unclamped = format!("/{}", &key[1..]);
+    let file = t.key_file(0) + ".unclamped";
+    komnet_netns_tests::write_private_file(std::path::Path::new(&file), &format!("{unclamped}\n"))
+        .unwrap();
+    t.wg(0, &["set", &t.ifname[0], "private-key", &file])
+        .unwrap();
+    assert_eq!(
+        t.wg(0, &["show", &t.ifname[0], "private-key"])
+            .unwrap()
+            .trim(),
+        format!("+{}", &key[1..])
+    );
+}
+scenario!(private_key_is_clamped: Komnet, WireguardGo2023);
+
+/// Defect 7: peers whose public key is a low-order point get no handshake initiation, even
+/// with persistent keepalive on.
+fn low_order_public_keys_get_no_handshake(kind: DaemonKind) {
+    let t = trio(kind);
+    let if1 = &t.ifname[0];
+    // The daemons' sockets live in ns0, so that is where 127.0.0.1 is. A normal peer on port
+    // 1112 is the control: it must get a handshake initiation in the same time.
+    let wait = Duration::from_secs(3);
+    let refused = UdpCatcher::start(&t.ns[0], "127.0.0.1", 1111, wait).unwrap();
+    let control = UdpCatcher::start(&t.ns[0], "127.0.0.1", 1112, wait).unwrap();
+    for point in [
+        "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+        "AQAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+        "4Ot6fDtBuK4WVuP68Z/EatoJjeucMrH9hmIFFl9JuAA=",
+        "X5yVvKNQjCSx0LFVnIPvWwREXMRYHI6G2CJO3dCfEVc=",
+        "7P///////////////////////////////////////38=",
+        "7f///////////////////////////////////////38=",
+        "7v///////////////////////////////////////38=",
+    ] {
+        t.wg(
+            0,
+            &[
+                "set",
+                if1,
+                "peer",
+                point,
+                "persistent-keepalive",
+                "1",
+                "endpoint",
+                "127.0.0.1:1111",
+            ],
+        )
+        .unwrap();
+    }
+    let normal = KeyPair::generate().unwrap();
+    t.wg(
+        0,
+        &[
+            "set",
+            if1,
+            "peer",
+            &normal.public,
+            "persistent-keepalive",
+            "1",
+            "endpoint",
+            "127.0.0.1:1112",
+        ],
+    )
+    .unwrap();
+    let peers = t.wg(0, &["show", if1, "peers"]).unwrap();
+    assert_eq!(peers.lines().count(), 9, "all are configured: {peers}");
+    t.end_ns(0)
+        .ip(&["link", "set", "down", "dev", if1])
+        .unwrap();
+    t.end_ns(0).ip(&["link", "set", "up", "dev", if1]).unwrap();
+    assert!(
+        control.caught().unwrap().is_some(),
+        "the control peer got nothing"
+    );
+    assert_eq!(
+        refused.caught().unwrap(),
+        None,
+        "a datagram went to a low-order peer"
+    );
+}
+scenario!(low_order_public_keys_get_no_handshake: Komnet, WireguardGo2023);
+
+/// Defect 2: data packets are padded to a multiple of 16, so `wg show transfer` counts what
+/// every other implementation counts for the same traffic (the selftest's first check: ten
+/// 84-byte pings are 128-byte data messages, plus the handshake and maybe one keepalive).
+fn transfer_counters_count_padded_packets(kind: DaemonKind) {
+    let t = trio(kind);
+    t.set_loopback_endpoints(false).unwrap();
+    t.ping(1, &["-c", "10", "-f", "-W", "1"], TUNNEL_V4[0])
+        .unwrap();
+    let (rx2, tx2) = t.transfer(1).unwrap();
+    let (rx1, tx1) = t.transfer(0).unwrap();
+    assert_eq!(
+        rx2,
+        92 + 10 * 128,
+        "initiator received (response + 10 replies)"
+    );
+    assert!(
+        tx2 == 148 + 10 * 128 || tx2 == 148 + 10 * 128 + 32,
+        "initiator sent {tx2}"
+    );
+    assert_eq!(tx1, rx2, "responder sent");
+    assert_eq!(rx1, tx2, "responder received");
+    let handshakes = t
+        .wg(0, &["show", &t.ifname[0], "latest-handshakes"])
+        .unwrap();
+    assert!(!handshakes.trim_end().ends_with("\t0"), "{handshakes}");
+}
+scenario!(transfer_counters_count_padded_packets: Komnet, WireguardGo2023);
+
+/// The selftest's traffic: ping and TCP both ways over both inner families.
+fn traffic_both_ways(t: &Trio, ping_size: &str) {
+    for (from, to) in [(1, 0), (0, 1)] {
+        t.ping(
+            from,
+            &["-c", "5", "-i", "0.05", "-W", "1", "-s", ping_size],
+            TUNNEL_V4[to],
+        )
+        .unwrap_or_else(|e| {
+            panic!(
+                "ping -s {ping_size} {} from end {from}: {e:?}",
+                TUNNEL_V4[to]
+            )
+        });
+        t.ping(
+            from,
+            &["-c", "5", "-i", "0.05", "-W", "1", "-s", ping_size],
+            TUNNEL_V6[to],
+        )
+        .unwrap_or_else(|e| {
+            panic!(
+                "ping -s {ping_size} {} from end {from}: {e:?}",
+                TUNNEL_V6[to]
+            )
+        });
+    }
+    for (server, addr) in [(1, TUNNEL_V4[1]), (0, TUNNEL_V6[0])] {
+        let mut srv = t
+            .end_ns(server)
+            .command("iperf3")
+            .args(["-s", "-1", "-B", addr, "-p", "5201"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let client = 1 - server;
+        let out = wait_until("iperf3 through the tunnel", Duration::from_secs(30), || {
+            let out = t.end_ns(client).exec_output(
+                &["iperf3", "-Z", "-n", "20M", "-c", addr, "-p", "5201"],
+                Duration::from_secs(30),
+            )?;
+            Ok((out.succeeded() || !out.stderr.contains("Connection refused")).then_some(out))
+        })
+        .unwrap();
+        let _ = srv.kill();
+        let _ = srv.wait();
+        assert!(out.succeeded(), "iperf3 to {addr}: {out}");
+    }
+}
+
+/// Defect 3: a large tunnel MTU (the selftest's 34,736) carries large packets, over IPv4 and
+/// IPv6 outer transport.
+fn large_mtu_carries_large_packets(kind: DaemonKind) {
+    let t = trio(kind);
+    for v6 in [false, true] {
+        t.set_loopback_endpoints(v6).unwrap();
+        for end in 0..2 {
+            t.end_ns(end)
+                .ip(&["link", "set", "dev", &t.ifname[end], "mtu", "34736"])
+                .unwrap();
+        }
+        // The daemons read the MTU at most a second later.
+        std::thread::sleep(Duration::from_millis(1200));
+        traffic_both_ways(&t, "30000");
+    }
+}
+scenario!(large_mtu_carries_large_packets: Komnet, WireguardGo2023);
+
+/// Defect 4: a tunnel MTU above the path MTU (veth of 1500, tunnel of 4000): the kernel
+/// fragments the outer datagrams instead of the sender failing with "Message too long".
+/// wireguard-go 0.0.20231211 passes the pings but its TCP transfer stalls (measured; see
+/// docs/conformance.md), so it is not run as the reference here.
+fn tunnel_mtu_above_the_path_mtu_fragments_outer_packets(kind: DaemonKind) {
+    use komnet_netns_tests::{End, Tunnel, TunnelConfig};
+    let tunnel = Tunnel::new(TunnelConfig::new(kind, kind)).unwrap();
+    for end in [End::Left, End::Right] {
+        let side = tunnel.side(end);
+        side.netns.set_link_up(&side.ifname, 4000).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(1200));
+    let right: std::net::IpAddr = tunnel.side(End::Right).tunnel_v4.into();
+    tunnel.ping_until_reply(End::Left, right, 10).unwrap();
+    let out = tunnel
+        .side(End::Left)
+        .netns
+        .exec_output(
+            &[
+                "ping",
+                "-c",
+                "5",
+                "-i",
+                "0.05",
+                "-W",
+                "1",
+                "-s",
+                "3500",
+                &right.to_string(),
+            ],
+            Duration::from_secs(20),
+        )
+        .unwrap();
+    assert!(
+        out.succeeded(),
+        "3,500-byte pings over a 1,500-byte path: {out}"
+    );
+    let report = tunnel
+        .transfer(End::Left, 8 << 20, Duration::from_secs(60))
+        .unwrap();
+    assert!(report.checksums_match(), "{report:?}");
+}
+scenario!(tunnel_mtu_above_the_path_mtu_fragments_outer_packets: Komnet);

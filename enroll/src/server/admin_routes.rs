@@ -19,7 +19,7 @@ where
     let service = state.service.clone();
     let actor = conn.actor();
     let result = blocking(move || call(&service, body, &actor)).await;
-    respond(route, None, result)
+    respond(&state, route, None, result)
 }
 
 async fn tokens(

@@ -55,9 +55,32 @@ pub(super) fn api_err(code: ErrorCode, message: impl Into<String>) -> ApiError {
     }
 }
 
-pub(super) fn log_rejection(route: &str, remote: Option<SocketAddr>, e: &ApiError) {
+/// Logs a refusal, at most once per source and interval (a flood must not flood the journal).
+pub(super) fn log_rejection(
+    state: &AppState,
+    route: &str,
+    remote: Option<SocketAddr>,
+    e: &ApiError,
+) {
+    let left_out = match remote {
+        Some(r) => match state.refusals.admit(r.ip(), Instant::now()) {
+            Some(n) => n,
+            None => return,
+        },
+        None => 0,
+    };
+    let remote = remote
+        .map(|r| r.to_string())
+        .unwrap_or_else(|| "admin socket".into());
     // Only the code and message: neither contains a token secret or a private key.
-    tracing::warn!(route, remote = ?remote, code = ?e.code, message = %e.message, "request rejected");
+    tracing::warn!(
+        route,
+        remote = %remote,
+        code = ?e.code,
+        refused_meanwhile = left_out,
+        "request refused: {}",
+        e.message
+    );
 }
 
 /// A refusal already logged, answered as [`refusal`].
@@ -65,9 +88,9 @@ pub(super) fn log_rejection(route: &str, remote: Option<SocketAddr>, e: &ApiErro
 pub(super) struct Refusal(ApiError);
 
 impl Refusal {
-    fn logged(parts: &Parts, e: ApiError) -> Self {
+    fn logged(parts: &Parts, state: &AppState, e: ApiError) -> Self {
         let remote = parts.extensions.get::<ConnInfo>().and_then(|i| i.remote);
-        log_rejection(parts.uri.path(), remote, &e);
+        log_rejection(state, parts.uri.path(), remote, &e);
         Refusal(e)
     }
 }
@@ -80,6 +103,7 @@ impl IntoResponse for Refusal {
 
 /// Answers a handler's result: the value as JSON, or the refusal (logged).
 pub(super) fn respond<T: serde::Serialize>(
+    state: &AppState,
     route: &str,
     remote: Option<SocketAddr>,
     result: Result<T, ApiError>,
@@ -87,7 +111,7 @@ pub(super) fn respond<T: serde::Serialize>(
     match result {
         Ok(v) => Json(v).into_response(),
         Err(e) => {
-            log_rejection(route, remote, &e);
+            log_rejection(state, route, remote, &e);
             refusal(e)
         }
     }
@@ -155,10 +179,13 @@ pub(super) fn certificate_needed(path: &str) -> &'static str {
     }
 }
 
-impl<S: Send + Sync> FromRequestParts<S> for ClientCert {
+impl FromRequestParts<Shared> for ClientCert {
     type Rejection = Refusal;
 
-    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Shared,
+    ) -> Result<Self, Self::Rejection> {
         match parts
             .extensions
             .get::<ConnInfo>()
@@ -167,6 +194,7 @@ impl<S: Send + Sync> FromRequestParts<S> for ClientCert {
             Some(cert) => Ok(ClientCert(cert)),
             None => Err(Refusal::logged(
                 parts,
+                state,
                 api_err(
                     ErrorCode::CertificateRequired,
                     certificate_needed(parts.uri.path()),
@@ -189,12 +217,13 @@ impl<T: DeserializeOwned> FromRequest<Shared> for LimitedJson<T> {
         let (parts, body) = req.into_parts();
         let bytes = read_body(&parts, body, limits.max_body_bytes, limits.client_timeout.0)
             .await
-            .map_err(|e| Refusal::logged(&parts, e))?;
+            .map_err(|e| Refusal::logged(&parts, state, e))?;
         serde_json::from_slice(&bytes)
             .map(LimitedJson)
             .map_err(|e| {
                 Refusal::logged(
                     &parts,
+                    state,
                     api_err(
                         ErrorCode::BadRequest,
                         format!("body is not the expected JSON: {e}"),
@@ -224,7 +253,7 @@ impl FromRequest<Shared> for BundleBody {
         )
         .await
         .map(BundleBody)
-        .map_err(|e| Refusal::logged(&parts, e))
+        .map_err(|e| Refusal::logged(&parts, state, e))
     }
 }
 

@@ -40,16 +40,18 @@ use crate::api::{self, admin, ApiError, ErrorCode, RegistryEvent};
 
 mod admin_routes;
 mod extract;
+mod limits;
 mod routes;
 
 use crate::identity::Role;
+use crate::server_cert::{Renewal, RotatingServerCert};
 use crate::service::{Clock, PolicyAnswer, Service};
 use crate::store::CertificateRecord;
 use admin_routes::admin_router;
 pub use extract::ConnInfo;
 use extract::*;
+pub use limits::{source_key, RateLimiter, RefusalLog, SourceConnections, SourceSlot};
 use routes::public_router;
-pub use routes::RateLimiter;
 
 /// File name of the admin socket inside the data directory.
 pub const ADMIN_SOCKET: &str = "admin.sock";
@@ -58,6 +60,7 @@ pub const ADMIN_SOCKET: &str = "admin.sock";
 struct AppState {
     service: Arc<Service>,
     limiter: RateLimiter,
+    refusals: RefusalLog,
 }
 
 type Shared = Arc<AppState>;
@@ -142,7 +145,9 @@ pub enum ServeError {
     },
 }
 
-fn tls_config(service: &Service) -> Result<rustls::ServerConfig, ServeError> {
+fn tls_config(
+    service: &Service,
+) -> Result<(rustls::ServerConfig, Arc<RotatingServerCert>), ServeError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = rustls::RootCertStore::empty();
     roots
@@ -156,24 +161,73 @@ fn tls_config(service: &Service) -> Result<rustls::ServerConfig, ServeError> {
         inner,
         clock: service.clock.clone(),
     });
-    let (chain, key) = service
-        .ca
-        .server_tls(&service.config.server_names, service.now())
-        .map_err(|e| ServeError::Tls(e.to_string()))?;
+    let cert = Arc::new(
+        RotatingServerCert::new(
+            &service.ca,
+            &service.config.server_names,
+            service.now(),
+            provider.clone(),
+        )
+        .map_err(|e| ServeError::Tls(e.to_string()))?,
+    );
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| ServeError::Tls(e.to_string()))?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(chain, key)
-        .map_err(|e| ServeError::Tls(e.to_string()))?;
+        .with_cert_resolver(cert.clone());
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(config)
+    Ok((config, cert))
+}
+
+/// Renews the service's TLS certificate two thirds into its lifetime, checked every second
+/// against the service's clock; a failed renewal is retried and, once less than a third of the
+/// lifetime is left, logged as an error every minute until it works.
+/// Ends when the server stops (its `shutdown` waits for every task).
+async fn renew_server_cert(
+    service: Arc<Service>,
+    cert: Arc<RotatingServerCert>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut last_alarm = None::<i64>;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            changed = stop.changed() => {
+                if changed.is_err() || *stop.borrow() {
+                    return;
+                }
+                continue;
+            }
+        }
+        let now = service.now();
+        match cert.renew_if_due(&service.ca, now) {
+            Ok(Renewal::NotDue) => {}
+            Ok(Renewal::Renewed { not_after }) => {
+                tracing::info!(not_after, "renewed the service's TLS certificate");
+                last_alarm = None;
+            }
+            Err(e) => {
+                if last_alarm.is_none_or(|t| now - t >= 60) {
+                    last_alarm = Some(now);
+                    tracing::error!(
+                        error = %e,
+                        expires_in_secs = cert.not_after() - now,
+                        "cannot renew the service's TLS certificate: appliances cannot reach \
+                         the service once it expires"
+                    );
+                }
+            }
+        }
+    }
 }
 
 /// A running service; dropping it (or calling `shutdown`) stops it.
 #[derive(Debug)]
 pub struct RunningServer {
     pub addr: SocketAddr,
+    /// The service's TLS certificate, renewed while it runs.
+    pub server_cert: Arc<RotatingServerCert>,
     pub admin_socket: Option<PathBuf>,
     stop: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -226,7 +280,8 @@ pub async fn start(
     listen: SocketAddr,
     admin_socket: Option<&Path>,
 ) -> Result<RunningServer, ServeError> {
-    let tls = Arc::new(tls_config(&service)?);
+    let (tls, server_cert) = tls_config(&service)?;
+    let tls = Arc::new(tls);
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let listener = TcpListener::bind(listen)
         .await
@@ -241,6 +296,7 @@ pub async fn start(
         source,
     })?;
     let state = Arc::new(AppState {
+        refusals: RefusalLog::new(Duration::from_secs(10)),
         limiter: RateLimiter::new(
             service.config.rate_limit.per_second,
             service.config.rate_limit.burst,
@@ -250,8 +306,15 @@ pub async fn start(
     let (stop, stop_rx) = watch::channel(false);
     let timeout = service.config.limits.client_timeout.0;
     let permits = Arc::new(Semaphore::new(service.config.limits.max_connections));
+    let per_source = Arc::new(SourceConnections::default());
+    let max_per_source = service.config.limits.max_connections_per_source;
+    let refusals = RefusalLog::new(Duration::from_secs(10));
     let router = public_router(state.clone());
-    let mut tasks = Vec::new();
+    let mut tasks = vec![tokio::spawn(renew_server_cert(
+        service.clone(),
+        server_cert.clone(),
+        stop_rx.clone(),
+    ))];
     let mut stop_https = stop_rx.clone();
     tasks.push(tokio::spawn(async move {
         let mut conns = JoinSet::new();
@@ -271,11 +334,26 @@ pub async fn start(
                     }
                 },
             };
+            let Some(slot) = per_source.take(remote.ip(), max_per_source) else {
+                // Closed before any TLS work: one host holding many silent connections must
+                // not take the slots of every town hall.
+                if let Some(left_out) = refusals.admit(remote.ip(), Instant::now()) {
+                    tracing::warn!(
+                        remote = %remote,
+                        limit = max_per_source,
+                        refused_meanwhile = left_out,
+                        "connection refused: this source holds limits.max_connections_per_source connections already"
+                    );
+                }
+                drop(tcp);
+                continue;
+            };
             let _ = tcp.set_nodelay(true);
             let acceptor = acceptor.clone();
             let router = router.clone();
             conns.spawn(async move {
                 let _permit = permit;
+                let _slot = slot;
                 let tls = match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => tls,
                     Ok(Err(e)) => {
@@ -361,6 +439,7 @@ pub async fn start(
     tracing::info!(%addr, admin_socket = ?admin_path, root_fingerprint = %service.ca.root_fingerprint, "komnet-enroll serving");
     Ok(RunningServer {
         addr,
+        server_cert,
         admin_socket: admin_path,
         stop,
         tasks,

@@ -4,44 +4,6 @@
 
 use super::*;
 
-/// A token bucket per client IP.
-#[derive(Debug)]
-pub struct RateLimiter {
-    per_second: f64,
-    burst: f64,
-    buckets: Mutex<HashMap<IpAddr, (f64, Instant)>>,
-}
-
-impl RateLimiter {
-    pub fn new(per_second: f64, burst: u32) -> Self {
-        RateLimiter {
-            per_second,
-            burst: f64::from(burst),
-            buckets: Mutex::new(HashMap::new()),
-        }
-    }
-
-    /// Takes one token for `ip` at `now`; false when the bucket is empty.
-    pub fn allow(&self, ip: IpAddr, now: Instant) -> bool {
-        let mut buckets = self.buckets.lock();
-        if buckets.len() > 100_000 {
-            // Forget sources whose buckets have refilled: they are indistinguishable from new.
-            let full = self.burst / self.per_second;
-            buckets.retain(|_, (_, last)| now.duration_since(*last).as_secs_f64() < full);
-        }
-        let (tokens, last) = buckets.entry(ip).or_insert((self.burst, now));
-        let refill = now.duration_since(*last).as_secs_f64() * self.per_second;
-        *tokens = (*tokens + refill).min(self.burst);
-        *last = now;
-        if *tokens >= 1.0 {
-            *tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-}
-
 async fn rate_limit(
     State(state): State<Shared>,
     Conn(info): Conn,
@@ -54,7 +16,7 @@ async fn rate_limit(
                 ErrorCode::RateLimited,
                 format!("too many requests from {}; retry later", remote.ip()),
             );
-            log_rejection(req.uri().path(), info.remote, &e);
+            log_rejection(&state, req.uri().path(), info.remote, &e);
             return refusal(e);
         }
     }
@@ -76,7 +38,7 @@ async fn enroll_route(
         .map(|r| r.ip().to_string())
         .unwrap_or_else(|| "local".into());
     let result = blocking(move || service.enroll(&body, &source)).await;
-    respond(api::routes::ENROLL, info.remote, result)
+    respond(&state, api::routes::ENROLL, info.remote, result)
 }
 
 async fn renew_route(
@@ -87,7 +49,7 @@ async fn renew_route(
 ) -> Response {
     let service = state.service.clone();
     let result = blocking(move || service.renew(&cert, &body)).await;
-    respond(api::routes::RENEW, info.remote, result)
+    respond(&state, api::routes::RENEW, info.remote, result)
 }
 
 /// A valid appliance (spoke or hub) certificate: current, not revoked, not superseded.
@@ -138,7 +100,7 @@ async fn registry_route(
         blocking(move || Ok(service.store.registry_snapshot(service.now())?)).await
     }
     .await;
-    respond(api::routes::REGISTRY, info.remote, result)
+    respond(&state, api::routes::REGISTRY, info.remote, result)
 }
 
 /// The one optional version parameter `name=VERSION` of a query string.
@@ -209,7 +171,7 @@ async fn policy_route(
         Err(e) => {
             // Polled often before the first publish: not worth a warning each time.
             if e.code != ErrorCode::NoPolicy {
-                log_rejection(api::routes::POLICY, info.remote, &e);
+                log_rejection(&state, api::routes::POLICY, info.remote, &e);
             }
             refusal(e)
         }
@@ -228,7 +190,7 @@ async fn hubs_route(
         blocking(move || service.hub_peers(service.now())).await
     }
     .await;
-    respond(api::routes::HUBS, info.remote, result)
+    respond(&state, api::routes::HUBS, info.remote, result)
 }
 
 struct Follow {
@@ -320,18 +282,18 @@ async fn registry_events_route(
 ) -> Response {
     let since = match parse_since(req.uri().query()) {
         Ok(s) => s,
-        Err(e) => return respond::<()>(api::routes::REGISTRY_EVENTS, info.remote, Err(e)),
+        Err(e) => return respond::<()>(&state, api::routes::REGISTRY_EVENTS, info.remote, Err(e)),
     };
     let Some(cert) = info.client_cert.clone() else {
         let e = api_err(
             ErrorCode::CertificateRequired,
             certificate_needed(api::routes::REGISTRY_EVENTS),
         );
-        return respond::<()>(api::routes::REGISTRY_EVENTS, info.remote, Err(e));
+        return respond::<()>(&state, api::routes::REGISTRY_EVENTS, info.remote, Err(e));
     };
     let hub = match require_hub(&state, cert).await {
         Ok(h) => h,
-        Err(e) => return respond::<()>(api::routes::REGISTRY_EVENTS, info.remote, Err(e)),
+        Err(e) => return respond::<()>(&state, api::routes::REGISTRY_EVENTS, info.remote, Err(e)),
     };
     tracing::info!(hub = %format!("{}/{}", hub.identity.tenant, hub.identity.site), since, "hub follows the registry");
     // Subscribe before reading the backlog, so nothing committed in between is missed.

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use komnet_enroll::api::admin::CreateTokenRequest;
-use komnet_enroll::config::{Config, HumanDuration, RateLimit};
+use komnet_enroll::config::{Config, HumanDuration, Limits, RateLimit};
 use komnet_enroll::identity::{Role, SiteId, TenantId};
 use komnet_enroll::server::{self, RunningServer};
 use komnet_enroll::service::{self, ManualClock, Service};
@@ -33,6 +33,10 @@ pub fn test_config() -> Config {
         rate_limit: RateLimit {
             per_second: 100_000.0,
             burst: 100_000,
+        },
+        limits: Limits {
+            max_connections_per_source: 10_000,
+            ..Config::default().limits
         },
         ..Config::default()
     }
@@ -235,6 +239,20 @@ impl PolicyFixture {
     /// Like [`Self::bundle`] with operator.toml changed by `edit` first.
     pub fn bundle_edited(&self, version: u64, edit: impl Fn(&str) -> String) -> Vec<u8> {
         self.bundle_signed(version, edit, &self.private_key)
+    }
+
+    /// Version `version`, signed with `private_key`, with a validity window or announced key.
+    pub fn bundle_with(
+        &self,
+        version: u64,
+        private_key: &[u8],
+        options: &komnet_policy::bundle::BundleOptions,
+    ) -> Vec<u8> {
+        let text = self
+            .operator
+            .replace("\nversion = 7\n", &format!("\nversion = {version}\n"));
+        std::fs::write(self.dir.path().join("operator.toml"), text).unwrap();
+        komnet_policy::bundle::create_with(self.dir.path(), private_key, options).unwrap()
     }
 
     pub fn bundle_signed(

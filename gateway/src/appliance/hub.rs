@@ -87,7 +87,7 @@ pub(super) fn change_peers(ctx: &Ctx, decide: impl FnOnce(&mut ControlState) -> 
         };
         apply_peer_changes(ctx, &mut gate, &mut core, &mut s.retired_drops, &changes)
     };
-    shared.flush_pending(&mut vec![0u8; 2048]);
+    shared.flush_pending();
     release_routes(ctx, &removed);
 }
 

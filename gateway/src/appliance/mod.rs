@@ -269,6 +269,7 @@ fn init_logging(json: bool) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let _ = tracing_subscriber::fmt()
         .json()
+        .flatten_event(true)
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .try_init();

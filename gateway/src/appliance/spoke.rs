@@ -97,7 +97,7 @@ pub(super) fn apply_hubs(ctx: &Ctx) {
             }
         }
     }
-    shared.flush_pending(&mut vec![0u8; 2048]);
+    shared.flush_pending();
 }
 
 /// Resolves each hub's `host:port` (the first address DNS gives; `None` when it has no
@@ -185,7 +185,7 @@ fn handshake_with(ctx: &Ctx, shared: &Shared, hub: usize) {
                 core.force_handshake(Instant::now(), id);
             }
         }
-        shared.flush_pending(&mut vec![0u8; 2048]);
+        shared.flush_pending();
     }
 }
 
