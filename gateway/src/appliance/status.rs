@@ -2,42 +2,137 @@
 //! `/metrics` (Prometheus text format), served on the configured management address.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::prometheus_text::encode;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric as _};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
 
 pub use komnet_proto::status::{
     CertificateStatus, FlowShare, PeerStatus, PolicyStatus, StatusReport, PEER_UP_SECS,
 };
 
-fn label(value: &str) -> String {
-    value
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
+/// A label set: names and values in the order they are shown.
+type Labels = Vec<(&'static str, String)>;
+
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Gauge,
+    Counter,
+}
+
+/// One family of one scrape, its rows in the order the report gives them.
+#[derive(Debug)]
+struct FamilyRows {
+    name: String,
+    help: String,
+    kind: Kind,
+    /// `None`: one sample without labels.
+    rows: Vec<(Option<Labels>, i64, u64)>,
+}
+
+/// The families of one exposition: typed gauges and counters, encoded by `prometheus-client`
+/// (names, escaping, `_total` suffixes, the Prometheus 0.0.4 text format). Rows come in the
+/// report's order, so the same report always gives the same text.
+#[derive(Debug, Default)]
+struct Exposition {
+    families: Vec<FamilyRows>,
+}
+
+impl Collector for Exposition {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        for f in &self.families {
+            let kind = match f.kind {
+                Kind::Gauge => MetricType::Gauge,
+                Kind::Counter => MetricType::Counter,
+            };
+            let mut metric = encoder.encode_descriptor(&f.name, &f.help, None, kind)?;
+            if let [(None, gauge, counter)] = f.rows.as_slice() {
+                match f.kind {
+                    Kind::Gauge => ConstGauge::new(*gauge).encode(metric)?,
+                    Kind::Counter => ConstCounter::new(*counter).encode(metric)?,
+                }
+                continue;
+            }
+            for (labels, gauge, counter) in &f.rows {
+                let Some(labels) = labels else { continue };
+                let sample = metric.encode_family(labels)?;
+                match f.kind {
+                    Kind::Gauge => ConstGauge::new(*gauge).encode(sample)?,
+                    Kind::Counter => ConstCounter::new(*counter).encode(sample)?,
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Exposition {
+    fn push(&mut self, name: &str, help: &str, kind: Kind, rows: Vec<(Option<Labels>, i64, u64)>) {
+        self.families.push(FamilyRows {
+            name: name.to_owned(),
+            help: help.to_owned(),
+            kind,
+            rows,
+        });
+    }
+
+    fn gauge(&mut self, name: &str, help: &str, value: i64) {
+        self.push(name, help, Kind::Gauge, vec![(None, value, 0)]);
+    }
+
+    fn gauges(&mut self, name: &str, help: &str, rows: impl IntoIterator<Item = (Labels, i64)>) {
+        let rows = rows.into_iter().map(|(l, v)| (Some(l), v, 0)).collect();
+        self.push(name, help, Kind::Gauge, rows);
+    }
+
+    /// A counter family; `name` without `_total`, which the encoder appends. The values are
+    /// the appliance's own monotonic counts as they are at the scrape.
+    fn counters(&mut self, name: &str, help: &str, rows: impl IntoIterator<Item = (Labels, u64)>) {
+        let rows = rows.into_iter().map(|(l, v)| (Some(l), 0, v)).collect();
+        self.push(name, help, Kind::Counter, rows);
+    }
+
+    fn finish(self) -> String {
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(self));
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &registry);
+        out
+    }
+}
+
+/// The content type of [`to_prometheus`]'s text.
+pub const METRICS_CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
+
+fn opt(value: Option<&str>) -> String {
+    value.unwrap_or("").to_owned()
 }
 
 /// The Prometheus text exposition of a report at `now` (Unix seconds).
 pub fn to_prometheus(report: &StatusReport, now: i64) -> String {
     let this = report;
-    let mut out = String::new();
+    let mut x = Exposition::default();
 
-    let n = family(
-        &mut out,
+    x.gauges(
         "komnet_info",
-        "gauge",
         "The appliance's role and identity.",
-    );
-    line(
-        &mut out,
-        format!(
-            "{n}{{role=\"{}\",tenant=\"{}\",site=\"{}\",state=\"{}\"}} 1",
-            label(&this.role),
-            label(this.tenant.as_deref().unwrap_or("")),
-            label(this.site.as_deref().unwrap_or("")),
-            label(&this.state)
-        ),
+        [(
+            vec![
+                ("role", this.role.clone()),
+                ("tenant", opt(this.tenant.as_deref())),
+                ("site", opt(this.site.as_deref())),
+                ("state", this.state.clone()),
+            ],
+            1,
+        )],
     );
 
-    let mut by_tenant: BTreeMap<(String, String, &str), u64> = BTreeMap::new();
+    let mut by_tenant: BTreeMap<(String, String, &str), i64> = BTreeMap::new();
     for p in &this.peers {
         let up = p.last_handshake.is_some_and(|t| now - t < PEER_UP_SECS);
         *by_tenant
@@ -48,188 +143,128 @@ pub fn to_prometheus(report: &StatusReport, now: i64) -> String {
             ))
             .or_default() += 1;
     }
-    let n = family(
-        &mut out,
+    x.gauges(
         "komnet_peers",
-        "gauge",
         "Peers by tenant, role and state (up: handshake within 180 s).",
+        by_tenant.into_iter().map(|((tenant, role, state), n)| {
+            (
+                vec![
+                    ("tenant", tenant),
+                    ("role", role),
+                    ("state", state.to_owned()),
+                ],
+                n,
+            )
+        }),
     );
-    for ((tenant, role, state), count) in &by_tenant {
-        line(
-            &mut out,
-            format!(
-                "{n}{{tenant=\"{}\",role=\"{}\",state=\"{state}\"}} {count}",
-                label(tenant),
-                label(role)
-            ),
-        );
-    }
 
-    let peer_labels = |p: &PeerStatus| {
-        format!(
-            "tenant=\"{}\",site=\"{}\",role=\"{}\"",
-            label(p.tenant.as_deref().unwrap_or("")),
-            label(p.site.as_deref().unwrap_or("")),
-            label(p.role.as_deref().unwrap_or(""))
-        )
+    let peer_labels = |p: &PeerStatus| -> Labels {
+        vec![
+            ("tenant", opt(p.tenant.as_deref())),
+            ("site", opt(p.site.as_deref())),
+            ("role", opt(p.role.as_deref())),
+        ]
     };
-    let n = family(
-        &mut out,
+    x.gauges(
         "komnet_peer_last_handshake_seconds",
-        "gauge",
         "Unix time of the peer's last completed handshake.",
+        this.peers
+            .iter()
+            .filter_map(|p| Some((peer_labels(p), p.last_handshake?))),
     );
-    for p in &this.peers {
-        if let Some(t) = p.last_handshake {
-            line(&mut out, format!("{n}{{{}}} {t}", peer_labels(p)));
-        }
-    }
-    for (name, help, get) in [
-        (
-            "komnet_peer_rx_bytes_total",
-            "Bytes received from the peer (encrypted).",
-            (|p: &PeerStatus| p.rx_bytes) as fn(&PeerStatus) -> u64,
-        ),
-        (
-            "komnet_peer_tx_bytes_total",
-            "Bytes sent to the peer (encrypted).",
-            |p: &PeerStatus| p.tx_bytes,
-        ),
-    ] {
-        let n = family(&mut out, name, "counter", help);
-        for p in &this.peers {
-            line(&mut out, format!("{n}{{{}}} {}", peer_labels(p), get(p)));
-        }
-    }
-    let n = family(
-        &mut out,
+    x.counters(
+        "komnet_peer_rx_bytes",
+        "Bytes received from the peer (encrypted).",
+        this.peers.iter().map(|p| (peer_labels(p), p.rx_bytes)),
+    );
+    x.counters(
+        "komnet_peer_tx_bytes",
+        "Bytes sent to the peer (encrypted).",
+        this.peers.iter().map(|p| (peer_labels(p), p.tx_bytes)),
+    );
+    x.gauges(
         "komnet_peer_certificate_expiry_seconds",
-        "gauge",
         "Unix time the peer's certificate expires.",
+        this.peers
+            .iter()
+            .filter_map(|p| Some((peer_labels(p), p.cert_not_after?))),
     );
-    for p in &this.peers {
-        if let Some(t) = p.cert_not_after {
-            line(&mut out, format!("{n}{{{}}} {t}", peer_labels(p)));
-        }
-    }
-
-    let n = family(
-        &mut out,
-        "komnet_drops_total",
-        "counter",
+    x.counters(
+        "komnet_drops",
         "Packets dropped, by reason (WireGuard layer and policy firewall).",
+        this.drops
+            .iter()
+            .map(|(reason, n)| (vec![("reason", reason.clone())], *n)),
     );
-    for (reason, count) in &this.drops {
-        line(
-            &mut out,
-            format!("{n}{{reason=\"{}\"}} {count}", label(reason)),
-        );
-    }
-
-    let n = family(
-            &mut out,
-            "komnet_events_total",
-            "counter",
-            "Control-plane and firewall events: registry changes, admissions, renewals, policy installs and refusals, failovers, new flows, evictions.",
-        );
-    for (event, count) in &this.counters {
-        line(
-            &mut out,
-            format!("{n}{{event=\"{}\"}} {count}", label(event)),
-        );
-    }
-
+    x.counters(
+        "komnet_events",
+        "Control-plane and firewall events: registry changes, admissions, renewals, policy installs and refusals, failovers, new flows, evictions.",
+        this.counters
+            .iter()
+            .map(|(event, n)| (vec![("event", event.clone())], *n)),
+    );
     if let Some(flows) = this.flows {
-        let n = family(
-            &mut out,
+        x.gauge(
             "komnet_flows",
-            "gauge",
             "Flows the hub firewall remembers.",
+            flows as i64,
         );
-        line(&mut out, format!("{n} {flows}"));
     }
     // Per owner of flows: each peer (labelled with its key too, as several home offices of
     // one tenant share the other labels) and the data centre.
-    let owners: Vec<(String, FlowShare)> = this
+    let owners: Vec<(Labels, FlowShare)> = this
         .peers
         .iter()
         .filter_map(|p| {
             let share = p.flows?;
-            Some((
-                format!("{},key=\"{}\"", peer_labels(p), label(&p.public_key)),
-                share,
-            ))
+            let mut labels = peer_labels(p);
+            labels.push(("key", p.public_key.clone()));
+            Some((labels, share))
         })
         .chain(this.datacentre_flows.map(|d| {
             (
-                "tenant=\"\",site=\"\",role=\"datacentre\",key=\"\"".to_owned(),
+                vec![
+                    ("tenant", String::new()),
+                    ("site", String::new()),
+                    ("role", "datacentre".to_owned()),
+                    ("key", String::new()),
+                ],
                 d,
             )
         }))
         .collect();
     if !owners.is_empty() {
-        for (name, help, get) in [
-            (
-                "komnet_flow_owner_flows",
-                "gauge",
-                (|s: &FlowShare| s.flows) as fn(&FlowShare) -> u64,
-            ),
-            (
-                "komnet_flow_owner_evicted_total",
-                "counter",
-                |s: &FlowShare| s.evicted,
-            ),
-        ] {
-            let help_text = if help == "gauge" {
-                "Hub: flows each peer (or the data centre) started that the firewall remembers."
-            } else {
-                "Hub: flows a peer (or the data centre) lost because the table was full; it loses its own oldest when it holds its share or more (an attacker's count grows, others' stay)."
-            };
-            let n = family(&mut out, name, help, help_text);
-            for (labels, share) in &owners {
-                line(&mut out, format!("{n}{{{labels}}} {}", get(share)));
-            }
-        }
+        x.gauges(
+            "komnet_flow_owner_flows",
+            "Hub: flows each peer (or the data centre) started that the firewall remembers.",
+            owners.iter().map(|(l, s)| (l.clone(), s.flows as i64)),
+        );
+        x.counters(
+            "komnet_flow_owner_evicted",
+            "Hub: flows a peer (or the data centre) lost because the table was full; it loses its own oldest when it holds its share or more (an attacker's count grows, others' stay).",
+            owners.iter().map(|(l, s)| (l.clone(), s.evicted)),
+        );
     }
-    let n = family(
-        &mut out,
+    x.gauge(
         "komnet_policy_version",
-        "gauge",
         "Version of the policy in force (0: none yet, forwarding nothing).",
-    );
-    line(
-        &mut out,
-        format!("{n} {}", this.policy.as_ref().map_or(0, |p| p.version)),
+        this.policy.as_ref().map_or(0, |p| p.version as i64),
     );
     if let Some(p) = &this.policy {
-        let n = family(
-            &mut out,
+        x.gauge(
             "komnet_policy_age_seconds",
-            "gauge",
             "Seconds since the policy in force was installed here.",
+            (now - p.installed_at).max(0),
         );
-        line(&mut out, format!("{n} {}", (now - p.installed_at).max(0)));
     }
     if let Some(c) = &this.certificate {
-        let n = family(
-            &mut out,
+        x.gauge(
             "komnet_certificate_expiry_seconds",
-            "gauge",
             "Unix time this appliance's own certificate expires.",
+            c.not_after,
         );
-        line(&mut out, format!("{n} {}", c.not_after));
     }
-    out
-}
-
-fn family(out: &mut String, name: &str, kind: &str, help: &str) -> String {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-    name.to_owned()
-}
-
-fn line(out: &mut String, text: String) {
-    out.push_str(&text);
-    out.push('\n');
+    x.finish()
 }
 
 // ---- the report and its server -------------------------------------------------------------
@@ -453,11 +488,7 @@ pub(super) async fn status_answer(
             })
             .await
             .unwrap_or_default();
-            respond(
-                StatusCode::OK,
-                "text/plain; version=0.0.4; charset=utf-8",
-                text.into_bytes(),
-            )
+            respond(StatusCode::OK, METRICS_CONTENT_TYPE, text.into_bytes())
         }
         "/status" => {
             let r = tokio::task::spawn_blocking(move || report(&ctx))
@@ -543,7 +574,20 @@ mod tests {
             text.contains("komnet_peers{tenant=\"noh\\\"felden\",role=\"spoke\",state=\"up\"} 1")
         );
         assert!(text.contains("komnet_drops_total{reason=\"policy_default_deny\"} 3"));
-        assert!(text.contains("komnet_policy_version 0"));
+        assert!(text.contains("komnet_policy_version 0"), "{text}");
+        assert!(
+            text.contains("# TYPE komnet_drops_total counter\n"),
+            "{text}"
+        );
+        assert!(text.contains(
+            "# HELP komnet_drops_total Packets dropped, by reason (WireGuard layer and policy firewall).\n"
+        ));
+        assert!(
+            text.contains("komnet_info{role=\"hub\",tenant=\"\",site=\"\",state=\"running\"} 1\n")
+        );
+        assert!(text.contains("komnet_peer_rx_bytes_total{tenant=\"noh\\\"felden\",site=\"rathaus\",role=\"spoke\"} 5\n"), "{text}");
+        // The same report gives the same text (rows in the report's order, no hashing).
+        assert_eq!(to_prometheus(&r, 1000), text);
         assert!(text.contains(
             "komnet_flow_owner_evicted_total{tenant=\"noh\\\"felden\",site=\"rathaus\",role=\"spoke\",key=\"k\"} 9010"
         ));
