@@ -352,7 +352,7 @@ wait_console "$m" 60 '^komnet: update: version 2 is in slot b'
 wait_console "$m" 240 '^komnet: version 2 \(slot b\) is on probation'
 wait_console "$m" 240 '^komnet: version 2 \(slot b\) failed its health check: komnet-gateway failed'
 wait_console "$m" 600 '^komnet: update rolled back: slot b: version 2, failed'
-wait_console "$m" 60 '^komnet: update: version 2 failed its health check in slot b before'
+wait_console "$m" 60 '^komnet: update refused: version 2 failed its health check in slot b before'
 wait_console "$m" 120 '^komnet: running: nohfelden/rathaus'
 wait_traffic 120
 console | tail -n +"$(( m + 1 ))" | grep -c '^komnet: komnet appliance, version 2 (slot b)' >"$work/tries"

@@ -7,7 +7,9 @@
 #![allow(clippy::unwrap_used)] // bench code: a failed setup should panic loudly
 
 use std::hint::black_box;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
@@ -61,12 +63,25 @@ fn bench(c: &mut Criterion) {
         .collect();
 
     // The hub's allowed IPs: every town hall's site prefixes (its spoke) and a home-office pool
-    // per commune. The data-centre direction below is measured with only the pools in the
-    // table: the benchmark's packets come from town-hall addresses, which a hub would refuse
-    // from the data-centre side, so this keeps the same work as before the spoof check plus the
-    // lookup (a miss, as for every legitimate data-centre packet).
+    // per commune (one peer standing for its home offices). The data-centre direction below
+    // feeds the same packets as before the spoof check existed; they come from town-hall
+    // addresses, which a hub refuses from that side. So it looks them up in a table of the
+    // same shape (the same prefixes moved to other address space): the same work, a miss, as
+    // for every legitimate data-centre packet.
     let mut spokes = AllowedIps::default();
-    let mut pools = AllowedIps::default();
+    let mut elsewhere = AllowedIps::default();
+    let moved = |net: &IpNet| -> IpNet {
+        match net {
+            IpNet::V4(n) => {
+                let a = Ipv4Addr::from(u32::from(n.network()) ^ 0x5a00_0000);
+                IpNet::V4(Ipv4Net::new(a, n.prefix_len()).unwrap())
+            }
+            IpNet::V6(n) => {
+                let a = Ipv6Addr::from(u128::from(n.network()) ^ (0x0010 << 112));
+                IpNet::V6(Ipv6Net::new(a, n.prefix_len()).unwrap())
+            }
+        }
+    };
     let mut identities = Vec::new();
     for (i, site) in policy.policy.sites.iter().enumerate() {
         let tenant = &policy.policy.tenants[site.tenant.index()].name;
@@ -76,15 +91,24 @@ fn bench(c: &mut Criterion) {
             .unwrap();
         for net in &site.prefixes {
             spokes.insert(*net, PeerId(i as u32));
+            elsewhere.insert(moved(net), PeerId(i as u32));
             identities.push((*net, PeerId(i as u32), id));
         }
     }
+    // Peer handles are dense slot numbers, as the core hands them out.
+    let n_sites = policy.policy.sites.len();
     for (i, t) in policy.policy.tenants.iter().enumerate() {
+        let id = policy
+            .policy
+            .peer_identity(&t.name, None, Role::HomeOffice)
+            .unwrap();
         for net in &t.homeoffice_pool {
-            pools.insert(*net, PeerId(0x8000 + i as u32));
+            spokes.insert(*net, PeerId((n_sites + i) as u32));
+            elsewhere.insert(moved(net), PeerId((n_sites + i) as u32));
+            identities.push((*net, PeerId((n_sites + i) as u32), id));
         }
     }
-    let dc_side = |a: IpAddr| pools.lookup(a);
+    let dc_side = |a: IpAddr| elsewhere.lookup(a);
     let peer_side = |a: IpAddr| spokes.lookup(a);
     let senders: Vec<(PeerId, Option<PeerIdentity>)> = metas
         .iter()

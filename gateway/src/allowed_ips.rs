@@ -4,6 +4,8 @@
 //! an incoming one, whose inner source must be owned by the peer that sent it.
 
 use std::collections::HashMap;
+#[cfg(test)]
+use std::collections::HashSet;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -19,7 +21,13 @@ struct AddrHasher(u64);
 
 impl Hasher for AddrHasher {
     fn finish(&self) -> u64 {
-        self.0
+        // The multiply moves entropy only upwards (product bit k depends on key bits 0..=k),
+        // and masked prefixes end in zero bits (a /24 in eight, a /48 in eighty). The table
+        // takes its bucket index from the low bits, so swap the halves: the index comes from
+        // product bits 32..63, which depend on every key bit. Unswapped, every town hall's /24
+        // landed in the same few buckets and a hub with a few hundred spokes probed through
+        // all of them (the firewall bench's data-centre spoof check: 361 -> 814 ns per flow).
+        self.0.rotate_left(32)
     }
     fn write(&mut self, bytes: &[u8]) {
         for b in bytes {
@@ -30,7 +38,10 @@ impl Hasher for AddrHasher {
         self.0 = u64::from(n).wrapping_mul(0x9e37_79b9_7f4a_7c15);
     }
     fn write_u128(&mut self, n: u128) {
-        let folded = (n as u64) ^ ((n >> 64) as u64).rotate_left(29);
+        // Every 32-bit word of the address reaches the low half, which decides the bucket
+        // (see `finish`): site prefixes differ in the upper words, hosts in the lower.
+        let (lo, hi) = (n as u64, (n >> 64) as u64);
+        let folded = lo ^ hi ^ ((lo ^ hi) >> 32);
         self.0 = folded.wrapping_mul(0x9e37_79b9_7f4a_7c15);
     }
 }
@@ -191,6 +202,29 @@ impl AllowedIps {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use std::hash::BuildHasher;
+
+    #[test]
+    fn masked_prefixes_spread_over_buckets() {
+        // 400 town halls' /24s and /48s: their bucket index (the hash's low 10 bits for a table
+        // of 1,024 buckets) must take many values, not one.
+        let h = BuildHasherDefault::<AddrHasher>::default();
+        let v4: HashSet<u64> = (0..400u32)
+            .map(|i| {
+                h.hash_one(u32::from(Ipv4Addr::new(
+                    10,
+                    16 + (i / 256) as u8,
+                    i as u8,
+                    0,
+                ))) & 1023
+            })
+            .collect();
+        let v6: HashSet<u64> = (0..400u16)
+            .map(|i| h.hash_one(u128::from(Ipv6Addr::new(0xfd00, i, 0, 0, 0, 0, 0, 0))) & 1023)
+            .collect();
+        assert!(v4.len() > 300, "IPv4 /24s land in {} buckets", v4.len());
+        assert!(v6.len() > 300, "IPv6 /48s land in {} buckets", v6.len());
+    }
 
     fn net(s: &str) -> IpNet {
         s.parse().unwrap()

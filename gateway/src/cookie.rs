@@ -1,14 +1,29 @@
 //! Handshake DoS protection: MAC1/MAC2 checks, cookie replies (WireGuard paper, section 5.4.7)
-//! and a per-source handshake rate limit. boringtun's `RateLimiter` has only one global
-//! counter, so one flooding source would push every honest peer into the cookie round trip;
-//! here the global load switch and a token bucket per source address work together:
+//! and budgets per source. Everyone holding one spoke's or laptop's configuration knows the
+//! hub's public key and can send initiations with a valid MAC1 at line rate (issue 14); the
+//! hub must keep admitting its legitimate peers meanwhile. So, per handshake message:
 //!
-//! 1. MAC1 must be valid (it proves the sender knows our public key), else drop.
-//! 2. While the device is under load (more handshakes this second than `global_limit`), or
-//!    while this source has used up its own bucket, a handshake needs a valid MAC2 (proof the
-//!    sender can receive at its address); without it the source gets a cookie reply.
-//! 3. A source still over its bucket with a valid MAC2 is dropped: a cookie proves the
-//!    address, not that the sender is polite.
+//! 1. **Its source's budgets first**, keyed by IPv4 address or IPv6 /64 (one host cannot
+//!    spread over its /64): a source with no budget left of any kind is dropped before any
+//!    cryptography — no MAC, no cookie, no reply.
+//! 2. MAC1 must be valid (it proves the sender knows our public key), else drop.
+//! 3. A source within its **direct** budget (default 20/s, burst 5) is admitted — unless the
+//!    device is under load (more admitted handshakes this second than `global_per_second`):
+//!    then only a source that has been **quiet** (a legitimate peer sends one initiation per
+//!    five seconds; default burst 2, one more per two seconds) is admitted directly. One
+//!    flooding source stays within its own budget and never puts the device under load, so
+//!    other peers see no difference; a flood spread over many sources puts the device under
+//!    load, but every one of them spends its quiet tokens at once, while a peer that shows up
+//!    still has its own.
+//! 4. Otherwise it needs a valid MAC2 (a cookie proves the sender receives at its address);
+//!    with one, its **proven** budget (20/s, burst 5) admits it.
+//! 5. Without one it gets a cookie reply — within its **reply** budget (default 2/s, burst 2),
+//!    so a flooding source gets a few replies a second, not one per packet.
+//!
+//! Only what is admitted reaches the Diffie-Hellman work. The table of sources is bounded:
+//! sources whose budgets are full again are forgotten at the timer tick; when it is full, new
+//! sources share one overflow entry (a flood over many /64s competes with itself there, and
+//! sources already known keep their own budgets).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -26,17 +41,26 @@ const LABEL_MAC1: &[u8] = b"mac1----";
 const LABEL_COOKIE: &[u8] = b"cookie--";
 /// The cookie secret changes every two minutes (paper, section 5.4.7).
 const COOKIE_SECRET_LIFETIME: Duration = Duration::from_secs(120);
-/// Sources we keep a bucket for; past this the table is cleared, which only forgives.
-const MAX_TRACKED_SOURCES: usize = 65_536;
 
-/// How hard handshakes are limited. Defaults follow wireguard-go's per-source limiter
-/// (20 per second, burst 5) and a global threshold of a few hundred per second, well under
-/// the ~3,600 full handshakes per second one core manages.
+/// How hard handshakes are limited. The direct and proven budgets follow wireguard-go's
+/// per-source limiter (20 per second, burst 5); the global threshold of a few hundred admitted
+/// handshakes per second is well under the ~3,600 full handshakes per second one core manages.
 #[derive(Debug, Clone, Copy)]
 pub struct HandshakeLimits {
+    /// Admitted handshakes per second above which the device is under load.
     pub global_per_second: u32,
+    /// Per source, admitted without a cookie while not under load.
     pub per_source_per_second: u32,
     pub per_source_burst: u32,
+    /// Per source, admitted without a cookie while under load: a quiet source's allowance.
+    pub quiet_burst: u32,
+    /// One more quiet admission per this interval.
+    pub quiet_interval: Duration,
+    /// Per source, cookie replies sent.
+    pub replies_per_second: u32,
+    pub reply_burst: u32,
+    /// Sources tracked at once; more share one overflow entry.
+    pub max_sources: usize,
 }
 
 impl Default for HandshakeLimits {
@@ -45,6 +69,11 @@ impl Default for HandshakeLimits {
             global_per_second: 500,
             per_source_per_second: 20,
             per_source_burst: 5,
+            quiet_burst: 2,
+            quiet_interval: Duration::from_secs(2),
+            replies_per_second: 2,
+            reply_burst: 2,
+            max_sources: 65_536,
         }
     }
 }
@@ -56,13 +85,116 @@ pub enum Admission {
     BadMac1,
     /// Send the cookie reply written into the output buffer, drop the message.
     SendCookie(usize),
+    /// Over its source's budgets: dropped (before any MAC check if nothing was left at all).
     RateLimited,
 }
 
+/// What the guard did, for tests and operators.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GuardStats {
+    /// MAC1 checks made (each a keyed BLAKE2s over the message).
+    pub mac_checks: u64,
+    /// Messages dropped by their source's budgets before any MAC check.
+    pub dropped_before_mac: u64,
+    pub cookie_replies: u64,
+    /// Sources tracked now.
+    pub sources: usize,
+}
+
+/// A token bucket in whole tokens scaled by `SCALE`, refilled from core time.
 #[derive(Debug, Clone, Copy)]
 struct Bucket {
-    tokens: f64,
+    /// Tokens × SCALE.
+    tokens: u64,
     last: Duration,
+}
+
+const SCALE: u64 = 1 << 20;
+
+/// Rate and burst of one kind of budget.
+#[derive(Debug, Clone, Copy)]
+struct Budget {
+    /// Tokens × SCALE gained per second.
+    per_second: u64,
+    /// Capacity × SCALE.
+    burst: u64,
+}
+
+impl Budget {
+    fn new(per_second_scaled: u64, burst: u32) -> Self {
+        Self {
+            per_second: per_second_scaled,
+            burst: u64::from(burst) * SCALE,
+        }
+    }
+
+    fn full(&self, now: Duration) -> Bucket {
+        Bucket {
+            tokens: self.burst,
+            last: now,
+        }
+    }
+
+    fn refill(&self, b: &mut Bucket, now: Duration) {
+        let elapsed = now.saturating_sub(b.last);
+        let gained = (elapsed.as_nanos().min(u128::from(u64::MAX)) as u64)
+            .saturating_mul(self.per_second / 1024)
+            / (1_000_000_000 / 1024);
+        b.tokens = b.tokens.saturating_add(gained).min(self.burst);
+        b.last = now;
+    }
+
+    fn has(&self, b: &Bucket, now: Duration) -> bool {
+        let mut copy = *b;
+        self.refill(&mut copy, now);
+        copy.tokens >= SCALE
+    }
+
+    fn take(&self, b: &mut Bucket, now: Duration) -> bool {
+        self.refill(b, now);
+        if b.tokens >= SCALE {
+            b.tokens -= SCALE;
+            true
+        } else {
+            false
+        }
+    }
+
+    fn is_full(&self, b: &Bucket, now: Duration) -> bool {
+        let mut copy = *b;
+        self.refill(&mut copy, now);
+        copy.tokens >= self.burst
+    }
+}
+
+/// The budgets of one source.
+#[derive(Debug, Clone, Copy)]
+struct Source {
+    direct: Bucket,
+    quiet: Bucket,
+    proven: Bucket,
+    replies: Bucket,
+}
+
+/// A source as budgets see it: an IPv4 address or an IPv6 /64.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum SourceKey {
+    V4(u32),
+    V6(u64),
+    /// Everyone the full table had no room for.
+    Overflow,
+}
+
+impl SourceKey {
+    fn of(ip: IpAddr) -> Self {
+        match ip {
+            IpAddr::V4(a) => SourceKey::V4(u32::from(a)),
+            IpAddr::V6(a) => match a.to_ipv4_mapped() {
+                Some(v4) => SourceKey::V4(u32::from(v4)),
+                None => SourceKey::V6((u128::from(a) >> 64) as u64),
+            },
+        }
+    }
 }
 
 fn hash2(a: &[u8], b: &[u8]) -> [u8; 32] {
@@ -84,16 +216,23 @@ fn mac16(key: &[u8], parts: &[&[u8]]) -> [u8; 16] {
     m.finalize_fixed().into()
 }
 
-/// The responder side of the cookie mechanism plus the rate limits, for one static key.
+/// The responder side of the cookie mechanism plus the budgets, for one static key.
 pub struct CookieGuard {
     mac1_key: [u8; 32],
     cookie_key: [u8; 32],
     secret: [u8; 32],
     secret_born: Duration,
     limits: HandshakeLimits,
+    direct: Budget,
+    quiet: Budget,
+    proven: Budget,
+    replies: Budget,
     window_start: Duration,
-    window_count: u32,
-    sources: HashMap<IpAddr, Bucket>,
+    /// Handshakes admitted in the window that started at `window_start`.
+    window_admitted: u32,
+    /// Keyed with std's random SipHash keys: sources are chosen by the sender.
+    sources: HashMap<SourceKey, Source>,
+    stats: GuardStats,
 }
 
 impl std::fmt::Debug for CookieGuard {
@@ -109,15 +248,55 @@ impl CookieGuard {
     pub fn new(our_public: &[u8; 32], limits: HandshakeLimits, rng: &mut impl RngCore) -> Self {
         let mut secret = [0u8; 32];
         rng.fill_bytes(&mut secret);
+        let per_second = |n: u32| u64::from(n) * SCALE;
+        let quiet_rate = (SCALE as f64 / limits.quiet_interval.as_secs_f64().max(1e-3)) as u64;
         Self {
             mac1_key: hash2(LABEL_MAC1, our_public),
             cookie_key: hash2(LABEL_COOKIE, our_public),
             secret,
             secret_born: Duration::ZERO,
+            direct: Budget::new(
+                per_second(limits.per_source_per_second),
+                limits.per_source_burst.max(1),
+            ),
+            quiet: Budget::new(quiet_rate, limits.quiet_burst),
+            proven: Budget::new(
+                per_second(limits.per_source_per_second),
+                limits.per_source_burst.max(1),
+            ),
+            replies: Budget::new(per_second(limits.replies_per_second), limits.reply_burst),
             limits,
             window_start: Duration::ZERO,
-            window_count: 0,
+            window_admitted: 0,
             sources: HashMap::new(),
+            stats: GuardStats::default(),
+        }
+    }
+
+    pub fn stats(&self) -> GuardStats {
+        GuardStats {
+            sources: self.sources.len(),
+            ..self.stats
+        }
+    }
+
+    fn fresh(&self, now: Duration) -> Source {
+        Source {
+            direct: self.direct.full(now),
+            quiet: self.quiet.full(now),
+            proven: self.proven.full(now),
+            replies: self.replies.full(now),
+        }
+    }
+
+    /// The key of `ip`'s entry: its own, or the shared overflow entry when the table is full
+    /// and it has none.
+    fn key_of(&self, ip: IpAddr) -> SourceKey {
+        let key = SourceKey::of(ip);
+        if self.sources.len() >= self.limits.max_sources && !self.sources.contains_key(&key) {
+            SourceKey::Overflow
+        } else {
+            key
         }
     }
 
@@ -135,65 +314,97 @@ impl CookieGuard {
         let Some(split) = msg.len().checked_sub(32) else {
             return Admission::BadMac1;
         };
+        if now.saturating_sub(self.window_start) >= Duration::from_secs(1) {
+            self.window_start = now;
+            self.window_admitted = 0;
+        }
+        let under_load = self.window_admitted >= self.limits.global_per_second;
+
+        // 1. Budgets before any cryptography: a source with nothing left is dropped here.
+        let (direct, quiet, proven, replies) = (self.direct, self.quiet, self.proven, self.replies);
+        let key = self.key_of(src.ip());
+        let fresh = self.fresh(now);
+        let source = *self.sources.entry(key).or_insert(fresh);
         let (body, macs) = msg.split_at(split);
         let (mac1, mac2) = macs.split_at(16);
+        // A sender without a cookie leaves MAC2 zero; only a non-zero one can use the proven
+        // budget (and costs the two MACs of checking it).
+        let has_mac2 = mac2.iter().any(|b| *b != 0);
+        let may_admit = if under_load {
+            quiet.has(&source.quiet, now)
+        } else {
+            direct.has(&source.direct, now)
+        };
+        let may_prove = has_mac2 && proven.has(&source.proven, now);
+        if !may_admit && !may_prove && !replies.has(&source.replies, now) {
+            self.stats.dropped_before_mac += 1;
+            return Admission::RateLimited;
+        }
+
+        // 2. MAC1.
+        self.stats.mac_checks += 1;
         if !constant_time_eq(&mac16(&self.mac1_key, &[body]), mac1) {
             return Admission::BadMac1;
         }
 
-        if now.saturating_sub(self.window_start) >= Duration::from_secs(1) {
-            self.window_start = now;
-            self.window_count = 0;
-        }
-        self.window_count = self.window_count.saturating_add(1);
-        let under_load = self.window_count > self.limits.global_per_second;
-        let source_has_tokens = self.take_token(now, src.ip());
-
-        if !under_load && source_has_tokens {
+        // 3. Admitted directly: within the direct budget, or the quiet one under load. Every
+        //    admission spends a quiet token when there is one, so the quiet budget tells
+        //    whether the source has been quiet.
+        let Some(s) = self.sources.get_mut(&key) else {
+            return Admission::RateLimited;
+        };
+        let direct_ok = if under_load {
+            quiet.take(&mut s.quiet, now)
+        } else {
+            let ok = direct.take(&mut s.direct, now);
+            if ok {
+                quiet.take(&mut s.quiet, now);
+            }
+            ok
+        };
+        if direct_ok {
+            self.window_admitted = self.window_admitted.saturating_add(1);
             return Admission::Accept;
         }
+
+        // 4. With a valid MAC2: the proven budget.
         let cookie = self.cookie_for(now, src, rng);
-        if !constant_time_eq(&mac16(&cookie, &[body, mac1]), mac2) {
-            return match self.cookie_reply(sender_index, &cookie, mac1, rng, out) {
-                Some(n) => Admission::SendCookie(n),
-                None => Admission::RateLimited,
+        if may_prove && constant_time_eq(&mac16(&cookie, &[body, mac1]), mac2) {
+            let Some(s) = self.sources.get_mut(&key) else {
+                return Admission::RateLimited;
             };
+            if proven.take(&mut s.proven, now) {
+                self.window_admitted = self.window_admitted.saturating_add(1);
+                return Admission::Accept;
+            }
+            return Admission::RateLimited;
         }
-        if source_has_tokens {
-            Admission::Accept
-        } else {
-            Admission::RateLimited
+
+        // 5. A cookie reply, within the reply budget.
+        let Some(s) = self.sources.get_mut(&key) else {
+            return Admission::RateLimited;
+        };
+        if !replies.take(&mut s.replies, now) {
+            return Admission::RateLimited;
+        }
+        match self.cookie_reply(sender_index, &cookie, mac1, rng, out) {
+            Some(n) => {
+                self.stats.cookie_replies += 1;
+                Admission::SendCookie(n)
+            }
+            None => Admission::RateLimited,
         }
     }
 
-    fn take_token(&mut self, now: Duration, ip: IpAddr) -> bool {
-        if self.sources.len() >= MAX_TRACKED_SOURCES && !self.sources.contains_key(&ip) {
-            self.sources.clear();
-        }
-        let burst = f64::from(self.limits.per_source_burst.max(1));
-        let rate = f64::from(self.limits.per_source_per_second);
-        let b = self.sources.entry(ip).or_insert(Bucket {
-            tokens: burst,
-            last: now,
-        });
-        let elapsed = now.saturating_sub(b.last).as_secs_f64();
-        b.tokens = (b.tokens + elapsed * rate).min(burst);
-        b.last = now;
-        if b.tokens >= 1.0 {
-            b.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-
-    /// Forgets buckets that have refilled completely, so the table tracks only active sources.
+    /// Forgets sources whose budgets are all full again, so the table tracks only active ones.
     pub fn expire_sources(&mut self, now: Duration) {
-        let burst = f64::from(self.limits.per_source_burst.max(1));
-        let rate = f64::from(self.limits.per_source_per_second.max(1));
-        let full_after = Duration::from_secs_f64(burst / rate);
-        self.sources
-            .retain(|_, b| now.saturating_sub(b.last) < full_after);
+        let (direct, quiet, proven, replies) = (self.direct, self.quiet, self.proven, self.replies);
+        self.sources.retain(|_, s| {
+            !(direct.is_full(&s.direct, now)
+                && quiet.is_full(&s.quiet, now)
+                && proven.is_full(&s.proven, now)
+                && replies.is_full(&s.replies, now))
+        });
     }
 
     fn cookie_for(&mut self, now: Duration, src: SocketAddr, rng: &mut impl RngCore) -> [u8; 16] {
@@ -269,9 +480,15 @@ mod tests {
             Admission::Accept
         );
 
-        // The flooder that echoes a valid cookie is still limited by its bucket...
+        // The flooder that echoes a valid cookie has its proven budget, and is then limited...
         let cookie = g.cookie_for(t, flood, &mut rng);
         let with_cookie = signed_msg(&g, Some(cookie));
+        for _ in 0..5 {
+            assert_eq!(
+                g.admit(t, flood, &with_cookie, 1, &mut rng, &mut out),
+                Admission::Accept
+            );
+        }
         assert_eq!(
             g.admit(t, flood, &with_cookie, 1, &mut rng, &mut out),
             Admission::RateLimited
@@ -280,6 +497,156 @@ mod tests {
         let later = t + Duration::from_secs(1);
         assert_eq!(
             g.admit(later, flood, &with_cookie, 1, &mut rng, &mut out),
+            Admission::Accept
+        );
+    }
+
+    // ---- issue 14: floods -------------------------------------------------------------
+
+    fn flood_from(
+        g: &mut CookieGuard,
+        rng: &mut rand::rngs::StdRng,
+        msg: &[u8],
+        sources: &[SocketAddr],
+        per_source: usize,
+        t: Duration,
+    ) -> Vec<Admission> {
+        let mut out = [0u8; 64];
+        let mut verdicts = Vec::new();
+        for _ in 0..per_source {
+            for src in sources {
+                verdicts.push(g.admit(t, *src, msg, 1, rng, &mut out));
+            }
+        }
+        verdicts
+    }
+
+    #[test]
+    fn a_flooding_source_gets_a_few_cookie_replies_a_second_not_one_per_packet() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(4);
+        let mut g = CookieGuard::new(&[9; 32], HandshakeLimits::default(), &mut rng);
+        let msg = signed_msg(&g, None);
+        let flood: SocketAddr = "192.0.2.1:1000".parse().unwrap();
+        let mut replies = 0;
+        let mut admitted = 0;
+        // 20,000 valid-MAC1 initiations in each of 10 seconds.
+        for second in 0..10u64 {
+            for i in 0..20_000u64 {
+                let t = Duration::from_secs(10 + second) + Duration::from_micros(i * 50);
+                match flood_from(&mut g, &mut rng, &msg, &[flood], 1, t)[0] {
+                    Admission::SendCookie(_) => replies += 1,
+                    Admission::Accept => admitted += 1,
+                    _ => {}
+                }
+            }
+        }
+        assert!(replies <= 2 + 2 * 10, "{replies} cookie replies in 10 s");
+        assert!(admitted <= 5 + 20 * 10, "{admitted} admitted in 10 s");
+    }
+
+    #[test]
+    fn packets_over_every_budget_are_dropped_before_any_mac() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let mut g = CookieGuard::new(&[9; 32], HandshakeLimits::default(), &mut rng);
+        let msg = signed_msg(&g, None);
+        let flood: SocketAddr = "192.0.2.1:1000".parse().unwrap();
+        flood_from(
+            &mut g,
+            &mut rng,
+            &msg,
+            &[flood],
+            10_000,
+            Duration::from_secs(10),
+        );
+        let stats = g.stats();
+        // Five admitted, two cookie replies: seven MAC checks; the rest cost a table lookup.
+        assert_eq!(stats.mac_checks, 7, "{stats:?}");
+        assert_eq!(stats.cookie_replies, 2, "{stats:?}");
+        assert_eq!(stats.dropped_before_mac, 10_000 - 7, "{stats:?}");
+        // A forged MAC2 (no cookie was given) is checked, but admits nothing.
+        let mut junk = msg.clone();
+        junk[140] = 1;
+        let mut out = [0u8; 64];
+        assert_eq!(
+            g.admit(Duration::from_secs(10), flood, &junk, 1, &mut rng, &mut out),
+            Admission::RateLimited
+        );
+    }
+
+    #[test]
+    fn the_source_table_is_bounded_and_known_sources_keep_their_budgets() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(8);
+        let limits = HandshakeLimits {
+            max_sources: 100,
+            ..Default::default()
+        };
+        let mut g = CookieGuard::new(&[9; 32], limits, &mut rng);
+        let msg = signed_msg(&g, None);
+        let t = Duration::from_secs(10);
+        // A known source has used its budget.
+        let known: SocketAddr = "192.0.2.1:1000".parse().unwrap();
+        flood_from(&mut g, &mut rng, &msg, &[known], 20, t);
+        // A flood over 10,000 /64s fills the table and then shares the overflow entry.
+        let many: Vec<SocketAddr> = (0..10_000u16)
+            .map(|i| SocketAddr::new(IpAddr::from([0x2001, 0xdb8, i, 0, 0, 0, 0, 1]), 9))
+            .collect();
+        let verdicts = flood_from(&mut g, &mut rng, &msg, &many, 1, t);
+        assert!(g.stats().sources <= 101, "{:?}", g.stats());
+        let admitted = verdicts.iter().filter(|v| **v == Admission::Accept).count();
+        assert!(admitted <= 100 * 5 + 5, "{admitted} admitted");
+        // The known source was not forgotten (its budget did not come back with the flood).
+        let mut out = [0u8; 64];
+        assert_eq!(
+            g.admit(t, known, &msg, 1, &mut rng, &mut out),
+            Admission::RateLimited
+        );
+        // Idle sources are forgotten once their budgets are full again.
+        g.expire_sources(t + Duration::from_secs(60));
+        assert_eq!(g.stats().sources, 0);
+    }
+
+    #[test]
+    fn a_quiet_source_is_admitted_directly_while_a_thousand_sources_flood() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        let mut g = CookieGuard::new(&[9; 32], HandshakeLimits::default(), &mut rng);
+        let msg = signed_msg(&g, None);
+        // 1,000 spoofed sources in one /24 (addresses and ports), 20 initiations each.
+        let sources: Vec<SocketAddr> = (0..1000u32)
+            .map(|i| SocketAddr::from(([198, 51, 100, (i % 250) as u8 + 1], 1000 + i as u16)))
+            .collect();
+        let t = Duration::from_secs(10);
+        let verdicts = flood_from(&mut g, &mut rng, &msg, &sources, 20, t);
+        let admitted = verdicts.iter().filter(|v| **v == Admission::Accept).count();
+        // The device went under load and kept the Diffie-Hellman work bounded...
+        assert!(admitted <= 500 + 250 * 2, "{admitted} admitted");
+        // ...and a peer showing up from another address is admitted at once, without the
+        // cookie round trip (which would cost it REKEY_TIMEOUT, 5 s).
+        let honest: SocketAddr = "203.0.113.7:51820".parse().unwrap();
+        let mut out = [0u8; 64];
+        assert_eq!(
+            g.admit(t, honest, &msg, 1, &mut rng, &mut out),
+            Admission::Accept
+        );
+    }
+
+    #[test]
+    fn ipv6_sources_share_their_64s_budget() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(6);
+        let mut g = CookieGuard::new(&[9; 32], HandshakeLimits::default(), &mut rng);
+        let msg = signed_msg(&g, None);
+        // One host walking through the addresses of its /64.
+        let sources: Vec<SocketAddr> = (1..=200u16)
+            .map(|i| SocketAddr::new(IpAddr::from([0x2001, 0xdb8, 0, 1, 0, 0, 0, i]), 4000))
+            .collect();
+        let t = Duration::from_secs(10);
+        let verdicts = flood_from(&mut g, &mut rng, &msg, &sources, 1, t);
+        let admitted = verdicts.iter().filter(|v| **v == Admission::Accept).count();
+        assert_eq!(admitted, 5, "the /64 is one source");
+        // Its neighbour /64 is another source.
+        let next: SocketAddr = "[2001:db8:0:2::1]:4000".parse().unwrap();
+        let mut out = [0u8; 64];
+        assert_eq!(
+            g.admit(t, next, &msg, 1, &mut rng, &mut out),
             Admission::Accept
         );
     }
@@ -298,10 +665,11 @@ mod tests {
     }
 
     #[test]
-    fn under_global_load_everyone_needs_a_cookie() {
+    fn under_global_load_a_source_without_quiet_budget_needs_a_cookie() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(3);
         let limits = HandshakeLimits {
             global_per_second: 3,
+            quiet_burst: 0,
             ..Default::default()
         };
         let mut g = CookieGuard::new(&[9; 32], limits, &mut rng);

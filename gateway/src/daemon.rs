@@ -71,23 +71,7 @@ pub fn parse_args(args: &[String]) -> Result<Command, String> {
 }
 
 fn validate_ifname(name: &str) -> Result<(), String> {
-    // Linux: IFNAMSIZ is 16 with the NUL; no '/', whitespace or ':' (alias syntax).
-    if name.is_empty() || name.len() > 15 {
-        return Err(format!(
-            "interface name {name:?} must be 1 to 15 bytes long"
-        ));
-    }
-    if name == "."
-        || name == ".."
-        || name
-            .chars()
-            .any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control())
-    {
-        return Err(format!(
-            "interface name {name:?} contains a character Linux does not allow"
-        ));
-    }
-    Ok(())
+    komnet_proto::config::check_interface_name(name)
 }
 
 pub(crate) fn init_logging() {

@@ -606,7 +606,9 @@ impl Hairpin {
     /// and the wireguard-go-compatible mode).
     fn has_room(&self, len: usize) -> bool {
         self.out.is_empty()
-            || self.out.len() - self.cursor >= (len + 32).max(crate::core::MIN_OUT_BUF)
+            || self.out.len() - self.cursor
+                >= (len + crate::core::PADDING_MULTIPLE + crate::packet::DATA_OVERHEAD)
+                    .max(crate::core::MIN_OUT_BUF)
     }
 
     /// Encrypts `packet` for the peer that owns its destination.

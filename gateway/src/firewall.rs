@@ -366,6 +366,10 @@ pub struct Firewall {
     active_owners: usize,
     /// The owner that held the most flows when last looked for.
     largest: usize,
+    /// Whether owners' queues are kept: only from half the bound on, where an eviction comes
+    /// near; below a quarter they are dropped again. A hub far from its bound pays no
+    /// bookkeeping per new flow but two counters.
+    queued: bool,
     next_seq: u32,
     counters: FirewallCounters,
 }
@@ -377,6 +381,7 @@ impl Firewall {
             owners: vec![Owner::default()],
             active_owners: 0,
             largest: 0,
+            queued: false,
             next_seq: 0,
             config,
             counters: FirewallCounters::default(),
@@ -620,6 +625,9 @@ impl Firewall {
         expires: Instant,
     ) {
         let o = self.owner_slot(owner);
+        if !self.queued && self.flows.len() >= self.config.max_flows / 2 {
+            self.start_queues();
+        }
         if self.flows.len() >= self.config.max_flows {
             self.make_room(now, o);
         }
@@ -641,7 +649,9 @@ impl Firewall {
             self.active_owners += 1;
         }
         owner.flows += 1;
-        owner.queue.push_back((key, seq));
+        if self.queued {
+            owner.queue.push_back((key, seq));
+        }
         if owner.queue.len() > 2 * owner.flows as usize + 32 {
             // Entries of flows that expired or were cut: drop them, amortised over the pushes
             // that made them pile up.
@@ -656,6 +666,31 @@ impl Firewall {
         if flows > self.owners[self.largest].flows {
             self.largest = o;
         }
+    }
+
+    /// The table reached half its bound: queue every owner's flows, oldest first (by the
+    /// sequence number each got when it started; once, then kept up per flow).
+    fn start_queues(&mut self) {
+        let mut all: Vec<(u32, FlowKey, u32)> = self
+            .flows
+            .iter()
+            .map(|(k, f)| (f.seq, *k, f.owner))
+            .collect();
+        all.sort_unstable_by_key(|(seq, _, _)| *seq);
+        for (seq, key, owner) in all {
+            if let Some(o) = self.owners.get_mut(owner as usize) {
+                o.queue.push_back((key, seq));
+            }
+        }
+        self.queued = true;
+    }
+
+    /// The table is down to a quarter of its bound: the queues go until it fills again.
+    fn stop_queues(&mut self) {
+        for o in &mut self.owners {
+            o.queue = VecDeque::new();
+        }
+        self.queued = false;
     }
 
     /// The table is full and owner `o` wants a new flow: take one from `o` if it holds its fair
@@ -818,6 +853,9 @@ impl Firewall {
             live
         });
         self.counters.expired += (before - self.flows.len()) as u64;
+        if self.queued && self.flows.len() < self.config.max_flows / 4 {
+            self.stop_queues();
+        }
     }
 
     fn count(&mut self, drop: FirewallDrop) -> FirewallDrop {

@@ -184,6 +184,7 @@ impl IpPacket {
     /// let ip = IpPacket::parse(&p, false).unwrap();
     /// assert_eq!((ip.proto, ip.l4), (proto::UDP, 20));
     /// ```
+    #[inline]
     pub fn parse(packet: &[u8], quoted: bool) -> Result<Self, IpError> {
         let f = Fixed::parse(packet, quoted).ok_or(IpError::Malformed)?;
         if f.later_fragment {

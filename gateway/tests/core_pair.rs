@@ -779,6 +779,9 @@ fn under_load_a_cookie_reply_is_sent_and_the_retry_with_mac2_is_accepted() {
         global_per_second: 1,
         per_source_per_second: 1,
         per_source_burst: 1,
+        // No allowance for quiet sources: here B is to need the cookie.
+        quiet_burst: 0,
+        ..HandshakeLimits::default()
     };
     let mut pair = Pair::with_limits_on_a(strict);
     let a_public = public_key(KEY_A);
@@ -902,6 +905,70 @@ fn under_load_a_cookie_reply_is_sent_and_the_retry_with_mac2_is_accepted() {
             ..
         })
     ));
+}
+
+#[test]
+fn a_peer_completes_a_new_handshake_at_once_while_many_sources_flood() {
+    // Default limits. Someone with a peer's configuration floods from 300 spoofed addresses of
+    // one /24, twenty initiations from each, all at the same moment (issue 14).
+    let mut pair = Pair::new();
+    let a_public = public_key(KEY_A);
+    let now = pair.now;
+    let mut attacker = Core::new(now, [3; 32]);
+    configure_with_methods(
+        &mut attacker,
+        now,
+        KEY_C,
+        &PeerConfig {
+            public_key: a_public,
+            endpoint: a_addr(),
+            allowed_ips: vec![net("10.0.0.1/32")],
+        },
+    );
+    let mut out = vec![0; BUF_LEN];
+    let Action::ToNetwork { offset, len, .. } =
+        attacker.handle_tun_packet(now, &ipv4_udp(C_V4, A_V4, b"x"), &mut out)
+    else {
+        panic!("the attacker's core starts a handshake");
+    };
+    let init = out[offset..offset + len].to_vec();
+    for _ in 0..20 {
+        for host in 0..300u16 {
+            let src = SocketAddr::from(([100, 64, 7, (host % 250) as u8 + 1], 1000 + host));
+            pair.deliver(Datagram {
+                src,
+                dst: a_addr(),
+                bytes: init.clone(),
+            });
+        }
+    }
+    let cookies = pair.a.core.device_drops().get(DropReason::CookieRequired);
+    let limited = pair.a.core.device_drops().get(DropReason::RateLimited);
+    assert!(cookies <= 250 * 2, "{cookies} cookie replies");
+    assert!(
+        limited >= 4000,
+        "only {limited} initiations dropped over budget"
+    );
+    pair.lose_in_flight();
+
+    // B, an honest peer, needs a new handshake right now: it completes without the cookie
+    // round trip (which would cost it REKEY_TIMEOUT) and its packet arrives.
+    let packet = ipv4_udp(B_V4, A_V4, b"through the flood");
+    pair.send(Side::B, &packet);
+    pair.run();
+    assert_eq!(
+        pair.a.tun,
+        vec![packet],
+        "A dropped {:?}, B dropped {:?}",
+        &pair.a.drops[pair.a.drops.len().saturating_sub(5)..],
+        pair.b.drops
+    );
+    assert_eq!(pair.elapsed(), Duration::ZERO);
+    assert_eq!(
+        pair.a.core.device_drops().get(DropReason::CookieRequired),
+        cookies,
+        "B was sent no cookie"
+    );
 }
 
 #[test]

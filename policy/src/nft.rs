@@ -26,7 +26,7 @@ pub struct Interfaces {
 
 #[derive(Debug, thiserror::Error)]
 pub enum NftError {
-    #[error("interface name {0:?} is not valid (1-15 characters, no spaces, quotes or '/')")]
+    #[error("interface name {0:?} is not valid (1-15 of a-z, A-Z, 0-9, '-', '_', '.', '=', '+')")]
     BadInterface(String),
     #[error("nft rejected the ruleset during {stage}; the previous ruleset is still in place. nft said: {message}")]
     Rejected {
@@ -127,10 +127,7 @@ pub struct Ruleset {
 }
 
 fn valid_ifname(name: &str) -> bool {
-    (1..=15).contains(&name.len())
-        && name
-            .chars()
-            .all(|c| c.is_ascii_graphic() && !matches!(c, '/' | '"' | '\'' | '\\' | '*'))
+    komnet_proto::config::check_interface_name(name).is_ok()
 }
 
 struct SetNamer {

@@ -119,6 +119,32 @@ pub fn check_endpoint(endpoint: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Checks a network interface name, the one rule for every name komnet takes (the daemon's
+/// command line, gateway.toml's `interface` and `lan`, the nftables compiler): 1 to 15 bytes
+/// (Linux's IFNAMSIZ less the NUL), of the characters wg-quick allows (`a-z A-Z 0-9 - _ . = +`),
+/// and not `.` or `..`. Names end up in paths, `ip` and `nft` commands, so nothing else passes.
+///
+/// ```
+/// use komnet_proto::config::check_interface_name;
+/// assert!(check_interface_name("wg0").is_ok());
+/// assert!(check_interface_name("wg/0").is_err());
+/// ```
+pub fn check_interface_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 15 {
+        return Err(format!(
+            "interface name {name:?} must be 1 to 15 bytes long"
+        ));
+    }
+    let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '=' | '+');
+    if name == "." || name == ".." || !name.chars().all(allowed) {
+        return Err(format!(
+            "interface name {name:?} contains a character Linux does not allow or komnet refuses \
+             (use a-z, A-Z, 0-9, '-', '_', '.', '=', '+')"
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -134,6 +160,35 @@ mod tests {
         assert_eq!(shown.as_str(), Some("2h"));
         let shown = toml::Value::try_from(HumanDuration(Duration::from_secs(90))).unwrap();
         assert_eq!(shown.as_str(), Some("90s"));
+    }
+
+    #[test]
+    fn interface_names_follow_one_rule() {
+        for good in [
+            "wg0",
+            "komnet1",
+            "eth0.100",
+            "br-lan",
+            "a",
+            "wg_a=b+c",
+            "x23456789012345",
+        ] {
+            assert_eq!(check_interface_name(good), Ok(()), "{good}");
+        }
+        for (bad, why) in [
+            ("", "1 to 15"),
+            ("x234567890123456", "1 to 15"),
+            ("wg/0", "does not allow"),
+            ("wg 0", "does not allow"),
+            ("wg:0", "does not allow"),
+            ("wg\"0", "does not allow"),
+            ("wgä", "does not allow"),
+            ("..", "does not allow"),
+            (".", "does not allow"),
+        ] {
+            let e = check_interface_name(bad).unwrap_err();
+            assert!(e.contains(why), "{bad:?}: {e}");
+        }
     }
 
     #[test]

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use komnet_proto::config::HumanDuration;
+use komnet_proto::config::{check_interface_name, HumanDuration};
 use serde::Deserialize;
 
 /// Default location of the configuration file.
@@ -175,20 +175,12 @@ impl GatewayConfig {
     /// Every problem at once.
     fn check(&self) -> Result<(), Vec<String>> {
         let mut problems = Vec::new();
-        let ifname_ok = |n: &str| {
-            (1..=15).contains(&n.len())
-                && n.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-        };
-        if !ifname_ok(&self.interface) {
-            problems.push(format!(
-                "interface: {:?} is not a valid interface name (1-15 of a-z, 0-9, '-', '_', '.')",
-                self.interface
-            ));
+        if let Err(e) = check_interface_name(&self.interface) {
+            problems.push(format!("interface: {e}"));
         }
         for lan in &self.lan {
-            if !ifname_ok(lan) {
-                problems.push(format!("lan: {lan:?} is not a valid interface name"));
+            if let Err(e) = check_interface_name(lan) {
+                problems.push(format!("lan: {e}"));
             }
             if *lan == self.interface {
                 problems.push(format!("lan: {lan:?} is the tunnel interface"));
@@ -387,8 +379,11 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.starts_with("/etc/komnet/gateway.toml: "), "{e}");
-        assert!(e.contains("interface: \"a-very-long-interface\""), "{e}");
-        assert!(e.contains("lan: \"eth 1\""), "{e}");
+        assert!(
+            e.contains("interface: interface name \"a-very-long-interface\" must be 1 to 15"),
+            "{e}"
+        );
+        assert!(e.contains("lan: interface name \"eth 1\" contains"), "{e}");
         assert!(e.contains("only spokes have LAN"), "{e}");
         assert!(e.contains("listen_port"), "{e}");
         let e = GatewayConfig::parse(

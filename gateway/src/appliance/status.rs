@@ -2,42 +2,137 @@
 //! `/metrics` (Prometheus text format), served on the configured management address.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::prometheus_text::encode;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric as _};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
 
 pub use komnet_proto::status::{
     CertificateStatus, FlowShare, PeerStatus, PolicyStatus, StatusReport, PEER_UP_SECS,
 };
 
-fn label(value: &str) -> String {
-    value
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
+/// A label set: names and values in the order they are shown.
+type Labels = Vec<(&'static str, String)>;
+
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Gauge,
+    Counter,
+}
+
+/// One family of one scrape, its rows in the order the report gives them.
+#[derive(Debug)]
+struct FamilyRows {
+    name: String,
+    help: String,
+    kind: Kind,
+    /// `None`: one sample without labels.
+    rows: Vec<(Option<Labels>, i64, u64)>,
+}
+
+/// The families of one exposition: typed gauges and counters, encoded by `prometheus-client`
+/// (names, escaping, `_total` suffixes, the Prometheus 0.0.4 text format). Rows come in the
+/// report's order, so the same report always gives the same text.
+#[derive(Debug, Default)]
+struct Exposition {
+    families: Vec<FamilyRows>,
+}
+
+impl Collector for Exposition {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        for f in &self.families {
+            let kind = match f.kind {
+                Kind::Gauge => MetricType::Gauge,
+                Kind::Counter => MetricType::Counter,
+            };
+            let mut metric = encoder.encode_descriptor(&f.name, &f.help, None, kind)?;
+            if let [(None, gauge, counter)] = f.rows.as_slice() {
+                match f.kind {
+                    Kind::Gauge => ConstGauge::new(*gauge).encode(metric)?,
+                    Kind::Counter => ConstCounter::new(*counter).encode(metric)?,
+                }
+                continue;
+            }
+            for (labels, gauge, counter) in &f.rows {
+                let Some(labels) = labels else { continue };
+                let sample = metric.encode_family(labels)?;
+                match f.kind {
+                    Kind::Gauge => ConstGauge::new(*gauge).encode(sample)?,
+                    Kind::Counter => ConstCounter::new(*counter).encode(sample)?,
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Exposition {
+    fn push(&mut self, name: &str, help: &str, kind: Kind, rows: Vec<(Option<Labels>, i64, u64)>) {
+        self.families.push(FamilyRows {
+            name: name.to_owned(),
+            help: help.to_owned(),
+            kind,
+            rows,
+        });
+    }
+
+    fn gauge(&mut self, name: &str, help: &str, value: i64) {
+        self.push(name, help, Kind::Gauge, vec![(None, value, 0)]);
+    }
+
+    fn gauges(&mut self, name: &str, help: &str, rows: impl IntoIterator<Item = (Labels, i64)>) {
+        let rows = rows.into_iter().map(|(l, v)| (Some(l), v, 0)).collect();
+        self.push(name, help, Kind::Gauge, rows);
+    }
+
+    /// A counter family; `name` without `_total`, which the encoder appends. The values are
+    /// the appliance's own monotonic counts as they are at the scrape.
+    fn counters(&mut self, name: &str, help: &str, rows: impl IntoIterator<Item = (Labels, u64)>) {
+        let rows = rows.into_iter().map(|(l, v)| (Some(l), 0, v)).collect();
+        self.push(name, help, Kind::Counter, rows);
+    }
+
+    fn finish(self) -> String {
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(self));
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &registry);
+        out
+    }
+}
+
+/// The content type of [`to_prometheus`]'s text.
+pub const METRICS_CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
+
+fn opt(value: Option<&str>) -> String {
+    value.unwrap_or("").to_owned()
 }
 
 /// The Prometheus text exposition of a report at `now` (Unix seconds).
 pub fn to_prometheus(report: &StatusReport, now: i64) -> String {
     let this = report;
-    let mut out = String::new();
+    let mut x = Exposition::default();
 
-    let n = family(
-        &mut out,
+    x.gauges(
         "komnet_info",
-        "gauge",
         "The appliance's role and identity.",
-    );
-    line(
-        &mut out,
-        format!(
-            "{n}{{role=\"{}\",tenant=\"{}\",site=\"{}\",state=\"{}\"}} 1",
-            label(&this.role),
-            label(this.tenant.as_deref().unwrap_or("")),
-            label(this.site.as_deref().unwrap_or("")),
-            label(&this.state)
-        ),
+        [(
+            vec![
+                ("role", this.role.clone()),
+                ("tenant", opt(this.tenant.as_deref())),
+                ("site", opt(this.site.as_deref())),
+                ("state", this.state.clone()),
+            ],
+            1,
+        )],
     );
 
-    let mut by_tenant: BTreeMap<(String, String, &str), u64> = BTreeMap::new();
+    let mut by_tenant: BTreeMap<(String, String, &str), i64> = BTreeMap::new();
     for p in &this.peers {
         let up = p.last_handshake.is_some_and(|t| now - t < PEER_UP_SECS);
         *by_tenant
@@ -48,193 +143,403 @@ pub fn to_prometheus(report: &StatusReport, now: i64) -> String {
             ))
             .or_default() += 1;
     }
-    let n = family(
-        &mut out,
+    x.gauges(
         "komnet_peers",
-        "gauge",
         "Peers by tenant, role and state (up: handshake within 180 s).",
+        by_tenant.into_iter().map(|((tenant, role, state), n)| {
+            (
+                vec![
+                    ("tenant", tenant),
+                    ("role", role),
+                    ("state", state.to_owned()),
+                ],
+                n,
+            )
+        }),
     );
-    for ((tenant, role, state), count) in &by_tenant {
-        line(
-            &mut out,
-            format!(
-                "{n}{{tenant=\"{}\",role=\"{}\",state=\"{state}\"}} {count}",
-                label(tenant),
-                label(role)
-            ),
-        );
-    }
 
-    let peer_labels = |p: &PeerStatus| {
-        format!(
-            "tenant=\"{}\",site=\"{}\",role=\"{}\"",
-            label(p.tenant.as_deref().unwrap_or("")),
-            label(p.site.as_deref().unwrap_or("")),
-            label(p.role.as_deref().unwrap_or(""))
-        )
+    let peer_labels = |p: &PeerStatus| -> Labels {
+        vec![
+            ("tenant", opt(p.tenant.as_deref())),
+            ("site", opt(p.site.as_deref())),
+            ("role", opt(p.role.as_deref())),
+        ]
     };
-    let n = family(
-        &mut out,
+    x.gauges(
         "komnet_peer_last_handshake_seconds",
-        "gauge",
         "Unix time of the peer's last completed handshake.",
+        this.peers
+            .iter()
+            .filter_map(|p| Some((peer_labels(p), p.last_handshake?))),
     );
-    for p in &this.peers {
-        if let Some(t) = p.last_handshake {
-            line(&mut out, format!("{n}{{{}}} {t}", peer_labels(p)));
-        }
-    }
-    for (name, help, get) in [
-        (
-            "komnet_peer_rx_bytes_total",
-            "Bytes received from the peer (encrypted).",
-            (|p: &PeerStatus| p.rx_bytes) as fn(&PeerStatus) -> u64,
-        ),
-        (
-            "komnet_peer_tx_bytes_total",
-            "Bytes sent to the peer (encrypted).",
-            |p: &PeerStatus| p.tx_bytes,
-        ),
-    ] {
-        let n = family(&mut out, name, "counter", help);
-        for p in &this.peers {
-            line(&mut out, format!("{n}{{{}}} {}", peer_labels(p), get(p)));
-        }
-    }
-    let n = family(
-        &mut out,
+    x.counters(
+        "komnet_peer_rx_bytes",
+        "Bytes received from the peer (encrypted).",
+        this.peers.iter().map(|p| (peer_labels(p), p.rx_bytes)),
+    );
+    x.counters(
+        "komnet_peer_tx_bytes",
+        "Bytes sent to the peer (encrypted).",
+        this.peers.iter().map(|p| (peer_labels(p), p.tx_bytes)),
+    );
+    x.gauges(
         "komnet_peer_certificate_expiry_seconds",
-        "gauge",
         "Unix time the peer's certificate expires.",
+        this.peers
+            .iter()
+            .filter_map(|p| Some((peer_labels(p), p.cert_not_after?))),
     );
-    for p in &this.peers {
-        if let Some(t) = p.cert_not_after {
-            line(&mut out, format!("{n}{{{}}} {t}", peer_labels(p)));
-        }
-    }
-
-    let n = family(
-        &mut out,
-        "komnet_drops_total",
-        "counter",
+    x.counters(
+        "komnet_drops",
         "Packets dropped, by reason (WireGuard layer and policy firewall).",
+        this.drops
+            .iter()
+            .map(|(reason, n)| (vec![("reason", reason.clone())], *n)),
     );
-    for (reason, count) in &this.drops {
-        line(
-            &mut out,
-            format!("{n}{{reason=\"{}\"}} {count}", label(reason)),
-        );
-    }
-
-    let n = family(
-            &mut out,
-            "komnet_events_total",
-            "counter",
-            "Control-plane and firewall events: registry changes, admissions, renewals, policy installs and refusals, failovers, new flows, evictions.",
-        );
-    for (event, count) in &this.counters {
-        line(
-            &mut out,
-            format!("{n}{{event=\"{}\"}} {count}", label(event)),
-        );
-    }
-
+    x.counters(
+        "komnet_events",
+        "Control-plane and firewall events: registry changes, admissions, renewals, policy installs and refusals, failovers, new flows, evictions.",
+        this.counters
+            .iter()
+            .map(|(event, n)| (vec![("event", event.clone())], *n)),
+    );
     if let Some(flows) = this.flows {
-        let n = family(
-            &mut out,
+        x.gauge(
             "komnet_flows",
-            "gauge",
             "Flows the hub firewall remembers.",
+            flows as i64,
         );
-        line(&mut out, format!("{n} {flows}"));
     }
     // Per owner of flows: each peer (labelled with its key too, as several home offices of
     // one tenant share the other labels) and the data centre.
-    let owners: Vec<(String, FlowShare)> = this
+    let owners: Vec<(Labels, FlowShare)> = this
         .peers
         .iter()
         .filter_map(|p| {
             let share = p.flows?;
-            Some((
-                format!("{},key=\"{}\"", peer_labels(p), label(&p.public_key)),
-                share,
-            ))
+            let mut labels = peer_labels(p);
+            labels.push(("key", p.public_key.clone()));
+            Some((labels, share))
         })
         .chain(this.datacentre_flows.map(|d| {
             (
-                "tenant=\"\",site=\"\",role=\"datacentre\",key=\"\"".to_owned(),
+                vec![
+                    ("tenant", String::new()),
+                    ("site", String::new()),
+                    ("role", "datacentre".to_owned()),
+                    ("key", String::new()),
+                ],
                 d,
             )
         }))
         .collect();
     if !owners.is_empty() {
-        for (name, help, get) in [
-            (
-                "komnet_flow_owner_flows",
-                "gauge",
-                (|s: &FlowShare| s.flows) as fn(&FlowShare) -> u64,
-            ),
-            (
-                "komnet_flow_owner_evicted_total",
-                "counter",
-                |s: &FlowShare| s.evicted,
-            ),
-        ] {
-            let help_text = if help == "gauge" {
-                "Hub: flows each peer (or the data centre) started that the firewall remembers."
-            } else {
-                "Hub: flows a peer (or the data centre) lost because the table was full; it loses its own oldest when it holds its share or more (an attacker's count grows, others' stay)."
-            };
-            let n = family(&mut out, name, help, help_text);
-            for (labels, share) in &owners {
-                line(&mut out, format!("{n}{{{labels}}} {}", get(share)));
-            }
-        }
+        x.gauges(
+            "komnet_flow_owner_flows",
+            "Hub: flows each peer (or the data centre) started that the firewall remembers.",
+            owners.iter().map(|(l, s)| (l.clone(), s.flows as i64)),
+        );
+        x.counters(
+            "komnet_flow_owner_evicted",
+            "Hub: flows a peer (or the data centre) lost because the table was full; it loses its own oldest when it holds its share or more (an attacker's count grows, others' stay).",
+            owners.iter().map(|(l, s)| (l.clone(), s.evicted)),
+        );
     }
-    let n = family(
-        &mut out,
+    x.gauge(
         "komnet_policy_version",
-        "gauge",
         "Version of the policy in force (0: none yet, forwarding nothing).",
-    );
-    line(
-        &mut out,
-        format!("{n} {}", this.policy.as_ref().map_or(0, |p| p.version)),
+        this.policy.as_ref().map_or(0, |p| p.version as i64),
     );
     if let Some(p) = &this.policy {
-        let n = family(
-            &mut out,
+        x.gauge(
             "komnet_policy_age_seconds",
-            "gauge",
             "Seconds since the policy in force was installed here.",
+            (now - p.installed_at).max(0),
         );
-        line(&mut out, format!("{n} {}", (now - p.installed_at).max(0)));
     }
     if let Some(c) = &this.certificate {
-        let n = family(
-            &mut out,
+        x.gauge(
             "komnet_certificate_expiry_seconds",
-            "gauge",
             "Unix time this appliance's own certificate expires.",
+            c.not_after,
         );
-        line(&mut out, format!("{n} {}", c.not_after));
     }
-    out
+    x.finish()
 }
 
-fn family(out: &mut String, name: &str, kind: &str, help: &str) -> String {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-    name.to_owned()
+// ---- the report and its server -------------------------------------------------------------
+
+use super::*;
+
+/// Drop counts of peers that left the peer table. `komnet_drops_total` is a counter: it must
+/// never go down, but a removed peer takes its own counters with it, so they are kept here
+/// when it goes (under the same locks as the removal) and added to every report.
+#[derive(Debug, Clone, Default)]
+pub struct RetiredDrops(Vec<u64>);
+
+impl RetiredDrops {
+    /// Keeps a departing peer's counts.
+    pub fn retire(&mut self, counters: &crate::core::DropCounters) {
+        if self.0.len() < DropReason::ALL.len() {
+            self.0.resize(DropReason::ALL.len(), 0);
+        }
+        for reason in DropReason::ALL {
+            self.0[*reason as usize] += counters.get(*reason);
+        }
+    }
+
+    /// Drops by reason: the device's, the live peers', and those of peers gone.
+    pub fn totals(
+        &self,
+        core: &Core,
+        peers: impl IntoIterator<Item = PeerId> + Clone,
+    ) -> BTreeMap<&'static str, u64> {
+        let mut out = BTreeMap::new();
+        for reason in DropReason::ALL {
+            let mut n = core.device_drops().get(*reason);
+            n += self.0.get(*reason as usize).copied().unwrap_or(0);
+            for id in peers.clone() {
+                n += core.peer_drops(id).map_or(0, |d| d.get(*reason));
+            }
+            if n > 0 {
+                out.insert(reason.as_str(), n);
+            }
+        }
+        out
+    }
 }
 
-fn line(out: &mut String, text: String) {
-    out.push_str(&text);
-    out.push('\n');
+pub(super) fn report(ctx: &Ctx) -> StatusReport {
+    // The state first (lock order: state, gate, core): a peer removed meanwhile is counted
+    // either live or retired, never both or neither.
+    let s = ctx.state.lock();
+    let peers = ctx
+        .shared
+        .get()
+        .map(|s| peer_snapshot(s))
+        .unwrap_or_default();
+    let mut shares: HashMap<PeerId, FlowShare> = HashMap::new();
+    let mut datacentre_flows = None;
+    let (flows, mut drops, mut counters) = match ctx.shared.get() {
+        Some(shared) => {
+            let (gate, core) = shared.gate_and_core();
+            if let Some(g) = gate.as_ref() {
+                let share = |s: crate::firewall::OwnerStats| FlowShare {
+                    flows: s.flows,
+                    evicted: s.evicted,
+                };
+                for p in &peers {
+                    shares.insert(p.id, share(g.owner_stats(FlowOwner::Peer(p.id))));
+                }
+                datacentre_flows = Some(share(g.owner_stats(FlowOwner::DataCentre)));
+            }
+            let mut drops: BTreeMap<String, u64> = s
+                .retired_drops
+                .totals(&core, peers.iter().map(|p| p.id))
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v))
+                .collect();
+            let mut counters = BTreeMap::new();
+            let flows = gate.as_ref().map(|g| {
+                let c = g.counters();
+                for (k, v) in &c.drops {
+                    drops.insert((*k).to_owned(), *v);
+                }
+                if g.no_policy_drops() > 0 {
+                    drops.insert("no_policy".into(), g.no_policy_drops());
+                }
+                for (k, v) in [
+                    ("flow_new", c.new_flows),
+                    ("flow_established_packet", c.established_packets),
+                    ("flow_related_icmp", c.related_icmp),
+                    ("flow_expired", c.expired),
+                    ("flow_evicted", c.evicted),
+                    ("flow_cut_by_policy", c.cut_by_policy),
+                    ("flow_cut_peer_removed", c.cut_peer_removed),
+                ] {
+                    counters.insert(k.to_owned(), v);
+                }
+                g.flow_count()
+            });
+            (flows, drops, counters)
+        }
+        None => (None, BTreeMap::new(), BTreeMap::new()),
+    };
+    counters.extend(s.all_counters());
+    drops.retain(|_, v| *v > 0);
+    let identity = s.enrollment.as_ref().map(|e| &e.identity);
+    let active_key = s
+        .hubs
+        .get(s.active_hub())
+        .map(|h| *h.wg_public_key.as_bytes());
+    let peers = peers
+        .into_iter()
+        .map(|p| {
+            let admitted = s.hub.as_ref().and_then(|h| h.registered(&p.public_key));
+            let hub = s
+                .hubs
+                .iter()
+                .find(|h| h.wg_public_key.as_bytes() == &p.public_key);
+            PeerStatus {
+                public_key: B64.encode(p.public_key),
+                tenant: admitted.map(|a| a.tenant.to_string()),
+                site: admitted
+                    .map(|a| a.site.to_string())
+                    .or_else(|| hub.map(|h| h.site.as_str().to_owned())),
+                role: admitted
+                    .map(|a| a.role.as_str().to_owned())
+                    .or_else(|| hub.map(|_| "hub".to_owned())),
+                endpoint: p.endpoint.map(|e| e.to_string()),
+                last_handshake: p
+                    .last_handshake
+                    .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                    .map(|d| d.as_secs() as i64),
+                rx_bytes: p.rx_bytes,
+                tx_bytes: p.tx_bytes,
+                cert_not_after: admitted.map(|a| a.not_after),
+                active: active_key == Some(p.public_key),
+                flows: shares.get(&p.id).copied(),
+            }
+        })
+        .collect();
+    StatusReport {
+        role: match ctx.config.role {
+            GatewayRole::Hub => "hub".into(),
+            GatewayRole::Spoke => "spoke".into(),
+        },
+        state: s.state.clone(),
+        interface: ctx.config.interface.clone(),
+        listen_port: ctx.shared.get().map_or(0, |sh| sh.sockets().port()),
+        tenant: identity.map(|i| i.tenant.as_str().to_owned()),
+        site: identity.map(|i| i.site.as_str().to_owned()),
+        tunnel_addrs: identity
+            .map(|i| i.tunnel_addrs.iter().map(|a| a.to_string()).collect())
+            .unwrap_or_default(),
+        lan_addresses: s.lan_put.iter().map(ToString::to_string).collect(),
+        certificate: s.enrollment.as_ref().map(|e| CertificateStatus {
+            serial: e.identity.serial.clone(),
+            not_after: e.identity.not_after,
+            renew_after: e.renew_after,
+        }),
+        policy: s.policy.as_ref().map(|(c, b)| PolicyStatus {
+            version: c.version(),
+            name: b.name.clone(),
+            installed_at: s.slot.in_force().map_or(0, |p| p.installed_at),
+        }),
+        policy_error: s.slot.error().map(str::to_owned),
+        peers,
+        flows,
+        datacentre_flows,
+        drops,
+        counters,
+    }
+}
+
+/// Serves `GET /metrics` and `GET /status` on the management address: a bare HTTP/1 server,
+/// one task per connection, each connection closed after a minute.
+pub(super) async fn serve_status(listener: tokio::net::TcpListener, ctx: Arc<Ctx>) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                tracing::warn!(error = %e, "status server: accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let ctx = ctx.clone();
+                async move { Ok::<_, std::convert::Infallible>(status_answer(ctx, req).await) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            let _ = tokio::time::timeout(Duration::from_secs(60), conn).await;
+        });
+    }
+}
+
+pub(super) async fn status_answer(
+    ctx: Arc<Ctx>,
+    req: hyper::Request<hyper::body::Incoming>,
+) -> hyper::Response<http_body_util::Full<bytes::Bytes>> {
+    use hyper::{header, Method, StatusCode};
+    let respond = |status: StatusCode, content_type: &'static str, body: Vec<u8>| {
+        let mut resp = hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from(body)));
+        *resp.status_mut() = status;
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static(content_type),
+        );
+        resp
+    };
+    if req.method() != Method::GET {
+        return respond(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain; charset=utf-8",
+            b"only GET\n".to_vec(),
+        );
+    }
+    match req.uri().path() {
+        "/metrics" => {
+            let text = tokio::task::spawn_blocking(move || {
+                status::to_prometheus(&report(&ctx), unix_now())
+            })
+            .await
+            .unwrap_or_default();
+            respond(StatusCode::OK, METRICS_CONTENT_TYPE, text.into_bytes())
+        }
+        "/status" => {
+            let r = tokio::task::spawn_blocking(move || report(&ctx))
+                .await
+                .unwrap_or_default();
+            respond(
+                StatusCode::OK,
+                "application/json",
+                serde_json::to_vec(&r).unwrap_or_default(),
+            )
+        }
+        _ => respond(
+            StatusCode::NOT_FOUND,
+            "text/plain; charset=utf-8",
+            b"not found: /metrics or /status\n".to_vec(),
+        ),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A removed peer's drops stay in `komnet_drops_total` (it used to sum live peers only,
+    /// so the counter went down when a peer was revoked).
+    #[test]
+    fn drop_totals_never_go_down_when_a_peer_is_removed() {
+        let now = std::time::Instant::now();
+        let mut core = Core::new(now, [7; 32]);
+        core.set_private_key(now, Some([1; 32]));
+        let id = core.upsert_peer(now, [2; 32]).unwrap();
+        core.add_allowed_ip(id, "10.0.0.0/24".parse().unwrap());
+        // An IPv4 packet for the peer, which has no endpoint yet: dropped on its account.
+        let packet = [
+            0x45, 0, 0, 20, 0, 0, 0, 0, 64, 17, 0, 0, 10, 0, 0, 1, 10, 0, 0, 5,
+        ];
+        let mut out = vec![0u8; 2048];
+        for _ in 0..3 {
+            core.handle_tun_packet(now, &packet, &mut out);
+        }
+        let mut retired = RetiredDrops::default();
+        let before = retired.totals(&core, [id]);
+        assert_eq!(before.get("no_endpoint"), Some(&3), "{before:?}");
+
+        retired.retire(core.peer_drops(id).unwrap());
+        core.remove_peer(id);
+        assert_eq!(retired.totals(&core, []), before);
+        // What the bare sum over the live peers shows after the removal: the counter went down.
+        let bare = RetiredDrops::default().totals(&core, []);
+        assert_eq!(bare.get("no_endpoint"), None);
+    }
 
     #[test]
     fn prometheus_text_is_well_formed() {
@@ -269,7 +574,20 @@ mod tests {
             text.contains("komnet_peers{tenant=\"noh\\\"felden\",role=\"spoke\",state=\"up\"} 1")
         );
         assert!(text.contains("komnet_drops_total{reason=\"policy_default_deny\"} 3"));
-        assert!(text.contains("komnet_policy_version 0"));
+        assert!(text.contains("komnet_policy_version 0"), "{text}");
+        assert!(
+            text.contains("# TYPE komnet_drops_total counter\n"),
+            "{text}"
+        );
+        assert!(text.contains(
+            "# HELP komnet_drops_total Packets dropped, by reason (WireGuard layer and policy firewall).\n"
+        ));
+        assert!(
+            text.contains("komnet_info{role=\"hub\",tenant=\"\",site=\"\",state=\"running\"} 1\n")
+        );
+        assert!(text.contains("komnet_peer_rx_bytes_total{tenant=\"noh\\\"felden\",site=\"rathaus\",role=\"spoke\"} 5\n"), "{text}");
+        // The same report gives the same text (rows in the report's order, no hashing).
+        assert_eq!(to_prometheus(&r, 1000), text);
         assert!(text.contains(
             "komnet_flow_owner_evicted_total{tenant=\"noh\\\"felden\",site=\"rathaus\",role=\"spoke\",key=\"k\"} 9010"
         ));

@@ -1,0 +1,484 @@
+//! The appliance's identity: the stored enrollment or a first enrollment from the bootstrap
+//! file (waiting for one if asked to), the pinned policy signing key, and certificate renewal.
+
+use super::*;
+
+/// Where the pinned policy key came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum KeySource {
+    /// `policy_public_key` in gateway.toml.
+    Configured(PathBuf),
+    /// `DATA_DIR/policy.pub`, from the bootstrap file of an earlier enrollment.
+    Stored(PathBuf),
+}
+
+#[derive(Debug, Clone)]
+pub(super) struct PinnedKey {
+    key: Vec<u8>,
+    source: KeySource,
+}
+
+/// The key gateway.toml names, else the one an earlier enrollment stored, else none yet (the
+/// bootstrap file brings it).
+pub(super) fn pinned_policy_key(config: &GatewayConfig) -> Result<Option<PinnedKey>> {
+    if let Some(path) = &config.policy_public_key {
+        let key = read_policy_key(path, "policy_public_key").map_err(|e| {
+            if config.policy_key_is_credential() && is_blank(path) {
+                // komnet-gateway.service falls back to a blank credential when
+                // /etc/komnet/policy.pub is not there.
+                anyhow!(
+                    "policy_public_key names the systemd credential {}, which is empty: the file \
+                     LoadCredential=policy.pub:… names in komnet-gateway.service \
+                     (/etc/komnet/policy.pub unless changed) is missing; put the .pub file of \
+                     `komnet policy keygen` there, or remove policy_public_key from gateway.toml to \
+                     pin the key the bootstrap file carries",
+                    path.display()
+                )
+            } else {
+                e
+            }
+        })?;
+        return Ok(Some(PinnedKey {
+            key,
+            source: KeySource::Configured(path.clone()),
+        }));
+    }
+    let stored = config.data_dir.join(POLICY_KEY_FILE);
+    if !stored.exists() {
+        return Ok(None);
+    }
+    let key = read_policy_key(&stored, "stored policy key").with_context(|| {
+        format!(
+            "{} was written when this appliance enrolled; set policy_public_key in gateway.toml \
+             or put the right .pub file there",
+            stored.display()
+        )
+    })?;
+    Ok(Some(PinnedKey {
+        key,
+        source: KeySource::Stored(stored),
+    }))
+}
+
+pub(super) fn is_blank(path: &Path) -> bool {
+    std::fs::read(path).is_ok_and(|b| b.iter().all(u8::is_ascii_whitespace))
+}
+
+pub(super) fn read_policy_key(path: &Path, what: &str) -> Result<Vec<u8>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("{what}: cannot read {}", path.display()))?;
+    let key = B64.decode(text.trim()).map_err(|e| {
+        anyhow!(
+            "{what}: {} is not a base64 Ed25519 public key: {e}",
+            path.display()
+        )
+    })?;
+    if key.len() != 32 {
+        bail!(
+            "{what}: {} holds {} bytes, an Ed25519 public key has 32",
+            path.display(),
+            key.len()
+        );
+    }
+    Ok(key)
+}
+
+// ---- identity ------------------------------------------------------------------------------
+
+pub(super) fn write_secret(path: &Path, text: &str) -> Result<()> {
+    Ok(write_atomic(path, text.as_bytes(), Visibility::Secret)?)
+}
+
+/// A public file (the pinned policy key).
+pub(super) fn write_public(path: &Path, text: &str) -> Result<()> {
+    Ok(write_atomic(path, text.as_bytes(), Visibility::Public)?)
+}
+
+pub(super) fn load_keys(path: &Path) -> Result<WgKeys> {
+    let meta = std::fs::metadata(path).with_context(|| format!("{}", path.display()))?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        bail!(
+            "{}: the WireGuard private key is readable by others (mode {:o}); chmod 600 it",
+            path.display(),
+            meta.permissions().mode() & 0o777
+        );
+    }
+    let text = std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
+    let bytes: [u8; 32] = B64
+        .decode(text.trim())
+        .ok()
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(|| anyhow!("{}: not a base64 WireGuard private key", path.display()))?;
+    Ok(WgKeys::from_secret(x25519_dalek::StaticSecret::from(bytes)))
+}
+
+/// The stored identity with its pinned policy key, or a new identity from the bootstrap file.
+/// Network trouble is retried; a refused token is final (it will not become valid by
+/// retrying): the start fails and says why, or with `wait_for_bootstrap` the file is moved
+/// aside to `<file>.refused` and the next one is waited for. Nothing is written before the
+/// service said yes.
+pub(super) async fn obtain_identity(ctx: &Ctx) -> Result<(Enrollment, WgKeys, Vec<u8>)> {
+    let dir = &ctx.config.data_dir;
+    let enrollment_path = dir.join(ENROLLMENT_FILE);
+    let key_path = dir.join(WG_KEY_FILE);
+    if enrollment_path.exists() {
+        let mut enrollment = Enrollment::load(&enrollment_path).with_context(|| {
+            format!(
+                "{}: stored enrollment unreadable",
+                enrollment_path.display()
+            )
+        })?;
+        let keys = load_keys(&key_path)?;
+        if keys.public() != enrollment.identity.wg_public_key {
+            bail!(
+                "{} and {} do not belong together (the certificate is for another WireGuard key)",
+                key_path.display(),
+                enrollment_path.display()
+            );
+        }
+        if !ctx.config.enroll_urls.is_empty() {
+            enrollment.enroll_urls = ctx.config.enroll_urls.clone();
+        }
+        let Some(pinned) = &ctx.pinned_key else {
+            let stored = dir.join(POLICY_KEY_FILE);
+            bail!(
+                "no policy signing key: gateway.toml sets no policy_public_key and {} does not \
+                 exist, and this appliance is enrolled already (the bootstrap file, which may \
+                 carry the key, is read only to enrol); set policy_public_key in gateway.toml or \
+                 put the .pub file of `komnet policy keygen` at {}",
+                stored.display(),
+                stored.display()
+            );
+        };
+        return Ok((enrollment, keys, pinned.key.clone()));
+    }
+    let path = ctx.config.bootstrap_path();
+    let wait = ctx.config.wait_for_bootstrap;
+    let mut watch = BootstrapWatch::new(
+        &path.display().to_string(),
+        wait,
+        ctx.config.bootstrap_is_credential(),
+    );
+    let mut step = read_bootstrap(&mut watch, &path);
+    loop {
+        ctx.state.lock().bootstrap = watch.counters().clone();
+        let (bootstrap, bytes) = match step {
+            BootstrapStep::Fail(message) => bail!("{message}"),
+            BootstrapStep::WaitForOperator { state } => {
+                wait_for_operator(ctx, &state).await;
+                step = read_bootstrap(&mut watch, &path);
+                continue;
+            }
+            BootstrapStep::PollAgain => {
+                tokio::time::sleep(ctx.bootstrap_poll).await;
+                step = read_bootstrap(&mut watch, &path);
+                continue;
+            }
+            BootstrapStep::SetAside { bytes } => {
+                watch.handle_set_aside(set_aside(&path, &bytes));
+                step = read_bootstrap(&mut watch, &path);
+                continue;
+            }
+            BootstrapStep::Enrol { bootstrap, bytes } => (*bootstrap, bytes),
+        };
+        let carried = bootstrap
+            .policy_key()
+            .map_err(|e| anyhow!("{}: {e}", path.display()))?;
+        let choice = match choose_policy_key(ctx.pinned_key.as_ref(), carried, dir, &path) {
+            Ok(c) => c,
+            Err(e) => {
+                // The token is not spent: the file is kept (moved aside) for a second try.
+                if wait {
+                    tracing::error!(error = %e, "bootstrap file unusable; moving it aside");
+                }
+                step = watch.handle_unusable(
+                    bytes,
+                    ControlEvent::BootstrapWithoutPolicyKey,
+                    e.clone(),
+                    format!("bootstrap file unusable: {e}"),
+                );
+                continue;
+            }
+        };
+        if let Some(w) = &choice.warning {
+            tracing::warn!("{w}");
+        }
+        let mut bootstrap = bootstrap;
+        if !ctx.config.enroll_urls.is_empty() {
+            bootstrap.enroll_urls = ctx.config.enroll_urls.clone();
+        }
+        set_state(ctx, "enrolling");
+        let keys = WgKeys::generate();
+        let enrollment = match enroll_with_retries(ctx, &bootstrap, &keys).await {
+            Ok(e) => e,
+            Err(e) => {
+                if wait {
+                    tracing::error!(error = %e, "enrollment refused; moving the bootstrap file aside");
+                }
+                step = watch.handle_unusable(
+                    bytes,
+                    ControlEvent::EnrollRefused,
+                    format!("enrollment refused: {e}"),
+                    format!("enrollment refused: {}", refusal_reason(&e)),
+                );
+                continue;
+            }
+        };
+        // The key first: an enrollment without its key would be useless, a key without an
+        // enrollment is overwritten on the next attempt. The policy key before the enrollment
+        // too: an enrolled appliance without it could not verify any policy.
+        write_secret(&key_path, &format!("{}\n", keys.private_base64()))?;
+        if choice.store {
+            let stored = dir.join(POLICY_KEY_FILE);
+            write_public(&stored, &format!("{}\n", B64.encode(&choice.key)))?;
+            tracing::info!(path = %stored.display(), key_id = %komnet_policy::bundle::key_id(&choice.key), "policy signing key from the bootstrap file pinned");
+        }
+        enrollment
+            .save(&enrollment_path)
+            .with_context(|| format!("saving {}", enrollment_path.display()))?;
+        ctx.state.lock().count(ControlEvent::Enrolled);
+        tracing::info!(path = %enrollment_path.display(), "enrolled; the bootstrap token is used up");
+        return Ok((enrollment, keys, choice.key));
+    }
+}
+
+/// Enrols, retrying network trouble (and the service's rate limit) for as long as it takes;
+/// returns the service's final refusal.
+pub(super) async fn enroll_with_retries(
+    ctx: &Ctx,
+    bootstrap: &Bootstrap,
+    keys: &WgKeys,
+) -> Result<Enrollment, ClientError> {
+    let mut delay = Duration::from_secs(1);
+    loop {
+        match client::enroll(bootstrap, keys).await {
+            Ok(e) => return Ok(e),
+            Err(e) if is_final(&e) => return Err(e),
+            Err(e) => {
+                ctx.state.lock().count(ControlEvent::EnrollRetry);
+                tracing::warn!(error = %e, retry_in = ?delay, "enrollment service not reachable");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+}
+
+/// The service's own words when it answered, else the whole error.
+pub(super) fn refusal_reason(e: &ClientError) -> String {
+    match e.api_error() {
+        Some(api) => {
+            // The code as the service spells it on the wire (`token_used`).
+            let code = serde_json::to_value(api.code)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_else(|| format!("{:?}", api.code));
+            format!("{} ({code})", api.message)
+        }
+        None => e.to_string(),
+    }
+}
+
+/// Shows `state` while the appliance waits for an operator to bring a bootstrap file, and
+/// waits one poll interval.
+///
+/// READY=1 goes out when the wait begins. systemd's start job would otherwise stay open until
+/// someone brings a file, possibly days: `systemctl start` would hang and the boot would never
+/// finish (multi-user.target waits for the units it wants). The daemon has done all it can
+/// without an operator, the state says what it needs, and the watchdog covers it from now on.
+/// A first start that waits for the enrollment service (no operator needed) still extends the
+/// start timeout instead.
+pub(super) async fn wait_for_operator(ctx: &Ctx, state: &str) {
+    set_state(ctx, state);
+    if !ctx.ready.swap(true, Ordering::AcqRel) {
+        notify_logged(&ctx.notify.ready(&status_line(ctx)));
+    }
+    tokio::time::sleep(ctx.bootstrap_poll).await;
+}
+
+/// Reads the bootstrap path and lets the watch decide.
+fn read_bootstrap(watch: &mut BootstrapWatch, path: &Path) -> BootstrapStep {
+    let read = match std::fs::read(path) {
+        Ok(bytes) => FileRead::Content(bytes),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => FileRead::Missing,
+        Err(e) => FileRead::Unreadable(e.to_string()),
+    };
+    watch.handle_read(read, |bytes| {
+        Bootstrap::from_bytes(path, bytes).map_err(|e| match std::fs::metadata(path) {
+            // Say "no such file" rather than what an empty file fails to parse as.
+            Err(io) => format!("{}: {io}", path.display()),
+            Ok(_) => e.to_string(),
+        })
+    })
+}
+
+/// Renames a refused bootstrap file to `<file>.refused` (replacing an older one) unless it
+/// changed meanwhile.
+fn set_aside(path: &Path, bytes: &[u8]) -> SetAside {
+    let mut to = path.as_os_str().to_owned();
+    to.push(".refused");
+    let to = PathBuf::from(to);
+    if std::fs::read(path).ok().as_deref() != Some(bytes) {
+        // Already replaced by a new file: that one is tried next.
+        return SetAside::Replaced;
+    }
+    match std::fs::rename(path, &to) {
+        Ok(()) => {
+            tracing::info!(to = %to.display(), "refused bootstrap file moved aside");
+            SetAside::Moved
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, to = %to.display(), "cannot move the refused bootstrap file aside; ignoring it until it changes");
+            SetAside::Failed
+        }
+    }
+}
+
+/// Which policy key to pin at a first enrollment, and whether to store it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct KeyChoice {
+    key: Vec<u8>,
+    /// Write it to `DATA_DIR/policy.pub` once enrolled (it came from the bootstrap file).
+    store: bool,
+    warning: Option<String>,
+}
+
+/// gateway.toml's key wins; else the bootstrap file's (it comes with the trust anchor this
+/// enrollment is made with, so at a re-enrollment it replaces the one stored at the earlier
+/// one); else the stored one.
+pub(super) fn choose_policy_key(
+    pinned: Option<&PinnedKey>,
+    carried: Option<Vec<u8>>,
+    data_dir: &Path,
+    bootstrap: &Path,
+) -> Result<KeyChoice, String> {
+    use komnet_policy::bundle::key_id;
+    match (pinned, carried) {
+        (
+            Some(
+                p @ PinnedKey {
+                    source: KeySource::Configured(path),
+                    ..
+                },
+            ),
+            carried,
+        ) => Ok(KeyChoice {
+            key: p.key.clone(),
+            store: false,
+            warning: carried.filter(|c| *c != p.key).map(|c| {
+                format!(
+                    "the bootstrap file carries policy signing key {}, but gateway.toml's \
+                     policy_public_key ({}) is {}: pinning the configured one",
+                    key_id(&c),
+                    path.display(),
+                    key_id(&p.key)
+                )
+            }),
+        }),
+        (
+            Some(
+                p @ PinnedKey {
+                    source: KeySource::Stored(path),
+                    ..
+                },
+            ),
+            Some(c),
+        ) => Ok(KeyChoice {
+            warning: (c != p.key).then(|| {
+                format!(
+                    "{} holds policy signing key {} from an earlier enrollment; the bootstrap file \
+                     carries {}, which replaces it",
+                    path.display(),
+                    key_id(&p.key),
+                    key_id(&c)
+                )
+            }),
+            key: c,
+            store: true,
+        }),
+        (Some(p), None) => Ok(KeyChoice {
+            key: p.key.clone(),
+            store: false,
+            warning: None,
+        }),
+        (None, Some(c)) => Ok(KeyChoice {
+            key: c,
+            store: true,
+            warning: None,
+        }),
+        (None, None) => Err(format!(
+            "no policy signing key: gateway.toml sets no policy_public_key, {} does not exist, and \
+             the bootstrap file {} carries none (the enrollment service had no policy_public_key \
+             when the token was made); set policy_public_key in the service's enroll.toml and make \
+             a new token with `komnet token create`, or set policy_public_key in gateway.toml",
+            data_dir.join(POLICY_KEY_FILE).display(),
+            bootstrap.display()
+        )),
+    }
+}
+
+pub(super) fn is_final(e: &ClientError) -> bool {
+    match e.api_error() {
+        Some(api) => !matches!(api.code, ErrorCode::RateLimited | ErrorCode::Internal),
+        // A root that does not match its pinned fingerprint is a broken bootstrap file.
+        None => matches!(e, ClientError::Config(_) | ClientError::PinMismatch { .. }),
+    }
+}
+
+// ---- renewal -------------------------------------------------------------------------------
+
+/// Renews the certificate when the renewal schedule says so (from `renew_after` on, a minute
+/// after a failure).
+pub(super) async fn renewal(ctx: Arc<Ctx>) {
+    let Some(keys) = ctx.keys.get().cloned() else {
+        return;
+    };
+    loop {
+        let Some(enrollment) = current_enrollment(&ctx) else {
+            return;
+        };
+        let step = {
+            let mut s = ctx.state.lock();
+            s.renewal
+                .get_or_insert_with(|| {
+                    RenewalSchedule::new(enrollment.renew_after, enrollment.identity.not_after)
+                })
+                .poll(unix_now())
+        };
+        if let RenewalStep::Sleep(secs) = step {
+            tokio::time::sleep(Duration::from_secs(secs.max(1) as u64)).await;
+            continue;
+        }
+        match client::renew(&enrollment, &keys).await {
+            Ok(renewed) => {
+                let path = ctx.config.data_dir.join(ENROLLMENT_FILE);
+                if let Err(e) = renewed.save(&path) {
+                    tracing::error!(error = %e, path = %path.display(), "cannot store the renewed certificate");
+                }
+                tracing::info!(serial = %renewed.identity.serial, not_after = renewed.identity.not_after, "certificate renewed");
+                // The hub list is the spoke watcher's to change (it re-applies the peers).
+                let mut s = ctx.state.lock();
+                if let Some(r) = s.renewal.as_mut() {
+                    r.handle_renewed(renewed.renew_after, renewed.identity.not_after);
+                }
+                s.enrollment = Some(renewed);
+            }
+            Err(e) => {
+                let failure = ctx
+                    .state
+                    .lock()
+                    .renewal
+                    .as_mut()
+                    .map(|r| r.handle_failed(unix_now()));
+                if failure == Some(RenewalFailure::Expired) {
+                    tracing::error!(error = %e, "certificate expired; the appliance needs a new bootstrap token");
+                } else {
+                    tracing::warn!(error = %e, "renewal failed; retrying");
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,149 @@
+//! The policy driver: polls the enrollment service for signed bundles, verifies and compiles
+//! them (prepare), puts them in force in the packet path (nftables on a spoke, the gate on a
+//! hub) and commits them as last-known-good.
+
+use super::*;
+
+/// Puts a verified, compiled policy in force (spoke: nftables; hub: the gate and the peer
+/// table), then records it as last-known-good. On error the previous policy stays.
+pub(super) async fn put_in_force(
+    ctx: &Arc<Ctx>,
+    bundle: VerifiedBundle,
+    compiled: CompiledPolicy,
+) -> Result<()> {
+    let compiled = Arc::new(compiled);
+    let version = bundle.version;
+    let PolicyAction::Install { .. } = ctx.state.lock().slot.handle_prepared(version) else {
+        bail!("policy version {version}: prepared but not to be installed");
+    };
+    match ctx.config.role {
+        GatewayRole::Spoke => {
+            let identity = own_identity(ctx)?;
+            let policy = &compiled.policy;
+            let tenant = policy.tenant_by_name(identity.tenant.as_str());
+            let site = tenant
+                .and_then(|t| policy.site_by_name(t, identity.site.as_str()))
+                .ok_or_else(|| {
+                    anyhow!(
+                        "policy version {} has no site {}/{}: not applied",
+                        policy.version,
+                        identity.tenant.as_str(),
+                        identity.site.as_str()
+                    )
+                })?;
+            let interfaces = Interfaces {
+                lan: ctx.config.lan.clone(),
+                tunnel: ctx.config.interface.clone(),
+            };
+            let ruleset = nft::ruleset_for_site(policy, site, &interfaces)?;
+            tokio::task::spawn_blocking(move || ruleset.apply())
+                .await
+                .context("nft task")??;
+            if let (true, Some(tenant)) = (ctx.config.lan_addresses, tenant) {
+                let plan = lan::gateway_addresses(policy, tenant, site);
+                for (segment, prefix) in &plan.skipped {
+                    tracing::warn!(
+                        segment = %segment,
+                        prefix = %prefix,
+                        "lan_addresses: no address taken in a single-address prefix (/32, /128): it leaves no room for a router beside its host"
+                    );
+                }
+                ctx.state.lock().lan_wanted = plan.addrs;
+                let task = ctx.clone();
+                tokio::task::spawn_blocking(move || sync_lan_addresses(&task))
+                    .await
+                    .context("LAN address task")?;
+            }
+        }
+        GatewayRole::Hub => {
+            let shared = ctx.shared.get().ok_or_else(|| anyhow!("tunnel not up"))?;
+            let removed = {
+                let mut s = ctx.state.lock();
+                let changes = match s.hub.as_mut() {
+                    Some(hub) => hub.handle_policy(unix_now(), compiled.clone()),
+                    None => bail!("hub without its control core"),
+                };
+                // The policy and the identities resolved against it change under one lock, so
+                // no packet sees an identity from the other version, and registry changes
+                // (which take the state lock first) resolve against the new one from now on.
+                let (gate, mut core) = shared.gate_and_core();
+                let mut gate = gate.ok_or_else(|| anyhow!("hub without a gate"))?;
+                gate.set_policy(compiled.clone());
+                apply_peer_changes(ctx, &mut gate, &mut core, &mut s.retired_drops, &changes)
+            };
+            release_routes(ctx, &removed);
+        }
+    }
+    // In force in the packet path: now it becomes last-known-good.
+    if ctx.state.lock().slot.handle_installed(version).is_none() {
+        bail!("policy version {version} was not being installed");
+    }
+    bundles(ctx)?.commit(&bundle)?;
+    let mut s = ctx.state.lock();
+    if s.slot.handle_committed(version, unix_now()) {
+        s.policy = Some((compiled, bundle));
+    }
+    drop(s);
+    if !set_state(ctx, "running") {
+        // Same state, new policy version: the status line still changes.
+        publish_status(ctx);
+    }
+    tracing::info!(version, "policy in force");
+    Ok(())
+}
+
+/// The bundle store; there is none before the policy key is known (it may come with the
+/// bootstrap file), and no policy task runs before that.
+pub(super) fn bundles(ctx: &Ctx) -> Result<&BundleStore> {
+    ctx.bundles
+        .get()
+        .ok_or_else(|| anyhow!("no policy signing key yet"))
+}
+
+pub(super) fn own_identity(ctx: &Ctx) -> Result<Identity> {
+    ctx.state
+        .lock()
+        .enrollment
+        .as_ref()
+        .map(|e| e.identity.clone())
+        .ok_or_else(|| anyhow!("not enrolled"))
+}
+
+pub(super) fn current_enrollment(ctx: &Ctx) -> Option<Enrollment> {
+    ctx.state.lock().enrollment.clone()
+}
+
+/// Polls the enrollment service for a newer bundle.
+pub(super) async fn policy_sync(ctx: Arc<Ctx>) {
+    loop {
+        if let Some(enrollment) = current_enrollment(&ctx) {
+            let have = ctx.state.lock().slot.have();
+            match client::fetch_policy(&enrollment, have).await {
+                Ok(PolicyFetch::Bundle { version, bytes }) => {
+                    offer_bundle(&ctx, version, &bytes).await;
+                }
+                Ok(PolicyFetch::NotModified) | Ok(PolicyFetch::NoneYet) => {}
+                Err(e) => tracing::warn!(error = %e, "policy poll failed"),
+            }
+        }
+        tokio::time::sleep(ctx.config.policy_poll.0).await;
+    }
+}
+
+pub(super) async fn offer_bundle(ctx: &Arc<Ctx>, version: u64, bytes: &[u8]) {
+    let prepared = bundles(ctx).and_then(|store| {
+        let s = ctx.state.lock();
+        Ok(store.prepare(bytes, s.policy.as_ref().map(|p| &p.1))?)
+    });
+    let result = match prepared {
+        Ok((bundle, compiled)) => put_in_force(ctx, bundle, compiled).await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = result {
+        let mut s = ctx.state.lock();
+        if s.slot.handle_refused(version, &format!("{e:#}")) {
+            let message = s.slot.error().unwrap_or_default().to_owned();
+            tracing::error!(error = %message, "keeping the policy in force");
+        }
+    }
+}

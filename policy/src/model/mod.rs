@@ -1,0 +1,442 @@
+//! The checked policy: every name resolved to an index, every prefix parsed, every finding of the
+//! checker collected (all of them, not just the first). Built by [`Policy::load`].
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fs;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use ipnet::IpNet;
+use toml::Spanned;
+
+use crate::flow::{PortRange, Proto};
+use crate::source::{Diagnostic, FileId, Loc, SourceMap};
+use crate::syntax::{self, Name};
+
+/// Policy files larger than this are refused before parsing: a policy is read by people.
+pub const MAX_FILE_BYTES: usize = 1 << 20;
+/// At most this many tenant fragments.
+pub const MAX_FRAGMENTS: usize = 10_000;
+
+macro_rules! id_type {
+    ($name:ident) => {
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub struct $name(pub u32);
+        impl $name {
+            pub fn index(self) -> usize {
+                self.0 as usize
+            }
+        }
+    };
+}
+id_type!(TenantId);
+id_type!(SiteId);
+id_type!(SegmentId);
+id_type!(ServiceId);
+id_type!(RuleId);
+id_type!(GuardrailId);
+
+#[derive(Debug)]
+pub struct Tenant {
+    pub name: String,
+    pub description: Option<String>,
+    pub datacenter: Vec<IpNet>,
+    pub homeoffice_pool: Vec<IpNet>,
+    pub sites: Vec<SiteId>,
+    pub loc: Loc,
+}
+
+#[derive(Debug)]
+pub struct Site {
+    pub tenant: TenantId,
+    pub name: String,
+    pub description: Option<String>,
+    pub prefixes: Vec<IpNet>,
+    pub loc: Loc,
+}
+
+#[derive(Debug)]
+pub struct Segment {
+    pub tenant: TenantId,
+    pub name: String,
+    pub kind: String,
+    /// `None` for the home-office segment, whose prefixes are the tenant's home-office pool.
+    pub site: Option<SiteId>,
+    pub prefixes: Vec<IpNet>,
+    pub description: Option<String>,
+    pub loc: Loc,
+}
+
+impl Segment {
+    pub fn is_homeoffice(&self) -> bool {
+        self.site.is_none()
+    }
+}
+
+/// Which tenants may write rules towards a service besides its owner.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Export {
+    Nobody,
+    All,
+    Tenants(Vec<TenantId>),
+}
+
+#[derive(Debug)]
+pub struct Service {
+    /// Local name (`dms`, `fileserver`).
+    pub name: String,
+    /// `None`: declared in the operator file and owned by the operator.
+    pub owner: Option<TenantId>,
+    /// Declared in a tenant fragment (`true`) or in the operator file.
+    pub tenant_declared: bool,
+    pub addresses: Vec<IpNet>,
+    pub ports: Vec<PortRange>,
+    pub export: Export,
+    pub description: Option<String>,
+    pub loc: Loc,
+}
+
+#[derive(Debug)]
+pub struct Rule {
+    pub name: String,
+    pub tenant: TenantId,
+    /// Segments, groups expanded, in first-mention order without duplicates.
+    pub from: Vec<SegmentId>,
+    pub to: Vec<ServiceId>,
+    /// When set, only these protocol/port ranges of the services.
+    pub ports: Option<Vec<PortRange>>,
+    pub description: Option<String>,
+    pub loc: Loc,
+}
+
+impl Rule {
+    /// The port ranges this rule allows towards `service`.
+    pub fn allowed_ports(&self, service: &Service) -> Vec<PortRange> {
+        match &self.ports {
+            None => service.ports.clone(),
+            Some(narrow) => service
+                .ports
+                .iter()
+                .flat_map(|p| narrow.iter().filter_map(move |n| p.intersect(n)))
+                .collect(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GuardTarget {
+    Everything,
+    Services(Vec<ServiceId>),
+}
+
+#[derive(Debug)]
+pub struct Guardrail {
+    pub name: String,
+    pub kinds: Vec<String>,
+    /// Empty: every tenant.
+    pub tenants: Vec<TenantId>,
+    pub to: GuardTarget,
+    pub why: Option<String>,
+    pub loc: Loc,
+}
+
+impl Guardrail {
+    pub fn applies_to_segment(&self, segment: &Segment) -> bool {
+        self.kinds.contains(&segment.kind)
+            && (self.tenants.is_empty() || self.tenants.contains(&segment.tenant))
+    }
+
+    pub fn protects(&self, service: ServiceId) -> bool {
+        match &self.to {
+            GuardTarget::Everything => true,
+            GuardTarget::Services(s) => s.contains(&service),
+        }
+    }
+}
+
+/// The source side of an inline test or of `explain`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FromSpec {
+    Segment(SegmentId),
+    Address(IpAddr),
+}
+
+/// The destination side of an inline test or of `explain`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ToSpec {
+    Service {
+        service: ServiceId,
+        proto: Proto,
+        port: u16,
+    },
+    Address {
+        addr: IpAddr,
+        proto: Proto,
+        port: u16,
+    },
+}
+
+#[derive(Debug)]
+pub struct Expectation {
+    pub from: FromSpec,
+    pub to: ToSpec,
+    pub allow: bool,
+    /// The text as written, for reports.
+    pub text: String,
+    pub loc: Loc,
+}
+
+/// A loaded and checked policy.
+#[derive(Debug)]
+pub struct Policy {
+    pub name: String,
+    pub version: u64,
+    pub kinds: Vec<String>,
+    pub tenants: Vec<Tenant>,
+    pub sites: Vec<Site>,
+    pub segments: Vec<Segment>,
+    pub services: Vec<Service>,
+    pub rules: Vec<Rule>,
+    pub guardrails: Vec<Guardrail>,
+    pub expectations: Vec<Expectation>,
+    /// Findings that do not stop the policy from being used.
+    pub warnings: Vec<Diagnostic>,
+    pub sources: SourceMap,
+}
+
+/// Why a policy could not be loaded: every error found, with the sources to show them.
+#[derive(Debug)]
+pub struct PolicyErrors {
+    pub sources: SourceMap,
+    /// Errors first, then warnings.
+    pub diagnostics: Vec<Diagnostic>,
+}
+
+impl PolicyErrors {
+    pub fn error_count(&self) -> usize {
+        self.diagnostics.iter().filter(|d| d.is_error()).count()
+    }
+
+    /// All diagnostics rendered with source lines and carets.
+    pub fn render(&self) -> String {
+        crate::source::Report {
+            sources: &self.sources,
+            diagnostics: &self.diagnostics,
+        }
+        .to_string()
+    }
+}
+
+impl std::fmt::Display for PolicyErrors {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} error(s) in the policy", self.error_count())?;
+        if let Some(first) = self.diagnostics.iter().find(|d| d.is_error()) {
+            match &first.loc {
+                Some(loc) => write!(
+                    f,
+                    "; first: {}: {}",
+                    self.sources.position(loc),
+                    first.message
+                )?,
+                None => write!(f, "; first: {}", first.message)?,
+            }
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for PolicyErrors {}
+
+impl Policy {
+    /// Reads `dir/operator.toml` and `dir/tenants/*.toml`, resolves and checks them.
+    pub fn load(dir: &Path) -> Result<Policy, PolicyErrors> {
+        let mut sources = SourceMap::default();
+        let mut diags = Vec::new();
+        let files = read_policy_dir(dir, &mut sources, &mut diags);
+        Self::from_sources(sources, files, diags)
+    }
+
+    /// Loads a policy from in-memory files: `operator` is the operator file's text, `tenants` are
+    /// (file name, text) pairs of the fragments. Used by tests, fuzzing and tools that hold the
+    /// files themselves.
+    pub fn from_texts(operator: &str, tenants: &[(&str, &str)]) -> Result<Policy, PolicyErrors> {
+        let mut sources = SourceMap::default();
+        let op = sources.add(PathBuf::from("operator.toml"), operator.to_owned());
+        let frags = tenants
+            .iter()
+            .map(|(name, text)| {
+                sources.add(PathBuf::from("tenants").join(name), (*text).to_owned())
+            })
+            .collect();
+        Self::from_sources(
+            sources,
+            PolicyFiles {
+                operator: Some(op),
+                fragments: frags,
+            },
+            Vec::new(),
+        )
+    }
+
+    fn from_sources(
+        sources: SourceMap,
+        files: PolicyFiles,
+        mut diags: Vec<Diagnostic>,
+    ) -> Result<Policy, PolicyErrors> {
+        let mut b = Builder::new(&sources);
+        if let Some(op) = files.operator {
+            b.load_operator(op);
+        }
+        for f in files.fragments {
+            b.load_fragment(f);
+        }
+        b.finish_checks();
+        diags.append(&mut b.diags);
+        // A group named by several rules reports its unknown member once, not once per rule.
+        let mut seen = std::collections::HashSet::new();
+        diags.retain(|d| seen.insert((d.loc.clone(), d.message.clone())));
+        diags.sort_by_key(|d| (d.severity, d.loc.as_ref().map(|l| (l.file, l.span.start))));
+        if diags.iter().any(Diagnostic::is_error) || b.header.is_none() {
+            if b.header.is_none() && !diags.iter().any(Diagnostic::is_error) {
+                diags.insert(0, Diagnostic::global("the policy has no operator file"));
+            }
+            return Err(PolicyErrors {
+                sources,
+                diagnostics: diags,
+            });
+        }
+        let (name, version, kinds) = b.header.take().unwrap_or_default();
+        Ok(Policy {
+            name,
+            version,
+            kinds,
+            tenants: b.tenants,
+            sites: b.sites,
+            segments: b.segments,
+            services: b.services,
+            rules: b.rules,
+            guardrails: b.guardrails,
+            expectations: b.expectations,
+            warnings: diags,
+            sources,
+        })
+    }
+
+    pub fn tenant_by_name(&self, name: &str) -> Option<TenantId> {
+        tenant_index(&self.tenants, name)
+    }
+
+    pub fn site_by_name(&self, tenant: TenantId, name: &str) -> Option<SiteId> {
+        self.tenants[tenant.index()]
+            .sites
+            .iter()
+            .copied()
+            .find(|s| self.sites[s.index()].name == name)
+    }
+
+    /// A site by `tenant/site`, or by its bare name when only one tenant has a site of that name.
+    pub fn find_site(&self, name: &str) -> Result<SiteId, String> {
+        if let Some((t, s)) = name.split_once('/') {
+            let tenant = self
+                .tenant_by_name(t)
+                .ok_or_else(|| format!("no tenant named {t:?}"))?;
+            return self
+                .site_by_name(tenant, s)
+                .ok_or_else(|| format!("tenant {t:?} has no site named {s:?}"));
+        }
+        let found: Vec<SiteId> = (0..self.sites.len())
+            .map(|i| SiteId(i as u32))
+            .filter(|s| self.sites[s.index()].name == name)
+            .collect();
+        match found.as_slice() {
+            [one] => Ok(*one),
+            [] => Err(format!("no site named {name:?}")),
+            _ => Err(format!(
+                "several tenants have a site named {name:?}: write TENANT/{name}"
+            )),
+        }
+    }
+
+    /// `tenant/segment` as admins write it.
+    pub fn segment_name(&self, id: SegmentId) -> String {
+        let s = &self.segments[id.index()];
+        format!("{}/{}", self.tenants[s.tenant.index()].name, s.name)
+    }
+
+    /// `dms` for operator services, `tenant/service` for a tenant's own.
+    pub fn service_name(&self, id: ServiceId) -> String {
+        let s = &self.services[id.index()];
+        match (s.tenant_declared, s.owner) {
+            (true, Some(t)) => format!("{}/{}", self.tenants[t.index()].name, s.name),
+            _ => s.name.clone(),
+        }
+    }
+
+    /// A segment named `tenant/segment` (or bare, when `within` names the tenant).
+    pub fn find_segment(&self, name: &str, within: Option<TenantId>) -> Option<SegmentId> {
+        lookup_segment(&self.tenants, &self.segments, name, within)
+    }
+
+    /// A service by its display name (`dms`, `tenant/service`), or bare from inside `within`.
+    pub fn find_service(&self, name: &str, within: Option<TenantId>) -> Option<ServiceId> {
+        lookup_service(&self.tenants, &self.services, name, within)
+    }
+
+    /// The segment an address belongs to (segments never overlap, the checker sees to that).
+    pub fn segment_of(&self, addr: IpAddr) -> Option<SegmentId> {
+        self.segments
+            .iter()
+            .position(|s| s.prefixes.iter().any(|p| p.contains(&addr)))
+            .map(|i| SegmentId(i as u32))
+    }
+
+    /// Resolves certificate identity fields to the policy's indices.
+    pub fn peer_identity(
+        &self,
+        tenant: &str,
+        site: Option<&str>,
+        role: crate::Role,
+    ) -> Option<crate::PeerIdentity> {
+        let tenant = self.tenant_by_name(tenant)?;
+        let site = match site {
+            Some(s) => Some(self.site_by_name(tenant, s)?),
+            None => None,
+        };
+        Some(crate::PeerIdentity { tenant, role, site })
+    }
+
+    /// `rule "files" (tenants/musterstadt.toml:30)` and the like, for verdict reports.
+    pub fn describe(&self, by: crate::Decider) -> String {
+        use crate::Decider;
+        match by {
+            Decider::Rule(r) => {
+                let rule = &self.rules[r.index()];
+                format!("rule \"{}\", {}", rule.name, self.sources.cite(&rule.loc))
+            }
+            Decider::Guardrail(g) => {
+                let g = &self.guardrails[g.index()];
+                format!("guardrail \"{}\", {}", g.name, self.sources.cite(&g.loc))
+            }
+            Decider::DefaultDeny => "default deny: no rule allows it".to_owned(),
+            Decider::NoSegment => "default deny: the source is in no segment".to_owned(),
+            Decider::ForeignSource => {
+                "the source address is not one the sending peer may use".to_owned()
+            }
+            Decider::UnknownProtocol => {
+                "the policy names only tcp, udp and icmp; other protocols are denied".to_owned()
+            }
+        }
+    }
+}
+
+mod check;
+mod fragment;
+mod load;
+mod rules;
+
+use check::*;
+use load::*;
+use rules::*;
+
+pub(crate) use check::share_family;
+pub(crate) use rules::{resolve_from, resolve_to};
