@@ -12,7 +12,8 @@
 #     a run succeeds when that is at most 1 s.
 # Reported per daemon and scenario: runs, successes, time to first reply (each run), the
 # daemon's CPU during the flood, datagrams the hub sent back to the attacker, the flood rate the
-# generator reached, the established peer's ping loss.
+# generator reached, the datagrams per second the hub's kernel delivered to the daemon's socket
+# and those it dropped because the socket's queue was full, the established peer's ping loss.
 #
 # Usage: sudo benches/flood.sh [target/release/komnet-gateway]
 #   RUNS=3 SECONDS_FLOOD=8 RATE=0 (0: as fast as the generator goes) THREADS=1 GSO=1
@@ -31,7 +32,7 @@ THREADS=${THREADS:-1}; GSO=${GSO:-1}
 SCENARIOS=${SCENARIOS:-"1 1000"}; DAEMONS=${DAEMONS:-"komnet wggo2023"}
 LEGIT=$(command -v wireguard-go) || bdie "Debian's wireguard-go (the legitimate peer) missing: scripts/setup.sh bench"
 bench_require
-REF=$(scripts/wireguard-go-2023.sh) || bdie "wireguard-go 0.0.20231211 not available"
+REF=$(wggo_2023)
 
 ID=$BENCH_ID
 NS_HUB=kfh-$ID; NS_NEW=kfn-$ID; NS_OLD=kfo-$ID; NS_ATK=kfa-$ID
@@ -76,6 +77,11 @@ start_wg() {
 }
 
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
+# udp_counter NS FIELD: a field of the Udp line of /proc/net/snmp in NS (InDatagrams: datagrams
+# the kernel delivered to sockets; RcvbufErrors: dropped because a socket's queue was full).
+udp_counter() {
+    ip netns exec "$1" awk -v f="$2" '/^Udp:/ { if (!n) { for (i = 1; i <= NF; i++) col[$i] = i; n = 1 } else print $col[f] }' /proc/net/snmp
+}
 rx_packets() { ip -n "$1" -s -j link show "$2" | sed -n 's/.*"rx":{[^}]*"packets":\([0-9]*\).*/\1/p'; }
 
 # run_once DAEMON_BIN SOURCES: one flood run; sets RESULT to "first_ms cpu% to_attacker rate
@@ -110,6 +116,8 @@ run_once() {
     hz=$(getconf CLK_TCK)
     rx0=$(rx_packets "$NS_ATK" eth0)
     ticks0=$(cpu_ticks "$hub_pid")
+    local in0 qdrop0
+    in0=$(udp_counter "$NS_HUB" InDatagrams); qdrop0=$(udp_counter "$NS_HUB" RcvbufErrors)
     local out; out=$(mktemp)
     local src_args=(--source 10.99.0.1 --port 40000)
     [ "$sources" -gt 1 ] && src_args+=(--sources "$sources")
@@ -134,17 +142,21 @@ run_once() {
     local ticks1 rx1
     ticks1=$(cpu_ticks "$hub_pid")
     rx1=$(rx_packets "$NS_ATK" eth0)
+    local in1 qdrop1
+    in1=$(udp_counter "$NS_HUB" InDatagrams); qdrop1=$(udp_counter "$NS_HUB" RcvbufErrors)
     local cpu rate loss
     cpu=$(awk -v t=$((ticks1 - ticks0)) -v hz="$hz" -v s="$SECONDS_FLOOD" 'BEGIN{printf "%.0f", 100 * t / hz / s}')
     rate=$(sed -n 's/.*"rate":\([0-9]*\).*/\1/p' "$out")
     [ -n "$rate" ] || bdie "the flood generator failed: $(cat "$out")"
     loss=$(sed -n 's/.* \([0-9.]*\)% packet loss.*/\1/p' "$old_out")
     rm -f "$out" "$old_out"
-    RESULT="$first $cpu $((rx1 - rx0)) $rate ${loss:-?}"
+    local delivered
+    delivered=$(awk -v d=$((in1 - in0)) -v s="$SECONDS_FLOOD" 'BEGIN{printf "%.0f", d / s}')
+    RESULT="$first $cpu $((rx1 - rx0)) $rate ${loss:-?} $delivered $((qdrop1 - qdrop0))"
 }
 
 blog "flood ${SECONDS_FLOOD}s per run, rate ${RATE} (0: max), threads ${THREADS}, gso ${GSO}, runs ${RUNS}"
-printf '%-18s %-8s %-5s %-9s %-28s %-8s %-12s %-12s %s\n' daemon sources runs success "first reply ms (each run)" "cpu %" "to attacker" "flood /s" "established loss %"
+printf '%-18s %-8s %-5s %-8s %-22s %-10s %-14s %-16s %-16s %-14s %s\n' daemon sources runs success "first reply ms" "cpu %" "to attacker" "sent /s" "delivered /s" "queue drops" "established loss %"
 for sources in $SCENARIOS; do
     for d in $DAEMONS; do
         case $d in
@@ -152,15 +164,17 @@ for sources in $SCENARIOS; do
             wggo2023) bin=$REF; name=wireguard-go-2023 ;;
             *) bdie "unknown daemon $d" ;;
         esac
-        firsts=(); ok=0; cpus=(); replies=(); rates=(); losses=()
+        firsts=(); ok=0; cpus=(); replies=(); rates=(); losses=(); delivs=(); qdrops=()
         for r in $(seq "$RUNS"); do
             run_once "$bin" "$sources"
-            read -r first cpu rx rate loss <<<"$RESULT"
+            read -r first cpu rx rate loss deliv qdrop <<<"$RESULT"
             firsts+=("$first"); cpus+=("$cpu"); replies+=("$rx"); rates+=("$rate"); losses+=("$loss")
+            delivs+=("$deliv"); qdrops+=("$qdrop")
             if [ "$first" -ge 0 ] && [ "$first" -le 1000 ]; then ok=$((ok + 1)); fi
         done
-        printf '%-18s %-8s %-5s %-9s %-28s %-8s %-12s %-12s %s\n' "$name" "$sources" "$RUNS" "$ok/$RUNS" \
+        printf '%-18s %-8s %-5s %-8s %-22s %-10s %-14s %-16s %-16s %-14s %s\n' "$name" "$sources" "$RUNS" "$ok/$RUNS" \
             "$(IFS=,; echo "${firsts[*]}")" "$(IFS=,; echo "${cpus[*]}")" "$(IFS=,; echo "${replies[*]}")" \
-            "$(IFS=,; echo "${rates[*]}")" "$(IFS=,; echo "${losses[*]}")"
+            "$(IFS=,; echo "${rates[*]}")" "$(IFS=,; echo "${delivs[*]}")" "$(IFS=,; echo "${qdrops[*]}")" \
+            "$(IFS=,; echo "${losses[*]}")"
     done
 done

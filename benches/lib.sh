@@ -63,14 +63,12 @@ pair_up() {
     ip netns exec "$NS_L" ping -c 3 -i 0.2 -W 2 "$TUN_R" >/dev/null || bdie "no ping through the tunnel"
 }
 
-# Path of wireguard-go 0.0.20231211 (the fast userspace anchor), fetched without installing.
+# Path of wireguard-go 0.0.20231211 (the fast userspace anchor): $WGGO_2023 if set, else what
+# scripts/wireguard-go-2023.sh fetches and unpacks (from this repository, nothing outside it).
 wggo_2023() {
-    local f
-    for f in "${WGGO_2023:-}" ../shared/bench/peers/fetch-wggo-2023.sh "$(dirname "$0")/../../shared/bench/peers/fetch-wggo-2023.sh"; do
-        [ -n "$f" ] || continue
-        if [ -x "$f" ] && [ "${f##*.}" = sh ]; then "$f"; return; fi
-        if [ -x "$f" ]; then echo "$f"; return; fi
-    done
-    [ -x /opt/wireguard-go-2023/usr/bin/wireguard-go ] && { echo /opt/wireguard-go-2023/usr/bin/wireguard-go; return; }
-    bdie "wireguard-go 2023 not found: set WGGO_2023=/path/to/wireguard-go"
+    if [ -n "${WGGO_2023:-}" ]; then
+        [ -x "$WGGO_2023" ] || bdie "WGGO_2023=$WGGO_2023 is not executable"
+        echo "$WGGO_2023"; return
+    fi
+    scripts/wireguard-go-2023.sh || bdie "wireguard-go 0.0.20231211 not available (scripts/wireguard-go-2023.sh)"
 }

@@ -91,7 +91,7 @@ pub fn komnet_enroll_binary() -> Result<PathBuf> {
     workspace_binary("komnet-enroll", "KOMNET_ENROLL_BIN", "komnet-enroll")
 }
 
-fn workspace_binary(name: &str, env_var: &str, package: &str) -> Result<PathBuf> {
+pub(crate) fn workspace_binary(name: &str, env_var: &str, package: &str) -> Result<PathBuf> {
     let build_hint = format!("build it with `cargo build --release -p {package}`");
     if let Some(path) = std::env::var_os(env_var) {
         let path = PathBuf::from(path);

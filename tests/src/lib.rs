@@ -19,6 +19,7 @@ mod command;
 pub mod conformance;
 mod daemon;
 pub mod district;
+pub mod flood;
 mod netns;
 mod ping;
 mod transfer;

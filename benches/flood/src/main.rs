@@ -10,8 +10,9 @@
 //!   (UDP_SEGMENT), so one call moves batch × N datagrams;
 //! - `--threads` senders, each with its own sockets.
 //!
-//! Sources: `--sources N` binds N sockets to consecutive addresses from `--source` (and ports
-//! from `--port`), so one run can come from one address or be spread over a /24; the benchmark
+//! Sources: `--sources N` binds N sockets, the i-th to address `--source` + (i mod
+//! `--addresses`) and port `--port` + i, so one run can come from one address or be spread over
+//! the addresses and ports of a /24 (`--addresses` defaults to at most 254); the benchmark
 //! routes that /24 to the generator's namespace as local (`ip route add local ...`).
 //!
 //! Initiations are real ones (`--peer-key`: the compromised peer's private key; each made by
@@ -41,7 +42,7 @@ const MAX_DURATION: Duration = Duration::from_secs(600);
 
 const USAGE: &str =
     "usage: komnet-flood --target ADDR:PORT --hub-key BASE64 (--peer-key BASE64 | --random)
-        [--source ADDR] [--sources N] [--port P] [--duration SECS] [--count N] [--rate PER_SEC]
+        [--source ADDR] [--sources N] [--addresses A] [--port P] [--duration SECS] [--count N] [--rate PER_SEC]
         [--threads T] [--batch B] [--gso N] [--precompute N]
   --duration is required (at most 600 s); --count defaults to 100,000,000.";
 
@@ -52,6 +53,7 @@ struct Args {
     peer_key: Option<[u8; 32]>,
     source: Option<IpAddr>,
     sources: usize,
+    addresses: usize,
     port: u16,
     duration: Duration,
     count: u64,
@@ -80,6 +82,7 @@ fn parse_args() -> Result<Args> {
         peer_key: None,
         source: None,
         sources: 1,
+        addresses: 0,
         port: 0,
         duration: Duration::ZERO,
         count: 100_000_000,
@@ -104,6 +107,9 @@ fn parse_args() -> Result<Args> {
                 args.source = Some(value("--source")?.parse().context("--source: an address")?)
             }
             "--sources" => args.sources = value("--sources")?.parse().context("--sources")?,
+            "--addresses" => {
+                args.addresses = value("--addresses")?.parse().context("--addresses")?
+            }
             "--port" => args.port = value("--port")?.parse().context("--port")?,
             "--duration" => {
                 duration = Some(Duration::from_secs_f64(
@@ -143,6 +149,9 @@ fn parse_args() -> Result<Args> {
     }
     if !(1..=65_536).contains(&args.sources) {
         bail!("--sources must be 1..=65536");
+    }
+    if args.addresses == 0 {
+        args.addresses = args.sources.min(254);
     }
     if !(1..=1024).contains(&args.batch) || !(1..=64).contains(&args.gso) {
         bail!("--batch must be 1..=1024 and --gso 1..=64");
@@ -230,7 +239,7 @@ fn main() -> Result<()> {
     let mut sockets = Vec::with_capacity(args.sources);
     for i in 0..args.sources {
         let addr = if args.source.is_some() {
-            nth_source(base, i)
+            nth_source(base, i % args.addresses)
         } else {
             base
         };

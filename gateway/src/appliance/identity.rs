@@ -456,6 +456,7 @@ pub(super) async fn renewal(ctx: Arc<Ctx>) {
                     tracing::error!(error = %e, path = %path.display(), "cannot store the renewed certificate");
                 }
                 tracing::info!(serial = %renewed.identity.serial, not_after = renewed.identity.not_after, "certificate renewed");
+                raise_policy_floor(&ctx, renewed.policy_version);
                 // The hub list is the spoke watcher's to change (it re-applies the peers).
                 let mut s = ctx.state.lock();
                 if let Some(r) = s.renewal.as_mut() {
@@ -482,3 +483,15 @@ pub(super) async fn renewal(ctx: Arc<Ctx>) {
 
 #[cfg(test)]
 mod tests;
+
+/// The policy version the enrollment service vouched for in its answer becomes the floor of
+/// the bundle store: a new or re-flashed appliance refuses older signed bundles (anti-rollback
+/// without a bundle of its own to compare with).
+pub(super) fn raise_policy_floor(ctx: &Ctx, version: u64) {
+    let Some(store) = ctx.bundles.get() else {
+        return;
+    };
+    if let Err(e) = store.raise_floor(version) {
+        tracing::warn!(error = %e, version, "cannot record the policy version floor");
+    }
+}

@@ -383,6 +383,7 @@ async fn start(ctx: Arc<Ctx>) -> Result<()> {
         ctx.config.data_dir.join(POLICY_DIR),
         policy_key,
     ));
+    identity::raise_policy_floor(&ctx, enrollment.policy_version);
     let expected = match ctx.config.role {
         GatewayRole::Hub => Role::Hub,
         GatewayRole::Spoke => Role::Spoke,
