@@ -123,6 +123,35 @@ fn bench(c: &mut Criterion) {
         );
     }
     group.finish();
+
+    // Padding (issue 20): the same packet encapsulated + decapsulated with an MTU equal to its
+    // size (no padding) and with the usual 1420 (padded to the next multiple of 16), in the
+    // same run, through the driver's entry point `handle_tun_buffer`.
+    let mut group = c.benchmark_group("padding");
+    for size in [84usize, 1400] {
+        group.throughput(Throughput::Bytes(size as u64));
+        let pkt = ipv4_packet(size);
+        let mut tun_buf = vec![0u8; 65_535];
+        let mut wire = vec![0u8; 2048];
+        let mut plain = vec![0u8; 2048];
+        for (label, mtu) in [("unpadded", size as u32), ("padded-mtu1420", 1420)] {
+            a.set_mtu(mtu);
+            group.bench_with_input(BenchmarkId::new(label, size), &size, |bench, _| {
+                bench.iter(|| {
+                    tun_buf[..size].copy_from_slice(&pkt);
+                    let Action::ToNetwork { offset, len, .. } =
+                        a.handle_tun_buffer(now, &mut tun_buf, size, &mut wire)
+                    else {
+                        panic!("encapsulation failed");
+                    };
+                    let action =
+                        b.handle_datagram(now, addr_a, &wire[offset..offset + len], &mut plain);
+                    assert!(matches!(action, Action::ToTun { .. }), "{action:?}");
+                })
+            });
+        }
+    }
+    group.finish();
 }
 
 criterion_group!(benches, bench);

@@ -42,6 +42,8 @@ pub const MIN_OUT_BUF: usize = HANDSHAKE_INIT_LEN;
 pub const MAX_DATAGRAM: usize = u16::MAX as usize + DATA_OVERHEAD;
 /// Data packets are padded to a multiple of this (WireGuard paper, section 5.4.6).
 pub const PADDING_MULTIPLE: usize = 16;
+/// ICMP unreachable answers per second at most (the kernel's default `icmp_msgs_per_sec`).
+pub const ICMP_PER_SECOND: u32 = 1000;
 
 /// Zero bytes to append to an inner packet of `len` bytes on an interface of MTU `mtu` (0:
 /// unknown): up to the next multiple of 16, never past the MTU. The kernel's rule, so inner
@@ -145,6 +147,13 @@ pub enum Action {
         offset: usize,
         len: usize,
     },
+    /// Refused for `reason` (and counted), and answered: write the ICMP/ICMPv6 "host
+    /// unreachable" `out[offset..offset + len]` to the TUN device, toward the packet's sender.
+    Unreachable {
+        reason: DropReason,
+        offset: usize,
+        len: usize,
+    },
     /// Handled; nothing to send (a keepalive, a cookie, a packet queued for a handshake).
     Nothing,
     /// Refused, and counted under this reason.
@@ -224,6 +233,10 @@ pub struct Core {
     scratch: Vec<u8>,
     /// The tunnel interface's MTU, for padding (0 until the driver learns it).
     mtu: usize,
+    /// ICMP unreachable answers sent in the current second of core time, and when it began:
+    /// at most `ICMP_PER_SECOND`, as the kernel's `icmp_msgs_per_sec`.
+    icmp_sent: u32,
+    icmp_window: Duration,
     device_drops: DropCounters,
 }
 
@@ -349,6 +362,8 @@ impl Core {
             // Zeroed pages are mapped lazily: only what large packets touch costs memory.
             scratch: vec![0; MAX_DATAGRAM],
             mtu: 0,
+            icmp_sent: 0,
+            icmp_window: Duration::ZERO,
             device_drops: DropCounters::default(),
         }
     }
@@ -638,6 +653,39 @@ impl Core {
         Action::Drop(reason)
     }
 
+    /// Counts `reason` and, within the rate limit, answers `packet` with an ICMP unreachable
+    /// written into `out`, as the kernel's WireGuard does for packets it cannot send.
+    fn unreachable(
+        &mut self,
+        id: Option<PeerId>,
+        reason: DropReason,
+        packet: &[u8],
+        out: &mut [u8],
+    ) -> Action {
+        let dropped = match id {
+            Some(id) => self.peer_drop(id, reason),
+            None => self.device_drop(reason),
+        };
+        if self.clock.saturating_sub(self.icmp_window) >= Duration::from_secs(1) {
+            self.icmp_window = self.clock;
+            self.icmp_sent = 0;
+        }
+        if self.icmp_sent >= ICMP_PER_SECOND {
+            return dropped;
+        }
+        match crate::unreachable::answer(packet, out) {
+            Some(len) => {
+                self.icmp_sent += 1;
+                Action::Unreachable {
+                    reason,
+                    offset: 0,
+                    len,
+                }
+            }
+            None => dropped,
+        }
+    }
+
     fn peer_drop(&mut self, id: PeerId, reason: DropReason) -> Action {
         match self.peer_mut(id) {
             Some(p) => p.drops.add(reason),
@@ -684,10 +732,10 @@ impl Core {
         };
         // Route before encrypting: boringtun's `encapsulate` would start a handshake for any
         // packet, including link-local chatter meant for nobody.
-        let Some(id) = self.allowed_ips.lookup(header.dst) else {
-            return self.device_drop(DropReason::NoRoute);
-        };
         let total = header.total_len;
+        let Some(id) = self.allowed_ips.lookup(header.dst) else {
+            return self.unreachable(None, DropReason::NoRoute, &buf[..total], out);
+        };
         let pad = padding_len(total, self.mtu);
         let padded = if buf.len() >= total + pad {
             buf[total..total + pad].fill(0);
@@ -703,7 +751,7 @@ impl Core {
             return self.device_drop(DropReason::NoRoute);
         };
         let Some(endpoint) = peer.endpoint else {
-            return self.peer_drop(id, DropReason::NoEndpoint);
+            return self.unreachable(Some(id), DropReason::NoEndpoint, &buf[..total], out);
         };
         let tunn = match tunn_of(&self.key, peer) {
             Ok(tunn) => tunn,

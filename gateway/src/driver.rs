@@ -369,6 +369,11 @@ fn outbound(shared: &Shared, events: &Sender<Event>) {
     // peer is already the contiguous buffer a GSO send wants.
     let mut out = vec![0u8; IDEAL_BATCH_SIZE * (MAX_PACKET + crate::packet::DATA_OVERHEAD)];
     let mut sends: Vec<(SocketAddr, usize, usize)> = Vec::with_capacity(IDEAL_BATCH_SIZE);
+    // ICMP unreachable answers for packets no peer can take, written back to the TUN device.
+    let mut icmp_bufs: Vec<Vec<u8>> = (0..IDEAL_BATCH_SIZE)
+        .map(|_| Vec::with_capacity(VIRTIO_NET_HDR_LEN + crate::unreachable::MAX_V6))
+        .collect();
+    let mut icmp_gro = GROTable::default();
     // The TUN device is blocking: one syscall per super-packet, no poll in front of it. On
     // shutdown the process exits under this thread.
     while !shared.stopping() {
@@ -398,6 +403,7 @@ fn outbound(shared: &Shared, events: &Sender<Event>) {
         let now = Instant::now();
         sends.clear();
         let mut cursor = 0;
+        let mut icmp = 0;
         let has_pending = {
             let (mut gate, mut core) = shared.gate_and_core();
             for (buf, &size) in bufs.iter_mut().zip(&sizes).take(n) {
@@ -408,21 +414,38 @@ fn outbound(shared: &Shared, events: &Sender<Event>) {
                 }
                 let room = &mut out[cursor..];
                 // The padding goes into `buf` behind the packet (it has MAX_PACKET bytes).
-                if let Action::ToNetwork { dst, offset, len } =
-                    core.handle_tun_buffer(now, buf, size, room)
-                {
-                    // boringtun writes at the start of the buffer; moving in place would still
-                    // cost a memmove of the whole datagram.
-                    if offset != 0 {
-                        room.copy_within(offset..offset + len, 0);
+                match core.handle_tun_buffer(now, buf, size, room) {
+                    Action::ToNetwork { dst, offset, len } => {
+                        // boringtun writes at the start of the buffer; moving in place would
+                        // still cost a memmove of the whole datagram.
+                        if offset != 0 {
+                            room.copy_within(offset..offset + len, 0);
+                        }
+                        sends.push((dst, cursor, len));
+                        cursor += len;
                     }
-                    sends.push((dst, cursor, len));
-                    cursor += len;
+                    Action::Unreachable { offset, len, .. } => {
+                        let answer = &mut icmp_bufs[icmp];
+                        answer.clear();
+                        answer.resize(VIRTIO_NET_HDR_LEN, 0);
+                        answer.extend_from_slice(&room[offset..offset + len]);
+                        icmp += 1;
+                    }
+                    _ => {}
                 }
             }
             core.has_pending()
         };
         send_runs(&shared.sockets(), &out, &sends);
+        if icmp > 0 {
+            if let Err(e) =
+                shared
+                    .tun
+                    .send_multiple(&mut icmp_gro, &mut icmp_bufs[..icmp], VIRTIO_NET_HDR_LEN)
+            {
+                tracing::debug!(error = %e, "TUN write of ICMP unreachable");
+            }
+        }
         if has_pending {
             shared.flush_pending();
         }
@@ -668,7 +691,7 @@ fn decrypt_batch(
                     let start = VIRTIO_NET_HDR_LEN + offset;
                     replies.push((dst, buf[start..start + len].to_vec()));
                 }
-                Action::Nothing | Action::Drop(_) => {}
+                Action::Nothing | Action::Drop(_) | Action::Unreachable { .. } => {}
             }
         }
     }

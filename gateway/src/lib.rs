@@ -15,6 +15,7 @@
 //!   policy), turned into peer-table changes; sans-IO.
 //! - [`appliance`]: `komnet-gateway run --config`: the hub or spoke appliance: enrollment,
 //!   registry, policy bundles, nftables, failover, `/metrics` and `/status`.
+//! - [`unreachable`]: ICMP host-unreachable answers for packets no peer can take.
 //! - `sys`: the few syscalls no crate wraps; the only place with `unsafe`.
 //!
 //! It does not own enrollment (`komnet-enroll`) or the policy language (`komnet-policy`); it
@@ -32,3 +33,4 @@ pub mod gate;
 pub mod packet;
 mod sys;
 pub mod uapi;
+pub mod unreachable;

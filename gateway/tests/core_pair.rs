@@ -426,6 +426,7 @@ impl Pair {
                 node.tun.push(out[offset..offset + len].to_vec());
             }
             Action::Drop(reason) => node.drops.push(reason),
+            Action::Unreachable { .. } => panic!("a datagram is never answered with ICMP"),
             Action::Nothing => {}
         }
         Some(action)
@@ -1197,14 +1198,21 @@ fn a_removed_peer_is_unknown_and_unroutable() {
         pair.deliver(orphan.clone()),
         Some(Action::Drop(DropReason::UnknownIndex))
     );
-    assert_eq!(
+    // Unroutable: refused and answered with an ICMP unreachable (see unreachable.rs).
+    assert!(matches!(
         pair.send(Side::A, &ipv4_udp(A_V4, B_V4, b"v4")),
-        Action::Drop(DropReason::NoRoute)
-    );
-    assert_eq!(
+        Action::Unreachable {
+            reason: DropReason::NoRoute,
+            ..
+        }
+    ));
+    assert!(matches!(
         pair.send(Side::A, &ipv6_udp(A_V6, B_V6, b"v6")),
-        Action::Drop(DropReason::NoRoute)
-    );
+        Action::Unreachable {
+            reason: DropReason::NoRoute,
+            ..
+        }
+    ));
     let device = pair.a.core.device_drops();
     assert_eq!(device.get(DropReason::UnknownIndex), 1);
     assert_eq!(device.get(DropReason::NoRoute), 2);
@@ -1463,4 +1471,48 @@ fn data_packets_are_padded_to_sixteen_bytes_but_never_past_the_mtu() {
     );
     let (_, tx_after) = pair.transfer_counters(Side::A);
     assert_eq!(tx_after - tx_before, 128);
+}
+
+#[test]
+fn a_packet_no_peer_can_take_is_answered_with_icmp_unreachable_within_a_rate_limit() {
+    let mut pair = Pair::new();
+    pair.handshake();
+    let mut out = vec![0u8; BUF_LEN];
+    let now = pair.now;
+    let stray = ipv4_udp(A_V4, C_V4, b"for nobody");
+    let Action::Unreachable {
+        reason,
+        offset,
+        len,
+    } = pair.a.core.handle_tun_packet(now, &stray, &mut out)
+    else {
+        panic!("no answer to an unroutable packet");
+    };
+    assert_eq!(reason, DropReason::NoRoute);
+    let answer = &out[offset..offset + len];
+    assert_eq!(
+        komnet_gateway::unreachable::addresses(answer),
+        Some((C_V4.into(), A_V4.into())),
+        "from the unreachable address to the sender"
+    );
+    assert_eq!((answer[20], answer[21]), (3, 1), "ICMP host unreachable");
+    assert_eq!(&answer[28..], &stray[..], "quotes the packet");
+    // At most ICMP_PER_SECOND answers per second; then plain drops until the next second.
+    let limit = komnet_gateway::core::ICMP_PER_SECOND;
+    for _ in 1..limit {
+        assert!(matches!(
+            pair.a.core.handle_tun_packet(now, &stray, &mut out),
+            Action::Unreachable { .. }
+        ));
+    }
+    assert_eq!(
+        pair.a.core.handle_tun_packet(now, &stray, &mut out),
+        Action::Drop(DropReason::NoRoute)
+    );
+    let later = now + Duration::from_secs(1);
+    assert!(matches!(
+        pair.a.core.handle_tun_packet(later, &stray, &mut out),
+        Action::Unreachable { .. }
+    ));
+    assert!(pair.in_flight.is_empty(), "nothing went to the network");
 }

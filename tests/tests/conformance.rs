@@ -358,3 +358,43 @@ fn tunnel_mtu_above_the_path_mtu_fragments_outer_packets(kind: DaemonKind) {
     assert!(report.checksums_match(), "{report:?}");
 }
 scenario!(tunnel_mtu_above_the_path_mtu_fragments_outer_packets: Komnet);
+
+/// Defect 9: a packet routed into the tunnel for which no peer is configured is answered with
+/// an ICMP/ICMPv6 unreachable, so applications fail at once (ping reports the host
+/// unreachable, TCP connect fails with EHOSTUNREACH) instead of timing out. wireguard-go drops
+/// such packets silently, so it is not run as the reference.
+fn no_peer_for_a_destination_answers_icmp_unreachable(kind: DaemonKind) {
+    let t = trio(kind);
+    t.set_loopback_endpoints(false).unwrap();
+    t.ping(0, &["-c", "1", "-W", "2"], TUNNEL_V4[1]).unwrap();
+    for target in ["192.168.241.3", "fd00::3"] {
+        let out = t
+            .end_ns(0)
+            .exec_output(
+                &["ping", "-c", "1", "-W", "3", target],
+                Duration::from_secs(10),
+            )
+            .unwrap();
+        assert!(
+            !out.succeeded() && out.stdout.to_lowercase().contains("unreachable"),
+            "ping {target} must report it unreachable: {out}"
+        );
+        let script = "import socket,sys,time\n\
+t = time.monotonic()\n\
+try:\n    socket.create_connection((sys.argv[1], 80), timeout=5)\n    print('connected')\n\
+except OSError as e:\n    print(e.errno, round(time.monotonic() - t, 2))\n";
+        let out = t
+            .end_ns(0)
+            .exec(&["python3", "-c", script, target])
+            .unwrap();
+        let fields: Vec<&str> = out.split_whitespace().collect();
+        assert_eq!(
+            fields.first(),
+            Some(&"113"),
+            "EHOSTUNREACH for {target}: {out}"
+        );
+        let secs: f64 = fields[1].parse().unwrap();
+        assert!(secs < 2.0, "connect to {target} took {secs} s to fail");
+    }
+}
+scenario!(no_peer_for_a_destination_answers_icmp_unreachable: Komnet);

@@ -24,7 +24,7 @@ fuzz_target!(|data: &[u8]| {
     match core.handle_datagram(now, src, data, &mut out) {
         Action::ToTun { offset, len, .. } => assert!(offset + len <= out.len()),
         Action::ToNetwork { offset, len, .. } => assert!(offset + len <= out.len()),
-        Action::Nothing | Action::Drop(_) => {}
+        Action::Nothing | Action::Drop(_) | Action::Unreachable { .. } => {}
     }
     // The same bytes as an outgoing TUN packet.
     let _ = core.handle_tun_packet(now, data, &mut out);
