@@ -323,3 +323,19 @@ fn socket_in_netns(ns: std::fs::File) -> io::Result<std::os::fd::OwnedFd> {
     .join()
     .map_err(|_| io::Error::other("namespace thread panicked"))?
 }
+
+/// Makes the child `cmd` starts get SIGKILL when the thread that started it ends (with the
+/// daemon): a helper like `nft monitor` must not outlive the gateway.
+pub(crate) fn end_with_parent(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the child between fork and exec and only calls prctl, which
+    // is async-signal-safe; it touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}

@@ -516,3 +516,117 @@ fn an_image_spoke_waits_refuses_a_spent_token_then_enrols_and_takes_its_lan_addr
     reported.sort();
     assert_eq!(reported, on_lan, "{running}");
 }
+
+/// Counts the replies of pings started now in `ns` towards `dst`, 500 a second for `seconds`.
+fn start_ping(ns: &str, dst: &str, seconds: u32) -> std::process::Child {
+    std::process::Command::new("ip")
+        .args([
+            "netns", "exec", ns, "ping", "-n", "-q", "-i", "0.002", "-W", "1",
+        ])
+        .args(["-w", &seconds.to_string(), dst])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("ping")
+}
+
+fn replies(child: std::process::Child) -> (u32, u32) {
+    let out = child.wait_with_output().expect("ping output");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let summary = komnet_netns_tests::parse_ping_summary(&text).expect("ping summary");
+    (summary.received, summary.transmitted)
+}
+
+#[test]
+fn a_flushed_firewall_does_not_open_a_spoke() {
+    // Issue 14, part 5: `nft flush ruleset` (what Debian's nftables.service does when it stops
+    // or restarts) on a running spoke. With forwarding on and no rules, the kernel would
+    // forward LAN <-> WAN; the spoke's fence (policy-routing rules) holds meanwhile and its
+    // guard reinstalls the table.
+    require_root_and_tools();
+    let mut district = District::start(
+        &netprobe(),
+        Options {
+            two_hubs: false,
+            homeoffice: false,
+        },
+    )
+    .expect("district");
+    // A host on the WAN (the town hall's router side) that knows the way to the LAN.
+    let wanhost = district.wan_namespace("wanhost", 50).expect("WAN host");
+    let noh = district.commune("nohfelden");
+    let lan = format!("10.{}.0.0/16", noh.lan);
+    wanhost
+        .ip(&["route", "add", &lan, "via", "192.0.2.11"])
+        .expect("route to the LAN");
+    let gw = noh.gw.name().to_owned();
+    let staff_ns = noh.staff.name().to_owned();
+    let guest_ns = noh.guest.name().to_owned();
+    let staff_addr = noh.staff_addr().to_string();
+    let nft = |args: &[&str]| {
+        run(
+            std::process::Command::new("ip")
+                .args(["netns", "exec", &gw, "nft"])
+                .args(args),
+            COMMAND_TIMEOUT,
+        )
+        .expect("nft")
+    };
+    assert!(nft(&["list", "table", "inet", "komnet"]).succeeded());
+
+    // Pings, 500 a second, that must never be answered: LAN -> WAN, WAN -> LAN, guest -> staff.
+    let probes = [
+        ("LAN -> WAN", start_ping(&staff_ns, "192.0.2.50", 6)),
+        ("WAN -> LAN", start_ping(wanhost.name(), &staff_addr, 6)),
+        ("guest -> staff", start_ping(&guest_ns, &staff_addr, 6)),
+    ];
+    std::thread::sleep(Duration::from_millis(500));
+    let mut back_after = Vec::new();
+    for round in 0..3 {
+        let args: &[&str] = if round == 2 {
+            &["delete", "table", "inet", "komnet"]
+        } else {
+            &["flush", "ruleset"]
+        };
+        let flushed = Instant::now();
+        assert!(nft(args).succeeded(), "nft {args:?}");
+        // The guard reinstalls the table within a second.
+        loop {
+            if nft(&["list", "table", "inet", "komnet"]).succeeded() {
+                back_after.push(flushed.elapsed());
+                break;
+            }
+            assert!(
+                flushed.elapsed() < Duration::from_secs(1),
+                "round {round}: the komnet table is not back after 1 s"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        std::thread::sleep(Duration::from_millis(1200));
+    }
+    println!("the komnet table was back after {back_after:?}");
+    for (what, child) in probes {
+        let (received, sent) = replies(child);
+        assert!(sent > 500, "{what}: only {sent} pings sent");
+        assert_eq!(received, 0, "{what}: {received} of {sent} pings answered");
+    }
+    // The town hall still reaches what it may.
+    let staff = staff(&district, "nohfelden");
+    assert_eq!(
+        district
+            .probe(&staff, &[dest("DMS (Kreis)")], Duration::from_millis(1500))
+            .expect("probe"),
+        vec![true]
+    );
+    let status = district
+        .commune("nohfelden")
+        .spoke
+        .status()
+        .expect("status");
+    assert!(
+        counter(&status, "counters", "nft_reinstalled") >= 3,
+        "{:#}",
+        status["counters"]
+    );
+    drop(wanhost);
+}

@@ -14,6 +14,7 @@
 
 pub mod config;
 pub mod control;
+mod guard;
 mod hub;
 mod identity;
 pub mod lan;
@@ -22,6 +23,7 @@ mod policy;
 mod spoke;
 pub mod status;
 
+use guard::*;
 use hub::*;
 use identity::*;
 use policy::*;
@@ -160,6 +162,11 @@ struct Ctx {
     /// READY=1 was sent: the tunnel is up and the role's tasks run, or the appliance waits for
     /// an operator to bring a bootstrap file (`wait_for_bootstrap`).
     ready: AtomicBool,
+    /// Spoke: the site's ruleset in force (`None`: the closed table), which the guard keeps
+    /// installed; locked while it is applied.
+    nft_in_force: Mutex<Option<nft::Ruleset>>,
+    /// Spoke: wakes the guard to check the fence and the table now.
+    guard_wake: OnceLock<std::sync::mpsc::SyncSender<()>>,
 }
 
 fn unix_now() -> i64 {
@@ -205,7 +212,12 @@ pub fn run(config_path: &Path) -> Result<i32> {
         events: events_tx,
         notify,
         ready: AtomicBool::new(false),
+        nft_in_force: Mutex::new(None),
+        guard_wake: OnceLock::new(),
     });
+    if ctx.config.role == GatewayRole::Spoke {
+        start_guard(&ctx)?;
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("control")
@@ -498,6 +510,8 @@ fn bring_up(ctx: &Ctx, enrollment: &Enrollment, keys: &WgKeys) -> Result<Arc<Sha
         let mut routes = enrollment.allowed_ips.clone();
         routes.extend(enrollment.hubs.iter().flat_map(|h| h.tunnel_addrs.clone()));
         net::replace_routes(ifname, &routes)?;
+        // The LAN may now reach these routes through the fence.
+        poke_guard(ctx);
     }
     tracing::info!(interface = %ifname, port = shared.sockets().port(), "tunnel up");
     Ok(shared)

@@ -36,7 +36,8 @@ pub(super) async fn put_in_force(
                 tunnel: ctx.config.interface.clone(),
             };
             let ruleset = nft::ruleset_for_site(policy, site, &interfaces)?;
-            tokio::task::spawn_blocking(move || ruleset.apply())
+            let task = ctx.clone();
+            tokio::task::spawn_blocking(move || install_ruleset(&task, ruleset))
                 .await
                 .context("nft task")??;
             if let (true, Some(tenant)) = (ctx.config.lan_addresses, tenant) {

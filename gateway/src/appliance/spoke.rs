@@ -215,6 +215,7 @@ async fn refresh_hubs(ctx: &Ctx) {
             if routes_changed {
                 let mut routes = enrollment.allowed_ips.clone();
                 routes.extend(hubs.iter().flat_map(|h| h.tunnel_addrs.clone()));
+                poke_guard(ctx);
                 if let Err(e) = net::replace_routes(&ctx.config.interface, &routes) {
                     tracing::warn!(error = %e, "routes to the hubs");
                 }

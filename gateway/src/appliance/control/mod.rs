@@ -33,8 +33,12 @@ pub enum ControlEvent {
     EnrollRetry,
     Enrolled,
     Failover,
+    /// Spoke: the forwarding fence (ip rules) was set or restored.
+    FenceSet,
     HubRehandshake,
     LanAddressesFailed,
+    /// Spoke: the komnet nftables table was missing or changed and was reinstalled.
+    NftReinstalled,
     PeerAdmitted,
     PeerExpired,
     PeerRefused,
@@ -57,8 +61,10 @@ impl ControlEvent {
             ControlEvent::EnrollRetry => "enroll_retry",
             ControlEvent::Enrolled => "enrolled",
             ControlEvent::Failover => "failover",
+            ControlEvent::FenceSet => "fence_set",
             ControlEvent::HubRehandshake => "hub_rehandshake",
             ControlEvent::LanAddressesFailed => "lan_addresses_failed",
+            ControlEvent::NftReinstalled => "nft_reinstalled",
             ControlEvent::PeerAdmitted => "peer_admitted",
             ControlEvent::PeerExpired => "peer_expired",
             ControlEvent::PeerRefused => "peer_refused",

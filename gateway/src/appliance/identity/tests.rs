@@ -134,6 +134,8 @@ fn test_ctx(dir: &Path, extra: &str) -> Arc<Ctx> {
         events,
         notify: Notifier::disabled(),
         ready: AtomicBool::new(false),
+        nft_in_force: Mutex::new(None),
+        guard_wake: OnceLock::new(),
     })
 }
 
