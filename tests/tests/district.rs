@@ -576,9 +576,9 @@ fn a_flushed_firewall_does_not_open_a_spoke() {
 
     // Pings, 500 a second, that must never be answered: LAN -> WAN, WAN -> LAN, guest -> staff.
     let probes = [
-        ("LAN -> WAN", start_ping(&staff_ns, "192.0.2.50", 6)),
-        ("WAN -> LAN", start_ping(wanhost.name(), &staff_addr, 6)),
-        ("guest -> staff", start_ping(&guest_ns, &staff_addr, 6)),
+        ("LAN -> WAN", start_ping(&staff_ns, "192.0.2.50", 8)),
+        ("WAN -> LAN", start_ping(wanhost.name(), &staff_addr, 8)),
+        ("guest -> staff", start_ping(&guest_ns, &staff_addr, 8)),
     ];
     std::thread::sleep(Duration::from_millis(500));
     let mut back_after = Vec::new();
@@ -605,6 +605,34 @@ fn a_flushed_firewall_does_not_open_a_spoke() {
         std::thread::sleep(Duration::from_millis(1200));
     }
     println!("the komnet table was back after {back_after:?}");
+    // What the package makes nftables.service run instead of `nft flush ruleset` (stop) and
+    // `nft -f /etc/nftables.conf` (start, reload), with a configuration that begins with
+    // `flush ruleset` as Debian's default does: the komnet table is there at once, every time.
+    let conf = district.path("nftables.conf");
+    std::fs::write(
+        &conf,
+        "flush ruleset\ntable inet filter {\n chain input {\n  type filter hook input priority 0; policy accept;\n }\n}\n",
+    )
+    .expect("nftables.conf");
+    let script =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/nftables/nftables-keep-komnet");
+    let before = nft(&["list", "table", "inet", "komnet"]).stdout;
+    for verb in ["stop", "start", "reload", "stop", "start"] {
+        let out = run(
+            std::process::Command::new("ip")
+                .args(["netns", "exec", &gw, "env"])
+                .arg(format!("NFTABLES_CONF={}", conf.display()))
+                .arg(&script)
+                .arg(verb),
+            COMMAND_TIMEOUT,
+        )
+        .expect("nftables-keep-komnet");
+        assert!(out.succeeded(), "nftables-keep-komnet {verb}: {out}");
+        let now = nft(&["list", "table", "inet", "komnet"]);
+        assert!(now.succeeded(), "after {verb} the komnet table is gone");
+        assert_eq!(now.stdout, before, "after {verb} the komnet table changed");
+    }
+    assert!(nft(&["list", "table", "inet", "filter"]).succeeded());
     for (what, child) in probes {
         let (received, sent) = replies(child);
         assert!(sent > 500, "{what}: only {sent} pings sent");
