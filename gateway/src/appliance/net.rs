@@ -144,6 +144,18 @@ pub fn enable_forwarding() -> Result<(), NetError> {
 pub const FENCE_FIRST: u32 = 20_000;
 /// The fence's last rule: `prohibit`, for everything no earlier rule let through.
 pub const FENCE_PROHIBIT: u32 = 20_999;
+/// The routing table that holds what the LAN may reach: the tunnel's routes, nothing else.
+pub const FENCE_TABLE: u32 = 20_000;
+
+/// Where a fence rule sends the route lookup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum FenceAction {
+    /// The main table: routed as usual.
+    Main,
+    /// [`FENCE_TABLE`]: only into the tunnel (no match: on to the next rule).
+    Tunnel,
+    Prohibit,
+}
 
 /// One policy-routing rule of the fence.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -151,9 +163,7 @@ pub struct FenceRule {
     pub priority: u32,
     /// Packets that came in on this interface (`lo`: the appliance's own).
     pub iif: Option<String>,
-    pub dst: Option<IpNet>,
-    /// `prohibit` instead of `lookup main`.
-    pub prohibit: bool,
+    pub action: FenceAction,
 }
 
 impl FenceRule {
@@ -162,70 +172,60 @@ impl FenceRule {
         if let Some(iif) = &self.iif {
             c += &format!(" iif {iif}");
         }
-        if let Some(dst) = &self.dst {
-            c += &format!(" to {}", dst.trunc());
-        }
-        c += if self.prohibit {
-            " prohibit"
-        } else {
-            " lookup main"
+        c += &match self.action {
+            FenceAction::Main => " lookup main".to_owned(),
+            FenceAction::Tunnel => format!(" lookup {FENCE_TABLE}"),
+            FenceAction::Prohibit => " prohibit".to_owned(),
         };
         c
     }
 }
 
-/// The fence of a spoke for one address family (`v6`): what its kernel may forward even
-/// when no nftables rule is loaded (`nft flush ruleset`, a restarted nftables.service).
-/// Packets from the appliance itself and from the tunnel are routed as usual; packets from a
-/// LAN interface only towards the tunnel's routes; everything else that is not for the
-/// appliance itself (local delivery is decided before these rules) is prohibited — so the
-/// LAN never reaches the WAN and the WAN never reaches the LAN, whatever nftables holds.
-/// This mirrors the forward chain of the site's ruleset (LAN to tunnel, tunnel to LAN); the
-/// ruleset then narrows it to what the policy allows.
-pub fn fence_rules(tunnel: &str, lans: &[String], routes: &[IpNet], v6: bool) -> Vec<FenceRule> {
-    let rule = |priority, iif: &str, dst| FenceRule {
+/// The fence of a spoke (the same rules for both address families): what its kernel may
+/// forward even when no nftables rule is loaded (`nft flush ruleset`, a restarted
+/// nftables.service). Packets from the appliance itself and from the tunnel are routed as
+/// usual; packets from a LAN interface are looked up in [`FENCE_TABLE`], which holds only the
+/// tunnel's routes, so they go into the tunnel or nowhere — not to the WAN, and not to another
+/// LAN segment (a guest on its way to a staff PC goes to the hub, which enforces the policy);
+/// everything else that is not for the appliance itself (local delivery is decided before
+/// these rules) is prohibited, so the WAN never reaches the LAN. This mirrors the forward chain
+/// of the site's ruleset (LAN to tunnel, tunnel to LAN), which then narrows it to the policy.
+pub fn fence_rules(tunnel: &str, lans: &[String]) -> Vec<FenceRule> {
+    let rule = |priority, iif: &str, action| FenceRule {
         priority,
         iif: Some(iif.to_owned()),
-        dst,
-        prohibit: false,
+        action,
     };
     let mut rules = vec![
-        rule(FENCE_FIRST, "lo", None),
-        rule(FENCE_FIRST + 1, tunnel, None),
+        rule(FENCE_FIRST, "lo", FenceAction::Main),
+        rule(FENCE_FIRST + 1, tunnel, FenceAction::Main),
     ];
-    let mut routes: Vec<IpNet> = routes
-        .iter()
-        .filter(|r| r.addr().is_ipv6() == v6)
-        .map(IpNet::trunc)
-        .collect();
-    routes.sort();
-    routes.dedup();
-    let mut next = FENCE_FIRST + 2;
-    for lan in lans {
-        for r in &routes {
-            if next < FENCE_PROHIBIT {
-                rules.push(rule(next, lan, Some(*r)));
-                next += 1;
-            }
+    for (i, lan) in lans.iter().enumerate() {
+        let priority = FENCE_FIRST + 2 + i as u32;
+        if priority < FENCE_PROHIBIT && lan != "lo" {
+            rules.push(rule(priority, lan, FenceAction::Tunnel));
         }
     }
     rules.push(FenceRule {
         priority: FENCE_PROHIBIT,
         iif: None,
-        dst: None,
-        prohibit: true,
+        action: FenceAction::Prohibit,
     });
     rules
 }
 
+fn refused(what: &str, message: String) -> NetError {
+    NetError::Refused {
+        what: what.to_owned(),
+        message,
+    }
+}
+
 /// The fence's rules among those `ip -j rule show` printed.
 pub fn parse_fence_rules(json: &str) -> Result<Vec<FenceRule>, NetError> {
-    let refused = |message: String| NetError::Refused {
-        what: "reading the policy-routing rules".into(),
-        message,
-    };
+    let what = "reading the policy-routing rules";
     let rules: Vec<serde_json::Value> =
-        serde_json::from_str(json).map_err(|e| refused(format!("not JSON: {e}")))?;
+        serde_json::from_str(json).map_err(|e| refused(what, format!("not JSON: {e}")))?;
     let mut out = Vec::new();
     for r in rules {
         let Some(priority) = r["priority"].as_u64().and_then(|p| u32::try_from(p).ok()) else {
@@ -234,25 +234,26 @@ pub fn parse_fence_rules(json: &str) -> Result<Vec<FenceRule>, NetError> {
         if !(FENCE_FIRST..=FENCE_PROHIBIT).contains(&priority) {
             continue;
         }
-        let dst = match (r["dst"].as_str(), r["dstlen"].as_u64()) {
-            (Some(a), Some(len)) => Some(
-                format!("{a}/{len}")
-                    .parse::<IpNet>()
-                    .map_err(|e| refused(format!("rule {priority}: {e}")))?,
-            ),
-            (Some(a), None) if a != "all" => Some(
-                a.parse::<IpAddr>()
-                    .map(IpNet::from)
-                    .map_err(|e| refused(format!("rule {priority}: {e}")))?,
-            ),
-            _ => None,
+        let fence_table = FENCE_TABLE.to_string();
+        let action = match (r["action"].as_str(), r["table"].as_str()) {
+            (Some("prohibit"), _) => FenceAction::Prohibit,
+            (_, Some("main")) => FenceAction::Main,
+            (_, Some(t)) if t == fence_table => FenceAction::Tunnel,
+            // Something else at our priorities: never what the fence wants, so it goes.
+            _ => FenceAction::Main,
         };
+        let other = r.get("dst").is_some() || r.get("src").is_some_and(|s| s != "all");
         out.push(FenceRule {
             priority,
             iif: r["iif"].as_str().map(str::to_owned),
-            dst,
-            prohibit: r["action"].as_str() == Some("prohibit"),
+            action,
         });
+        if other {
+            // A selector the fence never sets: make it differ, so it is replaced.
+            if let Some(last) = out.last_mut() {
+                last.iif = Some(format!("{}+", last.iif.as_deref().unwrap_or("")));
+            }
+        }
     }
     out.sort();
     Ok(out)
@@ -270,17 +271,17 @@ pub fn fence_commands(current: &[FenceRule], wanted: &[FenceRule]) -> Vec<String
         return Vec::new();
     }
     let mut cmds = Vec::new();
-    for w in wanted.iter().filter(|w| w.prohibit) {
+    for w in wanted.iter().filter(|w| w.action == FenceAction::Prohibit) {
         if !current.contains(w) {
             cmds.push(w.command("add"));
         }
     }
     for c in &current {
         if !wanted.contains(c) {
-            cmds.push(c.command("del"));
+            cmds.push(format!("rule del priority {}", c.priority));
         }
     }
-    for w in wanted.iter().filter(|w| !w.prohibit) {
+    for w in wanted.iter().filter(|w| w.action != FenceAction::Prohibit) {
         if !current.contains(w) {
             cmds.push(w.command("add"));
         }
@@ -288,23 +289,81 @@ pub fn fence_commands(current: &[FenceRule], wanted: &[FenceRule]) -> Vec<String
     cmds
 }
 
-/// Installs (or corrects) the spoke's fence for both families. Returns whether anything had to
-/// change (nothing, when someone else left it alone).
+/// The `ip route` commands that make [`FENCE_TABLE`] hold exactly `routes` via `tunnel`, given
+/// what `ip -j route show table FENCE_TABLE` printed.
+pub fn fence_route_commands(
+    current_json: &str,
+    tunnel: &str,
+    routes: &[IpNet],
+) -> Result<Vec<String>, NetError> {
+    let what = "reading the fence's routing table";
+    let current: Vec<serde_json::Value> = if current_json.trim().is_empty() {
+        Vec::new()
+    } else {
+        serde_json::from_str(current_json).map_err(|e| refused(what, format!("not JSON: {e}")))?
+    };
+    let mut have = Vec::new();
+    for r in &current {
+        let dst = match r["dst"].as_str() {
+            Some("default") => None,
+            Some(d) if d.contains('/') => d.parse::<IpNet>().ok(),
+            Some(d) => d.parse::<IpAddr>().ok().map(IpNet::from),
+            None => None,
+        };
+        have.push((dst, r["dev"].as_str().unwrap_or("").to_owned(), r.clone()));
+    }
+    let mut wanted: Vec<IpNet> = routes.iter().map(IpNet::trunc).collect();
+    wanted.sort();
+    wanted.dedup();
+    let mut cmds = Vec::new();
+    for (dst, dev, raw) in &have {
+        let keep = dev == tunnel && dst.is_some_and(|d| wanted.contains(&d));
+        if !keep {
+            let d = raw["dst"].as_str().unwrap_or("default");
+            cmds.push(format!("route del {d} table {FENCE_TABLE}"));
+        }
+    }
+    for w in &wanted {
+        if !have
+            .iter()
+            .any(|(d, dev, _)| *d == Some(*w) && dev == tunnel)
+        {
+            cmds.push(format!(
+                "route replace {w} dev {tunnel} table {FENCE_TABLE}"
+            ));
+        }
+    }
+    Ok(cmds)
+}
+
+fn ip_json(args: &[&str]) -> Result<String, NetError> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(NetError::Exec)?;
+    if !out.status.success() {
+        let message = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+        // A table without routes does not exist for the kernel: that is an empty listing.
+        if message.contains("table does not exist") {
+            return Ok(String::new());
+        }
+        return Err(NetError::Refused {
+            what: format!("`ip {}`", args.join(" ")),
+            message,
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Installs (or corrects) the spoke's fence for both families: its rules, and its table with
+/// `routes` into `tunnel` (while the tunnel does not exist yet, the table stays empty and the
+/// LAN reaches nothing). Returns whether anything had to change.
 pub fn install_fence(tunnel: &str, lans: &[String], routes: &[IpNet]) -> Result<bool, NetError> {
     let mut changed = false;
+    let table = FENCE_TABLE.to_string();
     for (flag, v6) in [("-4", false), ("-6", true)] {
-        let out = Command::new("ip")
-            .args([flag, "-j", "rule", "show"])
-            .output()
-            .map_err(NetError::Exec)?;
-        if !out.status.success() {
-            return Err(NetError::Refused {
-                what: format!("`ip {flag} rule show`"),
-                message: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-            });
-        }
-        let current = parse_fence_rules(&String::from_utf8_lossy(&out.stdout))?;
-        let cmds = fence_commands(&current, &fence_rules(tunnel, lans, routes, v6));
+        let current = parse_fence_rules(&ip_json(&[flag, "-j", "rule", "show"])?)?;
+        let cmds = fence_commands(&current, &fence_rules(tunnel, lans));
         if !cmds.is_empty() {
             changed = true;
             ip_batch_family(
@@ -312,6 +371,22 @@ pub fn install_fence(tunnel: &str, lans: &[String], routes: &[IpNet]) -> Result<
                 "the forwarding fence (ip rule)",
                 &cmds,
                 &["File exists", "No such file or directory"],
+            )?;
+        }
+        let family: Vec<IpNet> = routes
+            .iter()
+            .filter(|r| r.addr().is_ipv6() == v6)
+            .copied()
+            .collect();
+        let listed = ip_json(&[flag, "-j", "route", "show", "table", &table])?;
+        let cmds = fence_route_commands(&listed, tunnel, &family)?;
+        if !cmds.is_empty() {
+            changed = true;
+            ip_batch_family(
+                Some(flag),
+                "the forwarding fence's routes",
+                &cmds,
+                &["Cannot find device", "No such process"],
             )?;
         }
     }
@@ -322,45 +397,35 @@ pub fn install_fence(tunnel: &str, lans: &[String], routes: &[IpNet]) -> Result<
 mod tests {
     use super::*;
 
-    fn lans() -> Vec<String> {
-        vec!["staff0".into(), "guest0".into()]
-    }
-
     #[test]
-    fn the_fence_lets_the_lan_reach_only_the_tunnel_routes() {
-        let routes: Vec<IpNet> = ["10.0.0.0/16", "fd00::/48", "10.96.0.1/32"]
+    fn the_fence_sends_the_lan_only_into_the_tunnel() {
+        let lans = vec!["staff0".to_owned(), "guest0".to_owned()];
+        let text: Vec<String> = fence_rules("komnet0", &lans)
             .iter()
-            .map(|r| r.parse().unwrap())
+            .map(|r| r.command("add"))
             .collect();
-        let v4 = fence_rules("komnet0", &lans(), &routes, false);
-        let text: Vec<String> = v4.iter().map(|r| r.command("add")).collect();
         assert_eq!(
             text,
             [
                 "rule add priority 20000 iif lo lookup main",
                 "rule add priority 20001 iif komnet0 lookup main",
-                "rule add priority 20002 iif staff0 to 10.0.0.0/16 lookup main",
-                "rule add priority 20003 iif staff0 to 10.96.0.1/32 lookup main",
-                "rule add priority 20004 iif guest0 to 10.0.0.0/16 lookup main",
-                "rule add priority 20005 iif guest0 to 10.96.0.1/32 lookup main",
+                "rule add priority 20002 iif staff0 lookup 20000",
+                "rule add priority 20003 iif guest0 lookup 20000",
                 "rule add priority 20999 prohibit",
             ]
         );
-        let v6 = fence_rules("komnet0", &lans(), &routes, true);
-        assert_eq!(v6.len(), 2 + 2 + 1);
     }
 
     #[test]
     fn what_ip_prints_is_read_back_and_only_differences_are_changed() {
         let json = r#"[{"priority":0,"src":"all","table":"local"},
             {"priority":20000,"src":"all","iif":"lo","table":"main"},
-            {"priority":20002,"src":"all","dst":"10.0.0.0","dstlen":16,"iif":"staff0","table":"main"},
+            {"priority":20002,"src":"all","iif":"staff0","table":"20000"},
             {"priority":20999,"src":"all","action":"prohibit"},
             {"priority":32766,"src":"all","table":"main"}]"#;
         let current = parse_fence_rules(json).unwrap();
         assert_eq!(current.len(), 3);
-        let routes = vec!["10.0.0.0/16".parse().unwrap()];
-        let wanted = fence_rules("komnet0", &["staff0".to_owned()], &routes, false);
+        let wanted = fence_rules("komnet0", &["staff0".to_owned()]);
         // Only the tunnel's rule is missing.
         assert_eq!(
             fence_commands(&current, &wanted),
@@ -370,9 +435,36 @@ mod tests {
         let cmds = fence_commands(&[], &wanted);
         assert_eq!(cmds[0], "rule add priority 20999 prohibit");
         assert_eq!(cmds.len(), wanted.len());
-        // Nothing to do when all is in place.
+        // Nothing to do when all is in place; a foreign rule at our priorities is replaced.
         let mut all = current.clone();
         all.push(wanted[1].clone());
         assert!(fence_commands(&all, &wanted).is_empty());
+        let odd = r#"[{"priority":20002,"src":"all","dst":"10.0.0.0","dstlen":8,"iif":"staff0","table":"20000"}]"#;
+        let cmds = fence_commands(&parse_fence_rules(odd).unwrap(), &wanted);
+        assert!(
+            cmds.contains(&"rule del priority 20002".to_owned()),
+            "{cmds:?}"
+        );
+    }
+
+    #[test]
+    fn the_fence_table_holds_exactly_the_tunnel_routes() {
+        let routes: Vec<IpNet> = vec![
+            "10.0.0.0/8".parse().unwrap(),
+            "10.96.0.1/32".parse().unwrap(),
+        ];
+        let listed = r#"[{"dst":"10.0.0.0/8","dev":"komnet0","scope":"link","flags":[]},
+            {"dst":"192.0.2.0/24","dev":"wan0","scope":"link","flags":[]},
+            {"dst":"default","gateway":"192.0.2.1","dev":"wan0","flags":[]}]"#;
+        let cmds = fence_route_commands(listed, "komnet0", &routes).unwrap();
+        assert_eq!(
+            cmds,
+            [
+                "route del 192.0.2.0/24 table 20000",
+                "route del default table 20000",
+                "route replace 10.96.0.1/32 dev komnet0 table 20000",
+            ]
+        );
+        assert!(fence_route_commands("", "komnet0", &[]).unwrap().is_empty());
     }
 }
