@@ -47,6 +47,10 @@ pub enum ControlEvent {
     PolicyRefused,
     RegistryEvent,
     RegistryLost,
+    /// Hub: the registry outage lasted beyond its alarm bound.
+    RegistryOutageAlarm,
+    /// Hub: the registry stream missed three keep-alives and was given up.
+    RegistrySilent,
     RenewFailed,
     Renewed,
 }
@@ -73,6 +77,8 @@ impl ControlEvent {
             ControlEvent::PolicyRefused => "policy_refused",
             ControlEvent::RegistryEvent => "registry_event",
             ControlEvent::RegistryLost => "registry_lost",
+            ControlEvent::RegistryOutageAlarm => "registry_outage_alarm",
+            ControlEvent::RegistrySilent => "registry_silent",
             ControlEvent::RenewFailed => "renew_failed",
             ControlEvent::Renewed => "renewed",
         }
