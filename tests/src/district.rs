@@ -441,13 +441,17 @@ impl District {
         self.komnet(&all)
     }
 
-    /// The enrollment host crashes (SIGKILL) and comes back (a new process on the same data
-    /// directory); its log goes to `log_name`.
+    /// The enrollment host crashes and comes back (a new process on the same data directory);
+    /// its log goes to `log_name`. As in a power cut, its kernel forgets the connections too:
+    /// the process is killed and its sockets (still sending FIN, or waiting) are destroyed, so
+    /// behind a blackhole nothing ever tells a client that its connection is gone.
     pub fn crash_and_restart_enroll(&mut self, log_name: &str) -> Result<()> {
         if let Some(mut p) = self.enroll.take() {
             crate::command::send_signal(p.child.id(), "KILL");
             p.wait_timeout(Duration::from_secs(5))?;
         }
+        self.dc
+            .exec(&["ss", "-K", "-tn", &format!("sport = :{ENROLL_PORT}")])?;
         let _ = std::fs::remove_file(self.enroll_socket());
         self.serve_enroll(log_name)
     }
