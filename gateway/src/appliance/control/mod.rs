@@ -49,6 +49,9 @@ pub enum ControlEvent {
     RegistryLost,
     RenewFailed,
     Renewed,
+    /// Reverse-path filtering was switched to strict on an interface (at start, or on one
+    /// that appeared or was changed later).
+    RpFilterSet,
 }
 
 impl ControlEvent {
@@ -75,6 +78,7 @@ impl ControlEvent {
             ControlEvent::RegistryLost => "registry_lost",
             ControlEvent::RenewFailed => "renew_failed",
             ControlEvent::Renewed => "renewed",
+            ControlEvent::RpFilterSet => "rp_filter_set",
         }
     }
 }
