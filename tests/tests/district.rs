@@ -142,6 +142,69 @@ fn district_matrix_revocation_spoofing_and_homeoffice() {
         after["drops"]
     );
 
+    // Spoofing from the data centre and from a LAN segment (issue 14, part 4): a data-centre
+    // host sends with Tholey's staff address, a Nohfelden guest with a staff address. The
+    // kernels drop both before forwarding them: strict reverse-path filtering, which the hub
+    // sets on its outside interfaces and the spoke on its LAN interfaces (the route back to
+    // such a source leaves through another interface). Without it the hub's kernel forwards
+    // the data centre's packet into the tunnel interface (the hub's firewall drops it there,
+    // but the hub's own addresses would answer it), and a flushed spoke ruleset would let a
+    // guest speak as staff towards the hub.
+    let dc_spoofed = counter(
+        &hub.status().expect("hub status"),
+        "drops",
+        "dc_spoofed_source",
+    );
+    for (label, ns, from, to, router) in [
+        (
+            "data centre",
+            &district.srv,
+            "10.40.1.77",
+            "10.40.1.10",
+            &district.dc,
+        ),
+        (
+            "guest WLAN",
+            &nohfelden.guest,
+            "10.30.1.77",
+            "10.0.1.10",
+            &nohfelden.gw,
+        ),
+    ] {
+        let before = router.reverse_path_drops().expect("netstat");
+        ns.add_address("eth0", from.parse().expect("addr"), 32)
+            .expect("spoof address");
+        let ping = ns
+            .exec_output(
+                &["ping", "-c", "3", "-i", "0.2", "-W", "1", "-I", from, to],
+                COMMAND_TIMEOUT,
+            )
+            .expect("ping");
+        assert!(
+            !ping.succeeded(),
+            "{label}: a spoofed ping was answered: {ping:?}"
+        );
+        let after = router.reverse_path_drops().expect("netstat");
+        let settings = router
+            .exec(&["sysctl", "-a", "--pattern", "\\.rp_filter$"])
+            .unwrap_or_default();
+        assert!(
+            after >= before + 3,
+            "{label}: {} did not drop the spoofed packets by reverse-path filtering \
+             (IPReversePathFilter {before} -> {after}):\n{settings}",
+            router.name()
+        );
+    }
+    assert_eq!(
+        counter(
+            &hub.status().expect("hub status"),
+            "drops",
+            "dc_spoofed_source"
+        ),
+        dc_spoofed,
+        "the data centre's spoofed packets reached the hub's tunnel interface"
+    );
+
     // Revocation: Tholey's appliance is cut off within 2 s, Nohfelden keeps working.
     let took = district.revoke_and_time("tholey").expect("revocation");
     println!("revocation effective after {took:?}");

@@ -200,8 +200,15 @@ async fn follow_once(ctx: &Arc<Ctx>) -> Result<LinkLoss> {
 /// fails over, the hub it moved to takes its routes).
 pub(super) async fn hub_housekeeping(ctx: Arc<Ctx>) {
     let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let mut ticks = 0u32;
     loop {
         tick.tick().await;
+        ticks = ticks.wrapping_add(1);
+        if ticks.is_multiple_of(4) {
+            if let Err(e) = keep_reverse_path(&ctx) {
+                tracing::error!(error = %e, "reverse-path filtering");
+            }
+        }
         let now = Instant::now();
         let due = {
             let mut s = ctx.state.lock();

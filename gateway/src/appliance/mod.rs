@@ -495,6 +495,10 @@ fn bring_up(ctx: &Ctx, enrollment: &Enrollment, keys: &WgKeys) -> Result<Arc<Sha
     let tun = daemon::create_tun(ifname)?;
     net::configure_interface(ifname, &enrollment.identity.tunnel_addrs, TUNNEL_MTU)?;
     net::enable_forwarding()?;
+    keep_reverse_path(ctx).context("setting reverse-path filtering")?;
+    if net::reverse_path_all_loose() {
+        tracing::warn!("net.ipv4.conf.all.rp_filter is 2 (loose), which overrides the strict reverse-path filtering komnet sets per interface: set it to 0 or 1");
+    }
     let sockets = Sockets::bind(ctx.config.listen_port, 0)
         .with_context(|| format!("binding UDP port {}", ctx.config.listen_port))?;
     let mut seed = [0u8; 32];

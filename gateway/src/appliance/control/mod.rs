@@ -53,6 +53,9 @@ pub enum ControlEvent {
     RegistrySilent,
     RenewFailed,
     Renewed,
+    /// Reverse-path filtering was switched to strict on an interface (at start, or on one
+    /// that appeared or was changed later).
+    RpFilterSet,
 }
 
 impl ControlEvent {
@@ -81,6 +84,7 @@ impl ControlEvent {
             ControlEvent::RegistrySilent => "registry_silent",
             ControlEvent::RenewFailed => "renew_failed",
             ControlEvent::Renewed => "renewed",
+            ControlEvent::RpFilterSet => "rp_filter_set",
         }
     }
 }
