@@ -33,6 +33,11 @@ DEMO=(
 BENCH=(
     iperf3:iperf3
 )
+TESTS=(
+    # The namespace tests start an enrollment service whose clock runs days behind, to hand an
+    # appliance a certificate that has expired by the time it starts again.
+    faketime:faketime
+)
 IMAGE=(
     # The appliance image (packaging/image/build-image.sh) and its test in qemu
     # (packaging/test-image.sh).
@@ -53,7 +58,7 @@ IMAGE=(
 case "$profile" in
     demo) NEED=("${DEMO[@]}"); cargo_deb=no ;;
     bench) NEED=("${DEMO[@]}" "${BENCH[@]}"); cargo_deb=no ;;
-    test | all) NEED=("${DEMO[@]}" "${BENCH[@]}" "${IMAGE[@]}"); cargo_deb=yes ;;
+    test | all) NEED=("${DEMO[@]}" "${BENCH[@]}" "${TESTS[@]}" "${IMAGE[@]}"); cargo_deb=yes ;;
     *)
         echo "setup.sh: unknown profile '$profile' (demo, bench or test)" >&2
         exit 2

@@ -453,7 +453,8 @@ pub fn clock_skew_message(appliance_now: i64, service_now: i64) -> String {
     )
 }
 
-fn utc(unix: i64) -> String {
+/// A Unix time as `2026-12-02 10:00 UTC`, for messages people read.
+pub fn utc(unix: i64) -> String {
     match time::OffsetDateTime::from_unix_timestamp(unix) {
         Ok(t) => format!(
             "{} {:02}:{:02} UTC",

@@ -78,7 +78,7 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    fn start(&mut self) -> Result<()> {
+    pub fn start(&mut self) -> Result<()> {
         self.starts += 1;
         let log = self
             .log_dir
@@ -456,6 +456,21 @@ impl District {
         self.serve_enroll(log_name)
     }
 
+    /// Stops the enrollment service (SIGTERM) and starts it again with its clock `offset`
+    /// off (libfaketime, e.g. `-8d`), or on time (`None`).
+    pub fn restart_enroll_with_clock(
+        &mut self,
+        offset: Option<&str>,
+        log_name: &str,
+    ) -> Result<()> {
+        if let Some(mut p) = self.enroll.take() {
+            crate::command::send_signal(p.child.id(), "TERM");
+            p.wait_timeout(Duration::from_secs(10))?;
+        }
+        let _ = std::fs::remove_file(self.enroll_socket());
+        self.serve_enroll_at(log_name, offset)
+    }
+
     /// Drops (`true`) or lets through again (`false`) every packet to and from the enrollment
     /// service's port in the data-centre namespace, where the hubs and the service run: a
     /// blackholed path, no RST, no ICMP. Spokes lose the service too.
@@ -531,9 +546,25 @@ impl District {
     }
 
     fn serve_enroll(&mut self, log_name: &str) -> Result<()> {
+        self.serve_enroll_at(log_name, None)
+    }
+
+    /// Starts the enrollment service; `clock`: a libfaketime offset such as `-8d` for a
+    /// service whose clock runs that far off (what it issues is dated accordingly).
+    fn serve_enroll_at(&mut self, log_name: &str, clock: Option<&str>) -> Result<()> {
         let data = self.path("enroll");
         let log = self.path(log_name);
-        let mut cmd = self.dc.command(komnet_enroll_binary()?);
+        let mut cmd = match clock {
+            None => self.dc.command(komnet_enroll_binary()?),
+            Some(offset) => {
+                let mut c = self.dc.command("faketime");
+                // Only the wall clock: timers and timeouts run on the monotonic one.
+                c.env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
+                    .args(["-f", offset])
+                    .arg(komnet_enroll_binary()?);
+                c
+            }
+        };
         cmd.args(["serve", "--data-dir"]).arg(&data);
         self.enroll = Some(BackgroundProcess::spawn(&mut cmd, &log)?);
         let socket = self.enroll_socket();

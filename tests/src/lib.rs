@@ -80,6 +80,8 @@ const REQUIRED_TOOLS: &[&str] = &[
     "python3",
     "sha256sum",
     "kill",
+    // An enrollment service whose clock runs behind (certificates that have expired by now).
+    "faketime",
 ];
 
 /// Panics with a message naming everything that is missing for the namespace tests: root,

@@ -830,3 +830,121 @@ fn a_flushed_firewall_does_not_open_a_spoke() {
     );
     drop(wanhost);
 }
+
+/// Issue 15, part 1: a town hall closed for two weeks — its appliance's certificate expired
+/// while it was off. At start it says so and takes a new token (a stick, here the bootstrap
+/// file put in place); the expired enrollment is kept aside, the new key replaces the old one at
+/// the hub, and the LAN works again.
+#[test]
+fn an_appliance_whose_certificate_expired_while_off_enrols_again_from_a_new_token() {
+    require_root_and_tools();
+    let mut district = District::start(
+        &netprobe(),
+        Options {
+            two_hubs: false,
+            homeoffice: false,
+        },
+    )
+    .expect("district");
+    // The service's clock runs 8 days behind while the appliance first enrols: its 7-day
+    // certificate has expired by the time the appliance starts again.
+    district
+        .restart_enroll_with_clock(Some("-8d"), "enroll-past.log")
+        .expect("enrollment service in the past");
+    let mut appliance = district
+        .add_appliance_spoke("image", 40, 41)
+        .expect("appliance spoke");
+    let state = |s: &serde_json::Value| s["state"].as_str().unwrap_or_default().to_owned();
+    let old_token = district
+        .token("tholey", "rathaus", "spoke")
+        .expect("token (in the past)");
+    appliance.deliver_bootstrap(&old_token).expect("deliver");
+    let enrolled = appliance
+        .spoke
+        .wait_status("enrolled (in the past)", Duration::from_secs(30), |s| {
+            s["certificate"]["serial"].is_string()
+        })
+        .expect("first enrollment");
+    let old_serial = enrolled["certificate"]["serial"].clone();
+    assert!(
+        enrolled["certificate"]["not_after"]
+            .as_i64()
+            .unwrap_or(i64::MAX)
+            < std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64),
+        "the first certificate should have expired already: {enrolled:#}"
+    );
+    let data = appliance.spoke.data_dir.clone();
+    let enrollment_key = |file: &str| -> String {
+        let text = std::fs::read_to_string(data.join(file)).expect("enrollment file");
+        let v: serde_json::Value = serde_json::from_str(&text).expect("enrollment JSON");
+        v["identity"]["wg_public_key"]
+            .as_str()
+            .expect("key")
+            .to_owned()
+    };
+    let old_key = enrollment_key("enrollment.json");
+
+    // Switched off; meanwhile the service runs on time again.
+    appliance.spoke.stop().expect("stop");
+    district
+        .restart_enroll_with_clock(None, "enroll-now.log")
+        .expect("enrollment service on time");
+    appliance.spoke.start().expect("start");
+    let waiting = appliance
+        .spoke
+        .wait_status(
+            "saying the certificate expired and waiting for a token",
+            Duration::from_secs(30),
+            |s| {
+                state(s).contains("expired on")
+                    && state(s).contains("needs a new bootstrap token")
+                    && state(s).contains("waiting for a bootstrap file")
+            },
+        )
+        .expect("waiting for a new token");
+    eprintln!("state: {}", state(&waiting));
+    assert!(
+        data.join("enrollment.json").exists(),
+        "the expired enrollment must stay until a new one is issued"
+    );
+
+    let fresh = district
+        .token("tholey", "rathaus", "spoke")
+        .expect("fresh token");
+    appliance.deliver_bootstrap(&fresh).expect("deliver");
+    let running = appliance
+        .spoke
+        .wait_status("running again", Duration::from_secs(30), |s| {
+            state(s) == "running" && !s["policy"].is_null()
+        })
+        .expect("running after re-enrolment");
+    assert_ne!(running["certificate"]["serial"], old_serial, "{running:#}");
+    assert_eq!(enrollment_key("enrollment.json.expired"), old_key);
+    let new_key = enrollment_key("enrollment.json");
+    assert_ne!(new_key, old_key);
+
+    let host = Source {
+        label: "Tholey (image appliance)".into(),
+        netns: appliance.host.name().to_owned(),
+        addr: "10.40.1.10".parse().expect("addr"),
+        origin: Origin::Address,
+    };
+    assert_eq!(
+        district
+            .probe(&host, &[dest("DMS (Kreis)")], Duration::from_millis(3000))
+            .expect("probe"),
+        vec![true],
+        "the re-enrolled town hall does not reach the DMS"
+    );
+    let hub = district.hubs[0].status().expect("hub status");
+    let tholey_keys: Vec<&str> = hub["peers"]
+        .as_array()
+        .expect("peers")
+        .iter()
+        .filter(|p| p["tenant"] == "tholey" && p["site"] == "rathaus")
+        .filter_map(|p| p["public_key"].as_str())
+        .collect();
+    assert_eq!(tholey_keys, vec![new_key.as_str()], "{hub:#}");
+}

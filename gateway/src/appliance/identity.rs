@@ -139,6 +139,20 @@ pub(super) async fn obtain_identity(ctx: &Ctx) -> Result<(Enrollment, WgKeys, Ve
         if !ctx.config.enroll_urls.is_empty() {
             enrollment.enroll_urls = ctx.config.enroll_urls.clone();
         }
+        let now = unix_now();
+        if enrollment.identity.not_after <= now {
+            // Switched off past its expiry (a town hall closed for two weeks): renewal cannot
+            // work any more, a new token can. The stored enrollment stays until the service has
+            // said yes to that token, so a clock that was wrong at boot loses nothing.
+            let note = format!(
+                "the certificate (serial {}) expired on {} without being renewed (was the \
+                 appliance switched off?); it needs a new bootstrap token",
+                enrollment.identity.serial,
+                client::utc(enrollment.identity.not_after)
+            );
+            tracing::error!("{note}");
+            return enrol_from_bootstrap(ctx, Some(note)).await;
+        }
         let Some(pinned) = &ctx.pinned_key else {
             let stored = dir.join(POLICY_KEY_FILE);
             bail!(
@@ -152,6 +166,23 @@ pub(super) async fn obtain_identity(ctx: &Ctx) -> Result<(Enrollment, WgKeys, Ve
         };
         return Ok((enrollment, keys, pinned.key.clone()));
     }
+    enrol_from_bootstrap(ctx, None).await
+}
+
+/// A new identity from the bootstrap file (see [`obtain_identity`]). `expired`: the stored
+/// enrollment's certificate expired (why a token is needed, shown with every waiting state); it
+/// is kept as `enrollment.json.expired` once the new one is stored.
+async fn enrol_from_bootstrap(
+    ctx: &Ctx,
+    expired: Option<String>,
+) -> Result<(Enrollment, WgKeys, Vec<u8>)> {
+    let dir = &ctx.config.data_dir;
+    let enrollment_path = dir.join(ENROLLMENT_FILE);
+    let key_path = dir.join(WG_KEY_FILE);
+    let why = |text: &str| match &expired {
+        Some(note) => format!("{note}: {text}"),
+        None => text.to_owned(),
+    };
     let path = ctx.config.bootstrap_path();
     let wait = ctx.config.wait_for_bootstrap;
     let mut watch = BootstrapWatch::new(
@@ -163,9 +194,9 @@ pub(super) async fn obtain_identity(ctx: &Ctx) -> Result<(Enrollment, WgKeys, Ve
     loop {
         ctx.state.lock().bootstrap = watch.counters().clone();
         let (bootstrap, bytes) = match step {
-            BootstrapStep::Fail(message) => bail!("{message}"),
+            BootstrapStep::Fail(message) => bail!("{}", why(&message)),
             BootstrapStep::WaitForOperator { state } => {
-                wait_for_operator(ctx, &state).await;
+                wait_for_operator(ctx, &why(&state)).await;
                 step = read_bootstrap(&mut watch, &path);
                 continue;
             }
@@ -224,9 +255,22 @@ pub(super) async fn obtain_identity(ctx: &Ctx) -> Result<(Enrollment, WgKeys, Ve
                 continue;
             }
         };
-        // The key first: an enrollment without its key would be useless, a key without an
-        // enrollment is overwritten on the next attempt. The policy key before the enrollment
-        // too: an enrolled appliance without it could not verify any policy.
+        // The expired enrollment goes aside first (its key is worthless now: the service
+        // withdrew it when it issued the new certificate for this site). Then the key: an
+        // enrollment without its key would be useless, a key without an enrollment is
+        // overwritten on the next attempt. The policy key before the enrollment too: an
+        // enrolled appliance without it could not verify any policy.
+        if expired.is_some() {
+            let aside = dir.join(format!("{ENROLLMENT_FILE}.expired"));
+            std::fs::rename(&enrollment_path, &aside).with_context(|| {
+                format!(
+                    "moving the expired {} aside to {}",
+                    enrollment_path.display(),
+                    aside.display()
+                )
+            })?;
+            tracing::info!(path = %aside.display(), "expired enrollment kept aside");
+        }
         write_secret(&key_path, &format!("{}\n", keys.private_base64()))?;
         if choice.store {
             let stored = dir.join(POLICY_KEY_FILE);
