@@ -146,6 +146,12 @@ pub(crate) fn render(r: &StatusReport) -> String {
         )),
         None => out.push_str("certificate: none yet\n"),
     }
+    if r.certificate.as_ref().is_some_and(|c| c.expiring(now)) {
+        out.push_str(
+            "certificate: WARNING less than a third of its lifetime left and not renewed: \
+             renewal keeps failing (is the enrollment service reachable? see the log)\n",
+        );
+    }
     match &r.policy {
         Some(p) => out.push_str(&format!(
             "policy: version {} ({}), in force since {}\n",
@@ -154,6 +160,13 @@ pub(crate) fn render(r: &StatusReport) -> String {
             ago(now, Some(p.installed_at))
         )),
         None => out.push_str("policy: NONE — forwarding nothing until a policy arrives\n"),
+    }
+    if let Some(p) = r.policy.as_ref().filter(|p| p.expiring(now)) {
+        out.push_str(&format!(
+            "policy: WARNING version {} is valid only for {} more: sign and publish a new bundle\n",
+            p.version,
+            until(now, p.expires)
+        ));
     }
     if let Some(e) = &r.policy_error {
         out.push_str(&format!("policy refused: {e}\n"));
@@ -281,6 +294,48 @@ mod tests {
                  revocations made meanwhile are not heard; known peers stay admitted \
                  (registry_outage = keep-peers)\n"
             ),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn what_runs_out_soon_is_shown_as_a_warning() {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        let mut r = StatusReport {
+            role: "spoke".into(),
+            state: "running".into(),
+            certificate: Some(komnet_proto::status::CertificateStatus {
+                serial: "AB".into(),
+                not_after: now + 5 * 86_400,
+                renew_after: now + 86_400,
+            }),
+            policy: Some(komnet_proto::status::PolicyStatus {
+                version: 3,
+                name: "Landkreis".into(),
+                installed_at: now - 86_400,
+                not_before: Some(now - 86_400),
+                expires: Some(now + 29 * 86_400),
+            }),
+            ..StatusReport::default()
+        };
+        assert!(!render(&r).contains("WARNING"), "{}", render(&r));
+        if let Some(c) = r.certificate.as_mut() {
+            c.renew_after = now - 60;
+            c.not_after = now + 2 * 86_400;
+        }
+        if let Some(p) = r.policy.as_mut() {
+            p.not_before = Some(now - 29 * 86_400);
+            p.expires = Some(now + 3 * 86_400);
+        }
+        let text = render(&r);
+        assert!(
+            text.contains("certificate: WARNING less than a third of its lifetime left"),
+            "{text}"
+        );
+        assert!(
+            text.contains("policy: WARNING version 3 is valid only for 3d more"),
             "{text}"
         );
     }

@@ -70,6 +70,35 @@ pub struct PolicyStatus {
     pub name: String,
     /// Unix seconds when this version was put in force here.
     pub installed_at: i64,
+    /// The bundle's validity window as signed (`komnet policy bundle --valid-for`), if any.
+    #[serde(default)]
+    pub not_before: Option<i64>,
+    #[serde(default)]
+    pub expires: Option<i64>,
+}
+
+impl PolicyStatus {
+    /// Less than a third of the bundle's validity is left at `now` (the operator has to sign
+    /// and publish a new one before it runs out).
+    pub fn expiring(&self, now: i64) -> bool {
+        match (self.expires, self.not_before.unwrap_or(self.installed_at)) {
+            (Some(end), start) => less_than_a_third_left(start, end, now),
+            (None, _) => false,
+        }
+    }
+}
+
+impl CertificateStatus {
+    /// Less than a third of the certificate's lifetime is left at `now` and it is not renewed
+    /// yet (renewal opens two thirds in: a renewal that keeps failing).
+    pub fn expiring(&self, now: i64) -> bool {
+        now >= self.renew_after
+    }
+}
+
+/// Whether less than a third of `[start, end)` is left at `now`.
+pub fn less_than_a_third_left(start: i64, end: i64, now: i64) -> bool {
+    (end - now) * 3 < end - start
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

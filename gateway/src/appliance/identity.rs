@@ -518,7 +518,13 @@ pub(super) async fn renewal(ctx: Arc<Ctx>) {
                 if failure == Some(RenewalFailure::Expired) {
                     tracing::error!(error = %e, "certificate expired; the appliance needs a new bootstrap token");
                 } else {
-                    tracing::warn!(error = %e, "renewal failed; retrying");
+                    // Renewal opens two thirds into the lifetime: whenever it fails, less than a
+                    // third is left, which is worth an alarm, not a note.
+                    tracing::error!(
+                        error = %e,
+                        expires_in_secs = enrollment.identity.not_after - unix_now(),
+                        "certificate renewal failed (less than a third of its lifetime left); retrying in a minute"
+                    );
                 }
             }
         }

@@ -116,7 +116,9 @@ pub(super) fn current_enrollment(ctx: &Ctx) -> Option<Enrollment> {
 
 /// Polls the enrollment service for a newer bundle.
 pub(super) async fn policy_sync(ctx: Arc<Ctx>) {
+    let mut last_expiry_alarm: Option<i64> = None;
     loop {
+        warn_if_policy_expiring(&ctx, &mut last_expiry_alarm);
         if let Some(enrollment) = current_enrollment(&ctx) {
             let have = ctx.state.lock().slot.have();
             match client::fetch_policy(&enrollment, have).await {
@@ -129,6 +131,37 @@ pub(super) async fn policy_sync(ctx: Arc<Ctx>) {
         }
         tokio::time::sleep(ctx.config.policy_poll.0).await;
     }
+}
+
+/// Logs (at most hourly) when less than a third of the validity of the bundle in force is
+/// left and no newer one has arrived: the operator has to sign and publish one.
+fn warn_if_policy_expiring(ctx: &Ctx, last: &mut Option<i64>) {
+    let now = unix_now();
+    let s = ctx.state.lock();
+    let Some((_, bundle)) = s.policy.as_ref() else {
+        return;
+    };
+    let Some(expires) = bundle.expires else {
+        return;
+    };
+    let start = bundle
+        .not_before
+        .or_else(|| s.slot.in_force().map(|p| p.installed_at))
+        .unwrap_or(now);
+    if !komnet_proto::status::less_than_a_third_left(start, expires, now) {
+        *last = None;
+        return;
+    }
+    if last.is_some_and(|t| now - t < 3600) {
+        return;
+    }
+    *last = Some(now);
+    tracing::error!(
+        version = bundle.version,
+        expires_in_secs = expires - now,
+        "the policy bundle in force expires soon (less than a third of its validity left): \
+         sign and publish a new one (komnet policy bundle --valid-for, komnet policy publish)"
+    );
 }
 
 pub(super) async fn offer_bundle(ctx: &Arc<Ctx>, version: u64, bytes: &[u8]) {

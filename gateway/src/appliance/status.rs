@@ -303,6 +303,31 @@ pub fn to_prometheus(report: &StatusReport, now: i64) -> String {
             c.not_after,
         );
     }
+    if let Some(end) = this.policy.as_ref().and_then(|p| p.expires) {
+        x.gauge(
+            "komnet_policy_expiry_seconds",
+            "Unix time the policy bundle in force stops being valid (komnet policy bundle --valid-for).",
+            end,
+        );
+    }
+    let mut expiring = Vec::new();
+    if let Some(c) = &this.certificate {
+        expiring.push((
+            vec![("what", "certificate".to_owned())],
+            i64::from(c.expiring(now)),
+        ));
+    }
+    if let Some(p) = this.policy.as_ref().filter(|p| p.expires.is_some()) {
+        expiring.push((
+            vec![("what", "policy".to_owned())],
+            i64::from(p.expiring(now)),
+        ));
+    }
+    x.gauges(
+        "komnet_expiring",
+        "1 when less than a third of the lifetime of what the appliance holds is left (certificate: renewal keeps failing; policy: a new bundle must be signed and published).",
+        expiring,
+    );
     x.finish()
 }
 
@@ -464,6 +489,8 @@ pub(super) fn report(ctx: &Ctx) -> StatusReport {
             version: c.version(),
             name: b.name.clone(),
             installed_at: s.slot.in_force().map_or(0, |p| p.installed_at),
+            not_before: b.not_before,
+            expires: b.expires,
         }),
         policy_error: s.slot.error().map(str::to_owned),
         peers,
@@ -651,6 +678,39 @@ mod tests {
             assert!(text.contains(needle), "{needle}: {text}");
         }
         assert!(!text.contains("komnet_registry_version"), "{text}");
+        // Less than a third of the certificate's lifetime left (renewal due since 900):
+        // expiring; the policy without a validity window is not listed.
+        r.certificate = Some(CertificateStatus {
+            serial: "AB".into(),
+            not_after: 1200,
+            renew_after: 900,
+        });
+        let text = to_prometheus(&r, 1000);
+        assert!(
+            text.contains("komnet_expiring{what=\"certificate\"} 1\n"),
+            "{text}"
+        );
+        r.policy = Some(PolicyStatus {
+            version: 2,
+            name: "x".into(),
+            installed_at: 0,
+            not_before: Some(0),
+            expires: Some(3000),
+        });
+        let text = to_prometheus(&r, 1000);
+        assert!(
+            text.contains("komnet_expiring{what=\"policy\"} 0\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("komnet_policy_expiry_seconds 3000\n"),
+            "{text}"
+        );
+        let text = to_prometheus(&r, 2001);
+        assert!(
+            text.contains("komnet_expiring{what=\"policy\"} 1\n"),
+            "{text}"
+        );
         assert!(
             text.contains("komnet_peers{tenant=\"noh\\\"felden\",role=\"spoke\",state=\"up\"} 1")
         );
