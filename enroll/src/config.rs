@@ -83,6 +83,10 @@ pub struct Config {
     /// `.pub` file `komnet policy keygen` writes). Without it no bundle can be published.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy_public_key: Option<String>,
+    /// Where `/metrics` is served (plain HTTP, no authentication: loopback or a management
+    /// network); absent: nowhere. `init` writes 127.0.0.1:9130.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_listen: Option<SocketAddr>,
     /// How often a quiet registry stream carries a keep-alive; hubs take a stream that missed
     /// three for dead and connect again (1s to 5m).
     #[serde(default = "default_registry_keepalive")]
@@ -126,6 +130,7 @@ impl Default for Config {
             },
             policy_public_key: None,
             registry_keepalive: default_registry_keepalive(),
+            metrics_listen: None,
         }
     }
 }

@@ -60,6 +60,10 @@ enum Command {
         /// Lifetime of appliance certificates (at least 1h).
         #[arg(long)]
         cert_lifetime: Option<HumanDuration>,
+        /// Where `/metrics` is served (plain HTTP: loopback or a management network), or
+        /// `off`.
+        #[arg(long, default_value = "127.0.0.1:9130", value_parser = parse_metrics_listen)]
+        metrics_listen: MetricsListen,
     },
     /// Serve the HTTPS API and the admin socket DATA_DIR/admin.sock until SIGTERM or SIGINT.
     Serve {
@@ -226,6 +230,19 @@ fn main() -> ExitCode {
     }
 }
 
+/// `--metrics-listen`: an address, or `off`.
+#[derive(Debug, Clone, Copy)]
+struct MetricsListen(Option<SocketAddr>);
+
+fn parse_metrics_listen(text: &str) -> Result<MetricsListen, String> {
+    if text == "off" {
+        return Ok(MetricsListen(None));
+    }
+    text.parse()
+        .map(|a| MetricsListen(Some(a)))
+        .map_err(|_| format!("{text:?} is not ADDRESS:PORT (e.g. 127.0.0.1:9130) or off"))
+}
+
 async fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Init {
@@ -236,8 +253,10 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             hub_endpoints,
             policy_public_key,
             cert_lifetime,
+            metrics_listen,
         } => {
             let mut config = Config::default();
+            config.metrics_listen = metrics_listen.0;
             if let Some(l) = listen {
                 config.listen = l;
             }

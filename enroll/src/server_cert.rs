@@ -64,6 +64,11 @@ impl RotatingServerCert {
         })
     }
 
+    /// When the certificate in use became valid (Unix seconds).
+    pub fn not_before(&self) -> i64 {
+        self.current.read().not_before
+    }
+
     /// When the certificate in use expires (Unix seconds).
     pub fn not_after(&self) -> i64 {
         self.current.read().not_after

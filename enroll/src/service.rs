@@ -994,6 +994,17 @@ impl Service {
     }
 
     /// The keys a bundle may be signed with: the current one and an announced successor.
+    /// The published bundle's validity window (`not_before` or its publication time,
+    /// `expires`), when it has an expiry.
+    pub fn published_policy_validity(&self) -> Option<(i64, i64)> {
+        let published = self.store.published_policy().ok()??;
+        let verified = bundle::verify_any(&published.bytes, &self.accepted_policy_keys()).ok()?;
+        Some((
+            verified.not_before.unwrap_or(published.published_at),
+            verified.expires?,
+        ))
+    }
+
     fn accepted_policy_keys(&self) -> Vec<Vec<u8>> {
         self.policy_keys
             .as_ref()

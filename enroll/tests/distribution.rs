@@ -531,3 +531,70 @@ async fn the_policy_signing_key_rotates_by_announcement() {
     assert_eq!(e.code, ErrorCode::PolicyInvalid, "{e}");
     assert!(e.message.contains("expired"), "{e}");
 }
+
+/// Issue 15, part 1: `/metrics` of the service says when what it holds expires, and flags
+/// what has less than a third of its lifetime left (here: a published bundle signed for 30
+/// days, 21 days later).
+#[tokio::test]
+async fn metrics_show_what_the_service_holds_and_what_runs_out() {
+    use common::{start_with, test_config};
+    use komnet_enroll::config::Config;
+    use komnet_enroll::service::Clock as _;
+    use komnet_policy::bundle::BundleOptions;
+    let fixture = PolicyFixture::new();
+    let h = start_with(Config {
+        policy_public_key: Some(fixture.public_key_text()),
+        metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
+        ..test_config()
+    })
+    .await;
+    let addr = h.server.metrics_addr.expect("metrics listener");
+    let scrape = || async move {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        tcp.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut text = String::new();
+        tcp.read_to_string(&mut text).await.unwrap();
+        text
+    };
+    let now = h.clock.now();
+    let bundle = fixture.bundle_with(
+        7,
+        &fixture.private_key,
+        &BundleOptions {
+            not_before: Some(now),
+            expires: Some(now + 30 * 86_400),
+            next_key: None,
+        },
+    );
+    h.service.publish_policy(&bundle, "test").unwrap();
+    let text = scrape().await;
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    for needle in [
+        "komnet_enroll_expiring{what=\"server_tls\"} 0\n",
+        "komnet_enroll_expiring{what=\"issuing_ca\"} 0\n",
+        "komnet_enroll_expiring{what=\"root_ca\"} 0\n",
+        "komnet_enroll_expiring{what=\"policy\"} 0\n",
+        "komnet_enroll_policy_version 7\n",
+        "komnet_enroll_registry_followers 0\n",
+    ] {
+        assert!(text.contains(needle), "{needle}: {text}");
+    }
+    assert!(
+        text.contains(&format!(
+            "komnet_enroll_expiry_seconds{{what=\"policy\"}} {}\n",
+            now + 30 * 86_400
+        )),
+        "{text}"
+    );
+    // 21 days on: less than a third of the bundle's 30 days left. (The service's own TLS
+    // certificate is renewed by then: it is never flagged while renewal works.)
+    h.clock.advance(21 * 86_400);
+    let text = scrape().await;
+    assert!(
+        text.contains("komnet_enroll_expiring{what=\"policy\"} 1\n"),
+        "{text}"
+    );
+}

@@ -43,7 +43,7 @@ fn init(dir: &Path, port: u16, policy: &common::PolicyFixture) {
     let pub_file = policy.dir.path().join("signing.pub");
     std::fs::write(&pub_file, policy.public_key_text()).unwrap();
     let out = Command::new(BIN)
-        .args(["init", "--data-dir"])
+        .args(["init", "--metrics-listen", "off", "--data-dir"])
         .arg(dir)
         .args([
             "--server-name",
@@ -76,7 +76,7 @@ fn init(dir: &Path, port: u16, policy: &common::PolicyFixture) {
     }
     // A second init refuses to overwrite the CA.
     let again = Command::new(BIN)
-        .args(["init", "--data-dir"])
+        .args(["init", "--metrics-listen", "off", "--data-dir"])
         .arg(dir)
         .output()
         .unwrap();

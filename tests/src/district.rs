@@ -290,11 +290,14 @@ pub struct HomeOffice {
     pub config: PathBuf,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 pub struct Options {
     /// Two hubs (the second on port 51821 in the same data-centre namespace) for failover.
     pub two_hubs: bool,
     pub homeoffice: bool,
+    /// The enrollment service's clock runs this far off (a libfaketime offset such as
+    /// `-402960s`); `None`: on time.
+    pub enroll_clock: Option<&'static str>,
 }
 
 /// The running district. Dropping it stops every process and deletes every namespace.
@@ -314,6 +317,33 @@ pub struct District {
     pub netprobe: PathBuf,
     pub dir: TempDir,
     wan_ports: u32,
+    enroll_clock: Option<String>,
+}
+
+/// Runs `cmd` with its wall clock `offset` off (e.g. `-8d`): libfaketime's thread-safe
+/// variant preloaded into the program itself (the `faketime` wrapper would stay between us and
+/// its signals). Timers and timeouts run on the monotonic clock, which stays as it is.
+fn fake_clock(cmd: &mut Command, offset: &str) -> Result<()> {
+    cmd.env("LD_PRELOAD", faketime_library()?)
+        .env("FAKETIME", offset)
+        .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
+        .env("FAKETIME_NO_CACHE", "1");
+    Ok(())
+}
+
+/// libfaketime's multi-threaded library (Debian's `libfaketime`, which `faketime` pulls in).
+fn faketime_library() -> Result<PathBuf> {
+    for dir in [
+        "/usr/lib/x86_64-linux-gnu",
+        "/usr/lib/aarch64-linux-gnu",
+        "/usr/lib",
+    ] {
+        let lib = Path::new(dir).join("faketime/libfaketimeMT.so.1");
+        if lib.exists() {
+            return Ok(lib);
+        }
+    }
+    bail!("libfaketimeMT.so.1 not found (package libfaketime; scripts/setup.sh test installs faketime)")
 }
 
 fn attach_to_wan(wan: &Netns, ns: &Netns, index: &mut u32, addr: Ipv4Addr) -> Result<()> {
@@ -379,6 +409,7 @@ impl District {
             netprobe: netprobe.to_owned(),
             dir,
             wan_ports: ports,
+            enroll_clock: options.enroll_clock.map(str::to_owned),
         };
         district.start_servers()?;
         district.start_enroll(options.two_hubs)?;
@@ -468,6 +499,7 @@ impl District {
             p.wait_timeout(Duration::from_secs(10))?;
         }
         let _ = std::fs::remove_file(self.enroll_socket());
+        self.enroll_clock = offset.map(str::to_owned);
         self.serve_enroll_at(log_name, offset)
     }
 
@@ -527,10 +559,13 @@ impl District {
             args.push("--hub-endpoint".into());
             args.push(format!("hub2={DC_WAN}:{}", HUB_PORT + 1));
         }
-        run_ok(
-            Command::new(komnet_enroll_binary()?).args(&args),
-            COMMAND_TIMEOUT,
-        )?;
+        // A service whose clock runs off made its CA at that time too.
+        let mut init = Command::new(komnet_enroll_binary()?);
+        init.args(&args);
+        if let Some(offset) = &self.enroll_clock {
+            fake_clock(&mut init, offset)?;
+        }
+        run_ok(&mut init, COMMAND_TIMEOUT)?;
         // The data centre's networks go through the tunnel: all of 10.0.0.0/8 in this district.
         let config_path = data.join("enroll.toml");
         let mut config: toml::Table = toml::from_str(&std::fs::read_to_string(&config_path)?)?;
@@ -546,7 +581,8 @@ impl District {
     }
 
     fn serve_enroll(&mut self, log_name: &str) -> Result<()> {
-        self.serve_enroll_at(log_name, None)
+        let clock = self.enroll_clock.clone();
+        self.serve_enroll_at(log_name, clock.as_deref())
     }
 
     /// Starts the enrollment service; `clock`: a libfaketime offset such as `-8d` for a
@@ -554,17 +590,10 @@ impl District {
     fn serve_enroll_at(&mut self, log_name: &str, clock: Option<&str>) -> Result<()> {
         let data = self.path("enroll");
         let log = self.path(log_name);
-        let mut cmd = match clock {
-            None => self.dc.command(komnet_enroll_binary()?),
-            Some(offset) => {
-                let mut c = self.dc.command("faketime");
-                // Only the wall clock: timers and timeouts run on the monotonic one.
-                c.env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
-                    .args(["-f", offset])
-                    .arg(komnet_enroll_binary()?);
-                c
-            }
-        };
+        let mut cmd = self.dc.command(komnet_enroll_binary()?);
+        if let Some(offset) = clock {
+            fake_clock(&mut cmd, offset)?;
+        }
         cmd.args(["serve", "--data-dir"]).arg(&data);
         self.enroll = Some(BackgroundProcess::spawn(&mut cmd, &log)?);
         let socket = self.enroll_socket();

@@ -41,6 +41,7 @@ use crate::api::{self, admin, ApiError, ErrorCode, RegistryEvent};
 mod admin_routes;
 mod extract;
 mod limits;
+pub mod metrics;
 mod routes;
 
 use crate::identity::Role;
@@ -61,6 +62,7 @@ struct AppState {
     service: Arc<Service>,
     limiter: RateLimiter,
     refusals: RefusalLog,
+    followers: Arc<metrics::Followers>,
 }
 
 type Shared = Arc<AppState>;
@@ -222,12 +224,62 @@ async fn renew_server_cert(
     }
 }
 
+/// `GET /metrics` (Prometheus text) on its own plain-HTTP listener, until the server stops.
+async fn serve_metrics(
+    listener: TcpListener,
+    state: Shared,
+    server_cert: Arc<RotatingServerCert>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let app = Router::new().route(
+        "/metrics",
+        get(move || {
+            let state = state.clone();
+            let server_cert = server_cert.clone();
+            async move {
+                let service = state.service.clone();
+                let followers = state.followers.count();
+                let text = blocking(move || {
+                    let now = service.now();
+                    let held = metrics::held(&service, &server_cert);
+                    let registry = service.store.registry_version()?;
+                    let policy = service.store.published_policy_version()?.unwrap_or(0);
+                    Ok(metrics::render(&held, registry, policy, followers, now))
+                })
+                .await;
+                match text {
+                    Ok(t) => (
+                        [(
+                            header::CONTENT_TYPE,
+                            prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
+                        )],
+                        t,
+                    )
+                        .into_response(),
+                    Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+                }
+            }
+        }),
+    );
+    let shutdown = async move {
+        let _ = stop.wait_for(|s| *s).await;
+    };
+    if let Err(e) = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+    {
+        tracing::error!(error = %e, "/metrics server failed");
+    }
+}
+
 /// A running service; dropping it (or calling `shutdown`) stops it.
 #[derive(Debug)]
 pub struct RunningServer {
     pub addr: SocketAddr,
     /// The service's TLS certificate, renewed while it runs.
     pub server_cert: Arc<RotatingServerCert>,
+    /// Where `/metrics` is served, if anywhere.
+    pub metrics_addr: Option<SocketAddr>,
     pub admin_socket: Option<PathBuf>,
     stop: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -302,6 +354,7 @@ pub async fn start(
             service.config.rate_limit.burst,
         ),
         service: service.clone(),
+        followers: Arc::default(),
     });
     let (stop, stop_rx) = watch::channel(false);
     let timeout = service.config.limits.client_timeout.0;
@@ -315,6 +368,24 @@ pub async fn start(
         server_cert.clone(),
         stop_rx.clone(),
     ))];
+    let mut metrics_bound = None;
+    if let Some(metrics_addr) = service.config.metrics_listen {
+        let listener =
+            TcpListener::bind(metrics_addr)
+                .await
+                .map_err(|source| ServeError::Bind {
+                    what: "serve /metrics on (metrics_listen)",
+                    addr: metrics_addr.to_string(),
+                    source,
+                })?;
+        metrics_bound = listener.local_addr().ok();
+        tasks.push(tokio::spawn(serve_metrics(
+            listener,
+            state.clone(),
+            server_cert.clone(),
+            stop_rx.clone(),
+        )));
+    }
     let mut stop_https = stop_rx.clone();
     tasks.push(tokio::spawn(async move {
         let mut conns = JoinSet::new();
@@ -440,6 +511,7 @@ pub async fn start(
     Ok(RunningServer {
         addr,
         server_cert,
+        metrics_addr: metrics_bound,
         admin_socket: admin_path,
         stop,
         tasks,

@@ -203,6 +203,8 @@ struct Follow {
     /// expires, so it must come back with a valid one.
     hub: crate::identity::Identity,
     hub_gone: bool,
+    /// Counts this stream in `komnet_enroll_registry_followers` while it lasts.
+    _counted: super::metrics::FollowerGuard,
 }
 
 impl Follow {
@@ -298,6 +300,7 @@ async fn registry_events_route(
     tracing::info!(hub = %format!("{}/{}", hub.identity.tenant, hub.identity.site), since, "hub follows the registry");
     // Subscribe before reading the backlog, so nothing committed in between is missed.
     let follow = Follow {
+        _counted: state.followers.enter(),
         rx: state.service.store.subscribe(),
         service: state.service.clone(),
         last: since,

@@ -282,6 +282,16 @@ async fn enrol_from_bootstrap(
             .with_context(|| format!("saving {}", enrollment_path.display()))?;
         ctx.state.lock().count(ControlEvent::Enrolled);
         tracing::info!(path = %enrollment_path.display(), "enrolled; the bootstrap token is used up");
+        // The spent token in the data directory (where a stick puts it) goes aside, so that an
+        // appliance that needs a new one later (its certificate expired while it was off)
+        // waits for it instead of trying this one. A file the operator named elsewhere, or a
+        // credential, is left alone.
+        if !ctx.config.bootstrap_is_credential() && path.starts_with(dir) {
+            let used = PathBuf::from(format!("{}.used", path.display()));
+            if let Err(e) = std::fs::rename(&path, &used) {
+                tracing::debug!(error = %e, path = %path.display(), "spent bootstrap file left in place");
+            }
+        }
         return Ok((enrollment, keys, choice.key));
     }
 }

@@ -67,6 +67,7 @@ fn demo() -> Result<bool> {
         Options {
             two_hubs: false,
             homeoffice: true,
+            ..Options::default()
         },
     )?;
     step(t0, "enrolled from one-time tokens: hub1, nohfelden/rathaus, tholey/rathaus; home office anna (wg-quick + wireguard-go)");
