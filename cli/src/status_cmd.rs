@@ -290,7 +290,7 @@ mod tests {
         let text = render(&r);
         assert!(
             text.contains(
-                "\nregistry: UNREACHABLE since 6m ago (unreachable; last event 405s ago) — \
+                "\nregistry: UNREACHABLE since 6m ago (unreachable; last event 5s ago) — \
                  revocations made meanwhile are not heard; known peers stay admitted \
                  (registry_outage = keep-peers)\n"
             ),

@@ -255,8 +255,10 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             cert_lifetime,
             metrics_listen,
         } => {
-            let mut config = Config::default();
-            config.metrics_listen = metrics_listen.0;
+            let mut config = Config {
+                metrics_listen: metrics_listen.0,
+                ..Config::default()
+            };
             if let Some(l) = listen {
                 config.listen = l;
             }

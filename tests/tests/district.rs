@@ -691,6 +691,41 @@ fn an_image_spoke_waits_refuses_a_spent_token_then_enrols_and_takes_its_lan_addr
         .unwrap_or_default();
     reported.sort();
     assert_eq!(reported, on_lan, "{running}");
+
+    // Issue 15, part 3: the image appliance took over nohfelden/rathaus with a new key; the
+    // replaced box (the district's Nohfelden spoke, its certificate still valid, still running)
+    // is withdrawn at the hub: its LAN reaches nothing any more, and the hub lists one key for
+    // the site, the new one.
+    let new_key = {
+        let text = std::fs::read_to_string(data.join("enrollment.json")).expect("enrollment");
+        let v: serde_json::Value = serde_json::from_str(&text).expect("JSON");
+        v["identity"]["wg_public_key"]
+            .as_str()
+            .expect("key")
+            .to_owned()
+    };
+    let noh = staff(&district, "nohfelden");
+    let dms = dest("DMS (Kreis)");
+    wait_until(
+        "the replaced Nohfelden spoke to be cut off",
+        Duration::from_secs(10),
+        || {
+            Ok((!district
+                .probe(&noh, &[dms], Duration::from_millis(1000))
+                .expect("probe")[0])
+                .then_some(()))
+        },
+    )
+    .expect("the replaced appliance still reaches the DMS");
+    let hub = district.hubs[0].status().expect("hub status");
+    let keys: Vec<&str> = hub["peers"]
+        .as_array()
+        .expect("peers")
+        .iter()
+        .filter(|p| p["tenant"] == "nohfelden" && p["site"] == "rathaus")
+        .filter_map(|p| p["public_key"].as_str())
+        .collect();
+    assert_eq!(keys, vec![new_key.as_str()], "{hub:#}");
 }
 
 /// Pings started now in `ns` towards `dst`, every 2 ms for `seconds` (ended by SIGINT, so

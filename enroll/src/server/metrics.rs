@@ -88,8 +88,12 @@ pub fn held(service: &Service, server_cert: &RotatingServerCert) -> Vec<Held> {
     out
 }
 
+/// One sample: its labels (none: a single unlabelled value) and value.
+type Row = (Vec<(&'static str, String)>, i64);
+
+/// Gauge families: name, help, rows.
 #[derive(Debug, Default)]
-struct Families(Vec<(String, String, Vec<(Vec<(&'static str, String)>, i64)>)>);
+struct Families(Vec<(String, String, Vec<Row>)>);
 
 impl Collector for Families {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
@@ -116,7 +120,7 @@ pub fn render(
     now: i64,
 ) -> String {
     let mut f = Families::default();
-    let by_what = |value: &dyn Fn(&Held) -> i64| -> Vec<(Vec<(&'static str, String)>, i64)> {
+    let by_what = |value: &dyn Fn(&Held) -> i64| -> Vec<Row> {
         held.iter()
             .map(|h| (vec![("what", h.what.to_owned())], value(h)))
             .collect()
