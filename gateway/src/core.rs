@@ -595,8 +595,8 @@ impl Core {
     }
 
     /// Forgets `ip` as a sticky source address of every peer: the driver calls this when
-    /// sending from it failed because the host no longer has that address (EINVAL,
-    /// EADDRNOTAVAIL), and sends again without a source. The kernel does the same ("not too
+    /// sending from it failed because the host no longer has that address (ENETUNREACH,
+    /// EINVAL), and sends again without a source. The kernel does the same ("not too
     /// sticky"). Walks all peers, which is fine for an error that comes once per lost address.
     pub fn forget_source_ip(&mut self, ip: IpAddr) {
         for slot in &mut self.slots {

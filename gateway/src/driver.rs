@@ -182,11 +182,12 @@ impl Sockets {
     /// Sends one (possibly GSO-segmented) transmit, waiting while the socket buffer is full.
     ///
     /// A transmit with a source address (a peer's sticky source) that the host no longer has
-    /// fails with EINVAL (IPv4 and IPv6) or EADDRNOTAVAIL: it is sent again without one, from
-    /// the address the routing table picks, and `Ok(Some(address))` tells the caller to make
-    /// the core forget it (the kernel's WireGuard does the same). quinn-udp takes any EINVAL
-    /// for a GSO failure and turns GSO off for good; when the retry shows it was the address,
-    /// the socket's state is rebuilt so GSO comes back.
+    /// fails (Linux 6.x: ENETUNREACH for IPv4, EINVAL for IPv6 and for a loopback source
+    /// toward another host; EADDRNOTAVAIL is taken too): it is sent again without one, from
+    /// the address the routing table picks, and when that works `Ok(Some(address))` tells the
+    /// caller to make the core forget the address (the kernel's WireGuard does the same).
+    /// quinn-udp takes any EINVAL for a GSO failure and turns GSO off for good; when the retry
+    /// shows it was the address, the socket's state is rebuilt so GSO comes back.
     fn send(&self, t: &Transmit<'_>) -> io::Result<Option<IpAddr>> {
         let Some(udp) = self.for_dst(&t.destination) else {
             return Err(io::Error::new(
@@ -200,7 +201,7 @@ impl Sockets {
                 if t.src_ip.is_some()
                     && matches!(
                         e.raw_os_error(),
-                        Some(libc::EINVAL) | Some(libc::EADDRNOTAVAIL)
+                        Some(libc::EINVAL | libc::ENETUNREACH | libc::EADDRNOTAVAIL)
                     ) =>
             {
                 udp.send(&Transmit { src_ip: None, ..*t })?;

@@ -280,7 +280,7 @@ struct Node {
 impl Node {
     /// The source of a datagram the core wants sent from `src_ip`, as the driver and the
     /// kernel decide it: that address when the node has it; when it does not, the send fails
-    /// (EINVAL), the core forgets the address and the datagram goes from the routing table's
+    /// (ENETUNREACH or EINVAL), the core forgets the address and the datagram goes from the routing table's
     /// choice, `default` (the node's primary address, or the one it is answering from).
     fn source(&mut self, default: SocketAddr, src_ip: Option<std::net::IpAddr>) -> SocketAddr {
         match src_ip {
@@ -1599,7 +1599,7 @@ fn a_multi_homed_peer_answers_from_the_address_it_was_sent_to() {
 }
 
 /// Defect 8, "not too sticky": when B loses the address A talked to, its next datagram cannot
-/// leave from it (the driver's send fails with EINVAL): the core forgets it, the datagram goes
+/// leave from it (the driver's send fails): the core forgets it, the datagram goes
 /// from the routing table's choice, A follows B there and traffic goes on.
 #[test]
 fn a_sticky_source_address_the_host_lost_is_forgotten() {

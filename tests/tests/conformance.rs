@@ -31,6 +31,53 @@ macro_rules! scenario {
     };
 }
 
+/// A check of a scenario that found the implementation behaving unlike the kernel. Setup
+/// steps panic instead, so a reference run that is expected to deviate cannot pass by failing
+/// to set up.
+#[derive(Debug)]
+struct Deviation(String);
+
+/// The outcome of a scenario whose reference run is expected to deviate.
+type Checked = Result<(), Deviation>;
+
+macro_rules! deviation {
+    ($($arg:tt)*) => {
+        return Err(Deviation(format!($($arg)*)))
+    };
+}
+
+/// A scenario `fn NAME(kind) -> Checked`: one `#[test]` per implementation that must conform,
+/// and one per implementation known to deviate (docs/conformance.md says how), which fails if
+/// it no longer does, so the table cannot go stale.
+macro_rules! checked_scenario {
+    ($name:ident: conforms: $($kind:ident),+; deviates: $($other:ident),+) => {
+        mod $name {
+            $(
+                #[test]
+                #[allow(non_snake_case)]
+                fn $kind() {
+                    if let Err(d) = super::$name(komnet_netns_tests::DaemonKind::$kind) {
+                        panic!("{} does not behave like the kernel: {}", stringify!($kind), d.0);
+                    }
+                }
+            )+
+            $(
+                #[test]
+                #[allow(non_snake_case)]
+                fn $other() {
+                    match super::$name(komnet_netns_tests::DaemonKind::$other) {
+                        Err(d) => eprintln!("{} deviates, as documented: {}", stringify!($other), d.0),
+                        Ok(()) => panic!(
+                            "{} now behaves like the kernel here: update docs/conformance.md and this test",
+                            stringify!($other)
+                        ),
+                    }
+                }
+            )+
+        }
+    };
+}
+
 fn trio(kind: DaemonKind) -> Trio {
     Trio::new(kind).unwrap_or_else(|e| panic!("building the selftest topology for {kind}: {e:?}"))
 }
@@ -398,3 +445,95 @@ except OSError as e:\n    print(e.errno, round(time.monotonic() - t, 2))\n";
     }
 }
 scenario!(no_peer_for_a_destination_answers_icmp_unreachable: Komnet);
+
+/// Defect 8: a multi-homed hub answers from the address the peer sent to ("sticky source", as
+/// the kernel does with the packet's destination address), over IPv4 and IPv6. The right end
+/// of a two-namespace tunnel is the hub, with a second address per family on its uplink
+/// (another subnet, so its routing table would answer from the first); the left end, the
+/// peer, talks to the second one through a stateful firewall that, like a NAT or any
+/// connection-tracking firewall, lets in only answers from the address it sent to. Then the
+/// hub loses that address: its next packets leave from the remaining one ("not too sticky")
+/// and the peer follows. wireguard-go 0.0.20231211 answers from the routing table's choice,
+/// which the firewall drops.
+fn multi_homed_hub_answers_from_the_address_it_was_sent_to(kind: DaemonKind) -> Checked {
+    use komnet_netns_tests::{End, Tunnel, TunnelConfig};
+    use std::net::{IpAddr, SocketAddr};
+    let tunnel = Tunnel::new(TunnelConfig::new(kind, kind)).unwrap();
+    let (peer, hub) = (tunnel.side(End::Left), tunnel.side(End::Right));
+    let n = tunnel.id();
+    let octet = n % 256;
+    let second_v4: IpAddr = format!("10.204.{octet}.2").parse().unwrap();
+    let second_v6: IpAddr = format!("fd02:{n:x}::2").parse().unwrap();
+    hub.netns.add_address(&hub.veth, second_v4, 24).unwrap();
+    hub.netns.add_address(&hub.veth, second_v6, 64).unwrap();
+    let on_link_v4: IpAddr = format!("10.204.{octet}.0").parse().unwrap();
+    let on_link_v6: IpAddr = format!("fd02:{n:x}::").parse().unwrap();
+    peer.netns
+        .add_route(on_link_v4, 24, &peer.veth, None)
+        .unwrap();
+    peer.netns
+        .add_route(on_link_v6, 64, &peer.veth, None)
+        .unwrap();
+    let hub_tunnel: IpAddr = hub.tunnel_v4.into();
+    let peer_tunnel: IpAddr = peer.tunnel_v4.into();
+    let firewall = format!(
+        "table inet conformance {{ chain input {{ type filter hook input priority 0; policy accept; \
+         udp dport {port} ct state established accept; udp dport {port} drop; }}; }}",
+        port = peer.listen_port
+    );
+    let hub_endpoint_at_peer =
+        || -> SocketAddr { tunnel.peer_view(End::Left).unwrap().endpoint.unwrap() };
+    for (second, primary) in [
+        (second_v4, IpAddr::from(hub.underlay_v4)),
+        (second_v6, IpAddr::from(hub.underlay_v6)),
+    ] {
+        let second_endpoint = SocketAddr::new(second, hub.listen_port);
+        peer.wg(&[
+            "set",
+            &peer.ifname,
+            "peer",
+            &hub.keys.public,
+            "endpoint",
+            &second_endpoint.to_string(),
+        ])
+        .unwrap();
+        peer.netns.exec(&["nft", &firewall]).unwrap();
+        // The peer speaks first (a handshake over IPv4, data on the session over IPv6).
+        let first = tunnel.ping_until_reply(End::Left, hub_tunnel, 6);
+        if first.is_err() {
+            deviation!(
+                "no answer through a firewall that admits only {second_endpoint}: {first:?}; \
+                 the hub's endpoint at the peer is {}",
+                hub_endpoint_at_peer()
+            );
+        }
+        let back = tunnel.ping(End::Right, peer_tunnel, 3).unwrap();
+        if !back.all_replied() {
+            deviation!(
+                "hub-to-peer pings lost behind the firewall via {second_endpoint}: {back:?}"
+            );
+        }
+        let seen = hub_endpoint_at_peer();
+        if seen != second_endpoint {
+            deviation!("the peer sees the hub at {seen}, not at {second_endpoint} it talks to");
+        }
+
+        // Not too sticky: the address goes; the hub speaks first and must not stay silent.
+        peer.netns
+            .exec(&["nft", "delete", "table", "inet", "conformance"])
+            .unwrap();
+        let prefix = if second.is_ipv4() { 24 } else { 64 };
+        hub.netns.delete_address(&hub.veth, second, prefix).unwrap();
+        let after = tunnel.ping(End::Right, peer_tunnel, 3).unwrap();
+        if after.received == 0 {
+            deviation!("after losing {second} the hub could not reach the peer: {after:?}");
+        }
+        let seen = hub_endpoint_at_peer();
+        if seen != SocketAddr::new(primary, hub.listen_port) {
+            deviation!("after losing {second} the peer sees the hub at {seen}");
+        }
+    }
+    Ok(())
+}
+checked_scenario!(multi_homed_hub_answers_from_the_address_it_was_sent_to:
+    conforms: Komnet; deviates: WireguardGo2023);
