@@ -456,9 +456,18 @@ scenario!(no_peer_for_a_destination_answers_icmp_unreachable: Komnet);
 /// and the peer follows. wireguard-go 0.0.20231211 answers from the routing table's choice,
 /// which the firewall drops.
 fn multi_homed_hub_answers_from_the_address_it_was_sent_to(kind: DaemonKind) -> Checked {
-    use komnet_netns_tests::{End, Tunnel, TunnelConfig};
+    use komnet_netns_tests::{Tunnel, TunnelConfig};
+    let mut tunnel = Tunnel::new(TunnelConfig::new(kind, kind)).unwrap();
+    let checked = multi_homed_hub(&tunnel);
+    if checked.is_err() {
+        eprintln!("{}", tunnel.diagnostics());
+    }
+    checked
+}
+
+fn multi_homed_hub(tunnel: &komnet_netns_tests::Tunnel) -> Checked {
+    use komnet_netns_tests::End;
     use std::net::{IpAddr, SocketAddr};
-    let tunnel = Tunnel::new(TunnelConfig::new(kind, kind)).unwrap();
     let (peer, hub) = (tunnel.side(End::Left), tunnel.side(End::Right));
     let n = tunnel.id();
     let octet = n % 256;
@@ -537,3 +546,128 @@ fn multi_homed_hub_answers_from_the_address_it_was_sent_to(kind: DaemonKind) -> 
 }
 checked_scenario!(multi_homed_hub_answers_from_the_address_it_was_sent_to:
     conforms: Komnet; deviates: WireguardGo2023);
+
+/// Roaming, both directions: each end in turn moves its listen port and then the other end
+/// switches the address family of its endpoint; the first authenticated packet from the new
+/// place teaches the receiver the new endpoint, and traffic goes on at once.
+fn roaming_in_both_directions(kind: DaemonKind) {
+    use std::net::SocketAddr;
+    let t = trio(kind);
+    t.set_loopback_endpoints(false).unwrap();
+    t.ping(0, &["-c", "1", "-W", "2"], TUNNEL_V4[1]).unwrap();
+    let key = |end: usize| t.keys[end].public.clone();
+    let expect_endpoint = |end: usize, of: usize, want: &str| {
+        let want: SocketAddr = want.parse().unwrap();
+        let seen = wait_until(
+            &format!("end {end} to see end {of} at {want}"),
+            Duration::from_secs(3),
+            || Ok((t.endpoint_of(end, &key(of))? == Some(want)).then_some(())),
+        );
+        seen.unwrap_or_else(|e| panic!("{e:?}\n{}", t.diagnostics()));
+    };
+    // End 1 moves to port 9997 and speaks: end 2 follows; then end 2 moves to 9998.
+    t.wg(0, &["set", &t.ifname[0], "listen-port", "9997"])
+        .unwrap();
+    t.ping(0, &["-c", "1", "-W", "2"], TUNNEL_V4[1]).unwrap();
+    expect_endpoint(1, 0, "127.0.0.1:9997");
+    t.wg(1, &["set", &t.ifname[1], "listen-port", "9998"])
+        .unwrap();
+    t.ping(1, &["-c", "1", "-W", "2"], TUNNEL_V6[0]).unwrap();
+    expect_endpoint(0, 1, "127.0.0.1:9998");
+    // End 1 switches to IPv6 toward end 2; end 2 answers over IPv6, then switches back.
+    t.wg(
+        0,
+        &[
+            "set",
+            &t.ifname[0],
+            "peer",
+            &key(1),
+            "endpoint",
+            "[::1]:9998",
+        ],
+    )
+    .unwrap();
+    t.ping(0, &["-c", "1", "-W", "2"], TUNNEL_V4[1]).unwrap();
+    expect_endpoint(1, 0, "[::1]:9997");
+    t.wg(
+        1,
+        &[
+            "set",
+            &t.ifname[1],
+            "peer",
+            &key(0),
+            "endpoint",
+            "127.0.0.1:9997",
+        ],
+    )
+    .unwrap();
+    t.ping(1, &["-c", "1", "-W", "2"], TUNNEL_V6[0]).unwrap();
+    expect_endpoint(0, 1, "127.0.0.1:9998");
+    t.ping(0, &["-c", "3", "-i", "0.2", "-W", "2"], TUNNEL_V4[1])
+        .unwrap();
+}
+scenario!(roaming_in_both_directions: Komnet, WireguardGo2023);
+
+/// Key change: one end's private key is replaced through the UAPI and the other end swaps the
+/// old public key for the new one; the next packet makes a new handshake at once (the old
+/// sessions are gone with the old key: the other end no longer has that peer, so traffic on
+/// them would be dropped), and `wg show` reports the new key pair.
+fn private_key_change_and_immediate_handshake(kind: DaemonKind) {
+    let t = trio(kind);
+    t.set_loopback_endpoints(false).unwrap();
+    t.ping(0, &["-c", "2", "-i", "0.2", "-W", "2"], TUNNEL_V4[1])
+        .unwrap();
+    let (old, new) = (&t.keys[0], &t.keys[2]);
+    let allowed = format!("{}/32,{}/128", TUNNEL_V4[0], TUNNEL_V6[0]);
+    t.wg(
+        1,
+        &[
+            "set",
+            &t.ifname[1],
+            "peer",
+            &old.public,
+            "remove",
+            "peer",
+            &new.public,
+            "preshared-key",
+            &t.psk_file(),
+            "allowed-ips",
+            &allowed,
+            "endpoint",
+            "127.0.0.1:1",
+        ],
+    )
+    .unwrap();
+    // Over the old session, end 2 (which dropped the old key) accepts nothing now.
+    let out = t
+        .end_ns(0)
+        .exec_output(
+            &["ping", "-c", "2", "-i", "0.2", "-W", "1", TUNNEL_V4[1]],
+            Duration::from_secs(10),
+        )
+        .unwrap();
+    assert!(
+        !out.succeeded(),
+        "the old session still carries traffic: {out}"
+    );
+    t.wg(0, &["set", &t.ifname[0], "private-key", &t.key_file(2)])
+        .unwrap();
+    // At once: one ping, one second; the handshake retry timer (5 s) must not be in the way.
+    t.ping(0, &["-c", "1", "-W", "1"], TUNNEL_V4[1])
+        .unwrap_or_else(|e| {
+            panic!(
+                "no immediate handshake with the new key: {e:?}\n{}",
+                t.diagnostics()
+            )
+        });
+    t.ping(1, &["-c", "1", "-W", "1"], TUNNEL_V6[0]).unwrap();
+    let dump = t.dump(0).unwrap();
+    assert_eq!(dump.public_key, new.public);
+    let seen = t.dump(1).unwrap();
+    let peer = seen
+        .peer(&new.public)
+        .expect("end 2 has the new key as its peer");
+    assert!(peer.latest_handshake.is_some(), "{seen:?}");
+    assert!(seen.peer(&old.public).is_none());
+}
+scenario!(private_key_change_and_immediate_handshake: Komnet, WireguardGo2023);
