@@ -13,7 +13,9 @@
 
 use std::time::Duration;
 
-use komnet_netns_tests::conformance::{send_udp, Trio, UdpCatcher, TUNNEL_V4, TUNNEL_V6};
+use komnet_netns_tests::conformance::{
+    send_udp, Trio, UdpCatcher, INNER_PORT, INNER_V4, TUNNEL_V4, TUNNEL_V6,
+};
 use komnet_netns_tests::{uapi_socket_path, wait_until, DaemonKind, KeyPair};
 
 /// One `#[test]` per implementation for a scenario `fn NAME(kind)`.
@@ -50,7 +52,7 @@ macro_rules! deviation {
 /// and one per implementation known to deviate (docs/conformance.md says how), which fails if
 /// it no longer does, so the table cannot go stale.
 macro_rules! checked_scenario {
-    ($name:ident: conforms: $($kind:ident),+; deviates: $($other:ident),+) => {
+    ($name:ident: conforms: $($kind:ident),+; deviates: $($other:ident),*) => {
         mod $name {
             $(
                 #[test]
@@ -73,9 +75,18 @@ macro_rules! checked_scenario {
                         ),
                     }
                 }
-            )+
+            )*
         }
     };
+}
+
+/// "PID%100000-N", unique per test in this process, for interface names of tests that build
+/// their own topology (interface names must be unique machine-wide: the UAPI sockets share
+/// /run/wireguard).
+fn unique_id() -> String {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{}-{n}", std::process::id() % 100_000)
 }
 
 fn trio(kind: DaemonKind) -> Trio {
@@ -671,3 +682,269 @@ fn private_key_change_and_immediate_handshake(kind: DaemonKind) {
     assert!(seen.peer(&old.public).is_none());
 }
 scenario!(private_key_change_and_immediate_handshake: Komnet, WireguardGo2023);
+
+/// wg-in-wg: a second WireGuard pair whose datagrams go through the first (its daemons live in
+/// the namespaces of the outer interfaces; each endpoint is an outer tunnel address). Pings of
+/// several sizes and a TCP transfer through both layers, both ways.
+fn wireguard_inside_wireguard(kind: DaemonKind) {
+    let t = trio(kind);
+    t.set_loopback_endpoints(false).unwrap();
+    let inner = t.start_inner(kind).unwrap();
+    let (_, outer_tx) = t.transfer(0).unwrap();
+    for (from, to) in [(0, 1), (1, 0)] {
+        let ns = t.end_ns(from);
+        komnet_netns_tests::ping_until_reply(ns, INNER_V4[to].parse().unwrap(), 6)
+            .ok()
+            .filter(|s| s.received > 0)
+            .unwrap_or_else(|| panic!("no inner ping {from} -> {to}\n{}", t.diagnostics()));
+        for size in ["56", "1000", "1312"] {
+            t.ping(
+                from,
+                &["-c", "3", "-i", "0.05", "-W", "1", "-s", size],
+                INNER_V4[to],
+            )
+            .unwrap_or_else(|e| panic!("inner ping -s {size} {from} -> {to}: {e:?}"));
+        }
+    }
+    iperf(&t, 1, INNER_V4[1], "5M");
+    let (_, outer_tx_after) = t.transfer(0).unwrap();
+    // iperf3 -n stops counting when its last byte is written, not received: ask for a part.
+    assert!(
+        outer_tx_after - outer_tx > 1 << 20,
+        "the inner transfer did not go through the outer tunnel: {outer_tx} -> {outer_tx_after}"
+    );
+    drop(inner);
+}
+scenario!(wireguard_inside_wireguard: Komnet, WireguardGo2023);
+
+/// iperf3 from the other end to a server on `addr` in end `server`'s namespace, `bytes` long.
+fn iperf(t: &Trio, server: usize, addr: &str, bytes: &str) {
+    let mut srv = t
+        .end_ns(server)
+        .command("iperf3")
+        .args(["-s", "-1", "-B", addr, "-p", "5201"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let client = 1 - server;
+    let out = wait_until("iperf3 through the tunnel", Duration::from_secs(30), || {
+        let out = t.end_ns(client).exec_output(
+            &["iperf3", "-Z", "-n", bytes, "-c", addr, "-p", "5201"],
+            Duration::from_secs(30),
+        )?;
+        Ok((out.succeeded() || !out.stderr.contains("Connection refused")).then_some(out))
+    })
+    .unwrap();
+    let _ = srv.kill();
+    let _ = srv.wait();
+    assert!(out.succeeded(), "iperf3 to {addr}: {out}");
+}
+
+/// A routing loop: the inner pair's end 1 is pointed at an endpoint inside its own tunnel
+/// (192.168.242.2:5, routed through the inner interface itself), and a flood of pings, small
+/// and fragmenting, is sent into it. The daemon must not melt: it stays up, its UAPI answers
+/// at once, it is idle again as soon as the flood stops (a loop that fed itself would keep it
+/// busy for ever), and with the endpoint put right the tunnel works again.
+fn routing_loop_does_not_melt_the_daemon(kind: DaemonKind) -> Checked {
+    let mut t = trio(kind);
+    t.set_loopback_endpoints(false).unwrap();
+    let mut inner = t.start_inner(kind).unwrap();
+    let ns = t.end_ns(0);
+    let peer = t.keys[3].public.clone();
+    komnet_netns_tests::ping_until_reply(ns, INNER_V4[1].parse().unwrap(), 6).unwrap();
+    let set_endpoint = |endpoint: &str| {
+        ns.exec(&[
+            "wg",
+            "set",
+            &inner.ifname[0],
+            "peer",
+            &peer,
+            "endpoint",
+            endpoint,
+        ])
+        .unwrap();
+    };
+    set_endpoint(&format!("{}:{INNER_PORT}", INNER_V4[1]));
+    for size in ["56", "1300"] {
+        let _ = ns.exec_output(
+            &["ping", "-f", "-w", "2", "-s", size, INNER_V4[1]],
+            Duration::from_secs(10),
+        );
+    }
+    if let Err(e) = inner.daemons[0].ensure_running() {
+        deviation!("the daemon died in the routing loop: {e:#}");
+    }
+    let asked = std::time::Instant::now();
+    let shown = ns.exec_output(
+        &["wg", "show", &inner.ifname[0], "endpoints"],
+        Duration::from_secs(10),
+    );
+    let took = asked.elapsed();
+    if !shown.as_ref().is_ok_and(|o| o.succeeded()) || took > Duration::from_secs(2) {
+        deviation!("the UAPI did not answer within 2 s of the loop ({took:?}): {shown:?}");
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let before = inner.cpu_seconds(0).unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let busy = inner.cpu_seconds(0).unwrap() - before;
+    if busy > 0.4 {
+        deviation!("the daemon kept busy after the flood stopped: {busy:.2} CPU seconds in 2 s");
+    }
+    set_endpoint(&format!("{}:{INNER_PORT}", TUNNEL_V4[1]));
+    let back = komnet_netns_tests::ping_until_reply(ns, INNER_V4[1].parse().unwrap(), 6);
+    if !back.as_ref().is_ok_and(|s| s.received > 0) {
+        deviation!("no traffic after the endpoint was put right: {back:?}");
+    }
+    t.ensure_running().unwrap();
+    Ok(())
+}
+checked_scenario!(routing_loop_does_not_melt_the_daemon: conforms: Komnet; deviates: WireguardGo2023);
+
+/// NAT with persistent keepalive: end A sits behind a masquerading router whose UDP mappings
+/// expire after 2 s; end B, on the public side, has no endpoint for A and no route to A's
+/// network. A's persistent keepalive (1 s) teaches B where A is (the router's address) and
+/// keeps the mapping alive, so B can reach A after minutes of silence; with the keepalive off
+/// the mapping expires and B cannot (the control); turned on again, a keepalive goes out at
+/// once and B reaches A again.
+fn nat_with_persistent_keepalive(kind: DaemonKind) {
+    use komnet_netns_tests::{add_veth_pair, write_private_file, Daemon, Netns, TempDir};
+    let id = unique_id();
+    let work = TempDir::new("nat").unwrap();
+    let (r, a, b) = (
+        Netns::new("natr").unwrap(),
+        Netns::new("nata").unwrap(),
+        Netns::new("natb").unwrap(),
+    );
+    add_veth_pair(&a, "eth0", &r, "lan", 1500).unwrap();
+    add_veth_pair(&r, "wan", &b, "eth0", 1500).unwrap();
+    a.ip(&["addr", "add", "192.168.1.1/24", "dev", "eth0"])
+        .unwrap();
+    a.ip(&["route", "add", "default", "via", "192.168.1.254"])
+        .unwrap();
+    r.ip(&["addr", "add", "192.168.1.254/24", "dev", "lan"])
+        .unwrap();
+    r.ip(&["addr", "add", "10.99.0.254/24", "dev", "wan"])
+        .unwrap();
+    b.ip(&["addr", "add", "10.99.0.2/24", "dev", "eth0"])
+        .unwrap();
+    r.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]).unwrap();
+    r.exec(&[
+        "nft",
+        "table ip nat { chain post { type nat hook postrouting priority 100; \
+         oifname \"wan\" masquerade; }; }",
+    ])
+    .unwrap();
+    for timeout in [
+        "nf_conntrack_udp_timeout",
+        "nf_conntrack_udp_timeout_stream",
+    ] {
+        r.exec(&["sysctl", "-qw", &format!("net.netfilter.{timeout}=2")])
+            .unwrap();
+    }
+    let keys = [KeyPair::generate().unwrap(), KeyPair::generate().unwrap()];
+    let ifname = [format!("kn{id}-na"), format!("kn{id}-nb")];
+    let mut daemons = Vec::new();
+    // B first: A's first initiation must find B listening (a retry would come 5 s later).
+    for (i, ns) in [(1, &b), (0, &a)] {
+        daemons.push(Daemon::start(kind, ns, &ifname[i], work.path()).unwrap());
+        let key_file = work.path().join(format!("k{i}"));
+        write_private_file(&key_file, &format!("{}\n", keys[i].private)).unwrap();
+        let other = 1 - i;
+        let mut args = vec![
+            "wg".to_owned(),
+            "set".into(),
+            ifname[i].clone(),
+            "private-key".into(),
+            key_file.to_string_lossy().into_owned(),
+            "listen-port".into(),
+            (i + 1).to_string(),
+            "peer".into(),
+            keys[other].public.clone(),
+            "allowed-ips".into(),
+            format!("{}/32", TUNNEL_V4[other]),
+        ];
+        if i == 0 {
+            args.extend(["endpoint".into(), "10.99.0.2:2".into()]);
+            args.extend(["persistent-keepalive".into(), "1".into()]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        ns.exec(&args).unwrap();
+        ns.ip(&[
+            "addr",
+            "add",
+            &format!("{}/24", TUNNEL_V4[i]),
+            "dev",
+            &ifname[i],
+        ])
+        .unwrap();
+        ns.ip(&["link", "set", "up", "dev", &ifname[i]]).unwrap();
+    }
+    let b_sees_a = || -> Option<std::net::SocketAddr> {
+        let dump = komnet_netns_tests::parse_wg_dump(
+            &b.exec(&["wg", "show", &ifname[1], "dump"]).unwrap(),
+        )
+        .unwrap();
+        dump.peer(&keys[0].public).and_then(|p| p.endpoint)
+    };
+    let b_pings_a = |count: &str| {
+        b.exec_output(
+            &["ping", "-c", count, "-i", "0.2", "-W", "2", TUNNEL_V4[0]],
+            Duration::from_secs(20),
+        )
+        .unwrap()
+    };
+    let learnt = wait_until(
+        "B to learn A's endpoint from its keepalives",
+        Duration::from_secs(3),
+        || Ok(b_sees_a()),
+    )
+    .unwrap();
+    assert_eq!(
+        learnt.ip().to_string(),
+        "10.99.0.254",
+        "A is seen behind the NAT"
+    );
+    let out = b_pings_a("2");
+    assert!(out.succeeded(), "B reaches A through the NAT: {out}");
+    // Twice the mapping's lifetime without traffic but A's keepalives.
+    std::thread::sleep(Duration::from_secs(4));
+    let out = b_pings_a("1");
+    assert!(
+        out.succeeded(),
+        "the keepalives kept the NAT mapping: {out}"
+    );
+
+    // The control: without keepalives the mapping expires and B cannot reach A.
+    a.exec(&[
+        "wg",
+        "set",
+        &ifname[0],
+        "peer",
+        &keys[1].public,
+        "persistent-keepalive",
+        "0",
+    ])
+    .unwrap();
+    std::thread::sleep(Duration::from_secs(5));
+    let out = b_pings_a("2");
+    assert!(!out.succeeded(), "the NAT mapping did not expire: {out}");
+    a.exec(&[
+        "wg",
+        "set",
+        &ifname[0],
+        "peer",
+        &keys[1].public,
+        "persistent-keepalive",
+        "1",
+    ])
+    .unwrap();
+    let reached = wait_until("B to reach A again", Duration::from_secs(6), || {
+        Ok(b_pings_a("1").succeeded().then_some(()))
+    });
+    assert!(reached.is_ok(), "{reached:?}");
+    for d in &mut daemons {
+        d.ensure_running().unwrap();
+    }
+}
+scenario!(nat_with_persistent_keepalive: Komnet, WireguardGo2023);
