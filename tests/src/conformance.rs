@@ -335,11 +335,11 @@ impl Trio {
             format!("{}i", self.ifname[1]),
         ];
         let mut daemons = Vec::with_capacity(2);
-        for end in 0..2 {
+        for (end, name) in ifname.iter().enumerate() {
             daemons.push(Daemon::start(
                 kind,
                 self.end_ns(end),
-                &ifname[end],
+                name,
                 self.work.path(),
             )?);
         }
