@@ -8,7 +8,8 @@ use anyhow::{bail, Context as _};
 use base64::Engine as _;
 use clap::Subcommand;
 use komnet_policy::{
-    bundle, diff, explain_at, nft, Arrival, Binding, query_segment, query_service, run_tests, Policy, ReloadError,
+    bundle, diff, explain_at, nft, query_segment, query_service, run_tests, Arrival, Binding,
+    Policy, ReloadError,
 };
 
 use std::path::{Path, PathBuf};
@@ -227,8 +228,7 @@ fn run_into(cmd: PolicyCommand, out: &mut String) -> anyhow::Result<ExitCode> {
                 (None, Some(_)) => bail!("--site goes with --vlan or --port"),
                 (None, None) => None,
             };
-            let lines =
-                explain_at(&p, &from, &to, arrival.as_ref()).map_err(anyhow::Error::msg)?;
+            let lines = explain_at(&p, &from, &to, arrival.as_ref()).map_err(anyhow::Error::msg)?;
             for l in lines {
                 say!(out, "{l}");
             }

@@ -172,7 +172,15 @@ fn explain_query_and_compile() {
     // guest VLAN is dropped; on the staff VLAN it passes; and flows between two segments of
     // the town hall say so.
     let spoofed = komnet(&[
-        "policy", "explain", dir, "--from", "10.20.1.77", "--to", "dms:443/tcp", "--vlan", "100",
+        "policy",
+        "explain",
+        dir,
+        "--from",
+        "10.20.1.77",
+        "--to",
+        "dms:443/tcp",
+        "--vlan",
+        "100",
     ]);
     assert_eq!(spoofed.code, 0, "{}", spoofed.stderr);
     assert!(
@@ -183,40 +191,99 @@ fn explain_query_and_compile() {
         spoofed.stdout
     );
     let staff = komnet(&[
-        "policy", "explain", dir, "--from", "10.20.1.77", "--to", "dms:443/tcp", "--vlan", "10",
-    ]);
-    assert!(staff.stdout.contains("allow (rule \"staff-dms\""), "{}", staff.stdout);
-    let elsewhere = komnet(&[
-        "policy", "explain", dir, "--from", "10.1.0.10", "--to", "dms", "--port", "eth1",
-        "--site", "musterstadt/bauhof",
+        "policy",
+        "explain",
+        dir,
+        "--from",
+        "10.20.1.77",
+        "--to",
+        "dms:443/tcp",
+        "--vlan",
+        "10",
     ]);
     assert!(
-        elsewhere.stdout.contains("10.1.0.10 is in no segment, but the segment of port eth1 is musterstadt/bauhof-buero"),
+        staff.stdout.contains("allow (rule \"staff-dms\""),
+        "{}",
+        staff.stdout
+    );
+    let elsewhere = komnet(&[
+        "policy",
+        "explain",
+        dir,
+        "--from",
+        "10.1.0.10",
+        "--to",
+        "dms",
+        "--port",
+        "eth1",
+        "--site",
+        "musterstadt/bauhof",
+    ]);
+    assert!(
+        elsewhere.stdout.contains(
+            "10.1.0.10 is in no segment, but the segment of port eth1 is musterstadt/bauhof-buero"
+        ),
         "{}",
         elsewhere.stdout
     );
     let bad = komnet(&[
-        "policy", "explain", dir, "--from", "10.20.1.77", "--to", "dms", "--vlan", "4095",
+        "policy",
+        "explain",
+        dir,
+        "--from",
+        "10.20.1.77",
+        "--to",
+        "dms",
+        "--vlan",
+        "4095",
     ]);
     assert_eq!(bad.code, 2, "{}", bad.stderr);
     let intra = komnet(&[
-        "policy", "explain", dir, "--from", "musterstadt/gebaeude", "--to", "musterstadt/zeiterfassung",
+        "policy",
+        "explain",
+        dir,
+        "--from",
+        "musterstadt/gebaeude",
+        "--to",
+        "musterstadt/zeiterfassung",
     ]);
     assert!(
-        intra.stdout.contains("deny (default deny: no rule allows it); inside segment musterstadt/gebaeude"),
+        intra.stdout.contains(
+            "deny (default deny: no rule allows it); inside segment musterstadt/gebaeude"
+        ),
         "{}",
         intra.stdout
     );
     let intra = komnet(&[
-        "policy", "explain", dir, "--from", "musterstadt/verwaltung", "--to", "zeiterfassung",
+        "policy",
+        "explain",
+        dir,
+        "--from",
+        "musterstadt/verwaltung",
+        "--to",
+        "zeiterfassung",
     ]);
-    assert_eq!(intra.stdout.matches("allow (rule \"staff-time-clock\"").count(), 2, "{}", intra.stdout);
+    assert_eq!(
+        intra
+            .stdout
+            .matches("allow (rule \"staff-time-clock\"")
+            .count(),
+        2,
+        "{}",
+        intra.stdout
+    );
     assert!(
         intra.stdout.contains("between two segments of musterstadt/rathaus (musterstadt/verwaltung on VLAN 10 -> musterstadt/gebaeude on VLAN 40), enforced by its appliance"),
         "{}",
         intra.stdout
     );
-    let out = komnet(&["policy", "query", dir, "--segment", "musterstadt/verwaltung"]);
+    let out = komnet(&[
+        "policy",
+        "query",
+        dir,
+        "--segment",
+        "musterstadt/verwaltung",
+    ]);
     assert!(
         out.stdout.contains("musterstadt/verwaltung -> musterstadt/zeiterfassung tcp/443 [within its site] (rule \"staff-time-clock\""),
         "{}",

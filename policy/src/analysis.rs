@@ -234,14 +234,21 @@ fn site_name(policy: &Policy, site: SiteId) -> String {
 fn spoof_reason(policy: &Policy, site: SiteId, arrived: &Binding, packet: &PacketMeta) -> String {
     let there = match policy.segment_on(site, arrived) {
         Some(seg) => format!("the segment of {arrived} is {}", policy.segment_name(seg)),
-        None => format!("no segment of {} arrives on {arrived}", site_name(policy, site)),
+        None => format!(
+            "no segment of {} arrives on {arrived}",
+            site_name(policy, site)
+        ),
     };
     let own = match policy.segment_of(packet.src) {
         Some(seg) => {
             let segment = &policy.segments[seg.index()];
             match (&segment.binding, segment.site) {
                 (Some(b), Some(s)) if s == site => {
-                    format!("{} belongs to {} on {b}", packet.src, policy.segment_name(seg))
+                    format!(
+                        "{} belongs to {} on {b}",
+                        packet.src,
+                        policy.segment_name(seg)
+                    )
                 }
                 _ => format!(
                     "{} belongs to {}, which is not at {}",
@@ -253,7 +260,10 @@ fn spoof_reason(policy: &Policy, site: SiteId, arrived: &Binding, packet: &Packe
         }
         None => format!("{} is in no segment", packet.src),
     };
-    format!("dropped as segment_spoof at {}: {own}, but {there}", site_name(policy, site))
+    format!(
+        "dropped as segment_spoof at {}: {own}, but {there}",
+        site_name(policy, site)
+    )
 }
 
 /// For a flow whose ends are both at one site: between which of its segments it runs.

@@ -1101,7 +1101,8 @@ mod tests {
     use super::*;
 
     fn landkreis() -> Policy {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/policy/landkreis");
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/policy/landkreis");
         Policy::load(&dir).unwrap_or_else(|e| panic!("{}", e.render()))
     }
 
@@ -1157,7 +1158,8 @@ mod tests {
         // A trunk whose VLAN interface is another segment's port.
         let op = "[policy]\nname = \"x\"\nversion = 1\nkinds = [\"staff\"]\n[tenants.t]\ndatacenter = [\"10.1.0.0/24\"]\n[tenants.t.sites.s]\nprefixes = [\"10.2.0.0/16\"]\n";
         let frag = "tenant = \"t\"\n[segments.a]\nkind = \"staff\"\nsite = \"s\"\nprefixes = [\"10.2.1.0/24\"]\nvlan = 10\n[segments.b]\nkind = \"staff\"\nsite = \"s\"\nprefixes = [\"10.2.2.0/24\"]\nport = \"eth1.10\"\n";
-        let q = Policy::from_texts(op, &[("t.toml", frag)]).unwrap_or_else(|e| panic!("{}", e.render()));
+        let q = Policy::from_texts(op, &[("t.toml", frag)])
+            .unwrap_or_else(|e| panic!("{}", e.render()));
         let err = ifs
             .site_segments(&q, site(&q, "t/s"))
             .unwrap_err()
@@ -1188,7 +1190,10 @@ mod tests {
         assert!(text.contains(
             "iifname \"eth1.10\" ip saddr @seg_musterstadt_verwaltung_v4 return comment \"segment musterstadt/verwaltung on VLAN 10\""
         ), "{text}");
-        assert!(text.contains("counter drop comment \"segment_spoof: "), "{text}");
+        assert!(
+            text.contains("counter drop comment \"segment_spoof: "),
+            "{text}"
+        );
         let intrasite = text.split("chain intrasite {").nth(1).unwrap();
         assert!(
             intrasite.contains("@seg_musterstadt_verwaltung_v4 ip daddr @svc_musterstadt_zeiterfassung_v4 tcp dport { 443 } accept"),

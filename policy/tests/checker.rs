@@ -641,10 +641,7 @@ fn segments_say_where_they_arrive() {
     // The home-office segment arrives through the tunnel.
     assert_error(
         OPERATOR,
-        &with_home.replace(
-            "kind = \"homeoffice\"",
-            "kind = \"homeoffice\"\nvlan = 30",
-        ),
+        &with_home.replace("kind = \"homeoffice\"", "kind = \"homeoffice\"\nvlan = 30"),
         TENANT_B,
         "tenants/a.toml:17:8",
         "it arrives through the tunnel, not on a LAN port",
