@@ -883,6 +883,12 @@ impl Ruleset {
     /// Compares the installed table with this ruleset: the same sets with the same addresses,
     /// the same chains with the same rules in the same order.
     pub fn verify_installed(&self) -> Result<(), NftError> {
+        self.verify_installed_counting().map(drop)
+    }
+
+    /// [`Ruleset::verify_installed`], and what the installed table's counted drop rules dropped
+    /// so far by reason (as [`drop_counters_from_json`]), from the same listing.
+    pub fn verify_installed_counting(&self) -> Result<BTreeMap<&'static str, u64>, NftError> {
         let live = helper::get_current_ruleset_with_args(
             helper::DEFAULT_NFT,
             ["list", "table", "inet", TABLE],
@@ -890,6 +896,7 @@ impl Ruleset {
         .map_err(|e| NftError::ReadBack(describe_nft_error(&e)))?;
         let mut sets: Vec<(String, Vec<(IpAddr, IpAddr)>)> = Vec::new();
         let mut rules: Vec<(String, String)> = Vec::new();
+        let mut drops: BTreeMap<&'static str, u64> = BTreeMap::new();
         for obj in live.objects.iter() {
             let schema::NfObject::ListObject(o) = obj else {
                 continue;
@@ -905,10 +912,23 @@ impl Ruleset {
                         .collect();
                     sets.push((s.name.to_string(), merge_intervals(elems)));
                 }
-                schema::NfListObject::Rule(r) => rules.push((
-                    r.chain.to_string(),
-                    r.comment.as_deref().unwrap_or("").to_owned(),
-                )),
+                schema::NfListObject::Rule(r) => {
+                    let comment = r.comment.as_deref().unwrap_or("");
+                    if let Some(reason) = drop_reason(comment) {
+                        let packets: u64 = r
+                            .expr
+                            .iter()
+                            .filter_map(|e| match e {
+                                stmt::Statement::Counter(stmt::Counter::Anonymous(Some(c))) => {
+                                    c.packets.map(|p| p as u64)
+                                }
+                                _ => None,
+                            })
+                            .sum();
+                        *drops.entry(reason).or_default() += packets;
+                    }
+                    rules.push((r.chain.to_string(), comment.to_owned()));
+                }
                 _ => {}
             }
         }
@@ -958,7 +978,7 @@ impl Ruleset {
                 want_sorted.len()
             )));
         }
-        Ok(())
+        Ok(drops)
     }
 }
 

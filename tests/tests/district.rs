@@ -142,6 +142,55 @@ fn district_matrix_revocation_spoofing_and_homeoffice() {
         after["drops"]
     );
 
+    // Issue 13: a laptop on Nohfelden's guest WLAN that sets a staff address does not get the
+    // staff's rights: the spoke drops it (the segment is where it arrives) and counts it; the
+    // same address on the staff LAN works.
+    nohfelden
+        .guest
+        .ip(&["addr", "add", "10.30.1.77/32", "dev", "eth0"])
+        .expect("spoofed staff address on the guest WLAN");
+    nohfelden
+        .staff
+        .ip(&["addr", "add", "10.30.1.77/24", "dev", "eth0"])
+        .expect("the same address on the staff LAN");
+    let dms = dest("DMS (Kreis)");
+    let from = |ns: &komnet_netns_tests::Netns| Source {
+        label: String::new(),
+        netns: ns.name().to_owned(),
+        addr: "10.30.1.77".parse().expect("addr"),
+        origin: Origin::Address,
+    };
+    let spoke_before = nohfelden.spoke.status().expect("spoke status");
+    assert_eq!(
+        district
+            .probe(&from(&nohfelden.guest), &[dms], Duration::from_millis(1500))
+            .expect("probe"),
+        vec![false],
+        "a staff address on the guest WLAN reached the DMS"
+    );
+    assert_eq!(
+        district
+            .probe(&from(&nohfelden.staff), &[dms], Duration::from_millis(1500))
+            .expect("probe"),
+        vec![true],
+        "the staff address on the staff LAN does not reach the DMS"
+    );
+    let reason = "segment_spoof";
+    wait_until(
+        "the spoke to count the spoofed packets",
+        Duration::from_secs(5),
+        || {
+            let now = nohfelden.spoke.status()?;
+            Ok(
+                (counter(&now, "drops", reason) > counter(&spoke_before, "drops", reason))
+                    .then_some(()),
+            )
+        },
+    )
+    .expect("segment_spoof counted");
+    let text = nohfelden.spoke.status_text().expect("komnet status");
+    assert!(text.contains(&format!(" {reason}=")), "{text}");
+
     // Revocation: Tholey's appliance is cut off within 2 s, Nohfelden keeps working.
     let took = district.revoke_and_time("tholey").expect("revocation");
     println!("revocation effective after {took:?}");

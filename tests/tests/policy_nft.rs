@@ -106,6 +106,9 @@ fn first_host(net: &ipnet::IpNet) -> IpAddr {
     host_of(net, 1)
 }
 
+/// A destination at the site: the host that holds it, the address, the ports tried.
+type Target = (usize, IpAddr, Vec<(Proto, u16)>);
+
 /// A host on one VLAN of the town hall's switch, with the addresses it sends from.
 struct Host {
     ns: Netns,
@@ -366,7 +369,7 @@ fn nftables_ruleset_enforces_what_the_oracle_decides() {
     // Between the town hall's segments: every host to the services at the site and to every
     // other segment's host, except inside its own segment (that never passes the router).
     let mut lan_listen: Vec<Vec<String>> = vec![Vec::new(); hosts.len()];
-    let mut targets: Vec<(usize, IpAddr, Vec<(Proto, u16)>)> = vec![
+    let mut targets: Vec<Target> = vec![
         (
             staff,
             printer_v4,
