@@ -2,6 +2,11 @@
 //! the 10,000-rule synthetic district policy. The peers' addresses (for the data-centre spoof
 //! check) are every site's prefixes in an allowed-IPs table, as on a hub with all spokes up.
 //!
+//! Also (group `parser`): the one IP parser of the core, firewall and gate
+//! (`packet::IpPacket`) next to etherparse's sliced parsers on the same packets, down to
+//! addresses, transport protocol and ports (issue 14, part 6: a crate is welcome if it does
+//! not cost throughput).
+//!
 //! `cargo bench -p komnet-gateway --bench firewall`
 
 #![allow(clippy::unwrap_used)] // bench code: a failed setup should panic loudly
@@ -13,9 +18,11 @@ use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use etherparse::{LaxNetSlice, LaxSlicedPacket, NetSlice, SlicedPacket, TransportSlice};
 use komnet_gateway::allowed_ips::AllowedIps;
 use komnet_gateway::core::PeerId;
 use komnet_gateway::firewall::{Firewall, FirewallConfig};
+use komnet_gateway::packet::IpPacket;
 use komnet_policy::synthetic::{generate, packets, Shape};
 use komnet_policy::{CompiledPolicy, Origin, PacketMeta, PeerIdentity, Policy, Role};
 
@@ -171,5 +178,138 @@ fn bench(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench);
+/// What a firewall needs from a packet, folded into one number so nothing is optimised away:
+/// both addresses, the transport protocol, both ports.
+fn ours(p: &[u8]) -> u64 {
+    let Ok(ip) = IpPacket::parse(p, false) else {
+        return 0;
+    };
+    let t = ip.transport(p);
+    let ports = t.get(..4).map_or(0, |b| {
+        u64::from(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    });
+    fold(ip.header.src, ip.header.dst) ^ u64::from(ip.proto) ^ ports
+}
+
+fn fold(src: IpAddr, dst: IpAddr) -> u64 {
+    let n = |a: IpAddr| match a {
+        IpAddr::V4(a) => u64::from(u32::from(a)),
+        IpAddr::V6(a) => u128::from(a) as u64,
+    };
+    n(src).rotate_left(17) ^ n(dst)
+}
+
+fn ports_of(t: &Option<TransportSlice<'_>>) -> (u64, u64) {
+    match t {
+        Some(TransportSlice::Tcp(t)) => (
+            6,
+            u64::from(t.source_port()) << 16 | u64::from(t.destination_port()),
+        ),
+        Some(TransportSlice::Udp(u)) => (
+            17,
+            u64::from(u.source_port()) << 16 | u64::from(u.destination_port()),
+        ),
+        _ => (0, 0),
+    }
+}
+
+fn etherparse_strict(p: &[u8]) -> u64 {
+    let Ok(s) = SlicedPacket::from_ip(p) else {
+        return 0;
+    };
+    let addrs = match &s.net {
+        Some(NetSlice::Ipv4(v4)) => fold(
+            IpAddr::V4(v4.header().source_addr()),
+            IpAddr::V4(v4.header().destination_addr()),
+        ),
+        Some(NetSlice::Ipv6(v6)) => fold(
+            IpAddr::V6(v6.header().source_addr()),
+            IpAddr::V6(v6.header().destination_addr()),
+        ),
+        _ => 0,
+    };
+    let (proto, ports) = ports_of(&s.transport);
+    addrs ^ proto ^ ports
+}
+
+fn etherparse_lax(p: &[u8]) -> u64 {
+    let Ok(s) = LaxSlicedPacket::from_ip(p) else {
+        return 0;
+    };
+    let addrs = match &s.net {
+        Some(LaxNetSlice::Ipv4(v4)) => fold(
+            IpAddr::V4(v4.header().source_addr()),
+            IpAddr::V4(v4.header().destination_addr()),
+        ),
+        Some(LaxNetSlice::Ipv6(v6)) => fold(
+            IpAddr::V6(v6.header().source_addr()),
+            IpAddr::V6(v6.header().destination_addr()),
+        ),
+        _ => 0,
+    };
+    let (proto, ports) = ports_of(&s.transport);
+    addrs ^ proto ^ ports
+}
+
+/// The three parsers on: a TCP SYN over IPv4 and over IPv6, a 1,420-byte IPv4 TCP data
+/// segment, and IPv6 with hop-by-hop options and an authentication header before UDP.
+fn parsers(c: &mut Criterion) {
+    let v4 = [10, 30, 1, 10];
+    let v4d = [10, 0, 1, 10];
+    let tcp = |len: usize| {
+        let mut t = vec![0u8; len];
+        t[0..2].copy_from_slice(&40_000u16.to_be_bytes());
+        t[2..4].copy_from_slice(&443u16.to_be_bytes());
+        t[12] = 0x50;
+        t[13] = 0x02;
+        t
+    };
+    let ipv4 = |payload: Vec<u8>| {
+        let total = (20 + payload.len()) as u16;
+        let mut h = vec![0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, 6, 0, 0];
+        h[2..4].copy_from_slice(&total.to_be_bytes());
+        h.extend(v4);
+        h.extend(v4d);
+        h.extend(payload);
+        h
+    };
+    let ipv6 = |next: u8, payload: Vec<u8>| {
+        let mut h = vec![0x60, 0, 0, 0, 0, 0, next, 64];
+        h[4..6].copy_from_slice(&(payload.len() as u16).to_be_bytes());
+        h.extend([0xfd, 0, 0, 0x30, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10]);
+        h.extend([0xfd, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10]);
+        h.extend(payload);
+        h
+    };
+    let mut ah_udp = vec![51, 0, 1, 4, 0, 0, 0, 0]; // hop-by-hop: PadN, next AH
+    let mut ah = vec![17, 4, 0, 0, 0, 0, 0, 1, 0, 0, 0, 1]; // AH: next UDP, (4 + 2) * 4 bytes
+    ah.resize(24, 0);
+    ah_udp.extend(ah);
+    ah_udp.extend([0x9c, 0x40, 0, 53, 0, 8, 0, 0]);
+    let packets = [
+        ("ipv4_tcp_syn", ipv4(tcp(20))),
+        ("ipv6_tcp_syn", ipv6(6, tcp(20))),
+        ("ipv4_tcp_1420", ipv4(tcp(1400))),
+        ("ipv6_hbh_ah_udp", ipv6(0, ah_udp)),
+    ];
+    for (name, p) in &packets {
+        // All three read the same fields from each packet.
+        assert_eq!(ours(p), etherparse_strict(p), "{name}");
+        assert_eq!(ours(p), etherparse_lax(p), "{name}");
+        assert_ne!(ours(p), 0, "{name}");
+    }
+    let mut g = c.benchmark_group("parser");
+    for (name, p) in &packets {
+        g.bench_function(format!("{name}/komnet"), |b| b.iter(|| ours(black_box(p))));
+        g.bench_function(format!("{name}/etherparse_sliced"), |b| {
+            b.iter(|| etherparse_strict(black_box(p)))
+        });
+        g.bench_function(format!("{name}/etherparse_lax"), |b| {
+            b.iter(|| etherparse_lax(black_box(p)))
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench, parsers);
 criterion_main!(benches);

@@ -126,20 +126,56 @@ pub(crate) fn wait_ready(fds: &[i32], write: bool, timeout_ms: i32) -> io::Resul
 /// Sets `IFLA_GSO_MAX_SIZE` of interface `ifindex` over rtnetlink: the largest TSO
 /// super-packet the kernel hands us on that TUN device.
 pub(crate) fn set_gso_max_size(ifindex: u32, size: u32) -> io::Result<()> {
-    // The request: nlmsghdr (16) + ifinfomsg (16) + one rtattr carrying a u32 (8), all in
-    // native byte order as rtnetlink expects.
-    const LEN: usize = 40;
-    let mut req = [0u8; LEN];
-    req[0..4].copy_from_slice(&(LEN as u32).to_ne_bytes());
+    let mut attrs = Vec::with_capacity(8);
+    push_rtattr(&mut attrs, libc::IFLA_GSO_MAX_SIZE, &size.to_ne_bytes());
+    rtnl_setlink(ifindex, &attrs)
+}
+
+/// `IPV4_DEVCONF_RP_FILTER` in `<linux/ip.h>`: the index of `rp_filter` among an interface's
+/// IPv4 settings (`IFLA_INET_CONF` attributes are numbered by it).
+const IPV4_DEVCONF_RP_FILTER: u16 = 8;
+/// `IFLA_INET_CONF` in `<linux/if_link.h>`: the nested IPv4 settings inside `AF_INET`.
+const IFLA_INET_CONF: u16 = 1;
+
+/// Sets `rp_filter` of interface `ifindex` (0 off, 1 strict, 2 loose) over rtnetlink, the way
+/// `/proc/sys/net/ipv4/conf/IFNAME/rp_filter` would, but with CAP_NET_ADMIN alone: the
+/// sandboxed daemon sees `/proc/sys` read-only (`ProtectKernelTunables=`).
+pub(crate) fn set_rp_filter(ifindex: u32, value: u32) -> io::Result<()> {
+    // IFLA_AF_SPEC { AF_INET { IFLA_INET_CONF { RP_FILTER: u32 } } }
+    let mut conf = Vec::with_capacity(8);
+    push_rtattr(&mut conf, IPV4_DEVCONF_RP_FILTER, &value.to_ne_bytes());
+    let mut inet_conf = Vec::with_capacity(12);
+    push_rtattr(&mut inet_conf, IFLA_INET_CONF, &conf);
+    let mut inet = Vec::with_capacity(16);
+    push_rtattr(&mut inet, libc::AF_INET as u16, &inet_conf);
+    let mut attrs = Vec::with_capacity(20);
+    push_rtattr(&mut attrs, libc::IFLA_AF_SPEC, &inet);
+    rtnl_setlink(ifindex, &attrs)
+}
+
+/// Appends one rtattr (length, type, payload padded to 4 bytes) in native byte order.
+fn push_rtattr(out: &mut Vec<u8>, kind: u16, payload: &[u8]) {
+    let len = 4 + payload.len();
+    out.extend_from_slice(&(len as u16).to_ne_bytes());
+    out.extend_from_slice(&kind.to_ne_bytes());
+    out.extend_from_slice(payload);
+    out.resize(out.len() + (4 - len % 4) % 4, 0);
+}
+
+/// Sends one `RTM_NEWLINK` for interface `ifindex` carrying `attrs` (rtattrs, already padded)
+/// and waits for the kernel's acknowledgement.
+fn rtnl_setlink(ifindex: u32, attrs: &[u8]) -> io::Result<()> {
+    // nlmsghdr (16) + ifinfomsg (16) + the attributes, native byte order as rtnetlink expects.
+    let len = 32 + attrs.len();
+    let mut req = vec![0u8; len];
+    req[0..4].copy_from_slice(&(len as u32).to_ne_bytes());
     req[4..6].copy_from_slice(&libc::RTM_NEWLINK.to_ne_bytes());
     let flags = (libc::NLM_F_REQUEST | libc::NLM_F_ACK) as u16;
     req[6..8].copy_from_slice(&flags.to_ne_bytes());
     req[8..12].copy_from_slice(&1u32.to_ne_bytes()); // sequence number
                                                      // ifinfomsg: family AF_UNSPEC, type 0, index, flags 0, change 0.
     req[20..24].copy_from_slice(&(ifindex as i32).to_ne_bytes());
-    req[32..34].copy_from_slice(&8u16.to_ne_bytes());
-    req[34..36].copy_from_slice(&libc::IFLA_GSO_MAX_SIZE.to_ne_bytes());
-    req[36..40].copy_from_slice(&size.to_ne_bytes());
+    req[32..].copy_from_slice(attrs);
 
     // SAFETY: plain socket(2) call; the returned descriptor is owned by `OwnedFd` below.
     let raw = unsafe {
@@ -157,12 +193,12 @@ pub(crate) fn set_gso_max_size(ifindex: u32, size: u32) -> io::Result<()> {
     // SAFETY: sockaddr_nl is plain data; all-zero is a valid value that we then fill in.
     let mut kernel: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
     kernel.nl_family = libc::AF_NETLINK as libc::sa_family_t;
-    // SAFETY: `req` and `kernel` are live locals; lengths are their exact sizes.
+    // SAFETY: `req` and `kernel` are live; the lengths are their exact sizes.
     let sent = unsafe {
         libc::sendto(
             fd.as_raw_fd(),
             req.as_ptr().cast(),
-            LEN,
+            req.len(),
             0,
             (&kernel as *const libc::sockaddr_nl).cast(),
             std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,

@@ -165,6 +165,10 @@ enum Match {
     CtState(&'static [&'static str]),
     Saddr(Family, String),
     Daddr(Family, String),
+    /// The source lies in one of these prefixes (an anonymous set).
+    SaddrIn(Family, Vec<IpNet>),
+    /// A UDP header field (`sport`, `dport`) equals a port.
+    Udp(&'static str, u16),
     /// Protocol and destination ports; `None` ports: all ports of the protocol (or ICMP).
     L4 {
         family: Family,
@@ -189,11 +193,21 @@ struct RuleDef {
     comment: String,
 }
 
+/// The base chains' hooks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Hook {
+    /// `forward`, priority filter, policy drop: what the appliance forwards.
+    Forward,
+    /// `prerouting`, priority raw (before conntrack and routing, so before the kernel's
+    /// reverse-path filter), policy accept: the LAN's sources are checked here.
+    Prerouting,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct ChainDef {
     name: &'static str,
-    /// Base chains hook `forward` with policy drop; regular chains have none.
-    base: bool,
+    /// Where a base chain hooks in; regular chains have none.
+    base: Option<Hook>,
     rules: Vec<RuleDef>,
 }
 
@@ -261,7 +275,7 @@ pub fn closed_ruleset() -> Ruleset {
         sets: Vec::new(),
         chains: vec![ChainDef {
             name: "forward",
-            base: true,
+            base: Some(Hook::Forward),
             rules: Vec::new(),
         }],
     }
@@ -309,7 +323,38 @@ pub fn ruleset_for_site(
             .any(|a| site_prefixes.iter().any(|p| p.contains(a)))
     };
 
-    let mut lan_source = Vec::new();
+    // Sources that are no segment's and never forwarded, but that a host on the LAN uses to
+    // speak to the appliance itself: a DHCP client before it has an address, IPv6 link-local
+    // (neighbour discovery, router solicitations, DHCPv6) and duplicate address detection,
+    // IPv4 link-local (a PC that found no DHCP server).
+    let net = |t: &str| t.parse::<IpNet>().expect("a literal prefix");
+    let mut lan_source = vec![
+        RuleDef {
+            matches: vec![
+                Match::SaddrIn(Family::V4, vec![net("0.0.0.0/32")]),
+                Match::Udp("sport", 68),
+                Match::Udp("dport", 67),
+            ],
+            counter: false,
+            verdict: Verdict::Return,
+            comment: "DHCP clients without an address".into(),
+        },
+        RuleDef {
+            matches: vec![Match::SaddrIn(
+                Family::V6,
+                vec![net("::/128"), net("fe80::/10")],
+            )],
+            counter: false,
+            verdict: Verdict::Return,
+            comment: "IPv6 link-local and duplicate address detection".into(),
+        },
+        RuleDef {
+            matches: vec![Match::SaddrIn(Family::V4, vec![net("169.254.0.0/16")])],
+            counter: false,
+            verdict: Verdict::Return,
+            comment: "IPv4 link-local".into(),
+        },
+    ];
     for (seg, ifaces) in &bound {
         let binding = policy.segments[seg.index()]
             .binding
@@ -375,13 +420,13 @@ pub fn ruleset_for_site(
     let mut intrasite = intra_guards;
     intrasite.append(&mut intra_allows);
 
+    let prerouting = vec![RuleDef {
+        matches: vec![Match::Iif(lans.clone())],
+        counter: false,
+        verdict: Verdict::Jump("lan_source"),
+        comment: "LAN: a source only on its segment's interface".into(),
+    }];
     let forward = vec![
-        RuleDef {
-            matches: vec![Match::Iif(lans.clone())],
-            counter: false,
-            verdict: Verdict::Jump("lan_source"),
-            comment: "LAN: a source only on its segment's interface".into(),
-        },
         RuleDef {
             matches: vec![Match::CtState(&["established", "related"])],
             counter: false,
@@ -434,28 +479,33 @@ pub fn ruleset_for_site(
         sets,
         chains: vec![
             ChainDef {
+                name: "prerouting",
+                base: Some(Hook::Prerouting),
+                rules: prerouting,
+            },
+            ChainDef {
                 name: "forward",
-                base: true,
+                base: Some(Hook::Forward),
                 rules: forward,
             },
             ChainDef {
                 name: "lan_source",
-                base: false,
+                base: None,
                 rules: lan_source,
             },
             ChainDef {
                 name: "outbound",
-                base: false,
+                base: None,
                 rules: outbound,
             },
             ChainDef {
                 name: "inbound",
-                base: false,
+                base: None,
                 rules: inbound,
             },
             ChainDef {
                 name: "intrasite",
-                base: false,
+                base: None,
                 rules: intrasite,
             },
         ],
@@ -631,11 +681,16 @@ impl fmt::Display for Ruleset {
         }
         for c in &self.chains {
             writeln!(f, "\tchain {} {{", c.name)?;
-            if c.base {
-                writeln!(
+            match c.base {
+                Some(Hook::Forward) => writeln!(
                     f,
                     "\t\ttype filter hook forward priority filter; policy drop;"
-                )?;
+                )?,
+                Some(Hook::Prerouting) => writeln!(
+                    f,
+                    "\t\ttype filter hook prerouting priority raw; policy accept;"
+                )?,
+                None => {}
             }
             for r in &c.rules {
                 let mut line = String::new();
@@ -646,6 +701,11 @@ impl fmt::Display for Ruleset {
                         Match::CtState(s) => write!(line, "ct state {} ", s.join(",")),
                         Match::Saddr(fam, set) => write!(line, "{} saddr @{set} ", fam.proto()),
                         Match::Daddr(fam, set) => write!(line, "{} daddr @{set} ", fam.proto()),
+                        Match::SaddrIn(fam, nets) => {
+                            let items: Vec<String> = nets.iter().map(ToString::to_string).collect();
+                            write!(line, "{} saddr {{ {} }} ", fam.proto(), items.join(", "))
+                        }
+                        Match::Udp(field, port) => write!(line, "udp {field} {port} "),
                         Match::L4 {
                             family,
                             proto,
@@ -763,10 +823,19 @@ impl Ruleset {
                 family,
                 table: TABLE.into(),
                 name: c.name.into(),
-                _type: c.base.then_some(types::NfChainType::Filter),
-                hook: c.base.then_some(types::NfHook::Forward),
-                prio: c.base.then_some(0),
-                policy: c.base.then_some(types::NfChainPolicy::Drop),
+                _type: c.base.map(|_| types::NfChainType::Filter),
+                hook: c.base.map(|h| match h {
+                    Hook::Forward => types::NfHook::Forward,
+                    Hook::Prerouting => types::NfHook::Prerouting,
+                }),
+                prio: c.base.map(|h| match h {
+                    Hook::Forward => 0,
+                    Hook::Prerouting => -300,
+                }),
+                policy: c.base.map(|h| match h {
+                    Hook::Forward => types::NfChainPolicy::Drop,
+                    Hook::Prerouting => types::NfChainPolicy::Accept,
+                }),
                 ..Default::default()
             }));
         }
@@ -799,6 +868,20 @@ impl Ruleset {
                         Match::Daddr(fam, set) => matcher(
                             payload(fam.proto(), "daddr"),
                             expr::Expression::String(format!("@{set}").into()),
+                            EQ,
+                        ),
+                        Match::SaddrIn(fam, nets) => matcher(
+                            payload(fam.proto(), "saddr"),
+                            expr::Expression::Named(expr::NamedExpression::Set(
+                                nets.iter()
+                                    .map(|n| expr::SetItem::Element(net_expr(n)))
+                                    .collect(),
+                            )),
+                            EQ,
+                        ),
+                        Match::Udp(field, port) => matcher(
+                            payload("udp", field),
+                            expr::Expression::Number(u32::from(*port)),
                             EQ,
                         ),
                         Match::L4 {
@@ -1201,12 +1284,22 @@ mod tests {
         let text = ruleset_for_site(&p, site(&p, "musterstadt/rathaus"), &ifs)
             .unwrap()
             .to_string();
-        let forward = text.split("chain forward {").nth(1).unwrap();
-        let first_rule = forward.lines().nth(2).unwrap();
+        let prerouting = text.split("chain prerouting {").nth(1).unwrap();
+        assert!(
+            prerouting.contains("type filter hook prerouting priority raw; policy accept;"),
+            "the arrival check must come before conntrack and routing: {prerouting}"
+        );
+        let first_rule = prerouting.lines().nth(2).unwrap();
         assert!(
             first_rule.contains("jump lan_source") && first_rule.contains("\"eth1.100\""),
-            "the arrival check must come before conntrack: {first_rule}"
+            "{first_rule}"
         );
+        let forward = text.split("chain forward {").nth(1).unwrap();
+        assert!(!forward
+            .split("chain ")
+            .next()
+            .unwrap()
+            .contains("lan_source"));
         assert!(text.contains(
             "iifname \"eth1.10\" ip saddr @seg_musterstadt_verwaltung_v4 return comment \"segment musterstadt/verwaltung on VLAN 10\""
         ), "{text}");

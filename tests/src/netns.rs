@@ -54,6 +54,16 @@ impl Netns {
         run(self.command(program).args(rest), timeout)
     }
 
+    /// Packets this namespace's kernel dropped by reverse-path filtering (`IPReversePathFilter`
+    /// of `TcpExt` in `/proc/net/netstat`, which is per namespace).
+    pub fn reverse_path_drops(&self) -> Result<u64> {
+        parse_netstat(
+            &self.exec(&["cat", "/proc/net/netstat"])?,
+            "TcpExt",
+            "IPReversePathFilter",
+        )
+    }
+
     /// `ip -n NAME args...`; error on non-zero exit; stdout.
     pub fn ip(&self, args: &[&str]) -> Result<String> {
         run_ok(
@@ -252,6 +262,28 @@ pub fn parse_link_stats(text: &str) -> Result<LinkStats> {
     })
 }
 
+/// One counter of `/proc/net/netstat` (or `/proc/net/snmp`): each group is a line of names
+/// followed by a line of values, both starting with `GROUP:`.
+pub(crate) fn parse_netstat(text: &str, group: &str, name: &str) -> Result<u64> {
+    let prefix = format!("{group}:");
+    let mut lines = text.lines().filter(|l| l.starts_with(&prefix));
+    let names = lines
+        .next()
+        .ok_or_else(|| anyhow!("no {group} in /proc/net/netstat"))?;
+    let values = lines
+        .next()
+        .ok_or_else(|| anyhow!("no {group} values in /proc/net/netstat"))?;
+    let at = names
+        .split_whitespace()
+        .position(|n| n == name)
+        .ok_or_else(|| anyhow!("no {group} {name} in /proc/net/netstat"))?;
+    values
+        .split_whitespace()
+        .nth(at)
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| anyhow!("{group} {name} has no number in /proc/net/netstat"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -275,5 +307,20 @@ mod tests {
                           TX: bytes  packets  errors  dropped carrier collsns\n    300        4        0       0       0       0\n";
         let stats = parse_link_stats(old_layout).expect("parses");
         assert_eq!((stats.rx_packets, stats.tx_bytes), (2, 300));
+    }
+
+    #[test]
+    fn reads_a_netstat_counter_by_name() {
+        let text = "TcpExt: SyncookiesSent IPReversePathFilter TW\nTcpExt: 0 17 3\n\
+                    IpExt: InNoRoutes\nIpExt: 5\n";
+        assert_eq!(
+            parse_netstat(text, "TcpExt", "IPReversePathFilter").expect("parses"),
+            17
+        );
+        assert_eq!(
+            parse_netstat(text, "IpExt", "InNoRoutes").expect("parses"),
+            5
+        );
+        assert!(parse_netstat(text, "TcpExt", "Missing").is_err());
     }
 }

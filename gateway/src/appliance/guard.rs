@@ -80,7 +80,23 @@ pub(super) fn start_guard(ctx: &Arc<Ctx>) -> Result<()> {
     Ok(())
 }
 
-/// One round: the fence, then the table.
+/// Strict reverse-path filtering on the interfaces the kernel forwards from towards the tunnel
+/// (issue 14, part 4): a hub's outside interfaces (the data-centre side), a spoke's LAN
+/// interfaces. At start, then every second (a hub: from its housekeeping; a spoke: from the
+/// guard), so an interface that appears later or is switched back gets it too.
+pub(super) fn keep_reverse_path(ctx: &Ctx) -> Result<(), net::NetError> {
+    let interfaces = match ctx.config.role {
+        GatewayRole::Hub => net::outside_interfaces(),
+        GatewayRole::Spoke => ctx.config.lan.clone(),
+    };
+    for interface in net::strict_reverse_path(&interfaces)? {
+        ctx.state.lock().count(ControlEvent::RpFilterSet);
+        tracing::info!(%interface, "reverse-path filtering set to strict (rp_filter = 1)");
+    }
+    Ok(())
+}
+
+/// One round: the fence, reverse-path filtering, then the table.
 fn check(ctx: &Ctx) {
     match net::install_fence(&ctx.config.interface, &ctx.config.lan, &tunnel_routes(ctx)) {
         Ok(false) => {}
@@ -89,6 +105,9 @@ fn check(ctx: &Ctx) {
             tracing::info!("forwarding fence (ip rule) set to the current tunnel routes");
         }
         Err(e) => tracing::error!(error = %e, "forwarding fence"),
+    }
+    if let Err(e) = keep_reverse_path(ctx) {
+        tracing::error!(error = %e, "reverse-path filtering");
     }
     let in_force = ctx.nft_in_force.lock();
     let wanted = in_force.clone().unwrap_or_else(nft::closed_ruleset);

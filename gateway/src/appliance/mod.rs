@@ -62,7 +62,7 @@ use crate::firewall::{FirewallConfig, FlowOwner};
 use crate::gate::Gate;
 use config::{GatewayConfig, GatewayRole};
 use control::bootstrap::{BootstrapStep, BootstrapWatch, FileRead, SetAside};
-use control::hub::HubCore;
+use control::hub::{HubCore, LinkLoss, LinkState, OutageSettings};
 use control::policy::{PolicyAction, PolicySlot};
 use control::renewal::{RenewalFailure, RenewalSchedule, RenewalStep};
 use control::spoke::{SpokeAction, SpokeCore};
@@ -426,7 +426,13 @@ async fn start(ctx: Arc<Ctx>) -> Result<()> {
         ));
         let now = Instant::now();
         match ctx.config.role {
-            GatewayRole::Hub => s.hub = Some(HubCore::new(now)),
+            GatewayRole::Hub => {
+                let outage = OutageSettings {
+                    alarm_after: ctx.config.registry_outage_alarm.0,
+                    policy: ctx.config.registry_outage,
+                };
+                s.hub = Some(HubCore::new(now, outage, rand::thread_rng().next_u64()));
+            }
             GatewayRole::Spoke => {
                 s.spoke = Some(SpokeCore::new(
                     now,
@@ -491,6 +497,10 @@ fn bring_up(ctx: &Ctx, enrollment: &Enrollment, keys: &WgKeys) -> Result<Arc<Sha
     let tun = daemon::create_tun(ifname)?;
     net::configure_interface(ifname, &enrollment.identity.tunnel_addrs, TUNNEL_MTU)?;
     net::enable_forwarding()?;
+    keep_reverse_path(ctx).context("setting reverse-path filtering")?;
+    if net::reverse_path_all_loose() {
+        tracing::warn!("net.ipv4.conf.all.rp_filter is 2 (loose), which overrides the strict reverse-path filtering komnet sets per interface: set it to 0 or 1");
+    }
     let sockets = Sockets::bind(ctx.config.listen_port, 0)
         .with_context(|| format!("binding UDP port {}", ctx.config.listen_port))?;
     let mut seed = [0u8; 32];

@@ -20,6 +20,11 @@ pub enum NetError {
         path: &'static str,
         source: std::io::Error,
     },
+    #[error("cannot switch on reverse-path filtering on {interface}: {source}")]
+    ReversePath {
+        interface: String,
+        source: std::io::Error,
+    },
 }
 
 /// Runs `ip -batch -` with `lines`; `-force` makes ip go on after a failed line, and the
@@ -136,6 +141,74 @@ pub fn enable_forwarding() -> Result<(), NetError> {
         std::fs::write(path, "1").map_err(|source| NetError::Forwarding { path, source })?;
     }
     Ok(())
+}
+
+// ---- reverse-path filtering ----------------------------------------------------------------
+
+/// `rp_filter` of an interface (0 off, 1 strict, 2 loose) as set on it; the kernel applies the
+/// larger of this and `all`'s. `None`: no IPv4 on that interface (or it is gone).
+fn own_rp_filter(interface: &str) -> Option<u32> {
+    std::fs::read_to_string(format!("/proc/sys/net/ipv4/conf/{interface}/rp_filter"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Whether `net.ipv4.conf.all.rp_filter` is 2 (loose): it then overrides every interface's
+/// strict setting (the kernel takes the larger value), and only the administrator can change
+/// it back (`/proc/sys` is read-only to the daemon).
+pub fn reverse_path_all_loose() -> bool {
+    own_rp_filter("all") == Some(2)
+}
+
+/// The interfaces through which the data-centre network (or anything else outside the
+/// tunnels) reaches a hub: every interface but loopback and layer-3 tunnels (TUN, WireGuard:
+/// `ARPHRD_NONE`), whose sources the tunnel's own cryptokey routing checks.
+pub fn outside_interfaces() -> Vec<String> {
+    let Ok(dir) = std::fs::read_dir("/sys/class/net") else {
+        return Vec::new();
+    };
+    let mut out: Vec<String> = dir
+        .filter_map(Result::ok)
+        .filter(|e| {
+            let kind = std::fs::read_to_string(e.path().join("type")).unwrap_or_default();
+            !matches!(kind.trim(), "772" | "65534")
+        })
+        .filter_map(|e| e.file_name().into_string().ok())
+        .collect();
+    out.sort();
+    out
+}
+
+/// Strict reverse-path filtering (RFC 3704; `rp_filter = 1`) on `interfaces`, the ones the
+/// kernel forwards from towards the tunnel: a packet that arrives on one of them is dropped
+/// unless the route back to its source leaves through the same interface. A data-centre host
+/// then cannot send with a town hall's or home office's address (their routes point into the
+/// tunnel), and a LAN host not with another segment's. The kernel drops such packets before
+/// they are forwarded or answered by the appliance itself, also while no nftables rule is
+/// loaded; `nstat`'s `TcpExtIPReversePathFilter` counts them. IPv4 only: IPv6 has no such
+/// setting; the hub's firewall (`dc_spoofed_source`) and the spoke's nftables source sets cover
+/// both families. Set over rtnetlink (CAP_NET_ADMIN suffices). Returns the interfaces that had
+/// to be switched; interfaces without IPv4 or that do not exist are left out.
+pub fn strict_reverse_path(interfaces: &[String]) -> Result<Vec<String>, NetError> {
+    let mut switched = Vec::new();
+    for name in interfaces {
+        // The interface's own value; `all` can only make it looser (2), which is reported once
+        // at start ([`reverse_path_all_loose`]), not fought here.
+        if name == "lo" || own_rp_filter(name).is_none_or(|v| v == 1) {
+            continue;
+        }
+        let Some(index) = crate::sys::if_index(name) else {
+            continue;
+        };
+        crate::sys::set_rp_filter(index, 1).map_err(|source| NetError::ReversePath {
+            interface: name.clone(),
+            source,
+        })?;
+        switched.push(name.clone());
+    }
+    Ok(switched)
 }
 
 // ---- the forwarding fence -------------------------------------------------------------------
