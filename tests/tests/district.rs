@@ -171,7 +171,22 @@ fn district_matrix_revocation_spoofing_and_homeoffice() {
             &nohfelden.gw,
         ),
     ] {
-        let before = router.reverse_path_drops().expect("netstat");
+        // At the spoke its nftables see the guest's packets first (issue 13: a LAN source is
+        // checked against the segment of the VLAN or port it arrived on, before routing) and
+        // count them as segment_spoof; reverse-path filtering is the layer beneath, for when
+        // the table is gone.
+        let spoke_drops = || {
+            if label == "guest WLAN" {
+                counter(
+                    &nohfelden.spoke.status().expect("spoke status"),
+                    "drops",
+                    "segment_spoof",
+                )
+            } else {
+                0
+            }
+        };
+        let before = router.reverse_path_drops().expect("netstat") + spoke_drops();
         ns.add_address("eth0", from.parse().expect("addr"), 32)
             .expect("spoof address");
         let ping = ns
@@ -184,14 +199,23 @@ fn district_matrix_revocation_spoofing_and_homeoffice() {
             !ping.succeeded(),
             "{label}: a spoofed ping was answered: {ping:?}"
         );
-        let after = router.reverse_path_drops().expect("netstat");
+        // The spoke's guard reads its table's counters every second.
+        let after = wait_until(
+            "the spoofed packets to be counted",
+            Duration::from_secs(3),
+            || {
+                let now = router.reverse_path_drops()? + spoke_drops();
+                Ok((now >= before + 3).then_some(now))
+            },
+        )
+        .unwrap_or_else(|_| router.reverse_path_drops().unwrap_or(0) + spoke_drops());
         let settings = router
             .exec(&["sysctl", "-a", "--pattern", "\\.rp_filter$"])
             .unwrap_or_default();
         assert!(
             after >= before + 3,
             "{label}: {} did not drop the spoofed packets by reverse-path filtering \
-             (IPReversePathFilter {before} -> {after}):\n{settings}",
+             or as segment_spoof (dropped {before} -> {after}):\n{settings}",
             router.name()
         );
     }
@@ -204,6 +228,51 @@ fn district_matrix_revocation_spoofing_and_homeoffice() {
         dc_spoofed,
         "the data centre's spoofed packets reached the hub's tunnel interface"
     );
+
+    // Issue 13: the guest with the staff address (above) does not get the staff's rights:
+    // the spoke's nftables drop it before routing (the segment is where it arrives) and count
+    // it; the same address on the staff LAN works.
+    nohfelden
+        .staff
+        .ip(&["addr", "add", "10.30.1.77/24", "dev", "eth0"])
+        .expect("the same address on the staff LAN");
+    let dms = dest("DMS (Kreis)");
+    let from = |ns: &komnet_netns_tests::Netns| Source {
+        label: String::new(),
+        netns: ns.name().to_owned(),
+        addr: "10.30.1.77".parse().expect("addr"),
+        origin: Origin::Address,
+    };
+    let spoke_before = nohfelden.spoke.status().expect("spoke status");
+    assert_eq!(
+        district
+            .probe(&from(&nohfelden.guest), &[dms], Duration::from_millis(1500))
+            .expect("probe"),
+        vec![false],
+        "a staff address on the guest WLAN reached the DMS"
+    );
+    assert_eq!(
+        district
+            .probe(&from(&nohfelden.staff), &[dms], Duration::from_millis(1500))
+            .expect("probe"),
+        vec![true],
+        "the staff address on the staff LAN does not reach the DMS"
+    );
+    let reason = "segment_spoof";
+    wait_until(
+        "the spoke to count the spoofed packets",
+        Duration::from_secs(5),
+        || {
+            let now = nohfelden.spoke.status()?;
+            Ok(
+                (counter(&now, "drops", reason) > counter(&spoke_before, "drops", reason))
+                    .then_some(()),
+            )
+        },
+    )
+    .expect("segment_spoof counted");
+    let text = nohfelden.spoke.status_text().expect("komnet status");
+    assert!(text.contains(&format!(" {reason}=")), "{text}");
 
     // Revocation: Tholey's appliance is cut off within 2 s, Nohfelden keeps working.
     let took = district.revoke_and_time("tholey").expect("revocation");

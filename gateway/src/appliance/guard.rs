@@ -48,7 +48,10 @@ pub(super) fn poke_guard(ctx: &Ctx) {
 /// Puts `ruleset` in force on a spoke and makes it the one the guard keeps installed. Blocking.
 pub(super) fn install_ruleset(ctx: &Ctx, ruleset: nft::Ruleset) -> Result<(), nft::NftError> {
     let mut in_force = ctx.nft_in_force.lock();
+    // What the table about to be replaced dropped is kept in the totals.
+    let before = nft::read_drop_counters().unwrap_or_default();
     ruleset.apply()?;
+    ctx.state.lock().nft_drops.handle_replaced(&before);
     *in_force = Some(ruleset);
     Ok(())
 }
@@ -108,9 +111,18 @@ fn check(ctx: &Ctx) {
     }
     let in_force = ctx.nft_in_force.lock();
     let wanted = in_force.clone().unwrap_or_else(nft::closed_ruleset);
-    let Err(e) = wanted.verify_installed() else {
-        return;
+    let e = match wanted.verify_installed_counting() {
+        Ok(drops) => {
+            ctx.state.lock().nft_drops.handle_reading(&drops);
+            return;
+        }
+        Err(e) => e,
     };
+    // Missing or changed: what it counted since the last reading is lost, not the totals.
+    ctx.state
+        .lock()
+        .nft_drops
+        .handle_reading(&std::collections::BTreeMap::new());
     tracing::warn!(error = %e, "nftables table komnet is missing or changed (a flushed ruleset?): reinstalling it");
     ctx.state.lock().count(ControlEvent::NftReinstalled);
     if let Err(e) = wanted.apply() {

@@ -88,16 +88,19 @@ tenant = "nohfelden"
 kind = "staff"
 site = "rathaus"
 prefixes = ["10.30.1.0/24", "fd00:30:0:1::/64"]
+vlan = 10
 
 [segments.gaeste]
 kind = "guest"
 site = "rathaus"
 prefixes = ["10.30.100.0/24"]
+vlan = 100
 
 [segments.drucker]
 kind = "infra"
 site = "rathaus"
 prefixes = ["10.30.9.7/32", "fd00:30:0:9::7/128", "10.30.8.0/31"]
+port = "eth2"
 
 [segments.bauhof]
 kind = "staff"

@@ -106,6 +106,8 @@ struct ControlState {
     /// what this process put there (and may have to take off again).
     lan_wanted: Vec<IpNet>,
     lan_put: Vec<IpNet>,
+    /// Spoke: the komnet table's drop counts (`segment_spoof`, …), kept across new tables.
+    nft_drops: control::NftDropTotals,
     /// Drops of peers removed from the table (so `komnet_drops_total` never goes down).
     retired_drops: RetiredDrops,
     /// The bootstrap watch's counts (first start only).

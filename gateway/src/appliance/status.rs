@@ -405,6 +405,10 @@ pub(super) fn report(ctx: &Ctx) -> StatusReport {
         None => (None, BTreeMap::new(), BTreeMap::new()),
     };
     counters.extend(s.all_counters());
+    // Spoke: what its nftables table dropped (read by the guard every second).
+    for (reason, n) in s.nft_drops.totals() {
+        *drops.entry(reason).or_default() += n;
+    }
     drops.retain(|_, v| *v > 0);
     let identity = s.enrollment.as_ref().map(|e| &e.identity);
     let active_key = s
