@@ -242,6 +242,8 @@ pub struct ApplianceSpoke {
     pub bootstrap: PathBuf,
     pub gw: Netns,
     pub host: Netns,
+    /// On the spoke's ports guest0 and guest1.
+    pub guest: Netns,
 }
 
 impl ApplianceSpoke {
@@ -263,7 +265,12 @@ impl ApplianceSpoke {
 
     /// The addresses on `eth1` (`ip -brief addr`), e.g. `["10.30.1.1/24", ...]`.
     pub fn lan_addresses(&self) -> Result<Vec<String>> {
-        let out = self.gw.ip(&["-brief", "addr", "show", "dev", "eth1"])?;
+        self.addresses_on("eth1")
+    }
+
+    /// The addresses on the spoke's interface `dev`, link-local ones left out.
+    pub fn addresses_on(&self, dev: &str) -> Result<Vec<String>> {
+        let out = self.gw.ip(&["-brief", "addr", "show", "dev", dev])?;
         Ok(out
             .split_whitespace()
             .skip(2)
@@ -638,6 +645,11 @@ impl District {
         )?;
         let host = Netns::new(&format!("{name}-host"))?;
         add_veth_pair(&gw, "eth1", &host, "eth0", 1500)?;
+        // The guest WLAN's ports (st-wendel binds the guests to guest0; a policy may move them
+        // to guest1).
+        let guest = Netns::new(&format!("{name}-guest"))?;
+        add_veth_pair(&gw, "guest0", &guest, "eth0", 1500)?;
+        add_veth_pair(&gw, "guest1", &guest, "eth1", 1500)?;
         host.add_address("eth0", IpAddr::V4(Ipv4Addr::new(10, lan_octet, 1, 10)), 24)?;
         let router = Ipv4Addr::new(10, lan_octet, 1, 1).to_string();
         host.ip(&["route", "add", "default", "via", &router])?;
@@ -663,6 +675,7 @@ impl District {
             bootstrap: data_dir.join("bootstrap.json"),
             gw,
             host,
+            guest,
         })
     }
 

@@ -741,10 +741,15 @@ fn an_image_spoke_waits_refuses_a_spent_token_then_enrols_and_takes_its_lan_addr
         data.join("policy.pub").exists(),
         "the policy key from the bootstrap file is kept"
     );
-    // Nohfelden's rathaus segments: verwaltung 10.30.1.0/24, gaeste 10.30.100.0/24.
-    let mut on_lan = appliance.lan_addresses().expect("lan");
+    // Nohfelden's rathaus segments: verwaltung 10.30.1.0/24 on port eth1, gaeste
+    // 10.30.100.0/24 on port guest0: each gateway address where its segment arrives.
+    assert_eq!(appliance.lan_addresses().expect("lan"), ["10.30.1.1/24"]);
+    assert_eq!(
+        appliance.addresses_on("guest0").expect("guest0"),
+        ["10.30.100.1/24"]
+    );
+    let mut on_lan = vec!["10.30.1.1/24".to_owned(), "10.30.100.1/24".to_owned()];
     on_lan.sort();
-    assert_eq!(on_lan, ["10.30.1.1/24", "10.30.100.1/24"], "{running}");
     let mut reported: Vec<String> = running["lan_addresses"]
         .as_array()
         .map(|a| {
@@ -755,6 +760,47 @@ fn an_image_spoke_waits_refuses_a_spent_token_then_enrols_and_takes_its_lan_addr
         .unwrap_or_default();
     reported.sort();
     assert_eq!(reported, on_lan, "{running}");
+
+    // Issue 13: a policy that moves the guests to another port takes effect without a
+    // restart: the address leaves guest0 for guest1, and the firewall takes the guests'
+    // packets from guest1 only.
+    let pid = appliance.spoke.pid();
+    let v2 = district.dir.path().join("policy-v2-guests-moved");
+    copy_dir(&komnet_netns_tests::district::policy_dir(), &v2);
+    let op = v2.join("operator.toml");
+    let text = std::fs::read_to_string(&op).expect("operator.toml");
+    std::fs::write(&op, text.replace("version = 1", "version = 2")).expect("write");
+    let noh = v2.join("tenants/nohfelden.toml");
+    let text = std::fs::read_to_string(&noh).expect("nohfelden.toml");
+    assert!(text.contains("port = \"guest0\""), "{text}");
+    std::fs::write(&noh, text.replace("port = \"guest0\"", "port = \"guest1\"")).expect("write");
+    district
+        .publish_policy(&v2, "policy-v2-guests-moved.bundle")
+        .expect("publish v2");
+    appliance
+        .spoke
+        .wait_running(2, Duration::from_secs(20))
+        .expect("version 2 in force");
+    wait_until(
+        "the guests' address to move to guest1",
+        Duration::from_secs(10),
+        || {
+            Ok((appliance.addresses_on("guest1")? == ["10.30.100.1/24"]
+                && appliance.addresses_on("guest0")?.is_empty())
+            .then_some(()))
+        },
+    )
+    .expect("address moved");
+    assert_eq!(appliance.spoke.pid(), pid, "the spoke restarted");
+    let table = appliance
+        .gw
+        .exec(&["nft", "list", "chain", "inet", "komnet", "lan_source"])
+        .expect("lan_source");
+    assert!(
+        table.contains("iifname \"guest1\" ip saddr @seg_nohfelden_gaeste_v4 return")
+            && !table.contains("\"guest0\""),
+        "{table}"
+    );
 }
 
 /// Pings started now in `ns` towards `dst`, every 2 ms for `seconds` (ended by SIGINT, so

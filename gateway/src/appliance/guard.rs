@@ -38,6 +38,18 @@ fn tunnel_routes(ctx: &Ctx) -> Vec<IpNet> {
     routes
 }
 
+/// The spoke's LAN interfaces: the configured ones and those the policy in force puts its
+/// segments on (VLAN interfaces, ports).
+fn lan_interfaces(ctx: &Ctx) -> Vec<String> {
+    let mut all = ctx.config.lan.clone();
+    for i in &ctx.state.lock().lan_interfaces {
+        if !all.contains(i) {
+            all.push(i.clone());
+        }
+    }
+    all
+}
+
 /// Asks the guard to check the fence and the table now (the routes or the ruleset changed).
 pub(super) fn poke_guard(ctx: &Ctx) {
     if let Some(wake) = ctx.guard_wake.get() {
@@ -87,7 +99,7 @@ pub(super) fn start_guard(ctx: &Arc<Ctx>) -> Result<()> {
 pub(super) fn keep_reverse_path(ctx: &Ctx) -> Result<(), net::NetError> {
     let interfaces = match ctx.config.role {
         GatewayRole::Hub => net::outside_interfaces(),
-        GatewayRole::Spoke => ctx.config.lan.clone(),
+        GatewayRole::Spoke => lan_interfaces(ctx),
     };
     for interface in net::strict_reverse_path(&interfaces)? {
         ctx.state.lock().count(ControlEvent::RpFilterSet);
@@ -98,7 +110,11 @@ pub(super) fn keep_reverse_path(ctx: &Ctx) -> Result<(), net::NetError> {
 
 /// One round: the fence, reverse-path filtering, then the table.
 fn check(ctx: &Ctx) {
-    match net::install_fence(&ctx.config.interface, &ctx.config.lan, &tunnel_routes(ctx)) {
+    match net::install_fence(
+        &ctx.config.interface,
+        &lan_interfaces(ctx),
+        &tunnel_routes(ctx),
+    ) {
         Ok(false) => {}
         Ok(true) => {
             ctx.state.lock().count(ControlEvent::FenceSet);
