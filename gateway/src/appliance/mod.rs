@@ -62,7 +62,7 @@ use crate::firewall::{FirewallConfig, FlowOwner};
 use crate::gate::Gate;
 use config::{GatewayConfig, GatewayRole};
 use control::bootstrap::{BootstrapStep, BootstrapWatch, FileRead, SetAside};
-use control::hub::HubCore;
+use control::hub::{HubCore, LinkLoss, LinkState, OutageSettings};
 use control::policy::{PolicyAction, PolicySlot};
 use control::renewal::{RenewalFailure, RenewalSchedule, RenewalStep};
 use control::spoke::{SpokeAction, SpokeCore};
@@ -104,8 +104,14 @@ struct ControlState {
     hub_endpoints: Vec<Option<SocketAddr>>,
     /// Spoke with `lan_addresses`: what the policy in force wants on the LAN interface, and
     /// what this process put there (and may have to take off again).
-    lan_wanted: Vec<IpNet>,
-    lan_put: Vec<IpNet>,
+    lan_wanted: Vec<(String, IpNet)>,
+    lan_put: Vec<(String, IpNet)>,
+    /// Spoke: the VLAN interfaces the policy in force wants on the trunk, and every interface
+    /// its site's segments arrive on (the fence and reverse-path filtering cover them).
+    lan_vlans: Vec<(String, u16)>,
+    lan_interfaces: Vec<String>,
+    /// Spoke: the komnet table's drop counts (`segment_spoof`, …), kept across new tables.
+    nft_drops: control::NftDropTotals,
     /// Drops of peers removed from the table (so `komnet_drops_total` never goes down).
     retired_drops: RetiredDrops,
     /// The bootstrap watch's counts (first start only).
@@ -424,7 +430,13 @@ async fn start(ctx: Arc<Ctx>) -> Result<()> {
         ));
         let now = Instant::now();
         match ctx.config.role {
-            GatewayRole::Hub => s.hub = Some(HubCore::new(now)),
+            GatewayRole::Hub => {
+                let outage = OutageSettings {
+                    alarm_after: ctx.config.registry_outage_alarm.0,
+                    policy: ctx.config.registry_outage,
+                };
+                s.hub = Some(HubCore::new(now, outage, rand::thread_rng().next_u64()));
+            }
             GatewayRole::Spoke => {
                 s.spoke = Some(SpokeCore::new(
                     now,
