@@ -161,14 +161,34 @@ fn bench(c: &mut Criterion) {
     sticky_source(c, now);
 }
 
+/// Time and iterations of each of two variants, summed over every block either benchmark of
+/// a pair ran.
+#[derive(Default)]
+struct Tally([(Duration, u64); 2]);
+
+impl Tally {
+    /// Nanoseconds per iteration of each variant, and the second's over the first's: measured
+    /// in the same blocks, under the same background load.
+    fn report(&self, what: &str) {
+        let ns = |v: usize| self.0[v].0.as_nanos() as f64 / self.0[v].1.max(1) as f64;
+        println!(
+            "{what}, interleaved in the same blocks: {:.0} ns -> {:.0} ns per iteration ({:+.1} %)",
+            ns(0),
+            ns(1),
+            (ns(1) / ns(0) - 1.0) * 100.0
+        );
+    }
+}
+
 /// Runs `variant(0, n)` and `variant(1, n)` in alternating blocks of 64 iterations and
 /// returns the time `which`'s blocks report (each variant times its own iterations, leaving
-/// out its set-up): both variants meet the same background load (this is a shared 2-core
-/// machine), so their difference is not the load changing between two benchmarks run one
-/// after the other.
+/// out its set-up). Both variants' times go into `tally`: its ratio compares them under the
+/// same background load (this is a shared 2-core machine), which criterion's two separate
+/// benchmarks, run one after the other, cannot.
 fn interleaved(
     iters: u64,
     which: usize,
+    tally: &mut Tally,
     variant: &mut impl FnMut(usize, u64) -> Duration,
 ) -> Duration {
     let mut spent = Duration::ZERO;
@@ -177,6 +197,8 @@ fn interleaved(
         let n = left.min(64);
         for v in [which, 1 - which] {
             let took = variant(v, n);
+            tally.0[v].0 += took;
+            tally.0[v].1 += n;
             if v == which {
                 spent += took;
             }
@@ -246,11 +268,13 @@ fn sticky_source(c: &mut Criterion, now: Instant) {
         }
         start.elapsed()
     };
+    let mut tally = Tally::default();
     for (which, label) in [(0, "core-routing-table"), (1, "core-sticky")] {
         group.bench_function(BenchmarkId::new(label, size), |bench| {
-            bench.iter_custom(|iters| interleaved(iters, which, &mut core_variant))
+            bench.iter_custom(|iters| interleaved(iters, which, &mut tally, &mut core_variant))
         });
     }
+    tally.report("core encap+decap 1420 B, routing table -> sticky source");
 
     let receiver = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind receiver");
     let sender = std::net::UdpSocket::bind("0.0.0.0:0").expect("bind sender");
@@ -280,11 +304,15 @@ fn sticky_source(c: &mut Criterion, now: Instant) {
         }
         start.elapsed()
     };
+    let mut tally = Tally::default();
     for (which, label) in [(0, "sendmsg-routing-table"), (1, "sendmsg-pktinfo")] {
         group.bench_function(BenchmarkId::new(label, segments), |bench| {
-            bench.iter_custom(|iters| interleaved(iters, which, &mut send_variant))
+            bench.iter_custom(|iters| interleaved(iters, which, &mut tally, &mut send_variant))
         });
     }
+    tally.report(&format!(
+        "GSO sendmsg of {segments} x 1452 B, routing table -> IP_PKTINFO source"
+    ));
     group.finish();
 }
 
