@@ -13,7 +13,8 @@
 # Reported per daemon and scenario: runs, successes, time to first reply (each run), the
 # daemon's CPU during the flood, datagrams the hub sent back to the attacker, the flood rate the
 # generator reached, the datagrams per second the hub's kernel delivered to the daemon's socket
-# and those it dropped because the socket's queue was full, the established peer's ping loss.
+# and those it dropped because the socket's queue was full, the established peer's ping loss,
+# and the daemon's busiest thread with its CPU (is one thread, the receive thread, the limit?).
 #
 # Usage: sudo benches/flood.sh [target/release/komnet-gateway]
 #   RUNS=3 SECONDS_FLOOD=8 RATE=0 (0: as fast as the generator goes) THREADS=1 GSO=1
@@ -77,6 +78,23 @@ start_wg() {
 }
 
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
+# thread_ticks PID: "TID NAME TICKS" for each thread of PID (utime + stime).
+thread_ticks() {
+    local t comm rest
+    for t in /proc/"$1"/task/*; do
+        comm=$(tr ' ' _ <"$t/comm" 2>/dev/null) || continue
+        rest=$(sed 's/.*) //' "$t/stat" 2>/dev/null) || continue
+        echo "${t##*/} $comm $(awk '{print $12 + $13}' <<<"$rest")"
+    done
+}
+# busiest_thread BEFORE AFTER SECONDS: "NAME:CPU%" of the thread that used most CPU between the
+# two thread_ticks listings (the receive thread, under a flood): whether one thread is the limit.
+busiest_thread() {
+    local hz; hz=$(getconf CLK_TCK)
+    awk -v hz="$hz" -v s="$3" 'NR == FNR { t0[$1] = $3; next }
+        { d = $3 - t0[$1]; if (d > best) { best = d; name = $2 } }
+        END { printf "%s:%.0f", (name == "" ? "-" : name), 100 * best / hz / s }' <(echo "$1") <(echo "$2")
+}
 # udp_counter NS FIELD: a field of the Udp line of /proc/net/snmp in NS (InDatagrams: datagrams
 # the kernel delivered to sockets; RcvbufErrors: dropped because a socket's queue was full).
 udp_counter() {
@@ -116,6 +134,7 @@ run_once() {
     hz=$(getconf CLK_TCK)
     rx0=$(rx_packets "$NS_ATK" eth0)
     ticks0=$(cpu_ticks "$hub_pid")
+    local threads0; threads0=$(thread_ticks "$hub_pid")
     local in0 qdrop0
     in0=$(udp_counter "$NS_HUB" InDatagrams); qdrop0=$(udp_counter "$NS_HUB" RcvbufErrors)
     local out; out=$(mktemp)
@@ -141,6 +160,7 @@ run_once() {
     wait "$flood_pid" 2>/dev/null; wait "$old_pid" 2>/dev/null
     local ticks1 rx1
     ticks1=$(cpu_ticks "$hub_pid")
+    local busiest; busiest=$(busiest_thread "$threads0" "$(thread_ticks "$hub_pid")" "$SECONDS_FLOOD")
     rx1=$(rx_packets "$NS_ATK" eth0)
     local in1 qdrop1
     in1=$(udp_counter "$NS_HUB" InDatagrams); qdrop1=$(udp_counter "$NS_HUB" RcvbufErrors)
@@ -152,11 +172,11 @@ run_once() {
     rm -f "$out" "$old_out"
     local delivered
     delivered=$(awk -v d=$((in1 - in0)) -v s="$SECONDS_FLOOD" 'BEGIN{printf "%.0f", d / s}')
-    RESULT="$first $cpu $((rx1 - rx0)) $rate ${loss:-?} $delivered $((qdrop1 - qdrop0))"
+    RESULT="$first $cpu $((rx1 - rx0)) $rate ${loss:-?} $delivered $((qdrop1 - qdrop0)) $busiest"
 }
 
 blog "flood ${SECONDS_FLOOD}s per run, rate ${RATE} (0: max), threads ${THREADS}, gso ${GSO}, runs ${RUNS}"
-printf '%-18s %-8s %-5s %-8s %-22s %-10s %-14s %-16s %-16s %-14s %s\n' daemon sources runs success "first reply ms" "cpu %" "to attacker" "sent /s" "delivered /s" "queue drops" "established loss %"
+printf '%-18s %-8s %-5s %-8s %-22s %-10s %-14s %-16s %-16s %-14s %-20s %s\n' daemon sources runs success "first reply ms" "cpu %" "to attacker" "sent /s" "delivered /s" "queue drops" "established loss %" "busiest thread %"
 for sources in $SCENARIOS; do
     for d in $DAEMONS; do
         case $d in
@@ -164,17 +184,17 @@ for sources in $SCENARIOS; do
             wggo2023) bin=$REF; name=wireguard-go-2023 ;;
             *) bdie "unknown daemon $d" ;;
         esac
-        firsts=(); ok=0; cpus=(); replies=(); rates=(); losses=(); delivs=(); qdrops=()
+        firsts=(); ok=0; cpus=(); replies=(); rates=(); losses=(); delivs=(); qdrops=(); busy=()
         for r in $(seq "$RUNS"); do
             run_once "$bin" "$sources"
-            read -r first cpu rx rate loss deliv qdrop <<<"$RESULT"
+            read -r first cpu rx rate loss deliv qdrop busiest <<<"$RESULT"
             firsts+=("$first"); cpus+=("$cpu"); replies+=("$rx"); rates+=("$rate"); losses+=("$loss")
-            delivs+=("$deliv"); qdrops+=("$qdrop")
+            delivs+=("$deliv"); qdrops+=("$qdrop"); busy+=("$busiest")
             if [ "$first" -ge 0 ] && [ "$first" -le 1000 ]; then ok=$((ok + 1)); fi
         done
-        printf '%-18s %-8s %-5s %-8s %-22s %-10s %-14s %-16s %-16s %-14s %s\n' "$name" "$sources" "$RUNS" "$ok/$RUNS" \
+        printf '%-18s %-8s %-5s %-8s %-22s %-10s %-14s %-16s %-16s %-14s %-20s %s\n' "$name" "$sources" "$RUNS" "$ok/$RUNS" \
             "$(IFS=,; echo "${firsts[*]}")" "$(IFS=,; echo "${cpus[*]}")" "$(IFS=,; echo "${replies[*]}")" \
             "$(IFS=,; echo "${rates[*]}")" "$(IFS=,; echo "${delivs[*]}")" "$(IFS=,; echo "${qdrops[*]}")" \
-            "$(IFS=,; echo "${losses[*]}")"
+            "$(IFS=,; echo "${losses[*]}")" "$(IFS=,; echo "${busy[*]}")"
     done
 done

@@ -18,6 +18,10 @@
 #      and nothing is written (slot b and the boot entries are as they were); a stick with a
 #      token that is spent (the one of step 1) is refused plainly, and the data partition holds
 #      no key, no enrollment, no policy key afterwards.
+#   4. `systemctl restart nftables` on a running appliance (a test copy of the image with a
+#      test-only unit the host triggers with a stick; packaging/test-image-nftables.sh): the
+#      town-hall PC's continuous stream towards the WAN side never arrives, and does once the
+#      firewall is opened on purpose.
 #
 #   sudo packaging/test-image.sh         (scripts/test.sh runs it)
 #
@@ -405,5 +409,8 @@ entries=$(MTOOLS_SKIP_CHECK=1 mdir -b -i "$work/appliance2.raw@@1M" ::/loader/en
 [ "$entries" = "komnet-a.conf " ] || fail "boot entries after the refused updates: $entries (expected komnet-a.conf only)"
 note "the refused update sticks left slot b empty and the boot entries as they were"
 rm -f "$work/appliance2.raw" "$work/data2.img"
+
+# ---- 4. nftables.service restarted on a running appliance ---------------------------------
+. packaging/test-image-nftables.sh
 
 note "all image tests passed (first packet after ${first_packet} s under $accel)"
