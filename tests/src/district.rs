@@ -845,8 +845,12 @@ impl District {
             .and_then(|rest| rest.trim_start_matches([' ', '=']).split(',').next())
             .and_then(|a| a.trim().split('/').next()?.parse().ok())
             .ok_or_else(|| anyhow!("no IPv4 Address in the issued config:\n{issued}"))?;
-        // wg-quick names the interface after the file.
-        let config = out.join("ho0.conf");
+        // wg-quick names the interface after the file. wireguard-go's UAPI socket
+        // (/var/run/wireguard/NAME.sock) is shared by every namespace, so districts running at
+        // the same time need different names.
+        static HOME_OFFICES: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = HOME_OFFICES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let config = out.join(format!("ho{}n{n}.conf", std::process::id() % 100_000));
         crate::command::write_private_file(&config, &issued)?;
         run_ok(
             ns.command("wg-quick")
