@@ -682,6 +682,34 @@ mod tests {
             assert!(text.contains(needle), "{needle}: {text}");
         }
         assert!(!text.contains("komnet_registry_version"), "{text}");
+        assert!(
+            text.contains("komnet_peers{tenant=\"noh\\\"felden\",role=\"spoke\",state=\"up\"} 1")
+        );
+        assert!(text.contains("komnet_drops_total{reason=\"policy_default_deny\"} 3"));
+        assert!(text.contains("komnet_policy_version 0"), "{text}");
+        assert!(
+            text.contains("# TYPE komnet_drops_total counter\n"),
+            "{text}"
+        );
+        assert!(text.contains(
+            "# HELP komnet_drops_total Packets dropped, by reason (WireGuard layer and policy firewall).\n"
+        ));
+        assert!(
+            text.contains("komnet_info{role=\"hub\",tenant=\"\",site=\"\",state=\"running\"} 1\n")
+        );
+        assert!(text.contains("komnet_peer_rx_bytes_total{tenant=\"noh\\\"felden\",site=\"rathaus\",role=\"spoke\"} 5\n"), "{text}");
+        // The same report gives the same text (rows in the report's order, no hashing).
+        assert_eq!(to_prometheus(&r, 1000), text);
+        assert!(text.contains(
+            "komnet_flow_owner_evicted_total{tenant=\"noh\\\"felden\",site=\"rathaus\",role=\"spoke\",key=\"k\"} 9010"
+        ));
+        assert!(text.contains(
+            "komnet_flow_owner_flows{tenant=\"\",site=\"\",role=\"datacentre\",key=\"\"} 4"
+        ));
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let value = line.rsplit(' ').next().unwrap();
+            assert!(value.parse::<f64>().is_ok(), "{line}");
+        }
         // Less than a third of the certificate's lifetime left (renewal due since 900):
         // expiring; the policy without a validity window is not listed.
         r.certificate = Some(CertificateStatus {
@@ -715,33 +743,5 @@ mod tests {
             text.contains("komnet_expiring{what=\"policy\"} 1\n"),
             "{text}"
         );
-        assert!(
-            text.contains("komnet_peers{tenant=\"noh\\\"felden\",role=\"spoke\",state=\"up\"} 1")
-        );
-        assert!(text.contains("komnet_drops_total{reason=\"policy_default_deny\"} 3"));
-        assert!(text.contains("komnet_policy_version 0"), "{text}");
-        assert!(
-            text.contains("# TYPE komnet_drops_total counter\n"),
-            "{text}"
-        );
-        assert!(text.contains(
-            "# HELP komnet_drops_total Packets dropped, by reason (WireGuard layer and policy firewall).\n"
-        ));
-        assert!(
-            text.contains("komnet_info{role=\"hub\",tenant=\"\",site=\"\",state=\"running\"} 1\n")
-        );
-        assert!(text.contains("komnet_peer_rx_bytes_total{tenant=\"noh\\\"felden\",site=\"rathaus\",role=\"spoke\"} 5\n"), "{text}");
-        // The same report gives the same text (rows in the report's order, no hashing).
-        assert_eq!(to_prometheus(&r, 1000), text);
-        assert!(text.contains(
-            "komnet_flow_owner_evicted_total{tenant=\"noh\\\"felden\",site=\"rathaus\",role=\"spoke\",key=\"k\"} 9010"
-        ));
-        assert!(text.contains(
-            "komnet_flow_owner_flows{tenant=\"\",site=\"\",role=\"datacentre\",key=\"\"} 4"
-        ));
-        for line in text.lines().filter(|l| !l.starts_with('#')) {
-            let value = line.rsplit(' ').next().unwrap();
-            assert!(value.parse::<f64>().is_ok(), "{line}");
-        }
     }
 }
