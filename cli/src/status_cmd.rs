@@ -5,7 +5,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context, Result};
-use komnet_proto::status::StatusReport;
+use komnet_proto::status::{RegistryStatus, StatusReport};
 
 /// Fetches `/status` with a plain HTTP/1.0 GET (the management address is loopback or a
 /// management network; the gateway serves no TLS there).
@@ -73,6 +73,41 @@ fn bytes(n: u64) -> String {
     }
 }
 
+/// A hub's registry link: connected since when, the last event; or how long it is gone and
+/// what that means.
+fn registry_line(now: i64, g: &RegistryStatus) -> String {
+    let last = format!("last event {}", ago(now, g.last_event));
+    match g.state.as_str() {
+        "connected" => format!(
+            "registry: connected since {} (version {}, {last})\n",
+            ago(now, Some(g.since)),
+            g.version.map_or("-".into(), |v| v.to_string()),
+        ),
+        state => {
+            let mut line = format!(
+                "registry: {} since {} ({state}; {last})",
+                if g.alarm {
+                    "UNREACHABLE"
+                } else {
+                    "unreachable"
+                },
+                ago(now, Some(g.since)),
+            );
+            if g.alarm {
+                line.push_str(&format!(
+                    " — revocations made meanwhile are not heard; {}",
+                    match g.on_outage.as_str() {
+                        "remove-peers" => "every peer is removed until it is back (registry_outage = remove-peers)",
+                        _ => "known peers stay admitted (registry_outage = keep-peers)",
+                    }
+                ));
+            }
+            line.push('\n');
+            line
+        }
+    }
+}
+
 /// The human form: the appliance, then one line per peer.
 pub(crate) fn render(r: &StatusReport) -> String {
     let now = SystemTime::now()
@@ -122,6 +157,9 @@ pub(crate) fn render(r: &StatusReport) -> String {
     }
     if let Some(e) = &r.policy_error {
         out.push_str(&format!("policy refused: {e}\n"));
+    }
+    if let Some(g) = &r.registry {
+        out.push_str(&registry_line(now, g));
     }
     if let Some(f) = r.flows {
         out.push_str(&format!("firewall flows: {f}\n"));
@@ -202,6 +240,47 @@ mod tests {
         let text = render(&r);
         assert!(
             text.contains("\nlan addresses: 10.30.1.1/24, 10.30.100.1/24\n"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn the_registry_line_says_connected_or_how_long_it_is_gone() {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        let mut r = StatusReport {
+            role: "hub".into(),
+            state: "running".into(),
+            registry: Some(RegistryStatus {
+                state: "connected".into(),
+                since: now - 30,
+                version: Some(17),
+                last_event: Some(now - 5),
+                alarm: false,
+                alarm_after_secs: 300,
+                on_outage: "keep-peers".into(),
+            }),
+            ..StatusReport::default()
+        };
+        let text = render(&r);
+        assert!(
+            text.contains("\nregistry: connected since 30s ago (version 17, last event 5s ago)\n"),
+            "{text}"
+        );
+        if let Some(g) = r.registry.as_mut() {
+            g.state = "unreachable".into();
+            g.since = now - 400;
+            g.version = None;
+            g.alarm = true;
+        }
+        let text = render(&r);
+        assert!(
+            text.contains(
+                "\nregistry: UNREACHABLE since 6m ago (unreachable; last event 405s ago) — \
+                 revocations made meanwhile are not heard; known peers stay admitted \
+                 (registry_outage = keep-peers)\n"
+            ),
             "{text}"
         );
     }

@@ -739,6 +739,14 @@ pub async fn fetch_crl(root_ca_pem: &str, urls: &[String]) -> Result<Vec<u8>, Cl
     .await
 }
 
+/// What the registry stream carried next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RegistryItem {
+    Event(RegistryEvent),
+    /// A keep-alive comment: the stream is alive, nothing changed.
+    KeepAlive,
+}
+
 /// A stream of registry changes (server-sent events).
 pub struct RegistryFollower {
     url: String,
@@ -746,6 +754,8 @@ pub struct RegistryFollower {
     buffer: Vec<u8>,
     /// The last version received; reconnect with it after an error.
     pub last_version: u64,
+    /// How often the service promised a keep-alive on a quiet stream.
+    pub keepalive: Duration,
     _conn: Connection,
 }
 
@@ -762,8 +772,20 @@ impl std::fmt::Debug for RegistryFollower {
 const MAX_EVENT_BYTES: usize = 64 * 1024;
 
 impl RegistryFollower {
-    /// The next change; `None` when the service closed the stream.
+    /// The next change; `None` when the service closed the stream. Keep-alives are skipped:
+    /// callers that watch the stream's liveness use [`Self::next_item`].
     pub async fn next(&mut self) -> Option<Result<RegistryEvent, ClientError>> {
+        loop {
+            match self.next_item().await? {
+                Ok(RegistryItem::KeepAlive) => continue,
+                Ok(RegistryItem::Event(ev)) => return Some(Ok(ev)),
+                Err(e) => return Some(Err(e)),
+            }
+        }
+    }
+
+    /// The next change or keep-alive; `None` when the service closed the stream.
+    pub async fn next_item(&mut self) -> Option<Result<RegistryItem, ClientError>> {
         loop {
             if let Some(end) = find_event_end(&self.buffer) {
                 let raw: Vec<u8> = self.buffer.drain(..end.1).collect();
@@ -775,12 +797,12 @@ impl RegistryFollower {
                     .collect::<Vec<_>>()
                     .join("\n");
                 if data.is_empty() {
-                    continue; // a keep-alive comment
+                    return Some(Ok(RegistryItem::KeepAlive));
                 }
                 return Some(match serde_json::from_str::<RegistryEvent>(&data) {
                     Ok(ev) => {
                         self.last_version = ev.version;
-                        Ok(ev)
+                        Ok(RegistryItem::Event(ev))
                     }
                     Err(e) => Err(ClientError::Protocol {
                         url: self.url.clone(),
@@ -854,8 +876,17 @@ pub async fn follow_registry(
                 error,
             });
         }
+        // An older service announces nothing and sends keep-alives at the default interval.
+        let keepalive = resp
+            .headers()
+            .get(api::REGISTRY_KEEPALIVE_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            .filter(|s| (1..=300).contains(s))
+            .unwrap_or(api::REGISTRY_DEFAULT_KEEPALIVE_SECS);
         Ok(RegistryFollower {
             url: conn.url.clone(),
+            keepalive: Duration::from_secs(keepalive),
             body: resp.into_body(),
             buffer: Vec::new(),
             last_version: since,

@@ -83,6 +83,16 @@ pub struct Config {
     /// `.pub` file `komnet policy keygen` writes). Without it no bundle can be published.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy_public_key: Option<String>,
+    /// How often a quiet registry stream carries a keep-alive; hubs take a stream that missed
+    /// three for dead and connect again (1s to 5m).
+    #[serde(default = "default_registry_keepalive")]
+    pub registry_keepalive: HumanDuration,
+}
+
+fn default_registry_keepalive() -> HumanDuration {
+    HumanDuration(Duration::from_secs(
+        komnet_proto::api::REGISTRY_DEFAULT_KEEPALIVE_SECS,
+    ))
 }
 
 impl Default for Config {
@@ -115,6 +125,7 @@ impl Default for Config {
                 max_connections_per_source: default_max_connections_per_source(),
             },
             policy_public_key: None,
+            registry_keepalive: default_registry_keepalive(),
         }
     }
 }
@@ -209,6 +220,14 @@ impl Config {
         }
         if self.limits.max_body_bytes < 1024 {
             problems.push("limits.max_body_bytes: at least 1024".to_string());
+        }
+        let keepalive = self.registry_keepalive.0;
+        if keepalive < Duration::from_secs(1) || keepalive > Duration::from_secs(300) {
+            problems.push(format!(
+                "registry_keepalive: {}s is outside 1s to 5m (hubs take a stream that missed \
+                 three keep-alives for dead)",
+                keepalive.as_secs()
+            ));
         }
         if self.limits.client_timeout.0.is_zero() {
             problems.push("limits.client_timeout: must be positive".to_string());

@@ -62,7 +62,7 @@ fn connected_pair(now: Instant) -> (Core, Core, SocketAddr, SocketAddr) {
             (&mut a, addr_b)
         };
         if let Action::ToNetwork { offset, len, .. } =
-            to.handle_datagram(now, src, &msg, &mut reply)
+            to.handle_datagram(now, src, None, &msg, &mut reply)
         {
             in_flight.push((!from_a, reply[offset..offset + len].to_vec()));
         }
@@ -91,7 +91,7 @@ fn bench(c: &mut Criterion) {
                     panic!("encapsulation failed");
                 };
                 let action =
-                    b.handle_datagram(now, addr_a, &wire[offset..offset + len], &mut plain);
+                    b.handle_datagram(now, addr_a, None, &wire[offset..offset + len], &mut plain);
                 assert!(matches!(action, Action::ToTun { .. }), "{action:?}");
             })
         });
@@ -144,12 +144,104 @@ fn bench(c: &mut Criterion) {
                     else {
                         panic!("encapsulation failed");
                     };
-                    let action =
-                        b.handle_datagram(now, addr_a, &wire[offset..offset + len], &mut plain);
+                    let action = b.handle_datagram(
+                        now,
+                        addr_a,
+                        None,
+                        &wire[offset..offset + len],
+                        &mut plain,
+                    );
                     assert!(matches!(action, Action::ToTun { .. }), "{action:?}");
                 })
             });
         }
+    }
+    group.finish();
+
+    // Sticky source addresses (issue 20, defect 8), both halves in the same run:
+    // - "core": encapsulate at A + decapsulate at B of a 1420-byte packet, once as before
+    //   (no local address passed in or stored) and once recording B's local address on every
+    //   authenticated packet and handing A's stored source to the driver;
+    // - "sendmsg": what the driver then asks of the kernel, a GSO send of 16 x 1452 bytes over
+    //   loopback through quinn-udp, without and with an IP_PKTINFO source address.
+    let mut group = c.benchmark_group("sticky-source");
+    let size = 1420;
+    group.throughput(Throughput::Bytes(size as u64));
+    let pkt = ipv4_packet(size);
+    let mut wire = vec![0u8; 2048];
+    let mut plain = vec![0u8; 2048];
+    let (ip_a, ip_b) = (addr_a.ip(), "192.0.2.2".parse().expect("ip"));
+    for (label, local) in [("core-routing-table", None), ("core-sticky", Some(ip_b))] {
+        // A learns (or forgets) its own sticky source from one packet of B's.
+        let back = ipv4_packet(64);
+        let mut back_pkt = back.clone();
+        back_pkt[12..16].copy_from_slice(&[10, 0, 0, 2]);
+        back_pkt[16..20].copy_from_slice(&[10, 0, 0, 1]);
+        let Action::ToNetwork { offset, len, .. } = b.handle_tun_packet(now, &back_pkt, &mut wire)
+        else {
+            panic!("encapsulation at B failed");
+        };
+        let a_local = local.map(|_| ip_a);
+        let action = a.handle_datagram(
+            now,
+            "192.0.2.2:51820".parse().expect("addr"),
+            a_local,
+            &wire[offset..offset + len],
+            &mut plain,
+        );
+        assert!(matches!(action, Action::ToTun { .. }), "{action:?}");
+        group.bench_with_input(BenchmarkId::new(label, size), &size, |bench, _| {
+            bench.iter(|| {
+                let Action::ToNetwork {
+                    offset,
+                    len,
+                    src_ip,
+                    ..
+                } = a.handle_tun_packet(now, &pkt, &mut wire)
+                else {
+                    panic!("encapsulation failed");
+                };
+                assert_eq!(src_ip, a_local);
+                let action =
+                    b.handle_datagram(now, addr_a, local, &wire[offset..offset + len], &mut plain);
+                assert!(matches!(action, Action::ToTun { .. }), "{action:?}");
+            })
+        });
+    }
+    let receiver = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind receiver");
+    let sender = std::net::UdpSocket::bind("0.0.0.0:0").expect("bind sender");
+    let state = quinn_udp::UdpSocketState::new((&sender).into()).expect("quinn-udp state");
+    let segments = state.max_gso_segments().min(16);
+    let batch = vec![0u8; 1452 * segments];
+    group.throughput(Throughput::Bytes(batch.len() as u64));
+    let destination = receiver.local_addr().expect("addr");
+    for (label, src_ip) in [
+        ("sendmsg-routing-table", None),
+        ("sendmsg-pktinfo", Some("127.0.0.1".parse().expect("ip"))),
+    ] {
+        let transmit = quinn_udp::Transmit {
+            destination,
+            ecn: None,
+            contents: &batch,
+            segment_size: (segments > 1).then_some(1452),
+            src_ip,
+        };
+        group.bench_with_input(BenchmarkId::new(label, segments), &segments, |bench, _| {
+            bench.iter(|| {
+                // The receiver is never read: the kernel drops what overflows its buffer, as
+                // it would for a slow peer; the sender's cost is what is measured.
+                state
+                    .try_send((&sender).into(), &transmit)
+                    .or_else(|e| {
+                        if e.kind() == std::io::ErrorKind::WouldBlock {
+                            Ok(())
+                        } else {
+                            Err(e)
+                        }
+                    })
+                    .expect("send");
+            })
+        });
     }
     group.finish();
 }

@@ -135,9 +135,11 @@ impl DropCounters {
 /// What the driver must do with the bytes the core wrote into its output buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
-    /// Send `out[offset..offset + len]` as one UDP datagram to `dst`.
+    /// Send `out[offset..offset + len]` as one UDP datagram to `dst`, from `src_ip` when it is
+    /// set (the peer's sticky source address, see [`Core::forget_source_ip`]).
     ToNetwork {
         dst: SocketAddr,
+        src_ip: Option<IpAddr>,
         offset: usize,
         len: usize,
     },
@@ -158,6 +160,16 @@ pub enum Action {
     Nothing,
     /// Refused, and counted under this reason.
     Drop(DropReason),
+}
+
+/// A datagram the core queued outside a direct answer (timers, a finished handshake): see
+/// [`Core::drain_pending`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Queued {
+    pub dst: SocketAddr,
+    /// Our address to send from (the peer's sticky source), if known.
+    pub src_ip: Option<IpAddr>,
+    pub bytes: Vec<u8>,
 }
 
 /// A peer as `wg show` and the UAPI `get` see it.
@@ -188,6 +200,15 @@ struct Peer {
     public_key: [u8; 32],
     preshared_key: Option<[u8; 32]>,
     endpoint: Option<SocketAddr>,
+    /// Our own address the peer's last authenticated datagram was sent to: replies and
+    /// everything else for the peer go out from it ("sticky source", as the kernel's
+    /// WireGuard does), so on a multi-homed host the peer, its NAT and its firewalls see
+    /// answers from the address they talk to. `None` until learnt, after an endpoint is set
+    /// by configuration, and after sending from it failed or went unanswered.
+    local_ip: Option<IpAddr>,
+    /// A handshake initiation went out and no response came back yet: a further initiation
+    /// from the timers is a retransmission.
+    init_unanswered: bool,
     persistent_keepalive: Option<u16>,
     /// None while the device has no private key.
     tunn: Option<Box<Tunn>>,
@@ -229,7 +250,7 @@ pub struct Core {
     allowed_ips: AllowedIps,
     /// Datagrams produced outside a direct answer (timers, packets queued during a
     /// handshake); drained with `poll_transmit`.
-    pending: VecDeque<(SocketAddr, Vec<u8>)>,
+    pending: VecDeque<Queued>,
     scratch: Vec<u8>,
     /// The tunnel interface's MTU, for padding (0 until the driver learns it).
     mtu: usize,
@@ -467,6 +488,7 @@ impl Core {
         };
         peer.tunn = None;
         peer.queued = false;
+        peer.init_unanswered = false;
         let low_order = self
             .key
             .as_ref()
@@ -506,6 +528,8 @@ impl Core {
             public_key,
             preshared_key: None,
             endpoint: None,
+            local_ip: None,
+            init_unanswered: false,
             persistent_keepalive: None,
             tunn: None,
             rx_bytes: 0,
@@ -533,7 +557,7 @@ impl Core {
         self.by_key.remove(&peer.public_key);
         self.allowed_ips.remove_peer(id);
         self.free_slots.push(id.slot() as u16);
-        self.pending.retain(|(dst, _)| Some(*dst) != peer.endpoint);
+        self.pending.retain(|q| Some(q.dst) != peer.endpoint);
     }
 
     pub fn remove_all_peers(&mut self) {
@@ -555,9 +579,35 @@ impl Core {
         }
     }
 
+    /// Sets the peer's endpoint. The sticky source address is forgotten, as the kernel does:
+    /// the route to a configured endpoint picks the source until the peer speaks.
     pub fn set_endpoint(&mut self, id: PeerId, endpoint: SocketAddr) {
         if let Some(peer) = self.peer_mut(id) {
             peer.endpoint = Some(endpoint);
+            peer.local_ip = None;
+        }
+    }
+
+    /// The sticky source address of the peer: our address its last authenticated datagram
+    /// was sent to, which the core asks the driver to send from.
+    pub fn source_ip(&self, id: PeerId) -> Option<IpAddr> {
+        self.peer(id)?.local_ip
+    }
+
+    /// Forgets `ip` as a sticky source address of every peer: the driver calls this when
+    /// sending from it failed because the host no longer has that address (ENETUNREACH,
+    /// EINVAL), and sends again without a source. The kernel does the same ("not too
+    /// sticky"). Walks all peers, which is fine for an error that comes once per lost address.
+    pub fn forget_source_ip(&mut self, ip: IpAddr) {
+        for slot in &mut self.slots {
+            if let Some(peer) = slot.peer.as_mut().filter(|p| p.local_ip == Some(ip)) {
+                peer.local_ip = None;
+            }
+        }
+        for q in &mut self.pending {
+            if q.src_ip == Some(ip) {
+                q.src_ip = None;
+            }
         }
     }
 
@@ -763,11 +813,15 @@ impl Core {
                 let (offset, len) = (offset_in(base, b), b.len());
                 // Anything but a data message means boringtun queued the packet and started
                 // (or is waiting for) a handshake.
-                peer.queued |= b.first() != Some(&4);
+                if b.first() != Some(&4) {
+                    peer.queued = true;
+                    peer.init_unanswered |= b.first() == Some(&1);
+                }
                 peer.tx_bytes += len as u64;
                 peer.last_sent = clock;
                 Action::ToNetwork {
                     dst: endpoint,
+                    src_ip: peer.local_ip,
                     offset,
                     len,
                 }
@@ -780,14 +834,17 @@ impl Core {
         }
     }
 
-    /// A UDP datagram from `src`: handshake messages are checked (MAC1, cookie, per-source
-    /// limit) and dispatched by the sender's static key, everything else by receiver index.
-    /// Decrypted packets whose source is not in the sender's allowed IPs are dropped. `out`
-    /// must be at least as long as `datagram` (and `MIN_OUT_BUF`).
+    /// A UDP datagram from `src` to our address `local_ip` (`None` where the driver cannot
+    /// tell): handshake messages are checked (MAC1, cookie, per-source limit) and dispatched by
+    /// the sender's static key, everything else by receiver index. Decrypted packets whose
+    /// source is not in the sender's allowed IPs are dropped. An authenticated datagram teaches
+    /// the peer's endpoint and our address it used (its sticky source). `out` must be at least
+    /// as long as `datagram` (and `MIN_OUT_BUF`).
     pub fn handle_datagram(
         &mut self,
         now: Instant,
         src: SocketAddr,
+        local_ip: Option<IpAddr>,
         datagram: &[u8],
         out: &mut [u8],
     ) -> Action {
@@ -816,6 +873,7 @@ impl Core {
                         self.device_drops.add(DropReason::CookieRequired);
                         return Action::ToNetwork {
                             dst: src,
+                            src_ip: local_ip,
                             offset: 0,
                             len,
                         };
@@ -845,7 +903,7 @@ impl Core {
         let Some(id) = id else {
             return self.device_drop(DropReason::UnknownIndex);
         };
-        self.decapsulate(id, src, datagram, out)
+        self.decapsulate(id, src, local_ip, datagram, out)
     }
 
     /// The peer whose allowed IPs contain `addr`: where a packet to it would be sent.
@@ -863,6 +921,7 @@ impl Core {
         &mut self,
         id: PeerId,
         src: SocketAddr,
+        local_ip: Option<IpAddr>,
         datagram: &[u8],
         out: &mut [u8],
     ) -> Action {
@@ -899,10 +958,16 @@ impl Core {
         // reply proves nothing about the sender's address, so it does not move the endpoint.
         // The endpoint is learnt before the inner source is checked, as the kernel does: the
         // datagram is the peer's even when the packet inside is one it may not send.
+        // Our address it came to becomes the peer's source address (sticky source), learnt
+        // from the same datagrams as the endpoint, as the kernel does.
         let roams = inner.is_some() || reply.is_some() || is_data;
-        if roams {
-            if let Some(peer) = self.peer_mut(id) {
+        if let Some(peer) = self.peer_mut(id) {
+            if roams {
                 peer.endpoint = Some(src);
+                peer.local_ip = local_ip;
+            }
+            if is_response {
+                peer.init_unanswered = false;
             }
         }
         if let Some((_, _, inner_src)) = inner {
@@ -939,6 +1004,7 @@ impl Core {
         peer.tx_bytes += len as u64;
         Action::ToNetwork {
             dst: src,
+            src_ip: local_ip,
             offset,
             len,
         }
@@ -953,7 +1019,11 @@ impl Core {
                 {
                     peer.tx_bytes += b.len() as u64;
                     peer.last_sent = clock;
-                    self.pending.push_back((dst, b.to_vec()));
+                    self.pending.push_back(Queued {
+                        dst,
+                        src_ip: peer.local_ip,
+                        bytes: b.to_vec(),
+                    });
                 }
             }
         }
@@ -993,7 +1063,12 @@ impl Core {
                 if let Some(bytes) = sent {
                     peer.tx_bytes += bytes.len() as u64;
                     peer.last_sent = clock;
-                    self.pending.push_back((dst, bytes));
+                    peer.init_unanswered |= bytes.first() == Some(&1);
+                    self.pending.push_back(Queued {
+                        dst,
+                        src_ip: peer.local_ip,
+                        bytes,
+                    });
                 }
             }
         }
@@ -1016,10 +1091,24 @@ impl Core {
             };
             match tunn.update_timers(&mut scratch) {
                 TunnResult::WriteToNetwork(b) => {
+                    if b.first() == Some(&1) {
+                        // A second initiation without an answer to the first: the peer may not
+                        // get what we send from its sticky source (routes changed), so the
+                        // retry goes from the address the routing table picks, as the
+                        // kernel's retransmission does.
+                        if peer.init_unanswered {
+                            peer.local_ip = None;
+                        }
+                        peer.init_unanswered = true;
+                    }
                     if let Some(dst) = peer.endpoint {
                         peer.tx_bytes += b.len() as u64;
                         peer.last_sent = clock;
-                        self.pending.push_back((dst, b.to_vec()));
+                        self.pending.push_back(Queued {
+                            dst,
+                            src_ip: peer.local_ip,
+                            bytes: b.to_vec(),
+                        });
                     }
                 }
                 TunnResult::Err(WireGuardError::ConnectionExpired) => {
@@ -1029,6 +1118,7 @@ impl Core {
                     // packet builds a fresh one.
                     peer.tunn = None;
                     peer.queued = false;
+                    peer.init_unanswered = false;
                     continue;
                 }
                 _ => {}
@@ -1055,16 +1145,15 @@ impl Core {
     }
 
     /// Every datagram queued by timers or a finished handshake, in order, without a copy.
-    pub fn drain_pending(
-        &mut self,
-    ) -> std::collections::vec_deque::Drain<'_, (SocketAddr, Vec<u8>)> {
+    pub fn drain_pending(&mut self) -> std::collections::vec_deque::Drain<'_, Queued> {
         self.pending.drain(..)
     }
 
-    /// The next datagram queued by timers or a finished handshake, written into `out`.
+    /// The next datagram queued by timers or a finished handshake, written into `out`: its
+    /// destination and length (its source address is in [`Core::drain_pending`]'s items).
     pub fn poll_transmit(&mut self, out: &mut [u8]) -> Option<(SocketAddr, usize)> {
         loop {
-            let (dst, bytes) = self.pending.pop_front()?;
+            let Queued { dst, bytes, .. } = self.pending.pop_front()?;
             if let Some(dst_buf) = out.get_mut(..bytes.len()) {
                 dst_buf.copy_from_slice(&bytes);
                 return Some((dst, bytes.len()));

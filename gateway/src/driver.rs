@@ -11,7 +11,7 @@
 //! - the core is locked once per batch, not per packet, and no buffer is allocated per packet.
 
 use std::io::{self, IoSliceMut, Read, Write};
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
@@ -27,7 +27,7 @@ use quinn_udp::{RecvMeta, Transmit, UdpSocketState};
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
 use tun_rs::{GROTable, SyncDevice, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
-use crate::core::{Action, Core, TIMER_INTERVAL};
+use crate::core::{Action, Core, Queued, TIMER_INTERVAL};
 use crate::gate::Gate;
 use crate::packet::IpHeader;
 use crate::sys;
@@ -63,11 +63,20 @@ pub enum Event {
     Fatal(String),
 }
 
+/// One bound UDP socket and quinn-udp's state for it. The state is replaced (not mutated)
+/// when a send from a vanished source address made quinn-udp turn GSO off (see
+/// [`Sockets::send`]).
+#[derive(Debug)]
+struct Udp {
+    sock: UdpSocket,
+    state: ArcSwap<UdpSocketState>,
+}
+
 /// The bound UDP sockets (IPv4 and, where the host has it, IPv6) on one port.
 #[derive(Debug)]
 pub struct Sockets {
-    v4: Option<(UdpSocket, UdpSocketState)>,
-    v6: Option<(UdpSocket, UdpSocketState)>,
+    v4: Option<Udp>,
+    v6: Option<Udp>,
     port: u16,
     /// Route MTUs by destination, looked up when a GSO send's segments are larger than any
     /// path is sure to carry (see `gso_fits`).
@@ -80,7 +89,7 @@ const ALWAYS_FITS: usize = 1280 - 48;
 /// How long a looked-up route MTU is trusted.
 const ROUTE_MTU_TTL: std::time::Duration = std::time::Duration::from_secs(5);
 
-fn bind_one(addr: SocketAddr, fwmark: u32) -> io::Result<(UdpSocket, UdpSocketState)> {
+fn bind_one(addr: SocketAddr, fwmark: u32) -> io::Result<Udp> {
     let domain = if addr.is_ipv4() {
         Domain::IPV4
     } else {
@@ -96,12 +105,23 @@ fn bind_one(addr: SocketAddr, fwmark: u32) -> io::Result<(UdpSocket, UdpSocketSt
     sys::set_socket_buffers(&sock, SOCKET_BUFFER);
     sock.bind(&addr.into())?;
     let sock: UdpSocket = sock.into();
-    // Enables GRO and reads what GSO the kernel offers; also makes the socket non-blocking.
-    let state = UdpSocketState::new((&sock).into())?;
+    let state = socket_state(&sock)?;
+    Ok(Udp {
+        sock,
+        state: ArcSwap::from_pointee(state),
+    })
+}
+
+/// quinn-udp's state for `sock`: enables GRO and IP_PKTINFO / IPV6_RECVPKTINFO (which give
+/// each received datagram our address it was sent to), reads what GSO the kernel offers, makes
+/// the socket non-blocking.
+fn socket_state(sock: &UdpSocket) -> io::Result<UdpSocketState> {
+    let state = UdpSocketState::new(sock.into())?;
     // After quinn-udp, which forbids fragmentation: a tunnel MTU above the path MTU must make
     // the kernel fragment the outer datagrams, as it does for its own WireGuard.
-    sys::allow_fragmentation(&sock, addr.is_ipv6())?;
-    Ok((sock, state))
+    let v6 = sock.local_addr()?.is_ipv6();
+    sys::allow_fragmentation(sock, v6)?;
+    Ok(state)
 }
 
 impl Sockets {
@@ -114,7 +134,7 @@ impl Sockets {
                 SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port).into(),
                 fwmark,
             )?;
-            let bound = v4.0.local_addr()?.port();
+            let bound = v4.sock.local_addr()?.port();
             match bind_one(
                 SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, bound, 0, 0).into(),
                 fwmark,
@@ -146,13 +166,13 @@ impl Sockets {
     }
 
     pub fn set_fwmark(&self, mark: u32) -> io::Result<()> {
-        for (s, _) in self.v4.iter().chain(self.v6.iter()) {
-            SockRef::from(s).set_mark(mark)?;
+        for u in self.v4.iter().chain(self.v6.iter()) {
+            SockRef::from(&u.sock).set_mark(mark)?;
         }
         Ok(())
     }
 
-    fn for_dst(&self, dst: &SocketAddr) -> Option<&(UdpSocket, UdpSocketState)> {
+    fn for_dst(&self, dst: &SocketAddr) -> Option<&Udp> {
         match dst {
             SocketAddr::V4(_) => self.v4.as_ref(),
             SocketAddr::V6(_) => self.v6.as_ref(),
@@ -160,22 +180,40 @@ impl Sockets {
     }
 
     /// Sends one (possibly GSO-segmented) transmit, waiting while the socket buffer is full.
-    fn send(&self, t: &Transmit<'_>) -> io::Result<()> {
-        let Some((sock, state)) = self.for_dst(&t.destination) else {
+    ///
+    /// A transmit with a source address (a peer's sticky source) that the host no longer has
+    /// fails (Linux 6.x: ENETUNREACH for IPv4, EINVAL for IPv6 and for a loopback source
+    /// toward another host; EADDRNOTAVAIL is taken too): it is sent again without one, from
+    /// the address the routing table picks, and when that works `Ok(Some(address))` tells the
+    /// caller to make the core forget the address (the kernel's WireGuard does the same).
+    /// quinn-udp takes any EINVAL for a GSO failure and turns GSO off for good; when the retry
+    /// shows it was the address, the socket's state is rebuilt so GSO comes back.
+    fn send(&self, t: &Transmit<'_>) -> io::Result<Option<IpAddr>> {
+        let Some(udp) = self.for_dst(&t.destination) else {
             return Err(io::Error::new(
                 io::ErrorKind::Unsupported,
                 "no socket for this address family",
             ));
         };
-        loop {
-            match state.try_send(sock.into(), t) {
-                Ok(()) => return Ok(()),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    sys::wait_ready(&[sock.as_raw_fd()], true, POLL_MS)?;
+        let gso_before = udp.state.load().max_gso_segments();
+        match udp.send(t) {
+            Err(e)
+                if t.src_ip.is_some()
+                    && matches!(
+                        e.raw_os_error(),
+                        Some(libc::EINVAL | libc::ENETUNREACH | libc::EADDRNOTAVAIL)
+                    ) =>
+            {
+                udp.send(&Transmit { src_ip: None, ..*t })?;
+                if udp.state.load().max_gso_segments() < gso_before {
+                    match socket_state(&udp.sock) {
+                        Ok(state) => udp.state.store(Arc::new(state)),
+                        Err(e) => tracing::warn!(error = %e, "cannot restore UDP GSO"),
+                    }
                 }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
+                Ok(t.src_ip)
             }
+            other => other.map(|()| None),
         }
     }
 
@@ -207,7 +245,22 @@ impl Sockets {
         self.v4
             .as_ref()
             .or(self.v6.as_ref())
-            .map_or(1, |(_, s)| s.max_gso_segments())
+            .map_or(1, |u| u.state.load().max_gso_segments())
+    }
+}
+
+impl Udp {
+    fn send(&self, t: &Transmit<'_>) -> io::Result<()> {
+        loop {
+            match self.state.load().try_send((&self.sock).into(), t) {
+                Ok(()) => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    sys::wait_ready(&[self.sock.as_raw_fd()], true, POLL_MS)?;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
     }
 }
 
@@ -308,29 +361,44 @@ impl Shared {
 
     /// Sends datagrams the core queued (handshakes, keepalives) one by one.
     pub fn flush_pending(&self) {
-        let queued: Vec<(SocketAddr, Vec<u8>)> = self.core().drain_pending().collect();
-        send_each(&self.sockets(), queued.into_iter());
+        let queued: Vec<Queued> = self.core().drain_pending().collect();
+        send_each(self, &self.sockets(), queued.into_iter());
     }
 }
 
 /// Sends control datagrams (handshakes, cookies, keepalives) one by one.
-fn send_each(sockets: &Sockets, datagrams: impl Iterator<Item = (SocketAddr, Vec<u8>)>) {
-    for (dst, bytes) in datagrams {
+fn send_each(shared: &Shared, sockets: &Sockets, datagrams: impl Iterator<Item = Queued>) {
+    for q in datagrams {
         let t = Transmit {
-            destination: dst,
+            destination: q.dst,
             ecn: None,
-            contents: &bytes,
+            contents: &q.bytes,
             segment_size: None,
-            src_ip: None,
+            src_ip: q.src_ip,
         };
-        send_logged(sockets, &t);
+        send_logged(shared, sockets, &t);
     }
 }
 
-fn send_logged(sockets: &Sockets, t: &Transmit<'_>) {
-    if let Err(e) = sockets.send(t) {
-        tracing::debug!(dst = %t.destination, error = %e, "send failed");
+fn send_logged(shared: &Shared, sockets: &Sockets, t: &Transmit<'_>) {
+    match sockets.send(t) {
+        Ok(None) => {}
+        Ok(Some(lost)) => {
+            tracing::debug!(address = %lost, "source address gone; peers using it fall back to the routing table's choice");
+            shared.core().forget_source_ip(lost);
+        }
+        Err(e) => tracing::debug!(dst = %t.destination, error = %e, "send failed"),
     }
+}
+
+/// One encrypted datagram in a batch buffer: `out[start..start + len]`, to `dst` from
+/// `src_ip`.
+#[derive(Debug, Clone, Copy)]
+struct Outgoing {
+    dst: SocketAddr,
+    src_ip: Option<IpAddr>,
+    start: usize,
+    len: usize,
 }
 
 /// Spawns the three driver threads. Each reports a reason to stop on `events`.
@@ -368,7 +436,7 @@ fn outbound(shared: &Shared, events: &Sender<Event>) {
     // Encrypted datagrams are written back to back, so a run of equal-sized ones to the same
     // peer is already the contiguous buffer a GSO send wants.
     let mut out = vec![0u8; IDEAL_BATCH_SIZE * (MAX_PACKET + crate::packet::DATA_OVERHEAD)];
-    let mut sends: Vec<(SocketAddr, usize, usize)> = Vec::with_capacity(IDEAL_BATCH_SIZE);
+    let mut sends: Vec<Outgoing> = Vec::with_capacity(IDEAL_BATCH_SIZE);
     // ICMP unreachable answers for packets no peer can take, written back to the TUN device.
     let mut icmp_bufs: Vec<Vec<u8>> = (0..IDEAL_BATCH_SIZE)
         .map(|_| Vec::with_capacity(VIRTIO_NET_HDR_LEN + crate::unreachable::MAX_V6))
@@ -415,13 +483,23 @@ fn outbound(shared: &Shared, events: &Sender<Event>) {
                 let room = &mut out[cursor..];
                 // The padding goes into `buf` behind the packet (it has MAX_PACKET bytes).
                 match core.handle_tun_buffer(now, buf, size, room) {
-                    Action::ToNetwork { dst, offset, len } => {
+                    Action::ToNetwork {
+                        dst,
+                        src_ip,
+                        offset,
+                        len,
+                    } => {
                         // boringtun writes at the start of the buffer; moving in place would
                         // still cost a memmove of the whole datagram.
                         if offset != 0 {
                             room.copy_within(offset..offset + len, 0);
                         }
-                        sends.push((dst, cursor, len));
+                        sends.push(Outgoing {
+                            dst,
+                            src_ip,
+                            start: cursor,
+                            len,
+                        });
                         cursor += len;
                     }
                     Action::Unreachable { offset, len, .. } => {
@@ -436,7 +514,7 @@ fn outbound(shared: &Shared, events: &Sender<Event>) {
             }
             core.has_pending()
         };
-        send_runs(&shared.sockets(), &out, &sends);
+        send_runs(shared, &shared.sockets(), &out, &sends);
         if icmp > 0 {
             if let Err(e) =
                 shared
@@ -452,37 +530,49 @@ fn outbound(shared: &Shared, events: &Sender<Event>) {
     }
 }
 
-/// Sends `sends` (destination, start, length within `out`), merging each run of datagrams to
-/// the same destination with the same size (the last may be shorter) into one GSO send.
-fn send_runs(sockets: &Sockets, out: &[u8], sends: &[(SocketAddr, usize, usize)]) {
+/// Sends `sends` (datagrams within `out`), merging each run of datagrams to the same
+/// destination from the same source with the same size (the last may be shorter) into one
+/// GSO send.
+fn send_runs(shared: &Shared, sockets: &Sockets, out: &[u8], sends: &[Outgoing]) {
     let max_segments = sockets.max_gso_segments().max(1);
     let mut i = 0;
     while i < sends.len() {
-        let (dst, start, seg) = sends[i];
+        let Outgoing {
+            dst,
+            src_ip,
+            start,
+            len: seg,
+        } = sends[i];
         let mut end = start + seg;
         let mut j = i + 1;
         while j < sends.len() && j - i < max_segments {
-            let (d, s, len) = sends[j];
-            if d != dst || s != end || len > seg || end + len - start > MAX_GSO_BYTES {
+            let next = sends[j];
+            if next.dst != dst
+                || next.src_ip != src_ip
+                || next.start != end
+                || next.len > seg
+                || end + next.len - start > MAX_GSO_BYTES
+            {
                 break;
             }
-            end += len;
+            end += next.len;
             j += 1;
-            if len < seg {
+            if next.len < seg {
                 break;
             }
         }
         if j - i > 1 && !sockets.gso_fits(dst, seg) {
             // Larger than the path: one datagram per send, fragmented by the kernel.
-            for &(dst, start, len) in &sends[i..j] {
+            for o in &sends[i..j] {
                 send_logged(
+                    shared,
                     sockets,
                     &Transmit {
-                        destination: dst,
+                        destination: o.dst,
                         ecn: None,
-                        contents: &out[start..start + len],
+                        contents: &out[o.start..o.start + o.len],
                         segment_size: None,
-                        src_ip: None,
+                        src_ip: o.src_ip,
                     },
                 );
             }
@@ -491,13 +581,14 @@ fn send_runs(sockets: &Sockets, out: &[u8], sends: &[(SocketAddr, usize, usize)]
         }
         let segment_size = (j - i > 1).then_some(seg);
         send_logged(
+            shared,
             sockets,
             &Transmit {
                 destination: dst,
                 ecn: None,
                 contents: &out[start..end],
                 segment_size,
-                src_ip: None,
+                src_ip,
             },
         );
         i = j;
@@ -514,12 +605,12 @@ fn inbound(shared: &Shared, events: &Sender<Event>) {
         .map(|_| Vec::with_capacity(2 * VIRTIO_NET_HDR_LEN + 65_535))
         .collect();
     let mut gro = GROTable::default();
-    let mut replies: Vec<(SocketAddr, Vec<u8>)> = Vec::new();
+    let mut replies: Vec<Queued> = Vec::new();
     let mut hairpin = Hairpin::new(shared.has_gate());
     while !shared.stopping() {
         let sockets = shared.sockets();
         let socks = [sockets.v4.as_ref(), sockets.v6.as_ref()];
-        let [v4, v6] = socks.map(|s| s.map_or(-1, |(sock, _)| sock.as_raw_fd()));
+        let [v4, v6] = socks.map(|s| s.map_or(-1, |u| u.sock.as_raw_fd()));
         let wake = shared.sockets_changed.0.as_raw_fd();
         let ready = match sys::wait_ready(&[v4, v6, wake], false, POLL_MS) {
             Ok(r) => r,
@@ -533,11 +624,12 @@ fn inbound(shared: &Shared, events: &Sender<Event>) {
             let _ = (&shared.sockets_changed.0).read(&mut [0u8; 64]);
             continue;
         }
-        for (i, (sock, state)) in socks
+        for (i, udp) in socks
             .iter()
             .enumerate()
             .filter_map(|(i, s)| Some((i, (*s)?)))
         {
+            let state = udp.state.load();
             if ready & (1 << i) == 0 {
                 continue;
             }
@@ -546,7 +638,7 @@ fn inbound(shared: &Shared, events: &Sender<Event>) {
                     let mut chunks = rx.chunks_mut(RX_SLOT);
                     let mut iovs: [IoSliceMut<'_>; quinn_udp::BATCH_SIZE] =
                         std::array::from_fn(|_| IoSliceMut::new(chunks.next().unwrap_or_default()));
-                    match state.recv(sock.into(), &mut iovs, &mut metas) {
+                    match state.recv((&udp.sock).into(), &mut iovs, &mut metas) {
                         Ok(n) => n,
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                         Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -565,8 +657,8 @@ fn inbound(shared: &Shared, events: &Sender<Event>) {
                     &mut replies,
                     &mut hairpin,
                 );
-                send_each(&sockets, replies.drain(..));
-                hairpin.flush(&sockets);
+                send_each(shared, &sockets, replies.drain(..));
+                hairpin.flush(shared, &sockets);
                 if has_pending {
                     shared.flush_pending();
                 }
@@ -586,7 +678,7 @@ fn inbound(shared: &Shared, events: &Sender<Event>) {
 /// and the firewall can refuse those with a tunnel peer's source address (issue 14).
 struct Hairpin {
     out: Vec<u8>,
-    sends: Vec<(SocketAddr, usize, usize)>,
+    sends: Vec<Outgoing>,
     cursor: usize,
 }
 
@@ -614,18 +706,29 @@ impl Hairpin {
     /// Encrypts `packet` for the peer that owns its destination.
     fn push(&mut self, core: &mut Core, now: Instant, packet: &[u8]) {
         let room = &mut self.out[self.cursor..];
-        if let Action::ToNetwork { dst, offset, len } = core.handle_tun_packet(now, packet, room) {
+        if let Action::ToNetwork {
+            dst,
+            src_ip,
+            offset,
+            len,
+        } = core.handle_tun_packet(now, packet, room)
+        {
             if offset != 0 {
                 room.copy_within(offset..offset + len, 0);
             }
-            self.sends.push((dst, self.cursor, len));
+            self.sends.push(Outgoing {
+                dst,
+                src_ip,
+                start: self.cursor,
+                len,
+            });
             self.cursor += len;
         }
     }
 
-    fn flush(&mut self, sockets: &Sockets) {
+    fn flush(&mut self, shared: &Shared, sockets: &Sockets) {
         if !self.sends.is_empty() {
-            send_runs(sockets, &self.out, &self.sends);
+            send_runs(shared, sockets, &self.out, &self.sends);
         }
         self.sends.clear();
         self.cursor = 0;
@@ -641,7 +744,7 @@ fn decrypt_batch(
     metas: &[RecvMeta],
     tun_bufs: &mut [Vec<u8>],
     gro: &mut GROTable,
-    replies: &mut Vec<(SocketAddr, Vec<u8>)>,
+    replies: &mut Vec<Queued>,
     hairpin: &mut Hairpin,
 ) -> bool {
     let now = Instant::now();
@@ -655,7 +758,7 @@ fn decrypt_batch(
                 drop(core);
                 drop(gate);
                 write_tun(shared, tun_bufs, k, gro);
-                hairpin.flush(&shared.sockets());
+                hairpin.flush(shared, &shared.sockets());
                 k = 0;
                 (gate, core) = shared.gate_and_core();
             }
@@ -664,7 +767,8 @@ fn decrypt_batch(
                 VIRTIO_NET_HDR_LEN + datagram.len().max(crate::core::MIN_OUT_BUF),
                 0,
             );
-            match core.handle_datagram(now, meta.addr, datagram, &mut buf[VIRTIO_NET_HDR_LEN..]) {
+            let out = &mut buf[VIRTIO_NET_HDR_LEN..];
+            match core.handle_datagram(now, meta.addr, meta.dst_ip, datagram, out) {
                 Action::ToTun { peer, offset, len } => {
                     if let Some(g) = gate.as_deref_mut() {
                         let start = VIRTIO_NET_HDR_LEN + offset;
@@ -687,9 +791,18 @@ fn decrypt_batch(
                     buf.truncate(VIRTIO_NET_HDR_LEN + len);
                     k += 1;
                 }
-                Action::ToNetwork { dst, offset, len } => {
+                Action::ToNetwork {
+                    dst,
+                    src_ip,
+                    offset,
+                    len,
+                } => {
                     let start = VIRTIO_NET_HDR_LEN + offset;
-                    replies.push((dst, buf[start..start + len].to_vec()));
+                    replies.push(Queued {
+                        dst,
+                        src_ip,
+                        bytes: buf[start..start + len].to_vec(),
+                    });
                 }
                 Action::Nothing | Action::Drop(_) | Action::Unreachable { .. } => {}
             }

@@ -263,8 +263,12 @@ struct Sent {
 struct Node {
     core: Core,
     /// The address this node's datagrams come from and are delivered to; changing it
-    /// simulates a NAT rebinding (roaming).
+    /// simulates a NAT rebinding (roaming). It is also the address the "routing table" picks
+    /// for datagrams the core sends without a source address.
     addr: SocketAddr,
+    /// Further addresses of a multi-homed node (same port): datagrams to them are delivered
+    /// too, and the core may ask to send from them.
+    more_addrs: Vec<std::net::IpAddr>,
     /// How this node's core knows the other node.
     peer: PeerId,
     /// IP packets the core wrote to the TUN device.
@@ -274,6 +278,23 @@ struct Node {
 }
 
 impl Node {
+    /// The source of a datagram the core wants sent from `src_ip`, as the driver and the
+    /// kernel decide it: that address when the node has it; when it does not, the send fails
+    /// (ENETUNREACH or EINVAL), the core forgets the address and the datagram goes from the routing table's
+    /// choice, `default` (the node's primary address, or the one it is answering from).
+    fn source(&mut self, default: SocketAddr, src_ip: Option<std::net::IpAddr>) -> SocketAddr {
+        match src_ip {
+            None => default,
+            Some(ip) if ip == self.addr.ip() || self.more_addrs.contains(&ip) => {
+                SocketAddr::new(ip, self.addr.port())
+            }
+            Some(gone) => {
+                self.core.forget_source_ip(gone);
+                default
+            }
+        }
+    }
+
     /// Drops counted for the device and for this node's peer, in total.
     fn drops_counted(&self) -> u64 {
         let for_peer = self.core.peer_drops(self.peer).map_or(0, |d| d.total());
@@ -349,6 +370,7 @@ impl Pair {
         let node = |core, addr, peer| Node {
             core,
             addr,
+            more_addrs: Vec::new(),
             peer,
             tun: Vec::new(),
             drops: Vec::new(),
@@ -391,7 +413,14 @@ impl Pair {
         let node = self.node(from);
         let src = node.addr;
         let action = node.core.handle_tun_packet(now, packet, &mut out);
-        if let Action::ToNetwork { dst, offset, len } = action {
+        if let Action::ToNetwork {
+            dst,
+            src_ip,
+            offset,
+            len,
+        } = action
+        {
+            let src = node.source(src, src_ip);
             let bytes = out[offset..offset + len].to_vec();
             self.transmit(from, Datagram { src, dst, bytes });
         }
@@ -401,9 +430,14 @@ impl Pair {
     /// Hands one datagram to the node that currently owns its destination address; whatever
     /// that node answers goes in flight. `None` if nobody owns the address (it is lost).
     fn deliver(&mut self, datagram: Datagram) -> Option<Action> {
-        let to = if datagram.dst == self.a.addr {
+        let owns = |n: &Node| {
+            datagram.dst == n.addr
+                || (datagram.dst.port() == n.addr.port()
+                    && n.more_addrs.contains(&datagram.dst.ip()))
+        };
+        let to = if owns(&self.a) {
             Side::A
-        } else if datagram.dst == self.b.addr {
+        } else if owns(&self.b) {
             Side::B
         } else {
             self.lost.push(datagram);
@@ -412,12 +446,18 @@ impl Pair {
         let now = self.now;
         let mut out = vec![0; BUF_LEN];
         let node = self.node(to);
-        let action = node
-            .core
-            .handle_datagram(now, datagram.src, &datagram.bytes, &mut out);
+        let local_ip = Some(datagram.dst.ip());
+        let action =
+            node.core
+                .handle_datagram(now, datagram.src, local_ip, &datagram.bytes, &mut out);
         match action {
-            Action::ToNetwork { dst, offset, len } => {
-                let src = node.addr;
+            Action::ToNetwork {
+                dst,
+                src_ip,
+                offset,
+                len,
+            } => {
+                let src = node.source(node.addr, src_ip);
                 let bytes = out[offset..offset + len].to_vec();
                 self.transmit(to, Datagram { src, dst, bytes });
             }
@@ -434,12 +474,20 @@ impl Pair {
 
     /// Moves what timers and finished handshakes queued in both cores onto the wire.
     fn collect_queued(&mut self) {
-        let mut out = vec![0; BUF_LEN];
         for side in [Side::A, Side::B] {
-            while let Some((dst, len)) = self.node(side).core.poll_transmit(&mut out) {
-                let src = self.node(side).addr;
-                let bytes = out[..len].to_vec();
-                self.transmit(side, Datagram { src, dst, bytes });
+            let node = self.node(side);
+            let queued: Vec<_> = node.core.drain_pending().collect();
+            for q in queued {
+                let node = self.node(side);
+                let src = node.source(node.addr, q.src_ip);
+                self.transmit(
+                    side,
+                    Datagram {
+                        src,
+                        dst: q.dst,
+                        bytes: q.bytes,
+                    },
+                );
             }
         }
     }
@@ -1515,4 +1563,116 @@ fn a_packet_no_peer_can_take_is_answered_with_icmp_unreachable_within_a_rate_lim
         Action::Unreachable { .. }
     ));
     assert!(pair.in_flight.is_empty(), "nothing went to the network");
+}
+
+/// Issue 20, defect 8: B is multi-homed (198.51.100.2, its routing table's choice, and
+/// 198.51.100.3) and A talks to the second address. Everything B sends A (the handshake
+/// response, data, keepalives) leaves from the address A sent to, so A's endpoint, its NAT and
+/// its firewalls keep seeing the address they talk to.
+#[test]
+fn a_multi_homed_peer_answers_from_the_address_it_was_sent_to() {
+    let mut pair = Pair::new();
+    let second = SocketAddr::from(([198, 51, 100, 3], b_addr().port()));
+    pair.b.more_addrs.push(second.ip());
+    let a_peer = pair.a.peer;
+    pair.a.core.set_endpoint(a_peer, second);
+    pair.handshake();
+    pair.transfer(Side::B, &ipv4_udp(B_V4, A_V4, b"answer"));
+    let b_peer = pair.b.peer;
+    let now = pair.now;
+    pair.b.core.set_persistent_keepalive(now, b_peer, Some(1));
+    pair.advance(Duration::from_secs(3));
+
+    let from_b: Vec<SocketAddr> = pair
+        .sent
+        .iter()
+        .filter(|s| s.from == Side::B)
+        .map(|s| s.datagram.src)
+        .collect();
+    assert!(from_b.len() >= 4, "response, data, keepalives: {from_b:?}");
+    assert!(
+        from_b.iter().all(|src| *src == second),
+        "B sent from other addresses than the one A talks to: {from_b:?}"
+    );
+    assert_eq!(pair.peer_endpoint(Side::A), Some(second));
+    assert_eq!(pair.b.core.source_ip(b_peer), Some(second.ip()));
+}
+
+/// Defect 8, "not too sticky": when B loses the address A talked to, its next datagram cannot
+/// leave from it (the driver's send fails): the core forgets it, the datagram goes
+/// from the routing table's choice, A follows B there and traffic goes on.
+#[test]
+fn a_sticky_source_address_the_host_lost_is_forgotten() {
+    let mut pair = Pair::new();
+    let second = SocketAddr::from(([198, 51, 100, 3], b_addr().port()));
+    pair.b.more_addrs.push(second.ip());
+    let a_peer = pair.a.peer;
+    pair.a.core.set_endpoint(a_peer, second);
+    pair.handshake();
+    let b_peer = pair.b.peer;
+    assert_eq!(pair.b.core.source_ip(b_peer), Some(second.ip()));
+
+    pair.b.more_addrs.clear();
+    pair.transfer(Side::B, &ipv4_udp(B_V4, A_V4, b"after renumbering"));
+    assert_eq!(pair.sent.last().map(|s| s.datagram.src), Some(b_addr()));
+    assert_eq!(pair.b.core.source_ip(b_peer), None);
+    assert_eq!(
+        pair.peer_endpoint(Side::A),
+        Some(b_addr()),
+        "A roamed with B"
+    );
+    pair.transfer(Side::A, &ipv4_udp(A_V4, B_V4, b"and back"));
+    assert_eq!(
+        pair.b.core.source_ip(b_peer),
+        Some(b_addr().ip()),
+        "learnt again from A's packet to the remaining address"
+    );
+}
+
+/// Defect 8, like the kernel: an endpoint set by configuration drops the learnt source
+/// address, and so does a handshake initiation that went unanswered (its retransmission leaves
+/// from the routing table's choice, in case the sticky address is what no longer works).
+#[test]
+fn a_sticky_source_is_dropped_by_a_configured_endpoint_and_by_an_unanswered_handshake() {
+    let mut pair = Pair::new();
+    let second = SocketAddr::from(([198, 51, 100, 3], b_addr().port()));
+    pair.b.more_addrs.push(second.ip());
+    let a_peer = pair.a.peer;
+    pair.a.core.set_endpoint(a_peer, second);
+    pair.handshake();
+    let b_peer = pair.b.peer;
+    assert_eq!(pair.b.core.source_ip(b_peer), Some(second.ip()));
+    pair.b.core.set_endpoint(b_peer, a_addr());
+    assert_eq!(pair.b.core.source_ip(b_peer), None);
+
+    // Learnt again, then B starts a handshake that A never hears.
+    pair.transfer(Side::A, &ipv4_udp(A_V4, B_V4, b"again"));
+    assert_eq!(pair.b.core.source_ip(b_peer), Some(second.ip()));
+    let now = pair.now;
+    pair.b.core.force_handshake(now, b_peer);
+    pair.collect_queued();
+    let first = pair.take_in_flight(second, a_addr());
+    assert_eq!(first.message_type(), MSG_HANDSHAKE_INIT);
+    pair.lost.push(first);
+    // REKEY_TIMEOUT plus boringtun's up to 1/3 s of jitter, without delivering.
+    let mut retry = None;
+    for _ in 0..40 {
+        pair.tick(TIMER_INTERVAL);
+        if let Some(at) = pair
+            .in_flight
+            .iter()
+            .position(|d| d.message_type() == MSG_HANDSHAKE_INIT)
+        {
+            retry = pair.in_flight.remove(at);
+            break;
+        }
+    }
+    let retry = retry.expect("B retransmits its initiation within REKEY_TIMEOUT");
+    assert!(pair.now - now >= REKEY_TIMEOUT);
+    assert_eq!(
+        retry.src,
+        b_addr(),
+        "the retry leaves from the routing table's choice"
+    );
+    assert_eq!(pair.b.core.source_ip(b_peer), None);
 }

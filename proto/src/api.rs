@@ -37,6 +37,19 @@ pub mod routes {
 /// The response header of `GET /v1/policy` (200 and 304) that carries the published version.
 pub const POLICY_VERSION_HEADER: &str = "x-komnet-policy-version";
 
+/// The response header of `GET /v1/registry/events` that says how often the service sends a
+/// keep-alive comment on an otherwise quiet stream, in seconds. A hub that hears nothing for
+/// [`REGISTRY_MISSED_KEEPALIVES`] intervals takes the stream for dead (a half-open connection
+/// after a crash of the enrollment host or a firewall that forgot the connection) and connects
+/// again. Without the header (older services) [`REGISTRY_DEFAULT_KEEPALIVE_SECS`] applies.
+pub const REGISTRY_KEEPALIVE_HEADER: &str = "x-komnet-keepalive-seconds";
+
+/// The keep-alive interval of services that do not announce one.
+pub const REGISTRY_DEFAULT_KEEPALIVE_SECS: u64 = 15;
+
+/// Keep-alives a hub may miss before it takes the registry stream for dead.
+pub const REGISTRY_MISSED_KEEPALIVES: u32 = 3;
+
 /// A stable, machine-readable reason for every rejected request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -33,6 +33,28 @@ pub struct StatusReport {
     pub drops: BTreeMap<String, u64>,
     /// Control-plane events (registry, renewals, policy, failovers), by name.
     pub counters: BTreeMap<String, u64>,
+    /// Hub: the link to the enrollment service's registry. Absent in spokes' reports and in
+    /// those of older gateways.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registry: Option<RegistryStatus>,
+}
+
+/// A hub's link to the registry (where revocations come from).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegistryStatus {
+    /// `connected`, `connecting` or `unreachable`.
+    pub state: String,
+    /// Unix seconds: connected since (when connected), else unreachable since.
+    pub since: i64,
+    /// The registry version applied (when connected).
+    pub version: Option<u64>,
+    /// Unix seconds of the last registry event received (any connection).
+    pub last_event: Option<i64>,
+    /// The outage lasted beyond `alarm_after_secs`: revocations made meanwhile are not heard.
+    pub alarm: bool,
+    pub alarm_after_secs: u64,
+    /// What the hub does during such an outage: `keep-peers` or `remove-peers`.
+    pub on_outage: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

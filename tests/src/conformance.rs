@@ -201,6 +201,20 @@ impl Trio {
         Ok(())
     }
 
+    /// `wg show IF dump` of end `end`, parsed.
+    pub fn dump(&self, end: usize) -> Result<crate::WgDump> {
+        crate::parse_wg_dump(&self.wg(end, &["show", &self.ifname[end], "dump"])?)
+    }
+
+    /// Where end `end` sends to the peer with public key `key` (`None`: no endpoint).
+    pub fn endpoint_of(&self, end: usize, key: &str) -> Result<Option<std::net::SocketAddr>> {
+        let dump = self.dump(end)?;
+        let peer = dump
+            .peer(key)
+            .ok_or_else(|| anyhow!("end {end} has no peer {key}: {dump:?}"))?;
+        Ok(peer.endpoint)
+    }
+
     /// `wg show IF transfer` of end `end`: (received, sent) bytes.
     pub fn transfer(&self, end: usize) -> Result<(u64, u64)> {
         parse_transfer(&self.wg(end, &["show", &self.ifname[end], "transfer"])?)

@@ -106,6 +106,19 @@ impl Gateway {
         serde_json::from_str(&out).context("komnet status --json")
     }
 
+    /// The gateway's `/metrics` text (fetched inside its namespace).
+    pub fn metrics_text(&self) -> Result<String> {
+        let url = format!("http://{}/metrics", self.metrics);
+        run_ok(
+            Command::new("ip")
+                .args(["netns", "exec", &self.netns, "python3", "-c"])
+                .arg(format!(
+                    "import urllib.request;print(urllib.request.urlopen('{url}').read().decode())"
+                )),
+            COMMAND_TIMEOUT,
+        )
+    }
+
     /// `komnet status` as a person reads it.
     pub fn status_text(&self) -> Result<String> {
         run_ok(
@@ -428,6 +441,43 @@ impl District {
         self.komnet(&all)
     }
 
+    /// The enrollment host crashes and comes back (a new process on the same data directory);
+    /// its log goes to `log_name`. As in a power cut, its kernel forgets the connections too:
+    /// the process is killed and its sockets (still sending FIN, or waiting) are destroyed, so
+    /// behind a blackhole nothing ever tells a client that its connection is gone.
+    pub fn crash_and_restart_enroll(&mut self, log_name: &str) -> Result<()> {
+        if let Some(mut p) = self.enroll.take() {
+            crate::command::send_signal(p.child.id(), "KILL");
+            p.wait_timeout(Duration::from_secs(5))?;
+        }
+        self.dc
+            .exec(&["ss", "-K", "-tn", &format!("sport = :{ENROLL_PORT}")])?;
+        let _ = std::fs::remove_file(self.enroll_socket());
+        self.serve_enroll(log_name)
+    }
+
+    /// Drops (`true`) or lets through again (`false`) every packet to and from the enrollment
+    /// service's port in the data-centre namespace, where the hubs and the service run: a
+    /// blackholed path, no RST, no ICMP. Spokes lose the service too.
+    pub fn blackhole_registry(&self, on: bool) -> Result<()> {
+        if on {
+            let rules = format!(
+                "table inet komnet_test_blackhole {{\n\
+                 chain out {{ type filter hook output priority -10; policy accept;\n\
+                 tcp dport {ENROLL_PORT} drop\ntcp sport {ENROLL_PORT} drop\n}}\n\
+                 chain inp {{ type filter hook input priority -10; policy accept;\n\
+                 tcp dport {ENROLL_PORT} drop\ntcp sport {ENROLL_PORT} drop\n}}\n}}\n"
+            );
+            let file = self.path("blackhole.nft");
+            std::fs::write(&file, rules)?;
+            self.dc.exec(&["nft", "-f", &file.to_string_lossy()])?;
+        } else {
+            self.dc
+                .exec(&["nft", "delete", "table", "inet", "komnet_test_blackhole"])?;
+        }
+        Ok(())
+    }
+
     fn start_servers(&mut self) -> Result<()> {
         let log = self.path("servers.log");
         let mut cmd = self.srv.command(&self.netprobe);
@@ -474,8 +524,15 @@ impl District {
             "allowed_ips".into(),
             toml::Value::Array(vec!["10.0.0.0/8".into()]),
         );
+        // Hubs notice a dead registry stream after three missed keep-alives: 3 s here.
+        config.insert("registry_keepalive".into(), "1s".into());
         std::fs::write(&config_path, toml::to_string(&config)?)?;
-        let log = self.path("enroll.log");
+        self.serve_enroll("enroll.log")
+    }
+
+    fn serve_enroll(&mut self, log_name: &str) -> Result<()> {
+        let data = self.path("enroll");
+        let log = self.path(log_name);
         let mut cmd = self.dc.command(komnet_enroll_binary()?);
         cmd.args(["serve", "--data-dir"]).arg(&data);
         self.enroll = Some(BackgroundProcess::spawn(&mut cmd, &log)?);
@@ -616,7 +673,7 @@ impl District {
         let (config, data_dir) = self.gateway_config(
             &name,
             &format!(
-                "role = \"hub\"\nbootstrap = \"{}\"\ninterface = \"komnet{index}\"\nlisten_port = {}\nmetrics_listen = \"{metrics}\"\n",
+                "role = \"hub\"\nbootstrap = \"{}\"\ninterface = \"komnet{index}\"\nlisten_port = {}\nmetrics_listen = \"{metrics}\"\nregistry_outage_alarm = \"5s\"\n",
                 bootstrap.display(),
                 HUB_PORT + index as u16
             ),

@@ -31,6 +31,53 @@ macro_rules! scenario {
     };
 }
 
+/// A check of a scenario that found the implementation behaving unlike the kernel. Setup
+/// steps panic instead, so a reference run that is expected to deviate cannot pass by failing
+/// to set up.
+#[derive(Debug)]
+struct Deviation(String);
+
+/// The outcome of a scenario whose reference run is expected to deviate.
+type Checked = Result<(), Deviation>;
+
+macro_rules! deviation {
+    ($($arg:tt)*) => {
+        return Err(Deviation(format!($($arg)*)))
+    };
+}
+
+/// A scenario `fn NAME(kind) -> Checked`: one `#[test]` per implementation that must conform,
+/// and one per implementation known to deviate (docs/conformance.md says how), which fails if
+/// it no longer does, so the table cannot go stale.
+macro_rules! checked_scenario {
+    ($name:ident: conforms: $($kind:ident),+; deviates: $($other:ident),+) => {
+        mod $name {
+            $(
+                #[test]
+                #[allow(non_snake_case)]
+                fn $kind() {
+                    if let Err(d) = super::$name(komnet_netns_tests::DaemonKind::$kind) {
+                        panic!("{} does not behave like the kernel: {}", stringify!($kind), d.0);
+                    }
+                }
+            )+
+            $(
+                #[test]
+                #[allow(non_snake_case)]
+                fn $other() {
+                    match super::$name(komnet_netns_tests::DaemonKind::$other) {
+                        Err(d) => eprintln!("{} deviates, as documented: {}", stringify!($other), d.0),
+                        Ok(()) => panic!(
+                            "{} now behaves like the kernel here: update docs/conformance.md and this test",
+                            stringify!($other)
+                        ),
+                    }
+                }
+            )+
+        }
+    };
+}
+
 fn trio(kind: DaemonKind) -> Trio {
     Trio::new(kind).unwrap_or_else(|e| panic!("building the selftest topology for {kind}: {e:?}"))
 }
@@ -398,3 +445,229 @@ except OSError as e:\n    print(e.errno, round(time.monotonic() - t, 2))\n";
     }
 }
 scenario!(no_peer_for_a_destination_answers_icmp_unreachable: Komnet);
+
+/// Defect 8: a multi-homed hub answers from the address the peer sent to ("sticky source", as
+/// the kernel does with the packet's destination address), over IPv4 and IPv6. The right end
+/// of a two-namespace tunnel is the hub, with a second address per family on its uplink
+/// (another subnet, so its routing table would answer from the first); the left end, the
+/// peer, talks to the second one through a stateful firewall that, like a NAT or any
+/// connection-tracking firewall, lets in only answers from the address it sent to. Then the
+/// hub loses that address: its next packets leave from the remaining one ("not too sticky")
+/// and the peer follows. wireguard-go 0.0.20231211 answers from the routing table's choice,
+/// which the firewall drops.
+fn multi_homed_hub_answers_from_the_address_it_was_sent_to(kind: DaemonKind) -> Checked {
+    use komnet_netns_tests::{Tunnel, TunnelConfig};
+    let mut tunnel = Tunnel::new(TunnelConfig::new(kind, kind)).unwrap();
+    let checked = multi_homed_hub(&tunnel);
+    if checked.is_err() {
+        eprintln!("{}", tunnel.diagnostics());
+    }
+    checked
+}
+
+fn multi_homed_hub(tunnel: &komnet_netns_tests::Tunnel) -> Checked {
+    use komnet_netns_tests::End;
+    use std::net::{IpAddr, SocketAddr};
+    let (peer, hub) = (tunnel.side(End::Left), tunnel.side(End::Right));
+    let n = tunnel.id();
+    let octet = n % 256;
+    let second_v4: IpAddr = format!("10.204.{octet}.2").parse().unwrap();
+    let second_v6: IpAddr = format!("fd02:{n:x}::2").parse().unwrap();
+    hub.netns.add_address(&hub.veth, second_v4, 24).unwrap();
+    hub.netns.add_address(&hub.veth, second_v6, 64).unwrap();
+    let on_link_v4: IpAddr = format!("10.204.{octet}.0").parse().unwrap();
+    let on_link_v6: IpAddr = format!("fd02:{n:x}::").parse().unwrap();
+    peer.netns
+        .add_route(on_link_v4, 24, &peer.veth, None)
+        .unwrap();
+    peer.netns
+        .add_route(on_link_v6, 64, &peer.veth, None)
+        .unwrap();
+    let hub_tunnel: IpAddr = hub.tunnel_v4.into();
+    let peer_tunnel: IpAddr = peer.tunnel_v4.into();
+    let firewall = format!(
+        "table inet conformance {{ chain input {{ type filter hook input priority 0; policy accept; \
+         udp dport {port} ct state established accept; udp dport {port} drop; }}; }}",
+        port = peer.listen_port
+    );
+    let hub_endpoint_at_peer =
+        || -> SocketAddr { tunnel.peer_view(End::Left).unwrap().endpoint.unwrap() };
+    for (second, primary) in [
+        (second_v4, IpAddr::from(hub.underlay_v4)),
+        (second_v6, IpAddr::from(hub.underlay_v6)),
+    ] {
+        let second_endpoint = SocketAddr::new(second, hub.listen_port);
+        peer.wg(&[
+            "set",
+            &peer.ifname,
+            "peer",
+            &hub.keys.public,
+            "endpoint",
+            &second_endpoint.to_string(),
+        ])
+        .unwrap();
+        peer.netns.exec(&["nft", &firewall]).unwrap();
+        // The peer speaks first (a handshake over IPv4, data on the session over IPv6).
+        let first = tunnel.ping_until_reply(End::Left, hub_tunnel, 6);
+        if first.is_err() {
+            deviation!(
+                "no answer through a firewall that admits only {second_endpoint}: {first:?}; \
+                 the hub's endpoint at the peer is {}",
+                hub_endpoint_at_peer()
+            );
+        }
+        let back = tunnel.ping(End::Right, peer_tunnel, 3).unwrap();
+        if !back.all_replied() {
+            deviation!(
+                "hub-to-peer pings lost behind the firewall via {second_endpoint}: {back:?}"
+            );
+        }
+        let seen = hub_endpoint_at_peer();
+        if seen != second_endpoint {
+            deviation!("the peer sees the hub at {seen}, not at {second_endpoint} it talks to");
+        }
+
+        // Not too sticky: the address goes; the hub speaks first and must not stay silent.
+        peer.netns
+            .exec(&["nft", "delete", "table", "inet", "conformance"])
+            .unwrap();
+        let prefix = if second.is_ipv4() { 24 } else { 64 };
+        hub.netns.delete_address(&hub.veth, second, prefix).unwrap();
+        let after = tunnel.ping(End::Right, peer_tunnel, 3).unwrap();
+        if after.received == 0 {
+            deviation!("after losing {second} the hub could not reach the peer: {after:?}");
+        }
+        let seen = hub_endpoint_at_peer();
+        if seen != SocketAddr::new(primary, hub.listen_port) {
+            deviation!("after losing {second} the peer sees the hub at {seen}");
+        }
+    }
+    Ok(())
+}
+checked_scenario!(multi_homed_hub_answers_from_the_address_it_was_sent_to:
+    conforms: Komnet; deviates: WireguardGo2023);
+
+/// Roaming, both directions: each end in turn moves its listen port and then the other end
+/// switches the address family of its endpoint; the first authenticated packet from the new
+/// place teaches the receiver the new endpoint, and traffic goes on at once.
+fn roaming_in_both_directions(kind: DaemonKind) {
+    use std::net::SocketAddr;
+    let t = trio(kind);
+    t.set_loopback_endpoints(false).unwrap();
+    t.ping(0, &["-c", "1", "-W", "2"], TUNNEL_V4[1]).unwrap();
+    let key = |end: usize| t.keys[end].public.clone();
+    let expect_endpoint = |end: usize, of: usize, want: &str| {
+        let want: SocketAddr = want.parse().unwrap();
+        let seen = wait_until(
+            &format!("end {end} to see end {of} at {want}"),
+            Duration::from_secs(3),
+            || Ok((t.endpoint_of(end, &key(of))? == Some(want)).then_some(())),
+        );
+        seen.unwrap_or_else(|e| panic!("{e:?}\n{}", t.diagnostics()));
+    };
+    // End 1 moves to port 9997 and speaks: end 2 follows; then end 2 moves to 9998.
+    t.wg(0, &["set", &t.ifname[0], "listen-port", "9997"])
+        .unwrap();
+    t.ping(0, &["-c", "1", "-W", "2"], TUNNEL_V4[1]).unwrap();
+    expect_endpoint(1, 0, "127.0.0.1:9997");
+    t.wg(1, &["set", &t.ifname[1], "listen-port", "9998"])
+        .unwrap();
+    t.ping(1, &["-c", "1", "-W", "2"], TUNNEL_V6[0]).unwrap();
+    expect_endpoint(0, 1, "127.0.0.1:9998");
+    // End 1 switches to IPv6 toward end 2; end 2 answers over IPv6, then switches back.
+    t.wg(
+        0,
+        &[
+            "set",
+            &t.ifname[0],
+            "peer",
+            &key(1),
+            "endpoint",
+            "[::1]:9998",
+        ],
+    )
+    .unwrap();
+    t.ping(0, &["-c", "1", "-W", "2"], TUNNEL_V4[1]).unwrap();
+    expect_endpoint(1, 0, "[::1]:9997");
+    t.wg(
+        1,
+        &[
+            "set",
+            &t.ifname[1],
+            "peer",
+            &key(0),
+            "endpoint",
+            "127.0.0.1:9997",
+        ],
+    )
+    .unwrap();
+    t.ping(1, &["-c", "1", "-W", "2"], TUNNEL_V6[0]).unwrap();
+    expect_endpoint(0, 1, "127.0.0.1:9998");
+    t.ping(0, &["-c", "3", "-i", "0.2", "-W", "2"], TUNNEL_V4[1])
+        .unwrap();
+}
+scenario!(roaming_in_both_directions: Komnet, WireguardGo2023);
+
+/// Key change: one end's private key is replaced through the UAPI and the other end swaps the
+/// old public key for the new one; the next packet makes a new handshake at once (the old
+/// sessions are gone with the old key: the other end no longer has that peer, so traffic on
+/// them would be dropped), and `wg show` reports the new key pair.
+fn private_key_change_and_immediate_handshake(kind: DaemonKind) {
+    let t = trio(kind);
+    t.set_loopback_endpoints(false).unwrap();
+    t.ping(0, &["-c", "2", "-i", "0.2", "-W", "2"], TUNNEL_V4[1])
+        .unwrap();
+    let (old, new) = (&t.keys[0], &t.keys[2]);
+    let allowed = format!("{}/32,{}/128", TUNNEL_V4[0], TUNNEL_V6[0]);
+    t.wg(
+        1,
+        &[
+            "set",
+            &t.ifname[1],
+            "peer",
+            &old.public,
+            "remove",
+            "peer",
+            &new.public,
+            "preshared-key",
+            &t.psk_file(),
+            "allowed-ips",
+            &allowed,
+            "endpoint",
+            "127.0.0.1:1",
+        ],
+    )
+    .unwrap();
+    // Over the old session, end 2 (which dropped the old key) accepts nothing now.
+    let out = t
+        .end_ns(0)
+        .exec_output(
+            &["ping", "-c", "2", "-i", "0.2", "-W", "1", TUNNEL_V4[1]],
+            Duration::from_secs(10),
+        )
+        .unwrap();
+    assert!(
+        !out.succeeded(),
+        "the old session still carries traffic: {out}"
+    );
+    t.wg(0, &["set", &t.ifname[0], "private-key", &t.key_file(2)])
+        .unwrap();
+    // At once: one ping, one second; the handshake retry timer (5 s) must not be in the way.
+    t.ping(0, &["-c", "1", "-W", "1"], TUNNEL_V4[1])
+        .unwrap_or_else(|e| {
+            panic!(
+                "no immediate handshake with the new key: {e:?}\n{}",
+                t.diagnostics()
+            )
+        });
+    t.ping(1, &["-c", "1", "-W", "1"], TUNNEL_V6[0]).unwrap();
+    let dump = t.dump(0).unwrap();
+    assert_eq!(dump.public_key, new.public);
+    let seen = t.dump(1).unwrap();
+    let peer = seen
+        .peer(&new.public)
+        .expect("end 2 has the new key as its peer");
+    assert!(peer.latest_handshake.is_some(), "{seen:?}");
+    assert!(seen.peer(&old.public).is_none());
+}
+scenario!(private_key_change_and_immediate_handshake: Komnet, WireguardGo2023);

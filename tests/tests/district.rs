@@ -229,25 +229,133 @@ fn district_matrix_revocation_spoofing_and_homeoffice() {
         peers.iter().all(|p| p["tenant"] != "tholey"),
         "the hub still lists tholey: {status:#}"
     );
-    let metrics = run(
-        std::process::Command::new("ip")
-            .args(["netns", "exec", district.dc.name(), "python3", "-c"])
-            .arg("import urllib.request;print(urllib.request.urlopen('http://127.0.0.1:9120/metrics').read().decode())"),
-        COMMAND_TIMEOUT,
-    )
-    .expect("metrics");
+    let metrics = hub.metrics_text().expect("metrics");
     for needle in [
         "komnet_peers{tenant=\"nohfelden\",role=\"spoke\",state=\"up\"} 1",
         "komnet_policy_version 1",
         "komnet_drops_total{reason=\"spoofed_source\"}",
         "komnet_certificate_expiry_seconds",
+        "komnet_registry_connected 1",
     ] {
+        assert!(metrics.contains(needle), "{needle} missing:\n{metrics}");
+    }
+}
+
+/// Issue 15, part 2: the enrollment host crashes while the path to it is blackholed (no RST
+/// reaches the hub: a half-open registry stream), a revocation is made meanwhile. The hub
+/// notices the silent stream after three missed keep-alives, says so in `komnet status` and
+/// `/metrics` (the alarm after `registry_outage_alarm`), keeps its peers (keep-peers), and
+/// once the path is back it reconnects, takes a fresh snapshot and the revoked town hall is cut
+/// off within seconds.
+#[test]
+fn a_hub_notices_a_dead_registry_says_so_and_hears_the_revocation_after_it() {
+    require_root_and_tools();
+    let mut district = District::start(
+        &netprobe(),
+        Options {
+            two_hubs: false,
+            homeoffice: false,
+        },
+    )
+    .expect("district");
+    let tho = staff(&district, "tholey");
+    let fs_tho = dest("Dateiserver Tholey");
+    let reaches = |d: &District| {
+        d.probe(&tho, &[fs_tho], Duration::from_millis(1500))
+            .expect("probe")[0]
+    };
+    assert!(reaches(&district));
+    let status = district.hubs[0]
+        .wait_status("the registry connected", Duration::from_secs(10), |s| {
+            s["registry"]["state"] == "connected"
+        })
+        .expect("registry status");
+    assert!(
+        status["registry"]["version"].as_u64().is_some(),
+        "{status:#}"
+    );
+
+    district.blackhole_registry(true).expect("blackhole");
+    district
+        .crash_and_restart_enroll("enroll-after-crash.log")
+        .expect("enrollment service restart");
+    district
+        .admin(&[
+            "revoke",
+            "--tenant",
+            "tholey",
+            "--site",
+            "rathaus",
+            "--reason",
+            "key-compromise",
+        ])
+        .expect("revoke");
+    let blackholed = Instant::now();
+    let status = district.hubs[0]
+        .wait_status("the registry outage alarm", Duration::from_secs(30), |s| {
+            s["registry"]["alarm"] == true
+        })
+        .expect("the hub reports the outage");
+    eprintln!(
+        "outage alarm {:.1} s after the blackhole and crash",
+        blackholed.elapsed().as_secs_f64()
+    );
+    assert_ne!(status["registry"]["state"], "connected", "{status:#}");
+    assert!(
+        counter(&status, "counters", "registry_silent") >= 1,
+        "{status:#}"
+    );
+    let text = district.hubs[0].status_text().expect("status text");
+    assert!(
+        text.contains("registry: UNREACHABLE since") && text.contains("known peers stay admitted"),
+        "{text}"
+    );
+    let metrics = district.hubs[0].metrics_text().expect("metrics");
+    for needle in [
+        "komnet_registry_connected 0",
+        "komnet_registry_outage_alarm 1",
+        "komnet_registry_outage_seconds ",
+    ] {
+        assert!(metrics.contains(needle), "{needle} missing:\n{metrics}");
+    }
+    // keep-peers: the revocation is not heard yet, Tholey keeps working.
+    assert!(
+        reaches(&district),
+        "keep-peers removed a peer during the outage"
+    );
+
+    district.blackhole_registry(false).expect("restore");
+    let restored = Instant::now();
+    loop {
+        if !reaches(&district) {
+            break;
+        }
         assert!(
-            metrics.stdout.contains(needle),
-            "{needle} missing:\n{}",
-            metrics.stdout
+            restored.elapsed() < Duration::from_secs(30),
+            "Tholey still reaches its file server 30 s after the registry came back:\n{}",
+            district.hubs[0].log_tail()
         );
     }
+    let cut_after = restored.elapsed();
+    eprintln!(
+        "revoked peer cut {:.1} s after the path came back",
+        cut_after.as_secs_f64()
+    );
+    let status = district.hubs[0]
+        .wait_status(
+            "the registry connected again",
+            Duration::from_secs(10),
+            |s| s["registry"]["state"] == "connected" && s["registry"]["alarm"] == false,
+        )
+        .expect("registry back");
+    assert!(
+        status["peers"]
+            .as_array()
+            .expect("peers")
+            .iter()
+            .all(|p| p["tenant"] != "tholey"),
+        "{status:#}"
+    );
 }
 
 fn copy_dir(from: &Path, to: &Path) {

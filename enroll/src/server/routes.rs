@@ -325,9 +325,15 @@ async fn registry_events_route(
             }
         }
     });
-    Sse::new(stream)
-        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
-        .into_response()
+    let keepalive = state.service.config.registry_keepalive.0;
+    let mut response = Sse::new(stream)
+        .keep_alive(KeepAlive::new().interval(keepalive))
+        .into_response();
+    response.headers_mut().insert(
+        api::REGISTRY_KEEPALIVE_HEADER,
+        header::HeaderValue::from(keepalive.as_secs()),
+    );
+    response
 }
 
 async fn crl_route(State(state): State<Shared>) -> Response {

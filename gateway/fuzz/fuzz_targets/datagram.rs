@@ -21,7 +21,7 @@ fuzz_target!(|data: &[u8]| {
     }
     let src: SocketAddr = "192.0.2.1:51820".parse().expect("static addr");
     let mut out = vec![0u8; data.len().max(2048)];
-    match core.handle_datagram(now, src, data, &mut out) {
+    match core.handle_datagram(now, src, None, data, &mut out) {
         Action::ToTun { offset, len, .. } => assert!(offset + len <= out.len()),
         Action::ToNetwork { offset, len, .. } => assert!(offset + len <= out.len()),
         Action::Nothing | Action::Drop(_) | Action::Unreachable { .. } => {}

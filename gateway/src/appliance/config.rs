@@ -7,6 +7,8 @@ use std::time::Duration;
 use komnet_proto::config::{check_interface_name, HumanDuration};
 use serde::Deserialize;
 
+use super::control::hub::OutagePolicy;
+
 /// Default location of the configuration file.
 pub const DEFAULT_CONFIG: &str = "/etc/komnet/gateway.toml";
 
@@ -77,6 +79,15 @@ pub struct GatewayConfig {
     /// a hub that stopped answering.
     #[serde(default = "default_keepalive")]
     pub keepalive: u16,
+    /// Hub: a registry outage this long (no snapshot and stream of revocations) raises the
+    /// alarm in the log, `komnet status` and `/metrics`, and applies `registry_outage`.
+    #[serde(default = "default_registry_outage_alarm")]
+    pub registry_outage_alarm: HumanDuration,
+    /// Hub: what to do during such an outage: `keep-peers` (the district keeps working;
+    /// revocations made meanwhile take effect when the registry is back) or `remove-peers`
+    /// (no peer is admitted until the registry is back).
+    #[serde(default)]
+    pub registry_outage: OutagePolicy,
     /// Hub: most flows the firewall remembers.
     #[serde(default = "default_max_flows")]
     pub max_flows: usize,
@@ -102,6 +113,9 @@ fn default_failover_after() -> HumanDuration {
 }
 fn default_keepalive() -> u16 {
     1
+}
+fn default_registry_outage_alarm() -> HumanDuration {
+    HumanDuration(Duration::from_secs(300))
 }
 fn default_max_flows() -> usize {
     262_144
@@ -228,6 +242,9 @@ impl GatewayConfig {
         }
         if self.policy_poll.0 < Duration::from_secs(1) {
             problems.push("policy_poll: at least 1s".into());
+        }
+        if self.registry_outage_alarm.0 < Duration::from_secs(1) {
+            problems.push("registry_outage_alarm: at least 1s".into());
         }
         if self.failover_after.0 < Duration::from_secs(1) {
             problems.push("failover_after: at least 1s".into());

@@ -93,14 +93,16 @@ pub(super) fn change_peers(ctx: &Ctx, decide: impl FnOnce(&mut ControlState) -> 
 
 /// The hub core, which exists from the start on a hub.
 fn hub_core(s: &mut ControlState) -> &mut HubCore {
-    s.hub.get_or_insert_with(|| HubCore::new(Instant::now()))
+    s.hub
+        .get_or_insert_with(|| HubCore::new(Instant::now(), OutageSettings::default(), 1))
 }
 
-/// Follows the registry: a snapshot, then its change stream; when the link is lost, the hub
-/// core says when to connect again.
+/// Follows the registry: a snapshot, then its change stream; the hub core says when the link
+/// is dead (an error, the stream's end, missed keep-alives, an attempt that hangs) and when to
+/// connect again.
 pub(super) async fn follow_registry(ctx: Arc<Ctx>) {
     loop {
-        let connect = {
+        let wait = {
             let mut s = ctx.state.lock();
             let core = hub_core(&mut s);
             if core.poll_connect(Instant::now()) {
@@ -109,24 +111,59 @@ pub(super) async fn follow_registry(ctx: Arc<Ctx>) {
                 Some(core.link().next_timeout())
             }
         };
-        match connect {
-            None => {}
-            Some(at) => {
-                let at = at.unwrap_or_else(|| Instant::now() + Duration::from_millis(250));
-                tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await;
-                continue;
+        if let Some(at) = wait {
+            let at = at.unwrap_or_else(|| Instant::now() + Duration::from_millis(250));
+            tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await;
+            continue;
+        }
+        let why = match follow_once(&ctx).await {
+            Ok(why) => {
+                tracing::warn!(reason = %why, "registry link given up; reconnecting");
+                why
             }
-        }
-        if let Err(e) = follow_once(&ctx).await {
-            tracing::warn!(error = %e, "registry connection lost; reconnecting");
-        }
-        hub_core(&mut ctx.state.lock()).handle_registry_lost(Instant::now());
+            Err(e) => {
+                tracing::warn!(error = %e, "registry connection lost; reconnecting");
+                LinkLoss::Failed
+            }
+        };
+        hub_core(&mut ctx.state.lock()).handle_registry_lost(Instant::now(), why);
     }
 }
 
-async fn follow_once(ctx: &Arc<Ctx>) -> Result<()> {
+/// Waits for `work` unless the link's deadline passes first (checked again whenever it was
+/// moved by something heard): `Err(loss)` then.
+async fn before_link_deadline<T>(
+    ctx: &Ctx,
+    work: impl std::future::Future<Output = T>,
+) -> std::result::Result<T, LinkLoss> {
+    tokio::pin!(work);
+    loop {
+        let (deadline, expired) = {
+            let mut s = ctx.state.lock();
+            let link = hub_core(&mut s).link();
+            (link.deadline(), link.expired(Instant::now()))
+        };
+        if let Some(why) = expired {
+            return Err(why);
+        }
+        let Some(deadline) = deadline else {
+            return Ok(work.await);
+        };
+        tokio::select! {
+            out = &mut work => return Ok(out),
+            _ = tokio::time::sleep_until(tokio::time::Instant::from_std(deadline)) => {}
+        }
+    }
+}
+
+/// One connection: the snapshot, then the stream until it fails. `Ok(why)` when the core gave
+/// the link up, `Err` when the connection did.
+async fn follow_once(ctx: &Arc<Ctx>) -> Result<LinkLoss> {
     let enrollment = current_enrollment(ctx).ok_or_else(|| anyhow!("not enrolled"))?;
-    let snapshot = client::registry_snapshot(&enrollment).await?;
+    let snapshot = match before_link_deadline(ctx, client::registry_snapshot(&enrollment)).await {
+        Ok(snapshot) => snapshot?,
+        Err(why) => return Ok(why),
+    };
     change_peers(ctx, |s| {
         hub_core(s).handle_snapshot(Instant::now(), unix_now(), &snapshot)
     });
@@ -135,14 +172,27 @@ async fn follow_once(ctx: &Arc<Ctx>) -> Result<()> {
         peers = snapshot.peers.len(),
         "registry snapshot applied"
     );
-    let mut follower = client::follow_registry(&enrollment, snapshot.version).await?;
-    while let Some(event) = follower.next().await {
-        let event = event?;
-        change_peers(ctx, |s| {
-            hub_core(s).handle_registry_event(Instant::now(), unix_now(), &event)
-        });
+    let follow = client::follow_registry(&enrollment, snapshot.version);
+    let mut follower = match before_link_deadline(ctx, follow).await {
+        Ok(follower) => follower?,
+        Err(why) => return Ok(why),
+    };
+    hub_core(&mut ctx.state.lock()).handle_stream_open(Instant::now(), follower.keepalive);
+    loop {
+        let item = match before_link_deadline(ctx, follower.next_item()).await {
+            Ok(Some(item)) => item?,
+            Ok(None) => bail!("the registry stream ended"),
+            Err(why) => return Ok(why),
+        };
+        match item {
+            client::RegistryItem::KeepAlive => {
+                hub_core(&mut ctx.state.lock()).handle_keepalive(Instant::now())
+            }
+            client::RegistryItem::Event(event) => change_peers(ctx, |s| {
+                hub_core(s).handle_registry_event(Instant::now(), unix_now(), &event)
+            }),
+        }
     }
-    bail!("the registry stream ended")
 }
 
 /// Expiry of peer certificates, and routes that follow handshakes: a peer's addresses are

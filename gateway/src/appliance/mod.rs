@@ -62,7 +62,7 @@ use crate::firewall::{FirewallConfig, FlowOwner};
 use crate::gate::Gate;
 use config::{GatewayConfig, GatewayRole};
 use control::bootstrap::{BootstrapStep, BootstrapWatch, FileRead, SetAside};
-use control::hub::HubCore;
+use control::hub::{HubCore, LinkLoss, LinkState, OutageSettings};
 use control::policy::{PolicyAction, PolicySlot};
 use control::renewal::{RenewalFailure, RenewalSchedule, RenewalStep};
 use control::spoke::{SpokeAction, SpokeCore};
@@ -424,7 +424,13 @@ async fn start(ctx: Arc<Ctx>) -> Result<()> {
         ));
         let now = Instant::now();
         match ctx.config.role {
-            GatewayRole::Hub => s.hub = Some(HubCore::new(now)),
+            GatewayRole::Hub => {
+                let outage = OutageSettings {
+                    alarm_after: ctx.config.registry_outage_alarm.0,
+                    policy: ctx.config.registry_outage,
+                };
+                s.hub = Some(HubCore::new(now, outage, rand::thread_rng().next_u64()));
+            }
             GatewayRole::Spoke => {
                 s.spoke = Some(SpokeCore::new(
                     now,

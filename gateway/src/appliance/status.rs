@@ -12,7 +12,8 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
 pub use komnet_proto::status::{
-    CertificateStatus, FlowShare, PeerStatus, PolicyStatus, StatusReport, PEER_UP_SECS,
+    CertificateStatus, FlowShare, PeerStatus, PolicyStatus, RegistryStatus, StatusReport,
+    PEER_UP_SECS,
 };
 
 /// A label set: names and values in the order they are shown.
@@ -257,6 +258,44 @@ pub fn to_prometheus(report: &StatusReport, now: i64) -> String {
             (now - p.installed_at).max(0),
         );
     }
+    if let Some(r) = &this.registry {
+        x.gauge(
+            "komnet_registry_connected",
+            "Hub: 1 while it follows the registry (the source of revocations), else 0.",
+            i64::from(r.state == "connected"),
+        );
+        x.gauge(
+            "komnet_registry_state_since_seconds",
+            "Hub: Unix time the registry link was connected, or was lost.",
+            r.since,
+        );
+        if r.state != "connected" {
+            x.gauge(
+                "komnet_registry_outage_seconds",
+                "Hub: how long the registry has been unreachable.",
+                (now - r.since).max(0),
+            );
+        }
+        x.gauge(
+            "komnet_registry_outage_alarm",
+            "Hub: 1 while the registry outage lasts beyond registry_outage_alarm (revocations made meanwhile are not heard).",
+            i64::from(r.alarm),
+        );
+        if let Some(v) = r.version {
+            x.gauge(
+                "komnet_registry_version",
+                "Hub: the registry version applied.",
+                v as i64,
+            );
+        }
+        if let Some(t) = r.last_event {
+            x.gauge(
+                "komnet_registry_last_event_seconds",
+                "Hub: Unix time of the last registry event received.",
+                t,
+            );
+        }
+    }
     if let Some(c) = &this.certificate {
         x.gauge(
             "komnet_certificate_expiry_seconds",
@@ -432,6 +471,30 @@ pub(super) fn report(ctx: &Ctx) -> StatusReport {
         datacentre_flows,
         drops,
         counters,
+        registry: s.hub.as_ref().map(registry_status),
+    }
+}
+
+/// The hub's registry link in wall-clock terms.
+fn registry_status(hub: &HubCore) -> RegistryStatus {
+    let now = Instant::now();
+    let unix = unix_now();
+    let at = |t: Instant| unix - now.saturating_duration_since(t).as_secs() as i64;
+    let link = hub.link();
+    let (state, since) = match (link.state(), link.down_since()) {
+        (LinkState::Following { since, .. }, _) => ("connected", *since),
+        (LinkState::Connecting { .. }, Some(down)) => ("connecting", down),
+        (_, down) => ("unreachable", down.unwrap_or(now)),
+    };
+    let settings = hub.outage_settings();
+    RegistryStatus {
+        state: state.to_owned(),
+        since: at(since),
+        version: link.version(),
+        last_event: link.last_event().map(at),
+        alarm: hub.alarmed(),
+        alarm_after_secs: settings.alarm_after.as_secs(),
+        on_outage: settings.policy.as_str().to_owned(),
     }
 }
 
@@ -569,7 +632,25 @@ mod tests {
             evicted: 0,
         });
         r.drops.insert("policy_default_deny".into(), 3);
+        r.registry = Some(RegistryStatus {
+            state: "connecting".into(),
+            since: 400,
+            version: None,
+            last_event: Some(350),
+            alarm: true,
+            alarm_after_secs: 300,
+            on_outage: "keep-peers".into(),
+        });
         let text = to_prometheus(&r, 1000);
+        for needle in [
+            "komnet_registry_connected 0\n",
+            "komnet_registry_outage_seconds 600\n",
+            "komnet_registry_outage_alarm 1\n",
+            "komnet_registry_last_event_seconds 350\n",
+        ] {
+            assert!(text.contains(needle), "{needle}: {text}");
+        }
+        assert!(!text.contains("komnet_registry_version"), "{text}");
         assert!(
             text.contains("komnet_peers{tenant=\"noh\\\"felden\",role=\"spoke\",state=\"up\"} 1")
         );

@@ -9,7 +9,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use komnet_policy::{CompiledPolicy, PeerIdentity, Role};
-use komnet_proto::api::{RegistryChange, RegistryEvent, RegistrySnapshot};
+use komnet_proto::api::{
+    RegistryChange, RegistryEvent, RegistrySnapshot, REGISTRY_DEFAULT_KEEPALIVE_SECS,
+    REGISTRY_MISSED_KEEPALIVES,
+};
 use komnet_proto::identity::Identity;
 
 use super::{ControlEvent, Counters};
@@ -17,38 +20,84 @@ use crate::admission::{HubPeers, PeerChange};
 
 /// How often certificate expiry is checked.
 pub const EXPIRY_CHECK: Duration = Duration::from_secs(1);
-/// How long after losing the registry the hub connects again.
-pub const RECONNECT_AFTER: Duration = Duration::from_secs(1);
+/// The first wait before connecting again after the link was lost; it doubles with every
+/// failure in a row up to [`BACKOFF_MAX`] (each wait varied by up to a fifth, so hubs that lost
+/// the registry together do not come back in step).
+pub const BACKOFF_FIRST: Duration = Duration::from_secs(1);
+/// The longest wait between attempts: a registry that comes back is followed again within
+/// seconds, and a few hubs trying every 15 s are no load.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(15);
+/// A snapshot and the opening of the change stream must be done within this; on a blackholed
+/// path the attempt is given up rather than waited on.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// While the registry is unreachable beyond the alarm bound, the alarm is logged again this
+/// often.
+pub const ALARM_REPEAT: Duration = Duration::from_secs(300);
 
 /// Where the hub's link to the registry stands.
-///
-/// Today the stream counts as alive until the connection fails or the service closes it;
-/// detecting a silent stream (missed keep-alives) and backing off between attempts belong here
-/// too (issue 15): [`RegistryLink::next_timeout`] is where a liveness deadline goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LinkState {
     /// Not connected; connect at `until`.
     Waiting { until: Instant },
-    /// A snapshot is being fetched since `since`.
+    /// A snapshot is being fetched, then the change stream opened, since `since`.
     Connecting { since: Instant },
-    /// The snapshot of `version` is applied and the change stream is read; the last snapshot
-    /// or event arrived at `last_heard`.
-    Following { version: u64, last_heard: Instant },
+    /// The snapshot of `version` is applied and the change stream is read since `since`; the
+    /// last snapshot, event or keep-alive arrived at `last_heard`.
+    Following {
+        version: u64,
+        since: Instant,
+        last_heard: Instant,
+    },
 }
 
-/// The hub's link to the registry: connect, follow, lose, reconnect.
+/// Why the link was given up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkLoss {
+    /// The connection failed, the service closed the stream or answered with an error.
+    Failed,
+    /// Nothing (no event, no keep-alive) for [`REGISTRY_MISSED_KEEPALIVES`] keep-alive
+    /// intervals: a half-open connection.
+    Silent,
+    /// The snapshot and the stream did not come within [`CONNECT_TIMEOUT`].
+    ConnectTimeout,
+}
+
+impl std::fmt::Display for LinkLoss {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            LinkLoss::Failed => "the connection failed or the stream ended",
+            LinkLoss::Silent => "the stream missed three keep-alives (a half-open connection)",
+            LinkLoss::ConnectTimeout => "no snapshot and stream within the connect timeout",
+        })
+    }
+}
+
+/// The hub's link to the registry: connect, follow, notice a dead stream, back off, reconnect.
 #[derive(Debug, Clone)]
 pub struct RegistryLink {
     state: LinkState,
-    reconnect_after: Duration,
+    /// The keep-alive interval the service announced for the stream being followed.
+    keepalive: Duration,
+    /// Attempts that failed in a row (reset once a stream proved alive).
+    failures: u32,
+    /// Since when the hub has not been following the registry (`None` while it does).
+    down_since: Option<Instant>,
+    /// When the last registry event arrived (kept across reconnects).
+    last_event: Option<Instant>,
+    /// xorshift state for the backoff's variation.
+    jitter: u64,
 }
 
 impl RegistryLink {
-    /// A link that connects at once.
-    pub fn new(now: Instant) -> Self {
+    /// A link that connects at once; `seed` varies its backoff from other hubs'.
+    pub fn new(now: Instant, seed: u64) -> Self {
         RegistryLink {
             state: LinkState::Waiting { until: now },
-            reconnect_after: RECONNECT_AFTER,
+            keepalive: Duration::from_secs(REGISTRY_DEFAULT_KEEPALIVE_SECS),
+            failures: 0,
+            down_since: Some(now),
+            last_event: None,
+            jitter: seed | 1,
         }
     }
 
@@ -64,6 +113,19 @@ impl RegistryLink {
         }
     }
 
+    /// How long the hub has not been following the registry (`None`: it follows it now).
+    pub fn outage(&self, now: Instant) -> Option<Duration> {
+        self.down_since.map(|d| now.saturating_duration_since(d))
+    }
+
+    pub fn down_since(&self) -> Option<Instant> {
+        self.down_since
+    }
+
+    pub fn last_event(&self) -> Option<Instant> {
+        self.last_event
+    }
+
     /// Whether to connect now; if so, the link counts as connecting from `now`.
     pub fn poll_connect(&mut self, now: Instant) -> bool {
         match self.state {
@@ -75,25 +137,131 @@ impl RegistryLink {
         }
     }
 
-    /// When the link has something to decide next (`None`: only an event changes it).
-    pub fn next_timeout(&self) -> Option<Instant> {
+    /// When the attempt or the stream in progress counts as dead if nothing arrives before.
+    pub fn deadline(&self) -> Option<Instant> {
         match self.state {
-            LinkState::Waiting { until } => Some(until),
-            LinkState::Connecting { .. } | LinkState::Following { .. } => None,
+            LinkState::Waiting { .. } => None,
+            LinkState::Connecting { since } => Some(since + CONNECT_TIMEOUT),
+            LinkState::Following { last_heard, .. } => {
+                Some(last_heard + self.keepalive * REGISTRY_MISSED_KEEPALIVES)
+            }
         }
     }
 
-    fn heard(&mut self, now: Instant, version: u64) {
-        self.state = LinkState::Following {
-            version,
-            last_heard: now,
-        };
+    /// Whether the attempt or stream in progress is dead at `now`, and why. The driver gives
+    /// it up and reports [`HubCore::handle_registry_lost`].
+    pub fn expired(&self, now: Instant) -> Option<LinkLoss> {
+        let deadline = self.deadline()?;
+        if now < deadline {
+            return None;
+        }
+        Some(match self.state {
+            LinkState::Connecting { .. } => LinkLoss::ConnectTimeout,
+            _ => LinkLoss::Silent,
+        })
     }
 
-    fn lost(&mut self, now: Instant) {
-        self.state = LinkState::Waiting {
-            until: now + self.reconnect_after,
+    /// When the link has something to decide next.
+    pub fn next_timeout(&self) -> Option<Instant> {
+        match self.state {
+            LinkState::Waiting { until } => Some(until),
+            _ => self.deadline(),
+        }
+    }
+
+    fn snapshot(&mut self, now: Instant, version: u64) {
+        self.state = LinkState::Following {
+            version,
+            since: now,
+            last_heard: now,
         };
+        self.down_since = None;
+    }
+
+    /// The stream is open; the service promised a keep-alive every `keepalive`.
+    fn stream_open(&mut self, now: Instant, keepalive: Duration) {
+        self.keepalive = keepalive;
+        self.heard(now, None);
+    }
+
+    /// An event (`Some(version)`) or a keep-alive arrived: the stream is alive.
+    fn heard(&mut self, now: Instant, event: Option<u64>) {
+        if let LinkState::Following {
+            version,
+            last_heard,
+            ..
+        } = &mut self.state
+        {
+            *last_heard = now;
+            if let Some(v) = event {
+                *version = v;
+                self.last_event = Some(now);
+            }
+            self.failures = 0;
+        }
+    }
+
+    /// Gives the link up at `now`; returns false when it was not up or being set up (a loss
+    /// reported twice).
+    fn lost(&mut self, now: Instant) -> bool {
+        if matches!(self.state, LinkState::Waiting { .. }) {
+            return false;
+        }
+        self.failures = self.failures.saturating_add(1);
+        let doubling = self.failures.saturating_sub(1).min(16);
+        let wait = BACKOFF_FIRST
+            .saturating_mul(1u32 << doubling)
+            .min(BACKOFF_MAX);
+        // xorshift64: a different fifth up or down for each attempt.
+        self.jitter ^= self.jitter << 13;
+        self.jitter ^= self.jitter >> 7;
+        self.jitter ^= self.jitter << 17;
+        let fifth = wait / 5;
+        let vary = fifth.mul_f64((self.jitter % 2001) as f64 / 1000.0);
+        let wait = (wait - fifth + vary).min(BACKOFF_MAX);
+        self.state = LinkState::Waiting { until: now + wait };
+        self.down_since.get_or_insert(now);
+        true
+    }
+}
+
+/// What a hub does while the registry is unreachable for longer than its alarm bound
+/// (`registry_outage` in gateway.toml).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OutagePolicy {
+    /// Keep the peers it knows admitted (their certificates are still valid; revocations made
+    /// meanwhile are not heard until the registry is back). The district keeps working.
+    #[default]
+    KeepPeers,
+    /// Remove every peer until the registry is back: no revocation can be missed, and no
+    /// commune is connected meanwhile.
+    RemovePeers,
+}
+
+impl OutagePolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OutagePolicy::KeepPeers => "keep-peers",
+            OutagePolicy::RemovePeers => "remove-peers",
+        }
+    }
+}
+
+/// The operator's choices about registry outages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutageSettings {
+    /// An outage this long raises the alarm (and applies `policy`).
+    pub alarm_after: Duration,
+    pub policy: OutagePolicy,
+}
+
+impl Default for OutageSettings {
+    fn default() -> Self {
+        OutageSettings {
+            alarm_after: Duration::from_secs(300),
+            policy: OutagePolicy::KeepPeers,
+        }
     }
 }
 
@@ -106,20 +274,35 @@ pub struct HubCore {
     /// The policy admissions are resolved against (the one the gate enforces).
     in_force: Option<Arc<CompiledPolicy>>,
     link: RegistryLink,
+    outage: OutageSettings,
+    /// When the outage alarm was raised (and last repeated), while it is.
+    alarm: Option<(Instant, Instant)>,
     last_expiry: Instant,
     counters: Counters,
 }
 
 impl HubCore {
-    pub fn new(now: Instant) -> Self {
+    /// `seed` varies the reconnect backoff from other hubs'.
+    pub fn new(now: Instant, outage: OutageSettings, seed: u64) -> Self {
         HubCore {
             registry: BTreeMap::new(),
             peers: HubPeers::default(),
             in_force: None,
-            link: RegistryLink::new(now),
+            link: RegistryLink::new(now, seed),
+            outage,
+            alarm: None,
             last_expiry: now,
             counters: Counters::default(),
         }
+    }
+
+    pub fn outage_settings(&self) -> OutageSettings {
+        self.outage
+    }
+
+    /// Whether the registry outage alarm is raised now.
+    pub fn alarmed(&self) -> bool {
+        self.alarm.is_some()
     }
 
     pub fn link(&self) -> &RegistryLink {
@@ -157,7 +340,16 @@ impl HubCore {
         unix: i64,
         snapshot: &RegistrySnapshot,
     ) -> Vec<PeerChange> {
-        self.link.heard(now, snapshot.version);
+        if let Some(outage) = self.link.outage(now) {
+            if self.alarm.take().is_some() {
+                tracing::warn!(
+                    outage_secs = outage.as_secs(),
+                    version = snapshot.version,
+                    "the registry is reachable again; its snapshot is applied"
+                );
+            }
+        }
+        self.link.snapshot(now, snapshot.version);
         let listed: BTreeSet<[u8; 32]> = snapshot
             .peers
             .iter()
@@ -188,7 +380,7 @@ impl HubCore {
         unix: i64,
         event: &RegistryEvent,
     ) -> Vec<PeerChange> {
-        self.link.heard(now, event.version);
+        self.link.heard(now, Some(event.version));
         self.counters.count(ControlEvent::RegistryEvent);
         match &event.change {
             RegistryChange::Upsert(identity) if identity.role != Role::Hub => {
@@ -213,11 +405,26 @@ impl HubCore {
         }
     }
 
-    /// The link to the registry failed or the stream ended at `now`: admitted peers stay (the
-    /// certificates they hold are still valid) until the link is back and says otherwise.
-    pub fn handle_registry_lost(&mut self, now: Instant) {
-        self.counters.count(ControlEvent::RegistryLost);
-        self.link.lost(now);
+    /// The change stream is open; the service sends a keep-alive every `keepalive`.
+    pub fn handle_stream_open(&mut self, now: Instant, keepalive: Duration) {
+        self.link.stream_open(now, keepalive);
+    }
+
+    /// A keep-alive arrived on the stream.
+    pub fn handle_keepalive(&mut self, now: Instant) {
+        self.link.heard(now, None);
+    }
+
+    /// The link to the registry failed, the stream ended or went silent at `now`: admitted
+    /// peers stay (the certificates they hold are still valid) until the link is back and says
+    /// otherwise, or until the outage alarm applies [`OutagePolicy::RemovePeers`].
+    pub fn handle_registry_lost(&mut self, now: Instant, why: LinkLoss) {
+        if self.link.lost(now) {
+            self.counters.count(ControlEvent::RegistryLost);
+            if why == LinkLoss::Silent {
+                self.counters.count(ControlEvent::RegistrySilent);
+            }
+        }
     }
 
     /// A new policy is going in force: admissions are resolved against it (sites whose
@@ -239,21 +446,72 @@ impl HubCore {
         changes
     }
 
-    /// When [`Self::handle_timeout`] has something to do next.
+    /// When [`Self::handle_timeout`] has something to do next (the link's own deadlines are
+    /// the driver's: [`RegistryLink::next_timeout`]).
     pub fn next_timeout(&self) -> Instant {
-        let expiry = self.last_expiry + EXPIRY_CHECK;
-        match self.link.next_timeout() {
-            Some(t) => t.min(expiry),
-            None => expiry,
+        let mut next = self.last_expiry + EXPIRY_CHECK;
+        if let Some(down) = self.link.down_since() {
+            let alarm = match self.alarm {
+                None => down + self.outage.alarm_after,
+                Some((_, repeated)) => repeated + ALARM_REPEAT,
+            };
+            next = next.min(alarm);
+        }
+        next
+    }
+
+    /// Takes out peers whose certificates expired by `unix` (checked every [`EXPIRY_CHECK`]),
+    /// and raises (and repeats) the alarm of a registry outage beyond its bound.
+    pub fn handle_timeout(&mut self, now: Instant, unix: i64) -> Vec<PeerChange> {
+        let mut changes = self.check_outage(now);
+        if now.saturating_duration_since(self.last_expiry) < EXPIRY_CHECK {
+            return changes;
+        }
+        self.last_expiry = now;
+        changes.extend(self.expire(unix));
+        changes
+    }
+
+    fn check_outage(&mut self, now: Instant) -> Vec<PeerChange> {
+        let Some(outage) = self.link.outage(now) else {
+            return Vec::new();
+        };
+        if outage < self.outage.alarm_after {
+            return Vec::new();
+        }
+        match &mut self.alarm {
+            Some((_, repeated)) => {
+                if now.saturating_duration_since(*repeated) >= ALARM_REPEAT {
+                    *repeated = now;
+                    tracing::error!(
+                        outage_secs = outage.as_secs(),
+                        on_outage = self.outage.policy.as_str(),
+                        "the registry is still unreachable: revocations are not heard"
+                    );
+                }
+                Vec::new()
+            }
+            None => {
+                self.alarm = Some((now, now));
+                self.counters.count(ControlEvent::RegistryOutageAlarm);
+                tracing::error!(
+                    outage_secs = outage.as_secs(),
+                    on_outage = self.outage.policy.as_str(),
+                    admitted = self.peers.len(),
+                    "the registry is unreachable: revocations made meanwhile are not heard"
+                );
+                match self.outage.policy {
+                    OutagePolicy::KeepPeers => Vec::new(),
+                    OutagePolicy::RemovePeers => {
+                        let keys: Vec<[u8; 32]> = self.registry.keys().copied().collect();
+                        keys.iter().flat_map(|k| self.withdraw(k)).collect()
+                    }
+                }
+            }
         }
     }
 
-    /// Takes out peers whose certificates expired by `unix` (checked every [`EXPIRY_CHECK`]).
-    pub fn handle_timeout(&mut self, now: Instant, unix: i64) -> Vec<PeerChange> {
-        if now.saturating_duration_since(self.last_expiry) < EXPIRY_CHECK {
-            return Vec::new();
-        }
-        self.last_expiry = now;
+    fn expire(&mut self, unix: i64) -> Vec<PeerChange> {
         let expired = self.peers.expire(unix);
         for c in &expired {
             if let PeerChange::Remove { key } = c {
@@ -353,7 +611,7 @@ mod tests {
     #[test]
     fn identities_wait_for_a_policy_and_hubs_are_never_admitted() {
         let now = Instant::now();
-        let mut hub = HubCore::new(now);
+        let mut hub = HubCore::new(now, OutageSettings::default(), 1);
         assert!(hub.poll_connect(now), "a new hub connects at once");
         let snapshot = RegistrySnapshot {
             version: 7,
@@ -382,7 +640,7 @@ mod tests {
     #[test]
     fn a_revocation_removes_the_peer_and_a_snapshot_after_reconnecting_drops_the_missed_ones() {
         let t0 = Instant::now();
-        let mut hub = HubCore::new(t0);
+        let mut hub = HubCore::new(t0, OutageSettings::default(), 1);
         hub.handle_policy(1000, policy());
         let a = identity("rathaus", Role::Spoke, 1, 5000);
         let b = identity("bauhof", Role::Spoke, 4, 5000);
@@ -406,23 +664,26 @@ mod tests {
             .handle_registry_event(t0, 1000, &remove_event(3, &a))
             .is_empty());
 
-        // The link drops; the peer stays admitted while the hub reconnects after 1 s.
+        // The link drops; the peer stays admitted while the hub reconnects after about 1 s.
         let lost_at = t0 + Duration::from_millis(500);
-        hub.handle_registry_lost(lost_at);
+        hub.handle_registry_lost(lost_at, LinkLoss::Failed);
         assert_eq!(hub.link().version(), None);
-        assert!(!hub.poll_connect(lost_at + Duration::from_millis(999)));
-        assert_eq!(hub.link().next_timeout(), Some(lost_at + RECONNECT_AFTER));
-        assert!(hub.poll_connect(lost_at + RECONNECT_AFTER));
+        let again_at = hub.link().next_timeout().expect("a reconnect time");
+        let wait = again_at - lost_at;
         assert!(
-            !hub.poll_connect(lost_at + RECONNECT_AFTER),
-            "once per loss"
+            wait >= BACKOFF_FIRST * 4 / 5 && wait <= BACKOFF_FIRST * 6 / 5,
+            "{wait:?}"
         );
+        assert!(!hub.poll_connect(again_at - Duration::from_millis(1)));
+        assert!(hub.poll_connect(again_at));
+        assert!(!hub.poll_connect(again_at), "once per loss");
+        let reconnected = again_at;
         // Meanwhile b was revoked: the new snapshot no longer lists it.
         let again = RegistrySnapshot {
             version: 9,
             peers: vec![],
         };
-        let changes = hub.handle_snapshot(lost_at + RECONNECT_AFTER, 1000, &again);
+        let changes = hub.handle_snapshot(reconnected, 1000, &again);
         assert_eq!(removed(&changes), vec![4]);
         assert_eq!(hub.admitted_count(), 0);
         assert_eq!(hub.counters().get(ControlEvent::RegistryLost), 1);
@@ -431,7 +692,7 @@ mod tests {
     #[test]
     fn certificates_expire_on_the_next_check_after_not_after() {
         let t0 = Instant::now();
-        let mut hub = HubCore::new(t0);
+        let mut hub = HubCore::new(t0, OutageSettings::default(), 1);
         hub.handle_policy(1000, policy());
         let snapshot = RegistrySnapshot {
             version: 1,
@@ -458,5 +719,159 @@ mod tests {
         assert_eq!(hub.counters().get(ControlEvent::PeerExpired), 1);
         assert!(hub.registered(&[1; 32]).is_none());
         assert!(hub.admitted(&[4; 32]).is_some());
+    }
+    /// Drives the link the way the driver does, in 50 ms steps from `sim.1` to `until_ms`:
+    /// connect when due, get a snapshot and a stream, hear a keep-alive every second, give the
+    /// link up when `expired` says so. `alive` says whether the service answers at `ms`.
+    fn run_link(
+        sim: &mut (Instant, u64),
+        hub: &mut HubCore,
+        until_ms: u64,
+        alive: impl Fn(u64) -> bool,
+    ) {
+        let t0 = sim.0;
+        let from = sim.1;
+        sim.1 = until_ms;
+        for ms in (from..until_ms).step_by(50) {
+            let now = t0 + Duration::from_millis(ms);
+            if hub.poll_connect(now) {
+                if alive(ms) {
+                    let snapshot = RegistrySnapshot {
+                        version: 1,
+                        peers: vec![identity("rathaus", Role::Spoke, 1, 1_000_000)],
+                    };
+                    hub.handle_snapshot(now, 1000, &snapshot);
+                    hub.handle_stream_open(now, Duration::from_secs(1));
+                } else {
+                    // On a blackholed path the attempt hangs until its timeout.
+                    continue;
+                }
+            }
+            if let Some(why) = hub.link().expired(now) {
+                hub.handle_registry_lost(now, why);
+            }
+            if matches!(hub.link().state(), LinkState::Following { .. })
+                && alive(ms)
+                && ms % 1000 == 0
+            {
+                hub.handle_keepalive(now);
+            }
+            if now >= hub.next_timeout() {
+                hub.handle_timeout(now, 1000 + (ms / 1000) as i64);
+            }
+        }
+    }
+
+    #[test]
+    fn a_silent_stream_is_given_up_after_three_missed_keepalives_and_followed_again_after_it() {
+        let t0 = Instant::now();
+        let mut hub = HubCore::new(t0, OutageSettings::default(), 7);
+        let mut sim = (t0, 0);
+        hub.handle_policy(1000, policy());
+        // Keep-alives every second until 10 s, then a blackhole until 60 s.
+        let alive = |ms: u64| !(10_000..60_000).contains(&ms);
+        run_link(&mut sim, &mut hub, 10_000, alive);
+        assert!(matches!(hub.link().state(), LinkState::Following { .. }));
+        assert_eq!(hub.counters().get(ControlEvent::RegistryLost), 0);
+        // The last keep-alive came at 9 s: the stream is dead at 12 s, not before.
+        run_link(&mut sim, &mut hub, 11_950, alive);
+        assert!(matches!(hub.link().state(), LinkState::Following { .. }));
+        run_link(&mut sim, &mut hub, 12_050, alive);
+        assert_eq!(hub.counters().get(ControlEvent::RegistrySilent), 1);
+        assert_eq!(hub.link().version(), None);
+        assert!(hub.link().outage(t0 + Duration::from_secs(12)).is_some());
+        // The peers stay admitted (keep-peers); attempts back off while the path is dead: the
+        // hub tries again but each attempt hangs until its 30 s timeout.
+        run_link(&mut sim, &mut hub, 60_000, alive);
+        assert!(hub.admitted(&[1; 32]).is_some());
+        assert!(hub.counters().get(ControlEvent::RegistryLost) >= 2);
+        // After the path is back, the next attempt follows again within the longest backoff.
+        let mut back_at = None;
+        for end in (60_050..120_000).step_by(50) {
+            run_link(&mut sim, &mut hub, end, alive);
+            if matches!(hub.link().state(), LinkState::Following { .. }) {
+                back_at = Some(end);
+                break;
+            }
+        }
+        let back_at = back_at.expect("the hub follows the registry again");
+        assert!(
+            back_at <= 60_000 + (CONNECT_TIMEOUT + BACKOFF_MAX).as_millis() as u64,
+            "{back_at}"
+        );
+        assert_eq!(hub.link().outage(t0 + Duration::from_millis(back_at)), None);
+    }
+
+    #[test]
+    fn backoff_doubles_to_its_bound_and_varies_between_hubs() {
+        let t0 = Instant::now();
+        let waits = |seed: u64| -> Vec<Duration> {
+            let mut link = RegistryLink::new(t0, seed);
+            let mut now = t0;
+            let mut waits = Vec::new();
+            for _ in 0..8 {
+                assert!(link.poll_connect(now));
+                assert!(link.lost(now));
+                let at = link.next_timeout().expect("a reconnect time");
+                waits.push(at - now);
+                now = at;
+            }
+            waits
+        };
+        let a = waits(1);
+        let b = waits(2);
+        for (i, w) in a.iter().enumerate() {
+            let nominal = (BACKOFF_FIRST * (1u32 << i)).min(BACKOFF_MAX);
+            assert!(*w >= nominal * 4 / 5, "attempt {i}: {w:?}");
+            assert!(
+                *w <= (nominal * 6 / 5).min(BACKOFF_MAX),
+                "attempt {i}: {w:?}"
+            );
+        }
+        assert!(a[7] > BACKOFF_MAX * 3 / 4);
+        assert_ne!(a, b, "two hubs back off in step");
+    }
+
+    #[test]
+    fn an_outage_beyond_its_bound_raises_the_alarm_and_remove_peers_withdraws_everyone() {
+        for policy_choice in [OutagePolicy::KeepPeers, OutagePolicy::RemovePeers] {
+            let t0 = Instant::now();
+            let settings = OutageSettings {
+                alarm_after: Duration::from_secs(20),
+                policy: policy_choice,
+            };
+            let mut hub = HubCore::new(t0, settings, 3);
+            let mut sim = (t0, 0);
+            hub.handle_policy(1000, policy());
+            // Registry reachable until 5 s, then gone.
+            let alive = |ms: u64| ms < 5_000;
+            run_link(&mut sim, &mut hub, 5_000, alive);
+            assert!(hub.admitted(&[1; 32]).is_some());
+            run_link(&mut sim, &mut hub, 24_000, alive);
+            assert!(!hub.alarmed(), "{policy_choice:?}: alarm before the bound");
+            // Silent since the keep-alive at 4 s, lost at 7 s: the alarm is due at 27 s.
+            run_link(&mut sim, &mut hub, 28_000, alive);
+            assert!(hub.alarmed(), "{policy_choice:?}");
+            assert_eq!(hub.counters().get(ControlEvent::RegistryOutageAlarm), 1);
+            let admitted = hub.admitted(&[1; 32]).is_some();
+            assert_eq!(
+                admitted,
+                policy_choice == OutagePolicy::KeepPeers,
+                "{policy_choice:?}"
+            );
+            // A policy change meanwhile does not bring a withdrawn peer back.
+            hub.handle_policy(1000, policy());
+            assert_eq!(hub.admitted(&[1; 32]).is_some(), admitted);
+            // The registry comes back: its snapshot admits the peer again, the alarm ends.
+            let t = t0 + Duration::from_secs(40);
+            hub.poll_connect(t);
+            let snapshot = RegistrySnapshot {
+                version: 2,
+                peers: vec![identity("rathaus", Role::Spoke, 1, 1_000_000)],
+            };
+            hub.handle_snapshot(t, 1000, &snapshot);
+            assert!(!hub.alarmed());
+            assert!(hub.admitted(&[1; 32]).is_some());
+        }
     }
 }

@@ -47,6 +47,10 @@ pub enum ControlEvent {
     PolicyRefused,
     RegistryEvent,
     RegistryLost,
+    /// Hub: the registry outage lasted beyond its alarm bound.
+    RegistryOutageAlarm,
+    /// Hub: the registry stream missed three keep-alives and was given up.
+    RegistrySilent,
     RenewFailed,
     Renewed,
     /// Reverse-path filtering was switched to strict on an interface (at start, or on one
@@ -76,6 +80,8 @@ impl ControlEvent {
             ControlEvent::PolicyRefused => "policy_refused",
             ControlEvent::RegistryEvent => "registry_event",
             ControlEvent::RegistryLost => "registry_lost",
+            ControlEvent::RegistryOutageAlarm => "registry_outage_alarm",
+            ControlEvent::RegistrySilent => "registry_silent",
             ControlEvent::RenewFailed => "renew_failed",
             ControlEvent::Renewed => "renewed",
             ControlEvent::RpFilterSet => "rp_filter_set",
