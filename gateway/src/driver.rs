@@ -996,4 +996,11 @@ mod tests {
             "initiations reached the data socket's queue"
         );
     }
+
+    #[test]
+    fn a_second_daemon_on_the_same_port_is_refused() {
+        let first = Sockets::bind(0, 0).expect("bind");
+        let err = Sockets::bind(first.port(), 0).expect_err("a second bind of the port");
+        assert_eq!(err.kind(), io::ErrorKind::AddrInUse, "{err}");
+    }
 }
