@@ -8,7 +8,8 @@ use anyhow::{bail, Context as _};
 use base64::Engine as _;
 use clap::Subcommand;
 use komnet_policy::{
-    bundle, diff, explain, nft, query_segment, query_service, run_tests, Policy, ReloadError,
+    bundle, diff, explain_at, nft, query_segment, query_service, run_tests, Arrival, Binding,
+    Policy, ReloadError,
 };
 
 use std::path::{Path, PathBuf};
@@ -28,6 +29,17 @@ pub(crate) enum PolicyCommand {
         /// Destination: SERVICE[:PORT/PROTO], ADDR:PORT/PROTO, [V6ADDR]:PORT/PROTO, …:icmp.
         #[arg(long)]
         to: String,
+        /// Decide as the site's appliance does for a packet that arrived tagged with this VLAN
+        /// id: a source that is not of the segment on that VLAN is dropped (segment_spoof).
+        #[arg(long, conflicts_with = "port", value_parser = clap::value_parser!(u16).range(1..=4094))]
+        vlan: Option<u16>,
+        /// Like --vlan, for a packet that arrived untagged on this port of the appliance.
+        #[arg(long)]
+        port: Option<String>,
+        /// The site whose appliance it arrived at (with --vlan/--port); default: the site of
+        /// the source address.
+        #[arg(long)]
+        site: Option<String>,
     },
     /// Who can reach a service, or what a segment can reach.
     #[command(group(clap::ArgGroup::new("what").required(true).args(["service", "segment"])))]
@@ -197,9 +209,26 @@ fn run_into(cmd: PolicyCommand, out: &mut String) -> anyhow::Result<ExitCode> {
                 ExitCode::from(1)
             })
         }
-        PolicyCommand::Explain { dir, from, to } => {
+        PolicyCommand::Explain {
+            dir,
+            from,
+            to,
+            vlan,
+            port,
+            site,
+        } => {
             let p = load_or_exit!(&dir);
-            let lines = explain(&p, &from, &to).map_err(anyhow::Error::msg)?;
+            let binding = match (vlan, port) {
+                (Some(id), _) => Some(Binding::Vlan(id)),
+                (None, Some(port)) => Some(Binding::Port(port)),
+                (None, None) => None,
+            };
+            let arrival = match (binding, site) {
+                (Some(binding), site) => Some(Arrival { site, binding }),
+                (None, Some(_)) => bail!("--site goes with --vlan or --port"),
+                (None, None) => None,
+            };
+            let lines = explain_at(&p, &from, &to, arrival.as_ref()).map_err(anyhow::Error::msg)?;
             for l in lines {
                 say!(out, "{l}");
             }

@@ -60,7 +60,7 @@ fn check_and_test_pass_on_the_example() {
     let test = komnet(&["policy", "test", dir]);
     assert_eq!(test.code, 0, "{}", test.stdout);
     assert!(
-        test.stdout.contains("28 passed, 0 failed"),
+        test.stdout.contains("32 passed, 0 failed"),
         "{}",
         test.stdout
     );
@@ -112,7 +112,7 @@ fn a_failing_inline_test_names_the_guardrail_and_its_line() {
         out.stdout
     );
     assert!(out.stdout.contains("operator.toml:85)"), "{}", out.stdout);
-    assert!(out.stdout.contains("26 passed, 2 failed"), "{}", out.stdout);
+    assert!(out.stdout.contains("30 passed, 2 failed"), "{}", out.stdout);
     fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -132,7 +132,7 @@ fn explain_query_and_compile() {
     assert_eq!(out.code, 0, "{}", out.stderr);
     assert!(
         out.stdout.contains("allow (rule \"bauamt-share\", ")
-            && out.stdout.contains("tenants/beispieldorf.toml:27)"),
+            && out.stdout.contains("tenants/beispieldorf.toml:29)"),
         "{}",
         out.stdout
     );
@@ -168,6 +168,128 @@ fn explain_query_and_compile() {
         "{}",
         out.stdout
     );
+    // Issue 13: as the town hall's appliance decides it, a staff address that arrives on the
+    // guest VLAN is dropped; on the staff VLAN it passes; and flows between two segments of
+    // the town hall say so.
+    let spoofed = komnet(&[
+        "policy",
+        "explain",
+        dir,
+        "--from",
+        "10.20.1.77",
+        "--to",
+        "dms:443/tcp",
+        "--vlan",
+        "100",
+    ]);
+    assert_eq!(spoofed.code, 0, "{}", spoofed.stderr);
+    assert!(
+        spoofed.stdout.contains(
+            "deny (dropped as segment_spoof at musterstadt/rathaus: 10.20.1.77 belongs to musterstadt/verwaltung on VLAN 10, but the segment of VLAN 100 is musterstadt/gaeste)"
+        ),
+        "{}",
+        spoofed.stdout
+    );
+    let staff = komnet(&[
+        "policy",
+        "explain",
+        dir,
+        "--from",
+        "10.20.1.77",
+        "--to",
+        "dms:443/tcp",
+        "--vlan",
+        "10",
+    ]);
+    assert!(
+        staff.stdout.contains("allow (rule \"staff-dms\""),
+        "{}",
+        staff.stdout
+    );
+    let elsewhere = komnet(&[
+        "policy",
+        "explain",
+        dir,
+        "--from",
+        "10.1.0.10",
+        "--to",
+        "dms",
+        "--port",
+        "eth1",
+        "--site",
+        "musterstadt/bauhof",
+    ]);
+    assert!(
+        elsewhere.stdout.contains(
+            "10.1.0.10 is in no segment, but the segment of port eth1 is musterstadt/bauhof-buero"
+        ),
+        "{}",
+        elsewhere.stdout
+    );
+    let bad = komnet(&[
+        "policy",
+        "explain",
+        dir,
+        "--from",
+        "10.20.1.77",
+        "--to",
+        "dms",
+        "--vlan",
+        "4095",
+    ]);
+    assert_eq!(bad.code, 2, "{}", bad.stderr);
+    let intra = komnet(&[
+        "policy",
+        "explain",
+        dir,
+        "--from",
+        "musterstadt/gebaeude",
+        "--to",
+        "musterstadt/zeiterfassung",
+    ]);
+    assert!(
+        intra.stdout.contains(
+            "deny (default deny: no rule allows it); inside segment musterstadt/gebaeude"
+        ),
+        "{}",
+        intra.stdout
+    );
+    let intra = komnet(&[
+        "policy",
+        "explain",
+        dir,
+        "--from",
+        "musterstadt/verwaltung",
+        "--to",
+        "zeiterfassung",
+    ]);
+    assert_eq!(
+        intra
+            .stdout
+            .matches("allow (rule \"staff-time-clock\"")
+            .count(),
+        2,
+        "{}",
+        intra.stdout
+    );
+    assert!(
+        intra.stdout.contains("between two segments of musterstadt/rathaus (musterstadt/verwaltung on VLAN 10 -> musterstadt/gebaeude on VLAN 40), enforced by its appliance"),
+        "{}",
+        intra.stdout
+    );
+    let out = komnet(&[
+        "policy",
+        "query",
+        dir,
+        "--segment",
+        "musterstadt/verwaltung",
+    ]);
+    assert!(
+        out.stdout.contains("musterstadt/verwaltung -> musterstadt/zeiterfassung tcp/443 [within its site] (rule \"staff-time-clock\""),
+        "{}",
+        out.stdout
+    );
+
     let out = komnet(&["policy", "explain", dir, "--from", "nowhere", "--to", "dms"]);
     assert_eq!(out.code, 1);
     assert!(

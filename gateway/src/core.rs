@@ -58,6 +58,43 @@ pub fn padding_len(len: usize, mtu: usize) -> usize {
         .saturating_sub(last)
 }
 
+/// Whether `packet`, read from the TUN device and routed to a peer whose endpoint is
+/// `endpoint`, is a UDP datagram from our listen port to exactly that endpoint: one of our own
+/// encrypted datagrams, which the host routed into the tunnel because the endpoint lies in the
+/// peer's own allowed IPs. Encrypting it again would send it round for ever, a little larger
+/// each time and, once fragmented, in more and more pieces; the kernel's WireGuard refuses
+/// such sends too ("Avoiding routing loop", ELOOP). A first IPv4/IPv6 fragment is recognised
+/// as well; later fragments carry no ports, and die with the first. A few byte compares.
+#[inline]
+fn is_own_datagram(packet: &[u8], listen_port: u16, endpoint: SocketAddr) -> bool {
+    let udp = match packet.first().map(|b| b >> 4) {
+        Some(4) => {
+            let ihl = usize::from(packet[0] & 0x0f) * 4;
+            let first_fragment = packet
+                .get(6..8)
+                .is_some_and(|f| f[0] & 0x1f == 0 && f[1] == 0);
+            if packet.get(9) != Some(&crate::packet::proto::UDP) || !first_fragment {
+                return false;
+            }
+            ihl
+        }
+        Some(6) => match packet.get(6) {
+            Some(&crate::packet::proto::UDP) => 40,
+            // A fragment header: the first fragment (offset 0) of a UDP datagram.
+            Some(44) => match packet.get(40..44) {
+                Some(&[crate::packet::proto::UDP, _, hi, lo]) if hi == 0 && lo & 0xf8 == 0 => 48,
+                _ => return false,
+            },
+            _ => return false,
+        },
+        _ => return false,
+    };
+    let Some(ports) = packet.get(udp..udp + 4) else {
+        return false;
+    };
+    ports[..2] == listen_port.to_be_bytes() && ports[2..] == endpoint.port().to_be_bytes()
+}
+
 /// A peer's handle: a slot number and a generation, packed into the 24-bit index boringtun
 /// puts in the top bits of every session index, so an incoming message's receiver index leads
 /// straight to its peer (`index >> 8`) without hashing a key.
@@ -106,6 +143,7 @@ drop_reasons! {
     SpoofedSource => "spoofed_source": "Decrypted packet whose source is not in the sending peer's allowed IPs.",
     NoRoute => "no_route": "Outgoing packet whose destination is in no peer's allowed IPs.",
     NoEndpoint => "no_endpoint": "Outgoing packet for a peer without a known endpoint.",
+    RoutingLoop => "routing_loop": "Outgoing packet that is one of our own datagrams to the peer's endpoint: the endpoint is routed through the tunnel itself.",
     BufferTooSmall => "buffer_too_small": "The output buffer cannot hold the result.",
     Expired => "expired": "The peer's keys expired after REJECT_AFTER_TIME * 3 without a new handshake.",
 }
@@ -803,6 +841,11 @@ impl Core {
         let Some(endpoint) = peer.endpoint else {
             return self.unreachable(Some(id), DropReason::NoEndpoint, &buf[..total], out);
         };
+        // The destination address is the endpoint's already (that is how it was routed here).
+        if header.dst == endpoint.ip() && is_own_datagram(&buf[..total], self.listen_port, endpoint)
+        {
+            return self.peer_drop(id, DropReason::RoutingLoop);
+        }
         let tunn = match tunn_of(&self.key, peer) {
             Ok(tunn) => tunn,
             Err(reason) => return self.peer_drop(id, reason),
@@ -1166,5 +1209,70 @@ impl Core {
 impl crate::firewall::PeerAddresses for Core {
     fn peer_of(&self, addr: IpAddr) -> Option<PeerId> {
         self.route(addr)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_own_datagram;
+    use std::net::SocketAddr;
+
+    fn v4_udp(sport: u16, dport: u16, frag: [u8; 2]) -> Vec<u8> {
+        let mut p = vec![0u8; 28];
+        p[0] = 0x45;
+        p[6..8].copy_from_slice(&frag);
+        p[9] = 17;
+        p[20..22].copy_from_slice(&sport.to_be_bytes());
+        p[22..24].copy_from_slice(&dport.to_be_bytes());
+        p
+    }
+
+    fn v6_udp(sport: u16, dport: u16, fragment: Option<u16>) -> Vec<u8> {
+        let mut p = vec![0u8; 40];
+        p[0] = 0x60;
+        match fragment {
+            None => p[6] = 17,
+            Some(offset) => {
+                p[6] = 44;
+                p.extend_from_slice(&[17, 0]);
+                p.extend_from_slice(&(offset << 3 | 1).to_be_bytes());
+                p.extend_from_slice(&[0; 4]);
+            }
+        }
+        p.extend_from_slice(&sport.to_be_bytes());
+        p.extend_from_slice(&dport.to_be_bytes());
+        p.extend_from_slice(&[0; 4]);
+        p
+    }
+
+    #[test]
+    fn own_datagrams_are_recognised_by_ports_in_both_families_and_first_fragments() {
+        let ep: SocketAddr = "192.0.2.2:51821".parse().expect("addr");
+        assert!(is_own_datagram(&v4_udp(51820, 51821, [0x40, 0]), 51820, ep));
+        assert!(is_own_datagram(&v4_udp(51820, 51821, [0x20, 0]), 51820, ep));
+        assert!(!is_own_datagram(
+            &v4_udp(51820, 51821, [0x20, 0xb9]),
+            51820,
+            ep
+        ));
+        assert!(!is_own_datagram(&v4_udp(51822, 51821, [0, 0]), 51820, ep));
+        assert!(!is_own_datagram(&v4_udp(51820, 51822, [0, 0]), 51820, ep));
+        let mut tcp = v4_udp(51820, 51821, [0, 0]);
+        tcp[9] = 6;
+        assert!(!is_own_datagram(&tcp, 51820, ep));
+        assert!(!is_own_datagram(
+            &v4_udp(51820, 51821, [0, 0])[..22],
+            51820,
+            ep
+        ));
+        assert!(is_own_datagram(&v6_udp(51820, 51821, None), 51820, ep));
+        assert!(is_own_datagram(&v6_udp(51820, 51821, Some(0)), 51820, ep));
+        assert!(!is_own_datagram(
+            &v6_udp(51820, 51821, Some(185)),
+            51820,
+            ep
+        ));
+        assert!(!is_own_datagram(&v6_udp(1, 51821, None), 51820, ep));
+        assert!(!is_own_datagram(&[], 51820, ep));
     }
 }

@@ -97,6 +97,7 @@ impl FirewallDrop {
             FirewallDrop::Policy(Decider::NoSegment) => "policy_no_segment",
             FirewallDrop::Policy(Decider::ForeignSource) => "policy_foreign_source",
             FirewallDrop::Policy(Decider::UnknownProtocol) => "policy_unknown_protocol",
+            FirewallDrop::Policy(Decider::SegmentSpoof) => "segment_spoof",
             FirewallDrop::NoIdentity => "no_identity",
             FirewallDrop::Malformed => "malformed_inner_packet",
             FirewallDrop::Fragment => "fragment",

@@ -1676,3 +1676,42 @@ fn a_sticky_source_is_dropped_by_a_configured_endpoint_and_by_an_unanswered_hand
     );
     assert_eq!(pair.b.core.source_ip(b_peer), None);
 }
+
+/// The selftest's routing loop: A's route to B's endpoint goes through the tunnel itself (B's
+/// allowed IPs cover it), so the host hands A's own encrypted datagram back to it through the
+/// TUN device. The core drops it as a routing loop, as the kernel does (ELOOP), instead of
+/// encrypting it again for ever; other traffic to that address still goes.
+#[test]
+fn an_own_datagram_routed_back_into_the_tunnel_is_dropped_as_a_routing_loop() {
+    let mut pair = Pair::new();
+    pair.handshake();
+    let b = pair.a.peer;
+    pair.a.core.set_listen_port(a_addr().port());
+    let std::net::IpAddr::V4(endpoint_ip) = b_addr().ip() else {
+        panic!("B's test address is IPv4");
+    };
+    pair.a
+        .core
+        .add_allowed_ip(b, net(&format!("{endpoint_ip}/32")));
+    let with_ports = |sport: u16, dport: u16| {
+        let mut p = ipv4_udp(A_V4, endpoint_ip, b"looped");
+        p[20..22].copy_from_slice(&sport.to_be_bytes());
+        p[22..24].copy_from_slice(&dport.to_be_bytes());
+        p
+    };
+    let own = with_ports(a_addr().port(), b_addr().port());
+    assert_eq!(
+        pair.send(Side::A, &own),
+        Action::Drop(DropReason::RoutingLoop)
+    );
+    assert_eq!(pair.a.peer_drops(DropReason::RoutingLoop), 1);
+    for other in [
+        with_ports(a_addr().port() + 1, b_addr().port()),
+        with_ports(a_addr().port(), b_addr().port() + 1),
+    ] {
+        assert!(matches!(
+            pair.send(Side::A, &other),
+            Action::ToNetwork { .. }
+        ));
+    }
+}

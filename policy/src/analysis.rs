@@ -10,9 +10,10 @@ use ipnet::IpNet;
 
 use crate::flow::{Origin, PacketMeta, PortRange, Proto};
 use crate::model::{
-    resolve_from, resolve_to, share_family, FromSpec, Policy, SegmentId, ServiceId, ToSpec,
+    resolve_from, resolve_to, share_family, Binding, FromSpec, Policy, SegmentId, ServiceId,
+    SiteId, ToSpec,
 };
-use crate::oracle::{decide, Decision};
+use crate::oracle::{decide, decide_arrival, Decider, Decision};
 
 /// One concrete packet a test or an explanation was decided on.
 #[derive(Debug, Clone)]
@@ -21,6 +22,9 @@ pub struct Explanation {
     pub decision: Decision,
     /// `rule "x", tenants/a.toml:12` or `default deny: …`.
     pub reason: String,
+    /// Where the flow runs when both ends are at one site: between two of its segments
+    /// (the appliance enforces it) or inside one (it never passes the appliance).
+    pub note: Option<String>,
 }
 
 impl fmt::Display for Explanation {
@@ -43,7 +47,11 @@ impl fmt::Display for Explanation {
             p.src,
             if self.decision.allow { "allow" } else { "deny" },
             self.reason
-        )
+        )?;
+        match &self.note {
+            Some(n) => write!(f, "; {n}"),
+            None => Ok(()),
+        }
     }
 }
 
@@ -153,22 +161,146 @@ pub fn run_tests(policy: &Policy) -> TestReport {
 /// `explain --from ADDR|SEGMENT --to ADDR|SERVICE[:PORT/PROTO]`: the decision per address family
 /// and what made it.
 pub fn explain(policy: &Policy, from: &str, to: &str) -> Result<Vec<Explanation>, String> {
+    explain_at(policy, from, to, None)
+}
+
+/// Where a flow arrived at a site's appliance (`explain --vlan N` or `--port IF`, with
+/// `--site TENANT/SITE`, else the site of the source address).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Arrival {
+    pub site: Option<String>,
+    pub binding: Binding,
+}
+
+/// [`explain`], and with `arrival` as the appliance of the site decides a packet that came in
+/// on that VLAN or port: a source that does not belong to the segment arriving there is
+/// dropped as `segment_spoof`, whatever the rules say.
+pub fn explain_at(
+    policy: &Policy,
+    from: &str,
+    to: &str,
+    arrival: Option<&Arrival>,
+) -> Result<Vec<Explanation>, String> {
     let from = resolve_from(from, None, &|n, _| find_segment_anywhere(policy, n))?;
     let to = resolve_to(to, &|n| {
         find_service_anywhere(policy, n).map(|s| (s, policy.services[s.index()].ports.clone()))
     })?;
     let packets = packets_for(policy, &from, &to)?;
-    Ok(packets
-        .into_iter()
-        .map(|packet| {
+    let named_site = match arrival.and_then(|a| a.site.as_deref()) {
+        Some(name) => Some(policy.find_site(name)?),
+        None => None,
+    };
+    let mut out = Vec::new();
+    for packet in packets {
+        let note = flow_note(policy, &packet);
+        let Some(arrival) = arrival else {
             let decision = decide(policy, Origin::Address, &packet);
-            Explanation {
+            out.push(Explanation {
                 packet,
                 decision,
                 reason: policy.describe(decision.by),
+                note,
+            });
+            continue;
+        };
+        let site = named_site.or_else(|| policy.site_of(packet.src)).ok_or_else(|| {
+            format!(
+                "{} lies at no site: name the site whose appliance it arrives at with --site TENANT/SITE",
+                packet.src
+            )
+        })?;
+        let decision = decide_arrival(policy, site, &arrival.binding, &packet);
+        let reason = if decision.by == Decider::SegmentSpoof {
+            spoof_reason(policy, site, &arrival.binding, &packet)
+        } else {
+            policy.describe(decision.by)
+        };
+        out.push(Explanation {
+            packet,
+            decision,
+            reason,
+            note,
+        });
+    }
+    Ok(out)
+}
+
+fn site_name(policy: &Policy, site: SiteId) -> String {
+    let s = &policy.sites[site.index()];
+    format!("{}/{}", policy.tenants[s.tenant.index()].name, s.name)
+}
+
+/// Why the appliance of `site` drops `packet` arriving on `arrived` as `segment_spoof`.
+fn spoof_reason(policy: &Policy, site: SiteId, arrived: &Binding, packet: &PacketMeta) -> String {
+    let there = match policy.segment_on(site, arrived) {
+        Some(seg) => format!("the segment of {arrived} is {}", policy.segment_name(seg)),
+        None => format!(
+            "no segment of {} arrives on {arrived}",
+            site_name(policy, site)
+        ),
+    };
+    let own = match policy.segment_of(packet.src) {
+        Some(seg) => {
+            let segment = &policy.segments[seg.index()];
+            match (&segment.binding, segment.site) {
+                (Some(b), Some(s)) if s == site => {
+                    format!(
+                        "{} belongs to {} on {b}",
+                        packet.src,
+                        policy.segment_name(seg)
+                    )
+                }
+                _ => format!(
+                    "{} belongs to {}, which is not at {}",
+                    packet.src,
+                    policy.segment_name(seg),
+                    site_name(policy, site)
+                ),
             }
-        })
-        .collect())
+        }
+        None => format!("{} is in no segment", packet.src),
+    };
+    format!(
+        "dropped as segment_spoof at {}: {own}, but {there}",
+        site_name(policy, site)
+    )
+}
+
+/// For a flow whose ends are both at one site: between which of its segments it runs.
+fn flow_note(policy: &Policy, packet: &PacketMeta) -> Option<String> {
+    let src = policy.segment_of(packet.src)?;
+    let site = policy.segments[src.index()].site?;
+    let at_site = policy.sites[site.index()]
+        .prefixes
+        .iter()
+        .any(|p| p.contains(&packet.dst));
+    if !at_site {
+        return None;
+    }
+    let binding = |seg: SegmentId| {
+        policy.segments[seg.index()]
+            .binding
+            .as_ref()
+            .map_or_else(String::new, ToString::to_string)
+    };
+    Some(match policy.segment_of(packet.dst) {
+        Some(dst) if dst == src => format!(
+            "inside segment {}: such traffic does not pass the appliance, so no verdict is enforced on it",
+            policy.segment_name(src)
+        ),
+        Some(dst) => format!(
+            "between two segments of {} ({} on {} -> {} on {}), enforced by its appliance",
+            site_name(policy, site),
+            policy.segment_name(src),
+            binding(src),
+            policy.segment_name(dst),
+            binding(dst)
+        ),
+        None => format!(
+            "within site {} (the destination is in none of its segments)",
+            site_name(policy, site)
+        ),
+    })
 }
 
 /// A segment by `tenant/segment`, or by a bare name that only one tenant uses.
@@ -212,6 +344,9 @@ pub struct Reach {
     /// The rules that allow it, or the guardrail that blocks it.
     pub by: String,
     pub blocked: bool,
+    /// The service lies at the segment's own site: its appliance enforces this between two
+    /// of the site's segments.
+    pub within_site: bool,
 }
 
 impl fmt::Display for Reach {
@@ -219,11 +354,16 @@ impl fmt::Display for Reach {
         let ports: Vec<String> = self.ports.iter().map(ToString::to_string).collect();
         write!(
             f,
-            "{} -> {} {}{} ({})",
+            "{} -> {} {}{}{} ({})",
             self.segment,
             self.service,
             ports.join(","),
             if self.blocked { " BLOCKED" } else { "" },
+            if self.within_site {
+                " [within its site]"
+            } else {
+                ""
+            },
             self.by
         )
     }
@@ -266,6 +406,14 @@ fn reach_table(policy: &Policy) -> BTreeMap<(SegmentId, ServiceId), Reach> {
                 ),
                 None => (false, rules.join("; ")),
             };
+            let within_site = segment.site.is_some_and(|site| {
+                policy.services[svc.index()].addresses.iter().any(|a| {
+                    policy.sites[site.index()]
+                        .prefixes
+                        .iter()
+                        .any(|p| p.contains(a))
+                })
+            });
             (
                 (seg, svc),
                 Reach {
@@ -274,6 +422,7 @@ fn reach_table(policy: &Policy) -> BTreeMap<(SegmentId, ServiceId), Reach> {
                     ports: normalise(ports),
                     by,
                     blocked,
+                    within_site,
                 },
             )
         })

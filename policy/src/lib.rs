@@ -21,16 +21,16 @@ mod syntax;
 pub mod synthetic;
 
 pub use analysis::{
-    diff, explain, query_segment, query_service, run_tests, Explanation, FlowChange, Reach,
-    TestOutcome, TestReport,
+    diff, explain, explain_at, query_segment, query_service, run_tests, Arrival, Explanation,
+    FlowChange, Reach, TestOutcome, TestReport,
 };
 pub use classifier::Classifier;
 pub use flow::{Origin, PacketMeta, PeerIdentity, PortRange, Proto, Role};
 pub use model::{
-    Expectation, Export, FromSpec, GuardTarget, Guardrail, GuardrailId, Policy, PolicyErrors, Rule,
-    RuleId, Segment, SegmentId, Service, ServiceId, Site, SiteId, Tenant, TenantId, ToSpec,
-    MAX_FILE_BYTES, MAX_FRAGMENTS,
+    Binding, Expectation, Export, FromSpec, GuardTarget, Guardrail, GuardrailId, Policy,
+    PolicyErrors, Rule, RuleId, Segment, SegmentId, Service, ServiceId, Site, SiteId, Tenant,
+    TenantId, ToSpec, MAX_FILE_BYTES, MAX_FRAGMENTS,
 };
-pub use oracle::{decide, Decider, Decision};
+pub use oracle::{decide, decide_arrival, Decider, Decision};
 pub use reload::{CompiledPolicy, PolicyHandle, ReloadError};
 pub use source::{Diagnostic, FileId, Loc, Severity, SourceMap};

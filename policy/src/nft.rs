@@ -4,7 +4,7 @@
 //! (through the `nftables` crate, for `nft -j`), applied as one atomic batch after `nft -c`
 //! accepted it, then read back and compared.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::{self, Write as _};
 use std::net::IpAddr;
 
@@ -12,22 +12,99 @@ use ipnet::IpNet;
 use nftables::{batch::Batch, expr, helper, schema, stmt, types};
 
 use crate::flow::{PortRange, Proto};
-use crate::model::{GuardTarget, Policy, SegmentId, ServiceId, SiteId};
+use crate::model::{Binding, GuardTarget, Policy, SegmentId, ServiceId, SiteId};
 
 /// The table every komnet appliance owns; nothing else of the host's firewall is touched.
 pub const TABLE: &str = "komnet";
 
+/// The drop reason (in `/metrics` and `komnet status`) of packets from the LAN whose source
+/// does not belong to a segment that arrives on their interface.
+pub const SEGMENT_SPOOF: &str = "segment_spoof";
+
 /// The interfaces a site appliance forwards between.
 #[derive(Debug, Clone)]
 pub struct Interfaces {
+    /// The appliance's LAN interfaces (its `gateway.toml`'s `lan`); the first is the trunk
+    /// that carries the segments bound to a VLAN.
     pub lan: Vec<String>,
     pub tunnel: String,
+}
+
+/// The name of the VLAN interface for VLAN `id` on `trunk`: `trunk.id` as `ip` names it by
+/// habit (`eth1.20`), or `vlanID` when that would exceed the kernel's 15 bytes.
+///
+/// ```
+/// # use komnet_policy::nft::vlan_interface;
+/// assert_eq!(vlan_interface("eth1", 20), "eth1.20");
+/// assert_eq!(vlan_interface("enx00e04c680001", 20), "vlan20");
+/// ```
+pub fn vlan_interface(trunk: &str, id: u16) -> String {
+    let name = format!("{trunk}.{id}");
+    if name.len() <= 15 {
+        name
+    } else {
+        format!("vlan{id}")
+    }
+}
+
+impl Interfaces {
+    /// The interfaces a segment bound to `binding` arrives on: its VLAN interface on the trunk,
+    /// its port, or (a site's only, unbound segment) every LAN interface.
+    pub fn of_binding(&self, binding: &Binding) -> Result<Vec<String>, NftError> {
+        match binding {
+            Binding::Vlan(id) => match self.lan.first() {
+                Some(trunk) => Ok(vec![vlan_interface(trunk, *id)]),
+                None => Err(NftError::NoTrunk(*id)),
+            },
+            Binding::Port(p) => Ok(vec![p.clone()]),
+            Binding::Lan => Ok(self.lan.clone()),
+        }
+    }
+
+    /// Every segment of `site` with the interfaces it arrives on (home-office segments have
+    /// none). Two segments on one interface are an error (`port = "eth1.20"` next to
+    /// `vlan = 20` on the trunk `eth1`).
+    pub fn site_segments(
+        &self,
+        policy: &Policy,
+        site: SiteId,
+    ) -> Result<Vec<(SegmentId, Vec<String>)>, NftError> {
+        let mut out: Vec<(SegmentId, Vec<String>)> = Vec::new();
+        for seg in policy.site_segments(site) {
+            let Some(binding) = &policy.segments[seg.index()].binding else {
+                continue;
+            };
+            let ifaces = self.of_binding(binding)?;
+            for name in &ifaces {
+                if !valid_ifname(name) {
+                    return Err(NftError::BadInterface(name.clone()));
+                }
+                if let Some((other, _)) = out.iter().find(|(_, i)| i.contains(name)) {
+                    return Err(NftError::InterfaceClash {
+                        interface: name.clone(),
+                        first: policy.segment_name(*other),
+                        second: policy.segment_name(seg),
+                    });
+                }
+            }
+            out.push((seg, ifaces));
+        }
+        Ok(out)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum NftError {
     #[error("interface name {0:?} is not valid (1-15 of a-z, A-Z, 0-9, '-', '_', '.', '=', '+')")]
     BadInterface(String),
+    #[error("segments {first} and {second} would both arrive on interface {interface}: give them different VLANs or ports")]
+    InterfaceClash {
+        interface: String,
+        first: String,
+        second: String,
+    },
+    #[error("a segment is on VLAN {0}, but the appliance has no LAN interface to carry it (lan = [\"TRUNK\", …])")]
+    NoTrunk(u16),
     #[error("nft rejected the ruleset during {stage}; the previous ruleset is still in place. nft said: {message}")]
     Rejected {
         stage: &'static str,
@@ -88,6 +165,10 @@ enum Match {
     CtState(&'static [&'static str]),
     Saddr(Family, String),
     Daddr(Family, String),
+    /// The source lies in one of these prefixes (an anonymous set).
+    SaddrIn(Family, Vec<IpNet>),
+    /// A UDP header field (`sport`, `dport`) equals a port.
+    Udp(&'static str, u16),
     /// Protocol and destination ports; `None` ports: all ports of the protocol (or ICMP).
     L4 {
         family: Family,
@@ -101,6 +182,7 @@ enum Verdict {
     Accept,
     Drop,
     Jump(&'static str),
+    Return,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -111,11 +193,21 @@ struct RuleDef {
     comment: String,
 }
 
+/// The base chains' hooks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Hook {
+    /// `forward`, priority filter, policy drop: what the appliance forwards.
+    Forward,
+    /// `prerouting`, priority raw (before conntrack and routing, so before the kernel's
+    /// reverse-path filter), policy accept: the LAN's sources are checked here.
+    Prerouting,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct ChainDef {
     name: &'static str,
-    /// Base chains hook `forward` with policy drop; regular chains have none.
-    base: bool,
+    /// Where a base chain hooks in; regular chains have none.
+    base: Option<Hook>,
     rules: Vec<RuleDef>,
 }
 
@@ -183,15 +275,19 @@ pub fn closed_ruleset() -> Ruleset {
         sets: Vec::new(),
         chains: vec![ChainDef {
             name: "forward",
-            base: true,
+            base: Some(Hook::Forward),
             rules: Vec::new(),
         }],
     }
 }
 
-/// Builds the ruleset for `site`: what its LAN segments may reach through the tunnel
-/// (`outbound`), and which flows from elsewhere may start towards services at the site
-/// (`inbound`). Replies of allowed flows pass by conntrack; everything else is dropped.
+/// Builds the ruleset for `site`. A packet from the LAN belongs to a segment only when it
+/// arrives on that segment's interface (its VLAN or port) **and** its source lies in the
+/// segment's prefixes; anything else is dropped and counted as [`SEGMENT_SPOOF`]
+/// (`lan_source`). Then: what the site's segments may reach through the tunnel (`outbound`),
+/// which flows from elsewhere may start towards services at the site (`inbound`), and what
+/// one segment of the site may reach in another (`intrasite`). Replies of allowed flows pass
+/// by conntrack; everything else is dropped.
 pub fn ruleset_for_site(
     policy: &Policy,
     site: SiteId,
@@ -202,14 +298,23 @@ pub fn ruleset_for_site(
             return Err(NftError::BadInterface(name.clone()));
         }
     }
+    let bound = interfaces.site_segments(policy, site)?;
+    // Every interface a LAN packet can arrive on: the configured ones, then the segments'.
+    let mut lans: Vec<String> = Vec::new();
+    for name in interfaces
+        .lan
+        .iter()
+        .chain(bound.iter().flat_map(|(_, i)| i.iter()))
+    {
+        if !lans.contains(name) {
+            lans.push(name.clone());
+        }
+    }
     let mut namer = SetNamer {
         sets: Vec::new(),
         taken: BTreeSet::new(),
     };
-    let local: Vec<SegmentId> = (0..policy.segments.len())
-        .map(|i| SegmentId(i as u32))
-        .filter(|s| policy.segments[s.index()].site == Some(site))
-        .collect();
+    let local: Vec<SegmentId> = bound.iter().map(|(s, _)| *s).collect();
     let site_prefixes = &policy.sites[site.index()].prefixes;
     let at_site = |svc: &ServiceId| {
         policy.services[svc.index()]
@@ -217,6 +322,63 @@ pub fn ruleset_for_site(
             .iter()
             .any(|a| site_prefixes.iter().any(|p| p.contains(a)))
     };
+
+    // Sources that are no segment's and never forwarded, but that a host on the LAN uses to
+    // speak to the appliance itself: a DHCP client before it has an address, IPv6 link-local
+    // (neighbour discovery, router solicitations, DHCPv6) and duplicate address detection,
+    // IPv4 link-local (a PC that found no DHCP server).
+    let net = |t: &str| t.parse::<IpNet>().expect("a literal prefix");
+    let mut lan_source = vec![
+        RuleDef {
+            matches: vec![
+                Match::SaddrIn(Family::V4, vec![net("0.0.0.0/32")]),
+                Match::Udp("sport", 68),
+                Match::Udp("dport", 67),
+            ],
+            counter: false,
+            verdict: Verdict::Return,
+            comment: "DHCP clients without an address".into(),
+        },
+        RuleDef {
+            matches: vec![Match::SaddrIn(
+                Family::V6,
+                vec![net("::/128"), net("fe80::/10")],
+            )],
+            counter: false,
+            verdict: Verdict::Return,
+            comment: "IPv6 link-local and duplicate address detection".into(),
+        },
+        RuleDef {
+            matches: vec![Match::SaddrIn(Family::V4, vec![net("169.254.0.0/16")])],
+            counter: false,
+            verdict: Verdict::Return,
+            comment: "IPv4 link-local".into(),
+        },
+    ];
+    for (seg, ifaces) in &bound {
+        let binding = policy.segments[seg.index()]
+            .binding
+            .as_ref()
+            .map_or_else(String::new, ToString::to_string);
+        for family in [Family::V4, Family::V6] {
+            if let Some(set) = segment_set(policy, &mut namer, *seg, family) {
+                lan_source.push(RuleDef {
+                    matches: vec![Match::Iif(ifaces.clone()), Match::Saddr(family, set)],
+                    counter: false,
+                    verdict: Verdict::Return,
+                    comment: format!("segment {} on {binding}", policy.segment_name(*seg)),
+                });
+            }
+        }
+    }
+    lan_source.push(RuleDef {
+        matches: vec![],
+        counter: true,
+        verdict: Verdict::Drop,
+        comment: format!(
+            "{SEGMENT_SPOOF}: the source is not of a segment that arrives on this interface"
+        ),
+    });
 
     let mut outbound = Vec::new();
     for &seg in &local {
@@ -244,6 +406,26 @@ pub fn ruleset_for_site(
     let mut inbound = inbound_guards;
     inbound.append(&mut inbound_allows);
 
+    // Between the site's own segments: the same rules and guardrails, towards services at
+    // the site.
+    let mut intra_guards = Vec::new();
+    let mut intra_allows = Vec::new();
+    for &seg in &local {
+        let before = intra_allows.len();
+        allow_rules(policy, &mut namer, seg, &at_site, &mut intra_allows);
+        if intra_allows.len() > before {
+            guard_rules(policy, &mut namer, seg, Some(&at_site), &mut intra_guards);
+        }
+    }
+    let mut intrasite = intra_guards;
+    intrasite.append(&mut intra_allows);
+
+    let prerouting = vec![RuleDef {
+        matches: vec![Match::Iif(lans.clone())],
+        counter: false,
+        verdict: Verdict::Jump("lan_source"),
+        comment: "LAN: a source only on its segment's interface".into(),
+    }];
     let forward = vec![
         RuleDef {
             matches: vec![Match::CtState(&["established", "related"])],
@@ -259,7 +441,7 @@ pub fn ruleset_for_site(
         },
         RuleDef {
             matches: vec![
-                Match::Iif(interfaces.lan.clone()),
+                Match::Iif(lans.clone()),
                 Match::Oif(vec![interfaces.tunnel.clone()]),
             ],
             counter: false,
@@ -269,11 +451,17 @@ pub fn ruleset_for_site(
         RuleDef {
             matches: vec![
                 Match::Iif(vec![interfaces.tunnel.clone()]),
-                Match::Oif(interfaces.lan.clone()),
+                Match::Oif(lans.clone()),
             ],
             counter: false,
             verdict: Verdict::Jump("inbound"),
             comment: "tunnel to LAN".into(),
+        },
+        RuleDef {
+            matches: vec![Match::Iif(lans.clone()), Match::Oif(lans)],
+            counter: false,
+            verdict: Verdict::Jump("intrasite"),
+            comment: "between the site's segments".into(),
         },
         RuleDef {
             matches: vec![],
@@ -291,19 +479,34 @@ pub fn ruleset_for_site(
         sets,
         chains: vec![
             ChainDef {
+                name: "prerouting",
+                base: Some(Hook::Prerouting),
+                rules: prerouting,
+            },
+            ChainDef {
                 name: "forward",
-                base: true,
+                base: Some(Hook::Forward),
                 rules: forward,
             },
             ChainDef {
+                name: "lan_source",
+                base: None,
+                rules: lan_source,
+            },
+            ChainDef {
                 name: "outbound",
-                base: false,
+                base: None,
                 rules: outbound,
             },
             ChainDef {
                 name: "inbound",
-                base: false,
+                base: None,
                 rules: inbound,
+            },
+            ChainDef {
+                name: "intrasite",
+                base: None,
+                rules: intrasite,
             },
         ],
     })
@@ -478,11 +681,16 @@ impl fmt::Display for Ruleset {
         }
         for c in &self.chains {
             writeln!(f, "\tchain {} {{", c.name)?;
-            if c.base {
-                writeln!(
+            match c.base {
+                Some(Hook::Forward) => writeln!(
                     f,
                     "\t\ttype filter hook forward priority filter; policy drop;"
-                )?;
+                )?,
+                Some(Hook::Prerouting) => writeln!(
+                    f,
+                    "\t\ttype filter hook prerouting priority raw; policy accept;"
+                )?,
+                None => {}
             }
             for r in &c.rules {
                 let mut line = String::new();
@@ -493,6 +701,11 @@ impl fmt::Display for Ruleset {
                         Match::CtState(s) => write!(line, "ct state {} ", s.join(",")),
                         Match::Saddr(fam, set) => write!(line, "{} saddr @{set} ", fam.proto()),
                         Match::Daddr(fam, set) => write!(line, "{} daddr @{set} ", fam.proto()),
+                        Match::SaddrIn(fam, nets) => {
+                            let items: Vec<String> = nets.iter().map(ToString::to_string).collect();
+                            write!(line, "{} saddr {{ {} }} ", fam.proto(), items.join(", "))
+                        }
+                        Match::Udp(field, port) => write!(line, "udp {field} {port} "),
                         Match::L4 {
                             family,
                             proto,
@@ -523,6 +736,7 @@ impl fmt::Display for Ruleset {
                     Verdict::Accept => write!(line, "accept"),
                     Verdict::Drop => write!(line, "drop"),
                     Verdict::Jump(t) => write!(line, "jump {t}"),
+                    Verdict::Return => write!(line, "return"),
                 };
                 writeln!(f, "\t\t{line} comment \"{}\"", r.comment.replace('"', "'"))?;
             }
@@ -609,10 +823,19 @@ impl Ruleset {
                 family,
                 table: TABLE.into(),
                 name: c.name.into(),
-                _type: c.base.then_some(types::NfChainType::Filter),
-                hook: c.base.then_some(types::NfHook::Forward),
-                prio: c.base.then_some(0),
-                policy: c.base.then_some(types::NfChainPolicy::Drop),
+                _type: c.base.map(|_| types::NfChainType::Filter),
+                hook: c.base.map(|h| match h {
+                    Hook::Forward => types::NfHook::Forward,
+                    Hook::Prerouting => types::NfHook::Prerouting,
+                }),
+                prio: c.base.map(|h| match h {
+                    Hook::Forward => 0,
+                    Hook::Prerouting => -300,
+                }),
+                policy: c.base.map(|h| match h {
+                    Hook::Forward => types::NfChainPolicy::Drop,
+                    Hook::Prerouting => types::NfChainPolicy::Accept,
+                }),
                 ..Default::default()
             }));
         }
@@ -645,6 +868,20 @@ impl Ruleset {
                         Match::Daddr(fam, set) => matcher(
                             payload(fam.proto(), "daddr"),
                             expr::Expression::String(format!("@{set}").into()),
+                            EQ,
+                        ),
+                        Match::SaddrIn(fam, nets) => matcher(
+                            payload(fam.proto(), "saddr"),
+                            expr::Expression::Named(expr::NamedExpression::Set(
+                                nets.iter()
+                                    .map(|n| expr::SetItem::Element(net_expr(n)))
+                                    .collect(),
+                            )),
+                            EQ,
+                        ),
+                        Match::Udp(field, port) => matcher(
+                            payload("udp", field),
+                            expr::Expression::Number(u32::from(*port)),
                             EQ,
                         ),
                         Match::L4 {
@@ -695,6 +932,7 @@ impl Ruleset {
                     Verdict::Jump(t) => {
                         stmt::Statement::Jump(stmt::JumpTarget { target: t.into() })
                     }
+                    Verdict::Return => stmt::Statement::Return(None),
                 });
                 batch.add(schema::NfListObject::Rule(schema::Rule {
                     family,
@@ -728,6 +966,12 @@ impl Ruleset {
     /// Compares the installed table with this ruleset: the same sets with the same addresses,
     /// the same chains with the same rules in the same order.
     pub fn verify_installed(&self) -> Result<(), NftError> {
+        self.verify_installed_counting().map(drop)
+    }
+
+    /// [`Ruleset::verify_installed`], and what the installed table's counted drop rules dropped
+    /// so far by reason (as [`drop_counters_from_json`]), from the same listing.
+    pub fn verify_installed_counting(&self) -> Result<BTreeMap<&'static str, u64>, NftError> {
         let live = helper::get_current_ruleset_with_args(
             helper::DEFAULT_NFT,
             ["list", "table", "inet", TABLE],
@@ -735,6 +979,7 @@ impl Ruleset {
         .map_err(|e| NftError::ReadBack(describe_nft_error(&e)))?;
         let mut sets: Vec<(String, Vec<(IpAddr, IpAddr)>)> = Vec::new();
         let mut rules: Vec<(String, String)> = Vec::new();
+        let mut drops: BTreeMap<&'static str, u64> = BTreeMap::new();
         for obj in live.objects.iter() {
             let schema::NfObject::ListObject(o) = obj else {
                 continue;
@@ -750,10 +995,23 @@ impl Ruleset {
                         .collect();
                     sets.push((s.name.to_string(), merge_intervals(elems)));
                 }
-                schema::NfListObject::Rule(r) => rules.push((
-                    r.chain.to_string(),
-                    r.comment.as_deref().unwrap_or("").to_owned(),
-                )),
+                schema::NfListObject::Rule(r) => {
+                    let comment = r.comment.as_deref().unwrap_or("");
+                    if let Some(reason) = drop_reason(comment) {
+                        let packets: u64 = r
+                            .expr
+                            .iter()
+                            .filter_map(|e| match e {
+                                stmt::Statement::Counter(stmt::Counter::Anonymous(Some(c))) => {
+                                    c.packets.map(|p| p as u64)
+                                }
+                                _ => None,
+                            })
+                            .sum();
+                        *drops.entry(reason).or_default() += packets;
+                    }
+                    rules.push((r.chain.to_string(), comment.to_owned()));
+                }
                 _ => {}
             }
         }
@@ -803,7 +1061,7 @@ impl Ruleset {
                 want_sorted.len()
             )));
         }
-        Ok(())
+        Ok(drops)
     }
 }
 
@@ -883,4 +1141,200 @@ fn next_addr(a: IpAddr) -> Option<IpAddr> {
 /// The JSON batch as `nft -j -f` reads it, indented for people.
 pub fn to_json_pretty(ruleset: &Ruleset) -> Result<String, serde_json::Error> {
     serde_json::to_string_pretty(&ruleset.to_nftables())
+}
+
+/// The drop reason a counted rule of the ruleset stands for, by its comment.
+fn drop_reason(comment: &str) -> Option<&'static str> {
+    if comment.starts_with(SEGMENT_SPOOF) {
+        Some(SEGMENT_SPOOF)
+    } else if comment.starts_with("guardrail ") {
+        Some("policy_guardrail")
+    } else if comment == "default deny" {
+        Some("policy_default_deny")
+    } else if comment == "invalid state" {
+        Some("conntrack_invalid")
+    } else {
+        None
+    }
+}
+
+/// The packets the counted drop rules of a listed `komnet` table (`nft -j list table inet
+/// komnet`) dropped, summed by reason ([`SEGMENT_SPOOF`], `policy_guardrail`,
+/// `policy_default_deny`, `conntrack_invalid`).
+pub fn drop_counters_from_json(json: &str) -> Result<BTreeMap<&'static str, u64>, String> {
+    let doc: serde_json::Value =
+        serde_json::from_str(json).map_err(|e| format!("nft's listing is not JSON: {e}"))?;
+    let mut out = BTreeMap::new();
+    let objects = doc["nftables"].as_array().map_or(&[][..], Vec::as_slice);
+    for rule in objects.iter().filter_map(|o| o.get("rule")) {
+        let Some(reason) = rule["comment"].as_str().and_then(drop_reason) else {
+            continue;
+        };
+        let exprs = rule["expr"].as_array().map_or(&[][..], Vec::as_slice);
+        let packets: u64 = exprs
+            .iter()
+            .filter_map(|e| e.get("counter")?.get("packets")?.as_u64())
+            .sum();
+        *out.entry(reason).or_default() += packets;
+    }
+    Ok(out)
+}
+
+/// What the installed `komnet` table dropped so far, by reason (see
+/// [`drop_counters_from_json`]); empty when there is no such table. The counts start again
+/// from zero whenever the table is replaced: callers that report totals keep their own sums
+/// (`komnet-gateway` does).
+pub fn read_drop_counters() -> Result<BTreeMap<&'static str, u64>, NftError> {
+    let out = std::process::Command::new("nft")
+        .args(["-j", "list", "table", "inet", TABLE])
+        .output()
+        .map_err(|e| NftError::Exec(e.to_string()))?;
+    if !out.status.success() {
+        let message = String::from_utf8_lossy(&out.stderr);
+        if message.contains("No such file or directory") {
+            return Ok(BTreeMap::new());
+        }
+        return Err(NftError::ReadBack(message.trim().to_owned()));
+    }
+    drop_counters_from_json(&String::from_utf8_lossy(&out.stdout)).map_err(NftError::ReadBack)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn landkreis() -> Policy {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/policy/landkreis");
+        Policy::load(&dir).unwrap_or_else(|e| panic!("{}", e.render()))
+    }
+
+    fn site(p: &Policy, name: &str) -> SiteId {
+        p.find_site(name).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn vlan_interfaces_are_named_after_the_trunk_within_15_bytes() {
+        assert_eq!(vlan_interface("eth1", 10), "eth1.10");
+        assert_eq!(vlan_interface("enp3s0", 4094), "enp3s0.4094");
+        assert_eq!(vlan_interface("enp0s31f6", 4094), "enp0s31f6.4094");
+        assert_eq!(vlan_interface("enx00e04c6801", 100), "vlan100");
+        for trunk in ["eth1", "enx00e04c680001"] {
+            assert!(valid_ifname(&vlan_interface(trunk, 4094)));
+        }
+    }
+
+    #[test]
+    fn each_segment_arrives_on_its_own_interface() {
+        let p = landkreis();
+        let ifs = Interfaces {
+            lan: vec!["eth1".into()],
+            tunnel: "komnet0".into(),
+        };
+        let rathaus = site(&p, "musterstadt/rathaus");
+        let got: Vec<(String, Vec<String>)> = ifs
+            .site_segments(&p, rathaus)
+            .unwrap()
+            .into_iter()
+            .map(|(s, i)| (p.segment_name(s), i))
+            .collect();
+        assert!(got.contains(&("musterstadt/verwaltung".into(), vec!["eth1.10".into()])));
+        assert!(got.contains(&("musterstadt/gaeste".into(), vec!["eth1.100".into()])));
+        assert_eq!(got.len(), 5);
+        // A site's only, unbound segment arrives on every LAN interface.
+        let ifs2 = Interfaces {
+            lan: vec!["eth1".into(), "eth2".into()],
+            tunnel: "komnet0".into(),
+        };
+        let bauhof = site(&p, "musterstadt/bauhof");
+        let got = ifs2.site_segments(&p, bauhof).unwrap();
+        assert_eq!(got[0].1, ["eth1", "eth2"]);
+        // No trunk for the VLANs.
+        let none = Interfaces {
+            lan: vec![],
+            tunnel: "komnet0".into(),
+        };
+        assert!(matches!(
+            none.site_segments(&p, rathaus),
+            Err(NftError::NoTrunk(_))
+        ));
+        // A trunk whose VLAN interface is another segment's port.
+        let op = "[policy]\nname = \"x\"\nversion = 1\nkinds = [\"staff\"]\n[tenants.t]\ndatacenter = [\"10.1.0.0/24\"]\n[tenants.t.sites.s]\nprefixes = [\"10.2.0.0/16\"]\n";
+        let frag = "tenant = \"t\"\n[segments.a]\nkind = \"staff\"\nsite = \"s\"\nprefixes = [\"10.2.1.0/24\"]\nvlan = 10\n[segments.b]\nkind = \"staff\"\nsite = \"s\"\nprefixes = [\"10.2.2.0/24\"]\nport = \"eth1.10\"\n";
+        let q = Policy::from_texts(op, &[("t.toml", frag)])
+            .unwrap_or_else(|e| panic!("{}", e.render()));
+        let err = ifs
+            .site_segments(&q, site(&q, "t/s"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("segments t/a and t/b would both arrive on interface eth1.10"),
+            "{err}"
+        );
+        assert!(ruleset_for_site(&q, site(&q, "t/s"), &ifs).is_err());
+    }
+
+    #[test]
+    fn the_site_ruleset_checks_the_arrival_first_and_counts_spoofs() {
+        let p = landkreis();
+        let ifs = Interfaces {
+            lan: vec!["eth1".into()],
+            tunnel: "komnet0".into(),
+        };
+        let text = ruleset_for_site(&p, site(&p, "musterstadt/rathaus"), &ifs)
+            .unwrap()
+            .to_string();
+        let prerouting = text.split("chain prerouting {").nth(1).unwrap();
+        assert!(
+            prerouting.contains("type filter hook prerouting priority raw; policy accept;"),
+            "the arrival check must come before conntrack and routing: {prerouting}"
+        );
+        let first_rule = prerouting.lines().nth(2).unwrap();
+        assert!(
+            first_rule.contains("jump lan_source") && first_rule.contains("\"eth1.100\""),
+            "{first_rule}"
+        );
+        let forward = text.split("chain forward {").nth(1).unwrap();
+        assert!(!forward
+            .split("chain ")
+            .next()
+            .unwrap()
+            .contains("lan_source"));
+        assert!(text.contains(
+            "iifname \"eth1.10\" ip saddr @seg_musterstadt_verwaltung_v4 return comment \"segment musterstadt/verwaltung on VLAN 10\""
+        ), "{text}");
+        assert!(
+            text.contains("counter drop comment \"segment_spoof: "),
+            "{text}"
+        );
+        let intrasite = text.split("chain intrasite {").nth(1).unwrap();
+        assert!(
+            intrasite.contains("@seg_musterstadt_verwaltung_v4 ip daddr @svc_musterstadt_zeiterfassung_v4 tcp dport { 443 } accept"),
+            "{intrasite}"
+        );
+        assert!(!intrasite.contains("gaeste"), "{intrasite}");
+    }
+
+    #[test]
+    fn drop_counters_are_read_by_reason_from_nfts_listing() {
+        let json = r#"{"nftables":[{"metainfo":{"version":"1.0.6"}},
+            {"table":{"family":"inet","name":"komnet","handle":1}},
+            {"rule":{"family":"inet","table":"komnet","chain":"lan_source","handle":9,
+              "comment":"segment_spoof: the source is not of a segment that arrives on this interface",
+              "expr":[{"counter":{"packets":5000000000,"bytes":1}},{"drop":null}]}},
+            {"rule":{"family":"inet","table":"komnet","chain":"outbound","handle":10,
+              "comment":"guardrail a (operator.toml:3)","expr":[{"counter":{"packets":2,"bytes":1}},{"drop":null}]}},
+            {"rule":{"family":"inet","table":"komnet","chain":"inbound","handle":11,
+              "comment":"guardrail b (operator.toml:9)","expr":[{"counter":{"packets":3,"bytes":1}},{"drop":null}]}},
+            {"rule":{"family":"inet","table":"komnet","chain":"forward","handle":12,
+              "comment":"default deny","expr":[{"counter":{"packets":7,"bytes":1}},{"drop":null}]}},
+            {"rule":{"family":"inet","table":"komnet","chain":"forward","handle":13,
+              "comment":"replies of allowed flows","expr":[{"accept":null}]}}]}"#;
+        let got = drop_counters_from_json(json).unwrap();
+        assert_eq!(got.get(SEGMENT_SPOOF), Some(&5_000_000_000));
+        assert_eq!(got.get("policy_guardrail"), Some(&5));
+        assert_eq!(got.get("policy_default_deny"), Some(&7));
+        assert_eq!(got.len(), 3);
+        assert!(drop_counters_from_json("not json").is_err());
+    }
 }

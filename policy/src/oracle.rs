@@ -3,7 +3,7 @@
 //! nftables compiler are tested against it.
 
 use crate::flow::{Origin, PacketMeta, Proto, Role};
-use crate::model::{GuardrailId, Policy, RuleId, SegmentId, ServiceId};
+use crate::model::{Binding, GuardrailId, Policy, RuleId, SegmentId, ServiceId, SiteId};
 
 /// What decided a packet's fate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -20,6 +20,9 @@ pub enum Decider {
     ForeignSource,
     /// Not TCP, UDP or ICMP.
     UnknownProtocol,
+    /// Arrived at a site's appliance where the segment of its source address does not arrive
+    /// (a guest-VLAN host with a staff address, an address of no segment of the site).
+    SegmentSpoof,
 }
 
 /// Allow or deny, and why.
@@ -109,4 +112,30 @@ pub fn decide(policy: &Policy, origin: Origin, packet: &PacketMeta) -> Decision 
         }
     }
     Decision::deny(Decider::DefaultDeny)
+}
+
+/// Decides `packet` as the appliance of `site` does when it arrived from the LAN on
+/// `arrived` (the VLAN or port it came in on): it is the segment's only when its source lies in
+/// a segment of this site that arrives there; anything else is [`Decider::SegmentSpoof`].
+/// Then as [`decide`] for the site's spoke (flows towards the tunnel and between the site's
+/// segments alike).
+pub fn decide_arrival(
+    policy: &Policy,
+    site: SiteId,
+    arrived: &Binding,
+    packet: &PacketMeta,
+) -> Decision {
+    let own = policy.segment_of(packet.src).filter(|s| {
+        let seg = &policy.segments[s.index()];
+        seg.site == Some(site) && seg.binding.as_ref().is_some_and(|b| b.admits(arrived))
+    });
+    if own.is_none() {
+        return Decision::deny(Decider::SegmentSpoof);
+    }
+    let spoke = crate::PeerIdentity {
+        tenant: policy.sites[site.index()].tenant,
+        role: Role::Spoke,
+        site: Some(site),
+    };
+    decide(policy, Origin::Peer(spoke), packet)
 }

@@ -82,6 +82,12 @@ pub(crate) struct SegmentDecl {
     pub(crate) site: Option<Name>,
     #[serde(default)]
     pub(crate) prefixes: Vec<Spanned<String>>,
+    /// Arrives tagged with this VLAN id on the appliance's LAN trunk.
+    #[serde(default)]
+    pub(crate) vlan: Option<Spanned<i64>>,
+    /// Arrives untagged on this interface of the appliance.
+    #[serde(default)]
+    pub(crate) port: Option<Spanned<String>>,
     #[serde(default)]
     pub(crate) description: Option<String>,
 }

@@ -125,9 +125,10 @@ pub fn generate(shape: Shape) -> (String, Vec<(String, String)>) {
         for (n, (seg, kind)) in SITE_SEGMENTS.iter().enumerate() {
             let _ = writeln!(
                 t,
-                "[segments.{seg}]\nkind = \"{kind}\"\nsite = \"rathaus\"\nprefixes = [\"{}/24\", \"{}/64\"]\n",
+                "[segments.{seg}]\nkind = \"{kind}\"\nsite = \"rathaus\"\nprefixes = [\"{}/24\", \"{}/64\"]\nvlan = {}\n",
                 site_v4(i, n as u32),
-                site_v6(i, n as u32)
+                site_v6(i, n as u32),
+                10 * (n + 1)
             );
         }
         t.push_str("[segments.homeoffice]\nkind = \"homeoffice\"\n\n");

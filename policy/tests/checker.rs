@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use komnet_policy::{run_tests, Policy, PolicyErrors};
+use komnet_policy::{run_tests, Binding, Policy, PolicyErrors};
 
 const OPERATOR: &str = r#"[policy]
 name = "test district"
@@ -40,11 +40,13 @@ const TENANT_A: &str = r#"tenant = "a"
 kind = "staff"
 site = "hq"
 prefixes = ["10.10.1.0/24", "fd00:10:0:1::/64"]
+vlan = 10
 
 [segments.guests]
 kind = "guest"
 site = "hq"
 prefixes = ["10.10.100.0/24"]
+vlan = 100
 
 [services.files]
 addresses = ["10.1.1.5"]
@@ -109,7 +111,7 @@ fn unknown_segment_in_a_rule() {
         OPERATOR,
         &a,
         TENANT_B,
-        "tenants/a.toml:19:9",
+        "tenants/a.toml:21:9",
         "unknown segment or group \"stafff\"",
     );
 }
@@ -147,7 +149,7 @@ fn rule_no_packet_can_match() {
         &op,
         &a,
         TENANT_B,
-        "tenants/a.toml:18:8",
+        "tenants/a.toml:20:8",
         "can match no packet",
     );
     // A port the service does not offer.
@@ -159,7 +161,7 @@ fn rule_no_packet_can_match() {
         OPERATOR,
         &a,
         TENANT_B,
-        "tenants/a.toml:21:10",
+        "tenants/a.toml:23:10",
         "no packet can match tcp/22",
     );
 }
@@ -171,7 +173,7 @@ fn rule_shadowed_by_guardrail() {
         OPERATOR,
         &a,
         TENANT_B,
-        "tenants/a.toml:18:8",
+        "tenants/a.toml:20:8",
         "shadowed by guardrail \"guest-isolation\" (operator.toml:23)",
     );
 }
@@ -266,26 +268,26 @@ fn invalid_values_name_their_place() {
         (
             "tcp/445",
             "tcp/70000",
-            "tenants/a.toml:15:10",
+            "tenants/a.toml:17:10",
             "out of range",
         ),
-        ("tcp/445", "tcp/0", "tenants/a.toml:15:10", "out of range"),
+        ("tcp/445", "tcp/0", "tenants/a.toml:17:10", "out of range"),
         (
             "tcp/445",
             "gre/1",
-            "tenants/a.toml:15:10",
+            "tenants/a.toml:17:10",
             "unknown protocol",
         ),
         (
             "kind = \"guest\"",
             "kind = \"printer\"",
-            "tenants/a.toml:9:8",
+            "tenants/a.toml:10:8",
             "unknown segment kind \"printer\"",
         ),
         (
             "site = \"hq\"\nprefixes = [\"10.10.100",
             "site = \"annex\"\nprefixes = [\"10.10.100",
-            "tenants/a.toml:10:8",
+            "tenants/a.toml:11:8",
             "no site \"annex\"",
         ),
     ];
@@ -311,7 +313,7 @@ fn unknown_keys_and_duplicates() {
         OPERATOR,
         &a,
         TENANT_B,
-        "tenants/a.toml:22:11",
+        "tenants/a.toml:24:11",
         "duplicate key",
     );
     let a = format!(
@@ -321,7 +323,7 @@ fn unknown_keys_and_duplicates() {
         OPERATOR,
         &a,
         TENANT_B,
-        "tenants/a.toml:23:8",
+        "tenants/a.toml:25:8",
         "rule \"staff-dms\" is declared twice",
     );
 }
@@ -335,7 +337,7 @@ fn all_errors_are_reported_at_once() {
     let (list, rendered) = errors(OPERATOR, &a, &b);
     assert!(list.len() >= 3, "{rendered}");
     // Rendered with the source line and a caret under the spot.
-    assert!(rendered.contains("19 | from = [\"nobody\"]"), "{rendered}");
+    assert!(rendered.contains("21 | from = [\"nobody\"]"), "{rendered}");
     assert!(rendered.contains("^^^^^^^^"), "{rendered}");
 }
 
@@ -516,7 +518,7 @@ fn one_service_address_has_one_owner() {
         OPERATOR,
         &a,
         TENANT_B,
-        "tenants/a.toml:14:14",
+        "tenants/a.toml:16:14",
         "10.1.1.10/32 of service \"files\" (tenant \"a\") overlaps 10.1.1.10/32 of service \"dms\" (the operator)",
     );
 }
@@ -549,4 +551,110 @@ fn every_overlap_is_reported_and_blamed_on_the_later_definition() {
             && e.contains("10.90.4.0/24 of site b/hq overlaps 10.90.0.0/16 of site z/hq")),
         "{rendered}"
     );
+}
+
+/// Issue 13: every segment of a site with several says where it reaches the appliance (a VLAN
+/// on the trunk or an untagged port), each VLAN or port once per site.
+#[test]
+fn segments_say_where_they_arrive() {
+    let p = load(OPERATOR, TENANT_A, TENANT_B).unwrap();
+    let binding = |tenant: &str, seg: &str| {
+        let t = p.tenant_by_name(tenant).unwrap();
+        let s = p.find_segment(seg, Some(t)).unwrap();
+        p.segments[s.index()].binding.clone()
+    };
+    assert_eq!(binding("a", "staff"), Some(Binding::Vlan(10)));
+    assert_eq!(binding("a", "guests"), Some(Binding::Vlan(100)));
+    // A site's only segment may say nothing: it arrives untagged on the LAN port, as before.
+    assert_eq!(binding("b", "staff"), Some(Binding::Lan));
+    let with_home = TENANT_A.replace(
+        "[services.files]",
+        "[segments.home]\nkind = \"homeoffice\"\n\n[services.files]",
+    );
+    let p = load(OPERATOR, &with_home, TENANT_B).unwrap();
+    let t = p.tenant_by_name("a").unwrap();
+    let home = p.find_segment("home", Some(t)).unwrap();
+    assert_eq!(p.segments[home.index()].binding, None);
+
+    for bad in ["0", "4095", "5000", "-1"] {
+        assert_error(
+            OPERATOR,
+            &TENANT_A.replace("vlan = 100", &format!("vlan = {bad}")),
+            TENANT_B,
+            "tenants/a.toml:13:8",
+            &format!("VLAN id {bad} is outside 1-4094"),
+        );
+    }
+    // Two segments of one site on one VLAN, or one port.
+    assert_error(
+        OPERATOR,
+        &TENANT_A.replace("vlan = 100", "vlan = 10"),
+        TENANT_B,
+        "tenants/a.toml:13:8",
+        "segment \"guests\" arrives on VLAN 10 like segment \"staff\"",
+    );
+    assert_error(
+        OPERATOR,
+        &TENANT_A
+            .replace("vlan = 10\n", "port = \"eth2\"\n")
+            .replace("vlan = 100", "port = \"eth2\""),
+        TENANT_B,
+        "tenants/a.toml:13:8",
+        "arrives on port eth2 like segment \"staff\"",
+    );
+    // Untagged on a port and tagged on the trunk are two bindings, fine together.
+    load(
+        OPERATOR,
+        &TENANT_A.replace("vlan = 10\n", "port = \"eth1\"\n"),
+        TENANT_B,
+    )
+    .unwrap();
+    // Several segments at a site: each must say where it arrives.
+    assert_error(
+        OPERATOR,
+        &TENANT_A.replace("vlan = 100\n", ""),
+        TENANT_B,
+        "tenants/a.toml:9:11",
+        "segment \"guests\" says neither vlan nor port: site \"hq\" has 2 segments",
+    );
+    assert_error(
+        OPERATOR,
+        &TENANT_A.replace("vlan = 100", "vlan = 100\nport = \"eth2\""),
+        TENANT_B,
+        "tenants/a.toml:14:8",
+        "either tagged on the LAN trunk (vlan) or untagged on a port (port), not both",
+    );
+    assert_error(
+        OPERATOR,
+        &TENANT_A.replace("vlan = 100", "port = \"eth 2\""),
+        TENANT_B,
+        "tenants/a.toml:13:8",
+        "port: interface name \"eth 2\" contains",
+    );
+    assert_error(
+        OPERATOR,
+        &TENANT_A.replace("vlan = 100", "vlan = \"100\""),
+        TENANT_B,
+        "tenants/a.toml:13:8",
+        "invalid type",
+    );
+    // The home-office segment arrives through the tunnel.
+    assert_error(
+        OPERATOR,
+        &with_home.replace("kind = \"homeoffice\"", "kind = \"homeoffice\"\nvlan = 30"),
+        TENANT_B,
+        "tenants/a.toml:17:8",
+        "it arrives through the tunnel, not on a LAN port",
+    );
+    // All of them at once, each at its place.
+    let (list, rendered) = errors(
+        OPERATOR,
+        &TENANT_A.replace("vlan = 100", "vlan = 10"),
+        &TENANT_B.replace(
+            "prefixes = [\"10.20.1.0/24\"]",
+            "prefixes = [\"10.20.1.0/24\"]\nvlan = 9999\n\n[segments.guests]\nkind = \"guest\"\nsite = \"hq\"\nprefixes = [\"10.20.100.0/24\"]",
+        ),
+    );
+    assert_eq!(list.len(), 3, "{rendered}");
+    assert!(rendered.contains("13 | vlan = 10"), "{rendered}");
 }

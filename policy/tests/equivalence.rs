@@ -161,7 +161,8 @@ fn generate(seed: u64) -> Generated {
             };
             let _ = writeln!(
                 text,
-                "[segments.seg{s}]\nkind = \"{kind}\"\nsite = \"s{site}\"\nprefixes = [\"10.{t}.{third}.0/24\", \"{v6_site}:{s:x}::/64\"]\n"
+                "[segments.seg{s}]\nkind = \"{kind}\"\nsite = \"s{site}\"\nprefixes = [\"10.{t}.{third}.0/24\", \"{v6_site}:{s:x}::/64\"]\nvlan = {}\n",
+                s + 1
             );
         }
         if rng.chance(40) {

@@ -282,6 +282,101 @@ impl Drop for Trio {
     }
 }
 
+/// Tunnel addresses of the pair of WireGuard interfaces inside the first ([`Trio::start_inner`]).
+pub const INNER_V4: [&str; 2] = ["192.168.242.1", "192.168.242.2"];
+/// Listen port of both inner daemons (each in its own namespace).
+pub const INNER_PORT: u16 = 5;
+
+/// A second WireGuard pair whose datagrams travel through the first (the selftest's
+/// wg-in-wg): its daemons are started in `ns1` and `ns2`, so their sockets live where the
+/// outer interfaces are, and each one's endpoint is the other end's outer tunnel address.
+#[derive(Debug)]
+pub struct Inner {
+    pub daemons: [Daemon; 2],
+    pub ifname: [String; 2],
+}
+
+impl Inner {
+    /// CPU seconds (user + system) the inner daemon of end `end` has used so far.
+    pub fn cpu_seconds(&self, end: usize) -> Result<f64> {
+        cpu_seconds(self.daemons[end].pid())
+    }
+}
+
+/// CPU seconds (user + system) process `pid` has used, from `/proc/PID/stat`.
+pub fn cpu_seconds(pid: u32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("reading /proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces) end at the last ')'.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .ok_or_else(|| anyhow!("no ')' in /proc/{pid}/stat"))?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of stat, 12 and 13 after "pid (comm)".
+    let ticks = |i: usize| -> Result<f64> {
+        fields
+            .get(i)
+            .ok_or_else(|| anyhow!("/proc/{pid}/stat is short: {stat}"))?
+            .parse::<f64>()
+            .with_context(|| format!("field {i} of /proc/{pid}/stat"))
+    };
+    // USER_HZ is 100 on Linux for every architecture komnet runs on.
+    Ok((ticks(11)? + ticks(12)?) / 100.0)
+}
+
+impl Trio {
+    /// Starts and configures the inner pair with `kind` daemons: interfaces with
+    /// [`INNER_V4`]/24 and MTU 1340 (the outer 1420 minus WireGuard's 80 bytes), key pairs 3
+    /// and 4 of the trio, endpoints `192.168.241.x:5`.
+    pub fn start_inner(&self, kind: DaemonKind) -> Result<Inner> {
+        let ifname = [
+            format!("{}i", self.ifname[0]),
+            format!("{}i", self.ifname[1]),
+        ];
+        let mut daemons = Vec::with_capacity(2);
+        for (end, name) in ifname.iter().enumerate() {
+            daemons.push(Daemon::start(
+                kind,
+                self.end_ns(end),
+                name,
+                self.work.path(),
+            )?);
+        }
+        let daemons: [Daemon; 2] = daemons
+            .try_into()
+            .map_err(|_| anyhow!("two inner daemons"))?;
+        for end in 0..2 {
+            let other = 1 - end;
+            let ns = self.end_ns(end);
+            ns.exec(&[
+                "wg",
+                "set",
+                &ifname[end],
+                "private-key",
+                &self.key_file(2 + end),
+                "listen-port",
+                &INNER_PORT.to_string(),
+                "peer",
+                &self.keys[2 + other].public,
+                "allowed-ips",
+                &format!("{}/32", INNER_V4[other]),
+                "endpoint",
+                &format!("{}:{INNER_PORT}", TUNNEL_V4[other]),
+            ])?;
+            ns.ip(&[
+                "addr",
+                "add",
+                &format!("{}/24", INNER_V4[end]),
+                "dev",
+                &ifname[end],
+            ])?;
+            ns.ip(&["link", "set", "dev", &ifname[end], "mtu", "1340", "up"])?;
+        }
+        Ok(Inner { daemons, ifname })
+    }
+}
+
 /// A UDP listener on `addr:port` inside `ns` that waits up to `wait` for one datagram.
 /// [`UdpCatcher::caught`] says whether one came and what it said (lossy UTF-8).
 #[derive(Debug)]

@@ -6,7 +6,7 @@
 //!      ┌──────────────┬───────────────┬──────────────┬─────────────┐
 //!     dc .1        nohfelden-gw .11  tholey-gw .12   ho .21 (wireguard-go, wg-quick)
 //!  hub(s), enroll    spoke            spoke
-//!      │           staff0  guest0    staff0  guest0
+//!      │            eth1   guest0      eth1   guest0
 //!     srv          10.30.1/24 10.30.100/24  10.40.1/24 10.40.100/24
 //!  DMS 10.0.1.10, Dateiserver Nohfelden 10.1.10.5, Dateiserver Tholey 10.1.20.5
 //! ```
@@ -232,7 +232,7 @@ impl Commune {
 
 /// A spoke set up like the generic appliance image: no policy key in its gateway.toml (it
 /// comes with the bootstrap file), `wait_for_bootstrap` and `lan_addresses` on, one LAN
-/// interface `lan0` without addresses (the spoke puts its site's gateway addresses there) to a
+/// interface `eth1` (as on the image) without addresses (the spoke puts its site's gateway addresses there) to a
 /// host at 10.N.1.10. Started without a bootstrap file: deliver one with
 /// [`ApplianceSpoke::deliver_bootstrap`].
 #[derive(Debug)]
@@ -242,6 +242,8 @@ pub struct ApplianceSpoke {
     pub bootstrap: PathBuf,
     pub gw: Netns,
     pub host: Netns,
+    /// On the spoke's ports guest0 and guest1.
+    pub guest: Netns,
 }
 
 impl ApplianceSpoke {
@@ -261,9 +263,14 @@ impl ApplianceSpoke {
         PathBuf::from(p)
     }
 
-    /// The addresses on `lan0` (`ip -brief addr`), e.g. `["10.30.1.1/24", ...]`.
+    /// The addresses on `eth1` (`ip -brief addr`), e.g. `["10.30.1.1/24", ...]`.
     pub fn lan_addresses(&self) -> Result<Vec<String>> {
-        let out = self.gw.ip(&["-brief", "addr", "show", "dev", "lan0"])?;
+        self.addresses_on("eth1")
+    }
+
+    /// The addresses on the spoke's interface `dev`, link-local ones left out.
+    pub fn addresses_on(&self, dev: &str) -> Result<Vec<String>> {
+        let out = self.gw.ip(&["-brief", "addr", "show", "dev", dev])?;
         Ok(out
             .split_whitespace()
             .skip(2)
@@ -637,14 +644,19 @@ impl District {
             Ipv4Addr::new(192, 0, 2, wan_host),
         )?;
         let host = Netns::new(&format!("{name}-host"))?;
-        add_veth_pair(&gw, "lan0", &host, "eth0", 1500)?;
+        add_veth_pair(&gw, "eth1", &host, "eth0", 1500)?;
+        // The guest WLAN's ports (st-wendel binds the guests to guest0; a policy may move them
+        // to guest1).
+        let guest = Netns::new(&format!("{name}-guest"))?;
+        add_veth_pair(&gw, "guest0", &guest, "eth0", 1500)?;
+        add_veth_pair(&gw, "guest1", &guest, "eth1", 1500)?;
         host.add_address("eth0", IpAddr::V4(Ipv4Addr::new(10, lan_octet, 1, 10)), 24)?;
         let router = Ipv4Addr::new(10, lan_octet, 1, 1).to_string();
         host.ip(&["route", "add", "default", "via", &router])?;
         let (config, data_dir) = self.gateway_config_with(
             name,
             false,
-            "role = \"spoke\"\nlan = [\"lan0\"]\nwait_for_bootstrap = true\nlan_addresses = true\n",
+            "role = \"spoke\"\nlan = [\"eth1\"]\nwait_for_bootstrap = true\nlan_addresses = true\n",
         )?;
         std::fs::create_dir_all(&data_dir)?;
         let mut spoke = Gateway {
@@ -663,6 +675,7 @@ impl District {
             bootstrap: data_dir.join("bootstrap.json"),
             gw,
             host,
+            guest,
         })
     }
 
@@ -709,14 +722,15 @@ impl District {
         )?;
         let staff = Netns::new(&format!("{name}-staff"))?;
         let guest = Netns::new(&format!("{name}-guest"))?;
-        lan(&gw, "staff0", &staff, [10, lan_octet, 1])?;
+        // The interface names the policy binds the segments to (examples/policy/st-wendel).
+        lan(&gw, "eth1", &staff, [10, lan_octet, 1])?;
         lan(&gw, "guest0", &guest, [10, lan_octet, 100])?;
         let bootstrap = self.token(name, "rathaus", "spoke")?;
         let gw_name = format!("{name}-spoke");
         let (config, data_dir) = self.gateway_config(
             &gw_name,
             &format!(
-                "role = \"spoke\"\nbootstrap = \"{}\"\nlan = [\"staff0\", \"guest0\"]\n",
+                "role = \"spoke\"\nbootstrap = \"{}\"\nlan = [\"eth1\", \"guest0\"]\n",
                 bootstrap.display()
             ),
         )?;

@@ -22,6 +22,7 @@ pub mod district;
 pub mod flood;
 mod netns;
 mod ping;
+mod switch;
 mod transfer;
 mod tunnel;
 mod wg;
@@ -37,6 +38,7 @@ pub use daemon::{
 };
 pub use netns::{add_veth_pair, parse_link_stats, LinkStats, Netns};
 pub use ping::{parse_ping_summary, ping, ping_until_reply, PingSummary};
+pub use switch::Switch;
 pub use transfer::{start_transfer, write_random_file, RunningTransfer, TransferReport};
 pub use tunnel::{End, Side, Tunnel, TunnelConfig, UnderlayFamily};
 pub use wg::{parse_wg_dump, unix_now, wg_quick, KeyPair, WgDump, WgPeer};
@@ -72,6 +74,8 @@ pub(crate) fn next_id() -> u32 {
 /// Tools the tests call; each must be on `PATH`.
 const REQUIRED_TOOLS: &[&str] = &[
     "ip",
+    "bridge",
+    "nft",
     "wg",
     "wg-quick",
     "wireguard-go",

@@ -171,7 +171,22 @@ fn district_matrix_revocation_spoofing_and_homeoffice() {
             &nohfelden.gw,
         ),
     ] {
-        let before = router.reverse_path_drops().expect("netstat");
+        // At the spoke its nftables see the guest's packets first (issue 13: a LAN source is
+        // checked against the segment of the VLAN or port it arrived on, before routing) and
+        // count them as segment_spoof; reverse-path filtering is the layer beneath, for when
+        // the table is gone.
+        let spoke_drops = || {
+            if label == "guest WLAN" {
+                counter(
+                    &nohfelden.spoke.status().expect("spoke status"),
+                    "drops",
+                    "segment_spoof",
+                )
+            } else {
+                0
+            }
+        };
+        let before = router.reverse_path_drops().expect("netstat") + spoke_drops();
         ns.add_address("eth0", from.parse().expect("addr"), 32)
             .expect("spoof address");
         let ping = ns
@@ -184,14 +199,23 @@ fn district_matrix_revocation_spoofing_and_homeoffice() {
             !ping.succeeded(),
             "{label}: a spoofed ping was answered: {ping:?}"
         );
-        let after = router.reverse_path_drops().expect("netstat");
+        // The spoke's guard reads its table's counters every second.
+        let after = wait_until(
+            "the spoofed packets to be counted",
+            Duration::from_secs(3),
+            || {
+                let now = router.reverse_path_drops()? + spoke_drops();
+                Ok((now >= before + 3).then_some(now))
+            },
+        )
+        .unwrap_or_else(|_| router.reverse_path_drops().unwrap_or(0) + spoke_drops());
         let settings = router
             .exec(&["sysctl", "-a", "--pattern", "\\.rp_filter$"])
             .unwrap_or_default();
         assert!(
             after >= before + 3,
             "{label}: {} did not drop the spoofed packets by reverse-path filtering \
-             (IPReversePathFilter {before} -> {after}):\n{settings}",
+             or as segment_spoof (dropped {before} -> {after}):\n{settings}",
             router.name()
         );
     }
@@ -204,6 +228,51 @@ fn district_matrix_revocation_spoofing_and_homeoffice() {
         dc_spoofed,
         "the data centre's spoofed packets reached the hub's tunnel interface"
     );
+
+    // Issue 13: the guest with the staff address (above) does not get the staff's rights:
+    // the spoke's nftables drop it before routing (the segment is where it arrives) and count
+    // it; the same address on the staff LAN works.
+    nohfelden
+        .staff
+        .ip(&["addr", "add", "10.30.1.77/24", "dev", "eth0"])
+        .expect("the same address on the staff LAN");
+    let dms = dest("DMS (Kreis)");
+    let from = |ns: &komnet_netns_tests::Netns| Source {
+        label: String::new(),
+        netns: ns.name().to_owned(),
+        addr: "10.30.1.77".parse().expect("addr"),
+        origin: Origin::Address,
+    };
+    let spoke_before = nohfelden.spoke.status().expect("spoke status");
+    assert_eq!(
+        district
+            .probe(&from(&nohfelden.guest), &[dms], Duration::from_millis(1500))
+            .expect("probe"),
+        vec![false],
+        "a staff address on the guest WLAN reached the DMS"
+    );
+    assert_eq!(
+        district
+            .probe(&from(&nohfelden.staff), &[dms], Duration::from_millis(1500))
+            .expect("probe"),
+        vec![true],
+        "the staff address on the staff LAN does not reach the DMS"
+    );
+    let reason = "segment_spoof";
+    wait_until(
+        "the spoke to count the spoofed packets",
+        Duration::from_secs(5),
+        || {
+            let now = nohfelden.spoke.status()?;
+            Ok(
+                (counter(&now, "drops", reason) > counter(&spoke_before, "drops", reason))
+                    .then_some(()),
+            )
+        },
+    )
+    .expect("segment_spoof counted");
+    let text = nohfelden.spoke.status_text().expect("komnet status");
+    assert!(text.contains(&format!(" {reason}=")), "{text}");
 
     // Revocation: Tholey's appliance is cut off within 2 s, Nohfelden keeps working.
     let took = district.revoke_and_time("tholey").expect("revocation");
@@ -672,10 +741,15 @@ fn an_image_spoke_waits_refuses_a_spent_token_then_enrols_and_takes_its_lan_addr
         data.join("policy.pub").exists(),
         "the policy key from the bootstrap file is kept"
     );
-    // Nohfelden's rathaus segments: verwaltung 10.30.1.0/24, gaeste 10.30.100.0/24.
-    let mut on_lan = appliance.lan_addresses().expect("lan");
+    // Nohfelden's rathaus segments: verwaltung 10.30.1.0/24 on port eth1, gaeste
+    // 10.30.100.0/24 on port guest0: each gateway address where its segment arrives.
+    assert_eq!(appliance.lan_addresses().expect("lan"), ["10.30.1.1/24"]);
+    assert_eq!(
+        appliance.addresses_on("guest0").expect("guest0"),
+        ["10.30.100.1/24"]
+    );
+    let mut on_lan = vec!["10.30.1.1/24".to_owned(), "10.30.100.1/24".to_owned()];
     on_lan.sort();
-    assert_eq!(on_lan, ["10.30.1.1/24", "10.30.100.1/24"], "{running}");
     let mut reported: Vec<String> = running["lan_addresses"]
         .as_array()
         .map(|a| {
@@ -686,6 +760,47 @@ fn an_image_spoke_waits_refuses_a_spent_token_then_enrols_and_takes_its_lan_addr
         .unwrap_or_default();
     reported.sort();
     assert_eq!(reported, on_lan, "{running}");
+
+    // Issue 13: a policy that moves the guests to another port takes effect without a
+    // restart: the address leaves guest0 for guest1, and the firewall takes the guests'
+    // packets from guest1 only.
+    let pid = appliance.spoke.pid();
+    let v2 = district.dir.path().join("policy-v2-guests-moved");
+    copy_dir(&komnet_netns_tests::district::policy_dir(), &v2);
+    let op = v2.join("operator.toml");
+    let text = std::fs::read_to_string(&op).expect("operator.toml");
+    std::fs::write(&op, text.replace("version = 1", "version = 2")).expect("write");
+    let noh = v2.join("tenants/nohfelden.toml");
+    let text = std::fs::read_to_string(&noh).expect("nohfelden.toml");
+    assert!(text.contains("port = \"guest0\""), "{text}");
+    std::fs::write(&noh, text.replace("port = \"guest0\"", "port = \"guest1\"")).expect("write");
+    district
+        .publish_policy(&v2, "policy-v2-guests-moved.bundle")
+        .expect("publish v2");
+    appliance
+        .spoke
+        .wait_running(2, Duration::from_secs(20))
+        .expect("version 2 in force");
+    wait_until(
+        "the guests' address to move to guest1",
+        Duration::from_secs(10),
+        || {
+            Ok((appliance.addresses_on("guest1")? == ["10.30.100.1/24"]
+                && appliance.addresses_on("guest0")?.is_empty())
+            .then_some(()))
+        },
+    )
+    .expect("address moved");
+    assert_eq!(appliance.spoke.pid(), pid, "the spoke restarted");
+    let table = appliance
+        .gw
+        .exec(&["nft", "list", "chain", "inet", "komnet", "lan_source"])
+        .expect("lan_source");
+    assert!(
+        table.contains("iifname \"guest1\" ip saddr @seg_nohfelden_gaeste_v4 return")
+            && !table.contains("\"guest0\""),
+        "{table}"
+    );
 }
 
 /// Pings started now in `ns` towards `dst`, every 2 ms for `seconds` (ended by SIGINT, so

@@ -38,6 +38,18 @@ fn tunnel_routes(ctx: &Ctx) -> Vec<IpNet> {
     routes
 }
 
+/// The spoke's LAN interfaces: the configured ones and those the policy in force puts its
+/// segments on (VLAN interfaces, ports).
+fn lan_interfaces(ctx: &Ctx) -> Vec<String> {
+    let mut all = ctx.config.lan.clone();
+    for i in &ctx.state.lock().lan_interfaces {
+        if !all.contains(i) {
+            all.push(i.clone());
+        }
+    }
+    all
+}
+
 /// Asks the guard to check the fence and the table now (the routes or the ruleset changed).
 pub(super) fn poke_guard(ctx: &Ctx) {
     if let Some(wake) = ctx.guard_wake.get() {
@@ -48,7 +60,10 @@ pub(super) fn poke_guard(ctx: &Ctx) {
 /// Puts `ruleset` in force on a spoke and makes it the one the guard keeps installed. Blocking.
 pub(super) fn install_ruleset(ctx: &Ctx, ruleset: nft::Ruleset) -> Result<(), nft::NftError> {
     let mut in_force = ctx.nft_in_force.lock();
+    // What the table about to be replaced dropped is kept in the totals.
+    let before = nft::read_drop_counters().unwrap_or_default();
     ruleset.apply()?;
+    ctx.state.lock().nft_drops.handle_replaced(&before);
     *in_force = Some(ruleset);
     Ok(())
 }
@@ -84,7 +99,7 @@ pub(super) fn start_guard(ctx: &Arc<Ctx>) -> Result<()> {
 pub(super) fn keep_reverse_path(ctx: &Ctx) -> Result<(), net::NetError> {
     let interfaces = match ctx.config.role {
         GatewayRole::Hub => net::outside_interfaces(),
-        GatewayRole::Spoke => ctx.config.lan.clone(),
+        GatewayRole::Spoke => lan_interfaces(ctx),
     };
     for interface in net::strict_reverse_path(&interfaces)? {
         ctx.state.lock().count(ControlEvent::RpFilterSet);
@@ -95,7 +110,11 @@ pub(super) fn keep_reverse_path(ctx: &Ctx) -> Result<(), net::NetError> {
 
 /// One round: the fence, reverse-path filtering, then the table.
 fn check(ctx: &Ctx) {
-    match net::install_fence(&ctx.config.interface, &ctx.config.lan, &tunnel_routes(ctx)) {
+    match net::install_fence(
+        &ctx.config.interface,
+        &lan_interfaces(ctx),
+        &tunnel_routes(ctx),
+    ) {
         Ok(false) => {}
         Ok(true) => {
             ctx.state.lock().count(ControlEvent::FenceSet);
@@ -108,9 +127,18 @@ fn check(ctx: &Ctx) {
     }
     let in_force = ctx.nft_in_force.lock();
     let wanted = in_force.clone().unwrap_or_else(nft::closed_ruleset);
-    let Err(e) = wanted.verify_installed() else {
-        return;
+    let e = match wanted.verify_installed_counting() {
+        Ok(drops) => {
+            ctx.state.lock().nft_drops.handle_reading(&drops);
+            return;
+        }
+        Err(e) => e,
     };
+    // Missing or changed: what it counted since the last reading is lost, not the totals.
+    ctx.state
+        .lock()
+        .nft_drops
+        .handle_reading(&std::collections::BTreeMap::new());
     tracing::warn!(error = %e, "nftables table komnet is missing or changed (a flushed ruleset?): reinstalling it");
     ctx.state.lock().count(ControlEvent::NftReinstalled);
     if let Err(e) = wanted.apply() {

@@ -1,40 +1,69 @@
-//! `lan_addresses`: the spoke as the router of its site's segments. Which addresses it takes is
-//! decided here from the policy alone (no I/O); the driver puts them on the LAN interface.
+//! The spoke as the router of its site's segments: which VLAN interfaces it makes on its LAN
+//! trunk, on which interface each segment arrives, and which gateway address it takes there.
+//! Decided here from the policy and the configured interfaces alone (no I/O); the spoke driver
+//! carries it out with `ip`.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::IpNet;
-use komnet_policy::{Policy, SiteId, TenantId};
+use komnet_policy::nft::{Interfaces, NftError};
+use komnet_policy::{Binding, Policy, SiteId};
 
-/// The addresses a spoke takes on its LAN, and the prefixes it could not take one in.
+/// What a spoke sets up on its LAN for a policy.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LanPlan {
-    /// In the policy's segment order (by name within a tenant), each once: the first host address of each prefix, with its length.
-    pub addrs: Vec<IpNet>,
+    /// The VLAN interfaces on the trunk (the first `lan` interface): name and VLAN id.
+    pub vlans: Vec<(String, u16)>,
+    /// Every interface a segment of the site arrives on (VLAN interfaces, ports, or the LAN
+    /// interfaces of a site's only, unbound segment): the fence and reverse-path filtering
+    /// cover them.
+    pub interfaces: Vec<String>,
+    /// In the policy's segment order, each once: the first host address of each prefix of a
+    /// segment, with its length, on the segment's interface (a site's only, unbound segment:
+    /// on the first LAN interface).
+    pub addrs: Vec<(String, IpNet)>,
     /// `(segment, prefix)` of host routes (/32, /128): a single address has no room for a
     /// router beside the host it names.
     pub skipped: Vec<(String, IpNet)>,
 }
 
-/// For every segment of `tenant` at `site` (site ids are the policy's own, as
-/// [`Policy::site_by_name`] returns them), the first host address of each of its prefixes:
-/// `10.30.1.0/24` gives `10.30.1.1/24`, `fd00:30:1::/64` gives `fd00:30:1::1/64`. Host bits
-/// written into a prefix are ignored (`10.30.1.7/24` gives `10.30.1.1/24` as well).
-pub fn gateway_addresses(policy: &Policy, tenant: TenantId, site: SiteId) -> LanPlan {
+impl LanPlan {
+    /// The addresses alone, for the status report.
+    pub fn addresses(&self) -> Vec<IpNet> {
+        self.addrs.iter().map(|(_, a)| *a).collect()
+    }
+}
+
+/// The LAN of `site` (a site id of `policy`, as [`Policy::find_site`] returns it) behind
+/// `interfaces`: `vlan = 10` on trunk `eth1` gives the VLAN interface `eth1.10`, and a segment
+/// `10.30.1.0/24` on it the address `10.30.1.1/24` there. Two segments that would arrive on one
+/// interface are an error ([`Interfaces::site_segments`]).
+pub fn plan(policy: &Policy, site: SiteId, interfaces: &Interfaces) -> Result<LanPlan, NftError> {
     let mut plan = LanPlan::default();
-    for segment in &policy.segments {
-        if segment.tenant != tenant || segment.site != Some(site) {
-            continue;
+    for (seg, ifaces) in interfaces.site_segments(policy, site)? {
+        let segment = &policy.segments[seg.index()];
+        if let (Some(Binding::Vlan(id)), Some(name)) = (&segment.binding, ifaces.first()) {
+            plan.vlans.push((name.clone(), *id));
         }
+        for name in &ifaces {
+            if !plan.interfaces.contains(name) {
+                plan.interfaces.push(name.clone());
+            }
+        }
+        let Some(on) = ifaces.first() else {
+            continue;
+        };
         for prefix in &segment.prefixes {
             match first_host(prefix) {
-                Some(addr) if !plan.addrs.contains(&addr) => plan.addrs.push(addr),
+                Some(addr) if !plan.addrs.iter().any(|(_, a)| *a == addr) => {
+                    plan.addrs.push((on.clone(), addr))
+                }
                 Some(_) => {}
                 None => plan.skipped.push((segment.name.clone(), *prefix)),
             }
         }
     }
-    plan
+    Ok(plan)
 }
 
 /// The first host address of `prefix` with the prefix's length; `None` for /32 and /128.
@@ -88,16 +117,19 @@ tenant = "nohfelden"
 kind = "staff"
 site = "rathaus"
 prefixes = ["10.30.1.0/24", "fd00:30:0:1::/64"]
+vlan = 10
 
 [segments.gaeste]
 kind = "guest"
 site = "rathaus"
 prefixes = ["10.30.100.0/24"]
+vlan = 100
 
 [segments.drucker]
 kind = "infra"
 site = "rathaus"
 prefixes = ["10.30.9.7/32", "fd00:30:0:9::7/128", "10.30.8.0/31"]
+port = "eth2"
 
 [segments.bauhof]
 kind = "staff"
@@ -125,12 +157,18 @@ prefixes = ["10.40.1.0/24"]
         .unwrap_or_else(|e| panic!("{}", e.render()))
     }
 
-    fn plan(policy: &Policy, tenant: &str, site: &str) -> (Vec<String>, Vec<String>) {
-        let t = policy.tenant_by_name(tenant).unwrap();
-        let s = policy.site_by_name(t, site).unwrap();
-        let plan = gateway_addresses(policy, t, s);
+    fn lan(policy: &Policy, tenant: &str, site: &str) -> (Vec<String>, Vec<String>) {
+        let site = policy.find_site(&format!("{tenant}/{site}")).unwrap();
+        let interfaces = Interfaces {
+            lan: vec!["eth1".into()],
+            tunnel: "komnet0".into(),
+        };
+        let plan = plan(policy, site, &interfaces).unwrap();
         (
-            plan.addrs.iter().map(ToString::to_string).collect(),
+            plan.addrs
+                .iter()
+                .map(|(i, a)| format!("{a} on {i}"))
+                .collect(),
             plan.skipped
                 .iter()
                 .map(|(seg, p)| format!("{seg} {p}"))
@@ -139,26 +177,42 @@ prefixes = ["10.40.1.0/24"]
     }
 
     #[test]
-    fn the_spoke_takes_the_first_host_of_its_own_sites_segments() {
+    fn the_spoke_takes_the_first_host_of_its_own_sites_segments_where_they_arrive() {
         let p = policy();
-        let (addrs, skipped) = plan(&p, "nohfelden", "rathaus");
+        let (addrs, skipped) = lan(&p, "nohfelden", "rathaus");
         // Segments in name order (drucker, gaeste, verwaltung), prefixes as written.
         assert_eq!(
             addrs,
             [
-                "10.30.8.1/31",
-                "10.30.100.1/24",
-                "10.30.1.1/24",
-                "fd00:30:0:1::1/64"
+                "10.30.8.1/31 on eth2",
+                "10.30.100.1/24 on eth1.100",
+                "10.30.1.1/24 on eth1.10",
+                "fd00:30:0:1::1/64 on eth1.10"
             ]
         );
         assert_eq!(
             skipped,
             ["drucker 10.30.9.7/32", "drucker fd00:30:0:9::7/128"]
         );
-        // Another site of the same tenant, another tenant's site of the same name.
-        assert_eq!(plan(&p, "nohfelden", "bauhof").0, ["10.31.1.1/24"]);
-        assert_eq!(plan(&p, "tholey", "rathaus").0, ["10.40.1.1/24"]);
+        let site = p.find_site("nohfelden/rathaus").unwrap();
+        let full = plan(
+            &p,
+            site,
+            &Interfaces {
+                lan: vec!["eth1".into()],
+                tunnel: "komnet0".into(),
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            full.vlans,
+            [("eth1.100".to_owned(), 100), ("eth1.10".to_owned(), 10)]
+        );
+        assert_eq!(full.interfaces, ["eth2", "eth1.100", "eth1.10"]);
+        // Another site of the same tenant (one unbound segment: on the LAN port), another
+        // tenant's site of the same name.
+        assert_eq!(lan(&p, "nohfelden", "bauhof").0, ["10.31.1.1/24 on eth1"]);
+        assert_eq!(lan(&p, "tholey", "rathaus").0, ["10.40.1.1/24 on eth1"]);
     }
 
     #[test]
@@ -180,8 +234,8 @@ prefixes = ["10.40.1.0/24"]
         let dir =
             std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/policy/st-wendel");
         let p = Policy::load(&dir).unwrap_or_else(|e| panic!("{}", e.render()));
-        let (addrs, skipped) = plan(&p, "nohfelden", "rathaus");
-        assert_eq!(addrs, ["10.30.100.1/24", "10.30.1.1/24"]);
+        let (addrs, skipped) = lan(&p, "nohfelden", "rathaus");
+        assert_eq!(addrs, ["10.30.100.1/24 on guest0", "10.30.1.1/24 on eth1"]);
         assert!(skipped.is_empty());
     }
 }

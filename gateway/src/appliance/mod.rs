@@ -104,8 +104,14 @@ struct ControlState {
     hub_endpoints: Vec<Option<SocketAddr>>,
     /// Spoke with `lan_addresses`: what the policy in force wants on the LAN interface, and
     /// what this process put there (and may have to take off again).
-    lan_wanted: Vec<IpNet>,
-    lan_put: Vec<IpNet>,
+    lan_wanted: Vec<(String, IpNet)>,
+    lan_put: Vec<(String, IpNet)>,
+    /// Spoke: the VLAN interfaces the policy in force wants on the trunk, and every interface
+    /// its site's segments arrive on (the fence and reverse-path filtering cover them).
+    lan_vlans: Vec<(String, u16)>,
+    lan_interfaces: Vec<String>,
+    /// Spoke: the komnet table's drop counts (`segment_spoof`, …), kept across new tables.
+    nft_drops: control::NftDropTotals,
     /// Drops of peers removed from the table (so `komnet_drops_total` never goes down).
     retired_drops: RetiredDrops,
     /// The bootstrap watch's counts (first start only).

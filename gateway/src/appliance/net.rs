@@ -107,8 +107,14 @@ pub fn delete_routes(ifname: &str, nets: &[IpNet]) -> Result<(), NetError> {
 }
 
 /// Puts `add` on the LAN interface `ifname` (replacing what is there with the same address),
-/// takes `remove` off it (already gone is fine), and brings the link up.
-pub fn set_lan_addresses(ifname: &str, add: &[IpNet], remove: &[IpNet]) -> Result<(), NetError> {
+/// takes `remove` off it (already gone, or the interface gone, is fine), and with `up` brings
+/// the link up.
+pub fn set_lan_addresses(
+    ifname: &str,
+    add: &[IpNet],
+    remove: &[IpNet],
+    up: bool,
+) -> Result<(), NetError> {
     let lines: Vec<String> = remove
         .iter()
         .map(|a| format!("addr del {a} dev {ifname}"))
@@ -116,13 +122,15 @@ pub fn set_lan_addresses(ifname: &str, add: &[IpNet], remove: &[IpNet]) -> Resul
     ip_batch(
         &format!("address removal on {ifname}"),
         &lines,
-        &["Cannot assign requested address"],
+        &["Cannot assign requested address", "Cannot find device"],
     )?;
     let mut lines: Vec<String> = add
         .iter()
         .map(|a| format!("addr replace {a} dev {ifname}"))
         .collect();
-    lines.push(format!("link set dev {ifname} up"));
+    if up {
+        lines.push(format!("link set dev {ifname} up"));
+    }
     ip_batch(&format!("the addresses of {ifname}"), &lines, &[])
 }
 
@@ -209,6 +217,79 @@ pub fn strict_reverse_path(interfaces: &[String]) -> Result<Vec<String>, NetErro
         switched.push(name.clone());
     }
     Ok(switched)
+}
+
+// ---- VLAN interfaces on the LAN trunk ---------------------------------------------------------
+//
+// Made with `ip link add link TRUNK name NAME type vlan id ID`, like every other change of the
+// host's network here: one tool for addresses, routes, rules and links, the commands an
+// operator would type (and read in the log), no second netlink stack in the daemon (the
+// `rtnetlink`/`neli` crates would bring their own async runtime or message layer for the
+// handful of changes a policy update makes), and iproute2 is a dependency of the package
+// anyway. The cost, a process per change, does not matter at the rate policies change.
+
+/// The VLAN interfaces on `trunk` as `ip -j -d link show` lists them: name and VLAN id.
+pub fn vlan_links_from_json(json: &str, trunk: &str) -> Result<Vec<(String, u16)>, NetError> {
+    let links: Vec<serde_json::Value> = serde_json::from_str(json)
+        .map_err(|e| refused("reading the interfaces", format!("not JSON: {e}")))?;
+    let mut out = Vec::new();
+    for l in &links {
+        let info = &l["linkinfo"];
+        if info["info_kind"].as_str() != Some("vlan") || l["link"].as_str() != Some(trunk) {
+            continue;
+        }
+        let (Some(name), Some(id)) = (
+            l["ifname"].as_str(),
+            info["info_data"]["id"]
+                .as_u64()
+                .and_then(|i| u16::try_from(i).ok()),
+        ) else {
+            continue;
+        };
+        out.push((name.to_owned(), id));
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// The `ip` commands that turn the VLAN interfaces `current` on `trunk` into `wanted`: stale
+/// ones (another id, or no longer wanted) deleted first, then the missing ones made and up.
+pub fn vlan_commands(
+    trunk: &str,
+    current: &[(String, u16)],
+    wanted: &[(String, u16)],
+) -> Vec<String> {
+    let mut cmds = Vec::new();
+    for c in current.iter().filter(|c| !wanted.contains(c)) {
+        cmds.push(format!("link del dev {}", c.0));
+    }
+    for (name, id) in wanted.iter().filter(|w| !current.contains(w)) {
+        cmds.push(format!(
+            "link add link {trunk} name {name} type vlan id {id}"
+        ));
+    }
+    for (name, _) in wanted {
+        cmds.push(format!("link set dev {name} up"));
+    }
+    cmds
+}
+
+/// Makes the VLAN interfaces on `trunk` exactly `wanted` (VLAN interfaces on other links are
+/// left alone), the trunk up. Returns whether anything had to change.
+pub fn sync_vlans(trunk: &str, wanted: &[(String, u16)]) -> Result<bool, NetError> {
+    let current = vlan_links_from_json(&ip_json(&["-j", "-d", "link", "show"])?, trunk)?;
+    let mut cmds = vlan_commands(trunk, &current, wanted);
+    let changed = current.len() != wanted.len() || current.iter().any(|c| !wanted.contains(c));
+    if wanted.is_empty() && current.is_empty() {
+        return Ok(false);
+    }
+    cmds.insert(0, format!("link set dev {trunk} up"));
+    ip_batch(
+        &format!("the VLAN interfaces on {trunk}"),
+        &cmds,
+        &["Cannot find device", "File exists"],
+    )?;
+    Ok(changed)
 }
 
 // ---- the forwarding fence -------------------------------------------------------------------
@@ -539,5 +620,32 @@ mod tests {
             ]
         );
         assert!(fence_route_commands("", "komnet0", &[]).unwrap().is_empty());
+    }
+
+    #[test]
+    fn vlan_interfaces_are_read_back_and_only_differences_are_changed() {
+        let json = r#"[{"ifindex":1,"ifname":"lo","link_type":"loopback"},
+            {"ifindex":2,"ifname":"eth1","link_type":"ether"},
+            {"ifindex":3,"link":"eth1","ifname":"eth1.10","linkinfo":{"info_kind":"vlan","info_data":{"protocol":"802.1Q","id":10}}},
+            {"ifindex":4,"link":"eth1","ifname":"eth1.30","linkinfo":{"info_kind":"vlan","info_data":{"protocol":"802.1Q","id":30}}},
+            {"ifindex":5,"link":"eth2","ifname":"eth2.10","linkinfo":{"info_kind":"vlan","info_data":{"protocol":"802.1Q","id":10}}},
+            {"ifindex":6,"ifname":"guest0","linkinfo":{"info_kind":"veth"}}]"#;
+        let current = vlan_links_from_json(json, "eth1").unwrap();
+        assert_eq!(
+            current,
+            [("eth1.10".to_owned(), 10), ("eth1.30".to_owned(), 30)]
+        );
+        // VLAN 30 moved to 20: its interface goes, the new one comes; 10 stays.
+        let wanted = [("eth1.10".to_owned(), 10), ("eth1.20".to_owned(), 20)];
+        assert_eq!(
+            vlan_commands("eth1", &current, &wanted),
+            [
+                "link del dev eth1.30",
+                "link add link eth1 name eth1.20 type vlan id 20",
+                "link set dev eth1.10 up",
+                "link set dev eth1.20 up",
+            ]
+        );
+        assert!(vlan_links_from_json("nope", "eth1").is_err());
     }
 }

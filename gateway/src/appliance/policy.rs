@@ -20,8 +20,8 @@ pub(super) async fn put_in_force(
         GatewayRole::Spoke => {
             let identity = own_identity(ctx)?;
             let policy = &compiled.policy;
-            let tenant = policy.tenant_by_name(identity.tenant.as_str());
-            let site = tenant
+            let site = policy
+                .tenant_by_name(identity.tenant.as_str())
                 .and_then(|t| policy.site_by_name(t, identity.site.as_str()))
                 .ok_or_else(|| {
                     anyhow!(
@@ -36,25 +36,33 @@ pub(super) async fn put_in_force(
                 tunnel: ctx.config.interface.clone(),
             };
             let ruleset = nft::ruleset_for_site(policy, site, &interfaces)?;
+            let plan = lan::plan(policy, site, &interfaces)?;
             let task = ctx.clone();
             tokio::task::spawn_blocking(move || install_ruleset(&task, ruleset))
                 .await
                 .context("nft task")??;
-            if let (true, Some(tenant)) = (ctx.config.lan_addresses, tenant) {
-                let plan = lan::gateway_addresses(policy, tenant, site);
-                for (segment, prefix) in &plan.skipped {
-                    tracing::warn!(
-                        segment = %segment,
-                        prefix = %prefix,
-                        "lan_addresses: no address taken in a single-address prefix (/32, /128): it leaves no room for a router beside its host"
-                    );
+            // The new ruleset is in force: now the LAN follows (a segment that moved to another
+            // VLAN or port leaves the old one and arrives on the new one).
+            {
+                let mut s = ctx.state.lock();
+                s.lan_vlans = plan.vlans.clone();
+                s.lan_interfaces = plan.interfaces.clone();
+                if ctx.config.lan_addresses {
+                    for (segment, prefix) in &plan.skipped {
+                        tracing::warn!(
+                            segment = %segment,
+                            prefix = %prefix,
+                            "lan_addresses: no address taken in a single-address prefix (/32, /128): it leaves no room for a router beside its host"
+                        );
+                    }
+                    s.lan_wanted = plan.addrs;
                 }
-                ctx.state.lock().lan_wanted = plan.addrs;
-                let task = ctx.clone();
-                tokio::task::spawn_blocking(move || sync_lan_addresses(&task))
-                    .await
-                    .context("LAN address task")?;
             }
+            let task = ctx.clone();
+            tokio::task::spawn_blocking(move || sync_lan(&task))
+                .await
+                .context("LAN task")?;
+            poke_guard(ctx);
         }
         GatewayRole::Hub => {
             let shared = ctx.shared.get().ok_or_else(|| anyhow!("tunnel not up"))?;

@@ -1,35 +1,48 @@
 //! The spoke driver: the hubs as WireGuard peers (the active one carries the routes), the
 //! watch that samples the active hub and carries out the spoke core's failover, hub-list
-//! refresh and LAN retries, and the LAN addresses (`lan_addresses`).
+//! refresh and LAN retries, and the LAN: VLAN interfaces and gateway addresses.
 
 use super::*;
 
-/// Makes the first `lan` interface carry the addresses the policy in force wants: adds the
-/// wanted ones (already there is fine) and takes off those this process put there before that
-/// are no longer wanted. Addresses it did not put there are left alone. A failure does not
-/// undo the policy (the firewall is in force either way); it is logged, counted and retried
-/// by the spoke watcher.
-pub(super) fn sync_lan_addresses(ctx: &Ctx) {
-    let Some(lan) = ctx.config.lan.first() else {
+/// Makes the LAN what the policy in force wants: the VLAN interfaces on the trunk (the first
+/// `lan` interface), then (with `lan_addresses`) each segment's gateway address on the
+/// interface it arrives on: addresses this process put there before that are no longer wanted
+/// (or wanted elsewhere) come off first, then the wanted ones go on (already there is fine).
+/// Addresses it did not put there are left alone. A failure does not undo the policy (the
+/// firewall is in force either way); it is logged, counted and retried by the spoke watcher.
+pub(super) fn sync_lan(ctx: &Ctx) {
+    let Some(trunk) = ctx.config.lan.first() else {
         return;
     };
     let _one_at_a_time = ctx.lan_lock.lock();
-    let (wanted, put) = {
+    let (wanted, put, vlans) = {
         let s = ctx.state.lock();
-        (s.lan_wanted.clone(), s.lan_put.clone())
+        (s.lan_wanted.clone(), s.lan_put.clone(), s.lan_vlans.clone())
     };
-    let remove: Vec<IpNet> = put
+    let remove: Vec<(String, IpNet)> = put
         .iter()
         .filter(|a| !wanted.contains(a))
-        .copied()
+        .cloned()
         .collect();
-    let result = net::set_lan_addresses(lan, &wanted, &remove);
+    let result = (|| -> Result<(), net::NetError> {
+        for iface in interfaces_of(&remove) {
+            let gone: Vec<IpNet> = on(&remove, &iface);
+            net::set_lan_addresses(&iface, &[], &gone, false)?;
+        }
+        if net::sync_vlans(trunk, &vlans)? {
+            tracing::info!(trunk = %trunk, vlans = ?vlans.iter().map(|(n, id)| format!("{n} (VLAN {id})")).collect::<Vec<_>>(), "VLAN interfaces set");
+        }
+        for iface in interfaces_of(&wanted) {
+            net::set_lan_addresses(&iface, &on(&wanted, &iface), &[], true)?;
+        }
+        Ok(())
+    })();
     let mut s = ctx.state.lock();
     match result {
         Ok(()) => {
             let retried = s.spoke.as_ref().is_some_and(SpokeCore::lan_retry_pending);
             if s.lan_put != wanted || retried {
-                tracing::info!(interface = %lan, addresses = ?wanted.iter().map(ToString::to_string).collect::<Vec<_>>(), removed = ?remove.iter().map(ToString::to_string).collect::<Vec<_>>(), "LAN addresses set");
+                tracing::info!(addresses = ?wanted.iter().map(|(i, a)| format!("{a} on {i}")).collect::<Vec<_>>(), removed = ?remove.iter().map(|(i, a)| format!("{a} on {i}")).collect::<Vec<_>>(), "LAN addresses set");
             }
             s.lan_put = wanted;
             if let Some(core) = s.spoke.as_mut() {
@@ -48,9 +61,28 @@ pub(super) fn sync_lan_addresses(ctx: &Ctx) {
                 Some(core) => core.handle_lan_result(false),
                 None => s.count(ControlEvent::LanAddressesFailed),
             }
-            tracing::error!(interface = %lan, error = %e, "cannot set the LAN addresses; retrying");
+            tracing::error!(error = %e, "cannot set up the LAN (VLAN interfaces, addresses); retrying");
         }
     }
+}
+
+/// The interfaces named in `addrs`, each once, in order.
+fn interfaces_of(addrs: &[(String, IpNet)]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for (i, _) in addrs {
+        if !out.contains(i) {
+            out.push(i.clone());
+        }
+    }
+    out
+}
+
+fn on(addrs: &[(String, IpNet)], iface: &str) -> Vec<IpNet> {
+    addrs
+        .iter()
+        .filter(|(i, _)| i == iface)
+        .map(|(_, a)| *a)
+        .collect()
 }
 
 /// Configures the hubs as peers: the active one carries the data centre's routes and keeps
@@ -162,7 +194,7 @@ pub(super) async fn spoke_watch(ctx: Arc<Ctx>) {
                 SpokeAction::Handshake { hub } => handshake_with(&ctx, shared, hub),
                 SpokeAction::RetryLan => {
                     let task = ctx.clone();
-                    let _ = tokio::task::spawn_blocking(move || sync_lan_addresses(&task)).await;
+                    let _ = tokio::task::spawn_blocking(move || sync_lan(&task)).await;
                 }
                 SpokeAction::RefreshHubs => refresh_hubs(&ctx).await,
             }

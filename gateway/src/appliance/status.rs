@@ -405,6 +405,10 @@ pub(super) fn report(ctx: &Ctx) -> StatusReport {
         None => (None, BTreeMap::new(), BTreeMap::new()),
     };
     counters.extend(s.all_counters());
+    // Spoke: what its nftables table dropped (read by the guard every second).
+    for (reason, n) in s.nft_drops.totals() {
+        *drops.entry(reason).or_default() += n;
+    }
     drops.retain(|_, v| *v > 0);
     let identity = s.enrollment.as_ref().map(|e| &e.identity);
     let active_key = s
@@ -454,7 +458,7 @@ pub(super) fn report(ctx: &Ctx) -> StatusReport {
         tunnel_addrs: identity
             .map(|i| i.tunnel_addrs.iter().map(|a| a.to_string()).collect())
             .unwrap_or_default(),
-        lan_addresses: s.lan_put.iter().map(ToString::to_string).collect(),
+        lan_addresses: s.lan_put.iter().map(|(_, a)| a.to_string()).collect(),
         certificate: s.enrollment.as_ref().map(|e| CertificateStatus {
             serial: e.identity.serial.clone(),
             not_after: e.identity.not_after,

@@ -3,6 +3,15 @@
 
 use super::*;
 
+/// What a site segment declared about where it arrives.
+enum Declared {
+    Bound(SegmentId, (Binding, Loc)),
+    /// Neither `vlan` nor `port`.
+    Nothing(SegmentId),
+    /// A `vlan` or `port` that had an error of its own.
+    Broken(SegmentId),
+}
+
 impl<'s> Builder<'s> {
     pub(super) fn load_fragment(&mut self, file: FileId) {
         let text = &self.sources.file(file).text;
@@ -53,6 +62,8 @@ impl<'s> Builder<'s> {
 
         let mut has_homeoffice: Option<Loc> = None;
         let mut own_segments: Vec<(IpNet, String, Loc)> = Vec::new();
+        // Site segments with the binding they declare (`vlan`/`port`), resolved below.
+        let mut declared: Vec<Declared> = Vec::new();
         for (sname, decl) in doc.segments {
             if !self.name_ok(file, &sname, "segment") {
                 continue;
@@ -71,8 +82,15 @@ impl<'s> Builder<'s> {
             }
             let sloc = Loc::new(file, sname.span());
             let errors_before = self.error_count();
+            let binding = self.declared_binding(file, &decl);
             let (site, prefixes) = match &decl.site {
                 None => {
+                    if let Some((_, at)) = &binding {
+                        self.diags.push(Diagnostic::error(
+                            at.clone(),
+                            "a segment without a site is the home-office segment: it arrives through the tunnel, not on a LAN port, so it takes no vlan or port",
+                        ));
+                    }
                     if !decl.prefixes.is_empty() {
                         self.err(
                             file,
@@ -166,9 +184,18 @@ impl<'s> Builder<'s> {
                     (Some(site), prefixes)
                 }
             };
+            let id = SegmentId(self.segments.len() as u32);
             if self.error_count() > errors_before {
-                self.broken_segments
-                    .insert(SegmentId(self.segments.len() as u32));
+                self.broken_segments.insert(id);
+            }
+            if site.is_some() {
+                let tried = decl.vlan.is_some() || decl.port.is_some();
+                declared.push(match binding {
+                    Some(b) => Declared::Bound(id, b),
+                    // A wrong vlan or port has its own error: no second one for the same spot.
+                    None if tried => Declared::Broken(id),
+                    None => Declared::Nothing(id),
+                });
             }
             self.segments.push(Segment {
                 tenant: tid,
@@ -176,10 +203,12 @@ impl<'s> Builder<'s> {
                 kind: decl.kind.into_inner(),
                 site,
                 prefixes,
+                binding: None,
                 description: decl.description,
                 loc: sloc,
             });
         }
+        self.resolve_bindings(declared);
 
         let mut groups = BTreeMap::new();
         for (gname, members) in doc.groups {
@@ -241,6 +270,132 @@ impl<'s> Builder<'s> {
         }
         for e in doc.expect {
             self.pending_expects.push((tid, file, e));
+        }
+    }
+
+    /// The `vlan` or `port` a segment declares, checked: a VLAN id in 1-4094, a valid interface
+    /// name, not both.
+    fn declared_binding(
+        &mut self,
+        file: FileId,
+        decl: &syntax::SegmentDecl,
+    ) -> Option<(Binding, Loc)> {
+        let vlan = decl.vlan.as_ref().and_then(|v| {
+            let at = Loc::new(file, v.span());
+            match u16::try_from(*v.get_ref()) {
+                Ok(id @ 1..=4094) => Some((Binding::Vlan(id), at)),
+                _ => {
+                    self.diags.push(Diagnostic::error(
+                        at,
+                        format!(
+                            "VLAN id {} is outside 1-4094 (0 means untagged, 4095 is reserved): for an untagged segment write port = \"INTERFACE\" instead",
+                            v.get_ref()
+                        ),
+                    ));
+                    None
+                }
+            }
+        });
+        let port = decl.port.as_ref().and_then(|p| {
+            let at = Loc::new(file, p.span());
+            match komnet_proto::config::check_interface_name(p.get_ref()) {
+                Ok(()) => Some((Binding::Port(p.get_ref().clone()), at)),
+                Err(e) => {
+                    self.diags.push(Diagnostic::error(
+                        at,
+                        format!("port: {e}: name the appliance's interface (like \"lan2\")"),
+                    ));
+                    None
+                }
+            }
+        });
+        match (vlan, port) {
+            (Some((_, vloc)), Some((_, ploc))) => {
+                let later = if reading_order(&ploc) >= reading_order(&vloc) {
+                    ploc
+                } else {
+                    vloc
+                };
+                self.diags.push(Diagnostic::error(
+                    later,
+                    "a segment arrives either tagged on the LAN trunk (vlan) or untagged on a port (port), not both",
+                ));
+                None
+            }
+            (v, p) => v.or(p),
+        }
+    }
+
+    /// Gives every site segment of a fragment its [`Binding`]: two segments of one site may not
+    /// share a VLAN or port, and a site with several segments must say for each where it
+    /// arrives (a site's only segment may say nothing: it is untagged on the LAN port).
+    fn resolve_bindings(&mut self, declared: Vec<Declared>) {
+        let mut per_site: BTreeMap<SiteId, usize> = BTreeMap::new();
+        let mut ordered = Vec::new();
+        for d in declared {
+            let (id, binding) = match d {
+                Declared::Bound(id, b) => (id, Some(b)),
+                Declared::Nothing(id) => (id, None),
+                Declared::Broken(id) => {
+                    if let Some(site) = self.segments[id.index()].site {
+                        *per_site.entry(site).or_default() += 1;
+                    }
+                    continue;
+                }
+            };
+            if let Some(site) = self.segments[id.index()].site {
+                *per_site.entry(site).or_default() += 1;
+            }
+            ordered.push((id, binding));
+        }
+        let mut taken: BTreeMap<(SiteId, Binding), (String, Loc)> = BTreeMap::new();
+        // Duplicates are blamed on the later declaration in reading order.
+        ordered.sort_by_key(|(id, b)| {
+            b.as_ref()
+                .map_or(reading_order(&self.segments[id.index()].loc), |(_, at)| {
+                    reading_order(at)
+                })
+        });
+        for (id, binding) in ordered {
+            let Some(site) = self.segments[id.index()].site else {
+                continue;
+            };
+            let name = self.segments[id.index()].name.clone();
+            let count = per_site.get(&site).copied().unwrap_or(0);
+            let binding = match binding {
+                Some(b) => b,
+                None if count == 1 => (Binding::Lan, self.segments[id.index()].loc.clone()),
+                None => {
+                    let site_name = self.sites[site.index()].name.clone();
+                    let d = Diagnostic::error(
+                        self.segments[id.index()].loc.clone(),
+                        format!(
+                            "segment {name:?} says neither vlan nor port: site {site_name:?} has {count} segments, so the appliance must know where each arrives; add vlan = ID (tagged on the LAN trunk) or port = \"INTERFACE\" (untagged)"
+                        ),
+                    );
+                    self.diags.push(d);
+                    self.broken_segments.insert(id);
+                    continue;
+                }
+            };
+            match taken.get(&(site, binding.0.clone())) {
+                Some((other, other_loc)) => {
+                    let d = Diagnostic::error(
+                        binding.1.clone(),
+                        format!(
+                            "segment {name:?} arrives on {} like segment {other:?}: two segments of one site need two VLANs or ports (the appliance tells them apart by where they arrive)",
+                            binding.0
+                        ),
+                    )
+                    .with_related(other_loc.clone(), "the other segment's binding");
+                    self.diags.push(d);
+                    self.broken_segments.insert(id);
+                }
+                None => {
+                    taken.insert((site, binding.0.clone()), (name, binding.1.clone()));
+                    self.segments[id.index()].binding = Some(binding.0);
+                }
+            }
         }
     }
 

@@ -63,6 +63,9 @@ pub struct Segment {
     /// `None` for the home-office segment, whose prefixes are the tenant's home-office pool.
     pub site: Option<SiteId>,
     pub prefixes: Vec<IpNet>,
+    /// Where the segment's traffic reaches its site's appliance; `None` for the home-office
+    /// segment (it arrives through the tunnel).
+    pub binding: Option<Binding>,
     pub description: Option<String>,
     pub loc: Loc,
 }
@@ -70,6 +73,46 @@ pub struct Segment {
 impl Segment {
     pub fn is_homeoffice(&self) -> bool {
         self.site.is_none()
+    }
+}
+
+/// Where a segment of a site reaches the site's appliance: the appliance takes a packet as the
+/// segment's only when it arrives there **and** its source lies in the segment's prefixes.
+///
+/// ```toml
+/// [segments.gaeste]
+/// kind = "guest"
+/// site = "rathaus"
+/// prefixes = ["10.20.100.0/24"]
+/// vlan = 100            # tagged on the appliance's LAN trunk; or: port = "lan2" (untagged)
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Binding {
+    /// Tagged with this VLAN id (1-4094) on the appliance's LAN trunk (the first `lan`
+    /// interface of its `gateway.toml`).
+    Vlan(u16),
+    /// Untagged on this interface of the appliance.
+    Port(String),
+    /// Untagged on the appliance's LAN interfaces: the only segment of its site, which names
+    /// neither (policies written before segments were bound keep working).
+    Lan,
+}
+
+impl Binding {
+    /// Whether a segment bound here takes a packet that arrived on `arrived`: the same VLAN or
+    /// port, or for a site's only, unbound segment ([`Binding::Lan`]) any untagged port.
+    pub fn admits(&self, arrived: &Binding) -> bool {
+        self == arrived || (*self == Binding::Lan && matches!(arrived, Binding::Port(_)))
+    }
+}
+
+impl std::fmt::Display for Binding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Binding::Vlan(id) => write!(f, "VLAN {id}"),
+            Binding::Port(p) => write!(f, "port {p}"),
+            Binding::Lan => f.write_str("the LAN port (untagged)"),
+        }
     }
 }
 
@@ -382,6 +425,34 @@ impl Policy {
         lookup_service(&self.tenants, &self.services, name, within)
     }
 
+    /// The segments of `site`, in the policy's order.
+    pub fn site_segments(&self, site: SiteId) -> impl Iterator<Item = SegmentId> + '_ {
+        (0..self.segments.len())
+            .map(|i| SegmentId(i as u32))
+            .filter(move |s| self.segments[s.index()].site == Some(site))
+    }
+
+    /// The segment of `site` that takes what arrives on `binding`, if any.
+    pub fn segment_on(&self, site: SiteId, binding: &Binding) -> Option<SegmentId> {
+        self.site_segments(site).find(|s| {
+            self.segments[s.index()]
+                .binding
+                .as_ref()
+                .is_some_and(|b| b.admits(binding))
+        })
+    }
+
+    /// The site `addr` belongs to (through its segment, or else the site's prefixes).
+    pub fn site_of(&self, addr: IpAddr) -> Option<SiteId> {
+        if let Some(seg) = self.segment_of(addr) {
+            return self.segments[seg.index()].site;
+        }
+        self.sites
+            .iter()
+            .position(|s| s.prefixes.iter().any(|p| p.contains(&addr)))
+            .map(|i| SiteId(i as u32))
+    }
+
     /// The segment an address belongs to (segments never overlap, the checker sees to that).
     pub fn segment_of(&self, addr: IpAddr) -> Option<SegmentId> {
         self.segments
@@ -424,6 +495,9 @@ impl Policy {
             }
             Decider::UnknownProtocol => {
                 "the policy names only tcp, udp and icmp; other protocols are denied".to_owned()
+            }
+            Decider::SegmentSpoof => {
+                "dropped as segment_spoof: the source address does not belong to the segment that arrives there".to_owned()
             }
         }
     }

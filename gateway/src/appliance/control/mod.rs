@@ -113,3 +113,84 @@ impl Counters {
         self.0.iter().map(|(k, v)| (*k, *v))
     }
 }
+
+/// The spoke's nftables drop counts (`segment_spoof`, `policy_guardrail`, …) as totals that
+/// never go down (`komnet_drops_total` is a counter), although the kernel's counters start
+/// again from zero whenever the `komnet` table is replaced: by a new policy, or by the guard
+/// after a flush. The driver reads the table's counters and feeds them in; packets counted
+/// between a reading and an unannounced reset (a flush) are the only ones lost.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NftDropTotals {
+    /// The kernel's counts at the last reading.
+    last: BTreeMap<String, u64>,
+    /// What tables that are gone had counted.
+    retired: BTreeMap<String, u64>,
+}
+
+impl NftDropTotals {
+    /// The counts of the installed table now; a count lower than the last one means the table
+    /// was replaced meanwhile (what it had counted is kept).
+    pub fn handle_reading(&mut self, now: &BTreeMap<&str, u64>) {
+        let mut reasons: Vec<String> = self.last.keys().cloned().collect();
+        reasons.extend(now.keys().map(|k| (*k).to_owned()));
+        for reason in reasons {
+            let current = now.get(reason.as_str()).copied().unwrap_or(0);
+            let last = self.last.entry(reason.clone()).or_default();
+            if current < *last {
+                *self.retired.entry(reason).or_default() += *last;
+            }
+            *last = current;
+        }
+    }
+
+    /// The table with counts `before` (read just now) is being replaced: its counts are kept,
+    /// and the new table starts from zero.
+    pub fn handle_replaced(&mut self, before: &BTreeMap<&str, u64>) {
+        self.handle_reading(before);
+        for (reason, last) in std::mem::take(&mut self.last) {
+            *self.retired.entry(reason).or_default() += last;
+        }
+    }
+
+    /// Totals by reason, zeros left out.
+    pub fn totals(&self) -> BTreeMap<String, u64> {
+        let mut out = self.retired.clone();
+        for (reason, n) in &self.last {
+            *out.entry(reason.clone()).or_default() += n;
+        }
+        out.retain(|_, n| *n > 0);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn counts(pairs: &[(&'static str, u64)]) -> BTreeMap<&'static str, u64> {
+        pairs.iter().copied().collect()
+    }
+
+    #[test]
+    fn nft_drop_totals_never_go_down_across_new_tables_and_flushes() {
+        let mut t = NftDropTotals::default();
+        t.handle_reading(&counts(&[("segment_spoof", 5)]));
+        t.handle_reading(&counts(&[("segment_spoof", 9), ("policy_default_deny", 2)]));
+        assert_eq!(t.totals()["segment_spoof"], 9);
+        // A new policy: the old table's counts are kept, the new one starts at zero and
+        // passes the old count before the next reading.
+        t.handle_replaced(&counts(&[
+            ("segment_spoof", 10),
+            ("policy_default_deny", 2),
+        ]));
+        t.handle_reading(&counts(&[("segment_spoof", 12)]));
+        assert_eq!(t.totals()["segment_spoof"], 22);
+        assert_eq!(t.totals()["policy_default_deny"], 2);
+        // A flush: no table (nothing read), then the reinstalled one counts again.
+        t.handle_reading(&counts(&[]));
+        assert_eq!(t.totals()["segment_spoof"], 22);
+        t.handle_reading(&counts(&[("segment_spoof", 1)]));
+        assert_eq!(t.totals()["segment_spoof"], 23);
+        assert!(!t.totals().contains_key("conntrack_invalid"));
+    }
+}
