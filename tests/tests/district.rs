@@ -945,3 +945,192 @@ fn a_flushed_firewall_does_not_open_a_spoke() {
     );
     drop(wanhost);
 }
+
+/// A process killed when the test ends, however it ends.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `netprobe serve tcp:ADDR:PORT` in `ns`, once it listens.
+fn serve_tcp(ns: &komnet_netns_tests::Netns, addr: &str, port: u16) -> Killed {
+    let mut child = Killed(
+        ns.command(netprobe())
+            .args(["serve", &format!("tcp:{addr}:{port}")])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("netprobe serve"),
+    );
+    let out = child.0.stdout.take().expect("stdout");
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(out), &mut line).expect("ready");
+    assert_eq!(line.trim(), "ready", "netprobe serve in {}", ns.name());
+    child
+}
+
+/// The district's policy as version `version`, Nohfelden's fragment with `extra` appended.
+fn policy_with(district: &District, version: u64, extra: &str) -> PathBuf {
+    let dir = district.dir.path().join(format!("policy-v{version}"));
+    copy_dir(&komnet_netns_tests::district::policy_dir(), &dir);
+    let op = dir.join("operator.toml");
+    let text = std::fs::read_to_string(&op).expect("operator.toml");
+    std::fs::write(
+        &op,
+        text.replace("version = 1", &format!("version = {version}")),
+    )
+    .expect("write");
+    let noh = dir.join("tenants/nohfelden.toml");
+    let mut text = std::fs::read_to_string(&noh).expect("nohfelden.toml");
+    text.push_str(extra);
+    std::fs::write(&noh, text).expect("write");
+    dir
+}
+
+#[test]
+fn staff_and_guests_of_one_town_hall_talk_only_where_a_rule_says_so_and_on_the_lan() {
+    // Issue 13: traffic between two segments of one town hall follows the policy (default
+    // deny), and what a rule allows is routed between the segments by the spoke itself, not
+    // through the tunnel (the hub never sees it), from the policy version on that allows it,
+    // without a restart, and no longer once a later version drops the rule.
+    require_root_and_tools();
+    let mut district = District::start(
+        &netprobe(),
+        Options {
+            two_hubs: false,
+            homeoffice: false,
+        },
+    )
+    .expect("district");
+    let noh = district.commune("nohfelden");
+    // A citizen terminal in the guest WLAN that the staff maintain remotely (VNC), and a staff
+    // PC that listens on the same port.
+    let _kiosk = serve_tcp(&noh.guest, &noh.guest_addr().to_string(), 5900);
+    let _staff_pc = serve_tcp(&noh.staff, &noh.staff_addr().to_string(), 5900);
+    let vnc = |addr| Destination {
+        label: "VNC",
+        addr,
+        port: 5900,
+    };
+    let staff_to_kiosk = (
+        Source {
+            label: "staff".into(),
+            netns: noh.staff.name().to_owned(),
+            addr: noh.staff_addr(),
+            origin: Origin::Address,
+        },
+        vnc(noh.guest_addr()),
+    );
+    let guest_to_staff = (
+        Source {
+            label: "guest".into(),
+            netns: noh.guest.name().to_owned(),
+            addr: noh.guest_addr(),
+            origin: Origin::Address,
+        },
+        vnc(noh.staff_addr()),
+    );
+    let reached = |district: &District, (source, dest): &(Source, Destination), ms| {
+        district
+            .probe(source, &[*dest], Duration::from_millis(ms))
+            .expect("probe")[0]
+    };
+    let hub_drops = |district: &District| -> u64 {
+        let status = district.hubs[0].status().expect("hub status");
+        status["drops"]
+            .as_object()
+            .map(|d| d.values().filter_map(serde_json::Value::as_u64).sum())
+            .unwrap_or(0)
+    };
+    let rules = |district: &District| {
+        district
+            .commune("nohfelden")
+            .gw
+            .exec(&["ip", "-4", "rule", "show"])
+            .expect("ip rule")
+    };
+    let pid = noh.spoke.pid();
+
+    // Version 1: no rule between the segments: denied both ways, and neither attempt went
+    // into the tunnel (the hub would have dropped and counted it).
+    let hub_before = hub_drops(&district);
+    assert!(
+        !reached(&district, &staff_to_kiosk, 1500),
+        "staff reached the kiosk"
+    );
+    assert!(
+        !reached(&district, &guest_to_staff, 1500),
+        "a guest reached a staff PC"
+    );
+    assert_eq!(
+        hub_drops(&district),
+        hub_before,
+        "traffic between the town hall's segments reached the hub"
+    );
+    let listed = rules(&district);
+    assert!(!listed.contains(" to 10.30."), "{listed}");
+
+    // Version 2 lets the staff reach the kiosk: the spoke routes it on the LAN at once.
+    let v2 = policy_with(
+        &district,
+        2,
+        "\n[services.buergerterminal]\ndescription = \"Bürgerterminal im Gäste-WLAN\"\n\
+         addresses = [\"10.30.100.10\"]\nports = [\"tcp/5900\"]\n\n\
+         [[rule]]\nname = \"terminal-support\"\nfrom = [\"verwaltung\"]\nto = [\"buergerterminal\"]\n",
+    );
+    district
+        .publish_policy(&v2, "policy-v2.bundle")
+        .expect("publish v2");
+    wait_version(&mut district, 2);
+    let hub_before = hub_drops(&district);
+    wait_until(
+        "staff to reach the kiosk in the guest WLAN",
+        Duration::from_secs(5),
+        || Ok(reached(&district, &staff_to_kiosk, 1000).then_some(())),
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", rules(&district)));
+    // The guests still do not reach the staff: the replies' route is no permission, the
+    // guest-isolation guardrail and the default deny still hold.
+    assert!(
+        !reached(&district, &guest_to_staff, 1500),
+        "a guest reached a staff PC"
+    );
+    assert_eq!(hub_drops(&district), hub_before, "the hub saw LAN traffic");
+    let listed = rules(&district);
+    assert!(
+        listed.contains("to 10.30.100.10 iif eth1 lookup main")
+            && listed.contains("to 10.30.1.0/24 iif guest0 lookup main"),
+        "{listed}"
+    );
+    assert_eq!(
+        district.commune("nohfelden").spoke.pid(),
+        pid,
+        "the spoke restarted"
+    );
+
+    // Version 3 drops the rule again: denied, and the LAN-to-LAN routes are gone.
+    let v3 = policy_with(&district, 3, "");
+    district
+        .publish_policy(&v3, "policy-v3.bundle")
+        .expect("publish v3");
+    wait_version(&mut district, 3);
+    wait_until(
+        "the LAN-to-LAN routes to go",
+        Duration::from_secs(5),
+        || Ok((!rules(&district).contains(" to 10.30.")).then_some(())),
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", rules(&district)));
+    assert!(
+        !reached(&district, &staff_to_kiosk, 1500),
+        "staff still reach the kiosk"
+    );
+    assert_eq!(
+        district.commune("nohfelden").spoke.pid(),
+        pid,
+        "the spoke restarted"
+    );
+}

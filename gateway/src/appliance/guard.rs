@@ -4,8 +4,9 @@
 //! gateway restarts. Two layers keep the town hall closed:
 //!
 //! - **The fence** ([`net::install_fence`]): policy-routing rules that no nftables command
-//!   touches. The kernel routes packets from a LAN interface only towards the tunnel's routes,
-//!   and prohibits everything else it would forward (WAN to LAN, LAN to WAN). Checked every
+//!   touches. The kernel routes packets from a LAN interface only towards the tunnel's routes
+//!   (and, between the site's segments, only where a rule lets them talk: `lan::plan`), and
+//!   prohibits everything else it would forward (WAN to LAN, LAN to WAN). Checked every
 //!   second and restored if someone changed it.
 //! - **The watcher**: `nft monitor` reports every change of the ruleset; any change that
 //!   touches the `komnet` table (its deletion by a flush, a rule removed) wakes the guard,
@@ -71,7 +72,7 @@ pub(super) fn install_ruleset(ctx: &Ctx, ruleset: nft::Ruleset) -> Result<(), nf
 /// Installs the fence and starts the guard (watcher and checker threads). Spoke only; call
 /// right after the closed table went in.
 pub(super) fn start_guard(ctx: &Arc<Ctx>) -> Result<()> {
-    net::install_fence(&ctx.config.interface, &ctx.config.lan, &[])
+    net::install_fence(&ctx.config.interface, &ctx.config.lan, &[], &[])
         .context("installing the forwarding fence (ip rule)")?;
     let (wake, woken) = sync_channel::<()>(1);
     let _ = ctx.guard_wake.set(wake.clone());
@@ -110,10 +111,12 @@ pub(super) fn keep_reverse_path(ctx: &Ctx) -> Result<(), net::NetError> {
 
 /// One round: the fence, reverse-path filtering, then the table.
 fn check(ctx: &Ctx) {
+    let local = ctx.state.lock().lan_local_routes.clone();
     match net::install_fence(
         &ctx.config.interface,
         &lan_interfaces(ctx),
         &tunnel_routes(ctx),
+        &local,
     ) {
         Ok(false) => {}
         Ok(true) => {

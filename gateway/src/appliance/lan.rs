@@ -7,7 +7,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::IpNet;
 use komnet_policy::nft::{Interfaces, NftError};
-use komnet_policy::{Binding, Policy, SiteId};
+use komnet_policy::{Binding, Policy, SegmentId, SiteId};
 
 /// What a spoke sets up on its LAN for a policy.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -25,6 +25,13 @@ pub struct LanPlan {
     /// `(segment, prefix)` of host routes (/32, /128): a single address has no room for a
     /// router beside the host it names.
     pub skipped: Vec<(String, IpNet)>,
+    /// `(interface, destination)`: LAN packets that arrive on the interface and go to the
+    /// destination are routed on the LAN (the fence's `lookup main`), not into the tunnel. For
+    /// every rule that lets a segment of the site reach a service in another of its segments:
+    /// the source's interfaces to the service's addresses (clipped to the segment's prefixes),
+    /// and, for the replies, the service segment's interfaces to the source's prefixes. Routing
+    /// alone, not permission: nftables still decides each packet (chain `intrasite`).
+    pub local_routes: Vec<(String, IpNet)>,
 }
 
 impl LanPlan {
@@ -40,7 +47,9 @@ impl LanPlan {
 /// interface are an error ([`Interfaces::site_segments`]).
 pub fn plan(policy: &Policy, site: SiteId, interfaces: &Interfaces) -> Result<LanPlan, NftError> {
     let mut plan = LanPlan::default();
-    for (seg, ifaces) in interfaces.site_segments(policy, site)? {
+    let bound = interfaces.site_segments(policy, site)?;
+    plan.local_routes = local_routes(policy, &bound);
+    for (seg, ifaces) in bound {
         let segment = &policy.segments[seg.index()];
         if let (Some(Binding::Vlan(id)), Some(name)) = (&segment.binding, ifaces.first()) {
             plan.vlans.push((name.clone(), *id));
@@ -64,6 +73,56 @@ pub fn plan(policy: &Policy, site: SiteId, interfaces: &Interfaces) -> Result<La
         }
     }
     Ok(plan)
+}
+
+/// The fence's LAN-to-LAN routes of a site whose segments arrive on `bound` (see
+/// [`LanPlan::local_routes`]). A service address that lies in no segment of the site (or a
+/// segment's own traffic on its only interface) needs none: it stays in the tunnel's lookup.
+fn local_routes(policy: &Policy, bound: &[(SegmentId, Vec<String>)]) -> Vec<(String, IpNet)> {
+    let mut out: Vec<(String, IpNet)> = Vec::new();
+    let mut add = |iif: &String, to: IpNet| {
+        let entry = (iif.clone(), to.trunc());
+        if !out.contains(&entry) {
+            out.push(entry);
+        }
+    };
+    for (from, from_ifaces) in bound {
+        for rule in policy.rules.iter().filter(|r| r.from.contains(from)) {
+            let addresses = rule
+                .to
+                .iter()
+                .flat_map(|svc| policy.services[svc.index()].addresses.iter());
+            for addr in addresses {
+                for (to, to_ifaces) in bound {
+                    if from == to && from_ifaces.len() < 2 {
+                        continue;
+                    }
+                    for prefix in &policy.segments[to.index()].prefixes {
+                        let dst = if prefix.contains(addr) {
+                            *addr
+                        } else if addr.contains(prefix) {
+                            *prefix
+                        } else {
+                            continue;
+                        };
+                        for iif in from_ifaces {
+                            add(iif, dst);
+                        }
+                        let back = policy.segments[from.index()]
+                            .prefixes
+                            .iter()
+                            .filter(|p| p.addr().is_ipv4() == dst.addr().is_ipv4());
+                        for source in back {
+                            for iif in to_ifaces {
+                                add(iif, *source);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    out
 }
 
 /// The first host address of `prefix` with the prefix's length; `None` for /32 and /128.
@@ -130,6 +189,16 @@ kind = "infra"
 site = "rathaus"
 prefixes = ["10.30.9.7/32", "fd00:30:0:9::7/128", "10.30.8.0/31"]
 port = "eth2"
+
+[services.kiosk]
+description = "Bürgerterminal im Gäste-WLAN, von der Verwaltung ferngewartet"
+addresses = ["10.30.100.20"]
+ports = ["tcp/5900"]
+
+[[rule]]
+name = "kiosk-support"
+from = ["verwaltung"]
+to = ["kiosk"]
 
 [segments.bauhof]
 kind = "staff"
@@ -209,6 +278,18 @@ prefixes = ["10.40.1.0/24"]
             [("eth1.100".to_owned(), 100), ("eth1.10".to_owned(), 10)]
         );
         assert_eq!(full.interfaces, ["eth2", "eth1.100", "eth1.10"]);
+        // Staff may reach the kiosk in the guest WLAN: routed between the two VLANs (the
+        // kiosk's address from the staff VLAN, the staff's IPv4 prefix back from the guests'),
+        // nothing else; the DMS and Tholey's file server stay in the tunnel's lookup.
+        let local: Vec<String> = full
+            .local_routes
+            .iter()
+            .map(|(i, d)| format!("{i} to {d}"))
+            .collect();
+        assert_eq!(
+            local,
+            ["eth1.10 to 10.30.100.20/32", "eth1.100 to 10.30.1.0/24"]
+        );
         // Another site of the same tenant (one unbound segment: on the LAN port), another
         // tenant's site of the same name.
         assert_eq!(lan(&p, "nohfelden", "bauhof").0, ["10.31.1.1/24 on eth1"]);
@@ -237,5 +318,12 @@ prefixes = ["10.40.1.0/24"]
         let (addrs, skipped) = lan(&p, "nohfelden", "rathaus");
         assert_eq!(addrs, ["10.30.100.1/24 on guest0", "10.30.1.1/24 on eth1"]);
         assert!(skipped.is_empty());
+        // No rule between its segments: nothing routed on the LAN.
+        let site = p.find_site("nohfelden/rathaus").unwrap();
+        let interfaces = Interfaces {
+            lan: vec!["eth1".into()],
+            tunnel: "komnet0".into(),
+        };
+        assert!(plan(&p, site, &interfaces).unwrap().local_routes.is_empty());
     }
 }

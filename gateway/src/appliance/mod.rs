@@ -110,6 +110,8 @@ struct ControlState {
     /// its site's segments arrive on (the fence and reverse-path filtering cover them).
     lan_vlans: Vec<(String, u16)>,
     lan_interfaces: Vec<String>,
+    /// Spoke: the fence's LAN-to-LAN routes for the policy in force (`LanPlan::local_routes`).
+    lan_local_routes: Vec<(String, IpNet)>,
     /// Spoke: the komnet table's drop counts (`segment_spoof`, …), kept across new tables.
     nft_drops: control::NftDropTotals,
     /// Drops of peers removed from the table (so `komnet_drops_total` never goes down).

@@ -296,6 +296,11 @@ pub fn sync_vlans(trunk: &str, wanted: &[(String, u16)]) -> Result<bool, NetErro
 
 /// First priority of the fence's policy-routing rules (before `main`, 32766).
 pub const FENCE_FIRST: u32 = 20_000;
+/// Priorities of the rules that route allowed flows between the site's segments on the LAN
+/// (`iif SEGMENT to PREFIX lookup main`), up to [`FENCE_LANS`].
+pub const FENCE_LOCAL_FIRST: u32 = 20_002;
+/// Priorities of the rules that send the rest of the LAN's packets into the tunnel.
+pub const FENCE_LANS: u32 = 20_500;
 /// The fence's last rule: `prohibit`, for everything no earlier rule let through.
 pub const FENCE_PROHIBIT: u32 = 20_999;
 /// The routing table that holds what the LAN may reach: the tunnel's routes, nothing else.
@@ -317,6 +322,8 @@ pub struct FenceRule {
     pub priority: u32,
     /// Packets that came in on this interface (`lo`: the appliance's own).
     pub iif: Option<String>,
+    /// Only packets to this prefix.
+    pub to: Option<IpNet>,
     pub action: FenceAction,
 }
 
@@ -325,6 +332,9 @@ impl FenceRule {
         let mut c = format!("rule {verb} priority {}", self.priority);
         if let Some(iif) = &self.iif {
             c += &format!(" iif {iif}");
+        }
+        if let Some(to) = &self.to {
+            c += &format!(" to {to}");
         }
         c += &match self.action {
             FenceAction::Main => " lookup main".to_owned(),
@@ -344,25 +354,40 @@ impl FenceRule {
 /// everything else that is not for the appliance itself (local delivery is decided before
 /// these rules) is prohibited, so the WAN never reaches the LAN. This mirrors the forward chain
 /// of the site's ruleset (LAN to tunnel, tunnel to LAN), which then narrows it to the policy.
-pub fn fence_rules(tunnel: &str, lans: &[String]) -> Vec<FenceRule> {
-    let rule = |priority, iif: &str, action| FenceRule {
+///
+/// `local` (`lan::LanPlan::local_routes`, of this family): flows between the site's segments
+/// that a rule allows, and their replies, are routed on the LAN instead (`iif SEG to PREFIX
+/// lookup main`, before the tunnel's lookup); the forward chain's `intrasite` decides each
+/// packet. While no table is loaded these pairs are open at the routing layer, as the tunnel
+/// is: only between segments some rule already lets talk.
+pub fn fence_rules(tunnel: &str, lans: &[String], local: &[(String, IpNet)]) -> Vec<FenceRule> {
+    let rule = |priority, iif: &str, to, action| FenceRule {
         priority,
         iif: Some(iif.to_owned()),
+        to,
         action,
     };
     let mut rules = vec![
-        rule(FENCE_FIRST, "lo", FenceAction::Main),
-        rule(FENCE_FIRST + 1, tunnel, FenceAction::Main),
+        rule(FENCE_FIRST, "lo", None, FenceAction::Main),
+        rule(FENCE_FIRST + 1, tunnel, None, FenceAction::Main),
     ];
+    let mut priority = FENCE_LOCAL_FIRST;
+    for (iif, to) in local {
+        if priority < FENCE_LANS && iif != "lo" && iif != tunnel {
+            rules.push(rule(priority, iif, Some(to.trunc()), FenceAction::Main));
+            priority += 1;
+        }
+    }
     for (i, lan) in lans.iter().enumerate() {
-        let priority = FENCE_FIRST + 2 + i as u32;
+        let priority = FENCE_LANS + i as u32;
         if priority < FENCE_PROHIBIT && lan != "lo" {
-            rules.push(rule(priority, lan, FenceAction::Tunnel));
+            rules.push(rule(priority, lan, None, FenceAction::Tunnel));
         }
     }
     rules.push(FenceRule {
         priority: FENCE_PROHIBIT,
         iif: None,
+        to: None,
         action: FenceAction::Prohibit,
     });
     rules
@@ -396,10 +421,21 @@ pub fn parse_fence_rules(json: &str) -> Result<Vec<FenceRule>, NetError> {
             // Something else at our priorities: never what the fence wants, so it goes.
             _ => FenceAction::Main,
         };
-        let other = r.get("dst").is_some() || r.get("src").is_some_and(|s| s != "all");
+        // `to PREFIX`: `dst` and `dstlen` (no `dstlen` for a single address).
+        let to = match r["dst"].as_str() {
+            None => None,
+            Some(dst) => dst.parse::<IpAddr>().ok().and_then(|a| {
+                let full = if a.is_ipv4() { 32 } else { 128 };
+                let len = r["dstlen"].as_u64().unwrap_or(full);
+                IpNet::new(a, u8::try_from(len).ok()?).ok()
+            }),
+        };
+        let other =
+            (r.get("dst").is_some() && to.is_none()) || r.get("src").is_some_and(|s| s != "all");
         out.push(FenceRule {
             priority,
             iif: r["iif"].as_str().map(str::to_owned),
+            to,
             action,
         });
         if other {
@@ -512,12 +548,22 @@ fn ip_json(args: &[&str]) -> Result<String, NetError> {
 /// Installs (or corrects) the spoke's fence for both families: its rules, and its table with
 /// `routes` into `tunnel` (while the tunnel does not exist yet, the table stays empty and the
 /// LAN reaches nothing). Returns whether anything had to change.
-pub fn install_fence(tunnel: &str, lans: &[String], routes: &[IpNet]) -> Result<bool, NetError> {
+pub fn install_fence(
+    tunnel: &str,
+    lans: &[String],
+    routes: &[IpNet],
+    local: &[(String, IpNet)],
+) -> Result<bool, NetError> {
     let mut changed = false;
     let table = FENCE_TABLE.to_string();
     for (flag, v6) in [("-4", false), ("-6", true)] {
         let current = parse_fence_rules(&ip_json(&[flag, "-j", "rule", "show"])?)?;
-        let cmds = fence_commands(&current, &fence_rules(tunnel, lans));
+        let local: Vec<(String, IpNet)> = local
+            .iter()
+            .filter(|(_, to)| to.addr().is_ipv6() == v6)
+            .cloned()
+            .collect();
+        let cmds = fence_commands(&current, &fence_rules(tunnel, lans, &local));
         if !cmds.is_empty() {
             changed = true;
             ip_batch_family(
@@ -554,7 +600,7 @@ mod tests {
     #[test]
     fn the_fence_sends_the_lan_only_into_the_tunnel() {
         let lans = vec!["staff0".to_owned(), "guest0".to_owned()];
-        let text: Vec<String> = fence_rules("komnet0", &lans)
+        let text: Vec<String> = fence_rules("komnet0", &lans, &[])
             .iter()
             .map(|r| r.command("add"))
             .collect();
@@ -563,9 +609,26 @@ mod tests {
             [
                 "rule add priority 20000 iif lo lookup main",
                 "rule add priority 20001 iif komnet0 lookup main",
-                "rule add priority 20002 iif staff0 lookup 20000",
-                "rule add priority 20003 iif guest0 lookup 20000",
+                "rule add priority 20500 iif staff0 lookup 20000",
+                "rule add priority 20501 iif guest0 lookup 20000",
                 "rule add priority 20999 prohibit",
+            ]
+        );
+        // A rule lets staff reach a kiosk among the guests: that flow and its replies are
+        // routed on the LAN, before the tunnel's lookup.
+        let local = vec![
+            ("staff0".to_owned(), "10.30.100.20/32".parse().unwrap()),
+            ("guest0".to_owned(), "10.30.1.7/24".parse().unwrap()),
+        ];
+        let text: Vec<String> = fence_rules("komnet0", &lans, &local)
+            .iter()
+            .map(|r| r.command("add"))
+            .collect();
+        assert_eq!(
+            text[2..4],
+            [
+                "rule add priority 20002 iif staff0 to 10.30.100.20/32 lookup main",
+                "rule add priority 20003 iif guest0 to 10.30.1.0/24 lookup main",
             ]
         );
     }
@@ -574,12 +637,12 @@ mod tests {
     fn what_ip_prints_is_read_back_and_only_differences_are_changed() {
         let json = r#"[{"priority":0,"src":"all","table":"local"},
             {"priority":20000,"src":"all","iif":"lo","table":"main"},
-            {"priority":20002,"src":"all","iif":"staff0","table":"20000"},
+            {"priority":20500,"src":"all","iif":"staff0","table":"20000"},
             {"priority":20999,"src":"all","action":"prohibit"},
             {"priority":32766,"src":"all","table":"main"}]"#;
         let current = parse_fence_rules(json).unwrap();
         assert_eq!(current.len(), 3);
-        let wanted = fence_rules("komnet0", &["staff0".to_owned()]);
+        let wanted = fence_rules("komnet0", &["staff0".to_owned()], &[]);
         // Only the tunnel's rule is missing.
         assert_eq!(
             fence_commands(&current, &wanted),
@@ -593,11 +656,31 @@ mod tests {
         let mut all = current.clone();
         all.push(wanted[1].clone());
         assert!(fence_commands(&all, &wanted).is_empty());
-        let odd = r#"[{"priority":20002,"src":"all","dst":"10.0.0.0","dstlen":8,"iif":"staff0","table":"20000"}]"#;
+        let odd = r#"[{"priority":20500,"src":"all","dst":"10.0.0.0","dstlen":8,"iif":"staff0","table":"20000"}]"#;
         let cmds = fence_commands(&parse_fence_rules(odd).unwrap(), &wanted);
         assert!(
-            cmds.contains(&"rule del priority 20002".to_owned()),
+            cmds.contains(&"rule del priority 20500".to_owned()),
             "{cmds:?}"
+        );
+        // The LAN-to-LAN rules read back as written (a single address without `dstlen`); one
+        // the policy no longer allows goes.
+        let local = vec![
+            ("staff0".to_owned(), "10.30.100.20/32".parse().unwrap()),
+            ("guest0".to_owned(), "10.30.1.0/24".parse().unwrap()),
+        ];
+        let lans = ["staff0".to_owned(), "guest0".to_owned()];
+        let json = r#"[{"priority":20000,"src":"all","iif":"lo","table":"main"},
+            {"priority":20001,"src":"all","iif":"komnet0","table":"main"},
+            {"priority":20002,"src":"all","dst":"10.30.100.20","iif":"staff0","table":"main"},
+            {"priority":20003,"src":"all","dst":"10.30.1.0","dstlen":24,"iif":"guest0","table":"main"},
+            {"priority":20500,"src":"all","iif":"staff0","table":"20000"},
+            {"priority":20501,"src":"all","iif":"guest0","table":"20000"},
+            {"priority":20999,"src":"all","action":"prohibit"}]"#;
+        let current = parse_fence_rules(json).unwrap();
+        assert!(fence_commands(&current, &fence_rules("komnet0", &lans, &local)).is_empty());
+        assert_eq!(
+            fence_commands(&current, &fence_rules("komnet0", &lans, &[])),
+            ["rule del priority 20002", "rule del priority 20003"]
         );
     }
 

@@ -47,6 +47,7 @@ pub(super) async fn put_in_force(
                 let mut s = ctx.state.lock();
                 s.lan_vlans = plan.vlans.clone();
                 s.lan_interfaces = plan.interfaces.clone();
+                s.lan_local_routes = plan.local_routes.clone();
                 if ctx.config.lan_addresses {
                     for (segment, prefix) in &plan.skipped {
                         tracing::warn!(
