@@ -19,6 +19,8 @@
 # Usage: sudo benches/flood.sh [target/release/komnet-gateway]
 #   RUNS=3 SECONDS_FLOOD=8 RATE=0 (0: as fast as the generator goes) THREADS=1 GSO=1
 #   SCENARIOS="1 1000" (sources) DAEMONS="komnet wggo2023"
+#   BASE=<another komnet-gateway binary>: runs it too, as daemon "baseline" (e.g. a build before
+#   a change, measured in the same run)
 # Needs: target/release/komnet-flood (cargo build --release -p komnet-flood), wg, ping, and
 # wireguard-go 0.0.20231211, which scripts/wireguard-go-2023.sh fetches on first use.
 # Namespaces, veths and processes are removed on exit, also on failure.
@@ -30,7 +32,14 @@ FLOOD=$(readlink -f "${KOMNET_FLOOD:-target/release/komnet-flood}")
 [ -x "$FLOOD" ] || bdie "no $FLOOD: cargo build --release -p komnet-flood"
 RUNS=${RUNS:-3}; SECONDS_FLOOD=${SECONDS_FLOOD:-8}; RATE=${RATE:-0}
 THREADS=${THREADS:-1}; GSO=${GSO:-1}
-SCENARIOS=${SCENARIOS:-"1 1000"}; DAEMONS=${DAEMONS:-"komnet wggo2023"}
+SCENARIOS=${SCENARIOS:-"1 1000"}
+BASE=${BASE:-}
+if [ -n "$BASE" ]; then
+    BASE=$(readlink -f "$BASE"); [ -x "$BASE" ] || bdie "BASE=$BASE is not executable"
+    DAEMONS=${DAEMONS:-"komnet baseline wggo2023"}
+else
+    DAEMONS=${DAEMONS:-"komnet wggo2023"}
+fi
 LEGIT=$(command -v wireguard-go) || bdie "Debian's wireguard-go (the legitimate peer) missing: scripts/setup.sh bench"
 bench_require
 REF=$(wggo_2023)
@@ -182,6 +191,7 @@ for sources in $SCENARIOS; do
         case $d in
             komnet) bin=$BIN; name=komnet-gateway ;;
             wggo2023) bin=$REF; name=wireguard-go-2023 ;;
+            baseline) [ -n "$BASE" ] || bdie "daemon baseline needs BASE=<binary>"; bin=$BASE; name=baseline ;;
             *) bdie "unknown daemon $d" ;;
         esac
         firsts=(); ok=0; cpus=(); replies=(); rates=(); losses=(); delivs=(); qdrops=(); busy=()

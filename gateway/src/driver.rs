@@ -1,7 +1,8 @@
 //! The I/O driver: moves batches between the TUN device and the UDP sockets through the core.
 //!
 //! One thread per direction (plus one for timers), so encryption and decryption run on both
-//! cores of a small appliance. What makes a userspace path fast here is batching carried
+//! cores of a small appliance; received handshake messages have a queue and a thread of their
+//! own (see [`Sockets`]). What makes a userspace path fast here is batching carried
 //! through the whole pipeline (anchors.md, measured on these machines):
 //! - TUN with offloads (tun-rs, `IFF_VNET_HDR` + `TUNSETOFFLOAD`): the kernel hands us TCP
 //!   super-packets of up to 64 KiB that tun-rs splits into MTU-sized segments, and on the way
@@ -72,11 +73,20 @@ struct Udp {
     state: ArcSwap<UdpSocketState>,
 }
 
-/// The bound UDP sockets (IPv4 and, where the host has it, IPv6) on one port.
+/// The bound UDP sockets (IPv4 and, where the host has it, IPv6) on one port. Each family
+/// has two receive queues: the data socket, which also sends everything, and a handshake
+/// socket in the same `SO_REUSEPORT` group that the kernel hands every datagram but data
+/// messages (see [`sys::steer_by_message_type`]); each has its own receive thread. A flood of
+/// handshake initiations then fills the handshake socket's queue only: established sessions'
+/// packets neither wait behind it nor are dropped by the kernel when it is full, however
+/// little CPU the daemon gets meanwhile (issue 14, docs/architecture.md). Where the kernel
+/// refuses the steering, the data socket receives everything, as one socket did before.
 #[derive(Debug)]
 pub struct Sockets {
     v4: Option<Udp>,
     v6: Option<Udp>,
+    hs_v4: Option<Udp>,
+    hs_v6: Option<Udp>,
     port: u16,
     /// Route MTUs by destination, looked up when a GSO send's segments are larger than any
     /// path is sure to carry (see `gso_fits`).
@@ -89,7 +99,7 @@ const ALWAYS_FITS: usize = 1280 - 48;
 /// How long a looked-up route MTU is trusted.
 const ROUTE_MTU_TTL: std::time::Duration = std::time::Duration::from_secs(5);
 
-fn bind_one(addr: SocketAddr, fwmark: u32) -> io::Result<Udp> {
+fn new_socket(addr: SocketAddr) -> io::Result<Socket> {
     let domain = if addr.is_ipv4() {
         Domain::IPV4
     } else {
@@ -98,6 +108,14 @@ fn bind_one(addr: SocketAddr, fwmark: u32) -> io::Result<Udp> {
     let sock = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))?;
     if addr.is_ipv6() {
         sock.set_only_v6(true)?;
+    }
+    Ok(sock)
+}
+
+fn bind_one(addr: SocketAddr, fwmark: u32, reuse_port: bool) -> io::Result<Udp> {
+    let sock = new_socket(addr)?;
+    if reuse_port {
+        sock.set_reuse_port(true)?;
     }
     if fwmark != 0 {
         sock.set_mark(fwmark)?;
@@ -124,25 +142,49 @@ fn socket_state(sock: &UdpSocket) -> io::Result<UdpSocketState> {
     Ok(state)
 }
 
+/// The data socket of one family at `addr` and, where the kernel allows, its handshake socket
+/// (see [`Sockets`]).
+fn bind_family(addr: SocketAddr, fwmark: u32) -> io::Result<(Udp, Option<Udp>)> {
+    if addr.port() != 0 {
+        // The port must be free, as for a socket without SO_REUSEPORT: a second daemon on the
+        // same port is refused here instead of sharing the port's datagrams.
+        new_socket(addr)?.bind(&addr.into())?;
+    }
+    let data = bind_one(addr, fwmark, true)?;
+    let mut at = addr;
+    at.set_port(data.sock.local_addr()?.port());
+    let handshakes = bind_one(at, fwmark, true)
+        .and_then(|hs| sys::steer_by_message_type(&data.sock).map(|()| hs));
+    match handshakes {
+        Ok(hs) => Ok((data, Some(hs))),
+        Err(e) => {
+            tracing::warn!(error = %e, %at, "no separate receive queue for handshakes");
+            Ok((data, None))
+        }
+    }
+}
+
 impl Sockets {
     /// Binds port `port` (0: a free port, the same for both families) with `fwmark`.
     pub fn bind(port: u16, fwmark: u32) -> io::Result<Self> {
         let mut last_err = None;
         // With port 0 the IPv6 bind can lose a race for the port the IPv4 bind picked: retry.
         for _ in 0..if port == 0 { 10 } else { 1 } {
-            let v4 = bind_one(
+            let (v4, hs_v4) = bind_family(
                 SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port).into(),
                 fwmark,
             )?;
             let bound = v4.sock.local_addr()?.port();
-            match bind_one(
+            match bind_family(
                 SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, bound, 0, 0).into(),
                 fwmark,
             ) {
-                Ok(v6) => {
+                Ok((v6, hs_v6)) => {
                     return Ok(Self {
                         v4: Some(v4),
                         v6: Some(v6),
+                        hs_v4,
+                        hs_v6,
                         port: bound,
                         route_mtus: Mutex::default(),
                     })
@@ -151,6 +193,8 @@ impl Sockets {
                     return Ok(Self {
                         v4: Some(v4),
                         v6: None,
+                        hs_v4,
+                        hs_v6: None,
                         port: bound,
                         route_mtus: Mutex::default(),
                     });
@@ -166,7 +210,10 @@ impl Sockets {
     }
 
     pub fn set_fwmark(&self, mark: u32) -> io::Result<()> {
-        for u in self.v4.iter().chain(self.v6.iter()) {
+        for u in [&self.v4, &self.v6, &self.hs_v4, &self.hs_v6]
+            .into_iter()
+            .flatten()
+        {
             SockRef::from(&u.sock).set_mark(mark)?;
         }
         Ok(())
@@ -276,7 +323,8 @@ pub struct Shared {
     /// Written to when the sockets change, so the receive thread, blocked in `poll` on the
     /// old ones, picks up the new ones at once (a `wg set listen-port` right before the first
     /// packet must not cost up to a poll timeout).
-    sockets_changed: (std::io::PipeReader, std::io::PipeWriter),
+    /// One per receive thread ([`Lane`]).
+    sockets_changed: [(std::io::PipeReader, std::io::PipeWriter); 2],
     shutdown: AtomicBool,
 }
 
@@ -303,7 +351,7 @@ impl Shared {
             tun,
             ifname,
             sockets: ArcSwap::from_pointee(sockets),
-            sockets_changed: std::io::pipe()?,
+            sockets_changed: [std::io::pipe()?, std::io::pipe()?],
             shutdown: AtomicBool::new(false),
         }))
     }
@@ -348,7 +396,9 @@ impl Shared {
     pub fn replace_sockets(&self, sockets: Sockets) {
         self.sockets.store(Arc::new(sockets));
         // A full pipe already holds a wake-up; nothing is lost if this write fails.
-        let _ = (&self.sockets_changed.1).write(&[1]);
+        for (_, wake) in &self.sockets_changed {
+            let _ = (&*wake).write(&[1]);
+        }
     }
 
     pub fn stop(&self) {
@@ -410,7 +460,11 @@ pub fn spawn(shared: &Arc<Shared>, events: &Sender<Event>) -> io::Result<()> {
     let (s, e) = (shared.clone(), events.clone());
     std::thread::Builder::new()
         .name("udp-to-tun".into())
-        .spawn(move || inbound(&s, &e))?;
+        .spawn(move || inbound(&s, &e, Lane::Data))?;
+    let (s, e) = (shared.clone(), events.clone());
+    std::thread::Builder::new()
+        .name("udp-handshakes".into())
+        .spawn(move || inbound(&s, &e, Lane::Handshakes))?;
     let s = shared.clone();
     std::thread::Builder::new()
         .name("timers".into())
@@ -595,8 +649,19 @@ fn send_runs(shared: &Shared, sockets: &Sockets, out: &[u8], sends: &[Outgoing])
     }
 }
 
-/// UDP → decrypt → TUN.
-fn inbound(shared: &Shared, events: &Sender<Event>) {
+/// Which of a family's two receive queues a receive thread serves (see [`Sockets`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lane {
+    /// Data messages (and everything, where there is no handshake socket).
+    Data = 0,
+    /// Handshake initiations and responses, cookie replies, and anything not a data message.
+    Handshakes = 1,
+}
+
+/// UDP → decrypt → TUN, for the sockets of one [`Lane`]. Both lanes take the same path
+/// through the core (which decides by message type anyway); they differ in the queue they
+/// drain.
+fn inbound(shared: &Shared, events: &Sender<Event>, lane: Lane) {
     let mut rx = vec![0u8; quinn_udp::BATCH_SIZE * RX_SLOT];
     let mut metas = [RecvMeta::default(); quinn_udp::BATCH_SIZE];
     // Capacity for a full 64 KiB coalesced packet: tun-rs appends GRO segments to the first
@@ -609,9 +674,13 @@ fn inbound(shared: &Shared, events: &Sender<Event>) {
     let mut hairpin = Hairpin::new(shared.has_gate());
     while !shared.stopping() {
         let sockets = shared.sockets();
-        let socks = [sockets.v4.as_ref(), sockets.v6.as_ref()];
+        let socks = match lane {
+            Lane::Data => [sockets.v4.as_ref(), sockets.v6.as_ref()],
+            Lane::Handshakes => [sockets.hs_v4.as_ref(), sockets.hs_v6.as_ref()],
+        };
         let [v4, v6] = socks.map(|s| s.map_or(-1, |u| u.sock.as_raw_fd()));
-        let wake = shared.sockets_changed.0.as_raw_fd();
+        let changed = &shared.sockets_changed[lane as usize].0;
+        let wake = changed.as_raw_fd();
         let ready = match sys::wait_ready(&[v4, v6, wake], false, POLL_MS) {
             Ok(r) => r,
             Err(e) => {
@@ -621,7 +690,7 @@ fn inbound(shared: &Shared, events: &Sender<Event>) {
         };
         if ready & 0b100 != 0 {
             // Drain the wake-up (poll said it is readable, so this does not block) and reload.
-            let _ = (&shared.sockets_changed.0).read(&mut [0u8; 64]);
+            let _ = (&*changed).read(&mut [0u8; 64]);
             continue;
         }
         for (i, udp) in socks
@@ -866,5 +935,72 @@ fn timers(shared: &Shared) {
             core.update_timers(now);
         }
         shared.flush_pending();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::packet::{HANDSHAKE_INIT_LEN, MSG_DATA, MSG_HANDSHAKE_INIT};
+
+    /// Reads everything queued on `sock`; returns the first bytes of each datagram.
+    fn drain(sock: &UdpSocket) -> Vec<u8> {
+        let mut buf = [0u8; 2048];
+        let mut types = Vec::new();
+        while let Ok((n, _)) = sock.recv_from(&mut buf) {
+            if n > 0 {
+                types.push(buf[0]);
+            }
+        }
+        types
+    }
+
+    #[test]
+    fn a_full_handshake_queue_does_not_drop_data_messages() {
+        let sockets = Sockets::bind(0, 0).expect("bind");
+        let to = SocketAddr::from((Ipv4Addr::LOCALHOST, sockets.port()));
+        let flood = UdpSocket::bind("127.0.0.1:0").expect("flood socket");
+        let mut init = [0u8; HANDSHAKE_INIT_LEN];
+        init[0] = MSG_HANDSHAKE_INIT;
+        // Far more than a receive queue holds (14 MiB at most; each datagram takes about
+        // 1 KiB of it), with nobody reading: the kernel drops the rest.
+        const FLOOD: usize = 40_000;
+        for _ in 0..FLOOD {
+            let _ = flood.send_to(&init, to);
+        }
+        let mut data = [0u8; 64];
+        data[0] = MSG_DATA;
+        flood.send_to(&data, to).expect("send data");
+        let data_lane = drain(&sockets.v4.as_ref().expect("v4").sock);
+        let handshake_lane = sockets
+            .hs_v4
+            .as_ref()
+            .map(|u| drain(&u.sock))
+            .unwrap_or_default();
+        let handshakes = data_lane
+            .iter()
+            .chain(&handshake_lane)
+            .filter(|&&t| t == MSG_HANDSHAKE_INIT)
+            .count();
+        assert!(
+            handshakes < FLOOD,
+            "the receive queue held all {FLOOD} initiations: the test did not fill it"
+        );
+        assert_eq!(
+            data_lane.iter().filter(|&&t| t == MSG_DATA).count(),
+            1,
+            "the data message was dropped behind {handshakes} queued initiations"
+        );
+        assert!(
+            !data_lane.contains(&MSG_HANDSHAKE_INIT),
+            "initiations reached the data socket's queue"
+        );
+    }
+
+    #[test]
+    fn a_second_daemon_on_the_same_port_is_refused() {
+        let first = Sockets::bind(0, 0).expect("bind");
+        let err = Sockets::bind(first.port(), 0).expect_err("a second bind of the port");
+        assert_eq!(err.kind(), io::ErrorKind::AddrInUse, "{err}");
     }
 }

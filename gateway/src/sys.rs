@@ -123,6 +123,46 @@ pub(crate) fn wait_ready(fds: &[i32], write: bool, timeout_ms: i32) -> io::Resul
     Ok(ready)
 }
 
+/// Steers the datagrams a `SO_REUSEPORT` group of UDP sockets receives by WireGuard message
+/// type: data messages (type 4) to the group's first socket, everything else (handshake
+/// initiations and responses, cookie replies, junk) to its second. So a handshake flood fills
+/// the second socket's receive queue, never the first's, and established sessions' packets are
+/// not dropped by the kernel behind it (issue 14). A classic BPF program: for a reuseport
+/// group the kernel runs it with the packet's data at the UDP payload, and its return value is
+/// the index of the socket (in the order they joined the group).
+pub(crate) fn steer_by_message_type(fd: &impl AsRawFd) -> io::Result<()> {
+    const BPF_LD_B_ABS: u16 = 0x30; // A = payload[k] (a too-short payload ends the program: 0)
+    const BPF_JEQ_K: u16 = 0x15; // A == k ? skip jt : skip jf
+    const BPF_RET_K: u16 = 0x06; // return k
+    let insn = |code, jt, jf, k| libc::sock_filter { code, jt, jf, k };
+    let mut program = [
+        insn(BPF_LD_B_ABS, 0, 0, 0),
+        insn(BPF_JEQ_K, 0, 1, u32::from(crate::packet::MSG_DATA)),
+        insn(BPF_RET_K, 0, 0, 0),
+        insn(BPF_RET_K, 0, 0, 1),
+    ];
+    let fprog = libc::sock_fprog {
+        len: program.len() as u16,
+        filter: program.as_mut_ptr(),
+    };
+    // SAFETY: `fd` is a live socket borrowed for the call; `fprog` points at `program`, which
+    // outlives the call (the kernel copies the program), and we pass its exact size.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_REUSEPORT_CBPF,
+            (&fprog as *const libc::sock_fprog).cast(),
+            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// Sets `IFLA_GSO_MAX_SIZE` of interface `ifindex` over rtnetlink: the largest TSO
 /// super-packet the kernel hands us on that TUN device.
 pub(crate) fn set_gso_max_size(ifindex: u32, size: u32) -> io::Result<()> {
