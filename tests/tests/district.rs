@@ -34,6 +34,27 @@ fn counter(status: &serde_json::Value, group: &str, key: &str) -> u64 {
     status[group][key].as_u64().unwrap_or(0)
 }
 
+/// The WireGuard key an appliance's enrollment file (`DATA_DIR/<file>`) was issued for.
+fn enrolled_key(data_dir: &Path, file: &str) -> String {
+    let text = std::fs::read_to_string(data_dir.join(file)).expect("enrollment file");
+    let v: serde_json::Value = serde_json::from_str(&text).expect("enrollment JSON");
+    v["identity"]["wg_public_key"]
+        .as_str()
+        .expect("key")
+        .to_owned()
+}
+
+/// The keys a hub's status lists for tenant/site.
+fn hub_keys(status: &serde_json::Value, tenant: &str, site: &str) -> Vec<String> {
+    status["peers"]
+        .as_array()
+        .expect("peers")
+        .iter()
+        .filter(|p| p["tenant"] == tenant && p["site"] == site)
+        .filter_map(|p| p["public_key"].as_str().map(str::to_owned))
+        .collect()
+}
+
 #[test]
 fn district_matrix_revocation_spoofing_and_homeoffice() {
     require_root_and_tools();
@@ -770,14 +791,7 @@ fn an_image_spoke_waits_refuses_a_spent_token_then_enrols_and_takes_its_lan_addr
     // replaced box (the district's Nohfelden spoke, its certificate still valid, still running)
     // is withdrawn at the hub: its LAN reaches nothing any more, and the hub lists one key for
     // the site, the new one.
-    let new_key = {
-        let text = std::fs::read_to_string(data.join("enrollment.json")).expect("enrollment");
-        let v: serde_json::Value = serde_json::from_str(&text).expect("JSON");
-        v["identity"]["wg_public_key"]
-            .as_str()
-            .expect("key")
-            .to_owned()
-    };
+    let new_key = enrolled_key(&data, "enrollment.json");
     let noh = staff(&district, "nohfelden");
     let dms = dest("DMS (Kreis)");
     wait_until(
@@ -792,14 +806,7 @@ fn an_image_spoke_waits_refuses_a_spent_token_then_enrols_and_takes_its_lan_addr
     )
     .expect("the replaced appliance still reaches the DMS");
     let hub = district.hubs[0].status().expect("hub status");
-    let keys: Vec<&str> = hub["peers"]
-        .as_array()
-        .expect("peers")
-        .iter()
-        .filter(|p| p["tenant"] == "nohfelden" && p["site"] == "rathaus")
-        .filter_map(|p| p["public_key"].as_str())
-        .collect();
-    assert_eq!(keys, vec![new_key.as_str()], "{hub:#}");
+    assert_eq!(hub_keys(&hub, "nohfelden", "rathaus"), [new_key], "{hub:#}");
 
     // Issue 13: a policy that moves the guests to another port takes effect without a
     // restart: the address leaves guest0 for guest1, and the firewall takes the guests'
@@ -1033,14 +1040,7 @@ fn an_appliance_whose_certificate_expired_while_off_enrols_again_from_a_new_toke
         "the first certificate should have expired already: {enrolled:#}"
     );
     let data = appliance.spoke.data_dir.clone();
-    let enrollment_key = |file: &str| -> String {
-        let text = std::fs::read_to_string(data.join(file)).expect("enrollment file");
-        let v: serde_json::Value = serde_json::from_str(&text).expect("enrollment JSON");
-        v["identity"]["wg_public_key"]
-            .as_str()
-            .expect("key")
-            .to_owned()
-    };
+    let enrollment_key = |file: &str| enrolled_key(&data, file);
     let old_key = enrollment_key("enrollment.json");
 
     // Switched off; meanwhile the service runs on time again.
@@ -1101,14 +1101,7 @@ fn an_appliance_whose_certificate_expired_while_off_enrols_again_from_a_new_toke
         "the re-enrolled town hall does not reach the DMS"
     );
     let hub = district.hubs[0].status().expect("hub status");
-    let tholey_keys: Vec<&str> = hub["peers"]
-        .as_array()
-        .expect("peers")
-        .iter()
-        .filter(|p| p["tenant"] == "tholey" && p["site"] == "rathaus")
-        .filter_map(|p| p["public_key"].as_str())
-        .collect();
-    assert_eq!(tholey_keys, vec![new_key.as_str()], "{hub:#}");
+    assert_eq!(hub_keys(&hub, "tholey", "rathaus"), [new_key], "{hub:#}");
 }
 
 /// Issue 15, part 1: the renewal loop end to end. The district is enrolled by a service whose
