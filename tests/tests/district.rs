@@ -878,15 +878,6 @@ fn an_image_spoke_waits_refuses_a_spent_token_then_enrols_and_takes_its_lan_addr
         .spoke
         .wait_running(3, Duration::from_secs(20))
         .expect("version 3 in force");
-    let reported = appliance
-        .spoke
-        .wait_status("the missing port reported", Duration::from_secs(10), |s| {
-            s["lan_errors"].as_array().is_some_and(|e| {
-                e.iter()
-                    .any(|e| e.as_str().is_some_and(|e| e.contains("guest7")))
-            })
-        })
-        .expect("lan_errors names guest7");
     wait_until(
         "the staff's second gateway address on eth1",
         Duration::from_secs(10),
@@ -898,7 +889,16 @@ fn an_image_spoke_waits_refuses_a_spent_token_then_enrols_and_takes_its_lan_addr
             .then_some(()))
         },
     )
-    .unwrap_or_else(|e| panic!("{e}: {reported:#}"));
+    .expect("the staff's addresses on eth1");
+    appliance
+        .spoke
+        .wait_status("the missing port reported", Duration::from_secs(10), |s| {
+            s["lan_errors"].as_array().is_some_and(|e| {
+                e.iter()
+                    .any(|e| e.as_str().is_some_and(|e| e.contains("guest7")))
+            })
+        })
+        .expect("lan_errors names guest7");
     assert_eq!(appliance.spoke.pid(), pid, "the spoke restarted");
 }
 
