@@ -334,6 +334,7 @@ impl Policy {
             b.load_fragment(f);
         }
         b.finish_checks();
+        b.note_hidden();
         diags.append(&mut b.diags);
         // A group named by several rules reports its unknown member once, not once per rule.
         let mut seen = std::collections::HashSet::new();
@@ -505,10 +506,12 @@ impl Policy {
 
 mod check;
 mod fragment;
+mod hint;
 mod load;
 mod rules;
 
 use check::*;
+pub(crate) use hint::closest;
 use load::*;
 use rules::*;
 
