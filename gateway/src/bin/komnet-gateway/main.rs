@@ -20,9 +20,31 @@ fn exit(code: i32) -> ExitCode {
     ExitCode::from(u8::try_from(code).unwrap_or(1))
 }
 
+/// `--help` and `--version` print to stdout and succeed. A bad command line is reported as
+/// "komnet-gateway: " and clap's message naming the flag or argument, with wireguard-go's exit
+/// code 1 (scripts written for it check that), or 2 for `run`, as before clap.
+fn usage_error(e: &clap::Error, run: bool) -> ExitCode {
+    use clap::error::ErrorKind;
+    if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+        return match e.print() {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(_) => ExitCode::FAILURE,
+        };
+    }
+    let message = e.render().to_string();
+    eprint!(
+        "komnet-gateway: {}",
+        message.strip_prefix("error: ").unwrap_or(&message)
+    );
+    ExitCode::from(if run { 2 } else { 1 })
+}
+
 fn main() -> ExitCode {
-    // Bad flags and arguments end here with clap's message naming them and exit code 2.
-    let action = cli::Cli::try_parse_action(std::env::args_os()).unwrap_or_else(|e| e.exit());
+    let args: Vec<_> = std::env::args_os().collect();
+    let action = match cli::Cli::try_parse_action(&args) {
+        Ok(action) => action,
+        Err(e) => return usage_error(&e, args.get(1).is_some_and(|a| a == "run")),
+    };
     match action {
         cli::Action::Appliance { config } => match appliance::run(&config) {
             Ok(code) => exit(code),
