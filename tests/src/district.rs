@@ -510,6 +510,28 @@ impl District {
         self.serve_enroll_at(log_name, offset)
     }
 
+    /// A proxy in front of the enrollment service at `https://DC_WAN:port` that loses the
+    /// service's answers on connections made while the returned flag file exists (`netprobe
+    /// lose-answers`): the service commits, the client sees its connection close. Its log
+    /// counts `lost answer N`.
+    pub fn answer_losing_proxy(&self, port: u16) -> Result<(BackgroundProcess, PathBuf, PathBuf)> {
+        let flag = self.path(&format!("lose-answers-{port}"));
+        std::fs::write(&flag, "")?;
+        let log = self.path(&format!("lose-answers-{port}.log"));
+        let mut cmd = self.dc.command(&self.netprobe);
+        cmd.arg("lose-answers")
+            .arg(format!("{DC_WAN}:{port}"))
+            .arg(format!("{DC_WAN}:{ENROLL_PORT}"))
+            .arg(&flag);
+        let proxy = BackgroundProcess::spawn(&mut cmd, &log)?;
+        wait_until("the proxy to listen", Duration::from_secs(10), || {
+            Ok(std::fs::read_to_string(&log)?
+                .contains("ready")
+                .then_some(()))
+        })?;
+        Ok((proxy, flag, log))
+    }
+
     /// Drops (`true`) or lets through again (`false`) every packet to and from the enrollment
     /// service's port in the data-centre namespace, where the hubs and the service run: a
     /// blackholed path, no RST, no ICMP. Spokes lose the service too.
@@ -696,6 +718,17 @@ impl District {
         lan_octet: u8,
         wan_host: u8,
     ) -> Result<ApplianceSpoke> {
+        self.add_appliance_spoke_with(name, lan_octet, wan_host, "")
+    }
+
+    /// [`Self::add_appliance_spoke`] with `extra` lines in its gateway.toml.
+    pub fn add_appliance_spoke_with(
+        &mut self,
+        name: &str,
+        lan_octet: u8,
+        wan_host: u8,
+        extra: &str,
+    ) -> Result<ApplianceSpoke> {
         let gw = Netns::new(&format!("{name}-gw"))?;
         attach_to_wan(
             &self.wan,
@@ -716,7 +749,7 @@ impl District {
         let (config, data_dir) = self.gateway_config_with(
             name,
             false,
-            "role = \"spoke\"\nlan = [\"eth1\"]\nwait_for_bootstrap = true\nlan_addresses = true\n",
+            &format!("role = \"spoke\"\nlan = [\"eth1\"]\nwait_for_bootstrap = true\nlan_addresses = true\n{extra}"),
         )?;
         std::fs::create_dir_all(&data_dir)?;
         let mut spoke = Gateway {

@@ -1473,3 +1473,94 @@ fn staff_and_guests_of_one_town_hall_talk_only_where_a_rule_says_so_and_on_the_l
         "the spoke restarted"
     );
 }
+
+#[test]
+fn an_appliance_whose_enrollment_answer_was_lost_asks_again_and_gets_its_certificate() {
+    // Issue 15, part 4: the service committed the enrollment, the answer never arrived (a
+    // proxy loses it), and the appliance lost power before it tried again. After the restart
+    // it asks with the same token, WireGuard key and TLS key, and the service answers with the
+    // certificate it issued: no `token_used`, no trip to the town hall with a new stick.
+    require_root_and_tools();
+    let mut district = District::start(
+        &netprobe(),
+        Options {
+            two_hubs: false,
+            homeoffice: false,
+            ..Options::default()
+        },
+    )
+    .expect("district");
+    let (_proxy, flag, proxy_log) = district.answer_losing_proxy(8444).expect("proxy");
+    let mut appliance = district
+        .add_appliance_spoke_with(
+            "image",
+            40,
+            41,
+            &format!(
+                "enroll_urls = [\"https://{}:8444\"]\n",
+                komnet_netns_tests::district::DC_WAN
+            ),
+        )
+        .expect("appliance spoke");
+    let token = district.token("tholey", "rathaus", "spoke").expect("token");
+    appliance.deliver_bootstrap(&token).expect("deliver");
+    wait_until("an answer lost", Duration::from_secs(30), || {
+        Ok(std::fs::read_to_string(&proxy_log)?
+            .contains("lost answer 1")
+            .then_some(()))
+    })
+    .expect("the proxy lost the first answer");
+    // Power cut before the retry (1 s after the loss).
+    appliance.spoke.kill_hard().expect("kill");
+    let data = appliance.spoke.data_dir.clone();
+    assert!(
+        !data.join("enrollment.json").exists() && !data.join("wg.key").exists(),
+        "nothing but the request's keys is kept before the answer"
+    );
+    let pending: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(data.join("enrollment.pending.json")).expect("pending file"),
+    )
+    .expect("pending JSON");
+    let kept_key = pending["wg_private_key"]
+        .as_str()
+        .expect("kept key")
+        .to_owned();
+
+    std::fs::remove_file(&flag).expect("answers get through again");
+    appliance.spoke.start().expect("start again");
+    let running = appliance
+        .spoke
+        .wait_status("enrolled after the restart", Duration::from_secs(30), |s| {
+            s["state"] == "running" && s["certificate"]["serial"].is_string()
+        })
+        .unwrap_or_else(|e| {
+            panic!(
+                "{e}\nproxy: {}",
+                std::fs::read_to_string(&proxy_log).unwrap_or_default()
+            )
+        });
+    assert!(
+        !appliance.refused_bootstrap().exists(),
+        "the token was refused: {running:#}"
+    );
+    let wg_key = std::fs::read_to_string(data.join("wg.key")).expect("wg.key");
+    assert_eq!(
+        wg_key.trim(),
+        kept_key,
+        "the kept WireGuard key is the one enrolled"
+    );
+    assert!(
+        !data.join("enrollment.pending.json").exists(),
+        "the request's keys are gone once the enrollment is saved"
+    );
+    let enrolled = enrolled_key(&data, "enrollment.json");
+    wait_until(
+        "the hub to list the enrolled key alone for tholey/rathaus",
+        Duration::from_secs(10),
+        || {
+            let hub = district.hubs[0].status()?;
+            Ok((hub_keys(&hub, "tholey", "rathaus") == [enrolled.clone()]).then_some(()))
+        },
+    )
+    .expect("hub keys");
+}
