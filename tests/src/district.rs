@@ -312,6 +312,8 @@ pub struct Options {
 pub struct District {
     // Processes first: they are dropped (killed) before the namespaces go.
     servers: Option<BackgroundProcess>,
+    /// Test helpers in the data centre (the answer-losing proxy).
+    helpers: Vec<BackgroundProcess>,
     enroll: Option<BackgroundProcess>,
     pub hubs: Vec<Gateway>,
     pub communes: Vec<Commune>,
@@ -404,6 +406,7 @@ impl District {
         }
         let mut district = District {
             servers: None,
+            helpers: Vec::new(),
             enroll: None,
             hubs: Vec::new(),
             communes: Vec::new(),
@@ -514,7 +517,7 @@ impl District {
     /// service's answers on connections made while the returned flag file exists (`netprobe
     /// lose-answers`): the service commits, the client sees its connection close. Its log
     /// counts `lost answer N`.
-    pub fn answer_losing_proxy(&self, port: u16) -> Result<(BackgroundProcess, PathBuf, PathBuf)> {
+    pub fn answer_losing_proxy(&mut self, port: u16) -> Result<(PathBuf, PathBuf)> {
         let flag = self.path(&format!("lose-answers-{port}"));
         std::fs::write(&flag, "")?;
         let log = self.path(&format!("lose-answers-{port}.log"));
@@ -523,13 +526,13 @@ impl District {
             .arg(format!("{DC_WAN}:{port}"))
             .arg(format!("{DC_WAN}:{ENROLL_PORT}"))
             .arg(&flag);
-        let proxy = BackgroundProcess::spawn(&mut cmd, &log)?;
+        self.helpers.push(BackgroundProcess::spawn(&mut cmd, &log)?);
         wait_until("the proxy to listen", Duration::from_secs(10), || {
             Ok(std::fs::read_to_string(&log)?
                 .contains("ready")
                 .then_some(()))
         })?;
-        Ok((proxy, flag, log))
+        Ok((flag, log))
     }
 
     /// Drops (`true`) or lets through again (`false`) every packet to and from the enrollment

@@ -1490,7 +1490,7 @@ fn an_appliance_whose_enrollment_answer_was_lost_asks_again_and_gets_its_certifi
         },
     )
     .expect("district");
-    let (_proxy, flag, proxy_log) = district.answer_losing_proxy(8444).expect("proxy");
+    let (flag, proxy_log) = district.answer_losing_proxy(8444).expect("proxy");
     let mut appliance = district
         .add_appliance_spoke_with(
             "image",
@@ -1563,4 +1563,14 @@ fn an_appliance_whose_enrollment_answer_was_lost_asks_again_and_gets_its_certifi
         },
     )
     .expect("hub keys");
+    // The service answered the same request again (audit action `enroll.retry`).
+    let audit = district
+        .admin(&["audit", "--json", "--limit", "1000"])
+        .expect("audit");
+    let retries = audit
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["action"] == "enroll.retry")
+        .count();
+    assert!(retries >= 1, "no retry answered: {audit}");
 }
