@@ -1574,3 +1574,71 @@ fn an_appliance_whose_enrollment_answer_was_lost_asks_again_and_gets_its_certifi
         .count();
     assert!(retries >= 1, "no retry answered: {audit}");
 }
+
+#[test]
+fn a_reflashed_appliance_refuses_a_policy_older_than_the_service_vouched_for() {
+    // Issue 15, part 6: a new (or re-flashed) appliance has no bundle to compare with; the
+    // policy version in the enrollment answer is its floor. The service here serves the signed
+    // bundle of version 1 while it vouches for version 2 (a restored backup, a stale mirror):
+    // the appliance refuses version 1 and forwards nothing until version 2 arrives.
+    require_root_and_tools();
+    let mut district = District::start(
+        &netprobe(),
+        Options {
+            two_hubs: false,
+            homeoffice: false,
+            ..Options::default()
+        },
+    )
+    .expect("district");
+    district
+        .admin(&["policy-version", "set", "2"])
+        .expect("policy-version set 2");
+    let mut appliance = district
+        .add_appliance_spoke("image", 40, 41)
+        .expect("appliance spoke");
+    let token = district.token("tholey", "rathaus", "spoke").expect("token");
+    appliance.deliver_bootstrap(&token).expect("deliver");
+    let refused = appliance
+        .spoke
+        .wait_status("version 1 refused", Duration::from_secs(30), |s| {
+            s["policy_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("below this gateway's policy floor 2"))
+        })
+        .expect("the old bundle refused");
+    assert!(refused["policy"].is_null(), "{refused:#}");
+    assert_eq!(refused["state"], "waiting for policy", "{refused:#}");
+    let floor = std::fs::read_to_string(appliance.spoke.data_dir.join("policy/policy-floor"))
+        .expect("policy floor file");
+    assert_eq!(floor.trim(), "2");
+    // Fail-closed meanwhile: the town hall reaches nothing.
+    let lan = appliance
+        .host
+        .exec_output(
+            &[
+                &netprobe().to_string_lossy(),
+                "probe",
+                "--timeout-ms",
+                "1000",
+                "tcp,10.40.1.10,10.0.1.10,443",
+            ],
+            Duration::from_secs(10),
+        )
+        .expect("probe");
+    assert_eq!(lan.stdout.trim(), "blocked", "{lan:?}");
+
+    // Version 2, signed and published: in force.
+    let v2 = district.dir.path().join("policy-v2");
+    copy_dir(&komnet_netns_tests::district::policy_dir(), &v2);
+    let op = v2.join("operator.toml");
+    let text = std::fs::read_to_string(&op).expect("operator.toml");
+    std::fs::write(&op, text.replace("version = 1", "version = 2")).expect("write");
+    district
+        .publish_policy(&v2, "policy-v2.bundle")
+        .expect("publish v2");
+    appliance
+        .spoke
+        .wait_running(2, Duration::from_secs(30))
+        .expect("version 2 in force");
+}
