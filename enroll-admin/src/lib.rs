@@ -194,7 +194,10 @@ pub struct AuditArgs {
 
 #[derive(Debug, Clone, clap::Subcommand)]
 pub enum PolicyVersionCommand {
+    /// Sets the version handed out with enrollments: appliances that enrol refuse any policy
+    /// bundle older than it (their anti-rollback floor)
     Set {
+        /// The policy version (the `version` in operator.toml of the policy in force)
         version: u64,
         #[command(flatten)]
         socket: SocketArg,
