@@ -14,12 +14,18 @@ use komnet_policy::{
 
 use std::path::{Path, PathBuf};
 
+use crate::policy_report::{self, CheckFormat, DiffFormat};
+
 #[derive(Debug, Subcommand)]
 pub(crate) enum PolicyCommand {
     /// Parse and validate a policy directory; prints every error with file:line:col.
     Check {
         /// The policy directory (operator.toml and tenants/*.toml).
         dir: PathBuf,
+        /// How to print the findings: text for people; json, gitlab (code-quality report) or
+        /// sarif for CI, on stdout (the exit status is the same).
+        #[arg(long, value_enum, default_value = "text")]
+        format: CheckFormat,
         #[command(flatten)]
         strict: Strictness,
     },
@@ -75,6 +81,9 @@ pub(crate) enum PolicyCommand {
         old: PathBuf,
         /// The policy directory as it is to become.
         new: PathBuf,
+        /// text: one line per change; markdown: tables for a merge request's description.
+        #[arg(long, value_enum, default_value = "text")]
+        format: DiffFormat,
         #[command(flatten)]
         strict: Strictness,
     },
@@ -275,7 +284,37 @@ pub(crate) fn run(cmd: PolicyCommand) -> anyhow::Result<ExitCode> {
 
 fn run_into(cmd: PolicyCommand, out: &mut String) -> anyhow::Result<ExitCode> {
     match cmd {
-        PolicyCommand::Check { dir, strict } => {
+        PolicyCommand::Check {
+            dir,
+            format,
+            strict,
+        } if format != CheckFormat::Text => {
+            let (sources, diagnostics, valid) = match Policy::load(&dir) {
+                Ok(p) => {
+                    let warned = p.warnings.iter().any(|w| w.is_warning());
+                    let valid = !(strict.deny_warnings && warned);
+                    (p.sources, p.warnings, valid)
+                }
+                Err(e) => (e.sources, e.diagnostics, false),
+            };
+            let report = match format {
+                CheckFormat::Json => policy_report::json(&dir, &sources, &diagnostics, valid),
+                CheckFormat::Gitlab => policy_report::gitlab(&dir, &sources, &diagnostics),
+                CheckFormat::Sarif => policy_report::sarif(&dir, &sources, &diagnostics),
+                CheckFormat::Text => unreachable!("handled below"),
+            };
+            say!(
+                out,
+                "{}",
+                serde_json::to_string_pretty(&report).context("cannot encode the report")?
+            );
+            Ok(if valid {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+        PolicyCommand::Check { dir, strict, .. } => {
             let p = load_or_exit!(&dir, strict);
             say!(out,
                 "{}: policy {:?} version {} is valid: {} tenants, {} sites, {} segments, {} services, {} rules, {} guardrails, {} tests{}",
@@ -366,13 +405,33 @@ fn run_into(cmd: PolicyCommand, out: &mut String) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        PolicyCommand::Diff { old, new, strict } => {
+        PolicyCommand::Diff {
+            old,
+            new,
+            format,
+            strict,
+        } => {
             let a = load_or_exit!(&old, strict);
             let b = load_or_exit!(&new, strict);
-            if let Some(finding) = version_finding(&a, &b) {
+            let finding = version_finding(&a, &b);
+            if let Some(finding) = &finding {
                 eprintln!("warning: {}: {finding}", new.display());
             }
             let (changes, moved) = diff(&a, &b);
+            if format == DiffFormat::Markdown {
+                say_raw!(
+                    out,
+                    "{}",
+                    policy_report::diff_markdown(
+                        &b.name,
+                        (a.version, b.version),
+                        &changes,
+                        &moved,
+                        finding.as_deref()
+                    )
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
             say!(
                 out,
                 "policy {:?}: version {} -> {}",
