@@ -830,3 +830,74 @@ fn diff_writes_markdown_for_a_merge_request() {
     );
     fs::remove_dir_all(&new).unwrap();
 }
+
+#[test]
+fn fmt_brings_a_messy_copy_back_to_the_examples_layout_and_keeps_comments() {
+    let dir = copy_example("fmt");
+    let d = dir.to_str().unwrap();
+    let frag = dir.join("tenants/musterstadt.toml");
+    replace_in(
+        &frag,
+        "kind = \"staff\"\nsite = \"rathaus\"",
+        "site=\"rathaus\"\n    kind   =  \"staff\"",
+    );
+    replace_in(
+        &frag,
+        "[\"10.20.1.0/24\", \"fd00:20:0:1::/64\"]",
+        "[ \"10.20.1.0/24\",\"fd00:20:0:1::/64\" ]",
+    );
+    replace_in(&frag, "\n\n[[rule]]", "\n\n\n\n[[rule]]");
+    replace_in(
+        &frag,
+        "export = [\"beispieldorf\"]   #",
+        "export = [\"beispieldorf\"]   #  ",
+    );
+    replace_in(&dir.join("operator.toml"), "version = 7", "version=7");
+    // CI mode: lists what is not in the layout, changes nothing, exits 1.
+    let out = komnet(&["policy", "fmt", "--check", d]);
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert_eq!(
+        out.stdout,
+        format!("would reformat {d}/operator.toml\nwould reformat {d}/tenants/musterstadt.toml\n")
+    );
+    let out = komnet(&["policy", "fmt", d]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(out.stdout.lines().count(), 2, "{}", out.stdout);
+    // The example is in the layout: fmt gives back exactly its files (comments included)...
+    let original = fs::read_to_string(example().join("tenants/musterstadt.toml")).unwrap();
+    let tidy = fs::read_to_string(&frag).unwrap();
+    assert_eq!(
+        tidy,
+        original.replace("[\"beispieldorf\"]   #", "[\"beispieldorf\"]   #  ")
+    );
+    assert_eq!(
+        fs::read_to_string(dir.join("operator.toml")).unwrap(),
+        fs::read_to_string(example().join("operator.toml")).unwrap()
+    );
+    // ...and a second run changes nothing.
+    let out = komnet(&["policy", "fmt", "--check", d]);
+    assert_eq!(out.code, 0, "{}", out.stdout);
+    // A file that is not TOML is named, not touched.
+    fs::write(dir.join("tenants/kreis.toml"), "tenant = \n").unwrap();
+    let out = komnet(&["policy", "fmt", d]);
+    assert_eq!(out.code, 1);
+    assert!(
+        out.stderr.contains("tenants/kreis.toml: not valid TOML"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(
+        fs::read_to_string(dir.join("tenants/kreis.toml")).unwrap(),
+        "tenant = \n"
+    );
+    fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn both_examples_are_in_the_fmt_layout() {
+    for name in ["landkreis", "st-wendel"] {
+        let dir = example().join("..").join(name);
+        let out = komnet(&["policy", "fmt", "--check", dir.to_str().unwrap()]);
+        assert_eq!(out.code, 0, "{name}: {}{}", out.stdout, out.stderr);
+    }
+}
