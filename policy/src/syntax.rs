@@ -21,6 +21,49 @@ pub(crate) struct OperatorFile {
     pub(crate) guardrail: Vec<Spanned<GuardrailDecl>>,
     #[serde(default)]
     pub(crate) expect: Vec<Spanned<ExpectDecl>>,
+    /// What every town-hall segment's DHCP clients get unless a tenant says otherwise.
+    #[serde(default)]
+    pub(crate) dhcp: Option<DhcpDefaults>,
+}
+
+/// `[dhcp]` in operator.toml (the district's default) or in a tenant's file (that tenant's).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct DhcpDefaults {
+    /// DNS servers handed to DHCP clients (and in router advertisements).
+    #[serde(default)]
+    pub(crate) dns: Option<Vec<Spanned<String>>>,
+    /// How long a lease lasts (`12h`, `1d`).
+    #[serde(default)]
+    pub(crate) lease: Option<Spanned<String>>,
+}
+
+/// `[segments.NAME.dhcp]`: how the appliance serves one segment.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct SegmentDhcpDecl {
+    /// `false`: the appliance hands out nothing here (another DHCP server serves it).
+    #[serde(default)]
+    pub(crate) enabled: Option<Spanned<bool>>,
+    #[serde(default)]
+    pub(crate) dns: Option<Vec<Spanned<String>>>,
+    #[serde(default)]
+    pub(crate) lease: Option<Spanned<String>>,
+    /// Addresses or ranges (`10.30.1.2-10.30.1.49`) never leased: static hosts live there.
+    #[serde(default)]
+    pub(crate) reserved: Vec<Spanned<String>>,
+    /// Fixed addresses by MAC.
+    #[serde(default)]
+    pub(crate) hosts: Vec<Spanned<DhcpHostDecl>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct DhcpHostDecl {
+    pub(crate) mac: Spanned<String>,
+    pub(crate) address: Spanned<String>,
+    #[serde(default)]
+    pub(crate) name: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -71,6 +114,9 @@ pub(crate) struct TenantFile {
     pub(crate) rule: Vec<Spanned<RuleDecl>>,
     #[serde(default)]
     pub(crate) expect: Vec<Spanned<ExpectDecl>>,
+    /// This tenant's DHCP defaults (over the operator's).
+    #[serde(default)]
+    pub(crate) dhcp: Option<DhcpDefaults>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -88,6 +134,9 @@ pub(crate) struct SegmentDecl {
     /// Arrives untagged on this interface of the appliance.
     #[serde(default)]
     pub(crate) port: Option<Spanned<String>>,
+    /// DHCP and router advertisements on this segment (served by default).
+    #[serde(default)]
+    pub(crate) dhcp: Option<Spanned<SegmentDhcpDecl>>,
     #[serde(default)]
     pub(crate) description: Option<String>,
 }

@@ -94,6 +94,8 @@ pub(super) struct Builder<'s> {
     /// checked for reach, so one typo does not cascade into more errors.
     pub(super) broken_services: BTreeSet<ServiceId>,
     pub(super) broken_segments: BTreeSet<SegmentId>,
+    /// The operator's `[dhcp]`: what segments get unless their tenant says otherwise.
+    pub(super) operator_dhcp: super::dhcp::DhcpDefaults,
 }
 
 impl<'s> Builder<'s> {
@@ -121,6 +123,7 @@ impl<'s> Builder<'s> {
             groups: HashMap::new(),
             broken_services: BTreeSet::new(),
             broken_segments: BTreeSet::new(),
+            operator_dhcp: Default::default(),
         }
     }
 
@@ -210,6 +213,7 @@ impl<'s> Builder<'s> {
             Ok(d) => d,
             Err(e) => return self.toml_error(file, e),
         };
+        self.operator_dhcp = self.dhcp_defaults(file, doc.dhcp.as_ref());
         let h = doc.policy;
         let version = match u64::try_from(*h.version.get_ref()) {
             Ok(v) => v,
