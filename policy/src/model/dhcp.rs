@@ -299,7 +299,10 @@ impl<'s> Builder<'s> {
                 description: None,
                 loc: at.clone(),
             };
-            if probe.dhcp_pools().is_empty() && probe.ra_prefixes().is_empty() {
+            if probe.dhcp_pools().is_empty()
+                && probe.ra_prefixes().is_empty()
+                && dhcp.hosts.is_empty()
+            {
                 self.diags.push(Diagnostic::error(
                     at,
                     format!(
