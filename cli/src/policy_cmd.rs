@@ -17,16 +17,27 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, Subcommand)]
 pub(crate) enum PolicyCommand {
     /// Parse and validate a policy directory; prints every error with file:line:col.
-    Check { dir: PathBuf },
+    Check {
+        /// The policy directory (operator.toml and tenants/*.toml).
+        dir: PathBuf,
+        #[command(flatten)]
+        strict: Strictness,
+    },
     /// Run the inline `[[expect]]` tests of a policy.
-    Test { dir: PathBuf },
+    Test {
+        /// The policy directory (operator.toml and tenants/*.toml).
+        dir: PathBuf,
+        #[command(flatten)]
+        strict: Strictness,
+    },
     /// Decide one flow and show the rule (or default deny) that decided it.
     Explain {
+        /// The policy directory (operator.toml and tenants/*.toml).
         dir: PathBuf,
         /// Source: an address (10.20.1.7), a segment (musterstadt/verwaltung).
         #[arg(long)]
         from: String,
-        /// Destination: SERVICE[:PORT/PROTO], ADDR:PORT/PROTO, [V6ADDR]:PORT/PROTO, …:icmp.
+        /// Destination: SERVICE[:PROTO/PORT], ADDR:PROTO/PORT, [V6ADDR]:PROTO/PORT, …:icmp.
         #[arg(long)]
         to: String,
         /// Decide as the site's appliance does for a packet that arrived tagged with this VLAN
@@ -40,20 +51,36 @@ pub(crate) enum PolicyCommand {
         /// the source address.
         #[arg(long)]
         site: Option<String>,
+        #[command(flatten)]
+        strict: Strictness,
     },
     /// Who can reach a service, or what a segment can reach.
     #[command(group(clap::ArgGroup::new("what").required(true).args(["service", "segment"])))]
     Query {
+        /// The policy directory (operator.toml and tenants/*.toml).
         dir: PathBuf,
+        /// List the segments that can reach this service (SERVICE or TENANT/SERVICE), and
+        /// those a rule names but a guardrail blocks.
         #[arg(long)]
         service: Option<String>,
+        /// List the services this segment (TENANT/SEGMENT) can reach, with ports and rules.
         #[arg(long)]
         segment: Option<String>,
+        #[command(flatten)]
+        strict: Strictness,
     },
     /// Flows newly allowed and newly denied between two versions of a policy.
-    Diff { old: PathBuf, new: PathBuf },
+    Diff {
+        /// The policy directory as it was (e.g. a checkout of the target branch).
+        old: PathBuf,
+        /// The policy directory as it is to become.
+        new: PathBuf,
+        #[command(flatten)]
+        strict: Strictness,
+    },
     /// Print what one site's appliance would install.
     Compile {
+        /// The policy directory (operator.toml and tenants/*.toml).
         dir: PathBuf,
         /// The site: SITE, or TENANT/SITE when several tenants use the name.
         #[arg(long)]
@@ -64,12 +91,14 @@ pub(crate) enum PolicyCommand {
         /// Print nft's JSON form (what `apply` feeds to `nft -j`) instead of its text syntax.
         #[arg(long, requires = "nft")]
         json: bool,
-        /// The appliance's LAN interface(s).
+        /// The appliance's LAN interface(s); the first is the VLAN trunk.
         #[arg(long = "lan", default_value = "lan0")]
         lan: Vec<String>,
         /// The appliance's tunnel interface.
         #[arg(long, default_value = "komnet0")]
         tunnel: String,
+        #[command(flatten)]
+        strict: Strictness,
     },
     /// Create the operator's Ed25519 key for signing policy bundles: KEY (private, 0600) and
     /// KEY.pub (what gateways pin).
@@ -80,10 +109,12 @@ pub(crate) enum PolicyCommand {
     },
     /// Check, test and sign a policy into a versioned bundle for the gateways.
     Bundle {
+        /// The policy directory (operator.toml and tenants/*.toml).
         dir: PathBuf,
         /// The private key from `komnet policy keygen`.
         #[arg(long)]
         key: PathBuf,
+        /// Where to write the signed bundle (written to a temporary file, then renamed).
         #[arg(long)]
         out: PathBuf,
         /// Gateways refuse to install the bundle after this long (e.g. 90d); it stays in force
@@ -95,41 +126,88 @@ pub(crate) enum PolicyCommand {
         /// bundle it signed.
         #[arg(long)]
         next_key: Option<PathBuf>,
+        #[command(flatten)]
+        strict: Strictness,
     },
     /// Verify a bundle's signature against a public key and show what it holds.
     Verify {
+        /// The bundle file (from `komnet policy bundle`).
         bundle: PathBuf,
+        /// The public key the bundle must be signed with (KEY.pub of `komnet policy keygen`).
         #[arg(long = "public-key")]
         public_key: PathBuf,
     },
     /// Install a site's ruleset with nft: checked with `nft -c`, applied as one transaction,
     /// read back and compared. Needs CAP_NET_ADMIN. On failure the previous ruleset stays.
     Apply {
+        /// The policy directory (operator.toml and tenants/*.toml).
         dir: PathBuf,
+        /// The site: SITE, or TENANT/SITE when several tenants use the name.
         #[arg(long)]
         site: String,
+        /// The appliance's LAN interface(s); the first is the VLAN trunk.
         #[arg(long = "lan", required = true)]
         lan: Vec<String>,
+        /// The appliance's tunnel interface.
         #[arg(long)]
         tunnel: String,
+        #[command(flatten)]
+        strict: Strictness,
     },
 }
 
-/// Loads a policy or prints all its errors (exit 1).
-fn load(dir: &Path) -> Result<Policy, ExitCode> {
+/// How strict loading is; every verb that reads a policy takes it.
+#[derive(Debug, Clone, Copy, Default, clap::Args)]
+pub(crate) struct Strictness {
+    /// Treat warnings (rules left inactive by a guardrail or a withdrawn export, a home-office
+    /// pool without a segment, …) as errors: exit 1 and use nothing.
+    #[arg(long)]
+    deny_warnings: bool,
+}
+
+/// `1 warning`, `2 warnings`.
+pub(crate) fn plural(n: usize, word: &str) -> String {
+    if n == 1 {
+        format!("1 {word}")
+    } else {
+        format!("{n} {word}s")
+    }
+}
+
+/// Loads a policy, printing its warnings once (with their count), or prints all its errors
+/// (exit 1). With `--deny-warnings` a policy with warnings is not used either.
+fn load(dir: &Path, strict: Strictness) -> Result<Policy, ExitCode> {
     match Policy::load(dir) {
         Ok(p) => {
             for w in &p.warnings {
                 eprint!("{}", w.render(&p.sources));
             }
+            let count = p.warnings.iter().filter(|w| w.is_warning()).count();
+            if count > 0 {
+                if strict.deny_warnings {
+                    eprintln!(
+                        "{}: {} (--deny-warnings: treated as errors); the policy is not usable",
+                        dir.display(),
+                        plural(count, "warning")
+                    );
+                    return Err(ExitCode::from(1));
+                }
+                eprintln!("{}: {}", dir.display(), plural(count, "warning"));
+            }
             Ok(p)
         }
         Err(errors) => {
             eprint!("{}", errors.render());
+            let warnings = errors.diagnostics.iter().filter(|d| d.is_warning()).count();
             eprintln!(
-                "{}: {} error(s); the policy is not usable",
+                "{}: {}{}; the policy is not usable",
                 dir.display(),
-                errors.error_count()
+                plural(errors.error_count(), "error"),
+                if warnings > 0 {
+                    format!(", {}", plural(warnings, "warning"))
+                } else {
+                    String::new()
+                }
             );
             Err(ExitCode::from(1))
         }
@@ -137,8 +215,8 @@ fn load(dir: &Path) -> Result<Policy, ExitCode> {
 }
 
 macro_rules! load_or_exit {
-    ($dir:expr) => {
-        match load($dir) {
+    ($dir:expr, $strict:expr) => {
+        match load($dir, $strict) {
             Ok(p) => p,
             Err(code) => return Ok(code),
         }
@@ -168,8 +246,8 @@ pub(crate) fn run(cmd: PolicyCommand) -> anyhow::Result<ExitCode> {
 
 fn run_into(cmd: PolicyCommand, out: &mut String) -> anyhow::Result<ExitCode> {
     match cmd {
-        PolicyCommand::Check { dir } => {
-            let p = load_or_exit!(&dir);
+        PolicyCommand::Check { dir, strict } => {
+            let p = load_or_exit!(&dir, strict);
             say!(out,
                 "{}: policy {:?} version {} is valid: {} tenants, {} sites, {} segments, {} services, {} rules, {} guardrails, {} tests{}",
                 dir.display(),
@@ -182,16 +260,15 @@ fn run_into(cmd: PolicyCommand, out: &mut String) -> anyhow::Result<ExitCode> {
                 p.rules.len(),
                 p.guardrails.len(),
                 p.expectations.len(),
-                if p.warnings.is_empty() {
-                    String::new()
-                } else {
-                    format!(" ({} warnings)", p.warnings.len())
+                match p.warnings.iter().filter(|w| w.is_warning()).count() {
+                    0 => String::new(),
+                    n => format!(" ({})", plural(n, "warning")),
                 }
             );
             Ok(ExitCode::SUCCESS)
         }
-        PolicyCommand::Test { dir } => {
-            let p = load_or_exit!(&dir);
+        PolicyCommand::Test { dir, strict } => {
+            let p = load_or_exit!(&dir, strict);
             let report = run_tests(&p);
             for o in &report.outcomes {
                 say!(out, "{}", o.line);
@@ -216,8 +293,9 @@ fn run_into(cmd: PolicyCommand, out: &mut String) -> anyhow::Result<ExitCode> {
             vlan,
             port,
             site,
+            strict,
         } => {
-            let p = load_or_exit!(&dir);
+            let p = load_or_exit!(&dir, strict);
             let binding = match (vlan, port) {
                 (Some(id), _) => Some(Binding::Vlan(id)),
                 (None, Some(port)) => Some(Binding::Port(port)),
@@ -238,8 +316,9 @@ fn run_into(cmd: PolicyCommand, out: &mut String) -> anyhow::Result<ExitCode> {
             dir,
             service,
             segment,
+            strict,
         } => {
-            let p = load_or_exit!(&dir);
+            let p = load_or_exit!(&dir, strict);
             let (title, reach) = match (service, segment) {
                 (Some(s), _) => (format!("who can reach {s}"), query_service(&p, &s)),
                 (None, Some(s)) => (format!("what {s} can reach"), query_segment(&p, &s)),
@@ -255,9 +334,9 @@ fn run_into(cmd: PolicyCommand, out: &mut String) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        PolicyCommand::Diff { old, new } => {
-            let a = load_or_exit!(&old);
-            let b = load_or_exit!(&new);
+        PolicyCommand::Diff { old, new, strict } => {
+            let a = load_or_exit!(&old, strict);
+            let b = load_or_exit!(&new, strict);
             let (changes, moved) = diff(&a, &b);
             say!(
                 out,
@@ -288,8 +367,9 @@ fn run_into(cmd: PolicyCommand, out: &mut String) -> anyhow::Result<ExitCode> {
             json,
             lan,
             tunnel,
+            strict,
         } => {
-            let p = load_or_exit!(&dir);
+            let p = load_or_exit!(&dir, strict);
             let ruleset = site_ruleset(&p, &site, lan, tunnel)?;
             if json {
                 say!(
@@ -328,7 +408,11 @@ fn run_into(cmd: PolicyCommand, out: &mut String) -> anyhow::Result<ExitCode> {
             out: dest,
             valid_for,
             next_key,
+            strict,
         } => {
+            // Shows the warnings once and honours --deny-warnings; the bundle is made from
+            // the files as read again below.
+            let _ = load_or_exit!(&dir, strict);
             let private = read_key(&key)?;
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -412,8 +496,9 @@ fn run_into(cmd: PolicyCommand, out: &mut String) -> anyhow::Result<ExitCode> {
             site,
             lan,
             tunnel,
+            strict,
         } => {
-            let p = load_or_exit!(&dir);
+            let p = load_or_exit!(&dir, strict);
             let report = run_tests(&p);
             if report.failed > 0 {
                 for o in report.outcomes.iter().filter(|o| !o.passed) {

@@ -133,6 +133,9 @@ pub(crate) fn render(r: &StatusReport) -> String {
     if !r.lan_addresses.is_empty() {
         out.push_str(&format!("lan addresses: {}\n", r.lan_addresses.join(", ")));
     }
+    for e in &r.lan_errors {
+        out.push_str(&format!("lan: WARNING {e} (retrying)\n"));
+    }
     match &r.certificate {
         Some(c) => out.push_str(&format!(
             "certificate: serial {}  expires in {}  renews {}\n",
@@ -254,6 +257,15 @@ mod tests {
         assert!(
             text.contains("\nlan addresses: 10.30.1.1/24, 10.30.100.1/24\n"),
             "{text}"
+        );
+        assert!(!text.contains("WARNING"), "{text}");
+        r.lan_errors = vec!["ip(8) refused the addresses of guest0: Cannot find device".into()];
+        assert!(
+            render(&r).contains(
+                "\nlan: WARNING ip(8) refused the addresses of guest0: Cannot find device (retrying)\n"
+            ),
+            "{}",
+            render(&r)
         );
     }
 

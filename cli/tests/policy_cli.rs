@@ -91,7 +91,11 @@ fn check_reports_every_error_with_a_caret_and_exits_1() {
         out.stderr
     );
     assert!(out.stderr.contains("^^^^^^^^^"), "{}", out.stderr);
-    assert!(out.stderr.contains("2 error(s)"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains(": 2 errors; the policy is not usable"),
+        "{}",
+        out.stderr
+    );
     fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -547,5 +551,76 @@ fn manpages_for_every_subcommand() {
     let top = fs::read_to_string(dir.join("komnet.1")).unwrap();
     assert!(top.contains("komnet\\-policy(1)"), "{top}");
     assert!(!komnet(&["--help"]).stdout.contains("manpages"));
+    fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_guardrail_over_a_communes_rule_is_a_warning_once_and_deny_warnings_makes_it_an_error() {
+    let dir = copy_example("guardrail");
+    // The operator adds a guardrail that fully overrides musterstadt's "building-control".
+    replace_in(
+        &dir.join("operator.toml"),
+        "# ---- operator tests",
+        "[[guardrail]]\nname = \"iot-offline\"\nfrom_kinds = [\"iot\"]\nto = [\"gebaeudeleittechnik\"]\n\n# ---- operator tests",
+    );
+    let d = dir.to_str().unwrap();
+    let check = komnet(&["policy", "check", d]);
+    assert_eq!(check.code, 0, "{}", check.stderr);
+    let warning = "rule \"building-control\" in ";
+    assert_eq!(check.stderr.matches(warning).count(), 1, "{}", check.stderr);
+    assert!(
+        check
+            .stderr
+            .contains("tenants/musterstadt.toml:96 is inactive: guardrail \"iot-offline\" in "),
+        "{}",
+        check.stderr
+    );
+    assert!(
+        check
+            .stderr
+            .contains("operator.toml:97 denies every flow it allows"),
+        "{}",
+        check.stderr
+    );
+    assert!(check.stderr.ends_with(": 1 warning\n"), "{}", check.stderr);
+    assert!(
+        check.stdout.contains("17 tests (1 warning)\n"),
+        "{}",
+        check.stdout
+    );
+    // Every verb keeps working for the other communes.
+    for args in [
+        vec!["policy", "test", d],
+        vec![
+            "policy",
+            "compile",
+            d,
+            "--site",
+            "musterstadt/rathaus",
+            "--nft",
+        ],
+        vec!["policy", "query", d, "--service", "dms"],
+    ] {
+        let out = komnet(&args);
+        assert_eq!(out.code, 0, "{args:?}: {}", out.stderr);
+        assert_eq!(
+            out.stderr.matches(warning).count(),
+            1,
+            "{args:?}: {}",
+            out.stderr
+        );
+    }
+    // Strict: the warning is an error.
+    let strict = komnet(&["policy", "check", "--deny-warnings", d]);
+    assert_eq!(strict.code, 1);
+    assert!(
+        strict
+            .stderr
+            .contains("1 warning (--deny-warnings: treated as errors); the policy is not usable"),
+        "{}",
+        strict.stderr
+    );
+    let strict = komnet(&["policy", "test", d, "--deny-warnings"]);
+    assert_eq!(strict.code, 1, "{}", strict.stdout);
     fs::remove_dir_all(&dir).unwrap();
 }

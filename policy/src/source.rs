@@ -100,11 +100,24 @@ impl SourceMap {
     }
 }
 
-/// How bad a finding is: errors make `check` fail, warnings are shown but do not.
+/// How bad a finding is: errors make `check` fail, warnings are shown but do not (unless
+/// `--deny-warnings`), notes only explain other findings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Severity {
     Error,
     Warning,
+    Note,
+}
+
+impl Severity {
+    /// `error`, `warning`, `note`: as printed before the message.
+    pub fn label(self) -> &'static str {
+        match self {
+            Severity::Error => "error",
+            Severity::Warning => "warning",
+            Severity::Note => "note",
+        }
+    }
 }
 
 /// One finding about a policy, with where it is and, optionally, a related place.
@@ -137,6 +150,15 @@ impl Diagnostic {
         }
     }
 
+    pub fn note(loc: Loc, message: impl Into<String>) -> Self {
+        Diagnostic {
+            severity: Severity::Note,
+            loc: Some(loc),
+            message: message.into(),
+            related: None,
+        }
+    }
+
     pub fn global(message: impl Into<String>) -> Self {
         Diagnostic {
             severity: Severity::Error,
@@ -155,13 +177,14 @@ impl Diagnostic {
         self.severity == Severity::Error
     }
 
+    pub fn is_warning(&self) -> bool {
+        self.severity == Severity::Warning
+    }
+
     /// Renders the diagnostic with its source line and caret(s).
     pub fn render(&self, sources: &SourceMap) -> String {
         let mut out = String::new();
-        let label = match self.severity {
-            Severity::Error => "error",
-            Severity::Warning => "warning",
-        };
+        let label = self.severity.label();
         match &self.loc {
             None => {
                 let _ = writeln!(out, "{label}: {}", self.message);

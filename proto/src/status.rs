@@ -19,6 +19,10 @@ pub struct StatusReport {
     /// segments' gateways). Absent in reports of older gateways.
     #[serde(default)]
     pub lan_addresses: Vec<String>,
+    /// Spoke: why the LAN is not as the policy wants it (a port the policy names that this
+    /// appliance lacks, a VLAN the trunk refuses); retried. Empty when it is.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lan_errors: Vec<String>,
     pub certificate: Option<CertificateStatus>,
     pub policy: Option<PolicyStatus>,
     /// Why the last offered policy bundle was refused, if it was.

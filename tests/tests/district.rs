@@ -848,6 +848,58 @@ fn an_image_spoke_waits_refuses_a_spent_token_then_enrols_and_takes_its_lan_addr
             && !table.contains("\"guest0\""),
         "{table}"
     );
+
+    // A policy that binds the guests to a port this appliance lacks (guest7) and gives the
+    // staff a second prefix: the missing port is reported and retried, and does not keep the
+    // staff's new gateway address off eth1 (the segments are set up in policy order, gaeste
+    // before verwaltung: one failing interface used to stop the rest).
+    let v3 = district.dir.path().join("policy-v3-missing-port");
+    copy_dir(&v2, &v3);
+    let op = v3.join("operator.toml");
+    let text = std::fs::read_to_string(&op).expect("operator.toml");
+    std::fs::write(&op, text.replace("version = 2", "version = 3")).expect("write");
+    let noh = v3.join("tenants/nohfelden.toml");
+    let text = std::fs::read_to_string(&noh).expect("nohfelden.toml");
+    let text = text
+        .replace("port = \"guest1\"", "port = \"guest7\"")
+        .replace(
+            "prefixes = [\"10.30.1.0/24\"]",
+            "prefixes = [\"10.30.1.0/24\", \"10.30.2.0/24\"]",
+        );
+    assert!(
+        text.contains("10.30.2.0/24") && text.contains("guest7"),
+        "{text}"
+    );
+    std::fs::write(&noh, text).expect("write");
+    district
+        .publish_policy(&v3, "policy-v3-missing-port.bundle")
+        .expect("publish v3");
+    appliance
+        .spoke
+        .wait_running(3, Duration::from_secs(20))
+        .expect("version 3 in force");
+    wait_until(
+        "the staff's second gateway address on eth1",
+        Duration::from_secs(10),
+        || {
+            let mut on_eth1 = appliance.lan_addresses()?;
+            on_eth1.sort();
+            Ok((on_eth1 == ["10.30.1.1/24", "10.30.2.1/24"]
+                && appliance.addresses_on("guest1")?.is_empty())
+            .then_some(()))
+        },
+    )
+    .expect("the staff's addresses on eth1");
+    appliance
+        .spoke
+        .wait_status("the missing port reported", Duration::from_secs(10), |s| {
+            s["lan_errors"].as_array().is_some_and(|e| {
+                e.iter()
+                    .any(|e| e.as_str().is_some_and(|e| e.contains("guest7")))
+            })
+        })
+        .expect("lan_errors names guest7");
+    assert_eq!(appliance.spoke.pid(), pid, "the spoke restarted");
 }
 
 /// Pings started now in `ns` towards `dst`, every 2 ms for `seconds` (ended by SIGINT, so

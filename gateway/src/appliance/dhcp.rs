@@ -157,7 +157,10 @@ impl DhcpPlan {
                     seg.lease_secs
                 ));
                 if let Some(router) = first_host(&IpNet::V4(net)) {
-                    line(format!("dhcp-option=tag:r{tag},option:router,{}", router.addr()));
+                    line(format!(
+                        "dhcp-option=tag:r{tag},option:router,{}",
+                        router.addr()
+                    ));
                 }
                 line(format!(
                     "dhcp-option=tag:r{tag},option:dns-server{}",
@@ -178,7 +181,11 @@ impl DhcpPlan {
                 ));
             }
             for h in &seg.hosts {
-                let name = h.name.as_deref().map(|n| format!(",{n}")).unwrap_or_default();
+                let name = h
+                    .name
+                    .as_deref()
+                    .map(|n| format!(",{n}"))
+                    .unwrap_or_default();
                 line(format!(
                     "dhcp-host={},{}{name},{}",
                     h.mac_text(),
@@ -196,12 +203,13 @@ impl DhcpPlan {
         self.segments
             .iter()
             .map(|s| {
-                let mut parts: Vec<String> = s
-                    .pools
-                    .iter()
-                    .map(|(_, a, b)| format!("{a}-{b}"))
-                    .collect();
-                parts.extend(s.static_only.iter().map(|n| format!("{n} reservations only")));
+                let mut parts: Vec<String> =
+                    s.pools.iter().map(|(_, a, b)| format!("{a}-{b}")).collect();
+                parts.extend(
+                    s.static_only
+                        .iter()
+                        .map(|n| format!("{n} reservations only")),
+                );
                 parts.extend(s.ra.iter().map(|n| format!("RA {n}")));
                 let mut text = format!("{} on {}: {}", s.segment, s.interface, parts.join(", "));
                 if !s.hosts.is_empty() {

@@ -107,6 +107,8 @@ struct ControlState {
     /// what this process put there (and may have to take off again).
     lan_wanted: Vec<(String, IpNet)>,
     lan_put: Vec<(String, IpNet)>,
+    /// Spoke: what the last attempt to set up the LAN could not do (empty when it all worked).
+    lan_errors: Vec<String>,
     /// Spoke: the VLAN interfaces the policy in force wants on the trunk, and every interface
     /// its site's segments arrive on (the fence and reverse-path filtering cover them).
     lan_vlans: Vec<(String, u16)>,

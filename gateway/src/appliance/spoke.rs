@@ -24,32 +24,42 @@ pub(super) fn sync_lan(ctx: &Ctx) {
         .filter(|a| !wanted.contains(a))
         .cloned()
         .collect();
-    let result = (|| -> Result<(), net::NetError> {
-        for iface in interfaces_of(&remove) {
-            let gone: Vec<IpNet> = on(&remove, &iface);
-            net::set_lan_addresses(&iface, &[], &gone, false)?;
+    // Each interface on its own: a port the policy names that this appliance lacks (or a
+    // VLAN the trunk refuses) must not keep the other segments from their gateway address.
+    let mut failures: Vec<net::NetError> = Vec::new();
+    for iface in interfaces_of(&remove) {
+        let gone: Vec<IpNet> = on(&remove, &iface);
+        if let Err(e) = net::set_lan_addresses(&iface, &[], &gone, false) {
+            failures.push(e);
         }
-        if net::sync_vlans(trunk, &vlans)? {
+    }
+    match net::sync_vlans(trunk, &vlans) {
+        Ok(true) => {
             tracing::info!(trunk = %trunk, vlans = ?vlans.iter().map(|(n, id)| format!("{n} (VLAN {id})")).collect::<Vec<_>>(), "VLAN interfaces set");
         }
-        for iface in interfaces_of(&wanted) {
-            net::set_lan_addresses(&iface, &on(&wanted, &iface), &[], true)?;
+        Ok(false) => {}
+        Err(e) => failures.push(e),
+    }
+    for iface in interfaces_of(&wanted) {
+        if let Err(e) = net::set_lan_addresses(&iface, &on(&wanted, &iface), &[], true) {
+            failures.push(e);
         }
-        Ok(())
-    })();
+    }
     let mut s = ctx.state.lock();
-    match result {
-        Ok(()) => {
+    if failures.is_empty() {
+        {
             let retried = s.spoke.as_ref().is_some_and(SpokeCore::lan_retry_pending);
             if s.lan_put != wanted || retried {
                 tracing::info!(addresses = ?wanted.iter().map(|(i, a)| format!("{a} on {i}")).collect::<Vec<_>>(), removed = ?remove.iter().map(|(i, a)| format!("{a} on {i}")).collect::<Vec<_>>(), "LAN addresses set");
             }
             s.lan_put = wanted;
+            s.lan_errors.clear();
             if let Some(core) = s.spoke.as_mut() {
                 core.handle_lan_result(true);
             }
         }
-        Err(e) => {
+    } else {
+        {
             // Which lines failed is not known: everything that may be there is remembered, so
             // that a later change takes it off again.
             for a in wanted {
@@ -61,7 +71,10 @@ pub(super) fn sync_lan(ctx: &Ctx) {
                 Some(core) => core.handle_lan_result(false),
                 None => s.count(ControlEvent::LanAddressesFailed),
             }
-            tracing::error!(error = %e, "cannot set up the LAN (VLAN interfaces, addresses); retrying");
+            s.lan_errors = failures.iter().map(ToString::to_string).collect();
+            for e in &failures {
+                tracing::error!(error = %e, "cannot set up the LAN (VLAN interfaces, addresses); retrying");
+            }
         }
     }
 }

@@ -484,6 +484,7 @@ pub(super) fn report(ctx: &Ctx) -> StatusReport {
             .map(|i| i.tunnel_addrs.iter().map(|a| a.to_string()).collect())
             .unwrap_or_default(),
         lan_addresses: s.lan_put.iter().map(|(_, a)| a.to_string()).collect(),
+        lan_errors: s.lan_errors.clone(),
         certificate: s.enrollment.as_ref().map(|e| CertificateStatus {
             serial: e.identity.serial.clone(),
             not_after: e.identity.not_after,

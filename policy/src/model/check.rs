@@ -96,6 +96,13 @@ pub(super) struct Builder<'s> {
     pub(super) broken_segments: BTreeSet<SegmentId>,
     /// The operator's `[dhcp]`: what segments get unless their tenant says otherwise.
     pub(super) operator_dhcp: super::dhcp::DhcpDefaults,
+    /// Fragments that could not be read (syntax errors, a name that is not their tenant's):
+    /// by file stem, the file and how many references from elsewhere went unchecked. Other
+    /// files' references to `STEM/…` are not errors of their own: one broken file reports its
+    /// errors in itself.
+    pub(super) hidden: BTreeMap<String, (FileId, usize)>,
+    /// Rules by (tenant, name), also those left inactive, to refuse a name used twice.
+    pub(super) rule_names: HashMap<(TenantId, String), Loc>,
 }
 
 impl<'s> Builder<'s> {
@@ -124,7 +131,55 @@ impl<'s> Builder<'s> {
             broken_services: BTreeSet::new(),
             broken_segments: BTreeSet::new(),
             operator_dhcp: Default::default(),
+            hidden: BTreeMap::new(),
+            rule_names: HashMap::new(),
         }
+    }
+
+    /// Records that fragment `file` (tenants/STEM.toml) could not be read.
+    pub(super) fn hide_fragment(&mut self, stem: &str, file: FileId) {
+        self.hidden.entry(stem.to_owned()).or_insert((file, 0));
+    }
+
+    /// Whether `name` (`TENANT/…`, or a test's `TENANT/…:PORT`) refers to a tenant whose
+    /// fragment could not be read; counts it, so that file can say what its errors hide.
+    pub(super) fn hides(&mut self, name: &str) -> bool {
+        let Some((tenant, _)) = name.trim().trim_start_matches('[').split_once('/') else {
+            return false;
+        };
+        match self.hidden.get_mut(tenant) {
+            Some((_, n)) => {
+                *n += 1;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// One note per unreadable fragment that other files refer to.
+    pub(super) fn note_hidden(&mut self) {
+        let notes: Vec<Diagnostic> = self
+            .hidden
+            .iter()
+            .filter(|(_, (_, n))| *n > 0)
+            .map(|(stem, (file, n))| {
+                Diagnostic::note(
+                    Loc::new(*file, 0..0),
+                    format!(
+                        "errors in {} hide its definitions: {n} reference{} to {stem}/… in other files {} not checked",
+                        self.sources.file(*file).path.display(),
+                        if *n == 1 { "" } else { "s" },
+                        if *n == 1 { "was" } else { "were" }
+                    ),
+                )
+            })
+            .collect();
+        self.diags.extend(notes);
+    }
+
+    /// The declared tenant closest to a misspelt `name`.
+    pub(super) fn closest_tenant(&self, name: &str) -> Option<String> {
+        closest(name, self.tenants.iter().map(|t| t.name.as_str())).map(str::to_owned)
     }
 
     pub(super) fn error_count(&self) -> usize {
@@ -195,10 +250,19 @@ impl<'s> Builder<'s> {
                 } else {
                     (&prev.loc, prev.net, &prev.what, &loc, net, &what)
                 };
+            let pool_of = |w: &str| w.strip_suffix(" (home-office pool)").map(str::to_owned);
+            let why = match (pool_of(later_what), pool_of(earlier_what)) {
+                (Some(_), _) | (_, Some(_)) => {
+                    // The usual mistake: a pool carved out of the town hall's range. Home-office
+                    // devices are not at any site; they get tunnel addresses from the pool.
+                    "a home-office pool is a range of its own: home-office devices get their tunnel addresses from it and are not at any site, so it lies outside every site and data-centre range; move the pool (homeoffice = [...] under [tenants.T] in operator.toml) to an unused range, like one /24 per tenant from 10.250.0.0/16".to_owned()
+                }
+                _ => "tenants' address ranges must not overlap".to_owned(),
+            };
             let d = Diagnostic::error(
                 later.clone(),
                 format!(
-                    "{later_net} of {later_what} overlaps {earlier_net} of {earlier_what}: tenants' address ranges must not overlap"
+                    "{later_net} of {later_what} overlaps {earlier_net} of {earlier_what}: {why}"
                 ),
             )
             .with_related(earlier.clone(), format!("{earlier_net} is declared here"));

@@ -14,21 +14,6 @@ enum Declared {
 
 impl<'s> Builder<'s> {
     pub(super) fn load_fragment(&mut self, file: FileId) {
-        let text = &self.sources.file(file).text;
-        let doc: syntax::TenantFile = match toml::from_str(text) {
-            Ok(d) => d,
-            Err(e) => return self.toml_error(file, e),
-        };
-        let Some(tid) = self.tenant_id(doc.tenant.get_ref()) else {
-            return self.err(
-                file,
-                doc.tenant.span(),
-                format!(
-                    "tenant {:?} is not declared in operator.toml: only the operator adds tenants",
-                    doc.tenant.get_ref()
-                ),
-            );
-        };
         let stem = self
             .sources
             .file(file)
@@ -37,16 +22,48 @@ impl<'s> Builder<'s> {
             .and_then(|s| s.to_str())
             .unwrap_or("")
             .to_owned();
+        let text = &self.sources.file(file).text;
+        let doc: syntax::TenantFile = match toml::from_str(text) {
+            Ok(d) => d,
+            Err(e) => {
+                self.hide_fragment(&stem, file);
+                return self.toml_error(file, e);
+            }
+        };
+        // One fragment per tenant, named after it: a file whose name is not its tenant's is
+        // refused as a whole (a stray copy never displaces the real tenants/T.toml).
         if stem != *doc.tenant.get_ref() {
-            self.err(
+            self.hide_fragment(&stem, file);
+            let msg = if self.tenant_id(doc.tenant.get_ref()).is_some() {
+                format!(
+                    "this file is tenants/{stem}.toml but says tenant = {:?}: a tenant's fragment is tenants/{}.toml, so this file is not read; move what it holds into that file (one fragment per tenant)",
+                    doc.tenant.get_ref(),
+                    doc.tenant.get_ref()
+                )
+            } else {
+                format!(
+                    "this file is tenants/{stem}.toml but says tenant = {:?}, and operator.toml declares no such tenant: name the file after its tenant (tenants/TENANT.toml, TENANT as in [tenants.TENANT])",
+                    doc.tenant.get_ref()
+                )
+            };
+            return self.err(file, doc.tenant.span(), msg);
+        }
+        let Some(tid) = self.tenant_id(doc.tenant.get_ref()) else {
+            self.hide_fragment(&stem, file);
+            let hint = self
+                .closest_tenant(doc.tenant.get_ref())
+                .map(|t| format!(" (did you mean {t:?}?)"))
+                .unwrap_or_default();
+            return self.err(
                 file,
                 doc.tenant.span(),
                 format!(
-                    "this file is tenants/{stem}.toml but says tenant = {:?}: name the file after its tenant",
+                    "tenant {:?} is not declared in operator.toml{hint}: only the operator adds tenants ([tenants.{}] in operator.toml)",
+                    doc.tenant.get_ref(),
                     doc.tenant.get_ref()
                 ),
             );
-        }
+        };
         let here = Loc::new(file, doc.tenant.span());
         if let Some(prev) = self.fragment_of.get(&tid).cloned() {
             let d = Diagnostic::error(
@@ -117,7 +134,7 @@ impl<'s> Builder<'s> {
                             file,
                             sname.span(),
                             format!(
-                                "segment {:?} has no site, which makes it the home-office segment, but tenant {tname:?} has no home-office pool in operator.toml",
+                                "segment {:?} has no site, which makes it the home-office segment, but tenant {tname:?} has no home-office pool: the operator adds one to [tenants.{tname}] in operator.toml (homeoffice = [\"10.250.N.0/24\"], a range outside every site), or give the segment the site = \"…\" of the town hall it is at",
                                 sname.get_ref()
                             ),
                         );
@@ -221,6 +238,23 @@ impl<'s> Builder<'s> {
             });
         }
         self.resolve_bindings(declared);
+        let tenant = &self.tenants[tid.index()];
+        if has_homeoffice.is_none() && !tenant.homeoffice_pool.is_empty() {
+            let pool: Vec<String> = tenant
+                .homeoffice_pool
+                .iter()
+                .map(ToString::to_string)
+                .collect();
+            let d = Diagnostic::warning(
+                self.fragment_of[&tid].clone(),
+                format!(
+                    "tenant {tname:?} has a home-office pool ({}) but no home-office segment: its home-office devices get addresses from the pool, yet no rule can name them, so they reach nothing; add [segments.homeoffice] with kind = \"homeoffice\" and no site (and rules from it), or ask the operator to remove the pool",
+                    pool.join(", ")
+                ),
+            )
+            .with_related(tenant.loc.clone(), "the tenant and its pool are declared here");
+            self.diags.push(d);
+        }
 
         let mut groups = BTreeMap::new();
         for (gname, members) in doc.groups {

@@ -452,6 +452,7 @@ impl Policy {
             b.load_fragment(f);
         }
         b.finish_checks();
+        b.note_hidden();
         diags.append(&mut b.diags);
         // A group named by several rules reports its unknown member once, not once per rule.
         let mut seen = std::collections::HashSet::new();
@@ -632,10 +633,12 @@ impl Policy {
 mod check;
 mod dhcp;
 mod fragment;
+mod hint;
 mod load;
 mod rules;
 
 use check::*;
+pub(crate) use hint::closest;
 use load::*;
 use rules::*;
 

@@ -42,14 +42,17 @@ impl<'s> Builder<'s> {
             for t in &g.to {
                 match self.service_by_ref(t.get_ref(), None) {
                     Some(s) => list.push(s),
-                    None => self.err(
-                        file,
-                        t.span(),
-                        format!(
-                            "unknown service {:?} (write a shared service's name, TENANT/SERVICE, or \"*\" for everything)",
-                            t.get_ref()
-                        ),
-                    ),
+                    None if self.hides(t.get_ref()) => {}
+                    None => {
+                        let msg = self.unknown_service(t.get_ref(), None);
+                        self.err(
+                            file,
+                            t.span(),
+                            format!(
+                                "{msg} (write a shared service's name, TENANT/SERVICE, or \"*\" for everything)"
+                            ),
+                        );
+                    }
                 }
             }
             if g.to.is_empty() {
@@ -134,19 +137,17 @@ impl<'s> Builder<'s> {
     pub(super) fn add_rule(&mut self, tid: TenantId, file: FileId, r: Spanned<syntax::RuleDecl>) {
         let r = r.into_inner();
         let loc = Loc::new(file, r.name.span());
-        if let Some(prev) = self
-            .rules
-            .iter()
-            .find(|x| x.tenant == tid && x.name == *r.name.get_ref())
-        {
+        let key = (tid, r.name.get_ref().clone());
+        if let Some(prev) = self.rule_names.get(&key) {
             let d = Diagnostic::error(
                 loc,
                 format!("rule {:?} is declared twice", r.name.get_ref()),
             )
-            .with_related(prev.loc.clone(), "first declared here");
+            .with_related(prev.clone(), "first declared here");
             self.diags.push(d);
             return;
         }
+        self.rule_names.insert(key, loc.clone());
         let errors_before = self.diags.iter().filter(|d| d.is_error()).count();
         let mut from = Vec::new();
         for f in &r.from {
@@ -158,6 +159,10 @@ impl<'s> Builder<'s> {
         }
         let tname = self.tenants[tid.index()].name.clone();
         let mut to = Vec::new();
+        // Services the rule names that their owner does not export to this tenant (any more):
+        // the rule does not reach them, and says so in a warning, so that an owner can
+        // withdraw an export without editing every user's file in the same change.
+        let mut unexported = Vec::new();
         for t in &r.to {
             match self.service_by_ref(t.get_ref(), Some(tid)) {
                 Some(s) if self.may_use(tid, &self.services[s.index()]) => {
@@ -165,41 +170,89 @@ impl<'s> Builder<'s> {
                         to.push(s);
                     }
                 }
-                Some(_) => self.err(
-                    file,
-                    t.span(),
-                    format!(
-                        "service {:?} is not exported to tenant {tname:?}: its owner must list {tname:?} in `export` first",
-                        t.get_ref()
-                    ),
-                ),
-                None => self.err(file, t.span(), format!("unknown service {:?}", t.get_ref())),
+                Some(s) => unexported.push((s, Loc::new(file, t.span()))),
+                None if self.hides(t.get_ref()) => {}
+                None => {
+                    let msg = self.unknown_service(t.get_ref(), Some(tid));
+                    self.err(file, t.span(), msg);
+                }
             }
         }
         if r.to.is_empty() {
             self.err(file, r.name.span(), "the rule has an empty `to`");
         }
+        let inactive = to.is_empty() && !unexported.is_empty();
+        for (s, at) in &unexported {
+            let service = &self.services[s.index()];
+            let owner = match (service.tenant_declared, service.owner) {
+                (true, Some(o)) => format!("its owner, tenant {:?},", self.tenants[o.index()].name),
+                (false, Some(o)) => format!(
+                    "its owner, tenant {:?} (in operator.toml),",
+                    self.tenants[o.index()].name
+                ),
+                (_, None) => "the operator".to_owned(),
+            };
+            let consequence = if inactive {
+                "the rule is inactive (it allows nothing)"
+            } else {
+                "the rule still allows its other services"
+            };
+            let d = Diagnostic::warning(
+                at.clone(),
+                format!(
+                    "rule {:?} in {} does not reach {}: {owner} does not export it to tenant {tname:?} ({}); {consequence}",
+                    r.name.get_ref(),
+                    self.sources.cite(&loc),
+                    self.display_service(*s),
+                    self.sources.cite(&service.loc),
+                ),
+            )
+            .with_related(
+                service.loc.clone(),
+                format!("its `export` would have to list {tname:?}"),
+            );
+            self.diags.push(d);
+        }
         let ports = if r.ports.is_empty() {
             None
         } else {
+            // The rule's services including those not exported to it: a withdrawn export is
+            // one warning, not one more for each of the rule's ports.
+            let named: Vec<ServiceId> = to
+                .iter()
+                .copied()
+                .chain(unexported.iter().map(|(s, _)| *s))
+                .collect();
+            let foreign = named
+                .iter()
+                .all(|s| self.services[s.index()].loc.file != file);
             let mut list = Vec::new();
             for p in &r.ports {
                 match PortRange::parse(p.get_ref()) {
                     Ok(range) => {
-                        let offered = to.iter().any(|s| {
+                        let offered = named.iter().any(|s| {
                             self.services[s.index()]
                                 .ports
                                 .iter()
                                 .any(|sp| sp.intersect(&range).is_some())
                         });
-                        if !offered && !to.is_empty() {
-                            self.err(
-                                file,
-                                p.span(),
-                                format!(
-                                    "no packet can match {range}: none of the rule's services offers it"
-                                ),
+                        if !offered && !named.is_empty() {
+                            let shown: Vec<String> = named
+                                .iter()
+                                .flat_map(|s| self.services[s.index()].ports.iter())
+                                .map(ToString::to_string)
+                                .collect();
+                            let msg = format!(
+                                "no packet can match {range}: none of the rule's services offers it (they offer {})",
+                                shown.join(", ")
                             );
+                            // Another owner's service changing its ports must not break this
+                            // file: then it is a warning, and the port allows nothing.
+                            self.diags.push(if foreign {
+                                Diagnostic::warning(Loc::new(file, p.span()), msg)
+                            } else {
+                                Diagnostic::error(Loc::new(file, p.span()), msg)
+                            });
                         }
                         list.push(range);
                     }
@@ -208,6 +261,9 @@ impl<'s> Builder<'s> {
             }
             Some(list)
         };
+        if inactive {
+            return;
+        }
         let rule = Rule {
             name: r.name.into_inner(),
             tenant: tid,
@@ -220,14 +276,83 @@ impl<'s> Builder<'s> {
         let errors_after = self.diags.iter().filter(|d| d.is_error()).count();
         let names_broken = rule.to.iter().any(|s| self.broken_services.contains(s))
             || rule.from.iter().any(|s| self.broken_segments.contains(s));
-        if errors_after == errors_before && !names_broken {
+        if errors_after == errors_before && !names_broken && !rule.to.is_empty() {
             self.check_rule_reach(&rule);
         }
         self.rules.push(rule);
     }
 
-    /// A rule that no packet can match (no shared address family, no port left) or whose every
-    /// flow a guardrail denies is an error: the admin meant something else.
+    /// `dms`, `tenant/service`: how admins write a service outside its owner's file.
+    pub(super) fn display_service(&self, id: ServiceId) -> String {
+        let s = &self.services[id.index()];
+        match (s.tenant_declared, s.owner) {
+            (true, Some(t)) => format!("{}/{}", self.tenants[t.index()].name, s.name),
+            _ => s.name.clone(),
+        }
+    }
+
+    /// "unknown service" with a hint: another tenant's service named without `TENANT/`, or
+    /// the closest name the writer may use.
+    pub(super) fn unknown_service(&self, name: &str, within: Option<TenantId>) -> String {
+        let may_use = |s: &Service| within.is_none_or(|t| self.may_use(t, s));
+        let whom = within.map_or(String::new(), |t| {
+            format!(" to tenant {:?}", self.tenants[t.index()].name)
+        });
+        // `fileserver` where only other tenants have one: say whose.
+        if !name.contains('/') {
+            let others: Vec<ServiceId> = (0..self.services.len())
+                .map(|i| ServiceId(i as u32))
+                .filter(|s| {
+                    let svc = &self.services[s.index()];
+                    svc.tenant_declared && svc.name == name && svc.owner != within
+                })
+                .collect();
+            if !others.is_empty() {
+                let shown: Vec<String> = others
+                    .iter()
+                    .map(|s| {
+                        let svc = &self.services[s.index()];
+                        if may_use(svc) {
+                            self.display_service(*s)
+                        } else {
+                            format!("{} (not exported{whom})", self.display_service(*s))
+                        }
+                    })
+                    .collect();
+                return format!(
+                    "unknown service {name:?}: another tenant's service is written TENANT/SERVICE; did you mean {}?",
+                    shown.join(" or ")
+                );
+            }
+        }
+        // Own services by their bare name, shared ones by theirs, other tenants' as T/SERVICE.
+        let candidates: Vec<String> = (0..self.services.len())
+            .map(|i| ServiceId(i as u32))
+            .map(|s| {
+                let svc = &self.services[s.index()];
+                if svc.tenant_declared && svc.owner == within && within.is_some() {
+                    svc.name.clone()
+                } else {
+                    self.display_service(s)
+                }
+            })
+            .collect();
+        match closest(name, candidates.iter().map(String::as_str)) {
+            Some(near) => {
+                let note = self
+                    .service_by_ref(near, within)
+                    .filter(|s| !may_use(&self.services[s.index()]))
+                    .map_or(String::new(), |_| format!("; it is not exported{whom}"));
+                format!("unknown service {name:?}: did you mean {near:?}{note}?")
+            }
+            None => format!("unknown service {name:?}"),
+        }
+    }
+
+    /// A rule that no packet can match (no shared address family, no port left) is an error
+    /// when the rule's own file is the reason, a warning when another file is (a guardrail of
+    /// the operator, another owner's service): then the rule is inactive, and the policy stays
+    /// usable until its writer catches up.
     pub(super) fn check_rule_reach(&mut self, rule: &Rule) {
         let mut matchable = false;
         let mut open = false;
@@ -257,40 +382,65 @@ impl<'s> Builder<'s> {
             }
         }
         if !matchable {
-            self.diags.push(Diagnostic::error(
-                rule.loc.clone(),
-                format!(
-                    "rule {:?} can match no packet: its segments and services share no address family (IPv4/IPv6) or port",
-                    rule.name
-                ),
-            ));
+            let foreign = rule
+                .to
+                .iter()
+                .any(|s| self.services[s.index()].loc.file != rule.loc.file);
+            let msg = format!(
+                "rule {:?} can match no packet: its segments and services share no address family (IPv4/IPv6) or port",
+                rule.name
+            );
+            self.diags.push(if foreign {
+                Diagnostic::warning(rule.loc.clone(), format!("{msg}; the rule is inactive"))
+            } else {
+                Diagnostic::error(rule.loc.clone(), msg)
+            });
             return;
         }
         let names: Vec<String> = shadowing
             .iter()
             .map(|g| {
                 let g = &self.guardrails[g.index()];
-                format!("\"{}\" ({})", g.name, self.sources.cite(&g.loc))
+                format!("\"{}\" in {}", g.name, self.sources.cite(&g.loc))
             })
             .collect();
+        let first = shadowing
+            .first()
+            .map(|g| self.guardrails[g.index()].loc.clone());
+        let plural = if names.len() == 1 {
+            "guardrail"
+        } else {
+            "guardrails"
+        };
         if !open {
-            self.diags.push(Diagnostic::error(
+            let mut d = Diagnostic::warning(
                 rule.loc.clone(),
                 format!(
-                    "rule {:?} is shadowed by guardrail {}: every flow it allows is denied by the operator",
+                    "rule {:?} in {} is inactive: {plural} {} {} every flow it allows",
                     rule.name,
-                    names.join(", ")
+                    self.sources.cite(&rule.loc),
+                    names.join(", "),
+                    if names.len() == 1 { "denies" } else { "deny" }
                 ),
-            ));
+            );
+            if let Some(g) = first {
+                d = d.with_related(g, "the operator's guardrail");
+            }
+            self.diags.push(d);
         } else if partly_shadowed {
-            self.diags.push(Diagnostic::warning(
+            let mut d = Diagnostic::warning(
                 rule.loc.clone(),
                 format!(
-                    "rule {:?} is partly overridden by guardrail {}: some of its segments cannot reach some of its services",
+                    "rule {:?} in {} is partly overridden by {plural} {}: some of its segments cannot reach some of its services",
                     rule.name,
+                    self.sources.cite(&rule.loc),
                     names.join(", ")
                 ),
-            ));
+            );
+            if let Some(g) = first {
+                d = d.with_related(g, "the operator's guardrail");
+            }
+            self.diags.push(d);
         }
     }
 
@@ -319,6 +469,7 @@ impl<'s> Builder<'s> {
         };
         let from = match resolve_from(e.from.get_ref(), within, &|n, w| self.segment_by_ref(n, w)) {
             Ok(f) => Some(f),
+            Err(_) if self.hides(e.from.get_ref()) => None,
             Err(msg) => {
                 self.err(file, e.from.span(), msg);
                 None
@@ -329,6 +480,7 @@ impl<'s> Builder<'s> {
                 .map(|s| (s, self.services[s.index()].ports.clone()))
         }) {
             Ok(t) => Some(t),
+            Err(_) if self.hides(e.to.get_ref()) => None,
             Err(msg) => {
                 self.err(file, e.to.span(), msg);
                 None
