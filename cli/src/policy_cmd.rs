@@ -8,8 +8,8 @@ use anyhow::{bail, Context as _};
 use base64::Engine as _;
 use clap::Subcommand;
 use komnet_policy::{
-    bundle, diff, explain_at, nft, query_segment, query_service, run_tests, Arrival, Binding,
-    Policy, ReloadError,
+    bundle, diff, explain_at, nft, query_segment, query_service, run_tests, schema, Arrival,
+    Binding, Policy, ReloadError,
 };
 
 use std::path::{Path, PathBuf};
@@ -100,6 +100,17 @@ pub(crate) enum PolicyCommand {
         #[command(flatten)]
         strict: Strictness,
     },
+    /// Print the JSON Schema of a policy file (for editors: taplo, Even Better TOML), or write
+    /// both (operator.schema.json, tenant.schema.json) into a directory.
+    #[command(group(clap::ArgGroup::new("which").required(true).args(["file", "out_dir"])))]
+    Schema {
+        /// Which file's schema to print: operator (operator.toml) or tenant (tenants/*.toml).
+        #[arg(value_enum)]
+        file: Option<SchemaFile>,
+        /// Write both schemas into this directory instead.
+        #[arg(long)]
+        out_dir: Option<PathBuf>,
+    },
     /// Create the operator's Ed25519 key for signing policy bundles: KEY (private, 0600) and
     /// KEY.pub (what gateways pin).
     Keygen {
@@ -154,6 +165,24 @@ pub(crate) enum PolicyCommand {
         #[command(flatten)]
         strict: Strictness,
     },
+}
+
+/// The policy files a schema describes.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub(crate) enum SchemaFile {
+    /// operator.toml
+    Operator,
+    /// tenants/TENANT.toml
+    Tenant,
+}
+
+impl SchemaFile {
+    fn kind(self) -> schema::FileKind {
+        match self {
+            SchemaFile::Operator => schema::FileKind::Operator,
+            SchemaFile::Tenant => schema::FileKind::Tenant,
+        }
+    }
 }
 
 /// How strict loading is; every verb that reads a policy takes it.
@@ -379,6 +408,23 @@ fn run_into(cmd: PolicyCommand, out: &mut String) -> anyhow::Result<ExitCode> {
                 );
             } else {
                 say_raw!(out, "{ruleset}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        PolicyCommand::Schema { file, out_dir } => {
+            match (file, out_dir) {
+                (_, Some(dir)) => {
+                    std::fs::create_dir_all(&dir)
+                        .with_context(|| format!("cannot create {}", dir.display()))?;
+                    for kind in [schema::FileKind::Operator, schema::FileKind::Tenant] {
+                        let path = dir.join(kind.schema_file_name());
+                        std::fs::write(&path, schema::schema_text(kind))
+                            .with_context(|| format!("cannot write {}", path.display()))?;
+                        say!(out, "{}", path.display());
+                    }
+                }
+                (Some(file), None) => say_raw!(out, "{}", schema::schema_text(file.kind())),
+                (None, None) => bail!("name the file (operator or tenant) or give --out-dir"),
             }
             Ok(ExitCode::SUCCESS)
         }

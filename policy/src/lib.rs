@@ -16,6 +16,7 @@ mod model;
 pub mod nft;
 mod oracle;
 mod reload;
+pub mod schema;
 mod source;
 mod syntax;
 pub mod synthetic;

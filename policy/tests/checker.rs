@@ -351,7 +351,7 @@ fn unknown_keys_and_duplicates() {
         &a,
         TENANT_B,
         "tenants/a.toml:5:1",
-        "unknown field `colour`",
+        "unknown key `colour` in `segments.staff`; known keys here: description, dhcp, kind, port, prefixes, site, vlan",
     );
     let a = format!("{TENANT_A}\n[segments.staff]\nkind = \"staff\"\nsite = \"hq\"\nprefixes = [\"10.10.9.0/24\"]\n");
     assert_error(
@@ -370,6 +370,38 @@ fn unknown_keys_and_duplicates() {
         TENANT_B,
         "tenants/a.toml:25:8",
         "rule \"staff-dms\" is declared twice",
+    );
+}
+
+#[test]
+fn every_unknown_key_wrong_type_and_syntax_error_of_a_file_is_reported_in_one_run() {
+    let a = TENANT_A
+        .replace("prefixes = [\"10.10.1.0/24\"", "prefix = [\"10.10.1.0/24\"")
+        .replace("vlan = 100", "vlan = \"100\"")
+        .replace(
+            "to = [\"dms\", \"files\"]",
+            "to = [\"dms\", \"files\"]\ndescripton = \"x\"",
+        );
+    let (list, rendered) = errors(OPERATOR, &a, TENANT_B);
+    assert_eq!(
+        list,
+        [
+            "tenants/a.toml:6:1: unknown key `prefix` in `segments.staff`; did you mean `prefixes`?",
+            "tenants/a.toml:13:8: `segments.guests.vlan` must be a whole number, not a string",
+            "tenants/a.toml:23:1: unknown key `descripton` in `rule`; did you mean `description`?",
+        ],
+        "{rendered}"
+    );
+    // Several syntax errors: the parser recovers and reports each.
+    let a = TENANT_A
+        .replace("kind = \"staff\"", "kind = staff")
+        .replace("kind = \"guest\"", "kind = \"guest");
+    let (list, rendered) = errors(OPERATOR, &a, TENANT_B);
+    assert!(list.len() >= 2, "{rendered}");
+    assert!(list[0].starts_with("tenants/a.toml:4:"), "{rendered}");
+    assert!(
+        list.iter().any(|e| e.starts_with("tenants/a.toml:10:")),
+        "{rendered}"
     );
 }
 
@@ -681,7 +713,7 @@ fn segments_say_where_they_arrive() {
         &TENANT_A.replace("vlan = 100", "vlan = \"100\""),
         TENANT_B,
         "tenants/a.toml:13:8",
-        "invalid type",
+        "`segments.guests.vlan` must be a whole number, not a string",
     );
     // The home-office segment arrives through the tunnel.
     assert_error(
@@ -821,7 +853,7 @@ fn segments_are_served_by_dhcp_as_the_fragment_says() {
         ("dns = [\"10.1.1.53\", \"dns.example\"]", "tenants/a.toml:9:21", "is not an IP address"),
         ("lease = \"30s\"", "tenants/a.toml:9:9", "a lease lasts from 2m to 365d"),
         ("lease = \"12\"", "tenants/a.toml:9:9", "needs a unit"),
-        ("colour = \"blue\"", "tenants/a.toml:9:1", "unknown field `colour`"),
+        ("colour = \"blue\"", "tenants/a.toml:9:1", "unknown key `colour` in `segments.staff.dhcp`"),
     ] {
         assert_error(&op, &staff_dhcp(body), TENANT_B, at, needle);
     }

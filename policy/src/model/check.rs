@@ -196,10 +196,39 @@ impl<'s> Builder<'s> {
             .push(Diagnostic::error(Loc::new(file, span), msg));
     }
 
-    pub(super) fn toml_error(&mut self, file: FileId, e: toml::de::Error) {
-        let span = e.span().unwrap_or(0..0);
-        let msg = e.message().trim().replace('\n', "; ");
-        self.err(file, span, format!("cannot read this file: {msg}"));
+    /// A file that did not deserialise: every syntax error (the parser recovers and goes on),
+    /// else every unknown key, wrong type and missing key the schema finds, else serde's one
+    /// error. So an admin sees all mistakes of a file in one run, not one per run.
+    pub(super) fn toml_error(&mut self, file: FileId, kind: FileKind, e: toml::de::Error) {
+        let text = &self.sources.file(file).text;
+        let (doc, syntax_errors) = toml::de::DeTable::parse_recoverable(text);
+        let found: Vec<(std::ops::Range<usize>, String)> = if syntax_errors.is_empty() {
+            crate::schema::structure(kind, &doc)
+                .into_iter()
+                .map(|f| (f.span, f.message))
+                .collect()
+        } else {
+            syntax_errors
+                .iter()
+                .map(|e| {
+                    (
+                        e.span().unwrap_or(0..0),
+                        format!(
+                            "cannot read this file: {}",
+                            e.message().trim().replace('\n', "; ")
+                        ),
+                    )
+                })
+                .collect()
+        };
+        if found.is_empty() {
+            let span = e.span().unwrap_or(0..0);
+            let msg = e.message().trim().replace('\n', "; ");
+            self.err(file, span, format!("cannot read this file: {msg}"));
+        }
+        for (span, msg) in found {
+            self.err(file, span, msg);
+        }
     }
 
     pub(super) fn name_ok(&mut self, file: FileId, name: &Name, what: &str) -> bool {
@@ -275,7 +304,7 @@ impl<'s> Builder<'s> {
         let text = &self.sources.file(file).text;
         let doc: syntax::OperatorFile = match toml::from_str(text) {
             Ok(d) => d,
-            Err(e) => return self.toml_error(file, e),
+            Err(e) => return self.toml_error(file, FileKind::Operator, e),
         };
         self.operator_dhcp = self.dhcp_defaults(file, doc.dhcp.as_ref());
         let h = doc.policy;

@@ -27,7 +27,7 @@ impl<'s> Builder<'s> {
             Ok(d) => d,
             Err(e) => {
                 self.hide_fragment(&stem, file);
-                return self.toml_error(file, e);
+                return self.toml_error(file, FileKind::Tenant, e);
             }
         };
         // One fragment per tenant, named after it: a file whose name is not its tenant's is

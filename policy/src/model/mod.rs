@@ -10,6 +10,7 @@ use ipnet::IpNet;
 use toml::Spanned;
 
 use crate::flow::{PortRange, Proto};
+use crate::schema::FileKind;
 use crate::source::{Diagnostic, FileId, Loc, SourceMap};
 use crate::syntax::{self, Name};
 
