@@ -8,8 +8,8 @@ use anyhow::{bail, Context as _};
 use base64::Engine as _;
 use clap::Subcommand;
 use komnet_policy::{
-    bundle, diff, explain_at, nft, query_segment, query_service, run_tests, schema, Arrival,
-    Binding, Policy, ReloadError,
+    bundle, destination_hint, diff, explain_at, nft, query_segment, query_service, run_tests,
+    schema, version_finding, Arrival, Binding, Policy, ReloadError,
 };
 
 use std::path::{Path, PathBuf};
@@ -335,6 +335,9 @@ fn run_into(cmd: PolicyCommand, out: &mut String) -> anyhow::Result<ExitCode> {
                 (None, Some(_)) => bail!("--site goes with --vlan or --port"),
                 (None, None) => None,
             };
+            if let Some(hint) = destination_hint(&to) {
+                eprintln!("warning: --to {to:?}: {hint}");
+            }
             let lines = explain_at(&p, &from, &to, arrival.as_ref()).map_err(anyhow::Error::msg)?;
             for l in lines {
                 say!(out, "{l}");
@@ -366,6 +369,9 @@ fn run_into(cmd: PolicyCommand, out: &mut String) -> anyhow::Result<ExitCode> {
         PolicyCommand::Diff { old, new, strict } => {
             let a = load_or_exit!(&old, strict);
             let b = load_or_exit!(&new, strict);
+            if let Some(finding) = version_finding(&a, &b) {
+                eprintln!("warning: {}: {finding}", new.display());
+            }
             let (changes, moved) = diff(&a, &b);
             say!(
                 out,

@@ -104,8 +104,8 @@ fn a_failing_inline_test_names_the_guardrail_and_its_line() {
     let dir = copy_example("test");
     replace_in(
         &dir.join("tenants/musterstadt.toml"),
-        "from = \"gaeste\"\nto = \"mail:993/tcp\"\nverdict = \"deny\"",
-        "from = \"gaeste\"\nto = \"mail:993/tcp\"\nverdict = \"allow\"",
+        "from = \"gaeste\"\nto = \"mail:tcp/993\"\nverdict = \"deny\"",
+        "from = \"gaeste\"\nto = \"mail:tcp/993\"\nverdict = \"allow\"",
     );
     let out = komnet(&["policy", "test", dir.to_str().unwrap()]);
     assert_eq!(out.code, 1);
@@ -131,7 +131,7 @@ fn explain_query_and_compile() {
         "--from",
         "10.30.1.20",
         "--to",
-        "musterstadt/fileserver:445/tcp",
+        "musterstadt/fileserver:tcp/445",
     ]);
     assert_eq!(out.code, 0, "{}", out.stderr);
     assert!(
@@ -147,7 +147,7 @@ fn explain_query_and_compile() {
         "--from",
         "musterstadt/gaeste",
         "--to",
-        "dns:53/udp",
+        "dns:udp/53",
     ]);
     assert_eq!(
         out.stdout
@@ -164,7 +164,7 @@ fn explain_query_and_compile() {
         "--from",
         "10.20.1.7",
         "--to",
-        "10.1.0.10:8080/tcp",
+        "10.1.0.10:tcp/8080",
     ]);
     assert!(
         out.stdout
@@ -182,7 +182,7 @@ fn explain_query_and_compile() {
         "--from",
         "10.20.1.77",
         "--to",
-        "dms:443/tcp",
+        "dms:tcp/443",
         "--vlan",
         "100",
     ]);
@@ -201,7 +201,7 @@ fn explain_query_and_compile() {
         "--from",
         "10.20.1.77",
         "--to",
-        "dms:443/tcp",
+        "dms:tcp/443",
         "--vlan",
         "10",
     ]);
@@ -623,4 +623,87 @@ fn a_guardrail_over_a_communes_rule_is_a_warning_once_and_deny_warnings_makes_it
     let strict = komnet(&["policy", "test", d, "--deny-warnings"]);
     assert_eq!(strict.code, 1, "{}", strict.stdout);
     fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn diff_warns_when_the_content_changed_but_the_version_did_not() {
+    let old = example();
+    let new = copy_example("version");
+    replace_in(
+        &new.join("tenants/musterstadt.toml"),
+        "to = [\"telefonanlage\", \"dns\"]",
+        "to = [\"telefonanlage\", \"dns\", \"mail\"]",
+    );
+    let (o, n) = (old.to_str().unwrap(), new.to_str().unwrap());
+    let out = komnet(&["policy", "diff", o, n]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(
+        out.stderr.contains("warning: ")
+            && out.stderr.contains(": the content changed (tenants/musterstadt.toml) but the version did not (7 in both): gateways refuse a bundle with the version they run and other content; raise [policy] version in operator.toml to 8"),
+        "{}",
+        out.stderr
+    );
+    replace_in(&new.join("operator.toml"), "version = 7", "version = 8");
+    let out = komnet(&["policy", "diff", o, n]);
+    assert!(!out.stderr.contains("warning"), "{}", out.stderr);
+    replace_in(&new.join("operator.toml"), "version = 8", "version = 6");
+    let out = komnet(&["policy", "diff", o, n]);
+    assert!(
+        out.stderr.contains("the version goes down (7 -> 6)"),
+        "{}",
+        out.stderr
+    );
+    // The same files: nothing to say.
+    let out = komnet(&["policy", "diff", o, o]);
+    assert!(!out.stderr.contains("warning"), "{}", out.stderr);
+    fs::remove_dir_all(&new).unwrap();
+}
+
+#[test]
+fn explain_takes_the_other_port_order_with_a_hint_and_uses_host_addresses() {
+    let dir = example();
+    let d = dir.to_str().unwrap();
+    let out = komnet(&[
+        "policy",
+        "explain",
+        d,
+        "--from",
+        "musterstadt/gebaeude",
+        "--to",
+        "dms:443/tcp",
+    ]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(
+        out.stderr
+            .contains("warning: --to \"dms:443/tcp\": write \"dms:tcp/443\", not \"dms:443/tcp\""),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        out.stdout
+            .starts_with("IPv4 10.20.4.1 -> 10.1.0.10:tcp/443: deny (guardrail \"iot-not-dms\""),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout
+            .contains("\nIPv6 fd00:20:0:4::1 -> [fd00:1::10]:tcp/443: deny"),
+        "{}",
+        out.stdout
+    );
+    // An IPv4-only destination from an IPv6 source: a deny that says why, exit 0.
+    let out = komnet(&[
+        "policy",
+        "explain",
+        d,
+        "--from",
+        "fd00:20:0:1::7",
+        "--to",
+        "10.1.0.10:tcp/443",
+    ]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(
+        out.stdout,
+        "IPv6 fd00:20:0:1::7 -> 10.1.0.10:tcp/443: deny (the source is IPv6 and the destination is not: no packet has both)\n"
+    );
 }

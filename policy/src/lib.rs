@@ -22,8 +22,8 @@ mod syntax;
 pub mod synthetic;
 
 pub use analysis::{
-    diff, explain, explain_at, query_segment, query_service, run_tests, Arrival, Explanation,
-    FlowChange, Reach, TestOutcome, TestReport,
+    destination_hint, diff, explain, explain_at, query_segment, query_service, run_tests,
+    version_finding, Arrival, Explanation, FlowChange, Reach, TestOutcome, TestReport,
 };
 pub use classifier::Classifier;
 pub use flow::{Origin, PacketMeta, PeerIdentity, PortRange, Proto, Role};

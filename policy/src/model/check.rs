@@ -177,6 +177,24 @@ impl<'s> Builder<'s> {
         self.diags.extend(notes);
     }
 
+    /// ` (did you mean "x"?)` for a misspelt tenant, or nothing.
+    pub(super) fn tenant_hint(&self, name: &str) -> String {
+        self.closest_tenant(name)
+            .map(|t| format!(" (did you mean {t:?}?)"))
+            .unwrap_or_default()
+    }
+
+    /// `; did you mean "x"?` for a misspelt segment kind, else the list of kinds.
+    pub(super) fn kind_hint(&self, kind: &str) -> String {
+        match closest(kind, self.kinds.keys().map(String::as_str)) {
+            Some(k) => format!("; did you mean {k:?}?"),
+            None => {
+                let known: Vec<&str> = self.kinds.keys().map(String::as_str).collect();
+                format!("; the operator's [policy] kinds are: {}", known.join(", "))
+            }
+        }
+    }
+
     /// The declared tenant closest to a misspelt `name`.
     pub(super) fn closest_tenant(&self, name: &str) -> Option<String> {
         closest(name, self.tenants.iter().map(|t| t.name.as_str())).map(str::to_owned)
@@ -244,6 +262,23 @@ impl<'s> Builder<'s> {
                 ),
             );
             false
+        }
+    }
+
+    /// A `ports` entry: `tcp/443`; `443/tcp` is taken with a warning that says how to write it.
+    pub(super) fn port(&mut self, file: FileId, p: &Spanned<String>) -> Option<PortRange> {
+        match PortRange::parse_lenient(p.get_ref()) {
+            Ok((r, hint)) => {
+                if let Some(hint) = hint {
+                    self.diags
+                        .push(Diagnostic::warning(Loc::new(file, p.span()), hint));
+                }
+                Some(r)
+            }
+            Err(msg) => {
+                self.err(file, p.span(), msg);
+                None
+            }
         }
     }
 
@@ -417,8 +452,9 @@ impl<'s> Builder<'s> {
                             file,
                             o.span(),
                             format!(
-                                "owner {:?} is not a tenant declared in this file",
-                                o.get_ref()
+                                "owner {:?} is not a tenant declared in this file{}",
+                                o.get_ref(),
+                                self.tenant_hint(o.get_ref())
                             ),
                         );
                         None
@@ -458,9 +494,8 @@ impl<'s> Builder<'s> {
         }
         let mut ports = Vec::new();
         for p in &decl.ports {
-            match PortRange::parse(p.get_ref()) {
-                Ok(r) => ports.push(r),
-                Err(msg) => self.err(file, p.span(), msg),
+            if let Some(r) = self.port(file, p) {
+                ports.push(r);
             }
         }
         if decl.ports.is_empty() {

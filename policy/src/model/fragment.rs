@@ -90,15 +90,11 @@ impl<'s> Builder<'s> {
                 continue;
             }
             if !self.kinds.contains_key(decl.kind.get_ref()) {
-                let known: Vec<&str> = self.kinds.keys().map(String::as_str).collect();
+                let hint = self.kind_hint(decl.kind.get_ref());
                 self.err(
                     file,
                     decl.kind.span(),
-                    format!(
-                        "unknown segment kind {:?}; the operator allows: {}",
-                        decl.kind.get_ref(),
-                        known.join(", ")
-                    ),
+                    format!("unknown segment kind {:?}{hint}", decl.kind.get_ref()),
                 );
             }
             let sloc = Loc::new(file, sname.span());
@@ -148,10 +144,26 @@ impl<'s> Builder<'s> {
                         .copied()
                         .find(|s| self.sites[s.index()].name == *site_name.get_ref());
                     let Some(site) = site else {
+                        let sites: Vec<&str> = self.tenants[tid.index()]
+                            .sites
+                            .iter()
+                            .map(|s| self.sites[s.index()].name.as_str())
+                            .collect();
+                        let hint = match closest(site_name.get_ref(), sites.iter().copied()) {
+                            Some(near) => format!("; did you mean {near:?}?"),
+                            None if sites.is_empty() => {
+                                "; it has none: the operator declares sites in operator.toml"
+                                    .to_owned()
+                            }
+                            None => format!("; its sites: {}", sites.join(", ")),
+                        };
                         self.err(
                             file,
                             site_name.span(),
-                            format!("tenant {tname:?} has no site {:?}", site_name.get_ref()),
+                            format!(
+                                "tenant {tname:?} has no site {:?}{hint}",
+                                site_name.get_ref()
+                            ),
                         );
                         continue;
                     };
@@ -460,7 +472,11 @@ impl<'s> Builder<'s> {
                     self.err(
                         file,
                         e.span(),
-                        format!("export to {:?}: no such tenant", e.get_ref()),
+                        format!(
+                            "export to {:?}: no such tenant{}",
+                            e.get_ref(),
+                            self.tenant_hint(e.get_ref())
+                        ),
                     );
                 }
             }

@@ -644,4 +644,4 @@ use load::*;
 use rules::*;
 
 pub(crate) use check::share_family;
-pub(crate) use rules::{resolve_from, resolve_to};
+pub(crate) use rules::{resolve_from, resolve_to, to_port_hint, to_target};
