@@ -29,9 +29,9 @@ pub use analysis::{
 pub use classifier::Classifier;
 pub use flow::{Origin, PacketMeta, PeerIdentity, PortRange, Proto, Role};
 pub use model::{
-    Binding, Expectation, Export, FromSpec, GuardTarget, Guardrail, GuardrailId, Policy,
-    PolicyErrors, Rule, RuleId, Segment, SegmentId, Service, ServiceId, Site, SiteId, Tenant,
-    TenantId, ToSpec, MAX_FILE_BYTES, MAX_FRAGMENTS,
+    Binding, Dhcp, DhcpHost, Expectation, Export, FromSpec, GuardTarget, Guardrail, GuardrailId,
+    Policy, PolicyErrors, Rule, RuleId, Segment, SegmentId, Service, ServiceId, Site, SiteId,
+    Tenant, TenantId, ToSpec, MAX_FILE_BYTES, MAX_FRAGMENTS,
 };
 pub use oracle::{decide, decide_arrival, Decider, Decision};
 pub use reload::{CompiledPolicy, PolicyHandle, ReloadError};

@@ -14,6 +14,7 @@
 
 pub mod config;
 pub mod control;
+pub mod dhcp;
 mod guard;
 mod hub;
 mod identity;

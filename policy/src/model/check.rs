@@ -94,6 +94,8 @@ pub(super) struct Builder<'s> {
     /// checked for reach, so one typo does not cascade into more errors.
     pub(super) broken_services: BTreeSet<ServiceId>,
     pub(super) broken_segments: BTreeSet<SegmentId>,
+    /// The operator's `[dhcp]`: what segments get unless their tenant says otherwise.
+    pub(super) operator_dhcp: super::dhcp::DhcpDefaults,
     /// Fragments that could not be read (syntax errors, a name that is not their tenant's):
     /// by file stem, the file and how many references from elsewhere went unchecked. Other
     /// files' references to `STEM/…` are not errors of their own: one broken file reports its
@@ -128,6 +130,7 @@ impl<'s> Builder<'s> {
             groups: HashMap::new(),
             broken_services: BTreeSet::new(),
             broken_segments: BTreeSet::new(),
+            operator_dhcp: Default::default(),
             hidden: BTreeMap::new(),
             rule_names: HashMap::new(),
         }
@@ -338,6 +341,7 @@ impl<'s> Builder<'s> {
             Ok(d) => d,
             Err(e) => return self.toml_error(file, FileKind::Operator, e),
         };
+        self.operator_dhcp = self.dhcp_defaults(file, doc.dhcp.as_ref());
         let h = doc.policy;
         let version = match u64::try_from(*h.version.get_ref()) {
             Ok(v) => v,

@@ -77,6 +77,10 @@ impl<'s> Builder<'s> {
         self.fragment_of.insert(tid, here);
         let tname = doc.tenant.get_ref().clone();
 
+        let operator_dhcp = self.operator_dhcp.clone();
+        let tenant_dhcp = self
+            .dhcp_defaults(file, doc.dhcp.as_ref())
+            .over(&operator_dhcp);
         let mut has_homeoffice: Option<Loc> = None;
         let mut own_segments: Vec<(IpNet, String, Loc)> = Vec::new();
         // Site segments with the binding they declare (`vlan`/`port`), resolved below.
@@ -213,6 +217,13 @@ impl<'s> Builder<'s> {
                     (Some(site), prefixes)
                 }
             };
+            let dhcp = self.segment_dhcp(
+                file,
+                sname.get_ref(),
+                decl.dhcp.as_ref(),
+                site.is_some().then_some(&prefixes[..]),
+                &tenant_dhcp,
+            );
             let id = SegmentId(self.segments.len() as u32);
             if self.error_count() > errors_before {
                 self.broken_segments.insert(id);
@@ -233,6 +244,7 @@ impl<'s> Builder<'s> {
                 site,
                 prefixes,
                 binding: None,
+                dhcp,
                 description: decl.description,
                 loc: sloc,
             });
