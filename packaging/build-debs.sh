@@ -33,13 +33,15 @@ cargo build --release --locked -p komnet-gateway -p komnet-enroll -p komnet-cli 
 # definition too and checked in; `cargo test -p komnet-gateway` fails when they differ); cargo-deb picks them up from the target directory (Cargo.toml of cli/).
 gen="$target/release/packaging"
 rm -rf "$gen"
-mkdir -p "$gen/man" "$gen/completions"
+mkdir -p "$gen/man" "$gen/completions" "$gen/schema"
 "$target/release/komnet" manpages "$gen/man" >/dev/null
 # cargo-deb compresses only the man pages it does not take from the target directory.
 gzip -9n "$gen"/man/*.1
 "$target/release/komnet" completions bash >"$gen/completions/komnet.bash"
 "$target/release/komnet" completions zsh >"$gen/completions/_komnet"
 "$target/release/komnet" completions fish >"$gen/completions/komnet.fish"
+# The policy files' JSON Schemas (editors, CI), generated from the parser's types.
+"$target/release/komnet" policy schema --out-dir "$gen/schema" >/dev/null
 
 mkdir -p "$out"
 debs=()

@@ -69,6 +69,7 @@ root:root 644 /etc/komnet/gateway.toml" ] || fail "owners or modes"
 in_root 'getent passwd komnet komnet-enroll | grep -c nologin' | grep -qx 2 || fail "system users"
 in_root 'dpkg-query -W -f="\${Conffiles}\n" komnet-gateway' | grep -q /etc/komnet/gateway.toml || fail "conffile"
 in_root 'ls /usr/share/man/man8/komnet-gateway.8.gz /usr/share/man/man8/komnet-enroll.8.gz /usr/share/man/man1/komnet.1.gz /usr/share/man/man1/komnet-policy-check.1.gz /usr/share/bash-completion/completions/komnet /usr/share/zsh/vendor-completions/_komnet /usr/share/fish/vendor_completions.d/komnet.fish >/dev/null' || fail "man pages or completions"
+in_root 'ls /usr/share/komnet/schema/operator.schema.json /usr/share/komnet/schema/tenant.schema.json >/dev/null' || fail "policy schemas"
 in_root '! ls /etc/systemd/system/multi-user.target.wants/ | grep -q komnet' || fail "a unit was enabled on install"
 for unit in komnet-gateway komnet-enroll; do
     in_root "systemd-analyze security --offline=yes /usr/lib/systemd/system/$unit.service | tail -n 1"

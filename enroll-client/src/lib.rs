@@ -549,12 +549,30 @@ fn new_csr(identity: Option<&Identity>) -> Result<csr::NewKey, ClientError> {
     csr::new_key_and_csr(identity).map_err(|e| ClientError::Config(e.to_string()))
 }
 
-/// First enrollment: the bootstrap file's token buys an identity for the WireGuard key.
+/// First enrollment: the bootstrap file's token buys an identity for the WireGuard key, with
+/// a fresh TLS key.
 pub async fn enroll(bootstrap: &Bootstrap, keys: &WgKeys) -> Result<Enrollment, ClientError> {
+    enroll_with_key(bootstrap, keys, &new_csr(None)?).await
+}
+
+/// A fresh TLS key and CSR for a first enrollment, for a caller that keeps them (with the
+/// WireGuard key) until the answer is saved: see [`enroll_with_key`].
+pub fn new_enrollment_key() -> Result<csr::NewKey, ClientError> {
+    new_csr(None)
+}
+
+/// First enrollment with a TLS key and CSR the caller made before and kept: a retry after a
+/// lost answer (the service committed, the connection broke, or the appliance restarted) with
+/// the same token, WireGuard key and TLS key gets the same certificate again, where a fresh key
+/// would be refused as `token_used`.
+pub async fn enroll_with_key(
+    bootstrap: &Bootstrap,
+    keys: &WgKeys,
+    key: &csr::NewKey,
+) -> Result<Enrollment, ClientError> {
     check_pin(bootstrap)?;
     let tls = client_config(&bootstrap.root_ca_pem, None)?;
     with_first_reachable(&bootstrap.enroll_urls, tls, |mut conn| async move {
-        let key = new_csr(None)?;
         let (csr, wg_public_key, wg_proof) =
             key_request(keys, &bootstrap.wg_proof_public_key, &key.csr_der);
         let body = serde_json::to_vec(&EnrollRequest {
@@ -569,7 +587,7 @@ pub async fn enroll(bootstrap: &Bootstrap, keys: &WgKeys) -> Result<Enrollment, 
             .await?;
         Ok(Enrollment::from_response(
             resp,
-            key.private_key_pem,
+            key.private_key_pem.clone(),
             bootstrap.root_ca_pem.clone(),
             bootstrap.enroll_urls.clone(),
             bootstrap.wg_proof_public_key,

@@ -312,6 +312,8 @@ pub struct Options {
 pub struct District {
     // Processes first: they are dropped (killed) before the namespaces go.
     servers: Option<BackgroundProcess>,
+    /// Test helpers in the data centre (the answer-losing proxy).
+    helpers: Vec<BackgroundProcess>,
     enroll: Option<BackgroundProcess>,
     pub hubs: Vec<Gateway>,
     pub communes: Vec<Commune>,
@@ -404,6 +406,7 @@ impl District {
         }
         let mut district = District {
             servers: None,
+            helpers: Vec::new(),
             enroll: None,
             hubs: Vec::new(),
             communes: Vec::new(),
@@ -508,6 +511,28 @@ impl District {
         let _ = std::fs::remove_file(self.enroll_socket());
         self.enroll_clock = offset.map(str::to_owned);
         self.serve_enroll_at(log_name, offset)
+    }
+
+    /// A proxy in front of the enrollment service at `https://DC_WAN:port` that loses the
+    /// service's answers on connections made while the returned flag file exists (`netprobe
+    /// lose-answers`): the service commits, the client sees its connection close. Its log
+    /// counts `lost answer N`.
+    pub fn answer_losing_proxy(&mut self, port: u16) -> Result<(PathBuf, PathBuf)> {
+        let flag = self.path(&format!("lose-answers-{port}"));
+        std::fs::write(&flag, "")?;
+        let log = self.path(&format!("lose-answers-{port}.log"));
+        let mut cmd = self.dc.command(&self.netprobe);
+        cmd.arg("lose-answers")
+            .arg(format!("{DC_WAN}:{port}"))
+            .arg(format!("{DC_WAN}:{ENROLL_PORT}"))
+            .arg(&flag);
+        self.helpers.push(BackgroundProcess::spawn(&mut cmd, &log)?);
+        wait_until("the proxy to listen", Duration::from_secs(10), || {
+            Ok(std::fs::read_to_string(&log)?
+                .contains("ready")
+                .then_some(()))
+        })?;
+        Ok((flag, log))
     }
 
     /// Drops (`true`) or lets through again (`false`) every packet to and from the enrollment
@@ -696,6 +721,17 @@ impl District {
         lan_octet: u8,
         wan_host: u8,
     ) -> Result<ApplianceSpoke> {
+        self.add_appliance_spoke_with(name, lan_octet, wan_host, "")
+    }
+
+    /// [`Self::add_appliance_spoke`] with `extra` lines in its gateway.toml.
+    pub fn add_appliance_spoke_with(
+        &mut self,
+        name: &str,
+        lan_octet: u8,
+        wan_host: u8,
+        extra: &str,
+    ) -> Result<ApplianceSpoke> {
         let gw = Netns::new(&format!("{name}-gw"))?;
         attach_to_wan(
             &self.wan,
@@ -716,7 +752,7 @@ impl District {
         let (config, data_dir) = self.gateway_config_with(
             name,
             false,
-            "role = \"spoke\"\nlan = [\"eth1\"]\nwait_for_bootstrap = true\nlan_addresses = true\n",
+            &format!("role = \"spoke\"\nlan = [\"eth1\"]\nwait_for_bootstrap = true\nlan_addresses = true\n{extra}"),
         )?;
         std::fs::create_dir_all(&data_dir)?;
         let mut spoke = Gateway {

@@ -1473,3 +1473,172 @@ fn staff_and_guests_of_one_town_hall_talk_only_where_a_rule_says_so_and_on_the_l
         "the spoke restarted"
     );
 }
+
+#[test]
+fn an_appliance_whose_enrollment_answer_was_lost_asks_again_and_gets_its_certificate() {
+    // Issue 15, part 4: the service committed the enrollment, the answer never arrived (a
+    // proxy loses it), and the appliance lost power before it tried again. After the restart
+    // it asks with the same token, WireGuard key and TLS key, and the service answers with the
+    // certificate it issued: no `token_used`, no trip to the town hall with a new stick.
+    require_root_and_tools();
+    let mut district = District::start(
+        &netprobe(),
+        Options {
+            two_hubs: false,
+            homeoffice: false,
+            ..Options::default()
+        },
+    )
+    .expect("district");
+    let (flag, proxy_log) = district.answer_losing_proxy(8444).expect("proxy");
+    let mut appliance = district
+        .add_appliance_spoke_with(
+            "image",
+            40,
+            41,
+            &format!(
+                "enroll_urls = [\"https://{}:8444\"]\n",
+                komnet_netns_tests::district::DC_WAN
+            ),
+        )
+        .expect("appliance spoke");
+    let token = district.token("tholey", "rathaus", "spoke").expect("token");
+    appliance.deliver_bootstrap(&token).expect("deliver");
+    wait_until("an answer lost", Duration::from_secs(30), || {
+        Ok(std::fs::read_to_string(&proxy_log)?
+            .contains("lost answer 1")
+            .then_some(()))
+    })
+    .expect("the proxy lost the first answer");
+    // Power cut before the retry (1 s after the loss).
+    appliance.spoke.kill_hard().expect("kill");
+    let data = appliance.spoke.data_dir.clone();
+    assert!(
+        !data.join("enrollment.json").exists() && !data.join("wg.key").exists(),
+        "nothing but the request's keys is kept before the answer"
+    );
+    let pending: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(data.join("enrollment.pending.json")).expect("pending file"),
+    )
+    .expect("pending JSON");
+    let kept_key = pending["wg_private_key"]
+        .as_str()
+        .expect("kept key")
+        .to_owned();
+
+    std::fs::remove_file(&flag).expect("answers get through again");
+    appliance.spoke.start().expect("start again");
+    let running = appliance
+        .spoke
+        .wait_status("enrolled after the restart", Duration::from_secs(30), |s| {
+            s["state"] == "running" && s["certificate"]["serial"].is_string()
+        })
+        .unwrap_or_else(|e| {
+            panic!(
+                "{e}\nproxy: {}",
+                std::fs::read_to_string(&proxy_log).unwrap_or_default()
+            )
+        });
+    assert!(
+        !appliance.refused_bootstrap().exists(),
+        "the token was refused: {running:#}"
+    );
+    let wg_key = std::fs::read_to_string(data.join("wg.key")).expect("wg.key");
+    assert_eq!(
+        wg_key.trim(),
+        kept_key,
+        "the kept WireGuard key is the one enrolled"
+    );
+    assert!(
+        !data.join("enrollment.pending.json").exists(),
+        "the request's keys are gone once the enrollment is saved"
+    );
+    let enrolled = enrolled_key(&data, "enrollment.json");
+    wait_until(
+        "the hub to list the enrolled key alone for tholey/rathaus",
+        Duration::from_secs(10),
+        || {
+            let hub = district.hubs[0].status()?;
+            Ok((hub_keys(&hub, "tholey", "rathaus") == [enrolled.clone()]).then_some(()))
+        },
+    )
+    .expect("hub keys");
+    // The service answered the same request again (audit action `enroll.retry`).
+    let audit = district
+        .admin(&["audit", "--json", "--limit", "1000"])
+        .expect("audit");
+    let retries = audit
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["action"] == "enroll.retry")
+        .count();
+    assert!(retries >= 1, "no retry answered: {audit}");
+}
+
+#[test]
+fn a_reflashed_appliance_refuses_a_policy_older_than_the_service_vouched_for() {
+    // Issue 15, part 6: a new (or re-flashed) appliance has no bundle to compare with; the
+    // policy version in the enrollment answer is its floor. The service here serves the signed
+    // bundle of version 1 while it vouches for version 2 (a restored backup, a stale mirror):
+    // the appliance refuses version 1 and forwards nothing until version 2 arrives.
+    require_root_and_tools();
+    let mut district = District::start(
+        &netprobe(),
+        Options {
+            two_hubs: false,
+            homeoffice: false,
+            ..Options::default()
+        },
+    )
+    .expect("district");
+    district
+        .admin(&["policy-version", "set", "2"])
+        .expect("policy-version set 2");
+    let mut appliance = district
+        .add_appliance_spoke("image", 40, 41)
+        .expect("appliance spoke");
+    let token = district.token("tholey", "rathaus", "spoke").expect("token");
+    appliance.deliver_bootstrap(&token).expect("deliver");
+    let refused = appliance
+        .spoke
+        .wait_status("version 1 refused", Duration::from_secs(30), |s| {
+            s["policy_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("below this gateway's policy floor 2"))
+        })
+        .expect("the old bundle refused");
+    assert!(refused["policy"].is_null(), "{refused:#}");
+    assert_eq!(refused["state"], "waiting for policy", "{refused:#}");
+    let floor = std::fs::read_to_string(appliance.spoke.data_dir.join("policy/policy-floor"))
+        .expect("policy floor file");
+    assert_eq!(floor.trim(), "2");
+    // Fail-closed meanwhile: the town hall reaches nothing.
+    let lan = appliance
+        .host
+        .exec_output(
+            &[
+                &netprobe().to_string_lossy(),
+                "probe",
+                "--timeout-ms",
+                "1000",
+                "tcp,10.40.1.10,10.0.1.10,443",
+            ],
+            Duration::from_secs(10),
+        )
+        .expect("probe");
+    assert_eq!(lan.stdout.trim(), "blocked", "{lan:?}");
+
+    // Version 2, signed and published: in force.
+    let v2 = district.dir.path().join("policy-v2");
+    copy_dir(&komnet_netns_tests::district::policy_dir(), &v2);
+    let op = v2.join("operator.toml");
+    let text = std::fs::read_to_string(&op).expect("operator.toml");
+    std::fs::write(&op, text.replace("version = 1", "version = 2")).expect("write");
+    district
+        .publish_policy(&v2, "policy-v2.bundle")
+        .expect("publish v2");
+    appliance
+        .spoke
+        .wait_running(2, Duration::from_secs(30))
+        .expect("version 2 in force");
+}

@@ -112,11 +112,98 @@ pub(super) fn load_keys(path: &Path) -> Result<WgKeys> {
     Ok(WgKeys::from_secret(x25519_dalek::StaticSecret::from(bytes)))
 }
 
+/// The keys of a first enrollment that went out and was not answered yet (or whose answer was
+/// lost: the service committed, then the connection broke or the appliance lost power). Kept
+/// (mode 0600) before the request goes out, so that every retry, in this process or after a
+/// restart, asks with the same token, WireGuard key and TLS key: the service then answers again
+/// with the certificate it issued, where fresh keys would be refused as `token_used` and send a
+/// technician to the town hall with a new stick. Removed once the enrollment is saved, or when
+/// the service refused the token.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub(super) struct PendingEnrollment {
+    /// BLAKE2s-256 of the bootstrap token (hex): the keys belong to this token only.
+    token_digest: String,
+    /// The WireGuard private key, base64.
+    wg_private_key: String,
+    /// The TLS key (PKCS#8 PEM) and its CSR (DER, base64).
+    tls_private_key_pem: String,
+    csr_der: String,
+}
+
+impl PendingEnrollment {
+    fn token_digest(token: &str) -> String {
+        use blake2::{Blake2s256, Digest};
+        hex::encode(Blake2s256::digest(token.as_bytes()))
+    }
+
+    /// The keys kept in `path` for `token`, or new ones, kept there before they are used. A
+    /// file for another token (an earlier, refused one) or one that does not parse is replaced.
+    pub(super) fn keys_for(path: &Path, token: &str) -> Result<(WgKeys, client::csr::NewKey)> {
+        let digest = Self::token_digest(token);
+        match std::fs::read(path) {
+            Ok(bytes) => match Self::parse(&bytes) {
+                Ok((kept, keys, tls)) if kept.token_digest == digest => {
+                    tracing::info!(path = %path.display(), "this token was sent before without an answer saved; asking again with the same keys");
+                    return Ok((keys, tls));
+                }
+                Ok(_) => {
+                    tracing::info!(path = %path.display(), "keys of an earlier token's enrollment replaced")
+                }
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "unreadable pending enrollment replaced")
+                }
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(anyhow!("{}: {e}", path.display())),
+        }
+        let keys = WgKeys::generate();
+        let tls = client::new_enrollment_key()?;
+        let kept = PendingEnrollment {
+            token_digest: digest,
+            wg_private_key: keys.private_base64(),
+            tls_private_key_pem: tls.private_key_pem.clone(),
+            csr_der: B64.encode(&tls.csr_der),
+        };
+        let text =
+            serde_json::to_string_pretty(&kept).context("encoding the pending enrollment")?;
+        write_secret(path, &text)
+            .with_context(|| format!("keeping the enrollment keys in {}", path.display()))?;
+        Ok((keys, tls))
+    }
+
+    fn parse(bytes: &[u8]) -> Result<(PendingEnrollment, WgKeys, client::csr::NewKey)> {
+        let kept: PendingEnrollment = serde_json::from_slice(bytes)?;
+        let secret: [u8; 32] = B64
+            .decode(kept.wg_private_key.trim())
+            .ok()
+            .and_then(|b| b.try_into().ok())
+            .ok_or_else(|| anyhow!("wg_private_key is not a base64 WireGuard private key"))?;
+        let keys = WgKeys::from_secret(x25519_dalek::StaticSecret::from(secret));
+        let csr_der = B64
+            .decode(kept.csr_der.trim())
+            .map_err(|e| anyhow!("csr_der: {e}"))?;
+        let tls = client::csr::NewKey {
+            private_key_pem: kept.tls_private_key_pem.clone(),
+            csr_der,
+        };
+        Ok((kept, keys, tls))
+    }
+
+    /// Gone: the enrollment is saved, or the token was refused. Already gone is fine.
+    pub(super) fn remove(path: &Path) {
+        if let Err(e) = std::fs::remove_file(path) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(path = %path.display(), error = %e, "cannot remove the pending enrollment");
+            }
+        }
+    }
+}
+
 /// The stored identity with its pinned policy key, or a new identity from the bootstrap file.
 /// Network trouble is retried; a refused token is final (it will not become valid by
 /// retrying): the start fails and says why, or with `wait_for_bootstrap` the file is moved
-/// aside to `<file>.refused` and the next one is waited for. Nothing is written before the
-/// service said yes.
+/// aside to `<file>.refused` and the next one is waited for. Only the keys of the request
+/// ([`PendingEnrollment`]) are written before the service said yes.
 pub(super) async fn obtain_identity(ctx: &Ctx) -> Result<(Enrollment, WgKeys, Vec<u8>)> {
     let dir = &ctx.config.data_dir;
     let enrollment_path = dir.join(ENROLLMENT_FILE);
@@ -239,10 +326,12 @@ async fn enrol_from_bootstrap(
             bootstrap.enroll_urls = ctx.config.enroll_urls.clone();
         }
         set_state(ctx, "enrolling");
-        let keys = WgKeys::generate();
-        let enrollment = match enroll_with_retries(ctx, &bootstrap, &keys).await {
+        let pending_path = dir.join(PENDING_ENROLLMENT_FILE);
+        let (keys, tls_key) = PendingEnrollment::keys_for(&pending_path, &bootstrap.token)?;
+        let enrollment = match enroll_with_retries(ctx, &bootstrap, &keys, &tls_key).await {
             Ok(e) => e,
             Err(e) => {
+                PendingEnrollment::remove(&pending_path);
                 if wait {
                     tracing::error!(error = %e, "enrollment refused; moving the bootstrap file aside");
                 }
@@ -280,6 +369,7 @@ async fn enrol_from_bootstrap(
         enrollment
             .save(&enrollment_path)
             .with_context(|| format!("saving {}", enrollment_path.display()))?;
+        PendingEnrollment::remove(&pending_path);
         ctx.state.lock().count(ControlEvent::Enrolled);
         tracing::info!(path = %enrollment_path.display(), "enrolled; the bootstrap token is used up");
         // The spent token in the data directory (where a stick puts it) goes aside, so that an
@@ -302,10 +392,11 @@ pub(super) async fn enroll_with_retries(
     ctx: &Ctx,
     bootstrap: &Bootstrap,
     keys: &WgKeys,
+    tls_key: &client::csr::NewKey,
 ) -> Result<Enrollment, ClientError> {
     let mut delay = Duration::from_secs(1);
     loop {
-        match client::enroll(bootstrap, keys).await {
+        match client::enroll_with_key(bootstrap, keys, tls_key).await {
             Ok(e) => return Ok(e),
             Err(e) if is_final(&e) => return Err(e),
             Err(e) => {

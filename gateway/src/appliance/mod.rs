@@ -14,6 +14,7 @@
 
 pub mod config;
 pub mod control;
+pub mod dhcp;
 mod guard;
 mod hub;
 mod identity;
@@ -73,6 +74,8 @@ use status::{serve_status, RetiredDrops};
 const TUNNEL_MTU: u16 = 1420;
 const ENROLLMENT_FILE: &str = "enrollment.json";
 const WG_KEY_FILE: &str = "wg.key";
+/// The keys of a first enrollment asked for and not yet answered ([`identity::PendingEnrollment`]).
+const PENDING_ENROLLMENT_FILE: &str = "enrollment.pending.json";
 const POLICY_DIR: &str = "policy";
 /// The policy signing key pinned at enrollment from the bootstrap file (when gateway.toml
 /// names none).

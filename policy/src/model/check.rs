@@ -94,6 +94,8 @@ pub(super) struct Builder<'s> {
     /// checked for reach, so one typo does not cascade into more errors.
     pub(super) broken_services: BTreeSet<ServiceId>,
     pub(super) broken_segments: BTreeSet<SegmentId>,
+    /// The operator's `[dhcp]`: what segments get unless their tenant says otherwise.
+    pub(super) operator_dhcp: super::dhcp::DhcpDefaults,
     /// Fragments that could not be read (syntax errors, a name that is not their tenant's):
     /// by file stem, the file and how many references from elsewhere went unchecked. Other
     /// files' references to `STEM/…` are not errors of their own: one broken file reports its
@@ -128,6 +130,7 @@ impl<'s> Builder<'s> {
             groups: HashMap::new(),
             broken_services: BTreeSet::new(),
             broken_segments: BTreeSet::new(),
+            operator_dhcp: Default::default(),
             hidden: BTreeMap::new(),
             rule_names: HashMap::new(),
         }
@@ -174,6 +177,24 @@ impl<'s> Builder<'s> {
         self.diags.extend(notes);
     }
 
+    /// ` (did you mean "x"?)` for a misspelt tenant, or nothing.
+    pub(super) fn tenant_hint(&self, name: &str) -> String {
+        self.closest_tenant(name)
+            .map(|t| format!(" (did you mean {t:?}?)"))
+            .unwrap_or_default()
+    }
+
+    /// `; did you mean "x"?` for a misspelt segment kind, else the list of kinds.
+    pub(super) fn kind_hint(&self, kind: &str) -> String {
+        match closest(kind, self.kinds.keys().map(String::as_str)) {
+            Some(k) => format!("; did you mean {k:?}?"),
+            None => {
+                let known: Vec<&str> = self.kinds.keys().map(String::as_str).collect();
+                format!("; the operator's [policy] kinds are: {}", known.join(", "))
+            }
+        }
+    }
+
     /// The declared tenant closest to a misspelt `name`.
     pub(super) fn closest_tenant(&self, name: &str) -> Option<String> {
         closest(name, self.tenants.iter().map(|t| t.name.as_str())).map(str::to_owned)
@@ -193,10 +214,39 @@ impl<'s> Builder<'s> {
             .push(Diagnostic::error(Loc::new(file, span), msg));
     }
 
-    pub(super) fn toml_error(&mut self, file: FileId, e: toml::de::Error) {
-        let span = e.span().unwrap_or(0..0);
-        let msg = e.message().trim().replace('\n', "; ");
-        self.err(file, span, format!("cannot read this file: {msg}"));
+    /// A file that did not deserialise: every syntax error (the parser recovers and goes on),
+    /// else every unknown key, wrong type and missing key the schema finds, else serde's one
+    /// error. So an admin sees all mistakes of a file in one run, not one per run.
+    pub(super) fn toml_error(&mut self, file: FileId, kind: FileKind, e: toml::de::Error) {
+        let text = &self.sources.file(file).text;
+        let (doc, syntax_errors) = toml::de::DeTable::parse_recoverable(text);
+        let found: Vec<(std::ops::Range<usize>, String)> = if syntax_errors.is_empty() {
+            crate::schema::structure(kind, &doc)
+                .into_iter()
+                .map(|f| (f.span, f.message))
+                .collect()
+        } else {
+            syntax_errors
+                .iter()
+                .map(|e| {
+                    (
+                        e.span().unwrap_or(0..0),
+                        format!(
+                            "cannot read this file: {}",
+                            e.message().trim().replace('\n', "; ")
+                        ),
+                    )
+                })
+                .collect()
+        };
+        if found.is_empty() {
+            let span = e.span().unwrap_or(0..0);
+            let msg = e.message().trim().replace('\n', "; ");
+            self.err(file, span, format!("cannot read this file: {msg}"));
+        }
+        for (span, msg) in found {
+            self.err(file, span, msg);
+        }
     }
 
     pub(super) fn name_ok(&mut self, file: FileId, name: &Name, what: &str) -> bool {
@@ -212,6 +262,23 @@ impl<'s> Builder<'s> {
                 ),
             );
             false
+        }
+    }
+
+    /// A `ports` entry: `tcp/443`; `443/tcp` is taken with a warning that says how to write it.
+    pub(super) fn port(&mut self, file: FileId, p: &Spanned<String>) -> Option<PortRange> {
+        match PortRange::parse_lenient(p.get_ref()) {
+            Ok((r, hint)) => {
+                if let Some(hint) = hint {
+                    self.diags
+                        .push(Diagnostic::warning(Loc::new(file, p.span()), hint));
+                }
+                Some(r)
+            }
+            Err(msg) => {
+                self.err(file, p.span(), msg);
+                None
+            }
         }
     }
 
@@ -272,8 +339,9 @@ impl<'s> Builder<'s> {
         let text = &self.sources.file(file).text;
         let doc: syntax::OperatorFile = match toml::from_str(text) {
             Ok(d) => d,
-            Err(e) => return self.toml_error(file, e),
+            Err(e) => return self.toml_error(file, FileKind::Operator, e),
         };
+        self.operator_dhcp = self.dhcp_defaults(file, doc.dhcp.as_ref());
         let h = doc.policy;
         let version = match u64::try_from(*h.version.get_ref()) {
             Ok(v) => v,
@@ -384,8 +452,9 @@ impl<'s> Builder<'s> {
                             file,
                             o.span(),
                             format!(
-                                "owner {:?} is not a tenant declared in this file",
-                                o.get_ref()
+                                "owner {:?} is not a tenant declared in this file{}",
+                                o.get_ref(),
+                                self.tenant_hint(o.get_ref())
                             ),
                         );
                         None
@@ -425,9 +494,8 @@ impl<'s> Builder<'s> {
         }
         let mut ports = Vec::new();
         for p in &decl.ports {
-            match PortRange::parse(p.get_ref()) {
-                Ok(r) => ports.push(r),
-                Err(msg) => self.err(file, p.span(), msg),
+            if let Some(r) = self.port(file, p) {
+                ports.push(r);
             }
         }
         if decl.ports.is_empty() {

@@ -9,6 +9,12 @@
 //! flow at once from its source address and prints one line per flow, in order: `pass` when
 //! the packet reached the destination (an answer, a TCP reset or an ICMP port-unreachable all
 //! prove that) or `blocked` when nothing came back before the timeout.
+//! `netprobe lose-answers LISTEN UPSTREAM FLAG` is a TCP proxy for TLS that loses answers: on
+//! a connection accepted while the file FLAG exists, the client's bytes all reach UPSTREAM, but
+//! once the client has sent application data (its second encrypted record: the first is its
+//! handshake Finished) the server's bytes are swallowed, and after the first KiB of its answer
+//! the client's side is closed, `lost answer N` printed, and the server read to its end (so the
+//! service finishes what it committed). Without FLAG it forwards both ways.
 
 use std::io::{Read as _, Write as _};
 use std::net::{IpAddr, SocketAddr, TcpListener, UdpSocket};
@@ -23,6 +29,7 @@ fn main() -> ExitCode {
         Some("serve") => serve(&args[1..]),
         Some("probe") => probe(&args[1..]),
         Some("hold") => hold(&args[1..]),
+        Some("lose-answers") => lose_answers(&args[1..]),
         _ => Err("usage: netprobe serve SPEC… | netprobe probe --timeout-ms N FLOW…".to_owned()),
     };
     match result {
@@ -54,6 +61,125 @@ fn parse_listen(spec: &str) -> Result<(Listen, SocketAddr), String> {
         "udp" => Ok((Listen::Udp, addr)),
         _ => Err(format!("bad protocol in {spec:?}")),
     }
+}
+
+/// Counts the complete TLS records of type application data (23) in one direction of a
+/// connection, from the plaintext record headers (type, version, length).
+#[derive(Default)]
+struct AppRecords {
+    header: Vec<u8>,
+    body_left: usize,
+    in_app_record: bool,
+    complete: usize,
+}
+
+impl AppRecords {
+    fn feed(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() {
+            if self.body_left > 0 {
+                let n = self.body_left.min(bytes.len());
+                self.body_left -= n;
+                bytes = &bytes[n..];
+                if self.body_left == 0 && self.in_app_record {
+                    self.complete += 1;
+                }
+                continue;
+            }
+            let n = (5 - self.header.len()).min(bytes.len());
+            self.header.extend_from_slice(&bytes[..n]);
+            bytes = &bytes[n..];
+            if self.header.len() == 5 {
+                self.in_app_record = self.header[0] == 23;
+                self.body_left = usize::from(u16::from_be_bytes([self.header[3], self.header[4]]));
+                self.header.clear();
+                if self.body_left == 0 && self.in_app_record {
+                    self.complete += 1;
+                }
+            }
+        }
+    }
+}
+
+fn lose_answers(args: &[String]) -> Result<(), String> {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let [listen, upstream, flag] = args else {
+        return Err("usage: netprobe lose-answers LISTEN UPSTREAM FLAG".to_owned());
+    };
+    let listen: SocketAddr = listen
+        .parse()
+        .map_err(|e| format!("bad listen address: {e}"))?;
+    let upstream: SocketAddr = upstream
+        .parse()
+        .map_err(|e| format!("bad upstream address: {e}"))?;
+    let flag = std::path::PathBuf::from(flag);
+    let listener = TcpListener::bind(listen).map_err(|e| format!("bind {listen}: {e}"))?;
+    println!("ready");
+    let _ = std::io::stdout().flush();
+    let lost = Arc::new(AtomicUsize::new(0));
+    for client in listener.incoming() {
+        let Ok(client) = client else { continue };
+        let lossy = flag.exists();
+        let Ok(server) = std::net::TcpStream::connect(upstream) else {
+            continue;
+        };
+        let request_sent = Arc::new(AtomicBool::new(false));
+        let (mut c_read, mut s_write) = (
+            client.try_clone().map_err(|e| e.to_string())?,
+            server.try_clone().map_err(|e| e.to_string())?,
+        );
+        let sent = request_sent.clone();
+        // Client to server: everything, counting the client's encrypted records.
+        std::thread::spawn(move || {
+            let mut records = AppRecords::default();
+            let mut buf = [0u8; 16384];
+            loop {
+                match c_read.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        if s_write.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                        records.feed(&buf[..n]);
+                        if records.complete >= 2 {
+                            sent.store(true, Ordering::SeqCst);
+                        }
+                    }
+                }
+            }
+            if !lossy {
+                let _ = s_write.shutdown(std::net::Shutdown::Write);
+            }
+        });
+        let lost = lost.clone();
+        std::thread::spawn(move || {
+            let (mut s_read, mut c_write) = (server, client);
+            let mut swallowed = 0usize;
+            let mut closed = false;
+            let mut buf = [0u8; 16384];
+            loop {
+                match s_read.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) if lossy && request_sent.load(Ordering::SeqCst) => {
+                        swallowed += n;
+                        if swallowed >= 1024 && !closed {
+                            let _ = c_write.shutdown(std::net::Shutdown::Both);
+                            closed = true;
+                            println!("lost answer {}", lost.fetch_add(1, Ordering::SeqCst) + 1);
+                            let _ = std::io::stdout().flush();
+                        }
+                    }
+                    Ok(n) => {
+                        if !closed && c_write.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+            let _ = c_write.shutdown(std::net::Shutdown::Both);
+        });
+    }
+    Ok(())
 }
 
 fn hold(args: &[String]) -> Result<(), String> {

@@ -305,3 +305,41 @@ fn a_stored_policy_key_is_pinned_at_start_and_a_broken_one_named() {
         "{e}"
     );
 }
+
+#[test]
+fn a_pending_enrollment_keeps_its_keys_for_its_token_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(PENDING_ENROLLMENT_FILE);
+    let (keys, tls) = PendingEnrollment::keys_for(&path, "token-a").unwrap();
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the kept keys are secret");
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(
+        !text.contains("token-a"),
+        "only a digest of the token is kept"
+    );
+
+    // A retry (or a restart) with the same token: the same WireGuard key, TLS key and CSR.
+    let (again, tls_again) = PendingEnrollment::keys_for(&path, "token-a").unwrap();
+    assert_eq!(again.public().to_base64(), keys.public().to_base64());
+    assert_eq!(tls_again.private_key_pem, tls.private_key_pem);
+    assert_eq!(tls_again.csr_der, tls.csr_der);
+
+    // Another token: new keys, and they replace the old ones.
+    let (other, other_tls) = PendingEnrollment::keys_for(&path, "token-b").unwrap();
+    assert_ne!(other.public().to_base64(), keys.public().to_base64());
+    assert_ne!(other_tls.csr_der, tls.csr_der);
+    let (b_again, _) = PendingEnrollment::keys_for(&path, "token-b").unwrap();
+    assert_eq!(b_again.public().to_base64(), other.public().to_base64());
+
+    // A damaged file is replaced, not an error that stops the appliance.
+    std::fs::write(&path, "{ not json").unwrap();
+    let (fresh, _) = PendingEnrollment::keys_for(&path, "token-b").unwrap();
+    assert_ne!(fresh.public().to_base64(), other.public().to_base64());
+    let (fresh_again, _) = PendingEnrollment::keys_for(&path, "token-b").unwrap();
+    assert_eq!(fresh_again.public().to_base64(), fresh.public().to_base64());
+
+    PendingEnrollment::remove(&path);
+    assert!(!path.exists());
+    PendingEnrollment::remove(&path);
+}
