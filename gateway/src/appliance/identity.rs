@@ -634,7 +634,8 @@ pub(super) async fn renewal(ctx: Arc<Ctx>) {
                         // technician's stick is all it takes, no reboot. A hub keeps
                         // forwarding for its spokes and keeps saying so.
                         let _ = ctx.events.send(Event::Fatal(format!(
-                            "the certificate (serial {}) expired on {} and could not be renewed                              ({e}); stopping so that the next start waits for a new bootstrap                              token",
+                            "the certificate (serial {}) expired on {} and could not be renewed ({e}); stopping so \
+                             that the next start waits for a new bootstrap token",
                             enrollment.identity.serial,
                             client::utc(enrollment.identity.not_after)
                         )));
