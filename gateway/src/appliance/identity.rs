@@ -641,6 +641,18 @@ pub(super) async fn renewal(ctx: Arc<Ctx>) {
                         )));
                         return;
                     }
+                } else if e
+                    .api_error()
+                    .is_some_and(|api| api.code == ErrorCode::RenewTooEarly)
+                {
+                    // This appliance's clock says renewal is due (the service set when), the
+                    // service's clock says not yet: one of the two is wrong.
+                    tracing::error!(
+                        error = %e,
+                        renew_after = %client::utc(enrollment.renew_after),
+                        now = %client::utc(unix_now()),
+                        "the enrollment service says renewal has not opened yet, while this appliance's clock says it has: this appliance's clock is ahead or the service's is behind (check NTP on both); retrying in a minute"
+                    );
                 } else {
                     // Renewal opens two thirds into the lifetime: whenever it fails, less than a
                     // third is left, which is worth an alarm, not a note.
