@@ -213,20 +213,31 @@ pub fn generate(shape: Shape) -> (String, Vec<(String, String)>) {
             extra -= 1;
         }
         for r in 0..n {
-            let (from, to) = if shape.is_classic() {
-                classic_rule(shape, &mut rng, r)
+            let (from, to, description) = if shape.is_classic() {
+                let (from, to) = classic_rule(shape, &mut rng, r);
+                (vec![from], vec![to], None)
             } else {
-                rule(shape, &mut rng, r, i, &segments)
+                let (from, to, description) = rule(shape, &mut rng, r, i, &segments);
+                (from, to, Some(description))
             };
-            let ports = if to == "fileserver" {
+            let ports = if to == ["fileserver"] {
                 let lo = 8000 + rng.below(90);
                 format!("\nports = [\"tcp/{lo}-{}\"]", lo + rng.below(10))
             } else {
                 String::new()
             };
+            let description = description
+                .map(|d| format!("\ndescription = \"{d}\""))
+                .unwrap_or_default();
+            let list = |names: &[String]| {
+                let quoted: Vec<String> = names.iter().map(|n| format!("\"{n}\"")).collect();
+                quoted.join(", ")
+            };
             let _ = writeln!(
                 t,
-                "[[rule]]\nname = \"r{r}\"\nfrom = [\"{from}\"]\nto = [\"{to}\"]{ports}\n"
+                "[[rule]]\nname = \"r{r}\"{description}\nfrom = [{}]\nto = [{}]{ports}\n",
+                list(&from),
+                list(&to)
             );
         }
         t.push_str("[[expect]]\nfrom = \"gaeste\"\nto = \"shared-01\"\nverdict = \"deny\"\n");
@@ -258,38 +269,59 @@ fn classic_rule(shape: Shape, rng: &mut Lcg, r: u32) -> (String, String) {
     (from.to_owned(), to)
 }
 
-/// A rule of a larger shape: from one of the town hall's segments (never the guest network) or
-/// the staff group, to one of the commune's services, a shared one, or another commune's
-/// exported application. IoT segments never towards shared-00 (a guardrail denies that).
+/// A rule of a larger shape, as admins write them: from one or two of the town hall's segments
+/// (never the guest network) or the staff group, to one to three services — the commune's own, a
+/// shared one, another commune's exported application — with a description. IoT segments and
+/// the staff group never towards shared-00 (a guardrail denies IoT that).
 fn rule(
     shape: Shape,
     rng: &mut Lcg,
     r: u32,
     commune_index: u32,
     segments: &[(String, &str)],
-) -> (String, String) {
-    let pick = rng.below(segments.len() as u32 + 1);
-    let (from, kind) = match segments.get(pick as usize) {
-        Some((name, kind)) if *kind != "guest" => (name.clone(), *kind),
-        _ => ("mitarbeiter".to_owned(), "staff"),
-    };
-    let to = match (r, rng.below(8)) {
-        (0, _) | (_, 0) => "fileserver".to_owned(),
-        (_, 1..=3) => commune_service(rng.below(shape.services_per_commune.max(1))),
-        (_, 4) if shape.communes > 1 && shape.services_per_commune > 1 => {
-            let other = (commune_index + 1 + rng.below(shape.communes - 1)) % shape.communes;
-            format!("{}/{}", commune(other), commune_service(1))
+) -> (Vec<String>, Vec<String>, String) {
+    let mut from = Vec::new();
+    let mut restricted = false;
+    for _ in 0..1 + rng.below(2) {
+        let pick = rng.below(segments.len() as u32 + 1);
+        let (name, kind) = match segments.get(pick as usize) {
+            Some((name, kind)) if *kind != "guest" => (name.clone(), *kind),
+            _ => ("mitarbeiter".to_owned(), "staff"),
+        };
+        restricted |= kind == "iot" || name == "mitarbeiter";
+        if !from.contains(&name) {
+            from.push(name);
         }
-        _ => {
-            let k = if kind == "iot" || from == "mitarbeiter" {
-                1 + rng.below(shape.shared_services.max(2) - 1)
-            } else {
-                rng.below(shape.shared_services.max(1))
-            };
-            format!("shared-{k:02}")
+    }
+    let mut to = Vec::new();
+    for n in 0..1 + rng.below(3) {
+        let service = match (r + n, rng.below(8)) {
+            (0, _) | (_, 0) => "fileserver".to_owned(),
+            (_, 1..=3) => commune_service(rng.below(shape.services_per_commune.max(1))),
+            (_, 4) if shape.communes > 1 && shape.services_per_commune > 1 => {
+                let other = (commune_index + 1 + rng.below(shape.communes - 1)) % shape.communes;
+                format!("{}/{}", commune(other), commune_service(1))
+            }
+            _ => {
+                let k = if restricted {
+                    1 + rng.below(shape.shared_services.max(2) - 1)
+                } else {
+                    rng.below(shape.shared_services.max(1))
+                };
+                format!("shared-{k:02}")
+            }
+        };
+        if !to.contains(&service) {
+            to.push(service);
         }
-    };
-    (from, to)
+    }
+    let description = format!(
+        "Zugriff von {} auf {} (Ticket #{})",
+        from[0],
+        to[0],
+        10_000 + rng.below(90_000)
+    );
+    (from, to, description)
 }
 
 /// Packets resembling a hub's traffic under `policy`: about 70 % belong to flows some rule
