@@ -4,7 +4,8 @@
 # (komnet_policy::synthetic::Shape::LARGE_DISTRICT), and the wall time and peak memory (max RSS)
 # of `komnet policy check`, `compile --nft` for one town hall, `diff` of two versions that differ
 # in one commune's rules, and `test`. Goals: compile ≤ 1 s, diff ≤ 3 s and ≤ 150 MB.
-# Each command runs RUNS times (default 5); the median and the largest RSS are printed.
+# Each command runs RUNS times (default 5); printed are the median wall time, the median CPU
+# time (user + system: what the machine's other load does not inflate) and the largest RSS.
 # No root needed.
 #
 # Usage: benches/policy-scale.sh [target/release/komnet]
@@ -28,26 +29,30 @@ cp -r "$WORK/old" "$WORK/new"
 sed -i '/^to = \[/s/"shared-03"/"shared-04"/g' "$WORK/new/tenants/gemeinde-042.toml"
 sed -i 's/^version = 1$/version = 2/' "$WORK/new/operator.toml"
 echo "policy: $(du -sb "$WORK/old" | cut -f1) bytes in $(find "$WORK/old" -name '*.toml' | wc -l) files"
+"$KOMNET" policy check "$WORK/old" | sed 's/^[^:]*: /check: /'
+echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg) on $(nproc) cores"
 
 # measure NAME COMMAND...: median wall seconds and max RSS (MB) over RUNS runs.
 measure() {
     local name=$1
     shift
-    local times=() rss=0 out="$WORK/time.txt"
+    local times=() cpus=() rss=0 out="$WORK/time.txt"
     for _ in $(seq "$RUNS"); do
-        /usr/bin/time -f '%e %M' -o "$out" "$@" >/dev/null 2>"$WORK/stderr" || {
+        /usr/bin/time -f '%e %U %S %M' -o "$out" "$@" >/dev/null 2>"$WORK/stderr" || {
             echo "$name failed:" >&2
             cat "$WORK/stderr" >&2
             exit 1
         }
-        read -r secs kib <"$out"
+        read -r secs user sys kib <"$out"
         times+=("$secs")
+        cpus+=("$(awk -v u="$user" -v s="$sys" 'BEGIN { printf "%.2f", u + s }')")
         [ "$kib" -gt "$rss" ] && rss=$kib
     done
-    local median
-    median=$(printf '%s\n' "${times[@]}" | sort -n | sed -n "$(((RUNS + 1) / 2))p")
-    printf '%-34s median %6.2f s   max RSS %6.1f MB   (runs: %s)\n' \
-        "$name" "$median" "$(awk -v k="$rss" 'BEGIN { print k / 1024 }')" "${times[*]}"
+    local mid=$(((RUNS + 1) / 2)) median cpu
+    median=$(printf '%s\n' "${times[@]}" | sort -n | sed -n "${mid}p")
+    cpu=$(printf '%s\n' "${cpus[@]}" | sort -n | sed -n "${mid}p")
+    printf '%-30s wall %5.2f s   cpu %5.2f s   max RSS %6.1f MB   (wall per run: %s)\n' \
+        "$name" "$median" "$cpu" "$(awk -v k="$rss" 'BEGIN { print k / 1024 }')" "${times[*]}"
 }
 
 measure "check" "$KOMNET" policy check "$WORK/new"
