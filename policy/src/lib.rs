@@ -12,6 +12,7 @@ mod analysis;
 pub mod bundle;
 mod classifier;
 mod flow;
+pub mod format;
 mod model;
 pub mod nft;
 mod oracle;
