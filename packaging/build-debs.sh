@@ -29,7 +29,8 @@ echo "== cargo build --release (komnet-gateway, komnet-enroll, komnet)"
 cargo build --release --locked -p komnet-gateway -p komnet-enroll -p komnet-cli --bins
 
 # The CLI's man pages and completions come from its clap definition, so they cannot drift from
-# the binary; cargo-deb picks them up from the target directory (Cargo.toml of cli/).
+# the binary (komnet-gateway's page, packaging/man/komnet-gateway.8, is generated from its clap
+# definition too and checked in; `cargo test -p komnet-gateway` fails when they differ); cargo-deb picks them up from the target directory (Cargo.toml of cli/).
 gen="$target/release/packaging"
 rm -rf "$gen"
 mkdir -p "$gen/man" "$gen/completions" "$gen/schema"

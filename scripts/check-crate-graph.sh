@@ -10,16 +10,19 @@ cd "$(dirname "$0")/.."
 fail=0
 
 # forbid PACKAGE CRATE... : none of CRATE may be in PACKAGE's normal dependency tree.
+# PACKAGE may carry cargo flags after it, e.g. "komnet-gateway --no-default-features".
 forbid() {
     local package=$1
     shift
+    local -a args
+    read -ra args <<<"$package"
     local tree
-    tree=$(cargo tree --offline -e normal -p "$package" --prefix none --format '{p}' 2>/dev/null \
-        || cargo tree -e normal -p "$package" --prefix none --format '{p}')
+    tree=$(cargo tree --offline -e normal -p "${args[@]}" --prefix none --format '{p}' 2>/dev/null \
+        || cargo tree -e normal -p "${args[@]}" --prefix none --format '{p}')
     for crate in "$@"; do
         if grep -Eq "^${crate} v" <<<"$tree"; then
             echo "crate graph: $package depends on $crate:" >&2
-            cargo tree -e normal -p "$package" -i "$crate" --depth 6 >&2 || true
+            cargo tree -e normal -p "${args[@]}" -i "$crate" --depth 6 >&2 || true
             fail=1
         fi
     done
@@ -36,9 +39,11 @@ forbid_feature() {
     fi
 }
 
-# The appliance: no enrollment server, database, CA, web framework or command-line parser of
-# another program. (Its own /metrics endpoint is a bare hyper http1 server.)
-forbid komnet-gateway komnet-enroll komnet-enroll-admin rusqlite rcgen axum tower-http clap
+# The appliance: no enrollment server, database, CA or web framework. (Its own /metrics
+# endpoint is a bare hyper http1 server.) Its binary parses its command line with clap (the
+# default `cli` feature); the library, which is the packet path and the control plane, does not.
+forbid komnet-gateway komnet-enroll komnet-enroll-admin rusqlite rcgen axum tower-http
+forbid "komnet-gateway --no-default-features" komnet-enroll komnet-enroll-admin rusqlite rcgen axum tower-http clap
 # The enrollment client is what the appliance links for enrolling: no server side at all.
 forbid komnet-enroll-client komnet-enroll rusqlite rcgen axum clap
 forbid_feature komnet-enroll-client hyper server
@@ -53,4 +58,4 @@ if [ "$fail" -ne 0 ]; then
     echo "crate graph: FAILED (see docs/architecture.md for the intended graph)" >&2
     exit 1
 fi
-echo "crate graph: ok (gateway without server/database/CA/clap; komnet CLI without the packet path)"
+echo "crate graph: ok (gateway without server/database/CA, its library without clap; komnet CLI without the packet path)"

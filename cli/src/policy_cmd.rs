@@ -7,12 +7,15 @@ use std::process::ExitCode;
 use anyhow::{bail, Context as _};
 use base64::Engine as _;
 use clap::Subcommand;
+use komnet_policy::format::format_file;
 use komnet_policy::{
-    bundle, diff, explain_at, nft, query_segment, query_service, run_tests, schema, Arrival,
-    Binding, Policy, ReloadError,
+    bundle, destination_hint, diff, explain_at, nft, query_segment, query_service, run_tests,
+    schema, version_finding, Arrival, Binding, Policy, ReloadError,
 };
 
 use std::path::{Path, PathBuf};
+
+use crate::policy_report::{self, CheckFormat, DiffFormat};
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum PolicyCommand {
@@ -20,6 +23,10 @@ pub(crate) enum PolicyCommand {
     Check {
         /// The policy directory (operator.toml and tenants/*.toml).
         dir: PathBuf,
+        /// How to print the findings: text for people; json, gitlab (code-quality report) or
+        /// sarif for CI, on stdout (the exit status is the same).
+        #[arg(long, value_enum, default_value = "text")]
+        format: CheckFormat,
         #[command(flatten)]
         strict: Strictness,
     },
@@ -75,6 +82,9 @@ pub(crate) enum PolicyCommand {
         old: PathBuf,
         /// The policy directory as it is to become.
         new: PathBuf,
+        /// text: one line per change; markdown: tables for a merge request's description.
+        #[arg(long, value_enum, default_value = "text")]
+        format: DiffFormat,
         #[command(flatten)]
         strict: Strictness,
     },
@@ -99,6 +109,17 @@ pub(crate) enum PolicyCommand {
         tunnel: String,
         #[command(flatten)]
         strict: Strictness,
+    },
+    /// Rewrite a policy's files in the one layout (key order, spacing, blank lines), keeping
+    /// comments, so that diffs between admins show only what changed.
+    Fmt {
+        /// The policy directory (operator.toml and tenants/*.toml), or single policy files.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// Change nothing; list the files that are not in the layout and exit 1 if there are
+        /// any (for CI).
+        #[arg(long)]
+        check: bool,
     },
     /// Print the JSON Schema of a policy file (for editors: taplo, Even Better TOML), or write
     /// both (operator.schema.json, tenant.schema.json) into a directory.
@@ -275,7 +296,37 @@ pub(crate) fn run(cmd: PolicyCommand) -> anyhow::Result<ExitCode> {
 
 fn run_into(cmd: PolicyCommand, out: &mut String) -> anyhow::Result<ExitCode> {
     match cmd {
-        PolicyCommand::Check { dir, strict } => {
+        PolicyCommand::Check {
+            dir,
+            format,
+            strict,
+        } if format != CheckFormat::Text => {
+            let (sources, diagnostics, valid) = match Policy::load(&dir) {
+                Ok(p) => {
+                    let warned = p.warnings.iter().any(|w| w.is_warning());
+                    let valid = !(strict.deny_warnings && warned);
+                    (p.sources, p.warnings, valid)
+                }
+                Err(e) => (e.sources, e.diagnostics, false),
+            };
+            let report = match format {
+                CheckFormat::Json => policy_report::json(&dir, &sources, &diagnostics, valid),
+                CheckFormat::Gitlab => policy_report::gitlab(&dir, &sources, &diagnostics),
+                CheckFormat::Sarif => policy_report::sarif(&dir, &sources, &diagnostics),
+                CheckFormat::Text => unreachable!("handled below"),
+            };
+            say!(
+                out,
+                "{}",
+                serde_json::to_string_pretty(&report).context("cannot encode the report")?
+            );
+            Ok(if valid {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+        PolicyCommand::Check { dir, strict, .. } => {
             let p = load_or_exit!(&dir, strict);
             say!(out,
                 "{}: policy {:?} version {} is valid: {} tenants, {} sites, {} segments, {} services, {} rules, {} guardrails, {} tests{}",
@@ -335,6 +386,9 @@ fn run_into(cmd: PolicyCommand, out: &mut String) -> anyhow::Result<ExitCode> {
                 (None, Some(_)) => bail!("--site goes with --vlan or --port"),
                 (None, None) => None,
             };
+            if let Some(hint) = destination_hint(&to) {
+                eprintln!("warning: --to {to:?}: {hint}");
+            }
             let lines = explain_at(&p, &from, &to, arrival.as_ref()).map_err(anyhow::Error::msg)?;
             for l in lines {
                 say!(out, "{l}");
@@ -363,10 +417,33 @@ fn run_into(cmd: PolicyCommand, out: &mut String) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        PolicyCommand::Diff { old, new, strict } => {
+        PolicyCommand::Diff {
+            old,
+            new,
+            format,
+            strict,
+        } => {
             let a = load_or_exit!(&old, strict);
             let b = load_or_exit!(&new, strict);
+            let finding = version_finding(&a, &b);
+            if let Some(finding) = &finding {
+                eprintln!("warning: {}: {finding}", new.display());
+            }
             let (changes, moved) = diff(&a, &b);
+            if format == DiffFormat::Markdown {
+                say_raw!(
+                    out,
+                    "{}",
+                    policy_report::diff_markdown(
+                        &b.name,
+                        (a.version, b.version),
+                        &changes,
+                        &moved,
+                        finding.as_deref()
+                    )
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
             say!(
                 out,
                 "policy {:?}: version {} -> {}",
@@ -410,6 +487,60 @@ fn run_into(cmd: PolicyCommand, out: &mut String) -> anyhow::Result<ExitCode> {
                 say_raw!(out, "{ruleset}");
             }
             Ok(ExitCode::SUCCESS)
+        }
+        PolicyCommand::Fmt { paths, check } => {
+            let mut files = Vec::new();
+            for path in &paths {
+                if path.is_dir() {
+                    files.push((path.join("operator.toml"), schema::FileKind::Operator));
+                    let tenants = path.join("tenants");
+                    if tenants.is_dir() {
+                        let mut list: Vec<PathBuf> = std::fs::read_dir(&tenants)
+                            .with_context(|| format!("cannot list {}", tenants.display()))?
+                            .filter_map(|e| e.ok().map(|e| e.path()))
+                            .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+                            .collect();
+                        list.sort();
+                        files.extend(list.into_iter().map(|p| (p, schema::FileKind::Tenant)));
+                    }
+                } else {
+                    let kind = if path.file_name().is_some_and(|n| n == "operator.toml") {
+                        schema::FileKind::Operator
+                    } else {
+                        schema::FileKind::Tenant
+                    };
+                    files.push((path.clone(), kind));
+                }
+            }
+            let mut unformatted = 0;
+            let mut failed = 0;
+            for (path, kind) in files {
+                let text = std::fs::read_to_string(&path)
+                    .with_context(|| format!("cannot read {}", path.display()))?;
+                let tidy = match format_file(kind, &text) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        eprintln!("{}: {e}", path.display());
+                        failed += 1;
+                        continue;
+                    }
+                };
+                if tidy == text {
+                    continue;
+                }
+                unformatted += 1;
+                if check {
+                    say!(out, "would reformat {}", path.display());
+                } else {
+                    replace_file(&path, &tidy)?;
+                    say!(out, "formatted {}", path.display());
+                }
+            }
+            Ok(if failed > 0 || (check && unformatted > 0) {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            })
         }
         PolicyCommand::Schema { file, out_dir } => {
             match (file, out_dir) {
@@ -598,6 +729,23 @@ fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
         .with_context(|| format!("cannot create {}", path.display()))?;
     writeln!(f, "{contents}").with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())
+}
+
+/// Replaces a policy file with `text` in one step (temporary file, rename), keeping its mode.
+fn replace_file(path: &Path, text: &str) -> anyhow::Result<()> {
+    let mode = std::fs::metadata(path)
+        .with_context(|| format!("cannot read {}", path.display()))?
+        .permissions();
+    let mut tmp_name = path.file_name().unwrap_or_default().to_owned();
+    tmp_name.push(format!(".fmt-{}.tmp", std::process::id()));
+    let tmp = path.with_file_name(tmp_name);
+    std::fs::write(&tmp, text).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::set_permissions(&tmp, mode)
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .with_context(|| format!("cannot replace {}", path.display()))
+        .inspect_err(|_| {
+            let _ = std::fs::remove_file(&tmp);
+        })
 }
 
 fn site_ruleset(

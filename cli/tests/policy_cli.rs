@@ -104,8 +104,8 @@ fn a_failing_inline_test_names_the_guardrail_and_its_line() {
     let dir = copy_example("test");
     replace_in(
         &dir.join("tenants/musterstadt.toml"),
-        "from = \"gaeste\"\nto = \"mail:993/tcp\"\nverdict = \"deny\"",
-        "from = \"gaeste\"\nto = \"mail:993/tcp\"\nverdict = \"allow\"",
+        "from = \"gaeste\"\nto = \"mail:tcp/993\"\nverdict = \"deny\"",
+        "from = \"gaeste\"\nto = \"mail:tcp/993\"\nverdict = \"allow\"",
     );
     let out = komnet(&["policy", "test", dir.to_str().unwrap()]);
     assert_eq!(out.code, 1);
@@ -131,7 +131,7 @@ fn explain_query_and_compile() {
         "--from",
         "10.30.1.20",
         "--to",
-        "musterstadt/fileserver:445/tcp",
+        "musterstadt/fileserver:tcp/445",
     ]);
     assert_eq!(out.code, 0, "{}", out.stderr);
     assert!(
@@ -147,7 +147,7 @@ fn explain_query_and_compile() {
         "--from",
         "musterstadt/gaeste",
         "--to",
-        "dns:53/udp",
+        "dns:udp/53",
     ]);
     assert_eq!(
         out.stdout
@@ -164,7 +164,7 @@ fn explain_query_and_compile() {
         "--from",
         "10.20.1.7",
         "--to",
-        "10.1.0.10:8080/tcp",
+        "10.1.0.10:tcp/8080",
     ]);
     assert!(
         out.stdout
@@ -182,7 +182,7 @@ fn explain_query_and_compile() {
         "--from",
         "10.20.1.77",
         "--to",
-        "dms:443/tcp",
+        "dms:tcp/443",
         "--vlan",
         "100",
     ]);
@@ -201,7 +201,7 @@ fn explain_query_and_compile() {
         "--from",
         "10.20.1.77",
         "--to",
-        "dms:443/tcp",
+        "dms:tcp/443",
         "--vlan",
         "10",
     ]);
@@ -623,4 +623,281 @@ fn a_guardrail_over_a_communes_rule_is_a_warning_once_and_deny_warnings_makes_it
     let strict = komnet(&["policy", "test", d, "--deny-warnings"]);
     assert_eq!(strict.code, 1, "{}", strict.stdout);
     fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn diff_warns_when_the_content_changed_but_the_version_did_not() {
+    let old = example();
+    let new = copy_example("version");
+    replace_in(
+        &new.join("tenants/musterstadt.toml"),
+        "to = [\"telefonanlage\", \"dns\"]",
+        "to = [\"telefonanlage\", \"dns\", \"mail\"]",
+    );
+    let (o, n) = (old.to_str().unwrap(), new.to_str().unwrap());
+    let out = komnet(&["policy", "diff", o, n]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(
+        out.stderr.contains("warning: ")
+            && out.stderr.contains(": the content changed (tenants/musterstadt.toml) but the version did not (7 in both): gateways refuse a bundle with the version they run and other content; raise [policy] version in operator.toml to 8"),
+        "{}",
+        out.stderr
+    );
+    replace_in(&new.join("operator.toml"), "version = 7", "version = 8");
+    let out = komnet(&["policy", "diff", o, n]);
+    assert!(!out.stderr.contains("warning"), "{}", out.stderr);
+    replace_in(&new.join("operator.toml"), "version = 8", "version = 6");
+    let out = komnet(&["policy", "diff", o, n]);
+    assert!(
+        out.stderr.contains("the version goes down (7 -> 6)"),
+        "{}",
+        out.stderr
+    );
+    // The same files: nothing to say.
+    let out = komnet(&["policy", "diff", o, o]);
+    assert!(!out.stderr.contains("warning"), "{}", out.stderr);
+    fs::remove_dir_all(&new).unwrap();
+}
+
+#[test]
+fn explain_takes_the_other_port_order_with_a_hint_and_uses_host_addresses() {
+    let dir = example();
+    let d = dir.to_str().unwrap();
+    let out = komnet(&[
+        "policy",
+        "explain",
+        d,
+        "--from",
+        "musterstadt/gebaeude",
+        "--to",
+        "dms:443/tcp",
+    ]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(
+        out.stderr
+            .contains("warning: --to \"dms:443/tcp\": write \"dms:tcp/443\", not \"dms:443/tcp\""),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        out.stdout
+            .starts_with("IPv4 10.20.4.1 -> 10.1.0.10:tcp/443: deny (guardrail \"iot-not-dms\""),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout
+            .contains("\nIPv6 fd00:20:0:4::1 -> [fd00:1::10]:tcp/443: deny"),
+        "{}",
+        out.stdout
+    );
+    // An IPv4-only destination from an IPv6 source: a deny that says why, exit 0.
+    let out = komnet(&[
+        "policy",
+        "explain",
+        d,
+        "--from",
+        "fd00:20:0:1::7",
+        "--to",
+        "10.1.0.10:tcp/443",
+    ]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(
+        out.stdout,
+        "IPv6 fd00:20:0:1::7 -> 10.1.0.10:tcp/443: deny (the source is IPv6 and the destination is not: no packet has both)\n"
+    );
+}
+
+#[test]
+fn check_speaks_json_gitlab_code_quality_and_sarif_for_ci() {
+    let dir = copy_example("formats");
+    let frag = dir.join("tenants/musterstadt.toml");
+    replace_in(&frag, "from = [\"gebaeude\"]", "from = [\"gebaede\"]");
+    // And a warning: a guardrail that overrides a rule.
+    replace_in(
+        &dir.join("operator.toml"),
+        "# ---- operator tests",
+        "[[guardrail]]\nname = \"no-phones\"\nfrom_kinds = [\"voip\"]\nto = [\"telefonanlage\", \"dns\"]\n\n# ---- operator tests",
+    );
+    let d = dir.to_str().unwrap();
+    let line = fs::read_to_string(&frag)
+        .unwrap()
+        .lines()
+        .position(|l| l.contains("gebaede"))
+        .unwrap()
+        + 1;
+
+    let out = komnet(&["policy", "check", "--format", "json", d]);
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    let report: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(report["valid"], false);
+    assert_eq!(
+        (report["errors"].as_u64(), report["warnings"].as_u64()),
+        (Some(1), Some(1))
+    );
+    let error = &report["diagnostics"][0];
+    assert_eq!(error["severity"], "error");
+    assert!(error["file"]
+        .as_str()
+        .unwrap()
+        .ends_with("tenants/musterstadt.toml"));
+    assert_eq!(error["line"].as_u64(), Some(line as u64));
+    assert_eq!(error["column"].as_u64(), Some(9));
+    assert_eq!(
+        error["message"],
+        "unknown segment or group \"gebaede\"; did you mean \"gebaeude\"?"
+    );
+    let warning = &report["diagnostics"][1];
+    assert_eq!(warning["severity"], "warning");
+    assert!(warning["related"]["file"]
+        .as_str()
+        .unwrap()
+        .ends_with("operator.toml"));
+
+    let out = komnet(&["policy", "check", "--format", "gitlab", d]);
+    assert_eq!(out.code, 1);
+    let issues: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    let issues = issues.as_array().unwrap();
+    assert_eq!(issues.len(), 2);
+    assert_eq!(issues[0]["severity"], "critical");
+    assert_eq!(issues[1]["severity"], "minor");
+    assert_eq!(
+        issues[0]["location"]["lines"]["begin"].as_u64(),
+        Some(line as u64)
+    );
+    assert!(issues[0]["location"]["path"]
+        .as_str()
+        .unwrap()
+        .ends_with("tenants/musterstadt.toml"));
+    assert_eq!(issues[0]["fingerprint"].as_str().unwrap().len(), 32);
+    assert_ne!(issues[0]["fingerprint"], issues[1]["fingerprint"]);
+
+    let out = komnet(&["policy", "check", "--format", "sarif", d]);
+    assert_eq!(out.code, 1);
+    let sarif: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(sarif["version"], "2.1.0");
+    let results = sarif["runs"][0]["results"].as_array().unwrap();
+    assert_eq!(results[0]["level"], "error");
+    let region = &results[0]["locations"][0]["physicalLocation"]["region"];
+    assert_eq!(region["startLine"].as_u64(), Some(line as u64));
+    assert_eq!(
+        (region["startColumn"].as_u64(), region["endColumn"].as_u64()),
+        (Some(9), Some(18))
+    );
+    assert_eq!(results[1]["level"], "warning");
+    assert!(
+        results[1]["relatedLocations"][0]["physicalLocation"]["artifactLocation"]["uri"]
+            .as_str()
+            .unwrap()
+            .ends_with("operator.toml")
+    );
+
+    // A valid policy: an empty report, exit 0; --deny-warnings counts the warning.
+    replace_in(&frag, "from = [\"gebaede\"]", "from = [\"gebaeude\"]");
+    let out = komnet(&["policy", "check", "--format", "gitlab", d]);
+    assert_eq!(out.code, 0, "{}", out.stdout);
+    let out = komnet(&["policy", "check", "--format", "json", "--deny-warnings", d]);
+    assert_eq!(out.code, 1, "{}", out.stdout);
+    fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn diff_writes_markdown_for_a_merge_request() {
+    let new = copy_example("markdown");
+    replace_in(
+        &new.join("tenants/musterstadt.toml"),
+        "to = [\"telefonanlage\", \"dns\"]",
+        "to = [\"telefonanlage\", \"dns\", \"mail\"]",
+    );
+    replace_in(&new.join("operator.toml"), "version = 7", "version = 8");
+    let old = example();
+    let out = komnet(&[
+        "policy",
+        "diff",
+        "--format",
+        "markdown",
+        old.to_str().unwrap(),
+        new.to_str().unwrap(),
+    ]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(
+        out.stdout,
+        "### Policy \"Landkreis Musterland\": version 7 → 8\n\n\
+         **Newly allowed** (1)\n\n\
+         | from (segment) | to (service) | ports |\n|---|---|---|\n\
+         | `musterstadt/voip` | `mail` | tcp/25, tcp/587, tcp/993 |\n\n\
+         1 newly allowed, 0 newly denied, 0 address changes.\n"
+    );
+    fs::remove_dir_all(&new).unwrap();
+}
+
+#[test]
+fn fmt_brings_a_messy_copy_back_to_the_examples_layout_and_keeps_comments() {
+    let dir = copy_example("fmt");
+    let d = dir.to_str().unwrap();
+    let frag = dir.join("tenants/musterstadt.toml");
+    replace_in(
+        &frag,
+        "kind = \"staff\"\nsite = \"rathaus\"",
+        "site=\"rathaus\"\n    kind   =  \"staff\"",
+    );
+    replace_in(
+        &frag,
+        "[\"10.20.1.0/24\", \"fd00:20:0:1::/64\"]",
+        "[ \"10.20.1.0/24\",\"fd00:20:0:1::/64\" ]",
+    );
+    replace_in(&frag, "\n\n[[rule]]", "\n\n\n\n[[rule]]");
+    replace_in(
+        &frag,
+        "export = [\"beispieldorf\"]   #",
+        "export = [\"beispieldorf\"]   #  ",
+    );
+    replace_in(&dir.join("operator.toml"), "version = 7", "version=7");
+    // CI mode: lists what is not in the layout, changes nothing, exits 1.
+    let out = komnet(&["policy", "fmt", "--check", d]);
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert_eq!(
+        out.stdout,
+        format!("would reformat {d}/operator.toml\nwould reformat {d}/tenants/musterstadt.toml\n")
+    );
+    let out = komnet(&["policy", "fmt", d]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(out.stdout.lines().count(), 2, "{}", out.stdout);
+    // The example is in the layout: fmt gives back exactly its files (comments included)...
+    let original = fs::read_to_string(example().join("tenants/musterstadt.toml")).unwrap();
+    let tidy = fs::read_to_string(&frag).unwrap();
+    assert_eq!(
+        tidy,
+        original.replace("[\"beispieldorf\"]   #", "[\"beispieldorf\"]   #  ")
+    );
+    assert_eq!(
+        fs::read_to_string(dir.join("operator.toml")).unwrap(),
+        fs::read_to_string(example().join("operator.toml")).unwrap()
+    );
+    // ...and a second run changes nothing.
+    let out = komnet(&["policy", "fmt", "--check", d]);
+    assert_eq!(out.code, 0, "{}", out.stdout);
+    // A file that is not TOML is named, not touched.
+    fs::write(dir.join("tenants/kreis.toml"), "tenant = \n").unwrap();
+    let out = komnet(&["policy", "fmt", d]);
+    assert_eq!(out.code, 1);
+    assert!(
+        out.stderr.contains("tenants/kreis.toml: not valid TOML"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(
+        fs::read_to_string(dir.join("tenants/kreis.toml")).unwrap(),
+        "tenant = \n"
+    );
+    fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn both_examples_are_in_the_fmt_layout() {
+    for name in ["landkreis", "st-wendel"] {
+        let dir = example().join("..").join(name);
+        let out = komnet(&["policy", "fmt", "--check", dir.to_str().unwrap()]);
+        assert_eq!(out.code, 0, "{name}: {}{}", out.stdout, out.stderr);
+    }
 }

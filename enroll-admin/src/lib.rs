@@ -135,8 +135,10 @@ pub struct RevokeArgs {
     /// Every certificate of this tenant (with --site: of that site only).
     #[arg(long, required_unless_present = "serial")]
     pub tenant: Option<TenantId>,
+    /// Only the certificates of this site of the tenant.
     #[arg(long, requires = "tenant")]
     pub site: Option<SiteId>,
+    /// Why (RFC 5280 reason, in the audit log and the CRL): key-compromise, superseded, ….
     #[arg(long, default_value = "unspecified", value_parser = reason_parser())]
     pub reason: RevocationReason,
     /// The site is decommissioned: reason cessation_of_operation, its tunnel addresses are
@@ -180,6 +182,7 @@ pub struct HomeofficeIssueArgs {
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct AuditArgs {
+    /// Show at most this many entries (the newest).
     #[arg(long, default_value_t = 50)]
     pub limit: usize,
     /// One JSON object per line instead of a table.

@@ -30,48 +30,13 @@ const MAX_UAPI_LINE: u64 = 4096;
 /// Most lines in one `set=1` request (1,000 peers with a few allowed IPs each need ~10,000).
 const MAX_UAPI_LINES: usize = 1_000_000;
 
-const USAGE: &str = "usage: komnet-gateway [-f|--foreground] INTERFACE-NAME";
-
-/// The parsed command line.
+/// The daemon's command line (the binary parses it: `[-f|--foreground] IFNAME`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Args {
+    /// Stay in the foreground instead of forking once the interface and socket exist.
     pub foreground: bool,
+    /// The TUN interface to create, already checked against the kernel's naming rules.
     pub ifname: String,
-}
-
-/// What the command line asks for.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Command {
-    Run(Args),
-    Version,
-    Help,
-}
-
-/// Parses wireguard-go's command line: `[-f|--foreground] IFNAME`, `--version`, `--help`.
-pub fn parse_args(args: &[String]) -> Result<Command, String> {
-    let mut foreground = false;
-    let mut ifname = None;
-    for a in args {
-        match a.as_str() {
-            "-f" | "--foreground" => foreground = true,
-            "-v" | "--version" => return Ok(Command::Version),
-            "-h" | "--help" => return Ok(Command::Help),
-            flag if flag.starts_with('-') => {
-                return Err(format!("unknown option {flag:?}\n{USAGE}"))
-            }
-            name if ifname.is_none() => ifname = Some(name.to_string()),
-            extra => return Err(format!("unexpected argument {extra:?}\n{USAGE}")),
-        }
-    }
-    let Some(ifname) = ifname else {
-        return Err(format!("missing interface name\n{USAGE}"));
-    };
-    validate_ifname(&ifname)?;
-    Ok(Command::Run(Args { foreground, ifname }))
-}
-
-fn validate_ifname(name: &str) -> Result<(), String> {
-    komnet_proto::config::check_interface_name(name)
 }
 
 pub(crate) fn init_logging() {
@@ -153,6 +118,7 @@ pub(crate) fn create_tun(ifname: &str) -> Result<tun_rs::SyncDevice> {
 pub fn run(args: Args) -> Result<i32> {
     let foreground =
         args.foreground || std::env::var("WG_PROCESS_FOREGROUND").as_deref() == Ok("1");
+    komnet_proto::config::check_interface_name(&args.ifname).map_err(anyhow::Error::msg)?;
     init_logging();
     let tun = create_tun(&args.ifname)?;
     if let Some(index) = sys::if_index(&args.ifname) {
@@ -377,47 +343,4 @@ fn apply(shared: &Shared, set: &uapi::DeviceSet) -> Result<(), UapiError> {
     }
     shared.flush_pending();
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn args(a: &[&str]) -> Vec<String> {
-        a.iter().map(|s| s.to_string()).collect()
-    }
-
-    #[test]
-    fn command_line_is_wireguard_gos() {
-        assert_eq!(
-            parse_args(&args(&["-f", "wg0"])),
-            Ok(Command::Run(Args {
-                foreground: true,
-                ifname: "wg0".into()
-            }))
-        );
-        assert_eq!(
-            parse_args(&args(&["wg0"])),
-            Ok(Command::Run(Args {
-                foreground: false,
-                ifname: "wg0".into()
-            }))
-        );
-        assert_eq!(parse_args(&args(&["--version"])), Ok(Command::Version));
-        assert!(parse_args(&args(&[]))
-            .unwrap_err()
-            .contains("missing interface name"));
-        assert!(parse_args(&args(&["-x", "wg0"]))
-            .unwrap_err()
-            .contains("unknown option"));
-        assert!(parse_args(&args(&["wg0", "wg1"]))
-            .unwrap_err()
-            .contains("unexpected argument"));
-        assert!(parse_args(&args(&["a-very-long-interface-name"]))
-            .unwrap_err()
-            .contains("1 to 15"));
-        assert!(parse_args(&args(&["wg/0"]))
-            .unwrap_err()
-            .contains("does not allow"));
-    }
 }

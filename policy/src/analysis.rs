@@ -2,7 +2,7 @@
 //! denied, who can reach this service, what can this segment reach, and what does a change
 //! allow or deny that the old version did not.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::net::IpAddr;
 
@@ -10,17 +10,24 @@ use ipnet::IpNet;
 
 use crate::flow::{Origin, PacketMeta, PortRange, Proto};
 use crate::model::{
-    resolve_from, resolve_to, share_family, Binding, FromSpec, Policy, SegmentId, ServiceId,
-    SiteId, ToSpec,
+    closest, resolve_from, resolve_to, share_family, to_port_hint, to_target, Binding, FromSpec,
+    Policy, SegmentId, ServiceId, SiteId, ToSpec,
 };
 use crate::oracle::{decide, decide_arrival, Decider, Decision};
 
-/// One concrete packet a test or an explanation was decided on.
+/// One concrete packet a test or an explanation was decided on — or, where the destination
+/// has no address in the source's family, the deny that stands for "no such packet".
 #[derive(Debug, Clone)]
 pub struct Explanation {
-    pub packet: PacketMeta,
+    /// The source address (a host of the segment, when a segment was named).
+    pub src: IpAddr,
+    /// The destination as shown: `10.1.0.10:tcp/443`, `[fd00:1::10]:tcp/443`, or the service
+    /// with its port when it has no address in the source's family (`dms:tcp/443`).
+    pub dst: String,
+    /// The packet decided; `None` when the destination has no address in the source's family.
+    pub packet: Option<PacketMeta>,
     pub decision: Decision,
-    /// `rule "x", tenants/a.toml:12` or `default deny: …`.
+    /// `rule "x", tenants/a.toml:12`, `default deny: …`, `the service has no IPv6 address`.
     pub reason: String,
     /// Where the flow runs when both ends are at one site: between two of its segments
     /// (the appliance enforces it) or inside one (it never passes the appliance).
@@ -29,22 +36,12 @@ pub struct Explanation {
 
 impl fmt::Display for Explanation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let p = &self.packet;
-        let proto = Proto::from_ip_number(p.ip_proto).map_or("?", Proto::name);
-        let dst = match p.dst {
-            IpAddr::V4(a) => format!("{a}"),
-            IpAddr::V6(a) => format!("[{a}]"),
-        };
-        let port = if proto == "icmp" {
-            String::new()
-        } else {
-            format!(":{}", p.dport)
-        };
         write!(
             f,
-            "{} {} -> {dst}{port}/{proto}: {} ({})",
-            if p.src.is_ipv4() { "IPv4" } else { "IPv6" },
-            p.src,
+            "{} {} -> {}: {} ({})",
+            family(self.src),
+            self.src,
+            self.dst,
             if self.decision.allow { "allow" } else { "deny" },
             self.reason
         )?;
@@ -55,14 +52,58 @@ impl fmt::Display for Explanation {
     }
 }
 
-/// The packets (one per address family the two ends share) that stand for `from -> to`.
-fn packets_for(policy: &Policy, from: &FromSpec, to: &ToSpec) -> Result<Vec<PacketMeta>, String> {
+fn family(a: IpAddr) -> &'static str {
+    if a.is_ipv4() {
+        "IPv4"
+    } else {
+        "IPv6"
+    }
+}
+
+/// `tcp/443`, `icmp`: the port as the policy writes it.
+fn port_text(proto: Proto, port: u16) -> String {
+    match proto {
+        Proto::Icmp => "icmp".to_owned(),
+        p => format!("{p}/{port}"),
+    }
+}
+
+/// `10.1.0.10:tcp/443`, `[fd00::10]:tcp/443`.
+fn dst_text(dst: IpAddr, proto: Proto, port: u16) -> String {
+    match dst {
+        IpAddr::V4(a) => format!("{a}:{}", port_text(proto, port)),
+        IpAddr::V6(a) => format!("[{a}]:{}", port_text(proto, port)),
+    }
+}
+
+/// What stands for `from -> to` in one address family.
+#[derive(Debug, Clone)]
+enum Probe {
+    Packet(PacketMeta),
+    /// The destination has no address in the source's family: no such packet exists, so the
+    /// flow is denied — said plainly, not as an error.
+    NoAddress {
+        src: IpAddr,
+        dst: String,
+        why: String,
+    },
+}
+
+/// The probes for `from -> to`: one packet per address family both ends have. With
+/// `every_source_family`, or when the two share no family at all, each family of the source
+/// that the destination lacks gets a [`Probe::NoAddress`].
+fn probes_for(
+    policy: &Policy,
+    from: &FromSpec,
+    to: &ToSpec,
+    every_source_family: bool,
+) -> Vec<Probe> {
     let sources: Vec<IpAddr> = match from {
         FromSpec::Address(a) => vec![*a],
-        FromSpec::Segment(s) => first_per_family(&policy.segments[s.index()].prefixes),
+        FromSpec::Segment(s) => host_per_family(&policy.segments[s.index()].prefixes),
     };
-    let (targets, proto, port) = match to {
-        ToSpec::Address { addr, proto, port } => (vec![*addr], *proto, *port),
+    let (targets, proto, port, what) = match to {
+        ToSpec::Address { addr, proto, port } => (vec![*addr], *proto, *port, None),
         ToSpec::Service {
             service,
             proto,
@@ -71,27 +112,66 @@ fn packets_for(policy: &Policy, from: &FromSpec, to: &ToSpec) -> Result<Vec<Pack
             first_per_family(&policy.services[service.index()].addresses),
             *proto,
             *port,
+            Some(policy.service_name(*service)),
         ),
     };
-    let packets: Vec<PacketMeta> = sources
+    let shared = sources
         .iter()
-        .flat_map(|s| {
-            targets
-                .iter()
-                .filter(move |d| d.is_ipv4() == s.is_ipv4())
-                .map(move |d| PacketMeta::new(*s, *d, proto, port))
-        })
-        .collect();
-    if packets.is_empty() {
-        return Err("the source and the destination share no address family (IPv4/IPv6)".into());
+        .any(|s| targets.iter().any(|d| d.is_ipv4() == s.is_ipv4()));
+    let mut probes = Vec::new();
+    for s in &sources {
+        match targets.iter().find(|d| d.is_ipv4() == s.is_ipv4()) {
+            Some(d) => probes.push(Probe::Packet(PacketMeta::new(*s, *d, proto, port))),
+            None if every_source_family || !shared => {
+                let fam = family(*s);
+                let (dst, why) = match &what {
+                    Some(name) => (
+                        format!("{name}:{}", port_text(proto, port)),
+                        format!("the service has no {fam} address"),
+                    ),
+                    None => (
+                        targets
+                            .first()
+                            .map_or_else(String::new, |d| dst_text(*d, proto, port)),
+                        format!(
+                            "the source is {fam} and the destination is not: no packet has both"
+                        ),
+                    ),
+                };
+                probes.push(Probe::NoAddress { src: *s, dst, why });
+            }
+            None => {}
+        }
     }
-    Ok(packets)
+    probes
 }
 
+/// One address per family that the prefixes have: the first address of the first prefix of
+/// that family (a service's own address).
 fn first_per_family(nets: &[IpNet]) -> Vec<IpAddr> {
     let v4 = nets.iter().find(|n| n.addr().is_ipv4());
     let v6 = nets.iter().find(|n| n.addr().is_ipv6());
     v4.into_iter().chain(v6).map(IpNet::network).collect()
+}
+
+/// A host of the segment per family: the first usable address of its first prefix of that
+/// family (10.20.1.1 for 10.20.1.0/24, not the network address no host has).
+fn host_per_family(nets: &[IpNet]) -> Vec<IpAddr> {
+    let v4 = nets.iter().find(|n| n.addr().is_ipv4());
+    let v6 = nets.iter().find(|n| n.addr().is_ipv6());
+    v4.into_iter().chain(v6).map(first_host).collect()
+}
+
+fn first_host(net: &IpNet) -> IpAddr {
+    match net {
+        IpNet::V4(n) if n.prefix_len() <= 30 => {
+            IpAddr::V4(std::net::Ipv4Addr::from(u32::from(n.network()) + 1))
+        }
+        IpNet::V6(n) if n.prefix_len() <= 126 => {
+            IpAddr::V6(std::net::Ipv6Addr::from(u128::from(n.network()) + 1))
+        }
+        other => other.network(),
+    }
 }
 
 /// The result of one inline test in one address family.
@@ -117,42 +197,30 @@ pub fn run_tests(policy: &Policy) -> TestReport {
     for e in &policy.expectations {
         let at = policy.sources.cite(&e.loc);
         let want = if e.allow { "allow" } else { "deny" };
-        match packets_for(policy, &e.from, &e.to) {
-            Err(msg) => {
-                report.failed += 1;
-                report.outcomes.push(TestOutcome {
-                    passed: false,
-                    line: format!("FAIL {at}: {}: {msg}", e.text),
-                });
-            }
-            Ok(packets) => {
-                for p in packets {
-                    let d = decide(policy, Origin::Address, &p);
-                    let fam = if p.src.is_ipv4() { "IPv4" } else { "IPv6" };
-                    let got = if d.allow { "allow" } else { "deny" };
-                    let passed = d.allow == e.allow;
-                    let verdict = if passed { "ok  " } else { "FAIL" };
-                    let line = if passed {
-                        format!(
-                            "{verdict} {at}: {} ({fam}): {got} ({})",
-                            e.text,
-                            policy.describe(d.by)
-                        )
-                    } else {
-                        format!(
-                            "{verdict} {at}: {} ({fam}): expected {want}, got {got} ({})",
-                            e.text,
-                            policy.describe(d.by)
-                        )
-                    };
-                    if passed {
-                        report.passed += 1;
-                    } else {
-                        report.failed += 1;
-                    }
-                    report.outcomes.push(TestOutcome { passed, line });
+        for probe in probes_for(policy, &e.from, &e.to, false) {
+            let (fam, allow, reason) = match &probe {
+                Probe::Packet(p) => {
+                    let d = decide(policy, Origin::Address, p);
+                    (family(p.src), d.allow, policy.describe(d.by))
                 }
+                Probe::NoAddress { src, why, .. } => (family(*src), false, why.clone()),
+            };
+            let got = if allow { "allow" } else { "deny" };
+            let passed = allow == e.allow;
+            let line = if passed {
+                format!("ok   {at}: {} ({fam}): {got} ({reason})", e.text)
+            } else {
+                format!(
+                    "FAIL {at}: {} ({fam}): expected {want}, got {got} ({reason})",
+                    e.text
+                )
+            };
+            if passed {
+                report.passed += 1;
+            } else {
+                report.failed += 1;
             }
+            report.outcomes.push(TestOutcome { passed, line });
         }
     }
     report
@@ -181,22 +249,47 @@ pub fn explain_at(
     to: &str,
     arrival: Option<&Arrival>,
 ) -> Result<Vec<Explanation>, String> {
-    let from = resolve_from(from, None, &|n, _| find_segment_anywhere(policy, n))?;
+    let from = resolve_from(from, None, &|n, _| find_segment_anywhere(policy, n))
+        .map_err(|e| with_hint(e, from, segment_names(policy)))?;
     let to = resolve_to(to, &|n| {
         find_service_anywhere(policy, n).map(|s| (s, policy.services[s.index()].ports.clone()))
+    })
+    .map_err(|e| match to_target(to) {
+        Some(t) if find_service_anywhere(policy, t).is_none() => {
+            with_hint(e, t, service_names(policy))
+        }
+        _ => e,
     })?;
-    let packets = packets_for(policy, &from, &to)?;
+    let probes = probes_for(policy, &from, &to, true);
     let named_site = match arrival.and_then(|a| a.site.as_deref()) {
         Some(name) => Some(policy.find_site(name)?),
         None => None,
     };
     let mut out = Vec::new();
-    for packet in packets {
+    for probe in probes {
+        let packet = match probe {
+            Probe::Packet(p) => p,
+            Probe::NoAddress { src, dst, why } => {
+                out.push(Explanation {
+                    src,
+                    dst,
+                    packet: None,
+                    decision: Decision::deny(Decider::DefaultDeny),
+                    reason: why,
+                    note: None,
+                });
+                continue;
+            }
+        };
+        let proto = Proto::from_ip_number(packet.ip_proto).unwrap_or(Proto::Tcp);
+        let shown = dst_text(packet.dst, proto, packet.dport);
         let note = flow_note(policy, &packet);
         let Some(arrival) = arrival else {
             let decision = decide(policy, Origin::Address, &packet);
             out.push(Explanation {
-                packet,
+                src: packet.src,
+                dst: shown,
+                packet: Some(packet),
                 decision,
                 reason: policy.describe(decision.by),
                 note,
@@ -216,13 +309,41 @@ pub fn explain_at(
             policy.describe(decision.by)
         };
         out.push(Explanation {
-            packet,
+            src: packet.src,
+            dst: shown,
+            packet: Some(packet),
             decision,
             reason,
             note,
         });
     }
     Ok(out)
+}
+
+/// `MESSAGE; did you mean "NAME"?` when a name is close to what was written.
+fn with_hint(message: String, written: &str, names: Vec<String>) -> String {
+    match closest(written.trim(), names.iter().map(String::as_str)) {
+        Some(near) => format!("{message}; did you mean {near:?}?"),
+        None => message,
+    }
+}
+
+fn segment_names(policy: &Policy) -> Vec<String> {
+    (0..policy.segments.len())
+        .map(|i| policy.segment_name(SegmentId(i as u32)))
+        .collect()
+}
+
+fn service_names(policy: &Policy) -> Vec<String> {
+    (0..policy.services.len())
+        .map(|i| policy.service_name(ServiceId(i as u32)))
+        .collect()
+}
+
+/// A hint for a destination written the other way round (`dms:443/tcp`): `explain` takes it
+/// and says how to write it (`dms:tcp/443`).
+pub fn destination_hint(to: &str) -> Option<String> {
+    to_port_hint(to)
 }
 
 fn site_name(policy: &Policy, site: SiteId) -> String {
@@ -369,6 +490,36 @@ impl fmt::Display for Reach {
     }
 }
 
+/// The ports each segment may reach each service on (normalised; what a guardrail blocks is
+/// left out): what `diff` compares, without the rules' names and places that `query` shows.
+fn flow_table(policy: &Policy) -> HashMap<(SegmentId, ServiceId), Vec<PortRange>> {
+    let mut table: HashMap<(SegmentId, ServiceId), Vec<PortRange>> = HashMap::new();
+    for rule in &policy.rules {
+        for &svc in &rule.to {
+            let service = &policy.services[svc.index()];
+            let ports = rule.allowed_ports(service);
+            for &seg in &rule.from {
+                let segment = &policy.segments[seg.index()];
+                if !share_family(&segment.prefixes, &service.addresses) {
+                    continue;
+                }
+                table.entry((seg, svc)).or_default().extend(&ports);
+            }
+        }
+    }
+    table.retain(|(seg, svc), _| {
+        let segment = &policy.segments[seg.index()];
+        !policy
+            .guardrails
+            .iter()
+            .any(|g| g.applies_to_segment(segment) && g.protects(*svc))
+    });
+    for ports in table.values_mut() {
+        *ports = normalise(std::mem::take(ports));
+    }
+    table
+}
+
 /// Allowed ports per (segment, service), with the rules and guardrails that decide them.
 fn reach_table(policy: &Policy) -> BTreeMap<(SegmentId, ServiceId), Reach> {
     let mut table: BTreeMap<(SegmentId, ServiceId), (Vec<PortRange>, Vec<String>)> =
@@ -482,36 +633,40 @@ impl fmt::Display for FlowChange {
 /// The flows (segment → service, ports) newly allowed and newly denied from `old` to `new`,
 /// and the segments and services whose addresses changed (same names, different packets).
 pub fn diff(old: &Policy, new: &Policy) -> (Vec<FlowChange>, Vec<String>) {
-    let flows = |p: &Policy| -> BTreeMap<(String, String), Vec<PortRange>> {
-        reach_table(p)
-            .into_values()
-            .filter(|r| !r.blocked)
-            .map(|r| ((r.segment, r.service), r.ports))
+    let (a, b) = (flow_table(old), flow_table(new));
+    // The same segment or service in the other version, by name: flows are compared by what
+    // they are called, not by their place in either file.
+    let segment_map = |from: &Policy, to: &Policy| -> Vec<Option<SegmentId>> {
+        (0..from.segments.len())
+            .map(|i| to.find_segment(&from.segment_name(SegmentId(i as u32)), None))
             .collect()
     };
-    let (a, b) = (flows(old), flows(new));
+    let service_map = |from: &Policy, to: &Policy| -> Vec<Option<ServiceId>> {
+        (0..from.services.len())
+            .map(|i| to.find_service(&from.service_name(ServiceId(i as u32)), None))
+            .collect()
+    };
     let mut changes = Vec::new();
-    for (key, ports) in &b {
-        let gained = subtract(ports, a.get(key).map_or(&[][..], Vec::as_slice));
-        if !gained.is_empty() {
-            changes.push(FlowChange {
-                now_allowed: true,
-                segment: key.0.clone(),
-                service: key.1.clone(),
-                ports: gained,
-            });
+    for (now_allowed, this, that, p, q) in [(true, &b, &a, new, old), (false, &a, &b, old, new)] {
+        let (segs, svcs) = (segment_map(p, q), service_map(p, q));
+        let mut found = Vec::new();
+        for (&(seg, svc), ports) in this {
+            let before = match (segs[seg.index()], svcs[svc.index()]) {
+                (Some(s), Some(v)) => that.get(&(s, v)).map_or(&[][..], Vec::as_slice),
+                _ => &[][..],
+            };
+            let changed = subtract(ports, before);
+            if !changed.is_empty() {
+                found.push(FlowChange {
+                    now_allowed,
+                    segment: p.segment_name(seg),
+                    service: p.service_name(svc),
+                    ports: changed,
+                });
+            }
         }
-    }
-    for (key, ports) in &a {
-        let lost = subtract(ports, b.get(key).map_or(&[][..], Vec::as_slice));
-        if !lost.is_empty() {
-            changes.push(FlowChange {
-                now_allowed: false,
-                segment: key.0.clone(),
-                service: key.1.clone(),
-                ports: lost,
-            });
-        }
+        found.sort_by(|x, y| (&x.segment, &x.service).cmp(&(&y.segment, &y.service)));
+        changes.append(&mut found);
     }
     let mut moved = Vec::new();
     for (i, s) in new.segments.iter().enumerate() {
@@ -541,6 +696,61 @@ pub fn diff(old: &Policy, new: &Policy) -> (Vec<FlowChange>, Vec<String>) {
         }
     }
     (changes, moved)
+}
+
+/// What `diff` warns about the two versions: the content changed but `[policy] version` did
+/// not (gateways refuse a bundle with a version they have and other content), or the version
+/// went down (they refuse it: anti-rollback). `None` when the versions are in order.
+pub fn version_finding(old: &Policy, new: &Policy) -> Option<String> {
+    let contents = |p: &Policy| -> BTreeMap<String, String> {
+        p.sources
+            .files()
+            .map(|(_, f)| {
+                // The path inside the policy directory: operator.toml, tenants/NAME.toml.
+                let name = f
+                    .path
+                    .file_name()
+                    .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+                let in_tenants = f
+                    .path
+                    .parent()
+                    .and_then(|d| d.file_name())
+                    .is_some_and(|d| d == "tenants");
+                let key = if in_tenants {
+                    format!("tenants/{name}")
+                } else {
+                    name
+                };
+                (key, f.text.clone())
+            })
+            .collect()
+    };
+    if new.version < old.version {
+        return Some(format!(
+            "the version goes down ({} -> {}): gateways refuse a policy older than the one they run; raise [policy] version in operator.toml above {}",
+            old.version, new.version, old.version
+        ));
+    }
+    if new.version == old.version {
+        let (a, b) = (contents(old), contents(new));
+        if a != b {
+            let changed: Vec<&str> = a
+                .keys()
+                .chain(b.keys())
+                .filter(|k| a.get(*k) != b.get(*k))
+                .map(String::as_str)
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .collect();
+            return Some(format!(
+                "the content changed ({}) but the version did not ({} in both): gateways refuse a bundle with the version they run and other content; raise [policy] version in operator.toml to {}",
+                changed.join(", "),
+                new.version,
+                new.version + 1
+            ));
+        }
+    }
+    None
 }
 
 fn join(nets: &[IpNet]) -> String {

@@ -112,11 +112,43 @@ impl PortRange {
         };
         if lo > hi {
             return Err(format!(
-                "port range {lo}-{hi} in {s:?} is empty (low > high)"
+                "port range {lo}-{hi} in {s:?} is backwards (low > high): did you mean \"{proto}/{hi}-{lo}\"?"
             ));
         }
         Ok(PortRange { proto, lo, hi })
     }
+
+    /// Like [`PortRange::parse`], and also takes the other order some people write, `443/tcp`
+    /// (as in /etc/services), with a hint to write `tcp/443` — PROTO/PORT, as everywhere in the
+    /// policy.
+    pub fn parse_lenient(s: &str) -> Result<(PortRange, Option<String>), String> {
+        match PortRange::parse(s) {
+            Ok(r) => Ok((r, None)),
+            Err(e) => match swapped(s) {
+                Some(fixed) => {
+                    let r = PortRange::parse(&fixed)?;
+                    Ok((r, Some(swapped_hint(s, &fixed))))
+                }
+                None => Err(e),
+            },
+        }
+    }
+}
+
+/// `443/tcp` → `tcp/443`, `5060-5061/udp` → `udp/5060-5061`; `None` for anything else.
+pub(crate) fn swapped(s: &str) -> Option<String> {
+    let (ports, proto) = s.trim().split_once('/')?;
+    let proto = Proto::parse(proto).filter(|p| *p != Proto::Icmp)?;
+    let numeric = !ports.is_empty()
+        && (ports == "*" || ports.chars().all(|c| c.is_ascii_digit() || c == '-'));
+    numeric.then(|| format!("{proto}/{ports}"))
+}
+
+pub(crate) fn swapped_hint(written: &str, fixed: &str) -> String {
+    format!(
+        "write {fixed:?}, not {:?}: ports are PROTO/PORT everywhere in the policy (services, rules, tests, explain)",
+        written.trim()
+    )
 }
 
 fn parse_port(p: &str, whole: &str) -> Result<u16, String> {
@@ -209,7 +241,10 @@ mod tests {
         for (bad, needle) in [
             ("tcp/0", "out of range"),
             ("tcp/70000", "out of range"),
-            ("tcp/99-1", "empty"),
+            (
+                "tcp/99-1",
+                "backwards (low > high): did you mean \"tcp/1-99\"?",
+            ),
             ("sctp/1", "unknown protocol"),
             ("tcp", "names no port"),
             ("icmp/8", "no ports"),
@@ -218,5 +253,18 @@ mod tests {
             let err = PortRange::parse(bad).unwrap_err();
             assert!(err.contains(needle), "{bad}: {err}");
         }
+        // The other order is taken, with a hint to write PROTO/PORT.
+        let (r, hint) = PortRange::parse_lenient("443/tcp").unwrap();
+        assert_eq!(r.to_string(), "tcp/443");
+        assert!(hint
+            .unwrap()
+            .starts_with("write \"tcp/443\", not \"443/tcp\""));
+        let (r, hint) = PortRange::parse_lenient("5060-5061/udp").unwrap();
+        assert_eq!(
+            (r.to_string(), hint.is_some()),
+            ("udp/5060-5061".to_owned(), true)
+        );
+        assert_eq!(PortRange::parse_lenient("tcp/22").unwrap().1, None);
+        assert!(PortRange::parse_lenient("443/icmp").is_err());
     }
 }

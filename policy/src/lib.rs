@@ -12,6 +12,7 @@ mod analysis;
 pub mod bundle;
 mod classifier;
 mod flow;
+pub mod format;
 mod model;
 pub mod nft;
 mod oracle;
@@ -22,15 +23,15 @@ mod syntax;
 pub mod synthetic;
 
 pub use analysis::{
-    diff, explain, explain_at, query_segment, query_service, run_tests, Arrival, Explanation,
-    FlowChange, Reach, TestOutcome, TestReport,
+    destination_hint, diff, explain, explain_at, query_segment, query_service, run_tests,
+    version_finding, Arrival, Explanation, FlowChange, Reach, TestOutcome, TestReport,
 };
 pub use classifier::Classifier;
 pub use flow::{Origin, PacketMeta, PeerIdentity, PortRange, Proto, Role};
 pub use model::{
-    Binding, Expectation, Export, FromSpec, GuardTarget, Guardrail, GuardrailId, Policy,
-    PolicyErrors, Rule, RuleId, Segment, SegmentId, Service, ServiceId, Site, SiteId, Tenant,
-    TenantId, ToSpec, MAX_FILE_BYTES, MAX_FRAGMENTS,
+    Binding, Dhcp, DhcpHost, Expectation, Export, FromSpec, GuardTarget, Guardrail, GuardrailId,
+    Policy, PolicyErrors, Rule, RuleId, Segment, SegmentId, Service, ServiceId, Site, SiteId,
+    Tenant, TenantId, ToSpec, MAX_FILE_BYTES, MAX_FRAGMENTS,
 };
 pub use oracle::{decide, decide_arrival, Decider, Decision};
 pub use reload::{CompiledPolicy, PolicyHandle, ReloadError};

@@ -175,6 +175,23 @@ schema_type!(VlanId, "VlanId", {
     "minimum": 1,
     "maximum": 4094
 });
+schema_type!(AddressRange, "AddressRange", {
+    "type": "string",
+    "description": "An IPv4 address or an inclusive range of them: 10.30.1.7, 10.30.1.2-10.30.1.49.",
+    "pattern": "^[0-9.]+( *- *[0-9.]+)?$",
+    "examples": ["10.30.1.2-10.30.1.49", "10.30.1.250"]
+});
+schema_type!(MacAddress, "MacAddress", {
+    "type": "string",
+    "description": "A network card's MAC address, six hex bytes: 52:54:00:12:34:56.",
+    "pattern": "^[0-9A-Fa-f]{2}([:-][0-9A-Fa-f]{2}){5}$"
+});
+schema_type!(DurationText, "Duration", {
+    "type": "string",
+    "description": "A duration: a number and s, m, h or d (90s, 30m, 12h, 7d).",
+    "pattern": "^[0-9]+[smhd]$",
+    "examples": ["12h", "1d", "30m"]
+});
 schema_type!(Verdict, "Verdict", {
     "type": "string",
     "description": "What the test expects: allow or deny.",
@@ -408,7 +425,7 @@ mod tests {
         assert_eq!(
             found,
             [
-                "colour: unknown key `colour` at the top of this file; known keys here: expect, groups, rule, segments, services, tenant",
+                "colour: unknown key `colour` at the top of this file; known keys here: dhcp, expect, groups, rule, segments, services, tenant",
                 "prefix: unknown key `prefix` in `segments.x`; did you mean `prefixes`?",
                 "\"10\": `segments.x.vlan` must be a whole number, not a string",
                 "\"x\": `rule.from` must be a list [ … ], not a string",

@@ -11,8 +11,8 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::schema::{
-    Address, Kind, LocalName, NameOrAll, PortText, Reference, ReferenceOrAll, TestFrom, TestTo,
-    Verdict, VlanId,
+    Address, AddressRange, DurationText, Kind, LocalName, MacAddress, NameOrAll, PortText,
+    Reference, ReferenceOrAll, TestFrom, TestTo, Verdict, VlanId,
 };
 
 pub(crate) type Name = Spanned<String>;
@@ -41,6 +41,69 @@ pub(crate) struct OperatorFile {
     #[serde(default)]
     #[schemars(with = "Vec<ExpectDecl>")]
     pub(crate) expect: Vec<Spanned<ExpectDecl>>,
+    /// What every town-hall segment's DHCP clients get unless their tenant or segment says
+    /// otherwise: `[dhcp]`.
+    #[serde(default)]
+    pub(crate) dhcp: Option<DhcpDefaults>,
+}
+
+/// `[dhcp]` in operator.toml (the district's default) or in a tenant's file (that tenant's).
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct DhcpDefaults {
+    /// DNS servers handed to DHCP clients (and announced in router advertisements); `[]`:
+    /// none.
+    #[serde(default)]
+    #[schemars(with = "Option<Vec<Address>>")]
+    pub(crate) dns: Option<Vec<Spanned<String>>>,
+    /// How long a lease lasts (2m to 365d; default 12h).
+    #[serde(default)]
+    #[schemars(with = "Option<DurationText>")]
+    pub(crate) lease: Option<Spanned<String>>,
+}
+
+/// `[segments.NAME.dhcp]`: how the appliance serves one segment (DHCPv4 from its IPv4 prefixes,
+/// router advertisements on its IPv6 /64s). Every site segment is served unless it says
+/// `enabled = false`.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct SegmentDhcpDecl {
+    /// `false`: the appliance hands out nothing here (another DHCP server serves it).
+    #[serde(default)]
+    #[schemars(with = "Option<bool>")]
+    pub(crate) enabled: Option<Spanned<bool>>,
+    /// DNS servers for this segment, over the tenant's and the operator's; `[]`: none.
+    #[serde(default)]
+    #[schemars(with = "Option<Vec<Address>>")]
+    pub(crate) dns: Option<Vec<Spanned<String>>>,
+    /// Lease time for this segment (2m to 365d).
+    #[serde(default)]
+    #[schemars(with = "Option<DurationText>")]
+    pub(crate) lease: Option<Spanned<String>>,
+    /// Addresses or ranges never leased (`10.30.1.2-10.30.1.49`): static hosts live there.
+    #[serde(default)]
+    #[schemars(with = "Vec<AddressRange>")]
+    pub(crate) reserved: Vec<Spanned<String>>,
+    /// Fixed addresses by MAC: `{ mac = "52:54:00:12:34:56", address = "10.30.1.20", name = "drucker" }`.
+    #[serde(default)]
+    #[schemars(with = "Vec<DhcpHostDecl>")]
+    pub(crate) hosts: Vec<Spanned<DhcpHostDecl>>,
+}
+
+/// A reservation: the host with this MAC address always gets this address.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct DhcpHostDecl {
+    /// The host's MAC address (`52:54:00:12:34:56`).
+    #[schemars(with = "MacAddress")]
+    pub(crate) mac: Spanned<String>,
+    /// Its IPv4 address, in the segment.
+    #[schemars(with = "Address")]
+    pub(crate) address: Spanned<String>,
+    /// The host name it is given (letters, digits, '-').
+    #[serde(default)]
+    #[schemars(with = "Option<String>")]
+    pub(crate) name: Option<Spanned<String>>,
 }
 
 /// `[policy]`: what the whole policy is.
@@ -122,6 +185,9 @@ pub(crate) struct TenantFile {
     #[serde(default)]
     #[schemars(with = "Vec<ExpectDecl>")]
     pub(crate) expect: Vec<Spanned<ExpectDecl>>,
+    /// This tenant's DHCP defaults (DNS servers, lease time), over the operator's: `[dhcp]`.
+    #[serde(default)]
+    pub(crate) dhcp: Option<DhcpDefaults>,
 }
 
 /// `[segments.NAME]`: a network at one of the tenant's sites, or (without `site`) the tenant's
@@ -149,6 +215,10 @@ pub(crate) struct SegmentDecl {
     #[serde(default)]
     #[schemars(with = "Option<String>")]
     pub(crate) port: Option<Spanned<String>>,
+    /// DHCP and router advertisements on this segment (served unless `enabled = false`).
+    #[serde(default)]
+    #[schemars(with = "Option<SegmentDhcpDecl>")]
+    pub(crate) dhcp: Option<Spanned<SegmentDhcpDecl>>,
     /// Free text for people.
     #[serde(default)]
     pub(crate) description: Option<String>,

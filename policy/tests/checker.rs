@@ -351,7 +351,7 @@ fn unknown_keys_and_duplicates() {
         &a,
         TENANT_B,
         "tenants/a.toml:5:1",
-        "unknown key `colour` in `segments.staff`; known keys here: description, kind, port, prefixes, site, vlan",
+        "unknown key `colour` in `segments.staff`; known keys here: description, dhcp, kind, port, prefixes, site, vlan",
     );
     let a = format!("{TENANT_A}\n[segments.staff]\nkind = \"staff\"\nsite = \"hq\"\nprefixes = [\"10.10.9.0/24\"]\n");
     assert_error(
@@ -734,4 +734,162 @@ fn segments_say_where_they_arrive() {
     );
     assert_eq!(list.len(), 3, "{rendered}");
     assert!(rendered.contains("13 | vlan = 10"), "{rendered}");
+}
+
+/// Issue 13, part 2: DHCP per segment. Every segment of a site is served unless it says
+/// `enabled = false`: the pool is its IPv4 prefixes minus the appliance's address and the
+/// reserved ranges, DNS and lease time come from the segment, else the tenant, else the
+/// operator; IPv6 /64s get router advertisements. Mistakes are errors at their place.
+#[test]
+fn segments_are_served_by_dhcp_as_the_fragment_says() {
+    let op = OPERATOR.replace(
+        "[[guardrail]]",
+        "[dhcp]\ndns = [\"10.1.1.53\"]\nlease = \"1d\"\n\n[[guardrail]]",
+    );
+    let a = TENANT_A
+        .replace(
+            "vlan = 10\n",
+            "vlan = 10\n[segments.staff.dhcp]\nreserved = [\"10.10.1.2-10.10.1.49\", \"10.10.1.200-10.10.1.254\"]\nhosts = [{ mac = \"52:54:00:AA:00:01\", address = \"10.10.1.20\", name = \"drucker-eg\" }]\n",
+        )
+        .replace(
+            "vlan = 100\n",
+            "vlan = 100\ndhcp = { dns = [\"9.9.9.9\"], lease = \"1h\" }\n",
+        );
+    let p = load(&op, &a, TENANT_B).unwrap_or_else(|e| panic!("{}", e.render()));
+    let seg = |tenant: &str, name: &str| {
+        let t = p.tenant_by_name(tenant).unwrap();
+        &p.segments[p.find_segment(name, Some(t)).unwrap().index()]
+    };
+    let pools = |s: &komnet_policy::Segment| -> Vec<String> {
+        s.dhcp_pools()
+            .iter()
+            .map(|(n, a, b)| format!("{n} {a}-{b}"))
+            .collect()
+    };
+    let staff = seg("a", "staff");
+    assert_eq!(pools(staff), ["10.10.1.0/24 10.10.1.50-10.10.1.199"]);
+    let dhcp = staff.dhcp.as_ref().unwrap();
+    assert_eq!(dhcp.dns, ["10.1.1.53".parse::<std::net::IpAddr>().unwrap()]);
+    assert_eq!(dhcp.lease_secs, 86_400);
+    assert_eq!(dhcp.hosts[0].mac_text(), "52:54:00:aa:00:01");
+    assert_eq!(dhcp.hosts[0].name.as_deref(), Some("drucker-eg"));
+    assert_eq!(staff.ra_prefixes()[0].to_string(), "fd00:10:0:1::/64");
+    let guests = seg("a", "guests").dhcp.as_ref().unwrap();
+    assert_eq!(guests.dns, ["9.9.9.9".parse::<std::net::IpAddr>().unwrap()]);
+    assert_eq!(guests.lease_secs, 3600);
+    assert_eq!(
+        pools(seg("a", "guests")),
+        ["10.10.100.0/24 10.10.100.2-10.10.100.254"]
+    );
+    // Tenant b says nothing: the operator's defaults, the whole prefix but the gateway.
+    let b = seg("b", "staff").dhcp.as_ref().unwrap();
+    assert_eq!((b.dns.len(), b.lease_secs), (1, 86_400));
+    // The guests' DNS server is out of their reach (guest isolation): a warning at the list.
+    let warned: Vec<String> = p
+        .warnings
+        .iter()
+        .map(|d| {
+            format!(
+                "{}: {}",
+                p.sources.position(d.loc.as_ref().unwrap()),
+                d.message
+            )
+        })
+        .collect();
+    assert!(
+        warned.iter().any(|w| w.starts_with("tenants/a.toml:17:17")
+            && w.contains("segment a/guests is handed DNS server 9.9.9.9 by DHCP, but no rule lets them reach")),
+        "{warned:#?}"
+    );
+    // The operator's default for everyone: one warning for all segments that miss it.
+    assert!(
+        warned.iter().any(|w| w.starts_with("operator.toml:23:8")
+            && w.contains("segments a/staff, b/staff are handed DNS server 10.1.1.53")),
+        "{warned:#?}"
+    );
+    assert_eq!(
+        warned.iter().filter(|w| w.contains("DNS server")).count(),
+        2,
+        "{warned:#?}"
+    );
+    // A tenant's [dhcp] over the operator's; a segment that is off has none.
+    let p = load(
+        &op,
+        &TENANT_A
+            .replace(
+                "tenant = \"a\"\n",
+                "tenant = \"a\"\n[dhcp]\ndns = []\nlease = \"8h\"\n",
+            )
+            .replace("vlan = 100\n", "vlan = 100\ndhcp = { enabled = false }\n"),
+        TENANT_B,
+    )
+    .unwrap_or_else(|e| panic!("{}", e.render()));
+    let t = p.tenant_by_name("a").unwrap();
+    let staff = &p.segments[p.find_segment("staff", Some(t)).unwrap().index()];
+    assert!(staff.dhcp.as_ref().unwrap().dns.is_empty());
+    assert_eq!(staff.dhcp.as_ref().unwrap().lease_secs, 8 * 3600);
+    let guests = &p.segments[p.find_segment("guests", Some(t)).unwrap().index()];
+    assert!(guests.dhcp.is_none() && guests.dhcp_pools().is_empty());
+
+    // Mistakes, each at its place.
+    let staff_dhcp = |body: &str| {
+        TENANT_A.replace(
+            "vlan = 10\n",
+            &format!("vlan = 10\n[segments.staff.dhcp]\n{body}\n"),
+        )
+    };
+    for (body, at, needle) in [
+        ("reserved = [\"10.10.2.1-10.10.2.9\"]", "tenants/a.toml:9:13", "is not inside one IPv4 prefix of segment \"staff\""),
+        ("reserved = [\"10.10.1.9-10.10.1.2\"]", "tenants/a.toml:9:13", "ends before it starts"),
+        ("reserved = [\"10.10.1.x\"]", "tenants/a.toml:9:13", "is not an IPv4 address or range"),
+        ("hosts = [{ mac = \"52:54:00:aa:00\", address = \"10.10.1.20\" }]", "tenants/a.toml:9:18", "is not six hex bytes"),
+        ("hosts = [{ mac = \"52:54:00:aa:00:01\", address = \"10.10.9.20\" }]", "tenants/a.toml:9:49", "is outside segment \"staff\""),
+        ("hosts = [{ mac = \"52:54:00:aa:00:01\", address = \"10.10.1.1\" }]", "tenants/a.toml:9:49", "the appliance's own address there"),
+        ("hosts = [{ mac = \"52:54:00:aa:00:01\", address = \"10.10.1.255\" }]", "tenants/a.toml:9:49", "the broadcast address"),
+        ("hosts = [{ mac = \"52:54:00:aa:00:01\", address = \"fd00:10:0:1::9\" }]", "tenants/a.toml:9:49", "reservations are for DHCPv4"),
+        ("hosts = [{ mac = \"52:54:00:aa:00:01\", address = \"10.10.1.20\" }, { mac = \"52:54:00:aa:00:01\", address = \"10.10.1.21\" }]", "tenants/a.toml:9:73", "this MAC address has a reservation already"),
+        ("hosts = [{ mac = \"52:54:00:aa:00:01\", address = \"10.10.1.20\" }, { mac = \"52:54:00:aa:00:02\", address = \"10.10.1.20\" }]", "tenants/a.toml:9:104", "10.10.1.20 is reserved for another host already"),
+        ("hosts = [{ mac = \"52:54:00:aa:00:01\", address = \"10.10.1.20\", name = \"drucker eg\" }]", "tenants/a.toml:9:70", "host name \"drucker eg\" is not valid"),
+        ("dns = [\"10.1.1.53\", \"dns.example\"]", "tenants/a.toml:9:21", "is not an IP address"),
+        ("lease = \"30s\"", "tenants/a.toml:9:9", "a lease lasts from 2m to 365d"),
+        ("lease = \"12\"", "tenants/a.toml:9:9", "needs a unit"),
+        ("colour = \"blue\"", "tenants/a.toml:9:1", "unknown key `colour` in `segments.staff.dhcp`"),
+    ] {
+        assert_error(&op, &staff_dhcp(body), TENANT_B, at, needle);
+    }
+    // Nothing left to hand out, written out: an error; the home office has no LAN.
+    let tiny = TENANT_A
+        .replace(
+            "[\"10.10.1.0/24\", \"fd00:10:0:1::/64\"]",
+            "[\"10.10.1.0/30\"]",
+        )
+        .replace(
+            "vlan = 10\n",
+            "vlan = 10\ndhcp = { reserved = [\"10.10.1.2\"] }\n",
+        );
+    assert_error(
+        &op,
+        &tiny,
+        TENANT_B,
+        "tenants/a.toml:8:8",
+        "segment \"staff\" has nothing to hand out",
+    );
+    let home = TENANT_A.replace(
+        "[services.files]",
+        "[segments.home]\nkind = \"homeoffice\"\ndhcp = { lease = \"1h\" }\n\n[services.files]",
+    );
+    assert_error(
+        &op,
+        &home,
+        TENANT_B,
+        "tenants/a.toml:17:8",
+        "the home-office segment has no LAN",
+    );
+    assert_error(
+        &op.replace("lease = \"1d\"", "lease = \"1y\""),
+        TENANT_A,
+        TENANT_B,
+        "operator.toml:24:9",
+        "unit must be s, m, h or d",
+    );
 }

@@ -119,3 +119,74 @@ fn a_real_validator_refuses_a_misspelt_key_and_a_reversed_port() {
     assert!(lines[0].contains("'tenant' was unexpected"), "{lines:?}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Every key the parser accepts is in docs/policy.md's tables, in the row of its table.
+#[test]
+fn every_accepted_key_is_documented() {
+    let doc = std::fs::read_to_string(root().join("docs/policy.md")).unwrap();
+    let rows = |prefixes: &[&str]| -> String {
+        doc.lines()
+            .filter(|l| prefixes.iter().any(|p| l.starts_with(p)))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let cases: &[(FileKind, &str, &[&str])] = &[
+        (FileKind::Operator, "PolicyHeader", &["| `[policy]` |"]),
+        (FileKind::Operator, "TenantDecl", &["| `[tenants.T]` |"]),
+        (
+            FileKind::Operator,
+            "SiteDecl",
+            &["| `[tenants.T.sites.S]` |"],
+        ),
+        (FileKind::Operator, "ServiceDecl", &["| `[services.N]` |"]),
+        (
+            FileKind::Operator,
+            "GuardrailDecl",
+            &["| `[[guardrail]]` |"],
+        ),
+        (FileKind::Operator, "ExpectDecl", &["| `[[expect]]` |"]),
+        (FileKind::Tenant, "SegmentDecl", &["| `[segments.N]`"]),
+        (
+            FileKind::Tenant,
+            "TenantServiceDecl",
+            &["| `[services.N]` `"],
+        ),
+        (FileKind::Tenant, "RuleDecl", &["| `[[rule]]`"]),
+        (FileKind::Tenant, "ExpectDecl", &["| `[[expect]]` `"]),
+    ];
+    let schema = |kind| -> serde_json::Value { serde_json::from_str(&schema_text(kind)).unwrap() };
+    for (kind, def, prefixes) in cases {
+        let text = rows(prefixes);
+        assert!(!text.is_empty(), "no row for {def} in docs/policy.md");
+        let s = schema(*kind);
+        let props = s["definitions"][def]["properties"].as_object().unwrap();
+        for key in props.keys() {
+            // A table of named entries has a row of its own (`[tenants.T.sites.S]`).
+            let own_row = format!(".{key}.");
+            assert!(
+                text.contains(&format!("`{key}`"))
+                    || doc
+                        .lines()
+                        .any(|l| l.starts_with("| `[") && l.contains(&own_row)),
+                "docs/policy.md does not document `{key}` of {def} (rows: {prefixes:?})"
+            );
+        }
+    }
+    // The files' top-level keys and tables.
+    for kind in [FileKind::Operator, FileKind::Tenant] {
+        let s = schema(kind);
+        for key in s["properties"].as_object().unwrap().keys() {
+            let forms = [
+                format!("| `[{key}]`"),
+                format!("| `[{key}."),
+                format!("| `[[{key}]]`"),
+                format!("| `{key} = "),
+            ];
+            assert!(
+                forms.iter().any(|f| doc.contains(f.as_str())),
+                "docs/policy.md has no row for `{key}` of {}",
+                kind.schema_file_name()
+            );
+        }
+    }
+}

@@ -94,6 +94,8 @@ pub(super) struct Builder<'s> {
     /// checked for reach, so one typo does not cascade into more errors.
     pub(super) broken_services: BTreeSet<ServiceId>,
     pub(super) broken_segments: BTreeSet<SegmentId>,
+    /// The operator's `[dhcp]`: what segments get unless their tenant says otherwise.
+    pub(super) operator_dhcp: super::dhcp::DhcpDefaults,
     /// Fragments that could not be read (syntax errors, a name that is not their tenant's):
     /// by file stem, the file and how many references from elsewhere went unchecked. Other
     /// files' references to `STEM/…` are not errors of their own: one broken file reports its
@@ -101,6 +103,7 @@ pub(super) struct Builder<'s> {
     pub(super) hidden: BTreeMap<String, (FileId, usize)>,
     /// Rules by (tenant, name), also those left inactive, to refuse a name used twice.
     pub(super) rule_names: HashMap<(TenantId, String), Loc>,
+    pub(super) names: NameIndex,
 }
 
 impl<'s> Builder<'s> {
@@ -128,8 +131,10 @@ impl<'s> Builder<'s> {
             groups: HashMap::new(),
             broken_services: BTreeSet::new(),
             broken_segments: BTreeSet::new(),
+            operator_dhcp: Default::default(),
             hidden: BTreeMap::new(),
             rule_names: HashMap::new(),
+            names: NameIndex::default(),
         }
     }
 
@@ -172,6 +177,24 @@ impl<'s> Builder<'s> {
             })
             .collect();
         self.diags.extend(notes);
+    }
+
+    /// ` (did you mean "x"?)` for a misspelt tenant, or nothing.
+    pub(super) fn tenant_hint(&self, name: &str) -> String {
+        self.closest_tenant(name)
+            .map(|t| format!(" (did you mean {t:?}?)"))
+            .unwrap_or_default()
+    }
+
+    /// `; did you mean "x"?` for a misspelt segment kind, else the list of kinds.
+    pub(super) fn kind_hint(&self, kind: &str) -> String {
+        match closest(kind, self.kinds.keys().map(String::as_str)) {
+            Some(k) => format!("; did you mean {k:?}?"),
+            None => {
+                let known: Vec<&str> = self.kinds.keys().map(String::as_str).collect();
+                format!("; the operator's [policy] kinds are: {}", known.join(", "))
+            }
+        }
     }
 
     /// The declared tenant closest to a misspelt `name`.
@@ -244,6 +267,23 @@ impl<'s> Builder<'s> {
         }
     }
 
+    /// A `ports` entry: `tcp/443`; `443/tcp` is taken with a warning that says how to write it.
+    pub(super) fn port(&mut self, file: FileId, p: &Spanned<String>) -> Option<PortRange> {
+        match PortRange::parse_lenient(p.get_ref()) {
+            Ok((r, hint)) => {
+                if let Some(hint) = hint {
+                    self.diags
+                        .push(Diagnostic::warning(Loc::new(file, p.span()), hint));
+                }
+                Some(r)
+            }
+            Err(msg) => {
+                self.err(file, p.span(), msg);
+                None
+            }
+        }
+    }
+
     pub(super) fn prefixes(
         &mut self,
         file: FileId,
@@ -303,6 +343,7 @@ impl<'s> Builder<'s> {
             Ok(d) => d,
             Err(e) => return self.toml_error(file, FileKind::Operator, e),
         };
+        self.operator_dhcp = self.dhcp_defaults(file, doc.dhcp.as_ref());
         let h = doc.policy;
         let version = match u64::try_from(*h.version.get_ref()) {
             Ok(v) => v,
@@ -389,6 +430,7 @@ impl<'s> Builder<'s> {
                 });
                 site_ids.push(sid);
             }
+            self.names.add_tenant(tname.get_ref(), tid);
             self.tenants.push(Tenant {
                 name: tname.into_inner(),
                 description: decl.description,
@@ -413,8 +455,9 @@ impl<'s> Builder<'s> {
                             file,
                             o.span(),
                             format!(
-                                "owner {:?} is not a tenant declared in this file",
-                                o.get_ref()
+                                "owner {:?} is not a tenant declared in this file{}",
+                                o.get_ref(),
+                                self.tenant_hint(o.get_ref())
                             ),
                         );
                         None
@@ -432,7 +475,7 @@ impl<'s> Builder<'s> {
     }
 
     pub(super) fn tenant_id(&self, name: &str) -> Option<TenantId> {
-        tenant_index(&self.tenants, name)
+        self.names.tenant(name)
     }
 
     pub(super) fn add_service(
@@ -454,9 +497,8 @@ impl<'s> Builder<'s> {
         }
         let mut ports = Vec::new();
         for p in &decl.ports {
-            match PortRange::parse(p.get_ref()) {
-                Ok(r) => ports.push(r),
-                Err(msg) => self.err(file, p.span(), msg),
+            if let Some(r) = self.port(file, p) {
+                ports.push(r);
             }
         }
         if decl.ports.is_empty() {
@@ -498,6 +540,11 @@ impl<'s> Builder<'s> {
         if self.error_count() > errors_before {
             self.broken_services.insert(id);
         }
+        self.names.add_service(
+            if tenant_declared { owner } else { None },
+            sname.get_ref(),
+            id,
+        );
         self.services.push(Service {
             name: sname.get_ref().clone(),
             owner,

@@ -77,6 +77,10 @@ impl<'s> Builder<'s> {
         self.fragment_of.insert(tid, here);
         let tname = doc.tenant.get_ref().clone();
 
+        let operator_dhcp = self.operator_dhcp.clone();
+        let tenant_dhcp = self
+            .dhcp_defaults(file, doc.dhcp.as_ref())
+            .over(&operator_dhcp);
         let mut has_homeoffice: Option<Loc> = None;
         let mut own_segments: Vec<(IpNet, String, Loc)> = Vec::new();
         // Site segments with the binding they declare (`vlan`/`port`), resolved below.
@@ -86,15 +90,11 @@ impl<'s> Builder<'s> {
                 continue;
             }
             if !self.kinds.contains_key(decl.kind.get_ref()) {
-                let known: Vec<&str> = self.kinds.keys().map(String::as_str).collect();
+                let hint = self.kind_hint(decl.kind.get_ref());
                 self.err(
                     file,
                     decl.kind.span(),
-                    format!(
-                        "unknown segment kind {:?}; the operator allows: {}",
-                        decl.kind.get_ref(),
-                        known.join(", ")
-                    ),
+                    format!("unknown segment kind {:?}{hint}", decl.kind.get_ref()),
                 );
             }
             let sloc = Loc::new(file, sname.span());
@@ -144,10 +144,26 @@ impl<'s> Builder<'s> {
                         .copied()
                         .find(|s| self.sites[s.index()].name == *site_name.get_ref());
                     let Some(site) = site else {
+                        let sites: Vec<&str> = self.tenants[tid.index()]
+                            .sites
+                            .iter()
+                            .map(|s| self.sites[s.index()].name.as_str())
+                            .collect();
+                        let hint = match closest(site_name.get_ref(), sites.iter().copied()) {
+                            Some(near) => format!("; did you mean {near:?}?"),
+                            None if sites.is_empty() => {
+                                "; it has none: the operator declares sites in operator.toml"
+                                    .to_owned()
+                            }
+                            None => format!("; its sites: {}", sites.join(", ")),
+                        };
                         self.err(
                             file,
                             site_name.span(),
-                            format!("tenant {tname:?} has no site {:?}", site_name.get_ref()),
+                            format!(
+                                "tenant {tname:?} has no site {:?}{hint}",
+                                site_name.get_ref()
+                            ),
                         );
                         continue;
                     };
@@ -201,6 +217,13 @@ impl<'s> Builder<'s> {
                     (Some(site), prefixes)
                 }
             };
+            let dhcp = self.segment_dhcp(
+                file,
+                sname.get_ref(),
+                decl.dhcp.as_ref(),
+                site.is_some().then_some(&prefixes[..]),
+                &tenant_dhcp,
+            );
             let id = SegmentId(self.segments.len() as u32);
             if self.error_count() > errors_before {
                 self.broken_segments.insert(id);
@@ -214,6 +237,7 @@ impl<'s> Builder<'s> {
                     None => Declared::Nothing(id),
                 });
             }
+            self.names.add_segment(tid, sname.get_ref(), id);
             self.segments.push(Segment {
                 tenant: tid,
                 name: sname.into_inner(),
@@ -221,6 +245,7 @@ impl<'s> Builder<'s> {
                 site,
                 prefixes,
                 binding: None,
+                dhcp,
                 description: decl.description,
                 loc: sloc,
             });
@@ -448,7 +473,11 @@ impl<'s> Builder<'s> {
                     self.err(
                         file,
                         e.span(),
-                        format!("export to {:?}: no such tenant", e.get_ref()),
+                        format!(
+                            "export to {:?}: no such tenant{}",
+                            e.get_ref(),
+                            self.tenant_hint(e.get_ref())
+                        ),
                     );
                 }
             }

@@ -1,19 +1,28 @@
 //! "Did you mean …?": the closest known name to a misspelt one.
 
-/// Edit distance (insertions, deletions, substitutions) between `a` and `b`, in characters.
+/// Edit distance between `a` and `b` in characters: insertions, deletions, substitutions and
+/// swaps of two neighbours (`dsm` for `dms` is one typo, not two).
 fn distance(a: &str, b: &str) -> usize {
+    let a: Vec<char> = a.chars().collect();
     let b: Vec<char> = b.chars().collect();
-    let mut row: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut diag = row[0];
-        row[0] = i + 1;
-        for (j, cb) in b.iter().enumerate() {
-            let up = row[j + 1];
-            row[j + 1] = (diag + usize::from(ca != *cb)).min(up + 1).min(row[j] + 1);
-            diag = up;
+    // Three rows of the optimal-string-alignment table: i-2, i-1, i.
+    let mut before: Vec<usize> = vec![0; b.len() + 1];
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    let mut row: Vec<usize> = vec![0; b.len() + 1];
+    for i in 1..=a.len() {
+        row[0] = i;
+        for j in 1..=b.len() {
+            let cost = usize::from(a[i - 1] != b[j - 1]);
+            let mut d = (prev[j - 1] + cost).min(prev[j] + 1).min(row[j - 1] + 1);
+            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
+                d = d.min(before[j - 2] + 1);
+            }
+            row[j] = d;
         }
+        std::mem::swap(&mut before, &mut prev);
+        std::mem::swap(&mut prev, &mut row);
     }
-    row[b.len()]
+    prev[b.len()]
 }
 
 /// The candidate nearest to `name`, when it is near enough to be a typo (at most a third of
@@ -59,5 +68,7 @@ mod tests {
         // Two equally near candidates: no guess.
         assert_eq!(closest("ab", ["aa", "bb"].into_iter()), None);
         assert_eq!(distance("kitten", "sitting"), 3);
+        assert_eq!(distance("dsm", "dms"), 1);
+        assert_eq!(closest("dsm", ["dms", "dns"].into_iter()), Some("dms"));
     }
 }

@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 
 use ipnet::IpNet;
@@ -67,6 +67,9 @@ pub struct Segment {
     /// Where the segment's traffic reaches its site's appliance; `None` for the home-office
     /// segment (it arrives through the tunnel).
     pub binding: Option<Binding>,
+    /// How the site's appliance serves the segment's hosts (DHCPv4, router advertisements);
+    /// `None` for the home-office segment and where the fragment says `enabled = false`.
+    pub dhcp: Option<Dhcp>,
     pub description: Option<String>,
     pub loc: Loc,
 }
@@ -74,6 +77,121 @@ pub struct Segment {
 impl Segment {
     pub fn is_homeoffice(&self) -> bool {
         self.site.is_none()
+    }
+
+    /// The address ranges DHCP leases from (inclusive, with the prefix each lies in): each IPv4
+    /// prefix of at most /30 without its network and broadcast address, without the
+    /// appliance's own address (the prefix's first host) and without the `reserved` ranges.
+    /// Empty when the segment is not served.
+    ///
+    /// ```toml
+    /// [segments.verwaltung]
+    /// prefixes = ["10.30.1.0/24"]
+    /// dhcp = { reserved = ["10.30.1.2-10.30.1.49"] }   # pool: 10.30.1.50-10.30.1.254
+    /// ```
+    pub fn dhcp_pools(&self) -> Vec<(ipnet::Ipv4Net, Ipv4Addr, Ipv4Addr)> {
+        let Some(dhcp) = &self.dhcp else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for prefix in &self.prefixes {
+            let IpNet::V4(net) = prefix else { continue };
+            let Some((first, last)) = leasable(net) else {
+                continue;
+            };
+            let mut free = vec![(u32::from(first), u32::from(last))];
+            for (a, b) in &dhcp.reserved {
+                let (a, b) = (u32::from(*a), u32::from(*b));
+                free = free
+                    .into_iter()
+                    .flat_map(|(x, y)| {
+                        let mut keep = Vec::new();
+                        if b < x || a > y {
+                            keep.push((x, y));
+                        } else {
+                            if a > x {
+                                keep.push((x, a - 1));
+                            }
+                            if b < y {
+                                keep.push((b + 1, y));
+                            }
+                        }
+                        keep
+                    })
+                    .collect();
+            }
+            out.extend(
+                free.into_iter()
+                    .map(|(x, y)| (*net, Ipv4Addr::from(x), Ipv4Addr::from(y))),
+            );
+        }
+        out
+    }
+
+    /// The IPv6 prefixes the appliance announces in router advertisements for SLAAC: the
+    /// segment's /64s (SLAAC needs exactly 64 bits of interface identifier). Empty when the
+    /// segment is not served.
+    pub fn ra_prefixes(&self) -> Vec<ipnet::Ipv6Net> {
+        if self.dhcp.is_none() {
+            return Vec::new();
+        }
+        self.prefixes
+            .iter()
+            .filter_map(|p| match p {
+                IpNet::V6(n) if n.prefix_len() == 64 => Some(*n),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+/// The addresses of `net` a DHCP server may hand out: from the second host (the first is the
+/// appliance's) to the last before the broadcast address; `None` below /30.
+pub(crate) fn leasable(net: &ipnet::Ipv4Net) -> Option<(Ipv4Addr, Ipv4Addr)> {
+    if net.prefix_len() > 30 {
+        return None;
+    }
+    let network = u32::from(net.network());
+    let broadcast = u32::from(net.broadcast());
+    Some((Ipv4Addr::from(network + 2), Ipv4Addr::from(broadcast - 1)))
+}
+
+/// How the appliance serves a segment's hosts: DHCPv4 leases from [`Segment::dhcp_pools`] with
+/// the appliance as router, router advertisements on [`Segment::ra_prefixes`]; written in the
+/// tenant's fragment (`[segments.NAME.dhcp]`), DNS and lease time also as defaults in the
+/// tenant's `[dhcp]` or the operator's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Dhcp {
+    /// DNS servers for the clients (DHCP option 6; RDNSS in router advertisements).
+    pub dns: Vec<IpAddr>,
+    /// Where the DNS list that applies was written (the segment's, the tenant's or the
+    /// operator's), for warnings.
+    pub dns_loc: Option<Loc>,
+    /// How long a lease lasts, in seconds.
+    pub lease_secs: u32,
+    /// Inclusive ranges never leased (static hosts live there).
+    pub reserved: Vec<(Ipv4Addr, Ipv4Addr)>,
+    /// Fixed addresses by MAC, in the order written.
+    pub hosts: Vec<DhcpHost>,
+}
+
+/// A reservation: the host with this MAC address always gets this address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DhcpHost {
+    pub mac: [u8; 6],
+    pub address: Ipv4Addr,
+    /// The host name handed to it (DHCP option 12), if any.
+    pub name: Option<String>,
+}
+
+impl DhcpHost {
+    /// `52:54:00:12:34:56`.
+    pub fn mac_text(&self) -> String {
+        self.mac
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(":")
     }
 }
 
@@ -246,6 +364,8 @@ pub struct Policy {
     /// Findings that do not stop the policy from being used.
     pub warnings: Vec<Diagnostic>,
     pub sources: SourceMap,
+    /// Tenants, segments and services by name.
+    names: NameIndex,
 }
 
 /// Why a policy could not be loaded: every error found, with the sources to show them.
@@ -351,7 +471,8 @@ impl Policy {
             });
         }
         let (name, version, kinds) = b.header.take().unwrap_or_default();
-        Ok(Policy {
+        let names = std::mem::take(&mut b.names);
+        let mut policy = Policy {
             name,
             version,
             kinds,
@@ -364,11 +485,20 @@ impl Policy {
             expectations: b.expectations,
             warnings: diags,
             sources,
-        })
+            names,
+        };
+        let mut more = policy.dhcp_warnings();
+        if !more.is_empty() {
+            policy.warnings.append(&mut more);
+            policy
+                .warnings
+                .sort_by_key(|d| (d.severity, d.loc.as_ref().map(|l| (l.file, l.span.start))));
+        }
+        Ok(policy)
     }
 
     pub fn tenant_by_name(&self, name: &str) -> Option<TenantId> {
-        tenant_index(&self.tenants, name)
+        self.names.tenant(name)
     }
 
     pub fn site_by_name(&self, tenant: TenantId, name: &str) -> Option<SiteId> {
@@ -419,12 +549,12 @@ impl Policy {
 
     /// A segment named `tenant/segment` (or bare, when `within` names the tenant).
     pub fn find_segment(&self, name: &str, within: Option<TenantId>) -> Option<SegmentId> {
-        lookup_segment(&self.tenants, &self.segments, name, within)
+        self.names.segment(name, within)
     }
 
     /// A service by its display name (`dms`, `tenant/service`), or bare from inside `within`.
     pub fn find_service(&self, name: &str, within: Option<TenantId>) -> Option<ServiceId> {
-        lookup_service(&self.tenants, &self.services, name, within)
+        self.names.service(name, within)
     }
 
     /// The segments of `site`, in the policy's order.
@@ -506,6 +636,7 @@ impl Policy {
 }
 
 mod check;
+mod dhcp;
 mod fragment;
 mod hint;
 mod load;
@@ -517,4 +648,4 @@ use load::*;
 use rules::*;
 
 pub(crate) use check::share_family;
-pub(crate) use rules::{resolve_from, resolve_to};
+pub(crate) use rules::{resolve_from, resolve_to, to_port_hint, to_target};
