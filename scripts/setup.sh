@@ -39,6 +39,9 @@ TESTS=(
     faketime:faketime
     # policy/tests/schema.rs checks the policy files' JSON Schema with a real validator.
     /usr/lib/python3/dist-packages/jsonschema/__init__.py:python3-jsonschema
+    # DHCP on a spoke's LAN (issue 13): the appliance's DHCP server, and a client.
+    /usr/sbin/dnsmasq:dnsmasq-base
+    /usr/sbin/udhcpc:udhcpc
 )
 IMAGE=(
     # The appliance image (packaging/image/build-image.sh) and its test in qemu

@@ -136,6 +136,9 @@ pub(crate) fn render(r: &StatusReport) -> String {
     for e in &r.lan_errors {
         out.push_str(&format!("lan: WARNING {e} (retrying)\n"));
     }
+    for d in &r.dhcp {
+        out.push_str(&format!("dhcp: {d}\n"));
+    }
     match &r.certificate {
         Some(c) => out.push_str(&format!(
             "certificate: serial {}  expires in {}  renews {}\n",
@@ -258,7 +261,16 @@ mod tests {
             text.contains("\nlan addresses: 10.30.1.1/24, 10.30.100.1/24\n"),
             "{text}"
         );
-        assert!(!text.contains("WARNING"), "{text}");
+        assert!(
+            !text.contains("WARNING") && !text.contains("dhcp:"),
+            "{text}"
+        );
+        r.dhcp = vec!["nohfelden/verwaltung on eth1: 10.30.1.2-10.30.1.254".into()];
+        assert!(
+            render(&r).contains("\ndhcp: nohfelden/verwaltung on eth1: 10.30.1.2-10.30.1.254\n"),
+            "{}",
+            render(&r)
+        );
         r.lan_errors = vec!["ip(8) refused the addresses of guest0: Cannot find device".into()];
         assert!(
             render(&r).contains(

@@ -23,6 +23,10 @@ pub struct StatusReport {
     /// appliance lacks, a VLAN the trunk refuses); retried. Empty when it is.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub lan_errors: Vec<String>,
+    /// Spoke with `dhcp_config`: the segments its DHCP server serves, one line each
+    /// (`nohfelden/verwaltung on eth1: 10.30.1.2-10.30.1.254`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dhcp: Vec<String>,
     pub certificate: Option<CertificateStatus>,
     pub policy: Option<PolicyStatus>,
     /// Why the last offered policy bundle was refused, if it was.

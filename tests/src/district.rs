@@ -38,6 +38,41 @@ pub fn policy_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/policy/st-wendel")
 }
 
+/// A copy of the district's policy in `dir` (created), as version `version`: tests edit the
+/// copy into the next version they publish.
+pub fn copy_policy(dir: &Path, version: u64) -> Result<()> {
+    let from = policy_dir();
+    std::fs::create_dir_all(dir.join("tenants"))?;
+    for rel in [
+        "operator.toml",
+        "tenants/nohfelden.toml",
+        "tenants/tholey.toml",
+    ] {
+        std::fs::copy(from.join(rel), dir.join(rel)).with_context(|| format!("copying {rel}"))?;
+    }
+    let op = dir.join("operator.toml");
+    let text = std::fs::read_to_string(&op)?;
+    if !text.contains("version = 1\n") {
+        bail!("the district's operator.toml no longer says version = 1");
+    }
+    std::fs::write(
+        &op,
+        text.replace("version = 1\n", &format!("version = {version}\n")),
+    )?;
+    Ok(())
+}
+
+/// Replaces `from` by `to` in `file`, which must contain it.
+pub fn edit_file(file: &Path, from: &str, to: &str) -> Result<()> {
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    if !text.contains(from) {
+        bail!("{} does not contain {from:?}", file.display());
+    }
+    std::fs::write(file, text.replacen(from, to, 1))?;
+    Ok(())
+}
+
 /// Where the district's traffic goes in the data centre.
 #[derive(Debug, Clone, Copy)]
 pub struct Destination {
@@ -191,6 +226,17 @@ impl Gateway {
             p.wait_timeout(Duration::from_secs(5))?;
         }
         Ok(())
+    }
+
+    /// Waits up to `timeout` for the process to end by itself (then kills it: an error), and
+    /// returns how it ended. Its log stays readable ([`Self::log_tail`]) until the next start.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
+        let name = self.name.clone();
+        let process = self
+            .process
+            .as_mut()
+            .ok_or_else(|| anyhow!("{name} is not running"))?;
+        process.wait_timeout(timeout)
     }
 
     /// SIGKILL: no clean-up of any kind.

@@ -18,6 +18,7 @@
 mod command;
 pub mod conformance;
 mod daemon;
+pub mod dhcp;
 pub mod district;
 pub mod flood;
 mod netns;
@@ -86,6 +87,11 @@ const REQUIRED_TOOLS: &[&str] = &[
     "kill",
     // An enrollment service whose clock runs behind (certificates that have expired by now).
     "faketime",
+    // DHCP on a spoke's LAN: the appliance's server (Debian's dnsmasq-base), a client
+    // (busybox's udhcpc), and setpriv to run the server with only its unit's capabilities.
+    "dnsmasq",
+    "udhcpc",
+    "setpriv",
 ];
 
 /// Panics with a message naming everything that is missing for the namespace tests: root,

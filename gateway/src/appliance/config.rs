@@ -59,6 +59,13 @@ pub struct GatewayConfig {
     /// `lan` interface (the appliance is its town hall's router), following the policy.
     #[serde(default)]
     pub lan_addresses: bool,
+    /// Spoke with `lan_addresses`: serve the site's segments by DHCP (and IPv6 router
+    /// advertisements): the gateway writes the configuration of the DHCP server (dnsmasq) for
+    /// the policy in force to this file, and removes it when the policy serves no segment;
+    /// `komnet-dhcp.service` runs dnsmasq with it (a path unit restarts it when the file
+    /// changes). Unset: no DHCP.
+    #[serde(default)]
+    pub dhcp_config: Option<PathBuf>,
     /// How often the policy bundle is polled from the enrollment service.
     #[serde(default = "default_policy_poll")]
     pub policy_poll: HumanDuration,
@@ -233,6 +240,22 @@ impl GatewayConfig {
                  its path (e.g. bootstrap = \"/var/lib/komnet/bootstrap.json\", owned by the \
                  daemon's user) or leave bootstrap out for DATA_DIR/bootstrap.json"
             ));
+        }
+        if let Some(path) = &self.dhcp_config {
+            if hub {
+                problems
+                    .push("dhcp_config: only spokes serve a LAN by DHCP; a hub has none".into());
+            } else if !self.lan_addresses {
+                problems.push(
+                    "dhcp_config: needs lan_addresses = true (the DHCP server hands out the segments' gateway addresses as their router, so they must be on the LAN)".into(),
+                );
+            }
+            if !path.is_absolute() || path.file_name().is_none() {
+                problems.push(format!(
+                    "dhcp_config: {} must be an absolute path to a file (e.g. /run/komnet/dnsmasq.conf)",
+                    path.display()
+                ));
+            }
         }
         if hub && self.listen_port == 0 {
             problems.push(
@@ -446,6 +469,38 @@ mod tests {
         );
         assert!(!c.bootstrap_is_credential());
         assert!(!c.policy_key_is_credential());
+    }
+
+    #[test]
+    fn dhcp_needs_a_spoke_that_is_its_lans_router_and_an_absolute_path() {
+        let ok = GatewayConfig::parse(
+            Path::new("gateway.toml"),
+            "role = \"spoke\"\nlan = [\"eth1\"]\nlan_addresses = true\ndhcp_config = \"/run/komnet/dnsmasq.conf\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            ok.dhcp_config.as_deref(),
+            Some(Path::new("/run/komnet/dnsmasq.conf"))
+        );
+        for (text, needle) in [
+            (
+                "role = \"spoke\"\nlan = [\"eth1\"]\ndhcp_config = \"/run/komnet/dnsmasq.conf\"\n",
+                "dhcp_config: needs lan_addresses = true",
+            ),
+            (
+                "role = \"spoke\"\nlan = [\"eth1\"]\nlan_addresses = true\ndhcp_config = \"dnsmasq.conf\"\n",
+                "dhcp_config: dnsmasq.conf must be an absolute path",
+            ),
+            (
+                "role = \"hub\"\nlisten_port = 51820\ndhcp_config = \"/run/komnet/dnsmasq.conf\"\n",
+                "dhcp_config: only spokes serve a LAN by DHCP",
+            ),
+        ] {
+            let e = GatewayConfig::parse(Path::new("gateway.toml"), text)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(needle), "{e}");
+        }
     }
 
     #[test]

@@ -221,6 +221,36 @@ impl DhcpPlan {
     }
 }
 
+/// Makes the file at `path` hold `wanted` (written atomically, mode 0644: the DHCP server's
+/// own user reads it), or removes it for `None`; returns whether it changed (the DHCP server is
+/// restarted only then). The same text already there is left alone, also after the gateway
+/// restarted.
+pub fn write_config(path: &std::path::Path, wanted: Option<&str>) -> Result<bool, String> {
+    let on_disk = match std::fs::read_to_string(path) {
+        Ok(text) => Some(text),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(format!("DHCP configuration {}: {e}", path.display())),
+    };
+    match wanted {
+        Some(text) if on_disk.as_deref() == Some(text) => Ok(false),
+        Some(text) => {
+            // The directory is not made here: under systemd it is the unit's RuntimeDirectory
+            // (/run/komnet, mode 0755 so that the DHCP server's user may read the file).
+            komnet_proto::files::write_atomic(
+                path,
+                text.as_bytes(),
+                komnet_proto::files::Visibility::Public,
+            )
+            .map_err(|e| format!("DHCP configuration: {e}"))?;
+            Ok(true)
+        }
+        None if on_disk.is_none() => Ok(false),
+        None => std::fs::remove_file(path)
+            .map(|()| true)
+            .map_err(|e| format!("DHCP configuration {}: {e}", path.display())),
+    }
+}
+
 fn prefixed(values: &[String]) -> String {
     values.iter().map(|v| format!(",{v}")).collect()
 }

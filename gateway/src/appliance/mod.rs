@@ -65,7 +65,7 @@ use config::{GatewayConfig, GatewayRole};
 use control::bootstrap::{BootstrapStep, BootstrapWatch, FileRead, SetAside};
 use control::hub::{HubCore, LinkLoss, LinkState, OutageSettings};
 use control::policy::{PolicyAction, PolicySlot};
-use control::renewal::{RenewalFailure, RenewalSchedule, RenewalStep};
+use control::renewal::{RenewalFailure, RenewalSchedule, RenewalStep, Renewed};
 use control::spoke::{SpokeAction, SpokeCore};
 use control::{ControlEvent, Counters};
 use komnet_proto::files::{write_atomic, Visibility};
@@ -111,6 +111,10 @@ struct ControlState {
     lan_put: Vec<(String, IpNet)>,
     /// Spoke: what the last attempt to set up the LAN could not do (empty when it all worked).
     lan_errors: Vec<String>,
+    /// Spoke with `dhcp_config`: the DHCP server's configuration the policy in force wants
+    /// (`None`: it serves no segment, and the file goes), and what it serves (for `/status`).
+    dhcp_wanted: Option<String>,
+    dhcp_served: Vec<String>,
     /// Spoke: the VLAN interfaces the policy in force wants on the trunk, and every interface
     /// its site's segments arrive on (the fence and reverse-path filtering cover them).
     lan_vlans: Vec<(String, u16)>,

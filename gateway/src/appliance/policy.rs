@@ -37,6 +37,7 @@ pub(super) async fn put_in_force(
             };
             let ruleset = nft::ruleset_for_site(policy, site, &interfaces)?;
             let plan = lan::plan(policy, site, &interfaces)?;
+            let dhcp_plan = dhcp::plan(policy, site, &interfaces)?;
             let task = ctx.clone();
             tokio::task::spawn_blocking(move || install_ruleset(&task, ruleset))
                 .await
@@ -57,6 +58,11 @@ pub(super) async fn put_in_force(
                         );
                     }
                     s.lan_wanted = plan.addrs;
+                }
+                if ctx.config.dhcp_config.is_some() {
+                    let about = format!("{}/{}", identity.tenant.as_str(), identity.site.as_str());
+                    s.dhcp_wanted = (!dhcp_plan.is_empty()).then(|| dhcp_plan.dnsmasq_conf(&about));
+                    s.dhcp_served = dhcp_plan.summary();
                 }
             }
             let task = ctx.clone();

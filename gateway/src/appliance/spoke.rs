@@ -1,6 +1,7 @@
 //! The spoke driver: the hubs as WireGuard peers (the active one carries the routes), the
 //! watch that samples the active hub and carries out the spoke core's failover, hub-list
-//! refresh and LAN retries, and the LAN: VLAN interfaces and gateway addresses.
+//! refresh and LAN retries, and the LAN: VLAN interfaces, gateway addresses and the DHCP
+//! server's configuration.
 
 use super::*;
 
@@ -26,11 +27,11 @@ pub(super) fn sync_lan(ctx: &Ctx) {
         .collect();
     // Each interface on its own: a port the policy names that this appliance lacks (or a
     // VLAN the trunk refuses) must not keep the other segments from their gateway address.
-    let mut failures: Vec<net::NetError> = Vec::new();
+    let mut failures: Vec<String> = Vec::new();
     for iface in interfaces_of(&remove) {
         let gone: Vec<IpNet> = on(&remove, &iface);
         if let Err(e) = net::set_lan_addresses(&iface, &[], &gone, false) {
-            failures.push(e);
+            failures.push(e.to_string());
         }
     }
     match net::sync_vlans(trunk, &vlans) {
@@ -38,11 +39,26 @@ pub(super) fn sync_lan(ctx: &Ctx) {
             tracing::info!(trunk = %trunk, vlans = ?vlans.iter().map(|(n, id)| format!("{n} (VLAN {id})")).collect::<Vec<_>>(), "VLAN interfaces set");
         }
         Ok(false) => {}
-        Err(e) => failures.push(e),
+        Err(e) => failures.push(e.to_string()),
     }
     for iface in interfaces_of(&wanted) {
         if let Err(e) = net::set_lan_addresses(&iface, &on(&wanted, &iface), &[], true) {
-            failures.push(e);
+            failures.push(e.to_string());
+        }
+    }
+    // The DHCP server's configuration, once the gateway addresses it hands out as routers are
+    // on the LAN.
+    if let Some(path) = &ctx.config.dhcp_config {
+        let (conf, served) = {
+            let s = ctx.state.lock();
+            (s.dhcp_wanted.clone(), s.dhcp_served.clone())
+        };
+        match dhcp::write_config(path, conf.as_deref()) {
+            Ok(true) => {
+                tracing::info!(file = %path.display(), served = ?served, "DHCP configuration written")
+            }
+            Ok(false) => {}
+            Err(e) => failures.push(e),
         }
     }
     let mut s = ctx.state.lock();
@@ -71,7 +87,7 @@ pub(super) fn sync_lan(ctx: &Ctx) {
                 Some(core) => core.handle_lan_result(false),
                 None => s.count(ControlEvent::LanAddressesFailed),
             }
-            s.lan_errors = failures.iter().map(ToString::to_string).collect();
+            s.lan_errors = failures.clone();
             for e in &failures {
                 tracing::error!(error = %e, "cannot set up the LAN (VLAN interfaces, addresses); retrying");
             }

@@ -485,6 +485,11 @@ pub(super) fn report(ctx: &Ctx) -> StatusReport {
             .unwrap_or_default(),
         lan_addresses: s.lan_put.iter().map(|(_, a)| a.to_string()).collect(),
         lan_errors: s.lan_errors.clone(),
+        dhcp: if ctx.config.dhcp_config.is_some() {
+            s.dhcp_served.clone()
+        } else {
+            Vec::new()
+        },
         certificate: s.enrollment.as_ref().map(|e| CertificateStatus {
             serial: e.identity.serial.clone(),
             not_after: e.identity.not_after,

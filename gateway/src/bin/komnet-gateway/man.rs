@@ -20,7 +20,7 @@ keys:
 .BR data_dir " (default " /var/lib/komnet "), "
 .BR bootstrap ", " enroll_urls ", " interface " (default " komnet0 "), "
 .BR listen_port ", " policy_public_key ", " policy_poll ", " lan " (spoke), "
-.BR wait_for_bootstrap ", " lan_addresses " (spoke), "
+.BR wait_for_bootstrap ", " lan_addresses ", " dhcp_config " (spoke), "
 .BR metrics_listen " (default " 127.0.0.1:9120 "), "
 .BR log_json ", " failover_after ", " keepalive ", " max_flows ,
 .BR registry_outage_alarm " and " registry_outage " (hub)."
