@@ -294,18 +294,7 @@ pub fn run(config_path: &Path) -> Result<i32> {
 }
 
 fn init_logging(json: bool) {
-    if !json {
-        daemon::init_logging();
-        return;
-    }
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .json()
-        .flatten_event(true)
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+    daemon::init_logging(komnet_proto::logging::Format::json_if(json));
 }
 
 /// Returns whether the state changed (and the status was published).
