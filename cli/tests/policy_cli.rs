@@ -901,3 +901,26 @@ fn both_examples_are_in_the_fmt_layout() {
         assert_eq!(out.code, 0, "{name}: {}{}", out.stdout, out.stderr);
     }
 }
+
+#[test]
+fn schema_prints_and_writes_the_shipped_schemas() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let out = komnet(&["policy", "schema", "tenant"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(
+        out.stdout,
+        fs::read_to_string(root.join("docs/schema/tenant.schema.json")).unwrap()
+    );
+    let dir = std::env::temp_dir().join(format!("komnet-cli-schema-{}", std::process::id()));
+    let out = komnet(&["policy", "schema", "--out-dir", dir.to_str().unwrap()]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    for name in ["operator.schema.json", "tenant.schema.json"] {
+        assert_eq!(
+            fs::read_to_string(dir.join(name)).unwrap(),
+            fs::read_to_string(root.join("docs/schema").join(name)).unwrap()
+        );
+    }
+    fs::remove_dir_all(&dir).unwrap();
+    // Neither: a usage error.
+    assert_eq!(komnet(&["policy", "schema"]).code, 2);
+}
