@@ -825,9 +825,15 @@ impl NatDef {
     fn json_rules(&self) -> [(&'static str, serde_json::Value); 2] {
         use serde_json::json;
         let p = self.family.proto();
-        let prefix = |n: &IpNet| json!({"prefix": {"addr": n.network().to_string(), "len": n.prefix_len()}});
+        let prefix =
+            |n: &IpNet| json!({"prefix": {"addr": n.network().to_string(), "len": n.prefix_len()}});
         let field = |f: &str| json!({"payload": {"protocol": p, "field": f}});
-        let rule = |chain: &str, dir: &str, field_name: &str, from: &IpNet, to: &IpNet, nat: &str| {
+        let rule = |chain: &str,
+                    dir: &str,
+                    field_name: &str,
+                    from: &IpNet,
+                    to: &IpNet,
+                    nat: &str| {
             json!({
                 "family": "inet",
                 "table": NAT_TABLE,
@@ -847,11 +853,25 @@ impl NatDef {
         [
             (
                 "prerouting",
-                rule("prerouting", "iifname", "daddr", &self.unique, &self.local, "dnat"),
+                rule(
+                    "prerouting",
+                    "iifname",
+                    "daddr",
+                    &self.unique,
+                    &self.local,
+                    "dnat",
+                ),
             ),
             (
                 "postrouting",
-                rule("postrouting", "oifname", "saddr", &self.local, &self.unique, "snat"),
+                rule(
+                    "postrouting",
+                    "oifname",
+                    "saddr",
+                    &self.local,
+                    &self.unique,
+                    "snat",
+                ),
             ),
         ]
     }
@@ -1078,7 +1098,10 @@ impl Ruleset {
         ];
         if !self.nat.is_empty() {
             more.push(json!({"add": {"table": table}}));
-            for (chain, hook, prio) in [("prerouting", "prerouting", -100), ("postrouting", "postrouting", 100)] {
+            for (chain, hook, prio) in [
+                ("prerouting", "prerouting", -100),
+                ("postrouting", "postrouting", 100),
+            ] {
                 more.push(json!({"add": {"chain": {
                     "family": "inet", "table": NAT_TABLE, "name": chain,
                     "type": "nat", "hook": hook, "prio": prio, "policy": "accept"
@@ -1094,7 +1117,10 @@ impl Ruleset {
                 }
             }
         }
-        if let Some(list) = v.get_mut("nftables").and_then(serde_json::Value::as_array_mut) {
+        if let Some(list) = v
+            .get_mut("nftables")
+            .and_then(serde_json::Value::as_array_mut)
+        {
             list.extend(more);
         }
         v
@@ -1242,7 +1268,11 @@ impl Ruleset {
             .unwrap_or_default();
         let mut want: Vec<(String, String)> = ["prerouting", "postrouting"]
             .iter()
-            .flat_map(|c| self.nat.iter().map(move |n| ((*c).to_owned(), n.comment.clone())))
+            .flat_map(|c| {
+                self.nat
+                    .iter()
+                    .map(move |n| ((*c).to_owned(), n.comment.clone()))
+            })
             .collect();
         got.sort_by(|a, b| a.0.cmp(&b.0));
         want.sort_by(|a, b| a.0.cmp(&b.0));

@@ -9,7 +9,9 @@
 use std::net::IpAddr;
 
 use komnet_policy::nft::{ruleset_for_site, Interfaces};
-use komnet_policy::{decide_arrival, explain_at, Arrival, Binding, PacketMeta, Policy, PolicyErrors};
+use komnet_policy::{
+    decide_arrival, explain_at, Arrival, Binding, PacketMeta, Policy, PolicyErrors,
+};
 
 const OPERATOR: &str = r#"[policy]
 name = "test district"
@@ -174,7 +176,10 @@ fn two_communes_keep_the_same_local_lan_and_the_district_sees_unique_ones() {
     let text = ruleset_for_site(&p, a, &interfaces).unwrap().to_string();
     let set = text.split("set seg_a_staff_v4 {").nth(1).unwrap();
     assert!(
-        set.split('}').next().unwrap().contains("elements = { 192.168.178.0/24 "),
+        set.split('}')
+            .next()
+            .unwrap()
+            .contains("elements = { 192.168.178.0/24 "),
         "{text}"
     );
     assert!(
@@ -184,9 +189,12 @@ fn two_communes_keep_the_same_local_lan_and_the_district_sees_unique_ones() {
             && text.contains("oifname \"komnet0\" ip6 saddr fd00:178::/64 snat ip6 prefix to ip6 saddr map { fd00:178::/64 : fd00:10:0:1::/64 }"),
         "{text}"
     );
-    let json = komnet_policy::nft::to_json_pretty(&ruleset_for_site(&p, a, &interfaces).unwrap())
-        .unwrap();
-    assert!(json.contains("\"netmap\"") && json.contains("komnet_nat"), "{json}");
+    let json =
+        komnet_policy::nft::to_json_pretty(&ruleset_for_site(&p, a, &interfaces).unwrap()).unwrap();
+    assert!(
+        json.contains("\"netmap\"") && json.contains("komnet_nat"),
+        "{json}"
+    );
 }
 
 #[test]
@@ -201,14 +209,20 @@ fn translations_that_cannot_work_are_refused_where_they_are_written() {
     );
     assert_error(
         OPERATOR,
-        &TENANT_A.replace("\"192.168.178.0/24\", \"fd00:178::/64\"", "\"fd00:178::/64\""),
+        &TENANT_A.replace(
+            "\"192.168.178.0/24\", \"fd00:178::/64\"",
+            "\"fd00:178::/64\"",
+        ),
         TENANT_B,
         "tenants/a.toml:7:10",
         "which is of the other address family",
     );
     assert_error(
         OPERATOR,
-        &TENANT_A.replace("\"fd00:178::/64\"]", "\"fd00:178::/64\", \"192.168.179.0/24\"]"),
+        &TENANT_A.replace(
+            "\"fd00:178::/64\"]",
+            "\"fd00:178::/64\", \"192.168.179.0/24\"]",
+        ),
         TENANT_B,
         "tenants/a.toml:7:47",
         "local prefix 192.168.179.0/24 stands for nothing",
@@ -223,14 +237,20 @@ fn translations_that_cannot_work_are_refused_where_they_are_written() {
     );
     assert_error(
         OPERATOR,
-        &TENANT_A.replace("\"192.168.178.0/24\", \"fd00:178::/64\"", "\"10.20.1.0/24\""),
+        &TENANT_A.replace(
+            "\"192.168.178.0/24\", \"fd00:178::/64\"",
+            "\"10.20.1.0/24\"",
+        ),
         TENANT_B,
         "tenants/a.toml:7:10",
         "overlaps 10.20.0.0/16 of site b/hq",
     );
     assert_error(
         OPERATOR,
-        &TENANT_A.replace("\"192.168.178.0/24\", \"fd00:178::/64\"", "\"10.96.5.0/24\""),
+        &TENANT_A.replace(
+            "\"192.168.178.0/24\", \"fd00:178::/64\"",
+            "\"10.96.5.0/24\"",
+        ),
         TENANT_B,
         "tenants/a.toml:7:10",
         "overlaps 10.96.0.0/12 of the enrollment service's tunnel pool",
@@ -255,7 +275,10 @@ fn translations_that_cannot_work_are_refused_where_they_are_written() {
         "it has no town-hall LAN, so it takes no local prefixes",
     );
     assert_error(
-        &OPERATOR.replace("prefixes = [\"10.20.0.0/16\"]", "prefixes = [\"10.100.0.0/16\"]"),
+        &OPERATOR.replace(
+            "prefixes = [\"10.20.0.0/16\"]",
+            "prefixes = [\"10.100.0.0/16\"]",
+        ),
         TENANT_A,
         &TENANT_B.replace("10.20.1.0/24", "10.100.1.0/24"),
         "operator.toml:16:13",

@@ -223,13 +223,8 @@ impl<'s> Builder<'s> {
                         }
                         own_segments.push((*net, sname.get_ref().clone(), ploc));
                     }
-                    local = self.local_prefixes(
-                        file,
-                        site,
-                        sname.get_ref(),
-                        &decl,
-                        &mut local_taken,
-                    );
+                    local =
+                        self.local_prefixes(file, site, sname.get_ref(), &decl, &mut local_taken);
                     (Some(site), prefixes)
                 }
             };

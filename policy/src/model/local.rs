@@ -96,9 +96,21 @@ impl<'s> Builder<'s> {
                 // Blamed on whichever comes later in the file (segments are visited by name).
                 let (later, earlier, later_net, earlier_net, earlier_segment) =
                     if reading_order(&at) >= reading_order(&other.loc) {
-                        (at.clone(), other.loc.clone(), local, other.net, other.segment.clone())
+                        (
+                            at.clone(),
+                            other.loc.clone(),
+                            local,
+                            other.net,
+                            other.segment.clone(),
+                        )
                     } else {
-                        (other.loc.clone(), at.clone(), other.net, local, segment.to_owned())
+                        (
+                            other.loc.clone(),
+                            at.clone(),
+                            other.net,
+                            local,
+                            segment.to_owned(),
+                        )
                     };
                 let d = Diagnostic::error(
                     later,
