@@ -2,7 +2,7 @@
 //! denied, who can reach this service, what can this segment reach, and what does a change
 //! allow or deny that the old version did not.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::net::IpAddr;
 
@@ -518,6 +518,36 @@ impl fmt::Display for Reach {
     }
 }
 
+/// The ports each segment may reach each service on (normalised; what a guardrail blocks is
+/// left out): what `diff` compares, without the rules' names and places that `query` shows.
+fn flow_table(policy: &Policy) -> HashMap<(SegmentId, ServiceId), Vec<PortRange>> {
+    let mut table: HashMap<(SegmentId, ServiceId), Vec<PortRange>> = HashMap::new();
+    for rule in &policy.rules {
+        for &svc in &rule.to {
+            let service = &policy.services[svc.index()];
+            let ports = rule.allowed_ports(service);
+            for &seg in &rule.from {
+                let segment = &policy.segments[seg.index()];
+                if !share_family(&segment.prefixes, &service.addresses) {
+                    continue;
+                }
+                table.entry((seg, svc)).or_default().extend(&ports);
+            }
+        }
+    }
+    table.retain(|(seg, svc), _| {
+        let segment = &policy.segments[seg.index()];
+        !policy
+            .guardrails
+            .iter()
+            .any(|g| g.applies_to_segment(segment) && g.protects(*svc))
+    });
+    for ports in table.values_mut() {
+        *ports = normalise(std::mem::take(ports));
+    }
+    table
+}
+
 /// Allowed ports per (segment, service), with the rules and guardrails that decide them.
 fn reach_table(policy: &Policy) -> BTreeMap<(SegmentId, ServiceId), Reach> {
     let mut table: BTreeMap<(SegmentId, ServiceId), (Vec<PortRange>, Vec<String>)> =
@@ -631,36 +661,40 @@ impl fmt::Display for FlowChange {
 /// The flows (segment → service, ports) newly allowed and newly denied from `old` to `new`,
 /// and the segments and services whose addresses changed (same names, different packets).
 pub fn diff(old: &Policy, new: &Policy) -> (Vec<FlowChange>, Vec<String>) {
-    let flows = |p: &Policy| -> BTreeMap<(String, String), Vec<PortRange>> {
-        reach_table(p)
-            .into_values()
-            .filter(|r| !r.blocked)
-            .map(|r| ((r.segment, r.service), r.ports))
+    let (a, b) = (flow_table(old), flow_table(new));
+    // The same segment or service in the other version, by name: flows are compared by what
+    // they are called, not by their place in either file.
+    let segment_map = |from: &Policy, to: &Policy| -> Vec<Option<SegmentId>> {
+        (0..from.segments.len())
+            .map(|i| to.find_segment(&from.segment_name(SegmentId(i as u32)), None))
             .collect()
     };
-    let (a, b) = (flows(old), flows(new));
+    let service_map = |from: &Policy, to: &Policy| -> Vec<Option<ServiceId>> {
+        (0..from.services.len())
+            .map(|i| to.find_service(&from.service_name(ServiceId(i as u32)), None))
+            .collect()
+    };
     let mut changes = Vec::new();
-    for (key, ports) in &b {
-        let gained = subtract(ports, a.get(key).map_or(&[][..], Vec::as_slice));
-        if !gained.is_empty() {
-            changes.push(FlowChange {
-                now_allowed: true,
-                segment: key.0.clone(),
-                service: key.1.clone(),
-                ports: gained,
-            });
+    for (now_allowed, this, that, p, q) in [(true, &b, &a, new, old), (false, &a, &b, old, new)] {
+        let (segs, svcs) = (segment_map(p, q), service_map(p, q));
+        let mut found = Vec::new();
+        for (&(seg, svc), ports) in this {
+            let before = match (segs[seg.index()], svcs[svc.index()]) {
+                (Some(s), Some(v)) => that.get(&(s, v)).map_or(&[][..], Vec::as_slice),
+                _ => &[][..],
+            };
+            let changed = subtract(ports, before);
+            if !changed.is_empty() {
+                found.push(FlowChange {
+                    now_allowed,
+                    segment: p.segment_name(seg),
+                    service: p.service_name(svc),
+                    ports: changed,
+                });
+            }
         }
-    }
-    for (key, ports) in &a {
-        let lost = subtract(ports, b.get(key).map_or(&[][..], Vec::as_slice));
-        if !lost.is_empty() {
-            changes.push(FlowChange {
-                now_allowed: false,
-                segment: key.0.clone(),
-                service: key.1.clone(),
-                ports: lost,
-            });
-        }
+        found.sort_by(|x, y| (&x.segment, &x.service).cmp(&(&y.segment, &y.service)));
+        changes.append(&mut found);
     }
     let mut moved = Vec::new();
     for (i, s) in new.segments.iter().enumerate() {

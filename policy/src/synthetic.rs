@@ -11,6 +11,11 @@ use crate::model::Policy;
 #[derive(Debug, Clone, Copy)]
 pub struct Shape {
     pub communes: u32,
+    /// Segments at each commune's town hall (the home-office segment comes on top); at most 32.
+    pub site_segments: u32,
+    /// Services of each commune in the data centre (its file server first); the second one is
+    /// exported to every tenant, and other communes' rules use it.
+    pub services_per_commune: u32,
     pub shared_services: u32,
     /// Total rules over all communes (spread evenly).
     pub rules: u32,
@@ -20,9 +25,36 @@ impl Shape {
     /// 400 communes × 6 segments, 50 shared services, 10,000 rules.
     pub const DISTRICT: Shape = Shape {
         communes: 400,
+        site_segments: 5,
+        services_per_commune: 1,
         shared_services: 50,
         rules: 10_000,
     };
+
+    /// The district of issue 19: 100 tenants, 2,000 segments (19 at each town hall and the
+    /// home office), 1,010 services (10 per commune, 10 shared), 50,000 rules.
+    pub const LARGE_DISTRICT: Shape = Shape {
+        communes: 100,
+        site_segments: 19,
+        services_per_commune: 10,
+        shared_services: 10,
+        rules: 50_000,
+    };
+
+    /// /24s per commune's town hall: 16 (a /20), or 32 (a /19) for more than 16 segments.
+    fn block(self) -> u32 {
+        if self.site_segments <= 16 {
+            16
+        } else {
+            32
+        }
+    }
+
+    /// The shape [`generate`] has always made for [`Shape::DISTRICT`]: its rules are drawn as
+    /// they always were, so that figures measured on it stay comparable.
+    fn is_classic(self) -> bool {
+        self.site_segments == 5 && self.services_per_commune == 1
+    }
 }
 
 /// A tiny deterministic generator: the same shape gives the same policy on every run.
@@ -58,8 +90,20 @@ fn commune(i: u32) -> String {
     format!("gemeinde-{i:03}")
 }
 
-fn site_v4(i: u32, seg: u32) -> Ipv4Addr {
-    Ipv4Addr::new(10, 16 + (i / 16) as u8, ((i % 16) * 16 + seg) as u8, 0)
+fn site_v4(shape: Shape, i: u32, seg: u32) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 16, 0, 0)) + ((i * shape.block() + seg) << 8))
+}
+
+/// The name and kind of town-hall segment `n`: the five usual ones, then offices of the
+/// administration (one guest network per town hall is enough).
+fn site_segment(n: u32) -> (String, &'static str) {
+    match SITE_SEGMENTS.get(n as usize) {
+        Some((name, kind)) => ((*name).to_owned(), kind),
+        None => {
+            let kinds = ["staff", "citizen-office", "voip", "iot"];
+            (format!("amt-{n:02}"), kinds[n as usize % kinds.len()])
+        }
+    }
 }
 
 fn site_v6(i: u32, seg: u32) -> Ipv6Addr {
@@ -74,8 +118,16 @@ fn shared_v6(k: u32) -> Ipv6Addr {
     Ipv6Addr::new(0xfd03, 0, 0, k as u16, 0, 0, 0, 0x10)
 }
 
-fn dc_v4(i: u32) -> Ipv4Addr {
-    Ipv4Addr::new(10, 1 + (i / 256) as u8, (i % 256) as u8, 5)
+fn dc_v4(i: u32, host: u32) -> Ipv4Addr {
+    Ipv4Addr::new(10, 1 + (i / 256) as u8, (i % 256) as u8, host as u8)
+}
+
+/// Commune service `k`: the file server, then the commune's specialised applications.
+fn commune_service(k: u32) -> String {
+    match k {
+        0 => "fileserver".to_owned(),
+        k => format!("fachverfahren-{k:02}"),
+    }
 }
 
 /// Generates the operator file and one fragment per commune, as (file name, text).
@@ -89,13 +141,14 @@ pub fn generate(shape: Shape) -> (String, Vec<(String, String)>) {
         let c = commune(i);
         let _ = writeln!(
             op,
-            "[tenants.{c}]\ndatacenter = [\"{}/24\", \"fd02:{:x}::/64\"]\nhomeoffice = [\"172.{}.{}.0/24\", \"fd01:{:x}::/64\"]\n[tenants.{c}.sites.rathaus]\nprefixes = [\"{}/20\", \"fd00:{:x}::/48\"]\n",
+            "[tenants.{c}]\ndatacenter = [\"{}/24\", \"fd02:{:x}::/64\"]\nhomeoffice = [\"172.{}.{}.0/24\", \"fd01:{:x}::/64\"]\n[tenants.{c}.sites.rathaus]\nprefixes = [\"{}/{}\", \"fd00:{:x}::/48\"]\n",
             Ipv4Addr::new(10, 1 + (i / 256) as u8, (i % 256) as u8, 0),
             i,
             16 + i / 256,
             i % 256,
             i,
-            site_v4(i, 0),
+            site_v4(shape, i, 0),
+            24 - shape.block().trailing_zeros(),
             i
         );
     }
@@ -122,65 +175,153 @@ pub fn generate(shape: Shape) -> (String, Vec<(String, String)>) {
     for i in 0..shape.communes {
         let c = commune(i);
         let mut t = format!("tenant = \"{c}\"\n\n");
-        for (n, (seg, kind)) in SITE_SEGMENTS.iter().enumerate() {
+        let mut segments = Vec::new();
+        for n in 0..shape.site_segments {
+            let (seg, kind) = site_segment(n);
             let _ = writeln!(
                 t,
                 "[segments.{seg}]\nkind = \"{kind}\"\nsite = \"rathaus\"\nprefixes = [\"{}/24\", \"{}/64\"]\nvlan = {}\n",
-                site_v4(i, n as u32),
-                site_v6(i, n as u32),
+                site_v4(shape, i, n),
+                site_v6(i, n),
                 10 * (n + 1)
             );
+            segments.push((seg, kind));
         }
         t.push_str("[segments.homeoffice]\nkind = \"homeoffice\"\n\n");
         t.push_str(
             "[groups]\nmitarbeiter = [\"verwaltung\", \"buergerbuero\", \"homeoffice\"]\n\n",
         );
-        let _ = writeln!(
-            t,
-            "[services.fileserver]\naddresses = [\"{}\", \"fd02:{:x}::5\"]\nports = [\"tcp/445\", \"tcp/8000-8099\"]\n",
-            dc_v4(i),
-            i
-        );
+        for k in 0..shape.services_per_commune {
+            let ports = if k == 0 {
+                "\"tcp/445\", \"tcp/8000-8099\"".to_owned()
+            } else {
+                format!("\"{}\"", SHARED_PORTS[k as usize % SHARED_PORTS.len()])
+            };
+            let export = if k == 1 { "\nexport = [\"*\"]" } else { "" };
+            let _ = writeln!(
+                t,
+                "[services.{}]\naddresses = [\"{}\", \"fd02:{:x}::{:x}\"]\nports = [{ports}]{export}\n",
+                commune_service(k),
+                dc_v4(i, 5 + k),
+                i,
+                5 + k
+            );
+        }
         let mut n = per_commune;
         if extra > 0 {
             n += 1;
             extra -= 1;
         }
         for r in 0..n {
-            // Sources: never the guest segment (its guardrail would shadow the rule), and iot
-            // never towards shared-00.
-            let from = match rng.below(5) {
-                0 => "mitarbeiter",
-                1 => "verwaltung",
-                2 => "buergerbuero",
-                3 => "voip",
-                _ => "gebaeude",
-            };
-            let to = if r == 0 || rng.below(4) == 0 {
-                "fileserver".to_owned()
+            let (from, to, description) = if shape.is_classic() {
+                let (from, to) = classic_rule(shape, &mut rng, r);
+                (vec![from], vec![to], None)
             } else {
-                let k = if from == "gebaeude" || from == "mitarbeiter" {
-                    1 + rng.below(shape.shared_services.max(2) - 1)
-                } else {
-                    rng.below(shape.shared_services.max(1))
-                };
-                format!("shared-{k:02}")
+                let (from, to, description) = rule(shape, &mut rng, r, i, &segments);
+                (from, to, Some(description))
             };
-            let ports = if to == "fileserver" {
+            let ports = if to == ["fileserver"] {
                 let lo = 8000 + rng.below(90);
                 format!("\nports = [\"tcp/{lo}-{}\"]", lo + rng.below(10))
             } else {
                 String::new()
             };
+            let description = description
+                .map(|d| format!("\ndescription = \"{d}\""))
+                .unwrap_or_default();
+            let list = |names: &[String]| {
+                let quoted: Vec<String> = names.iter().map(|n| format!("\"{n}\"")).collect();
+                quoted.join(", ")
+            };
             let _ = writeln!(
                 t,
-                "[[rule]]\nname = \"r{r}\"\nfrom = [\"{from}\"]\nto = [\"{to}\"]{ports}\n"
+                "[[rule]]\nname = \"r{r}\"{description}\nfrom = [{}]\nto = [{}]{ports}\n",
+                list(&from),
+                list(&to)
             );
         }
         t.push_str("[[expect]]\nfrom = \"gaeste\"\nto = \"shared-01\"\nverdict = \"deny\"\n");
         tenants.push((format!("{c}.toml"), t));
     }
     (op, tenants)
+}
+
+/// A rule of [`Shape::DISTRICT`], drawn as it always was. Sources: never the guest segment (its
+/// guardrail would shadow the rule), and iot never towards shared-00.
+fn classic_rule(shape: Shape, rng: &mut Lcg, r: u32) -> (String, String) {
+    let from = match rng.below(5) {
+        0 => "mitarbeiter",
+        1 => "verwaltung",
+        2 => "buergerbuero",
+        3 => "voip",
+        _ => "gebaeude",
+    };
+    let to = if r == 0 || rng.below(4) == 0 {
+        "fileserver".to_owned()
+    } else {
+        let k = if from == "gebaeude" || from == "mitarbeiter" {
+            1 + rng.below(shape.shared_services.max(2) - 1)
+        } else {
+            rng.below(shape.shared_services.max(1))
+        };
+        format!("shared-{k:02}")
+    };
+    (from.to_owned(), to)
+}
+
+/// A rule of a larger shape, as admins write them: from one or two of the town hall's segments
+/// (never the guest network) or the staff group, to one to three services — the commune's own, a
+/// shared one, another commune's exported application — with a description. IoT segments and
+/// the staff group never towards shared-00 (a guardrail denies IoT that).
+fn rule(
+    shape: Shape,
+    rng: &mut Lcg,
+    r: u32,
+    commune_index: u32,
+    segments: &[(String, &str)],
+) -> (Vec<String>, Vec<String>, String) {
+    let mut from = Vec::new();
+    let mut restricted = false;
+    for _ in 0..1 + rng.below(2) {
+        let pick = rng.below(segments.len() as u32 + 1);
+        let (name, kind) = match segments.get(pick as usize) {
+            Some((name, kind)) if *kind != "guest" => (name.clone(), *kind),
+            _ => ("mitarbeiter".to_owned(), "staff"),
+        };
+        restricted |= kind == "iot" || name == "mitarbeiter";
+        if !from.contains(&name) {
+            from.push(name);
+        }
+    }
+    let mut to = Vec::new();
+    for n in 0..1 + rng.below(3) {
+        let service = match (r + n, rng.below(8)) {
+            (0, _) | (_, 0) => "fileserver".to_owned(),
+            (_, 1..=3) => commune_service(rng.below(shape.services_per_commune.max(1))),
+            (_, 4) if shape.communes > 1 && shape.services_per_commune > 1 => {
+                let other = (commune_index + 1 + rng.below(shape.communes - 1)) % shape.communes;
+                format!("{}/{}", commune(other), commune_service(1))
+            }
+            _ => {
+                let k = if restricted {
+                    1 + rng.below(shape.shared_services.max(2) - 1)
+                } else {
+                    rng.below(shape.shared_services.max(1))
+                };
+                format!("shared-{k:02}")
+            }
+        };
+        if !to.contains(&service) {
+            to.push(service);
+        }
+    }
+    let description = format!(
+        "Zugriff von {} auf {} (Ticket #{})",
+        from[0],
+        to[0],
+        10_000 + rng.below(90_000)
+    );
+    (from, to, description)
 }
 
 /// Packets resembling a hub's traffic under `policy`: about 70 % belong to flows some rule

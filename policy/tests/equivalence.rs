@@ -454,6 +454,7 @@ fn generated_district_policy_loads_and_agrees() {
         communes: 40,
         shared_services: 20,
         rules: 1000,
+        ..Shape::DISTRICT
     };
     let (op, tenants) = generate(shape);
     let refs: Vec<(&str, &str)> = tenants

@@ -103,6 +103,7 @@ pub(super) struct Builder<'s> {
     pub(super) hidden: BTreeMap<String, (FileId, usize)>,
     /// Rules by (tenant, name), also those left inactive, to refuse a name used twice.
     pub(super) rule_names: HashMap<(TenantId, String), Loc>,
+    pub(super) names: NameIndex,
 }
 
 impl<'s> Builder<'s> {
@@ -133,6 +134,7 @@ impl<'s> Builder<'s> {
             operator_dhcp: Default::default(),
             hidden: BTreeMap::new(),
             rule_names: HashMap::new(),
+            names: NameIndex::default(),
         }
     }
 
@@ -439,6 +441,7 @@ impl<'s> Builder<'s> {
                 });
                 site_ids.push(sid);
             }
+            self.names.add_tenant(tname.get_ref(), tid);
             self.tenants.push(Tenant {
                 name: tname.into_inner(),
                 description: decl.description,
@@ -483,7 +486,7 @@ impl<'s> Builder<'s> {
     }
 
     pub(super) fn tenant_id(&self, name: &str) -> Option<TenantId> {
-        tenant_index(&self.tenants, name)
+        self.names.tenant(name)
     }
 
     pub(super) fn add_service(
@@ -548,6 +551,11 @@ impl<'s> Builder<'s> {
         if self.error_count() > errors_before {
             self.broken_services.insert(id);
         }
+        self.names.add_service(
+            if tenant_declared { owner } else { None },
+            sname.get_ref(),
+            id,
+        );
         self.services.push(Service {
             name: sname.get_ref().clone(),
             owner,

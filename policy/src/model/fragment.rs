@@ -253,6 +253,7 @@ impl<'s> Builder<'s> {
                     None => Declared::Nothing(id),
                 });
             }
+            self.names.add_segment(tid, sname.get_ref(), id);
             self.segments.push(Segment {
                 tenant: tid,
                 name: sname.into_inner(),

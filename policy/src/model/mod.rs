@@ -432,6 +432,8 @@ pub struct Policy {
     /// Findings that do not stop the policy from being used.
     pub warnings: Vec<Diagnostic>,
     pub sources: SourceMap,
+    /// Tenants, segments and services by name.
+    names: NameIndex,
 }
 
 /// Why a policy could not be loaded: every error found, with the sources to show them.
@@ -537,6 +539,7 @@ impl Policy {
             });
         }
         let (name, version, kinds) = b.header.take().unwrap_or_default();
+        let names = std::mem::take(&mut b.names);
         let mut policy = Policy {
             name,
             version,
@@ -550,6 +553,7 @@ impl Policy {
             expectations: b.expectations,
             warnings: diags,
             sources,
+            names,
         };
         let mut more = policy.dhcp_warnings();
         if !more.is_empty() {
@@ -562,7 +566,7 @@ impl Policy {
     }
 
     pub fn tenant_by_name(&self, name: &str) -> Option<TenantId> {
-        tenant_index(&self.tenants, name)
+        self.names.tenant(name)
     }
 
     pub fn site_by_name(&self, tenant: TenantId, name: &str) -> Option<SiteId> {
@@ -613,12 +617,12 @@ impl Policy {
 
     /// A segment named `tenant/segment` (or bare, when `within` names the tenant).
     pub fn find_segment(&self, name: &str, within: Option<TenantId>) -> Option<SegmentId> {
-        lookup_segment(&self.tenants, &self.segments, name, within)
+        self.names.segment(name, within)
     }
 
     /// A service by its display name (`dms`, `tenant/service`), or bare from inside `within`.
     pub fn find_service(&self, name: &str, within: Option<TenantId>) -> Option<ServiceId> {
-        lookup_service(&self.tenants, &self.services, name, within)
+        self.names.service(name, within)
     }
 
     /// The segments of `site`, in the policy's order.
