@@ -65,7 +65,7 @@ use config::{GatewayConfig, GatewayRole};
 use control::bootstrap::{BootstrapStep, BootstrapWatch, FileRead, SetAside};
 use control::hub::{HubCore, LinkLoss, LinkState, OutageSettings};
 use control::policy::{PolicyAction, PolicySlot};
-use control::renewal::{RenewalFailure, RenewalSchedule, RenewalStep};
+use control::renewal::{RenewalFailure, RenewalSchedule, RenewalStep, Renewed};
 use control::spoke::{SpokeAction, SpokeCore};
 use control::{ControlEvent, Counters};
 use komnet_proto::files::{write_atomic, Visibility};
