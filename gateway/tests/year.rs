@@ -17,7 +17,7 @@ use komnet_enroll::server_cert::{Renewal, RotatingServerCert};
 use komnet_enroll::service::{self, Clock as _, ManualClock, Service};
 use komnet_enroll_client::{csr, proof, WgKeys};
 use komnet_gateway::appliance::control::hub::{HubCore, OutageSettings};
-use komnet_gateway::appliance::control::renewal::{RenewalSchedule, RenewalStep};
+use komnet_gateway::appliance::control::renewal::{RenewalSchedule, RenewalStep, Renewed};
 use komnet_policy::CompiledPolicy;
 use komnet_proto::api::{EnrollRequest, EnrollResponse, RenewRequest};
 use rustls_pki_types::pem::PemObject as _;
@@ -173,9 +173,12 @@ fn a_year_of_renewals_keeps_the_service_the_hub_and_the_spoke_working() {
                         appliance.name
                     )
                 });
-            appliance
-                .schedule
-                .handle_renewed(renewed.renew_after, renewed.identity.not_after);
+            let on_time = appliance.schedule.handle_renewed(
+                renewed.renew_after,
+                renewed.identity.not_after,
+                t,
+            );
+            assert_eq!(on_time, Renewed::OnSchedule, "day {}", (t - start) / DAY);
             appliance.current = renewed;
             appliance.renewals += 1;
         }

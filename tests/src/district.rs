@@ -228,6 +228,17 @@ impl Gateway {
         Ok(())
     }
 
+    /// Waits up to `timeout` for the process to end by itself (then kills it: an error), and
+    /// returns how it ended. Its log stays readable ([`Self::log_tail`]) until the next start.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
+        let name = self.name.clone();
+        let process = self
+            .process
+            .as_mut()
+            .ok_or_else(|| anyhow!("{name} is not running"))?;
+        process.wait_timeout(timeout)
+    }
+
     /// SIGKILL: no clean-up of any kind.
     pub fn kill_hard(&mut self) -> Result<()> {
         if let Some(mut p) = self.process.take() {

@@ -1642,3 +1642,61 @@ fn a_reflashed_appliance_refuses_a_policy_older_than_the_service_vouched_for() {
         .wait_running(2, Duration::from_secs(30))
         .expect("version 2 in force");
 }
+
+#[test]
+fn a_spoke_whose_certificate_runs_out_while_it_runs_stops_and_waits_for_a_new_token() {
+    // Issue 15, part 1. The service's clock runs 7 days less 40 s behind (from its `init`
+    // on, so that its CA is valid in its own time): the 7-day certificates it issues run out
+    // within a minute of real time, while the service, by its clock, will not renew them
+    // for days.
+    require_root_and_tools();
+    let mut district = District::start(
+        &netprobe(),
+        Options {
+            two_hubs: false,
+            homeoffice: false,
+            enroll_clock: Some("-604760s"),
+        },
+    )
+    .expect("district");
+    let mut appliance = district
+        .add_appliance_spoke("image", 40, 41)
+        .expect("appliance spoke");
+    let token = district.token("tholey", "rathaus", "spoke").expect("token");
+    appliance.deliver_bootstrap(&token).expect("deliver");
+    // The service refuses every renewal as too early (by its own clock), so renewal fails
+    // until the certificate runs out; then the spoke stops (its unit would start it again).
+    let ended = appliance
+        .spoke
+        .wait_exit(Duration::from_secs(150))
+        .expect("the spoke stops");
+    assert!(!ended.success(), "{ended:?}");
+    let log = appliance.spoke.log_tail();
+    assert!(
+        log.contains("stopping so that the next start waits for a new bootstrap token")
+            && log.contains("this appliance's clock is ahead or the service's is behind"),
+        "{log}"
+    );
+
+    // Started again (as Restart=on-failure does): it says why and waits for a new stick,
+    // which brings it back.
+    district
+        .restart_enroll_with_clock(None, "enroll-now.log")
+        .expect("enrollment service on time");
+    appliance.spoke.start().expect("start again");
+    appliance
+        .spoke
+        .wait_status("waiting for a new token", Duration::from_secs(30), |s| {
+            let state = s["state"].as_str().unwrap_or_default();
+            state.contains("expired on") && state.contains("waiting for a bootstrap file")
+        })
+        .expect("waiting for a new token");
+    let new_token = district
+        .token("tholey", "rathaus", "spoke")
+        .expect("new token");
+    appliance.deliver_bootstrap(&new_token).expect("deliver");
+    appliance
+        .spoke
+        .wait_running(1, Duration::from_secs(30))
+        .expect("running again");
+}

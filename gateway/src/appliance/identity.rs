@@ -603,9 +603,18 @@ pub(super) async fn renewal(ctx: Arc<Ctx>) {
                 tracing::info!(serial = %renewed.identity.serial, not_after = renewed.identity.not_after, "certificate renewed");
                 raise_policy_floor(&ctx, renewed.policy_version);
                 // The hub list is the spoke watcher's to change (it re-applies the peers).
+                let now = unix_now();
                 let mut s = ctx.state.lock();
-                if let Some(r) = s.renewal.as_mut() {
-                    r.handle_renewed(renewed.renew_after, renewed.identity.not_after);
+                let due = s.renewal.as_mut().map(|r| {
+                    r.handle_renewed(renewed.renew_after, renewed.identity.not_after, now)
+                });
+                if due == Some(Renewed::DueAlready) {
+                    tracing::warn!(
+                        renew_after = %client::utc(renewed.renew_after),
+                        not_after = %client::utc(renewed.identity.not_after),
+                        now = %client::utc(now),
+                        "the renewed certificate is due for renewal already: the enrollment service's clock is probably behind this appliance's (check NTP on both); renewing again in a minute, not at once"
+                    );
                 }
                 s.enrollment = Some(renewed);
             }
@@ -618,6 +627,32 @@ pub(super) async fn renewal(ctx: Arc<Ctx>) {
                     .map(|r| r.handle_failed(unix_now()));
                 if failure == Some(RenewalFailure::Expired) {
                     tracing::error!(error = %e, "certificate expired; the appliance needs a new bootstrap token");
+                    if ctx.config.role == GatewayRole::Spoke && ctx.config.wait_for_bootstrap {
+                        // Its tunnel is dead (hubs drop expired certificates). A start with an
+                        // expired certificate waits for a new token (the stick script takes
+                        // one then): the process ends and its service starts it again, so the
+                        // technician's stick is all it takes, no reboot. A hub keeps
+                        // forwarding for its spokes and keeps saying so.
+                        let _ = ctx.events.send(Event::Fatal(format!(
+                            "the certificate (serial {}) expired on {} and could not be renewed ({e}); stopping so \
+                             that the next start waits for a new bootstrap token",
+                            enrollment.identity.serial,
+                            client::utc(enrollment.identity.not_after)
+                        )));
+                        return;
+                    }
+                } else if e
+                    .api_error()
+                    .is_some_and(|api| api.code == ErrorCode::RenewTooEarly)
+                {
+                    // This appliance's clock says renewal is due (the service set when), the
+                    // service's clock says not yet: one of the two is wrong.
+                    tracing::error!(
+                        error = %e,
+                        renew_after = %client::utc(enrollment.renew_after),
+                        now = %client::utc(unix_now()),
+                        "the enrollment service says renewal has not opened yet, while this appliance's clock says it has: this appliance's clock is ahead or the service's is behind (check NTP on both); retrying in a minute"
+                    );
                 } else {
                     // Renewal opens two thirds into the lifetime: whenever it fails, less than a
                     // third is left, which is worth an alarm, not a note.

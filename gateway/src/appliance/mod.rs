@@ -65,7 +65,7 @@ use config::{GatewayConfig, GatewayRole};
 use control::bootstrap::{BootstrapStep, BootstrapWatch, FileRead, SetAside};
 use control::hub::{HubCore, LinkLoss, LinkState, OutageSettings};
 use control::policy::{PolicyAction, PolicySlot};
-use control::renewal::{RenewalFailure, RenewalSchedule, RenewalStep};
+use control::renewal::{RenewalFailure, RenewalSchedule, RenewalStep, Renewed};
 use control::spoke::{SpokeAction, SpokeCore};
 use control::{ControlEvent, Counters};
 use komnet_proto::files::{write_atomic, Visibility};
@@ -184,6 +184,9 @@ struct Ctx {
     nft_in_force: Mutex<Option<nft::Ruleset>>,
     /// Spoke: wakes the guard to check the fence and the table now.
     guard_wake: OnceLock<std::sync::mpsc::SyncSender<()>>,
+    /// The enrollment service's client for the certificate in force (its chain is the key):
+    /// one for every poll and the registry, so their connection is reused ([`service_client`]).
+    service: Mutex<Option<(String, Arc<client::Client>)>>,
 }
 
 fn unix_now() -> i64 {
@@ -231,6 +234,7 @@ pub fn run(config_path: &Path) -> Result<i32> {
         ready: AtomicBool::new(false),
         nft_in_force: Mutex::new(None),
         guard_wake: OnceLock::new(),
+        service: Mutex::new(None),
     });
     if ctx.config.role == GatewayRole::Spoke {
         start_guard(&ctx)?;

@@ -372,6 +372,17 @@ impl<'s> Builder<'s> {
                     .insert(k.get_ref().clone(), Loc::new(file, k.span()));
             }
         }
+        for (net, p) in self
+            .prefixes(file, &h.tunnel, "tunnel pool")
+            .into_iter()
+            .zip(&h.tunnel)
+        {
+            self.claim(
+                net,
+                "the enrollment service's tunnel pool".to_owned(),
+                Loc::new(file, p.span()),
+            );
+        }
         self.header = Some((
             h.name.into_inner(),
             version,

@@ -9,6 +9,17 @@ pub const RETRY_AFTER_SECS: i64 = 60;
 /// The driver never sleeps longer than this at once, so a wall clock that jumps is noticed.
 pub const MAX_SLEEP_SECS: i64 = 3600;
 
+/// How a renewal came out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Renewed {
+    /// The new certificate's renewal lies ahead.
+    OnSchedule,
+    /// The new certificate is due for renewal already: the service's clock is far behind this
+    /// one (or its lifetimes are very short). The next attempt waits [`RETRY_AFTER_SECS`]
+    /// instead of following at once, again and again.
+    DueAlready,
+}
+
 /// What to do about the certificate now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RenewalStep {
@@ -64,12 +75,18 @@ impl RenewalSchedule {
         }
     }
 
-    /// A new certificate with its own schedule.
-    pub fn handle_renewed(&mut self, renew_after: i64, not_after: i64) {
+    /// A new certificate with its own schedule, received at `unix`.
+    pub fn handle_renewed(&mut self, renew_after: i64, not_after: i64, unix: i64) -> Renewed {
         self.renew_after = renew_after;
         self.not_after = not_after;
-        self.retry_at = None;
         self.counters.count(ControlEvent::Renewed);
+        if renew_after <= unix {
+            self.retry_at = Some(unix + RETRY_AFTER_SECS);
+            Renewed::DueAlready
+        } else {
+            self.retry_at = None;
+            Renewed::OnSchedule
+        }
     }
 
     /// The attempt at `unix` failed.
@@ -109,7 +126,7 @@ mod tests {
                     attempts.push((t, ok));
                     if ok {
                         let lifetime = 7 * 86_400;
-                        schedule.handle_renewed(t + lifetime * 2 / 3, t + lifetime);
+                        schedule.handle_renewed(t + lifetime * 2 / 3, t + lifetime, t);
                     } else {
                         schedule.handle_failed(t);
                     }
@@ -152,5 +169,34 @@ mod tests {
         // A wall clock far behind: the driver wakes up at least every hour.
         let s = RenewalSchedule::new(1_000_000, 2_000_000);
         assert_eq!(s.poll(0), RenewalStep::Sleep(MAX_SLEEP_SECS));
+    }
+
+    #[test]
+    fn a_certificate_due_already_is_not_renewed_again_at_once() {
+        // A service whose clock is six days behind issues 7-day certificates that are due for
+        // renewal when they arrive (and expire a day later): one renewal a minute, not a loop.
+        let (lifetime, behind) = (7 * 86_400, 6 * 86_400);
+        let issue = |t: i64| ((t - behind) + lifetime * 2 / 3, (t - behind) + lifetime);
+        let (due, end) = issue(0);
+        let mut s = RenewalSchedule::new(due, end);
+        let mut attempts = Vec::new();
+        let mut t = 0;
+        while t < 600 {
+            match s.poll(t) {
+                RenewalStep::Sleep(n) => t += n,
+                RenewalStep::Renew => {
+                    attempts.push(t);
+                    let (due, end) = issue(t);
+                    assert_eq!(s.handle_renewed(due, end, t), Renewed::DueAlready);
+                }
+            }
+        }
+        assert_eq!(attempts, (0..10).map(|n| n * 60).collect::<Vec<_>>());
+        // On time again: the normal schedule.
+        assert_eq!(
+            s.handle_renewed(600 + lifetime * 2 / 3, 600 + lifetime, 600),
+            Renewed::OnSchedule
+        );
+        assert_eq!(s.poll(600), RenewalStep::Sleep(MAX_SLEEP_SECS));
     }
 }
