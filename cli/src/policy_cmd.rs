@@ -423,7 +423,20 @@ fn run_into(cmd: PolicyCommand, out: &mut String) -> anyhow::Result<ExitCode> {
             format,
             strict,
         } => {
-            let a = load_or_exit!(&old, strict);
+            // The old version's warnings are history: only the new one's are shown (and count
+            // for --deny-warnings); its errors are shown, since it must load to compare.
+            let a = match Policy::load(&old) {
+                Ok(p) => p,
+                Err(errors) => {
+                    eprint!("{}", errors.render());
+                    eprintln!(
+                        "{}: {}; the old version is not usable, nothing to compare",
+                        old.display(),
+                        plural(errors.error_count(), "error")
+                    );
+                    return Ok(ExitCode::from(1));
+                }
+            };
             let b = load_or_exit!(&new, strict);
             let finding = version_finding(&a, &b);
             if let Some(finding) = &finding {

@@ -924,3 +924,42 @@ fn schema_prints_and_writes_the_shipped_schemas() {
     // Neither: a usage error.
     assert_eq!(komnet(&["policy", "schema"]).code, 2);
 }
+
+#[test]
+fn diff_shows_the_new_versions_warnings_once_not_the_old_ones() {
+    let guardrail = "[[guardrail]]\nname = \"iot-offline\"\nfrom_kinds = [\"iot\"]\nto = [\"gebaeudeleittechnik\"]\n\n# ---- operator tests";
+    let old = copy_example("diff-warn-old");
+    let new = copy_example("diff-warn-new");
+    replace_in(
+        &old.join("operator.toml"),
+        "# ---- operator tests",
+        guardrail,
+    );
+    replace_in(
+        &new.join("operator.toml"),
+        "# ---- operator tests",
+        guardrail,
+    );
+    replace_in(&new.join("operator.toml"), "version = 7", "version = 8");
+    let out = komnet(&[
+        "policy",
+        "diff",
+        old.to_str().unwrap(),
+        new.to_str().unwrap(),
+    ]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(
+        out.stderr.matches("rule \"building-control\" in ").count(),
+        1,
+        "{}",
+        out.stderr
+    );
+    assert!(
+        out.stderr
+            .contains(&format!("{}: 1 warning", new.display())),
+        "{}",
+        out.stderr
+    );
+    fs::remove_dir_all(&old).unwrap();
+    fs::remove_dir_all(&new).unwrap();
+}
