@@ -30,6 +30,10 @@ impl<'s> Builder<'s> {
                 return self.toml_error(file, FileKind::Tenant, e);
             }
         };
+        if let Some(n) = self.operator_unreadable.as_mut() {
+            *n += 1;
+            return;
+        }
         // One fragment per tenant, named after it: a file whose name is not its tenant's is
         // refused as a whole (a stray copy never displaces the real tenants/T.toml).
         if stem != *doc.tenant.get_ref() {

@@ -516,14 +516,15 @@ impl Policy {
         mut diags: Vec<Diagnostic>,
     ) -> Result<Policy, PolicyErrors> {
         let mut b = Builder::new(&sources);
-        if let Some(op) = files.operator {
-            b.load_operator(op);
+        match files.operator {
+            Some(op) => b.load_operator(op),
+            None => b.operator_unreadable = Some(0),
         }
         for f in files.fragments {
             b.load_fragment(f);
         }
         b.finish_checks();
-        b.note_hidden();
+        b.note_hidden(files.operator);
         diags.append(&mut b.diags);
         // A group named by several rules reports its unknown member once, not once per rule.
         let mut seen = std::collections::HashSet::new();
