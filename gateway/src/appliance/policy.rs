@@ -37,6 +37,17 @@ pub(super) async fn put_in_force(
             };
             let ruleset = nft::ruleset_for_site(policy, site, &interfaces)?;
             let plan = lan::plan(policy, site, &interfaces)?;
+            if !policy.site_translations(site).is_empty() {
+                // Local prefixes that the WAN or the tunnel already use cannot be the LAN's.
+                let outside: Vec<(String, IpNet)> = net::interface_addresses()?
+                    .into_iter()
+                    .filter(|(i, _)| !plan.interfaces.contains(i) && !ctx.config.lan.contains(i))
+                    .collect();
+                let clashes = lan::local_prefix_clashes(policy, site, &outside);
+                if !clashes.is_empty() {
+                    bail!("{}", clashes.join("; "));
+                }
+            }
             let dhcp_plan = dhcp::plan(policy, site, &interfaces)?;
             let task = ctx.clone();
             tokio::task::spawn_blocking(move || install_ruleset(&task, ruleset))
