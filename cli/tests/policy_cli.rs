@@ -1031,3 +1031,27 @@ fn the_docs_session_shows_what_the_commands_print() {
         }
     }
 }
+
+#[test]
+fn query_and_compile_suggest_the_closest_name() {
+    let dir = example();
+    let d = dir.to_str().unwrap();
+    for (args, want) in [
+        (
+            vec!["policy", "query", d, "--service", "musterstadt/filserver"],
+            "did you mean \"musterstadt/fileserver\"?",
+        ),
+        (
+            vec!["policy", "query", d, "--segment", "musterstadt/verwaltnug"],
+            "did you mean \"musterstadt/verwaltung\"?",
+        ),
+        (
+            vec!["policy", "compile", d, "--site", "musterstadt/rathuas", "--nft"],
+            "tenant \"musterstadt\" has no site named \"rathuas\"; did you mean \"musterstadt/rathaus\"?",
+        ),
+    ] {
+        let out = komnet(&args);
+        assert_eq!(out.code, 1, "{args:?}");
+        assert!(out.stderr.contains(want), "{args:?}: {}", out.stderr);
+    }
+}

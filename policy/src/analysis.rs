@@ -610,8 +610,13 @@ fn reach_table(policy: &Policy) -> BTreeMap<(SegmentId, ServiceId), Reach> {
 
 /// Who can reach service `name` (and who a rule names but a guardrail blocks).
 pub fn query_service(policy: &Policy, name: &str) -> Result<Vec<Reach>, String> {
-    let svc = find_service_anywhere(policy, name)
-        .ok_or_else(|| format!("unknown service {name:?} (write SERVICE or TENANT/SERVICE)"))?;
+    let svc = find_service_anywhere(policy, name).ok_or_else(|| {
+        with_hint(
+            format!("unknown service {name:?} (write SERVICE or TENANT/SERVICE)"),
+            name,
+            service_names(policy),
+        )
+    })?;
     Ok(reach_table(policy)
         .into_iter()
         .filter(|((_, s), _)| *s == svc)
@@ -621,8 +626,13 @@ pub fn query_service(policy: &Policy, name: &str) -> Result<Vec<Reach>, String> 
 
 /// What segment `name` can reach.
 pub fn query_segment(policy: &Policy, name: &str) -> Result<Vec<Reach>, String> {
-    let seg = find_segment_anywhere(policy, name)
-        .ok_or_else(|| format!("unknown segment {name:?} (write TENANT/SEGMENT)"))?;
+    let seg = find_segment_anywhere(policy, name).ok_or_else(|| {
+        with_hint(
+            format!("unknown segment {name:?} (write TENANT/SEGMENT)"),
+            name,
+            segment_names(policy),
+        )
+    })?;
     Ok(reach_table(policy)
         .into_iter()
         .filter(|((s, _), _)| *s == seg)

@@ -584,9 +584,18 @@ impl Policy {
             let tenant = self
                 .tenant_by_name(t)
                 .ok_or_else(|| format!("no tenant named {t:?}"))?;
-            return self
-                .site_by_name(tenant, s)
-                .ok_or_else(|| format!("tenant {t:?} has no site named {s:?}"));
+            return self.site_by_name(tenant, s).ok_or_else(|| {
+                let sites = self.tenants[tenant.index()]
+                    .sites
+                    .iter()
+                    .map(|i| self.sites[i.index()].name.as_str());
+                match closest(s, sites) {
+                    Some(n) => {
+                        format!("tenant {t:?} has no site named {s:?}; did you mean \"{t}/{n}\"?")
+                    }
+                    None => format!("tenant {t:?} has no site named {s:?}"),
+                }
+            });
         }
         let found: Vec<SiteId> = (0..self.sites.len())
             .map(|i| SiteId(i as u32))
@@ -594,7 +603,19 @@ impl Policy {
             .collect();
         match found.as_slice() {
             [one] => Ok(*one),
-            [] => Err(format!("no site named {name:?}")),
+            [] => {
+                let all: Vec<String> = self
+                    .sites
+                    .iter()
+                    .map(|s| format!("{}/{}", self.tenants[s.tenant.index()].name, s.name))
+                    .collect();
+                let near = closest(name, self.sites.iter().map(|s| s.name.as_str()))
+                    .or_else(|| closest(name, all.iter().map(String::as_str)));
+                Err(match near {
+                    Some(n) => format!("no site named {name:?}; did you mean {n:?}?"),
+                    None => format!("no site named {name:?} (write SITE or TENANT/SITE)"),
+                })
+            }
             _ => Err(format!(
                 "several tenants have a site named {name:?}: write TENANT/{name}"
             )),
