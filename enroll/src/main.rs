@@ -342,6 +342,6 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             println!("backup written to {}", out.display());
             Ok(ExitCode::SUCCESS)
         }
-        Command::Admin(cmd) => komnet_enroll::admin::run(cmd).await,
+        Command::Admin(cmd) => Ok(komnet_enroll::admin::run(cmd).await?),
     }
 }
