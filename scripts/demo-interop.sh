@@ -16,6 +16,7 @@
 #
 # Knobs (environment):
 #   KOMNET_GATEWAY_BIN   use this komnet-gateway binary and skip the cargo build
+#   KOMNET_NETPROBE_BIN  use this netprobe binary (the file transfers) and skip its build
 #   DEMO_MB              size of each transfer in MB (default 100)
 #   LOGDIR               keep the daemon logs here (default: a temp dir, removed on exit)
 set -euo pipefail
@@ -29,17 +30,27 @@ die() { log "FAILED: $*"; exit 1; }
 [ "$(id -u)" = 0 ] || { echo "demo-interop.sh needs root (network namespaces, TUN devices): run 'sudo scripts/demo-interop.sh'" >&2; exit 1; }
 
 scripts/setup.sh demo
+TARGET=${CARGO_TARGET_DIR:-$PWD/target}
 if [ -n "${KOMNET_GATEWAY_BIN:-}" ]; then
     GATEWAY=$KOMNET_GATEWAY_BIN
     log "using KOMNET_GATEWAY_BIN=$GATEWAY (no build)"
 else
     log "cargo build --release -p komnet-gateway"
     cargo build --release --locked -p komnet-gateway --bins
-    GATEWAY=$PWD/target/release/komnet-gateway
+    GATEWAY=$TARGET/release/komnet-gateway
 fi
 [ -x "$GATEWAY" ] || die "komnet-gateway binary $GATEWAY missing"
+# The file transfers go through the tests' traffic tool (no embedded script copies).
+if [ -n "${KOMNET_NETPROBE_BIN:-}" ]; then
+    NETPROBE=$KOMNET_NETPROBE_BIN
+else
+    log "cargo build --release -p komnet-netns-tests --bin netprobe"
+    cargo build --release --locked -p komnet-netns-tests --bin netprobe
+    NETPROBE=$TARGET/release/netprobe
+fi
+[ -x "$NETPROBE" ] || die "netprobe binary $NETPROBE missing"
 WGGO=$(command -v wireguard-go) || die "wireguard-go not on PATH"
-for tool in ip wg ping python3 sha256sum; do
+for tool in ip wg ping sha256sum; do
     command -v "$tool" >/dev/null || die "$tool not on PATH"
 done
 [ -c /dev/net/tun ] || die "/dev/net/tun missing: no TUN devices"
@@ -152,45 +163,20 @@ RTT_W2K_4=$(ping_avg "$NS_W" "$TUN4_K")
 RTT_W2K_6=$(ping_avg "$NS_W" "$TUN6_K")
 
 # --- TCP transfers with sha256 at both ends ---------------------------------------------------
-RECEIVER_PY='
-import socket, sys
-host, port, out_path, ready_path = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
-server = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-server.bind((host, port)); server.listen(1); server.settimeout(60)
-open(ready_path, "w").close()
-conn, _ = server.accept(); conn.settimeout(60)
-with open(out_path, "wb") as out:
-    while True:
-        chunk = conn.recv(1 << 20)
-        if not chunk:
-            break
-        out.write(chunk)
-conn.close()
-'
-# The sender half-closes, then waits for the receiver to close: when it exits, every byte is in.
-SENDER_PY='
-import socket, sys
-host, port, path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-conn = socket.create_connection((host, port), timeout=60)
-with open(path, "rb") as source:
-    conn.sendfile(source)
-conn.shutdown(socket.SHUT_WR)
-conn.recv(1)
-conn.close()
-'
+# netprobe's sender half-closes, then waits for the receiver to close: when it exits, every
+# byte is in.
 # transfer FROM_NS TO_NS DST LABEL: sets XFER_GBPS, XFER_MATCH, XFER_SHA
 transfer() {
     local from=$1 to=$2 dst=$3 label=$4 src rcv ready rpid t0 t1 sha_src sha_rcv
     src=$WORK/$label.sent; rcv=$WORK/$label.received; ready=$WORK/$label.ready
     head -c "$((DEMO_MB * 1024 * 1024))" /dev/urandom >"$src"
-    ip netns exec "$to" timeout 120 python3 -c "$RECEIVER_PY" "$dst" "$XFER_PORT" "$rcv" "$ready" \
-        2>"$WORK/$label.receiver.err" &
+    ip netns exec "$to" timeout 120 "$NETPROBE" receive "$dst:$XFER_PORT" "$rcv" "$ready" \
+        >/dev/null 2>"$WORK/$label.receiver.err" &
     rpid=$!; RECEIVER_PID=$rpid
     for _ in $(seq 100); do [ -e "$ready" ] && break; sleep 0.05; done
     [ -e "$ready" ] || { cat "$WORK/$label.receiver.err" >&2; die "$label: receiver did not start"; }
     t0=$(date +%s.%N)
-    ip netns exec "$from" timeout 120 python3 -c "$SENDER_PY" "$dst" "$XFER_PORT" "$src" \
+    ip netns exec "$from" timeout 120 "$NETPROBE" send "$dst:$XFER_PORT" "$src" >/dev/null \
         || die "$label: sending failed"
     t1=$(date +%s.%N)
     wait "$rpid" || { RECEIVER_PID=; cat "$WORK/$label.receiver.err" >&2; die "$label: receiver failed"; }

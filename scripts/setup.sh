@@ -26,12 +26,12 @@ DEMO=(
     ping:iputils-ping
     jq:jq
     sha256sum:coreutils
-    # The demo and the namespace tests move files through the tunnel with small python3
-    # TCP senders/receivers (a checksum needs a real file; iperf3 does not keep one).
-    python3:python3
 )
 BENCH=(
     iperf3:iperf3
+    # benches/throughput.sh reads iperf3's JSON with it (the demo and the namespace tests move
+    # their files with the tests' own netprobe).
+    python3:python3
 )
 TESTS=(
     # The namespace tests start an enrollment service whose clock runs days behind, to hand an

@@ -62,7 +62,7 @@ fn main() -> ExitCode {
             .enable_all()
             .build()
             .map_err(anyhow::Error::from)
-            .and_then(|rt| rt.block_on(komnet_enroll_admin::run(cmd))),
+            .and_then(|rt| Ok(rt.block_on(komnet_enroll_admin::run(cmd))?)),
         Command::Status { gateway, json } => status_cmd::fetch(gateway).and_then(|r| {
             let text = if json {
                 serde_json::to_string_pretty(&r)? + "\n"

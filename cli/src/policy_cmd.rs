@@ -54,8 +54,9 @@ pub(crate) enum PolicyCommand {
         /// Like --vlan, for a packet that arrived untagged on this port of the appliance.
         #[arg(long)]
         port: Option<String>,
-        /// The site whose appliance it arrived at (with --vlan/--port); default: the site of
-        /// the source address.
+        /// The site whose appliance it arrived at (with --vlan/--port; default: the site of
+        /// the source address). Addresses in that town hall's own numbering (a segment's
+        /// `local` prefixes) are shown with their unique ones and decided as those.
         #[arg(long)]
         site: Option<String>,
         #[command(flatten)]
@@ -382,9 +383,8 @@ fn run_into(cmd: PolicyCommand, out: &mut String) -> anyhow::Result<ExitCode> {
                 (None, None) => None,
             };
             let arrival = match (binding, site) {
-                (Some(binding), site) => Some(Arrival { site, binding }),
-                (None, Some(_)) => bail!("--site goes with --vlan or --port"),
                 (None, None) => None,
+                (binding, site) => Some(Arrival { site, binding }),
             };
             if let Some(hint) = destination_hint(&to) {
                 eprintln!("warning: --to {to:?}: {hint}");
@@ -423,7 +423,20 @@ fn run_into(cmd: PolicyCommand, out: &mut String) -> anyhow::Result<ExitCode> {
             format,
             strict,
         } => {
-            let a = load_or_exit!(&old, strict);
+            // The old version's warnings are history: only the new one's are shown (and count
+            // for --deny-warnings); its errors are shown, since it must load to compare.
+            let a = match Policy::load(&old) {
+                Ok(p) => p,
+                Err(errors) => {
+                    eprint!("{}", errors.render());
+                    eprintln!(
+                        "{}: {}; the old version is not usable, nothing to compare",
+                        old.display(),
+                        plural(errors.error_count(), "error")
+                    );
+                    return Ok(ExitCode::from(1));
+                }
+            };
             let b = load_or_exit!(&new, strict);
             let finding = version_finding(&a, &b);
             if let Some(finding) = &finding {

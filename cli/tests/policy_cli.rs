@@ -901,3 +901,157 @@ fn both_examples_are_in_the_fmt_layout() {
         assert_eq!(out.code, 0, "{name}: {}{}", out.stdout, out.stderr);
     }
 }
+
+#[test]
+fn schema_prints_and_writes_the_shipped_schemas() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let out = komnet(&["policy", "schema", "tenant"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(
+        out.stdout,
+        fs::read_to_string(root.join("docs/schema/tenant.schema.json")).unwrap()
+    );
+    let dir = std::env::temp_dir().join(format!("komnet-cli-schema-{}", std::process::id()));
+    let out = komnet(&["policy", "schema", "--out-dir", dir.to_str().unwrap()]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    for name in ["operator.schema.json", "tenant.schema.json"] {
+        assert_eq!(
+            fs::read_to_string(dir.join(name)).unwrap(),
+            fs::read_to_string(root.join("docs/schema").join(name)).unwrap()
+        );
+    }
+    fs::remove_dir_all(&dir).unwrap();
+    // Neither: a usage error.
+    assert_eq!(komnet(&["policy", "schema"]).code, 2);
+}
+
+#[test]
+fn diff_shows_the_new_versions_warnings_once_not_the_old_ones() {
+    let guardrail = "[[guardrail]]\nname = \"iot-offline\"\nfrom_kinds = [\"iot\"]\nto = [\"gebaeudeleittechnik\"]\n\n# ---- operator tests";
+    let old = copy_example("diff-warn-old");
+    let new = copy_example("diff-warn-new");
+    replace_in(
+        &old.join("operator.toml"),
+        "# ---- operator tests",
+        guardrail,
+    );
+    replace_in(
+        &new.join("operator.toml"),
+        "# ---- operator tests",
+        guardrail,
+    );
+    replace_in(&new.join("operator.toml"), "version = 7", "version = 8");
+    let out = komnet(&[
+        "policy",
+        "diff",
+        old.to_str().unwrap(),
+        new.to_str().unwrap(),
+    ]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(
+        out.stderr.matches("rule \"building-control\" in ").count(),
+        1,
+        "{}",
+        out.stderr
+    );
+    assert!(
+        out.stderr
+            .contains(&format!("{}: 1 warning", new.display())),
+        "{}",
+        out.stderr
+    );
+    fs::remove_dir_all(&old).unwrap();
+    fs::remove_dir_all(&new).unwrap();
+}
+
+/// docs/policy.md's "Trying it" session is what the commands print: each `$ komnet …` line runs
+/// from the repository root, and its output must match the lines shown (up to a line `…`, or
+/// the `{ … }` of a ruleset: shortened there). `| tail -1` keeps the last line.
+#[test]
+fn the_docs_session_shows_what_the_commands_print() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let doc = fs::read_to_string(root.join("docs/policy.md")).unwrap();
+    let session = doc
+        .split("### Trying it\n\n```\n")
+        .nth(1)
+        .and_then(|rest| rest.split("\n```").next())
+        .expect("docs/policy.md has a \"Trying it\" session");
+    let mut blocks: Vec<(String, Vec<&str>)> = Vec::new();
+    for line in session.lines() {
+        match line.strip_prefix("$ komnet ") {
+            Some(cmd) => blocks.push((cmd.to_owned(), Vec::new())),
+            None => blocks
+                .last_mut()
+                .expect("output after a command")
+                .1
+                .push(line),
+        }
+    }
+    assert!(blocks.len() >= 6);
+    for (cmd, shown) in blocks {
+        let (cmd, tail) = match cmd.strip_suffix(" | tail -1") {
+            Some(c) => (c.to_owned(), true),
+            None => (cmd, false),
+        };
+        let out = Command::new(env!("CARGO_BIN_EXE_komnet"))
+            .args(cmd.split_whitespace())
+            .current_dir(&root)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "komnet {cmd}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let mut lines: Vec<&str> = stdout.lines().collect();
+        if tail {
+            lines = lines.split_off(lines.len().saturating_sub(1));
+        }
+        for (i, want) in shown.iter().enumerate() {
+            if want.trim() == "…" {
+                break;
+            }
+            if let Some(prefix) = want.strip_suffix("{ … }") {
+                assert!(stdout.starts_with(prefix), "komnet {cmd}: {stdout}");
+                break;
+            }
+            assert_eq!(
+                lines.get(i).copied(),
+                Some(*want),
+                "komnet {cmd}:\n{stdout}"
+            );
+            if i + 1 == shown.len() {
+                assert_eq!(
+                    lines.len(),
+                    shown.len(),
+                    "komnet {cmd} printed more:\n{stdout}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn query_and_compile_suggest_the_closest_name() {
+    let dir = example();
+    let d = dir.to_str().unwrap();
+    for (args, want) in [
+        (
+            vec!["policy", "query", d, "--service", "musterstadt/filserver"],
+            "did you mean \"musterstadt/fileserver\"?",
+        ),
+        (
+            vec!["policy", "query", d, "--segment", "musterstadt/verwaltnug"],
+            "did you mean \"musterstadt/verwaltung\"?",
+        ),
+        (
+            vec!["policy", "compile", d, "--site", "musterstadt/rathuas", "--nft"],
+            "tenant \"musterstadt\" has no site named \"rathuas\"; did you mean \"musterstadt/rathaus\"?",
+        ),
+    ] {
+        let out = komnet(&args);
+        assert_eq!(out.code, 1, "{args:?}");
+        assert!(out.stderr.contains(want), "{args:?}: {}", out.stderr);
+    }
+}

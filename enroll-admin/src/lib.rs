@@ -10,7 +10,6 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::{bail, Context as _};
 use http_body_util::{BodyExt as _, Full};
 use hyper::{Method, Request};
 use hyper_util::rt::TokioIo;
@@ -21,11 +20,78 @@ use komnet_proto::api::admin::{
     HomeOfficeResponse, PolicyPublishResponse, PolicyVersionRequest, RevokeRequest, RevokeResponse,
 };
 use komnet_proto::api::{ApiError, RevocationReason};
-use komnet_proto::bootstrap::Bootstrap;
+use komnet_proto::bootstrap::{Bootstrap, BootstrapError};
 use komnet_proto::config::HumanDuration;
+use komnet_proto::files::FileError;
 use komnet_proto::identity::{Role, SiteId, TenantId, WgPublicKey};
 
 pub mod homeoffice;
+
+use homeoffice::HomeOfficeError;
+
+/// Why an admin command failed. Each names what and where; causes (an I/O error, the service's
+/// answer) are the error's source, so `{:#}` prints the whole chain.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error(
+        "cannot reach komnet-enroll at {} (is `komnet-enroll serve` running, and are you its \
+         user or root?)",
+        socket.display()
+    )]
+    Connect {
+        socket: PathBuf,
+        source: std::io::Error,
+    },
+    /// The HTTP exchange over the admin socket failed.
+    #[error("admin socket: {what}")]
+    Http {
+        what: &'static str,
+        source: hyper::Error,
+    },
+    /// The service answered something that is not its API.
+    #[error("admin socket: {0}")]
+    Answer(String),
+    /// The service refused, with its typed error.
+    #[error("{}: {}", code_name(&.0.code), .0.message)]
+    Refused(ApiError),
+    #[error("{}: exists; not overwriting a bootstrap file", path.display())]
+    BootstrapExists { path: PathBuf },
+    #[error("writing the bootstrap file")]
+    Bootstrap(#[source] BootstrapError),
+    #[error("{}", path.display())]
+    CreateDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    File(#[from] FileError),
+    #[error("cannot read {}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: {len} bytes, more than a bundle may have ({max})", path.display())]
+    BundleTooLarge { path: PathBuf, len: u64, max: usize },
+    #[error("publishing {}", path.display())]
+    Publish {
+        path: PathBuf,
+        source: Box<AdminError>,
+    },
+    #[error(transparent)]
+    HomeOffice(#[from] HomeOfficeError),
+    #[error("encoding the request: {0}")]
+    Encode(#[from] serde_json::Error),
+    #[error("writing the output: {0}")]
+    Output(#[from] std::io::Error),
+}
+
+/// An error code as the API spells it (`token_used`).
+fn code_name(code: &komnet_proto::api::ErrorCode) -> String {
+    serde_json::to_value(code)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_else(|| format!("{code:?}"))
+}
 
 /// Where `komnet-enroll serve` puts its admin socket by default.
 pub const DEFAULT_SOCKET: &str = "/var/lib/komnet-enroll/admin.sock";
@@ -210,7 +276,7 @@ async fn call<T: serde::de::DeserializeOwned>(
     method: Method,
     path: &str,
     body: Option<Vec<u8>>,
-) -> anyhow::Result<T> {
+) -> Result<T, AdminError> {
     call_with(socket, method, path, body, "application/json").await
 }
 
@@ -221,16 +287,17 @@ async fn call_with<T: serde::de::DeserializeOwned>(
     path: &str,
     body: Option<Vec<u8>>,
     content_type: &'static str,
-) -> anyhow::Result<T> {
-    let stream = tokio::net::UnixStream::connect(socket).await.with_context(|| {
-        format!(
-            "cannot reach komnet-enroll at {} (is `komnet-enroll serve` running, and are you its user or root?)",
-            socket.display()
-        )
-    })?;
+) -> Result<T, AdminError> {
+    let stream = tokio::net::UnixStream::connect(socket)
+        .await
+        .map_err(|source| AdminError::Connect {
+            socket: socket.to_owned(),
+            source,
+        })?;
+    let http = |what| move |source| AdminError::Http { what, source };
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
-        .context("admin socket: HTTP handshake")?;
+        .map_err(http("HTTP handshake"))?;
     tokio::spawn(async move {
         let _ = conn.await;
     });
@@ -239,37 +306,37 @@ async fn call_with<T: serde::de::DeserializeOwned>(
         .uri(path)
         .header(hyper::header::HOST, "komnet-enroll")
         .header(hyper::header::CONTENT_TYPE, content_type)
-        .body(Full::new(bytes::Bytes::from(body.unwrap_or_default())))?;
-    let resp = sender
-        .send_request(req)
-        .await
-        .context("admin socket: request")?;
+        .body(Full::new(bytes::Bytes::from(body.unwrap_or_default())))
+        .map_err(|e| AdminError::Answer(format!("request: {e}")))?;
+    let resp = sender.send_request(req).await.map_err(http("request"))?;
     let status = resp.status();
-    let bytes = resp.into_body().collect().await?.to_bytes();
+    let bytes = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(http("answer"))?
+        .to_bytes();
     if !status.is_success() {
-        let err: ApiError = serde_json::from_slice(&bytes).with_context(|| {
-            format!(
+        let err: ApiError = serde_json::from_slice(&bytes).map_err(|_| {
+            AdminError::Answer(format!(
                 "service answered {status}: {}",
                 String::from_utf8_lossy(&bytes)
-            )
+            ))
         })?;
-        bail!(
-            "{}: {}",
-            serde_json::to_string(&err.code)?.trim_matches('"'),
-            err.message
-        );
+        return Err(AdminError::Refused(err));
     }
-    serde_json::from_slice(&bytes).context("admin socket: unexpected answer")
+    serde_json::from_slice(&bytes)
+        .map_err(|e| AdminError::Answer(format!("unexpected answer: {e}")))
 }
 
 /// Runs an admin command, printing to stdout.
-pub async fn run(cmd: AdminCommand) -> anyhow::Result<ExitCode> {
+pub async fn run(cmd: AdminCommand) -> Result<ExitCode, AdminError> {
     let mut out = std::io::stdout().lock();
     run_to(cmd, &mut out).await
 }
 
 /// Runs an admin command, printing to `out` (tests capture it).
-pub async fn run_to(cmd: AdminCommand, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
+pub async fn run_to(cmd: AdminCommand, out: &mut dyn Write) -> Result<ExitCode, AdminError> {
     match cmd {
         AdminCommand::Token(TokenCommand::Create(a)) => token_create(a, out).await,
         AdminCommand::Revoke(a) => revoke(a, out).await,
@@ -291,16 +358,13 @@ pub async fn run_to(cmd: AdminCommand, out: &mut dyn Write) -> anyhow::Result<Ex
     }
 }
 
-async fn token_create(a: TokenCreateArgs, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
+async fn token_create(a: TokenCreateArgs, out: &mut dyn Write) -> Result<ExitCode, AdminError> {
     let path = a
         .out
         .clone()
         .unwrap_or_else(|| PathBuf::from(format!("komnet-bootstrap-{}-{}.json", a.tenant, a.site)));
     if path.exists() {
-        bail!(
-            "{}: exists; not overwriting a bootstrap file",
-            path.display()
-        );
+        return Err(AdminError::BootstrapExists { path });
     }
     let body = serde_json::to_vec(&CreateTokenRequest {
         tenant: a.tenant.clone(),
@@ -314,9 +378,7 @@ async fn token_create(a: TokenCreateArgs, out: &mut dyn Write) -> anyhow::Result
     let (token_id, token_text, expires_at) =
         (resp.token_id.clone(), resp.token.clone(), resp.expires_at);
     let bootstrap = Bootstrap::from_token(resp, a.urls);
-    bootstrap
-        .write(&path)
-        .with_context(|| "writing the bootstrap file".to_string())?;
+    bootstrap.write(&path).map_err(AdminError::Bootstrap)?;
     writeln!(
         out,
         "token {token_id} for {}/{} ({}), expires at {expires_at} (unix)",
@@ -332,7 +394,7 @@ async fn token_create(a: TokenCreateArgs, out: &mut dyn Write) -> anyhow::Result
     Ok(ExitCode::SUCCESS)
 }
 
-async fn revoke(a: RevokeArgs, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
+async fn revoke(a: RevokeArgs, out: &mut dyn Write) -> Result<ExitCode, AdminError> {
     let reason = if a.decommission {
         RevocationReason::CessationOfOperation
     } else {
@@ -353,16 +415,17 @@ async fn revoke(a: RevokeArgs, out: &mut dyn Write) -> anyhow::Result<ExitCode> 
     Ok(ExitCode::SUCCESS)
 }
 
-async fn homeoffice_issue(a: HomeofficeIssueArgs, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
+async fn homeoffice_issue(
+    a: HomeofficeIssueArgs,
+    out: &mut dyn Write,
+) -> Result<ExitCode, AdminError> {
     // The key pair is made here, on the admin's machine: the service only sees the public key.
-    let generated = match a.public_key {
-        Some(_) => None,
-        None => Some(WgKeys::generate()),
-    };
-    let public = match (&a.public_key, &generated) {
-        (Some(k), _) => *k,
-        (None, Some(g)) => g.public(),
-        (None, None) => bail!("no key"),
+    let (public, generated) = match a.public_key {
+        Some(key) => (key, None),
+        None => {
+            let keys = WgKeys::generate();
+            (keys.public(), Some(keys))
+        }
     };
     let body = serde_json::to_vec(&HomeOfficeRequest {
         tenant: a.tenant.clone(),
@@ -380,7 +443,10 @@ async fn homeoffice_issue(a: HomeofficeIssueArgs, out: &mut dyn Write) -> anyhow
     let private = generated.as_ref().map(|g| g.private_base64());
     let config = crate::homeoffice::wg_quick_config(&resp.enrollment, private.as_deref())?;
     let png = crate::homeoffice::qr_png(&config)?;
-    std::fs::create_dir_all(&a.out_dir).with_context(|| format!("{}", a.out_dir.display()))?;
+    std::fs::create_dir_all(&a.out_dir).map_err(|source| AdminError::CreateDir {
+        path: a.out_dir.clone(),
+        source,
+    })?;
     let mut written = Vec::new();
     for (ext, bytes) in [("conf", config.as_bytes()), ("png", png.as_slice())] {
         let path = a.out_dir.join(format!("{}.{ext}", a.user));
@@ -409,20 +475,23 @@ async fn homeoffice_issue(a: HomeofficeIssueArgs, out: &mut dyn Write) -> anyhow
     Ok(ExitCode::SUCCESS)
 }
 
-async fn policy_publish(a: PolicyPublishArgs, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
+async fn policy_publish(a: PolicyPublishArgs, out: &mut dyn Write) -> Result<ExitCode, AdminError> {
     let path = &a.bundle_file;
     let max = komnet_policy::bundle::MAX_BUNDLE_BYTES;
     // Checked before reading, so a wrong path (a disk image, say) is not read into memory.
-    let len = std::fs::metadata(path)
-        .with_context(|| format!("cannot read {}", path.display()))?
-        .len();
+    let unreadable = |source| AdminError::Read {
+        path: path.clone(),
+        source,
+    };
+    let len = std::fs::metadata(path).map_err(unreadable)?.len();
     if len > max as u64 {
-        bail!(
-            "{}: {len} bytes, more than a bundle may have ({max})",
-            path.display()
-        );
+        return Err(AdminError::BundleTooLarge {
+            path: path.clone(),
+            len,
+            max,
+        });
     }
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let bytes = std::fs::read(path).map_err(unreadable)?;
     let resp: PolicyPublishResponse = call_with(
         &a.socket.socket,
         Method::POST,
@@ -431,7 +500,10 @@ async fn policy_publish(a: PolicyPublishArgs, out: &mut dyn Write) -> anyhow::Re
         "application/octet-stream",
     )
     .await
-    .with_context(|| format!("publishing {}", path.display()))?;
+    .map_err(|source| AdminError::Publish {
+        path: path.clone(),
+        source: Box::new(source),
+    })?;
     if resp.unchanged {
         writeln!(
             out,
@@ -448,7 +520,7 @@ async fn policy_publish(a: PolicyPublishArgs, out: &mut dyn Write) -> anyhow::Re
     Ok(ExitCode::SUCCESS)
 }
 
-async fn audit(a: AuditArgs, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
+async fn audit(a: AuditArgs, out: &mut dyn Write) -> Result<ExitCode, AdminError> {
     let records: Vec<AuditRecord> = call(
         &a.socket.socket,
         Method::GET,
@@ -478,4 +550,137 @@ fn parse_user(text: &str) -> Result<SiteId, String> {
              starting with a letter or digit (e.g. anna.schmidt)"
         )
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The error and its causes as the binaries print them (`{:#}` of anyhow, by hand).
+    fn chain(e: &AdminError) -> String {
+        let mut text = e.to_string();
+        let mut source = std::error::Error::source(e);
+        while let Some(cause) = source {
+            text = format!("{text}: {cause}");
+            source = cause.source();
+        }
+        text
+    }
+
+    fn socket(dir: &Path) -> SocketArg {
+        SocketArg {
+            socket: dir.join("admin.sock"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_missing_service_is_named_with_its_socket_and_the_cause() {
+        let tmp = tempfile::tempdir().expect("temporary directory");
+        let dir = tmp.path();
+        let e = run_to(
+            AdminCommand::Audit(AuditArgs {
+                limit: 5,
+                json: false,
+                socket: socket(dir),
+            }),
+            &mut Vec::new(),
+        )
+        .await
+        .expect_err("no service listens");
+        assert!(matches!(e, AdminError::Connect { .. }), "{e:?}");
+        let text = chain(&e);
+        assert!(
+            text.starts_with(&format!(
+                "cannot reach komnet-enroll at {}/admin.sock (is `komnet-enroll serve` running",
+                dir.display()
+            )) && text.contains("No such file or directory"),
+            "{text}"
+        );
+    }
+
+    #[tokio::test]
+    async fn bad_files_are_refused_before_the_service_is_asked() {
+        let tmp = tempfile::tempdir().expect("temporary directory");
+        let dir = tmp.path();
+        // A bootstrap file is never overwritten.
+        let existing = dir.join("stick.json");
+        std::fs::write(&existing, "{}").expect("write");
+        let e = run_to(
+            AdminCommand::Token(TokenCommand::Create(TokenCreateArgs {
+                tenant: TenantId::parse("nohfelden").expect("tenant"),
+                site: SiteId::parse("rathaus").expect("site"),
+                role: Role::Spoke,
+                ttl: "1h".parse().expect("ttl"),
+                out: Some(existing.clone()),
+                urls: vec![],
+                socket: socket(dir),
+            })),
+            &mut Vec::new(),
+        )
+        .await
+        .expect_err("exists");
+        assert!(matches!(e, AdminError::BootstrapExists { .. }), "{e:?}");
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "{}: exists; not overwriting a bootstrap file",
+                existing.display()
+            )
+        );
+        assert_eq!(std::fs::read_to_string(&existing).expect("read"), "{}");
+
+        // A bundle that is not there, and one larger than any bundle.
+        let publish = |file: PathBuf| {
+            AdminCommand::PolicyPublish(PolicyPublishArgs {
+                bundle_file: file,
+                socket: socket(dir),
+            })
+        };
+        let missing = dir.join("missing.bundle");
+        let e = run_to(publish(missing.clone()), &mut Vec::new())
+            .await
+            .expect_err("missing");
+        assert!(matches!(e, AdminError::Read { .. }), "{e:?}");
+        assert!(
+            chain(&e).starts_with(&format!("cannot read {}: ", missing.display())),
+            "{}",
+            chain(&e)
+        );
+        let huge = dir.join("huge.bundle");
+        let file = std::fs::File::create(&huge).expect("create");
+        file.set_len(komnet_policy::bundle::MAX_BUNDLE_BYTES as u64 + 1)
+            .expect("size");
+        let e = run_to(publish(huge), &mut Vec::new())
+            .await
+            .expect_err("too large");
+        assert!(matches!(e, AdminError::BundleTooLarge { .. }), "{e:?}");
+        assert!(e.to_string().contains("more than a bundle may have"), "{e}");
+
+        // With the service away, publishing says which file it was publishing.
+        let small = dir.join("small.bundle");
+        std::fs::write(&small, b"bundle").expect("write");
+        let e = run_to(publish(small.clone()), &mut Vec::new())
+            .await
+            .expect_err("no service");
+        assert!(
+            chain(&e).starts_with(&format!(
+                "publishing {}: cannot reach komnet-enroll",
+                small.display()
+            )),
+            "{}",
+            chain(&e)
+        );
+    }
+
+    #[test]
+    fn a_refusal_reads_as_the_apis_code_and_message() {
+        let e = AdminError::Refused(ApiError {
+            code: komnet_proto::api::ErrorCode::NotInPolicy,
+            message: "tenant x is not in the published policy".into(),
+        });
+        assert_eq!(
+            e.to_string(),
+            "not_in_policy: tenant x is not in the published policy"
+        );
+    }
 }

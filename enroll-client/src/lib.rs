@@ -27,38 +27,35 @@
 
 pub mod csr;
 pub mod proof;
+mod registry;
+mod transport;
+
+pub use registry::{RegistryFollower, RegistryItem};
+pub use transport::Client;
 
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
-use http_body_util::{BodyExt as _, Full};
-use hyper::body::Incoming;
-use hyper::{Method, Request, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper::{Method, StatusCode};
 use ipnet::IpNet;
 use rustls_pki_types::pem::PemObject as _;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls_pki_types::CertificateDer;
 use serde::{Deserialize, Serialize};
 use x25519_dalek::StaticSecret;
 
-use bytes::Bytes;
 use komnet_proto::api::{
-    self, ApiError, EnrollRequest, EnrollResponse, HubPeer, RegistryEvent, RegistrySnapshot,
-    RenewRequest, ServiceInfo,
+    self, ApiError, EnrollRequest, EnrollResponse, HubPeer, RegistrySnapshot, RenewRequest,
+    ServiceInfo,
 };
 use komnet_proto::bootstrap::Bootstrap;
 use komnet_proto::files::{write_atomic, FileError, Visibility};
 use komnet_proto::identity::{Identity, WgPublicKey};
+use transport::MAX_RESPONSE_BYTES;
 
-/// Largest answer read from the service (a response is a few KiB).
-const MAX_RESPONSE_BYTES: usize = 1 << 20;
 /// Largest registry snapshot read (about 250 bytes a peer: room for ~250,000 peers).
 const MAX_SNAPSHOT_BYTES: usize = 64 << 20;
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -202,210 +199,13 @@ impl Enrollment {
     }
 }
 
-struct Target {
-    url: String,
-    host: String,
-    port: u16,
-    server_name: ServerName<'static>,
-}
-
-fn parse_url(url: &str) -> Result<Target, ClientError> {
-    let bad = |m: &str| ClientError::Config(format!("enroll URL {url:?}: {m}"));
-    let uri: hyper::Uri = url.parse().map_err(|_| bad("not a URL"))?;
-    if uri.scheme_str() != Some("https") {
-        return Err(bad("must be https://"));
-    }
-    let host = uri
-        .host()
-        .ok_or_else(|| bad("has no host"))?
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .to_owned();
-    let server_name = ServerName::try_from(host.clone()).map_err(|_| bad("bad host name"))?;
-    Ok(Target {
-        url: url.trim_end_matches('/').to_owned(),
-        port: uri.port_u16().unwrap_or(443),
-        host,
-        server_name,
-    })
-}
-
-fn client_config(
-    root_ca_pem: &str,
-    client_auth: Option<(&str, &str)>,
-) -> Result<Arc<rustls::ClientConfig>, ClientError> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let root = CertificateDer::from_pem_slice(root_ca_pem.as_bytes())
-        .map_err(|e| ClientError::Config(format!("root CA: {e}")))?;
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(root)
-        .map_err(|e| ClientError::Config(format!("root CA: {e}")))?;
-    let builder = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| ClientError::Config(e.to_string()))?
-        .with_root_certificates(roots);
-    let mut config = match client_auth {
-        None => builder.with_no_client_auth(),
-        Some((chain_pem, key_pem)) => {
-            let chain = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| ClientError::Config(format!("certificate chain: {e}")))?;
-            let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
-                .map_err(|e| ClientError::Config(format!("private key: {e}")))?;
-            builder
-                .with_client_auth_cert(chain, key)
-                .map_err(|e| ClientError::Config(format!("client certificate: {e}")))?
-        }
-    };
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(Arc::new(config))
-}
-
-/// One HTTPS connection to the service.
-struct Connection {
-    url: String,
-    host_header: String,
-    sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
-}
-
-async fn connect(
-    target: &Target,
-    tls: Arc<rustls::ClientConfig>,
-) -> Result<Connection, ClientError> {
-    let cerr = |message: String| ClientError::Connect {
-        url: target.url.clone(),
-        message,
-    };
-    let tcp = tokio::time::timeout(
-        CONNECT_TIMEOUT,
-        tokio::net::TcpStream::connect((target.host.as_str(), target.port)),
-    )
-    .await
-    .map_err(|_| cerr("timed out".into()))?
-    .map_err(|e| cerr(e.to_string()))?;
-    let _ = tcp.set_nodelay(true);
-    let stream = tokio::time::timeout(
-        CONNECT_TIMEOUT,
-        tokio_rustls::TlsConnector::from(tls).connect(target.server_name.clone(), tcp),
-    )
-    .await
-    .map_err(|_| cerr("TLS handshake timed out".into()))?
-    .map_err(|e| cerr(describe_tls_error(&e)))?;
-    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| cerr(format!("HTTP: {e}")))?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    Ok(Connection {
-        url: target.url.clone(),
-        host_header: format!("{}:{}", target.host, target.port),
-        sender,
-    })
-}
-
-impl Connection {
-    async fn send(
-        &mut self,
-        method: Method,
-        path: &str,
-        body: Option<Vec<u8>>,
-    ) -> Result<hyper::Response<Incoming>, ClientError> {
-        let mut req = Request::builder()
-            .method(method)
-            .uri(path)
-            .header(hyper::header::HOST, &self.host_header);
-        if body.is_some() {
-            req = req.header(hyper::header::CONTENT_TYPE, "application/json");
-        }
-        let req = req
-            .body(Full::new(Bytes::from(body.unwrap_or_default())))
-            .map_err(|e| self.protocol(e.to_string()))?;
-        // The previous answer may still be finishing inside hyper's dispatcher; sending before
-        // it is ready fails with "connection was not ready".
-        tokio::time::timeout(REQUEST_TIMEOUT, self.sender.ready())
-            .await
-            .map_err(|_| self.protocol("connection not ready in time".into()))?
-            .map_err(|e| self.protocol(e.to_string()))?;
-        tokio::time::timeout(REQUEST_TIMEOUT, self.sender.send_request(req))
-            .await
-            .map_err(|_| self.protocol("no answer in time".into()))?
-            .map_err(|e| self.protocol(e.to_string()))
-    }
-
-    fn protocol(&self, message: String) -> ClientError {
-        ClientError::Protocol {
-            url: self.url.clone(),
-            message,
-        }
-    }
-
-    /// Sends and decodes a JSON answer, or the typed error.
-    async fn call<T: serde::de::DeserializeOwned>(
-        &mut self,
-        method: Method,
-        path: &str,
-        body: Option<Vec<u8>>,
-    ) -> Result<T, ClientError> {
-        self.call_limited(method, path, body, MAX_RESPONSE_BYTES)
-            .await
-    }
-
-    async fn call_limited<T: serde::de::DeserializeOwned>(
-        &mut self,
-        method: Method,
-        path: &str,
-        body: Option<Vec<u8>>,
-        limit: usize,
-    ) -> Result<T, ClientError> {
-        let resp = self.send(method, path, body).await?;
-        let status = resp.status();
-        let bytes = self.read_body(resp, limit).await?;
-        if status != StatusCode::OK {
-            return Err(ClientError::Api {
-                url: self.url.clone(),
-                status: status.as_u16(),
-                error: self.api_error(status, &bytes)?,
-            });
-        }
-        serde_json::from_slice(&bytes).map_err(|e| self.protocol(format!("JSON: {e}")))
-    }
-
-    /// An answer's body, at most `limit` bytes, within the request timeout.
-    async fn read_body(
-        &self,
-        resp: hyper::Response<Incoming>,
-        limit: usize,
-    ) -> Result<Bytes, ClientError> {
-        Ok(tokio::time::timeout(
-            REQUEST_TIMEOUT,
-            http_body_util::Limited::new(resp.into_body(), limit).collect(),
-        )
-        .await
-        .map_err(|_| self.protocol("answer body timed out".into()))?
-        .map_err(|e| self.protocol(format!("answer body: {e}")))?
-        .to_bytes())
-    }
-
-    /// The typed error in a refusal's body.
-    fn api_error(&self, status: StatusCode, bytes: &[u8]) -> Result<ApiError, ClientError> {
-        serde_json::from_slice(bytes).map_err(|_| {
-            self.protocol(format!(
-                "status {status} without a typed error: {}",
-                String::from_utf8_lossy(&bytes[..bytes.len().min(200)])
-            ))
-        })
-    }
-}
-
 /// The service back-dates its certificate by this much (its own `CLOCK_SKEW_SECS`): its clock
 /// read the certificate's notBefore plus this when it made it.
 const SERVICE_BACKDATE_SECS: i64 = 300;
 
 /// A TLS failure in words; a certificate "not valid yet" or "expired" on the appliance's side
 /// means its clock is wrong, which is what a field technician can fix.
-fn describe_tls_error(e: &std::io::Error) -> String {
+pub(crate) fn describe_tls_error(e: &std::io::Error) -> String {
     use rustls::CertificateError as C;
     let cert_error = e
         .get_ref()
@@ -483,36 +283,6 @@ fn span(secs: i64) -> String {
     }
 }
 
-/// Runs `f` against each URL in turn until one is reachable.
-async fn with_first_reachable<T, F, Fut>(
-    urls: &[String],
-    tls: Arc<rustls::ClientConfig>,
-    mut f: F,
-) -> Result<T, ClientError>
-where
-    F: FnMut(Connection) -> Fut,
-    Fut: std::future::Future<Output = Result<T, ClientError>>,
-{
-    let mut last = ClientError::Config("no enroll URL given".into());
-    for url in urls {
-        let target = match parse_url(url) {
-            Ok(t) => t,
-            Err(e) => {
-                last = e;
-                continue;
-            }
-        };
-        match connect(&target, tls.clone()).await {
-            Ok(conn) => return f(conn).await,
-            Err(e) => {
-                tracing::warn!(error = %e, "enroll URL unreachable, trying the next");
-                last = e;
-            }
-        }
-    }
-    Err(last)
-}
-
 fn check_pin(bootstrap: &Bootstrap) -> Result<(), ClientError> {
     let der = CertificateDer::from_pem_slice(bootstrap.root_ca_pem.as_bytes())
         .map_err(|e| ClientError::Config(format!("bootstrap root CA: {e}")))?;
@@ -571,85 +341,49 @@ pub async fn enroll_with_key(
     key: &csr::NewKey,
 ) -> Result<Enrollment, ClientError> {
     check_pin(bootstrap)?;
-    let tls = client_config(&bootstrap.root_ca_pem, None)?;
-    with_first_reachable(&bootstrap.enroll_urls, tls, |mut conn| async move {
-        let (csr, wg_public_key, wg_proof) =
-            key_request(keys, &bootstrap.wg_proof_public_key, &key.csr_der);
-        let body = serde_json::to_vec(&EnrollRequest {
-            token: bootstrap.token.clone(),
-            csr,
-            wg_public_key,
-            wg_proof,
-        })
-        .map_err(|e| conn.protocol(e.to_string()))?;
-        let resp: EnrollResponse = conn
-            .call(Method::POST, api::routes::ENROLL, Some(body))
-            .await?;
-        Ok(Enrollment::from_response(
-            resp,
-            key.private_key_pem.clone(),
-            bootstrap.root_ca_pem.clone(),
-            bootstrap.enroll_urls.clone(),
-            bootstrap.wg_proof_public_key,
-        ))
-    })
-    .await
+    let client = Client::new(&bootstrap.root_ca_pem, None, &bootstrap.enroll_urls)?;
+    let (csr, wg_public_key, wg_proof) =
+        key_request(keys, &bootstrap.wg_proof_public_key, &key.csr_der);
+    let body = request_body(&EnrollRequest {
+        token: bootstrap.token.clone(),
+        csr,
+        wg_public_key,
+        wg_proof,
+    })?;
+    let resp: EnrollResponse = client
+        .call(Method::POST, api::routes::ENROLL, Some(body))
+        .await?;
+    Ok(Enrollment::from_response(
+        resp,
+        key.private_key_pem.clone(),
+        bootstrap.root_ca_pem.clone(),
+        bootstrap.enroll_urls.clone(),
+        bootstrap.wg_proof_public_key,
+    ))
+}
+
+fn request_body(request: &impl Serialize) -> Result<Vec<u8>, ClientError> {
+    serde_json::to_vec(request).map_err(|e| ClientError::Config(format!("request: {e}")))
 }
 
 /// Renewal over mutual TLS with the current certificate; `keys` may be the same WireGuard key
 /// or a new one. A fresh TLS key is made every time.
 pub async fn renew(current: &Enrollment, keys: &WgKeys) -> Result<Enrollment, ClientError> {
-    let tls = client_config(
-        &current.root_ca_pem,
-        Some((&current.certificate_chain_pem, &current.private_key_pem)),
-    )?;
-    with_first_reachable(&current.enroll_urls, tls, |mut conn| async move {
-        let key = new_csr(Some(&current.identity))?;
-        let (csr, wg_public_key, wg_proof) =
-            key_request(keys, &current.wg_proof_public_key, &key.csr_der);
-        let body = serde_json::to_vec(&RenewRequest {
-            csr,
-            wg_public_key,
-            wg_proof,
-        })
-        .map_err(|e| conn.protocol(e.to_string()))?;
-        let resp: EnrollResponse = conn
-            .call(Method::POST, api::routes::RENEW, Some(body))
-            .await?;
-        Ok(Enrollment::from_response(
-            resp,
-            key.private_key_pem,
-            current.root_ca_pem.clone(),
-            current.enroll_urls.clone(),
-            current.wg_proof_public_key,
-        ))
-    })
-    .await
+    Client::for_enrollment(current)?.renew(current, keys).await
 }
 
-/// The valid peers now (a hub calls this at start, then follows from its version).
+/// The valid peers now (a hub calls this at start, then follows from its version). One
+/// connection for this call; see [`Client::registry_snapshot`].
 pub async fn registry_snapshot(hub: &Enrollment) -> Result<RegistrySnapshot, ClientError> {
-    let tls = client_config(
-        &hub.root_ca_pem,
-        Some((&hub.certificate_chain_pem, &hub.private_key_pem)),
-    )?;
-    with_first_reachable(&hub.enroll_urls, tls, |mut conn| async move {
-        conn.call_limited(Method::GET, api::routes::REGISTRY, None, MAX_SNAPSHOT_BYTES)
-            .await
-    })
-    .await
+    Client::for_enrollment(hub)?.registry_snapshot().await
 }
 
 /// The service's CA certificates and proof key (`GET /v1/info`), trusting the given root.
 pub async fn service_info(root_ca_pem: &str, urls: &[String]) -> Result<ServiceInfo, ClientError> {
-    let tls = client_config(root_ca_pem, None)?;
-    with_first_reachable(urls, tls, |mut conn| async move {
-        conn.call(Method::GET, api::routes::INFO, None).await
-    })
-    .await
+    Client::new(root_ca_pem, None, urls)?.service_info().await
 }
 
-/// What [`fetch_policy`] found.
+/// What [`Client::fetch_policy`] found.
 #[derive(Clone, PartialEq, Eq)]
 pub enum PolicyFetch {
     /// The published version is the one the caller has.
@@ -675,26 +409,91 @@ impl std::fmt::Debug for PolicyFetch {
     }
 }
 
-/// The published policy bundle (`GET /v1/policy`) over mutual TLS with the appliance's
-/// certificate; `have` is the version the caller runs, if any.
+/// The published policy bundle; one connection for this call, see [`Client::fetch_policy`].
 pub async fn fetch_policy(
     current: &Enrollment,
     have: Option<u64>,
 ) -> Result<PolicyFetch, ClientError> {
-    let tls = client_config(
-        &current.root_ca_pem,
-        Some((&current.certificate_chain_pem, &current.private_key_pem)),
-    )?;
-    with_first_reachable(&current.enroll_urls, tls, |mut conn| async move {
+    Client::for_enrollment(current)?.fetch_policy(have).await
+}
+
+/// The hubs; one connection for this call, see [`Client::fetch_hubs`].
+pub async fn fetch_hubs(current: &Enrollment) -> Result<Vec<HubPeer>, ClientError> {
+    Client::for_enrollment(current)?.fetch_hubs().await
+}
+
+/// The DER CRL (public).
+pub async fn fetch_crl(root_ca_pem: &str, urls: &[String]) -> Result<Vec<u8>, ClientError> {
+    Client::new(root_ca_pem, None, urls)?.fetch_crl().await
+}
+
+/// Follows the registry from `since`; see [`Client::follow_registry`].
+pub async fn follow_registry(
+    hub: &Enrollment,
+    since: u64,
+) -> Result<RegistryFollower, ClientError> {
+    Client::for_enrollment(hub)?.follow_registry(since).await
+}
+
+/// The calls of an enrolled appliance (mutual TLS) and the public ones.
+impl Client {
+    /// A client for an enrolled appliance: the enrollment's root, its certificate for mutual
+    /// TLS and its service URLs. A renewed enrollment needs a new client.
+    pub fn for_enrollment(e: &Enrollment) -> Result<Self, ClientError> {
+        Client::new(
+            &e.root_ca_pem,
+            Some((&e.certificate_chain_pem, &e.private_key_pem)),
+            &e.enroll_urls,
+        )
+    }
+
+    /// Renewal (`POST /v1/renew`); see [`renew`].
+    pub async fn renew(
+        &self,
+        current: &Enrollment,
+        keys: &WgKeys,
+    ) -> Result<Enrollment, ClientError> {
+        let key = new_csr(Some(&current.identity))?;
+        let (csr, wg_public_key, wg_proof) =
+            key_request(keys, &current.wg_proof_public_key, &key.csr_der);
+        let body = request_body(&RenewRequest {
+            csr,
+            wg_public_key,
+            wg_proof,
+        })?;
+        let resp: EnrollResponse = self
+            .call(Method::POST, api::routes::RENEW, Some(body))
+            .await?;
+        Ok(Enrollment::from_response(
+            resp,
+            key.private_key_pem,
+            current.root_ca_pem.clone(),
+            current.enroll_urls.clone(),
+            current.wg_proof_public_key,
+        ))
+    }
+
+    /// The valid peers now (`GET /v1/registry`; a hub calls this at start, then follows from
+    /// its version).
+    pub async fn registry_snapshot(&self) -> Result<RegistrySnapshot, ClientError> {
+        self.call_limited(Method::GET, api::routes::REGISTRY, None, MAX_SNAPSHOT_BYTES)
+            .await
+    }
+
+    /// The service's CA certificates and proof key (`GET /v1/info`).
+    pub async fn service_info(&self) -> Result<ServiceInfo, ClientError> {
+        self.call(Method::GET, api::routes::INFO, None).await
+    }
+
+    /// The published policy bundle (`GET /v1/policy`) over mutual TLS with the appliance's
+    /// certificate; `have` is the version the caller runs, if any.
+    pub async fn fetch_policy(&self, have: Option<u64>) -> Result<PolicyFetch, ClientError> {
         let path = match have {
             Some(v) => format!("{}?have={v}", api::routes::POLICY),
             None => api::routes::POLICY.to_owned(),
         };
-        let resp = conn.send(Method::GET, &path, None).await?;
+        let (resp, conn) = self.send(Method::GET, &path, None).await?;
         let status = resp.status();
-        if status == StatusCode::NOT_MODIFIED {
-            return Ok(PolicyFetch::NotModified);
-        }
         let version = resp
             .headers()
             .get(api::POLICY_VERSION_HEADER)
@@ -703,195 +502,70 @@ pub async fn fetch_policy(
         let bytes = conn
             .read_body(resp, komnet_policy::bundle::MAX_BUNDLE_BYTES)
             .await?;
-        if status != StatusCode::OK {
-            let error = conn.api_error(status, &bytes)?;
-            if error.code == api::ErrorCode::NoPolicy {
-                return Ok(PolicyFetch::NoneYet);
+        let result = if status == StatusCode::NOT_MODIFIED {
+            Ok(PolicyFetch::NotModified)
+        } else if status != StatusCode::OK {
+            conn.api_error(status, &bytes).and_then(|error| {
+                if error.code == api::ErrorCode::NoPolicy {
+                    Ok(PolicyFetch::NoneYet)
+                } else {
+                    Err(ClientError::Api {
+                        url: conn.url.clone(),
+                        status: status.as_u16(),
+                        error,
+                    })
+                }
+            })
+        } else {
+            match version {
+                Some(version) => Ok(PolicyFetch::Bundle {
+                    version,
+                    bytes: bytes.to_vec(),
+                }),
+                None => Err(conn.protocol(format!(
+                    "policy bundle without a valid {} header",
+                    api::POLICY_VERSION_HEADER
+                ))),
             }
-            return Err(ClientError::Api {
-                url: conn.url.clone(),
-                status: status.as_u16(),
-                error,
-            });
-        }
-        let version = version.ok_or_else(|| {
-            conn.protocol(format!(
-                "policy bundle without a valid {} header",
-                api::POLICY_VERSION_HEADER
-            ))
-        })?;
-        Ok(PolicyFetch::Bundle {
-            version,
-            bytes: bytes.to_vec(),
-        })
-    })
-    .await
-}
+        };
+        self.keep(conn);
+        result
+    }
 
-/// The hubs (`GET /v1/hubs`) with their keys, tunnel addresses and endpoints, by site: a spoke
-/// that enrolled before a hub existed learns of it here.
-pub async fn fetch_hubs(current: &Enrollment) -> Result<Vec<HubPeer>, ClientError> {
-    let tls = client_config(
-        &current.root_ca_pem,
-        Some((&current.certificate_chain_pem, &current.private_key_pem)),
-    )?;
-    with_first_reachable(&current.enroll_urls, tls, |mut conn| async move {
-        conn.call(Method::GET, api::routes::HUBS, None).await
-    })
-    .await
-}
+    /// The hubs (`GET /v1/hubs`) with their keys, tunnel addresses and endpoints, by site: a
+    /// spoke that enrolled before a hub existed learns of it here.
+    pub async fn fetch_hubs(&self) -> Result<Vec<HubPeer>, ClientError> {
+        self.call(Method::GET, api::routes::HUBS, None).await
+    }
 
-/// The DER CRL (public).
-pub async fn fetch_crl(root_ca_pem: &str, urls: &[String]) -> Result<Vec<u8>, ClientError> {
-    let tls = client_config(root_ca_pem, None)?;
-    with_first_reachable(urls, tls, |mut conn| async move {
-        let resp = conn.send(Method::GET, api::routes::CRL, None).await?;
+    /// The DER CRL (`GET /v1/crl`, public).
+    pub async fn fetch_crl(&self) -> Result<Vec<u8>, ClientError> {
+        let (resp, conn) = self.send(Method::GET, api::routes::CRL, None).await?;
         if resp.status() != StatusCode::OK {
             return Err(conn.protocol(format!("CRL: status {}", resp.status())));
         }
-        let body = http_body_util::Limited::new(resp.into_body(), MAX_RESPONSE_BYTES * 16)
-            .collect()
-            .await
-            .map_err(|e| conn.protocol(format!("CRL body: {e}")))?;
-        Ok(body.to_bytes().to_vec())
-    })
-    .await
-}
-
-/// What the registry stream carried next.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RegistryItem {
-    Event(RegistryEvent),
-    /// A keep-alive comment: the stream is alive, nothing changed.
-    KeepAlive,
-}
-
-/// A stream of registry changes (server-sent events).
-pub struct RegistryFollower {
-    url: String,
-    body: Incoming,
-    buffer: Vec<u8>,
-    /// The last version received; reconnect with it after an error.
-    pub last_version: u64,
-    /// How often the service promised a keep-alive on a quiet stream.
-    pub keepalive: Duration,
-    _conn: Connection,
-}
-
-impl std::fmt::Debug for RegistryFollower {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RegistryFollower")
-            .field("url", &self.url)
-            .field("last_version", &self.last_version)
-            .finish_non_exhaustive()
-    }
-}
-
-/// Largest single event accepted from the stream.
-const MAX_EVENT_BYTES: usize = 64 * 1024;
-
-impl RegistryFollower {
-    /// The next change; `None` when the service closed the stream. Keep-alives are skipped:
-    /// callers that watch the stream's liveness use [`Self::next_item`].
-    pub async fn next(&mut self) -> Option<Result<RegistryEvent, ClientError>> {
-        loop {
-            match self.next_item().await? {
-                Ok(RegistryItem::KeepAlive) => continue,
-                Ok(RegistryItem::Event(ev)) => return Some(Ok(ev)),
-                Err(e) => return Some(Err(e)),
-            }
-        }
+        let body = conn.read_body(resp, MAX_RESPONSE_BYTES * 16).await?;
+        self.keep(conn);
+        Ok(body.to_vec())
     }
 
-    /// The next change or keep-alive; `None` when the service closed the stream.
-    pub async fn next_item(&mut self) -> Option<Result<RegistryItem, ClientError>> {
-        loop {
-            if let Some(end) = find_event_end(&self.buffer) {
-                let raw: Vec<u8> = self.buffer.drain(..end.1).collect();
-                let text = String::from_utf8_lossy(&raw[..end.0]).into_owned();
-                let data: String = text
-                    .lines()
-                    .filter_map(|l| l.strip_prefix("data:"))
-                    .map(|d| d.strip_prefix(' ').unwrap_or(d))
-                    .collect::<Vec<_>>()
-                    .join("\n");
-                if data.is_empty() {
-                    return Some(Ok(RegistryItem::KeepAlive));
-                }
-                return Some(match serde_json::from_str::<RegistryEvent>(&data) {
-                    Ok(ev) => {
-                        self.last_version = ev.version;
-                        Ok(RegistryItem::Event(ev))
-                    }
-                    Err(e) => Err(ClientError::Protocol {
-                        url: self.url.clone(),
-                        message: format!("registry event: {e}"),
-                    }),
-                });
-            }
-            if self.buffer.len() > MAX_EVENT_BYTES {
-                return Some(Err(ClientError::Protocol {
-                    url: self.url.clone(),
-                    message: "registry event larger than 64 KiB".into(),
-                }));
-            }
-            match self.body.frame().await? {
-                Ok(frame) => {
-                    if let Ok(data) = frame.into_data() {
-                        self.buffer.extend_from_slice(&data);
-                    }
-                }
-                Err(e) => {
-                    return Some(Err(ClientError::Protocol {
-                        url: self.url.clone(),
-                        message: format!("registry stream: {e}"),
-                    }))
-                }
-            }
-        }
-    }
-}
-
-/// (end of the event's text, end including the blank line).
-fn find_event_end(buf: &[u8]) -> Option<(usize, usize)> {
-    let lf = buf
-        .windows(2)
-        .position(|w| w == b"\n\n")
-        .map(|p| (p, p + 2));
-    let crlf = buf
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .map(|p| (p, p + 4));
-    match (lf, crlf) {
-        (Some(a), Some(b)) => Some(if a.0 < b.0 { a } else { b }),
-        (a, b) => a.or(b),
-    }
-}
-
-/// Follows the registry from `since` (0: the whole history; usually a snapshot's version).
-pub async fn follow_registry(
-    hub: &Enrollment,
-    since: u64,
-) -> Result<RegistryFollower, ClientError> {
-    let tls = client_config(
-        &hub.root_ca_pem,
-        Some((&hub.certificate_chain_pem, &hub.private_key_pem)),
-    )?;
-    with_first_reachable(&hub.enroll_urls, tls, |mut conn| async move {
+    /// Follows the registry from `since` (0: the whole history; usually a snapshot's version).
+    /// The stream has a connection of its own for as long as it runs.
+    pub async fn follow_registry(&self, since: u64) -> Result<RegistryFollower, ClientError> {
         let path = format!("{}?since={since}", api::routes::REGISTRY_EVENTS);
-        let resp = conn.send(Method::GET, &path, None).await?;
+        let (resp, conn) = self.send(Method::GET, &path, None).await?;
         if resp.status() != StatusCode::OK {
-            let status = resp.status().as_u16();
-            let bytes = http_body_util::Limited::new(resp.into_body(), MAX_RESPONSE_BYTES)
-                .collect()
+            let status = resp.status();
+            let bytes = conn
+                .read_body(resp, MAX_RESPONSE_BYTES)
                 .await
-                .map(|c| c.to_bytes())
                 .unwrap_or_default();
-            let error = serde_json::from_slice(&bytes)
-                .map_err(|_| conn.protocol(format!("status {status} without a typed error")))?;
+            let error = serde_json::from_slice(&bytes).map_err(|_| {
+                conn.protocol(format!("status {} without a typed error", status.as_u16()))
+            })?;
             return Err(ClientError::Api {
                 url: conn.url.clone(),
-                status,
+                status: status.as_u16(),
                 error,
             });
         }
@@ -903,16 +577,13 @@ pub async fn follow_registry(
             .and_then(|v| v.parse::<u64>().ok())
             .filter(|s| (1..=300).contains(s))
             .unwrap_or(api::REGISTRY_DEFAULT_KEEPALIVE_SECS);
-        Ok(RegistryFollower {
-            url: conn.url.clone(),
-            keepalive: Duration::from_secs(keepalive),
-            body: resp.into_body(),
-            buffer: Vec::new(),
-            last_version: since,
-            _conn: conn,
-        })
-    })
-    .await
+        Ok(RegistryFollower::new(
+            conn,
+            resp.into_body(),
+            since,
+            Duration::from_secs(keepalive),
+        ))
+    }
 }
 
 #[cfg(test)]

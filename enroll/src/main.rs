@@ -192,20 +192,7 @@ async fn keepalive(notify: Arc<Notifier>, service: Arc<Service>) {
 }
 
 fn init_logging(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        // The event's fields at the top level: one `message` key per line, as log shippers
-        // expect.
-        builder.json().flatten_event(true).init();
-    } else {
-        builder
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .init();
-    }
+    komnet_proto::logging::init(komnet_proto::logging::Format::json_if(json), "info");
 }
 
 fn main() -> ExitCode {
@@ -355,6 +342,6 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             println!("backup written to {}", out.display());
             Ok(ExitCode::SUCCESS)
         }
-        Command::Admin(cmd) => komnet_enroll::admin::run(cmd).await,
+        Command::Admin(cmd) => Ok(komnet_enroll::admin::run(cmd).await?),
     }
 }

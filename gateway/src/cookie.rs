@@ -33,6 +33,7 @@ use blake2::digest::{FixedOutput, KeyInit, Mac};
 use blake2::{Blake2s256, Blake2sMac, Digest};
 use chacha20poly1305::aead::AeadInPlace;
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
+use komnet_proto::limit::{self, Bucket, Budget};
 use rand::RngCore;
 
 use crate::packet::{COOKIE_REPLY_LEN, MSG_COOKIE_REPLY};
@@ -101,72 +102,6 @@ pub struct GuardStats {
     pub sources: usize,
 }
 
-/// A token bucket in whole tokens scaled by `SCALE`, refilled from core time.
-#[derive(Debug, Clone, Copy)]
-struct Bucket {
-    /// Tokens × SCALE.
-    tokens: u64,
-    last: Duration,
-}
-
-const SCALE: u64 = 1 << 20;
-
-/// Rate and burst of one kind of budget.
-#[derive(Debug, Clone, Copy)]
-struct Budget {
-    /// Tokens × SCALE gained per second.
-    per_second: u64,
-    /// Capacity × SCALE.
-    burst: u64,
-}
-
-impl Budget {
-    fn new(per_second_scaled: u64, burst: u32) -> Self {
-        Self {
-            per_second: per_second_scaled,
-            burst: u64::from(burst) * SCALE,
-        }
-    }
-
-    fn full(&self, now: Duration) -> Bucket {
-        Bucket {
-            tokens: self.burst,
-            last: now,
-        }
-    }
-
-    fn refill(&self, b: &mut Bucket, now: Duration) {
-        let elapsed = now.saturating_sub(b.last);
-        let gained = (elapsed.as_nanos().min(u128::from(u64::MAX)) as u64)
-            .saturating_mul(self.per_second / 1024)
-            / (1_000_000_000 / 1024);
-        b.tokens = b.tokens.saturating_add(gained).min(self.burst);
-        b.last = now;
-    }
-
-    fn has(&self, b: &Bucket, now: Duration) -> bool {
-        let mut copy = *b;
-        self.refill(&mut copy, now);
-        copy.tokens >= SCALE
-    }
-
-    fn take(&self, b: &mut Bucket, now: Duration) -> bool {
-        self.refill(b, now);
-        if b.tokens >= SCALE {
-            b.tokens -= SCALE;
-            true
-        } else {
-            false
-        }
-    }
-
-    fn is_full(&self, b: &Bucket, now: Duration) -> bool {
-        let mut copy = *b;
-        self.refill(&mut copy, now);
-        copy.tokens >= self.burst
-    }
-}
-
 /// The budgets of one source.
 #[derive(Debug, Clone, Copy)]
 struct Source {
@@ -176,25 +111,12 @@ struct Source {
     replies: Bucket,
 }
 
-/// A source as budgets see it: an IPv4 address or an IPv6 /64.
+/// A source's entry in the table: its own, or the one everyone the full table had no room for
+/// shares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum SourceKey {
-    V4(u32),
-    V6(u64),
-    /// Everyone the full table had no room for.
+    Source(limit::Source),
     Overflow,
-}
-
-impl SourceKey {
-    fn of(ip: IpAddr) -> Self {
-        match ip {
-            IpAddr::V4(a) => SourceKey::V4(u32::from(a)),
-            IpAddr::V6(a) => match a.to_ipv4_mapped() {
-                Some(v4) => SourceKey::V4(u32::from(v4)),
-                None => SourceKey::V6((u128::from(a) >> 64) as u64),
-            },
-        }
-    }
 }
 
 fn hash2(a: &[u8], b: &[u8]) -> [u8; 32] {
@@ -248,23 +170,21 @@ impl CookieGuard {
     pub fn new(our_public: &[u8; 32], limits: HandshakeLimits, rng: &mut impl RngCore) -> Self {
         let mut secret = [0u8; 32];
         rng.fill_bytes(&mut secret);
-        let per_second = |n: u32| u64::from(n) * SCALE;
-        let quiet_rate = (SCALE as f64 / limits.quiet_interval.as_secs_f64().max(1e-3)) as u64;
         Self {
             mac1_key: hash2(LABEL_MAC1, our_public),
             cookie_key: hash2(LABEL_COOKIE, our_public),
             secret,
             secret_born: Duration::ZERO,
-            direct: Budget::new(
-                per_second(limits.per_source_per_second),
+            direct: Budget::per_second(
+                limits.per_source_per_second,
                 limits.per_source_burst.max(1),
             ),
-            quiet: Budget::new(quiet_rate, limits.quiet_burst),
-            proven: Budget::new(
-                per_second(limits.per_source_per_second),
+            quiet: Budget::one_every(limits.quiet_interval, limits.quiet_burst),
+            proven: Budget::per_second(
+                limits.per_source_per_second,
                 limits.per_source_burst.max(1),
             ),
-            replies: Budget::new(per_second(limits.replies_per_second), limits.reply_burst),
+            replies: Budget::per_second(limits.replies_per_second, limits.reply_burst),
             limits,
             window_start: Duration::ZERO,
             window_admitted: 0,
@@ -292,7 +212,7 @@ impl CookieGuard {
     /// The key of `ip`'s entry: its own, or the shared overflow entry when the table is full
     /// and it has none.
     fn key_of(&self, ip: IpAddr) -> SourceKey {
-        let key = SourceKey::of(ip);
+        let key = SourceKey::Source(limit::Source::of(ip));
         if self.sources.len() >= self.limits.max_sources && !self.sources.contains_key(&key) {
             SourceKey::Overflow
         } else {

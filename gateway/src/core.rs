@@ -20,6 +20,7 @@ use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Packet, Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
 use ipnet::IpNet;
+use komnet_proto::limit::{Bucket, Budget};
 use mock_instant::MockClock;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
@@ -44,6 +45,7 @@ pub const MAX_DATAGRAM: usize = u16::MAX as usize + DATA_OVERHEAD;
 pub const PADDING_MULTIPLE: usize = 16;
 /// ICMP unreachable answers per second at most (the kernel's default `icmp_msgs_per_sec`).
 pub const ICMP_PER_SECOND: u32 = 1000;
+const ICMP_BUDGET: Budget = Budget::per_second(ICMP_PER_SECOND, ICMP_PER_SECOND);
 
 /// Zero bytes to append to an inner packet of `len` bytes on an interface of MTU `mtu` (0:
 /// unknown): up to the next multiple of 16, never past the MTU. The kernel's rule, so inner
@@ -292,10 +294,9 @@ pub struct Core {
     scratch: Vec<u8>,
     /// The tunnel interface's MTU, for padding (0 until the driver learns it).
     mtu: usize,
-    /// ICMP unreachable answers sent in the current second of core time, and when it began:
-    /// at most `ICMP_PER_SECOND`, as the kernel's `icmp_msgs_per_sec`.
-    icmp_sent: u32,
-    icmp_window: Duration,
+    /// ICMP unreachable answers: at most `ICMP_PER_SECOND` a second (and as many at once), as
+    /// the kernel's `icmp_msgs_per_sec`; in core time.
+    icmp: Bucket,
     device_drops: DropCounters,
 }
 
@@ -421,8 +422,7 @@ impl Core {
             // Zeroed pages are mapped lazily: only what large packets touch costs memory.
             scratch: vec![0; MAX_DATAGRAM],
             mtu: 0,
-            icmp_sent: 0,
-            icmp_window: Duration::ZERO,
+            icmp: ICMP_BUDGET.full(Duration::ZERO),
             device_drops: DropCounters::default(),
         }
     }
@@ -754,16 +754,12 @@ impl Core {
             Some(id) => self.peer_drop(id, reason),
             None => self.device_drop(reason),
         };
-        if self.clock.saturating_sub(self.icmp_window) >= Duration::from_secs(1) {
-            self.icmp_window = self.clock;
-            self.icmp_sent = 0;
-        }
-        if self.icmp_sent >= ICMP_PER_SECOND {
+        if !ICMP_BUDGET.has(&self.icmp, self.clock) {
             return dropped;
         }
         match crate::unreachable::answer(packet, out) {
             Some(len) => {
-                self.icmp_sent += 1;
+                ICMP_BUDGET.take(&mut self.icmp, self.clock);
                 Action::Unreachable {
                     reason,
                     offset: 0,

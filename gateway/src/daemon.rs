@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, Context, Result};
+use komnet_proto::logging;
 use rand::RngCore;
 
 use crate::core::Core;
@@ -39,21 +40,11 @@ pub struct Args {
     pub ifname: String,
 }
 
-pub(crate) fn init_logging() {
-    // wireguard-go's LOG_LEVEL (verbose, error, silent) is honoured; RUST_LOG overrides it.
-    let level = match std::env::var("LOG_LEVEL").as_deref() {
-        Ok("verbose") | Ok("debug") => "debug",
-        Ok("error") => "error",
-        Ok("silent") => "off",
-        _ => "info",
-    };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .try_init();
+/// The programs' one logging setup; wireguard-go's `LOG_LEVEL` (verbose, error, silent) is
+/// honoured, `RUST_LOG` overrides it.
+pub(crate) fn init_logging(format: logging::Format) {
+    let level = std::env::var("LOG_LEVEL").ok();
+    logging::init(format, logging::wireguard_go_level(level.as_deref()));
 }
 
 fn socket_path(ifname: &str) -> PathBuf {
@@ -119,7 +110,7 @@ pub fn run(args: Args) -> Result<i32> {
     let foreground =
         args.foreground || std::env::var("WG_PROCESS_FOREGROUND").as_deref() == Ok("1");
     komnet_proto::config::check_interface_name(&args.ifname).map_err(anyhow::Error::msg)?;
-    init_logging();
+    init_logging(logging::Format::Text);
     let tun = create_tun(&args.ifname)?;
     if let Some(index) = sys::if_index(&args.ifname) {
         if let Err(e) = sys::set_gso_max_size(index, TUN_GSO_MAX_SIZE) {

@@ -233,11 +233,13 @@ pub fn explain(policy: &Policy, from: &str, to: &str) -> Result<Vec<Explanation>
 }
 
 /// Where a flow arrived at a site's appliance (`explain --vlan N` or `--port IF`, with
-/// `--site TENANT/SITE`, else the site of the source address).
+/// `--site TENANT/SITE`, else the site of the source address). `--site` alone names the town
+/// hall whose LAN numbering the addresses are in (a segment's `local` prefixes): they are
+/// translated to their unique addresses first.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Arrival {
     pub site: Option<String>,
-    pub binding: Binding,
+    pub binding: Option<Binding>,
 }
 
 /// [`explain`], and with `arrival` as the appliance of the site decides a packet that came in
@@ -249,9 +251,9 @@ pub fn explain_at(
     to: &str,
     arrival: Option<&Arrival>,
 ) -> Result<Vec<Explanation>, String> {
-    let from = resolve_from(from, None, &|n, _| find_segment_anywhere(policy, n))
+    let mut from = resolve_from(from, None, &|n, _| find_segment_anywhere(policy, n))
         .map_err(|e| with_hint(e, from, segment_names(policy)))?;
-    let to = resolve_to(to, &|n| {
+    let mut to = resolve_to(to, &|n| {
         find_service_anywhere(policy, n).map(|s| (s, policy.services[s.index()].ports.clone()))
     })
     .map_err(|e| match to_target(to) {
@@ -260,11 +262,37 @@ pub fn explain_at(
         }
         _ => e,
     })?;
-    let probes = probes_for(policy, &from, &to, true);
     let named_site = match arrival.and_then(|a| a.site.as_deref()) {
         Some(name) => Some(policy.find_site(name)?),
         None => None,
     };
+    // Addresses in the town hall's own numbering become the district's unique ones.
+    let mut translated: Vec<String> = Vec::new();
+    if let Some(site) = named_site {
+        let mut unique = |a: &mut IpAddr| {
+            let u = policy.unique_of(site, *a);
+            if u != *a {
+                translated.push(format!(
+                    "{a} at {} is {u} in the district",
+                    site_name(policy, site)
+                ));
+                *a = u;
+            }
+        };
+        if let FromSpec::Address(a) = &mut from {
+            unique(a);
+        }
+        if let ToSpec::Address { addr, .. } = &mut to {
+            unique(addr);
+        }
+    }
+    let translated = (!translated.is_empty()).then(|| translated.join(", "));
+    let with_translation = |note: Option<String>| match (&translated, note) {
+        (Some(t), Some(n)) => Some(format!("{t}; {n}")),
+        (Some(t), None) => Some(t.clone()),
+        (None, n) => n,
+    };
+    let probes = probes_for(policy, &from, &to, true);
     let mut out = Vec::new();
     for probe in probes {
         let packet = match probe {
@@ -283,8 +311,8 @@ pub fn explain_at(
         };
         let proto = Proto::from_ip_number(packet.ip_proto).unwrap_or(Proto::Tcp);
         let shown = dst_text(packet.dst, proto, packet.dport);
-        let note = flow_note(policy, &packet);
-        let Some(arrival) = arrival else {
+        let note = with_translation(flow_note(policy, &packet));
+        let Some(binding) = arrival.and_then(|a| a.binding.as_ref()) else {
             let decision = decide(policy, Origin::Address, &packet);
             out.push(Explanation {
                 src: packet.src,
@@ -302,9 +330,9 @@ pub fn explain_at(
                 packet.src
             )
         })?;
-        let decision = decide_arrival(policy, site, &arrival.binding, &packet);
+        let decision = decide_arrival(policy, site, binding, &packet);
         let reason = if decision.by == Decider::SegmentSpoof {
-            spoof_reason(policy, site, &arrival.binding, &packet)
+            spoof_reason(policy, site, binding, &packet)
         } else {
             policy.describe(decision.by)
         };
@@ -582,8 +610,13 @@ fn reach_table(policy: &Policy) -> BTreeMap<(SegmentId, ServiceId), Reach> {
 
 /// Who can reach service `name` (and who a rule names but a guardrail blocks).
 pub fn query_service(policy: &Policy, name: &str) -> Result<Vec<Reach>, String> {
-    let svc = find_service_anywhere(policy, name)
-        .ok_or_else(|| format!("unknown service {name:?} (write SERVICE or TENANT/SERVICE)"))?;
+    let svc = find_service_anywhere(policy, name).ok_or_else(|| {
+        with_hint(
+            format!("unknown service {name:?} (write SERVICE or TENANT/SERVICE)"),
+            name,
+            service_names(policy),
+        )
+    })?;
     Ok(reach_table(policy)
         .into_iter()
         .filter(|((_, s), _)| *s == svc)
@@ -593,8 +626,13 @@ pub fn query_service(policy: &Policy, name: &str) -> Result<Vec<Reach>, String> 
 
 /// What segment `name` can reach.
 pub fn query_segment(policy: &Policy, name: &str) -> Result<Vec<Reach>, String> {
-    let seg = find_segment_anywhere(policy, name)
-        .ok_or_else(|| format!("unknown segment {name:?} (write TENANT/SEGMENT)"))?;
+    let seg = find_segment_anywhere(policy, name).ok_or_else(|| {
+        with_hint(
+            format!("unknown segment {name:?} (write TENANT/SEGMENT)"),
+            name,
+            segment_names(policy),
+        )
+    })?;
     Ok(reach_table(policy)
         .into_iter()
         .filter(|((s, _), _)| *s == seg)

@@ -17,6 +17,11 @@ use crate::model::{Binding, GuardTarget, Policy, SegmentId, ServiceId, SiteId};
 /// The table every komnet appliance owns; nothing else of the host's firewall is touched.
 pub const TABLE: &str = "komnet";
 
+/// The table of a site's 1:1 prefix translations (`local` prefixes), next to [`TABLE`]: nft's
+/// NAT statements with prefix maps (`snat ip prefix to …`) are not in the `nftables` crate's
+/// schema, so they live in a table of their own, written as JSON here and read back raw.
+pub const NAT_TABLE: &str = "komnet_nat";
+
 /// The drop reason (in `/metrics` and `komnet status`) of packets from the LAN whose source
 /// does not belong to a segment that arrives on their interface.
 pub const SEGMENT_SPOOF: &str = "segment_spoof";
@@ -216,6 +221,20 @@ struct ChainDef {
 pub struct Ruleset {
     sets: Vec<SetDef>,
     chains: Vec<ChainDef>,
+    /// The site's translations, installed as [`NAT_TABLE`] (none: that table is removed).
+    nat: Vec<NatDef>,
+}
+
+/// One 1:1 prefix translation at the tunnel: what leaves into the tunnel from `local` gets
+/// the same host part in `unique` (snat), what arrives from the tunnel for `unique` goes to
+/// `local` (dnat); replies follow by conntrack.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct NatDef {
+    tunnel: String,
+    family: Family,
+    unique: IpNet,
+    local: IpNet,
+    comment: String,
 }
 
 fn valid_ifname(name: &str) -> bool {
@@ -225,12 +244,16 @@ fn valid_ifname(name: &str) -> bool {
 struct SetNamer {
     sets: Vec<SetDef>,
     taken: BTreeSet<String>,
+    /// The site's `(segment, unique, local)` translations: on its appliance every address of
+    /// its own LAN is matched as the LAN numbers it (the tunnel side is translated by NAT
+    /// before the filter sees a packet, and after it for what leaves).
+    translations: Vec<(SegmentId, IpNet, IpNet)>,
 }
 
 impl SetNamer {
     /// The set for `nets` of one family, created on first use; `None` when there are none.
     fn get(&mut self, base: &str, family: Family, nets: &[IpNet], comment: &str) -> Option<String> {
-        let elements: Vec<IpNet> = nets
+        let elements: Vec<IpNet> = crate::model::lan_view_with(&self.translations, nets)
             .iter()
             .filter(|n| Family::of(n) == family)
             .copied()
@@ -272,6 +295,7 @@ impl SetNamer {
 /// appliance forwards nothing between LAN and tunnel until a policy is applied again.
 pub fn closed_ruleset() -> Ruleset {
     Ruleset {
+        nat: Vec::new(),
         sets: Vec::new(),
         chains: vec![ChainDef {
             name: "forward",
@@ -313,6 +337,7 @@ pub fn ruleset_for_site(
     let mut namer = SetNamer {
         sets: Vec::new(),
         taken: BTreeSet::new(),
+        translations: policy.site_translations(site),
     };
     let local: Vec<SegmentId> = bound.iter().map(|(s, _)| *s).collect();
     let site_prefixes = &policy.sites[site.index()].prefixes;
@@ -497,7 +522,22 @@ pub fn ruleset_for_site(
         (a.comment.starts_with("service"), &a.name)
             .cmp(&(b.comment.starts_with("service"), &b.name))
     });
+    let nat = policy
+        .site_translations(site)
+        .into_iter()
+        .map(|(seg, unique, local)| NatDef {
+            tunnel: interfaces.tunnel.clone(),
+            family: Family::of(&unique),
+            unique,
+            local,
+            comment: format!(
+                "segment {}: {unique} in the district is {local} on the LAN",
+                policy.segment_name(seg)
+            ),
+        })
+        .collect();
     Ok(Ruleset {
+        nat,
         sets,
         chains: vec![
             ChainDef {
@@ -780,7 +820,98 @@ impl fmt::Display for Ruleset {
             }
             writeln!(f, "\t}}")?;
         }
+        writeln!(f, "}}")?;
+        if self.nat.is_empty() {
+            return Ok(());
+        }
+        writeln!(f, "table inet {NAT_TABLE} {{")?;
+        for (chain, hook, priority) in [
+            ("prerouting", "prerouting", "dstnat"),
+            ("postrouting", "postrouting", "srcnat"),
+        ] {
+            writeln!(f, "\tchain {chain} {{")?;
+            writeln!(
+                f,
+                "\t\ttype nat hook {hook} priority {priority}; policy accept;"
+            )?;
+            for n in &self.nat {
+                let p = n.family.proto();
+                let comment = n.comment.replace('"', "'");
+                if chain == "prerouting" {
+                    writeln!(
+                        f,
+                        "\t\tiifname \"{}\" {p} daddr {} dnat {p} prefix to {p} daddr map {{ {} : {} }} comment \"{comment}\"",
+                        n.tunnel, n.unique, n.unique, n.local
+                    )?;
+                } else {
+                    writeln!(
+                        f,
+                        "\t\toifname \"{}\" {p} saddr {} snat {p} prefix to {p} saddr map {{ {} : {} }} comment \"{comment}\"",
+                        n.tunnel, n.local, n.local, n.unique
+                    )?;
+                }
+            }
+            writeln!(f, "\t}}")?;
+        }
         writeln!(f, "}}")
+    }
+}
+
+impl NatDef {
+    /// The two rules of this translation as nft JSON: `(chain, rule)`. dnat for what arrives
+    /// from the tunnel for the unique prefix, snat for what leaves into it from the local one.
+    fn json_rules(&self) -> [(&'static str, serde_json::Value); 2] {
+        use serde_json::json;
+        let p = self.family.proto();
+        let prefix =
+            |n: &IpNet| json!({"prefix": {"addr": n.network().to_string(), "len": n.prefix_len()}});
+        let field = |f: &str| json!({"payload": {"protocol": p, "field": f}});
+        let rule = |chain: &str,
+                    dir: &str,
+                    field_name: &str,
+                    from: &IpNet,
+                    to: &IpNet,
+                    nat: &str| {
+            json!({
+                "family": "inet",
+                "table": NAT_TABLE,
+                "chain": chain,
+                "comment": self.comment,
+                "expr": [
+                    {"match": {"op": "==", "left": {"meta": {"key": dir}}, "right": self.tunnel}},
+                    {"match": {"op": "==", "left": field(field_name), "right": prefix(from)}},
+                    {nat: {
+                        "family": p,
+                        "addr": {"map": {"key": field(field_name), "data": {"set": [[prefix(from), prefix(to)]]}}},
+                        "flags": "netmap"
+                    }}
+                ]
+            })
+        };
+        [
+            (
+                "prerouting",
+                rule(
+                    "prerouting",
+                    "iifname",
+                    "daddr",
+                    &self.unique,
+                    &self.local,
+                    "dnat",
+                ),
+            ),
+            (
+                "postrouting",
+                rule(
+                    "postrouting",
+                    "oifname",
+                    "saddr",
+                    &self.local,
+                    &self.unique,
+                    "snat",
+                ),
+            ),
+        ]
     }
 }
 
@@ -993,8 +1124,48 @@ impl Ruleset {
 
     /// Checks with `nft -c`, applies atomically, reads the table back and compares. When nft
     /// refuses, nothing changed and the error carries nft's own message.
+    /// Everything `nft -j -f` is given, as one transaction: the `komnet` table and the
+    /// translation table ([`NAT_TABLE`]), which is removed when the site has no translations.
+    pub fn to_json(&self) -> serde_json::Value {
+        use serde_json::json;
+        let mut v = serde_json::to_value(self.to_nftables()).unwrap_or_default();
+        let table = json!({"family": "inet", "name": NAT_TABLE});
+        let mut more = vec![
+            json!({"add": {"table": table}}),
+            json!({"delete": {"table": table}}),
+        ];
+        if !self.nat.is_empty() {
+            more.push(json!({"add": {"table": table}}));
+            for (chain, hook, prio) in [
+                ("prerouting", "prerouting", -100),
+                ("postrouting", "postrouting", 100),
+            ] {
+                more.push(json!({"add": {"chain": {
+                    "family": "inet", "table": NAT_TABLE, "name": chain,
+                    "type": "nat", "hook": hook, "prio": prio, "policy": "accept"
+                }}}));
+            }
+            for chain in ["prerouting", "postrouting"] {
+                for n in &self.nat {
+                    for (c, rule) in n.json_rules() {
+                        if c == chain {
+                            more.push(json!({"add": {"rule": rule}}));
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(list) = v
+            .get_mut("nftables")
+            .and_then(serde_json::Value::as_array_mut)
+        {
+            list.extend(more);
+        }
+        v
+    }
+
     pub fn apply(&self) -> Result<(), NftError> {
-        let payload = serde_json::to_string(&self.to_nftables())
+        let payload = serde_json::to_string(&self.to_json())
             .map_err(|e| NftError::Exec(format!("cannot encode the ruleset: {e}")))?;
         run_nft(&payload, &["-c"], "the check (nft -c)")?;
         run_nft(&payload, &[], "the atomic apply")?;
@@ -1099,7 +1270,58 @@ impl Ruleset {
                 want_sorted.len()
             )));
         }
+        self.verify_nat()?;
         Ok(drops)
+    }
+
+    /// The translation table holds this ruleset's translations, by comment, in order. Not
+    /// listed when there are none (apply removes the table then; a leftover would translate
+    /// only addresses no policy names any more).
+    fn verify_nat(&self) -> Result<(), NftError> {
+        if self.nat.is_empty() {
+            return Ok(());
+        }
+        let text = helper::get_current_ruleset_raw(
+            helper::DEFAULT_NFT,
+            ["list", "table", "inet", NAT_TABLE],
+        )
+        .map_err(|e| {
+            NftError::ReadBack(format!("table {NAT_TABLE}: {}", describe_nft_error(&e)))
+        })?;
+        let listed: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| NftError::ReadBack(format!("table {NAT_TABLE}: {e}")))?;
+        let mut got: Vec<(String, String)> = listed["nftables"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|o| o.get("rule"))
+                    .map(|r| {
+                        (
+                            r["chain"].as_str().unwrap_or_default().to_owned(),
+                            r["comment"].as_str().unwrap_or_default().to_owned(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut want: Vec<(String, String)> = ["prerouting", "postrouting"]
+            .iter()
+            .flat_map(|c| {
+                self.nat
+                    .iter()
+                    .map(move |n| ((*c).to_owned(), n.comment.clone()))
+            })
+            .collect();
+        got.sort_by(|a, b| a.0.cmp(&b.0));
+        want.sort_by(|a, b| a.0.cmp(&b.0));
+        if got != want {
+            return Err(NftError::ReadBack(format!(
+                "table {NAT_TABLE}: {} translation rules installed, {} expected, or others",
+                got.len(),
+                want.len()
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -1178,7 +1400,7 @@ fn next_addr(a: IpAddr) -> Option<IpAddr> {
 
 /// The JSON batch as `nft -j -f` reads it, indented for people.
 pub fn to_json_pretty(ruleset: &Ruleset) -> Result<String, serde_json::Error> {
-    serde_json::to_string_pretty(&ruleset.to_nftables())
+    serde_json::to_string_pretty(&ruleset.to_json())
 }
 
 /// The drop reason a counted rule of the ruleset stands for, by its comment.

@@ -115,7 +115,8 @@ pub fn decide(policy: &Policy, origin: Origin, packet: &PacketMeta) -> Decision 
 }
 
 /// Decides `packet` as the appliance of `site` does when it arrived from the LAN on
-/// `arrived` (the VLAN or port it came in on): it is the segment's only when its source lies in
+/// `arrived` (the VLAN or port it came in on), with the LAN's addresses (a segment's `local`
+/// prefixes stand for its unique ones): it is the segment's only when its source lies in
 /// a segment of this site that arrives there; anything else is [`Decider::SegmentSpoof`].
 /// Then as [`decide`] for the site's spoke (flows towards the tunnel and between the site's
 /// segments alike).
@@ -125,6 +126,12 @@ pub fn decide_arrival(
     arrived: &Binding,
     packet: &PacketMeta,
 ) -> Decision {
+    // The LAN's own numbering (`local` prefixes) is the district's unique one from here on.
+    let packet = &PacketMeta {
+        src: policy.unique_of(site, packet.src),
+        dst: policy.unique_of(site, packet.dst),
+        ..*packet
+    };
     let own = policy.segment_of(packet.src).filter(|s| {
         let seg = &policy.segments[s.index()];
         seg.site == Some(site) && seg.binding.as_ref().is_some_and(|b| b.admits(arrived))

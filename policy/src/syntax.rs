@@ -119,6 +119,11 @@ pub(crate) struct PolicyHeader {
     /// The segment kinds tenants may use (`staff`, `guest`, `iot`, …); guardrails refer to kinds.
     #[schemars(with = "Vec<LocalName>")]
     pub(crate) kinds: Vec<Name>,
+    /// The enrollment service's tunnel pools (its `tunnel_pool_v4`/`_v6`): no site and no local
+    /// prefix may overlap them.
+    #[serde(default)]
+    #[schemars(with = "Vec<Address>")]
+    pub(crate) tunnel: Vec<Spanned<String>>,
 }
 
 /// `[tenants.NAME]`: a tenant and its address space.
@@ -215,6 +220,12 @@ pub(crate) struct SegmentDecl {
     #[serde(default)]
     #[schemars(with = "Option<String>")]
     pub(crate) port: Option<Spanned<String>>,
+    /// The prefixes as the town hall numbers this LAN, where that is not the district-unique
+    /// `prefixes`: `local[i]` is `prefixes[i]` on the LAN (same family and length), and the
+    /// appliance translates 1:1 at the tunnel.
+    #[serde(default)]
+    #[schemars(with = "Vec<Address>")]
+    pub(crate) local: Vec<Spanned<String>>,
     /// DHCP and router advertisements on this segment (served unless `enabled = false`).
     #[serde(default)]
     #[schemars(with = "Option<SegmentDhcpDecl>")]

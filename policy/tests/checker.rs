@@ -351,7 +351,7 @@ fn unknown_keys_and_duplicates() {
         &a,
         TENANT_B,
         "tenants/a.toml:5:1",
-        "unknown key `colour` in `segments.staff`; known keys here: description, dhcp, kind, port, prefixes, site, vlan",
+        "unknown key `colour` in `segments.staff`; known keys here: description, dhcp, kind, local, port, prefixes, site, vlan",
     );
     let a = format!("{TENANT_A}\n[segments.staff]\nkind = \"staff\"\nsite = \"hq\"\nprefixes = [\"10.10.9.0/24\"]\n");
     assert_error(

@@ -381,3 +381,26 @@ fn the_home_office_pool_says_what_to_do() {
         e.render()
     );
 }
+
+#[test]
+fn a_broken_operator_file_reports_its_errors_and_the_fragments_only_their_syntax() {
+    let broken = OPERATOR.replace("version = 1", "version = ");
+    let e = load(&broken, NOHFELDEN, THOLEY).unwrap_err();
+    let errors = listed(&e.diagnostics, &e.sources, Severity::Error);
+    assert_eq!(errors.len(), 1, "{}", e.render());
+    assert!(errors[0].starts_with("operator.toml:3:"), "{}", e.render());
+    assert_eq!(
+        listed(&e.diagnostics, &e.sources, Severity::Note),
+        ["operator.toml:1:1: errors in operator.toml hide the tenants, sites and shared services: 2 fragments were checked for syntax only"]
+    );
+    // A fragment's own syntax errors are still reported.
+    let tholey = THOLEY.replace("kind = \"staff\"", "kind = staff");
+    let e = load(&broken, NOHFELDEN, &tholey).unwrap_err();
+    let errors = listed(&e.diagnostics, &e.sources, Severity::Error);
+    assert_eq!(errors.len(), 2, "{}", e.render());
+    assert!(
+        errors[1].starts_with("tenants/tholey.toml:4:8:"),
+        "{}",
+        e.render()
+    );
+}

@@ -384,32 +384,22 @@ pub struct UdpCatcher {
     child: std::process::Child,
 }
 
-const CATCHER: &str = "import socket,sys\n\
-fam = socket.AF_INET6 if ':' in sys.argv[1] else socket.AF_INET\n\
-s = socket.socket(fam, socket.SOCK_DGRAM)\n\
-s.bind((sys.argv[1], int(sys.argv[2])))\n\
-s.settimeout(float(sys.argv[3]))\n\
-print('ready', flush=True)\n\
-try:\n    data, peer = s.recvfrom(65535)\n    print('got', data.hex(), flush=True)\n\
-except socket.timeout:\n    print('none', flush=True)\n";
-
 impl UdpCatcher {
     /// Starts the listener and returns once it is bound.
     pub fn start(ns: &Netns, addr: &str, port: u16, wait: Duration) -> Result<UdpCatcher> {
         use std::io::BufRead;
+        let ip: std::net::IpAddr = addr.parse().context("UDP listener address")?;
         let mut child = ns
-            .command("python3")
+            .command(crate::daemon::netprobe_binary()?)
             .args([
-                "-c",
-                CATCHER,
-                addr,
-                &port.to_string(),
+                "catch-udp",
+                &std::net::SocketAddr::new(ip, port).to_string(),
                 &wait.as_secs_f64().to_string(),
             ])
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::null())
             .spawn()
-            .context("starting the python3 UDP listener")?;
+            .context("starting netprobe catch-udp")?;
         let stdout = child
             .stdout
             .as_mut()
@@ -452,9 +442,9 @@ impl Drop for UdpCatcher {
 
 /// Sends one UDP datagram `text` from `ns` to `addr:port`.
 pub fn send_udp(ns: &Netns, addr: &str, port: u16, text: &str) -> Result<()> {
-    let script = "import socket,sys\n\
-fam = socket.AF_INET6 if ':' in sys.argv[1] else socket.AF_INET\n\
-socket.socket(fam, socket.SOCK_DGRAM).sendto(sys.argv[3].encode(), (sys.argv[1], int(sys.argv[2])))\n";
-    ns.exec(&["python3", "-c", script, addr, &port.to_string(), text])
+    let ip: std::net::IpAddr = addr.parse().context("UDP destination")?;
+    let netprobe = crate::daemon::netprobe_binary()?;
+    let target = std::net::SocketAddr::new(ip, port).to_string();
+    ns.exec(&[&netprobe.to_string_lossy(), "send-udp", &target, text])
         .map(drop)
 }

@@ -123,6 +123,33 @@ pub(crate) fn workspace_binary(name: &str, env_var: &str, package: &str) -> Resu
         })
 }
 
+/// This crate's `netprobe` (the tests' and demos' traffic tool): `$KOMNET_NETPROBE_BIN` if set,
+/// else the one cargo built beside the running program (an integration test in
+/// `target/PROFILE/deps/`, or `komnet-demo` in `target/PROFILE/`).
+pub fn netprobe_binary() -> Result<PathBuf> {
+    if let Some(path) = std::env::var_os("KOMNET_NETPROBE_BIN") {
+        let path = PathBuf::from(path);
+        if path.is_file() {
+            return Ok(path);
+        }
+        bail!("KOMNET_NETPROBE_BIN={} is not a file", path.display());
+    }
+    let exe = std::env::current_exe().context("where this program is")?;
+    exe.ancestors()
+        .skip(1)
+        .take(2)
+        .map(|dir| dir.join("netprobe"))
+        .find(|candidate| candidate.is_file())
+        .ok_or_else(|| {
+            anyhow!(
+                "netprobe is missing beside {}: build it with `cargo build -p komnet-netns-tests \
+                 --bin netprobe` (cargo test -p komnet-netns-tests builds it) or set \
+                 KOMNET_NETPROBE_BIN",
+                exe.display()
+            )
+        })
+}
+
 /// The UAPI socket of interface `ifname`.
 pub fn uapi_socket_path(ifname: &str) -> PathBuf {
     Path::new(UAPI_SOCKET_DIR).join(format!("{ifname}.sock"))

@@ -25,7 +25,9 @@ use anyhow::{anyhow, bail, Context, Result};
 use komnet_policy::{decide, Origin, PacketMeta, Policy, Role};
 
 use crate::command::{run, run_ok, wait_until, BackgroundProcess, TempDir};
-use crate::daemon::{komnet_cli_binary, komnet_enroll_binary, komnet_gateway_binary};
+use crate::daemon::{
+    komnet_cli_binary, komnet_enroll_binary, komnet_gateway_binary, netprobe_binary,
+};
 use crate::netns::{add_veth_pair, Netns};
 use crate::COMMAND_TIMEOUT;
 
@@ -146,10 +148,9 @@ impl Gateway {
         let url = format!("http://{}/metrics", self.metrics);
         run_ok(
             Command::new("ip")
-                .args(["netns", "exec", &self.netns, "python3", "-c"])
-                .arg(format!(
-                    "import urllib.request;print(urllib.request.urlopen('{url}').read().decode())"
-                )),
+                .args(["netns", "exec", &self.netns])
+                .arg(netprobe_binary()?)
+                .args(["get", &url]),
             COMMAND_TIMEOUT,
         )
     }

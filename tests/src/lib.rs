@@ -34,8 +34,8 @@ pub use command::{
 };
 pub use daemon::{
     is_socket_path, komnet_cli_binary, komnet_enroll_binary, komnet_gateway_binary,
-    process_executable, same_executable, uapi_socket_path, wireguard_go_2023_binary, Daemon,
-    DaemonKind,
+    netprobe_binary, process_executable, same_executable, uapi_socket_path,
+    wireguard_go_2023_binary, Daemon, DaemonKind,
 };
 pub use netns::{add_veth_pair, parse_link_stats, LinkStats, Netns};
 pub use ping::{parse_ping_summary, ping, ping_until_reply, PingSummary};
@@ -82,7 +82,6 @@ const REQUIRED_TOOLS: &[&str] = &[
     "wireguard-go",
     "iperf3",
     "ping",
-    "python3",
     "sha256sum",
     "kill",
     // An enrollment service whose clock runs behind (certificates that have expired by now).

@@ -1,68 +1,16 @@
 //! TCP transfers of random files through the tunnel, checksummed at both ends.
 
 use crate::command::{run_ok, wait_until, BackgroundProcess};
+use crate::daemon::netprobe_binary;
 use crate::netns::Netns;
 use crate::next_id;
 use anyhow::{anyhow, bail, Context, Result};
 use std::fs::{self, File};
 use std::io::Read;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
-
-/// Receives one TCP connection on (host, port), writes everything into a file, touches the
-/// ready file once listening (so the sender never races the bind) and prints the byte count.
-const RECEIVER_PY: &str = r#"
-import socket, sys
-host, port, out_path, ready_path = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
-family = socket.AF_INET6 if ":" in host else socket.AF_INET
-server = socket.socket(family, socket.SOCK_STREAM)
-server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-server.bind((host, port))
-server.listen(1)
-server.settimeout(60)
-open(ready_path, "w").close()
-conn, _ = server.accept()
-conn.settimeout(60)
-total = 0
-with open(out_path, "wb") as out:
-    while True:
-        chunk = conn.recv(1 << 20)
-        if not chunk:
-            break
-        out.write(chunk)
-        total += len(chunk)
-conn.close()
-print(total)
-"#;
-
-/// Sends a file over one TCP connection, optionally paced to `rate` bytes/s (0 = as fast as
-/// possible), then half-closes and waits for the receiver to close: when the sender exits,
-/// the receiver has read every byte.
-const SENDER_PY: &str = r#"
-import socket, sys, time
-host, port, path, rate = sys.argv[1], int(sys.argv[2]), sys.argv[3], float(sys.argv[4])
-conn = socket.create_connection((host, port), timeout=60)
-start = time.monotonic()
-sent = 0
-with open(path, "rb") as source:
-    while True:
-        chunk = source.read(1 << 16)
-        if not chunk:
-            break
-        conn.sendall(chunk)
-        sent += len(chunk)
-        if rate > 0:
-            ahead = sent / rate - (time.monotonic() - start)
-            if ahead > 0:
-                time.sleep(ahead)
-conn.shutdown(socket.SHUT_WR)
-conn.settimeout(60)
-conn.recv(1)
-conn.close()
-print(sent)
-"#;
 
 /// TCP port the transfer receiver listens on (inside the receiving namespace).
 const TRANSFER_PORT: u16 = 5001;
@@ -201,14 +149,11 @@ pub fn start_transfer(
     let ready = work_dir.join(format!("transfer-{id}.ready"));
     write_random_file(&source, bytes)?;
 
-    let mut receiver_cmd = to.command("python3");
+    let netprobe = netprobe_binary()?;
+    let target = SocketAddr::new(destination, TRANSFER_PORT).to_string();
+    let mut receiver_cmd = to.command(&netprobe);
     receiver_cmd
-        .args([
-            "-c",
-            RECEIVER_PY,
-            &destination.to_string(),
-            &TRANSFER_PORT.to_string(),
-        ])
+        .args(["receive", &target])
         .arg(&received)
         .arg(&ready);
     let mut receiver = BackgroundProcess::spawn(
@@ -229,14 +174,9 @@ pub fn start_transfer(
         },
     )?;
 
-    let mut sender_cmd = from.command("python3");
+    let mut sender_cmd = from.command(&netprobe);
     sender_cmd
-        .args([
-            "-c",
-            SENDER_PY,
-            &destination.to_string(),
-            &TRANSFER_PORT.to_string(),
-        ])
+        .args(["send", &target])
         .arg(&source)
         .arg(rate.unwrap_or(0).to_string());
     let started = Instant::now();

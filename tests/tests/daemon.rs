@@ -117,8 +117,8 @@ fn a_port_in_use_answers_eaddrinuse_and_keeps_the_old_port() {
     assert_eq!(uapi(&socket, "set=1\nlisten_port=51998\n\n"), "errno=0\n\n");
     // Something else holds 51997 in the same namespace.
     let mut holder = ns
-        .command("python3")
-        .args(["-c", "import socket,time; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(('0.0.0.0', 51997)); print('bound', flush=True); time.sleep(30)"])
+        .command(env!("CARGO_BIN_EXE_netprobe"))
+        .args(["catch-udp", "0.0.0.0:51997", "30"])
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
@@ -129,6 +129,7 @@ fn a_port_in_use_answers_eaddrinuse_and_keeps_the_old_port() {
         .unwrap()
         .read_exact(&mut line)
         .unwrap();
+    assert_eq!(&line, b"ready\n");
     assert_eq!(
         uapi(&socket, "set=1\nlisten_port=51997\n\n"),
         "errno=-98\n\n"

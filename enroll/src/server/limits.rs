@@ -2,40 +2,33 @@
 //! per source, a token bucket per source, and refusal log lines at most once per source and
 //! interval.
 
+use komnet_proto::limit::{Bucket, Budget, Source};
+
 use super::*;
 
-/// What one client is, for limits: an IPv4 address, or the /64 of an IPv6 address (one host
-/// holds a whole /64 and picks addresses from it at will). IPv4-mapped IPv6 is IPv4.
+/// What one client is, for limits (`komnet_proto::limit::Source`): an IPv4 address, or the
+/// /64 of an IPv6 address; IPv4-mapped IPv6 is IPv4. Returned as the address that stands for it.
 pub fn source_key(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V4(_) => ip,
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => {
-                let bits = u128::from(v6) & !((1u128 << 64) - 1);
-                IpAddr::V6(std::net::Ipv6Addr::from(bits))
-            }
-        },
-    }
+    Source::of(ip).ip()
 }
 
 /// Connections held per source, so one host cannot take every slot.
 #[derive(Debug, Default)]
 pub struct SourceConnections {
-    held: Mutex<HashMap<IpAddr, usize>>,
+    held: Mutex<HashMap<Source, usize>>,
 }
 
 /// One held connection; dropping it gives the slot back.
 #[derive(Debug)]
 pub struct SourceSlot {
     table: Arc<SourceConnections>,
-    key: IpAddr,
+    key: Source,
 }
 
 impl SourceConnections {
     /// A slot for `ip`'s source, or `None` when it holds `max` already.
     pub fn take(self: &Arc<Self>, ip: IpAddr, max: usize) -> Option<SourceSlot> {
-        let key = source_key(ip);
+        let key = Source::of(ip);
         let mut held = self.held.lock();
         let n = held.entry(key).or_insert(0);
         if *n >= max {
@@ -49,7 +42,7 @@ impl SourceConnections {
     }
 
     pub fn held(&self, ip: IpAddr) -> usize {
-        self.held.lock().get(&source_key(ip)).copied().unwrap_or(0)
+        self.held.lock().get(&Source::of(ip)).copied().unwrap_or(0)
     }
 }
 
@@ -71,7 +64,7 @@ impl Drop for SourceSlot {
 #[derive(Debug)]
 pub struct RefusalLog {
     interval: Duration,
-    seen: Mutex<HashMap<IpAddr, (Instant, u64)>>,
+    seen: Mutex<HashMap<Source, (Instant, u64)>>,
 }
 
 impl RefusalLog {
@@ -85,7 +78,7 @@ impl RefusalLog {
     /// `Some(left_out)` when a line for `ip` may be written now (with the number of refusals
     /// since the last line that were not logged), `None` when it is to be left out.
     pub fn admit(&self, ip: IpAddr, now: Instant) -> Option<u64> {
-        let key = source_key(ip);
+        let key = Source::of(ip);
         let mut seen = self.seen.lock();
         if seen.len() > 100_000 {
             let interval = self.interval;
@@ -110,41 +103,38 @@ impl RefusalLog {
     }
 }
 
-/// A token bucket per client (see [`source_key`]).
+/// A token bucket per client (see [`source_key`]), komnet's one bucket
+/// (`komnet_proto::limit::Budget`).
 #[derive(Debug)]
 pub struct RateLimiter {
-    per_second: f64,
-    burst: f64,
-    buckets: Mutex<HashMap<IpAddr, (f64, Instant)>>,
+    budget: Budget,
+    /// Buckets count time from here.
+    epoch: Instant,
+    buckets: Mutex<HashMap<Source, Bucket>>,
 }
 
 impl RateLimiter {
     pub fn new(per_second: f64, burst: u32) -> Self {
         RateLimiter {
-            per_second,
-            burst: f64::from(burst),
+            budget: Budget::rate(per_second, burst),
+            epoch: Instant::now(),
             buckets: Mutex::new(HashMap::new()),
         }
     }
 
     /// Takes one token for `ip` at `now`; false when the bucket is empty.
     pub fn allow(&self, ip: IpAddr, now: Instant) -> bool {
+        let now = now.saturating_duration_since(self.epoch);
+        let budget = self.budget;
         let mut buckets = self.buckets.lock();
         if buckets.len() > 100_000 {
             // Forget sources whose buckets have refilled: they are indistinguishable from new.
-            let full = self.burst / self.per_second;
-            buckets.retain(|_, (_, last)| now.duration_since(*last).as_secs_f64() < full);
+            buckets.retain(|_, bucket| !budget.is_full(bucket, now));
         }
-        let (tokens, last) = buckets.entry(source_key(ip)).or_insert((self.burst, now));
-        let refill = now.duration_since(*last).as_secs_f64() * self.per_second;
-        *tokens = (*tokens + refill).min(self.burst);
-        *last = now;
-        if *tokens >= 1.0 {
-            *tokens -= 1.0;
-            true
-        } else {
-            false
-        }
+        let bucket = buckets
+            .entry(Source::of(ip))
+            .or_insert_with(|| budget.full(now));
+        budget.take(bucket, now)
     }
 }
 

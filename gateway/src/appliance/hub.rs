@@ -160,7 +160,9 @@ async fn before_link_deadline<T>(
 /// the link up, `Err` when the connection did.
 async fn follow_once(ctx: &Arc<Ctx>) -> Result<LinkLoss> {
     let enrollment = current_enrollment(ctx).ok_or_else(|| anyhow!("not enrolled"))?;
-    let snapshot = match before_link_deadline(ctx, client::registry_snapshot(&enrollment)).await {
+    // The snapshot's connection carries the stream after it.
+    let service = service_client(ctx, &enrollment)?;
+    let snapshot = match before_link_deadline(ctx, service.registry_snapshot()).await {
         Ok(snapshot) => snapshot?,
         Err(why) => return Ok(why),
     };
@@ -172,7 +174,7 @@ async fn follow_once(ctx: &Arc<Ctx>) -> Result<LinkLoss> {
         peers = snapshot.peers.len(),
         "registry snapshot applied"
     );
-    let follow = client::follow_registry(&enrollment, snapshot.version);
+    let follow = service.follow_registry(snapshot.version);
     let mut follower = match before_link_deadline(ctx, follow).await {
         Ok(follower) => follower?,
         Err(why) => return Ok(why),

@@ -48,7 +48,7 @@ impl LanPlan {
 pub fn plan(policy: &Policy, site: SiteId, interfaces: &Interfaces) -> Result<LanPlan, NftError> {
     let mut plan = LanPlan::default();
     let bound = interfaces.site_segments(policy, site)?;
-    plan.local_routes = local_routes(policy, &bound);
+    plan.local_routes = local_routes(policy, site, &bound);
     for (seg, ifaces) in bound {
         let segment = &policy.segments[seg.index()];
         if let (Some(Binding::Vlan(id)), Some(name)) = (&segment.binding, ifaces.first()) {
@@ -62,7 +62,8 @@ pub fn plan(policy: &Policy, site: SiteId, interfaces: &Interfaces) -> Result<La
         let Some(on) = ifaces.first() else {
             continue;
         };
-        for prefix in &segment.prefixes {
+        // The LAN's own numbering: a segment's local prefix where it has one.
+        for prefix in &segment.lan_prefixes() {
             match first_host(prefix) {
                 Some(addr) if !plan.addrs.iter().any(|(_, a)| *a == addr) => {
                     plan.addrs.push((on.clone(), addr))
@@ -78,7 +79,12 @@ pub fn plan(policy: &Policy, site: SiteId, interfaces: &Interfaces) -> Result<La
 /// The fence's LAN-to-LAN routes of a site whose segments arrive on `bound` (see
 /// [`LanPlan::local_routes`]). A service address that lies in no segment of the site (or a
 /// segment's own traffic on its only interface) needs none: it stays in the tunnel's lookup.
-fn local_routes(policy: &Policy, bound: &[(SegmentId, Vec<String>)]) -> Vec<(String, IpNet)> {
+/// In the LAN's numbering: traffic between the site's segments is not translated.
+fn local_routes(
+    policy: &Policy,
+    site: SiteId,
+    bound: &[(SegmentId, Vec<String>)],
+) -> Vec<(String, IpNet)> {
     let mut out: Vec<(String, IpNet)> = Vec::new();
     let mut add = |iif: &String, to: IpNet| {
         let entry = (iif.clone(), to.trunc());
@@ -88,16 +94,17 @@ fn local_routes(policy: &Policy, bound: &[(SegmentId, Vec<String>)]) -> Vec<(Str
     };
     for (from, from_ifaces) in bound {
         for rule in policy.rules.iter().filter(|r| r.from.contains(from)) {
-            let addresses = rule
+            let addresses: Vec<IpNet> = rule
                 .to
                 .iter()
-                .flat_map(|svc| policy.services[svc.index()].addresses.iter());
-            for addr in addresses {
+                .flat_map(|svc| policy.lan_view(site, &policy.services[svc.index()].addresses))
+                .collect();
+            for addr in &addresses {
                 for (to, to_ifaces) in bound {
                     if from == to && from_ifaces.len() < 2 {
                         continue;
                     }
-                    for prefix in &policy.segments[to.index()].prefixes {
+                    for prefix in &policy.segments[to.index()].lan_prefixes() {
                         let dst = if prefix.contains(addr) {
                             *addr
                         } else if addr.contains(prefix) {
@@ -108,8 +115,8 @@ fn local_routes(policy: &Policy, bound: &[(SegmentId, Vec<String>)]) -> Vec<(Str
                         for iif in from_ifaces {
                             add(iif, dst);
                         }
-                        let back = policy.segments[from.index()]
-                            .prefixes
+                        let back = policy.segments[from.index()].lan_prefixes();
+                        let back = back
                             .iter()
                             .filter(|p| p.addr().is_ipv4() == dst.addr().is_ipv4());
                         for source in back {
@@ -119,6 +126,30 @@ fn local_routes(policy: &Policy, bound: &[(SegmentId, Vec<String>)]) -> Vec<(Str
                         }
                     }
                 }
+            }
+        }
+    }
+    out
+}
+
+/// Why a policy's `local` prefixes cannot work on this appliance: each translation of `site`
+/// whose local prefix overlaps one of `addresses` (`(interface, address with its prefix)` of
+/// every interface but loopback and the LAN's: the WAN, the tunnel). A LAN numbered like the
+/// WAN the town hall's router hands the appliance cannot be routed.
+pub fn local_prefix_clashes(
+    policy: &Policy,
+    site: SiteId,
+    addresses: &[(String, IpNet)],
+) -> Vec<String> {
+    let mut out = Vec::new();
+    for (seg, _, local) in policy.site_translations(site) {
+        for (iface, addr) in addresses {
+            let net = addr.trunc();
+            if net.contains(&local.network()) || local.contains(&net.network()) {
+                out.push(format!(
+                    "segment {}'s local prefix {local} overlaps {addr} on {iface} (not a LAN interface: the WAN or the tunnel)",
+                    policy.segment_name(seg)
+                ));
             }
         }
     }
@@ -308,6 +339,37 @@ prefixes = ["10.40.1.0/24"]
         assert_eq!(f("fd00:30:1::abcd/64").as_deref(), Some("fd00:30:1::1/64"));
         assert_eq!(f("fd00:30:1::/127").as_deref(), Some("fd00:30:1::1/127"));
         assert_eq!(f("fd00:30:9::7/128"), None);
+    }
+
+    #[test]
+    fn a_lan_with_its_own_numbering_gets_its_local_gateway_and_must_not_be_the_wan() {
+        let tholey = THOLEY.replace(
+            "prefixes = [\"10.40.1.0/24\"]",
+            "prefixes = [\"10.40.1.0/24\"]\nlocal = [\"192.168.178.0/24\"]",
+        );
+        let p = Policy::from_texts(
+            OPERATOR,
+            &[("nohfelden.toml", NOHFELDEN), ("tholey.toml", &tholey)],
+        )
+        .unwrap_or_else(|e| panic!("{}", e.render()));
+        assert_eq!(lan(&p, "tholey", "rathaus").0, ["192.168.178.1/24 on eth1"]);
+        let site = p.find_site("tholey/rathaus").unwrap();
+        let at = |iface: &str, a: &str| (iface.to_owned(), a.parse::<IpNet>().unwrap());
+        // A WAN from another range and the tunnel: fine.
+        assert!(local_prefix_clashes(
+            &p,
+            site,
+            &[at("eth0", "192.0.2.11/24"), at("komnet0", "10.96.0.5/32")]
+        )
+        .is_empty());
+        // The town hall's router hands the WAN port an address of the same range.
+        assert_eq!(
+            local_prefix_clashes(&p, site, &[at("eth0", "192.168.178.20/24")]),
+            ["segment tholey/verwaltung's local prefix 192.168.178.0/24 overlaps 192.168.178.20/24 on eth0 (not a LAN interface: the WAN or the tunnel)"]
+        );
+        // Nohfelden's site has no translations: nothing to clash.
+        let noh = p.find_site("nohfelden/rathaus").unwrap();
+        assert!(local_prefix_clashes(&p, noh, &[at("eth0", "192.168.178.20/24")]).is_empty());
     }
 
     #[test]

@@ -187,6 +187,9 @@ struct Ctx {
     nft_in_force: Mutex<Option<nft::Ruleset>>,
     /// Spoke: wakes the guard to check the fence and the table now.
     guard_wake: OnceLock<std::sync::mpsc::SyncSender<()>>,
+    /// The enrollment service's client for the certificate in force (its chain is the key):
+    /// one for every poll and the registry, so their connection is reused ([`service_client`]).
+    service: Mutex<Option<(String, Arc<client::Client>)>>,
 }
 
 fn unix_now() -> i64 {
@@ -234,6 +237,7 @@ pub fn run(config_path: &Path) -> Result<i32> {
         ready: AtomicBool::new(false),
         nft_in_force: Mutex::new(None),
         guard_wake: OnceLock::new(),
+        service: Mutex::new(None),
     });
     if ctx.config.role == GatewayRole::Spoke {
         start_guard(&ctx)?;
@@ -293,18 +297,7 @@ pub fn run(config_path: &Path) -> Result<i32> {
 }
 
 fn init_logging(json: bool) {
-    if !json {
-        daemon::init_logging();
-        return;
-    }
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .json()
-        .flatten_event(true)
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+    daemon::init_logging(komnet_proto::logging::Format::json_if(json));
 }
 
 /// Returns whether the state changed (and the status was published).

@@ -526,6 +526,40 @@ pub fn fence_route_commands(
     Ok(cmds)
 }
 
+/// Every address on every interface but loopback, with its prefix length, as `ip -j addr`
+/// lists them; link-local ones left out.
+pub fn interface_addresses() -> Result<Vec<(String, IpNet)>, NetError> {
+    addresses_from_json(&ip_json(&["-j", "addr", "show"])?)
+}
+
+/// Parses `ip -j addr show`: `(interface, address/prefix)` of every global address.
+pub fn addresses_from_json(json: &str) -> Result<Vec<(String, IpNet)>, NetError> {
+    let links: serde_json::Value = serde_json::from_str(json)
+        .map_err(|e| refused("`ip -j addr show`", format!("unreadable JSON: {e}")))?;
+    let mut out = Vec::new();
+    for link in links.as_array().into_iter().flatten() {
+        let name = link["ifname"].as_str().unwrap_or_default();
+        if name.is_empty() || name == "lo" {
+            continue;
+        }
+        for a in link["addr_info"].as_array().into_iter().flatten() {
+            if a["scope"] == "link" || a["scope"] == "host" {
+                continue;
+            }
+            let (Some(local), Some(len)) = (a["local"].as_str(), a["prefixlen"].as_u64()) else {
+                continue;
+            };
+            let Ok(addr) = local.parse::<std::net::IpAddr>() else {
+                continue;
+            };
+            if let Ok(net) = IpNet::new(addr, len as u8) {
+                out.push((name.to_owned(), net));
+            }
+        }
+    }
+    Ok(out)
+}
+
 fn ip_json(args: &[&str]) -> Result<String, NetError> {
     let out = Command::new("ip")
         .args(args)
@@ -595,6 +629,22 @@ pub fn install_fence(
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn global_addresses_are_read_from_ip_json_without_loopback_and_link_local() {
+        let json = r#"[{"ifindex":1,"ifname":"lo","addr_info":[{"family":"inet","local":"127.0.0.1","prefixlen":8,"scope":"host"}]},
+            {"ifindex":2,"ifname":"eth0","addr_info":[{"family":"inet","local":"192.168.178.20","prefixlen":24,"scope":"global"},
+                {"family":"inet6","local":"fe80::1","prefixlen":64,"scope":"link"}]},
+            {"ifindex":3,"ifname":"komnet0","addr_info":[{"family":"inet","local":"10.96.0.5","prefixlen":32,"scope":"global"}]}]"#;
+        let got: Vec<String> = addresses_from_json(json)
+            .unwrap()
+            .iter()
+            .map(|(i, a)| format!("{i} {a}"))
+            .collect();
+        assert_eq!(got, ["eth0 192.168.178.20/24", "komnet0 10.96.0.5/32"]);
+        assert!(addresses_from_json("not json").is_err());
+    }
+
     use super::*;
 
     #[test]

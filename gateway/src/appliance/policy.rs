@@ -37,6 +37,17 @@ pub(super) async fn put_in_force(
             };
             let ruleset = nft::ruleset_for_site(policy, site, &interfaces)?;
             let plan = lan::plan(policy, site, &interfaces)?;
+            if !policy.site_translations(site).is_empty() {
+                // Local prefixes that the WAN or the tunnel already use cannot be the LAN's.
+                let outside: Vec<(String, IpNet)> = net::interface_addresses()?
+                    .into_iter()
+                    .filter(|(i, _)| !plan.interfaces.contains(i) && !ctx.config.lan.contains(i))
+                    .collect();
+                let clashes = lan::local_prefix_clashes(policy, site, &outside);
+                if !clashes.is_empty() {
+                    bail!("{}", clashes.join("; "));
+                }
+            }
             let dhcp_plan = dhcp::plan(policy, site, &interfaces)?;
             let task = ctx.clone();
             tokio::task::spawn_blocking(move || install_ruleset(&task, ruleset))
@@ -129,6 +140,23 @@ pub(super) fn current_enrollment(ctx: &Ctx) -> Option<Enrollment> {
     ctx.state.lock().enrollment.clone()
 }
 
+/// The enrollment service's client for `enrollment`: the same one for every call while its
+/// certificate is in force (so polls reuse its connection), a new one after a renewal.
+pub(super) fn service_client(
+    ctx: &Ctx,
+    enrollment: &Enrollment,
+) -> Result<Arc<client::Client>, ClientError> {
+    let mut cached = ctx.service.lock();
+    if let Some((chain, client)) = cached.as_ref() {
+        if *chain == enrollment.certificate_chain_pem {
+            return Ok(client.clone());
+        }
+    }
+    let client = Arc::new(client::Client::for_enrollment(enrollment)?);
+    *cached = Some((enrollment.certificate_chain_pem.clone(), client.clone()));
+    Ok(client)
+}
+
 /// Polls the enrollment service for a newer bundle.
 pub(super) async fn policy_sync(ctx: Arc<Ctx>) {
     let mut last_expiry_alarm: Option<i64> = None;
@@ -136,7 +164,8 @@ pub(super) async fn policy_sync(ctx: Arc<Ctx>) {
         warn_if_policy_expiring(&ctx, &mut last_expiry_alarm);
         if let Some(enrollment) = current_enrollment(&ctx) {
             let have = ctx.state.lock().slot.have();
-            match client::fetch_policy(&enrollment, have).await {
+            let fetched = async { service_client(&ctx, &enrollment)?.fetch_policy(have).await };
+            match fetched.await {
                 Ok(PolicyFetch::Bundle { version, bytes }) => {
                     offer_bundle(&ctx, version, &bytes).await;
                 }

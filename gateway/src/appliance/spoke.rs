@@ -256,7 +256,8 @@ async fn refresh_hubs(ctx: &Ctx) {
     let Some(enrollment) = current_enrollment(ctx) else {
         return;
     };
-    match client::fetch_hubs(&enrollment).await {
+    let fetched = async { service_client(ctx, &enrollment)?.fetch_hubs().await };
+    match fetched.await {
         Ok(hubs) => {
             // Re-resolved on every refresh: a hub's address may change in DNS.
             let endpoints = resolve_hub_endpoints(&hubs).await;

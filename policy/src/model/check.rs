@@ -104,6 +104,10 @@ pub(super) struct Builder<'s> {
     /// Rules by (tenant, name), also those left inactive, to refuse a name used twice.
     pub(super) rule_names: HashMap<(TenantId, String), Loc>,
     pub(super) names: NameIndex,
+    /// The operator file could not be read (missing, or not parseable): fragments are then
+    /// checked for syntax only — every tenant would otherwise be "not declared", an error in
+    /// every file for one mistake in operator.toml. Counts the fragments so checked.
+    pub(super) operator_unreadable: Option<usize>,
 }
 
 impl<'s> Builder<'s> {
@@ -135,6 +139,7 @@ impl<'s> Builder<'s> {
             hidden: BTreeMap::new(),
             rule_names: HashMap::new(),
             names: NameIndex::default(),
+            operator_unreadable: None,
         }
     }
 
@@ -158,8 +163,24 @@ impl<'s> Builder<'s> {
         }
     }
 
-    /// One note per unreadable fragment that other files refer to.
-    pub(super) fn note_hidden(&mut self) {
+    /// One note per unreadable fragment that other files refer to, and one when the operator
+    /// file hid everything the fragments refer to.
+    pub(super) fn note_hidden(&mut self, operator: Option<FileId>) {
+        if let Some(n) = self.operator_unreadable.filter(|n| *n > 0) {
+            let message = format!(
+                "errors in operator.toml hide the tenants, sites and shared services: {n} fragment{} checked for syntax only",
+                if n == 1 { " was" } else { "s were" }
+            );
+            self.diags.push(match operator {
+                Some(file) => Diagnostic::note(Loc::new(file, 0..0), message),
+                None => Diagnostic {
+                    severity: crate::source::Severity::Note,
+                    loc: None,
+                    message,
+                    related: None,
+                },
+            });
+        }
         let notes: Vec<Diagnostic> = self
             .hidden
             .iter()
@@ -341,7 +362,10 @@ impl<'s> Builder<'s> {
         let text = &self.sources.file(file).text;
         let doc: syntax::OperatorFile = match toml::from_str(text) {
             Ok(d) => d,
-            Err(e) => return self.toml_error(file, FileKind::Operator, e),
+            Err(e) => {
+                self.operator_unreadable = Some(0);
+                return self.toml_error(file, FileKind::Operator, e);
+            }
         };
         self.operator_dhcp = self.dhcp_defaults(file, doc.dhcp.as_ref());
         let h = doc.policy;
@@ -371,6 +395,17 @@ impl<'s> Builder<'s> {
                 self.kinds
                     .insert(k.get_ref().clone(), Loc::new(file, k.span()));
             }
+        }
+        for (net, p) in self
+            .prefixes(file, &h.tunnel, "tunnel pool")
+            .into_iter()
+            .zip(&h.tunnel)
+        {
+            self.claim(
+                net,
+                "the enrollment service's tunnel pool".to_owned(),
+                Loc::new(file, p.span()),
+            );
         }
         self.header = Some((
             h.name.into_inner(),

@@ -295,6 +295,7 @@ impl<'s> Builder<'s> {
                 site: None,
                 prefixes: prefixes.to_vec(),
                 binding: None,
+                local: Vec::new(),
                 dhcp: Some(dhcp.clone()),
                 description: None,
                 loc: at.clone(),
@@ -390,7 +391,12 @@ impl Policy {
                 continue;
             }
             for dns in &dhcp.dns {
-                if seg.prefixes.iter().any(|p| p.contains(dns)) {
+                if seg
+                    .prefixes
+                    .iter()
+                    .chain(seg.local.iter().map(|(_, l)| l))
+                    .any(|p| p.contains(dns))
+                {
                     continue;
                 }
                 let Some(from) = seg

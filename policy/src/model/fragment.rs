@@ -30,6 +30,10 @@ impl<'s> Builder<'s> {
                 return self.toml_error(file, FileKind::Tenant, e);
             }
         };
+        if let Some(n) = self.operator_unreadable.as_mut() {
+            *n += 1;
+            return;
+        }
         // One fragment per tenant, named after it: a file whose name is not its tenant's is
         // refused as a whole (a stray copy never displaces the real tenants/T.toml).
         if stem != *doc.tenant.get_ref() {
@@ -82,6 +86,7 @@ impl<'s> Builder<'s> {
             .dhcp_defaults(file, doc.dhcp.as_ref())
             .over(&operator_dhcp);
         let mut has_homeoffice: Option<Loc> = None;
+        let mut local_taken: Vec<super::local::LocalClaim> = Vec::new();
         let mut own_segments: Vec<(IpNet, String, Loc)> = Vec::new();
         // Site segments with the binding they declare (`vlan`/`port`), resolved below.
         let mut declared: Vec<Declared> = Vec::new();
@@ -100,6 +105,7 @@ impl<'s> Builder<'s> {
             let sloc = Loc::new(file, sname.span());
             let errors_before = self.error_count();
             let binding = self.declared_binding(file, &decl);
+            let mut local = Vec::new();
             let (site, prefixes) = match &decl.site {
                 None => {
                     if let Some((_, at)) = &binding {
@@ -113,6 +119,13 @@ impl<'s> Builder<'s> {
                             file,
                             decl.prefixes[0].span(),
                             "a segment without a site is the home-office segment: its addresses are the tenant's home-office pool, so it takes no prefixes",
+                        );
+                    }
+                    if let Some(first) = decl.local.first() {
+                        self.err(
+                            file,
+                            first.span(),
+                            "a segment without a site is the home-office segment: it has no town-hall LAN, so it takes no local prefixes",
                         );
                     }
                     if let Some(prev) = has_homeoffice.clone() {
@@ -214,14 +227,21 @@ impl<'s> Builder<'s> {
                         }
                         own_segments.push((*net, sname.get_ref().clone(), ploc));
                     }
+                    local =
+                        self.local_prefixes(file, site, sname.get_ref(), &decl, &mut local_taken);
                     (Some(site), prefixes)
                 }
             };
+            // DHCP hands out the addresses the LAN uses: the local ones where there are any.
+            let lan: Vec<IpNet> = prefixes
+                .iter()
+                .map(|p| local.iter().find(|(u, _)| u == p).map_or(*p, |(_, l)| *l))
+                .collect();
             let dhcp = self.segment_dhcp(
                 file,
                 sname.get_ref(),
                 decl.dhcp.as_ref(),
-                site.is_some().then_some(&prefixes[..]),
+                site.is_some().then_some(&lan[..]),
                 &tenant_dhcp,
             );
             let id = SegmentId(self.segments.len() as u32);
@@ -245,6 +265,7 @@ impl<'s> Builder<'s> {
                 site,
                 prefixes,
                 binding: None,
+                local,
                 dhcp,
                 description: decl.description,
                 loc: sloc,

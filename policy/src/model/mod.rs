@@ -67,6 +67,10 @@ pub struct Segment {
     /// Where the segment's traffic reaches its site's appliance; `None` for the home-office
     /// segment (it arrives through the tunnel).
     pub binding: Option<Binding>,
+    /// `(unique, local)`: a prefix of `prefixes` and the prefix the town hall's LAN really uses
+    /// for it (same family and length); the site's appliance translates between them 1:1 at
+    /// the tunnel, so that the district only ever sees the unique one.
+    pub local: Vec<(IpNet, IpNet)>,
     /// How the site's appliance serves the segment's hosts (DHCPv4, router advertisements);
     /// `None` for the home-office segment and where the fragment says `enabled = false`.
     pub dhcp: Option<Dhcp>,
@@ -94,7 +98,7 @@ impl Segment {
             return Vec::new();
         };
         let mut out = Vec::new();
-        for prefix in &self.prefixes {
+        for prefix in &self.lan_prefixes() {
             let IpNet::V4(net) = prefix else { continue };
             let Some((first, last)) = leasable(net) else {
                 continue;
@@ -135,7 +139,7 @@ impl Segment {
         if self.dhcp.is_none() {
             return Vec::new();
         }
-        self.prefixes
+        self.lan_prefixes()
             .iter()
             .filter_map(|p| match p {
                 IpNet::V6(n) if n.prefix_len() == 64 => Some(*n),
@@ -143,6 +147,70 @@ impl Segment {
             })
             .collect()
     }
+
+    /// The segment's prefixes as its town hall's LAN numbers them: each prefix that has a
+    /// `local` one replaced by it (the appliance's gateway address, DHCP and the segment check
+    /// on the LAN use these).
+    ///
+    /// ```toml
+    /// prefixes = ["10.40.1.0/24"]
+    /// local = ["192.168.178.0/24"]      # lan_prefixes: 192.168.178.0/24
+    /// ```
+    pub fn lan_prefixes(&self) -> Vec<IpNet> {
+        self.prefixes
+            .iter()
+            .map(|p| {
+                self.local
+                    .iter()
+                    .find(|(u, _)| u == p)
+                    .map_or(*p, |(_, l)| *l)
+            })
+            .collect()
+    }
+}
+
+/// [`Policy::lan_view`] with the site's translations given (`(segment, unique, local)`).
+/// Without translations, `nets` as they are (in their order).
+pub(crate) fn lan_view_with(pairs: &[(SegmentId, IpNet, IpNet)], nets: &[IpNet]) -> Vec<IpNet> {
+    if pairs.is_empty() {
+        return nets.to_vec();
+    }
+    let mut out: Vec<IpNet> = Vec::new();
+    for net in nets {
+        let mut moved = false;
+        for (_, u, l) in pairs {
+            if let Some(n) = translate(net, u, l) {
+                out.push(n);
+                moved = true;
+            } else if net.contains(u) && net != u {
+                out.push(*l);
+            }
+        }
+        if !moved {
+            out.push(*net);
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// `net` moved from inside `from` to the same place inside `to` (both of one family and
+/// length); `None` when `net` is not inside `from`.
+pub(crate) fn translate(net: &IpNet, from: &IpNet, to: &IpNet) -> Option<IpNet> {
+    if !from.contains(net) || from.prefix_len() != to.prefix_len() {
+        return None;
+    }
+    let addr = match (net.addr(), from.network(), to.network()) {
+        (IpAddr::V4(a), IpAddr::V4(f), IpAddr::V4(t)) => {
+            IpAddr::V4(Ipv4Addr::from(u32::from(a) - u32::from(f) + u32::from(t)))
+        }
+        (IpAddr::V6(a), IpAddr::V6(f), IpAddr::V6(t)) => IpAddr::V6(std::net::Ipv6Addr::from(
+            u128::from(a) - u128::from(f) + u128::from(t),
+        )),
+        _ => return None,
+    };
+    IpNet::new(addr, net.prefix_len()).ok()
 }
 
 /// The addresses of `net` a DHCP server may hand out: from the second host (the first is the
@@ -448,14 +516,15 @@ impl Policy {
         mut diags: Vec<Diagnostic>,
     ) -> Result<Policy, PolicyErrors> {
         let mut b = Builder::new(&sources);
-        if let Some(op) = files.operator {
-            b.load_operator(op);
+        match files.operator {
+            Some(op) => b.load_operator(op),
+            None => b.operator_unreadable = Some(0),
         }
         for f in files.fragments {
             b.load_fragment(f);
         }
         b.finish_checks();
-        b.note_hidden();
+        b.note_hidden(files.operator);
         diags.append(&mut b.diags);
         // A group named by several rules reports its unknown member once, not once per rule.
         let mut seen = std::collections::HashSet::new();
@@ -515,9 +584,18 @@ impl Policy {
             let tenant = self
                 .tenant_by_name(t)
                 .ok_or_else(|| format!("no tenant named {t:?}"))?;
-            return self
-                .site_by_name(tenant, s)
-                .ok_or_else(|| format!("tenant {t:?} has no site named {s:?}"));
+            return self.site_by_name(tenant, s).ok_or_else(|| {
+                let sites = self.tenants[tenant.index()]
+                    .sites
+                    .iter()
+                    .map(|i| self.sites[i.index()].name.as_str());
+                match closest(s, sites) {
+                    Some(n) => {
+                        format!("tenant {t:?} has no site named {s:?}; did you mean \"{t}/{n}\"?")
+                    }
+                    None => format!("tenant {t:?} has no site named {s:?}"),
+                }
+            });
         }
         let found: Vec<SiteId> = (0..self.sites.len())
             .map(|i| SiteId(i as u32))
@@ -525,7 +603,19 @@ impl Policy {
             .collect();
         match found.as_slice() {
             [one] => Ok(*one),
-            [] => Err(format!("no site named {name:?}")),
+            [] => {
+                let all: Vec<String> = self
+                    .sites
+                    .iter()
+                    .map(|s| format!("{}/{}", self.tenants[s.tenant.index()].name, s.name))
+                    .collect();
+                let near = closest(name, self.sites.iter().map(|s| s.name.as_str()))
+                    .or_else(|| closest(name, all.iter().map(String::as_str)));
+                Err(match near {
+                    Some(n) => format!("no site named {name:?}; did you mean {n:?}?"),
+                    None => format!("no site named {name:?} (write SITE or TENANT/SITE)"),
+                })
+            }
             _ => Err(format!(
                 "several tenants have a site named {name:?}: write TENANT/{name}"
             )),
@@ -593,6 +683,39 @@ impl Policy {
             .map(|i| SegmentId(i as u32))
     }
 
+    /// The translations of `site`: `(segment, unique, local)` for every segment prefix the
+    /// town hall numbers differently (`local = [...]`).
+    pub fn site_translations(&self, site: SiteId) -> Vec<(SegmentId, IpNet, IpNet)> {
+        self.site_segments(site)
+            .flat_map(|s| {
+                self.segments[s.index()]
+                    .local
+                    .iter()
+                    .map(move |(u, l)| (s, *u, *l))
+            })
+            .collect()
+    }
+
+    /// `nets` as the LAN of `site` sees them: what lies inside a translated unique prefix of
+    /// the site moved to its local prefix (a prefix larger than a translated one keeps its
+    /// unique addresses and gains the local prefix as well); everything else as it is. On the
+    /// site's appliance every address of its own LAN is the local one.
+    pub fn lan_view(&self, site: SiteId, nets: &[IpNet]) -> Vec<IpNet> {
+        lan_view_with(&self.site_translations(site), nets)
+    }
+
+    /// The district-unique address of `addr` as the LAN of `site` numbers it: itself unless it
+    /// lies in a local prefix of one of the site's segments.
+    ///
+    /// With `prefixes = ["10.40.1.0/24"]`, `local = ["192.168.178.0/24"]`: 192.168.178.77 is
+    /// 10.40.1.77.
+    pub fn unique_of(&self, site: SiteId, addr: IpAddr) -> IpAddr {
+        self.site_translations(site)
+            .iter()
+            .find_map(|(_, u, l)| translate(&IpNet::from(addr), l, u))
+            .map_or(addr, |n| n.addr())
+    }
+
     /// Resolves certificate identity fields to the policy's indices.
     pub fn peer_identity(
         &self,
@@ -640,6 +763,7 @@ mod dhcp;
 mod fragment;
 mod hint;
 mod load;
+mod local;
 mod rules;
 
 use check::*;

@@ -6,29 +6,12 @@
 //! observed with real TCP connections; revokes one commune's appliance and shows it cut off;
 //! then removes everything. Needs root; `scripts/demo.sh` builds and runs it.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Result};
 use komnet_netns_tests::district::{render_matrix, District, Options, DESTINATIONS};
 use komnet_netns_tests::require_root_and_tools;
-
-fn netprobe() -> Result<PathBuf> {
-    let me = std::env::current_exe()?;
-    let dir = me
-        .parent()
-        .ok_or_else(|| anyhow!("no directory for {}", me.display()))?;
-    let p = dir.join("netprobe");
-    if p.is_file() {
-        Ok(p)
-    } else {
-        Err(anyhow!(
-            "{} is missing: build with `cargo build --release -p komnet-netns-tests`",
-            p.display()
-        ))
-    }
-}
 
 fn main() -> ExitCode {
     // Ctrl-C or SIGTERM: no destructor runs, so remove the namespaces and files here.
@@ -63,7 +46,7 @@ fn demo() -> Result<bool> {
     let t0 = Instant::now();
     step(t0, "building the district in network namespaces: data centre, Nohfelden, Tholey, a home office");
     let district = District::start(
-        &netprobe()?,
+        &komnet_netns_tests::netprobe_binary()?,
         Options {
             two_hubs: false,
             homeoffice: true,

@@ -15,6 +15,20 @@
 //! handshake Finished) the server's bytes are swallowed, and after the first KiB of its answer
 //! the client's side is closed, `lost answer N` printed, and the server read to its end (so the
 //! service finishes what it committed). Without FLAG it forwards both ways.
+//!
+//! The file transfers, UDP catches and HTTP fetches of the tests and demos (one tool instead of
+//! embedded Python copies):
+//! `netprobe receive ADDR:PORT OUT READY` accepts one TCP connection (within 60 s), writes what
+//! it carries into OUT, creates the file READY once it listens (so a sender never races the
+//! bind) and prints the byte count.
+//! `netprobe send ADDR:PORT FILE [RATE]` sends FILE over one TCP connection, paced to RATE
+//! bytes/s if given and not 0, then half-closes and waits for the receiver to close (so when it
+//! exits, every byte was read) and prints the byte count.
+//! `netprobe catch-udp ADDR:PORT SECS` binds, prints `ready`, then `got HEX` for the first
+//! datagram within SECS seconds or `none`.
+//! `netprobe send-udp ADDR:PORT TEXT` sends TEXT as one datagram.
+//! `netprobe get http://ADDR:PORT/PATH` prints the body of a plain-HTTP GET; an answer other
+//! than 200 is an error.
 
 use std::io::{Read as _, Write as _};
 use std::net::{IpAddr, SocketAddr, TcpListener, UdpSocket};
@@ -30,7 +44,17 @@ fn main() -> ExitCode {
         Some("probe") => probe(&args[1..]),
         Some("hold") => hold(&args[1..]),
         Some("lose-answers") => lose_answers(&args[1..]),
-        _ => Err("usage: netprobe serve SPEC… | netprobe probe --timeout-ms N FLOW…".to_owned()),
+        Some("receive") => receive(&args[1..]),
+        Some("send") => send(&args[1..]),
+        Some("catch-udp") => catch_udp(&args[1..]),
+        Some("send-udp") => send_udp(&args[1..]),
+        Some("get") => get(&args[1..]),
+        _ => Err(
+            "usage: netprobe serve SPEC… | probe --timeout-ms N FLOW… | hold SRC DST PORT \
+                  SECS | lose-answers LISTEN UPSTREAM FLAG | receive ADDR:PORT OUT READY | send \
+                  ADDR:PORT FILE [RATE] | catch-udp ADDR:PORT SECS | send-udp ADDR:PORT TEXT | get URL"
+                .to_owned(),
+        ),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -274,6 +298,174 @@ fn serve(specs: &[String]) -> Result<(), String> {
     loop {
         std::thread::park();
     }
+}
+
+/// How long a transfer waits for its peer (a connection, the next bytes, the close).
+const TRANSFER_TIMEOUT: Duration = Duration::from_secs(60);
+
+fn socket_addr(text: &str) -> Result<SocketAddr, String> {
+    text.parse()
+        .map_err(|e| format!("bad address {text:?} (ADDR:PORT, [V6]:PORT): {e}"))
+}
+
+fn receive(args: &[String]) -> Result<(), String> {
+    let [addr, out, ready] = args else {
+        return Err("usage: netprobe receive ADDR:PORT OUT READY".to_owned());
+    };
+    let addr = socket_addr(addr)?;
+    let listener = TcpListener::bind(addr).map_err(|e| format!("bind {addr}: {e}"))?;
+    std::fs::File::create(ready).map_err(|e| format!("creating {ready}: {e}"))?;
+    listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+    let start = std::time::Instant::now();
+    let mut conn = loop {
+        match listener.accept() {
+            Ok((conn, _)) => break conn,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if start.elapsed() > TRANSFER_TIMEOUT {
+                    return Err(format!("no connection on {addr} within 60 s"));
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => return Err(format!("accept on {addr}: {e}")),
+        }
+    };
+    conn.set_nonblocking(false).map_err(|e| e.to_string())?;
+    conn.set_read_timeout(Some(TRANSFER_TIMEOUT))
+        .map_err(|e| e.to_string())?;
+    let mut file = std::fs::File::create(out).map_err(|e| format!("creating {out}: {e}"))?;
+    let total = std::io::copy(&mut conn, &mut file).map_err(|e| format!("receiving: {e}"))?;
+    file.sync_all().map_err(|e| format!("writing {out}: {e}"))?;
+    println!("{total}");
+    Ok(())
+}
+
+fn send(args: &[String]) -> Result<(), String> {
+    let (addr, path, rate) = match args {
+        [addr, path] => (addr, path, 0.0),
+        [addr, path, rate] => (
+            addr,
+            path,
+            rate.parse::<f64>()
+                .map_err(|e| format!("bad rate {rate:?}: {e}"))?,
+        ),
+        _ => return Err("usage: netprobe send ADDR:PORT FILE [RATE]".to_owned()),
+    };
+    let addr = socket_addr(addr)?;
+    let mut conn = std::net::TcpStream::connect_timeout(&addr, TRANSFER_TIMEOUT)
+        .map_err(|e| format!("connect {addr}: {e}"))?;
+    conn.set_write_timeout(Some(TRANSFER_TIMEOUT))
+        .map_err(|e| e.to_string())?;
+    conn.set_read_timeout(Some(TRANSFER_TIMEOUT))
+        .map_err(|e| e.to_string())?;
+    let mut file = std::fs::File::open(path).map_err(|e| format!("opening {path}: {e}"))?;
+    let start = std::time::Instant::now();
+    let mut sent: u64 = 0;
+    let mut chunk = vec![0u8; 1 << 20];
+    loop {
+        let n = file
+            .read(&mut chunk)
+            .map_err(|e| format!("reading {path}: {e}"))?;
+        if n == 0 {
+            break;
+        }
+        conn.write_all(&chunk[..n])
+            .map_err(|e| format!("sending to {addr}: {e}"))?;
+        sent += n as u64;
+        if rate > 0.0 {
+            let ahead = sent as f64 / rate - start.elapsed().as_secs_f64();
+            if ahead > 0.0 {
+                std::thread::sleep(Duration::from_secs_f64(ahead));
+            }
+        }
+    }
+    conn.shutdown(std::net::Shutdown::Write)
+        .map_err(|e| format!("closing the sending side: {e}"))?;
+    // The receiver closes once it has read everything.
+    let mut rest = [0u8; 1];
+    conn.read(&mut rest)
+        .map_err(|e| format!("waiting for {addr} to close: {e}"))?;
+    println!("{sent}");
+    Ok(())
+}
+
+fn catch_udp(args: &[String]) -> Result<(), String> {
+    let [addr, secs] = args else {
+        return Err("usage: netprobe catch-udp ADDR:PORT SECS".to_owned());
+    };
+    let addr = socket_addr(addr)?;
+    let secs: f64 = secs
+        .parse()
+        .map_err(|e| format!("bad seconds {secs:?}: {e}"))?;
+    let socket = UdpSocket::bind(addr).map_err(|e| format!("bind udp {addr}: {e}"))?;
+    socket
+        .set_read_timeout(Some(Duration::from_secs_f64(secs.max(0.001))))
+        .map_err(|e| e.to_string())?;
+    println!("ready");
+    let _ = std::io::stdout().flush();
+    let mut buf = vec![0u8; 65535];
+    match socket.recv_from(&mut buf) {
+        Ok((n, _)) => {
+            let hex: String = buf[..n].iter().map(|b| format!("{b:02x}")).collect();
+            println!("got {hex}");
+        }
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            println!("none");
+        }
+        Err(e) => return Err(format!("receiving on {addr}: {e}")),
+    }
+    Ok(())
+}
+
+fn send_udp(args: &[String]) -> Result<(), String> {
+    let [addr, text] = args else {
+        return Err("usage: netprobe send-udp ADDR:PORT TEXT".to_owned());
+    };
+    let addr = socket_addr(addr)?;
+    let any: SocketAddr = if addr.is_ipv4() {
+        ([0, 0, 0, 0], 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let socket = UdpSocket::bind(any).map_err(|e| format!("bind udp: {e}"))?;
+    socket
+        .send_to(text.as_bytes(), addr)
+        .map_err(|e| format!("sending to {addr}: {e}"))?;
+    Ok(())
+}
+
+fn get(args: &[String]) -> Result<(), String> {
+    let [url] = args else {
+        return Err("usage: netprobe get http://ADDR:PORT/PATH".to_owned());
+    };
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| format!("{url:?}: only http:// URLs"))?;
+    let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let addr = socket_addr(authority)?;
+    let mut conn = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(10))
+        .map_err(|e| format!("connect {addr}: {e}"))?;
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    write!(conn, "GET /{path} HTTP/1.0\r\nHost: {authority}\r\n\r\n")
+        .map_err(|e| format!("sending to {addr}: {e}"))?;
+    let mut answer = Vec::new();
+    conn.read_to_end(&mut answer)
+        .map_err(|e| format!("reading from {addr}: {e}"))?;
+    let text = String::from_utf8_lossy(&answer);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| format!("{url}: not an HTTP answer"))?;
+    let status = head.lines().next().unwrap_or_default();
+    if status.split(' ').nth(1) != Some("200") {
+        return Err(format!("{url}: {status}"));
+    }
+    print!("{body}");
+    Ok(())
 }
 
 fn probe(args: &[String]) -> Result<(), String> {

@@ -136,6 +136,7 @@ fn test_ctx(dir: &Path, extra: &str) -> Arc<Ctx> {
         ready: AtomicBool::new(false),
         nft_in_force: Mutex::new(None),
         guard_wake: OnceLock::new(),
+        service: Mutex::new(None),
     })
 }
 

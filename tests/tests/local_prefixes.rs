@@ -1,0 +1,274 @@
+//! Two town halls with the same LAN (issue 13, part 3): Nohfelden's and Tholey's staff both use
+//! 192.168.178.0/24 (the host 192.168.178.10 exists in both), the district knows them as
+//! 10.30.1.0/24 and 10.40.1.0/24. Each appliance translates 1:1 at the tunnel: both PCs reach the
+//! DMS and their own file server, the data centre sees only the unique addresses, and one
+//! commune reaches the other's PC only where a rule says so. Nohfelden's PC gets its local
+//! address by DHCP. Needs root; never skipped.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use komnet_netns_tests::dhcp::{obtain_lease, DhcpServer};
+use komnet_netns_tests::district::{
+    copy_policy, edit_file, Destination, District, Options, Source, DESTINATIONS,
+};
+use komnet_netns_tests::{require_root_and_tools, Netns};
+use komnet_policy::Origin;
+
+fn netprobe() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_netprobe"))
+}
+
+fn dest(label: &str) -> Destination {
+    DESTINATIONS
+        .iter()
+        .copied()
+        .find(|d| d.label == label)
+        .expect("destination")
+}
+
+/// Killed when the test ends, however it ends.
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `netprobe serve tcp:0.0.0.0:PORT` in `ns`, once it listens.
+fn serve_tcp(ns: &Netns, port: u16) -> Killed {
+    let mut child = Killed(
+        ns.command(netprobe())
+            .args(["serve", &format!("tcp:0.0.0.0:{port}")])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("netprobe serve"),
+    );
+    let out = child.0.stdout.take().expect("stdout");
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(out), &mut line).expect("ready");
+    assert_eq!(line.trim(), "ready");
+    child
+}
+
+fn reaches(district: &District, ns: &Netns, src: &str, dest: Destination) -> bool {
+    let source = Source {
+        label: String::new(),
+        netns: ns.name().to_owned(),
+        addr: src.parse().expect("address"),
+        origin: Origin::Address,
+    };
+    district
+        .probe(&source, &[dest], Duration::from_millis(1500))
+        .expect("probe")[0]
+}
+
+/// Packets the data centre's servers received from each of `sources` (an nft counter per
+/// source in the servers' namespace).
+fn seen_by_the_dc(srv: &Netns, sources: &[&str]) -> Vec<u64> {
+    let json = srv
+        .exec(&["nft", "-j", "list", "table", "inet", "komnet_test_seen"])
+        .expect("list counters");
+    let v: serde_json::Value = serde_json::from_str(&json).expect("nft json");
+    sources
+        .iter()
+        .map(|s| {
+            v["nftables"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|o| o.get("rule"))
+                .filter(|r| r["comment"] == *s)
+                .flat_map(|r| r["expr"].as_array().cloned().unwrap_or_default())
+                .filter_map(|e| e["counter"]["packets"].as_u64())
+                .sum()
+        })
+        .collect()
+}
+
+#[test]
+fn two_town_halls_with_the_same_lan_reach_the_dc_by_their_unique_addresses() {
+    require_root_and_tools();
+    let mut district = District::start(
+        &netprobe(),
+        Options {
+            two_hubs: false,
+            homeoffice: false,
+            ..Options::default()
+        },
+    )
+    .expect("district");
+    let run_dir = district.path("noh-run");
+    std::fs::create_dir_all(&run_dir).expect("run dir");
+    let conf = run_dir.join("dnsmasq.conf");
+    let mut noh = district
+        .add_appliance_spoke_with(
+            "noh",
+            30,
+            43,
+            &format!("dhcp_config = \"{}\"\n", conf.display()),
+        )
+        .expect("Nohfelden's appliance");
+    let mut tho = district
+        .add_appliance_spoke_with("tho", 40, 44, "")
+        .expect("Tholey's appliance");
+    let server = DhcpServer::start(&noh.gw, &conf, &run_dir).expect("DHCP server");
+
+    // Version 2: both staff LANs are 192.168.178.0/24 at the town hall; Nohfelden's PC has a
+    // reservation for .10; Tholey offers a terminal on its PC (10.40.1.10, tcp/8080) to
+    // Nohfelden's staff.
+    let v2 = district.path("policy-local-v2");
+    copy_policy(&v2, 2).expect("copy");
+    for (tenant, unique) in [("nohfelden", "10.30.1.0/24"), ("tholey", "10.40.1.0/24")] {
+        edit_file(
+            &v2.join(format!("tenants/{tenant}.toml")),
+            &format!("prefixes = [\"{unique}\"]\n"),
+            &format!("prefixes = [\"{unique}\"]\nlocal = [\"192.168.178.0/24\"]\n"),
+        )
+        .expect("local prefix");
+    }
+    let noh_file = v2.join("tenants/nohfelden.toml");
+    let mut text = std::fs::read_to_string(&noh_file).expect("read");
+    text.push_str(
+        "\n[[rule]]\nname = \"tholey-terminal\"\nfrom = [\"verwaltung\"]\nto = [\"tholey/terminal\"]\n\n\
+         [segments.verwaltung.dhcp]\nhosts = [{ mac = \"52:54:00:0d:0c:10\", address = \"192.168.178.10\" }]\n",
+    );
+    std::fs::write(&noh_file, text).expect("write");
+    let tho_file = v2.join("tenants/tholey.toml");
+    let mut text = std::fs::read_to_string(&tho_file).expect("read");
+    text.push_str(
+        "\n[services.terminal]\ndescription = \"Zeiterfassung am PC der Verwaltung\"\naddresses = [\"10.40.1.10\"]\nports = [\"tcp/8080\"]\nexport = [\"nohfelden\"]\n",
+    );
+    std::fs::write(&tho_file, text).expect("write");
+    district
+        .publish_policy(&v2, "policy-local-v2.bundle")
+        .expect("publish v2");
+    for (spoke, tenant) in [(&mut noh, "nohfelden"), (&mut tho, "tholey")] {
+        let token = district.token(tenant, "rathaus", "spoke").expect("token");
+        spoke.deliver_bootstrap(&token).expect("bootstrap");
+    }
+    for spoke in [&mut noh, &mut tho] {
+        spoke
+            .spoke
+            .wait_running(2, Duration::from_secs(30))
+            .expect("version 2 in force");
+    }
+    // Each appliance is the LAN's 192.168.178.1.
+    assert_eq!(noh.lan_addresses().expect("lan"), ["192.168.178.1/24"]);
+    assert_eq!(tho.lan_addresses().expect("lan"), ["192.168.178.1/24"]);
+
+    // Nohfelden's PC by DHCP (its reservation), Tholey's by hand: the same address twice.
+    noh.host
+        .ip(&["addr", "flush", "dev", "eth0", "scope", "global"])
+        .expect("flush");
+    noh.host
+        .ip(&["link", "set", "eth0", "address", "52:54:00:0d:0c:10"])
+        .expect("MAC");
+    let lease = obtain_lease(&noh.host, "eth0", &run_dir)
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", server.log()));
+    assert_eq!(
+        (lease.address.as_str(), lease.router.as_str()),
+        ("192.168.178.10", "192.168.178.1"),
+        "{lease:?}"
+    );
+    tho.host
+        .ip(&["addr", "flush", "dev", "eth0", "scope", "global"])
+        .expect("flush");
+    tho.host
+        .ip(&["addr", "add", "192.168.178.10/24", "dev", "eth0"])
+        .expect("address");
+    tho.host
+        .ip(&["route", "replace", "default", "via", "192.168.178.1"])
+        .expect("route");
+
+    // What the data centre receives, by source.
+    let rules = "table inet komnet_test_seen {\n chain input { type filter hook input priority -10; policy accept;\n\
+                 ip saddr 10.30.1.10 counter comment \"10.30.1.10\"\n\
+                 ip saddr 10.40.1.10 counter comment \"10.40.1.10\"\n\
+                 ip saddr 192.168.178.0/24 counter comment \"192.168.178.0/24\"\n }\n}\n";
+    let file = district.path("seen.nft");
+    std::fs::write(&file, rules).expect("write");
+    district
+        .srv
+        .exec(&["nft", "-f", &file.to_string_lossy()])
+        .expect("nft");
+
+    let (dms, noh_files, tho_files) = (
+        dest("DMS (Kreis)"),
+        dest("Dateiserver Nohfelden"),
+        dest("Dateiserver Tholey"),
+    );
+    let local = "192.168.178.10";
+    assert!(
+        reaches(&district, &noh.host, local, dms),
+        "Nohfelden's PC -> DMS"
+    );
+    assert!(
+        reaches(&district, &tho.host, local, dms),
+        "Tholey's PC -> DMS"
+    );
+    assert!(reaches(&district, &noh.host, local, noh_files));
+    assert!(reaches(&district, &tho.host, local, tho_files));
+    assert!(!reaches(&district, &noh.host, local, tho_files));
+    assert!(!reaches(&district, &tho.host, local, noh_files));
+    let seen = seen_by_the_dc(
+        &district.srv,
+        &["10.30.1.10", "10.40.1.10", "192.168.178.0/24"],
+    );
+    assert!(
+        seen[0] > 0 && seen[1] > 0 && seen[2] == 0,
+        "the data centre saw {seen:?} packets from 10.30.1.10, 10.40.1.10, 192.168.178.0/24"
+    );
+
+    // Between the two town halls, by the unique addresses and only where a rule says so:
+    // Nohfelden's staff reach Tholey's terminal, Tholey's staff do not reach Nohfelden's PC.
+    let _terminal = serve_tcp(&tho.host, 8080);
+    let _other = serve_tcp(&noh.host, 8080);
+    let port = |addr: &str| Destination {
+        label: "8080",
+        addr: addr.parse().expect("address"),
+        port: 8080,
+    };
+    assert!(
+        reaches(&district, &noh.host, local, port("10.40.1.10")),
+        "Nohfelden's PC does not reach Tholey's terminal at 10.40.1.10"
+    );
+    assert!(
+        !reaches(&district, &tho.host, local, port("10.30.1.10")),
+        "Tholey's PC reached Nohfelden's PC"
+    );
+    let nat = tho
+        .gw
+        .exec(&["nft", "list", "table", "inet", "komnet_nat"])
+        .expect("komnet_nat");
+    assert!(
+        nat.contains("dnat ip prefix to ip daddr map { 10.40.1.0/24 : 192.168.178.0/24 }"),
+        "{nat}"
+    );
+    // The policy explains a local address at a named site.
+    let out = Command::new(komnet_netns_tests::komnet_cli_binary().expect("komnet"))
+        .args(["policy", "explain"])
+        .arg(&v2)
+        .args([
+            "--from",
+            local,
+            "--to",
+            "dms:tcp/443",
+            "--site",
+            "tholey/rathaus",
+        ])
+        .output()
+        .expect("komnet policy explain");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success()
+            && text.contains("IPv4 10.40.1.10 -> 10.0.1.10:tcp/443: allow")
+            && text.contains("192.168.178.10 at tholey/rathaus is 10.40.1.10 in the district"),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
