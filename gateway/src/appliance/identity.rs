@@ -608,6 +608,9 @@ pub(super) async fn renewal(ctx: Arc<Ctx>) {
                 let due = s.renewal.as_mut().map(|r| {
                     r.handle_renewed(renewed.renew_after, renewed.identity.not_after, now)
                 });
+                if renewed.identity.not_after > now {
+                    s.certificate_was_valid = true;
+                }
                 if due == Some(Renewed::DueAlready) {
                     tracing::warn!(
                         renew_after = %client::utc(renewed.renew_after),
@@ -627,12 +630,18 @@ pub(super) async fn renewal(ctx: Arc<Ctx>) {
                     .map(|r| r.handle_failed(unix_now()));
                 if failure == Some(RenewalFailure::Expired) {
                     tracing::error!(error = %e, "certificate expired; the appliance needs a new bootstrap token");
-                    if ctx.config.role == GatewayRole::Spoke && ctx.config.wait_for_bootstrap {
+                    let ran_out_here = ctx.state.lock().certificate_was_valid;
+                    if ctx.config.role == GatewayRole::Spoke
+                        && ctx.config.wait_for_bootstrap
+                        && ran_out_here
+                    {
                         // Its tunnel is dead (hubs drop expired certificates). A start with an
                         // expired certificate waits for a new token (the stick script takes
                         // one then): the process ends and its service starts it again, so the
-                        // technician's stick is all it takes, no reboot. A hub keeps
-                        // forwarding for its spokes and keeps saying so.
+                        // technician's stick is all it takes, no reboot. Not for a certificate
+                        // that arrived expired (the service's clock is wrong: a new token
+                        // would not help), and not for a hub, which keeps forwarding for its
+                        // spokes and keeps saying so.
                         let _ = ctx.events.send(Event::Fatal(format!(
                             "the certificate (serial {}) expired on {} and could not be renewed ({e}); stopping so \
                              that the next start waits for a new bootstrap token",

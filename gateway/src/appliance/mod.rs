@@ -111,6 +111,9 @@ struct ControlState {
     lan_put: Vec<(String, IpNet)>,
     /// Spoke: what the last attempt to set up the LAN could not do (empty when it all worked).
     lan_errors: Vec<String>,
+    /// This process held a certificate that was valid (when the identity was ready, or after a
+    /// renewal). One that arrived expired is a clock problem, not one a new token solves.
+    certificate_was_valid: bool,
     /// Spoke with `dhcp_config`: the DHCP server's configuration the policy in force wants
     /// (`None`: it serves no segment, and the file goes), and what it serves (for `/status`).
     dhcp_wanted: Option<String>,
@@ -428,6 +431,7 @@ async fn start(ctx: Arc<Ctx>) -> Result<()> {
         let mut s = ctx.state.lock();
         s.hubs = enrollment.hubs.clone();
         s.enrollment = Some(enrollment.clone());
+        s.certificate_was_valid = enrollment.identity.not_after > unix_now();
         s.renewal = Some(RenewalSchedule::new(
             enrollment.renew_after,
             enrollment.identity.not_after,
