@@ -3,14 +3,18 @@
 # docs/appliance.md promises, against a real enrollment service and hub:
 #
 #   1. power-on with a bootstrap stick (FAT, label KOMNET): the appliance copies the file,
-#      enrols, loads the policy, brings up the tunnel and routes its LAN: a PC on the appliance's
-#      LAN reaches the DMS in the data centre through the tunnel. The time from power-on to the
-#      first packet through is printed (goal: 60 s under TCG).
+#      enrols, loads the policy, brings up the tunnel and routes its LAN. The LAN port carries an
+#      802.1Q trunk from the town hall's switch (packaging/test-vlan-switch.py): staff on VLAN
+#      10, guests on VLAN 100, as the test's copy of the district policy says. The staff PC gets
+#      its address by DHCP from the appliance on VLAN 10 and reaches the DMS in the data centre
+#      through the tunnel; a PC on the guest VLAN gets a guest address and does not, nor with a
+#      staff address it sets itself. The time from power-on to the first packet through (DHCP
+#      included) is printed (goal: 60 s under TCG).
 #   2. an update stick (label KOMNET-UPD) with a deliberately broken version 2 (its gateway.toml
 #      is refused) is plugged in: the appliance writes slot b, restarts into it on probation,
 #      the health check fails on each try, systemd-boot falls back to slot a by itself, the
 #      console says so, traffic flows again, and the broken version is not installed again
-#      although the stick is still in.
+#      although the stick is still in. The staff PC's DHCP lease is on the data partition.
 #      Version 2 raises the version floor to 2: a stick with the (validly signed) version 1 is
 #      refused afterwards.
 #   3. a fresh appliance without a stick says what it waits for; update sticks an attacker
@@ -26,8 +30,9 @@
 #   sudo packaging/test-image.sh         (scripts/test.sh runs it)
 #
 # Everything runs in network namespaces it makes (kti-dc: enrollment service, hub, DMS, qemu
-# with user-mode networking for the appliance's WAN port; kti-lan: the town hall's PC on the
-# appliance's LAN port through a tap device) and removes again, also when it fails.
+# with user-mode networking for the appliance's WAN port; kti-sw: the town hall's switch, whose
+# trunk is the appliance's LAN port (a tap device); kti-lan: the staff PC on VLAN 10; kti-guest:
+# a PC on the guest VLAN 100) and removes again, also when it fails.
 # KVM is used when it works, TCG otherwise (KOMNET_QEMU_ACCEL=tcg|kvm forces one).
 # KOMNET_TEST_PAUSE_ON_FAILURE=SECS keeps everything up that long after a failure, to look.
 set -euo pipefail
@@ -37,7 +42,6 @@ repo=$(pwd)
 target_dir=${CARGO_TARGET_DIR:-$repo/target}
 bin="$target_dir/release"
 work="$target_dir/image-test"
-policy_dir="$repo/examples/policy/st-wendel"
 
 fail() { echo "test-image.sh: FAILED: $*" >&2; exit 1; }
 if [ "$(id -u)" != 0 ]; then
@@ -49,6 +53,7 @@ OVMF_VARS=/usr/share/OVMF/OVMF_VARS_4M.fd
 for f in "$OVMF_CODE" "$OVMF_VARS"; do
     [ -f "$f" ] || fail "$f is missing: this machine cannot boot UEFI images in qemu (package ovmf; scripts/setup.sh installs it)"
 done
+command -v udhcpc >/dev/null || fail "udhcpc is missing: the town-hall PCs ask the appliance for their addresses with it (package udhcpc; scripts/setup.sh test installs it)"
 command -v qemu-system-x86_64 >/dev/null || fail "qemu-system-x86_64 is missing: this machine cannot run the image test (package qemu-system-x86; scripts/setup.sh installs it)"
 [ -c /dev/net/tun ] || fail "/dev/net/tun is missing: the LAN side of the appliance needs a tap device"
 for b in komnet komnet-enroll komnet-gateway netprobe; do
@@ -57,13 +62,16 @@ done
 
 DC=kti-dc
 LAN=kti-lan
+SW=kti-sw
+GUEST=kti-guest
 TAP=ktilan0
 QEMU_PID=""
+SWITCH_PID=""
 # Every process the test started in its namespaces (qemu, the service, the hub, the servers).
 kill_netns_processes() {
     local ns sig
     for sig in TERM KILL; do
-        for ns in "$DC" "$LAN"; do
+        for ns in "$DC" "$LAN" "$SW" "$GUEST"; do
             ip netns pids "$ns" 2>/dev/null | xargs -r kill -s "$sig" 2>/dev/null || true
         done
         if [ $sig = TERM ]; then sleep 0.5; fi
@@ -76,8 +84,7 @@ cleanup() {
         sleep "$KOMNET_TEST_PAUSE_ON_FAILURE"
     fi
     kill_netns_processes
-    ip netns del "$DC" 2>/dev/null || true
-    ip netns del "$LAN" 2>/dev/null || true
+    for ns in "$DC" "$LAN" "$SW" "$GUEST"; do ip netns del "$ns" 2>/dev/null || true; done
     ip link del "$TAP" 2>/dev/null || true
     if [ $rc != 0 ] && [ -f "$work/serial.log" ]; then
         echo "---- last lines of the appliance's console ($work/serial.log)" >&2
@@ -88,8 +95,7 @@ cleanup() {
 trap cleanup EXIT INT TERM
 # A run killed before its cleanup leaves these behind.
 kill_netns_processes
-ip netns del "$DC" 2>/dev/null || true
-ip netns del "$LAN" 2>/dev/null || true
+for ns in "$DC" "$LAN" "$SW" "$GUEST"; do ip netns del "$ns" 2>/dev/null || true; done
 
 t0=$(date +%s)
 elapsed() { echo $(( $(date +%s) - t0 )); }
@@ -99,6 +105,19 @@ note() { echo "== [$(elapsed)s] $*"; }
 rm -rf "$work"
 mkdir -p "$work"
 out="$work/images"
+# The district policy with Nohfelden's town hall on a VLAN trunk: staff on VLAN 10, guests on
+# VLAN 100 (examples/policy/st-wendel puts them on ports: the namespace tests and the demo run
+# on kernels that may lack 802.1Q), and the staff PC's address reserved for its MAC.
+policy_dir="$work/policy"
+mkdir -p "$policy_dir/tenants"
+cp examples/policy/st-wendel/operator.toml "$policy_dir/"
+cp examples/policy/st-wendel/tenants/*.toml "$policy_dir/tenants/"
+STAFF_MAC=52:54:00:6b:10:50
+sed -i -e 's/^port = "eth1" .*/vlan = 10/' -e 's/^port = "guest0"$/vlan = 100/' "$policy_dir/tenants/nohfelden.toml"
+printf '\n[segments.verwaltung.dhcp]\nhosts = [{ mac = "%s", address = "10.30.1.50", name = "pc-verwaltung" }]\n' \
+    "$STAFF_MAC" >>"$policy_dir/tenants/nohfelden.toml"
+grep -q '^vlan = 10$' "$policy_dir/tenants/nohfelden.toml" && grep -q '^vlan = 100$' "$policy_dir/tenants/nohfelden.toml" \
+    || fail "could not put Nohfelden's segments on VLANs in the test's policy"
 # The release key for this test's images, and an attacker's key.
 minisign -G -W -p "$work/release.pub" -s "$work/release.key" >/dev/null
 minisign -G -W -p "$work/attacker.pub" -s "$work/attacker.key" >/dev/null
@@ -118,10 +137,18 @@ packaging/image/build-image.sh "${keys[@]}" --version 2 --floor 2 --allow-drift 
 
 # ---- the data centre ----------------------------------------------------------------------
 note "data centre: enrollment service, hub, DMS (netns $DC)"
-ip netns add "$DC"
-ip netns add "$LAN"
-ip -n "$DC" link set lo up
-ip -n "$LAN" link set lo up
+for ns in "$DC" "$LAN" "$SW" "$GUEST"; do
+    ip netns add "$ns"
+    ip -n "$ns" link set lo up
+done
+# The switch's access ports: VLAN 10 to the staff PC, VLAN 100 to the guest PC. The trunk is
+# the appliance's LAN port (the tap device, from start_vm on).
+ip link add sw10 netns "$SW" type veth peer name eth0 netns "$LAN"
+ip link add sw100 netns "$SW" type veth peer name eth0 netns "$GUEST"
+ip -n "$LAN" link set eth0 address "$STAFF_MAC"
+for p in sw10 sw100; do ip -n "$SW" link set "$p" up promisc on; done
+ip -n "$LAN" link set eth0 up
+ip -n "$GUEST" link set eth0 up
 # The appliance sees the data centre at 10.0.2.2 (qemu's user-mode network maps it to this
 # namespace's loopback); the hub and the service use the same address among themselves.
 ip -n "$DC" addr add 10.0.2.2/32 dev lo
@@ -246,10 +273,14 @@ start_vm() { # DISK [ARGS...]
         sleep 0.1
     done
     $held || fail "qemu did not take the tap device $TAP within 20 s"
-    ip -n "$DC" link set "$TAP" netns "$LAN"
-    ip -n "$LAN" link set "$TAP" up
-    ip -n "$LAN" addr add 10.30.1.50/24 dev "$TAP"
-    ip -n "$LAN" route add default via 10.30.1.1
+    ip -n "$DC" link set "$TAP" netns "$SW"
+    ip -n "$SW" link set "$TAP" up promisc on
+    local switch_log
+    switch_log="$work/switch-$(basename "$disk" .qcow2).log"
+    ip netns exec "$SW" python3 -u packaging/test-vlan-switch.py "$TAP" 10=sw10 100=sw100 >"$switch_log" 2>&1 &
+    SWITCH_PID=$!
+    for i in $(seq 50); do grep -q '^ready' "$switch_log" && break; sleep 0.1; done
+    grep -q '^ready' "$switch_log" || fail "the switch did not start: $(cat "$switch_log")"
 }
 # Presses the power button (ACPI) and waits for the appliance to shut down, as unplugging it
 # the hard way could lose what it wrote last.
@@ -265,7 +296,12 @@ stop_vm() {
     kill -9 "$QEMU_PID" 2>/dev/null || true
     wait "$QEMU_PID" 2>/dev/null || true
     QEMU_PID=""
-    ip -n "$LAN" link del "$TAP" 2>/dev/null || true
+    if [ -n "$SWITCH_PID" ]; then
+        kill "$SWITCH_PID" 2>/dev/null || true
+        wait "$SWITCH_PID" 2>/dev/null || true
+        SWITCH_PID=""
+    fi
+    ip -n "$SW" link del "$TAP" 2>/dev/null || true
 }
 monitor_cmd() {
     python3 - "$monitor" "$*" <<'PY'
@@ -323,9 +359,32 @@ wait_console() { # MARK SECONDS REGEX
 probe_dms() { # TIMEOUT_MS -> pass|blocked
     ip netns exec "$LAN" "$bin/netprobe" probe --timeout-ms "$1" tcp,10.30.1.50,10.0.1.10,443
 }
+# A PC asks the appliance for its address (busybox udhcpc, a few tries): the address and a
+# default route via the router it is given; what the server said goes to LOG.
+cat >"$work/udhcpc-event.sh" <<'SCRIPT'
+#!/bin/sh
+case "$1" in
+bound|renew)
+    ip addr flush dev "$interface" scope global
+    ip addr add "$ip/$mask" dev "$interface"
+    [ -n "$router" ] && ip route replace default via "${router%% *}" dev "$interface"
+    echo "lease $ip/$mask router $router dns ${dns:-none} lease ${lease}s" >>"$KOMNET_LEASE_LOG"
+    ;;
+esac
+SCRIPT
+chmod 0755 "$work/udhcpc-event.sh"
+dhcp_lease() { # NETNS LOG
+    ip netns exec "$1" env KOMNET_LEASE_LOG="$2" udhcpc -i eth0 -n -q -f -t 3 -T 2 -A 1 \
+        -s "$work/udhcpc-event.sh" >>"$2.udhcpc" 2>&1
+}
+has_address() { # NETNS
+    ip -n "$1" -4 -o addr show dev eth0 scope global | grep -q inet
+}
 wait_traffic() { # SECONDS
     local deadline=$(( $(date +%s) + $1 ))
     while [ "$(date +%s)" -lt "$deadline" ]; do
+        # The staff PC has no address until the appliance's DHCP server answers on VLAN 10.
+        has_address "$LAN" || dhcp_lease "$LAN" "$work/staff-lease.log" || true
         [ "$(probe_dms 1000 2>/dev/null)" = pass ] && return 0
         kill -0 "$QEMU_PID" 2>/dev/null || fail "qemu exited while waiting for traffic"
         sleep 0.5
@@ -346,6 +405,25 @@ cut -c1-150 "$work/timeline-appliance.log"
 wait_console 0 30 '^komnet: bootstrap file copied from USB stick KOMNET' >/dev/null
 wait_console 0 30 '^komnet: running: nohfelden/rathaus, policy version 1, .*hub hub1.*LAN .*10\.30\.1\.1/24'
 dcx "$bin/komnet" status | grep -q nohfelden || fail "the hub does not list the appliance"
+# The staff PC's address came by DHCP over VLAN 10: its reservation, the appliance as router.
+grep -q '^lease 10.30.1.50/24 router 10.30.1.1 ' "$work/staff-lease.log" \
+    || fail "the staff PC's lease: $(cat "$work/staff-lease.log" 2>/dev/null || echo none)"
+note "the staff PC got '$(head -n 1 "$work/staff-lease.log")' by DHCP on VLAN 10"
+# A PC on the guest VLAN: a guest address, and the DMS out of reach; with a staff address it
+# chose itself (the spoofing guest), too.
+dhcp_lease "$GUEST" "$work/guest-lease.log" \
+    || fail "no DHCP lease on the guest VLAN: $(cat "$work/guest-lease.log.udhcpc" 2>/dev/null)"
+guest_addr=$(sed -n 's|^lease \(10\.30\.100\.[0-9]*\)/24 router 10\.30\.100\.1 .*|\1|p' "$work/guest-lease.log" | head -n 1)
+[ -n "$guest_addr" ] || fail "the guest PC's lease is not from the guest range: $(cat "$work/guest-lease.log")"
+probe_guest() { # SRC
+    ip netns exec "$GUEST" "$bin/netprobe" probe --timeout-ms 1500 "tcp,$1,10.0.1.10,443"
+}
+[ "$(probe_guest "$guest_addr")" = blocked ] || fail "the guest PC ($guest_addr, VLAN 100) reached the DMS"
+ip -n "$GUEST" addr add 10.30.1.77/24 dev eth0
+[ "$(probe_guest 10.30.1.77)" = blocked ] || fail "a guest PC with the staff address 10.30.1.77 on VLAN 100 reached the DMS"
+ip -n "$GUEST" addr del 10.30.1.77/24 dev eth0
+[ "$(probe_dms 1500)" = pass ] || fail "the staff PC lost the DMS"
+note "VLAN 100: guest lease $guest_addr, DMS blocked, also for the spoofed staff address 10.30.1.77"
 
 # ---- 2. a broken update is rolled back ----------------------------------------------------
 note "2. update stick with the broken version 2"
@@ -367,6 +445,19 @@ plug old "$out/komnet-update-1.stick"
 wait_console "$m" 120 "^komnet: update refused: version 1 is below this appliance's version floor 2"
 note "the signed version 1 is refused below the floor version 2 raised"
 stop_vm
+# The DHCP leases are on the data partition: they survive reboots and updates.
+qemu-img convert -O raw "$work/appliance.qcow2" "$work/appliance.raw"
+read -r data_start data_size < <(sfdisk --json "$work/appliance.raw" | python3 -c '
+import json, sys
+for p in json.load(sys.stdin)["partitiontable"]["partitions"]:
+    if p.get("name") == "komnet-data":
+        print(p["start"], p["size"])')
+dd if="$work/appliance.raw" of="$work/data1.img" bs=512 skip="$data_start" count="$data_size" status=none
+leases=$(debugfs -R 'cat /dhcp/leases' "$work/data1.img" 2>/dev/null || true)
+grep -q "$STAFF_MAC 10.30.1.50 pc-verwaltung" <<<"$leases" \
+    || fail "the staff PC's lease is not on the data partition (/dhcp/leases: ${leases:-empty})"
+note "the staff PC's lease is on the data partition: $(grep "$STAFF_MAC" <<<"$leases")"
+rm -f "$work/appliance.raw" "$work/data1.img"
 
 # ---- 3. no stick, then a spent token --------------------------------------------------------
 note "3. a new appliance: no stick, then a stick with a spent token"

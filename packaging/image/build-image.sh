@@ -102,8 +102,9 @@ SUITE=bookworm
 # -timesyncd: DNS and time from the WAN (certificates need a correct clock; resolved needs
 # dbus); jq: the console and health check read `komnet status --json`; zstd: updates are
 # compressed; netbase: /etc/protocols for nft; minisign: updates are signed; mtools: USB sticks
-# are read without mounting them.
-PACKAGES=linux-image-amd64,systemd,dbus,netbase,systemd-sysv,systemd-boot,systemd-boot-efi,systemd-resolved,systemd-timesyncd,udev,kmod,nftables,iproute2,e2fsprogs,initramfs-tools,zstd,jq,minisign,mtools
+# are read without mounting them; dnsmasq-base: DHCP and router advertisements on the LAN
+# (komnet-dhcp.service).
+PACKAGES=linux-image-amd64,systemd,dbus,netbase,systemd-sysv,systemd-boot,systemd-boot-efi,systemd-resolved,systemd-timesyncd,udev,kmod,nftables,iproute2,e2fsprogs,initramfs-tools,zstd,jq,minisign,mtools,dnsmasq-base
 # Kernel modules an appliance never loads (sound, graphics, radios, cameras, ...): out, to keep
 # the root small and the initramfs quick to unpack.
 PRUNE_MODULES="sound drivers/gpu drivers/media drivers/net/wireless drivers/infiniband drivers/staging drivers/bluetooth drivers/isdn drivers/iio drivers/input/touchscreen drivers/misc/mei net/bluetooth net/wireless net/mac80211"
@@ -226,7 +227,9 @@ printf 'NAME="komnet appliance"\nVERSION=%s\nFLOOR=%s\nDEBIAN=%s\n' "$version" "
 # The key every update must be signed with, and this image's own version floor.
 install -D -m 0644 "$release_pub" "$rootfs/usr/share/komnet/release.pub"
 echo "$floor" >"$rootfs/usr/lib/komnet/update-floor"
-mkdir -p "$rootfs/efi" "$rootfs/var/lib/komnet"
+# /var/lib/komnet-dhcp: where komnet-dhcp.service sees its leases (bound from the data
+# partition by its drop-in; the root is read-only).
+mkdir -p "$rootfs/efi" "$rootfs/var/lib/komnet" "$rootfs/var/lib/komnet-dhcp"
 # The root is read-only: systemd gives each boot a machine ID in memory.
 : >"$rootfs/etc/machine-id"
 ln -sf /etc/machine-id "$rootfs/var/lib/dbus/machine-id"
@@ -235,7 +238,7 @@ ln -sf ../run/systemd/resolve/stub-resolv.conf "$rootfs/etc/resolv.conf"
 chroot "$rootfs" passwd -l root >/dev/null
 systemctl --root="$rootfs" enable systemd-networkd.service systemd-resolved.service \
     systemd-timesyncd.service nftables.service komnet-gateway.service komnet-console.service \
-    komnet-health.service >/dev/null 2>&1
+    komnet-health.service komnet-dhcp.path >/dev/null 2>&1
 systemctl --root="$rootfs" mask apt-daily.timer apt-daily-upgrade.timer e2scrub_all.timer \
     e2scrub_reap.service fstrim.timer systemd-boot-update.service getty@.service \
     serial-getty@.service >/dev/null 2>&1
