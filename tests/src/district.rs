@@ -45,12 +45,14 @@ pub fn policy_dir() -> PathBuf {
 pub fn copy_policy(dir: &Path, version: u64) -> Result<()> {
     let from = policy_dir();
     std::fs::create_dir_all(dir.join("tenants"))?;
-    for rel in [
-        "operator.toml",
-        "tenants/nohfelden.toml",
-        "tenants/tholey.toml",
-    ] {
-        std::fs::copy(from.join(rel), dir.join(rel)).with_context(|| format!("copying {rel}"))?;
+    std::fs::copy(from.join("operator.toml"), dir.join("operator.toml"))
+        .context("copying operator.toml")?;
+    for entry in std::fs::read_dir(from.join("tenants"))? {
+        let path = entry?.path();
+        if let Some(name) = path.file_name() {
+            std::fs::copy(&path, dir.join("tenants").join(name))
+                .with_context(|| format!("copying {}", path.display()))?;
+        }
     }
     let op = dir.join("operator.toml");
     let text = std::fs::read_to_string(&op)?;

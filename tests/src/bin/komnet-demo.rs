@@ -1,17 +1,62 @@
 //! `komnet-demo`: the district of St. Wendel in miniature, end to end, on one machine.
 //!
 //! Builds the data centre (hub, enrollment service, file servers, DMS), two communes (spoke
-//! appliances with staff and guest LANs) and a home-office worker on stock wireguard-go in
-//! network namespaces; prints the reachability matrix the policy expects next to the one
-//! observed with real TCP connections; revokes one commune's appliance and shows it cut off;
-//! then removes everything. Needs root; `scripts/demo.sh` builds and runs it.
+//! appliances with staff and guest LANs), two more whose town halls both use the LAN
+//! 192.168.178.0/24 (their appliances translate it 1:1 to their unique prefixes) and a
+//! home-office worker on stock wireguard-go in network namespaces; prints the reachability
+//! matrix the policy expects next to the one observed with real TCP connections, with a guest
+//! that gives itself a staff address among the sources; revokes one commune's appliance and
+//! shows it cut off; then removes everything. Needs root; `scripts/demo.sh` builds and runs it.
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, Result};
-use komnet_netns_tests::district::{render_matrix, District, Options, DESTINATIONS};
+use anyhow::{anyhow, Context, Result};
+use komnet_netns_tests::district::{
+    render_matrix, ApplianceSpoke, Destination, District, Options, Source, DESTINATIONS,
+};
 use komnet_netns_tests::require_root_and_tools;
+use komnet_policy::{decide_arrival, explain_at, Arrival, Binding, Origin, PacketMeta};
+
+/// The town halls that both use 192.168.178.0/24 (examples/policy/st-wendel): tenant, label,
+/// the second octet of their unique prefix, their WAN host number.
+const SAME_LAN: [(&str, &str, u8, u8); 2] = [("marpingen", "Marpingen", 50, 45), ("namborn", "Namborn", 60, 46)];
+const SAME_LAN_PC: &str = "192.168.178.10";
+
+/// A town hall whose LAN keeps its own numbering: its appliance (configured like the image),
+/// its PC at [`SAME_LAN_PC`].
+fn add_same_lan_town_hall(district: &mut District, tenant: &str, octet: u8, wan: u8) -> Result<ApplianceSpoke> {
+    let appliance = district.add_appliance_spoke(tenant, octet, wan)?;
+    let token = district.token(tenant, "rathaus", "spoke")?;
+    appliance.deliver_bootstrap(&token)?;
+    Ok(appliance)
+}
+
+/// Rows of the matrix for `source` arriving at `site`'s appliance on `binding`: expected as
+/// that appliance decides (the LAN's own numbering, the segment check), observed with TCP.
+fn rows_at(
+    district: &District,
+    source: Source,
+    site: &str,
+    binding: &Binding,
+) -> Result<Vec<(Source, Destination, bool, bool)>> {
+    let site = district.policy.find_site(site).map_err(anyhow::Error::msg)?;
+    let observed = district.probe(&source, &DESTINATIONS, Duration::from_millis(2000))?;
+    Ok(DESTINATIONS
+        .iter()
+        .zip(observed)
+        .map(|(d, o)| {
+            let packet = PacketMeta {
+                src: std::net::IpAddr::V4(source.addr),
+                dst: std::net::IpAddr::V4(d.addr),
+                ip_proto: 6,
+                dport: d.port,
+            };
+            let e = decide_arrival(&district.policy, site, binding, &packet).allow;
+            (source.clone(), *d, e, o)
+        })
+        .collect())
+}
 
 fn main() -> ExitCode {
     // Ctrl-C or SIGTERM: no destructor runs, so remove the namespaces and files here.
@@ -53,18 +98,80 @@ fn demo() -> Result<bool> {
             ..Options::default()
         },
     )?;
+    let mut district = district;
     step(t0, "enrolled from one-time tokens: hub1, nohfelden/rathaus, tholey/rathaus; home office anna (wg-quick + wireguard-go)");
+    step(t0, "Marpingen and Namborn: both town halls use 192.168.178.0/24; their appliances enrol and translate it to 10.50.1.0/24 and 10.60.1.0/24");
+    let mut same_lan = Vec::new();
+    for (tenant, label, octet, wan) in SAME_LAN {
+        same_lan.push((tenant, label, add_same_lan_town_hall(&mut district, tenant, octet, wan)?));
+    }
+    for (_, _, appliance) in &mut same_lan {
+        appliance.spoke.wait_running(1, Duration::from_secs(30))?;
+        let host = &appliance.host;
+        host.ip(&["addr", "flush", "dev", "eth0", "scope", "global"])?;
+        host.ip(&["addr", "add", &format!("{SAME_LAN_PC}/24"), "dev", "eth0"])?;
+        host.ip(&["route", "replace", "default", "via", "192.168.178.1"])?;
+    }
     println!();
     println!("{}", district.hubs[0].status_text()?);
     step(
         t0,
         "reachability: expected by the policy / observed with real TCP connections",
     );
-    let rows = district.matrix()?;
+    let mut rows = district.matrix()?;
+    // A guest in Nohfelden's WLAN that gives itself a staff address: the appliance takes the
+    // packet as the guest segment's, whose VLAN/port it came in on, and drops it.
+    let noh = district.commune("nohfelden");
+    noh.guest.ip(&["addr", "add", "10.30.1.77/32", "dev", "eth0"])?;
+    let guest_port = district
+        .policy
+        .find_segment("nohfelden/gaeste", None)
+        .and_then(|s| district.policy.segments[s.index()].binding.clone())
+        .context("nohfelden/gaeste has no binding")?;
+    rows.extend(rows_at(
+        &district,
+        Source {
+            label: "Nohfelden Gäste-WLAN as 10.30.1.77".into(),
+            netns: noh.guest.name().to_owned(),
+            addr: "10.30.1.77".parse()?,
+            origin: Origin::Address,
+        },
+        "nohfelden/rathaus",
+        &guest_port,
+    )?);
+    for (tenant, label, appliance) in &same_lan {
+        rows.extend(rows_at(
+            &district,
+            Source {
+                label: format!("{label} Verwaltung ({SAME_LAN_PC})"),
+                netns: appliance.host.name().to_owned(),
+                addr: SAME_LAN_PC.parse()?,
+                origin: Origin::Address,
+            },
+            &format!("{tenant}/rathaus"),
+            &Binding::Lan,
+        )?);
+    }
     println!();
     print!("{}", render_matrix(&rows));
     let mismatches = rows.iter().filter(|(_, _, e, o)| e != o).count();
     println!();
+    for (tenant, _, _) in &same_lan {
+        let site = format!("{tenant}/rathaus");
+        let explained = explain_at(
+            &district.policy,
+            SAME_LAN_PC,
+            "dms:tcp/443",
+            Some(&Arrival {
+                site: Some(site.clone()),
+                binding: None,
+            }),
+        )
+        .map_err(anyhow::Error::msg)?;
+        for line in explained {
+            println!("         komnet policy explain --site {site} --from {SAME_LAN_PC} --to dms: {line}");
+        }
+    }
     if mismatches == 0 {
         step(t0, &format!("all {} flows as the policy says", rows.len()));
     } else {
