@@ -14,6 +14,12 @@ Why a program: the kernel that runs the image test may lack 802.1Q (CONFIG_VLAN_
 vlan_filtering, act_vlan), as the machine this was written on does; AF_PACKET sockets need none
 of them. The kernel may take a received tag out of the frame (it then reports it in
 PACKET_AUXDATA); both ways are read. Frames this program sends itself are not read back.
+
+Frames that leave a host through a veth or a virtio NIC often carry a checksum the sender left
+to "the hardware" (TP_STATUS_CSUMNOTREADY): the kernel would complete it on the way out, but a
+copy taken by a packet socket is sent on as it is, so this switch completes the TCP, UDP and
+ICMPv6 checksums of such frames itself. Frames longer than an Ethernet frame (segmentation
+offload) are dropped: the test's flows are small.
 """
 
 import select
@@ -27,7 +33,48 @@ ETH_P_8021Q = 0x8100
 SOL_PACKET = 263
 PACKET_AUXDATA = 8
 PACKET_OUTGOING = 4
+TP_STATUS_CSUMNOTREADY = 1 << 3
 TP_STATUS_VLAN_VALID = 1 << 4
+MAX_FRAME = 1514
+
+
+def ones_complement(data):
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack("!%dH" % (len(data) // 2), data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return total
+
+
+def complete_checksum(frame):
+    """The frame with its TCP/UDP/ICMPv6 checksum computed (IPv4 or IPv6 without extension
+    headers); other frames as they are."""
+    ethertype = struct.unpack("!H", frame[12:14])[0]
+    if ethertype == 0x0800 and len(frame) >= 34:
+        ihl = (frame[14] & 0x0F) * 4
+        proto = frame[23]
+        total = struct.unpack("!H", frame[16:18])[0]
+        l4 = 14 + ihl
+        end = 14 + total
+        pseudo = frame[26:34] + struct.pack("!BBH", 0, proto, end - l4)
+    elif ethertype == 0x86DD and len(frame) >= 54:
+        proto = frame[20]
+        l4 = 54
+        end = l4 + struct.unpack("!H", frame[18:20])[0]
+        pseudo = frame[22:54] + struct.pack("!IxxxB", end - l4, proto)
+    else:
+        return frame
+    offset = {6: 16, 17: 6, 58: 2}.get(proto)
+    if offset is None or end > len(frame) or l4 + offset + 2 > end:
+        return frame
+    segment = bytearray(frame[l4:end])
+    segment[offset:offset + 2] = b"\0\0"
+    checksum = 0xFFFF - ones_complement(pseudo + bytes(segment))
+    if proto == 17 and checksum == 0:
+        checksum = 0xFFFF
+    segment[offset:offset + 2] = struct.pack("!H", checksum)
+    return frame[:l4] + bytes(segment) + frame[end:]
 
 
 def open_port(name):
@@ -43,14 +90,18 @@ def receive(s):
     if addr[2] == PACKET_OUTGOING:
         return None
     vid = None
+    partial = False
     for level, kind, cdata in ancillary:
         if level == SOL_PACKET and kind == PACKET_AUXDATA and len(cdata) >= 20:
             status, _len, _snap, _mac, _net, tci, _tpid = struct.unpack("IIIHHHH", cdata[:20])
             if status & TP_STATUS_VLAN_VALID:
                 vid = tci & 0x0FFF
+            partial = bool(status & TP_STATUS_CSUMNOTREADY)
     if vid is None and len(data) >= 18 and struct.unpack("!H", data[12:14])[0] == ETH_P_8021Q:
         vid = struct.unpack("!H", data[14:16])[0] & 0x0FFF
         data = data[:12] + data[16:]
+    if partial:
+        data = complete_checksum(data)
     return vid, data
 
 
@@ -85,6 +136,9 @@ def main(argv):
             if got is None:
                 continue
             vid, frame = got
+            if len(frame) > MAX_FRAME:
+                counts["dropped"] += 1
+                continue
             if s is trunk:
                 if vid in access:
                     access[vid].send(frame)
