@@ -6,12 +6,16 @@
 # Installs the system packages (scripts/setup.sh), builds komnet in release mode, then runs
 # komnet-demo: in network namespaces on this machine, a data centre (hub, enrollment service,
 # a file server per commune, the district's DMS), the communes Nohfelden and Tholey (each a
-# spoke appliance with a staff LAN and a guest WLAN) and a home-office worker on Debian's stock
-# wireguard-go with the wg-quick config the enrollment service issued. Everything enrols from
-# one-time tokens; the policy (examples/policy/st-wendel) is signed and published through the
-# enrollment service. It prints the reachability matrix the policy expects next to the one
-# observed with real TCP connections, revokes Tholey's appliance and shows it cut off (with the
-# seconds it took), and removes every namespace and process, also on failure or Ctrl-C.
+# spoke appliance with a staff LAN and a guest WLAN), Marpingen and Namborn (whose town halls
+# both use the LAN 192.168.178.0/24; their appliances translate it 1:1 to unique prefixes) and
+# a home-office worker on Debian's stock wireguard-go with the wg-quick config the enrollment
+# service issued. Everything enrols from one-time tokens; the policy (examples/policy/st-wendel)
+# is signed and published through the enrollment service. It prints the reachability matrix the
+# policy expects next to the one observed with real TCP connections (with a guest that gives
+# itself a staff address, and both PCs at 192.168.178.10), what `komnet policy explain` says
+# about those, the appliance's segment_spoof count and the addresses the data centre received;
+# revokes Tholey's appliance and shows it cut off (with the seconds it took), and removes every
+# namespace and process, also on failure or Ctrl-C.
 # Exits non-zero when an observation differs from the policy.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -37,7 +37,11 @@ const HUB_PORT: u16 = 51820;
 
 /// The policy the district runs, relative to the workspace root.
 pub fn policy_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/policy/st-wendel")
+    let tests = Path::new(env!("CARGO_MANIFEST_DIR"));
+    tests
+        .parent()
+        .unwrap_or(tests)
+        .join("examples/policy/st-wendel")
 }
 
 /// A copy of the district's policy in `dir` (created), as version `version`: tests edit the

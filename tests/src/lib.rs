@@ -23,6 +23,7 @@ pub mod district;
 pub mod flood;
 mod netns;
 mod ping;
+mod seen;
 mod switch;
 mod transfer;
 mod tunnel;
@@ -39,6 +40,7 @@ pub use daemon::{
 };
 pub use netns::{add_veth_pair, parse_link_stats, LinkStats, Netns};
 pub use ping::{parse_ping_summary, ping, ping_until_reply, PingSummary};
+pub use seen::SeenBySource;
 pub use switch::Switch;
 pub use transfer::{start_transfer, write_random_file, RunningTransfer, TransferReport};
 pub use tunnel::{End, Side, Tunnel, TunnelConfig, UnderlayFamily};

@@ -13,7 +13,7 @@ use komnet_netns_tests::dhcp::{obtain_lease, DhcpServer};
 use komnet_netns_tests::district::{
     copy_policy, edit_file, Destination, District, Options, Source, DESTINATIONS,
 };
-use komnet_netns_tests::{require_root_and_tools, Netns};
+use komnet_netns_tests::{require_root_and_tools, Netns, SeenBySource};
 use komnet_policy::Origin;
 
 fn netprobe() -> PathBuf {
@@ -65,29 +65,6 @@ fn reaches(district: &District, ns: &Netns, src: &str, dest: Destination) -> boo
     district
         .probe(&source, &[dest], Duration::from_millis(1500))
         .expect("probe")[0]
-}
-
-/// Packets the data centre's servers received from each of `sources` (an nft counter per
-/// source in the servers' namespace).
-fn seen_by_the_dc(srv: &Netns, sources: &[&str]) -> Vec<u64> {
-    let json = srv
-        .exec(&["nft", "-j", "list", "table", "inet", "komnet_test_seen"])
-        .expect("list counters");
-    let v: serde_json::Value = serde_json::from_str(&json).expect("nft json");
-    sources
-        .iter()
-        .map(|s| {
-            v["nftables"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|o| o.get("rule"))
-                .filter(|r| r["comment"] == *s)
-                .flat_map(|r| r["expr"].as_array().cloned().unwrap_or_default())
-                .filter_map(|e| e["counter"]["packets"].as_u64())
-                .sum()
-        })
-        .collect()
 }
 
 #[test]
@@ -186,16 +163,12 @@ fn two_town_halls_with_the_same_lan_reach_the_dc_by_their_unique_addresses() {
         .expect("route");
 
     // What the data centre receives, by source.
-    let rules = "table inet komnet_test_seen {\n chain input { type filter hook input priority -10; policy accept;\n\
-                 ip saddr 10.30.1.10 counter comment \"10.30.1.10\"\n\
-                 ip saddr 10.40.1.10 counter comment \"10.40.1.10\"\n\
-                 ip saddr 192.168.178.0/24 counter comment \"192.168.178.0/24\"\n }\n}\n";
-    let file = district.path("seen.nft");
-    std::fs::write(&file, rules).expect("write");
-    district
-        .srv
-        .exec(&["nft", "-f", &file.to_string_lossy()])
-        .expect("nft");
+    let seen = SeenBySource::install(
+        &district.srv,
+        "komnet_test_seen",
+        &["10.30.1.10", "10.40.1.10", "192.168.178.0/24"],
+    )
+    .expect("counters in the data centre");
 
     let (dms, noh_files, tho_files) = (
         dest("DMS (Kreis)"),
@@ -215,13 +188,10 @@ fn two_town_halls_with_the_same_lan_reach_the_dc_by_their_unique_addresses() {
     assert!(reaches(&district, &tho.host, local, tho_files));
     assert!(!reaches(&district, &noh.host, local, tho_files));
     assert!(!reaches(&district, &tho.host, local, noh_files));
-    let seen = seen_by_the_dc(
-        &district.srv,
-        &["10.30.1.10", "10.40.1.10", "192.168.178.0/24"],
-    );
+    let counts = seen.packets().expect("counters");
     assert!(
-        seen[0] > 0 && seen[1] > 0 && seen[2] == 0,
-        "the data centre saw {seen:?} packets from 10.30.1.10, 10.40.1.10, 192.168.178.0/24"
+        counts[0] > 0 && counts[1] > 0 && counts[2] == 0,
+        "the data centre saw {counts:?} packets from 10.30.1.10, 10.40.1.10, 192.168.178.0/24"
     );
 
     // Between the two town halls, by the unique addresses and only where a rule says so:

@@ -13,19 +13,36 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context, Result};
 use komnet_netns_tests::district::{
-    render_matrix, ApplianceSpoke, Destination, District, Options, Source, DESTINATIONS,
+    render_matrix, ApplianceSpoke, Destination, District, Gateway, Options, Source, DESTINATIONS,
 };
-use komnet_netns_tests::require_root_and_tools;
+use komnet_netns_tests::{require_root_and_tools, SeenBySource};
 use komnet_policy::{decide_arrival, explain_at, Arrival, Binding, Origin, PacketMeta};
 
 /// The town halls that both use 192.168.178.0/24 (examples/policy/st-wendel): tenant, label,
 /// the second octet of their unique prefix, their WAN host number.
-const SAME_LAN: [(&str, &str, u8, u8); 2] = [("marpingen", "Marpingen", 50, 45), ("namborn", "Namborn", 60, 46)];
+const SAME_LAN: [(&str, &str, u8, u8); 2] = [
+    ("marpingen", "Marpingen", 50, 45),
+    ("namborn", "Namborn", 60, 46),
+];
 const SAME_LAN_PC: &str = "192.168.178.10";
+/// The staff address a guest in Nohfelden's WLAN gives itself.
+const SPOOFED: &str = "10.30.1.77";
+
+/// The `segment_spoof` drops an appliance counted so far (`komnet status`).
+fn spoof_drops(spoke: &Gateway) -> Result<u64> {
+    Ok(spoke.status()?["drops"]["segment_spoof"]
+        .as_u64()
+        .unwrap_or(0))
+}
 
 /// A town hall whose LAN keeps its own numbering: its appliance (configured like the image),
 /// its PC at [`SAME_LAN_PC`].
-fn add_same_lan_town_hall(district: &mut District, tenant: &str, octet: u8, wan: u8) -> Result<ApplianceSpoke> {
+fn add_same_lan_town_hall(
+    district: &mut District,
+    tenant: &str,
+    octet: u8,
+    wan: u8,
+) -> Result<ApplianceSpoke> {
     let appliance = district.add_appliance_spoke(tenant, octet, wan)?;
     let token = district.token(tenant, "rathaus", "spoke")?;
     appliance.deliver_bootstrap(&token)?;
@@ -40,7 +57,10 @@ fn rows_at(
     site: &str,
     binding: &Binding,
 ) -> Result<Vec<(Source, Destination, bool, bool)>> {
-    let site = district.policy.find_site(site).map_err(anyhow::Error::msg)?;
+    let site = district
+        .policy
+        .find_site(site)
+        .map_err(anyhow::Error::msg)?;
     let observed = district.probe(&source, &DESTINATIONS, Duration::from_millis(2000))?;
     Ok(DESTINATIONS
         .iter()
@@ -103,7 +123,11 @@ fn demo() -> Result<bool> {
     step(t0, "Marpingen and Namborn: both town halls use 192.168.178.0/24; their appliances enrol and translate it to 10.50.1.0/24 and 10.60.1.0/24");
     let mut same_lan = Vec::new();
     for (tenant, label, octet, wan) in SAME_LAN {
-        same_lan.push((tenant, label, add_same_lan_town_hall(&mut district, tenant, octet, wan)?));
+        same_lan.push((
+            tenant,
+            label,
+            add_same_lan_town_hall(&mut district, tenant, octet, wan)?,
+        ));
     }
     for (_, _, appliance) in &mut same_lan {
         appliance.spoke.wait_running(1, Duration::from_secs(30))?;
@@ -118,11 +142,19 @@ fn demo() -> Result<bool> {
         t0,
         "reachability: expected by the policy / observed with real TCP connections",
     );
+    // What the data centre receives from the two PCs that share 192.168.178.10.
+    let seen = SeenBySource::install(
+        &district.srv,
+        "komnet_demo_seen",
+        &["10.50.1.10", "10.60.1.10", "192.168.178.0/24"],
+    )?;
     let mut rows = district.matrix()?;
     // A guest in Nohfelden's WLAN that gives itself a staff address: the appliance takes the
     // packet as the guest segment's, whose VLAN/port it came in on, and drops it.
     let noh = district.commune("nohfelden");
-    noh.guest.ip(&["addr", "add", "10.30.1.77/32", "dev", "eth0"])?;
+    let spoofs_before = spoof_drops(&noh.spoke)?;
+    noh.guest
+        .ip(&["addr", "add", &format!("{SPOOFED}/32"), "dev", "eth0"])?;
     let guest_port = district
         .policy
         .find_segment("nohfelden/gaeste", None)
@@ -131,9 +163,9 @@ fn demo() -> Result<bool> {
     rows.extend(rows_at(
         &district,
         Source {
-            label: "Nohfelden Gäste-WLAN as 10.30.1.77".into(),
+            label: format!("Nohfelden Gäste-WLAN as {SPOOFED}"),
             netns: noh.guest.name().to_owned(),
-            addr: "10.30.1.77".parse()?,
+            addr: SPOOFED.parse()?,
             origin: Origin::Address,
         },
         "nohfelden/rathaus",
@@ -156,21 +188,65 @@ fn demo() -> Result<bool> {
     print!("{}", render_matrix(&rows));
     let mismatches = rows.iter().filter(|(_, _, e, o)| e != o).count();
     println!();
+
+    // Why, as `komnet policy explain` says it, and what the appliance and the DC observed.
+    let policy_arg = "examples/policy/st-wendel";
+    let guest_arrival = Arrival {
+        site: Some("nohfelden/rathaus".into()),
+        binding: Some(guest_port.clone()),
+    };
+    let arrival_arg = match &guest_port {
+        Binding::Vlan(id) => format!("--vlan {id}"),
+        Binding::Port(p) => format!("--port {p}"),
+        Binding::Lan => String::new(),
+    };
+    let mut explained = vec![(
+        format!("komnet policy explain {policy_arg} {arrival_arg} --site nohfelden/rathaus --from {SPOOFED} --to dms"),
+        explain_at(&district.policy, SPOOFED, "dms", Some(&guest_arrival)).map_err(anyhow::Error::msg)?,
+    )];
     for (tenant, _, _) in &same_lan {
         let site = format!("{tenant}/rathaus");
-        let explained = explain_at(
-            &district.policy,
-            SAME_LAN_PC,
-            "dms:tcp/443",
-            Some(&Arrival {
-                site: Some(site.clone()),
-                binding: None,
-            }),
-        )
-        .map_err(anyhow::Error::msg)?;
-        for line in explained {
-            println!("         komnet policy explain --site {site} --from {SAME_LAN_PC} --to dms: {line}");
+        let arrival = Arrival {
+            site: Some(site.clone()),
+            binding: None,
+        };
+        explained.push((
+            format!(
+                "komnet policy explain {policy_arg} --site {site} --from {SAME_LAN_PC} --to dms"
+            ),
+            explain_at(&district.policy, SAME_LAN_PC, "dms", Some(&arrival))
+                .map_err(anyhow::Error::msg)?,
+        ));
+    }
+    for (command, lines) in explained {
+        println!("         $ {command}");
+        for line in lines {
+            println!("           {line}");
         }
+    }
+    // The guard reads the appliance's nftables counters every second.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let mut spoofs = spoof_drops(&noh.spoke)? - spoofs_before;
+    while spoofs == 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+        spoofs = spoof_drops(&noh.spoke)? - spoofs_before;
+    }
+    println!(
+        "         Nohfelden's appliance dropped {spoofs} packets from {SPOOFED} on the guest WLAN as segment_spoof (komnet status: drops)"
+    );
+    let counts = seen.packets()?;
+    drop(seen);
+    println!(
+        "         the data centre received {} packets from 10.50.1.10 (Marpingen's PC), {} from 10.60.1.10 (Namborn's PC), {} from 192.168.178.0/24",
+        counts[0], counts[1], counts[2]
+    );
+    let spoof_counted = spoofs > 0;
+    if !spoof_counted {
+        println!("         !! the spoofed packets were not counted as segment_spoof");
+    }
+    let told_apart = counts[0] > 0 && counts[1] > 0 && counts[2] == 0;
+    if !told_apart {
+        println!("         !! the data centre should see both PCs by their unique addresses only");
     }
     if mismatches == 0 {
         step(t0, &format!("all {} flows as the policy says", rows.len()));
@@ -223,5 +299,10 @@ fn demo() -> Result<bool> {
     step(t0, "cleaning up");
     drop(district);
     step(t0, "done");
-    Ok(mismatches == 0 && after.iter().all(|ok| !ok) && still && took <= Duration::from_secs(2))
+    Ok(mismatches == 0
+        && spoof_counted
+        && told_apart
+        && after.iter().all(|ok| !ok)
+        && still
+        && took <= Duration::from_secs(2))
 }
