@@ -216,13 +216,14 @@ accel=${KOMNET_QEMU_ACCEL:-}
 if [ -z "$accel" ]; then
     accel=tcg
     # /dev/kvm may be there and still not run a guest (nested virtualisation without the CPU
-    # features OVMF needs): KVM counts as working when the firmware runs for 5 s under it.
+    # features OVMF needs): KVM counts as working when the firmware runs for 5 s under it. A
+    # "KVM internal error" stops the guest but not qemu, so it does not end the probe early.
     if [ -w /dev/kvm ]; then
         rc=0
         timeout 5 qemu-system-x86_64 -accel kvm -cpu host -machine pc -m 128 -nodefaults \
             -display none -drive if=pflash,format=raw,readonly=on,file="$OVMF_CODE" \
             >"$work/kvm-probe.log" 2>&1 || rc=$?
-        if [ $rc = 124 ]; then accel=kvm; else echo "test-image.sh: /dev/kvm does not run a guest here ($(head -n 1 "$work/kvm-probe.log")); using TCG"; fi
+        if [ $rc = 124 ] && ! grep -q "KVM internal error" "$work/kvm-probe.log"; then accel=kvm; else echo "test-image.sh: /dev/kvm does not run a guest here ($(head -n 1 "$work/kvm-probe.log")); using TCG"; fi
     fi
 fi
 if [ "$accel" = kvm ]; then cpu=host; else cpu=max; fi
@@ -303,6 +304,11 @@ stop_vm() {
     fi
     ip -n "$SW" link del "$TAP" 2>/dev/null || true
 }
+# qemu runs and its guest was not stopped by a KVM internal error (qemu stays up then).
+vm_alive() {
+    kill -0 "$QEMU_PID" 2>/dev/null || return 1
+    ! grep -q "KVM internal error" "$work/qemu.log" 2>/dev/null
+}
 monitor_cmd() {
     python3 - "$monitor" "$*" <<'PY'
 import socket, sys, time
@@ -351,7 +357,7 @@ wait_console() { # MARK SECONDS REGEX
             console | tail -n +"$(( from + 1 ))" | grep -E -- "$re" | head -n 1
             return 0
         fi
-        kill -0 "$QEMU_PID" 2>/dev/null || fail "qemu exited while waiting for '$re'"
+        vm_alive || fail "qemu exited or its guest stopped while waiting for '$re': $(head -n 2 "$work/qemu.log")"
         sleep 0.5
     done
     fail "no console line matching '$re' within ${secs}s"
@@ -386,7 +392,7 @@ wait_traffic() { # SECONDS
         # The staff PC has no address until the appliance's DHCP server answers on VLAN 10.
         has_address "$LAN" || dhcp_lease "$LAN" "$work/staff-lease.log" || true
         [ "$(probe_dms 1000 2>/dev/null)" = pass ] && return 0
-        kill -0 "$QEMU_PID" 2>/dev/null || fail "qemu exited while waiting for traffic"
+        vm_alive || fail "qemu exited or its guest stopped while waiting for traffic: $(head -n 2 "$work/qemu.log")"
         sleep 0.5
     done
     fail "the town hall PC did not reach the DMS through the tunnel within ${1}s"
