@@ -31,6 +31,9 @@ use crate::daemon::{
 use crate::netns::{add_veth_pair, Netns};
 use crate::COMMAND_TIMEOUT;
 
+mod appliance;
+pub use appliance::{ApplianceSpoke, TrunkAppliance};
+
 pub const DC_WAN: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
 const ENROLL_PORT: u16 = 8443;
 const HUB_PORT: u16 = 51820;
@@ -280,56 +283,6 @@ impl Commune {
     }
     pub fn guest_addr(&self) -> Ipv4Addr {
         Ipv4Addr::new(10, self.lan, 100, 10)
-    }
-}
-
-/// A spoke set up like the generic appliance image: no policy key in its gateway.toml (it
-/// comes with the bootstrap file), `wait_for_bootstrap` and `lan_addresses` on, one LAN
-/// interface `eth1` (as on the image) without addresses (the spoke puts its site's gateway addresses there) to a
-/// host at 10.N.1.10. Started without a bootstrap file: deliver one with
-/// [`ApplianceSpoke::deliver_bootstrap`].
-#[derive(Debug)]
-pub struct ApplianceSpoke {
-    pub spoke: Gateway,
-    /// Where the spoke looks for its bootstrap file (`DATA_DIR/bootstrap.json`).
-    pub bootstrap: PathBuf,
-    pub gw: Netns,
-    pub host: Netns,
-    /// On the spoke's ports guest0 and guest1.
-    pub guest: Netns,
-}
-
-impl ApplianceSpoke {
-    /// Puts `file` where the spoke waits for it, as the image's first-boot script must: a copy
-    /// next to the target, then a rename (the spoke never sees half a file).
-    pub fn deliver_bootstrap(&self, file: &Path) -> Result<()> {
-        let tmp = self.bootstrap.with_extension("json.part");
-        std::fs::copy(file, &tmp).with_context(|| format!("copying {}", file.display()))?;
-        std::fs::rename(&tmp, &self.bootstrap)
-            .with_context(|| format!("renaming to {}", self.bootstrap.display()))
-    }
-
-    /// The refused file the spoke moved aside, if any.
-    pub fn refused_bootstrap(&self) -> PathBuf {
-        let mut p = self.bootstrap.clone().into_os_string();
-        p.push(".refused");
-        PathBuf::from(p)
-    }
-
-    /// The addresses on `eth1` (`ip -brief addr`), e.g. `["10.30.1.1/24", ...]`.
-    pub fn lan_addresses(&self) -> Result<Vec<String>> {
-        self.addresses_on("eth1")
-    }
-
-    /// The addresses on the spoke's interface `dev`, link-local ones left out.
-    pub fn addresses_on(&self, dev: &str) -> Result<Vec<String>> {
-        let out = self.gw.ip(&["-brief", "addr", "show", "dev", dev])?;
-        Ok(out
-            .split_whitespace()
-            .skip(2)
-            .filter(|a| a.contains('/') && !a.starts_with("fe80:"))
-            .map(str::to_owned)
-            .collect())
     }
 }
 
@@ -763,69 +716,6 @@ impl District {
             ),
         )?;
         Ok((config, data))
-    }
-
-    /// Starts a spoke configured like the generic appliance image ([`ApplianceSpoke`]) in a
-    /// new namespace on the WAN (192.0.2.`wan_host`), with its LAN host at
-    /// 10.`lan_octet`.1.10. It waits for a bootstrap file; nothing is enrolled yet.
-    pub fn add_appliance_spoke(
-        &mut self,
-        name: &str,
-        lan_octet: u8,
-        wan_host: u8,
-    ) -> Result<ApplianceSpoke> {
-        self.add_appliance_spoke_with(name, lan_octet, wan_host, "")
-    }
-
-    /// [`Self::add_appliance_spoke`] with `extra` lines in its gateway.toml.
-    pub fn add_appliance_spoke_with(
-        &mut self,
-        name: &str,
-        lan_octet: u8,
-        wan_host: u8,
-        extra: &str,
-    ) -> Result<ApplianceSpoke> {
-        let gw = Netns::new(&format!("{name}-gw"))?;
-        attach_to_wan(
-            &self.wan,
-            &gw,
-            &mut self.wan_ports,
-            Ipv4Addr::new(192, 0, 2, wan_host),
-        )?;
-        let host = Netns::new(&format!("{name}-host"))?;
-        add_veth_pair(&gw, "eth1", &host, "eth0", 1500)?;
-        // The guest WLAN's ports (st-wendel binds the guests to guest0; a policy may move them
-        // to guest1).
-        let guest = Netns::new(&format!("{name}-guest"))?;
-        add_veth_pair(&gw, "guest0", &guest, "eth0", 1500)?;
-        add_veth_pair(&gw, "guest1", &guest, "eth1", 1500)?;
-        host.add_address("eth0", IpAddr::V4(Ipv4Addr::new(10, lan_octet, 1, 10)), 24)?;
-        let router = Ipv4Addr::new(10, lan_octet, 1, 1).to_string();
-        host.ip(&["route", "add", "default", "via", &router])?;
-        let (config, data_dir) = self.gateway_config_with(
-            name,
-            false,
-            &format!("role = \"spoke\"\nlan = [\"eth1\"]\nwait_for_bootstrap = true\nlan_addresses = true\n{extra}"),
-        )?;
-        std::fs::create_dir_all(&data_dir)?;
-        let mut spoke = Gateway {
-            name: name.to_owned(),
-            netns: gw.name().to_owned(),
-            config,
-            data_dir: data_dir.clone(),
-            metrics: "127.0.0.1:9120".into(),
-            log_dir: self.dir.path().to_owned(),
-            starts: 0,
-            process: None,
-        };
-        spoke.start()?;
-        Ok(ApplianceSpoke {
-            spoke,
-            bootstrap: data_dir.join("bootstrap.json"),
-            gw,
-            host,
-            guest,
-        })
     }
 
     fn add_hub(&mut self, index: usize) -> Result<()> {
