@@ -7,7 +7,7 @@
 #
 #   sudo packaging/image/build-image.sh --release-key KEY --release-pub PUB [--version N]
 #            [--floor N] [--debs DIR] [--out DIR] [--cache DIR] [--overlay DIR]
-#            [--allow-drift] [--refresh-lock]
+#            [--allow-drift] [--refresh-lock] [--kernel-args ARGS]
 #
 #   --release-key KEY  the release team's minisign secret key: signs the update's manifest
 #   --release-pub PUB  its public key: the image checks every update against it (and an
@@ -28,6 +28,9 @@
 #                   which); without it such a build stops
 #   --refresh-lock  write packages.lock from what debootstrap installed (after a Debian point
 #                   release), then build
+#   --kernel-args ARGS  added to the kernel command line (the boot entries and the update's
+#                   manifest), e.g. no_timer_check for virtual machines on a busy host: the
+#                   kernel's IO-APIC timer check panics when emulated timer ticks come late
 #
 # Writes into --out:
 #   komnet-appliance-N.raw    the disk image (dd it onto the appliance's disk or a USB stick)
@@ -57,6 +60,7 @@ cache="$target_dir/image-cache"
 allow_drift=false
 refresh_lock=false
 overlays=()
+kernel_args=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --version) version=${2:?--version needs a number}; shift ;;
@@ -70,11 +74,14 @@ while [ $# -gt 0 ]; do
                    overlays+=("$(cd "$2" && pwd)"); shift ;;
         --allow-drift) allow_drift=true ;;
         --refresh-lock) refresh_lock=true ;;
+        --kernel-args) kernel_args=${2?--kernel-args needs arguments}; shift ;;
         -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
         *) echo "build-image.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
     esac
     shift
 done
+# They go into a boot entry's options line and the update's manifest: words, no quoting.
+[[ "$kernel_args" =~ ^[A-Za-z0-9_.,:=/\ -]*$ ]] || { echo "build-image.sh: --kernel-args may hold letters, digits, spaces and _ . , : = / -, not '$kernel_args'" >&2; exit 2; }
 [[ "$version" =~ ^[1-9][0-9]{0,8}$ ]] || { echo "build-image.sh: --version must be a positive number, not '$version'" >&2; exit 2; }
 [[ "$floor" =~ ^[1-9][0-9]{0,8}$ ]] && [ "$floor" -le "$version" ] || { echo "build-image.sh: --floor must be a positive number up to --version ($version), not '$floor'" >&2; exit 2; }
 if [ -z "$release_key" ] || [ -z "$release_pub" ]; then
@@ -109,6 +116,7 @@ PACKAGES=linux-image-amd64,systemd,dbus,netbase,systemd-sysv,systemd-boot,system
 # the root small and the initramfs quick to unpack.
 PRUNE_MODULES="sound drivers/gpu drivers/media drivers/net/wireless drivers/infiniband drivers/staging drivers/bluetooth drivers/isdn drivers/iio drivers/input/touchscreen drivers/misc/mei net/bluetooth net/wireless net/mac80211"
 CMDLINE="ro rootwait console=tty1 console=ttyS0,115200n8 net.ifnames=0 quiet loglevel=3 systemd.show_status=auto"
+[ -z "$kernel_args" ] || CMDLINE="$CMDLINE $kernel_args"
 
 ESP_MIB=256
 ROOT_MIB=768
