@@ -42,6 +42,9 @@ TESTS=(
     # DHCP on a spoke's LAN (issue 13): the appliance's DHCP server, and a client.
     /usr/sbin/dnsmasq:dnsmasq-base
     /usr/sbin/udhcpc:udhcpc
+    # The enrollment service on PostgreSQL (enroll/tests): each test runs a throwaway cluster
+    # with the server's initdb and pg_ctl, of whichever major version Debian ships.
+    '/usr/lib/postgresql/*/bin/initdb':postgresql
 )
 IMAGE=(
     # The appliance image (packaging/image/build-image.sh) and its test in qemu
@@ -74,7 +77,8 @@ missing=()
 for pair in "${NEED[@]}"; do
     cmd=${pair%%:*}; pkg=${pair##*:}
     case "$cmd" in
-        /*) [ -e "$cmd" ] || missing+=("$pkg") ;;
+        # A path may be a glob (a file of any version of a package).
+        /*) compgen -G "$cmd" >/dev/null || missing+=("$pkg") ;;
         *) command -v "$cmd" >/dev/null 2>&1 || missing+=("$pkg") ;;
     esac
 done
