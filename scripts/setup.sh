@@ -42,6 +42,11 @@ TESTS=(
     # DHCP on a spoke's LAN (issue 13): the appliance's DHCP server, and a client.
     /usr/sbin/dnsmasq:dnsmasq-base
     /usr/sbin/udhcpc:udhcpc
+    # Hubs on separate machines announce their peers by BGP (issue 17): BIRD 2 on the hubs
+    # and on the data-centre router in tests/tests/bgp.rs. Debian's package enables a
+    # bird.service that the tests do not use; each test runs its own daemons.
+    /usr/sbin/bird:bird2
+    /usr/sbin/birdc:bird2
 )
 IMAGE=(
     # The appliance image (packaging/image/build-image.sh) and its test in qemu
