@@ -117,20 +117,28 @@ else
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
     args=()
+    backports=()
     for pkg in "${uniq[@]}"; do
         if [ "$pkg" = qemu-system-x86 ] && backports_for_qemu; then
-            args+=(qemu-system-x86/bookworm-backports)
+            # Its dependencies (qemu-system-common/-data, seabios) must come from that suite
+            # too: a pin on the one package leaves them at bookworm's versions, which apt
+            # cannot combine ("held broken packages"). -t applies to this call only.
+            backports+=(-t bookworm-backports qemu-system-x86)
         else
             args+=("$pkg")
         fi
     done
-    echo "setup ($profile): apt-get install ${args[*]}"
     # --no-remove: installing what a command needs never takes away what the machine has.
-    if ! apt-get install -y -qq --no-install-recommends --no-remove "${args[@]}" >/dev/null; then
-        echo "setup ($profile): apt-get could not install ${args[*]} without removing other packages;" >&2
-        echo "  see 'apt-get install --no-install-recommends ${args[*]}' for what is in the way" >&2
-        exit 1
-    fi
+    install() {
+        echo "setup ($profile): apt-get install $*"
+        if ! apt-get install -y -qq --no-install-recommends --no-remove "$@" >/dev/null; then
+            echo "setup ($profile): apt-get could not install $* without removing other packages;" >&2
+            echo "  see 'apt-get install --no-install-recommends $*' for what is in the way" >&2
+            exit 1
+        fi
+    }
+    [ ${#args[@]} -eq 0 ] || install "${args[@]}"
+    [ ${#backports[@]} -eq 0 ] || install "${backports[@]}"
     echo "setup ($profile): done"
 fi
 
