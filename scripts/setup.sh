@@ -45,6 +45,11 @@ TESTS=(
     # The enrollment service on PostgreSQL (enroll/tests): each test runs a throwaway cluster
     # with the server's initdb and pg_ctl, of whichever major version Debian ships.
     '/usr/lib/postgresql/*/bin/initdb':postgresql
+    # Hubs on separate machines announce their peers by BGP (issue 17): BIRD 2 on the hubs
+    # and on the data-centre router in tests/tests/bgp.rs. Debian's package enables a
+    # bird.service that the tests do not use; each test runs its own daemons.
+    /usr/sbin/bird:bird2
+    /usr/sbin/birdc:bird2
 )
 IMAGE=(
     # The appliance image (packaging/image/build-image.sh) and its test in qemu
