@@ -18,6 +18,7 @@
 
 pub mod bootstrap;
 pub mod hub;
+pub mod link;
 pub mod policy;
 pub mod renewal;
 pub mod spoke;
