@@ -1329,6 +1329,37 @@ fn last_handshake_is_reported_as_wall_clock_time() {
     );
 }
 
+/// `last_data` says whether the peer uses this device as its gateway (a hub announces a
+/// spoke's routes by it): data and keepalives count, handshakes do not, so a hub that only
+/// gets its own handshakes answered (by a spoke for which it is the standby) does not count
+/// the spoke as its own.
+#[test]
+fn last_data_moves_with_data_and_keepalives_not_with_handshakes() {
+    let mut pair = Pair::new();
+    pair.advance(Duration::from_secs(3));
+    let last_data = |pair: &mut Pair, side: Side| {
+        let now = pair.now;
+        pair.node(side).core.peers(now, wall_clock())[0].last_data
+    };
+    assert_eq!(last_data(&mut pair, Side::A), None);
+    // A initiates: B gets the initiation, A the response, then B A's keepalive and packet.
+    pair.handshake();
+    let handshake_at = pair.now;
+    assert_eq!(last_data(&mut pair, Side::A), None, "a response is no data");
+    assert_eq!(last_data(&mut pair, Side::B), Some(handshake_at));
+    pair.advance(Duration::from_secs(2));
+    assert_eq!(last_data(&mut pair, Side::A), None);
+    pair.transfer(Side::B, &ipv4_udp(B_V4, A_V4, b"back"));
+    assert_eq!(last_data(&mut pair, Side::A), Some(pair.now));
+    // A packet with a source B may not use is refused and does not count.
+    pair.advance(Duration::from_secs(2));
+    let refused = pair.send(Side::B, &ipv4_udp(C_V4, A_V4, b"spoofed"));
+    assert!(matches!(refused, Action::ToNetwork { .. }), "{refused:?}");
+    let sent_back_at = pair.now - Duration::from_secs(2);
+    pair.run();
+    assert_eq!(last_data(&mut pair, Side::A), Some(sent_back_at));
+}
+
 #[test]
 fn both_sides_sending_first_converge_on_sessions_and_deliver_both_packets() {
     // Both ends send before any handshake (a ping answered by a ping): each queues its

@@ -352,6 +352,10 @@ pub struct Options {
     /// The enrollment service's clock runs this far off (a libfaketime offset such as
     /// `-402960s`); `None`: on time.
     pub enroll_clock: Option<&'static str>,
+    /// Hubs on separate machines (needs `two_hubs`): each hub in a namespace of its own with
+    /// BIRD, announcing its peers' prefixes by BGP to the data-centre router (`dc`, BIRD too)
+    /// instead of sharing the router's routing table ([`crate::bgp`]).
+    pub bgp: bool,
 }
 
 /// The running district. Dropping it stops every process and deletes every namespace.
@@ -365,6 +369,9 @@ pub struct District {
     pub hubs: Vec<Gateway>,
     pub communes: Vec<Commune>,
     pub homeoffice: Option<HomeOffice>,
+    /// With [`Options::bgp`]: the hubs' namespaces and every BIRD (after the hubs, which are
+    /// ended first).
+    pub bgp: Option<crate::bgp::BgpDc>,
     pub srv: Netns,
     pub dc: Netns,
     pub wan: Netns,
@@ -451,6 +458,16 @@ impl District {
                 "10.255.0.2",
             ])?;
         }
+        if options.bgp && !options.two_hubs {
+            bail!("Options::bgp needs two_hubs");
+        }
+        let bgp = if options.bgp {
+            Some(crate::bgp::BgpDc::build(&dc, 2, dir.path(), |ns, addr| {
+                attach_to_wan(&wan, ns, &mut ports, addr)
+            })?)
+        } else {
+            None
+        };
         let mut district = District {
             servers: None,
             helpers: Vec::new(),
@@ -458,6 +475,7 @@ impl District {
             hubs: Vec::new(),
             communes: Vec::new(),
             homeoffice: None,
+            bgp,
             srv,
             dc,
             wan,
@@ -630,13 +648,13 @@ impl District {
             "--enroll-url".into(),
             url,
             "--hub-endpoint".into(),
-            format!("hub1={DC_WAN}:{HUB_PORT}"),
+            format!("hub1={}", self.hub_endpoint(0)),
             "--policy-public-key".into(),
             self.path("policy.pub").to_string_lossy().into_owned(),
         ];
         if two_hubs {
             args.push("--hub-endpoint".into());
-            args.push(format!("hub2={DC_WAN}:{}", HUB_PORT + 1));
+            args.push(format!("hub2={}", self.hub_endpoint(1)));
         }
         // A service whose clock runs off made its CA at that time too.
         let mut init = Command::new(komnet_enroll_binary()?);
@@ -822,21 +840,41 @@ impl District {
         })
     }
 
+    /// Where spokes reach hub `index`: both in the data-centre namespace (ports 51820 and
+    /// 51821), or each on its own machine with [`Options::bgp`].
+    fn hub_endpoint(&self, index: usize) -> String {
+        match &self.bgp {
+            Some(_) => format!("{}:{HUB_PORT}", crate::bgp::hub_wan(index)),
+            None => format!("{DC_WAN}:{}", HUB_PORT + index as u16),
+        }
+    }
+
     fn add_hub(&mut self, index: usize) -> Result<()> {
         let name = format!("hub{}", index + 1);
         let bootstrap = self.token("kreis", &name, "hub")?;
         let metrics = format!("127.0.0.1:{}", 9120 + index);
+        let (netns, port, bgp) = match &self.bgp {
+            Some(b) => (
+                b.hub_ns[index].name().to_owned(),
+                HUB_PORT,
+                format!("[bgp]\ntable = {}\n", crate::bgp::TABLE),
+            ),
+            None => (
+                self.dc.name().to_owned(),
+                HUB_PORT + index as u16,
+                String::new(),
+            ),
+        };
         let (config, data_dir) = self.gateway_config(
             &name,
             &format!(
-                "role = \"hub\"\nbootstrap = \"{}\"\ninterface = \"komnet{index}\"\nlisten_port = {}\nmetrics_listen = \"{metrics}\"\nregistry_outage_alarm = \"5s\"\n",
+                "role = \"hub\"\nbootstrap = \"{}\"\ninterface = \"komnet{index}\"\nlisten_port = {port}\nmetrics_listen = \"{metrics}\"\nregistry_outage_alarm = \"5s\"\n{bgp}",
                 bootstrap.display(),
-                HUB_PORT + index as u16
             ),
         )?;
         let mut hub = Gateway {
             name,
-            netns: self.dc.name().to_owned(),
+            netns,
             config,
             data_dir,
             metrics,

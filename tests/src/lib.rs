@@ -15,6 +15,7 @@
 //!   run in parallel. Interface names must be unique machine-wide: the UAPI socket directory
 //!   `/run/wireguard` is shared by all namespaces.
 
+pub mod bgp;
 mod command;
 pub mod conformance;
 mod daemon;

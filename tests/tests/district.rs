@@ -1171,6 +1171,7 @@ fn hub_spokes_and_home_office_renew_while_traffic_flows() {
             two_hubs: false,
             homeoffice: true,
             enroll_clock: Some("-403155"),
+            ..Options::default()
         },
     )
     .expect("district");
@@ -1674,6 +1675,7 @@ fn a_spoke_whose_certificate_runs_out_while_it_runs_stops_and_waits_for_a_new_to
             two_hubs: false,
             homeoffice: false,
             enroll_clock: Some("-604760s"),
+            ..Options::default()
         },
     )
     .expect("district");

@@ -98,9 +98,32 @@ pub struct GatewayConfig {
     /// Hub: most flows the firewall remembers.
     #[serde(default = "default_max_flows")]
     pub max_flows: usize,
+    /// Hub on its own machine: keep the prefixes of the peers that use this hub in a kernel
+    /// routing table of their own, for the routing daemon to announce by BGP
+    /// (docs/operations.md, "Hubs on separate machines").
+    #[serde(default)]
+    pub bgp: Option<BgpConfig>,
     /// Settings that named a credential (resolved to a file in the credentials directory).
     #[serde(skip)]
     pub credentials: Vec<&'static str>,
+}
+
+/// `[bgp]`: the announcement table.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BgpConfig {
+    /// The kernel routing table (1 to 2^32-1, not 253, 254 or 255: the kernel's own) that
+    /// holds exactly the prefixes this hub announces; nothing else may use it. The hub empties
+    /// it at start. The routing daemon imports it (BIRD: `kernel table N; learn;`).
+    pub table: u32,
+    /// A spoke that sent nothing (no data, no keepalive) for this long is withdrawn. Home
+    /// offices: 180 s, WireGuard's session lifetime.
+    #[serde(default = "default_bgp_hold")]
+    pub hold: HumanDuration,
+}
+
+fn default_bgp_hold() -> HumanDuration {
+    HumanDuration(super::control::announce::DEFAULT_SPOKE_HOLD)
 }
 
 fn default_data_dir() -> PathBuf {
@@ -278,6 +301,28 @@ impl GatewayConfig {
         if self.max_flows < 1024 {
             problems.push("max_flows: at least 1024".into());
         }
+        if let Some(bgp) = &self.bgp {
+            if !hub {
+                problems.push(
+                    "bgp: only hubs announce routes; a spoke's are the hubs' business".into(),
+                );
+            }
+            if matches!(bgp.table, 0 | 253..=255) {
+                problems.push(format!(
+                    "bgp.table: {} is {}; give a table of its own (e.g. 200)",
+                    bgp.table,
+                    match bgp.table {
+                        0 => "no table",
+                        253 => "the kernel's default table",
+                        254 => "the main table",
+                        _ => "the local table",
+                    }
+                ));
+            }
+            if bgp.hold.0 < Duration::from_secs(1) {
+                problems.push("bgp.hold: at least 1s".into());
+            }
+        }
         if problems.is_empty() {
             Ok(())
         } else {
@@ -447,6 +492,41 @@ mod tests {
     }
 
     #[test]
+    fn the_bgp_table_is_a_hubs_own_and_its_hold_defaults_to_three_seconds() {
+        let c = GatewayConfig::parse(
+            Path::new("gateway.toml"),
+            "role = \"hub\"\nlisten_port = 51820\n[bgp]\ntable = 200\n",
+        )
+        .unwrap();
+        let bgp = c.bgp.expect("[bgp]");
+        assert_eq!(bgp.table, 200);
+        assert_eq!(bgp.hold.0, Duration::from_secs(3));
+        for (text, needle) in [
+            (
+                "role = \"hub\"\nlisten_port = 51820\n[bgp]\ntable = 254\n",
+                "bgp.table: 254 is the main table",
+            ),
+            (
+                "role = \"hub\"\nlisten_port = 51820\n[bgp]\ntable = 200\nhold = \"0s\"\n",
+                "bgp.hold: at least 1s",
+            ),
+            (
+                "role = \"spoke\"\nlan = [\"eth1\"]\n[bgp]\ntable = 200\n",
+                "bgp: only hubs announce routes",
+            ),
+            (
+                "role = \"hub\"\nlisten_port = 51820\n[bgp]\ntable = 200\nasn = 65001\n",
+                "asn",
+            ),
+        ] {
+            let e = GatewayConfig::parse(Path::new("gateway.toml"), text)
+                .unwrap_err()
+                .to_string();
+            assert!(e.starts_with("gateway.toml: ") && e.contains(needle), "{e}");
+        }
+    }
+
+    #[test]
     fn credential_settings_resolve_in_the_credentials_directory() {
         let text = "role = \"spoke\"\nlan = [\"eth1\"]\npolicy_public_key = \"credential:policy.pub\"\nbootstrap = \"credential:bootstrap.json\"\n";
         let dir = Path::new("/run/credentials/komnet-gateway.service");
@@ -532,16 +612,27 @@ mod tests {
         let uncommented: String = shipped
             .lines()
             .map(|l| match l.strip_prefix('#') {
-                Some(rest) if rest.starts_with(|c: char| c.is_ascii_lowercase()) => rest,
+                Some(rest) if rest.starts_with(|c: char| c.is_ascii_lowercase() || c == '[') => {
+                    rest
+                }
                 _ => l,
             })
             .map(|l| format!("{l}\n"))
             .collect();
+        // The example's role is a spoke's; its hub-only [bgp] section is read as a hub's.
+        let (uncommented, bgp_section) = uncommented
+            .split_once("[bgp]\n")
+            .expect("the example shows [bgp]");
         let dir = Path::new("/run/credentials/komnet-gateway.service");
         let c = GatewayConfig::parse_with_credentials(
             Path::new("gateway.toml"),
-            &uncommented,
+            uncommented,
             Some(dir),
+        )
+        .unwrap();
+        let hub = GatewayConfig::parse(
+            Path::new("gateway.toml"),
+            &format!("role = \"hub\"\nlisten_port = 51820\n[bgp]\n{bgp_section}"),
         )
         .unwrap();
         let defaults = GatewayConfig::parse_with_credentials(
@@ -559,6 +650,9 @@ mod tests {
         assert_eq!(c.failover_after, defaults.failover_after);
         assert_eq!(c.keepalive, defaults.keepalive);
         assert_eq!(c.max_flows, defaults.max_flows);
+        let bgp = hub.bgp.as_ref().expect("[bgp]");
+        assert_eq!(bgp.table, 200);
+        assert_eq!(bgp.hold, default_bgp_hold());
         assert_eq!(c.wait_for_bootstrap, defaults.wait_for_bootstrap);
         assert_eq!(c.lan_addresses, defaults.lan_addresses);
         assert_eq!(c.policy_public_key, Some(dir.join("policy.pub")));

@@ -219,7 +219,12 @@ pub(super) async fn hub_housekeeping(ctx: Arc<Ctx>) {
         if due {
             change_peers(&ctx, |s| hub_core(s).handle_timeout(now, unix_now()));
         }
-        claim_routes(&ctx);
+        let Some(shared) = ctx.shared.get() else {
+            continue;
+        };
+        let peers = peer_snapshot(shared);
+        claim_routes(&ctx, &peers);
+        announce_routes(&ctx, &peers);
     }
 }
 
@@ -227,11 +232,7 @@ pub(super) fn peer_snapshot(shared: &Shared) -> Vec<PeerInfo> {
     shared.core().peers(Instant::now(), SystemTime::now())
 }
 
-pub(super) fn claim_routes(ctx: &Ctx) {
-    let Some(shared) = ctx.shared.get() else {
-        return;
-    };
-    let peers = peer_snapshot(shared);
+pub(super) fn claim_routes(ctx: &Ctx, peers: &[PeerInfo]) {
     let mut claims: Vec<([u8; 32], SystemTime, Vec<IpNet>)> = Vec::new();
     {
         let s = ctx.state.lock();
@@ -244,7 +245,7 @@ pub(super) fn claim_routes(ctx: &Ctx) {
                 None => true,
             };
             if fresh {
-                claims.push((p.public_key, at, p.allowed_ips));
+                claims.push((p.public_key, at, p.allowed_ips.clone()));
             }
         }
     }
@@ -255,5 +256,84 @@ pub(super) fn claim_routes(ctx: &Ctx) {
             }
             Err(e) => tracing::warn!(error = %e, "routing a peer's addresses"),
         }
+    }
+}
+
+/// Hub with `[bgp]`: empties the announcement table at start (routes an earlier process left
+/// there) and makes the announcer.
+pub(super) fn start_announcing(ctx: &Ctx, bgp: &BgpConfig) -> Result<()> {
+    route_table::flush(bgp.table).with_context(|| {
+        format!(
+            "emptying the announcement table {} ([bgp] table)",
+            bgp.table
+        )
+    })?;
+    ctx.state.lock().announcer = Some(Announcer::new(AnnounceSettings {
+        spoke_hold: bgp.hold.0,
+        ..AnnounceSettings::default()
+    }));
+    tracing::info!(
+        table = bgp.table,
+        hold = ?bgp.hold.0,
+        "announcing the prefixes of the peers that use this hub in the kernel table for BGP"
+    );
+    Ok(())
+}
+
+/// Hub with `[bgp]`: keeps the announcement table what the announcer decides for the peers
+/// as sampled now (read back every few seconds, repaired when someone else changed it).
+pub(super) fn announce_routes(ctx: &Ctx, peers: &[PeerInfo]) {
+    let Some(bgp) = &ctx.config.bgp else {
+        return;
+    };
+    let now = Instant::now();
+    let check = {
+        let mut guard = ctx.state.lock();
+        let s = &mut *guard;
+        let (Some(hub), Some(announcer)) = (s.hub.as_ref(), s.announcer.as_mut()) else {
+            return;
+        };
+        let samples = peers.iter().filter_map(|p| {
+            let identity = hub.admitted(&p.public_key)?;
+            Some(PeerSample {
+                role: identity.role,
+                last_data: p.last_data,
+                prefixes: &p.allowed_ips,
+            })
+        });
+        announcer.handle_peers(now, samples);
+        announcer.poll_check(now)
+    };
+    if check {
+        match route_table::read(bgp.table) {
+            Ok(held) => {
+                if let Some(a) = ctx.state.lock().announcer.as_mut() {
+                    a.handle_table(held);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "reading the announcement table back"),
+        }
+    }
+    let diff = ctx
+        .state
+        .lock()
+        .announcer
+        .as_mut()
+        .and_then(|a| a.poll_diff(now));
+    let Some(diff) = diff else {
+        return;
+    };
+    let result = route_table::apply(&ctx.config.interface, bgp.table, &diff);
+    match &result {
+        Ok(()) => tracing::info!(
+            table = bgp.table,
+            announced = ?diff.announce.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            withdrawn = ?diff.withdraw.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "announcement table changed"
+        ),
+        Err(e) => tracing::error!(error = %e, "cannot change the announcement table; retrying"),
+    }
+    if let Some(a) = ctx.state.lock().announcer.as_mut() {
+        a.handle_applied(now, &diff, result.is_ok());
     }
 }

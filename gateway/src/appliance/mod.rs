@@ -5,7 +5,8 @@
 //! bundle (last-known-good from disk, then polled from the enrollment service), and per role:
 //! - **hub**: follows the enrollment registry, admits peers with valid certificates (allowed IPs
 //!   from the policy), enforces the policy per packet through the driver's [`Gate`], routes a
-//!   peer's addresses to the tunnel when it completes a handshake here;
+//!   peer's addresses to the tunnel when it completes a handshake here, and with `[bgp]` keeps
+//!   the prefixes of the peers that send to it in a kernel table a routing daemon announces;
 //! - **spoke**: tunnels its town-hall LAN to the active hub, fails over to the next hub when the
 //!   active one falls silent, and enforces the policy for its site with nftables.
 //!
@@ -21,6 +22,7 @@ mod identity;
 pub mod lan;
 pub mod net;
 mod policy;
+pub mod route_table;
 mod spoke;
 pub mod status;
 
@@ -61,7 +63,8 @@ use crate::daemon;
 use crate::driver::{self, Event, Shared, Sockets};
 use crate::firewall::{FirewallConfig, FlowOwner};
 use crate::gate::Gate;
-use config::{GatewayConfig, GatewayRole};
+use config::{BgpConfig, GatewayConfig, GatewayRole};
+use control::announce::{AnnounceSettings, Announcer, PeerSample};
 use control::bootstrap::{BootstrapStep, BootstrapWatch, FileRead, SetAside};
 use control::hub::{HubCore, LinkLoss, LinkState, OutageSettings};
 use control::policy::{PolicyAction, PolicySlot};
@@ -98,6 +101,8 @@ struct ControlState {
     hub: Option<HubCore>,
     /// Hub: the handshake time for which a peer's routes were last claimed, and those routes.
     claimed: HashMap<[u8; 32], (SystemTime, Vec<IpNet>)>,
+    /// Hub with `[bgp]`: which prefixes go into the announcement table.
+    announcer: Option<Announcer>,
     /// Spoke: which hub carries the traffic, failover, hub-list refresh, LAN retries.
     spoke: Option<SpokeCore>,
     /// Spoke: the hubs.
@@ -153,6 +158,9 @@ impl ControlState {
         }
         if let Some(h) = &self.hub {
             all.absorb(h.counters());
+        }
+        if let Some(a) = &self.announcer {
+            all.absorb(a.counters());
         }
         if let Some(c) = &self.spoke {
             all.absorb(c.counters());
@@ -484,6 +492,9 @@ async fn start(ctx: Arc<Ctx>) -> Result<()> {
     tokio::spawn(renewal(ctx.clone()));
     match ctx.config.role {
         GatewayRole::Hub => {
+            if let Some(bgp) = &ctx.config.bgp {
+                start_announcing(&ctx, bgp)?;
+            }
             tokio::spawn(follow_registry(ctx.clone()));
             tokio::spawn(hub_housekeeping(ctx.clone()));
         }

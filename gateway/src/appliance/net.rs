@@ -29,7 +29,7 @@ pub enum NetError {
 
 /// Runs `ip -batch -` with `lines`; `-force` makes ip go on after a failed line, and the
 /// failures are reported together (a route that already went away is not one).
-fn ip_batch(what: &str, lines: &[String], ignore: &[&str]) -> Result<(), NetError> {
+pub(crate) fn ip_batch(what: &str, lines: &[String], ignore: &[&str]) -> Result<(), NetError> {
     ip_batch_family(None, what, lines, ignore)
 }
 
@@ -560,7 +560,7 @@ pub fn addresses_from_json(json: &str) -> Result<Vec<(String, IpNet)>, NetError>
     Ok(out)
 }
 
-fn ip_json(args: &[&str]) -> Result<String, NetError> {
+pub(crate) fn ip_json(args: &[&str]) -> Result<String, NetError> {
     let out = Command::new("ip")
         .args(args)
         .output()

@@ -123,6 +123,7 @@ impl Core {
             tx_bytes: 0,
             last_sent: self.clock,
             handshake_at: None,
+            data_at: None,
             queued: false,
             low_order: false,
             drops: DropCounters::default(),
@@ -244,6 +245,7 @@ impl Core {
         ids.sort();
         let ids: Vec<PeerId> = ids.into_iter().map(|(_, id)| *id).collect();
         let clock = self.clock;
+        let epoch = self.epoch;
         // One pass over the table, not one per peer: `wg show` on a hub with a thousand peers
         // must not hold the core (and so the packet path) for long.
         let mut prefixes: HashMap<PeerId, Vec<IpNet>> = HashMap::new();
@@ -265,6 +267,7 @@ impl Core {
                     endpoint: peer.endpoint,
                     persistent_keepalive: peer.persistent_keepalive,
                     last_handshake,
+                    last_data: peer.data_at.map(|at| epoch + at),
                     rx_bytes: peer.rx_bytes,
                     tx_bytes: peer.tx_bytes,
                     allowed_ips,

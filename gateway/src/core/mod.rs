@@ -168,6 +168,10 @@ pub struct PeerInfo {
     pub endpoint: Option<SocketAddr>,
     pub persistent_keepalive: Option<u16>,
     pub last_handshake: Option<SystemTime>,
+    /// When the last authenticated transport-data message (data or a keepalive) came from the
+    /// peer. Handshake messages do not count: a peer that only answers our handshakes does not
+    /// use this device as its gateway (a spoke's standby hub), one that sends keepalives does.
+    pub last_data: Option<Instant>,
     pub rx_bytes: u64,
     pub tx_bytes: u64,
     pub allowed_ips: Vec<IpNet>,
@@ -205,6 +209,8 @@ struct Peer {
     last_sent: Duration,
     /// Core time of the last completed handshake; kept when the session state is dropped.
     handshake_at: Option<Duration>,
+    /// Core time of the last authenticated transport-data message received ([`PeerInfo::last_data`]).
+    data_at: Option<Duration>,
     /// boringtun may hold packets queued while a handshake runs; they go out once a session
     /// is usable (see `decapsulate`).
     queued: bool,

@@ -284,11 +284,15 @@ impl Core {
                 return self.peer_drop(id, DropReason::SpoofedSource);
             }
         }
+        let clock = self.clock;
         let Some(peer) = self.peer_mut(id) else {
             return Action::Nothing;
         };
         if roams {
             peer.rx_bytes += datagram.len() as u64;
+        }
+        if is_data {
+            peer.data_at = Some(clock);
         }
         // Queued packets can go once boringtun has a current session: as initiator after the
         // response, as responder after the first data packet (boringtun switches to a

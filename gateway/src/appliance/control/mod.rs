@@ -7,6 +7,8 @@
 //!
 //! - [`spoke::SpokeCore`]: which hub carries the traffic, when to fail over, when to refresh the
 //!   hub list, when to retry the LAN addresses.
+//! - [`announce::Announcer`]: which peers' prefixes a hub announces by BGP (those sending to
+//!   it now), and the changes to its announcement table.
 //! - [`hub::HubCore`]: the registry view, which identities are admitted (through
 //!   [`crate::admission`]), certificate expiry, and the [`hub::RegistryLink`] to the registry.
 //! - [`renewal::RenewalSchedule`]: when to renew the certificate and when to retry.
@@ -16,6 +18,7 @@
 //! Verbs follow `shared/style.md`: `handle_*` takes input, `poll_*` drains output,
 //! `next_timeout` says when to call `handle_timeout` again.
 
+pub mod announce;
 pub mod bootstrap;
 pub mod hub;
 pub mod link;
@@ -54,6 +57,12 @@ pub enum ControlEvent {
     RegistrySilent,
     RenewFailed,
     Renewed,
+    /// Hub with `[bgp]`: a peer's prefix was put into the announcement table.
+    RouteAnnounced,
+    /// Hub with `[bgp]`: a prefix was taken out of the announcement table.
+    RouteWithdrawn,
+    /// Hub with `[bgp]`: the announcement table could not be changed (retried).
+    RouteTableFailed,
     /// Reverse-path filtering was switched to strict on an interface (at start, or on one
     /// that appeared or was changed later).
     RpFilterSet,
@@ -85,6 +94,9 @@ impl ControlEvent {
             ControlEvent::RegistrySilent => "registry_silent",
             ControlEvent::RenewFailed => "renew_failed",
             ControlEvent::Renewed => "renewed",
+            ControlEvent::RouteAnnounced => "route_announced",
+            ControlEvent::RouteWithdrawn => "route_withdrawn",
+            ControlEvent::RouteTableFailed => "route_table_failed",
             ControlEvent::RpFilterSet => "rp_filter_set",
         }
     }

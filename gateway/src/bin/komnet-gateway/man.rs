@@ -24,6 +24,16 @@ keys:
 .BR metrics_listen " (default " 127.0.0.1:9120 "), "
 .BR log_json ", " failover_after ", " keepalive ", " max_flows ,
 .BR registry_outage_alarm " and " registry_outage " (hub)."
+A hub on a machine of its own has a
+.B [bgp]
+section:
+.B table
+(the kernel routing table that holds the prefixes of the peers sending to this hub, for a
+routing daemon such as BIRD or FRR to announce by BGP; the hub empties it at start) and
+.B hold
+(default
+.BR 3s :
+how long a spoke may be silent before its prefixes are withdrawn).
 The packaged file lists each with its default.
 Without
 .BR policy_public_key ,

@@ -1,0 +1,181 @@
+//! Hubs on separate machines, routes by BGP (issue 17): each hub in its own namespace with a
+//! real BIRD 2 that announces the hub's announcement table to the data-centre router (BIRD as
+//! well), which installs the routes in its kernel. A spoke fails over from hub 1 to hub 2
+//! after `kill -9` of hub 1: the router's route follows and the DMS's answers reach the town
+//! hall again within 5 s; hub 1, restarted, does not take the route back (it announces only
+//! sessions it carries). Needs root and BIRD (`scripts/setup.sh test`); never skipped.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use komnet_netns_tests::bgp::{announced, hub_dc, require_bird, route_via};
+use komnet_netns_tests::district::{Destination, District, Options, Source, DESTINATIONS};
+use komnet_netns_tests::{require_root_and_tools, wait_until};
+
+/// Nohfelden's prefix (its tenant's, as the policy gives it to the town hall's spoke), which
+/// the hub carrying the spoke announces.
+const NOHFELDEN_PREFIX: &str = "10.30.0.0/16";
+
+fn staff(d: &District, commune: &str) -> Source {
+    d.sources()
+        .into_iter()
+        .find(|s| s.netns == d.commune(commune).staff.name())
+        .expect("staff source")
+}
+
+fn dms() -> Destination {
+    DESTINATIONS
+        .iter()
+        .copied()
+        .find(|d| d.label == "DMS (Kreis)")
+        .expect("the DMS")
+}
+
+#[test]
+fn the_routers_route_follows_a_failed_over_spoke_and_a_restarted_hub_does_not_take_it_back() {
+    require_root_and_tools();
+    require_bird();
+    let started = Instant::now();
+    let mut district = District::start(
+        &PathBuf::from(env!("CARGO_BIN_EXE_netprobe")),
+        Options {
+            two_hubs: true,
+            bgp: true,
+            homeoffice: false,
+            ..Options::default()
+        },
+    )
+    .expect("district with two hub machines and BGP");
+    let router = district.dc.name().to_owned();
+    let noh = staff(&district, "nohfelden");
+    let dms = dms();
+    println!("district up after {:?}", started.elapsed());
+
+    // Nohfelden uses hub 1: hub 1 announces its LAN, the router routes it there.
+    wait_until(
+        "the router to route Nohfelden's LAN to hub 1",
+        Duration::from_secs(20),
+        || Ok((route_via(&router, noh.addr)? == Some(hub_dc(0))).then_some(())),
+    )
+    .unwrap_or_else(|e| {
+        let bgp = district.bgp.as_ref().expect("bgp");
+        panic!(
+            "{e:#}\nhub1's table: {:?}\nhub1's log:\n{}\nhub1's BIRD:\n{}",
+            announced(&bgp.hub_ns[0]),
+            district.hubs[0].log_tail(),
+            bgp.birds[1].log_tail()
+        )
+    });
+    assert!(
+        district
+            .probe(&noh, &[dms], Duration::from_millis(1500))
+            .expect("probe")[0],
+        "Nohfelden does not reach the DMS through hub 1"
+    );
+    {
+        let bgp = district.bgp.as_ref().expect("bgp");
+        let on_hub2 = announced(&bgp.hub_ns[1]).expect("hub2's table");
+        assert!(
+            !on_hub2.iter().any(|p| p == NOHFELDEN_PREFIX),
+            "hub 2 announces Nohfelden without carrying its session: {on_hub2:?}"
+        );
+    }
+
+    // kill -9 of hub 1: the spoke fails over, hub 2 announces, the router follows.
+    let t0 = Instant::now();
+    district.hubs[0].kill_hard().expect("kill -9 hub1");
+    let mut moved = None;
+    let back = loop {
+        let probing = t0.elapsed();
+        if moved.is_none() && route_via(&router, noh.addr).expect("route") == Some(hub_dc(1)) {
+            moved = Some(t0.elapsed());
+        }
+        if district
+            .probe(&noh, &[dms], Duration::from_millis(500))
+            .expect("probe")[0]
+        {
+            break t0.elapsed();
+        }
+        assert!(
+            probing < Duration::from_secs(20),
+            "Nohfelden does not reach the DMS 20 s after hub 1 was killed; router's route: {:?}\nhub2's log:\n{}",
+            route_via(&router, noh.addr),
+            district.hubs[1].log_tail()
+        );
+    };
+    let moved = match moved {
+        Some(m) => m,
+        None => {
+            wait_until(
+                "the router's route to hub 2",
+                Duration::from_secs(5),
+                || Ok((route_via(&router, noh.addr)? == Some(hub_dc(1))).then_some(())),
+            )
+            .expect("the route follows the spoke");
+            t0.elapsed()
+        }
+    };
+    println!(
+        "after kill -9 of hub 1: the router routes Nohfelden to hub 2 after {moved:?}, the DMS answers again after {back:?}"
+    );
+    assert!(back <= Duration::from_secs(5), "failover took {back:?}");
+
+    // Hub 1 comes back. It has no session with the spoke (which stays on hub 2), so it
+    // announces nothing: the router's route must not move, not even for a moment.
+    let watching = Arc::new(AtomicBool::new(true));
+    let watcher = {
+        let watching = watching.clone();
+        let router = router.clone();
+        let staff_addr = noh.addr;
+        std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            while watching.load(Ordering::Relaxed) {
+                seen.push(route_via(&router, staff_addr).ok().flatten());
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            seen
+        })
+    };
+    district.hubs[0].start().expect("restart hub1");
+    let restarted = Instant::now();
+    district.hubs[0]
+        .wait_running(1, Duration::from_secs(30))
+        .expect("hub1 runs again");
+    // Longer than a spoke's hold (3 s): a hub that announced on handshakes would have done
+    // so by now.
+    std::thread::sleep(Duration::from_secs(4));
+    watching.store(false, Ordering::Relaxed);
+    let seen = watcher.join().expect("watcher");
+    let elsewhere: Vec<_> = seen.iter().filter(|v| **v != Some(hub_dc(1))).collect();
+    assert!(
+        elsewhere.is_empty(),
+        "the router's route left hub 2 while hub 1 restarted ({} of {} samples): {elsewhere:?}",
+        elsewhere.len(),
+        seen.len()
+    );
+    let bgp = district.bgp.as_ref().expect("bgp");
+    let on_hub1 = announced(&bgp.hub_ns[0]).expect("hub1's table");
+    assert!(
+        on_hub1.is_empty(),
+        "restarted hub 1 announces {on_hub1:?} without carrying a session"
+    );
+    let on_hub2 = announced(&bgp.hub_ns[1]).expect("hub2's table");
+    assert!(
+        on_hub2.iter().any(|p| p == NOHFELDEN_PREFIX),
+        "hub 2 no longer announces Nohfelden: {on_hub2:?}"
+    );
+    println!(
+        "hub 1 restarted and running for {:?}: {} samples of the router's route, all via hub 2",
+        restarted.elapsed(),
+        seen.len()
+    );
+    assert!(
+        district
+            .probe(&noh, &[dms], Duration::from_millis(1500))
+            .expect("probe")[0],
+        "Nohfelden lost the DMS while hub 1 restarted"
+    );
+    println!("test took {:?}", started.elapsed());
+}
