@@ -42,13 +42,13 @@ forbid_feature() {
 # The appliance: no enrollment server, database, CA or web framework. (Its own /metrics
 # endpoint is a bare hyper http1 server.) Its binary parses its command line with clap (the
 # default `cli` feature); the library, which is the packet path and the control plane, does not.
-forbid komnet-gateway komnet-enroll komnet-enroll-admin rusqlite rcgen axum tower-http
-forbid "komnet-gateway --no-default-features" komnet-enroll komnet-enroll-admin rusqlite rcgen axum tower-http clap
+forbid komnet-gateway komnet-enroll komnet-enroll-admin rusqlite tokio-postgres rcgen axum tower-http
+forbid "komnet-gateway --no-default-features" komnet-enroll komnet-enroll-admin rusqlite tokio-postgres rcgen axum tower-http clap
 # The enrollment client is what the appliance links for enrolling: no server side at all.
-forbid komnet-enroll-client komnet-enroll rusqlite rcgen axum clap
+forbid komnet-enroll-client komnet-enroll rusqlite tokio-postgres rcgen axum clap
 forbid_feature komnet-enroll-client hyper server
 # The admins' command line: no packet path (boringtun, TUN, UDP offloads) and no service.
-forbid komnet-cli komnet-gateway boringtun tun-rs quinn-udp komnet-enroll rusqlite rcgen axum
+forbid komnet-cli komnet-gateway boringtun tun-rs quinn-udp komnet-enroll rusqlite tokio-postgres rcgen axum
 # The vocabulary depends on nothing of komnet and does no networking.
 forbid komnet-proto komnet-policy komnet-enroll komnet-enroll-client komnet-gateway tokio hyper rustls
 # The policy language knows nothing of sockets, certificates or the packet path.

@@ -42,6 +42,9 @@ TESTS=(
     # DHCP on a spoke's LAN (issue 13): the appliance's DHCP server, and a client.
     /usr/sbin/dnsmasq:dnsmasq-base
     /usr/sbin/udhcpc:udhcpc
+    # The enrollment service on PostgreSQL (enroll/tests): each test runs a throwaway cluster
+    # with the server's initdb and pg_ctl, of whichever major version Debian ships.
+    '/usr/lib/postgresql/*/bin/initdb':postgresql
     # Hubs on separate machines announce their peers by BGP (issue 17): BIRD 2 on the hubs
     # and on the data-centre router in tests/tests/bgp.rs. Debian's package enables a
     # bird.service that the tests do not use; each test runs its own daemons.
@@ -79,7 +82,8 @@ missing=()
 for pair in "${NEED[@]}"; do
     cmd=${pair%%:*}; pkg=${pair##*:}
     case "$cmd" in
-        /*) [ -e "$cmd" ] || missing+=("$pkg") ;;
+        # A path may be a glob (a file of any version of a package).
+        /*) compgen -G "$cmd" >/dev/null || missing+=("$pkg") ;;
         *) command -v "$cmd" >/dev/null 2>&1 || missing+=("$pkg") ;;
     esac
 done

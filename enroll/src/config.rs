@@ -91,6 +91,98 @@ pub struct Config {
     /// three for dead and connect again (1s to 5m).
     #[serde(default = "default_registry_keepalive")]
     pub registry_keepalive: HumanDuration,
+    /// Where the state lives: absent, the SQLite file `DATA_DIR/enroll.db` (one machine); a
+    /// `postgres://user[:password]@host[:port]/dbname` URL (or libpq's `key=value` form, e.g.
+    /// `host=/var/run/postgresql dbname=komnet`): PostgreSQL, which two or more replicas of
+    /// the service share (docs/operations.md, "Replicas").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub database: Option<DatabaseUrl>,
+    /// PostgreSQL connections each replica keeps at most (the database's `max_connections`
+    /// must cover every replica's, plus one listening connection each).
+    #[serde(
+        default = "default_database_pool",
+        skip_serializing_if = "is_default_database_pool"
+    )]
+    pub database_pool: usize,
+}
+
+fn default_database_pool() -> usize {
+    16
+}
+
+fn is_default_database_pool(n: &usize) -> bool {
+    *n == default_database_pool()
+}
+
+/// A PostgreSQL connection string. Its password never shows: `Debug` and [`Self::describe`]
+/// name the database, host and user only.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct DatabaseUrl(String);
+
+impl DatabaseUrl {
+    /// Checks that `text` is a PostgreSQL connection string tokio-postgres understands.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let url = DatabaseUrl(text.trim().to_owned());
+        url.config()?;
+        Ok(url)
+    }
+
+    /// The parsed connection settings.
+    pub fn config(&self) -> Result<tokio_postgres::Config, String> {
+        let text = &self.0;
+        let is_url = text.starts_with("postgres://") || text.starts_with("postgresql://");
+        if !is_url && !text.contains('=') {
+            return Err(format!(
+                "{:?} is not a PostgreSQL connection string: write \
+                 postgres://USER[:PASSWORD]@HOST[:PORT]/DBNAME or host=… dbname=… user=…",
+                self.describe()
+            ));
+        }
+        text.parse::<tokio_postgres::Config>()
+            .map_err(|e| format!("database: {e}"))
+    }
+
+    /// The whole string, password included: for connecting, never for printing.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// "PostgreSQL database DB on HOST:PORT as USER", without the password.
+    pub fn describe(&self) -> String {
+        let Ok(c) = self.0.parse::<tokio_postgres::Config>() else {
+            return "PostgreSQL database (unparsable connection string)".into();
+        };
+        let hosts: Vec<String> = c
+            .get_hosts()
+            .iter()
+            .enumerate()
+            .map(|(i, h)| {
+                let host = match h {
+                    tokio_postgres::config::Host::Tcp(name) => name.clone(),
+                    tokio_postgres::config::Host::Unix(path) => path.display().to_string(),
+                };
+                let port = c.get_ports().get(i).or(c.get_ports().first()).copied();
+                format!("{host}:{}", port.unwrap_or(5432))
+            })
+            .collect();
+        format!(
+            "PostgreSQL database {} on {} as {}",
+            c.get_dbname().or(c.get_user()).unwrap_or("(default)"),
+            if hosts.is_empty() {
+                "localhost:5432".to_string()
+            } else {
+                hosts.join(",")
+            },
+            c.get_user().unwrap_or("(the service's user)")
+        )
+    }
+}
+
+impl std::fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.describe())
+    }
 }
 
 fn default_registry_keepalive() -> HumanDuration {
@@ -131,6 +223,8 @@ impl Default for Config {
             policy_public_key: None,
             registry_keepalive: default_registry_keepalive(),
             metrics_listen: None,
+            database: None,
+            database_pool: default_database_pool(),
         }
     }
 }
@@ -252,6 +346,17 @@ impl Config {
             if let Err(e) = decode_policy_public_key(key) {
                 problems.push(format!("policy_public_key: {e}"));
             }
+        }
+        if let Some(url) = &self.database {
+            if let Err(e) = url.config() {
+                problems.push(format!("database: {e}"));
+            }
+        }
+        if self.database_pool == 0 || self.database_pool > 1000 {
+            problems.push(format!(
+                "database_pool: {} is outside 1 to 1000",
+                self.database_pool
+            ));
         }
         if problems.is_empty() {
             Ok(())

@@ -2,8 +2,8 @@
 //!
 //! It owns the CA (`ca`: an ECDSA P-256 root and online issuing CA, rcgen), one-time enrollment
 //! tokens and bootstrap files (`token`), CSR checks (`csr`, x509-parser), the proof that a client
-//! holds its WireGuard private key (`wgproof`), the persistent store (`store`, SQLite behind a
-//! trait), the decisions of enroll / renew / revoke / home office (`service`), the HTTPS API and
+//! holds its WireGuard private key (`wgproof`), the persistent store (`store`: one SQLite
+//! file, or PostgreSQL shared by replicas, behind a trait), the decisions of enroll / renew / revoke / home office (`service`), the HTTPS API and
 //! the admin socket (`server`; its TLS certificate is renewed while it runs: `server_cert`),
 //! and the peer registry that hubs follow. The wire types and
 //! names are `komnet-proto`'s, the client the gateway calls is `komnet-enroll-client` (whose

@@ -13,7 +13,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::Parser;
 use komnet_enroll::admin::AdminCommand;
-use komnet_enroll::config::{self, Config, HumanDuration};
+use komnet_enroll::config::{self, Config, DatabaseUrl, HumanDuration};
 use komnet_enroll::identity::SiteId;
 use komnet_enroll::server;
 use komnet_enroll::service::{self, Clock as _, Service, SystemClock};
@@ -64,6 +64,12 @@ enum Command {
         /// `off`.
         #[arg(long, default_value = "127.0.0.1:9130", value_parser = parse_metrics_listen)]
         metrics_listen: MetricsListen,
+        /// Keep the state in this PostgreSQL database instead of DATA_DIR/enroll.db:
+        /// postgres://USER[:PASSWORD]@HOST[:PORT]/DBNAME (or host=… dbname=… user=…). It must be
+        /// empty (or hold no komnet schema yet); further replicas copy this data directory
+        /// instead of running init (docs/operations.md, "Replicas").
+        #[arg(long, value_parser = parse_database)]
+        database: Option<DatabaseUrl>,
     },
     /// Serve the HTTPS API and the admin socket DATA_DIR/admin.sock until SIGTERM or SIGINT.
     Serve {
@@ -75,7 +81,7 @@ enum Command {
     },
     /// Copy the database, consistently, while the service runs (SQLite's VACUUM INTO): the
     /// copy is written to OUT.partial, synced and renamed to OUT (mode 0600). Restore: see
-    /// docs/operations.md, "Backup and restore".
+    /// docs/operations.md, "Backup and restore". (A PostgreSQL database: pg_dump.)
     Backup {
         #[arg(long)]
         data_dir: PathBuf,
@@ -97,6 +103,10 @@ async fn watch_database(service: &Service) -> komnet_enroll::store::StoreError {
             return e;
         }
     }
+}
+
+fn parse_database(text: &str) -> Result<DatabaseUrl, String> {
+    DatabaseUrl::parse(text)
 }
 
 fn parse_hub_endpoint(text: &str) -> Result<(SiteId, String), String> {
@@ -241,9 +251,11 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             policy_public_key,
             cert_lifetime,
             metrics_listen,
+            database,
         } => {
             let mut config = Config {
                 metrics_listen: metrics_listen.0,
+                database,
                 ..Config::default()
             };
             if let Some(l) = listen {
@@ -282,6 +294,13 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 .with_context(|| format!("init {}", data_dir.display()))?;
             let handed = hand_over_to_directory_owner(&data_dir)?;
             println!("initialised {}", report.data_dir.display());
+            if let Some(db) = &config.database {
+                println!(
+                    "state kept in the {}; a further replica gets a copy of this data directory \
+                     (not init)",
+                    db.describe()
+                );
+            }
             if let Some((n, uid)) = handed {
                 println!("gave {n} files to uid {uid}, the owner of the data directory");
             }
@@ -335,6 +354,15 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Backup { data_dir, out } => {
+            let config = Config::load(&data_dir)?;
+            if let Some(db) = &config.database {
+                anyhow::bail!(
+                    "{} keeps its state in the {}: back it up with pg_dump \
+                     (docs/operations.md, \"Backup and restore\")",
+                    data_dir.display(),
+                    db.describe()
+                );
+            }
             let store = komnet_enroll::store::SqliteStore::open(&data_dir)
                 .with_context(|| format!("open {}", data_dir.display()))?;
             komnet_enroll::store::Store::backup_to(&store, &out)

@@ -23,8 +23,23 @@ fn leaf_der(chain_pem: &str) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn init_token_enroll_renew_revoke_registry() {
-    let h = common::start().await;
+    whole_flow(&common::start().await).await;
+}
 
+/// The same flow with the state in a real PostgreSQL (a throwaway cluster).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn init_token_enroll_renew_revoke_registry_on_postgresql() {
+    let pg = common::postgres::Cluster::start();
+    let database = pg.create_database("flow").await;
+    let h = common::start_with(komnet_enroll::config::Config {
+        database: Some(database),
+        ..common::test_config()
+    })
+    .await;
+    whole_flow(&h).await;
+}
+
+async fn whole_flow(h: &common::Harness) {
     // A hub enrolls first; it is the one that may follow the registry.
     let hub_keys = WgKeys::generate();
     let hub = client::enroll(&h.bootstrap("dc", "hub1", Role::Hub), &hub_keys)

@@ -135,11 +135,10 @@ impl Service {
             ));
         }
         let mut serials = Vec::new();
-        let mut version = 0;
         for c in &certs {
             let id = &c.identity;
             txn.end_certificate(&id.serial, CertStatus::Revoked, now, req.reason)?;
-            version = txn.append_event(
+            txn.append_event(
                 RegistryChange::Remove {
                     tenant: id.tenant.clone(),
                     site: id.site.clone(),
@@ -167,10 +166,10 @@ impl Service {
             &json!({"selector": selector.to_string(), "reason": req.reason,
                     "serials": serials, "addresses_released": release}),
         )?;
-        txn.commit()?;
+        let committed = txn.commit()?;
         Ok(RevokeResponse {
             revoked_serials: serials,
-            registry_version: version,
+            registry_version: committed.registry_version.unwrap_or(0),
         })
     }
 

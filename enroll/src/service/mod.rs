@@ -33,7 +33,7 @@ use crate::config::{decode_policy_public_key, Config, ConfigError, CONFIG_FILE};
 use crate::csr::{CsrError, VerifiedCsr};
 use crate::identity::{Identity, Role, SiteId, TenantId, WgPublicKey};
 use crate::store::{
-    CertStatus, CertificateRecord, PublishedPolicy, Selector, SqliteStore, Store, StoreError,
+    self, CertStatus, CertificateRecord, Location, PublishedPolicy, Selector, Store, StoreError,
     TokenRecord, Txn,
 };
 use crate::token::{NewToken, PresentedToken};
@@ -175,7 +175,8 @@ pub struct InitReport {
 }
 
 /// `komnet-enroll init`: data directory (0700), `enroll.toml` (kept if present), CA, proof key,
-/// database.
+/// database (the SQLite file, or the schema in the PostgreSQL database `database` names, which
+/// must not have been initialised by another CA: checked before anything is written).
 pub fn init(data_dir: &Path, config: &Config, now: i64) -> Result<InitReport, OpenError> {
     use std::os::unix::fs::PermissionsExt as _;
     std::fs::create_dir_all(data_dir).map_err(|source| OpenError::Io {
@@ -189,15 +190,30 @@ pub fn init(data_dir: &Path, config: &Config, now: i64) -> Result<InitReport, Op
         },
     )?;
     let config_path = data_dir.join(CONFIG_FILE);
-    if !config_path.exists() {
+    let kept = config_path.exists();
+    let effective = if kept {
+        Config::load(data_dir)?
+    } else {
         config.check().map_err(|problems| ConfigError::Invalid {
             path: config_path.clone(),
             problems,
         })?;
+        config.clone()
+    };
+    store::check_uninitialised(Location::of(data_dir, &effective))?;
+    if !kept {
         std::fs::write(&config_path, config.to_toml()).map_err(|source| OpenError::Io {
             path: config_path.clone(),
             source,
         })?;
+        if config.database.is_some() {
+            // The connection string may carry the database password.
+            std::fs::set_permissions(&config_path, std::fs::Permissions::from_mode(0o600))
+                .map_err(|source| OpenError::Io {
+                    path: config_path.clone(),
+                    source,
+                })?;
+        }
     }
     let report = ca::init_ca(data_dir, now)?;
     let secret: [u8; 32] = rand::random();
@@ -205,7 +221,7 @@ pub fn init(data_dir: &Path, config: &Config, now: i64) -> Result<InitReport, Op
         &data_dir.join(WG_PROOF_KEY),
         STANDARD.encode(secret).as_bytes(),
     )?;
-    SqliteStore::create(data_dir)?;
+    store::create(Location::of(data_dir, &effective), &report.root_fingerprint)?;
     Ok(InitReport {
         data_dir: data_dir.to_owned(),
         root_fingerprint: report.root_fingerprint,
@@ -317,7 +333,7 @@ impl Service {
                 path: data_dir.join(CONFIG_FILE),
                 problems: vec![format!("policy_public_key: {e}")],
             })?;
-        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(data_dir)?);
+        let store = store::open(Location::of(data_dir, &config), &ca.root_fingerprint)?;
         Ok(Service {
             config,
             ca,

@@ -1,9 +1,16 @@
-//! Persistent state behind a trait, so a PostgreSQL backend can follow the embedded SQLite one.
+//! Persistent state behind a trait, with two backends: one SQLite file (the embedded default
+//! for one machine) and PostgreSQL (several replicas of the service on one database).
 //!
 //! Everything an enrollment, renewal or revocation changes (token, address, certificate, registry
 //! event, audit record) is written through one [`Txn`]: it commits whole or not at all, so a
 //! `kill -9` mid-enrollment leaves no half-issued state. Registry events are published to
-//! watchers only after their transaction committed, in commit order.
+//! watchers only after their transaction committed, in commit order; on PostgreSQL also those
+//! another replica committed (LISTEN/NOTIFY).
+//!
+//! The traits are synchronous: the service's decisions run on blocking threads (`server` calls
+//! them through `spawn_blocking`), SQLite is synchronous anyway, and one transaction is a
+//! sequence of decisions between reads and writes that reads best as straight-line code. The
+//! PostgreSQL backend bridges to its async client itself (`postgres/mod.rs`).
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -20,9 +27,16 @@ use crate::api::{RegistryChange, RegistryEvent, RegistrySnapshot, RevocationReas
 use crate::ca::RevokedEntry;
 use crate::identity::{Identity, Role, SiteId, TenantId, WgPublicKey};
 
+pub mod migrations;
+mod postgres;
+mod rows;
 mod sqlite;
 
-pub use sqlite::{SqliteStore, SCHEMA_VERSION};
+use rows::*;
+
+pub use migrations::SCHEMA_VERSION;
+pub use postgres::PgStore;
+pub use sqlite::SqliteStore;
 
 /// File name of the SQLite database inside the data directory.
 pub const DB_FILE: &str = "enroll.db";
@@ -57,15 +71,48 @@ pub enum StoreError {
     )]
     Replaced { path: PathBuf, what: &'static str },
     #[error(
-        "the database {} has schema version {found}, newer than this komnet-enroll understands \
-         ({supported}): run the newer komnet-enroll, or restore a backup made with this one",
-        path.display()
+        "the database {database} has schema version {found}, newer than this komnet-enroll \
+         understands ({supported}): run the newer komnet-enroll, or restore a backup made with \
+         this one"
     )]
     NewerSchema {
-        path: PathBuf,
+        database: String,
         found: i64,
         supported: i64,
     },
+    #[error("database: {0}")]
+    Postgres(#[from] tokio_postgres::Error),
+    #[error("cannot connect to the {database}: {message}")]
+    Connect { database: String, message: String },
+    #[error(
+        "the {database} holds no komnet schema: only `komnet-enroll init --database …` creates \
+         one, so that addresses and serials already handed out are never handed out again; \
+         restore the last backup (pg_restore, docs/operations.md) or run init"
+    )]
+    NotInitialised { database: String },
+    #[error(
+        "the {database} was initialised already (its CA's root fingerprint is {fingerprint}): \
+         a further replica copies that service's data directory (CA, enroll-dh.key, \
+         enroll.toml) instead of running init"
+    )]
+    AlreadyInitialised {
+        database: String,
+        fingerprint: String,
+    },
+    #[error(
+        "the {database} belongs to the CA with root fingerprint {database_fingerprint}, this \
+         data directory's CA is {ours}: every replica needs a copy of the same data directory"
+    )]
+    OtherCa {
+        database: String,
+        database_fingerprint: String,
+        ours: String,
+    },
+    #[error(
+        "the database is PostgreSQL: back it up with pg_dump (docs/operations.md, \"Backup and \
+         restore\"), not with komnet-enroll backup"
+    )]
+    BackupWithPgDump,
     #[error("cannot write the backup {}: {source}", path.display())]
     Backup {
         path: PathBuf,
@@ -253,8 +300,8 @@ pub trait Txn {
         at: i64,
         reason: RevocationReason,
     ) -> Result<(), StoreError>;
-    /// Appends a registry change; returns its version.
-    fn append_event(&mut self, change: RegistryChange, now: i64) -> Result<u64, StoreError>;
+    /// Appends a registry change; its version is known once committed ([`Committed`]).
+    fn append_event(&mut self, change: RegistryChange, now: i64) -> Result<(), StoreError>;
     fn audit(
         &mut self,
         now: i64,
@@ -288,5 +335,60 @@ pub trait Txn {
         tenant: &TenantId,
         user: &SiteId,
     ) -> Result<(), StoreError>;
-    fn commit(self: Box<Self>) -> Result<(), StoreError>;
+    fn commit(self: Box<Self>) -> Result<Committed, StoreError>;
+}
+
+/// What a committed transaction wrote to the registry.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Committed {
+    /// The version of its last registry event (`None`: it appended none). PostgreSQL gives
+    /// versions out at commit, under a lock, so that they become visible in order to every
+    /// replica: a watcher that has seen version N has seen every version below it.
+    pub registry_version: Option<u64>,
+}
+
+/// Where the service keeps its state: enroll.toml's `database`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Location<'a> {
+    /// `DATA_DIR/enroll.db` (no `database` key).
+    Sqlite(&'a Path),
+    /// A PostgreSQL database, `pool` connections per replica.
+    Postgres(&'a crate::config::DatabaseUrl, usize),
+}
+
+impl<'a> Location<'a> {
+    pub fn of(data_dir: &'a Path, config: &'a crate::config::Config) -> Self {
+        match &config.database {
+            None => Location::Sqlite(data_dir),
+            Some(url) => Location::Postgres(url, config.database_pool),
+        }
+    }
+}
+
+/// Opens the store `init` created; `root_fingerprint` is the data directory's CA, which a
+/// PostgreSQL database shared by replicas must have been initialised with.
+pub fn open(location: Location<'_>, root_fingerprint: &str) -> Result<Arc<dyn Store>, StoreError> {
+    Ok(match location {
+        Location::Sqlite(dir) => Arc::new(SqliteStore::open(dir)?),
+        Location::Postgres(url, pool) => Arc::new(PgStore::open(url, pool, root_fingerprint)?),
+    })
+}
+
+/// Fails when `init` would find the store initialised already: checked before the CA is made,
+/// so that a refused init leaves nothing behind.
+pub fn check_uninitialised(location: Location<'_>) -> Result<(), StoreError> {
+    match location {
+        // The CA's files guard a data directory already (init refuses to overwrite them).
+        Location::Sqlite(_) => Ok(()),
+        Location::Postgres(url, _) => PgStore::check_uninitialised(url),
+    }
+}
+
+/// Creates the store for `init`, recording the CA's root fingerprint in a PostgreSQL database.
+pub fn create(location: Location<'_>, root_fingerprint: &str) -> Result<(), StoreError> {
+    match location {
+        Location::Sqlite(dir) => drop(SqliteStore::create(dir)?),
+        Location::Postgres(url, _) => PgStore::create(url, root_fingerprint)?,
+    }
+    Ok(())
 }

@@ -6,80 +6,6 @@ use super::*;
 
 mod txn;
 
-const SCHEMA: &str = r#"
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS tokens (
-    id TEXT PRIMARY KEY,
-    secret_hash BLOB NOT NULL,
-    tenant TEXT NOT NULL, site TEXT NOT NULL, role TEXT NOT NULL,
-    created_at INTEGER NOT NULL, expires_at INTEGER NOT NULL,
-    used_at INTEGER,
-    created_by TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS tenant_pools (
-    tenant TEXT PRIMARY KEY,
-    pool INTEGER NOT NULL UNIQUE
-);
-CREATE TABLE IF NOT EXISTS site_hosts (
-    tenant TEXT NOT NULL, site TEXT NOT NULL, host INTEGER NOT NULL,
-    PRIMARY KEY (tenant, site),
-    UNIQUE (tenant, host)
-);
-CREATE TABLE IF NOT EXISTS certificates (
-    serial TEXT PRIMARY KEY,
-    tenant TEXT NOT NULL, site TEXT NOT NULL, role TEXT NOT NULL,
-    wg_public_key TEXT NOT NULL,
-    tunnel_addrs TEXT NOT NULL,
-    not_before INTEGER NOT NULL, not_after INTEGER NOT NULL,
-    status TEXT NOT NULL CHECK (status IN ('valid', 'superseded', 'revoked')),
-    revoked_at INTEGER, reason TEXT,
-    der BLOB NOT NULL
-);
--- One valid identity per site and per WireGuard key: the registry is keyed by both.
-CREATE UNIQUE INDEX IF NOT EXISTS certificates_one_valid_per_site
-    ON certificates (tenant, site) WHERE status = 'valid';
-CREATE UNIQUE INDEX IF NOT EXISTS certificates_one_valid_per_key
-    ON certificates (wg_public_key) WHERE status = 'valid';
-CREATE INDEX IF NOT EXISTS certificates_status ON certificates (status, not_after);
--- Every enrollment answer lists the hubs: a few rows among many thousand spokes.
-CREATE INDEX IF NOT EXISTS certificates_role ON certificates (role, status, not_after);
-CREATE TABLE IF NOT EXISTS registry_events (
-    version INTEGER PRIMARY KEY AUTOINCREMENT,
-    at INTEGER NOT NULL,
-    change TEXT NOT NULL
-);
--- One row: the published signed policy bundle. Versions are u64, kept as text like
--- meta.policy_version (SQLite integers are signed).
-CREATE TABLE IF NOT EXISTS policy_bundle (
-    id INTEGER PRIMARY KEY CHECK (id = 1),
-    version TEXT NOT NULL,
-    bytes BLOB NOT NULL,
-    key_id TEXT NOT NULL,
-    published_at INTEGER NOT NULL
-);
--- Home-office addresses come from the policy's pools, not from site_hosts: they are whole
--- addresses (the pools can change with the policy), held until the holder's expiry.
-CREATE TABLE IF NOT EXISTS homeoffice_addrs (
-    tenant TEXT NOT NULL, user TEXT NOT NULL, addr TEXT NOT NULL,
-    held_until INTEGER NOT NULL,
-    PRIMARY KEY (tenant, addr)
-);
-CREATE INDEX IF NOT EXISTS homeoffice_addrs_user ON homeoffice_addrs (tenant, user);
--- Which certificate a used token bought: a retry with the same token, key and CSR (the
--- answer was lost) gets that certificate again instead of `token_used`. (Schema version 2.)
-CREATE TABLE IF NOT EXISTS token_certificates (
-    token_id TEXT PRIMARY KEY,
-    serial TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS audit (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    at INTEGER NOT NULL,
-    actor TEXT NOT NULL,
-    action TEXT NOT NULL,
-    details TEXT NOT NULL
-);
-"#;
-
 /// The embedded store: one SQLite file in WAL mode.
 ///
 /// `synchronous = NORMAL`: a committed transaction survives a crash of the process (`kill -9`);
@@ -110,10 +36,29 @@ impl std::fmt::Debug for SqliteStore {
     }
 }
 
-/// The schema this build writes. Version 1 had no `user_version` (0); version 2 added
-/// `token_certificates`. Every change is additive (`IF NOT EXISTS`) and bumps this number;
-/// a database from a newer build is refused rather than half understood.
-pub const SCHEMA_VERSION: i64 = 2;
+/// Applies `pending` in order, each with its version number in one transaction. IMMEDIATE: a
+/// second process opening the same file waits instead of applying the same migration again.
+fn migrate(
+    conn: &mut Connection,
+    pending: &[migrations::Migration],
+) -> Result<(), rusqlite::Error> {
+    for m in pending {
+        let txn = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let found: i64 = txn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        if found >= m.version {
+            continue; // another process applied it meanwhile
+        }
+        txn.execute_batch(m.sql)?;
+        txn.pragma_update(None, "user_version", m.version)?;
+        txn.commit()?;
+        tracing::info!(
+            version = m.version,
+            name = m.name,
+            "database schema migrated"
+        );
+    }
+    Ok(())
+}
 
 fn file_identity(path: &Path) -> std::io::Result<(u64, u64)> {
     use std::os::unix::fs::MetadataExt as _;
@@ -196,7 +141,7 @@ impl SqliteStore {
             conn.pragma_update(None, "journal_mode", "WAL")?;
             Ok(conn)
         };
-        let conn = opened().map_err(|source| match source.sqlite_error_code() {
+        let mut conn = opened().map_err(|source| match source.sqlite_error_code() {
             Some(rusqlite::ErrorCode::ReadOnly) => StoreError::ReadOnly {
                 path: path.to_owned(),
                 reason:
@@ -209,13 +154,13 @@ impl SqliteStore {
             },
         })?;
         let found: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-        if found > SCHEMA_VERSION {
-            return Err(StoreError::NewerSchema {
-                path: path.to_owned(),
+        let pending = migrations::pending(migrations::SQLITE, found).map_err(|supported| {
+            StoreError::NewerSchema {
+                database: path.display().to_string(),
                 found,
-                supported: SCHEMA_VERSION,
-            });
-        }
+                supported,
+            }
+        })?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
@@ -225,22 +170,18 @@ impl SqliteStore {
         // writers).
         conn.pragma_update(None, "wal_autocheckpoint", 0)?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
-        conn.execute_batch(SCHEMA)
-            .map_err(|source| match source.sqlite_error_code() {
-                Some(rusqlite::ErrorCode::ReadOnly) => StoreError::ReadOnly {
-                    path: path.to_owned(),
-                    reason:
-                        "the file or its directory cannot be written (immutable or read-only mount)"
-                            .into(),
-                },
-                _ => StoreError::Open {
-                    path: path.to_owned(),
-                    source,
-                },
-            })?;
-        if found < SCHEMA_VERSION {
-            conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
-        }
+        migrate(&mut conn, pending).map_err(|source| match source.sqlite_error_code() {
+            Some(rusqlite::ErrorCode::ReadOnly) => StoreError::ReadOnly {
+                path: path.to_owned(),
+                reason:
+                    "the file or its directory cannot be written (immutable or read-only mount)"
+                        .into(),
+            },
+            _ => StoreError::Open {
+                path: path.to_owned(),
+                source,
+            },
+        })?;
         let identity = file_identity(path).map_err(|_| StoreError::Replaced {
             path: path.to_owned(),
             what: "deleted",
@@ -280,42 +221,6 @@ impl SqliteStore {
     }
 }
 
-fn parse_json<T: serde::de::DeserializeOwned>(
-    what: &'static str,
-    text: &str,
-) -> Result<T, StoreError> {
-    serde_json::from_str(text).map_err(|_| StoreError::Corrupt {
-        what,
-        value: text.chars().take(200).collect(),
-    })
-}
-
-fn parse_name<T>(
-    what: &'static str,
-    text: String,
-    f: impl FnOnce(&str) -> Result<T, crate::identity::IdentityError>,
-) -> Result<T, StoreError> {
-    f(&text).map_err(|_| StoreError::Corrupt { what, value: text })
-}
-
-const CERT_COLUMNS: &str = "serial, tenant, site, role, wg_public_key, tunnel_addrs, not_before, \
-                            not_after, status, revoked_at, reason, der";
-
-type CertRow = (
-    String,
-    String,
-    String,
-    String,
-    String,
-    String,
-    i64,
-    i64,
-    String,
-    Option<i64>,
-    Option<String>,
-    Vec<u8>,
-);
-
 fn read_cert_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<CertRow> {
     Ok((
         row.get(0)?,
@@ -331,35 +236,6 @@ fn read_cert_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<CertRow> {
         row.get(10)?,
         row.get(11)?,
     ))
-}
-
-fn cert_from_row(r: CertRow) -> Result<CertificateRecord, StoreError> {
-    let (serial, tenant, site, role, key, addrs, not_before, not_after, status, rat, reason, der) =
-        r;
-    let tunnel_addrs: Vec<IpNet> = parse_json("tunnel addresses", &addrs)?;
-    let reason = match reason {
-        None => None,
-        Some(r) => Some(RevocationReason::parse(&r).ok_or(StoreError::Corrupt {
-            what: "revocation reason",
-            value: r,
-        })?),
-    };
-    Ok(CertificateRecord {
-        identity: Identity {
-            tenant: parse_name("tenant", tenant, TenantId::parse)?,
-            site: parse_name("site", site, SiteId::parse)?,
-            role: parse_name("role", role, str::parse)?,
-            wg_public_key: parse_name("WireGuard key", key, WgPublicKey::from_base64)?,
-            tunnel_addrs,
-            not_after,
-            serial,
-        },
-        not_before,
-        status: CertStatus::parse(&status)?,
-        revoked_at: rat,
-        reason,
-        der,
-    })
 }
 
 fn query_certs(
@@ -396,11 +272,6 @@ fn events_since(
             })
         })
         .collect()
-}
-
-fn parse_version(what: &'static str, text: String) -> Result<u64, StoreError> {
-    text.parse()
-        .map_err(|_| StoreError::Corrupt { what, value: text })
 }
 
 fn published_policy_version(conn: &Connection) -> Result<Option<u64>, StoreError> {

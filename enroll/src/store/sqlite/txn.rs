@@ -251,14 +251,14 @@ impl Txn for SqliteTxn<'_> {
         Ok(())
     }
 
-    fn append_event(&mut self, change: RegistryChange, now: i64) -> Result<u64, StoreError> {
+    fn append_event(&mut self, change: RegistryChange, now: i64) -> Result<(), StoreError> {
         let text = serde_json::to_string(&change).unwrap_or_default();
         self.conn
             .prepare_cached("INSERT INTO registry_events (at, change) VALUES (?1, ?2)")?
             .execute(params![now, text])?;
         let version = self.conn.last_insert_rowid() as u64;
         self.pending.push(RegistryEvent { version, change });
-        Ok(version)
+        Ok(())
     }
 
     fn audit(
@@ -391,9 +391,12 @@ impl Txn for SqliteTxn<'_> {
         Ok(())
     }
 
-    fn commit(mut self: Box<Self>) -> Result<(), StoreError> {
+    fn commit(mut self: Box<Self>) -> Result<Committed, StoreError> {
         self.conn.execute_batch("COMMIT")?;
         self.done = true;
+        let committed = Committed {
+            registry_version: self.pending.last().map(|e| e.version),
+        };
         // Logged only once committed, so the log never shows an action the store does not have.
         for (at, actor, action, details) in self.pending_audit.drain(..) {
             tracing::info!(target: "komnet_enroll::audit", at, actor, action, details, "audit");
@@ -402,6 +405,6 @@ impl Txn for SqliteTxn<'_> {
         for event in self.pending.drain(..) {
             let _ = self.events.send(Arc::new(event));
         }
-        Ok(())
+        Ok(committed)
     }
 }

@@ -21,6 +21,7 @@
 pub mod announce;
 pub mod bootstrap;
 pub mod hub;
+pub mod link;
 pub mod policy;
 pub mod renewal;
 pub mod spoke;

@@ -1,0 +1,82 @@
+//! Versioned schema migrations, one list per backend, numbered alike: schema version N means
+//! the same tables in SQLite and in PostgreSQL. Each migration runs in its own transaction
+//! together with the record of its version, at start (`init` and `serve`), in order; a database
+//! whose version is higher than the last one this build knows is refused, never half
+//! understood. A migration, once released, is never edited: a change is a new one.
+//!
+//! Where the version is kept: SQLite in `PRAGMA user_version` (a header field, written in the
+//! same transaction), PostgreSQL in the table `schema_migrations` (version, name, when).
+
+/// One schema change.
+#[derive(Debug, Clone, Copy)]
+pub struct Migration {
+    pub version: i64,
+    pub name: &'static str,
+    pub sql: &'static str,
+}
+
+pub const SQLITE: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "initial",
+        sql: include_str!("sqlite/migrations/0001_initial.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "token_certificates",
+        sql: include_str!("sqlite/migrations/0002_token_certificates.sql"),
+    },
+];
+
+pub const POSTGRES: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "initial",
+        sql: include_str!("postgres/migrations/0001_initial.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "token_certificates",
+        sql: include_str!("postgres/migrations/0002_token_certificates.sql"),
+    },
+];
+
+/// The schema version this build writes (the same for both backends).
+pub const SCHEMA_VERSION: i64 = 2;
+
+/// The migrations a database at `found` still needs, or `Err(latest)` when it is newer than
+/// this build.
+pub fn pending(list: &'static [Migration], found: i64) -> Result<&'static [Migration], i64> {
+    let latest = list.last().map(|m| m.version).unwrap_or(0);
+    if found > latest {
+        return Err(latest);
+    }
+    let done = list.iter().take_while(|m| m.version <= found).count();
+    Ok(&list[done..])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn both_backends_number_their_migrations_alike_and_without_gaps() {
+        for list in [SQLITE, POSTGRES] {
+            let versions: Vec<i64> = list.iter().map(|m| m.version).collect();
+            assert_eq!(versions, (1..=SCHEMA_VERSION).collect::<Vec<_>>());
+        }
+        let names = |l: &[Migration]| l.iter().map(|m| m.name).collect::<Vec<_>>();
+        assert_eq!(names(SQLITE), names(POSTGRES));
+    }
+
+    #[test]
+    fn pending_is_what_lies_above_the_database_and_a_newer_one_is_refused() {
+        assert_eq!(pending(SQLITE, 0).unwrap().len(), 2);
+        assert_eq!(pending(SQLITE, 1).unwrap()[0].version, 2);
+        assert!(pending(SQLITE, SCHEMA_VERSION).unwrap().is_empty());
+        assert_eq!(
+            pending(POSTGRES, SCHEMA_VERSION + 1).unwrap_err(),
+            SCHEMA_VERSION
+        );
+    }
+}
