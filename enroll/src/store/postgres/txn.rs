@@ -1,11 +1,13 @@
 //! The PostgreSQL transaction: READ COMMITTED, with the locks each decision needs taken before
 //! the reads it rests on (see the module comment in `mod.rs` for why locks, not SERIALIZABLE).
 //!
-//! Lock order, the same in every transaction so that two never wait on each other: token row
-//! → certificate rows and the site's lock → tenant pools → the tenant's host numbers or
-//! home-office addresses → the registry lock, taken last, at commit, where nothing else is
-//! waited for. A deadlock PostgreSQL still finds (a revocation of a whole tenant against an
-//! enrollment in it) fails one of the two with an error, never with a half-made change.
+//! Lock order, the same in every transaction so that two do not wait on each other: token row
+//! → the site's lock → the site's certificate rows → tenant pools → the tenant's host numbers
+//! or home-office addresses → the registry lock, taken last, at commit, where nothing else is
+//! waited for. A revocation by serial or of a whole tenant locks certificate rows without a
+//! site's lock; a deadlock PostgreSQL might still find there fails one of the two transactions
+//! with an error (the caller sees an internal error and may repeat), never with a half-made
+//! change.
 
 use super::*;
 
@@ -241,9 +243,15 @@ impl Txn for PgTxn<'_> {
         Ok(())
     }
 
-    /// Locks the certificate's row: a renewal and a revocation of one certificate through two
-    /// replicas take turns, and the second sees what the first did.
+    /// Locks the certificate's site, then its row: a renewal and a revocation or re-enrollment
+    /// of one site through two replicas take turns, and the second sees what the first did.
+    /// (The site's lock first, as every other transaction takes them: see the lock order above.)
     fn certificate(&mut self, serial: &str) -> Result<Option<CertificateRecord>, StoreError> {
+        let Some(found) = self.certs("serial = $1", &[&serial])?.into_iter().next() else {
+            return Ok(None);
+        };
+        let id = &found.identity;
+        self.lock_name(SITE_LOCK, &format!("{}/{}", id.tenant, id.site))?;
         Ok(self
             .certs("serial = $1 FOR UPDATE", &[&serial])?
             .into_iter()
@@ -279,9 +287,12 @@ impl Txn for PgTxn<'_> {
         &mut self,
         key: &WgPublicKey,
     ) -> Result<Option<CertificateRecord>, StoreError> {
+        // Not locked: the caller only refuses a key another site holds, and the unique index
+        // on valid keys catches one that another replica gives out meanwhile. (Locking it here
+        // would take a row before the site's lock.)
         Ok(self
             .certs(
-                "status = 'valid' AND wg_public_key = $1 FOR UPDATE",
+                "status = 'valid' AND wg_public_key = $1",
                 &[&key.to_base64()],
             )?
             .into_iter()
