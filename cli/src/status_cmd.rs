@@ -5,7 +5,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context, Result};
-use komnet_proto::status::{RegistryStatus, StatusReport};
+use komnet_proto::status::{Announced, RegistryStatus, StatusReport};
 
 /// Fetches `/status` with a plain HTTP/1.0 GET (the management address is loopback or a
 /// management network; the gateway serves no TLS there).
@@ -70,6 +70,28 @@ fn bytes(n: u64) -> String {
         format!("{n} B")
     } else {
         format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+/// A hub with `[bgp]`: what its announcement table holds.
+fn announced_line(a: &Announced) -> String {
+    const SHOWN: usize = 8;
+    let mut list = a
+        .prefixes
+        .iter()
+        .take(SHOWN)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(", ");
+    if a.prefixes.len() > SHOWN {
+        list.push_str(&format!(", … ({} more)", a.prefixes.len() - SHOWN));
+    }
+    match a.prefixes.len() {
+        0 => format!(
+            "bgp: table {}, nothing announced (no peer sends to this hub)\n",
+            a.table
+        ),
+        n => format!("bgp: table {}, {n} prefixes announced: {list}\n", a.table),
     }
 }
 
@@ -179,6 +201,9 @@ pub(crate) fn render(r: &StatusReport) -> String {
     }
     if let Some(g) = &r.registry {
         out.push_str(&registry_line(now, g));
+    }
+    if let Some(a) = &r.announced {
+        out.push_str(&announced_line(a));
     }
     if let Some(f) = r.flows {
         out.push_str(&format!("firewall flows: {f}\n"));
@@ -320,6 +345,35 @@ mod tests {
             ),
             "{text}"
         );
+    }
+
+    #[test]
+    fn a_bgp_hub_says_what_it_announces() {
+        let mut r = StatusReport {
+            role: "hub".into(),
+            state: "running".into(),
+            announced: Some(Announced {
+                table: 200,
+                prefixes: Vec::new(),
+            }),
+            ..StatusReport::default()
+        };
+        let text = render(&r);
+        assert!(
+            text.contains("\nbgp: table 200, nothing announced (no peer sends to this hub)\n"),
+            "{text}"
+        );
+        if let Some(a) = r.announced.as_mut() {
+            a.prefixes = (1..=10).map(|i| format!("10.{i}.0.0/16")).collect();
+        }
+        let text = render(&r);
+        assert!(
+            text.contains("\nbgp: table 200, 10 prefixes announced: 10.1.0.0/16, 10.2.0.0/16, "),
+            "{text}"
+        );
+        assert!(text.contains("10.8.0.0/16, … (2 more)\n"), "{text}");
+        r.announced = None;
+        assert!(!render(&r).contains("bgp:"));
     }
 
     #[test]

@@ -45,6 +45,18 @@ pub struct StatusReport {
     /// those of older gateways.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub registry: Option<RegistryStatus>,
+    /// Hub with `[bgp]`: its announcement table and the prefixes in it (those of the peers
+    /// that send to this hub now), for the routing daemon to announce. Absent without `[bgp]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub announced: Option<Announced>,
+}
+
+/// What a hub with `[bgp]` announces.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Announced {
+    /// The kernel routing table (`[bgp] table`).
+    pub table: u32,
+    pub prefixes: Vec<String>,
 }
 
 /// A hub's link to the registry (where revocations come from).

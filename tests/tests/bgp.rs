@@ -166,6 +166,20 @@ fn the_routers_route_follows_a_failed_over_spoke_and_a_restarted_hub_does_not_ta
         on_hub2.iter().any(|p| p == NOHFELDEN_PREFIX),
         "hub 2 no longer announces Nohfelden: {on_hub2:?}"
     );
+    // The hubs say so themselves (`komnet status`, /metrics).
+    let status = district.hubs[0].status().expect("hub1's status");
+    assert_eq!(
+        status["announced"]["prefixes"],
+        serde_json::json!([]),
+        "{status:#}"
+    );
+    let status = district.hubs[1].status().expect("hub2's status");
+    assert!(
+        status["announced"]["prefixes"]
+            .as_array()
+            .is_some_and(|p| p.iter().any(|p| p == NOHFELDEN_PREFIX)),
+        "{status:#}"
+    );
     println!(
         "hub 1 restarted and running for {:?}: {} samples of the router's route, all via hub 2",
         restarted.elapsed(),
@@ -176,6 +190,122 @@ fn the_routers_route_follows_a_failed_over_spoke_and_a_restarted_hub_does_not_ta
             .probe(&noh, &[dms], Duration::from_millis(1500))
             .expect("probe")[0],
         "Nohfelden lost the DMS while hub 1 restarted"
+    );
+    println!("test took {:?}", started.elapsed());
+}
+
+/// Drops (`true`) or lets through again (`false`) the WireGuard traffic between hub 1 and
+/// Nohfelden's spoke (192.0.2.11), in hub 1's namespace: a path that breaks while both live.
+fn cut_hub1_from_nohfelden(district: &District, cut: bool) {
+    let ns = &district.bgp.as_ref().expect("bgp").hub_ns[0];
+    if cut {
+        let rules = "table inet komnet_test_cut {\n\
+             chain inp { type filter hook input priority -10; policy accept;\n\
+             ip saddr 192.0.2.11 udp dport 51820 drop\n}\n\
+             chain out { type filter hook output priority -10; policy accept;\n\
+             ip daddr 192.0.2.11 udp sport 51820 drop\n}\n}\n";
+        let file = district.path("cut.nft");
+        std::fs::write(&file, rules).expect("rules");
+        ns.exec(&["nft", "-f", &file.to_string_lossy()])
+            .expect("cut");
+    } else {
+        ns.exec(&["nft", "delete", "table", "inet", "komnet_test_cut"])
+            .expect("uncut");
+    }
+}
+
+/// The spoke moves while hub 1 stays up: hub 1 withdraws once the spoke fell silent for the
+/// hold time, hub 2 announces it, and when the path to hub 1 is back (hub 1 still has the
+/// spoke's endpoint and keeps sending it keepalives) hub 1 does not take the route back.
+#[test]
+fn a_hub_the_spoke_left_while_it_lived_withdraws_and_does_not_take_the_route_back() {
+    require_root_and_tools();
+    require_bird();
+    let started = Instant::now();
+    let district = District::start(
+        &PathBuf::from(env!("CARGO_BIN_EXE_netprobe")),
+        Options {
+            two_hubs: true,
+            bgp: true,
+            homeoffice: false,
+            ..Options::default()
+        },
+    )
+    .expect("district with two hub machines and BGP");
+    let router = district.dc.name().to_owned();
+    let noh = staff(&district, "nohfelden");
+    let dms = dms();
+    wait_until(
+        "the router to route Nohfelden's LAN to hub 1",
+        Duration::from_secs(20),
+        || Ok((route_via(&router, noh.addr)? == Some(hub_dc(0))).then_some(())),
+    )
+    .expect("hub 1 announces Nohfelden");
+
+    let t0 = Instant::now();
+    cut_hub1_from_nohfelden(&district, true);
+    let mut moved = None;
+    let back = loop {
+        let probing = t0.elapsed();
+        if route_via(&router, noh.addr).expect("route") == Some(hub_dc(1)) {
+            let moved = *moved.get_or_insert(probing);
+            if district
+                .probe(&noh, &[dms], Duration::from_millis(500))
+                .expect("probe")[0]
+            {
+                break (moved, t0.elapsed());
+            }
+        }
+        assert!(
+            probing < Duration::from_secs(20),
+            "Nohfelden is not routed through hub 2 20 s after its path to hub 1 broke: {:?}\nhub1's log:\n{}",
+            route_via(&router, noh.addr),
+            district.hubs[0].log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let (moved, back) = back;
+    println!(
+        "path to hub 1 cut: the router routes Nohfelden to hub 2 after {moved:?}, the DMS answers after {back:?}"
+    );
+    // The spoke fails over after 3 s of silence, hub 1 withdraws after 3 s without data:
+    // about the same moment.
+    assert!(
+        moved <= Duration::from_secs(5),
+        "the route moved after {moved:?}"
+    );
+    assert!(
+        back <= Duration::from_secs(5),
+        "the DMS answered after {back:?}"
+    );
+    let bgp = district.bgp.as_ref().expect("bgp");
+    assert!(
+        !announced(&bgp.hub_ns[0])
+            .expect("hub1's table")
+            .iter()
+            .any(|p| p == NOHFELDEN_PREFIX),
+        "hub 1 still announces Nohfelden"
+    );
+
+    cut_hub1_from_nohfelden(&district, false);
+    let mut seen = Vec::new();
+    let watch = Instant::now();
+    while watch.elapsed() < Duration::from_secs(5) {
+        seen.push(route_via(&router, noh.addr).expect("route"));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let elsewhere: Vec<_> = seen.iter().filter(|v| **v != Some(hub_dc(1))).collect();
+    assert!(
+        elsewhere.is_empty(),
+        "the route left hub 2 after the path to hub 1 came back ({} of {} samples): {elsewhere:?}",
+        elsewhere.len(),
+        seen.len()
+    );
+    assert!(
+        district
+            .probe(&noh, &[dms], Duration::from_millis(1500))
+            .expect("probe")[0],
+        "Nohfelden lost the DMS"
     );
     println!("test took {:?}", started.elapsed());
 }

@@ -296,6 +296,13 @@ pub fn to_prometheus(report: &StatusReport, now: i64) -> String {
             );
         }
     }
+    if let Some(a) = &this.announced {
+        x.gauge(
+            "komnet_announced_prefixes",
+            "Hub with [bgp]: prefixes in its announcement table (those of the peers sending to it now).",
+            a.prefixes.len() as i64,
+        );
+    }
     if let Some(c) = &this.certificate {
         x.gauge(
             "komnet_certificate_expiry_seconds",
@@ -509,6 +516,18 @@ pub(super) fn report(ctx: &Ctx) -> StatusReport {
         drops,
         counters,
         registry: s.hub.as_ref().map(registry_status),
+        announced: ctx
+            .config
+            .bgp
+            .as_ref()
+            .map(|bgp| komnet_proto::status::Announced {
+                table: bgp.table,
+                prefixes: s
+                    .announcer
+                    .as_ref()
+                    .map(|a| a.announced().map(ToString::to_string).collect())
+                    .unwrap_or_default(),
+            }),
     }
 }
 
@@ -678,8 +697,13 @@ mod tests {
             alarm_after_secs: 300,
             on_outage: "keep-peers".into(),
         });
+        r.announced = Some(komnet_proto::status::Announced {
+            table: 200,
+            prefixes: vec!["10.30.0.0/16".into(), "10.96.4.1/32".into()],
+        });
         let text = to_prometheus(&r, 1000);
         for needle in [
+            "komnet_announced_prefixes 2\n",
             "komnet_registry_connected 0\n",
             "komnet_registry_outage_seconds 600\n",
             "komnet_registry_outage_alarm 1\n",
