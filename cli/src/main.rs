@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{CommandFactory, Parser, Subcommand};
 
 mod policy_cmd;
+mod policy_lan;
 mod policy_report;
 mod status_cmd;
 

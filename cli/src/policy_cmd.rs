@@ -111,6 +111,21 @@ pub(crate) enum PolicyCommand {
         #[command(flatten)]
         strict: Strictness,
     },
+    /// What one site's appliance sets up on its LAN, for the technician who connects the
+    /// switch: per segment where it arrives (VLAN or port), the appliance's address there and
+    /// what it serves (DHCP, router advertisements); what the switch port to the trunk carries.
+    Lan {
+        /// The policy directory (operator.toml and tenants/*.toml).
+        dir: PathBuf,
+        /// The site: SITE, or TENANT/SITE when several tenants use the name.
+        #[arg(long)]
+        site: String,
+        /// The appliance's LAN interface(s); the first is the VLAN trunk (the image's: eth1).
+        #[arg(long = "lan", default_value = "eth1")]
+        lan: Vec<String>,
+        #[command(flatten)]
+        strict: Strictness,
+    },
     /// Rewrite a policy's files in the one layout (key order, spacing, blank lines), keeping
     /// comments, so that diffs between admins show only what changed.
     Fmt {
@@ -499,6 +514,17 @@ fn run_into(cmd: PolicyCommand, out: &mut String) -> anyhow::Result<ExitCode> {
             } else {
                 say_raw!(out, "{ruleset}");
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        PolicyCommand::Lan {
+            dir,
+            site,
+            lan,
+            strict,
+        } => {
+            let p = load_or_exit!(&dir, strict);
+            let site = p.find_site(&site).map_err(anyhow::Error::msg)?;
+            say_raw!(out, "{}", crate::policy_lan::lan_sheet(&p, site, &lan)?);
             Ok(ExitCode::SUCCESS)
         }
         PolicyCommand::Fmt { paths, check } => {

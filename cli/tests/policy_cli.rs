@@ -1055,3 +1055,79 @@ fn query_and_compile_suggest_the_closest_name() {
         assert!(out.stderr.contains(want), "{args:?}: {}", out.stderr);
     }
 }
+
+#[test]
+fn lan_prints_the_technicians_sheet_where_each_segment_arrives_and_what_it_serves() {
+    let dir = copy_example("lan");
+    let frag = dir.join("tenants/musterstadt.toml");
+    replace_in(
+        &frag,
+        "vlan = 10\n",
+        "vlan = 10\ndhcp = { dns = [\"10.1.1.53\"], lease = \"8h\", reserved = [\"10.20.1.2-10.20.1.49\"], hosts = [{ mac = \"52:54:00:12:34:56\", address = \"10.20.1.20\", name = \"drucker\" }] }\n",
+    );
+    replace_in(
+        &frag,
+        "vlan = 100\n",
+        "vlan = 100\ndhcp = { enabled = false }\n",
+    );
+    let out = komnet(&[
+        "policy",
+        "lan",
+        dir.to_str().unwrap(),
+        "--site",
+        "musterstadt/rathaus",
+    ]);
+    assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
+    for want in [
+        "musterstadt/rathaus: the appliance's LAN port eth1 goes to the town hall's switch\n",
+        "\n  verwaltung (staff): VLAN 10, tagged on eth1 (interface eth1.10)\n    router (the appliance): 10.20.1.1/24, fd00:20:0:1::1/64\n    DHCP: 10.20.1.50-10.20.1.254, lease 8h, DNS 10.1.1.53\n    not leased (static hosts): 10.20.1.2-10.20.1.49\n    reserved for 52:54:00:12:34:56: 10.20.1.20 (drucker)\n    IPv6: router advertisements for fd00:20:0:1::/64 (SLAAC)\n",
+        "\n  gaeste (guest): VLAN 100, tagged on eth1 (interface eth1.100)\n    router (the appliance): 10.20.100.1/24, fd00:20:0:100::1/64\n    DHCP: off (enabled = false)",
+        "switch port to eth1 (trunk):\n  tagged: VLAN 10 (verwaltung), VLAN 20 (buergerbuero), VLAN 30 (voip), VLAN 40 (gebaeude), VLAN 100 (gaeste)\n  untagged (native VLAN): none\n",
+    ] {
+        assert!(out.stdout.contains(want), "{want:?} missing in:\n{}", out.stdout);
+    }
+    // VLAN interfaces are named after the trunk given.
+    let out = komnet(&[
+        "policy",
+        "lan",
+        dir.to_str().unwrap(),
+        "--site",
+        "musterstadt/rathaus",
+        "--lan",
+        "enp2s0",
+    ]);
+    assert!(
+        out.stdout
+            .contains("VLAN 10, tagged on enp2s0 (interface enp2s0.10)"),
+        "{}",
+        out.stdout
+    );
+    let _ = fs::remove_dir_all(&dir);
+
+    // The district example: a port of its own next to the trunk; a town hall's own numbering.
+    let st_wendel = example().join("../st-wendel");
+    let d = st_wendel.to_str().unwrap();
+    let out = komnet(&["policy", "lan", d, "--site", "nohfelden/rathaus"]);
+    assert!(
+        out.stdout
+            .contains("  gaeste (guest): untagged on port guest0, a cable of its own\n")
+            && out.stdout.contains(
+                "  untagged (native VLAN): verwaltung\n  cable to port guest0 (gaeste)\n"
+            ),
+        "{}",
+        out.stdout
+    );
+    let out = komnet(&["policy", "lan", d, "--site", "marpingen/rathaus"]);
+    assert!(
+        out.stdout.contains("    192.168.178.0/24: the LAN's own numbering, translated 1:1 to 10.50.1.0/24 at the tunnel\n    router (the appliance): 192.168.178.1/24\n    DHCP: 192.168.178.2-192.168.178.254, lease 12h, no DNS server\n"),
+        "{}",
+        out.stdout
+    );
+    let out = komnet(&["policy", "lan", d, "--site", "marpingen/rathuas"]);
+    assert_eq!(out.code, 1);
+    assert!(
+        out.stderr.contains("did you mean \"marpingen/rathaus\"?"),
+        "{}",
+        out.stderr
+    );
+}
