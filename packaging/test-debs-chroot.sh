@@ -66,12 +66,13 @@ echo "$got"
 [ "$got" = "komnet:komnet 700 /var/lib/komnet
 komnet-enroll:komnet-enroll 700 /var/lib/komnet-enroll
 root:root 644 /etc/komnet/gateway.toml" ] || fail "owners or modes"
-in_root 'getent passwd komnet komnet-enroll | grep -c nologin' | grep -qx 2 || fail "system users"
+in_root 'getent passwd komnet komnet-dhcp komnet-enroll | grep -c nologin' | grep -qx 3 || fail "system users"
+in_root 'ls /usr/lib/systemd/system/komnet-dhcp.service /usr/lib/systemd/system/komnet-dhcp.path /usr/lib/systemd/system/komnet-dhcp-restart.service >/dev/null' || fail "the DHCP units"
 in_root 'dpkg-query -W -f="\${Conffiles}\n" komnet-gateway' | grep -q /etc/komnet/gateway.toml || fail "conffile"
 in_root 'ls /usr/share/man/man8/komnet-gateway.8.gz /usr/share/man/man8/komnet-enroll.8.gz /usr/share/man/man1/komnet.1.gz /usr/share/man/man1/komnet-policy-check.1.gz /usr/share/bash-completion/completions/komnet /usr/share/zsh/vendor-completions/_komnet /usr/share/fish/vendor_completions.d/komnet.fish >/dev/null' || fail "man pages or completions"
 in_root 'ls /usr/share/komnet/schema/operator.schema.json /usr/share/komnet/schema/tenant.schema.json >/dev/null' || fail "policy schemas"
 in_root '! ls /etc/systemd/system/multi-user.target.wants/ | grep -q komnet' || fail "a unit was enabled on install"
-for unit in komnet-gateway komnet-enroll; do
+for unit in komnet-gateway komnet-dhcp komnet-enroll; do
     in_root "systemd-analyze security --offline=yes /usr/lib/systemd/system/$unit.service | tail -n 1"
 done
 
@@ -85,9 +86,11 @@ in_root 'timeout 3 runuser -u komnet-enroll -- komnet-enroll serve --data-dir /v
 [ "$rc" = 124 ] && in_root 'grep -q "listening on https://127.0.0.1:" /tmp/serve.out' ||
     { in_root 'cat /tmp/serve.err' >&2; fail "serve as komnet-enroll (exit $rc)"; }
 
+# The leases dnsmasq would have written (no daemon runs in the chroot).
+in_root 'install -d -o komnet-dhcp /var/lib/komnet-dhcp && echo "0 52:54:00:00:00:01 10.30.1.100 pc *" >/var/lib/komnet-dhcp/leases'
 echo "== remove keeps state, purge takes it"
 in_root 'apt-get remove -y -q komnet-gateway komnet-enroll komnet >/dev/null 2>&1'
-in_root 'test -d /var/lib/komnet && test -d /var/lib/komnet-enroll && getent passwd komnet >/dev/null' || fail "remove lost state"
+in_root 'test -d /var/lib/komnet && test -d /var/lib/komnet-enroll && test -f /var/lib/komnet-dhcp/leases && getent passwd komnet komnet-dhcp >/dev/null' || fail "remove lost state"
 # komnet has no conffiles: once removed, dpkg has nothing left of it to purge.
 in_root 'apt-get purge -y -q komnet-gateway komnet-enroll >/tmp/purge.log 2>&1 || { cat /tmp/purge.log; exit 1; }'
 in_root 'grep -h "saved in" /tmp/purge.log' || fail "no CA backup on purge"
