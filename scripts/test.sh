@@ -21,7 +21,10 @@ export KOMNET_WIREGUARD_GO_2023
 packaging/check-units.sh
 packaging/test-update.sh
 # The tests start release-mode daemons: build them first so one test's timeout never pays for it.
-cargo build --release --locked -p komnet-gateway -p komnet-enroll -p komnet-cli -p komnet-netns-tests -p komnet-flood --bins
+# One build for both: with the test targets in the same command, cargo resolves features as
+# `cargo test` does (dev-dependencies turn on features of shared crates, e.g. rustix's `fs`
+# through tempfile); a `cargo build --bins` alone would compile every workspace crate twice.
+cargo build --release --locked --workspace --bins --tests
 cargo test --workspace --locked --release
 # The appliance image: built (packaging/image/build-image.sh) and booted in qemu with OVMF
 # against a real enrollment service and hub; fails with a message when the machine cannot run

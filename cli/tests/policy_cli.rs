@@ -1130,4 +1130,20 @@ fn lan_prints_the_technicians_sheet_where_each_segment_arrives_and_what_it_serve
         "{}",
         out.stderr
     );
+    // An interface name Linux would not take is refused before anything is printed.
+    let out = komnet(&[
+        "policy",
+        "lan",
+        d,
+        "--site",
+        "marpingen/rathaus",
+        "--lan",
+        "eth 1",
+    ]);
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert!(
+        out.stdout.is_empty() && out.stderr.contains("interface name \"eth 1\" is not valid"),
+        "{}",
+        out.stderr
+    );
 }

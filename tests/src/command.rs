@@ -220,7 +220,7 @@ pub(crate) fn send_signal(pid: u32, signal: &str) {
 
 /// A child process that is killed (SIGKILL) and reaped if still running when dropped.
 #[derive(Debug)]
-pub(crate) struct BackgroundProcess {
+pub struct BackgroundProcess {
     pub(crate) child: Child,
     pub(crate) command: String,
     log: PathBuf,

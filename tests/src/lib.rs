@@ -31,8 +31,8 @@ mod tunnel;
 mod wg;
 
 pub use command::{
-    describe, host, run, run_ok, run_with_input, wait_until, write_private_file, CommandOutput,
-    TempDir,
+    describe, host, run, run_ok, run_with_input, wait_until, write_private_file, BackgroundProcess,
+    CommandOutput, TempDir,
 };
 pub use daemon::{
     is_socket_path, komnet_cli_binary, komnet_enroll_binary, komnet_gateway_binary,

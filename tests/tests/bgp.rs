@@ -11,27 +11,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use komnet_netns_tests::bgp::{announced, hub_dc, require_bird, route_via};
-use komnet_netns_tests::district::{Destination, District, Options, Source, DESTINATIONS};
+use komnet_netns_tests::district::{destination, District, Options, DMS};
 use komnet_netns_tests::{require_root_and_tools, wait_until};
 
 /// Nohfelden's prefix (its tenant's, as the policy gives it to the town hall's spoke), which
 /// the hub carrying the spoke announces.
 const NOHFELDEN_PREFIX: &str = "10.30.0.0/16";
-
-fn staff(d: &District, commune: &str) -> Source {
-    d.sources()
-        .into_iter()
-        .find(|s| s.netns == d.commune(commune).staff.name())
-        .expect("staff source")
-}
-
-fn dms() -> Destination {
-    DESTINATIONS
-        .iter()
-        .copied()
-        .find(|d| d.label == "DMS (Kreis)")
-        .expect("the DMS")
-}
 
 #[test]
 fn the_routers_route_follows_a_failed_over_spoke_and_a_restarted_hub_does_not_take_it_back() {
@@ -49,8 +34,8 @@ fn the_routers_route_follows_a_failed_over_spoke_and_a_restarted_hub_does_not_ta
     )
     .expect("district with two hub machines and BGP");
     let router = district.dc.name().to_owned();
-    let noh = staff(&district, "nohfelden");
-    let dms = dms();
+    let noh = district.staff("nohfelden");
+    let dms = destination(DMS);
     println!("district up after {:?}", started.elapsed());
 
     // Nohfelden uses hub 1: hub 1 announces its LAN, the router routes it there.
@@ -233,8 +218,8 @@ fn a_hub_the_spoke_left_while_it_lived_withdraws_and_does_not_take_the_route_bac
     )
     .expect("district with two hub machines and BGP");
     let router = district.dc.name().to_owned();
-    let noh = staff(&district, "nohfelden");
-    let dms = dms();
+    let noh = district.staff("nohfelden");
+    let dms = destination(DMS);
     wait_until(
         "the router to route Nohfelden's LAN to hub 1",
         Duration::from_secs(20),

@@ -10,22 +10,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use komnet_netns_tests::dhcp::{obtain_lease, DhcpServer, Lease};
-use komnet_netns_tests::district::{
-    copy_policy, edit_file, Destination, District, Options, Source, DESTINATIONS,
-};
+use komnet_netns_tests::district::{copy_policy, destination, edit_file, District, Options, DMS};
 use komnet_netns_tests::{require_root_and_tools, wait_until, Netns};
-use komnet_policy::Origin;
 
 fn netprobe() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_netprobe"))
-}
-
-fn dms() -> Destination {
-    DESTINATIONS
-        .iter()
-        .copied()
-        .find(|d| d.label == "DMS (Kreis)")
-        .expect("the DMS")
 }
 
 /// The district's policy as `version`, with IPv6 on Nohfelden's staff LAN and the DHCP settings
@@ -63,18 +52,6 @@ fn unconfigure(ns: &Netns, dev: &str) {
     ns.ip(&["addr", "flush", "dev", dev, "scope", "global"])
         .expect("flush addresses");
     let _ = ns.ip(&["route", "flush", "dev", dev]);
-}
-
-fn reaches_dms(district: &District, ns: &Netns, addr: &str) -> bool {
-    let source = Source {
-        label: String::new(),
-        netns: ns.name().to_owned(),
-        addr: addr.parse().expect("IPv4 lease"),
-        origin: Origin::Address,
-    };
-    district
-        .probe(&source, &[dms()], Duration::from_millis(1500))
-        .expect("probe")[0]
 }
 
 fn in_range(lease: &Lease, first: &str, last: &str) -> bool {
@@ -169,7 +146,7 @@ fn town_hall_hosts_get_addresses_from_their_own_segment_by_dhcp_and_slaac() {
         "{staff:?}"
     );
     assert!(
-        reaches_dms(&district, host, &staff.address),
+        district.reaches(host, &staff.address, destination(DMS)),
         "the staff PC with its DHCP lease {} does not reach the DMS",
         staff.address
     );
@@ -198,7 +175,7 @@ fn town_hall_hosts_get_addresses_from_their_own_segment_by_dhcp_and_slaac() {
         ("10.30.100.1", "", 3600),
         "{lease:?}"
     );
-    assert!(!reaches_dms(&district, guest, &lease.address));
+    assert!(!district.reaches(guest, &lease.address, destination(DMS)));
 
     // The printer, by its MAC: its reserved address and name.
     host.ip(&["link", "set", "eth0", "address", "52:54:00:0d:0c:01"])
@@ -236,7 +213,7 @@ fn town_hall_hosts_get_addresses_from_their_own_segment_by_dhcp_and_slaac() {
         komnet_netns_tests::COMMAND_TIMEOUT,
     )
     .expect("kill");
-    assert!(!reaches_dms(&district, guest, &lease.address));
+    assert!(!district.reaches(guest, &lease.address, destination(DMS)));
     assert_eq!(
         appliance
             .gw
@@ -273,7 +250,7 @@ fn town_hall_hosts_get_addresses_from_their_own_segment_by_dhcp_and_slaac() {
         in_range(&narrowed, "10.30.1.200", "10.30.1.254"),
         "{narrowed:?}"
     );
-    assert!(reaches_dms(&district, host, &narrowed.address));
+    assert!(district.reaches(host, &narrowed.address, destination(DMS)));
     unconfigure(guest, "eth0");
     assert!(
         obtain_lease(guest, "eth0", &run_dir).is_err(),

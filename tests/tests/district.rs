@@ -6,28 +6,13 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use komnet_netns_tests::district::{
-    render_matrix, Destination, District, Options, Source, DESTINATIONS,
+    destination, render_matrix, Destination, District, Options, Source, DESTINATIONS, DMS,
 };
 use komnet_netns_tests::{require_root_and_tools, run, wait_until, COMMAND_TIMEOUT};
 use komnet_policy::Origin;
 
 fn netprobe() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_netprobe"))
-}
-
-fn dest(label: &str) -> Destination {
-    DESTINATIONS
-        .iter()
-        .copied()
-        .find(|d| d.label == label)
-        .expect("destination")
-}
-
-fn staff(d: &District, commune: &str) -> Source {
-    d.sources()
-        .into_iter()
-        .find(|s| s.netns == d.commune(commune).staff.name())
-        .expect("staff source")
 }
 
 fn counter(status: &serde_json::Value, group: &str, key: &str) -> u64 {
@@ -92,9 +77,9 @@ fn district_matrix_revocation_spoofing_and_homeoffice() {
         .probe(
             &ho,
             &[
-                dest("Dateiserver Nohfelden"),
-                dest("DMS (Kreis)"),
-                dest("Dateiserver Tholey"),
+                destination("Dateiserver Nohfelden"),
+                destination(DMS),
+                destination("Dateiserver Tholey"),
             ],
             Duration::from_millis(1500),
         )
@@ -151,7 +136,7 @@ fn district_matrix_revocation_spoofing_and_homeoffice() {
     let reached = district
         .probe(
             &spoofed,
-            &[dest("Dateiserver Tholey")],
+            &[destination("Dateiserver Tholey")],
             Duration::from_millis(1500),
         )
         .expect("spoof probe");
@@ -258,7 +243,7 @@ fn district_matrix_revocation_spoofing_and_homeoffice() {
         .staff
         .ip(&["addr", "add", "10.30.1.77/24", "dev", "eth0"])
         .expect("the same address on the staff LAN");
-    let dms = dest("DMS (Kreis)");
+    let dms = destination(DMS);
     let from = |ns: &komnet_netns_tests::Netns| Source {
         label: String::new(),
         netns: ns.name().to_owned(),
@@ -300,17 +285,17 @@ fn district_matrix_revocation_spoofing_and_homeoffice() {
     let took = district.revoke_and_time("tholey").expect("revocation");
     println!("revocation effective after {took:?}");
     assert!(took <= Duration::from_secs(2), "revocation took {took:?}");
-    let tholey = staff(&district, "tholey");
+    let tholey = district.staff("tholey");
     assert_eq!(
         district
             .probe(&tholey, &DESTINATIONS, Duration::from_millis(1000))
             .expect("probe"),
         vec![false, false, false]
     );
-    let noh = staff(&district, "nohfelden");
+    let noh = district.staff("nohfelden");
     assert_eq!(
         district
-            .probe(&noh, &[dest("DMS (Kreis)")], Duration::from_millis(1500))
+            .probe(&noh, &[destination(DMS)], Duration::from_millis(1500))
             .expect("probe"),
         vec![true]
     );
@@ -350,8 +335,8 @@ fn a_hub_notices_a_dead_registry_says_so_and_hears_the_revocation_after_it() {
         },
     )
     .expect("district");
-    let tho = staff(&district, "tholey");
-    let fs_tho = dest("Dateiserver Tholey");
+    let tho = district.staff("tholey");
+    let fs_tho = destination("Dateiserver Tholey");
     let reaches = |d: &District| {
         d.probe(&tho, &[fs_tho], Duration::from_millis(1500))
             .expect("probe")[0]
@@ -525,10 +510,10 @@ fn restarts_live_policy_updates_refused_bundles_and_fail_closed() {
         },
     )
     .expect("district");
-    let noh = staff(&district, "nohfelden");
-    let tho = staff(&district, "tholey");
-    let dms = dest("DMS (Kreis)");
-    let fs_noh = dest("Dateiserver Nohfelden");
+    let noh = district.staff("nohfelden");
+    let tho = district.staff("tholey");
+    let dms = destination(DMS);
+    let fs_noh = destination("Dateiserver Nohfelden");
     let ok = |d: &District, s: &Source, to: Destination| {
         d.probe(s, &[to], Duration::from_millis(1500))
             .expect("probe")[0]
@@ -669,8 +654,8 @@ fn spoke_fails_over_to_the_second_hub_within_5s() {
         },
     )
     .expect("district");
-    let noh = staff(&district, "nohfelden");
-    let dms = dest("DMS (Kreis)");
+    let noh = district.staff("nohfelden");
+    let dms = destination(DMS);
     assert!(
         district
             .probe(&noh, &[dms], Duration::from_millis(1500))
@@ -792,8 +777,8 @@ fn an_image_spoke_waits_refuses_a_spent_token_then_enrols_and_takes_its_lan_addr
     // is withdrawn at the hub: its LAN reaches nothing any more, and the hub lists one key for
     // the site, the new one.
     let new_key = enrolled_key(&data, "enrollment.json");
-    let noh = staff(&district, "nohfelden");
-    let dms = dest("DMS (Kreis)");
+    let noh = district.staff("nohfelden");
+    let dms = destination(DMS);
     wait_until(
         "the replaced Nohfelden spoke to be cut off",
         Duration::from_secs(10),
@@ -1026,10 +1011,10 @@ fn a_flushed_firewall_does_not_open_a_spoke() {
         assert_eq!(received, 0, "{what}: {received} of {sent} pings answered");
     }
     // The town hall still reaches what it may.
-    let staff = staff(&district, "nohfelden");
+    let staff = district.staff("nohfelden");
     assert_eq!(
         district
-            .probe(&staff, &[dest("DMS (Kreis)")], Duration::from_millis(1500))
+            .probe(&staff, &[destination(DMS)], Duration::from_millis(1500))
             .expect("probe"),
         vec![true]
     );
@@ -1147,7 +1132,7 @@ fn an_appliance_whose_certificate_expired_while_off_enrols_again_from_a_new_toke
     };
     assert_eq!(
         district
-            .probe(&host, &[dest("DMS (Kreis)")], Duration::from_millis(3000))
+            .probe(&host, &[destination(DMS)], Duration::from_millis(3000))
             .expect("probe"),
         vec![true],
         "the re-enrolled town hall does not reach the DMS"
@@ -1187,8 +1172,8 @@ fn hub_spokes_and_home_office_renew_while_traffic_flows() {
     district
         .restart_enroll_with_clock(None, "enroll-now.log")
         .expect("the service on time");
-    let noh = staff(&district, "nohfelden");
-    let dms = dest("DMS (Kreis)");
+    let noh = district.staff("nohfelden");
+    let dms = destination(DMS);
     let started = Instant::now();
     let mut probes = 0;
     loop {
@@ -1285,33 +1270,6 @@ fn hub_spokes_and_home_office_renew_while_traffic_flows() {
     );
 }
 
-/// A process killed when the test ends, however it ends.
-struct Killed(std::process::Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// `netprobe serve tcp:ADDR:PORT` in `ns`, once it listens.
-fn serve_tcp(ns: &komnet_netns_tests::Netns, addr: &str, port: u16) -> Killed {
-    let mut child = Killed(
-        ns.command(netprobe())
-            .args(["serve", &format!("tcp:{addr}:{port}")])
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("netprobe serve"),
-    );
-    let out = child.0.stdout.take().expect("stdout");
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(out), &mut line).expect("ready");
-    assert_eq!(line.trim(), "ready", "netprobe serve in {}", ns.name());
-    child
-}
-
 /// The district's policy as version `version`, Nohfelden's fragment with `extra` appended.
 fn policy_with(district: &District, version: u64, extra: &str) -> PathBuf {
     let dir = district.dir.path().join(format!("policy-v{version}"));
@@ -1349,8 +1307,12 @@ fn staff_and_guests_of_one_town_hall_talk_only_where_a_rule_says_so_and_on_the_l
     let noh = district.commune("nohfelden");
     // A citizen terminal in the guest WLAN that the staff maintain remotely (VNC), and a staff
     // PC that listens on the same port.
-    let _kiosk = serve_tcp(&noh.guest, &noh.guest_addr().to_string(), 5900);
-    let _staff_pc = serve_tcp(&noh.staff, &noh.staff_addr().to_string(), 5900);
+    let _kiosk = district
+        .serve_tcp(&noh.guest, &noh.guest_addr().to_string(), 5900)
+        .expect("netprobe serve");
+    let _staff_pc = district
+        .serve_tcp(&noh.staff, &noh.staff_addr().to_string(), 5900)
+        .expect("netprobe serve");
     let vnc = |addr| Destination {
         label: "VNC",
         addr,

@@ -6,65 +6,17 @@
 //! address by DHCP. Needs root; never skipped.
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use komnet_netns_tests::dhcp::{obtain_lease, DhcpServer};
 use komnet_netns_tests::district::{
-    copy_policy, edit_file, Destination, District, Options, Source, DESTINATIONS,
+    copy_policy, destination, edit_file, Destination, District, Options, DMS,
 };
-use komnet_netns_tests::{require_root_and_tools, Netns, SeenBySource};
-use komnet_policy::Origin;
+use komnet_netns_tests::{require_root_and_tools, SeenBySource};
 
 fn netprobe() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_netprobe"))
-}
-
-fn dest(label: &str) -> Destination {
-    DESTINATIONS
-        .iter()
-        .copied()
-        .find(|d| d.label == label)
-        .expect("destination")
-}
-
-/// Killed when the test ends, however it ends.
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// `netprobe serve tcp:0.0.0.0:PORT` in `ns`, once it listens.
-fn serve_tcp(ns: &Netns, port: u16) -> Killed {
-    let mut child = Killed(
-        ns.command(netprobe())
-            .args(["serve", &format!("tcp:0.0.0.0:{port}")])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("netprobe serve"),
-    );
-    let out = child.0.stdout.take().expect("stdout");
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(out), &mut line).expect("ready");
-    assert_eq!(line.trim(), "ready");
-    child
-}
-
-fn reaches(district: &District, ns: &Netns, src: &str, dest: Destination) -> bool {
-    let source = Source {
-        label: String::new(),
-        netns: ns.name().to_owned(),
-        addr: src.parse().expect("address"),
-        origin: Origin::Address,
-    };
-    district
-        .probe(&source, &[dest], Duration::from_millis(1500))
-        .expect("probe")[0]
 }
 
 #[test]
@@ -171,23 +123,23 @@ fn two_town_halls_with_the_same_lan_reach_the_dc_by_their_unique_addresses() {
     .expect("counters in the data centre");
 
     let (dms, noh_files, tho_files) = (
-        dest("DMS (Kreis)"),
-        dest("Dateiserver Nohfelden"),
-        dest("Dateiserver Tholey"),
+        destination(DMS),
+        destination("Dateiserver Nohfelden"),
+        destination("Dateiserver Tholey"),
     );
     let local = "192.168.178.10";
     assert!(
-        reaches(&district, &noh.host, local, dms),
+        district.reaches(&noh.host, local, dms),
         "Nohfelden's PC -> DMS"
     );
     assert!(
-        reaches(&district, &tho.host, local, dms),
+        district.reaches(&tho.host, local, dms),
         "Tholey's PC -> DMS"
     );
-    assert!(reaches(&district, &noh.host, local, noh_files));
-    assert!(reaches(&district, &tho.host, local, tho_files));
-    assert!(!reaches(&district, &noh.host, local, tho_files));
-    assert!(!reaches(&district, &tho.host, local, noh_files));
+    assert!(district.reaches(&noh.host, local, noh_files));
+    assert!(district.reaches(&tho.host, local, tho_files));
+    assert!(!district.reaches(&noh.host, local, tho_files));
+    assert!(!district.reaches(&tho.host, local, noh_files));
     let counts = seen.packets().expect("counters");
     assert!(
         counts[0] > 0 && counts[1] > 0 && counts[2] == 0,
@@ -196,19 +148,23 @@ fn two_town_halls_with_the_same_lan_reach_the_dc_by_their_unique_addresses() {
 
     // Between the two town halls, by the unique addresses and only where a rule says so:
     // Nohfelden's staff reach Tholey's terminal, Tholey's staff do not reach Nohfelden's PC.
-    let _terminal = serve_tcp(&tho.host, 8080);
-    let _other = serve_tcp(&noh.host, 8080);
+    let _terminal = district
+        .serve_tcp(&tho.host, "0.0.0.0", 8080)
+        .expect("netprobe serve");
+    let _other = district
+        .serve_tcp(&noh.host, "0.0.0.0", 8080)
+        .expect("netprobe serve");
     let port = |addr: &str| Destination {
         label: "8080",
         addr: addr.parse().expect("address"),
         port: 8080,
     };
     assert!(
-        reaches(&district, &noh.host, local, port("10.40.1.10")),
+        district.reaches(&noh.host, local, port("10.40.1.10")),
         "Nohfelden's PC does not reach Tholey's terminal at 10.40.1.10"
     );
     assert!(
-        !reaches(&district, &tho.host, local, port("10.30.1.10")),
+        !district.reaches(&tho.host, local, port("10.30.1.10")),
         "Tholey's PC reached Nohfelden's PC"
     );
     let nat = tho

@@ -12,34 +12,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use komnet_netns_tests::dhcp::{obtain_lease, DhcpServer};
-use komnet_netns_tests::district::{
-    copy_policy, edit_file, Destination, District, Options, Source, DESTINATIONS,
-};
+use komnet_netns_tests::district::{copy_policy, destination, edit_file, District, Options, DMS};
 use komnet_netns_tests::{require_root_and_tools, wait_until, Netns};
-use komnet_policy::Origin;
 
 fn netprobe() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_netprobe"))
-}
-
-fn dms() -> Destination {
-    DESTINATIONS
-        .iter()
-        .copied()
-        .find(|d| d.label == "DMS (Kreis)")
-        .expect("the DMS")
-}
-
-fn reaches_dms(district: &District, ns: &Netns, addr: &str) -> bool {
-    let source = Source {
-        label: String::new(),
-        netns: ns.name().to_owned(),
-        addr: addr.parse().expect("IPv4 address"),
-        origin: Origin::Address,
-    };
-    district
-        .probe(&source, &[dms()], Duration::from_millis(1500))
-        .expect("probe")[0]
 }
 
 /// The district's policy as `version`, with Nohfelden's town hall on a trunk: the staff on
@@ -144,7 +121,7 @@ fn a_segment_moved_to_another_vlan_is_served_there_without_a_restart() {
         .unwrap_or_else(|e| panic!("{e:#}\n{}", server.log()));
     assert_eq!(lease.router, "10.30.1.1", "{lease:?}");
     assert!(
-        reaches_dms(&district, &staff, &lease.address),
+        district.reaches(&staff, &lease.address, destination(DMS)),
         "the staff PC on VLAN 10 ({}) does not reach the DMS",
         lease.address
     );
@@ -156,7 +133,7 @@ fn a_segment_moved_to_another_vlan_is_served_there_without_a_restart() {
         .move_port(staff_port, Some(10), Some(20))
         .expect("re-patch");
     assert!(
-        !reaches_dms(&district, &staff, &lease.address),
+        !district.reaches(&staff, &lease.address, destination(DMS)),
         "the staff PC reached the DMS on VLAN 20, which no policy names"
     );
 
@@ -210,7 +187,7 @@ fn a_segment_moved_to_another_vlan_is_served_there_without_a_restart() {
         .unwrap_or_else(|e| panic!("{e:#}\n{}", server.log()));
     assert_eq!(lease.router, "10.30.1.1", "{lease:?}");
     assert!(
-        reaches_dms(&district, &staff, &lease.address),
+        district.reaches(&staff, &lease.address, destination(DMS)),
         "the staff PC on VLAN 20 ({}) does not reach the DMS",
         lease.address
     );
@@ -226,7 +203,7 @@ fn a_segment_moved_to_another_vlan_is_served_there_without_a_restart() {
     left.ip(&["route", "add", "default", "via", "10.30.1.1"])
         .expect("route");
     assert!(
-        !reaches_dms(&district, &left, "10.30.1.77"),
+        !district.reaches(&left, "10.30.1.77", destination(DMS)),
         "a PC on VLAN 10, which the policy no longer names, reached the DMS"
     );
     assert_eq!(appliance.spoke.pid(), pid, "the spoke restarted");

@@ -226,6 +226,37 @@ impl Service {
         Ok(superseded)
     }
 
+    /// A site's (an appliance's) new certificate inside `txn`, for enrollment and renewal
+    /// alike: supersedes what the site held, gives it its tunnel addresses and issues for the
+    /// configured lifetime. Returns the serials it superseded.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn issue_for_site_in(
+        &self,
+        txn: &mut dyn Txn,
+        tenant: &TenantId,
+        site: &SiteId,
+        role: Role,
+        wg: &WgPublicKey,
+        spki: &[u8],
+        now: i64,
+    ) -> Result<(Vec<String>, Issued, Identity), ApiError> {
+        let superseded = self.make_room(txn, tenant, site, wg, now)?;
+        let addrs = self.allocate_addresses(txn, tenant, site)?;
+        let lifetime = self.config.cert_lifetime.0.as_secs() as i64;
+        let (issued, identity) = self.issue_in(
+            txn,
+            tenant,
+            site,
+            role,
+            wg,
+            addrs,
+            Some(spki),
+            lifetime,
+            now,
+        )?;
+        Ok((superseded, issued, identity))
+    }
+
     /// Issues, records and publishes one identity inside `txn`.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn issue_in(
@@ -332,18 +363,13 @@ impl Service {
                 "token: already used; tokens are single-use",
             ));
         }
-        let superseded = self.make_room(&mut *txn, &token.tenant, &token.site, &wg, now)?;
-        let lifetime = self.config.cert_lifetime.0.as_secs() as i64;
-        let addrs = self.allocate_addresses(&mut *txn, &token.tenant, &token.site)?;
-        let (issued, identity) = self.issue_in(
+        let (superseded, issued, identity) = self.issue_for_site_in(
             &mut *txn,
             &token.tenant,
             &token.site,
             token.role,
             &wg,
-            addrs,
-            Some(&csr.spki_der),
-            lifetime,
+            &csr.spki_der,
             now,
         )?;
         txn.set_token_certificate(&token.id, &identity.serial)?;

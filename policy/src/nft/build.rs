@@ -29,11 +29,7 @@ pub fn ruleset_for_site(
     site: SiteId,
     interfaces: &Interfaces,
 ) -> Result<Ruleset, NftError> {
-    for name in interfaces.lan.iter().chain(Some(&interfaces.tunnel)) {
-        if !valid_ifname(name) {
-            return Err(NftError::BadInterface(name.clone()));
-        }
-    }
+    // Checks the interface names too.
     let bound = interfaces.site_segments(policy, site)?;
     // Every interface a LAN packet can arrive on: the configured ones, then the segments'.
     let mut lans: Vec<String> = Vec::new();
@@ -137,47 +133,31 @@ pub fn ruleset_for_site(
         .map(|i| SegmentId(i as u32))
         .filter(|s| policy.segments[s.index()].site != Some(site))
         .collect();
-    // Only segments that some rule lets in need their guardrails here: the rest hit the
-    // default drop anyway.
-    let mut inbound_guards = Vec::new();
-    let mut inbound_allows = Vec::new();
-    for &seg in &remote {
-        let before = inbound_allows.len();
-        allow_rules(
-            policy,
-            &mut namer,
-            seg,
-            &by_segment[seg.index()],
-            &at_site,
-            &mut inbound_allows,
-        );
-        if inbound_allows.len() > before {
-            guard_rules(policy, &mut namer, seg, Some(&at_site), &mut inbound_guards);
+    // The rules that let `segments` in towards services at the site, led by the guardrails of
+    // the segments that some rule lets in (the rest hit the default drop anyway).
+    let mut guarded_allows = |segments: &[SegmentId]| {
+        let mut guards = Vec::new();
+        let mut allows = Vec::new();
+        for &seg in segments {
+            let before = allows.len();
+            allow_rules(
+                policy,
+                &mut namer,
+                seg,
+                &by_segment[seg.index()],
+                &at_site,
+                &mut allows,
+            );
+            if allows.len() > before {
+                guard_rules(policy, &mut namer, seg, Some(&at_site), &mut guards);
+            }
         }
-    }
-    let mut inbound = inbound_guards;
-    inbound.append(&mut inbound_allows);
-
-    // Between the site's own segments: the same rules and guardrails, towards services at
-    // the site.
-    let mut intra_guards = Vec::new();
-    let mut intra_allows = Vec::new();
-    for &seg in &local {
-        let before = intra_allows.len();
-        allow_rules(
-            policy,
-            &mut namer,
-            seg,
-            &by_segment[seg.index()],
-            &at_site,
-            &mut intra_allows,
-        );
-        if intra_allows.len() > before {
-            guard_rules(policy, &mut namer, seg, Some(&at_site), &mut intra_guards);
-        }
-    }
-    let mut intrasite = intra_guards;
-    intrasite.append(&mut intra_allows);
+        guards.append(&mut allows);
+        guards
+    };
+    let inbound = guarded_allows(&remote);
+    // Between the site's own segments: the same rules and guardrails.
+    let intrasite = guarded_allows(&local);
 
     let prerouting = vec![RuleDef {
         matches: vec![Match::Iif(lans.clone())],

@@ -83,6 +83,13 @@ impl Interfaces {
         policy: &Policy,
         site: SiteId,
     ) -> Result<Vec<(SegmentId, Vec<String>)>, NftError> {
+        // The names the caller gives first: the trunk's own name is not a segment's interface
+        // when a segment arrives untagged on it, so the loop below would not see it.
+        for name in self.lan.iter().chain(Some(&self.tunnel)) {
+            if !valid_ifname(name) {
+                return Err(NftError::BadInterface(name.clone()));
+            }
+        }
         let mut out: Vec<(SegmentId, Vec<String>)> = Vec::new();
         for seg in policy.site_segments(site) {
             let Some(binding) = &policy.segments[seg.index()].binding else {

@@ -141,7 +141,7 @@ impl SqliteStore {
             conn.pragma_update(None, "journal_mode", "WAL")?;
             Ok(conn)
         };
-        let mut conn = opened().map_err(|source| match source.sqlite_error_code() {
+        let open_error = |source: rusqlite::Error| match source.sqlite_error_code() {
             Some(rusqlite::ErrorCode::ReadOnly) => StoreError::ReadOnly {
                 path: path.to_owned(),
                 reason:
@@ -152,7 +152,8 @@ impl SqliteStore {
                 path: path.to_owned(),
                 source,
             },
-        })?;
+        };
+        let mut conn = opened().map_err(open_error)?;
         let found: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
         let pending = migrations::pending(migrations::SQLITE, found).map_err(|supported| {
             StoreError::NewerSchema {
@@ -161,8 +162,6 @@ impl SqliteStore {
                 supported,
             }
         })?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         // Checkpoints fsync; run inside a commit they stall every writer behind the store's
         // lock (measured: 713 -> 1,116 certificates/s with them moved out). A background
@@ -170,18 +169,7 @@ impl SqliteStore {
         // writers).
         conn.pragma_update(None, "wal_autocheckpoint", 0)?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
-        migrate(&mut conn, pending).map_err(|source| match source.sqlite_error_code() {
-            Some(rusqlite::ErrorCode::ReadOnly) => StoreError::ReadOnly {
-                path: path.to_owned(),
-                reason:
-                    "the file or its directory cannot be written (immutable or read-only mount)"
-                        .into(),
-            },
-            _ => StoreError::Open {
-                path: path.to_owned(),
-                source,
-            },
-        })?;
+        migrate(&mut conn, pending).map_err(open_error)?;
         let identity = file_identity(path).map_err(|_| StoreError::Replaced {
             path: path.to_owned(),
             what: "deleted",
