@@ -60,6 +60,10 @@ struct Admitted {
 #[derive(Debug, Default)]
 pub struct HubPeers {
     peers: BTreeMap<[u8; 32], Admitted>,
+    /// Every admitted peer's allowed IPs (host bits cleared) and whose they are: finding the
+    /// peers an admission overlaps is a range query and one lookup per shorter prefix length,
+    /// not a walk over every peer (a snapshot of 10,000 would otherwise cost 10,000²).
+    by_net: BTreeMap<IpNet, [u8; 32]>,
 }
 
 impl HubPeers {
@@ -90,17 +94,13 @@ impl HubPeers {
                 // Two keys never claim one site's (or one device's) addresses: the registry
                 // announces identities in the order they were issued, so the one arriving now
                 // replaces the one it overlaps (a replaced appliance, a re-issued phone).
-                let displaced: Vec<[u8; 32]> = self
-                    .peers
+                let mut displaced: Vec<[u8; 32]> = allowed_ips
                     .iter()
-                    .filter(|(k, p)| {
-                        **k != key
-                            && p.allowed_ips
-                                .iter()
-                                .any(|a| allowed_ips.iter().any(|b| overlap(a, b)))
-                    })
-                    .map(|(k, _)| *k)
+                    .flat_map(|net| self.overlapping(net))
+                    .filter(|k| *k != key)
                     .collect();
+                displaced.sort_unstable();
+                displaced.dedup();
                 let mut changes: Vec<PeerChange> =
                     displaced.iter().filter_map(|k| self.remove(k)).collect();
                 changes.push(PeerChange::Upsert {
@@ -108,6 +108,10 @@ impl HubPeers {
                     allowed_ips: allowed_ips.clone(),
                     identity,
                 });
+                self.take(&key);
+                for net in &allowed_ips {
+                    self.by_net.insert(net.trunc(), key);
+                }
                 self.peers.insert(
                     key,
                     Admitted {
@@ -119,17 +123,54 @@ impl HubPeers {
                 (Ok(()), changes)
             }
             Err(e) => {
-                let removed = self.peers.remove(&key).map(|_| PeerChange::Remove { key });
+                let removed = self.take(&key).map(|_| PeerChange::Remove { key });
                 (Err(e), removed.into_iter().collect())
             }
         }
     }
 
+    /// The keys of admitted peers with an allowed IP that overlaps `net`: those whose network
+    /// lies inside `net` (one range of the index), and those with a shorter prefix containing it.
+    fn overlapping(&self, net: &IpNet) -> Vec<[u8; 32]> {
+        let net = net.trunc();
+        let (first, last) = match net {
+            IpNet::V4(n) => (
+                IpNet::V4(ipnet::Ipv4Net::new_assert(n.network(), 0)),
+                IpNet::V4(ipnet::Ipv4Net::new_assert(n.broadcast(), 32)),
+            ),
+            IpNet::V6(n) => (
+                IpNet::V6(ipnet::Ipv6Net::new_assert(n.network(), 0)),
+                IpNet::V6(ipnet::Ipv6Net::new_assert(n.broadcast(), 128)),
+            ),
+        };
+        let mut out: Vec<[u8; 32]> = self.by_net.range(first..=last).map(|(_, k)| *k).collect();
+        for len in 0..net.prefix_len() {
+            let shorter = match net {
+                IpNet::V4(n) => IpNet::V4(ipnet::Ipv4Net::new_assert(n.network(), len).trunc()),
+                IpNet::V6(n) => IpNet::V6(ipnet::Ipv6Net::new_assert(n.network(), len).trunc()),
+            };
+            if let Some(k) = self.by_net.get(&shorter) {
+                out.push(*k);
+            }
+        }
+        out
+    }
+
+    /// Takes a peer out of both maps.
+    fn take(&mut self, key: &[u8; 32]) -> Option<Admitted> {
+        let gone = self.peers.remove(key)?;
+        for net in &gone.allowed_ips {
+            let net = net.trunc();
+            if self.by_net.get(&net) == Some(key) {
+                self.by_net.remove(&net);
+            }
+        }
+        Some(gone)
+    }
+
     /// A revocation or decommission from the registry.
     pub fn remove(&mut self, key: &[u8; 32]) -> Option<PeerChange> {
-        self.peers
-            .remove(key)
-            .map(|_| PeerChange::Remove { key: *key })
+        self.take(key).map(|_| PeerChange::Remove { key: *key })
     }
 
     /// Takes out every peer whose certificate expired (call from the timer tick).
@@ -170,10 +211,6 @@ impl HubPeers {
         }
         changes
     }
-}
-
-fn overlap(a: &IpNet, b: &IpNet) -> bool {
-    a.contains(&b.network()) || b.contains(&a.network())
 }
 
 fn resolve(
@@ -236,4 +273,98 @@ fn resolve(
     allowed.sort();
     allowed.dedup();
     Ok((identity, allowed))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use komnet_proto::identity::{SiteId, TenantId, WgPublicKey};
+
+    fn policy() -> Policy {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/policy/landkreis");
+        Policy::load(&dir).unwrap()
+    }
+
+    fn id(site: &str, role: Role, key: u8, addr: &str) -> Identity {
+        Identity {
+            tenant: TenantId::parse("musterstadt").unwrap(),
+            site: SiteId::parse(site).unwrap(),
+            role,
+            wg_public_key: WgPublicKey::from_bytes([key; 32]).unwrap(),
+            tunnel_addrs: vec![addr.parse().unwrap()],
+            not_after: 5000,
+            serial: format!("{key:02x}"),
+        }
+    }
+
+    fn removed(changes: &[PeerChange]) -> Vec<u8> {
+        changes
+            .iter()
+            .filter_map(|c| match c {
+                PeerChange::Remove { key } => Some(key[0]),
+                PeerChange::Upsert { .. } => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn an_admission_displaces_exactly_the_peers_whose_addresses_it_overlaps() {
+        let p = policy();
+        let mut peers = HubPeers::default();
+        // Two home-office devices and two town-hall appliances live side by side.
+        for (i, who) in [
+            id("anna", Role::HomeOffice, 1, "10.250.20.5/32"),
+            id("bernd", Role::HomeOffice, 2, "10.250.20.6/32"),
+            id("rathaus", Role::Spoke, 3, "10.96.0.3/32"),
+            id("bauhof", Role::Spoke, 4, "10.96.0.4/32"),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let (r, c) = peers.upsert(1000, &p, who);
+            assert!(r.is_ok(), "{i}: {r:?}");
+            assert!(removed(&c).is_empty(), "{i}: {c:?}");
+        }
+        assert_eq!(peers.len(), 4);
+        // Anna's re-issued phone takes her address: the old key goes, nobody else.
+        let (_, c) = peers.upsert(1000, &p, id("anna", Role::HomeOffice, 5, "10.250.20.5/32"));
+        assert_eq!(removed(&c), vec![1]);
+        // A replaced town-hall appliance (same site prefixes, new tunnel address).
+        let (_, c) = peers.upsert(1000, &p, id("rathaus", Role::Spoke, 6, "10.96.0.9/32"));
+        assert_eq!(removed(&c), vec![3]);
+        // A new tunnel address inside nobody's prefixes displaces nobody; updating a peer with
+        // its own addresses does not displace itself.
+        let (_, c) = peers.upsert(1000, &p, id("bauhof", Role::Spoke, 4, "10.96.0.4/32"));
+        assert!(removed(&c).is_empty(), "{c:?}");
+        assert_eq!(peers.len(), 4);
+        // After removals the index forgets them: their addresses are free again.
+        assert!(peers.remove(&[2; 32]).is_some());
+        let (_, c) = peers.upsert(1000, &p, id("carla", Role::HomeOffice, 7, "10.250.20.6/32"));
+        assert!(removed(&c).is_empty(), "{c:?}");
+        // A /15 holds both town halls' /16s; a /24 inside one of them only that one.
+        let mut both = peers.overlapping(&"10.20.0.0/15".parse().unwrap());
+        both.sort();
+        assert_eq!(both, vec![[4; 32], [6; 32]]);
+        assert_eq!(
+            peers.overlapping(&"10.20.7.0/24".parse().unwrap()),
+            vec![[6; 32]]
+        );
+        assert_eq!(
+            peers.overlapping(&"10.21.3.0/24".parse().unwrap()),
+            vec![[4; 32]]
+        );
+        assert!(peers
+            .overlapping(&"10.22.0.0/16".parse().unwrap())
+            .is_empty());
+        // A refused update withdraws the key and its addresses.
+        let mut gone = id("carla", Role::HomeOffice, 7, "10.99.0.1/32");
+        gone.not_after = 10;
+        let (r, c) = peers.upsert(1000, &p, gone);
+        assert!(r.is_err());
+        assert_eq!(removed(&c), vec![7]);
+        assert!(peers
+            .overlapping(&"10.250.20.6/32".parse().unwrap())
+            .is_empty());
+    }
 }

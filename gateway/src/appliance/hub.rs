@@ -249,6 +249,23 @@ pub(super) fn claim_routes(ctx: &Ctx, peers: &[PeerInfo]) {
             }
         }
     }
+    if claims.is_empty() {
+        return;
+    }
+    // One `ip -batch` for every claim of this tick: after a hub restart a thousand peers
+    // handshake within a second, and one process per peer took seconds of the hub's CPU.
+    let all: Vec<IpNet> = claims
+        .iter()
+        .flat_map(|(_, _, r)| r.iter().copied())
+        .collect();
+    if net::replace_routes(&ctx.config.interface, &all).is_ok() {
+        let mut s = ctx.state.lock();
+        for (key, at, routes) in claims {
+            s.claimed.insert(key, (at, routes));
+        }
+        return;
+    }
+    // Something was refused: peer by peer, so one bad route does not hold up the others.
     for (key, at, routes) in claims {
         match net::replace_routes(&ctx.config.interface, &routes) {
             Ok(()) => {
