@@ -49,6 +49,9 @@ forbid komnet-enroll-client komnet-enroll rusqlite tokio-postgres rcgen axum cla
 forbid_feature komnet-enroll-client hyper server
 # The admins' command line: no packet path (boringtun, TUN, UDP offloads) and no service.
 forbid komnet-cli komnet-gateway boringtun tun-rs quinn-udp komnet-enroll rusqlite tokio-postgres rcgen axum
+# The web console acts through the enrollment service's admin socket: no CA, no database, no
+# registry of its own (docs/console.md), and no packet path.
+forbid komnet-console komnet-enroll rusqlite tokio-postgres rcgen komnet-gateway boringtun tun-rs
 # The vocabulary depends on nothing of komnet and does no networking.
 forbid komnet-proto komnet-policy komnet-enroll komnet-enroll-client komnet-gateway tokio hyper rustls
 # The policy language knows nothing of sockets, certificates or the packet path.

@@ -50,6 +50,13 @@ TESTS=(
     # bird.service that the tests do not use; each test runs its own daemons.
     /usr/sbin/bird:bird2
     /usr/sbin/birdc:bird2
+    # The web console's browser test (console/tests/browser.rs, issue 18): a real OpenID
+    # provider (npm oidc-provider) and Debian's Chromium driven by Playwright; the npm
+    # packages come from console/tests/e2e/package-lock.json (npm ci, below). Never a
+    # downloaded browser: playwright-core uses /usr/bin/chromium.
+    node:nodejs
+    npm:npm
+    chromium:chromium
 )
 IMAGE=(
     # The appliance image (packaging/image/build-image.sh) and its test in qemu
@@ -144,6 +151,19 @@ else
     [ ${#args[@]} -eq 0 ] || install "${args[@]}"
     [ ${#backports[@]} -eq 0 ] || install "${backports[@]}"
     echo "setup ($profile): done"
+fi
+
+# The console's browser test: the npm packages exactly as console/tests/e2e/package-lock.json
+# pins them, installed again only when the lock file changed (its hash is kept beside them).
+if [ "$profile" = test ] || [ "$profile" = all ]; then
+    e2e="$(cd "$(dirname "$0")/.." && pwd)/console/tests/e2e"
+    want=$(sha256sum "$e2e/package-lock.json" | cut -d' ' -f1)
+    stamp="$e2e/node_modules/.komnet-lock-sha256"
+    if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+        echo "setup ($profile): npm ci in console/tests/e2e (oidc-provider, playwright-core, axe-core)"
+        (cd "$e2e" && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+        echo "$want" >"$stamp"
+    fi
 fi
 
 # The Debian packages (packaging/build-debs.sh, which the appliance image installs) are made

@@ -25,7 +25,10 @@ use komnet_proto::config::HumanDuration;
 use komnet_proto::files::FileError;
 use komnet_proto::identity::{Role, SiteId, TenantId, WgPublicKey};
 
+pub mod client;
 pub mod homeoffice;
+
+pub use client::AdminClient;
 
 use homeoffice::HomeOfficeError;
 
@@ -277,16 +280,17 @@ async fn call<T: serde::de::DeserializeOwned>(
     path: &str,
     body: Option<Vec<u8>>,
 ) -> Result<T, AdminError> {
-    call_with(socket, method, path, body, "application/json").await
+    call_with(socket, method, path, body, "application/json", None).await
 }
 
 /// Calls the admin API over the Unix socket.
-async fn call_with<T: serde::de::DeserializeOwned>(
+pub(crate) async fn call_with<T: serde::de::DeserializeOwned>(
     socket: &Path,
     method: Method,
     path: &str,
     body: Option<Vec<u8>>,
     content_type: &'static str,
+    on_behalf_of: Option<&str>,
 ) -> Result<T, AdminError> {
     let stream = tokio::net::UnixStream::connect(socket)
         .await
@@ -301,11 +305,15 @@ async fn call_with<T: serde::de::DeserializeOwned>(
     tokio::spawn(async move {
         let _ = conn.await;
     });
-    let req = Request::builder()
+    let mut req = Request::builder()
         .method(method)
         .uri(path)
         .header(hyper::header::HOST, "komnet-enroll")
-        .header(hyper::header::CONTENT_TYPE, content_type)
+        .header(hyper::header::CONTENT_TYPE, content_type);
+    if let Some(person) = on_behalf_of {
+        req = req.header(admin::ON_BEHALF_OF_HEADER, person);
+    }
+    let req = req
         .body(Full::new(bytes::Bytes::from(body.unwrap_or_default())))
         .map_err(|e| AdminError::Answer(format!("request: {e}")))?;
     let resp = sender.send_request(req).await.map_err(http("request"))?;
@@ -498,6 +506,7 @@ async fn policy_publish(a: PolicyPublishArgs, out: &mut dyn Write) -> Result<Exi
         admin::POLICY_PUBLISH,
         Some(bytes),
         "application/octet-stream",
+        None,
     )
     .await
     .map_err(|source| AdminError::Publish {

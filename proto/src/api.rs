@@ -267,6 +267,17 @@ pub mod admin {
     pub const POLICY_VERSION: &str = "/admin/policy-version";
     /// `POST` the bytes of a signed policy bundle (not JSON): [`PolicyPublishResponse`].
     pub const POLICY_PUBLISH: &str = "/admin/policy-publish";
+    /// `GET`: [`PolicyBundleResponse`], the published bundle (the console's policy page).
+    pub const POLICY: &str = "/admin/policy";
+    /// `GET`: [`FleetResponse`], what the web console's fleet overview shows.
+    pub const FLEET: &str = "/admin/fleet";
+
+    /// Request header of an admin call made for a person rather than for the socket's user:
+    /// the web console (`komnet-console`) sends the signed-in person as their identity
+    /// provider names them, and the audit entry records both (`PERSON via uid=N`). Whoever can
+    /// open the admin socket is trusted with every admin action already; the header only
+    /// makes the audit log say who asked.
+    pub const ON_BEHALF_OF_HEADER: &str = "x-komnet-on-behalf-of";
 
     #[derive(Debug, Clone, Serialize, Deserialize)]
     #[serde(deny_unknown_fields)]
@@ -338,6 +349,117 @@ pub mod admin {
         pub details: serde_json::Value,
     }
 
+    impl AuditRecord {
+        /// The tenants an entry concerns, read from what each action records: `tenant` (tokens,
+        /// enrollments, home offices), `tenants` (revocations), the selector of older
+        /// revocations (`tenant T`, `site T/S`), the renewing appliance (`T/S`). Empty for
+        /// entries about the whole service (policy) and for those that name no tenant
+        /// (`enroll.retry`): only operators see those.
+        pub fn tenants(&self) -> Vec<&str> {
+            let d = &self.details;
+            let mut out: Vec<&str> = Vec::new();
+            if let Some(t) = d.get("tenant").and_then(|v| v.as_str()) {
+                out.push(t);
+            }
+            if let Some(ts) = d.get("tenants").and_then(|v| v.as_array()) {
+                out.extend(ts.iter().filter_map(|t| t.as_str()));
+            }
+            if let Some(sel) = d.get("selector").and_then(|v| v.as_str()) {
+                if let Some(t) = sel.strip_prefix("tenant ") {
+                    out.push(t);
+                } else if let Some((t, _)) =
+                    sel.strip_prefix("site ").and_then(|s| s.split_once('/'))
+                {
+                    out.push(t);
+                }
+            }
+            if self.action == "renew" {
+                if let Some((t, _)) = self.actor.split_once('/') {
+                    out.push(t);
+                }
+            }
+            out.sort_unstable();
+            out.dedup();
+            out
+        }
+    }
+
+    /// `GET /admin/audit?…`: which entries, newest first. Filters combine (all must match);
+    /// `actor` and `action` match a part of the text, `since`/`until` are Unix seconds
+    /// (inclusive). The service filters the newest [`AUDIT_WINDOW`] entries.
+    #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct AuditQuery {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub limit: Option<usize>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub tenant: Option<TenantId>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub actor: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub action: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub since: Option<i64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub until: Option<i64>,
+    }
+
+    /// How many of the newest audit entries a filtered query looks at.
+    pub const AUDIT_WINDOW: usize = 10_000;
+
+    impl AuditQuery {
+        pub fn matches(&self, r: &AuditRecord) -> bool {
+            self.tenant
+                .as_ref()
+                .is_none_or(|t| r.tenants().contains(&t.as_str()))
+                && self
+                    .actor
+                    .as_ref()
+                    .is_none_or(|a| r.actor.contains(a.as_str()))
+                && self
+                    .action
+                    .as_ref()
+                    .is_none_or(|a| r.action.contains(a.as_str()))
+                && self.since.is_none_or(|s| r.at >= s)
+                && self.until.is_none_or(|u| r.at <= u)
+        }
+    }
+
+    /// The published policy bundle, without its bytes.
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct PublishedPolicyInfo {
+        pub version: u64,
+        /// The signing key's id.
+        pub key_id: String,
+        pub published_at: i64,
+    }
+
+    /// The published policy bundle as gateways get it, with the key to verify it with.
+    #[derive(Debug, Clone, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct PolicyBundleResponse {
+        pub info: PublishedPolicyInfo,
+        /// The signed bundle, standard base64.
+        pub bundle: String,
+        /// The signing key bootstrap files carry now (base64), when the service has one.
+        pub policy_public_key: Option<String>,
+    }
+
+    /// What the service knows of its fleet: every valid identity (appliances, hubs, home
+    /// offices) with its certificate's expiry, and the policy in force.
+    #[derive(Debug, Clone, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct FleetResponse {
+        /// The service's clock (Unix seconds), for "expires in".
+        pub now: i64,
+        pub registry_version: u64,
+        /// The policy version handed out with enrollments.
+        pub policy_version: u64,
+        pub published_policy: Option<PublishedPolicyInfo>,
+        pub peers: Vec<Identity>,
+    }
+
     #[derive(Debug, Clone, Serialize, Deserialize)]
     #[serde(deny_unknown_fields)]
     pub struct PolicyVersionRequest {
@@ -355,5 +477,75 @@ pub mod admin {
         pub key_id: String,
         /// True when exactly this bundle was already published: nothing changed.
         pub unchanged: bool,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::admin::{AuditQuery, AuditRecord};
+    use crate::identity::TenantId;
+    use serde_json::json;
+
+    fn record(actor: &str, action: &str, details: serde_json::Value) -> AuditRecord {
+        AuditRecord {
+            id: 1,
+            at: 1000,
+            actor: actor.into(),
+            action: action.into(),
+            details,
+        }
+    }
+
+    #[test]
+    fn audit_entries_name_their_tenants_as_each_action_records_them() {
+        let token = record(
+            "uid:0",
+            "token.create",
+            json!({"tenant": "tholey", "site": "rathaus"}),
+        );
+        assert_eq!(token.tenants(), ["tholey"]);
+        let by_serial = record(
+            "uid:0",
+            "revoke",
+            json!({"selector": "serial 5f", "tenants": ["nohfelden", "tholey"]}),
+        );
+        assert_eq!(by_serial.tenants(), ["nohfelden", "tholey"]);
+        let older = record("uid:0", "revoke", json!({"selector": "site tholey/bauhof"}));
+        assert_eq!(older.tenants(), ["tholey"]);
+        let whole = record("uid:0", "revoke", json!({"selector": "tenant marpingen"}));
+        assert_eq!(whole.tenants(), ["marpingen"]);
+        let renew = record("tholey/rathaus", "renew", json!({"serial": "ab"}));
+        assert_eq!(renew.tenants(), ["tholey"]);
+        let policy = record("uid:0", "policy.publish", json!({"version": 3}));
+        assert!(policy.tenants().is_empty(), "operators only");
+    }
+
+    #[test]
+    fn audit_filters_combine() {
+        let r = record(
+            "tom (oidc sub 7) via uid:0",
+            "token.create",
+            json!({"tenant": "tholey"}),
+        );
+        let tholey = TenantId::parse("tholey").expect("name");
+        let q = |f: fn(&mut AuditQuery)| {
+            let mut q = AuditQuery::default();
+            f(&mut q);
+            q
+        };
+        assert!(AuditQuery::default().matches(&r));
+        assert!(q(|q| q.actor = Some("tom (oidc".into())).matches(&r));
+        assert!(!q(|q| q.actor = Some("nina".into())).matches(&r));
+        assert!(q(|q| q.action = Some("token".into())).matches(&r));
+        assert!(
+            q(|q| q.since = Some(1000)).matches(&r),
+            "since is inclusive"
+        );
+        assert!(!q(|q| q.until = Some(999)).matches(&r));
+        let mut both = q(|q| q.action = Some("token.create".into()));
+        both.tenant = Some(tholey);
+        assert!(both.matches(&r));
+        both.tenant = Some(TenantId::parse("nohfelden").expect("name"));
+        assert!(!both.matches(&r));
     }
 }

@@ -85,18 +85,13 @@ impl Service {
                 ))
             }
         }
-        self.make_room(&mut *txn, &id.tenant, &id.site, &wg, now)?;
-        let lifetime = self.config.cert_lifetime.0.as_secs() as i64;
-        let addrs = self.allocate_addresses(&mut *txn, &id.tenant, &id.site)?;
-        let (issued, identity) = self.issue_in(
+        let (_, issued, identity) = self.issue_for_site_in(
             &mut *txn,
             &id.tenant,
             &id.site,
             id.role,
             &wg,
-            addrs,
-            Some(&csr.spki_der),
-            lifetime,
+            &csr.spki_der,
             now,
         )?;
         txn.audit(
@@ -164,7 +159,11 @@ impl Service {
             actor,
             "revoke",
             &json!({"selector": selector.to_string(), "reason": req.reason,
-                    "serials": serials, "addresses_released": release}),
+                    "serials": serials, "addresses_released": release,
+                    // Whose audit log shows it (the console's commune admins): a serial
+                    // selector names no tenant itself.
+                    "tenants": certs.iter().map(|c| c.identity.tenant.as_str())
+                        .collect::<std::collections::BTreeSet<_>>()}),
         )?;
         let committed = txn.commit()?;
         Ok(RevokeResponse {

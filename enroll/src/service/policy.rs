@@ -6,7 +6,8 @@ use super::*;
 
 impl Service {
     /// The policy key new appliances pin: the configured one, or the one it rotated to.
-    pub(super) fn current_policy_key(&self) -> Option<String> {
+    /// The policy signing key bootstrap files carry (base64), when the service has one.
+    pub fn current_policy_key(&self) -> Option<String> {
         match &self.policy_keys {
             Some(store) => store.accepted_keys().first().map(|k| STANDARD.encode(k)),
             None => None,
