@@ -5,6 +5,9 @@
 //! re-resolution of all 10,000 when a new policy version goes in force
 //! (`HubCore::handle_policy`; the new version moves one commune's pool, so its peers change).
 //!
+//! Then what the hub's housekeeping reads of all peers every 250 ms, before and after it
+//! stopped gathering every peer's allowed IPs for it.
+//!
 //! `cargo bench -p komnet-gateway --bench registry` (env `COUNTY_PEERS`, default 10000)
 
 #![allow(clippy::unwrap_used)] // bench code: a failed setup should panic loudly
@@ -163,6 +166,23 @@ fn bench(c: &mut Criterion) {
             black_box(changes.len())
         })
     });
+    // The hub's housekeeping reads every peer four times a second (routes that follow
+    // handshakes, BGP announcements): what it read before (`peers`: every field, the allowed
+    // IPs gathered from the table, ordered by key) and what it reads now (`activity_into`).
+    let wall = std::time::SystemTime::now();
+    g.bench_function(format!("housekeeping read of {n} peers: peers()"), |b| {
+        b.iter(|| black_box(core.peers(Instant::now(), wall).len()))
+    });
+    let mut activity = Vec::new();
+    g.bench_function(
+        format!("housekeeping read of {n} peers: activity_into()"),
+        |b| {
+            b.iter(|| {
+                core.activity_into(Instant::now(), wall, &mut activity);
+                black_box(activity.len())
+            })
+        },
+    );
     g.finish();
 }
 

@@ -16,7 +16,7 @@ use chacha20poly1305::aead::{Aead, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use ipnet::IpNet;
 use komnet_gateway::cookie::HandshakeLimits;
-use komnet_gateway::core::{Action, Core, DropReason, PeerId, TIMER_INTERVAL};
+use komnet_gateway::core::{Action, Core, DropReason, PeerId, STALE_INITIATION, TIMER_INTERVAL};
 use komnet_gateway::packet::{
     COOKIE_REPLY_LEN, DATA_OVERHEAD, HANDSHAKE_INIT_LEN, HANDSHAKE_RESP_LEN, MSG_COOKIE_REPLY,
     MSG_DATA, MSG_HANDSHAKE_INIT, MSG_HANDSHAKE_RESP,
@@ -1329,6 +1329,49 @@ fn last_handshake_is_reported_as_wall_clock_time() {
     );
 }
 
+/// Housekeeping reads `activity_into` several times a second instead of `peers`: it must say
+/// the same of each peer, and `allowed_ips_version` must move exactly when addresses change.
+#[test]
+fn activity_and_allowed_ips_of_say_what_peers_says() {
+    let mut pair = Pair::new();
+    pair.advance(Duration::from_secs(2));
+    pair.handshake();
+    pair.transfer(Side::B, &ipv4_udp(B_V4, A_V4, b"and back"));
+    pair.advance(Duration::from_secs(1));
+    for side in [Side::A, Side::B] {
+        let now = pair.now;
+        let core = &mut pair.node(side).core;
+        let version = core.allowed_ips_version();
+        let info = core.peers(now, wall_clock());
+        let mut activity = vec![];
+        core.activity_into(now, wall_clock(), &mut activity);
+        assert_eq!(activity.len(), 1);
+        let (a, p) = (&activity[0], &info[0]);
+        assert_eq!(
+            (a.id, a.public_key, a.last_handshake, a.last_data),
+            (p.id, p.public_key, p.last_handshake, p.last_data),
+            "{side:?}"
+        );
+        assert!(
+            a.last_handshake.is_some() && a.last_data.is_some(),
+            "{side:?}"
+        );
+        assert_eq!(core.allowed_ips_of(a.id), p.allowed_ips, "{side:?}");
+        // Traffic and handshakes leave the version alone; an address change moves it.
+        assert_eq!(core.allowed_ips_version(), version);
+        core.add_allowed_ip(a.id, net("10.9.0.0/16"));
+        assert_ne!(core.allowed_ips_version(), version);
+        assert!(core.allowed_ips_of(a.id).contains(&net("10.9.0.0/16")));
+    }
+    let id = pair.a.peer;
+    pair.a.core.remove_peer(id);
+    assert!(pair.a.core.allowed_ips_of(id).is_empty());
+    let now = pair.now;
+    let mut activity = vec![];
+    pair.a.core.activity_into(now, wall_clock(), &mut activity);
+    assert!(activity.is_empty());
+}
+
 /// `last_data` says whether the peer uses this device as its gateway (a hub announces a
 /// spoke's routes by it): data and keepalives count, handshakes do not, so a hub that only
 /// gets its own handshakes answered (by a spoke for which it is the standby) does not count
@@ -1391,6 +1434,80 @@ fn both_sides_sending_first_converge_on_sessions_and_deliver_both_packets() {
 }
 
 // ---- conformance with the kernel (issue 20) -----------------------------------------------
+
+#[test]
+fn an_initiation_that_waited_longer_than_its_sender_waits_is_not_answered() {
+    let mut pair = Pair::new();
+    let hello = ipv4_udp(A_V4, B_V4, b"after a long queue");
+    pair.send(Side::A, &hello);
+    let init = pair.take_in_flight(a_addr(), b_addr());
+    assert_eq!(init.message_type(), MSG_HANDSHAKE_INIT);
+    // B reads it only now: it sat in B's receive queue past the bound. B spends nothing on it.
+    let now = pair.now;
+    let mut out = vec![0; BUF_LEN];
+    let waited = STALE_INITIATION + Duration::from_millis(1);
+    let action = pair.b.core.handle_received(
+        now,
+        waited,
+        init.src,
+        Some(init.dst.ip()),
+        &init.bytes,
+        &mut out,
+    );
+    assert_eq!(action, Action::Drop(DropReason::StaleHandshake));
+    assert_eq!(
+        pair.b.core.device_drops().get(DropReason::StaleHandshake),
+        1
+    );
+    // The same initiation read within the bound is answered, and the queued packet follows.
+    let action = pair.b.core.handle_received(
+        now,
+        STALE_INITIATION,
+        init.src,
+        Some(init.dst.ip()),
+        &init.bytes,
+        &mut out,
+    );
+    let Action::ToNetwork {
+        dst, offset, len, ..
+    } = action
+    else {
+        panic!("an initiation within the bound is answered: {action:?}");
+    };
+    assert_eq!(out[offset], MSG_HANDSHAKE_RESP);
+    let response = Datagram {
+        src: b_addr(),
+        dst,
+        bytes: out[offset..offset + len].to_vec(),
+    };
+    // Only initiations go stale: a response (and data) that waited as long is still taken.
+    let now = pair.now;
+    let mut out_a = vec![0; BUF_LEN];
+    let action = pair.a.core.handle_received(
+        now,
+        Duration::from_secs(10),
+        response.src,
+        Some(response.dst.ip()),
+        &response.bytes,
+        &mut out_a,
+    );
+    match action {
+        Action::ToNetwork {
+            dst, offset, len, ..
+        } => pair.transmit(
+            Side::A,
+            Datagram {
+                src: a_addr(),
+                dst,
+                bytes: out_a[offset..offset + len].to_vec(),
+            },
+        ),
+        Action::Nothing => {}
+        other => panic!("a late response was refused: {other:?}"),
+    }
+    pair.run();
+    assert_eq!(pair.b.tun.last().map(Vec::as_slice), Some(&hello[..]));
+}
 
 #[test]
 fn the_private_key_is_stored_and_shown_clamped() {

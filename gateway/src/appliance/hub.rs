@@ -203,6 +203,9 @@ async fn follow_once(ctx: &Arc<Ctx>) -> Result<LinkLoss> {
 pub(super) async fn hub_housekeeping(ctx: Arc<Ctx>) {
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     let mut ticks = 0u32;
+    let mut activity: Vec<PeerActivity> = Vec::new();
+    // The allowed-IPs version whose routes were all claimed (`None`: check every peer's).
+    let mut routes_seen: Option<u64> = None;
     loop {
         tick.tick().await;
         ticks = ticks.wrapping_add(1);
@@ -222,9 +225,17 @@ pub(super) async fn hub_housekeeping(ctx: Arc<Ctx>) {
         let Some(shared) = ctx.shared.get() else {
             continue;
         };
-        let peers = peer_snapshot(shared);
-        claim_routes(&ctx, &peers);
-        announce_routes(&ctx, &peers);
+        // Handshake and data times only: a peer's prefixes are fetched when they matter.
+        let version = {
+            let mut core = shared.core();
+            core.activity_into(now, SystemTime::now(), &mut activity);
+            core.allowed_ips_version()
+        };
+        let recheck = routes_seen != Some(version);
+        if claim_routes(&ctx, shared, &activity, recheck) {
+            routes_seen = Some(version);
+        }
+        announce_routes(&ctx, shared, &activity);
     }
 }
 
@@ -232,25 +243,50 @@ pub(super) fn peer_snapshot(shared: &Shared) -> Vec<PeerInfo> {
     shared.core().peers(Instant::now(), SystemTime::now())
 }
 
-pub(super) fn claim_routes(ctx: &Ctx, peers: &[PeerInfo]) {
-    let mut claims: Vec<([u8; 32], SystemTime, Vec<IpNet>)> = Vec::new();
+/// Routes into this hub's tunnel the addresses of every peer that completed a handshake since
+/// its routes were last claimed, and (with `recheck`, after any allowed IPs changed) of peers
+/// whose addresses changed. Returns whether every claim went through.
+pub(super) fn claim_routes(
+    ctx: &Ctx,
+    shared: &Shared,
+    activity: &[PeerActivity],
+    recheck: bool,
+) -> bool {
+    // Which peers to look at closer: those with a new handshake, and with `recheck` every
+    // claimed one (with the routes claimed for it).
+    type Candidate = (PeerId, [u8; 32], SystemTime, Option<Vec<IpNet>>);
+    let mut candidates: Vec<Candidate> = Vec::new();
     {
         let s = ctx.state.lock();
-        for p in peers {
+        for p in activity {
             let Some(at) = p.last_handshake else {
                 continue;
             };
-            let fresh = match s.claimed.get(&p.public_key) {
-                Some((t, routes)) => *t != at || *routes != p.allowed_ips,
-                None => true,
-            };
-            if fresh {
-                claims.push((p.public_key, at, p.allowed_ips.clone()));
+            match s.claimed.get(&p.public_key) {
+                Some((t, _)) if *t != at => candidates.push((p.id, p.public_key, at, None)),
+                Some((_, routes)) if recheck => {
+                    candidates.push((p.id, p.public_key, at, Some(routes.clone())))
+                }
+                Some(_) => {}
+                None => candidates.push((p.id, p.public_key, at, None)),
+            }
+        }
+    }
+    if candidates.is_empty() {
+        return true;
+    }
+    let mut claims: Vec<([u8; 32], SystemTime, Vec<IpNet>)> = Vec::new();
+    {
+        let core = shared.core();
+        for (id, key, at, claimed) in candidates {
+            let routes = core.allowed_ips_of(id);
+            if claimed.as_ref() != Some(&routes) {
+                claims.push((key, at, routes));
             }
         }
     }
     if claims.is_empty() {
-        return;
+        return true;
     }
     // One `ip -batch` for every claim of this tick: after a hub restart a thousand peers
     // handshake within a second, and one process per peer took seconds of the hub's CPU.
@@ -263,17 +299,22 @@ pub(super) fn claim_routes(ctx: &Ctx, peers: &[PeerInfo]) {
         for (key, at, routes) in claims {
             s.claimed.insert(key, (at, routes));
         }
-        return;
+        return true;
     }
     // Something was refused: peer by peer, so one bad route does not hold up the others.
+    let mut all_claimed = true;
     for (key, at, routes) in claims {
         match net::replace_routes(&ctx.config.interface, &routes) {
             Ok(()) => {
                 ctx.state.lock().claimed.insert(key, (at, routes));
             }
-            Err(e) => tracing::warn!(error = %e, "routing a peer's addresses"),
+            Err(e) => {
+                all_claimed = false;
+                tracing::warn!(error = %e, "routing a peer's addresses");
+            }
         }
     }
+    all_claimed
 }
 
 /// Hub with `[bgp]`: empties the announcement table at start (routes an earlier process left
@@ -299,25 +340,50 @@ pub(super) fn start_announcing(ctx: &Ctx, bgp: &BgpConfig) -> Result<()> {
 
 /// Hub with `[bgp]`: keeps the announcement table what the announcer decides for the peers
 /// as sampled now (read back every few seconds, repaired when someone else changed it).
-pub(super) fn announce_routes(ctx: &Ctx, peers: &[PeerInfo]) {
+pub(super) fn announce_routes(ctx: &Ctx, shared: &Shared, activity: &[PeerActivity]) {
     let Some(bgp) = &ctx.config.bgp else {
         return;
     };
     let now = Instant::now();
-    let check = {
-        let mut guard = ctx.state.lock();
-        let s = &mut *guard;
-        let (Some(hub), Some(announcer)) = (s.hub.as_ref(), s.announcer.as_mut()) else {
+    // The admitted peers the announcer would count as live; only their prefixes are fetched.
+    let live: Vec<(PeerId, Role, Option<Instant>)> = {
+        let s = ctx.state.lock();
+        let (Some(hub), Some(announcer)) = (s.hub.as_ref(), s.announcer.as_ref()) else {
             return;
         };
-        let samples = peers.iter().filter_map(|p| {
-            let identity = hub.admitted(&p.public_key)?;
-            Some(PeerSample {
-                role: identity.role,
-                last_data: p.last_data,
-                prefixes: &p.allowed_ips,
+        activity
+            .iter()
+            .filter_map(|p| {
+                let role = hub.admitted(&p.public_key)?.role;
+                let heard = p.last_data?;
+                // Hubs never route through one another.
+                (role != Role::Hub && heard + announcer.hold(role) > now).then_some((
+                    p.id,
+                    role,
+                    p.last_data,
+                ))
             })
-        });
+            .collect()
+    };
+    let prefixes: Vec<Vec<IpNet>> = {
+        let core = shared.core();
+        live.iter()
+            .map(|(id, ..)| core.allowed_ips_of(*id))
+            .collect()
+    };
+    let check = {
+        let mut guard = ctx.state.lock();
+        let Some(announcer) = guard.announcer.as_mut() else {
+            return;
+        };
+        let samples = live
+            .iter()
+            .zip(&prefixes)
+            .map(|(&(_, role, last_data), prefixes)| PeerSample {
+                role,
+                last_data,
+                prefixes,
+            });
         announcer.handle_peers(now, samples);
         announcer.poll_check(now)
     };

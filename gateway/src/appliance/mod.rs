@@ -58,7 +58,7 @@ use rand::RngCore;
 
 use crate::admission::PeerChange;
 use crate::core::DropReason;
-use crate::core::{Core, PeerId, PeerInfo};
+use crate::core::{Core, PeerActivity, PeerId, PeerInfo};
 use crate::daemon;
 use crate::driver::{self, Event, Shared, Sockets};
 use crate::firewall::{FirewallConfig, FlowOwner};

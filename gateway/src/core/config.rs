@@ -144,6 +144,7 @@ impl Core {
         slot.generation = slot.generation.wrapping_add(1);
         self.by_key.remove(&peer.public_key);
         self.allowed_ips.remove_peer(id);
+        self.allowed_ips_version += 1;
         self.free_slots.push(id.slot() as u16);
         self.pending.retain(|q| Some(q.dst) != peer.endpoint);
     }
@@ -216,11 +217,47 @@ impl Core {
 
     pub fn clear_allowed_ips(&mut self, id: PeerId) {
         self.allowed_ips.remove_peer(id);
+        self.allowed_ips_version += 1;
     }
 
     pub fn add_allowed_ip(&mut self, id: PeerId, net: IpNet) {
         if self.peer(id).is_some() {
             self.allowed_ips.insert(net, id);
+            self.allowed_ips_version += 1;
+        }
+    }
+
+    /// A number that changes whenever any peer's allowed IPs change (not their order).
+    pub fn allowed_ips_version(&self) -> u64 {
+        self.allowed_ips_version
+    }
+
+    /// The allowed IPs of one peer, as [`PeerInfo::allowed_ips`] lists them; a lookup of that
+    /// peer's own prefixes, not a walk over the table.
+    pub fn allowed_ips_of(&self, id: PeerId) -> Vec<IpNet> {
+        if self.peer(id).is_none() {
+            return Vec::new();
+        }
+        self.allowed_ips.prefixes_of(id)
+    }
+
+    /// Every peer's handshake and data times into `out` (emptied first, so one vector serves
+    /// every tick), in slot order: one pass over the peers, nothing allocated per peer.
+    pub fn activity_into(&mut self, now: Instant, wall: SystemTime, out: &mut Vec<PeerActivity>) {
+        self.enter(now);
+        out.clear();
+        let clock = self.clock;
+        let epoch = self.epoch;
+        for peer in self.slots.iter_mut().filter_map(|s| s.peer.as_mut()) {
+            note_handshake(peer, clock);
+            out.push(PeerActivity {
+                id: peer.id,
+                public_key: peer.public_key,
+                last_handshake: peer
+                    .handshake_at
+                    .and_then(|at| wall.checked_sub(clock.saturating_sub(at))),
+                last_data: peer.data_at.map(|at| epoch + at),
+            });
         }
     }
 

@@ -26,6 +26,7 @@ drop_reasons! {
     RateLimited => "rate_limited": "Handshake over its source's rate limit.",
     UnknownPeer => "unknown_peer": "Handshake from a static key that is not a configured peer.",
     UnknownIndex => "unknown_index": "Receiver index of no current peer.",
+    StaleHandshake => "stale_handshake": "Handshake initiation that waited in the receive queue longer than its sender waits for an answer (STALE_INITIATION): not answered.",
     HandshakeFailed => "handshake_failed": "Handshake that failed to authenticate or was replayed (stale timestamp).",
     NoSession => "no_session": "Data for a session we do not (or no longer) have.",
     Replay => "replay": "Data counter already seen or too old (replay window).",

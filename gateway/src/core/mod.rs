@@ -36,6 +36,10 @@ mod timers;
 
 pub use drops::{DropCounters, DropReason};
 
+/// How long a handshake initiation may wait in the receive queue and still be answered: half
+/// of REKEY_TIMEOUT (5 s), after which its sender retries with a new one. Half, because the
+/// answer must also travel back and the sender's timer started before the datagram left.
+pub const STALE_INITIATION: Duration = Duration::from_millis(2500);
 /// How often `update_timers` wants to run: boringtun's timers are designed for a ~250 ms tick.
 pub const TIMER_INTERVAL: Duration = Duration::from_millis(250);
 /// Peers a core can hold: slot numbers are 16 bits of boringtun's 24-bit peer index.
@@ -177,6 +181,18 @@ pub struct PeerInfo {
     pub allowed_ips: Vec<IpNet>,
 }
 
+/// What an appliance's housekeeping reads of every peer several times a second (routes that
+/// follow handshakes, BGP announcements): [`PeerInfo`] without what costs per peer to gather
+/// (allowed IPs, ordering), so a hub with 10,000 idle peers stays idle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerActivity {
+    pub id: PeerId,
+    pub public_key: [u8; 32],
+    pub last_handshake: Option<SystemTime>,
+    /// As [`PeerInfo::last_data`].
+    pub last_data: Option<Instant>,
+}
+
 struct DeviceKey {
     secret: StaticSecret,
     public: PublicKey,
@@ -241,6 +257,9 @@ pub struct Core {
     free_slots: Vec<u16>,
     by_key: HashMap<[u8; 32], PeerId>,
     allowed_ips: AllowedIps,
+    /// Moves on every change of any peer's allowed IPs: housekeeping that follows them asks
+    /// for a peer's prefixes only when it moved.
+    allowed_ips_version: u64,
     /// Datagrams produced outside a direct answer (timers, packets queued during a
     /// handshake); drained with `poll_transmit`.
     pending: VecDeque<Queued>,
@@ -371,6 +390,7 @@ impl Core {
             free_slots: Vec::new(),
             by_key: HashMap::new(),
             allowed_ips: AllowedIps::default(),
+            allowed_ips_version: 0,
             pending: VecDeque::new(),
             // Zeroed pages are mapped lazily: only what large packets touch costs memory.
             scratch: vec![0; MAX_DATAGRAM],

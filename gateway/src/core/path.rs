@@ -157,10 +157,31 @@ impl Core {
         datagram: &[u8],
         out: &mut [u8],
     ) -> Action {
+        self.handle_received(now, Duration::ZERO, src, local_ip, datagram, out)
+    }
+
+    /// [`Core::handle_datagram`] for a datagram that `waited` in the receive queue before it
+    /// was read (the driver knows from the kernel's receive timestamp). A handshake initiation
+    /// that waited longer than [`STALE_INITIATION`] is dropped unanswered: its sender has given
+    /// up on it and sent a newer one, so the Diffie-Hellman an answer costs would be wasted,
+    /// and under a burst of thousands of peers spending it on old initiations is what keeps a
+    /// hub behind for good.
+    pub fn handle_received(
+        &mut self,
+        now: Instant,
+        waited: Duration,
+        src: SocketAddr,
+        local_ip: Option<IpAddr>,
+        datagram: &[u8],
+        out: &mut [u8],
+    ) -> Action {
         self.enter(now);
         let Some(msg) = WireMessage::parse(datagram) else {
             return self.device_drop(DropReason::Malformed);
         };
+        if waited > STALE_INITIATION && matches!(msg, WireMessage::HandshakeInit { .. }) {
+            return self.device_drop(DropReason::StaleHandshake);
+        }
         if out.len() < datagram.len().max(MIN_OUT_BUF) {
             return self.device_drop(DropReason::BufferTooSmall);
         }

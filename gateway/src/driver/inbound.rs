@@ -170,9 +170,16 @@ fn decrypt_batch(
     hairpin: &mut Hairpin,
 ) -> bool {
     let now = Instant::now();
+    // The kernel stamps each datagram as it arrives (SO_TIMESTAMPNS, which quinn-udp turns on):
+    // how long it waited in the queue tells the core whether an initiation is still worth an
+    // answer. One clock read per batch.
+    let wall = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
     let mut k = 0;
     let (mut gate, mut core) = shared.gate_and_core();
     for (slot, meta) in metas.iter().enumerate() {
+        let waited = queue_wait(wall, meta.timestamp);
         let train = &rx[slot * RX_SLOT..slot * RX_SLOT + meta.len.min(RX_SLOT)];
         for datagram in train.chunks(meta.stride.max(1)) {
             if k == tun_bufs.len() || !hairpin.has_room(datagram.len()) {
@@ -190,7 +197,7 @@ fn decrypt_batch(
                 0,
             );
             let out = &mut buf[VIRTIO_NET_HDR_LEN..];
-            match core.handle_datagram(now, meta.addr, meta.dst_ip, datagram, out) {
+            match core.handle_received(now, waited, meta.addr, meta.dst_ip, datagram, out) {
                 Action::ToTun { peer, offset, len } => {
                     if let Some(g) = gate.as_deref_mut() {
                         let start = VIRTIO_NET_HDR_LEN + offset;
@@ -235,6 +242,12 @@ fn decrypt_batch(
     drop(gate);
     write_tun(shared, tun_bufs, k, gro);
     has_pending
+}
+
+/// How long a datagram stamped `arrived` (since the Unix epoch, by the kernel) waited until
+/// `wall`; zero when it carries no stamp or the wall clock stepped back meanwhile.
+pub(super) fn queue_wait(wall: Duration, arrived: Option<Duration>) -> Duration {
+    arrived.map_or(Duration::ZERO, |t| wall.saturating_sub(t))
 }
 
 fn write_tun(shared: &Shared, tun_bufs: &mut [Vec<u8>], k: usize, gro: &mut GROTable) {

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::collections::HashMap;
 
 use parking_lot::{Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 use quinn_udp::{RecvMeta, Transmit, UdpSocketState};
@@ -329,6 +329,49 @@ mod tests {
         assert!(
             !data_lane.contains(&MSG_HANDSHAKE_INIT),
             "initiations reached the data socket's queue"
+        );
+    }
+
+    #[test]
+    fn received_datagrams_tell_how_long_they_waited_in_the_queue() {
+        let sockets = Sockets::bind(0, 0).expect("bind");
+        let to = SocketAddr::from((Ipv4Addr::LOCALHOST, sockets.port()));
+        let sender = UdpSocket::bind("127.0.0.1:0").expect("sender");
+        let mut init = [0u8; HANDSHAKE_INIT_LEN];
+        init[0] = MSG_HANDSHAKE_INIT;
+        sender.send_to(&init, to).expect("send");
+        // Nobody reads meanwhile: the datagram waits at least this long.
+        let pause = Duration::from_millis(30);
+        std::thread::sleep(pause);
+        let udp = sockets
+            .hs_v4
+            .as_ref()
+            .or(sockets.v4.as_ref())
+            .expect("a v4 socket");
+        let mut buf = vec![0u8; RX_SLOT];
+        let mut metas = [RecvMeta::default(); 1];
+        let n = udp
+            .state
+            .load()
+            .recv(
+                (&udp.sock).into(),
+                &mut [IoSliceMut::new(&mut buf)],
+                &mut metas,
+            )
+            .expect("the datagram is queued");
+        assert_eq!(n, 1);
+        let wall = SystemTime::now().duration_since(UNIX_EPOCH).expect("clock");
+        let waited = inbound::queue_wait(wall, metas[0].timestamp);
+        assert!(
+            metas[0].timestamp.is_some(),
+            "no kernel receive timestamp: SO_TIMESTAMPNS is off"
+        );
+        assert!(waited >= pause, "waited {waited:?}, slept {pause:?}");
+        // No stamp, or a wall clock that stepped back: nothing waited.
+        assert_eq!(inbound::queue_wait(wall, None), Duration::ZERO);
+        assert_eq!(
+            inbound::queue_wait(wall, Some(wall + Duration::from_secs(9))),
+            Duration::ZERO
         );
     }
 

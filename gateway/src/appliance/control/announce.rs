@@ -112,7 +112,8 @@ impl Announcer {
         self.installed.iter()
     }
 
-    fn hold(&self, role: Role) -> Duration {
+    /// How long a peer of `role` stays announced after its last transport data.
+    pub fn hold(&self, role: Role) -> Duration {
         match role {
             Role::Spoke => self.settings.spoke_hold,
             Role::HomeOffice | Role::Hub => self.settings.other_hold,
