@@ -103,8 +103,10 @@ ip netns exec "$NS_GEN" sysctl -qw net.ipv4.ip_local_port_range="40000 60999"
 
 sink_packets() { ip -n "$NS_SRV" -s -j link show eth0 | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["stats64"]["rx"]["packets"])'; }
 rss_mib() { awk '/^VmRSS:/{printf "%.1f", $2/1024}' "/proc/$1/status"; }
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
-# idle_cpu PID SECS: the process's CPU share (% of one core) over SECS seconds.
+# utime + stime, and the same of the children it has waited for (the `ip` processes a hub runs
+# for its routes count as its own work).
+cpu_ticks() { awk '{print $14 + $15 + $16 + $17}' "/proc/$1/stat" 2>/dev/null || echo 0; }
+# idle_cpu PID SECS: the process's CPU share (% of one core) over SECS seconds, with its children.
 idle_cpu() {
     local t0 t1 hz; hz=$(getconf CLK_TCK); t0=$(cpu_ticks "$1"); sleep "$2"; t1=$(cpu_ticks "$1")
     awk -v t=$((t1 - t0)) -v hz="$hz" -v s="$2" 'BEGIN{printf "%.1f", 100 * t / hz / s}'

@@ -178,7 +178,7 @@ fn bench(c: &mut Criterion) {
         format!("housekeeping read of {n} peers: activity_into()"),
         |b| {
             b.iter(|| {
-                core.activity_into(Instant::now(), wall, &mut activity);
+                core.activity_into(Instant::now(), &mut activity);
                 black_box(activity.len())
             })
         },

@@ -228,7 +228,7 @@ pub(super) async fn hub_housekeeping(ctx: Arc<Ctx>) {
         // Handshake and data times only: a peer's prefixes are fetched when they matter.
         let version = {
             let mut core = shared.core();
-            core.activity_into(now, SystemTime::now(), &mut activity);
+            core.activity_into(now, &mut activity);
             core.allowed_ips_version()
         };
         let recheck = routes_seen != Some(version);
@@ -254,12 +254,12 @@ pub(super) fn claim_routes(
 ) -> bool {
     // Which peers to look at closer: those with a new handshake, and with `recheck` every
     // claimed one (with the routes claimed for it).
-    type Candidate = (PeerId, [u8; 32], SystemTime, Option<Vec<IpNet>>);
+    type Candidate = (PeerId, [u8; 32], Instant, Option<Vec<IpNet>>);
     let mut candidates: Vec<Candidate> = Vec::new();
     {
         let s = ctx.state.lock();
         for p in activity {
-            let Some(at) = p.last_handshake else {
+            let Some(at) = p.handshake_at else {
                 continue;
             };
             match s.claimed.get(&p.public_key) {
@@ -275,7 +275,7 @@ pub(super) fn claim_routes(
     if candidates.is_empty() {
         return true;
     }
-    let mut claims: Vec<([u8; 32], SystemTime, Vec<IpNet>)> = Vec::new();
+    let mut claims: Vec<([u8; 32], Instant, Vec<IpNet>)> = Vec::new();
     {
         let core = shared.core();
         for (id, key, at, claimed) in candidates {

@@ -99,8 +99,9 @@ struct ControlState {
     renewal: Option<RenewalSchedule>,
     /// Hub: the registry view, admissions, certificate expiry, the link to the registry.
     hub: Option<HubCore>,
-    /// Hub: the handshake time for which a peer's routes were last claimed, and those routes.
-    claimed: HashMap<[u8; 32], (SystemTime, Vec<IpNet>)>,
+    /// Hub: the handshake (core time) for which a peer's routes were last claimed, and those
+    /// routes.
+    claimed: HashMap<[u8; 32], (Instant, Vec<IpNet>)>,
     /// Hub with `[bgp]`: which prefixes go into the announcement table.
     announcer: Option<Announcer>,
     /// Spoke: which hub carries the traffic, failover, hub-list refresh, LAN retries.

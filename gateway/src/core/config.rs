@@ -243,7 +243,7 @@ impl Core {
 
     /// Every peer's handshake and data times into `out` (emptied first, so one vector serves
     /// every tick), in slot order: one pass over the peers, nothing allocated per peer.
-    pub fn activity_into(&mut self, now: Instant, wall: SystemTime, out: &mut Vec<PeerActivity>) {
+    pub fn activity_into(&mut self, now: Instant, out: &mut Vec<PeerActivity>) {
         self.enter(now);
         out.clear();
         let clock = self.clock;
@@ -253,9 +253,7 @@ impl Core {
             out.push(PeerActivity {
                 id: peer.id,
                 public_key: peer.public_key,
-                last_handshake: peer
-                    .handshake_at
-                    .and_then(|at| wall.checked_sub(clock.saturating_sub(at))),
+                handshake_at: peer.handshake_at.map(|at| epoch + at),
                 last_data: peer.data_at.map(|at| epoch + at),
             });
         }

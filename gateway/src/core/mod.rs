@@ -188,7 +188,10 @@ pub struct PeerInfo {
 pub struct PeerActivity {
     pub id: PeerId,
     pub public_key: [u8; 32],
-    pub last_handshake: Option<SystemTime>,
+    /// When the current session was established, in the core's time: stable from one read to
+    /// the next (a wall-clock form, as [`PeerInfo::last_handshake`] is, would differ by the
+    /// nanoseconds between reading the two clocks and look like a new handshake every time).
+    pub handshake_at: Option<Instant>,
     /// As [`PeerInfo::last_data`].
     pub last_data: Option<Instant>,
 }
