@@ -17,7 +17,7 @@ use komnet_enroll::config::{self, Config, DatabaseUrl, HumanDuration};
 use komnet_enroll::identity::SiteId;
 use komnet_enroll::server;
 use komnet_enroll::service::{self, Clock as _, Service, SystemClock};
-use komnet_sdnotify::Notifier;
+use komnet_proto::service_manager::Notifier;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -327,10 +327,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             let mut term =
                 tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
                     .context("SIGTERM handler")?;
-            let notify = Arc::new(Notifier::from_env().unwrap_or_else(|e| {
-                tracing::warn!(error = %e, "not sending systemd notifications");
-                Notifier::disabled()
-            }));
+            let notify = Arc::new(Notifier::from_env());
             notify_logged(&notify.ready(&format!("serving https://{}", running.addr)));
             let keepalive = tokio::spawn(keepalive(notify.clone(), service.clone()));
             let stopped = tokio::select! {

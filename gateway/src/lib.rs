@@ -7,7 +7,8 @@
 //! - [`uapi`]: the cross-platform UAPI text protocol (`wg`, `wg-quick`), parsed without side
 //!   effects and applied atomically.
 //! - [`driver`]: the thin I/O layer: TUN with offloads (tun-rs), UDP with GSO/GRO
-//!   (quinn-udp), batches carried through the pipeline, one thread per direction.
+//!   (quinn-udp), batches carried through the pipeline, one thread per direction plus one for
+//!   handshakes (so a flood of them cannot stall data) and one for timers.
 //! - [`firewall`]: the hub's stateful enforcement of the compiled segmentation policy (flow
 //!   table with idle timeouts and a bound, related ICMP errors), sans-IO.
 //! - [`gate`]: the firewall, policy and peer identities as the driver locks them per batch.
@@ -16,7 +17,8 @@
 //! - [`appliance`]: `komnet-gateway run --config`: the hub or spoke appliance: enrollment,
 //!   registry, policy bundles, nftables, failover, `/metrics` and `/status`.
 //! - [`unreachable`]: ICMP host-unreachable answers for packets no peer can take.
-//! - `sys`: the few syscalls no crate wraps; the only place with `unsafe`.
+//! - `sys`: syscalls std and socket2 do not cover, through `nix` where it has a safe wrapper;
+//!   the only place with `unsafe`.
 //!
 //! It does not own enrollment (`komnet-enroll`) or the policy language (`komnet-policy`); it
 //! enforces the policy that crate compiles.

@@ -1,13 +1,23 @@
-//! The few syscalls no safe wrapper covers. The only module of the crate with `unsafe`; every
-//! block says why it is sound.
+//! The syscalls std and socket2 do not cover, through `nix` where it has a safe wrapper. The
+//! only module of the crate with `unsafe` (what nix lacks or does not fit: the path-MTU socket
+//! options, the TUN ioctls, poll on the packet path, fork and a pre-exec hook); every block
+//! says why it is sound.
 #![allow(unsafe_code)]
 
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 
+use nix::sys::socket::{self as nixsock, sockopt};
+
+/// A nix error as the `io::Error` the rest of the crate speaks.
+fn os(e: nix::Error) -> io::Error {
+    io::Error::from(e)
+}
+
+/// An int-valued socket option nix has no wrapper for (the path-MTU discovery modes).
 fn setsockopt_int(fd: &impl AsRawFd, level: i32, name: i32, value: i32) -> io::Result<()> {
     // SAFETY: `fd` is a live socket borrowed for the call; we pass a pointer to a local i32
-    // and its exact size, which is what these SOL_SOCKET options read.
+    // and its exact size, which is what these options read.
     let rc = unsafe {
         libc::setsockopt(
             fd.as_raw_fd(),
@@ -27,14 +37,12 @@ fn setsockopt_int(fd: &impl AsRawFd, level: i32, name: i32, value: i32) -> io::R
 /// Sets SO_RCVBUF/SO_SNDBUF to `bytes`, past `net.core.{r,w}mem_max` when we have
 /// CAP_NET_ADMIN (the FORCE variants), else as far as the sysctl allows. Large buffers keep a
 /// burst of GSO/GRO batches from overflowing the socket (measured: 100 k+ retransmits without).
-pub(crate) fn set_socket_buffers(fd: &impl AsRawFd, bytes: i32) {
-    for (force, plain) in [
-        (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
-        (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
-    ] {
-        if setsockopt_int(fd, libc::SOL_SOCKET, force, bytes).is_err() {
-            let _ = setsockopt_int(fd, libc::SOL_SOCKET, plain, bytes);
-        }
+pub(crate) fn set_socket_buffers(fd: &impl AsFd, bytes: usize) {
+    if nixsock::setsockopt(fd, sockopt::RcvBufForce, &bytes).is_err() {
+        let _ = nixsock::setsockopt(fd, sockopt::RcvBuf, &bytes);
+    }
+    if nixsock::setsockopt(fd, sockopt::SndBufForce, &bytes).is_err() {
+        let _ = nixsock::setsockopt(fd, sockopt::SndBuf, &bytes);
     }
 }
 
@@ -50,48 +58,39 @@ pub(crate) enum Forked {
 pub(crate) fn fork() -> io::Result<Forked> {
     // SAFETY: called before any thread is spawned (the daemon forks right after creating the
     // TUN device and UAPI socket), so the child inherits no lock held by another thread.
-    match unsafe { libc::fork() } {
-        -1 => Err(io::Error::last_os_error()),
-        0 => Ok(Forked::Child),
-        _ => Ok(Forked::Parent),
+    match unsafe { nix::unistd::fork() }.map_err(os)? {
+        nix::unistd::ForkResult::Child => Ok(Forked::Child),
+        nix::unistd::ForkResult::Parent { .. } => Ok(Forked::Parent),
     }
 }
 
 /// Starts a new session so the daemon leaves its caller's terminal and process group.
 pub(crate) fn setsid() -> io::Result<()> {
-    // SAFETY: setsid takes no arguments and only changes this process's session.
-    if unsafe { libc::setsid() } == -1 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    nix::unistd::setsid().map(drop).map_err(os)
 }
 
 /// Sets the file-mode creation mask; returns the previous one.
 pub(crate) fn umask(mask: u32) -> u32 {
-    // SAFETY: umask cannot fail and touches only the process's mask.
-    unsafe { libc::umask(mask as libc::mode_t) as u32 }
+    let mode = nix::sys::stat::Mode::from_bits_truncate(mask as libc::mode_t);
+    nix::sys::stat::umask(mode).bits()
 }
 
 /// The index of interface `name` in our network namespace, `None` when it does not exist.
 pub(crate) fn if_index(name: &str) -> Option<u32> {
-    let c = std::ffi::CString::new(name).ok()?;
-    // SAFETY: `c` is a valid NUL-terminated string that outlives the call.
-    let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
-    (idx != 0).then_some(idx)
+    nix::net::if_::if_nametoindex(name).ok()
 }
 
 /// Redirects stdin to /dev/null so a daemon holds no terminal input.
 pub(crate) fn stdin_to_devnull() -> io::Result<()> {
     let null = std::fs::File::open("/dev/null")?;
-    // SAFETY: both descriptors are valid; dup2 atomically replaces fd 0.
-    if unsafe { libc::dup2(null.as_raw_fd(), 0) } == -1 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    nix::unistd::dup2_stdin(&null).map_err(os)
 }
 
-/// Waits up to `timeout_ms` for any of `fds` (at most 4) to become readable (`write` false)
-/// or writable (`write` true). Returns a bit per fd that is ready; 0 on timeout or EINTR.
+/// Waits up to `timeout_ms` for any of `fds` (at most 4; -1 for an absent one) to become
+/// readable (`write` false) or writable (`write` true). Returns a bit per fd that is ready; 0 on
+/// timeout or EINTR. Raw poll(2) rather than nix's: its `PollFd` cannot stand for an absent
+/// socket, which the receive loops' fixed bit positions need, and this runs once per batch on
+/// the packet path, so it builds nothing on the heap.
 pub(crate) fn wait_ready(fds: &[i32], write: bool, timeout_ms: i32) -> io::Result<u32> {
     let events = if write { libc::POLLOUT } else { libc::POLLIN };
     let mut pfds = [libc::pollfd {
@@ -130,7 +129,7 @@ pub(crate) fn wait_ready(fds: &[i32], write: bool, timeout_ms: i32) -> io::Resul
 /// not dropped by the kernel behind it (issue 14). A classic BPF program: for a reuseport
 /// group the kernel runs it with the packet's data at the UDP payload, and its return value is
 /// the index of the socket (in the order they joined the group).
-pub(crate) fn steer_by_message_type(fd: &impl AsRawFd) -> io::Result<()> {
+pub(crate) fn steer_by_message_type(fd: &impl AsFd) -> io::Result<()> {
     const BPF_LD_B_ABS: u16 = 0x30; // A = payload[k] (a too-short payload ends the program: 0)
     const BPF_JEQ_K: u16 = 0x15; // A == k ? skip jt : skip jf
     const BPF_RET_K: u16 = 0x06; // return k
@@ -145,22 +144,8 @@ pub(crate) fn steer_by_message_type(fd: &impl AsRawFd) -> io::Result<()> {
         len: program.len() as u16,
         filter: program.as_mut_ptr(),
     };
-    // SAFETY: `fd` is a live socket borrowed for the call; `fprog` points at `program`, which
-    // outlives the call (the kernel copies the program), and we pass its exact size.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_ATTACH_REUSEPORT_CBPF,
-            (&fprog as *const libc::sock_fprog).cast(),
-            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    // The kernel copies the program during the call; `program` outlives it.
+    nixsock::setsockopt(fd, sockopt::AttachReusePortCbpf, &fprog).map_err(os)
 }
 
 /// Sets `IFLA_GSO_MAX_SIZE` of interface `ifindex` over rtnetlink: the largest TSO
@@ -217,42 +202,17 @@ fn rtnl_setlink(ifindex: u32, attrs: &[u8]) -> io::Result<()> {
     req[20..24].copy_from_slice(&(ifindex as i32).to_ne_bytes());
     req[32..].copy_from_slice(attrs);
 
-    // SAFETY: plain socket(2) call; the returned descriptor is owned by `OwnedFd` below.
-    let raw = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            libc::NETLINK_ROUTE,
-        )
-    };
-    if raw < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `raw` is a fresh descriptor nothing else owns.
-    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) };
-    // SAFETY: sockaddr_nl is plain data; all-zero is a valid value that we then fill in.
-    let mut kernel: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-    kernel.nl_family = libc::AF_NETLINK as libc::sa_family_t;
-    // SAFETY: `req` and `kernel` are live; the lengths are their exact sizes.
-    let sent = unsafe {
-        libc::sendto(
-            fd.as_raw_fd(),
-            req.as_ptr().cast(),
-            req.len(),
-            0,
-            (&kernel as *const libc::sockaddr_nl).cast(),
-            std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
-        )
-    };
-    if sent < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let fd = nixsock::socket(
+        nixsock::AddressFamily::Netlink,
+        nixsock::SockType::Raw,
+        nixsock::SockFlag::SOCK_CLOEXEC,
+        nixsock::SockProtocol::NetlinkRoute,
+    )
+    .map_err(os)?;
+    let kernel = nixsock::NetlinkAddr::new(0, 0);
+    nixsock::sendto(fd.as_raw_fd(), &req, &kernel, nixsock::MsgFlags::empty()).map_err(os)?;
     let mut ack = [0u8; 512];
-    // SAFETY: `ack` is a live local buffer of the length we pass.
-    let got = unsafe { libc::recv(fd.as_raw_fd(), ack.as_mut_ptr().cast(), ack.len(), 0) };
-    if got < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let got = nixsock::recv(fd.as_raw_fd(), &mut ack, nixsock::MsgFlags::empty()).map_err(os)?;
     // The answer is an NLMSG_ERROR whose first field is 0 (success) or a negative errno.
     let msg_type = u16::from_ne_bytes([ack[4], ack[5]]);
     let code = i32::from_ne_bytes([ack[16], ack[17], ack[18], ack[19]]);
@@ -265,24 +225,20 @@ fn rtnl_setlink(ifindex: u32, attrs: &[u8]) -> io::Result<()> {
     }
 }
 
-fn setsockopt_on(fd: &impl AsRawFd, level: i32, name: i32, value: i32) -> io::Result<()> {
-    setsockopt_int(fd, level, name, value)
-}
-
 /// Lets the kernel fragment our outer datagrams as the kernel's WireGuard does (it sends with
 /// DF clear): IPv4 `IP_PMTUDISC_DONT`, IPv6 `IPV6_PMTUDISC_DONT` and `IPV6_DONTFRAG` off.
 /// quinn-udp sets the opposite (a QUIC stack does its own path MTU discovery); called after it.
-pub(crate) fn allow_fragmentation(fd: &impl AsRawFd, v6: bool) -> io::Result<()> {
+pub(crate) fn allow_fragmentation(fd: &(impl AsRawFd + AsFd), v6: bool) -> io::Result<()> {
     if v6 {
-        setsockopt_on(
+        setsockopt_int(
             fd,
             libc::IPPROTO_IPV6,
             libc::IPV6_MTU_DISCOVER,
             libc::IPV6_PMTUDISC_DONT,
         )?;
-        setsockopt_on(fd, libc::IPPROTO_IPV6, libc::IPV6_DONTFRAG, 0)
+        nixsock::setsockopt(fd, sockopt::Ipv6DontFrag, &false).map_err(os)
     } else {
-        setsockopt_on(
+        setsockopt_int(
             fd,
             libc::IPPROTO_IP,
             libc::IP_MTU_DISCOVER,
@@ -301,26 +257,27 @@ pub(crate) fn route_mtu(dst: std::net::SocketAddr) -> io::Result<u32> {
     };
     let sock = socket2::Socket::new(domain, socket2::Type::DGRAM, None)?;
     sock.connect(&dst.into())?;
-    let (level, name) = if dst.is_ipv4() {
-        (libc::IPPROTO_IP, libc::IP_MTU)
+    let value = if dst.is_ipv4() {
+        nixsock::getsockopt(&sock, sockopt::IpMtu).map_err(os)?
     } else {
-        (libc::IPPROTO_IPV6, libc::IPV6_MTU)
+        // nix has no IPV6_MTU.
+        let mut value: i32 = 0;
+        let mut len = std::mem::size_of::<i32>() as libc::socklen_t;
+        // SAFETY: `sock` is a live socket; we pass a pointer to a local i32 and its size.
+        let rc = unsafe {
+            libc::getsockopt(
+                sock.as_raw_fd(),
+                libc::IPPROTO_IPV6,
+                libc::IPV6_MTU,
+                (&mut value as *mut i32).cast(),
+                &mut len,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        value
     };
-    let mut value: i32 = 0;
-    let mut len = std::mem::size_of::<i32>() as libc::socklen_t;
-    // SAFETY: `sock` is a live socket; we pass a pointer to a local i32 and its size.
-    let rc = unsafe {
-        libc::getsockopt(
-            sock.as_raw_fd(),
-            level,
-            name,
-            (&mut value as *mut i32).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
     u32::try_from(value).map_err(|_| io::Error::other("negative MTU"))
 }
 
@@ -340,7 +297,7 @@ struct IfReq {
 pub(crate) struct TunMtuReader {
     /// (device, inode) of the namespace `sock` lives in.
     netns: Option<(u64, u64)>,
-    sock: Option<std::os::fd::OwnedFd>,
+    sock: Option<OwnedFd>,
 }
 
 impl TunMtuReader {
@@ -360,7 +317,7 @@ impl TunMtuReader {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: `raw` is a fresh descriptor nothing else owns.
-        let ns = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) };
+        let ns = unsafe { OwnedFd::from_raw_fd(raw) };
         let meta = std::fs::File::from(ns);
         let id = {
             use std::os::unix::fs::MetadataExt;
@@ -386,15 +343,12 @@ impl TunMtuReader {
 
 /// A datagram socket in the network namespace `ns` refers to. Entering a namespace changes only
 /// the calling thread, so a throwaway thread does it; the socket stays in that namespace.
-fn socket_in_netns(ns: std::fs::File) -> io::Result<std::os::fd::OwnedFd> {
+fn socket_in_netns(ns: std::fs::File) -> io::Result<OwnedFd> {
     std::thread::spawn(move || {
-        // SAFETY: `ns` is a namespace descriptor from TUNGETDEVNETNS; setns affects only this
-        // thread, which ends right after creating the socket.
-        if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
+        // Affects only this thread, which ends right after creating the socket.
+        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(os)?;
         let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)?;
-        Ok(std::os::fd::OwnedFd::from(sock))
+        Ok(OwnedFd::from(sock))
     })
     .join()
     .map_err(|_| io::Error::other("namespace thread panicked"))?
@@ -408,10 +362,7 @@ pub(crate) fn end_with_parent(cmd: &mut std::process::Command) {
     // is async-signal-safe; it touches no memory of the parent.
     unsafe {
         cmd.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(())
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).map_err(os)
         });
     }
 }

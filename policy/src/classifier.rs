@@ -7,119 +7,14 @@
 //! addresses contain the packet's destination has a prefix containing that class prefix, so the
 //! class fixes the set of services a packet can be for.
 
-use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
 use std::net::IpAddr;
 
 use ipnet::IpNet;
+use komnet_proto::prefix_table::{IntMap, PrefixTable};
 
 use crate::flow::{Origin, PacketMeta, PortRange, Proto, Role};
 use crate::model::{GuardTarget, GuardrailId, Policy, RuleId};
 use crate::oracle::{Decider, Decision};
-
-/// A multiplicative hasher for the integer keys of the lookup tables (addresses are not chosen
-/// by an attacker in a way that matters here: the tables are built from the policy, and a probe
-/// for an unknown key costs one miss).
-#[derive(Default, Clone, Copy, Debug)]
-pub(crate) struct IntHasher(u64);
-
-impl Hasher for IntHasher {
-    fn finish(&self) -> u64 {
-        // The multiply in `write_u64` moves entropy only upwards; fold the high half down so
-        // the table's bucket index (low bits) depends on every key bit.
-        let x = self.0 ^ (self.0 >> 32);
-        x.wrapping_mul(0xD6E8_FEB8_6659_FD93) ^ (x >> 29)
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.write_u64(u64::from(*b));
-        }
-    }
-    fn write_u32(&mut self, n: u32) {
-        self.write_u64(u64::from(n));
-    }
-    fn write_u64(&mut self, n: u64) {
-        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    }
-    fn write_u128(&mut self, n: u128) {
-        self.write_u64(n as u64);
-        self.write_u64((n >> 64) as u64);
-    }
-}
-
-type IntMap<K, V> = HashMap<K, V, BuildHasherDefault<IntHasher>>;
-
-/// Longest-prefix match with one hash table per prefix length present, longest first.
-#[derive(Debug, Clone)]
-struct Lpm<K> {
-    levels: Vec<(K, IntMap<K, u32>)>,
-}
-
-trait AddrBits: Copy + Eq + std::hash::Hash + std::ops::BitAnd<Output = Self> {
-    const BITS: u8;
-    fn mask(len: u8) -> Self;
-}
-
-impl AddrBits for u32 {
-    const BITS: u8 = 32;
-    fn mask(len: u8) -> u32 {
-        if len == 0 {
-            0
-        } else {
-            u32::MAX << (32 - u32::from(len))
-        }
-    }
-}
-
-impl AddrBits for u128 {
-    const BITS: u8 = 128;
-    fn mask(len: u8) -> u128 {
-        if len == 0 {
-            0
-        } else {
-            u128::MAX << (128 - u32::from(len))
-        }
-    }
-}
-
-impl<K: AddrBits> Lpm<K> {
-    fn new() -> Self {
-        Lpm { levels: Vec::new() }
-    }
-
-    /// Inserts `addr/len`; the first value inserted for a prefix wins.
-    fn insert(&mut self, addr: K, len: u8, value: u32) {
-        let mask = K::mask(len);
-        let pos = match self.levels.iter().position(|(m, _)| *m == mask) {
-            Some(p) => p,
-            None => {
-                self.levels.push((mask, IntMap::default()));
-                // Longest prefixes first: a longer mask has more leading ones.
-                self.levels
-                    .sort_by_key(|(m, _)| std::cmp::Reverse(mask_len::<K>(*m)));
-                self.levels
-                    .iter()
-                    .position(|(m, _)| *m == mask)
-                    .unwrap_or_default()
-            }
-        };
-        self.levels[pos].1.entry(addr & mask).or_insert(value);
-    }
-
-    #[inline]
-    fn lookup(&self, addr: K) -> Option<u32> {
-        self.levels
-            .iter()
-            .find_map(|(mask, table)| table.get(&(addr & *mask)).copied())
-    }
-}
-
-fn mask_len<K: AddrBits>(mask: K) -> u8 {
-    (0..=K::BITS)
-        .rev()
-        .find(|&l| K::mask(l) == mask)
-        .unwrap_or(0)
-}
 
 #[derive(Debug, Clone, Copy)]
 struct SegmentInfo {
@@ -139,10 +34,10 @@ struct Entry {
 /// A policy compiled for per-packet decisions.
 #[derive(Debug, Clone)]
 pub struct Classifier {
-    src_v4: Lpm<u32>,
-    src_v6: Lpm<u128>,
-    dst_v4: Lpm<u32>,
-    dst_v6: Lpm<u128>,
+    /// Segment prefix → segment index.
+    src: PrefixTable<u32>,
+    /// Destination class prefix → class index.
+    dst: PrefixTable<u32>,
     segments: Vec<SegmentInfo>,
     /// (segment << 32 | class) → range in `entries`.
     pairs: IntMap<u64, (u32, u32)>,
@@ -159,12 +54,12 @@ enum Fragment {
 impl Classifier {
     /// Compiles `policy`. Cost grows with the number of (segment, service) pairs its rules name.
     pub fn compile(policy: &Policy) -> Classifier {
-        let mut src_v4 = Lpm::new();
-        let mut src_v6 = Lpm::new();
+        let mut src = PrefixTable::new();
         let mut segments = Vec::with_capacity(policy.segments.len());
         for (i, s) in policy.segments.iter().enumerate() {
             for p in &s.prefixes {
-                insert_net(&mut src_v4, &mut src_v6, p, i as u32);
+                // The first segment to name a prefix keeps it (the checker refuses overlaps).
+                src.insert_vacant(*p, i as u32);
             }
             let everything = policy
                 .guardrails
@@ -186,10 +81,9 @@ impl Classifier {
             .collect();
         classes.sort();
         classes.dedup();
-        let mut dst_v4 = Lpm::new();
-        let mut dst_v6 = Lpm::new();
+        let mut dst = PrefixTable::new();
         for (i, c) in classes.iter().enumerate() {
-            insert_net(&mut dst_v4, &mut dst_v6, c, i as u32);
+            dst.insert_vacant(*c, i as u32);
         }
         // For each service, the classes it covers (its own prefixes and every longer one inside).
         let service_classes: Vec<Vec<u32>> = policy
@@ -263,10 +157,8 @@ impl Classifier {
             }
         }
         Classifier {
-            src_v4,
-            src_v6,
-            dst_v4,
-            dst_v6,
+            src,
+            dst,
             segments,
             pairs,
             entries,
@@ -285,14 +177,8 @@ impl Classifier {
             packet.dport
         };
         let (seg, class) = match (packet.src, packet.dst) {
-            (IpAddr::V4(s), IpAddr::V4(d)) => (
-                self.src_v4.lookup(u32::from(s)),
-                self.dst_v4.lookup(u32::from(d)),
-            ),
-            (IpAddr::V6(s), IpAddr::V6(d)) => (
-                self.src_v6.lookup(u128::from(s)),
-                self.dst_v6.lookup(u128::from(d)),
-            ),
+            (IpAddr::V4(s), IpAddr::V4(d)) => (self.src.lookup_v4(s), self.dst.lookup_v4(d)),
+            (IpAddr::V6(s), IpAddr::V6(d)) => (self.src.lookup_v6(s), self.dst.lookup_v6(d)),
             // A packet has one family; mixed input cannot come from a real header.
             _ => (None, None),
         };
@@ -335,13 +221,6 @@ impl Classifier {
 
 fn pair_key(seg: u32, class: u32) -> u64 {
     (u64::from(seg) << 32) | u64::from(class)
-}
-
-fn insert_net(v4: &mut Lpm<u32>, v6: &mut Lpm<u128>, net: &IpNet, value: u32) {
-    match net {
-        IpNet::V4(n) => v4.insert(u32::from(n.network()), n.prefix_len(), value),
-        IpNet::V6(n) => v6.insert(u128::from(n.network()), n.prefix_len(), value),
-    }
 }
 
 /// Cuts the port axis of each protocol at every fragment boundary and decides each piece:

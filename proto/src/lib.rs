@@ -4,9 +4,12 @@
 //! [`identity::Identity`] a certificate binds, the enrollment API's requests, answers, registry
 //! events and typed errors ([`api`]), the bootstrap file ([`bootstrap`]), the status report an
 //! appliance serves ([`status`]), durations and configuration errors ([`config`]), the one
-//! way files are written ([`files`]), and what a source is and the one token bucket for rate
-//! limits ([`limit`]); with the feature `logging`, the programs' one logging setup. It does no I/O beyond reading and writing those files: no
-//! sockets, no TLS, no certificates; the enrollment service, its client, the gateway and the
+//! way files are written ([`files`]), what a source is and the one token bucket for rate
+//! limits ([`limit`]), and the one longest-prefix-match table ([`prefix_table`]); with the
+//! feature `logging`, the programs' one logging setup, and with `service-manager` the daemons'
+//! readiness and keep-alives for systemd ([`service_manager`]).
+//! Beyond those files and that one datagram to systemd it does no I/O: no network sockets, no
+//! TLS, no certificates; the enrollment service, its client, the gateway and the
 //! command line all depend on it, and it depends on none of them.
 #![forbid(unsafe_code)]
 
@@ -18,4 +21,7 @@ pub mod identity;
 pub mod limit;
 #[cfg(feature = "logging")]
 pub mod logging;
+pub mod prefix_table;
+#[cfg(feature = "service-manager")]
+pub mod service_manager;
 pub mod status;

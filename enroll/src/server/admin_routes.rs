@@ -3,7 +3,7 @@
 //! audit actor, one service call off the async workers, the answer or the typed refusal.
 //!
 //! The caller's uid is the actor; a call made for a person (the web console's signed-in user)
-//! names them in [`admin::ON_BEHALF_OF_HEADER`], and the actor becomes `PERSON via uid=N`.
+//! names them in [`admin::ON_BEHALF_OF_HEADER`], and the actor becomes `PERSON via uid:N`.
 
 use axum::extract::Query;
 use axum::http::HeaderMap;

@@ -5,7 +5,7 @@
 //! TLS layer and required by the routes that need it), and caps concurrent connections.
 //! Handlers take what they need through extractors (`extract.rs`): the connection's address
 //! and certificate, a JSON body under a size and a time limit, with typed JSON errors for
-//! each. Public routes are in `routes.rs`, the admin socket's in `admin.rs`.
+//! each. Public routes are in `routes.rs`, the admin socket's in `admin_routes.rs`.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};

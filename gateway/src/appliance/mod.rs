@@ -52,7 +52,7 @@ use komnet_policy::{CompiledPolicy, Role};
 use komnet_proto::api::{ErrorCode, HubPeer};
 use komnet_proto::bootstrap::Bootstrap;
 use komnet_proto::identity::Identity;
-use komnet_sdnotify::Notifier;
+use komnet_proto::service_manager::Notifier;
 use parking_lot::Mutex;
 use rand::RngCore;
 
@@ -211,10 +211,7 @@ fn unix_now() -> i64 {
 pub fn run(config_path: &Path) -> Result<i32> {
     let config = GatewayConfig::load(config_path)?;
     init_logging(config.log_json);
-    let notify = Notifier::from_env().unwrap_or_else(|e| {
-        tracing::warn!(error = %e, "not sending systemd notifications");
-        Notifier::disabled()
-    });
+    let notify = Notifier::from_env();
     let pinned_key = pinned_policy_key(&config)?;
     std::fs::DirBuilder::new()
         .recursive(true)

@@ -47,7 +47,7 @@ pub use sockets::Sockets;
 /// so memory is spent only as far as packets reach into them.
 const MAX_PACKET: usize = u16::MAX as usize;
 /// Socket buffers: big enough for several GSO/GRO batches in flight.
-const SOCKET_BUFFER: i32 = 7 << 20;
+const SOCKET_BUFFER: usize = 7 << 20;
 /// Largest UDP payload one GSO send may carry.
 const MAX_GSO_BYTES: usize = 65_507;
 /// Receive slot: one GRO train of datagrams.
@@ -203,7 +203,7 @@ fn send_logged(shared: &Shared, sockets: &Sockets, t: &Transmit<'_>) {
     }
 }
 
-/// Spawns the three driver threads. Each reports a reason to stop on `events`.
+/// Spawns the driver's threads (TUN to UDP, data datagrams, handshakes, timers). Each reports a reason to stop on `events`.
 pub fn spawn(shared: &Arc<Shared>, events: &Sender<Event>) -> io::Result<()> {
     let (s, e) = (shared.clone(), events.clone());
     std::thread::Builder::new()
