@@ -61,12 +61,7 @@ PEERS_FILE=$WORK/peers.txt
 HUB_PID=; ENROLL_PID=
 
 county_cleanup() {
-    local p ns
-    for p in "${BENCH_PIDS[@]}"; do kill "$p" 2>/dev/null; done
-    sleep 0.5
-    for p in "${BENCH_PIDS[@]}"; do kill -9 "$p" 2>/dev/null; done
-    BENCH_PIDS=()
-    for ns in "$NS_HUB" "$NS_GEN" "$NS_SRV"; do ip netns del "$ns" 2>/dev/null; done
+    netns_cleanup
     rm -f "/run/wireguard/$IF_K.sock" "/run/wireguard/$IF_W.sock"
     rm -rf "$WORK"
 }
@@ -75,13 +70,10 @@ trap county_cleanup EXIT
 echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg) on $(nproc) cores; commit $(git rev-parse --short HEAD 2>/dev/null)"
 
 # ---- the network ---------------------------------------------------------------------------
-for ns in "$NS_HUB" "$NS_GEN" "$NS_SRV"; do ip netns add "$ns" || bdie "ip netns add $ns"; ip -n "$ns" link set lo up; done
-ip link add gen0 netns "$NS_HUB" type veth peer name eth0 netns "$NS_GEN" || bdie "veth gen"
-ip link add srv0 netns "$NS_HUB" type veth peer name eth0 netns "$NS_SRV" || bdie "veth srv"
-ip -n "$NS_HUB" addr add "$HUB_ADDR/24" dev gen0; ip -n "$NS_GEN" addr add "$GEN_ADDR/24" dev eth0
-ip -n "$NS_HUB" addr add 10.235.0.1/30 dev srv0; ip -n "$NS_SRV" addr add 10.235.0.2/30 dev eth0
+netns_add "$NS_HUB" "$NS_GEN" "$NS_SRV" || bdie "ip netns add"
+netns_veth "$NS_HUB" gen0 "$HUB_ADDR/24" "$NS_GEN" eth0 "$GEN_ADDR/24" || bdie "veth gen"
+netns_veth "$NS_HUB" srv0 10.235.0.1/30 "$NS_SRV" eth0 10.235.0.2/30 || bdie "veth srv"
 ip -n "$NS_SRV" addr add "$SINK/32" dev eth0
-for l in "$NS_HUB gen0" "$NS_HUB srv0" "$NS_GEN eth0" "$NS_SRV eth0"; do set -- $l; ip -n "$1" link set "$2" up; done
 ip -n "$NS_SRV" route add default via 10.235.0.1
 ip -n "$NS_HUB" route add "$SINK/32" via 10.235.0.2
 ip netns exec "$NS_HUB" sysctl -qw net.ipv4.ip_forward=1
@@ -142,7 +134,7 @@ done
     --hub-endpoint "hub1=$HUB_ADDR:51820" --policy-public-key "$WORK/policy.pub" >/dev/null 2>&1 || bdie "komnet-enroll init"
 sed -i "s/^listen = .*/listen = \"127.0.0.1:8443\"/" "$WORK/enroll/enroll.toml"
 ip netns exec "$NS_HUB" "$ENROLL" serve --data-dir "$WORK/enroll" >"$WORK/enroll.log" 2>&1 &
-ENROLL_PID=$!; BENCH_PIDS+=("$ENROLL_PID")
+ENROLL_PID=$!; netns_track_pid "$ENROLL_PID"
 SOCK=$WORK/enroll/admin.sock
 for _ in $(seq 150); do [ -S "$SOCK" ] && break; sleep 0.1; done
 [ -S "$SOCK" ] || bdie "komnet-enroll did not start: $(tail -5 "$WORK/enroll.log")"
@@ -162,7 +154,7 @@ HUB_STARTS=0
 start_komnet() {
     HUB_STARTS=$((HUB_STARTS + 1))
     ip netns exec "$NS_HUB" env RUST_LOG=info "$GW" run --config "$WORK/hub.toml" >"$WORK/hub-$HUB_STARTS.log" 2>&1 &
-    HUB_PID=$!; BENCH_PIDS+=("$HUB_PID")
+    HUB_PID=$!; netns_track_pid "$HUB_PID"
 }
 stop_pid() { kill "$1" 2>/dev/null; for _ in $(seq 100); do kill -0 "$1" 2>/dev/null || return 0; sleep 0.05; done; kill -9 "$1" 2>/dev/null; }
 hub_status() { ip netns exec "$NS_HUB" "$CLI" status --json --gateway "$METRICS" 2>/dev/null; }
@@ -221,10 +213,8 @@ wggo_conf() {
 }
 WG_PRIV=$(wg genkey); WG_PUB=$(wg pubkey <<<"$WG_PRIV")
 start_wggo() {
-    ip netns exec "$NS_HUB" env WG_PROCESS_FOREGROUND=1 LOG_LEVEL=error "$REF" -f "$IF_W" >/dev/null 2>&1 &
-    HUB_PID=$!; BENCH_PIDS+=("$HUB_PID")
-    for _ in $(seq 100); do [ -S "/run/wireguard/$IF_W.sock" ] && break; sleep 0.05; done
-    [ -S "/run/wireguard/$IF_W.sock" ] || bdie "wireguard-go did not start"
+    netns_wg_start "$NS_HUB" "$IF_W" "$REF" || bdie "wireguard-go did not start"
+    HUB_PID=$NETNS_LAST_PID
     ip -n "$NS_HUB" addr add 10.96.255.254/32 dev "$IF_W" 2>/dev/null
     ip -n "$NS_HUB" link set "$IF_W" mtu 1420 up
     local i

@@ -46,14 +46,8 @@ REF=$(wggo_2023)
 
 ID=$BENCH_ID
 NS_HUB=kfh-$ID; NS_NEW=kfn-$ID; NS_OLD=kfo-$ID; NS_ATK=kfa-$ID
-ALL_NS="$NS_HUB $NS_NEW $NS_OLD $NS_ATK"
 flood_cleanup() {
-    local p ns
-    for p in "${BENCH_PIDS[@]}"; do kill "$p" 2>/dev/null; done
-    sleep 0.3
-    for p in "${BENCH_PIDS[@]}"; do kill -9 "$p" 2>/dev/null; done
-    BENCH_PIDS=()
-    for ns in $ALL_NS; do ip netns del "$ns" 2>/dev/null; done
+    netns_cleanup
     rm -f /run/wireguard/kf[hno]"$ID".sock
 }
 trap flood_cleanup EXIT
@@ -62,13 +56,10 @@ trap flood_cleanup EXIT
 # local to its namespace and routed to it from the hub.
 setup() {
     flood_cleanup
-    local ns
-    for ns in $ALL_NS; do ip netns add "$ns" || bdie "ip netns add $ns"; ip -n "$ns" link set lo up; done
+    netns_add "$NS_HUB" "$NS_NEW" "$NS_OLD" "$NS_ATK" || bdie "ip netns add"
     local i=1 peer
     for peer in "$NS_NEW" "$NS_OLD" "$NS_ATK"; do
-        ip link add "h$i" netns "$NS_HUB" type veth peer name eth0 netns "$peer" || bdie "veth"
-        ip -n "$NS_HUB" addr add "10.240.$i.1/24" dev "h$i"; ip -n "$NS_HUB" link set "h$i" up
-        ip -n "$peer" addr add "10.240.$i.2/24" dev eth0; ip -n "$peer" link set eth0 up
+        netns_veth "$NS_HUB" "h$i" "10.240.$i.1/24" "$peer" eth0 "10.240.$i.2/24" || bdie "veth"
         ip -n "$peer" route add default via "10.240.$i.1"
         i=$((i + 1))
     done
@@ -76,15 +67,9 @@ setup() {
     ip -n "$NS_HUB" route add 10.99.0.0/24 via 10.240.3.2
 }
 
-# start_wg NS IFNAME BIN: a userspace WireGuard daemon in NS, waiting for its UAPI socket.
-start_wg() {
-    local ns=$1 ifname=$2 bin=$3
-    ip netns exec "$ns" env WG_PROCESS_FOREGROUND=1 LOG_LEVEL=error "$bin" -f "$ifname" >/dev/null 2>&1 &
-    BENCH_PIDS+=($!)
-    LAST_PID=$!
-    for _ in $(seq 100); do [ -S "/run/wireguard/$ifname.sock" ] && return; sleep 0.05; done
-    bdie "$bin did not create its UAPI socket in $ns"
-}
+# start_wg NS IFNAME BIN: a userspace WireGuard daemon in NS, waiting for its UAPI socket;
+# NETNS_LAST_PID is its PID.
+start_wg() { netns_wg_start "$@" || bdie "$3 did not create its UAPI socket in $1"; }
 
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
 # thread_ticks PID: "TID NAME TICKS" for each thread of PID (utime + stime).
@@ -112,7 +97,7 @@ udp_counter() {
 rx_packets() { ip -n "$1" -s -j link show "$2" | sed -n 's/.*"rx":{[^}]*"packets":\([0-9]*\).*/\1/p'; }
 
 # run_once DAEMON_BIN SOURCES: one flood run; sets RESULT to "first_ms cpu% to_attacker rate
-# loss%". (Not in a subshell: the processes it starts must stay in BENCH_PIDS for cleanup.)
+# loss%". (Not in a subshell: the processes it starts must stay tracked for cleanup.)
 run_once() {
     local bin=$1 sources=$2
     setup
@@ -120,7 +105,7 @@ run_once() {
     kh=$(wg genkey); kn=$(wg genkey); ko=$(wg genkey); ka=$(wg genkey)
     local ph pn po pa
     ph=$(wg pubkey <<<"$kh"); pn=$(wg pubkey <<<"$kn"); po=$(wg pubkey <<<"$ko"); pa=$(wg pubkey <<<"$ka")
-    start_wg "$NS_HUB" "kfh$ID" "$bin"; local hub_pid=$LAST_PID
+    start_wg "$NS_HUB" "kfh$ID" "$bin"; local hub_pid=$NETNS_LAST_PID
     # The hub knows all three peers; the attacker's key is a configured peer (compromised).
     ip netns exec "$NS_HUB" wg set "kfh$ID" private-key <(echo "$kh") listen-port 51820 \
         peer "$pn" allowed-ips 10.241.0.2/32 \
@@ -152,11 +137,11 @@ run_once() {
     ip netns exec "$NS_ATK" "$FLOOD" --target 10.240.3.1:51820 --hub-key "$ph" \
         --peer-key "$(echo "$ka" | tr -d '\n')" --duration "$SECONDS_FLOOD" --rate "$RATE" \
         --threads "$THREADS" --gso "$GSO" --precompute 4096 "${src_args[@]}" >"$out" 2>&1 &
-    local flood_pid=$!; BENCH_PIDS+=("$flood_pid")
+    local flood_pid=$!; netns_track_pid "$flood_pid"
     # The established peer pings every 100 ms through the whole flood.
     local old_out; old_out=$(mktemp)
     ip netns exec "$NS_OLD" ping -n -q -i 0.1 -w "$SECONDS_FLOOD" -W 1 10.241.0.1 >"$old_out" 2>&1 &
-    local old_pid=$!; BENCH_PIDS+=("$old_pid")
+    local old_pid=$!; netns_track_pid "$old_pid"
     sleep 2
     # The new peer: its first packet starts its first handshake.
     local t0 t1 first

@@ -25,10 +25,9 @@ rss_kib() { awk '/^VmRSS:/{print $2}' "/proc/$1/status"; }
 
 measure() {
     local name=$1 bin=$2 ifn=kbm$BENCH_ID$3 pid before after
-    ip netns add "$NS_L" 2>/dev/null
-    ip netns exec "$NS_L" env WG_PROCESS_FOREGROUND=1 LOG_LEVEL=error "$bin" -f "$ifn" >/dev/null 2>&1 &
-    pid=$!; BENCH_PIDS+=("$pid")
-    for _ in $(seq 100); do [ -S "/run/wireguard/$ifn.sock" ] && break; sleep 0.05; done
+    netns_add "$NS_L" || bdie "ip netns add"
+    netns_wg_start "$NS_L" "$ifn" "$bin" || bdie "$name did not start"
+    pid=$NETNS_LAST_PID
     ip -n "$NS_L" link set "$ifn" up
     sleep 1; before=$(rss_kib "$pid")
     ip netns exec "$NS_L" wg setconf "$ifn" "$CONF" || bdie "wg setconf on $name"
@@ -40,8 +39,7 @@ measure() {
     t1=$(date +%s%N)
     awk -v n="$name" -v b="$before" -v a="$after" -v p="$PEERS" -v ms="$(( (t1 - t0) / 5000000 ))" \
         'BEGIN{printf "%-18s RSS idle %7.1f MiB   with %d peers %7.1f MiB   cost %6.2f MiB   wg show dump %d ms\n", n, b/1024, p, a/1024, (a-b)/1024, ms}'
-    kill "$pid"; wait "$pid" 2>/dev/null
-    ip netns del "$NS_L"
+    netns_del "$NS_L"
 }
 measure komnet-gateway "$BIN" a
 measure wireguard-go-2023 "$REF" b

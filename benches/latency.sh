@@ -15,10 +15,10 @@ measure() {
     local name=$1 bin=$2 idle loaded
     pair_up "$bin" "$bin"
     idle=$(ip netns exec "$NS_L" ping -c 50 -i 0.02 -q "$TUN_R" | awk -F/ '/^rtt/{print $5}')
-    ip netns exec "$NS_R" iperf3 -s -1 -B "$TUN_R" >/dev/null 2>&1 & BENCH_PIDS+=($!)
+    ip netns exec "$NS_R" iperf3 -s -1 -B "$TUN_R" >/dev/null 2>&1 & netns_track_pid $!
     sleep 0.3
     ip netns exec "$NS_L" iperf3 -c "$TUN_R" -t "$DUR" >/dev/null 2>&1 &
-    local client=$!; BENCH_PIDS+=("$client")
+    local client=$!; netns_track_pid "$client"
     sleep 1
     loaded=$(ip netns exec "$NS_L" ping -c $(( (DUR - 2) * 50 )) -i 0.02 "$TUN_R" 2>/dev/null \
         | awk -F'time=' '/time=/{split($2,a," "); print a[1]}' | sort -g \

@@ -1,27 +1,27 @@
 # lib.sh — shared by komnet's end-to-end benchmark scripts (sourced, not run).
 # Two network namespaces joined by one veth pair, one WireGuard daemon following wireguard-go's
-# CLI in each (komnet-gateway or wireguard-go), configured with `wg`. Everything started is
-# killed by PID and both namespaces are deleted on exit, also on failure.
+# CLI in each (komnet-gateway or wireguard-go), configured with `wg`. Namespaces, veths and
+# daemons come from scripts/netns.sh, which also ends everything started (tracked PIDs and every
+# process left in the namespaces) and deletes the namespaces on exit, also on failure.
 set -u
+# shellcheck source=scripts/netns.sh
+. "$(dirname "${BASH_SOURCE[0]}")/../scripts/netns.sh"
 
 BENCH_ID=$$
 NS_L=kbl-$BENCH_ID; NS_R=kbr-$BENCH_ID
 UNDER_L=10.231.$((BENCH_ID % 250)).1; UNDER_R=10.231.$((BENCH_ID % 250)).2
 TUN_L=10.232.$((BENCH_ID % 250)).1; TUN_R=10.232.$((BENCH_ID % 250)).2
-BENCH_PIDS=()
 PAIR_N=0
 
 blog() { printf '[bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 bdie() { blog "ERROR: $*"; exit 1; }
 
+# bench_cleanup: everything netns.sh tracks, and the pair's namespaces by name with whatever
+# runs in them (throughput.sh sets pairs up in command substitutions, subshells whose tracking
+# does not come back to it).
 bench_cleanup() {
-    local p
-    for p in "${BENCH_PIDS[@]}"; do kill "$p" 2>/dev/null; done
-    sleep 0.3
-    for p in "${BENCH_PIDS[@]}"; do kill -9 "$p" 2>/dev/null; done
-    BENCH_PIDS=()
-    ip netns del "$NS_L" 2>/dev/null
-    ip netns del "$NS_R" 2>/dev/null
+    netns_cleanup
+    netns_del "$NS_L" "$NS_R"
     rm -f /run/wireguard/kb[lr]"$BENCH_ID"-*.sock
 }
 
@@ -36,23 +36,18 @@ bench_require() {
 
 # pair_up BIN_L BIN_R: fresh namespaces, a daemon on each side, tunnel up. Sets IF_L, IF_R,
 # PID_L, PID_R.
+# shellcheck disable=SC2034 # PID_L, PID_R are for the callers
 pair_up() {
     local bin_l=$1 bin_r=$2 kl kr
     bench_cleanup
     PAIR_N=$((PAIR_N + 1))
     IF_L=kbl$BENCH_ID-$PAIR_N; IF_R=kbr$BENCH_ID-$PAIR_N
-    ip netns add "$NS_L" && ip netns add "$NS_R" || bdie "ip netns add"
-    ip link add veth0 netns "$NS_L" type veth peer name veth0 netns "$NS_R" || bdie "veth"
-    ip -n "$NS_L" addr add "$UNDER_L/30" dev veth0; ip -n "$NS_R" addr add "$UNDER_R/30" dev veth0
-    for ns in "$NS_L" "$NS_R"; do ip -n "$ns" link set lo up; ip -n "$ns" link set veth0 up; done
-    ip netns exec "$NS_L" env WG_PROCESS_FOREGROUND=1 LOG_LEVEL=error "$bin_l" -f "$IF_L" >/dev/null 2>&1 &
-    PID_L=$!; BENCH_PIDS+=("$PID_L")
-    ip netns exec "$NS_R" env WG_PROCESS_FOREGROUND=1 LOG_LEVEL=error "$bin_r" -f "$IF_R" >/dev/null 2>&1 &
-    PID_R=$!; BENCH_PIDS+=("$PID_R")
-    for _ in $(seq 100); do
-        [ -S "/run/wireguard/$IF_L.sock" ] && [ -S "/run/wireguard/$IF_R.sock" ] && break
-        sleep 0.05
-    done
+    netns_add "$NS_L" "$NS_R" || bdie "ip netns add"
+    netns_veth "$NS_L" veth0 "$UNDER_L/30" "$NS_R" veth0 "$UNDER_R/30" || bdie "veth"
+    netns_wg_start "$NS_L" "$IF_L" "$bin_l" || bdie "left daemon did not start"
+    PID_L=$NETNS_LAST_PID
+    netns_wg_start "$NS_R" "$IF_R" "$bin_r" || bdie "right daemon did not start"
+    PID_R=$NETNS_LAST_PID
     kl=$(wg genkey); kr=$(wg genkey)
     ip netns exec "$NS_L" wg set "$IF_L" private-key <(echo "$kl") listen-port 51820 \
         peer "$(wg pubkey <<<"$kr")" endpoint "$UNDER_R:51820" allowed-ips "$TUN_R/32" || bdie "wg set left"

@@ -34,7 +34,7 @@ REF=$(wggo_2023)
 measure() {
     pair_up "$1" "$2"
     ip netns exec "$NS_R" iperf3 -s -1 -B "$TUN_R" >/dev/null 2>&1 &
-    BENCH_PIDS+=($!)
+    netns_track_pid $!
     sleep 0.3
     ip netns exec "$NS_L" timeout $((DUR + 30)) iperf3 -c "$TUN_R" -t "$DUR" -P "$PARALLEL" -J 2>/dev/null \
         | python3 -c '

@@ -11,7 +11,8 @@
 # transfers a 100 MB random file over TCP each way with sha256 compared at both ends, and prints
 # a report: handshake times and counters from `wg show` on both sides, ping RTTs, throughput,
 # checksum match. All traffic stays inside the two namespaces this script creates. Everything
-# it starts is ended by PID and both namespaces are deleted on exit, also on failure or Ctrl-C.
+# it starts is ended (scripts/netns.sh) and both namespaces are deleted on exit, also on failure
+# or Ctrl-C.
 # Exits non-zero on any failure.
 #
 # Knobs (environment):
@@ -21,6 +22,8 @@
 #   LOGDIR               keep the daemon logs here (default: a temp dir, removed on exit)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/netns.sh
+. scripts/netns.sh
 
 DEMO_MB=${DEMO_MB:-100}
 
@@ -70,20 +73,11 @@ WORK=$(mktemp -d /tmp/komnet-demo.XXXXXX)
 LOGDIR=${LOGDIR:-$WORK}
 mkdir -p "$LOGDIR"
 PIDS=()          # the two daemons
-RECEIVER_PID=    # a transfer receiver while one runs
 
 cleanup() {
-    local rc=$? pid
+    local rc=$?
     trap - EXIT INT TERM
-    [ -n "$RECEIVER_PID" ] && PIDS+=("$RECEIVER_PID")
-    for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-    for pid in "${PIDS[@]}"; do
-        for _ in $(seq 20); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-        kill -KILL "$pid" 2>/dev/null || true
-        wait "$pid" 2>/dev/null || true
-    done
-    ip netns del "$NS_K" 2>/dev/null || true
-    ip netns del "$NS_W" 2>/dev/null || true
+    netns_cleanup   # the daemons, a transfer receiver if one runs, both namespaces
     rm -f "/run/wireguard/$IF_K.sock" "/run/wireguard/$IF_W.sock"
     if [ "$LOGDIR" = "$WORK" ]; then
         rm -rf "$WORK"
@@ -98,30 +92,18 @@ trap 'exit 130' INT TERM
 
 # --- underlay: two namespaces, one veth pair ------------------------------------------------
 log "namespaces $NS_K (komnet-gateway) and $NS_W (wireguard-go), veth $UNDER_K <-> $UNDER_W"
-ip netns add "$NS_K" || die "ip netns add $NS_K"
-ip netns add "$NS_W" || die "ip netns add $NS_W"
-ip link add "$VETH_K" netns "$NS_K" type veth peer name "$VETH_W" netns "$NS_W" || die "veth pair"
-ip -n "$NS_K" addr add "$UNDER_K/30" dev "$VETH_K"
-ip -n "$NS_W" addr add "$UNDER_W/30" dev "$VETH_W"
-for ns in "$NS_K" "$NS_W"; do ip -n "$ns" link set lo up; done
-ip -n "$NS_K" link set "$VETH_K" up
-ip -n "$NS_W" link set "$VETH_W" up
+netns_add "$NS_K" "$NS_W" || die "network namespaces"
+netns_veth "$NS_K" "$VETH_K" "$UNDER_K/30" "$NS_W" "$VETH_W" "$UNDER_W/30" || die "veth pair"
 
 # --- daemons ---------------------------------------------------------------------------------
 # start_daemon NS BIN IFNAME LABEL: foreground daemon, logged, PID remembered; waits for its socket.
 start_daemon() {
-    local ns=$1 bin=$2 ifname=$3 label=$4 pid
-    ip netns exec "$ns" env WG_PROCESS_FOREGROUND=1 LOG_LEVEL=verbose "$bin" -f "$ifname" \
-        >"$LOGDIR/$ifname.$label.log" 2>&1 &
-    pid=$!
-    PIDS+=("$pid")
-    for _ in $(seq 100); do
-        [ -S "/run/wireguard/$ifname.sock" ] && return 0
-        kill -0 "$pid" 2>/dev/null || break
-        sleep 0.05
-    done
-    tail -20 "$LOGDIR/$ifname.$label.log" >&2
-    die "$label did not create /run/wireguard/$ifname.sock"
+    local ns=$1 bin=$2 ifname=$3 label=$4 log=$LOGDIR/$3.$4.log
+    if ! netns_wg_start "$ns" "$ifname" "$bin" "$log" verbose; then
+        tail -20 "$log" >&2
+        die "$label did not create /run/wireguard/$ifname.sock"
+    fi
+    PIDS+=("$NETNS_LAST_PID")
 }
 start_daemon "$NS_K" "$GATEWAY" "$IF_K" komnet-gateway
 start_daemon "$NS_W" "$WGGO" "$IF_W" wireguard-go
@@ -172,15 +154,14 @@ transfer() {
     head -c "$((DEMO_MB * 1024 * 1024))" /dev/urandom >"$src"
     ip netns exec "$to" timeout 120 "$NETPROBE" receive "$dst:$XFER_PORT" "$rcv" "$ready" \
         >/dev/null 2>"$WORK/$label.receiver.err" &
-    rpid=$!; RECEIVER_PID=$rpid
+    rpid=$!
     for _ in $(seq 100); do [ -e "$ready" ] && break; sleep 0.05; done
     [ -e "$ready" ] || { cat "$WORK/$label.receiver.err" >&2; die "$label: receiver did not start"; }
     t0=$(date +%s.%N)
     ip netns exec "$from" timeout 120 "$NETPROBE" send "$dst:$XFER_PORT" "$src" >/dev/null \
         || die "$label: sending failed"
     t1=$(date +%s.%N)
-    wait "$rpid" || { RECEIVER_PID=; cat "$WORK/$label.receiver.err" >&2; die "$label: receiver failed"; }
-    RECEIVER_PID=
+    wait "$rpid" || { cat "$WORK/$label.receiver.err" >&2; die "$label: receiver failed"; }
     sha_src=$(ip netns exec "$from" sha256sum "$src" | cut -d' ' -f1)
     sha_rcv=$(ip netns exec "$to" sha256sum "$rcv" | cut -d' ' -f1)
     XFER_GBPS=$(awk -v b="$((DEMO_MB * 1024 * 1024))" -v t0="$t0" -v t1="$t1" \
