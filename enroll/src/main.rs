@@ -327,7 +327,10 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             let mut term =
                 tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
                     .context("SIGTERM handler")?;
-            let notify = Arc::new(Notifier::from_env());
+            let notify = Arc::new(Notifier::from_env().unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "not sending systemd notifications");
+                Notifier::disabled()
+            }));
             notify_logged(&notify.ready(&format!("serving https://{}", running.addr)));
             let keepalive = tokio::spawn(keepalive(notify.clone(), service.clone()));
             let stopped = tokio::select! {

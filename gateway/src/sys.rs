@@ -34,6 +34,27 @@ fn setsockopt_int(fd: &impl AsRawFd, level: i32, name: i32, value: i32) -> io::R
     }
 }
 
+fn getsockopt_int(fd: &impl AsRawFd, level: i32, name: i32) -> io::Result<i32> {
+    let mut value: i32 = 0;
+    let mut len = std::mem::size_of::<i32>() as libc::socklen_t;
+    // SAFETY: `fd` is a live socket borrowed for the call; we pass a pointer to a local i32
+    // and its exact size, which is what these options write.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            (&mut value as *mut i32).cast(),
+            &mut len,
+        )
+    };
+    if rc == 0 {
+        Ok(value)
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// Sets SO_RCVBUF/SO_SNDBUF to `bytes`, past `net.core.{r,w}mem_max` when we have
 /// CAP_NET_ADMIN (the FORCE variants), else as far as the sysctl allows. Large buffers keep a
 /// burst of GSO/GRO batches from overflowing the socket (measured: 100 k+ retransmits without).
@@ -257,26 +278,11 @@ pub(crate) fn route_mtu(dst: std::net::SocketAddr) -> io::Result<u32> {
     };
     let sock = socket2::Socket::new(domain, socket2::Type::DGRAM, None)?;
     sock.connect(&dst.into())?;
+    // nix has IP_MTU but no IPV6_MTU: one helper reads both the same way.
     let value = if dst.is_ipv4() {
-        nixsock::getsockopt(&sock, sockopt::IpMtu).map_err(os)?
+        getsockopt_int(&sock, libc::IPPROTO_IP, libc::IP_MTU)?
     } else {
-        // nix has no IPV6_MTU.
-        let mut value: i32 = 0;
-        let mut len = std::mem::size_of::<i32>() as libc::socklen_t;
-        // SAFETY: `sock` is a live socket; we pass a pointer to a local i32 and its size.
-        let rc = unsafe {
-            libc::getsockopt(
-                sock.as_raw_fd(),
-                libc::IPPROTO_IPV6,
-                libc::IPV6_MTU,
-                (&mut value as *mut i32).cast(),
-                &mut len,
-            )
-        };
-        if rc != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        value
+        getsockopt_int(&sock, libc::IPPROTO_IPV6, libc::IPV6_MTU)?
     };
     u32::try_from(value).map_err(|_| io::Error::other("negative MTU"))
 }
@@ -364,5 +370,32 @@ pub(crate) fn end_with_parent(cmd: &mut std::process::Command) {
         cmd.pre_exec(|| {
             nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).map_err(os)
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn route_mtu_reads_the_loopback_mtu_for_both_families() {
+        // Both families go through the same getsockopt helper and must agree with what the
+        // interface says, within each family's largest path MTU (IP_MAX_MTU 65535, IP6_MAX_MTU
+        // 65535 + the 40-byte header): loopback's 65536 reads as 65535 for IPv4.
+        let lo: u32 = std::fs::read_to_string("/sys/class/net/lo/mtu")
+            .expect("no /sys/class/net/lo/mtu")
+            .trim()
+            .parse()
+            .expect("lo's MTU is a number");
+        assert_eq!(
+            route_mtu("127.0.0.1:9".parse().unwrap()).unwrap(),
+            lo.min(65_535)
+        );
+        if std::path::Path::new("/proc/net/if_inet6").exists() {
+            assert_eq!(
+                route_mtu("[::1]:9".parse().unwrap()).unwrap(),
+                lo.min(65_575)
+            );
+        }
     }
 }

@@ -211,7 +211,10 @@ fn unix_now() -> i64 {
 pub fn run(config_path: &Path) -> Result<i32> {
     let config = GatewayConfig::load(config_path)?;
     init_logging(config.log_json);
-    let notify = Notifier::from_env();
+    let notify = Notifier::from_env().unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "not sending systemd notifications");
+        Notifier::disabled()
+    });
     let pinned_key = pinned_policy_key(&config)?;
     std::fs::DirBuilder::new()
         .recursive(true)
