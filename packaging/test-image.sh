@@ -67,24 +67,17 @@ GUEST=kti-guest
 TAP=ktilan0
 QEMU_PID=""
 SWITCH_PID=""
-# Every process the test started in its namespaces (qemu, the service, the hub, the servers).
-kill_netns_processes() {
-    local ns sig
-    for sig in TERM KILL; do
-        for ns in "$DC" "$LAN" "$SW" "$GUEST"; do
-            ip netns pids "$ns" 2>/dev/null | xargs -r kill -s "$sig" 2>/dev/null || true
-        done
-        if [ $sig = TERM ]; then sleep 0.5; fi
-    done
-}
+# The namespaces' set-up and teardown (every process the test started in them: qemu, the
+# service, the hub, the servers) are scripts/netns.sh's, as for the benches and demos.
+# shellcheck source=scripts/netns.sh
+. scripts/netns.sh
 cleanup() {
     local rc=$?
     if [ $rc != 0 ] && [ -n "${KOMNET_TEST_PAUSE_ON_FAILURE:-}" ]; then
         echo "test-image.sh: failed; pausing ${KOMNET_TEST_PAUSE_ON_FAILURE}s for a look (netns $DC, $LAN)" >&2
         sleep "$KOMNET_TEST_PAUSE_ON_FAILURE"
     fi
-    kill_netns_processes
-    for ns in "$DC" "$LAN" "$SW" "$GUEST"; do ip netns del "$ns" 2>/dev/null || true; done
+    netns_del "$DC" "$LAN" "$SW" "$GUEST"
     ip link del "$TAP" 2>/dev/null || true
     if [ $rc != 0 ] && [ -f "$work/serial.log" ]; then
         echo "---- last lines of the appliance's console ($work/serial.log)" >&2
@@ -94,8 +87,7 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 # A run killed before its cleanup leaves these behind.
-kill_netns_processes
-for ns in "$DC" "$LAN" "$SW" "$GUEST"; do ip netns del "$ns" 2>/dev/null || true; done
+netns_del "$DC" "$LAN" "$SW" "$GUEST"
 
 t0=$(date +%s)
 elapsed() { echo $(( $(date +%s) - t0 )); }
@@ -140,18 +132,13 @@ packaging/image/build-image.sh "${keys[@]}" --version 2 --floor 2 --allow-drift 
 
 # ---- the data centre ----------------------------------------------------------------------
 note "data centre: enrollment service, hub, DMS (netns $DC)"
-for ns in "$DC" "$LAN" "$SW" "$GUEST"; do
-    ip netns add "$ns"
-    ip -n "$ns" link set lo up
-done
+netns_add "$DC" "$LAN" "$SW" "$GUEST" || fail "cannot create the test's network namespaces"
 # The switch's access ports: VLAN 10 to the staff PC, VLAN 100 to the guest PC. The trunk is
 # the appliance's LAN port (the tap device, from start_vm on).
-ip link add sw10 netns "$SW" type veth peer name eth0 netns "$LAN"
-ip link add sw100 netns "$SW" type veth peer name eth0 netns "$GUEST"
+netns_veth "$SW" sw10 "" "$LAN" eth0 "" && netns_veth "$SW" sw100 "" "$GUEST" eth0 "" \
+    || fail "cannot connect the switch's access ports"
 ip -n "$LAN" link set eth0 address "$STAFF_MAC"
-for p in sw10 sw100; do ip -n "$SW" link set "$p" up promisc on; done
-ip -n "$LAN" link set eth0 up
-ip -n "$GUEST" link set eth0 up
+for p in sw10 sw100; do ip -n "$SW" link set "$p" promisc on; done
 # The appliance sees the data centre at 10.0.2.2 (qemu's user-mode network maps it to this
 # namespace's loopback); the hub and the service use the same address among themselves.
 ip -n "$DC" addr add 10.0.2.2/32 dev lo

@@ -5,10 +5,9 @@
 
 mod common;
 
-use std::io::{BufRead as _, BufReader};
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,27 +15,7 @@ use komnet_enroll::client::{self, WgKeys};
 use komnet_enroll::config::{Config, RateLimit};
 use komnet_enroll::token::Bootstrap;
 
-const BIN: &str = env!("CARGO_BIN_EXE_komnet-enroll");
-
-/// A `komnet-enroll serve` child, killed by its PID when dropped.
-struct Daemon {
-    child: Child,
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use common::daemon::{free_port, Daemon, BIN};
 
 /// `init` with a policy key from `policy` (the `.pub` file `komnet policy keygen` writes).
 fn init(dir: &Path, port: u16, policy: &common::PolicyFixture) {
@@ -100,25 +79,7 @@ fn init(dir: &Path, port: u16, policy: &common::PolicyFixture) {
 }
 
 fn serve(dir: &Path, log_name: &str) -> Daemon {
-    let log = dir.join(log_name);
-    let mut child = Command::new(BIN)
-        .args(["--log-json", "serve", "--data-dir"])
-        .arg(dir)
-        .env("RUST_LOG", "debug")
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert!(
-        line.contains("listening on"),
-        "daemon did not start: {line:?}, log: {}",
-        std::fs::read_to_string(&log).unwrap_or_default()
-    );
-    Daemon { child }
+    Daemon::serve(dir, &["--log-json"], "debug", log_name)
 }
 
 fn admin(dir: &Path, args: &[&str]) -> String {
@@ -649,21 +610,7 @@ fn logs_are_plain_without_a_terminal_and_json_lines_have_one_message() {
 
     // Plain text to a file: no ANSI escape sequences.
     let plain_log = dir.path().join("plain.log");
-    let mut child = Command::new(BIN)
-        .args(["serve", "--data-dir"])
-        .arg(dir.path())
-        .env("RUST_LOG", "debug")
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(&plain_log).unwrap())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let _ = child.kill();
-    let _ = child.wait();
-    assert!(line.contains("listening on"), "{line}");
+    drop(Daemon::serve(dir.path(), &[], "debug", "plain.log"));
     let text = std::fs::read_to_string(&plain_log).unwrap();
     assert!(!text.is_empty(), "no log lines to check");
     assert!(!text.contains('\u{1b}'), "{text:?}");

@@ -9,9 +9,8 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::io::{BufRead as _, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use komnet_enroll::admin::{AdminCommand, RevokeArgs, SocketArg, TokenCommand, TokenCreateArgs};
@@ -21,20 +20,13 @@ use komnet_enroll::config::{Config, HumanDuration, RateLimit};
 use komnet_enroll::identity::{Role, SiteId, TenantId};
 use komnet_enroll::token::Bootstrap;
 
-const BIN: &str = env!("CARGO_BIN_EXE_komnet-enroll");
+use common::daemon::{free_port, Daemon, BIN};
 
 /// A `komnet-enroll serve` process, killed by its PID when dropped.
 struct Replica {
     dir: PathBuf,
     url: String,
-    child: Child,
-}
-
-impl Drop for Replica {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+    daemon: Daemon,
 }
 
 impl Replica {
@@ -46,44 +38,16 @@ impl Replica {
 
     /// `kill -9`.
     fn kill(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-9", &self.child.id().to_string()])
-            .status();
-        let _ = self.child.wait();
+        self.daemon.kill9();
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn serve(dir: &Path, port: u16) -> Replica {
-    let log = dir.join("serve.log");
-    let mut child = Command::new(BIN)
-        .args(["serve", "--data-dir"])
-        .arg(dir)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert!(
-        line.contains("listening on"),
-        "replica did not start: {line:?}, log: {}",
-        std::fs::read_to_string(&log).unwrap_or_default()
-    );
+    let daemon = Daemon::serve(dir, &[], "info", "serve.log");
     Replica {
         dir: dir.to_owned(),
         url: format!("https://127.0.0.1:{port}"),
-        child,
+        daemon,
     }
 }
 

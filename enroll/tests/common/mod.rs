@@ -1,6 +1,7 @@
 //! Test harness: a real service (data directory, SQLite file, CA) serving HTTPS on loopback.
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
 
+pub mod daemon;
 pub mod postgres;
 
 use std::sync::Arc;
