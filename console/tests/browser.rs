@@ -15,11 +15,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use komnet_enroll::api::admin::CreateTokenRequest;
-use komnet_enroll::config::{Config, Limits, RateLimit};
-use komnet_enroll::identity::{Role, SiteId, TenantId};
+use komnet_enroll::config::Config;
+use komnet_enroll::identity::Role;
 use komnet_enroll::service::{self, Clock as _, Service, SystemClock};
-use komnet_enroll::token::Bootstrap;
 
 /// A child process killed when the test ends, however it ends.
 struct Killed(Child, &'static str);
@@ -125,40 +123,15 @@ fn policy_bundle(dir: &Path) -> (Vec<u8>, String) {
 fn service_config(policy_public_key: String) -> Config {
     Config {
         policy_public_key: Some(policy_public_key),
-        listen: "127.0.0.1:0".parse().unwrap(),
-        server_names: vec!["127.0.0.1".into(), "localhost".into()],
-        hub_endpoints: [(
-            SiteId::parse("hub1").unwrap(),
-            "203.0.113.1:51820".to_string(),
-        )]
-        .into_iter()
-        .collect(),
-        rate_limit: RateLimit {
-            per_second: 10_000.0,
-            burst: 10_000,
-        },
-        limits: Limits {
-            max_connections_per_source: 10_000,
-            ..Config::default().limits
-        },
-        ..Config::default()
+        ..komnet_enroll::testing::loopback_config()
     }
 }
 
 /// Enrolls an appliance over the service's HTTPS API, as a town hall's (or hub's) would.
 async fn enroll(service: &Service, url: &str, tenant: &str, site: &str, role: Role) {
-    let resp = service
-        .create_token(
-            &CreateTokenRequest {
-                tenant: TenantId::parse(tenant).unwrap(),
-                site: SiteId::parse(site).unwrap(),
-                role,
-                ttl_secs: 3600,
-            },
-            "browser-test",
-        )
-        .unwrap();
-    let bootstrap = Bootstrap::from_token(resp, vec![url.to_owned()]);
+    let bootstrap =
+        komnet_enroll::testing::bootstrap(service, url, tenant, site, role, "browser-test")
+            .unwrap();
     let keys = komnet_enroll::client::WgKeys::generate();
     komnet_enroll::client::enroll(&bootstrap, &keys)
         .await

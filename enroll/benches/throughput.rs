@@ -14,10 +14,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use komnet_enroll::api::admin::{CreateTokenRequest, RevokeRequest};
+use komnet_enroll::api::admin::RevokeRequest;
 use komnet_enroll::api::{RegistryChange, RevocationReason};
 use komnet_enroll::client::{self, WgKeys};
-use komnet_enroll::config::{Config, RateLimit};
+use komnet_enroll::config::Config;
 use komnet_enroll::identity::{Role, SiteId, TenantId};
 use komnet_enroll::server;
 use komnet_enroll::service::{self, Clock as _, Service, SystemClock};
@@ -31,18 +31,7 @@ fn env(name: &str, default: usize) -> usize {
 }
 
 fn bootstrap(service: &Service, url: &str, tenant: &str, site: &str, role: Role) -> Bootstrap {
-    let resp = service
-        .create_token(
-            &CreateTokenRequest {
-                tenant: TenantId::parse(tenant).unwrap(),
-                site: SiteId::parse(site).unwrap(),
-                role,
-                ttl_secs: 3600,
-            },
-            "bench",
-        )
-        .unwrap();
-    Bootstrap::from_token(resp, vec![url.to_owned()])
+    komnet_enroll::testing::bootstrap(service, url, tenant, site, role, "bench").unwrap()
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -84,10 +73,7 @@ async fn separate_process(enrolls: usize, concurrency: usize) {
         .unwrap();
     assert!(status.success());
     let mut config = Config::load(dir.path()).unwrap();
-    config.rate_limit = RateLimit {
-        per_second: 1e9,
-        burst: u32::MAX,
-    };
+    komnet_enroll::testing::allow_many_requests_from_one_source(&mut config);
     std::fs::write(dir.path().join("enroll.toml"), config.to_toml()).unwrap();
     let mut child = std::process::Command::new(bin)
         .args(["serve", "--data-dir"])
@@ -184,15 +170,7 @@ fn main() {
         .unwrap();
     runtime.block_on(async move {
         let dir = tempfile::tempdir().unwrap();
-        let config = Config {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            server_names: vec!["127.0.0.1".into()],
-            rate_limit: RateLimit {
-                per_second: 1e9,
-                burst: u32::MAX,
-            },
-            ..Config::default()
-        };
+        let config = komnet_enroll::testing::loopback_config();
         service::init(dir.path(), &config, SystemClock.now()).unwrap();
         let service =
             Arc::new(Service::open_with_config(dir.path(), config, Arc::new(SystemClock)).unwrap());

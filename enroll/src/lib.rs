@@ -21,6 +21,8 @@ pub mod server;
 pub mod server_cert;
 pub mod service;
 pub mod store;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod token;
 
 pub use komnet_enroll_admin as admin;

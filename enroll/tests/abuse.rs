@@ -16,22 +16,6 @@ use komnet_enroll::csr::{build_csr, build_csr_for_key};
 use komnet_enroll::identity::{Role, SiteId, TenantId};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
-fn count(h: &common::Harness, sql: &str) -> i64 {
-    let conn = rusqlite::Connection::open(h.dir.path().join("enroll.db")).unwrap();
-    conn.query_row(sql, [], |r| r.get(0)).unwrap()
-}
-
-async fn post_enroll(h: &common::Harness, body: serde_json::Value) -> (u16, serde_json::Value) {
-    common::raw_request(
-        h,
-        "POST",
-        routes::ENROLL,
-        body.to_string().into_bytes(),
-        None,
-    )
-    .await
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_and_reused_tokens_are_refused() {
     let h = common::start().await;
@@ -64,16 +48,14 @@ async fn expired_and_reused_tokens_are_refused() {
     );
     // ... and did not burn the real token.
     client::enroll(&b, &WgKeys::generate()).await.unwrap();
-    let (status, v) = post_enroll(
-        &h,
-        common::enroll_body(
+    let (status, v) = h
+        .post_enroll(common::enroll_body(
             &h,
             "not-a-token",
             &WgKeys::generate(),
             &build_csr(None, None, None).unwrap().1,
-        ),
-    )
-    .await;
+        ))
+        .await;
     assert_eq!((status, common::code(&v).as_str()), (401, "token_invalid"));
 }
 
@@ -104,11 +86,11 @@ async fn a_hundred_concurrent_uses_of_one_token_yield_exactly_one_certificate() 
         }
     }
     assert_eq!((ok, used), (1, 99));
-    assert_eq!(count(&h, "SELECT COUNT(*) FROM certificates"), 1);
-    assert_eq!(count(&h, "SELECT COUNT(*) FROM site_hosts"), 1);
-    assert_eq!(count(&h, "SELECT COUNT(*) FROM registry_events"), 1);
+    assert_eq!(h.count("SELECT COUNT(*) FROM certificates"), 1);
+    assert_eq!(h.count("SELECT COUNT(*) FROM site_hosts"), 1);
+    assert_eq!(h.count("SELECT COUNT(*) FROM registry_events"), 1);
     assert_eq!(
-        count(&h, "SELECT COUNT(*) FROM audit WHERE action = 'enroll'"),
+        h.count("SELECT COUNT(*) FROM audit WHERE action = 'enroll'"),
         1
     );
 }
@@ -159,7 +141,9 @@ async fn bad_csrs_are_refused_and_leave_the_token_unused() {
         ("other role", other_role, "csr_identity_mismatch"),
     ];
     for (what, csr, expected) in cases {
-        let (status, v) = post_enroll(&h, common::enroll_body(&h, &b.token, &keys, &csr)).await;
+        let (status, v) = h
+            .post_enroll(common::enroll_body(&h, &b.token, &keys, &csr))
+            .await;
         assert_eq!(
             (status, common::code(&v).as_str()),
             (400, expected),
@@ -172,16 +156,18 @@ async fn bad_csrs_are_refused_and_leave_the_token_unused() {
     }
     let mut body = common::enroll_body(&h, &b.token, &keys, &good);
     body["csr"] = "***not base64***".into();
-    let (status, v) = post_enroll(&h, body).await;
+    let (status, v) = h.post_enroll(body).await;
     assert_eq!((status, common::code(&v).as_str()), (400, "csr_invalid"));
 
-    assert_eq!(count(&h, "SELECT COUNT(*) FROM certificates"), 0);
+    assert_eq!(h.count("SELECT COUNT(*) FROM certificates"), 0);
     assert_eq!(
-        count(&h, "SELECT COUNT(*) FROM tokens WHERE used_at IS NOT NULL"),
+        h.count("SELECT COUNT(*) FROM tokens WHERE used_at IS NOT NULL"),
         0
     );
     // The token still works with a good request.
-    let (status, v) = post_enroll(&h, common::enroll_body(&h, &b.token, &keys, &good)).await;
+    let (status, v) = h
+        .post_enroll(common::enroll_body(&h, &b.token, &keys, &good))
+        .await;
     assert_eq!(status, 200, "{v}");
 }
 
@@ -195,7 +181,7 @@ async fn wireguard_keys_must_be_proven_and_not_low_order() {
     // A proof made with another private key.
     let mut body = common::enroll_body(&h, &b.token, &WgKeys::generate(), &csr);
     body["wg_public_key"] = keys.public().to_base64().into();
-    let (status, v) = post_enroll(&h, body).await;
+    let (status, v) = h.post_enroll(body).await;
     assert_eq!(
         (status, common::code(&v).as_str()),
         (400, "wg_proof_invalid"),
@@ -206,7 +192,7 @@ async fn wireguard_keys_must_be_proven_and_not_low_order() {
     let (_, other_csr) = build_csr(None, None, None).unwrap();
     let mut body = common::enroll_body(&h, &b.token, &keys, &other_csr);
     body["csr"] = STANDARD.encode(&csr).into();
-    let (status, v) = post_enroll(&h, body).await;
+    let (status, v) = h.post_enroll(body).await;
     assert_eq!(
         (status, common::code(&v).as_str()),
         (400, "wg_proof_invalid"),
@@ -216,7 +202,7 @@ async fn wireguard_keys_must_be_proven_and_not_low_order() {
     // No proof at all: the JSON type demands one.
     let mut body = common::enroll_body(&h, &b.token, &keys, &csr);
     body.as_object_mut().unwrap().remove("wg_proof");
-    let (status, v) = post_enroll(&h, body).await;
+    let (status, v) = h.post_enroll(body).await;
     assert_eq!(
         (status, common::code(&v).as_str()),
         (400, "bad_request"),
@@ -229,7 +215,7 @@ async fn wireguard_keys_must_be_proven_and_not_low_order() {
     for low in [[0u8; 32], one] {
         let mut body = common::enroll_body(&h, &b.token, &keys, &csr);
         body["wg_public_key"] = STANDARD.encode(low).into();
-        let (status, v) = post_enroll(&h, body).await;
+        let (status, v) = h.post_enroll(body).await;
         assert_eq!(
             (status, common::code(&v).as_str()),
             (400, "wg_key_invalid"),
@@ -240,20 +226,24 @@ async fn wireguard_keys_must_be_proven_and_not_low_order() {
     // Unknown fields are refused, not ignored.
     let mut body = common::enroll_body(&h, &b.token, &keys, &csr);
     body["tenant"] = "tholey".into();
-    let (status, v) = post_enroll(&h, body).await;
+    let (status, v) = h.post_enroll(body).await;
     assert_eq!(
         (status, common::code(&v).as_str()),
         (400, "bad_request"),
         "{v}"
     );
 
-    assert_eq!(count(&h, "SELECT COUNT(*) FROM certificates"), 0);
-    let (status, _) = post_enroll(&h, common::enroll_body(&h, &b.token, &keys, &csr)).await;
+    assert_eq!(h.count("SELECT COUNT(*) FROM certificates"), 0);
+    let (status, _) = h
+        .post_enroll(common::enroll_body(&h, &b.token, &keys, &csr))
+        .await;
     assert_eq!(status, 200);
     // The same WireGuard key cannot be enrolled for a second site.
     let b2 = h.bootstrap("nohfelden", "bauhof", Role::Spoke);
     let (_, csr2) = build_csr(None, None, None).unwrap();
-    let (status, v) = post_enroll(&h, common::enroll_body(&h, &b2.token, &keys, &csr2)).await;
+    let (status, v) = h
+        .post_enroll(common::enroll_body(&h, &b2.token, &keys, &csr2))
+        .await;
     assert_eq!(
         (status, common::code(&v).as_str()),
         (409, "wg_key_in_use"),

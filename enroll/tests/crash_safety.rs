@@ -14,22 +14,6 @@ use komnet_enroll::identity::Role;
 use komnet_enroll::service::{ManualClock, Service};
 use komnet_enroll::store::{SqliteStore, StoreError};
 
-fn count(h: &common::Harness, sql: &str) -> i64 {
-    let conn = rusqlite::Connection::open(h.dir.path().join("enroll.db")).unwrap();
-    conn.query_row(sql, [], |r| r.get(0)).unwrap()
-}
-
-async fn post_enroll(h: &common::Harness, body: serde_json::Value) -> (u16, serde_json::Value) {
-    common::raw_request(
-        h,
-        "POST",
-        komnet_enroll::api::routes::ENROLL,
-        serde_json::to_vec(&body).unwrap(),
-        None,
-    )
-    .await
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_answer_is_answered_again_with_the_same_certificate() {
     let h = common::start().await;
@@ -37,11 +21,15 @@ async fn a_lost_answer_is_answered_again_with_the_same_certificate() {
     let keys = WgKeys::generate();
     let (tls_key, csr) = build_csr(None, None, None).unwrap();
 
-    let (status, first) = post_enroll(&h, common::enroll_body(&h, &b.token, &keys, &csr)).await;
+    let (status, first) = h
+        .post_enroll(common::enroll_body(&h, &b.token, &keys, &csr))
+        .await;
     assert_eq!(status, 200, "{first}");
     // The answer was lost; the appliance asks again with what it kept: same token, same
     // WireGuard key, same CSR.
-    let (status, again) = post_enroll(&h, common::enroll_body(&h, &b.token, &keys, &csr)).await;
+    let (status, again) = h
+        .post_enroll(common::enroll_body(&h, &b.token, &keys, &csr))
+        .await;
     assert_eq!(status, 200, "{again}");
     assert_eq!(again["identity"], first["identity"]);
     assert_eq!(
@@ -50,46 +38,50 @@ async fn a_lost_answer_is_answered_again_with_the_same_certificate() {
     );
     // A CSR signed anew with the same TLS key is the same request.
     let csr2 = komnet_enroll::csr::build_csr_for_key(&tls_key, None, None, None).unwrap();
-    let (status, third) = post_enroll(&h, common::enroll_body(&h, &b.token, &keys, &csr2)).await;
+    let (status, third) = h
+        .post_enroll(common::enroll_body(&h, &b.token, &keys, &csr2))
+        .await;
     assert_eq!(status, 200, "{third}");
     assert_eq!(third["identity"], first["identity"]);
-    assert_eq!(count(&h, "SELECT COUNT(*) FROM certificates"), 1);
+    assert_eq!(h.count("SELECT COUNT(*) FROM certificates"), 1);
 
     // Another WireGuard key, or another CSR key, with the spent token: refused.
-    let (status, v) = post_enroll(
-        &h,
-        common::enroll_body(&h, &b.token, &WgKeys::generate(), &csr),
-    )
-    .await;
+    let (status, v) = h
+        .post_enroll(common::enroll_body(&h, &b.token, &WgKeys::generate(), &csr))
+        .await;
     assert_eq!(
         (status, common::code(&v).as_str()),
         (409, "token_used"),
         "{v}"
     );
     let (_, other_csr) = build_csr(None, None, None).unwrap();
-    let (status, v) = post_enroll(&h, common::enroll_body(&h, &b.token, &keys, &other_csr)).await;
+    let (status, v) = h
+        .post_enroll(common::enroll_body(&h, &b.token, &keys, &other_csr))
+        .await;
     assert_eq!(
         (status, common::code(&v).as_str()),
         (409, "token_used"),
         "{v}"
     );
-    assert_eq!(count(&h, "SELECT COUNT(*) FROM certificates"), 1);
-    let retries = count(
-        &h,
-        "SELECT COUNT(*) FROM audit WHERE action = 'enroll.retry'",
-    );
+    assert_eq!(h.count("SELECT COUNT(*) FROM certificates"), 1);
+    let retries = h.count("SELECT COUNT(*) FROM audit WHERE action = 'enroll.retry'");
     assert_eq!(retries, 2);
 
     // Once the site has a newer certificate, the old token answers nothing any more.
     let b2 = h.bootstrap("nohfelden", "rathaus", Role::Spoke);
     let (_, csr_new) = build_csr(None, None, None).unwrap();
-    let (status, v) = post_enroll(
-        &h,
-        common::enroll_body(&h, &b2.token, &WgKeys::generate(), &csr_new),
-    )
-    .await;
+    let (status, v) = h
+        .post_enroll(common::enroll_body(
+            &h,
+            &b2.token,
+            &WgKeys::generate(),
+            &csr_new,
+        ))
+        .await;
     assert_eq!(status, 200, "{v}");
-    let (status, v) = post_enroll(&h, common::enroll_body(&h, &b.token, &keys, &csr)).await;
+    let (status, v) = h
+        .post_enroll(common::enroll_body(&h, &b.token, &keys, &csr))
+        .await;
     assert_eq!(
         (status, common::code(&v).as_str()),
         (409, "token_used"),
@@ -110,9 +102,11 @@ async fn a_database_deleted_or_replaced_under_the_service_stops_it() {
     assert!(e.to_string().contains("replaced by another file"), "{e}");
     let keys = WgKeys::generate();
     let (_, csr) = build_csr(None, None, None).unwrap();
-    let (status, v) = post_enroll(&h, common::enroll_body(&h, &b.token, &keys, &csr)).await;
+    let (status, v) = h
+        .post_enroll(common::enroll_body(&h, &b.token, &keys, &csr))
+        .await;
     assert_eq!(status, 500, "nothing is written to the replaced file: {v}");
-    assert_eq!(count(&h, "SELECT COUNT(*) FROM certificates"), 0);
+    assert_eq!(h.count("SELECT COUNT(*) FROM certificates"), 0);
 
     // Deleted: the next start refuses to make a new, empty database.
     for f in ["enroll.db", "enroll.db-wal", "enroll.db-shm"] {
@@ -168,7 +162,9 @@ async fn a_backup_taken_while_serving_restores() {
     let b = h.bootstrap("nohfelden", "rathaus", Role::Spoke);
     let keys = WgKeys::generate();
     let (_, csr) = build_csr(None, None, None).unwrap();
-    let (status, first) = post_enroll(&h, common::enroll_body(&h, &b.token, &keys, &csr)).await;
+    let (status, first) = h
+        .post_enroll(common::enroll_body(&h, &b.token, &keys, &csr))
+        .await;
     assert_eq!(status, 200, "{first}");
     let out = h.dir.path().join("backup").join("enroll-backup.db");
     std::fs::create_dir_all(out.parent().unwrap()).unwrap();

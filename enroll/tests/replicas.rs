@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use komnet_enroll::admin::{AdminCommand, RevokeArgs, SocketArg, TokenCommand, TokenCreateArgs};
 use komnet_enroll::api::{ErrorCode, RegistryChange, RevocationReason};
 use komnet_enroll::client::{self, Enrollment, WgKeys};
-use komnet_enroll::config::{Config, HumanDuration, RateLimit};
+use komnet_enroll::config::{Config, HumanDuration};
 use komnet_enroll::identity::{Role, SiteId, TenantId};
 use komnet_enroll::token::Bootstrap;
 
@@ -77,11 +77,7 @@ fn two_replicas(pg: &common::postgres::Cluster, root: &Path) -> (Replica, Replic
     assert!(String::from_utf8_lossy(&out.stdout).contains("PostgreSQL database enroll"));
     let mut config = Config::load(&a_dir).unwrap();
     // Every request of these tests comes from 127.0.0.1.
-    config.rate_limit = RateLimit {
-        per_second: 100_000.0,
-        burst: 100_000,
-    };
-    config.limits.max_connections_per_source = 10_000;
+    komnet_enroll::testing::allow_many_requests_from_one_source(&mut config);
     std::fs::write(a_dir.join("enroll.toml"), config.to_toml()).unwrap();
     let copied = Command::new("cp")
         .arg("-a")

@@ -7,9 +7,8 @@ pub mod postgres;
 use std::sync::Arc;
 use std::time::Duration;
 
-use komnet_enroll::api::admin::CreateTokenRequest;
-use komnet_enroll::config::{Config, HumanDuration, Limits, RateLimit};
-use komnet_enroll::identity::{Role, SiteId, TenantId};
+use komnet_enroll::config::{Config, HumanDuration};
+use komnet_enroll::identity::Role;
 use komnet_enroll::server::{self, RunningServer};
 use komnet_enroll::service::{self, ManualClock, Service};
 use komnet_enroll::token::Bootstrap;
@@ -23,26 +22,7 @@ pub struct Harness {
 }
 
 pub fn test_config() -> Config {
-    Config {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        server_names: vec!["127.0.0.1".into(), "localhost".into()],
-        hub_endpoints: [(
-            SiteId::parse("hub1").unwrap(),
-            "203.0.113.1:51820".to_string(),
-        )]
-        .into_iter()
-        .collect(),
-        // Tests fire many requests from one address; the rate-limit test sets its own.
-        rate_limit: RateLimit {
-            per_second: 100_000.0,
-            burst: 100_000,
-        },
-        limits: Limits {
-            max_connections_per_source: 10_000,
-            ..Config::default().limits
-        },
-        ..Config::default()
-    }
+    komnet_enroll::testing::loopback_config()
 }
 
 pub async fn start() -> Harness {
@@ -86,19 +66,26 @@ pub async fn start_in(dir: tempfile::TempDir, config: Config, clock: Arc<ManualC
 impl Harness {
     /// A bootstrap file's content for tenant/site/role, as `komnet token create` writes it.
     pub fn bootstrap(&self, tenant: &str, site: &str, role: Role) -> Bootstrap {
-        let resp = self
-            .service
-            .create_token(
-                &CreateTokenRequest {
-                    tenant: TenantId::parse(tenant).unwrap(),
-                    site: SiteId::parse(site).unwrap(),
-                    role,
-                    ttl_secs: 3600,
-                },
-                "test",
-            )
-            .unwrap();
-        Bootstrap::from_token(resp, vec![self.url.clone()])
+        komnet_enroll::testing::bootstrap(&self.service, &self.url, tenant, site, role, "test")
+            .unwrap()
+    }
+
+    /// The single number a query on the service's SQLite file answers (`SELECT count(*) ...`).
+    pub fn count(&self, sql: &str) -> i64 {
+        let conn = rusqlite::Connection::open(self.dir.path().join("enroll.db")).unwrap();
+        conn.query_row(sql, [], |r| r.get(0)).unwrap()
+    }
+
+    /// `POST` of `body` to the enroll endpoint over HTTPS, without a client certificate.
+    pub async fn post_enroll(&self, body: serde_json::Value) -> (u16, serde_json::Value) {
+        raw_request(
+            self,
+            "POST",
+            komnet_enroll::api::routes::ENROLL,
+            body.to_string().into_bytes(),
+            None,
+        )
+        .await
     }
 
     pub fn lifetime(&self) -> i64 {
