@@ -56,6 +56,11 @@ forbid komnet-console komnet-enroll rusqlite tokio-postgres rcgen komnet-gateway
 forbid komnet-proto komnet-policy komnet-enroll komnet-enroll-client komnet-gateway tokio hyper rustls
 # The policy language knows nothing of sockets, certificates or the packet path.
 forbid komnet-policy tokio hyper rustls boringtun komnet-enroll komnet-enroll-client
+# Test support is for tests only: no program links it or the service's test helpers.
+for package in komnet-gateway komnet-enroll komnet-cli komnet-console komnet-policy; do
+    forbid "$package" komnet-testkit
+done
+forbid_feature komnet-enroll komnet-enroll testing
 
 if [ "$fail" -ne 0 ]; then
     echo "crate graph: FAILED (see docs/architecture.md for the intended graph)" >&2

@@ -6,10 +6,6 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-fn example() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/policy/landkreis")
-}
-
 struct Out {
     code: i32,
     stdout: String,
@@ -28,18 +24,6 @@ fn komnet(args: &[&str]) -> Out {
     }
 }
 
-fn copy_example(tag: &str) -> PathBuf {
-    let dst = std::env::temp_dir().join(format!("komnet-cli-{tag}-{}", std::process::id()));
-    let _ = fs::remove_dir_all(&dst);
-    fs::create_dir_all(dst.join("tenants")).unwrap();
-    fs::copy(example().join("operator.toml"), dst.join("operator.toml")).unwrap();
-    for e in fs::read_dir(example().join("tenants")).unwrap() {
-        let e = e.unwrap();
-        fs::copy(e.path(), dst.join("tenants").join(e.file_name())).unwrap();
-    }
-    dst
-}
-
 fn replace_in(path: &Path, from: &str, to: &str) {
     let text = fs::read_to_string(path).unwrap();
     assert!(text.contains(from), "{from:?}");
@@ -48,7 +32,7 @@ fn replace_in(path: &Path, from: &str, to: &str) {
 
 #[test]
 fn check_and_test_pass_on_the_example() {
-    let dir = example();
+    let dir = komnet_testkit::example_dir("landkreis");
     let dir = dir.to_str().unwrap();
     let check = komnet(&["policy", "check", dir]);
     assert_eq!(check.code, 0, "{}", check.stderr);
@@ -68,7 +52,7 @@ fn check_and_test_pass_on_the_example() {
 
 #[test]
 fn check_reports_every_error_with_a_caret_and_exits_1() {
-    let dir = copy_example("check");
+    let dir = komnet_testkit::copy_example("landkreis");
     let frag = dir.join("tenants/musterstadt.toml");
     replace_in(&frag, "from = [\"gebaeude\"]", "from = [\"gebäude\"]");
     replace_in(&frag, "ports = [\"tcp/445\"]", "ports = [\"tcp/4455555\"]");
@@ -96,12 +80,11 @@ fn check_reports_every_error_with_a_caret_and_exits_1() {
         "{}",
         out.stderr
     );
-    fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
 fn a_failing_inline_test_names_the_guardrail_and_its_line() {
-    let dir = copy_example("test");
+    let dir = komnet_testkit::copy_example("landkreis");
     replace_in(
         &dir.join("tenants/musterstadt.toml"),
         "from = \"gaeste\"\nto = \"mail:tcp/993\"\nverdict = \"deny\"",
@@ -117,12 +100,11 @@ fn a_failing_inline_test_names_the_guardrail_and_its_line() {
     );
     assert!(out.stdout.contains("operator.toml:85)"), "{}", out.stdout);
     assert!(out.stdout.contains("30 passed, 2 failed"), "{}", out.stdout);
-    fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
 fn explain_query_and_compile() {
-    let dir = example();
+    let dir = komnet_testkit::example_dir("landkreis");
     let dir = dir.to_str().unwrap();
     let out = komnet(&[
         "policy",
@@ -357,7 +339,7 @@ fn explain_query_and_compile() {
 
 #[test]
 fn diff_lists_newly_allowed_and_denied_flows() {
-    let new = copy_example("diff");
+    let new = komnet_testkit::copy_example("landkreis");
     let frag = new.join("tenants/musterstadt.toml");
     // The citizen office loses the housing-benefit system; VoIP phones gain mail.
     replace_in(
@@ -371,7 +353,7 @@ fn diff_lists_newly_allowed_and_denied_flows() {
         "[[rule]]\nname = \"staff-dms\"\nfrom = [\"verwaltung\", \"bauhof-buero\", \"homeoffice\"]",
     );
     replace_in(&new.join("operator.toml"), "version = 7", "version = 8");
-    let old = example();
+    let old = komnet_testkit::example_dir("landkreis");
     let out = komnet(&[
         "policy",
         "diff",
@@ -404,7 +386,6 @@ fn diff_lists_newly_allowed_and_denied_flows() {
         "{}",
         out.stdout
     );
-    fs::remove_dir_all(&new).unwrap();
 }
 
 #[test]
@@ -461,9 +442,8 @@ fn help_and_completions() {
 
 #[test]
 fn keygen_bundle_verify() {
-    let tmp = std::env::temp_dir().join(format!("komnet-cli-bundle-{}", std::process::id()));
-    let _ = fs::remove_dir_all(&tmp);
-    fs::create_dir_all(&tmp).unwrap();
+    let tmp_dir = tempfile::tempdir().unwrap();
+    let tmp = tmp_dir.path();
     let key = tmp.join("operator.key");
     let out = komnet(&["policy", "keygen", "--out", key.to_str().unwrap()]);
     assert_eq!(out.code, 0, "{}", out.stderr);
@@ -481,7 +461,7 @@ fn keygen_bundle_verify() {
     let out = komnet(&[
         "policy",
         "bundle",
-        example().to_str().unwrap(),
+        komnet_testkit::example_dir("landkreis").to_str().unwrap(),
         "--key",
         key.to_str().unwrap(),
         "--out",
@@ -500,7 +480,7 @@ fn keygen_bundle_verify() {
     assert_eq!(out.code, 0, "{}", out.stderr);
     assert!(out.stdout.contains("signature valid"), "{}", out.stdout);
     // A broken policy is not bundled, and says why.
-    let broken = copy_example("bundle-broken");
+    let broken = komnet_testkit::copy_example("landkreis");
     replace_in(
         &broken.join("tenants/kreis.toml"),
         "to = [\"dms\"",
@@ -522,16 +502,14 @@ fn keygen_bundle_verify() {
         out.stderr
     );
     assert!(!tmp.join("x.bundle").exists());
-    fs::remove_dir_all(&tmp).unwrap();
-    fs::remove_dir_all(&broken).unwrap();
 }
 
 /// The man pages the Debian package ships: one per subcommand, named by its path, with the real
 /// invocation in the synopsis; the generating command stays out of `--help`.
 #[test]
 fn manpages_for_every_subcommand() {
-    let dir = std::env::temp_dir().join(format!("komnet-cli-man-{}", std::process::id()));
-    let _ = fs::remove_dir_all(&dir);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("man");
     let out = komnet(&["manpages", dir.to_str().unwrap()]);
     assert_eq!(out.code, 0, "{}", out.stderr);
     for page in [
@@ -551,12 +529,11 @@ fn manpages_for_every_subcommand() {
     let top = fs::read_to_string(dir.join("komnet.1")).unwrap();
     assert!(top.contains("komnet\\-policy(1)"), "{top}");
     assert!(!komnet(&["--help"]).stdout.contains("manpages"));
-    fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
 fn a_guardrail_over_a_communes_rule_is_a_warning_once_and_deny_warnings_makes_it_an_error() {
-    let dir = copy_example("guardrail");
+    let dir = komnet_testkit::copy_example("landkreis");
     // The operator adds a guardrail that fully overrides musterstadt's "building-control".
     replace_in(
         &dir.join("operator.toml"),
@@ -622,13 +599,12 @@ fn a_guardrail_over_a_communes_rule_is_a_warning_once_and_deny_warnings_makes_it
     );
     let strict = komnet(&["policy", "test", d, "--deny-warnings"]);
     assert_eq!(strict.code, 1, "{}", strict.stdout);
-    fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
 fn diff_warns_when_the_content_changed_but_the_version_did_not() {
-    let old = example();
-    let new = copy_example("version");
+    let old = komnet_testkit::example_dir("landkreis");
+    let new = komnet_testkit::copy_example("landkreis");
     replace_in(
         &new.join("tenants/musterstadt.toml"),
         "to = [\"telefonanlage\", \"dns\"]",
@@ -656,12 +632,11 @@ fn diff_warns_when_the_content_changed_but_the_version_did_not() {
     // The same files: nothing to say.
     let out = komnet(&["policy", "diff", o, o]);
     assert!(!out.stderr.contains("warning"), "{}", out.stderr);
-    fs::remove_dir_all(&new).unwrap();
 }
 
 #[test]
 fn explain_takes_the_other_port_order_with_a_hint_and_uses_host_addresses() {
-    let dir = example();
+    let dir = komnet_testkit::example_dir("landkreis");
     let d = dir.to_str().unwrap();
     let out = komnet(&[
         "policy",
@@ -710,7 +685,7 @@ fn explain_takes_the_other_port_order_with_a_hint_and_uses_host_addresses() {
 
 #[test]
 fn check_speaks_json_gitlab_code_quality_and_sarif_for_ci() {
-    let dir = copy_example("formats");
+    let dir = komnet_testkit::copy_example("landkreis");
     let frag = dir.join("tenants/musterstadt.toml");
     replace_in(&frag, "from = [\"gebaeude\"]", "from = [\"gebaede\"]");
     // And a warning: a guardrail that overrides a rule.
@@ -798,19 +773,18 @@ fn check_speaks_json_gitlab_code_quality_and_sarif_for_ci() {
     assert_eq!(out.code, 0, "{}", out.stdout);
     let out = komnet(&["policy", "check", "--format", "json", "--deny-warnings", d]);
     assert_eq!(out.code, 1, "{}", out.stdout);
-    fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
 fn diff_writes_markdown_for_a_merge_request() {
-    let new = copy_example("markdown");
+    let new = komnet_testkit::copy_example("landkreis");
     replace_in(
         &new.join("tenants/musterstadt.toml"),
         "to = [\"telefonanlage\", \"dns\"]",
         "to = [\"telefonanlage\", \"dns\", \"mail\"]",
     );
     replace_in(&new.join("operator.toml"), "version = 7", "version = 8");
-    let old = example();
+    let old = komnet_testkit::example_dir("landkreis");
     let out = komnet(&[
         "policy",
         "diff",
@@ -828,12 +802,11 @@ fn diff_writes_markdown_for_a_merge_request() {
          | `musterstadt/voip` | `mail` | tcp/25, tcp/587, tcp/993 |\n\n\
          1 newly allowed, 0 newly denied, 0 address changes.\n"
     );
-    fs::remove_dir_all(&new).unwrap();
 }
 
 #[test]
 fn fmt_brings_a_messy_copy_back_to_the_examples_layout_and_keeps_comments() {
-    let dir = copy_example("fmt");
+    let dir = komnet_testkit::copy_example("landkreis");
     let d = dir.to_str().unwrap();
     let frag = dir.join("tenants/musterstadt.toml");
     replace_in(
@@ -864,7 +837,10 @@ fn fmt_brings_a_messy_copy_back_to_the_examples_layout_and_keeps_comments() {
     assert_eq!(out.code, 0, "{}", out.stderr);
     assert_eq!(out.stdout.lines().count(), 2, "{}", out.stdout);
     // The example is in the layout: fmt gives back exactly its files (comments included)...
-    let original = fs::read_to_string(example().join("tenants/musterstadt.toml")).unwrap();
+    let original = fs::read_to_string(
+        komnet_testkit::example_dir("landkreis").join("tenants/musterstadt.toml"),
+    )
+    .unwrap();
     let tidy = fs::read_to_string(&frag).unwrap();
     assert_eq!(
         tidy,
@@ -872,7 +848,7 @@ fn fmt_brings_a_messy_copy_back_to_the_examples_layout_and_keeps_comments() {
     );
     assert_eq!(
         fs::read_to_string(dir.join("operator.toml")).unwrap(),
-        fs::read_to_string(example().join("operator.toml")).unwrap()
+        fs::read_to_string(komnet_testkit::example_dir("landkreis").join("operator.toml")).unwrap()
     );
     // ...and a second run changes nothing.
     let out = komnet(&["policy", "fmt", "--check", d]);
@@ -890,13 +866,14 @@ fn fmt_brings_a_messy_copy_back_to_the_examples_layout_and_keeps_comments() {
         fs::read_to_string(dir.join("tenants/kreis.toml")).unwrap(),
         "tenant = \n"
     );
-    fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
 fn both_examples_are_in_the_fmt_layout() {
     for name in ["landkreis", "st-wendel"] {
-        let dir = example().join("..").join(name);
+        let dir = komnet_testkit::example_dir("landkreis")
+            .join("..")
+            .join(name);
         let out = komnet(&["policy", "fmt", "--check", dir.to_str().unwrap()]);
         assert_eq!(out.code, 0, "{name}: {}{}", out.stdout, out.stderr);
     }
@@ -911,7 +888,8 @@ fn schema_prints_and_writes_the_shipped_schemas() {
         out.stdout,
         fs::read_to_string(root.join("docs/schema/tenant.schema.json")).unwrap()
     );
-    let dir = std::env::temp_dir().join(format!("komnet-cli-schema-{}", std::process::id()));
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("schema");
     let out = komnet(&["policy", "schema", "--out-dir", dir.to_str().unwrap()]);
     assert_eq!(out.code, 0, "{}", out.stderr);
     for name in ["operator.schema.json", "tenant.schema.json"] {
@@ -920,7 +898,6 @@ fn schema_prints_and_writes_the_shipped_schemas() {
             fs::read_to_string(root.join("docs/schema").join(name)).unwrap()
         );
     }
-    fs::remove_dir_all(&dir).unwrap();
     // Neither: a usage error.
     assert_eq!(komnet(&["policy", "schema"]).code, 2);
 }
@@ -928,8 +905,8 @@ fn schema_prints_and_writes_the_shipped_schemas() {
 #[test]
 fn diff_shows_the_new_versions_warnings_once_not_the_old_ones() {
     let guardrail = "[[guardrail]]\nname = \"iot-offline\"\nfrom_kinds = [\"iot\"]\nto = [\"gebaeudeleittechnik\"]\n\n# ---- operator tests";
-    let old = copy_example("diff-warn-old");
-    let new = copy_example("diff-warn-new");
+    let old = komnet_testkit::copy_example("landkreis");
+    let new = komnet_testkit::copy_example("landkreis");
     replace_in(
         &old.join("operator.toml"),
         "# ---- operator tests",
@@ -960,8 +937,6 @@ fn diff_shows_the_new_versions_warnings_once_not_the_old_ones() {
         "{}",
         out.stderr
     );
-    fs::remove_dir_all(&old).unwrap();
-    fs::remove_dir_all(&new).unwrap();
 }
 
 /// docs/policy.md's "Trying it" session is what the commands print: each `$ komnet …` line runs
@@ -1034,7 +1009,7 @@ fn the_docs_session_shows_what_the_commands_print() {
 
 #[test]
 fn query_and_compile_suggest_the_closest_name() {
-    let dir = example();
+    let dir = komnet_testkit::example_dir("landkreis");
     let d = dir.to_str().unwrap();
     for (args, want) in [
         (
@@ -1058,7 +1033,7 @@ fn query_and_compile_suggest_the_closest_name() {
 
 #[test]
 fn lan_prints_the_technicians_sheet_where_each_segment_arrives_and_what_it_serves() {
-    let dir = copy_example("lan");
+    let dir = komnet_testkit::copy_example("landkreis");
     let frag = dir.join("tenants/musterstadt.toml");
     replace_in(
         &frag,
@@ -1102,10 +1077,10 @@ fn lan_prints_the_technicians_sheet_where_each_segment_arrives_and_what_it_serve
         "{}",
         out.stdout
     );
-    let _ = fs::remove_dir_all(&dir);
+    drop(dir);
 
     // The district example: a port of its own next to the trunk; a town hall's own numbering.
-    let st_wendel = example().join("../st-wendel");
+    let st_wendel = komnet_testkit::example_dir("landkreis").join("../st-wendel");
     let d = st_wendel.to_str().unwrap();
     let out = komnet(&["policy", "lan", d, "--site", "nohfelden/rathaus"]);
     assert!(

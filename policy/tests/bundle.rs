@@ -8,22 +8,6 @@ use std::path::{Path, PathBuf};
 
 use komnet_policy::bundle::{self, BundleError, BundleStore};
 
-fn example() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/policy/landkreis")
-}
-
-fn copy_example(tag: &str) -> PathBuf {
-    let dst = std::env::temp_dir().join(format!("komnet-bundle-{tag}-{}", std::process::id()));
-    let _ = fs::remove_dir_all(&dst);
-    fs::create_dir_all(dst.join("tenants")).unwrap();
-    fs::copy(example().join("operator.toml"), dst.join("operator.toml")).unwrap();
-    for e in fs::read_dir(example().join("tenants")).unwrap() {
-        let e = e.unwrap();
-        fs::copy(e.path(), dst.join("tenants").join(e.file_name())).unwrap();
-    }
-    dst
-}
-
 fn set_version(dir: &Path, from: u64, to: u64) {
     let p = dir.join("operator.toml");
     let text = fs::read_to_string(&p).unwrap();
@@ -37,7 +21,7 @@ fn set_version(dir: &Path, from: u64, to: u64) {
 #[test]
 fn signed_bundles_verify_and_tampering_does_not() {
     let (private, public) = bundle::generate_key().unwrap();
-    let bytes = bundle::create(&example(), &private).unwrap();
+    let bytes = bundle::create(&komnet_testkit::example_dir("landkreis"), &private).unwrap();
     let verified = bundle::verify(&bytes, &public).unwrap();
     assert_eq!(verified.version, 7);
     let compiled = verified.compile().unwrap();
@@ -75,7 +59,7 @@ fn signed_bundles_verify_and_tampering_does_not() {
 
 #[test]
 fn a_broken_policy_is_never_bundled() {
-    let dir = copy_example("broken");
+    let dir = komnet_testkit::copy_example("landkreis");
     let p = dir.join("tenants/kreis.toml");
     let text = fs::read_to_string(&p).unwrap();
     fs::write(&p, text.replace("to = [\"dms\"", "to = [\"dmz\"")).unwrap();
@@ -84,24 +68,23 @@ fn a_broken_policy_is_never_bundled() {
         bundle::create(&dir, &private),
         Err(BundleError::Load(_))
     ));
-    fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
 fn store_keeps_the_last_known_good_and_refuses_rollbacks() {
     let (private, public) = bundle::generate_key().unwrap();
-    let state = std::env::temp_dir().join(format!("komnet-bundle-state-{}", std::process::id()));
-    let _ = fs::remove_dir_all(&state);
+    let state_dir = tempfile::tempdir().unwrap();
+    let state = state_dir.path();
     let store = BundleStore::new(&state, public.clone());
     assert!(store.load_last_known_good().unwrap().is_none());
 
-    let v7 = bundle::create(&example(), &private).unwrap();
+    let v7 = bundle::create(&komnet_testkit::example_dir("landkreis"), &private).unwrap();
     let (running, compiled) = store.install(&v7, None).unwrap();
     assert_eq!(compiled.version(), 7);
     let on_disk = fs::read(state.join("policy.bundle")).unwrap();
 
     // Version 8 with a change, then back to 7: refused, disk unchanged.
-    let dir = copy_example("v8");
+    let dir = komnet_testkit::copy_example("landkreis");
     set_version(&dir, 7, 8);
     let v8 = bundle::create(&dir, &private).unwrap();
     let (running8, _) = store.install(&v8, Some(&running)).unwrap();
@@ -147,23 +130,14 @@ fn store_keeps_the_last_known_good_and_refuses_rollbacks() {
         .load_last_known_good()
         .is_err());
     assert_ne!(on_disk, bad);
-    fs::remove_dir_all(&state).unwrap();
-    fs::remove_dir_all(&dir).unwrap();
 }
 
 /// A policy version `v` of the worked example, signed with `key`, with `options`.
-fn versioned(tag: &str, v: u64, key: &[u8], options: &bundle::BundleOptions) -> Vec<u8> {
-    let dir = copy_example(&format!("{tag}-v{v}"));
+fn versioned(v: u64, key: &[u8], options: &bundle::BundleOptions) -> Vec<u8> {
+    let dir = komnet_testkit::copy_example("landkreis");
     set_version(&dir, 7, v);
     let bytes = bundle::create_with(&dir, key, options).unwrap();
-    fs::remove_dir_all(&dir).unwrap();
     bytes
-}
-
-fn state_dir(tag: &str) -> PathBuf {
-    let state = std::env::temp_dir().join(format!("komnet-bundle-{tag}-{}", std::process::id()));
-    let _ = fs::remove_dir_all(&state);
-    state
 }
 
 /// A new or re-flashed appliance has no bundle to compare with: the floor (from the enrollment
@@ -172,11 +146,12 @@ fn state_dir(tag: &str) -> PathBuf {
 fn the_floor_refuses_old_bundles_without_a_running_one() {
     let (private, public) = bundle::generate_key().unwrap();
     let none = bundle::BundleOptions::default();
-    let state = state_dir("floor");
+    let state_dir = tempfile::tempdir().unwrap();
+    let state = state_dir.path();
     let store = BundleStore::new(&state, public.clone());
-    let v7 = versioned("floor", 7, &private, &none);
-    let v8 = versioned("floor", 8, &private, &none);
-    let v9 = versioned("floor", 9, &private, &none);
+    let v7 = versioned(7, &private, &none);
+    let v8 = versioned(8, &private, &none);
+    let v9 = versioned(9, &private, &none);
 
     // The enrollment answer said the district runs version 8.
     store.raise_floor(8).unwrap();
@@ -200,34 +175,38 @@ fn the_floor_refuses_old_bundles_without_a_running_one() {
             floor: 9
         })
     ));
-    fs::remove_dir_all(&state).unwrap();
 }
 
 #[test]
 fn bundles_are_used_only_inside_their_validity_window() {
     let (private, public) = bundle::generate_key().unwrap();
     let now = 1_800_000_000;
-    let state = state_dir("window");
+    let state_dir = tempfile::tempdir().unwrap();
+    let state = state_dir.path();
     let store = BundleStore::new(&state, public);
     let window = |nb: i64, ex: i64| bundle::BundleOptions {
         not_before: Some(nb),
         expires: Some(ex),
         next_key: None,
     };
-    let expired = versioned("window", 8, &private, &window(now - 200, now - 100));
+    let expired = versioned(8, &private, &window(now - 200, now - 100));
     let err = store.prepare_at(&expired, None, now).unwrap_err();
     assert!(matches!(err, BundleError::Expired { .. }), "{err}");
-    let future = versioned("window", 9, &private, &window(now + 3600, now + 7200));
+    let future = versioned(9, &private, &window(now + 3600, now + 7200));
     let err = store.prepare_at(&future, None, now).unwrap_err();
     assert!(
         err.to_string().contains("check this gateway's clock"),
         "{err}"
     );
     // A clock a few minutes behind is tolerated.
-    let soon = versioned("window", 10, &private, &window(now + 60, now + 7200));
+    let soon = versioned(10, &private, &window(now + 60, now + 7200));
     store.prepare_at(&soon, None, now).unwrap();
-    assert!(bundle::create_with(&example(), &private, &window(now, now - 1)).is_err());
-    let _ = fs::remove_dir_all(&state);
+    assert!(bundle::create_with(
+        &komnet_testkit::example_dir("landkreis"),
+        &private,
+        &window(now, now - 1)
+    )
+    .is_err());
 }
 
 /// Key rotation without re-flashing: K0 announces K1 in a signed bundle; K1's bundles are then
@@ -237,11 +216,12 @@ fn the_signing_key_rotates_by_announcement() {
     let (k0, k0_pub) = bundle::generate_key().unwrap();
     let (k1, k1_pub) = bundle::generate_key().unwrap();
     let none = bundle::BundleOptions::default();
-    let state = state_dir("rotate");
+    let state_dir = tempfile::tempdir().unwrap();
+    let state = state_dir.path();
     let store = BundleStore::new(&state, k0_pub.clone());
 
     // Before any announcement, K1 is nobody.
-    let early = versioned("rotate", 8, &k1, &none);
+    let early = versioned(8, &k1, &none);
     assert!(matches!(
         store.install(&early, None),
         Err(BundleError::BadSignature { .. })
@@ -259,10 +239,10 @@ fn the_signing_key_rotates_by_announcement() {
     assert_eq!(running.next_key.as_deref(), Some(k1_pub.as_slice()));
     assert_eq!(store.accepted_keys(), vec![k0_pub.clone(), k1_pub.clone()]);
 
-    let by_k1 = versioned("rotate", 9, &k1, &none);
+    let by_k1 = versioned(9, &k1, &none);
     let (running, _) = store.install(&by_k1, Some(&running)).unwrap();
     assert_eq!(store.accepted_keys(), vec![k1_pub.clone()]);
-    let by_k0 = versioned("rotate", 10, &k0, &none);
+    let by_k0 = versioned(10, &k0, &none);
     assert!(matches!(
         store.install(&by_k0, Some(&running)),
         Err(BundleError::BadSignature { .. })
@@ -272,5 +252,4 @@ fn the_signing_key_rotates_by_announcement() {
     let restarted = BundleStore::new(&state, k0_pub);
     let (lkg, _) = restarted.load_last_known_good().unwrap().unwrap();
     assert_eq!((lkg.version, lkg.signed_by.clone()), (9, k1_pub));
-    fs::remove_dir_all(&state).unwrap();
 }

@@ -8,19 +8,6 @@ use std::path::{Path, PathBuf};
 
 use komnet_policy::{CompiledPolicy, Origin, PacketMeta, PolicyHandle, Proto, ReloadError};
 
-fn copy_example(tag: &str) -> PathBuf {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/policy/landkreis");
-    let dst = std::env::temp_dir().join(format!("komnet-reload-{tag}-{}", std::process::id()));
-    let _ = fs::remove_dir_all(&dst);
-    fs::create_dir_all(dst.join("tenants")).unwrap();
-    fs::copy(src.join("operator.toml"), dst.join("operator.toml")).unwrap();
-    for e in fs::read_dir(src.join("tenants")).unwrap() {
-        let e = e.unwrap();
-        fs::copy(e.path(), dst.join("tenants").join(e.file_name())).unwrap();
-    }
-    dst
-}
-
 fn edit(path: &Path, from: &str, to: &str) {
     let text = fs::read_to_string(path).unwrap();
     assert!(text.contains(from), "{from:?} not in {}", path.display());
@@ -29,7 +16,7 @@ fn edit(path: &Path, from: &str, to: &str) {
 
 #[test]
 fn a_bad_policy_never_replaces_a_good_one() {
-    let dir = copy_example("bad");
+    let dir = komnet_testkit::copy_example("landkreis");
     let handle = PolicyHandle::new(CompiledPolicy::load(&dir).unwrap());
     assert_eq!(handle.current().version(), 7);
     let staff_to_dms = PacketMeta::new(
@@ -113,5 +100,4 @@ fn a_bad_policy_never_replaces_a_good_one() {
     );
     assert_eq!(handle.reload(&dir).unwrap(), 8);
     assert_eq!(handle.current().version(), 8);
-    fs::remove_dir_all(&dir).unwrap();
 }

@@ -90,8 +90,8 @@ fn a_real_validator_accepts_both_examples() {
 
 #[test]
 fn a_real_validator_refuses_a_misspelt_key_and_a_reversed_port() {
-    let dir = std::env::temp_dir().join(format!("komnet-schema-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
     let (operator, tenants) = example_files("landkreis");
     let musterstadt = tenants
         .iter()
@@ -117,7 +117,6 @@ fn a_real_validator_refuses_a_misspelt_key_and_a_reversed_port() {
     std::fs::write(&wrong, format!("tenant = \"x\"\n{op_text}")).unwrap();
     let lines = validate(FileKind::Operator, &[wrong]);
     assert!(lines[0].contains("'tenant' was unexpected"), "{lines:?}");
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 /// Every key the parser accepts is in docs/policy.md's tables, in the row of its table.

@@ -1,6 +1,6 @@
 //! Running external commands with timeouts, background processes, temporary directories.
 
-use crate::{next_id, COMMAND_TIMEOUT};
+use crate::COMMAND_TIMEOUT;
 use anyhow::{anyhow, bail, Context, Result};
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
@@ -288,33 +288,23 @@ impl Drop for BackgroundProcess {
     }
 }
 
-/// A fresh directory under the system temp dir, removed with its contents on drop.
+/// A fresh directory under the system temp dir (`komnet-netns-LABEL-…`), removed with its
+/// contents on drop.
 #[derive(Debug)]
-pub struct TempDir {
-    path: PathBuf,
-}
+pub struct TempDir(tempfile::TempDir);
 
 impl TempDir {
     pub fn new(label: &str) -> Result<TempDir> {
-        let path = std::env::temp_dir().join(format!(
-            "komnet-netns-{}-{}-{label}",
-            std::process::id(),
-            next_id()
-        ));
-        fs::create_dir(&path).with_context(|| format!("cannot create {}", path.display()))?;
-        Ok(TempDir { path })
+        let prefix = format!("komnet-netns-{label}-");
+        tempfile::Builder::new()
+            .prefix(&prefix)
+            .tempdir()
+            .map(TempDir)
+            .with_context(|| format!("cannot create a temporary directory {prefix}…"))
     }
 
     pub fn path(&self) -> &Path {
-        &self.path
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        if let Err(err) = fs::remove_dir_all(&self.path) {
-            eprintln!("warning: cannot remove {}: {err}", self.path.display());
-        }
+        self.0.path()
     }
 }
 

@@ -142,7 +142,8 @@ fn garbage_huge_and_deep_inputs_get_errors_not_panics() {
     assert!(load(OPERATOR, &deep_tables, TENANT_B).is_err());
 
     // Over the size limit on disk: refused before parsing, with the limit in the message.
-    let dir = tempdir("huge");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
     std::fs::write(dir.join("operator.toml"), OPERATOR).unwrap();
     std::fs::create_dir_all(dir.join("tenants")).unwrap();
     let big = format!("tenant = \"a\"\n# {}\n", "x".repeat(10 << 20));
@@ -155,21 +156,20 @@ fn garbage_huge_and_deep_inputs_get_errors_not_panics() {
         "{text}"
     );
     assert!(text.contains("not UTF-8"), "{text}");
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
 fn missing_directory_or_operator_file() {
     let err = Policy::load(Path::new("/nonexistent/komnet-policy")).unwrap_err();
     assert!(err.render().contains("not a directory"));
-    let dir = tempdir("empty");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
     let err = Policy::load(&dir).unwrap_err();
     assert!(
         err.render().contains("operator.toml: cannot read"),
         "{}",
         err.render()
     );
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]

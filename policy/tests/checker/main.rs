@@ -109,13 +109,6 @@ fn warnings(p: &Policy) -> Vec<String> {
         .collect()
 }
 
-fn tempdir(tag: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("komnet-policy-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
 mod addresses;
 mod input;
 mod references;

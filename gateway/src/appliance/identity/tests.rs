@@ -89,25 +89,6 @@ fn a_refusal_is_shown_in_the_services_words() {
     assert!(!is_final(&net));
 }
 
-/// A scratch directory, removed on drop.
-struct Scratch(PathBuf);
-impl Scratch {
-    fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!(
-            "komnet-appliance-{name}-{}-{}",
-            std::process::id(),
-            rand::random::<u32>()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        Scratch(dir)
-    }
-}
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 fn test_config(dir: &Path, extra: &str) -> GatewayConfig {
     GatewayConfig::parse(
         Path::new("gateway.toml"),
@@ -177,8 +158,8 @@ fn files(dir: &Path) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waiting_for_a_bootstrap_file_sets_refused_and_unreadable_ones_aside() {
-    let scratch = Scratch::new("wait");
-    let dir = scratch.0.clone();
+    let scratch = tempfile::tempdir().unwrap();
+    let dir = scratch.path().to_path_buf();
     let path = dir.join("bootstrap.json");
     let ctx = test_ctx(&dir, "wait_for_bootstrap = true\n");
     let task = {
@@ -251,8 +232,8 @@ async fn waiting_for_a_bootstrap_file_sets_refused_and_unreadable_ones_aside() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_wait_mode_a_missing_or_refused_bootstrap_file_stops_the_start() {
-    let scratch = Scratch::new("nowait");
-    let dir = scratch.0.clone();
+    let scratch = tempfile::tempdir().unwrap();
+    let dir = scratch.path().to_path_buf();
     let ctx = test_ctx(&dir, "");
     let e = format!("{:#}", obtain_identity(&ctx).await.err().unwrap());
     assert!(
@@ -280,8 +261,8 @@ async fn without_wait_mode_a_missing_or_refused_bootstrap_file_stops_the_start()
 
 #[test]
 fn a_stored_policy_key_is_pinned_at_start_and_a_broken_one_named() {
-    let scratch = Scratch::new("stored");
-    let dir = scratch.0.clone();
+    let scratch = tempfile::tempdir().unwrap();
+    let dir = scratch.path().to_path_buf();
     assert!(pinned_policy_key(&test_config(&dir, "")).unwrap().is_none());
     let stored = dir.join(POLICY_KEY_FILE);
     std::fs::write(&stored, format!("{}\n", B64.encode([5u8; 32]))).unwrap();
