@@ -72,6 +72,17 @@ impl Netns {
         )
     }
 
+    /// The addresses on `dev` as `addr/len` (`ip -brief addr`), link-local ones left out.
+    pub fn addresses_on(&self, dev: &str) -> Result<Vec<String>> {
+        let out = self.ip(&["-brief", "addr", "show", "dev", dev])?;
+        Ok(out
+            .split_whitespace()
+            .skip(2)
+            .filter(|a| a.contains('/') && !a.starts_with("fe80:"))
+            .map(str::to_owned)
+            .collect())
+    }
+
     /// Adds `address/prefix_len` to `dev`. IPv6 addresses skip duplicate address detection so
     /// they are usable at once instead of "tentative" for a second or two.
     pub fn add_address(&self, dev: &str, address: IpAddr, prefix_len: u8) -> Result<()> {

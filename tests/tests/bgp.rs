@@ -28,7 +28,6 @@ fn the_routers_route_follows_a_failed_over_spoke_and_a_restarted_hub_does_not_ta
         Options {
             two_hubs: true,
             bgp: true,
-            homeoffice: false,
             ..Options::default()
         },
     )
@@ -212,7 +211,6 @@ fn a_hub_the_spoke_left_while_it_lived_withdraws_and_does_not_take_the_route_bac
         Options {
             two_hubs: true,
             bgp: true,
-            homeoffice: false,
             ..Options::default()
         },
     )

@@ -72,15 +72,7 @@ fn wait_for_server(server: &DhcpServer, conf: &Path, starts: u32) {
 #[test]
 fn town_hall_hosts_get_addresses_from_their_own_segment_by_dhcp_and_slaac() {
     require_root_and_tools();
-    let district = District::start(
-        &netprobe(),
-        Options {
-            two_hubs: false,
-            homeoffice: false,
-            ..Options::default()
-        },
-    )
-    .expect("district");
+    let district = District::start(&netprobe(), Options::default()).expect("district");
     let mut district = district;
     let run_dir = district.path("dhcp-run");
     std::fs::create_dir_all(&run_dir).expect("run dir");

@@ -22,15 +22,7 @@ fn netprobe() -> PathBuf {
 #[test]
 fn two_town_halls_with_the_same_lan_reach_the_dc_by_their_unique_addresses() {
     require_root_and_tools();
-    let mut district = District::start(
-        &netprobe(),
-        Options {
-            two_hubs: false,
-            homeoffice: false,
-            ..Options::default()
-        },
-    )
-    .expect("district");
+    let mut district = District::start(&netprobe(), Options::default()).expect("district");
     let run_dir = district.path("noh-run");
     std::fs::create_dir_all(&run_dir).expect("run dir");
     let conf = run_dir.join("dnsmasq.conf");

@@ -310,11 +310,7 @@ fn nftables_ruleset_enforces_what_the_oracle_decides() {
     // later, which turned an allowed flow into "blocked" (policy_nft failed 1 run in 2).
     for (seg, host) in hosts.iter().take(spoof_host) {
         let prefixes = &policy.segments[seg.index()].prefixes;
-        let listing = host
-            .ns
-            .ip(&["-o", "address", "show", "dev", "eth0", "scope", "global"])
-            .unwrap();
-        for cidr in listing.split_whitespace().filter(|w| w.contains('/')) {
+        for cidr in host.ns.addresses_on("eth0").unwrap() {
             let Ok(net) = cidr.parse::<ipnet::IpNet>() else {
                 continue;
             };

@@ -68,15 +68,7 @@ fn wait_for_dhcp(server: &DhcpServer, conf: &Path, wanted: &str, starts: u32) {
 #[test]
 fn a_segment_moved_to_another_vlan_is_served_there_without_a_restart() {
     require_root_and_tools();
-    let mut district = District::start(
-        &netprobe(),
-        Options {
-            two_hubs: false,
-            homeoffice: false,
-            ..Options::default()
-        },
-    )
-    .expect("district");
+    let mut district = District::start(&netprobe(), Options::default()).expect("district");
     let run_dir = district.path("vlan-run");
     std::fs::create_dir_all(&run_dir).expect("run dir");
     let conf = run_dir.join("dnsmasq.conf");

@@ -49,7 +49,7 @@ impl ApplianceSpoke {
 
     /// The addresses on the spoke's interface `dev`, link-local ones left out.
     pub fn addresses_on(&self, dev: &str) -> Result<Vec<String>> {
-        addresses_on(&self.gw, dev)
+        self.gw.addresses_on(dev)
     }
 }
 
@@ -72,7 +72,7 @@ impl TrunkAppliance {
 
     /// The addresses on the spoke's interface `dev` (e.g. `eth1.10`), link-local ones left out.
     pub fn addresses_on(&self, dev: &str) -> Result<Vec<String>> {
-        addresses_on(&self.gw, dev)
+        self.gw.addresses_on(dev)
     }
 }
 
@@ -82,17 +82,6 @@ fn deliver_bootstrap(bootstrap: &Path, file: &Path) -> Result<()> {
     let tmp = bootstrap.with_extension("json.part");
     std::fs::copy(file, &tmp).with_context(|| format!("copying {}", file.display()))?;
     std::fs::rename(&tmp, bootstrap).with_context(|| format!("renaming to {}", bootstrap.display()))
-}
-
-/// The addresses on `dev` in `ns` (`ip -brief addr`), link-local ones left out.
-fn addresses_on(ns: &Netns, dev: &str) -> Result<Vec<String>> {
-    let out = ns.ip(&["-brief", "addr", "show", "dev", dev])?;
-    Ok(out
-        .split_whitespace()
-        .skip(2)
-        .filter(|a| a.contains('/') && !a.starts_with("fe80:"))
-        .map(str::to_owned)
-        .collect())
 }
 
 impl District {

@@ -10,15 +10,7 @@ use super::*;
 #[test]
 fn an_appliance_whose_certificate_expired_while_off_enrols_again_from_a_new_token() {
     require_root_and_tools();
-    let mut district = District::start(
-        &netprobe(),
-        Options {
-            two_hubs: false,
-            homeoffice: false,
-            ..Options::default()
-        },
-    )
-    .expect("district");
+    let mut district = District::start(&netprobe(), Options::default()).expect("district");
     // The service's clock runs 8 days behind while the appliance first enrols: its 7-day
     // certificate has expired by the time the appliance starts again.
     district
@@ -125,7 +117,6 @@ fn hub_spokes_and_home_office_renew_while_traffic_flows() {
     let mut district = District::start(
         &netprobe(),
         Options {
-            two_hubs: false,
             homeoffice: true,
             enroll_clock: Some("-403155"),
             ..Options::default()
@@ -249,15 +240,7 @@ fn an_appliance_whose_enrollment_answer_was_lost_asks_again_and_gets_its_certifi
     // it asks with the same token, WireGuard key and TLS key, and the service answers with the
     // certificate it issued: no `token_used`, no trip to the town hall with a new stick.
     require_root_and_tools();
-    let mut district = District::start(
-        &netprobe(),
-        Options {
-            two_hubs: false,
-            homeoffice: false,
-            ..Options::default()
-        },
-    )
-    .expect("district");
+    let mut district = District::start(&netprobe(), Options::default()).expect("district");
     let (flag, proxy_log) = district.answer_losing_proxy(8444).expect("proxy");
     let mut appliance = district
         .add_appliance_spoke_with(
@@ -353,8 +336,6 @@ fn a_spoke_whose_certificate_runs_out_while_it_runs_stops_and_waits_for_a_new_to
     let mut district = District::start(
         &netprobe(),
         Options {
-            two_hubs: false,
-            homeoffice: false,
             enroll_clock: Some("-604760s"),
             ..Options::default()
         },

@@ -10,15 +10,7 @@ use super::*;
 #[test]
 fn an_image_spoke_waits_refuses_a_spent_token_then_enrols_and_takes_its_lan_addresses() {
     require_root_and_tools();
-    let mut district = District::start(
-        &netprobe(),
-        Options {
-            two_hubs: false,
-            homeoffice: false,
-            ..Options::default()
-        },
-    )
-    .expect("district");
+    let mut district = District::start(&netprobe(), Options::default()).expect("district");
     let mut appliance = district
         .add_appliance_spoke("image", 50, 40)
         .expect("appliance spoke");
@@ -111,7 +103,7 @@ fn an_image_spoke_waits_refuses_a_spent_token_then_enrols_and_takes_its_lan_addr
     // packets from guest1 only.
     let pid = appliance.spoke.pid();
     let v2 = district.dir.path().join("policy-v2-guests-moved");
-    copy_dir(&komnet_netns_tests::district::policy_dir(), &v2);
+    komnet_testkit::copy_dir(&komnet_netns_tests::district::policy_dir(), &v2);
     let op = v2.join("operator.toml");
     let text = std::fs::read_to_string(&op).expect("operator.toml");
     std::fs::write(&op, text.replace("version = 1", "version = 2")).expect("write");
@@ -152,7 +144,7 @@ fn an_image_spoke_waits_refuses_a_spent_token_then_enrols_and_takes_its_lan_addr
     // staff's new gateway address off eth1 (the segments are set up in policy order, gaeste
     // before verwaltung: one failing interface used to stop the rest).
     let v3 = district.dir.path().join("policy-v3-missing-port");
-    copy_dir(&v2, &v3);
+    komnet_testkit::copy_dir(&v2, &v3);
     let op = v3.join("operator.toml");
     let text = std::fs::read_to_string(&op).expect("operator.toml");
     std::fs::write(&op, text.replace("version = 2", "version = 3")).expect("write");
@@ -207,15 +199,7 @@ fn a_flushed_firewall_does_not_open_a_spoke() {
     // forward LAN <-> WAN; the spoke's fence (policy-routing rules) holds meanwhile and its
     // guard reinstalls the table.
     require_root_and_tools();
-    let mut district = District::start(
-        &netprobe(),
-        Options {
-            two_hubs: false,
-            homeoffice: false,
-            ..Options::default()
-        },
-    )
-    .expect("district");
+    let mut district = District::start(&netprobe(), Options::default()).expect("district");
     // A host on the WAN (the town hall's router side) that knows the way to the LAN.
     let wanhost = district.wan_namespace("wanhost", 50).expect("WAN host");
     let noh = district.commune("nohfelden");
@@ -331,15 +315,7 @@ fn staff_and_guests_of_one_town_hall_talk_only_where_a_rule_says_so_and_on_the_l
     // through the tunnel (the hub never sees it), from the policy version on that allows it,
     // without a restart, and no longer once a later version drops the rule.
     require_root_and_tools();
-    let mut district = District::start(
-        &netprobe(),
-        Options {
-            two_hubs: false,
-            homeoffice: false,
-            ..Options::default()
-        },
-    )
-    .expect("district");
+    let mut district = District::start(&netprobe(), Options::default()).expect("district");
     let noh = district.commune("nohfelden");
     // A citizen terminal in the guest WLAN that the staff maintain remotely (VNC), and a staff
     // PC that listens on the same port.

@@ -40,54 +40,33 @@ fn hub_keys(status: &serde_json::Value, tenant: &str, site: &str) -> Vec<String>
         .collect()
 }
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to.join("tenants")).expect("mkdir");
-    for entry in walk(from) {
-        let rel = entry.strip_prefix(from).expect("prefix");
-        std::fs::copy(&entry, to.join(rel)).expect("copy");
-    }
+/// The district's policy copied as version `version` (only operator.toml's version changed).
+fn policy_version(district: &District, version: u64) -> PathBuf {
+    let dir = district.dir.path().join(format!("policy-v{version}"));
+    komnet_netns_tests::district::copy_policy(&dir, version).expect("copying the policy");
+    dir
 }
 
-fn walk(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).expect("read_dir") {
-        let p = e.expect("entry").path();
-        if p.is_dir() {
-            out.extend(walk(&p));
-        } else {
-            out.push(p);
-        }
-    }
-    out
+/// Rewrites a policy file as `change` says.
+fn edit(path: &Path, change: impl FnOnce(String) -> String) {
+    let text =
+        std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    std::fs::write(path, change(text))
+        .unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
 }
 
 /// A policy version that also lets Tholey's staff use Nohfelden's file server.
 fn policy_v2(district: &District, version: u64) -> PathBuf {
-    let dir = district.dir.path().join(format!("policy-v{version}"));
-    copy_dir(&komnet_netns_tests::district::policy_dir(), &dir);
-    let op = dir.join("operator.toml");
-    let text = std::fs::read_to_string(&op).expect("operator.toml");
-    std::fs::write(
-        &op,
-        text.replace("version = 1", &format!("version = {version}")),
-    )
-    .expect("write");
-    let noh = dir.join("tenants/nohfelden.toml");
-    let text = std::fs::read_to_string(&noh).expect("nohfelden.toml");
-    std::fs::write(
-        &noh,
+    let dir = policy_version(district, version);
+    edit(&dir.join("tenants/nohfelden.toml"), |text| {
         text.replace(
             "ports = [\"tcp/445\"]",
             "ports = [\"tcp/445\"]\nexport = [\"tholey\"]",
-        ),
-    )
-    .expect("write");
-    let tho = dir.join("tenants/tholey.toml");
-    let mut text = std::fs::read_to_string(&tho).expect("tholey.toml");
-    text.push_str(
-        "\n[[rule]]\nname = \"shared-building-office\"\nfrom = [\"verwaltung\"]\nto = [\"nohfelden/dateiserver\"]\n",
-    );
-    std::fs::write(&tho, text).expect("write");
+        )
+    });
+    edit(&dir.join("tenants/tholey.toml"), |text| {
+        text + "\n[[rule]]\nname = \"shared-building-office\"\nfrom = [\"verwaltung\"]\nto = [\"nohfelden/dateiserver\"]\n"
+    });
     dir
 }
 
@@ -125,19 +104,8 @@ fn replies(child: std::process::Child) -> (u32, u32, String) {
 
 /// The district's policy as version `version`, Nohfelden's fragment with `extra` appended.
 fn policy_with(district: &District, version: u64, extra: &str) -> PathBuf {
-    let dir = district.dir.path().join(format!("policy-v{version}"));
-    copy_dir(&komnet_netns_tests::district::policy_dir(), &dir);
-    let op = dir.join("operator.toml");
-    let text = std::fs::read_to_string(&op).expect("operator.toml");
-    std::fs::write(
-        &op,
-        text.replace("version = 1", &format!("version = {version}")),
-    )
-    .expect("write");
-    let noh = dir.join("tenants/nohfelden.toml");
-    let mut text = std::fs::read_to_string(&noh).expect("nohfelden.toml");
-    text.push_str(extra);
-    std::fs::write(&noh, text).expect("write");
+    let dir = policy_version(district, version);
+    edit(&dir.join("tenants/nohfelden.toml"), |text| text + extra);
     dir
 }
 

@@ -6,15 +6,7 @@ use super::*;
 #[test]
 fn restarts_live_policy_updates_refused_bundles_and_fail_closed() {
     require_root_and_tools();
-    let mut district = District::start(
-        &netprobe(),
-        Options {
-            two_hubs: false,
-            homeoffice: false,
-            ..Options::default()
-        },
-    )
-    .expect("district");
+    let mut district = District::start(&netprobe(), Options::default()).expect("district");
     let noh = district.staff("nohfelden");
     let tho = district.staff("tholey");
     let dms = destination(DMS);
@@ -154,7 +146,6 @@ fn spoke_fails_over_to_the_second_hub_within_5s() {
         &netprobe(),
         Options {
             two_hubs: true,
-            homeoffice: false,
             ..Options::default()
         },
     )
@@ -202,15 +193,7 @@ fn a_reflashed_appliance_refuses_a_policy_older_than_the_service_vouched_for() {
     // bundle of version 1 while it vouches for version 2 (a restored backup, a stale mirror):
     // the appliance refuses version 1 and forwards nothing until version 2 arrives.
     require_root_and_tools();
-    let mut district = District::start(
-        &netprobe(),
-        Options {
-            two_hubs: false,
-            homeoffice: false,
-            ..Options::default()
-        },
-    )
-    .expect("district");
+    let mut district = District::start(&netprobe(), Options::default()).expect("district");
     district
         .admin(&["policy-version", "set", "2"])
         .expect("policy-version set 2");
@@ -250,7 +233,7 @@ fn a_reflashed_appliance_refuses_a_policy_older_than_the_service_vouched_for() {
 
     // Version 2, signed and published: in force.
     let v2 = district.dir.path().join("policy-v2");
-    copy_dir(&komnet_netns_tests::district::policy_dir(), &v2);
+    komnet_testkit::copy_dir(&komnet_netns_tests::district::policy_dir(), &v2);
     let op = v2.join("operator.toml");
     let text = std::fs::read_to_string(&op).expect("operator.toml");
     std::fs::write(&op, text.replace("version = 1", "version = 2")).expect("write");

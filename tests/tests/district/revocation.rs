@@ -9,7 +9,6 @@ fn district_matrix_revocation_spoofing_and_homeoffice() {
     let mut district = District::start(
         &netprobe(),
         Options {
-            two_hubs: false,
             homeoffice: true,
             ..Options::default()
         },
@@ -289,15 +288,7 @@ fn district_matrix_revocation_spoofing_and_homeoffice() {
 #[test]
 fn a_hub_notices_a_dead_registry_says_so_and_hears_the_revocation_after_it() {
     require_root_and_tools();
-    let mut district = District::start(
-        &netprobe(),
-        Options {
-            two_hubs: false,
-            homeoffice: false,
-            ..Options::default()
-        },
-    )
-    .expect("district");
+    let mut district = District::start(&netprobe(), Options::default()).expect("district");
     let tho = district.staff("tholey");
     let fs_tho = destination("Dateiserver Tholey");
     let reaches = |d: &District| {
