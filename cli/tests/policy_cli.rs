@@ -3,7 +3,7 @@
 #![allow(clippy::unwrap_used)] // test code: a failed setup should panic loudly
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 struct Out {

@@ -4,7 +4,7 @@
 #![allow(clippy::unwrap_used)] // test code: a failed setup should panic loudly
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use komnet_policy::bundle::{self, BundleError, BundleStore};
 
@@ -227,7 +227,6 @@ fn the_signing_key_rotates_by_announcement() {
         Err(BundleError::BadSignature { .. })
     ));
     let announce = versioned(
-        "rotate",
         8,
         &k0,
         &bundle::BundleOptions {

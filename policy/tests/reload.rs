@@ -4,7 +4,7 @@
 #![allow(clippy::unwrap_used)] // test code: a failed setup should panic loudly
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use komnet_policy::{CompiledPolicy, Origin, PacketMeta, PolicyHandle, Proto, ReloadError};
 
