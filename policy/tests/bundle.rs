@@ -75,7 +75,7 @@ fn store_keeps_the_last_known_good_and_refuses_rollbacks() {
     let (private, public) = bundle::generate_key().unwrap();
     let state_dir = tempfile::tempdir().unwrap();
     let state = state_dir.path();
-    let store = BundleStore::new(&state, public.clone());
+    let store = BundleStore::new(state, public.clone());
     assert!(store.load_last_known_good().unwrap().is_none());
 
     let v7 = bundle::create(&komnet_testkit::example_dir("landkreis"), &private).unwrap();
@@ -115,7 +115,7 @@ fn store_keeps_the_last_known_good_and_refuses_rollbacks() {
     assert!(store.install(&v8, Some(&running8)).is_ok());
 
     // A restart comes back with version 8, verified again.
-    let (lkg, compiled) = BundleStore::new(&state, public.clone())
+    let (lkg, compiled) = BundleStore::new(state, public.clone())
         .load_last_known_good()
         .unwrap()
         .unwrap();
@@ -126,7 +126,7 @@ fn store_keeps_the_last_known_good_and_refuses_rollbacks() {
     let n = bad.len();
     bad[n / 2] ^= 0x01;
     fs::write(state.join("policy.bundle"), &bad).unwrap();
-    assert!(BundleStore::new(&state, public)
+    assert!(BundleStore::new(state, public)
         .load_last_known_good()
         .is_err());
     assert_ne!(on_disk, bad);
@@ -136,8 +136,7 @@ fn store_keeps_the_last_known_good_and_refuses_rollbacks() {
 fn versioned(v: u64, key: &[u8], options: &bundle::BundleOptions) -> Vec<u8> {
     let dir = komnet_testkit::copy_example("landkreis");
     set_version(&dir, 7, v);
-    let bytes = bundle::create_with(&dir, key, options).unwrap();
-    bytes
+    bundle::create_with(&dir, key, options).unwrap()
 }
 
 /// A new or re-flashed appliance has no bundle to compare with: the floor (from the enrollment
@@ -148,7 +147,7 @@ fn the_floor_refuses_old_bundles_without_a_running_one() {
     let none = bundle::BundleOptions::default();
     let state_dir = tempfile::tempdir().unwrap();
     let state = state_dir.path();
-    let store = BundleStore::new(&state, public.clone());
+    let store = BundleStore::new(state, public.clone());
     let v7 = versioned(7, &private, &none);
     let v8 = versioned(8, &private, &none);
     let v9 = versioned(9, &private, &none);
@@ -167,7 +166,7 @@ fn the_floor_refuses_old_bundles_without_a_running_one() {
     assert!(!state.join("policy.bundle").exists(), "nothing stored");
     store.install(&v9, None).unwrap();
     // After a restart, with no running bundle given, 8 is below what was installed.
-    let store = BundleStore::new(&state, public);
+    let store = BundleStore::new(state, public);
     assert!(matches!(
         store.install(&v8, None),
         Err(BundleError::BelowFloor {
@@ -183,7 +182,7 @@ fn bundles_are_used_only_inside_their_validity_window() {
     let now = 1_800_000_000;
     let state_dir = tempfile::tempdir().unwrap();
     let state = state_dir.path();
-    let store = BundleStore::new(&state, public);
+    let store = BundleStore::new(state, public);
     let window = |nb: i64, ex: i64| bundle::BundleOptions {
         not_before: Some(nb),
         expires: Some(ex),
@@ -218,7 +217,7 @@ fn the_signing_key_rotates_by_announcement() {
     let none = bundle::BundleOptions::default();
     let state_dir = tempfile::tempdir().unwrap();
     let state = state_dir.path();
-    let store = BundleStore::new(&state, k0_pub.clone());
+    let store = BundleStore::new(state, k0_pub.clone());
 
     // Before any announcement, K1 is nobody.
     let early = versioned(8, &k1, &none);
@@ -248,7 +247,7 @@ fn the_signing_key_rotates_by_announcement() {
     ));
 
     // A restart with the same configured key K0 comes back on K1's bundle.
-    let restarted = BundleStore::new(&state, k0_pub);
+    let restarted = BundleStore::new(state, k0_pub);
     let (lkg, _) = restarted.load_last_known_good().unwrap().unwrap();
     assert_eq!((lkg.version, lkg.signed_by.clone()), (9, k1_pub));
 }
