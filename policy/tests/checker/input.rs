@@ -149,7 +149,7 @@ fn garbage_huge_and_deep_inputs_get_errors_not_panics() {
     let big = format!("tenant = \"a\"\n# {}\n", "x".repeat(10 << 20));
     std::fs::write(dir.join("tenants/a.toml"), big).unwrap();
     std::fs::write(dir.join("tenants/b.toml"), [0xff, 0xfe, 0x00]).unwrap();
-    let err = Policy::load(&dir).unwrap_err();
+    let err = Policy::load(dir).unwrap_err();
     let text = err.render();
     assert!(
         text.contains("policy files are limited to 1048576 bytes"),
@@ -164,7 +164,7 @@ fn missing_directory_or_operator_file() {
     assert!(err.render().contains("not a directory"));
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let err = Policy::load(&dir).unwrap_err();
+    let err = Policy::load(dir).unwrap_err();
     assert!(
         err.render().contains("operator.toml: cannot read"),
         "{}",
