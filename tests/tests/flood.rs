@@ -40,9 +40,12 @@ fn a_new_peer_handshakes_within_a_second_under_a_handshake_flood() {
     )
     .expect("flood scenario, one source");
     check(&report, "one source");
-    // Replies to the attacker are a few a second, not one per initiation.
+    // Replies to the attacker are bounded by its budgets, not one per initiation: cookie
+    // replies up to the burst of 256 (kept for devices behind one NAT) then 20 a second, and
+    // handshake responses within the direct budget (burst 5, then 20 a second) — at most
+    // 256 + 5 + 2 × 20 × 5 = 461 in 5 s, of over a million initiations.
     assert!(
-        report.to_attacker < 100,
+        report.to_attacker <= 461,
         "the hub answered the flood with {} datagrams: {report:?}",
         report.to_attacker
     );
