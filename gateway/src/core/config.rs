@@ -76,6 +76,7 @@ impl Core {
         peer.tunn = None;
         peer.queued = false;
         peer.init_unanswered = false;
+        self.timer_queue.forget(peer);
         let low_order = self
             .key
             .as_ref()
@@ -126,6 +127,7 @@ impl Core {
             data_at: None,
             queued: false,
             low_order: false,
+            timers: Default::default(),
             drops: DropCounters::default(),
         });
         self.by_key.insert(public_key, id);
@@ -138,9 +140,10 @@ impl Core {
         let Some(slot) = self.slots.get_mut(id.slot()) else {
             return;
         };
-        let Some(peer) = slot.peer.take_if(|p| p.id == id) else {
+        let Some(mut peer) = slot.peer.take_if(|p| p.id == id) else {
             return;
         };
+        self.timer_queue.forget(&mut peer);
         slot.generation = slot.generation.wrapping_add(1);
         self.by_key.remove(&peer.public_key);
         self.allowed_ips.remove_peer(id);
@@ -211,6 +214,7 @@ impl Core {
         let was = peer.persistent_keepalive;
         peer.persistent_keepalive = secs;
         if secs.is_some() && secs != was {
+            // Also reschedules the timers for the new interval.
             self.send_keepalive(id);
         }
     }
@@ -246,10 +250,10 @@ impl Core {
     pub fn activity_into(&mut self, now: Instant, out: &mut Vec<PeerActivity>) {
         self.enter(now);
         out.clear();
-        let clock = self.clock;
         let epoch = self.epoch;
-        for peer in self.slots.iter_mut().filter_map(|s| s.peer.as_mut()) {
-            note_handshake(peer, clock);
+        // Handshake times are noted when they happen (`decapsulate`, the timers): a read
+        // costs a copy per peer.
+        for peer in self.slots.iter().filter_map(|s| s.peer.as_ref()) {
             out.push(PeerActivity {
                 id: peer.id,
                 public_key: peer.public_key,

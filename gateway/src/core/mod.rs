@@ -9,7 +9,7 @@
 //! forward, so boringtun never sees time run backwards even when two threads pass slightly
 //! different `now`s.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -41,6 +41,8 @@ pub use drops::{DropCounters, DropReason};
 /// answer must also travel back and the sender's timer started before the datagram left.
 pub const STALE_INITIATION: Duration = Duration::from_millis(2500);
 /// How often `update_timers` wants to run: boringtun's timers are designed for a ~250 ms tick.
+/// Only sessions with something going on run at every tick; idle ones sleep until their next
+/// deadline (see `timers`).
 pub const TIMER_INTERVAL: Duration = Duration::from_millis(250);
 /// Peers a core can hold: slot numbers are 16 bits of boringtun's 24-bit peer index.
 pub const MAX_PEERS: usize = 1 << 16;
@@ -237,6 +239,8 @@ struct Peer {
     /// key is all zeros): like the kernel and wireguard-go we never handshake with it, since
     /// the handshake would prove nothing and each initiation would show our identity.
     low_order: bool,
+    /// When boringtun's timers of this session ran and must run next.
+    timers: timers::SessionTimers,
     drops: DropCounters,
 }
 
@@ -266,6 +270,8 @@ pub struct Core {
     /// Datagrams produced outside a direct answer (timers, packets queued during a
     /// handshake); drained with `poll_transmit`.
     pending: VecDeque<Queued>,
+    /// Sessions by the time their timers must next run.
+    timer_queue: timers::TimerQueue,
     scratch: Vec<u8>,
     /// The tunnel interface's MTU, for padding (0 until the driver learns it).
     mtu: usize,
@@ -307,14 +313,20 @@ fn drop_reason(e: &WireGuardError) -> DropReason {
 }
 
 /// The peer's Noise state, created on first use (a packet to send, a handshake received, a
-/// keepalive due). A `Tunn` is ~11 KiB (eight inline session slots); an idle configured peer
-/// without one costs a few hundred bytes, which keeps 1,000 idle peers within 5 MiB.
-fn tunn_of<'a>(key: &Option<DeviceKey>, peer: &'a mut Peer) -> Result<&'a mut Tunn, DropReason> {
+/// keepalive due) at core time `clock`. A `Tunn` is ~11 KiB (eight inline session slots); an
+/// idle configured peer without one costs a few hundred bytes, which keeps 1,000 idle peers
+/// within 5 MiB.
+fn tunn_of<'a>(
+    key: &Option<DeviceKey>,
+    peer: &'a mut Peer,
+    clock: Duration,
+) -> Result<&'a mut Tunn, DropReason> {
     if peer.low_order {
         return Err(DropReason::LowOrderKey);
     }
     if peer.tunn.is_none() {
         let k = key.as_ref().ok_or(DropReason::NoPrivateKey)?;
+        peer.timers.started(clock);
         peer.tunn = Some(Box::new(Tunn::new(
             k.secret.clone(),
             PublicKey::from(peer.public_key),
@@ -395,6 +407,7 @@ impl Core {
             allowed_ips: AllowedIps::default(),
             allowed_ips_version: 0,
             pending: VecDeque::new(),
+            timer_queue: timers::TimerQueue::default(),
             // Zeroed pages are mapped lazily: only what large packets touch costs memory.
             scratch: vec![0; MAX_DATAGRAM],
             mtu: 0,

@@ -112,13 +112,17 @@ impl Core {
         {
             return self.peer_drop(id, DropReason::RoutingLoop);
         }
-        let tunn = match tunn_of(&self.key, peer) {
+        self.timer_queue.wake(peer, clock, &mut self.pending);
+        let tunn = match tunn_of(&self.key, peer, clock) {
             Ok(tunn) => tunn,
             Err(reason) => return self.peer_drop(id, reason),
         };
         let base = out.as_ptr() as usize;
-        match tunn.encapsulate(&buf[..padded], out) {
+        let result = tunn.encapsulate(&buf[..padded], out);
+        self.timer_queue.touched(peer, clock);
+        match result {
             TunnResult::WriteToNetwork(b) => {
+                peer.timers.sent();
                 let (offset, len) = (offset_in(base, b), b.len());
                 // Anything but a data message means boringtun queued the packet and started
                 // (or is waiting for) a handshake.
@@ -255,22 +259,25 @@ impl Core {
         datagram: &[u8],
         out: &mut [u8],
     ) -> Action {
+        let clock = self.clock;
         let Some(peer) = peer_in(&mut self.slots, id) else {
             return self.device_drop(DropReason::UnknownIndex);
         };
-        // Only an initiation may create the Noise state; anything else for a peer without one
-        // refers to a session that does not exist.
-        let tunn = if datagram.first() == Some(&1) {
-            tunn_of(&self.key, peer)
-        } else {
-            peer.tunn.as_deref_mut().ok_or(DropReason::NoSession)
-        };
-        let tunn = match tunn {
-            Ok(tunn) => tunn,
-            Err(reason) => return self.peer_drop(id, reason),
-        };
+        self.timer_queue.wake(peer, clock, &mut self.pending);
         let is_data = datagram.first() == Some(&4);
         let is_response = datagram.first() == Some(&2);
+        let is_initiation = datagram.first() == Some(&1);
+        // Only an initiation may create the Noise state; anything else for a peer without one
+        // refers to a session that does not exist.
+        if is_initiation {
+            if let Err(reason) = tunn_of(&self.key, peer, clock) {
+                return self.peer_drop(id, reason);
+            }
+        }
+        self.timer_queue.touched(peer, clock);
+        let Some(tunn) = peer.tunn.as_deref_mut() else {
+            return self.peer_drop(id, DropReason::NoSession);
+        };
         let base = out.as_ptr() as usize;
         let result = tunn.decapsulate(Some(src.ip()), datagram, out);
         let (inner, reply) = match result {
@@ -284,6 +291,21 @@ impl Core {
             TunnResult::Done => (None, None),
             TunnResult::Err(e) => return self.peer_drop(id, drop_reason(&e)),
         };
+        // What boringtun stamped (see `timers`): every message it accepted is a packet
+        // received; an initiation is answered (a packet sent) and, like a response, makes a
+        // session. The keepalive that answers a response goes out unstamped.
+        peer.timers.received();
+        if is_initiation {
+            peer.timers.sent();
+        }
+        if is_initiation || is_response {
+            peer.timers.established();
+        }
+        // A new session is the current one at once for an initiator, for a responder with
+        // its first data message: its time is read then, not on every housekeeping read.
+        if peer.handshake_at != Some(peer.timers.established_at()) {
+            note_handshake(peer, clock);
+        }
         // Authenticated: the peer may have roamed (WireGuard paper, section 2.1). A cookie
         // reply proves nothing about the sender's address, so it does not move the endpoint.
         // The endpoint is learnt before the inner source is checked, as the kernel does: the
@@ -305,7 +327,6 @@ impl Core {
                 return self.peer_drop(id, DropReason::SpoofedSource);
             }
         }
-        let clock = self.clock;
         let Some(peer) = self.peer_mut(id) else {
             return Action::Nothing;
         };
@@ -351,6 +372,7 @@ impl Core {
             if let (Some(tunn), Some(dst)) = (peer.tunn.as_deref_mut(), peer.endpoint) {
                 while let TunnResult::WriteToNetwork(b) = tunn.decapsulate(None, &[], &mut scratch)
                 {
+                    peer.timers.sent();
                     peer.tx_bytes += b.len() as u64;
                     peer.last_sent = clock;
                     self.pending.push_back(Queued {

@@ -312,6 +312,76 @@ fn keys_expire_after_silence_and_the_next_packet_starts_over() {
     pair.transfer(Side::B, &ipv4_udp(B_V4, A_V4, b"welcome back"));
 }
 
+/// Keepalives (data messages with nothing inside) `from` sent, relative to the start.
+fn keepalives_sent(pair: &Pair, from: Side) -> Vec<Duration> {
+    pair.sent
+        .iter()
+        .filter(|s| s.from == from && s.datagram.bytes.len() == DATA_OVERHEAD)
+        .map(|s| s.at)
+        .collect()
+}
+
+#[test]
+fn idle_sessions_run_their_timers_only_at_their_deadlines() {
+    let mut pair = Pair::new();
+    pair.handshake();
+    let handshake_at = pair.elapsed();
+    pair.advance(Duration::from_secs(1));
+    pair.transfer(Side::B, &ipv4_udp(B_V4, A_V4, b"ack"));
+    let runs_before = pair.a.core.timer_runs() + pair.b.core.timer_runs();
+    // (A answered B's handshake response with a keepalive.)
+    let (a_before, b_before) = (
+        keepalives_sent(&pair, Side::A).len(),
+        keepalives_sent(&pair, Side::B).len(),
+    );
+
+    // 100 s of silence, ticking every 250 ms as the driver does.
+    pair.advance(Duration::from_secs(100));
+    // A received data and sent nothing after it: one keepalive, KEEPALIVE_TIMEOUT after what
+    // it sent last.
+    let keepalives = keepalives_sent(&pair, Side::A).split_off(a_before);
+    assert_eq!(keepalives.len(), 1, "{keepalives:?}");
+    let after = keepalives[0] - handshake_at;
+    assert!(
+        after >= Duration::from_secs(10) && after <= Duration::from_millis(10_500),
+        "keepalive {after:?} after A's last packet"
+    );
+    assert_eq!(keepalives_sent(&pair, Side::B).len(), b_before);
+    // 800 ticks for each core, but the timers ran only around the few events.
+    let runs = pair.a.core.timer_runs() + pair.b.core.timer_runs() - runs_before;
+    assert!(runs <= 20, "{runs} timer runs in 100 idle seconds");
+
+    // The sessions woke with the next packet: it goes through the session made 100 s ago...
+    pair.transfer(Side::A, &ipv4_udp(A_V4, B_V4, b"still there?"));
+    pair.transfer(Side::B, &ipv4_udp(B_V4, A_V4, b"yes"));
+    assert_eq!(pair.times_sent(Side::A, MSG_HANDSHAKE_INIT).len(), 1);
+    // ...and the initiator, having sent data, renews it REKEY_AFTER_TIME after it was made,
+    // although its timers slept in between.
+    pair.advance(Duration::from_secs(30));
+    let inits = pair.times_sent(Side::A, MSG_HANDSHAKE_INIT);
+    assert_eq!(inits.len(), 2, "{inits:?}");
+    let rekey = inits[1] - handshake_at;
+    assert!(
+        rekey >= REKEY_AFTER_TIME && rekey <= REKEY_AFTER_TIME + Duration::from_millis(500),
+        "rekey {rekey:?} after the handshake"
+    );
+
+    // Then silence until the keys are zeroed: both free their Noise state on time.
+    let renewed_at = pair.elapsed();
+    let runs_before = pair.a.core.timer_runs() + pair.b.core.timer_runs();
+    pair.advance(REJECT_AFTER_TIME * 3);
+    assert_eq!(pair.a.core.peers_with_state(), 0, "A freed its Noise state");
+    assert_eq!(pair.b.core.peers_with_state(), 0, "B freed its Noise state");
+    let runs = pair.a.core.timer_runs() + pair.b.core.timer_runs() - runs_before;
+    assert!(
+        runs <= 20,
+        "{runs} timer runs in {:?} idle",
+        pair.elapsed() - renewed_at
+    );
+    assert!(pair.a.drops.is_empty(), "A dropped {:?}", pair.a.drops);
+    assert!(pair.b.drops.is_empty(), "B dropped {:?}", pair.b.drops);
+}
+
 #[test]
 fn both_sides_sending_first_converge_on_sessions_and_deliver_both_packets() {
     // Both ends send before any handshake (a ping answered by a ping): each queues its
