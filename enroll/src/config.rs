@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
@@ -104,6 +104,12 @@ pub struct Config {
         skip_serializing_if = "is_default_database_pool"
     )]
     pub database_pool: usize,
+    /// TLS to the database: the CA certificate (PEM) the server's certificate must chain to;
+    /// the host name in `database` must be in it (libpq's `sslmode=verify-full`). Relative to
+    /// the data directory (`init --database-ca` copies the file there, so that replicas
+    /// copying the directory have it). Absent: no TLS (a Unix socket, a server on this machine).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub database_ca: Option<PathBuf>,
 }
 
 fn default_database_pool() -> usize {
@@ -225,6 +231,7 @@ impl Default for Config {
             metrics_listen: None,
             database: None,
             database_pool: default_database_pool(),
+            database_ca: None,
         }
     }
 }
@@ -351,6 +358,10 @@ impl Config {
             if let Err(e) = url.config() {
                 problems.push(format!("database: {e}"));
             }
+        }
+        if self.database_ca.is_some() && self.database.is_none() {
+            problems
+                .push("database_ca: set, but there is no database (PostgreSQL) to use it".into());
         }
         if self.database_pool == 0 || self.database_pool > 1000 {
             problems.push(format!(

@@ -70,6 +70,11 @@ enum Command {
         /// instead of running init (docs/operations.md, "Replicas").
         #[arg(long, value_parser = parse_database)]
         database: Option<DatabaseUrl>,
+        /// TLS to that database: the CA certificate (PEM) the server's certificate must chain
+        /// to, with the host name in it (libpq's sslmode=verify-full). Copied into DATA_DIR
+        /// (enroll.toml: database_ca = "database-ca.pem").
+        #[arg(long, requires = "database")]
+        database_ca: Option<PathBuf>,
     },
     /// Serve the HTTPS API and the admin socket DATA_DIR/admin.sock until SIGTERM or SIGINT.
     Serve {
@@ -252,10 +257,18 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             cert_lifetime,
             metrics_listen,
             database,
+            database_ca,
         } => {
+            let database_ca = database_ca
+                .map(|ca| {
+                    std::path::absolute(&ca)
+                        .with_context(|| format!("--database-ca {}", ca.display()))
+                })
+                .transpose()?;
             let mut config = Config {
                 metrics_listen: metrics_listen.0,
                 database,
+                database_ca,
                 ..Config::default()
             };
             if let Some(l) = listen {

@@ -172,3 +172,135 @@ fn an_unversioned_sqlite_database_is_migrated() {
     })
     .unwrap();
 }
+
+/// A CA named `ca_name` and a certificate it signed for the server at `localhost`.
+fn database_certificates(ca_name: &str) -> (String, common::postgres::ServerTls) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.distinguished_name.push(DnType::CommonName, ca_name);
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca, ca_key);
+    let server_key = KeyPair::generate().unwrap();
+    let server = CertificateParams::new(vec!["localhost".to_owned()])
+        .unwrap()
+        .signed_by(&server_key, &issuer)
+        .unwrap();
+    (
+        ca_cert.pem(),
+        common::postgres::ServerTls {
+            cert_pem: server.pem(),
+            key_pem: server_key.serialize_pem(),
+        },
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_on_another_machine_is_reached_over_tls_with_its_certificate_verified() {
+    let (ca_pem, server_tls) = database_certificates("komnet test database CA");
+    let pg = common::postgres::Cluster::start_tls(&server_tls);
+    pg.client("postgres")
+        .await
+        .batch_execute("CREATE DATABASE komnet")
+        .await
+        .unwrap();
+    let url =
+        komnet_enroll::config::DatabaseUrl::parse(&pg.tcp_url("localhost", "komnet")).unwrap();
+    let files = tempfile::tempdir().unwrap();
+    let ca_file = files.path().join("database-ca.pem");
+    std::fs::write(&ca_file, &ca_pem).unwrap();
+    let (other_ca_pem, _) = database_certificates("somebody else's CA");
+    let other_ca_file = files.path().join("other-ca.pem");
+    std::fs::write(&other_ca_file, other_ca_pem).unwrap();
+    let with_ca = |ca: &std::path::Path| Config {
+        database_ca: Some(ca.to_owned()),
+        ..pg_config(url.clone())
+    };
+
+    // Without database_ca the connection is plain, and this server takes TLS only.
+    let dir = tempfile::tempdir().unwrap();
+    let e = service::init(dir.path(), &pg_config(url.clone()), 0).unwrap_err();
+    assert!(e.to_string().contains("PostgreSQL database komnet"), "{e}");
+    // A CA that did not sign the server's certificate: refused, and nothing written.
+    let e = service::init(dir.path(), &with_ca(&other_ca_file), 0)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("certificate"), "{e}");
+    assert!(std::fs::read_dir(dir.path()).unwrap().next().is_none());
+    // The server's name must be in its certificate: 127.0.0.1 is not.
+    let by_address =
+        komnet_enroll::config::DatabaseUrl::parse(&pg.tcp_url("127.0.0.1", "komnet")).unwrap();
+    let config = Config {
+        database_ca: Some(ca_file.clone()),
+        ..pg_config(by_address)
+    };
+    let e = service::init(dir.path(), &config, 0)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("certificate"), "{e}");
+    // TLS asked for in the connection string without a CA to check the server with, or a CA
+    // with TLS turned off: configuration errors.
+    let require = komnet_enroll::config::DatabaseUrl::parse(&format!(
+        "{}?sslmode=require",
+        pg.tcp_url("localhost", "komnet")
+    ))
+    .unwrap();
+    let e = service::init(dir.path(), &pg_config(require), 0)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("set database_ca"), "{e}");
+    let disable = komnet_enroll::config::DatabaseUrl::parse(&format!(
+        "{}?sslmode=disable",
+        pg.tcp_url("localhost", "komnet")
+    ))
+    .unwrap();
+    let config = Config {
+        database_ca: Some(ca_file.clone()),
+        ..pg_config(disable)
+    };
+    let e = service::init(dir.path(), &config, 0)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("sslmode=disable"), "{e}");
+
+    // The right CA: init copies it into the data directory, and the service runs over TLS.
+    service::init(dir.path(), &with_ca(&ca_file), 0).unwrap();
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join(service::DATABASE_CA)).unwrap(),
+        ca_pem
+    );
+    let written = Config::load(dir.path()).unwrap();
+    assert_eq!(
+        written.database_ca.as_deref(),
+        Some(std::path::Path::new(service::DATABASE_CA))
+    );
+    let clock = Arc::new(ManualClock::default());
+    let service = Service::open(dir.path(), clock).unwrap();
+    service.store.audit_log(10).unwrap();
+    // The pool's connection and the registry listener's (which connects on its own), both
+    // encrypted; none in the clear.
+    let watcher = pg.client("postgres").await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let row = watcher
+            .query_one(
+                "SELECT count(*) FILTER (WHERE ssl), count(*) FILTER (WHERE NOT ssl) \
+                 FROM pg_stat_ssl JOIN pg_stat_activity USING (pid) \
+                 WHERE application_name = 'komnet-enroll'",
+                &[],
+            )
+            .await
+            .unwrap();
+        let (encrypted, plain): (i64, i64) = (row.get(0), row.get(1));
+        assert_eq!(plain, 0, "connections in the clear");
+        if encrypted >= 2 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{encrypted} encrypted connections after 10 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}

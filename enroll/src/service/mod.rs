@@ -174,6 +174,9 @@ pub struct InitReport {
     pub root_key: PathBuf,
 }
 
+/// Where `init --database-ca` puts the database's CA certificate, in the data directory.
+pub const DATABASE_CA: &str = "database-ca.pem";
+
 /// `komnet-enroll init`: data directory (0700), `enroll.toml` (kept if present), CA, proof key,
 /// database (the SQLite file, or the schema in the PostgreSQL database `database` names, which
 /// must not have been initialised by another CA: checked before anything is written).
@@ -201,6 +204,19 @@ pub fn init(data_dir: &Path, config: &Config, now: i64) -> Result<InitReport, Op
         config.clone()
     };
     store::check_uninitialised(Location::of(data_dir, &effective))?;
+    let mut config = config.clone();
+    if let (false, Some(ca)) = (kept, &config.database_ca) {
+        // Into the data directory, which replicas copy: each then has the database's CA.
+        let copy = data_dir.join(DATABASE_CA);
+        if data_dir.join(ca) != copy {
+            std::fs::copy(data_dir.join(ca), &copy).map_err(|source| OpenError::Io {
+                path: ca.clone(),
+                source,
+            })?;
+        }
+        config.database_ca = Some(PathBuf::from(DATABASE_CA));
+    }
+    let effective = if kept { effective } else { config.clone() };
     if !kept {
         std::fs::write(&config_path, config.to_toml()).map_err(|source| OpenError::Io {
             path: config_path.clone(),

@@ -352,15 +352,29 @@ pub struct Committed {
 pub enum Location<'a> {
     /// `DATA_DIR/enroll.db` (no `database` key).
     Sqlite(&'a Path),
-    /// A PostgreSQL database, `pool` connections per replica.
-    Postgres(&'a crate::config::DatabaseUrl, usize),
+    Postgres(PgLocation<'a>),
+}
+
+/// A PostgreSQL database: enroll.toml's `database`, `database_pool` and `database_ca`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PgLocation<'a> {
+    pub url: &'a crate::config::DatabaseUrl,
+    /// Connections per replica.
+    pub pool: usize,
+    /// The CA the server's certificate must chain to (TLS); relative paths are resolved
+    /// against the data directory.
+    pub ca: Option<PathBuf>,
 }
 
 impl<'a> Location<'a> {
     pub fn of(data_dir: &'a Path, config: &'a crate::config::Config) -> Self {
         match &config.database {
             None => Location::Sqlite(data_dir),
-            Some(url) => Location::Postgres(url, config.database_pool),
+            Some(url) => Location::Postgres(PgLocation {
+                url,
+                pool: config.database_pool,
+                ca: config.database_ca.as_ref().map(|ca| data_dir.join(ca)),
+            }),
         }
     }
 }
@@ -370,7 +384,7 @@ impl<'a> Location<'a> {
 pub fn open(location: Location<'_>, root_fingerprint: &str) -> Result<Arc<dyn Store>, StoreError> {
     Ok(match location {
         Location::Sqlite(dir) => Arc::new(SqliteStore::open(dir)?),
-        Location::Postgres(url, pool) => Arc::new(PgStore::open(url, pool, root_fingerprint)?),
+        Location::Postgres(pg) => Arc::new(PgStore::open(&pg, root_fingerprint)?),
     })
 }
 
@@ -380,7 +394,7 @@ pub fn check_uninitialised(location: Location<'_>) -> Result<(), StoreError> {
     match location {
         // The CA's files guard a data directory already (init refuses to overwrite them).
         Location::Sqlite(_) => Ok(()),
-        Location::Postgres(url, _) => PgStore::check_uninitialised(url),
+        Location::Postgres(pg) => PgStore::check_uninitialised(&pg),
     }
 }
 
@@ -388,7 +402,7 @@ pub fn check_uninitialised(location: Location<'_>) -> Result<(), StoreError> {
 pub fn create(location: Location<'_>, root_fingerprint: &str) -> Result<(), StoreError> {
     match location {
         Location::Sqlite(dir) => drop(SqliteStore::create(dir)?),
-        Location::Postgres(url, _) => PgStore::create(url, root_fingerprint)?,
+        Location::Postgres(pg) => PgStore::create(&pg, root_fingerprint)?,
     }
     Ok(())
 }

@@ -20,6 +20,14 @@ pub struct Cluster {
     /// uid/gid the server runs as.
     owner: Option<(u32, u32)>,
     running: bool,
+    /// The server's port (also in its socket's name).
+    port: u16,
+}
+
+/// A server certificate and its key, PEM, for [`Cluster::start_tls`].
+pub struct ServerTls {
+    pub cert_pem: String,
+    pub key_pem: String,
 }
 
 /// The newest installed server's bin directory (`/usr/lib/postgresql/N/bin`).
@@ -72,6 +80,16 @@ impl Cluster {
     /// With server settings (`-c name=value` pairs) of the caller's choice: the benchmark runs
     /// with fsync on, as a production server would.
     pub fn start_with(settings: &[&str]) -> Cluster {
+        Self::start_inner(settings, None)
+    }
+
+    /// Also on 127.0.0.1 at a free port, with TLS (`tls`), and there for TLS connections
+    /// only (pg_hba.conf: `hostssl` trusted, `hostnossl` rejected).
+    pub fn start_tls(tls: &ServerTls) -> Cluster {
+        Self::start_inner(&["-c", "fsync=off"], Some(tls))
+    }
+
+    fn start_inner(settings: &[&str], tls: Option<&ServerTls>) -> Cluster {
         let bin = server_bin();
         let owner = unprivileged_owner();
         let dir = tempfile::Builder::new()
@@ -81,11 +99,20 @@ impl Cluster {
         if let Some((uid, gid)) = owner {
             std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid)).unwrap();
         }
+        let port = match tls {
+            None => 5432,
+            Some(_) => std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port(),
+        };
         let mut cluster = Cluster {
             dir,
             bin,
             owner,
             running: false,
+            port,
         };
         let data = cluster.data_dir();
         cluster.run(
@@ -104,9 +131,38 @@ impl Cluster {
         );
         let socket = cluster.socket_dir();
         let mut options = format!(
-            "-k {} -c listen_addresses= -c max_connections=200",
+            "-k {} -c port={port} -c max_connections=200",
             socket.display()
         );
+        match tls {
+            None => options.push_str(" -c listen_addresses="),
+            Some(tls) => {
+                let cert = data.join("server.crt");
+                let key = data.join("server.key");
+                std::fs::write(&cert, &tls.cert_pem).unwrap();
+                std::fs::write(&key, &tls.key_pem).unwrap();
+                // The server refuses a key others can read.
+                use std::os::unix::fs::PermissionsExt as _;
+                std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+                if let Some((uid, gid)) = owner {
+                    std::os::unix::fs::chown(&cert, Some(uid), Some(gid)).unwrap();
+                    std::os::unix::fs::chown(&key, Some(uid), Some(gid)).unwrap();
+                }
+                std::fs::write(
+                    data.join("pg_hba.conf"),
+                    "local all all trust\n\
+                     hostssl all all 127.0.0.1/32 trust\n\
+                     hostnossl all all 127.0.0.1/32 reject\n",
+                )
+                .unwrap();
+                options.push_str(&format!(
+                    " -c listen_addresses=127.0.0.1 -c ssl=on -c ssl_cert_file={} \
+                     -c ssl_key_file={}",
+                    cert.display(),
+                    key.display()
+                ));
+            }
+        }
         for s in settings {
             options.push(' ');
             options.push_str(s);
@@ -167,8 +223,9 @@ impl Cluster {
     /// libpq's key=value form.
     pub fn conninfo(&self, dbname: &str) -> String {
         format!(
-            "host={} port=5432 user={USER} dbname={dbname}",
-            self.socket_dir().display()
+            "host={} port={} user={USER} dbname={dbname}",
+            self.socket_dir().display(),
+            self.port
         )
     }
 
@@ -176,7 +233,12 @@ impl Cluster {
     /// percent-encoded).
     pub fn url(&self, dbname: &str) -> String {
         let host: String = self.socket_dir().to_str().unwrap().replace('/', "%2F");
-        format!("postgres://{USER}@{host}:5432/{dbname}")
+        format!("postgres://{USER}@{host}:{}/{dbname}", self.port)
+    }
+
+    /// The URL of `dbname` over TCP to `host` (a cluster from [`Cluster::start_tls`]).
+    pub fn tcp_url(&self, host: &str, dbname: &str) -> String {
+        format!("postgres://{USER}@{host}:{}/{dbname}", self.port)
     }
 
     pub fn database_url(&self, dbname: &str) -> DatabaseUrl {

@@ -23,6 +23,7 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// Runs until the store's runtime shuts down.
 pub(super) async fn run(
     config: tokio_postgres::Config,
+    transport: Transport,
     events: broadcast::Sender<Arc<RegistryEvent>>,
     mut last: u64,
     database: String,
@@ -30,7 +31,16 @@ pub(super) async fn run(
     let mut backoff = BACKOFF_FIRST;
     loop {
         let started = tokio::time::Instant::now();
-        let e = follow(&config, &events, &mut last).await;
+        let e = match &transport {
+            Transport::Plain => match config.connect(NoTls).await {
+                Ok((client, connection)) => follow(client, connection, &events, &mut last).await,
+                Err(e) => e.into(),
+            },
+            Transport::Verified(tls) => match config.connect(tls.clone()).await {
+                Ok((client, connection)) => follow(client, connection, &events, &mut last).await,
+                Err(e) => e.into(),
+            },
+        };
         tracing::warn!(
             error = %e,
             database = %database,
@@ -46,15 +56,16 @@ pub(super) async fn run(
 }
 
 /// Listens and publishes until the connection fails; returns why.
-async fn follow(
-    config: &tokio_postgres::Config,
+async fn follow<S, T>(
+    client: tokio_postgres::Client,
+    mut connection: tokio_postgres::Connection<S, T>,
     events: &broadcast::Sender<Arc<RegistryEvent>>,
     last: &mut u64,
-) -> StoreError {
-    let (client, mut connection) = match config.connect(NoTls).await {
-        Ok(c) => c,
-        Err(e) => return e.into(),
-    };
+) -> StoreError
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let (notified, mut notifications) = tokio::sync::mpsc::unbounded_channel::<()>();
     // The connection's messages: replies go to `client`, notifications come out here.
     let driver = tokio::spawn(async move {

@@ -35,10 +35,12 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
 
 use super::*;
-use crate::config::DatabaseUrl;
 
 mod listen;
+mod tls;
 mod txn;
+
+use tls::Transport;
 
 use txn::PgTxn;
 
@@ -96,37 +98,54 @@ impl Drop for PgStore {
     }
 }
 
-fn connect_config(url: &DatabaseUrl) -> Result<tokio_postgres::Config, StoreError> {
-    let mut config = url.config().map_err(|message| StoreError::Connect {
-        database: url.describe(),
+fn connect_config(
+    location: &PgLocation<'_>,
+) -> Result<(tokio_postgres::Config, Transport), StoreError> {
+    let failed = |message| StoreError::Connect {
+        database: location.url.describe(),
         message,
-    })?;
+    };
+    let mut config = location.url.config().map_err(failed)?;
     // Named in pg_stat_activity, and never hanging on a database that does not answer.
     config
         .application_name("komnet-enroll")
         .connect_timeout(CONNECT_TIMEOUT);
-    Ok(config)
+    let transport = Transport::for_database(&mut config, location.ca.as_deref()).map_err(failed)?;
+    Ok((config, transport))
+}
+
+/// `e` and what caused it: tokio-postgres's message alone says "error performing TLS
+/// handshake", its cause says which certificate was refused and why.
+fn with_causes(e: &tokio_postgres::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
 }
 
 impl PgStore {
     /// The pool and the runtime, without touching the database yet.
-    fn connect(url: &DatabaseUrl, pool_size: usize) -> Result<Self, StoreError> {
-        let database = url.describe();
-        let config = connect_config(url)?;
+    fn connect(location: &PgLocation<'_>, pool_size: usize) -> Result<Self, StoreError> {
+        let database = location.url.describe();
+        let (config, transport) = connect_config(location)?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("enroll-pg")
             .enable_all()
             .build()
             .map_err(|e| StoreError::Thread(e.to_string()))?;
-        let manager = Manager::from_config(
-            config,
-            NoTls,
-            ManagerConfig {
-                // A connection the server closed is noticed (`is_closed`) and replaced.
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
+        let manager_config = ManagerConfig {
+            // A connection the server closed is noticed (`is_closed`) and replaced.
+            recycling_method: RecyclingMethod::Fast,
+        };
+        let manager = match transport {
+            Transport::Plain => Manager::from_config(config, NoTls, manager_config),
+            Transport::Verified(tls) => Manager::from_config(config, tls, manager_config),
+        };
         let pool = Pool::builder(manager)
             .max_size(pool_size)
             .runtime(deadpool_postgres::Runtime::Tokio1)
@@ -149,12 +168,8 @@ impl PgStore {
 
     /// Opens the database `init` prepared: applies pending migrations, checks it belongs to
     /// this data directory's CA, starts listening for other replicas' registry changes.
-    pub fn open(
-        url: &DatabaseUrl,
-        pool_size: usize,
-        root_fingerprint: &str,
-    ) -> Result<Self, StoreError> {
-        let store = Self::connect(url, pool_size)?;
+    pub fn open(location: &PgLocation<'_>, root_fingerprint: &str) -> Result<Self, StoreError> {
+        let store = Self::connect(location, location.pool)?;
         let client = store.client()?;
         store.migrate(&client, false)?;
         match store.meta(&client, "root_fingerprint")? {
@@ -179,9 +194,10 @@ impl PgStore {
         )?
         .try_get(0)?;
         drop(client);
-        let config = connect_config(url)?;
+        let (config, transport) = connect_config(location)?;
         store.handle.spawn(listen::run(
             config,
+            transport,
             store.events.clone(),
             last as u64,
             store.database.clone(),
@@ -190,8 +206,8 @@ impl PgStore {
     }
 
     /// `init`: fails when the database holds a komnet schema of some CA already.
-    pub fn check_uninitialised(url: &DatabaseUrl) -> Result<(), StoreError> {
-        let store = Self::connect(url, 1)?;
+    pub fn check_uninitialised(location: &PgLocation<'_>) -> Result<(), StoreError> {
+        let store = Self::connect(location, 1)?;
         let client = store.client()?;
         if store.has_schema(&client)? {
             if let Some(fingerprint) = store.meta(&client, "root_fingerprint")? {
@@ -205,8 +221,8 @@ impl PgStore {
     }
 
     /// `init`: creates the schema and records the CA it belongs to.
-    pub fn create(url: &DatabaseUrl, root_fingerprint: &str) -> Result<(), StoreError> {
-        let store = Self::connect(url, 1)?;
+    pub fn create(location: &PgLocation<'_>, root_fingerprint: &str) -> Result<(), StoreError> {
+        let store = Self::connect(location, 1)?;
         let client = store.client()?;
         store.migrate(&client, true)?;
         exec(
@@ -239,7 +255,7 @@ impl PgStore {
             .map_err(|e| match e {
                 deadpool_postgres::PoolError::Backend(e) => StoreError::Connect {
                     database: self.database.clone(),
-                    message: e.to_string(),
+                    message: with_causes(&e),
                 },
                 other => StoreError::Connect {
                     database: self.database.clone(),
