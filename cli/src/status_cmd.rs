@@ -5,7 +5,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context, Result};
-use komnet_proto::status::{Announced, RegistryStatus, StatusReport};
+use komnet_proto::status::{Announced, BgpSessions, RegistryStatus, StatusReport};
 
 /// Fetches `/status` with a plain HTTP/1.0 GET (the management address is loopback or a
 /// management network; the gateway serves no TLS there).
@@ -71,6 +71,39 @@ fn bytes(n: u64) -> String {
     } else {
         format!("{v:.1} {}", UNITS[u])
     }
+}
+
+/// A hub with `[bgp] bird_socket`: its BGP sessions, a warning for each that is not
+/// Established (the router does not route to the hub's peers then).
+fn bgp_sessions_lines(now: i64, b: &BgpSessions) -> String {
+    let mut out = String::new();
+    if let Some(e) = &b.error {
+        out.push_str(&format!(
+            "bgp sessions: WARNING cannot read them from BIRD ({e}; last tried {})\n",
+            ago(now, Some(b.checked))
+        ));
+    }
+    if b.sessions.is_empty() && b.error.is_none() {
+        out.push_str("bgp sessions: WARNING BIRD has no BGP protocol\n");
+    }
+    for s in &b.sessions {
+        if s.established {
+            out.push_str(&format!(
+                "bgp session {}: established since {}\n",
+                s.name,
+                ago(now, Some(s.since))
+            ));
+        } else {
+            out.push_str(&format!(
+                "bgp session {}: WARNING not established ({}) since {}: the router does not \
+                 route to this hub's peers\n",
+                s.name,
+                s.state,
+                ago(now, Some(s.since))
+            ));
+        }
+    }
+    out
 }
 
 /// A hub with `[bgp]`: what its announcement table holds.
@@ -204,6 +237,9 @@ pub(crate) fn render(r: &StatusReport) -> String {
     }
     if let Some(a) = &r.announced {
         out.push_str(&announced_line(a));
+        if let Some(b) = &a.sessions {
+            out.push_str(&bgp_sessions_lines(now, b));
+        }
     }
     if let Some(f) = r.flows {
         out.push_str(&format!("firewall flows: {f}\n"));
@@ -355,6 +391,7 @@ mod tests {
             announced: Some(Announced {
                 table: 200,
                 prefixes: Vec::new(),
+                sessions: None,
             }),
             ..StatusReport::default()
         };
@@ -372,6 +409,42 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("10.8.0.0/16, … (2 more)\n"), "{text}");
+        assert!(!text.contains("bgp session"), "not watched: {text}");
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        if let Some(a) = r.announced.as_mut() {
+            a.sessions = Some(BgpSessions {
+                checked: now,
+                error: None,
+                sessions: vec![
+                    komnet_proto::status::BgpSessionStatus {
+                        name: "dc".into(),
+                        established: true,
+                        state: "up Established".into(),
+                        since: now - 600,
+                    },
+                    komnet_proto::status::BgpSessionStatus {
+                        name: "dc2".into(),
+                        established: false,
+                        state: "start Active".into(),
+                        since: now - 30,
+                    },
+                ],
+            });
+        }
+        let text = render(&r);
+        assert!(
+            text.contains("\nbgp session dc: established since 10m ago\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "\nbgp session dc2: WARNING not established (start Active) since 30s ago: the \
+                 router does not route to this hub's peers\n"
+            ),
+            "{text}"
+        );
         r.announced = None;
         assert!(!render(&r).contains("bgp:"));
     }

@@ -57,6 +57,31 @@ pub struct Announced {
     /// The kernel routing table (`[bgp] table`).
     pub table: u32,
     pub prefixes: Vec<String>,
+    /// With `[bgp] bird_socket`: the BGP sessions of the hub machine's BIRD, as last read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sessions: Option<BgpSessions>,
+}
+
+/// The hub machine's BGP sessions (`[bgp] bird_socket`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BgpSessions {
+    /// Unix seconds of the last read (successful or not).
+    pub checked: i64,
+    /// Why the last read failed (BIRD not running, no access to its socket, …).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub sessions: Vec<BgpSessionStatus>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BgpSessionStatus {
+    /// The protocol's name in bird.conf.
+    pub name: String,
+    pub established: bool,
+    /// BIRD's state and info, e.g. `start Active Socket: Connection refused`.
+    pub state: String,
+    /// Unix seconds since the session is in this state (as far as the hub saw).
+    pub since: i64,
 }
 
 /// A hub's link to the registry (where revocations come from).

@@ -115,6 +115,11 @@ impl Bird {
         Ok(bird)
     }
 
+    /// Its control socket (a file: reachable from any namespace).
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
     /// `birdc -s SOCKET args` (the socket is a file: no namespace needed).
     pub fn birdc(&mut self, args: &[&str]) -> Result<String> {
         let out = run(

@@ -720,7 +720,12 @@ impl District {
             Some(b) => (
                 b.hub_ns[index].name().to_owned(),
                 HUB_PORT,
-                format!("[bgp]\ntable = {}\n", crate::bgp::TABLE),
+                format!(
+                    "[bgp]\ntable = {}\nbird_socket = \"{}\"\n",
+                    crate::bgp::TABLE,
+                    // The hub machine's own BIRD: birds[0] is the router's.
+                    b.birds[index + 1].socket().display()
+                ),
             ),
             None => (
                 self.dc.name().to_owned(),

@@ -206,7 +206,7 @@ fn a_hub_the_spoke_left_while_it_lived_withdraws_and_does_not_take_the_route_bac
     require_root_and_tools();
     require_bird();
     let started = Instant::now();
-    let district = District::start(
+    let mut district = District::start(
         &PathBuf::from(env!("CARGO_BIN_EXE_netprobe")),
         Options {
             two_hubs: true,
@@ -290,5 +290,60 @@ fn a_hub_the_spoke_left_while_it_lived_withdraws_and_does_not_take_the_route_bac
             .expect("probe")[0],
         "Nohfelden lost the DMS"
     );
+
+    // Hub 2 watches its BGP session (`[bgp] bird_socket`): the router drops it, hub 2 says so
+    // within its 5 s watch; the router takes it back, hub 2 says that too.
+    let session_of_hub2 = |district: &District| -> Result<(bool, String), anyhow::Error> {
+        let status = district.hubs[1].status()?;
+        let session = &status["announced"]["sessions"]["sessions"][0];
+        anyhow::ensure!(session["name"] == "dc", "no session dc: {status:#}");
+        Ok((
+            session["established"] == true,
+            session["state"].as_str().unwrap_or_default().to_owned(),
+        ))
+    };
+    wait_until(
+        "hub 2 to see its BGP session up",
+        Duration::from_secs(10),
+        || Ok(session_of_hub2(&district)?.0.then_some(())),
+    )
+    .expect("hub 2 reads its session from BIRD");
+    let router_bird = |district: &mut District, command: &str| {
+        district.bgp.as_mut().expect("bgp").birds[0]
+            .birdc(&[command, "hub2"])
+            .unwrap_or_else(|e| panic!("birdc {command} hub2: {e:#}"));
+    };
+    router_bird(&mut district, "disable");
+    let cut = Instant::now();
+    let state = wait_until(
+        "hub 2 to report its BGP session down",
+        Duration::from_secs(10),
+        || {
+            let (up, state) = session_of_hub2(&district)?;
+            Ok((!up).then_some(state))
+        },
+    )
+    .expect("hub 2 notices");
+    println!(
+        "router dropped hub 2's session: hub 2 reported it after {:?} ({state})",
+        cut.elapsed()
+    );
+    let metrics = district.hubs[1].metrics_text().expect("hub2's metrics");
+    assert!(
+        metrics.contains("komnet_bgp_session_established{session=\"dc\"} 0\n")
+            && metrics.contains("komnet_events_total{event=\"bgp_session_down\"} 1\n"),
+        "{metrics}"
+    );
+    assert!(district.hubs[1]
+        .status_text()
+        .expect("komnet status")
+        .contains("bgp session dc: WARNING not established"),);
+    router_bird(&mut district, "enable");
+    wait_until(
+        "hub 2 to see its BGP session up again",
+        Duration::from_secs(20),
+        || Ok(session_of_hub2(&district)?.0.then_some(())),
+    )
+    .expect("hub 2 reports the session back");
     println!("test took {:?}", started.elapsed());
 }

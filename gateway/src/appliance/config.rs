@@ -120,6 +120,11 @@ pub struct BgpConfig {
     /// offices: 180 s, WireGuard's session lifetime.
     #[serde(default = "default_bgp_hold")]
     pub hold: HumanDuration,
+    /// The hub machine's BIRD control socket (Debian: `/run/bird/bird.ctl`): the hub reads its
+    /// BGP sessions there every few seconds (`show protocols`, nothing else) and reports one
+    /// that is not Established. Absent: not watched.
+    #[serde(default)]
+    pub bird_socket: Option<PathBuf>,
 }
 
 fn default_bgp_hold() -> HumanDuration {

@@ -204,8 +204,10 @@ pub(super) async fn hub_housekeeping(ctx: Arc<Ctx>) {
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     let mut ticks = 0u32;
     let mut activity: Vec<PeerActivity> = Vec::new();
-    // The allowed-IPs version whose routes were all claimed (`None`: check every peer's).
-    let mut routes_seen: Option<u64> = None;
+    // The allowed-IPs and handshake versions whose routes were all claimed (`None`: check
+    // every peer's).
+    let mut routes_seen: Option<(u64, u64)> = None;
+    let announcing = ctx.config.bgp.is_some();
     loop {
         tick.tick().await;
         ticks = ticks.wrapping_add(1);
@@ -225,17 +227,112 @@ pub(super) async fn hub_housekeeping(ctx: Arc<Ctx>) {
         let Some(shared) = ctx.shared.get() else {
             continue;
         };
-        // Handshake and data times only: a peer's prefixes are fetched when they matter.
-        let version = {
+        // Handshake and data times only, and only when a handshake completed or allowed IPs
+        // changed since the last claim (or, with BGP, for the data times): an idle hub of
+        // 10,000 sessions reads two numbers a tick. A peer's prefixes are fetched when they
+        // matter.
+        let (versions, changed) = {
             let mut core = shared.core();
-            core.activity_into(now, &mut activity);
-            core.allowed_ips_version()
+            let versions = (core.allowed_ips_version(), core.handshakes_version());
+            let changed = routes_seen != Some(versions);
+            if changed || announcing {
+                core.activity_into(now, &mut activity);
+            }
+            (versions, changed)
         };
-        let recheck = routes_seen != Some(version);
-        if claim_routes(&ctx, shared, &activity, recheck) {
-            routes_seen = Some(version);
+        if changed {
+            let recheck = routes_seen.map(|(ips, _)| ips) != Some(versions.0);
+            if claim_routes(&ctx, shared, &activity, recheck) {
+                routes_seen = Some(versions);
+            }
         }
-        announce_routes(&ctx, shared, &activity);
+        if announcing {
+            announce_routes(&ctx, shared, &activity);
+        }
+        if ticks % BGP_WATCH_TICKS == 1 {
+            if let Some(socket) = ctx.config.bgp.as_ref().and_then(|b| b.bird_socket.as_ref()) {
+                watch_bgp_sessions(&ctx, socket).await;
+            }
+        }
+    }
+}
+
+/// How often (in housekeeping ticks of 250 ms) a hub reads its BGP sessions from BIRD: every
+/// 5 s, so that a session lost is reported within the failover bound.
+const BGP_WATCH_TICKS: u32 = 20;
+/// BIRD answers `show protocols` in milliseconds; one that takes longer is stuck.
+const BIRD_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Hub with `[bgp] bird_socket`: reads the hub machine's BGP sessions and reports the ones that
+/// went down or came back (log, `bgp_session_down`/`bgp_session_up`, `/status`, `/metrics`).
+async fn watch_bgp_sessions(ctx: &Ctx, socket: &std::path::Path) {
+    let read = read_bird_sessions(socket).await;
+    let (changes, new_error) = {
+        let mut s = ctx.state.lock();
+        let known = s.bgp_sessions.get_or_insert_with(Default::default);
+        let had_error = known.error.clone();
+        let changes = control::bird::apply_read(known, read, unix_now());
+        let new_error = known
+            .error
+            .clone()
+            .filter(|e| had_error.as_ref() != Some(e));
+        for _ in &changes.down {
+            s.count(ControlEvent::BgpSessionDown);
+        }
+        for _ in &changes.up {
+            s.count(ControlEvent::BgpSessionUp);
+        }
+        (changes, new_error)
+    };
+    for session in &changes.down {
+        tracing::error!(
+            session = %session.name,
+            state = %session.state,
+            "BGP session not established: the data-centre router does not route to this hub's \
+             peers, while they keep sending through it (docs/operations.md, 'When BGP is down')"
+        );
+    }
+    for name in &changes.up {
+        tracing::info!(session = %name, "BGP session established again");
+    }
+    if let Some(e) = new_error {
+        tracing::warn!(socket = %socket.display(), error = %e, "cannot read the BGP sessions from BIRD");
+    }
+}
+
+/// `show protocols` on BIRD's control socket: its BGP sessions.
+async fn read_bird_sessions(
+    socket: &std::path::Path,
+) -> Result<Vec<control::bird::BgpSession>, String> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let exchange = async {
+        let mut stream = tokio::net::UnixStream::connect(socket)
+            .await
+            .map_err(|e| e.to_string())?;
+        stream
+            .write_all(control::bird::SHOW_PROTOCOLS)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut reply = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            let n = stream.read(&mut chunk).await.map_err(|e| e.to_string())?;
+            if n == 0 {
+                return Err("BIRD closed the connection before its answer ended".to_owned());
+            }
+            reply.extend_from_slice(&chunk[..n]);
+            if reply.len() > 1 << 20 {
+                return Err("BIRD's answer is over 1 MiB".to_owned());
+            }
+            let text = String::from_utf8_lossy(&reply);
+            if control::bird::reply_complete(&text) {
+                return control::bird::parse_show_protocols(&text);
+            }
+        }
+    };
+    match tokio::time::timeout(BIRD_TIMEOUT, exchange).await {
+        Ok(read) => read,
+        Err(_) => Err(format!("no answer within {} s", BIRD_TIMEOUT.as_secs())),
     }
 }
 

@@ -104,6 +104,8 @@ struct ControlState {
     claimed: HashMap<[u8; 32], (Instant, Vec<IpNet>)>,
     /// Hub with `[bgp]`: which prefixes go into the announcement table.
     announcer: Option<Announcer>,
+    /// Hub with `[bgp] bird_socket`: its BGP sessions as last read from BIRD.
+    bgp_sessions: Option<komnet_proto::status::BgpSessions>,
     /// Spoke: which hub carries the traffic, failover, hub-list refresh, LAN retries.
     spoke: Option<SpokeCore>,
     /// Spoke: the hubs.

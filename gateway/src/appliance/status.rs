@@ -302,6 +302,23 @@ pub fn to_prometheus(report: &StatusReport, now: i64) -> String {
             "Hub with [bgp]: prefixes in its announcement table (those of the peers sending to it now).",
             a.prefixes.len() as i64,
         );
+        if let Some(b) = &a.sessions {
+            x.gauge(
+                "komnet_bgp_watch_ok",
+                "Hub with [bgp] bird_socket: 1 when the last read of BIRD's sessions worked.",
+                i64::from(b.error.is_none()),
+            );
+            x.gauges(
+                "komnet_bgp_session_established",
+                "Hub with [bgp] bird_socket: 1 while the BGP session (BIRD's protocol name) is Established.",
+                b.sessions.iter().map(|session| {
+                    (
+                        vec![("session", session.name.clone())],
+                        i64::from(session.established),
+                    )
+                }),
+            );
+        }
     }
     if let Some(c) = &this.certificate {
         x.gauge(
@@ -527,6 +544,7 @@ pub(super) fn report(ctx: &Ctx) -> StatusReport {
                     .as_ref()
                     .map(|a| a.announced().map(ToString::to_string).collect())
                     .unwrap_or_default(),
+                sessions: s.bgp_sessions.clone(),
             }),
     }
 }
@@ -700,10 +718,22 @@ mod tests {
         r.announced = Some(komnet_proto::status::Announced {
             table: 200,
             prefixes: vec!["10.30.0.0/16".into(), "10.96.4.1/32".into()],
+            sessions: Some(komnet_proto::status::BgpSessions {
+                checked: 990,
+                error: None,
+                sessions: vec![komnet_proto::status::BgpSessionStatus {
+                    name: "dc".into(),
+                    established: false,
+                    state: "start Active".into(),
+                    since: 900,
+                }],
+            }),
         });
         let text = to_prometheus(&r, 1000);
         for needle in [
             "komnet_announced_prefixes 2\n",
+            "komnet_bgp_watch_ok 1\n",
+            "komnet_bgp_session_established{session=\"dc\"} 0\n",
             "komnet_registry_connected 0\n",
             "komnet_registry_outage_seconds 600\n",
             "komnet_registry_outage_alarm 1\n",

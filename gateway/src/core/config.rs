@@ -236,6 +236,13 @@ impl Core {
         self.allowed_ips_version
     }
 
+    /// A number that changes whenever a peer completes a handshake (its
+    /// [`PeerActivity::handshake_at`] moves): an idle hub's housekeeping skips the peers
+    /// while it stays put.
+    pub fn handshakes_version(&self) -> u64 {
+        self.handshakes_version
+    }
+
     /// The allowed IPs of one peer, as [`PeerInfo::allowed_ips`] lists them; a lookup of that
     /// peer's own prefixes, not a walk over the table.
     pub fn allowed_ips_of(&self, id: PeerId) -> Vec<IpNet> {
@@ -295,7 +302,9 @@ impl Core {
             .filter_map(|id| {
                 let allowed_ips = prefixes.remove(&id).unwrap_or_default();
                 let peer = self.peer_mut(id)?;
-                note_handshake(peer, clock);
+                let new = note_handshake(peer, clock);
+                self.handshakes_version += u64::from(new);
+                let peer = self.peer(id)?;
                 let last_handshake = peer
                     .handshake_at
                     .and_then(|at| wall.checked_sub(clock.saturating_sub(at)));

@@ -267,6 +267,9 @@ pub struct Core {
     /// Moves on every change of any peer's allowed IPs: housekeeping that follows them asks
     /// for a peer's prefixes only when it moved.
     allowed_ips_version: u64,
+    /// Moves whenever a peer's session time changes (a completed handshake): housekeeping
+    /// that follows handshakes looks at the peers only when it moved.
+    handshakes_version: u64,
     /// Datagrams produced outside a direct answer (timers, packets queued during a
     /// handshake); drained with `poll_transmit`.
     pending: VecDeque<Queued>,
@@ -359,15 +362,19 @@ fn is_low_order(secret: &StaticSecret, peer_public: &[u8; 32]) -> bool {
 }
 
 /// Records when the peer's current session was established (boringtun only knows "how long
-/// ago", and forgets once the session is gone).
-fn note_handshake(peer: &mut Peer, clock: Duration) {
-    if let Some(since) = peer
+/// ago", and forgets once the session is gone); true when that is a new time.
+fn note_handshake(peer: &mut Peer, clock: Duration) -> bool {
+    let Some(since) = peer
         .tunn
         .as_ref()
         .and_then(|t| t.time_since_last_handshake())
-    {
-        peer.handshake_at = Some(clock.saturating_sub(since));
-    }
+    else {
+        return false;
+    };
+    let at = Some(clock.saturating_sub(since));
+    let new = peer.handshake_at != at;
+    peer.handshake_at = at;
+    new
 }
 
 fn peer_in(slots: &mut [Slot], id: PeerId) -> Option<&mut Peer> {
@@ -406,6 +413,7 @@ impl Core {
             by_key: HashMap::new(),
             allowed_ips: AllowedIps::default(),
             allowed_ips_version: 0,
+            handshakes_version: 0,
             pending: VecDeque::new(),
             timer_queue: timers::TimerQueue::default(),
             // Zeroed pages are mapped lazily: only what large packets touch costs memory.

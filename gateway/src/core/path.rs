@@ -303,8 +303,8 @@ impl Core {
         }
         // A new session is the current one at once for an initiator, for a responder with
         // its first data message: its time is read then, not on every housekeeping read.
-        if peer.handshake_at != Some(peer.timers.established_at()) {
-            note_handshake(peer, clock);
+        if peer.handshake_at != Some(peer.timers.established_at()) && note_handshake(peer, clock) {
+            self.handshakes_version += 1;
         }
         // Authenticated: the peer may have roamed (WireGuard paper, section 2.1). A cookie
         // reply proves nothing about the sender's address, so it does not move the endpoint.

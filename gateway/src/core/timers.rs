@@ -135,7 +135,9 @@ impl TimerQueue {
     ) {
         if peer.tunn.is_some() && clock.saturating_sub(peer.timers.ran_at) > STALE_AFTER {
             self.runs += 1;
-            run_timers(peer, clock, pending);
+            // A backstop only (see `run_timers`): a session time it noted is also read by
+            // the next `update_timers` of this session.
+            let _ = run_timers(peer, clock, pending);
             if peer.tunn.is_none() {
                 self.forget(peer);
             }
@@ -158,10 +160,12 @@ impl TimerQueue {
 }
 
 /// Runs boringtun's timers of one session at `clock` (and our persistent keepalive); what they
-/// send is queued on `pending`. Frees the Noise state when its keys expired.
-fn run_timers(peer: &mut Peer, clock: Duration, pending: &mut VecDeque<Queued>) {
+/// send is queued on `pending`. Frees the Noise state when its keys expired. True when the
+/// session's time changed (timers complete no handshake, so this is a backstop: `decapsulate`
+/// notes new sessions).
+fn run_timers(peer: &mut Peer, clock: Duration, pending: &mut VecDeque<Queued>) -> bool {
     let Some(tunn) = peer.tunn.as_deref_mut() else {
-        return;
+        return false;
     };
     // An initiation is the largest message the timers send.
     let mut buf = [0u8; MIN_OUT_BUF];
@@ -187,7 +191,7 @@ fn run_timers(peer: &mut Peer, clock: Duration, pending: &mut VecDeque<Queued>) 
             peer.tunn = None;
             peer.queued = false;
             peer.init_unanswered = false;
-            return;
+            return false;
         }
         _ => None,
     };
@@ -218,7 +222,7 @@ fn run_timers(peer: &mut Peer, clock: Duration, pending: &mut VecDeque<Queued>) 
             });
         }
     }
-    note_handshake(peer, clock);
+    note_handshake(peer, clock)
 }
 
 /// When the session's timers must run next, after a run at `clock` that followed one at
@@ -310,7 +314,9 @@ impl Core {
             peer.timers.due = None;
             let previous = peer.timers.ran_at;
             self.timer_queue.runs += 1;
-            run_timers(peer, clock, &mut self.pending);
+            if run_timers(peer, clock, &mut self.pending) {
+                self.handshakes_version += 1;
+            }
             let next = next_run(peer, clock, previous);
             self.timer_queue.set(peer, next);
         }

@@ -401,7 +401,8 @@ fn staff_and_guests_of_one_town_hall_talk_only_where_a_rule_says_so_and_on_the_l
     assert_eq!(
         hub_drops(&district),
         hub_before,
-        "traffic between the town hall's segments reached the hub"
+        "traffic between the town hall's segments reached the hub; its drops now: {}",
+        district.hubs[0].status().expect("hub status")["drops"]
     );
     let listed = rules(&district);
     assert!(!listed.contains(" to 10.30."), "{listed}");

@@ -8,7 +8,8 @@
 //! - [`spoke::SpokeCore`]: which hub carries the traffic, when to fail over, when to refresh the
 //!   hub list, when to retry the LAN addresses.
 //! - [`announce::Announcer`]: which peers' prefixes a hub announces by BGP (those sending to
-//!   it now), and the changes to its announcement table.
+//!   it now), and the changes to its announcement table; [`bird`]: its BGP sessions as the hub
+//!   machine's BIRD reports them.
 //! - [`hub::HubCore`]: the registry view, which identities are admitted (through
 //!   [`crate::admission`]), certificate expiry, and the [`hub::RegistryLink`] to the registry.
 //! - [`renewal::RenewalSchedule`]: when to renew the certificate and when to retry.
@@ -19,6 +20,7 @@
 //! `next_timeout` says when to call `handle_timeout` again.
 
 pub mod announce;
+pub mod bird;
 pub mod bootstrap;
 pub mod hub;
 pub mod link;
@@ -31,6 +33,11 @@ use std::collections::BTreeMap;
 /// Control-plane events counted for `/status` and `/metrics` (`komnet_events_total`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum ControlEvent {
+    /// Hub with `[bgp] bird_socket`: a BGP session stopped being Established (or was not at
+    /// the hub's first look).
+    BgpSessionDown,
+    /// Hub with `[bgp] bird_socket`: a BGP session became Established again.
+    BgpSessionUp,
     BootstrapUnreadable,
     BootstrapWithoutPolicyKey,
     EnrollRefused,
@@ -72,6 +79,8 @@ impl ControlEvent {
     /// The name in `/status` (`counters`) and in the metric's `event` label.
     pub fn as_str(self) -> &'static str {
         match self {
+            ControlEvent::BgpSessionDown => "bgp_session_down",
+            ControlEvent::BgpSessionUp => "bgp_session_up",
             ControlEvent::BootstrapUnreadable => "bootstrap_unreadable",
             ControlEvent::BootstrapWithoutPolicyKey => "bootstrap_without_policy_key",
             ControlEvent::EnrollRefused => "enroll_refused",

@@ -33,7 +33,10 @@ routing daemon such as BIRD or FRR to announce by BGP; the hub empties it at sta
 .B hold
 (default
 .BR 3s :
-how long a spoke may be silent before its prefixes are withdrawn).
+how long a spoke may be silent before its prefixes are withdrawn), and optionally
+.B bird_socket
+(the hub machine's BIRD control socket: the hub reads its BGP sessions there every 5 s and
+reports one that is not Established).
 The packaged file lists each with its default.
 Without
 .BR policy_public_key ,
