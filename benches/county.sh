@@ -273,7 +273,7 @@ for d in $DAEMONS; do
         add "$name restart with $MAXN peers configured: all $RESTART_PEERS peers handshaken ${total} ms after the start (p50 $(jfield "$out" p50_ms) ms; $(jfield "$out" initiations) initiations, $(jfield "$out" cookies) cookie replies)"
     fi
     if [[ " $STEPS " == *" throughput "* ]]; then
-        if [ "$d" = komnet ]; then wait_admitted "$MAXN"; elif ! kill -0 "${HUB_PID:-0}" 2>/dev/null || [ ! -S "/run/wireguard/$IF_W.sock" ]; then
+        if [ "$d" = komnet ]; then issue_upto "$MAXN"; wait_admitted "$MAXN"; elif ! kill -0 "${HUB_PID:-0}" 2>/dev/null || [ ! -S "/run/wireguard/$IF_W.sock" ]; then
             start_wggo; ip netns exec "$NS_HUB" wg setconf "$IF_W" <(wggo_conf "$MAXN")
         fi
         p0=$(sink_packets); c0=$(cpu_ticks "$HUB_PID")
