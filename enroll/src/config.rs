@@ -145,8 +145,16 @@ impl DatabaseUrl {
                 self.describe()
             ));
         }
-        text.parse::<tokio_postgres::Config>()
-            .map_err(|e| format!("database: {e}"))
+        text.parse::<tokio_postgres::Config>().map_err(|e| {
+            if text.contains("verify-full") || text.contains("verify-ca") {
+                // libpq's spelling, which tokio-postgres does not take: say what does it.
+                format!(
+                    "database: {e}: komnet verifies the server's certificate and name with                      database_ca (its CA certificate); set that and write sslmode=require or                      leave sslmode out"
+                )
+            } else {
+                format!("database: {e}")
+            }
+        })
     }
 
     /// The whole string, password included: for connecting, never for printing.

@@ -140,6 +140,10 @@ async fn an_unreachable_database_is_named_without_its_password() {
     // Not a PostgreSQL connection string at all: a config error naming the key.
     let e = komnet_enroll::config::DatabaseUrl::parse("mysql://x@y/z").unwrap_err();
     assert!(e.contains("not a PostgreSQL connection string"), "{e}");
+    // libpq's sslmode=verify-full: told what komnet takes instead.
+    let e = komnet_enroll::config::DatabaseUrl::parse("postgres://x@db/z?sslmode=verify-full")
+        .unwrap_err();
+    assert!(e.contains("database_ca"), "{e}");
 }
 
 /// A database of the first release (its tables, no version number) is migrated to the current

@@ -18,7 +18,8 @@
 //! 4. Otherwise it needs a valid MAC2 (a cookie proves the sender receives at its address);
 //!    with one, its **proven** budget (20/s, burst 256) admits it.
 //! 5. Without one it gets a cookie reply — within its **reply** budget (default 20/s, burst
-//!    256), so a flooding source gets a few replies a second, not one per packet.
+//!    256), so a flooding source gets at most 20 replies a second after the burst, not one
+//!    per packet.
 //!
 //! The large bursts of 4 and 5 are for many devices behind one address (a town hall's NAT, a
 //! provider's carrier-grade NAT in front of home offices): after a hub restart they all send

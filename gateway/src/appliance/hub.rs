@@ -249,23 +249,28 @@ pub(super) async fn hub_housekeeping(ctx: Arc<Ctx>) {
         if announcing {
             announce_routes(&ctx, shared, &activity);
         }
-        if ticks % BGP_WATCH_TICKS == 1 {
-            if let Some(socket) = ctx.config.bgp.as_ref().and_then(|b| b.bird_socket.as_ref()) {
-                watch_bgp_sessions(&ctx, socket).await;
-            }
-        }
     }
 }
 
-/// How often (in housekeeping ticks of 250 ms) a hub reads its BGP sessions from BIRD: every
-/// 5 s, so that a session lost is reported within the failover bound.
-const BGP_WATCH_TICKS: u32 = 20;
+/// How often a hub reads its BGP sessions from BIRD: a session lost is reported within the
+/// failover bound.
+const BGP_WATCH_INTERVAL: Duration = Duration::from_secs(5);
 /// BIRD answers `show protocols` in milliseconds; one that takes longer is stuck.
 const BIRD_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Hub with `[bgp] bird_socket`: reads the hub machine's BGP sessions and reports the ones that
-/// went down or came back (log, `bgp_session_down`/`bgp_session_up`, `/status`, `/metrics`).
-async fn watch_bgp_sessions(ctx: &Ctx, socket: &std::path::Path) {
+/// Hub with `[bgp] bird_socket`: reads the hub machine's BGP sessions every
+/// [`BGP_WATCH_INTERVAL`] and reports the ones that went down or came back (log,
+/// `bgp_session_down`/`bgp_session_up`, `/status`, `/metrics`). A task of its own, so that a
+/// stuck BIRD never holds up the route claims and announcements of `hub_housekeeping`.
+pub(super) async fn watch_bgp_sessions(ctx: Arc<Ctx>, socket: std::path::PathBuf) {
+    let mut tick = tokio::time::interval(BGP_WATCH_INTERVAL);
+    loop {
+        tick.tick().await;
+        read_and_report_bgp_sessions(&ctx, &socket).await;
+    }
+}
+
+async fn read_and_report_bgp_sessions(ctx: &Ctx, socket: &std::path::Path) {
     let read = read_bird_sessions(socket).await;
     let (changes, new_error) = {
         let mut s = ctx.state.lock();

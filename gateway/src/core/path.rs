@@ -112,7 +112,9 @@ impl Core {
         {
             return self.peer_drop(id, DropReason::RoutingLoop);
         }
-        self.timer_queue.wake(peer, clock, &mut self.pending);
+        if self.timer_queue.wake(peer, clock, &mut self.pending) {
+            self.handshakes_version += 1;
+        }
         let tunn = match tunn_of(&self.key, peer, clock) {
             Ok(tunn) => tunn,
             Err(reason) => return self.peer_drop(id, reason),
@@ -263,7 +265,9 @@ impl Core {
         let Some(peer) = peer_in(&mut self.slots, id) else {
             return self.device_drop(DropReason::UnknownIndex);
         };
-        self.timer_queue.wake(peer, clock, &mut self.pending);
+        if self.timer_queue.wake(peer, clock, &mut self.pending) {
+            self.handshakes_version += 1;
+        }
         let is_data = datagram.first() == Some(&4);
         let is_response = datagram.first() == Some(&2);
         let is_initiation = datagram.first() == Some(&1);

@@ -126,22 +126,24 @@ impl TimerQueue {
     }
 
     /// Before the peer's Noise state is used at `clock`: if its timers have not run for a
-    /// while, they run now, so that what the use stamps carries the present time.
+    /// while, they run now, so that what the use stamps carries the present time. True when
+    /// that noted a new session time (as [`run_timers`]).
+    #[must_use]
     pub(super) fn wake(
         &mut self,
         peer: &mut Peer,
         clock: Duration,
         pending: &mut VecDeque<Queued>,
-    ) {
-        if peer.tunn.is_some() && clock.saturating_sub(peer.timers.ran_at) > STALE_AFTER {
-            self.runs += 1;
-            // A backstop only (see `run_timers`): a session time it noted is also read by
-            // the next `update_timers` of this session.
-            let _ = run_timers(peer, clock, pending);
-            if peer.tunn.is_none() {
-                self.forget(peer);
-            }
+    ) -> bool {
+        if peer.tunn.is_none() || clock.saturating_sub(peer.timers.ran_at) <= STALE_AFTER {
+            return false;
         }
+        self.runs += 1;
+        let noted = run_timers(peer, clock, pending);
+        if peer.tunn.is_none() {
+            self.forget(peer);
+        }
+        noted
     }
 
     /// The peer's session was used at `clock`: its timers run at the next tick.
@@ -277,7 +279,9 @@ impl Core {
         let mut scratch = std::mem::take(&mut self.scratch);
         if let Some(peer) = peer_in(&mut self.slots, id) {
             if let Some(dst) = peer.endpoint {
-                self.timer_queue.wake(peer, clock, &mut self.pending);
+                if self.timer_queue.wake(peer, clock, &mut self.pending) {
+                    self.handshakes_version += 1;
+                }
                 let sent = match tunn_of(&self.key, peer, clock) {
                     Ok(tunn) => match op(tunn, &mut scratch) {
                         TunnResult::WriteToNetwork(b) => Some(b.to_vec()),

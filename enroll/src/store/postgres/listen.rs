@@ -32,14 +32,10 @@ pub(super) async fn run(
     loop {
         let started = tokio::time::Instant::now();
         let e = match &transport {
-            Transport::Plain => match config.connect(NoTls).await {
-                Ok((client, connection)) => follow(client, connection, &events, &mut last).await,
-                Err(e) => e.into(),
-            },
-            Transport::Verified(tls) => match config.connect(tls.clone()).await {
-                Ok((client, connection)) => follow(client, connection, &events, &mut last).await,
-                Err(e) => e.into(),
-            },
+            Transport::Plain => connect_and_follow(&config, NoTls, &events, &mut last).await,
+            Transport::Verified(tls) => {
+                connect_and_follow(&config, tls.clone(), &events, &mut last).await
+            }
         };
         tracing::warn!(
             error = %e,
@@ -52,6 +48,27 @@ pub(super) async fn run(
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+/// Connects through `tls`, then [`follow`]s; returns why it stopped (a failed connection with
+/// its causes: which certificate was refused, and why).
+async fn connect_and_follow<T>(
+    config: &tokio_postgres::Config,
+    tls: T,
+    events: &broadcast::Sender<Arc<RegistryEvent>>,
+    last: &mut u64,
+) -> StoreError
+where
+    T: tokio_postgres::tls::MakeTlsConnect<tokio_postgres::Socket>,
+    T::Stream: Send + 'static,
+{
+    match config.connect(tls).await {
+        Ok((client, connection)) => follow(client, connection, events, last).await,
+        Err(e) => StoreError::Connect {
+            database: "registry listener".into(),
+            message: with_causes(&e),
+        },
     }
 }
 
