@@ -50,6 +50,10 @@ TESTS=(
     # bird.service that the tests do not use; each test runs its own daemons.
     /usr/sbin/bird:bird2
     /usr/sbin/birdc:bird2
+    # The data-centre router with FRR (the FRR configuration in docs/operations.md, run by
+    # tests/tests/bgp.rs with zebra and bgpd in the router's namespace; not frr.service).
+    /usr/lib/frr/bgpd:frr
+    vtysh:frr
     # The web console's browser test (console/tests/browser.rs, issue 18): a real OpenID
     # provider (npm oidc-provider) and Debian's Chromium driven by Playwright; the npm
     # packages come from console/tests/e2e/package-lock.json (npm ci, below). Never a

@@ -1,7 +1,8 @@
 //! Hubs on separate machines: each hub in a namespace of its own, where BIRD 2 announces the
-//! hub's announcement table (`[bgp] table` in gateway.toml) by BGP to the data-centre router,
-//! BIRD in the `dc` namespace, which installs the routes in its kernel. The configurations
-//! are the ones docs/operations.md shows ("Hubs on separate machines"), with the timers
+//! hub's announcement table (`[bgp] table` in gateway.toml) by BGP to the data-centre router
+//! in the `dc` namespace, which installs the routes in its kernel: BIRD, or FRR (zebra and
+//! bgpd) with the configuration docs/operations.md shows, read from the guide itself. The
+//! BIRD configurations are the guide's too ("Hubs on separate machines"), with the timers
 //! shortened as the guide suggests for fast failover.
 //!
 //! ```text
@@ -17,7 +18,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use crate::command::{run, wait_until, BackgroundProcess};
+use crate::command::{run, wait_until, BackgroundProcess, TempDir};
 use crate::netns::{add_veth_pair, Netns};
 use crate::{find_on_path, COMMAND_TIMEOUT};
 
@@ -70,6 +71,35 @@ pub fn require_bird() {
     if !version.contains("BIRD version 2.") {
         panic!("the BGP test needs BIRD 2 (Debian's bird2); `bird --version` says {version:?}");
     }
+}
+
+/// FRR's daemons, where Debian's `frr` package puts them.
+const FRR_DAEMONS: &str = "/usr/lib/frr";
+
+/// Fails with what to do when FRR is not installed: the BGP tests never skip.
+pub fn require_frr() {
+    let missing: Vec<String> = ["zebra", "bgpd"]
+        .iter()
+        .map(|d| format!("{FRR_DAEMONS}/{d}"))
+        .filter(|p| !Path::new(p).exists())
+        .chain(find_on_path("vtysh").is_none().then(|| "vtysh".to_owned()))
+        .collect();
+    if !missing.is_empty() {
+        panic!(
+            "the FRR router test needs FRR ({} missing): run `sudo scripts/setup.sh test`, which \
+             installs Debian's frr",
+            missing.join(", ")
+        );
+    }
+}
+
+/// The data-centre router's routing daemon.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum RouterDaemon {
+    #[default]
+    Bird,
+    /// FRR's zebra and bgpd, configured with docs/operations.md's snippet.
+    Frr,
 }
 
 /// One BIRD daemon in a namespace, with its own control socket; ended on drop (and with its
@@ -143,6 +173,153 @@ impl Bird {
     }
 }
 
+/// FRR's zebra (which installs bgpd's routes in the kernel) and bgpd in a namespace, with
+/// their sockets and files in a directory of their own (the daemons run as Debian's `frr`
+/// user); ended on drop.
+#[derive(Debug)]
+pub struct Frr {
+    // The daemons end before their directory goes.
+    bgpd: BackgroundProcess,
+    zebra: BackgroundProcess,
+    dir: TempDir,
+}
+
+impl Frr {
+    /// Starts zebra, then bgpd with `bgpd_config`, in `ns`; their output goes to
+    /// `logs/frr-{zebra,bgpd}.log`. Returns once bgpd answers `vtysh`.
+    pub fn start(ns: &Netns, logs: &Path, bgpd_config: &str) -> Result<Frr> {
+        let dir = TempDir::new("frr")?;
+        let path = dir.path();
+        std::fs::write(path.join("zebra.conf"), "hostname router\n")?;
+        std::fs::write(path.join("bgpd.conf"), bgpd_config)?;
+        run(
+            Command::new("chown").arg("-R").arg("frr:frr").arg(path),
+            COMMAND_TIMEOUT,
+        )?
+        .into_stdout()
+        .context("handing the FRR directory to the frr user")?;
+        let daemon = |name: &str, zserv: &Path| -> Result<BackgroundProcess> {
+            let mut cmd = ns.command(format!("{FRR_DAEMONS}/{name}"));
+            // No vty on TCP, every socket and file in our directory.
+            cmd.arg("-P")
+                .arg("0")
+                .arg("-z")
+                .arg(zserv)
+                .arg("--vty_socket")
+                .arg(path)
+                .arg("-i")
+                .arg(path.join(format!("{name}.pid")))
+                .arg("-f")
+                .arg(path.join(format!("{name}.conf")))
+                .arg("--log")
+                .arg("stdout");
+            BackgroundProcess::spawn(&mut cmd, &logs.join(format!("frr-{name}.log")))
+        };
+        let zserv = path.join("zserv.api");
+        let mut zebra = daemon("zebra", &zserv)?;
+        wait_until("zebra to listen", Duration::from_secs(10), || {
+            if let Ok(Some(status)) = zebra.child.try_wait() {
+                bail!("zebra exited ({status}):\n{}", zebra.log_text());
+            }
+            Ok(zserv.exists().then_some(()))
+        })?;
+        let bgpd = daemon("bgpd", &zserv)?;
+        let mut frr = Frr { bgpd, zebra, dir };
+        wait_until("bgpd to answer", Duration::from_secs(10), || {
+            if let Ok(Some(status)) = frr.bgpd.child.try_wait() {
+                bail!("bgpd exited ({status}):\n{}", frr.bgpd.log_text());
+            }
+            Ok(frr.vtysh("show bgp summary json").ok().map(drop))
+        })?;
+        Ok(frr)
+    }
+
+    /// `vtysh -c COMMAND` against these daemons.
+    pub fn vtysh(&self, command: &str) -> Result<String> {
+        let out = run(
+            Command::new("vtysh")
+                .arg("--vty_socket")
+                .arg(self.dir.path())
+                .arg("-c")
+                .arg(command),
+            COMMAND_TIMEOUT,
+        )?;
+        if !out.succeeded() {
+            bail!("vtysh -c {command:?}: {out:?}");
+        }
+        Ok(out.stdout)
+    }
+
+    /// Whether the BGP session with `neighbor` is established.
+    pub fn established(&self, neighbor: Ipv4Addr) -> bool {
+        self.vtysh("show bgp summary json")
+            .ok()
+            .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
+            .is_some_and(|v| {
+                v["ipv4Unicast"]["peers"][neighbor.to_string()]["state"] == "Established"
+            })
+    }
+
+    pub fn log_tail(&self) -> String {
+        format!(
+            "zebra:\n{}\nbgpd:\n{}",
+            self.zebra.log_text(),
+            self.bgpd.log_text()
+        )
+    }
+}
+
+/// The FRR configuration docs/operations.md gives for the data-centre router (its block under
+/// "The data-centre router, FRR"), so the test runs what the guide tells operators to run.
+pub fn frr_router_config() -> Result<String> {
+    let guide = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/operations.md");
+    let text =
+        std::fs::read_to_string(&guide).with_context(|| format!("reading {}", guide.display()))?;
+    let heading = "**The data-centre router, FRR**";
+    let after = text
+        .split_once(heading)
+        .with_context(|| format!("{} has no {heading:?}", guide.display()))?
+        .1;
+    let block = after
+        .split_once("```\n")
+        .and_then(|(_, rest)| rest.split_once("```"))
+        .with_context(|| format!("no configuration block after {heading:?}"))?
+        .0;
+    Ok(block.to_owned())
+}
+
+/// The data-centre router: BIRD or FRR.
+#[derive(Debug)]
+pub enum Router {
+    Bird(Bird),
+    Frr(Frr),
+}
+
+impl Router {
+    /// Whether its session with hub `index` (0-based) is established.
+    pub fn established(&mut self, index: usize) -> bool {
+        match self {
+            Router::Bird(bird) => bird.established(&format!("hub{}", index + 1)),
+            Router::Frr(frr) => frr.established(hub_dc(index)),
+        }
+    }
+
+    /// The router's BIRD (for `birdc`); `None` with FRR.
+    pub fn bird(&mut self) -> Option<&mut Bird> {
+        match self {
+            Router::Bird(bird) => Some(bird),
+            Router::Frr(_) => None,
+        }
+    }
+
+    pub fn log_tail(&self) -> String {
+        match self {
+            Router::Bird(bird) => bird.log_tail(),
+            Router::Frr(frr) => frr.log_tail(),
+        }
+    }
+}
+
 /// The router's BIRD: one eBGP session per hub, what they announce goes into the kernel.
 pub fn router_config(hubs: usize) -> String {
     let mut out = format!(
@@ -177,20 +354,24 @@ pub fn hub_config(index: usize) -> String {
     )
 }
 
-/// The data centre of separate hub machines: their namespaces and the BIRDs. Dropping it
-/// ends the BIRDs, then deletes the namespaces (and what still runs in them).
+/// The data centre of separate hub machines: their namespaces, the router's daemon and the
+/// hubs' BIRDs. Dropping it ends the daemons, then deletes the namespaces (and what still
+/// runs in them).
 #[derive(Debug)]
 pub struct BgpDc {
-    /// The router's BIRD first, then one per hub.
-    pub birds: Vec<Bird>,
+    pub router: Router,
+    /// One per hub.
+    pub hub_birds: Vec<Bird>,
     pub hub_ns: Vec<Netns>,
 }
 
 impl BgpDc {
     /// Makes `hubs` hub namespaces on the WAN (via `attach`, which plugs a namespace into the
-    /// WAN bridge with an address), links each to the router `dc`, and starts every BIRD.
+    /// WAN bridge with an address), links each to the router `dc`, and starts the router's
+    /// daemon and every hub's BIRD.
     pub fn build(
         dc: &Netns,
+        daemon: RouterDaemon,
         hubs: usize,
         dir: &Path,
         mut attach: impl FnMut(&Netns, Ipv4Addr) -> Result<()>,
@@ -213,16 +394,31 @@ impl BgpDc {
             ])?;
             hub_ns.push(ns);
         }
-        let mut birds = vec![Bird::start(dc, dir, "bird-router", &router_config(hubs))?];
+        let router = match daemon {
+            RouterDaemon::Bird => {
+                Router::Bird(Bird::start(dc, dir, "bird-router", &router_config(hubs))?)
+            }
+            RouterDaemon::Frr => {
+                if hubs != 2 {
+                    bail!("the guide's FRR configuration names two hubs, not {hubs}");
+                }
+                Router::Frr(Frr::start(dc, dir, &frr_router_config()?)?)
+            }
+        };
+        let mut hub_birds = Vec::new();
         for (i, ns) in hub_ns.iter().enumerate() {
-            birds.push(Bird::start(
+            hub_birds.push(Bird::start(
                 ns,
                 dir,
                 &format!("bird-hub{}", i + 1),
                 &hub_config(i),
             )?);
         }
-        let mut dc_ = BgpDc { birds, hub_ns };
+        let mut dc_ = BgpDc {
+            router,
+            hub_birds,
+            hub_ns,
+        };
         dc_.wait_established(Duration::from_secs(20))?;
         Ok(dc_)
     }
@@ -230,12 +426,9 @@ impl BgpDc {
     fn wait_established(&mut self, timeout: Duration) -> Result<()> {
         let hubs = self.hub_ns.len();
         let result = wait_until("the BGP sessions to the hubs", timeout, || {
-            let router = &mut self.birds[0];
-            Ok((0..hubs)
-                .all(|i| router.established(&format!("hub{}", i + 1)))
-                .then_some(()))
+            Ok((0..hubs).all(|i| self.router.established(i)).then_some(()))
         });
-        result.map_err(|e| anyhow!("{e:#}\nrouter's BIRD:\n{}", self.birds[0].log_tail()))
+        result.map_err(|e| anyhow!("{e:#}\nthe router's daemon:\n{}", self.router.log_tail()))
     }
 }
 

@@ -282,6 +282,8 @@ pub struct Options {
     /// BIRD, announcing its peers' prefixes by BGP to the data-centre router (`dc`, BIRD too)
     /// instead of sharing the router's routing table ([`crate::bgp`]).
     pub bgp: bool,
+    /// With `bgp`: the data-centre router's daemon (BIRD unless FRR is asked for).
+    pub router: crate::bgp::RouterDaemon,
 }
 
 /// The running district. Dropping it stops every process and deletes every namespace.
@@ -388,9 +390,13 @@ impl District {
             bail!("Options::bgp needs two_hubs");
         }
         let bgp = if options.bgp {
-            Some(crate::bgp::BgpDc::build(&dc, 2, dir.path(), |ns, addr| {
-                attach_to_wan(&wan, ns, &mut ports, addr)
-            })?)
+            Some(crate::bgp::BgpDc::build(
+                &dc,
+                options.router,
+                2,
+                dir.path(),
+                |ns, addr| attach_to_wan(&wan, ns, &mut ports, addr),
+            )?)
         } else {
             None
         };
@@ -723,8 +729,8 @@ impl District {
                 format!(
                     "[bgp]\ntable = {}\nbird_socket = \"{}\"\n",
                     crate::bgp::TABLE,
-                    // The hub machine's own BIRD: birds[0] is the router's.
-                    b.birds[index + 1].socket().display()
+                    // The hub machine's own BIRD.
+                    b.hub_birds[index].socket().display()
                 ),
             ),
             None => (

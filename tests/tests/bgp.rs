@@ -3,14 +3,17 @@
 //! well), which installs the routes in its kernel. A spoke fails over from hub 1 to hub 2
 //! after `kill -9` of hub 1: the router's route follows and the DMS's answers reach the town
 //! hall again within 5 s; hub 1, restarted, does not take the route back (it announces only
-//! sessions it carries). Needs root and BIRD (`scripts/setup.sh test`); never skipped.
+//! sessions it carries). The same with FRR as the data-centre router, configured as
+//! docs/operations.md shows. Needs root, BIRD and FRR (`scripts/setup.sh test`); never skipped.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use komnet_netns_tests::bgp::{announced, hub_dc, require_bird, route_via};
+use komnet_netns_tests::bgp::{
+    announced, hub_dc, require_bird, require_frr, route_via, RouterDaemon,
+};
 use komnet_netns_tests::district::{destination, District, Options, DMS};
 use komnet_netns_tests::{require_root_and_tools, wait_until};
 
@@ -22,12 +25,27 @@ const NOHFELDEN_PREFIX: &str = "10.30.0.0/16";
 fn the_routers_route_follows_a_failed_over_spoke_and_a_restarted_hub_does_not_take_it_back() {
     require_root_and_tools();
     require_bird();
+    failover_and_restart(RouterDaemon::Bird);
+}
+
+/// The guide's FRR configuration for the data-centre router (read from docs/operations.md):
+/// it takes the hubs' routes, follows the failover and keeps the route on a hub restart.
+#[test]
+fn an_frr_router_configured_as_the_guide_shows_follows_a_failed_over_spoke() {
+    require_root_and_tools();
+    require_bird();
+    require_frr();
+    failover_and_restart(RouterDaemon::Frr);
+}
+
+fn failover_and_restart(router_daemon: RouterDaemon) {
     let started = Instant::now();
     let mut district = District::start(
         &PathBuf::from(env!("CARGO_BIN_EXE_netprobe")),
         Options {
             two_hubs: true,
             bgp: true,
+            router: router_daemon,
             ..Options::default()
         },
     )
@@ -46,10 +64,11 @@ fn the_routers_route_follows_a_failed_over_spoke_and_a_restarted_hub_does_not_ta
     .unwrap_or_else(|e| {
         let bgp = district.bgp.as_ref().expect("bgp");
         panic!(
-            "{e:#}\nhub1's table: {:?}\nhub1's log:\n{}\nhub1's BIRD:\n{}",
+            "{e:#}\nhub1's table: {:?}\nhub1's log:\n{}\nhub1's BIRD:\n{}\nthe router's daemon:\n{}",
             announced(&bgp.hub_ns[0]),
             district.hubs[0].log_tail(),
-            bgp.birds[1].log_tail()
+            bgp.hub_birds[0].log_tail(),
+            bgp.router.log_tail()
         )
     });
     assert!(
@@ -102,7 +121,7 @@ fn the_routers_route_follows_a_failed_over_spoke_and_a_restarted_hub_does_not_ta
         }
     };
     println!(
-        "after kill -9 of hub 1: the router routes Nohfelden to hub 2 after {moved:?}, the DMS answers again after {back:?}"
+        "{router_daemon:?} router, after kill -9 of hub 1: the router routes Nohfelden to hub 2 after {moved:?}, the DMS answers again after {back:?}"
     );
     assert!(back <= Duration::from_secs(5), "failover took {back:?}");
 
@@ -309,7 +328,13 @@ fn a_hub_the_spoke_left_while_it_lived_withdraws_and_does_not_take_the_route_bac
     )
     .expect("hub 2 reads its session from BIRD");
     let router_bird = |district: &mut District, command: &str| {
-        district.bgp.as_mut().expect("bgp").birds[0]
+        district
+            .bgp
+            .as_mut()
+            .expect("bgp")
+            .router
+            .bird()
+            .expect("the router runs BIRD")
             .birdc(&[command, "hub2"])
             .unwrap_or_else(|e| panic!("birdc {command} hub2: {e:#}"));
     };
