@@ -4,6 +4,8 @@
 # missing, and it says in one line what it installs. Needs root only when it installs.
 #
 #   scripts/setup.sh demo    # scripts/demo.sh, demo-interop.sh: nftables, iproute2, wireguard tools, ...
+#   scripts/setup.sh console # scripts/demo.sh --console: the demo's packages, Node.js and npm, and the
+#                            # OpenID provider's npm packages (npm ci in console/tests/e2e)
 #   scripts/setup.sh bench   # benches/*.sh: the demo's packages and iperf3
 #   scripts/setup.sh test    # scripts/test.sh: all of the above, the image tools (qemu, OVMF,
 #                            # debootstrap, ...) and cargo-deb
@@ -81,10 +83,11 @@ IMAGE=(
 
 case "$profile" in
     demo) NEED=("${DEMO[@]}"); cargo_deb=no ;;
+    console) NEED=("${DEMO[@]}" node:nodejs npm:npm); cargo_deb=no ;;
     bench) NEED=("${DEMO[@]}" "${BENCH[@]}"); cargo_deb=no ;;
     test | all) NEED=("${DEMO[@]}" "${BENCH[@]}" "${TESTS[@]}" "${IMAGE[@]}"); cargo_deb=yes ;;
     *)
-        echo "setup.sh: unknown profile '$profile' (demo, bench or test)" >&2
+        echo "setup.sh: unknown profile '$profile' (demo, console, bench or test)" >&2
         exit 2
         ;;
 esac
@@ -157,9 +160,10 @@ else
     echo "setup ($profile): done"
 fi
 
-# The console's browser test: the npm packages exactly as console/tests/e2e/package-lock.json
-# pins them, installed again only when the lock file changed (its hash is kept beside them).
-if [ "$profile" = test ] || [ "$profile" = all ]; then
+# The console's browser test and the demo's console (its OpenID provider): the npm packages
+# exactly as console/tests/e2e/package-lock.json pins them, installed again only when the lock
+# file changed (its hash is kept beside them).
+if [ "$profile" = test ] || [ "$profile" = all ] || [ "$profile" = console ]; then
     e2e="$(cd "$(dirname "$0")/.." && pwd)/console/tests/e2e"
     want=$(sha256sum "$e2e/package-lock.json" | cut -d' ' -f1)
     stamp="$e2e/node_modules/.komnet-lock-sha256"

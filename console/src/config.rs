@@ -94,6 +94,11 @@ pub struct Claims {
     pub operator: String,
     pub commune_admin: String,
     pub user: String,
+    /// A sign-in proved a second factor (for MFA-gated home-office tunnels) when its ID
+    /// token's `amr` holds one of these methods (RFC 8176)...
+    pub mfa_amr: Vec<String>,
+    /// ... or its `acr` is one of these (whatever the provider calls its MFA level).
+    pub mfa_acr: Vec<String>,
 }
 
 impl Default for Claims {
@@ -105,6 +110,14 @@ impl Default for Claims {
             operator: "komnet-operator".into(),
             commune_admin: "komnet-commune-admin".into(),
             user: "komnet-user".into(),
+            // Methods that are a factor beyond a password (RFC 8176 §2); "mfa" is the
+            // provider saying so itself.
+            mfa_amr: [
+                "mfa", "otp", "hwk", "swk", "sms", "sc", "fpt", "face", "iris",
+            ]
+            .map(String::from)
+            .to_vec(),
+            mfa_acr: Vec::new(),
         }
     }
 }

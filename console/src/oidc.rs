@@ -69,6 +69,9 @@ pub struct Person {
     /// Authentication context class and methods of the login (for MFA-gated tunnels).
     pub acr: Option<String>,
     pub amr: Vec<String>,
+    /// When this sign-in proved a second factor (Unix seconds: the ID token's `auth_time`),
+    /// as `[claims] mfa_amr`/`mfa_acr` recognise one; `None`: no second factor.
+    pub mfa_at: Option<i64>,
 }
 
 impl Person {
@@ -209,10 +212,11 @@ impl Oidc {
             .map_err(|e| OidcError::IdToken(error_chain(&e)))?;
         let subject = claims.subject().clone();
         let acr = claims.auth_context_ref().map(|a| a.as_str().to_owned());
-        let amr = claims
+        let amr: Vec<String> = claims
             .auth_method_refs()
             .map(|v| v.iter().map(|m| m.as_str().to_owned()).collect())
             .unwrap_or_default();
+        let auth_time = claims.auth_time().map(|t| t.timestamp());
         let userinfo: UserInfoClaims<OtherClaims, CoreGenderClaim> = client
             .user_info(token.access_token().clone(), Some(subject.clone()))
             .map_err(|e| OidcError::UserInfo(format!("no userinfo endpoint: {e}")))?
@@ -230,8 +234,26 @@ impl Oidc {
                 all.entry(k).or_insert(v);
             }
         }
-        person_from_claims(&self.config, subject.as_str(), &all, acr, amr)
+        let mut person = person_from_claims(&self.config, subject.as_str(), &all, acr, amr)?;
+        person.mfa_at =
+            second_factor(&self.config.claims, &person).then(|| auth_time.unwrap_or_else(unix_now));
+        Ok(person)
     }
+}
+
+/// Whether the sign-in's `amr`/`acr` show a second factor as `[claims]` defines one.
+fn second_factor(claims: &crate::config::Claims, person: &Person) -> bool {
+    person.amr.iter().any(|m| claims.mfa_amr.contains(m))
+        || person
+            .acr
+            .as_ref()
+            .is_some_and(|a| claims.mfa_acr.contains(a))
+}
+
+pub(crate) fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
 }
 
 /// Resolves name, role and tenant from the claims as `[claims]` configures.
@@ -282,6 +304,7 @@ fn person_from_claims(
         role,
         acr,
         amr,
+        mfa_at: None,
     })
 }
 

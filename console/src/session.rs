@@ -182,6 +182,7 @@ mod tests {
             role: Role::Operator,
             acr: None,
             amr: vec![],
+            mfa_at: None,
         }
     }
 

@@ -338,13 +338,47 @@ async fn auth_callback(
         Ok(p) => p,
         Err(e) => return refuse(StatusCode::FORBIDDEN, e.to_string()),
     };
-    tracing::info!(person = %person.audit_name(), acr = ?person.acr, amr = ?person.amr, "signed in");
+    tracing::info!(person = %person.audit_name(), acr = ?person.acr, amr = ?person.amr, mfa = person.mfa_at.is_some(), "signed in");
+    open_mfa_window(&app, &person).await;
     let id = app.sessions.create(person, Instant::now());
     let mut resp = Redirect::to("/").into_response();
     let h = resp.headers_mut();
     h.append(header::SET_COOKIE, host_cookie(SESSION_COOKIE, &id, None));
     h.append(header::SET_COOKIE, host_cookie(LOGIN_COOKIE, "", Some(0)));
     resp
+}
+
+/// A user who signed in with a second factor: their home-office devices get through the hubs
+/// for their commune's MFA window (where it has one; the service decides). A failure is
+/// logged and the sign-in stands: the devices page then shows them closed.
+async fn open_mfa_window(app: &Shared, person: &crate::oidc::Person) {
+    let (crate::oidc::Role::User(tenant), Some(at)) = (&person.role, person.mfa_at) else {
+        return;
+    };
+    let Some(owner) = pages::devices::owner_name(&person.name)
+        .and_then(|o| komnet_proto::identity::SiteId::parse(&o).ok())
+    else {
+        return;
+    };
+    let request = komnet_proto::api::admin::MfaWindowRequest {
+        tenant: tenant.clone(),
+        owner,
+        authenticated_at: at,
+    };
+    match app
+        .admin
+        .open_mfa_window(&request, &person.audit_name())
+        .await
+    {
+        Ok(resp) => {
+            if let Some(until) = resp.admitted_until {
+                tracing::info!(person = %person.audit_name(), until, devices = resp.devices.len(), "MFA window opened");
+            }
+        }
+        Err(e) => {
+            tracing::error!(person = %person.audit_name(), error = %e, "the MFA window could not be opened")
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]

@@ -120,11 +120,17 @@ fn policy_bundle(dir: &Path) -> (Vec<u8>, String) {
     (bundle, key)
 }
 
+/// Tholey's home offices are MFA-gated (10 h after a sign-in with a second factor).
 fn service_config(policy_public_key: String) -> Config {
-    Config {
+    let mut config = Config {
         policy_public_key: Some(policy_public_key),
         ..komnet_enroll::testing::loopback_config()
-    }
+    };
+    config.mfa_window.insert(
+        komnet_enroll::identity::TenantId::parse("tholey").unwrap(),
+        komnet_proto::config::HumanDuration(Duration::from_secs(10 * 3600)),
+    );
+    config
 }
 
 /// Enrolls an appliance over the service's HTTPS API, as a town hall's (or hub's) would.
@@ -207,7 +213,11 @@ scopes = ["profile", "komnet"]
         Command::new(env!("CARGO_BIN_EXE_komnet-console"))
             .arg("--config")
             .arg(&console_toml)
-            .env("RUST_LOG", "warn")
+            // KOMNET_CONSOLE_LOG=info shows every sign-in (acr, amr) when a step fails.
+            .env(
+                "RUST_LOG",
+                std::env::var("KOMNET_CONSOLE_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .spawn()
             .expect("start komnet-console"),
         "komnet-console",
@@ -281,6 +291,30 @@ scopes = ["profile", "komnet"]
         device.actor
     );
     assert_eq!(device.details["user"], "uwe_laptop");
+    // Issued without a second factor: closed; Uwe's sign-in with one opened its window.
+    assert!(
+        device.details["admitted_until"].as_i64().is_some(),
+        "{device:?}"
+    );
+    let window = audit
+        .iter()
+        .find(|r| r.action == "homeoffice.mfa_window")
+        .expect("the MFA window in the audit log");
+    assert!(
+        window
+            .actor
+            .starts_with("uwe (oidc sub uwe, user of tholey)"),
+        "{}",
+        window.actor
+    );
+    assert_eq!(window.details["owner"], "uwe");
+    assert_eq!(
+        window.details["admitted_until"].as_i64(),
+        window.details["authenticated_at"]
+            .as_i64()
+            .map(|at| at + 10 * 3600)
+    );
+    assert_eq!(window.details["serials"].as_array().map(Vec::len), Some(1));
     println!(
         "services ready after {:.1} s, whole test {:.1} s",
         ready.as_secs_f64(),

@@ -72,6 +72,17 @@ impl AdminClient {
             .await
     }
 
+    /// The person signed in with a second factor: opens their devices' MFA window.
+    pub async fn open_mfa_window(
+        &self,
+        req: &admin::MfaWindowRequest,
+        person: &str,
+    ) -> Result<admin::MfaWindowResponse, AdminError> {
+        let body = serde_json::to_vec(req)?;
+        self.json(Method::POST, admin::HOMEOFFICE_WINDOW, Some(body), person)
+            .await
+    }
+
     pub async fn policy(&self, person: &str) -> Result<admin::PolicyBundleResponse, AdminError> {
         self.json(Method::GET, admin::POLICY, None, person).await
     }

@@ -160,6 +160,7 @@ mod tests {
                 tunnel_addrs: vec!["10.250.20.1/32".parse().unwrap()],
                 not_after: 2_000_000_000,
                 serial: "01".into(),
+                admitted_until: None,
             },
             certificate_chain_pem: String::new(),
             renew_after: 0,

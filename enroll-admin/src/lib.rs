@@ -440,6 +440,9 @@ async fn homeoffice_issue(
         user: a.user.clone(),
         wg_public_key: public,
         ttl_secs: a.ttl.map(|t| t.0.as_secs()),
+        // Issued from the shell: in an MFA-gated tenant the device waits for its person's
+        // first sign-in to the console with a second factor.
+        mfa_at: None,
     })?;
     let resp: HomeOfficeResponse = call(
         &a.socket.socket,

@@ -10,7 +10,7 @@ use std::time::Duration;
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
 
-use crate::identity::SiteId;
+use crate::identity::{SiteId, TenantId};
 
 /// Name of the configuration file inside the data directory.
 pub const CONFIG_FILE: &str = "enroll.toml";
@@ -110,6 +110,11 @@ pub struct Config {
     /// copying the directory have it). Absent: no TLS (a Unix socket, a server on this machine).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub database_ca: Option<PathBuf>,
+    /// MFA-gated home-office tunnels, by tenant (`[mfa_window]`, e.g. `tholey = "10h"`): such
+    /// a tenant's home-office devices are admitted at the hubs only for this long after their
+    /// person's sign-in to the console with a second factor (15m to 24h).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub mfa_window: BTreeMap<TenantId, HumanDuration>,
 }
 
 fn default_database_pool() -> usize {
@@ -240,6 +245,7 @@ impl Default for Config {
             database: None,
             database_pool: default_database_pool(),
             database_ca: None,
+            mfa_window: BTreeMap::new(),
         }
     }
 }
@@ -303,6 +309,14 @@ impl Config {
         }
         if self.homeoffice_lifetime.0 < hour {
             problems.push("homeoffice_lifetime: must be at least 1h".to_string());
+        }
+        for (tenant, window) in &self.mfa_window {
+            if !(Duration::from_secs(900)..=Duration::from_secs(86_400)).contains(&window.0) {
+                problems.push(format!(
+                    "mfa_window.{tenant}: {}s must lie between 15m and 24h",
+                    window.0.as_secs()
+                ));
+            }
         }
         if self.token_ttl.0 < Duration::from_secs(60) {
             problems.push("token_ttl: must be at least 1m".to_string());

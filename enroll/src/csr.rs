@@ -198,6 +198,7 @@ mod tests {
             tunnel_addrs: Vec::new(),
             not_after: 0,
             serial: "01".into(),
+            admitted_until: None,
         };
         let renewal = new_key_and_csr(Some(&identity)).unwrap();
         let csr = VerifiedCsr::from_der(&renewal.csr_der).unwrap();

@@ -78,5 +78,6 @@ pub fn from_certificate_der(der: &[u8]) -> Result<Identity, IdentityError> {
         tunnel_addrs: addrs,
         not_after: cert.validity().not_after.timestamp(),
         serial: hex::encode(cert.raw_serial()),
+        admitted_until: None,
     })
 }

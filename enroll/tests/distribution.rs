@@ -49,6 +49,7 @@ fn homeoffice(
                 user: SiteId::parse(user).unwrap(),
                 wg_public_key: WgKeys::generate().public(),
                 ttl_secs,
+                mfa_at: None,
             },
             "test",
         )
@@ -597,4 +598,147 @@ async fn metrics_show_what_the_service_holds_and_what_runs_out() {
         text.contains("komnet_enroll_expiring{what=\"policy\"} 1\n"),
         "{text}"
     );
+}
+
+/// MFA-gated home offices (`[mfa_window]`): a device issued without a second factor waits
+/// outside the registry; a sign-in with one admits the person's devices (not another
+/// person's) for the window, on the registry's stream and in its snapshot; the window ends on
+/// time; and a tenant that stops being gated gets its devices back at the next start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mfa_gated_home_offices_are_admitted_only_for_the_window_a_second_factor_opened() {
+    use komnet_enroll::api::admin::MfaWindowRequest;
+    use komnet_enroll::api::RegistryChange;
+    use komnet_enroll::service::Clock as _;
+    use komnet_proto::config::HumanDuration;
+
+    let fixture = PolicyFixture::new();
+    let mut config = common::test_config();
+    config.policy_public_key = Some(fixture.public_key_text());
+    config.mfa_window.insert(
+        TenantId::parse("musterstadt").unwrap(),
+        HumanDuration(std::time::Duration::from_secs(10 * 3600)),
+    );
+    let h = common::start_with(config.clone()).await;
+    enroll(&h, "rz", "hub1", Role::Hub).await;
+    h.service
+        .publish_policy(&fixture.bundle(7), "test")
+        .unwrap();
+    let t0 = h.clock.now();
+    let admitted = |h: &common::Harness| -> Vec<String> {
+        h.service
+            .store
+            .registry_snapshot(h.clock.now())
+            .unwrap()
+            .peers
+            .iter()
+            .filter(|p| p.role == Role::HomeOffice)
+            .map(|p| p.site.to_string())
+            .collect()
+    };
+    let mut events = h.service.store.subscribe();
+
+    // Issued from the shell (no second factor): recorded, listed, not admitted.
+    let laptop = homeoffice(&h, "musterstadt", "anna_laptop", None).unwrap();
+    assert_eq!(laptop.identity.admitted_until, Some(t0));
+    let ben = homeoffice(&h, "musterstadt", "ben_phone", None).unwrap();
+    assert!(admitted(&h).is_empty(), "{:?}", admitted(&h));
+    assert!(
+        events.try_recv().is_err(),
+        "a closed device was published to the hubs"
+    );
+    let listed = h.service.store.valid_identities(t0).unwrap();
+    assert_eq!(
+        listed.iter().filter(|p| p.role == Role::HomeOffice).count(),
+        2
+    );
+
+    // Anna signs in with a second factor a minute ago: her device, not Ben's, for 10 h.
+    let signed_in = t0 - 60;
+    let window = h
+        .service
+        .open_mfa_window(
+            &MfaWindowRequest {
+                tenant: TenantId::parse("musterstadt").unwrap(),
+                owner: SiteId::parse("anna").unwrap(),
+                authenticated_at: signed_in,
+            },
+            "anna (oidc sub 1, user of musterstadt)",
+        )
+        .unwrap();
+    let until = signed_in + 10 * 3600;
+    assert_eq!(window.admitted_until, Some(until));
+    assert_eq!(window.devices, [SiteId::parse("anna_laptop").unwrap()]);
+    assert_eq!(admitted(&h), ["anna_laptop"]);
+    match &events.try_recv().unwrap().change {
+        RegistryChange::Upsert(id) => {
+            assert_eq!(id.serial, laptop.identity.serial);
+            assert_eq!(id.admitted_until, Some(until));
+        }
+        other => panic!("{other:?}"),
+    }
+    let audit = h.service.store.audit_log(5).unwrap();
+    assert!(
+        audit.iter().any(|a| a.action == "homeoffice.mfa_window"
+            && a.actor.starts_with("anna")
+            && a.details["serials"][0] == laptop.identity.serial.as_str()),
+        "{audit:?}"
+    );
+    // A device Anna sets up within her sign-in (the console passes its time) is open too.
+    let phone = h
+        .service
+        .issue_homeoffice(
+            &HomeOfficeRequest {
+                tenant: TenantId::parse("musterstadt").unwrap(),
+                user: SiteId::parse("anna_phone").unwrap(),
+                wg_public_key: WgKeys::generate().public(),
+                ttl_secs: None,
+                mfa_at: Some(signed_in),
+            },
+            "anna",
+        )
+        .unwrap()
+        .enrollment;
+    assert_eq!(phone.identity.admitted_until, Some(until));
+    assert_eq!(admitted(&h), ["anna_laptop", "anna_phone"]);
+
+    // A sign-in older than the window opens nothing.
+    let e = h
+        .service
+        .open_mfa_window(
+            &MfaWindowRequest {
+                tenant: TenantId::parse("musterstadt").unwrap(),
+                owner: SiteId::parse("ben").unwrap(),
+                authenticated_at: t0 - 11 * 3600,
+            },
+            "ben",
+        )
+        .unwrap_err();
+    assert_eq!(e.code, ErrorCode::BadRequest, "{e}");
+
+    // The window ends: out of the snapshot (hubs drop the peer on their own clock).
+    h.clock.set(until);
+    assert!(admitted(&h).is_empty(), "{:?}", admitted(&h));
+    assert_eq!(
+        h.service
+            .store
+            .valid_identities(until)
+            .unwrap()
+            .iter()
+            .filter(|p| p.role == Role::HomeOffice)
+            .count(),
+        3,
+        "closed devices are still devices"
+    );
+    drop(ben);
+
+    // The commune is no longer gated: at the next start every device is admitted again.
+    let dir = h.dir;
+    let clock = h.clock.clone();
+    h.server.shutdown().await;
+    drop(h.service);
+    let mut ungated = config;
+    ungated.mfa_window.clear();
+    let h = common::start_in(dir, ungated, clock).await;
+    assert_eq!(admitted(&h), ["anna_laptop", "anna_phone", "ben_phone"]);
+    assert_eq!(h.service.apply_mfa_config().unwrap(), 0, "not idempotent");
 }

@@ -87,6 +87,7 @@ fn identities(n: usize) -> Vec<Identity> {
                     .unwrap()],
                 not_after: i64::MAX / 2,
                 serial: format!("{i:08x}"),
+                admitted_until: None,
             }
         })
         .collect()

@@ -31,6 +31,8 @@ pub enum PeerChange {
 pub enum AdmissionError {
     #[error("certificate {serial} expired at {not_after}")]
     Expired { serial: String, not_after: i64 },
+    #[error("the MFA window of {serial} closed at {until}: admitted again after its person's next sign-in with a second factor")]
+    WindowClosed { serial: String, until: i64 },
     #[error("tenant {tenant:?} / site {site:?} is not in policy version {version}: not admitted")]
     UnknownToPolicy {
         tenant: String,
@@ -173,17 +175,18 @@ impl HubPeers {
         self.take(key).map(|_| PeerChange::Remove { key: *key })
     }
 
-    /// Takes out every peer whose certificate expired (call from the timer tick).
-    pub fn expire(&mut self, now_unix: i64) -> Vec<PeerChange> {
-        let expired: Vec<[u8; 32]> = self
+    /// Takes out every peer whose certificate expired or whose MFA window closed (call from
+    /// the timer tick); each change comes with whether it was the window.
+    pub fn expire(&mut self, now_unix: i64) -> Vec<(PeerChange, bool)> {
+        let expired: Vec<([u8; 32], bool)> = self
             .peers
             .iter()
-            .filter(|(_, p)| p.admission.not_after <= now_unix)
-            .map(|(k, _)| *k)
+            .filter(|(_, p)| p.admission.admitted_until() <= now_unix)
+            .map(|(k, p)| (*k, p.admission.not_after > now_unix))
             .collect();
         expired
             .into_iter()
-            .filter_map(|k| self.remove(&k))
+            .filter_map(|(k, window)| Some((self.remove(&k)?, window)))
             .collect()
     }
 
@@ -222,6 +225,12 @@ fn resolve(
         return Err(AdmissionError::Expired {
             serial: a.serial.clone(),
             not_after: a.not_after,
+        });
+    }
+    if let Some(until) = a.admitted_until.filter(|u| *u <= now_unix) {
+        return Err(AdmissionError::WindowClosed {
+            serial: a.serial.clone(),
+            until,
         });
     }
     let unknown = || AdmissionError::UnknownToPolicy {
@@ -295,6 +304,7 @@ mod tests {
             tunnel_addrs: vec![addr.parse().unwrap()],
             not_after: 5000,
             serial: format!("{key:02x}"),
+            admitted_until: None,
         }
     }
 

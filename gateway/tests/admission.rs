@@ -53,6 +53,7 @@ fn admission(
         tunnel_addrs: vec![net(addr)],
         not_after,
         serial: format!("{key:02x}"),
+        admitted_until: None,
     }
 }
 
@@ -198,7 +199,10 @@ fn unknown_expired_and_revoked_identities_lose_access() {
     assert!(r.is_err());
     assert_eq!(changes, vec![PeerChange::Remove { key: [1; 32] }]);
     // Expiry and revocation.
-    assert_eq!(hub.expire(1500), vec![PeerChange::Remove { key: [2; 32] }]);
+    assert_eq!(
+        hub.expire(1500),
+        vec![(PeerChange::Remove { key: [2; 32] }, false)]
+    );
     assert!(hub.is_empty());
     assert_eq!(hub.remove(&[2; 32]), None);
 }
@@ -336,4 +340,47 @@ fn a_new_key_for_a_site_displaces_the_old_one() {
     r.unwrap();
     assert_eq!(changes[0], PeerChange::Remove { key: [7; 32] });
     assert!(hub.identity(&[7; 32]).is_none());
+}
+
+/// An MFA-gated home office is admitted until its window's end, taken out then (told apart
+/// from an expiry), refused while its window is closed, and let in again by a new window.
+#[test]
+fn an_mfa_gated_home_office_is_admitted_for_its_window_only() {
+    let p = policy(None);
+    let mut hub = HubPeers::default();
+    let gated = |until| Identity {
+        admitted_until: Some(until),
+        ..admission(
+            "musterstadt",
+            "anna_laptop",
+            Role::HomeOffice,
+            2,
+            "10.250.20.9/32",
+            90_000,
+        )
+    };
+    let (r, changes) = hub.upsert(1000, &p, gated(1000));
+    assert_eq!(
+        r,
+        Err(AdmissionError::WindowClosed {
+            serial: "02".into(),
+            until: 1000
+        })
+    );
+    assert!(changes.is_empty() && hub.is_empty());
+    let (r, changes) = hub.upsert(1000, &p, gated(37_000));
+    r.unwrap();
+    assert!(matches!(changes[..], [PeerChange::Upsert { key, .. }] if key == [2; 32]));
+    assert!(hub.expire(36_999).is_empty());
+    assert_eq!(
+        hub.expire(37_000),
+        vec![(PeerChange::Remove { key: [2; 32] }, true)]
+    );
+    assert!(hub.is_empty());
+    // The next sign-in: admitted again, until the certificate's end at the latest.
+    hub.upsert(40_000, &p, gated(200_000)).0.unwrap();
+    assert_eq!(
+        hub.expire(90_000),
+        vec![(PeerChange::Remove { key: [2; 32] }, false)]
+    );
 }

@@ -4,6 +4,8 @@
 //! Binary fields (DER, proofs) travel as standard base64 strings inside JSON. Every request type
 //! denies unknown fields, so a client that sends something the service would ignore learns so.
 
+use std::collections::BTreeMap;
+
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
@@ -263,6 +265,8 @@ pub mod admin {
     pub const TOKENS: &str = "/admin/tokens";
     pub const REVOKE: &str = "/admin/revoke";
     pub const HOMEOFFICE: &str = "/admin/homeoffice";
+    /// `POST` [`MfaWindowRequest`]: [`MfaWindowResponse`].
+    pub const HOMEOFFICE_WINDOW: &str = "/admin/homeoffice/window";
     pub const AUDIT: &str = "/admin/audit";
     pub const POLICY_VERSION: &str = "/admin/policy-version";
     /// `POST` the bytes of a signed policy bundle (not JSON): [`PolicyPublishResponse`].
@@ -331,6 +335,31 @@ pub mod admin {
         pub wg_public_key: WgPublicKey,
         /// Seconds; the stock app cannot renew, so this is longer than an appliance's.
         pub ttl_secs: Option<u64>,
+        /// When the person asking proved a second factor at the identity provider (Unix
+        /// seconds; the console sets it): in a tenant with an MFA window the device is admitted
+        /// from then for the window; absent there, only after the person's next such sign-in.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub mfa_at: Option<i64>,
+    }
+
+    /// A person signed in to the console with a second factor: the home-office devices they
+    /// own (`OWNER` or `OWNER_DEVICE`) in `tenant` are admitted for the tenant's MFA window.
+    #[derive(Debug, Clone, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct MfaWindowRequest {
+        pub tenant: TenantId,
+        pub owner: SiteId,
+        /// When the second factor was proven (Unix seconds; the ID token's `auth_time`).
+        pub authenticated_at: i64,
+    }
+
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct MfaWindowResponse {
+        /// The window's end; `None`: the tenant's home offices are not MFA-gated.
+        pub admitted_until: Option<i64>,
+        /// The devices (identity names) the window applies to.
+        pub devices: Vec<SiteId>,
     }
 
     #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -457,7 +486,11 @@ pub mod admin {
         /// The policy version handed out with enrollments.
         pub policy_version: u64,
         pub published_policy: Option<PublishedPolicyInfo>,
+        /// Every valid identity, admitted or (an MFA-gated home office) waiting for its window.
         pub peers: Vec<Identity>,
+        /// Tenants whose home offices are MFA-gated, with their window (seconds).
+        #[serde(default)]
+        pub mfa_windows: BTreeMap<TenantId, u64>,
     }
 
     #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -296,6 +296,21 @@ pub struct Identity {
     pub not_after: i64,
     /// Lower-case hex of the certificate serial number.
     pub serial: String,
+    /// MFA-gated home office (a tenant with `[mfa_window]` in enroll.toml): hubs admit the
+    /// peer only until this moment (Unix seconds), the end of the window its person's last
+    /// sign-in with a second factor opened; absent: for as long as the certificate is valid.
+    /// Not in the certificate: the registry carries it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admitted_until: Option<i64>,
+}
+
+impl Identity {
+    /// Until when a hub may admit this peer: the certificate's end, or the MFA window's
+    /// when that comes first.
+    pub fn admitted_until(&self) -> i64 {
+        self.admitted_until
+            .map_or(self.not_after, |until| until.min(self.not_after))
+    }
 }
 
 /// URI subject-alternative-name prefixes that carry the identity inside the certificate, next to

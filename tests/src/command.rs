@@ -228,7 +228,7 @@ pub struct BackgroundProcess {
 
 impl BackgroundProcess {
     /// Starts `cmd` with stdout and stderr going to the file `log`.
-    pub(crate) fn spawn(cmd: &mut Command, log: &Path) -> Result<BackgroundProcess> {
+    pub fn spawn(cmd: &mut Command, log: &Path) -> Result<BackgroundProcess> {
         let command = describe(cmd);
         let log_file =
             File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
@@ -271,7 +271,12 @@ impl BackgroundProcess {
         }
     }
 
-    pub(crate) fn log_text(&self) -> String {
+    /// Its exit status once it has ended.
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    pub fn log_text(&self) -> String {
         match fs::read_to_string(&self.log) {
             Ok(text) => tail(&text, 40),
             Err(err) => format!("[cannot read {}: {err}]", self.log.display()),

@@ -91,6 +91,11 @@ pub fn komnet_enroll_binary() -> Result<PathBuf> {
     workspace_binary("komnet-enroll", "KOMNET_ENROLL_BIN", "komnet-enroll")
 }
 
+/// The release build of the web console (`komnet-console`), found like [`komnet_enroll_binary`].
+pub fn komnet_console_binary() -> Result<PathBuf> {
+    workspace_binary("komnet-console", "KOMNET_CONSOLE_BIN", "komnet-console")
+}
+
 pub(crate) fn workspace_binary(name: &str, env_var: &str, package: &str) -> Result<PathBuf> {
     let build_hint = format!("build it with `cargo build --release -p {package}`");
     if let Some(path) = std::env::var_os(env_var) {

@@ -284,6 +284,8 @@ pub struct Options {
     pub bgp: bool,
     /// With `bgp`: the data-centre router's daemon (BIRD unless FRR is asked for).
     pub router: crate::bgp::RouterDaemon,
+    /// MFA-gated home offices: (tenant, window) into enroll.toml's `[mfa_window]`.
+    pub mfa_window: Option<(&'static str, &'static str)>,
 }
 
 /// The running district. Dropping it stops every process and deletes every namespace.
@@ -309,6 +311,7 @@ pub struct District {
     pub dir: TempDir,
     wan_ports: u32,
     enroll_clock: Option<String>,
+    mfa_window: Option<(&'static str, &'static str)>,
 }
 
 /// Runs `cmd` with its wall clock `offset` off (e.g. `-8d`): libfaketime's thread-safe
@@ -417,6 +420,7 @@ impl District {
             dir,
             wan_ports: ports,
             enroll_clock: options.enroll_clock.map(str::to_owned),
+            mfa_window: options.mfa_window,
         };
         district.start_servers()?;
         district.start_enroll(options.two_hubs)?;
@@ -458,8 +462,43 @@ impl District {
         self.dir.path().join(name)
     }
 
-    fn enroll_socket(&self) -> PathBuf {
+    /// The enrollment service's admin socket (a file: reachable from the host).
+    pub fn enroll_socket(&self) -> PathBuf {
         self.path("enroll").join("admin.sock")
+    }
+
+    /// `POST` of a JSON body to the enrollment service's admin socket (HTTP/1.1, as the web
+    /// console sends it, for `person`): the status code and the body.
+    pub fn admin_post(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+        person: &str,
+    ) -> Result<(u16, String)> {
+        use std::io::{Read as _, Write as _};
+        let socket = self.enroll_socket();
+        let mut stream = std::os::unix::net::UnixStream::connect(&socket)
+            .with_context(|| format!("connecting to {}", socket.display()))?;
+        stream.set_read_timeout(Some(COMMAND_TIMEOUT))?;
+        let body = body.to_string();
+        write!(
+            stream,
+            "POST {path} HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\n\
+             content-length: {}\r\nx-komnet-on-behalf-of: {person}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        )?;
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer)?;
+        let status = answer
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| anyhow!("not an HTTP answer: {answer:?}"))?;
+        let body = answer
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
+        Ok((status, body))
     }
 
     /// `komnet ARGS` in the host namespace (admin commands reach the service by its socket).
@@ -605,6 +644,11 @@ impl District {
         );
         // Hubs notice a dead registry stream after three missed keep-alives: 3 s here.
         config.insert("registry_keepalive".into(), "1s".into());
+        if let Some((tenant, window)) = self.mfa_window {
+            let mut table = toml::Table::new();
+            table.insert(tenant.into(), window.into());
+            config.insert("mfa_window".into(), table.into());
+        }
         std::fs::write(&config_path, toml::to_string(&config)?)?;
         self.serve_enroll("enroll.log")
     }

@@ -35,8 +35,8 @@ pub use command::{
     CommandOutput, TempDir,
 };
 pub use daemon::{
-    is_socket_path, komnet_cli_binary, komnet_enroll_binary, komnet_gateway_binary,
-    netprobe_binary, process_executable, same_executable, uapi_socket_path,
+    is_socket_path, komnet_cli_binary, komnet_console_binary, komnet_enroll_binary,
+    komnet_gateway_binary, netprobe_binary, process_executable, same_executable, uapi_socket_path,
     wireguard_go_2023_binary, Daemon, DaemonKind,
 };
 pub use netns::{add_veth_pair, parse_link_stats, LinkStats, Netns};

@@ -23,20 +23,16 @@ use komnet_proto::api::RevocationReason;
 use komnet_proto::identity::{Identity, Role as PeerRole, SiteId, TenantId};
 
 use super::layout::{date_time, page, relative, tr};
+use crate::config::Lang;
 use crate::oidc::{Person, Role};
 use crate::web::{check_form, PageError, Shared, Signed};
 
 /// The longest device name (the identity name is at most 63 characters with the owner's).
 const MAX_DEVICE: usize = 20;
 
-/// The user's commune and their name as identities carry it (lower case; characters a name
-/// may not have become `.`).
-fn owner(signed: &Signed) -> Result<(TenantId, String), PageError> {
-    let lang = signed.lang;
-    let Person { role, name, .. } = &signed.session.person;
-    let Role::User(tenant) = role else {
-        return Err(PageError::forbidden(lang));
-    };
+/// A person's name as their devices' identities carry it (lower case; characters a name may
+/// not have become `.`); `None` when no device name can be made of it.
+pub(crate) fn owner_name(name: &str) -> Option<String> {
     let owner: String = name
         .to_lowercase()
         .chars()
@@ -49,7 +45,17 @@ fn owner(signed: &Signed) -> Result<(TenantId, String), PageError> {
         })
         .collect();
     let owner = owner.trim_start_matches(['.', '-']).to_owned();
-    if owner.is_empty() || owner.len() + 1 + MAX_DEVICE > 63 {
+    (!owner.is_empty() && owner.len() + 1 + MAX_DEVICE <= 63).then_some(owner)
+}
+
+/// The user's commune and their name as identities carry it.
+fn owner(signed: &Signed) -> Result<(TenantId, String), PageError> {
+    let lang = signed.lang;
+    let Person { role, name, .. } = &signed.session.person;
+    let Role::User(tenant) = role else {
+        return Err(PageError::forbidden(lang));
+    };
+    let Some(owner) = owner_name(name) else {
         return Err(PageError::new(
             StatusCode::FORBIDDEN,
             lang,
@@ -57,7 +63,7 @@ fn owner(signed: &Signed) -> Result<(TenantId, String), PageError> {
                 "aus diesem Namen lässt sich kein Gerätename bilden; bitte wenden Sie sich an Ihre IT.",
                 "no device name can be made of this name; please ask your IT.")),
         ));
-    }
+    };
     Ok((tenant.clone(), owner))
 }
 
@@ -66,15 +72,51 @@ fn device_of<'a>(owner: &str, id: &'a Identity) -> Option<&'a str> {
     (o == owner && id.role == PeerRole::HomeOffice).then_some(device)
 }
 
+/// Whether and until when a device gets through the hubs, for people.
+fn access(lang: Lang, gated: bool, now: i64, id: &Identity) -> Markup {
+    match id.admitted_until {
+        Some(until) if until > now && gated => html! {
+            (tr(lang, "verbunden bis ", "connected until ")) (date_time(until.min(id.not_after)))
+        },
+        Some(_) if gated => html! {
+            strong { (tr(lang, "gesperrt", "closed")) } " – "
+            (tr(lang, "öffnet sich bei Ihrer nächsten Anmeldung mit zweitem Faktor",
+                "opens at your next sign-in with a second factor"))
+        },
+        _ => {
+            html! { (tr(lang, "solange das Zertifikat gilt", "as long as the certificate is valid")) }
+        }
+    }
+}
+
+/// The devices page; `window`: the commune's MFA window (seconds), when its home offices are
+/// MFA-gated.
 fn devices_page(
     signed: &Signed,
     devices: &[(String, &Identity)],
     now: i64,
+    window: Option<u64>,
     problem: Option<&str>,
 ) -> Markup {
     let lang = signed.lang;
+    let mfa_now = signed.session.person.mfa_at.is_some();
     let body = html! {
         @if let Some(p) = problem { p class="error" role="alert" { (p) } }
+        @if let Some(window) = window {
+            p class="note" id="mfa-note" {
+                (tr(lang, "Ihre Kommune lässt Heimarbeitsplätze nur nach einer Anmeldung mit zweitem Faktor herein, jeweils für ",
+                    "Your commune lets home offices in only after a sign-in with a second factor, each time for "))
+                (window / 3600) (tr(lang, " Stunden", " hours"))
+                @if window % 3600 != 0 { " " (window % 3600 / 60) (tr(lang, " Minuten", " minutes")) }
+                ". "
+                @if mfa_now {
+                    (tr(lang, "Ihre Anmeldung hatte einen zweiten Faktor.", "Your sign-in had a second factor."))
+                } @else {
+                    strong { (tr(lang, "Ihre Anmeldung hatte keinen zweiten Faktor: Ihre Geräte bleiben gesperrt.",
+                        "Your sign-in had no second factor: your devices stay closed.")) }
+                }
+            }
+        }
         @if devices.is_empty() {
             p { (tr(lang, "Sie haben noch kein Gerät eingerichtet.", "You have not set up a device yet.")) }
         } @else {
@@ -84,6 +126,7 @@ fn devices_page(
                     th scope="col" { (tr(lang, "Gerät", "Device")) }
                     th scope="col" { (tr(lang, "Tunneladressen", "Tunnel addresses")) }
                     th scope="col" { (tr(lang, "Gültig bis", "Valid until")) }
+                    th scope="col" { (tr(lang, "Zugang", "Access")) }
                     th scope="col" { (tr(lang, "Widerrufen", "Revoke")) }
                 } }
                 tbody {
@@ -92,6 +135,7 @@ fn devices_page(
                             td { (name) }
                             td { (id.tunnel_addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(", ")) }
                             td { (date_time(id.not_after)) " (" (relative(lang, now, id.not_after)) ")" }
+                            td class="access" { (access(lang, window.is_some(), now, id)) }
                             td {
                                 form method="post" action={ "/devices/" (id.site) "/revoke" } class="inline danger" {
                                     input type="hidden" name="csrf" value=(signed.session.csrf);
@@ -143,7 +187,8 @@ pub(super) async fn devices(
         .filter(|p| p.tenant == tenant)
         .filter_map(|p| device_of(&owner, p).map(|d| (d.to_owned(), p)))
         .collect();
-    Ok(devices_page(&signed, &mine, fleet.now, None))
+    let window = fleet.mfa_windows.get(&tenant).copied();
+    Ok(devices_page(&signed, &mine, fleet.now, window, None))
 }
 
 #[derive(Debug, Deserialize)]
@@ -183,7 +228,7 @@ pub(super) async fn create(
         );
         return Ok((
             StatusCode::BAD_REQUEST,
-            devices_page(&signed, &[], 0, Some(&problem)),
+            devices_page(&signed, &[], 0, None, Some(&problem)),
         )
             .into_response());
     };
@@ -197,6 +242,7 @@ pub(super) async fn create(
                 user: site.clone(),
                 wg_public_key: keys.public(),
                 ttl_secs: None,
+                mfa_at: signed.session.person.mfa_at,
             },
             &person,
         )
@@ -215,6 +261,10 @@ pub(super) async fn create(
             "Diese Konfiguration enthält den privaten Schlüssel des Geräts und wird nur jetzt angezeigt: komnet speichert ihn nicht.",
             "This configuration holds the device's private key and is shown only now: komnet does not store it.")) } }
         p { (tr(lang, "Gültig bis ", "Valid until ")) (date_time(until)) "." }
+        @if resp.enrollment.identity.admitted_until.is_some() {
+            p class="note" { (tr(lang, "Zugang: ", "Access: "))
+                (access(lang, true, crate::oidc::unix_now(), &resp.enrollment.identity)) "." }
+        }
         h2 { (tr(lang, "Am Telefon: QR-Code scannen", "On a phone: scan the QR code")) }
         p { (tr(lang, "In der WireGuard-App: „+“ → „QR-Code scannen“.", "In the WireGuard app: \"+\" → \"Scan from QR code\".")) }
         img class="qr" width="320" height="320" src={ "data:image/png;base64," (STANDARD.encode(&png)) }

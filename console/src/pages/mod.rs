@@ -16,7 +16,7 @@ use crate::web::{PageError, Shared, Signed};
 
 mod actions;
 mod audit;
-mod devices;
+pub mod devices;
 pub mod layout;
 mod policy;
 

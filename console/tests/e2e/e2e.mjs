@@ -7,6 +7,7 @@
 import { readFileSync } from 'node:fs';
 import { chromium } from 'playwright-core';
 import { AxeBuilder } from '@axe-core/playwright';
+import { OTP_SECRET, totp } from './otp.mjs';
 
 const CONSOLE = process.env.CONSOLE_URL;
 const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
@@ -19,13 +20,14 @@ function check(ok, what, detail = '') {
   console.log(`ok  ${what}`);
 }
 
-async function login(browser, who) {
+async function login(browser, who, { secondFactor = false } = {}) {
   const context = await browser.newContext({ locale: 'de-DE' });
   const page = await context.newPage();
   await page.goto(`${CONSOLE}/login`);
   await page.getByRole('link', { name: 'Anmelden' }).click();
   await page.locator('input[name="login"]').fill(who);
   await page.locator('input[name="password"]').fill('any');
+  if (secondFactor) await page.locator('input[name="otp"]').fill(totp(OTP_SECRET));
   await page.locator('button[type="submit"]').click();
   await page.waitForURL((url) => url.href.startsWith(CONSOLE));
   return { context, page };
@@ -198,8 +200,22 @@ try {
     await axe(page, 'the new device');
     await shot(page, 'console-device');
     await page.goto(`${CONSOLE}/devices`);
-    const list = await page.locator('main').innerText();
+    let list = await page.locator('main').innerText();
     check(list.includes('laptop') && !list.includes('PrivateKey'), 'the device is listed; its private key is not shown again', list);
+    // Tholey's home offices are MFA-gated: without a second factor the device stays closed.
+    check(list.includes('keinen zweiten Faktor') && (await page.locator('td.access').innerText()).includes('gesperrt'),
+      'without a second factor the device is closed and the page says why', list);
+    await context.close();
+  }
+  {
+    // Uwe signs in again with his one-time code: the window opens, the page says until when.
+    const { context, page } = await login(browser, 'uwe', { secondFactor: true });
+    await page.goto(`${CONSOLE}/devices`);
+    const access = await page.locator('td.access').innerText();
+    check(/^verbunden bis \d{4}-\d\d-\d\d \d\d:\d\d/.test(access),
+      'after a sign-in with a second factor the device is connected, until the window ends', access);
+    console.log(`MFA_WINDOW ${access}`);
+    await axe(page, '/devices with an open MFA window');
     await shot(page, 'console-devices');
     await page.getByLabel('Ja, laptop sperren').check();
     await page.getByRole('button', { name: /Widerrufen/ }).click();

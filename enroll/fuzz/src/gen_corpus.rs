@@ -90,6 +90,7 @@ fn main() {
         tunnel_addrs: vec!["10.96.0.1/32".parse().expect("net")],
         not_after: 1_800_000_000,
         serial: "40aa".into(),
+        admitted_until: None,
     };
     let ev = RegistryEvent {
         version: 7,

@@ -99,6 +99,23 @@ async fn homeoffice(
     .await
 }
 
+async fn homeoffice_window(
+    State(s): State<Shared>,
+    conn: Conn,
+    headers: HeaderMap,
+    LimitedJson(body): LimitedJson<admin::MfaWindowRequest>,
+) -> Response {
+    admin_call(
+        s,
+        conn,
+        headers,
+        admin::HOMEOFFICE_WINDOW,
+        body,
+        |svc, b, actor| svc.open_mfa_window(&b, actor),
+    )
+    .await
+}
+
 async fn policy_version(
     State(s): State<Shared>,
     conn: Conn,
@@ -206,7 +223,14 @@ async fn fleet(State(s): State<Shared>, conn: Conn, headers: HeaderMap) -> Respo
             registry_version: snapshot.version,
             policy_version: svc.store.policy_version()?,
             published_policy,
-            peers: snapshot.peers,
+            // Admitted or not: a home office waiting for its MFA window is still a device.
+            peers: svc.store.valid_identities(now)?,
+            mfa_windows: svc
+                .config
+                .mfa_window
+                .iter()
+                .map(|(t, w)| (t.clone(), w.0.as_secs()))
+                .collect(),
         })
     })
     .await
@@ -217,6 +241,7 @@ pub(super) fn admin_router(state: Shared) -> Router {
         .route(admin::TOKENS, post(tokens))
         .route(admin::REVOKE, post(revoke))
         .route(admin::HOMEOFFICE, post(homeoffice))
+        .route(admin::HOMEOFFICE_WINDOW, post(homeoffice_window))
         .route(admin::POLICY_VERSION, post(policy_version))
         .route(admin::POLICY_PUBLISH, post(policy_publish))
         .route(admin::AUDIT, get(audit))

@@ -145,6 +145,8 @@ pub enum ServeError {
         addr: String,
         source: std::io::Error,
     },
+    #[error("applying [mfa_window] to the home-office devices: {0}")]
+    MfaConfig(String),
 }
 
 fn tls_config(
@@ -332,6 +334,17 @@ pub async fn start(
     listen: SocketAddr,
     admin_socket: Option<&Path>,
 ) -> Result<RunningServer, ServeError> {
+    // Before anything is served: a tenant gated or ungated since the last start has its
+    // devices taken out or let in again.
+    let changed = service
+        .apply_mfa_config()
+        .map_err(|e| ServeError::MfaConfig(e.to_string()))?;
+    if changed > 0 {
+        tracing::info!(
+            changed,
+            "[mfa_window] changed: home-office devices brought in line"
+        );
+    }
     let (tls, server_cert) = tls_config(&service)?;
     let tls = Arc::new(tls);
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);

@@ -252,12 +252,15 @@ impl Service {
             addrs,
             Some(spki),
             lifetime,
+            None,
             now,
         )?;
         Ok((superseded, issued, identity))
     }
 
-    /// Issues, records and publishes one identity inside `txn`.
+    /// Issues, records and publishes one identity inside `txn`. `admitted_until`: an MFA-gated
+    /// home-office device's window (`Identity::admitted_until`); one that is closed already is
+    /// recorded but not published (hubs learn of it when a sign-in opens its window).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn issue_in(
         &self,
@@ -269,6 +272,7 @@ impl Service {
         addrs: Vec<IpNet>,
         spki: Option<&[u8]>,
         lifetime_secs: i64,
+        admitted_until: Option<i64>,
         now: i64,
     ) -> Result<(Issued, Identity), ApiError> {
         let spec = LeafSpec {
@@ -293,6 +297,7 @@ impl Service {
             tunnel_addrs: addrs,
             not_after,
             serial: issued.serial.clone(),
+            admitted_until,
         };
         txn.insert_certificate(&CertificateRecord {
             identity: identity.clone(),
@@ -302,7 +307,9 @@ impl Service {
             reason: None,
             der: issued.der.to_vec(),
         })?;
-        txn.append_event(RegistryChange::Upsert(identity.clone()), now)?;
+        if identity.admitted_until() > now {
+            txn.append_event(RegistryChange::Upsert(identity.clone()), now)?;
+        }
         Ok((issued, identity))
     }
 

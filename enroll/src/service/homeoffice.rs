@@ -1,5 +1,8 @@
 //! Home-office identities for the stock WireGuard app: addresses from the tenant's pool in
-//! the published policy, no CSR, no renewal.
+//! the published policy, no CSR, no renewal; and MFA-gated tunnels: in a tenant with an MFA
+//! window (`[mfa_window]` in enroll.toml) a device is admitted at the hubs only for the window
+//! after its person's sign-in with a second factor (`Identity::admitted_until`, which hubs
+//! enforce on their own clock, so a window ends on time even while the registry is away).
 
 use super::*;
 
@@ -58,6 +61,7 @@ impl Service {
             now + lifetime,
             now,
         )?;
+        let admitted_until = self.window_end(&req.tenant, req.mfa_at, now);
         let (issued, identity) = self.issue_in(
             &mut *txn,
             &req.tenant,
@@ -67,6 +71,7 @@ impl Service {
             addrs,
             None,
             lifetime,
+            admitted_until,
             now,
         )?;
         txn.audit(
@@ -75,12 +80,132 @@ impl Service {
             "homeoffice.issue",
             &json!({"serial": identity.serial, "tenant": identity.tenant, "user": identity.site,
                     "wg_public_key": identity.wg_public_key, "tunnel_addrs": identity.tunnel_addrs,
-                    "policy_version": compiled.policy.version, "superseded": superseded}),
+                    "policy_version": compiled.policy.version, "superseded": superseded,
+                    "admitted_until": admitted_until}),
         )?;
         txn.commit()?;
         Ok(HomeOfficeResponse {
             enrollment: self.response_for(&issued, identity, now)?,
         })
+    }
+}
+
+impl Service {
+    /// Where `tenant`'s home offices are MFA-gated: the end of the window a second factor
+    /// proven at `mfa_at` opens (`now` when there was none: closed until a sign-in). `None`:
+    /// the tenant is not gated.
+    fn window_end(&self, tenant: &TenantId, mfa_at: Option<i64>, now: i64) -> Option<i64> {
+        let window = self.config.mfa_window.get(tenant)?.0.as_secs() as i64;
+        // A sign-in stamped in the future is a clock problem, not a longer window.
+        Some(mfa_at.map_or(now, |at| at.min(now) + window))
+    }
+
+    /// A person signed in with a second factor: their home-office devices in the tenant are
+    /// admitted until the window's end (a window is only ever extended here; revoking a
+    /// device still ends it at once).
+    pub fn open_mfa_window(
+        &self,
+        req: &MfaWindowRequest,
+        actor: &str,
+    ) -> Result<MfaWindowResponse, ApiError> {
+        let now = self.now();
+        let Some(until) = self.window_end(&req.tenant, Some(req.authenticated_at), now) else {
+            return Ok(MfaWindowResponse {
+                admitted_until: None,
+                devices: Vec::new(),
+            });
+        };
+        if until <= now {
+            return Err(err(
+                ErrorCode::BadRequest,
+                format!(
+                    "authenticated_at {}: that sign-in is older than tenant {}'s MFA window",
+                    req.authenticated_at, req.tenant
+                ),
+            ));
+        }
+        let owner = req.owner.as_str();
+        let mut txn = self.store.begin()?;
+        let mut devices = Vec::new();
+        let mut serials = Vec::new();
+        for cert in txn.valid_certificates(&Selector::Tenant(req.tenant.clone()))? {
+            let mut identity = cert.identity;
+            let site = identity.site.as_str();
+            let owned = site == owner || site.rsplit_once('_').is_some_and(|(o, _)| o == owner);
+            if identity.role != Role::HomeOffice || !owned {
+                continue;
+            }
+            devices.push(identity.site.clone());
+            if identity.admitted_until.is_some_and(|u| u >= until) {
+                continue;
+            }
+            txn.set_admitted_until(&identity.serial, Some(until))?;
+            identity.admitted_until = Some(until);
+            serials.push(identity.serial.clone());
+            txn.append_event(RegistryChange::Upsert(identity), now)?;
+        }
+        txn.audit(
+            now,
+            actor,
+            "homeoffice.mfa_window",
+            &json!({"tenant": req.tenant, "owner": owner, "authenticated_at": req.authenticated_at,
+                    "admitted_until": until, "serials": serials}),
+        )?;
+        txn.commit()?;
+        Ok(MfaWindowResponse {
+            admitted_until: Some(until),
+            devices,
+        })
+    }
+
+    /// Brings the devices in line with `[mfa_window]` after it changed (at start): a tenant
+    /// newly gated has its devices taken out until their people sign in; one no longer gated
+    /// has them admitted for as long as their certificates last. Returns how many changed.
+    pub fn apply_mfa_config(&self) -> Result<usize, ApiError> {
+        let now = self.now();
+        // Read before the transaction: the SQLite store's transaction holds its connection.
+        let identities = self.store.valid_identities(now)?;
+        let mut txn = self.store.begin()?;
+        let mut changed = 0;
+        for identity in identities {
+            if identity.role != Role::HomeOffice {
+                continue;
+            }
+            let gated = self.config.mfa_window.contains_key(&identity.tenant);
+            let change = match (gated, identity.admitted_until) {
+                (true, None) => {
+                    txn.set_admitted_until(&identity.serial, Some(now))?;
+                    RegistryChange::Remove {
+                        tenant: identity.tenant.clone(),
+                        site: identity.site.clone(),
+                        role: identity.role,
+                        serial: identity.serial.clone(),
+                        wg_public_key: identity.wg_public_key,
+                        reason: RevocationReason::PrivilegeWithdrawn,
+                    }
+                }
+                (false, Some(_)) => {
+                    txn.set_admitted_until(&identity.serial, None)?;
+                    RegistryChange::Upsert(Identity {
+                        admitted_until: None,
+                        ..identity
+                    })
+                }
+                _ => continue,
+            };
+            txn.append_event(change, now)?;
+            changed += 1;
+        }
+        if changed > 0 {
+            txn.audit(
+                now,
+                "komnet-enroll",
+                "homeoffice.mfa_config",
+                &json!({"changed": changed, "gated_tenants": self.config.mfa_window.keys().collect::<Vec<_>>()}),
+            )?;
+        }
+        txn.commit()?;
+        Ok(changed)
     }
 }
 

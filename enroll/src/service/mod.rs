@@ -22,7 +22,7 @@ use x25519_dalek::StaticSecret;
 
 use crate::api::admin::{
     CreateTokenRequest, CreateTokenResponse, HomeOfficeRequest, HomeOfficeResponse,
-    PolicyPublishResponse, RevokeRequest, RevokeResponse,
+    MfaWindowRequest, MfaWindowResponse, PolicyPublishResponse, RevokeRequest, RevokeResponse,
 };
 use crate::api::{
     ApiError, EnrollRequest, EnrollResponse, ErrorCode, HubPeer, RegistryChange, RenewRequest,

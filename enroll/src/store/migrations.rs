@@ -26,6 +26,11 @@ pub const SQLITE: &[Migration] = &[
         name: "token_certificates",
         sql: include_str!("sqlite/migrations/0002_token_certificates.sql"),
     },
+    Migration {
+        version: 3,
+        name: "admission_windows",
+        sql: include_str!("sqlite/migrations/0003_admission_windows.sql"),
+    },
 ];
 
 pub const POSTGRES: &[Migration] = &[
@@ -39,10 +44,15 @@ pub const POSTGRES: &[Migration] = &[
         name: "token_certificates",
         sql: include_str!("postgres/migrations/0002_token_certificates.sql"),
     },
+    Migration {
+        version: 3,
+        name: "admission_windows",
+        sql: include_str!("postgres/migrations/0003_admission_windows.sql"),
+    },
 ];
 
 /// The schema version this build writes (the same for both backends).
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// The migrations a database at `found` still needs, or `Err(latest)` when it is newer than
 /// this build.
@@ -71,7 +81,7 @@ mod tests {
 
     #[test]
     fn pending_is_what_lies_above_the_database_and_a_newer_one_is_refused() {
-        assert_eq!(pending(SQLITE, 0).unwrap().len(), 2);
+        assert_eq!(pending(SQLITE, 0).unwrap().len(), 3);
         assert_eq!(pending(SQLITE, 1).unwrap()[0].version, 2);
         assert!(pending(SQLITE, SCHEMA_VERSION).unwrap().is_empty());
         assert_eq!(

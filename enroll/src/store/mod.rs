@@ -240,7 +240,11 @@ pub trait Store: Send + Sync + 'static {
     fn backup_to(&self, out: &Path) -> Result<(), StoreError>;
     /// Registry events committed from now on.
     fn subscribe(&self) -> broadcast::Receiver<Arc<RegistryEvent>>;
+    /// The admitted identities: valid certificates, without MFA-gated home offices whose
+    /// window is closed.
     fn registry_snapshot(&self, now: i64) -> Result<RegistrySnapshot, StoreError>;
+    /// Every valid certificate's identity, admitted or waiting for its MFA window.
+    fn valid_identities(&self, now: i64) -> Result<Vec<Identity>, StoreError>;
     fn registry_events_since(
         &self,
         since: u64,
@@ -293,6 +297,9 @@ pub trait Txn {
         key: &WgPublicKey,
     ) -> Result<Option<CertificateRecord>, StoreError>;
     fn insert_certificate(&mut self, cert: &CertificateRecord) -> Result<(), StoreError>;
+    /// Moves the end of a home-office device's MFA window (`Identity::admitted_until`; `None`:
+    /// not gated).
+    fn set_admitted_until(&mut self, serial: &str, until: Option<i64>) -> Result<(), StoreError>;
     fn end_certificate(
         &mut self,
         serial: &str,

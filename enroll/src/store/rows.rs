@@ -23,7 +23,7 @@ pub(super) fn parse_name<T>(
 
 pub(super) const CERT_COLUMNS: &str =
     "serial, tenant, site, role, wg_public_key, tunnel_addrs, not_before, \
-                            not_after, status, revoked_at, reason, der";
+                            not_after, status, revoked_at, reason, der, admitted_until";
 
 pub(super) type CertRow = (
     String,
@@ -38,11 +38,25 @@ pub(super) type CertRow = (
     Option<i64>,
     Option<String>,
     Vec<u8>,
+    Option<i64>,
 );
 
 pub(super) fn cert_from_row(r: CertRow) -> Result<CertificateRecord, StoreError> {
-    let (serial, tenant, site, role, key, addrs, not_before, not_after, status, rat, reason, der) =
-        r;
+    let (
+        serial,
+        tenant,
+        site,
+        role,
+        key,
+        addrs,
+        not_before,
+        not_after,
+        status,
+        rat,
+        reason,
+        der,
+        admitted_until,
+    ) = r;
     let tunnel_addrs: Vec<IpNet> = parse_json("tunnel addresses", &addrs)?;
     let reason = match reason {
         None => None,
@@ -60,6 +74,7 @@ pub(super) fn cert_from_row(r: CertRow) -> Result<CertificateRecord, StoreError>
             tunnel_addrs,
             not_after,
             serial,
+            admitted_until,
         },
         not_before,
         status: CertStatus::parse(&status)?,

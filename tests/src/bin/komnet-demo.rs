@@ -8,14 +8,16 @@
 //! that gives itself a staff address among the sources; revokes one commune's appliance and
 //! shows it cut off; then removes everything. Needs root; `scripts/demo.sh` builds and runs it.
 
-use std::process::ExitCode;
+use std::path::Path;
+use std::process::{Command, ExitCode};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use komnet_netns_tests::district::{
     render_matrix, ApplianceSpoke, Destination, District, Gateway, Options, Source, DESTINATIONS,
 };
-use komnet_netns_tests::{require_root_and_tools, SeenBySource};
+use komnet_netns_tests::{require_root_and_tools, wait_until, BackgroundProcess, SeenBySource};
 use komnet_policy::{decide_arrival, explain_at, Arrival, Binding, Origin, PacketMeta};
 
 /// The town halls that both use 192.168.178.0/24 (examples/policy/st-wendel): tenant, label,
@@ -78,12 +80,31 @@ fn rows_at(
         .collect())
 }
 
+/// Set while the console runs (`--console`): Ctrl-C then ends the console and the district
+/// in order instead of interrupting the demo.
+static CONSOLE_RUNNING: AtomicBool = AtomicBool::new(false);
+static CONSOLE_STOP: AtomicBool = AtomicBool::new(false);
+
 fn main() -> ExitCode {
+    let mut console = false;
+    for arg in std::env::args().skip(1) {
+        match arg.as_str() {
+            "--console" => console = true,
+            other => {
+                eprintln!("komnet-demo: unknown argument {other:?} (--console keeps the web console running on the district until Ctrl-C)");
+                return ExitCode::from(2);
+            }
+        }
+    }
     // Ctrl-C or SIGTERM: no destructor runs, so remove the namespaces and files here.
     match signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM]) {
         Ok(mut signals) => {
             std::thread::spawn(move || {
-                if signals.forever().next().is_some() {
+                for _ in signals.forever() {
+                    if CONSOLE_RUNNING.load(Ordering::SeqCst) {
+                        CONSOLE_STOP.store(true, Ordering::SeqCst);
+                        continue;
+                    }
                     eprintln!("komnet-demo: interrupted; cleaning up");
                     komnet_netns_tests::cleanup_after_interrupt();
                     std::process::exit(130);
@@ -92,7 +113,7 @@ fn main() -> ExitCode {
         }
         Err(e) => eprintln!("komnet-demo: cannot catch Ctrl-C ({e}); an interrupted run may leave namespaces behind"),
     }
-    match demo() {
+    match demo(console) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(1),
         Err(e) => {
@@ -106,7 +127,7 @@ fn step(t0: Instant, what: &str) {
     println!("[{:5.1}s] {what}", t0.elapsed().as_secs_f64());
 }
 
-fn demo() -> Result<bool> {
+fn demo(console: bool) -> Result<bool> {
     require_root_and_tools();
     let t0 = Instant::now();
     step(t0, "building the district in network namespaces: data centre, Nohfelden, Tholey, a home office");
@@ -296,6 +317,9 @@ fn demo() -> Result<bool> {
         "         Nohfelden Verwaltung → DMS: {}",
         if still { "still reached" } else { "BLOCKED" }
     );
+    if console {
+        run_console(&district)?;
+    }
     step(t0, "cleaning up");
     drop(district);
     step(t0, "done");
@@ -305,4 +329,102 @@ fn demo() -> Result<bool> {
         && after.iter().all(|ok| !ok)
         && still
         && took <= Duration::from_secs(2))
+}
+
+/// A port from `var` or `default`, refused with a hint when something listens there already.
+fn free_local_port(var: &str, default: u16) -> Result<u16> {
+    let port = match std::env::var(var) {
+        Ok(v) => v
+            .parse()
+            .map_err(|_| anyhow!("{var}={v:?} is not a port number"))?,
+        Err(_) => default,
+    };
+    std::net::TcpListener::bind(("127.0.0.1", port))
+        .map_err(|e| anyhow!("127.0.0.1:{port} is taken ({e}): set {var} to a free port"))?;
+    Ok(port)
+}
+
+/// `--console`: the web console on the district (its enrollment service's admin socket) with
+/// a local OpenID provider (console/tests/e2e/provider.mjs, npm oidc-provider), until Ctrl-C.
+fn run_console(district: &District) -> Result<()> {
+    let e2e = Path::new(env!("CARGO_MANIFEST_DIR")).join("../console/tests/e2e");
+    if !e2e.join("node_modules/oidc-provider").is_dir() {
+        bail!(
+            "the console's OpenID provider needs its npm packages: run `sudo scripts/setup.sh console` \
+             (npm ci in {})",
+            e2e.display()
+        );
+    }
+    let console_port = free_local_port("KOMNET_DEMO_CONSOLE_PORT", 8080)?;
+    let idp_port = free_local_port("KOMNET_DEMO_IDP_PORT", 9000)?;
+    let console_url = format!("http://localhost:{console_port}");
+    let secret = district.path("console-client-secret");
+    // The provider's test client and its secret (provider.mjs): a local demo only.
+    komnet_netns_tests::write_private_file(&secret, "console-test-secret\n")?;
+    let config = district.path("console.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:{console_port}\"\npublic_url = \"{console_url}\"\n\
+             admin_socket = \"{}\"\n[oidc]\nissuer = \"http://localhost:{idp_port}\"\n\
+             client_id = \"komnet-console\"\nclient_secret_file = \"{}\"\n\
+             scopes = [\"profile\", \"komnet\"]\n",
+            district.enroll_socket().display(),
+            secret.display()
+        ),
+    )?;
+    let mut provider = BackgroundProcess::spawn(
+        Command::new("node")
+            .arg(e2e.join("provider.mjs"))
+            .env("IDP_PORT", idp_port.to_string())
+            .env("CONSOLE_URL", &console_url),
+        &district.path("oidc-provider.log"),
+    )?;
+    let mut console = BackgroundProcess::spawn(
+        Command::new(komnet_netns_tests::komnet_console_binary()?)
+            .arg("--config")
+            .arg(&config),
+        &district.path("komnet-console.log"),
+    )?;
+    for (name, port, process) in [
+        ("the OpenID provider", idp_port, &mut provider),
+        ("komnet-console", console_port, &mut console),
+    ] {
+        wait_until(
+            &format!("{name} to listen on 127.0.0.1:{port}"),
+            Duration::from_secs(20),
+            || {
+                if let Some(status) = process.exited() {
+                    bail!("{name} ended ({status}):\n{}", process.log_text());
+                }
+                Ok(std::net::TcpStream::connect(("127.0.0.1", port))
+                    .is_ok()
+                    .then_some(()))
+            },
+        )?;
+    }
+    CONSOLE_RUNNING.store(true, Ordering::SeqCst);
+    println!();
+    println!(
+        "The web console runs on the district: open {console_url} in a browser on this machine."
+    );
+    println!(
+        "Sign in at the local OpenID provider (any password, the one-time code may stay empty) as"
+    );
+    println!("  anna  operator: every commune, tokens, revocations, the audit log, the policy");
+    println!("  tom   commune admin of Tholey (Nohfelden's pages answer 404 to him)");
+    println!("  nina  commune admin of Nohfelden");
+    println!("  uwe   home office in Tholey: set up a device, get its wg-quick file and QR code");
+    println!("Everything done there lands in the audit log under the person's name.");
+    println!("Ctrl-C ends the console and removes the district.");
+    while !CONSOLE_STOP.load(Ordering::SeqCst) {
+        if let Some(status) = console.exited() {
+            CONSOLE_RUNNING.store(false, Ordering::SeqCst);
+            bail!("komnet-console ended ({status}):\n{}", console.log_text());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    CONSOLE_RUNNING.store(false, Ordering::SeqCst);
+    println!();
+    Ok(())
 }

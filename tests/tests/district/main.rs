@@ -111,5 +111,6 @@ fn policy_with(district: &District, version: u64, extra: &str) -> PathBuf {
 
 mod certificates;
 mod lan;
+mod mfa;
 mod restarts;
 mod revocation;

@@ -402,6 +402,7 @@ fn cert_row(row: &Row) -> Result<CertificateRecord, StoreError> {
         row.try_get(9)?,
         row.try_get(10)?,
         row.try_get(11)?,
+        row.try_get(12)?,
     ))
 }
 
@@ -498,7 +499,8 @@ impl Store for PgStore {
             .try_get(0)?;
             let peers = certs(
                 &client,
-                "status = 'valid' AND not_after > $1 ORDER BY tenant, site",
+                "status = 'valid' AND not_after > $1 \
+                 AND (admitted_until IS NULL OR admitted_until > $1) ORDER BY tenant, site",
                 &[&now],
             )?
             .into_iter()
@@ -513,6 +515,17 @@ impl Store for PgStore {
         let snapshot = read?;
         ended?;
         Ok(snapshot)
+    }
+
+    fn valid_identities(&self, now: i64) -> Result<Vec<Identity>, StoreError> {
+        Ok(certs(
+            &self.client()?,
+            "status = 'valid' AND not_after > $1 ORDER BY tenant, site",
+            &[&now],
+        )?
+        .into_iter()
+        .map(|c| c.identity)
+        .collect())
     }
 
     fn registry_events_since(

@@ -306,7 +306,7 @@ impl Txn for PgTxn<'_> {
             self.c()?,
             &format!(
                 "INSERT INTO certificates ({CERT_COLUMNS}) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
             ),
             &[
                 &id.serial,
@@ -321,7 +321,17 @@ impl Txn for PgTxn<'_> {
                 &c.revoked_at,
                 &c.reason.map(|r| r.as_str()),
                 &c.der,
+                &id.admitted_until,
             ],
+        )?;
+        Ok(())
+    }
+
+    fn set_admitted_until(&mut self, serial: &str, until: Option<i64>) -> Result<(), StoreError> {
+        exec(
+            self.c()?,
+            "UPDATE certificates SET admitted_until = $2 WHERE serial = $1",
+            &[&serial, &until],
         )?;
         Ok(())
     }

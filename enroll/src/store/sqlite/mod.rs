@@ -223,6 +223,7 @@ fn read_cert_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<CertRow> {
         row.get(9)?,
         row.get(10)?,
         row.get(11)?,
+        row.get(12)?,
     ))
 }
 
@@ -341,7 +342,8 @@ impl Store for SqliteStore {
         )?;
         let peers = query_certs(
             &conn,
-            "status = 'valid' AND not_after > ?1 ORDER BY tenant, site",
+            "status = 'valid' AND not_after > ?1 \
+             AND (admitted_until IS NULL OR admitted_until > ?1) ORDER BY tenant, site",
             &[&now],
         )?
         .into_iter()
@@ -351,6 +353,17 @@ impl Store for SqliteStore {
             version: version as u64,
             peers,
         })
+    }
+
+    fn valid_identities(&self, now: i64) -> Result<Vec<Identity>, StoreError> {
+        Ok(query_certs(
+            &self.conn.lock(),
+            "status = 'valid' AND not_after > ?1 ORDER BY tenant, site",
+            &[&now],
+        )?
+        .into_iter()
+        .map(|c| c.identity)
+        .collect())
     }
 
     fn registry_events_since(

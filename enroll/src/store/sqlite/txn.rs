@@ -217,7 +217,7 @@ impl Txn for SqliteTxn<'_> {
         self.conn
             .prepare_cached(&format!(
                 "INSERT INTO certificates ({CERT_COLUMNS}) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"
             ))?
             .execute(params![
                 id.serial,
@@ -231,8 +231,16 @@ impl Txn for SqliteTxn<'_> {
                 c.status.as_str(),
                 c.revoked_at,
                 c.reason.map(|r| r.as_str()),
-                c.der
+                c.der,
+                id.admitted_until
             ])?;
+        Ok(())
+    }
+
+    fn set_admitted_until(&mut self, serial: &str, until: Option<i64>) -> Result<(), StoreError> {
+        self.conn
+            .prepare_cached("UPDATE certificates SET admitted_until = ?2 WHERE serial = ?1")?
+            .execute(params![serial, until])?;
         Ok(())
     }
 

@@ -273,13 +273,27 @@ impl HubCore {
 
     fn expire(&mut self, unix: i64) -> Vec<PeerChange> {
         let expired = self.peers.expire(unix);
-        for c in &expired {
-            if let PeerChange::Remove { key } = c {
-                self.registry.remove(key);
-                self.counters.count(ControlEvent::PeerExpired);
+        let mut changes = Vec::with_capacity(expired.len());
+        for (c, window) in expired {
+            if let PeerChange::Remove { key } = &c {
+                if let Some(id) = self.registry.remove(key) {
+                    if window {
+                        tracing::info!(
+                            tenant = id.tenant.as_str(),
+                            site = id.site.as_str(),
+                            "MFA window closed: the home office is let in again after its person's next sign-in"
+                        );
+                    }
+                }
+                self.counters.count(if window {
+                    ControlEvent::MfaWindowClosed
+                } else {
+                    ControlEvent::PeerExpired
+                });
             }
+            changes.push(c);
         }
-        expired
+        changes
     }
 
     fn admit(&mut self, unix: i64, identity: &Identity) -> Vec<PeerChange> {
@@ -331,6 +345,7 @@ mod tests {
             tunnel_addrs: vec![format!("10.96.0.{key}/32").parse().unwrap()],
             not_after,
             serial: format!("{key:02x}"),
+            admitted_until: None,
         }
     }
 

@@ -50,6 +50,8 @@ pub enum ControlEvent {
     LanAddressesFailed,
     /// Spoke: the komnet nftables table was missing or changed and was reinstalled.
     NftReinstalled,
+    /// Hub: an MFA-gated home office's window ended (until its person signs in again).
+    MfaWindowClosed,
     PeerAdmitted,
     PeerExpired,
     PeerRefused,
@@ -91,6 +93,7 @@ impl ControlEvent {
             ControlEvent::HubRehandshake => "hub_rehandshake",
             ControlEvent::LanAddressesFailed => "lan_addresses_failed",
             ControlEvent::NftReinstalled => "nft_reinstalled",
+            ControlEvent::MfaWindowClosed => "mfa_window_closed",
             ControlEvent::PeerAdmitted => "peer_admitted",
             ControlEvent::PeerExpired => "peer_expired",
             ControlEvent::PeerRefused => "peer_refused",
