@@ -88,8 +88,9 @@ fn wait_for_port(port: u16, child: &mut Killed) {
 }
 
 /// The demo district's policy (examples/policy/st-wendel) with two more sites in Tholey,
-/// signed with a fresh key: returns the bundle and enroll.toml's `policy_public_key`.
-fn policy_bundle(dir: &Path) -> (Vec<u8>, String) {
+/// signed with a fresh key, and its next version (a fourth site, a new description: what the
+/// policy page shows as the diff): returns both bundles and enroll.toml's `policy_public_key`.
+fn policy_bundles(dir: &Path) -> (Vec<u8>, Vec<u8>, String) {
     use base64::Engine as _;
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/policy/st-wendel");
     let dst = dir.join("policy");
@@ -100,8 +101,9 @@ fn policy_bundle(dir: &Path) -> (Vec<u8>, String) {
     }
     let operator = std::fs::read_to_string(src.join("operator.toml")).unwrap();
     let marker = "[tenants.tholey.sites.rathaus]";
+    let (version, description) = ("\nversion = 1\n", "description = \"Gemeinde Tholey\"");
     assert!(
-        operator.contains(marker),
+        operator.contains(marker) && operator.contains(version) && operator.contains(description),
         "examples/policy/st-wendel changed"
     );
     let operator = operator.replace(
@@ -110,14 +112,27 @@ fn policy_bundle(dir: &Path) -> (Vec<u8>, String) {
          [tenants.tholey.sites.schule]\nprefixes = [\"10.42.0.0/16\"]\n\
          [tenants.tholey.sites.rathaus]",
     );
-    std::fs::write(dst.join("operator.toml"), operator).unwrap();
+    std::fs::write(dst.join("operator.toml"), &operator).unwrap();
     let (private, public) = komnet_policy::bundle::generate_key().unwrap();
-    let bundle = komnet_policy::bundle::create(&dst, &private).unwrap();
+    let first = komnet_policy::bundle::create(&dst, &private).unwrap();
+    let next = operator
+        .replace(version, "\nversion = 2\n")
+        .replace(
+            description,
+            "description = \"Gemeinde Tholey (Schaumberg)\"",
+        )
+        .replace(
+            marker,
+            "[tenants.tholey.sites.freibad]\nprefixes = [\"10.43.0.0/16\"]\n\
+             [tenants.tholey.sites.rathaus]",
+        );
+    std::fs::write(dst.join("operator.toml"), next).unwrap();
+    let second = komnet_policy::bundle::create(&dst, &private).unwrap();
     let key = format!(
         "{}\n",
         base64::engine::general_purpose::STANDARD.encode(public)
     );
-    (bundle, key)
+    (first, second, key)
 }
 
 /// Tholey's home offices are MFA-gated (10 h after a sign-in with a second factor).
@@ -150,7 +165,7 @@ async fn console_in_a_real_browser() {
     let started = Instant::now();
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("enroll");
-    let (bundle, policy_key) = policy_bundle(dir.path());
+    let (bundle, next_bundle, policy_key) = policy_bundles(dir.path());
     let config = service_config(policy_key);
     service::init(&data, &config, SystemClock.now()).unwrap();
     let service =
@@ -165,6 +180,10 @@ async fn console_in_a_real_browser() {
     .unwrap();
     let url = format!("https://127.0.0.1:{}", server.addr.port());
     service.publish_policy(&bundle, "browser-test").unwrap();
+    // The policy page shows what version 2 changed from version 1.
+    service
+        .publish_policy(&next_bundle, "browser-test")
+        .unwrap();
     for (tenant, site, role) in [
         ("kreis", "hub1", Role::Hub),
         ("tholey", "rathaus", Role::Spoke),

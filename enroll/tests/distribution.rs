@@ -7,7 +7,7 @@ mod common;
 
 use std::net::IpAddr;
 
-use komnet_enroll::admin::{AdminCommand, PolicyPublishArgs, SocketArg};
+use komnet_enroll::admin::{AdminClient, AdminCommand, PolicyPublishArgs, SocketArg};
 use komnet_enroll::api::admin::{CreateTokenRequest, HomeOfficeRequest, RevokeRequest};
 use komnet_enroll::api::{ApiError, ErrorCode, RevocationReason};
 use komnet_enroll::client::{self, PolicyFetch, WgKeys};
@@ -218,6 +218,60 @@ async fn bundles_are_verified_published_and_served() {
     );
     let e = client::fetch_policy(&spoke, None).await.unwrap_err();
     assert_eq!(code_of(&e), ErrorCode::CertificateRevoked, "{e}");
+}
+
+/// Every published bundle is kept: the admin socket gives the console the one in force and the
+/// one published before it (the policy page's diff), on the SQLite store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bundle_published_before_comes_with_the_one_in_force() {
+    use base64::Engine as _;
+    let b64 = |text: &str| {
+        base64::engine::general_purpose::STANDARD
+            .decode(text)
+            .unwrap()
+    };
+    let fixture = PolicyFixture::new();
+    let h = common::start_with_policy_key(&fixture).await;
+    let admin = AdminClient::new(h.server.admin_socket.clone().unwrap());
+    let v1 = fixture.bundle(1);
+    h.service.publish_policy(&v1, "test").unwrap();
+    let first = admin.policy("anna").await.unwrap();
+    assert_eq!(first.info.version, 1);
+    assert!(first.previous.is_none(), "{:?}", first.previous);
+
+    h.clock.advance(3600);
+    let v2 = fixture.bundle_edited(2, |t| {
+        t.replace("\"Stadt Musterstadt\"", "\"Stadt Musterstadt (neu)\"")
+    });
+    h.service.publish_policy(&v2, "test").unwrap();
+    // Publishing it again changes nothing: its predecessor is still version 1.
+    assert!(h.service.publish_policy(&v2, "test").unwrap().unchanged);
+    let second = admin.policy("anna").await.unwrap();
+    assert_eq!(second.info.version, 2);
+    assert_eq!(b64(&second.bundle), v2);
+    let previous = second.previous.unwrap();
+    assert_eq!(previous.version, 1);
+    assert_eq!(b64(&previous.bundle), v1);
+    assert_eq!(
+        previous.key_id,
+        komnet_policy::bundle::key_id(&fixture.public_key)
+    );
+    assert_eq!(previous.published_at, first.info.published_at);
+    assert_eq!(second.info.published_at, first.info.published_at + 3600);
+
+    // Versions may skip numbers: the one before is the newest with a smaller version.
+    let v5 = fixture.bundle(5);
+    h.service.publish_policy(&v5, "test").unwrap();
+    let fifth = admin.policy("anna").await.unwrap();
+    assert_eq!(fifth.previous.map(|p| p.version), Some(2));
+    let store = &h.service.store;
+    let before = |v: u64| store.policy_before(v).unwrap().map(|p| p.version);
+    assert_eq!(
+        (before(1), before(2), before(3), before(u64::MAX)),
+        (None, Some(1), Some(2), Some(5))
+    );
+    assert_eq!(store.policy_before(2).unwrap().unwrap().bytes, v1);
+    assert_eq!(h.count("SELECT count(*) FROM policy_history"), 3);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

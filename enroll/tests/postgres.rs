@@ -67,17 +67,48 @@ async fn migrations_run_at_start_and_a_newer_or_foreign_database_is_refused() {
         "no SQLite file beside a PostgreSQL database"
     );
 
-    // An older schema (versions 2 and 3 not yet applied) is brought up to date by serve.
+    // An older schema (versions 2 to 4 not yet applied), with a policy bundle published, is
+    // brought up to date by serve; the bundle in force starts the policy history.
     let c = pg.client("enroll").await;
     c.batch_execute(
         "DROP TABLE token_certificates; ALTER TABLE certificates DROP COLUMN admitted_until; \
-         DELETE FROM schema_migrations WHERE version >= 2",
+         DROP TABLE policy_history; DELETE FROM schema_migrations WHERE version >= 2; \
+         INSERT INTO policy_bundle (id, version, bytes, key_id, published_at) \
+         VALUES (1, '9', '\\x0909', 'k9', 900)",
     )
     .await
     .unwrap();
     let svc = Service::open(dir.path(), clock.clone()).unwrap();
     assert_eq!(versions(&pg, "enroll").await, expected);
     assert_eq!(svc.store.registry_version().unwrap(), 0);
+    let published = |version: u64, bytes: Vec<u8>| komnet_enroll::store::PublishedPolicy {
+        version,
+        bytes,
+        key_id: format!("k{version}"),
+        published_at: version as i64 * 100,
+    };
+    assert_eq!(
+        svc.store.policy_before(10).unwrap(),
+        Some(published(9, vec![9, 9]))
+    );
+    assert_eq!(svc.store.policy_before(9).unwrap(), None);
+    // Every publication is kept, and "the one before" orders versions as numbers (10 after 9,
+    // not between 1 and 2 as text would), up to u64::MAX.
+    for version in [10, 11, u64::MAX] {
+        let mut txn = svc.store.begin().unwrap();
+        txn.publish_policy(&published(version, vec![version as u8]))
+            .unwrap();
+        txn.commit().unwrap();
+    }
+    let before = |v: u64| svc.store.policy_before(v).unwrap().map(|p| p.version);
+    assert_eq!(
+        (before(10), before(11), before(12), before(u64::MAX)),
+        (Some(9), Some(10), Some(11), Some(11))
+    );
+    assert_eq!(
+        svc.store.published_policy().unwrap(),
+        Some(published(u64::MAX, vec![u64::MAX as u8]))
+    );
     drop(svc);
 
     // A database from a newer komnet-enroll is refused, with both versions named.
@@ -148,7 +179,7 @@ async fn an_unreachable_database_is_named_without_its_password() {
 }
 
 /// A database of the first release (its tables, no version number) is migrated to the current
-/// schema: migration 1 finds its tables, migration 2 adds the rest.
+/// schema: migration 1 finds its tables, the later ones add the rest.
 #[test]
 fn an_unversioned_sqlite_database_is_migrated() {
     let dir = tempfile::tempdir().unwrap();
@@ -161,8 +192,23 @@ fn an_unversioned_sqlite_database_is_migrated() {
         [],
     )
     .unwrap();
+    conn.execute(
+        "INSERT INTO policy_bundle (id, version, bytes, key_id, published_at) \
+         VALUES (1, '12', x'0c', 'k12', 1200)",
+        [],
+    )
+    .unwrap();
     drop(conn);
-    drop(komnet_enroll::store::SqliteStore::open(dir.path()).unwrap());
+    let store = komnet_enroll::store::SqliteStore::open(dir.path()).unwrap();
+    // The bundle in force starts the policy history (migration 4).
+    use komnet_enroll::store::Store as _;
+    let kept = store.policy_before(13).unwrap().unwrap();
+    assert_eq!(
+        (kept.version, kept.bytes, kept.published_at),
+        (12, vec![12], 1200)
+    );
+    assert_eq!(store.policy_before(12).unwrap(), None);
+    drop(store);
     let conn = rusqlite::Connection::open(&path).unwrap();
     let version: i64 = conn
         .query_row("PRAGMA user_version", [], |r| r.get(0))

@@ -317,6 +317,12 @@ pub fn verify(bytes: &[u8], public_key: &[u8]) -> Result<VerifiedBundle, BundleE
 }
 
 impl VerifiedBundle {
+    /// The policy's files as signed: `operator.toml` and `tenants/<tenant>.toml` → text (the
+    /// console shows what changed between two versions).
+    pub fn files(&self) -> &BTreeMap<String, String> {
+        &self.files
+    }
+
     /// Parses, checks, tests and compiles the bundled policy.
     pub fn compile(&self) -> Result<CompiledPolicy, BundleError> {
         let operator = self

@@ -271,7 +271,8 @@ pub mod admin {
     pub const POLICY_VERSION: &str = "/admin/policy-version";
     /// `POST` the bytes of a signed policy bundle (not JSON): [`PolicyPublishResponse`].
     pub const POLICY_PUBLISH: &str = "/admin/policy-publish";
-    /// `GET`: [`PolicyBundleResponse`], the published bundle (the console's policy page).
+    /// `GET`: [`PolicyBundleResponse`], the published bundle and the one before it (the
+    /// console's policy page and its diff).
     pub const POLICY: &str = "/admin/policy";
     /// `GET`: [`FleetResponse`], what the web console's fleet overview shows.
     pub const FLEET: &str = "/admin/fleet";
@@ -473,6 +474,22 @@ pub mod admin {
         pub bundle: String,
         /// The signing key bootstrap files carry now (base64), when the service has one.
         pub policy_public_key: Option<String>,
+        /// The bundle published before this one (the console shows what changed); `None` for
+        /// the first one, and from a service that keeps no history.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub previous: Option<PreviousBundle>,
+    }
+
+    /// A bundle published before the one in force.
+    #[derive(Debug, Clone, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct PreviousBundle {
+        pub version: u64,
+        /// The signed bundle, standard base64.
+        pub bundle: String,
+        /// The signing key's id (after a key rotation not the current key's).
+        pub key_id: String,
+        pub published_at: i64,
     }
 
     /// What the service knows of its fleet: every valid identity (appliances, hubs, home

@@ -1,7 +1,7 @@
-//! The policy in force: version, name, signing key, when and by whom it was published, and an
+//! The policy in force: version, name, signing key, when and by whom it was published, an
 //! "explain" form (can segment X reach service Y on port P, and why) answered by the policy
 //! language's own `explain`, on the bundle the gateways get, verified here with the service's
-//! policy key.
+//! policy key, and what changed from the version published before (`diff.rs`).
 
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
@@ -15,6 +15,8 @@ use komnet_proto::api::admin::AuditQuery;
 use super::layout::{date_time, page, tr};
 use super::require_manager;
 use crate::web::{PageError, Shared, Signed};
+
+mod diff;
 
 #[derive(Debug, Default, Deserialize)]
 pub(super) struct ExplainForm {
@@ -54,6 +56,7 @@ pub(super) async fn policy(
         .compile()
         .map_err(|e| failed(format!("bundle version {}: {e}", published.info.version)))?;
     let p = &compiled.policy;
+    let previous = diff::previous(lang, published.previous.as_ref(), &key);
     // Who published it: the newest policy.publish entry of this version.
     let publisher = app
         .admin
@@ -103,6 +106,7 @@ pub(super) async fn policy(
         p class="note" { (tr(lang,
             "Die Antwort kommt aus derselben Richtlinie, die die Gateways anwenden (komnet policy explain).",
             "The answer comes from the same policy the gateways apply (komnet policy explain).")) }
+        (diff::section(lang, &previous, &verified))
     };
     Ok(page(
         &signed,

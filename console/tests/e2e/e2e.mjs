@@ -103,6 +103,24 @@ try {
     await page.getByRole('button', { name: 'Erklären' }).click();
     const why = await page.locator('ul.explain').innerText();
     check(why.includes('allow') && why.includes('staff-files'), 'explain: verwaltung may reach the file server by rule staff-files', why);
+    // What version 2 changed from version 1: a site added, a description replaced, said in
+    // text (+/-) and marked up as <ins>/<del>, not in colour alone.
+    const changes = await page.getByRole('heading', { level: 2, name: 'Änderungen gegenüber Version 1' }).count();
+    check(changes === 1, 'the policy page has the section "Änderungen gegenüber Version 1"', String(changes));
+    const diff = page.locator('table.diff').first();
+    const added = await diff.locator('tr.add').allInnerTexts();
+    const removed = await diff.locator('tr.del').allInnerTexts();
+    check(added.some((r) => r.includes('+') && r.includes('[tenants.tholey.sites.freibad]'))
+      && added.some((r) => r.includes('Gemeinde Tholey (Schaumberg)')),
+      'the diff shows the added lines with a "+"', added.join(' | '));
+    check(removed.some((r) => r.includes('-') && r.includes('description = "Gemeinde Tholey"')),
+      'the diff shows the removed line with a "-"', removed.join(' | '));
+    const ins = await diff.locator('ins').allInnerTexts();
+    const del = await diff.locator('del').allInnerTexts();
+    check(ins.includes('version = 2') && del.includes('version = 1'), 'changed lines are <ins> and <del>', `${ins} / ${del}`);
+    const nearby = await diff.locator('tr.same').allInnerTexts();
+    check(nearby.some((r) => r.includes('[tenants.tholey]')) && !nearby.some((r) => r.includes('[services.dms]')),
+      'unchanged lines near a change are shown, far ones left out', nearby.join(' | '));
     await axe(page, '/policy');
     await shot(page, 'console-policy');
     await page.goto(`${CONSOLE}/tokens`);

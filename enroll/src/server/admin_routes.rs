@@ -193,6 +193,17 @@ async fn policy(State(s): State<Shared>, conn: Conn, headers: HeaderMap) -> Resp
                 "no policy bundle is published yet (komnet policy-publish BUNDLE)",
             )
         })?;
+        // By version, not "the one before the newest": a publication between the two reads
+        // cannot pair this bundle with the wrong predecessor.
+        let previous = svc
+            .store
+            .policy_before(p.version)?
+            .map(|q| admin::PreviousBundle {
+                version: q.version,
+                bundle: base64::engine::general_purpose::STANDARD.encode(&q.bytes),
+                key_id: q.key_id,
+                published_at: q.published_at,
+            });
         Ok(admin::PolicyBundleResponse {
             info: admin::PublishedPolicyInfo {
                 version: p.version,
@@ -201,6 +212,7 @@ async fn policy(State(s): State<Shared>, conn: Conn, headers: HeaderMap) -> Resp
             },
             bundle: base64::engine::general_purpose::STANDARD.encode(&p.bytes),
             policy_public_key: svc.current_policy_key(),
+            previous,
         })
     })
     .await

@@ -31,6 +31,11 @@ pub const SQLITE: &[Migration] = &[
         name: "admission_windows",
         sql: include_str!("sqlite/migrations/0003_admission_windows.sql"),
     },
+    Migration {
+        version: 4,
+        name: "policy_history",
+        sql: include_str!("sqlite/migrations/0004_policy_history.sql"),
+    },
 ];
 
 pub const POSTGRES: &[Migration] = &[
@@ -49,10 +54,15 @@ pub const POSTGRES: &[Migration] = &[
         name: "admission_windows",
         sql: include_str!("postgres/migrations/0003_admission_windows.sql"),
     },
+    Migration {
+        version: 4,
+        name: "policy_history",
+        sql: include_str!("postgres/migrations/0004_policy_history.sql"),
+    },
 ];
 
 /// The schema version this build writes (the same for both backends).
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 /// The migrations a database at `found` still needs, or `Err(latest)` when it is newer than
 /// this build.
@@ -81,12 +91,61 @@ mod tests {
 
     #[test]
     fn pending_is_what_lies_above_the_database_and_a_newer_one_is_refused() {
-        assert_eq!(pending(SQLITE, 0).unwrap().len(), 3);
+        assert_eq!(pending(SQLITE, 0).unwrap().len(), 4);
         assert_eq!(pending(SQLITE, 1).unwrap()[0].version, 2);
+        let from_3: Vec<i64> = pending(POSTGRES, 3)
+            .unwrap()
+            .iter()
+            .map(|m| m.version)
+            .collect();
+        assert_eq!(from_3, [4]);
         assert!(pending(SQLITE, SCHEMA_VERSION).unwrap().is_empty());
         assert_eq!(
             pending(POSTGRES, SCHEMA_VERSION + 1).unwrap_err(),
             SCHEMA_VERSION
         );
+    }
+
+    /// A database that has a published bundle when it reaches version 4 starts its history
+    /// with that bundle, its version padded so that text order is number order.
+    #[test]
+    fn the_policy_history_starts_with_the_bundle_in_force() {
+        let conn = rusqlite::Connection::open_in_memory().unwrap();
+        for m in &SQLITE[..3] {
+            conn.execute_batch(m.sql).unwrap();
+        }
+        conn.execute(
+            "INSERT INTO policy_bundle (id, version, bytes, key_id, published_at) \
+             VALUES (1, '18446744073709551615', x'0102', 'k0', 100)",
+            [],
+        )
+        .unwrap();
+        conn.execute_batch(SQLITE[3].sql).unwrap();
+        let row = conn
+            .query_row(
+                "SELECT version, bytes, key_id, published_at FROM policy_history",
+                [],
+                |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, Vec<u8>>(1)?,
+                        r.get::<_, String>(2)?,
+                        r.get::<_, i64>(3)?,
+                    ))
+                },
+            )
+            .unwrap();
+        assert_eq!(
+            row,
+            ("18446744073709551615".into(), vec![1, 2], "k0".into(), 100)
+        );
+        conn.execute("UPDATE policy_bundle SET version = '7'", [])
+            .unwrap();
+        conn.execute("DELETE FROM policy_history", []).unwrap();
+        conn.execute_batch(SQLITE[3].sql).unwrap();
+        let version: String = conn
+            .query_row("SELECT version FROM policy_history", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, "00000000000000000007");
     }
 }

@@ -181,7 +181,7 @@ pub struct CertificateRecord {
     pub der: Vec<u8>,
 }
 
-/// The published policy bundle.
+/// A published policy bundle: the one in force, or one kept in the history.
 #[derive(Clone, PartialEq, Eq)]
 pub struct PublishedPolicy {
     pub version: u64,
@@ -261,6 +261,10 @@ pub trait Store: Send + Sync + 'static {
     /// The version of the published policy bundle (cheap: no bundle bytes are read).
     fn published_policy_version(&self) -> Result<Option<u64>, StoreError>;
     fn published_policy(&self) -> Result<Option<PublishedPolicy>, StoreError>;
+    /// The bundle published before `version`: the newest kept with a smaller version (`None`
+    /// for the first one, and for the first one published before schema version 4, which
+    /// kept only the bundle in force).
+    fn policy_before(&self, version: u64) -> Result<Option<PublishedPolicy>, StoreError>;
     fn audit_log(&self, limit: usize) -> Result<Vec<AuditRecord>, StoreError>;
 }
 
@@ -319,7 +323,7 @@ pub trait Txn {
     fn set_policy_version(&mut self, version: u64) -> Result<(), StoreError>;
     fn published_policy_version(&mut self) -> Result<Option<u64>, StoreError>;
     fn published_policy(&mut self) -> Result<Option<PublishedPolicy>, StoreError>;
-    /// Replaces the published bundle.
+    /// Replaces the published bundle and keeps it in the history ([`Store::policy_before`]).
     fn publish_policy(&mut self, policy: &PublishedPolicy) -> Result<(), StoreError>;
     /// Every home-office address recorded for the tenant, expired holders included.
     fn homeoffice_addrs(&mut self, tenant: &TenantId) -> Result<Vec<HomeofficeAddr>, StoreError>;

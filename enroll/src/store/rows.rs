@@ -88,3 +88,9 @@ pub(super) fn parse_version(what: &'static str, text: String) -> Result<u64, Sto
     text.parse()
         .map_err(|_| StoreError::Corrupt { what, value: text })
 }
+
+/// `policy_history.version`: the version padded with zeros to 20 digits (u64::MAX has 20), so
+/// that the text order both databases sort by is the order of the numbers.
+pub(super) fn history_key(version: u64) -> String {
+    format!("{version:020}")
+}

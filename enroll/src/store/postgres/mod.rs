@@ -466,6 +466,24 @@ fn published_policy(client: &Object) -> Result<Option<PublishedPolicy>, StoreErr
     }))
 }
 
+fn policy_before(client: &Object, version: u64) -> Result<Option<PublishedPolicy>, StoreError> {
+    let Some(r) = opt(
+        client,
+        "SELECT version, bytes, key_id, published_at FROM policy_history \
+         WHERE version < $1 ORDER BY version DESC LIMIT 1",
+        &[&history_key(version)],
+    )?
+    else {
+        return Ok(None);
+    };
+    Ok(Some(PublishedPolicy {
+        version: parse_version("policy history version", r.try_get(0)?)?,
+        bytes: r.try_get(1)?,
+        key_id: r.try_get(2)?,
+        published_at: r.try_get(3)?,
+    }))
+}
+
 impl Store for PgStore {
     fn begin(&self) -> Result<Box<dyn Txn + '_>, StoreError> {
         let client = self.client()?;
@@ -602,6 +620,10 @@ impl Store for PgStore {
 
     fn published_policy(&self) -> Result<Option<PublishedPolicy>, StoreError> {
         published_policy(&self.client()?)
+    }
+
+    fn policy_before(&self, version: u64) -> Result<Option<PublishedPolicy>, StoreError> {
+        policy_before(&self.client()?, version)
     }
 
     fn audit_log(&self, limit: usize) -> Result<Vec<AuditRecord>, StoreError> {

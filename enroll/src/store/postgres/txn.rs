@@ -405,6 +405,21 @@ impl Txn for PgTxn<'_> {
              published_at = excluded.published_at",
             &[&p.version.to_string(), &p.bytes, &p.key_id, &p.published_at],
         )?;
+        // The service publishes a version once (the same bytes again change nothing); should
+        // a version come again, the history keeps what was published last, like the bundle.
+        exec(
+            self.c()?,
+            "INSERT INTO policy_history (version, bytes, key_id, published_at) \
+             VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (version) DO UPDATE SET bytes = excluded.bytes, \
+             key_id = excluded.key_id, published_at = excluded.published_at",
+            &[
+                &history_key(p.version),
+                &p.bytes,
+                &p.key_id,
+                &p.published_at,
+            ],
+        )?;
         Ok(())
     }
 

@@ -296,6 +296,32 @@ fn published_policy(conn: &Connection) -> Result<Option<PublishedPolicy>, StoreE
     }))
 }
 
+fn policy_before(conn: &Connection, version: u64) -> Result<Option<PublishedPolicy>, StoreError> {
+    let row = conn
+        .prepare_cached(
+            "SELECT version, bytes, key_id, published_at FROM policy_history \
+             WHERE version < ?1 ORDER BY version DESC LIMIT 1",
+        )?
+        .query_row(params![history_key(version)], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, Vec<u8>>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, i64>(3)?,
+            ))
+        })
+        .optional()?;
+    let Some((version, bytes, key_id, published_at)) = row else {
+        return Ok(None);
+    };
+    Ok(Some(PublishedPolicy {
+        version: parse_version("policy history version", version)?,
+        bytes,
+        key_id,
+        published_at,
+    }))
+}
+
 impl Store for SqliteStore {
     fn check_file(&self) -> Result<(), StoreError> {
         self.same_file()
@@ -437,6 +463,10 @@ impl Store for SqliteStore {
 
     fn published_policy(&self) -> Result<Option<PublishedPolicy>, StoreError> {
         published_policy(&self.conn.lock())
+    }
+
+    fn policy_before(&self, version: u64) -> Result<Option<PublishedPolicy>, StoreError> {
+        policy_before(&self.conn.lock(), version)
     }
 
     fn audit_log(&self, limit: usize) -> Result<Vec<AuditRecord>, StoreError> {
