@@ -46,6 +46,9 @@ struct RawConfig {
     session_max: HumanDuration,
     #[serde(default = "default_logins")]
     logins_per_minute: u32,
+    /// The zone the pages show times in (IANA name).
+    #[serde(default = "default_time_zone")]
+    time_zone: String,
     oidc: RawOidc,
     #[serde(default)]
     claims: Claims,
@@ -59,6 +62,9 @@ fn default_max() -> HumanDuration {
 }
 fn default_logins() -> u32 {
     10
+}
+fn default_time_zone() -> String {
+    "Europe/Berlin".into()
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -133,6 +139,8 @@ pub struct Config {
     pub session_idle: std::time::Duration,
     pub session_max: std::time::Duration,
     pub logins_per_minute: u32,
+    /// The zone the pages show times in (`time_zone`, default Europe/Berlin).
+    pub time_zone: jiff::tz::TimeZone,
     pub issuer: String,
     pub client_id: String,
     pub client_secret: Option<String>,
@@ -156,6 +164,14 @@ impl Config {
             message: e.to_string(),
         })?;
         let mut problems = Vec::new();
+        let time_zone = jiff::tz::TimeZone::get(&raw.time_zone).unwrap_or_else(|e| {
+            problems.push(format!(
+                "time_zone = \"{}\": {e} (an IANA name such as Europe/Berlin, from \
+                 /usr/share/zoneinfo: Debian's tzdata)",
+                raw.time_zone
+            ));
+            jiff::tz::TimeZone::UTC
+        });
         let public_url = raw.public_url.trim_end_matches('/').to_owned();
         let loopback = raw.listen.ip().is_loopback();
         if !loopback {
@@ -243,6 +259,7 @@ impl Config {
             session_idle: raw.session_idle.0,
             session_max: raw.session_max.0,
             logins_per_minute: raw.logins_per_minute,
+            time_zone,
             issuer: raw.oidc.issuer,
             client_id: raw.oidc.client_id,
             client_secret,

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use clap::Parser;
 
-use komnet_console::{config, oidc, session, web};
+use komnet_console::{config, oidc, pages, session, web};
 
 /// The komnet web console (single sign-on, fleet, tokens, revocation, audit log).
 #[derive(Debug, Parser)]
@@ -59,6 +59,7 @@ fn main() -> ExitCode {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     let config = Arc::new(config::Config::load(&args.config)?);
+    pages::layout::set_time_zone(config.time_zone.clone());
     let app = Arc::new(web::App {
         oidc: oidc::Oidc::new(config.clone())?,
         sessions: session::Sessions::new(config.session_idle, config.session_max),

@@ -27,6 +27,7 @@ const LANG_COOKIE: &str = "komnet-lang";
 /// Pages allow nothing but their own stylesheet and images (the QR code is inline SVG);
 /// forms post only here; no framing, no scripts at all.
 const CSP: &str = "default-src 'none'; style-src 'self'; img-src 'self' data:; \
+                   script-src 'self'; connect-src 'self'; \
                    form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
 
 #[derive(Debug)]
@@ -223,6 +224,18 @@ async fn stylesheet() -> Response {
             (header::CACHE_CONTROL, "max-age=3600"),
         ],
         include_str!("console.css"),
+    )
+        .into_response()
+}
+
+/// The fleet page's live updates (a progressive enhancement; no page needs it).
+async fn live_script() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/javascript; charset=utf-8"),
+            (header::CACHE_CONTROL, "max-age=3600"),
+        ],
+        include_str!("live.js"),
     )
         .into_response()
 }
@@ -434,6 +447,7 @@ pub fn router(app: Shared) -> Router {
     Router::new()
         .route("/", get(home))
         .route("/static/console.css", get(stylesheet))
+        .route("/static/live.js", get(live_script))
         .route("/login", get(login_page))
         .route("/auth/start", get(auth_start))
         .route("/auth/callback", get(auth_callback))

@@ -149,14 +149,24 @@ fn service_config(policy_public_key: String) -> Config {
 }
 
 /// Enrolls an appliance over the service's HTTPS API, as a town hall's (or hub's) would.
-async fn enroll(service: &Service, url: &str, tenant: &str, site: &str, role: Role) {
+async fn enroll(
+    service: &Service,
+    url: &str,
+    tenant: &str,
+    site: &str,
+    role: Role,
+) -> (
+    komnet_enroll::client::Enrollment,
+    komnet_enroll::client::WgKeys,
+) {
     let bootstrap =
         komnet_enroll::testing::bootstrap(service, url, tenant, site, role, "browser-test")
             .unwrap();
     let keys = komnet_enroll::client::WgKeys::generate();
-    komnet_enroll::client::enroll(&bootstrap, &keys)
+    let enrollment = komnet_enroll::client::enroll(&bootstrap, &keys)
         .await
         .unwrap();
+    (enrollment, keys)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -184,14 +194,35 @@ async fn console_in_a_real_browser() {
     service
         .publish_policy(&next_bundle, "browser-test")
         .unwrap();
+    let mut enrolled = Vec::new();
     for (tenant, site, role) in [
         ("kreis", "hub1", Role::Hub),
         ("tholey", "rathaus", Role::Spoke),
         ("tholey", "bauhof", Role::Spoke),
         ("nohfelden", "rathaus", Role::Spoke),
     ] {
-        enroll(&service, &url, tenant, site, role).await;
+        enrolled.push(enroll(&service, &url, tenant, site, role).await);
     }
+    // The hub reports Tholey's town hall: a handshake a minute ago, 3 refused packets (what
+    // a running hub sends every 15 s; the fleet page shows it per site).
+    let report = komnet_proto::status::HubReport {
+        peers: vec![komnet_proto::status::HubPeerReport {
+            public_key: enrolled[1].1.public().to_base64(),
+            tenant: "tholey".into(),
+            site: "rathaus".into(),
+            role: "spoke".into(),
+            last_handshake: Some(SystemClock.now() - 60),
+            rx_bytes: 4_096,
+            tx_bytes: 8_192,
+            drops: 1,
+            denied: 2,
+        }],
+    };
+    komnet_enroll::client::Client::for_enrollment(&enrolled[0].0)
+        .unwrap()
+        .report_hub(&report)
+        .await
+        .unwrap();
 
     let idp_port = free_port();
     let console_port = free_port();

@@ -483,6 +483,13 @@ async fn homeoffice_issue(
             "The private key above is shown once and stored nowhere else: hand the files to the user, then delete them."
         )?;
     }
+    if id.admitted_until.is_some() {
+        writeln!(
+            out,
+            "{}'s home offices are MFA-gated ([mfa_window] in enroll.toml): the hubs let this device in only after its person signs in to the web console with a second factor.",
+            id.tenant
+        )?;
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -532,6 +532,18 @@ impl Client {
         result
     }
 
+    /// A hub's report of its peers (`POST /v1/hub/report`).
+    pub async fn report_hub(
+        &self,
+        report: &komnet_proto::status::HubReport,
+    ) -> Result<(), ClientError> {
+        let body = request_body(report)?;
+        let _: serde_json::Value = self
+            .call(Method::POST, api::routes::HUB_REPORT, Some(body))
+            .await?;
+        Ok(())
+    }
+
     /// The hubs (`GET /v1/hubs`) with their keys, tunnel addresses and endpoints, by site: a
     /// spoke that enrolled before a hub existed learns of it here.
     pub async fn fetch_hubs(&self) -> Result<Vec<HubPeer>, ClientError> {

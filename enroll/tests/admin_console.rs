@@ -121,3 +121,59 @@ async fn console_calls_are_audited_for_the_person_and_filtered() {
         .unwrap();
     assert!(none.is_empty(), "{none:#?}");
 }
+
+/// Hubs report how their peers are doing (`POST /v1/hub/report`, with the hub's certificate);
+/// the fleet carries each hub's last report. A spoke's certificate is refused, a new report
+/// replaces the hub's previous one.
+#[tokio::test]
+async fn hub_reports_reach_the_fleet_and_only_hubs_may_send_them() {
+    use komnet_enroll::client::Client;
+    use komnet_proto::status::{HubPeerReport, HubReport};
+
+    let h = common::start().await;
+    let admin = AdminClient::new(h.server.admin_socket.clone().unwrap());
+    let (hub, _) = common::enroll(&h, "kreis", "hub1", Role::Hub).await;
+    let (spoke, spoke_keys) = common::enroll(&h, "tholey", "rathaus", Role::Spoke).await;
+    let report = |handshake: i64, denied: u64| HubReport {
+        peers: vec![HubPeerReport {
+            public_key: spoke_keys.public().to_base64(),
+            tenant: "tholey".into(),
+            site: "rathaus".into(),
+            role: "spoke".into(),
+            last_handshake: Some(handshake),
+            rx_bytes: 1_000,
+            tx_bytes: 2_000,
+            drops: 1,
+            denied,
+        }],
+    };
+
+    let e = Client::for_enrollment(&spoke)
+        .unwrap()
+        .report_hub(&report(100, 0))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e.api_error().map(|a| a.code),
+        Some(ErrorCode::Forbidden),
+        "{e}"
+    );
+    assert!(admin.fleet("anna").await.unwrap().hub_reports.is_empty());
+
+    let client = Client::for_enrollment(&hub).unwrap();
+    client.report_hub(&report(100, 2)).await.unwrap();
+    client.report_hub(&report(200, 5)).await.unwrap();
+    let fleet = admin.fleet("anna").await.unwrap();
+    assert_eq!(fleet.hub_reports.len(), 1, "{:?}", fleet.hub_reports);
+    let seen = &fleet.hub_reports[0];
+    assert_eq!(
+        (seen.tenant.as_str(), seen.site.as_str()),
+        ("kreis", "hub1")
+    );
+    assert_eq!(
+        seen.report,
+        report(200, 5),
+        "the newer report replaced the older"
+    );
+    assert!(seen.at > 0);
+}

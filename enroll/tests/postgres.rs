@@ -67,12 +67,13 @@ async fn migrations_run_at_start_and_a_newer_or_foreign_database_is_refused() {
         "no SQLite file beside a PostgreSQL database"
     );
 
-    // An older schema (versions 2 to 4 not yet applied), with a policy bundle published, is
+    // An older schema (versions 2 to 5 not yet applied), with a policy bundle published, is
     // brought up to date by serve; the bundle in force starts the policy history.
     let c = pg.client("enroll").await;
     c.batch_execute(
         "DROP TABLE token_certificates; ALTER TABLE certificates DROP COLUMN admitted_until; \
-         DROP TABLE policy_history; DELETE FROM schema_migrations WHERE version >= 2; \
+         DROP TABLE policy_history; DROP TABLE hub_reports; \
+         DELETE FROM schema_migrations WHERE version >= 2; \
          INSERT INTO policy_bundle (id, version, bytes, key_id, published_at) \
          VALUES (1, '9', '\\x0909', 'k9', 900)",
     )

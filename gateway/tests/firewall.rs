@@ -220,6 +220,9 @@ fn new_flows_by_policy_replies_by_state() {
     assert_eq!(c.drops["policy_guardrail"], 1);
     assert_eq!(c.drops["policy_foreign_source"], 2);
     assert_eq!(c.drops["no_identity"], 1);
+    // Each sender's refusals are its own (the fleet shows them per site).
+    assert_eq!(fw.owner_stats(FlowOwner::Peer(peer(town))).denied, 2);
+    assert_eq!(fw.owner_stats(FlowOwner::Peer(peer(other_site))).denied, 1);
 }
 
 #[test]
@@ -547,14 +550,16 @@ fn one_peer_opening_many_flows_cannot_evict_another_peers_flows() {
         fw.owner_stats(FlowOwner::Peer(peer(a))),
         OwnerStats {
             flows: 990,
-            evicted: 9010
+            evicted: 9010,
+            denied: 0,
         }
     );
     assert_eq!(
         fw.owner_stats(FlowOwner::Peer(peer(b))),
         OwnerStats {
             flows: 10,
-            evicted: 0
+            evicted: 0,
+            denied: 0,
         }
     );
     assert_eq!(fw.counters().evicted, 9010);

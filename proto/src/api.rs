@@ -34,6 +34,9 @@ pub mod routes {
     /// `GET` over mutual TLS with any valid appliance certificate: the hubs as
     /// `Vec<`[`super::HubPeer`]`>`.
     pub const HUBS: &str = "/v1/hubs";
+    /// `POST` [`crate::status::HubReport`] over mutual TLS with a hub certificate: how the
+    /// hub's peers are doing (the web console's fleet page).
+    pub const HUB_REPORT: &str = "/v1/hub/report";
 }
 
 /// The response header of `GET /v1/policy` (200 and 304) that carries the published version.
@@ -508,6 +511,21 @@ pub mod admin {
         /// Tenants whose home offices are MFA-gated, with their window (seconds).
         #[serde(default)]
         pub mfa_windows: BTreeMap<TenantId, u64>,
+        /// Each hub's last report of its peers (handshakes, refusals), oldest hub first.
+        #[serde(default)]
+        pub hub_reports: Vec<HubReportSeen>,
+    }
+
+    /// A hub's last report as the service keeps it.
+    #[derive(Debug, Clone, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct HubReportSeen {
+        /// The hub.
+        pub tenant: TenantId,
+        pub site: SiteId,
+        /// When the service took it (Unix seconds).
+        pub at: i64,
+        pub report: crate::status::HubReport,
     }
 
     #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -164,6 +164,9 @@ pub struct PeerStatus {
     /// the table was full (a peer opening flows without end loses its own; issue 14).
     #[serde(default)]
     pub flows: Option<FlowShare>,
+    /// Its packets the tunnel refused (spoofed source, replay, failed authentication, ...).
+    #[serde(default)]
+    pub drops: u64,
 }
 
 /// One owner's part of a hub's flow table.
@@ -171,8 +174,115 @@ pub struct PeerStatus {
 pub struct FlowShare {
     pub flows: u64,
     pub evicted: u64,
+    /// The owner's packets the firewall refused (policy, a source not its own).
+    #[serde(default)]
+    pub denied: u64,
 }
 
 /// A peer counts as up when its last handshake is younger than this (WireGuard rekeys every
 /// two minutes while traffic flows; keepalives keep spokes' sessions warm).
 pub const PEER_UP_SECS: i64 = 180;
+
+/// What a hub tells the enrollment service every [`HUB_REPORT_SECS`] (`POST /v1/hub/report`):
+/// its admitted peers as it sees them, for the web console's fleet page.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HubReport {
+    pub peers: Vec<HubPeerReport>,
+}
+
+/// How often hubs report.
+pub const HUB_REPORT_SECS: u64 = 15;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HubPeerReport {
+    /// Standard base64, as `wg` shows it.
+    pub public_key: String,
+    pub tenant: String,
+    pub site: String,
+    pub role: String,
+    /// Unix seconds.
+    pub last_handshake: Option<i64>,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+    /// Its packets the tunnel refused ([`PeerStatus::drops`]).
+    pub drops: u64,
+    /// Its packets the firewall refused ([`FlowShare::denied`]).
+    pub denied: u64,
+}
+
+impl HubReport {
+    /// The admitted peers of a hub's status.
+    pub fn of(status: &StatusReport) -> HubReport {
+        HubReport {
+            peers: status
+                .peers
+                .iter()
+                .filter_map(|p| {
+                    Some(HubPeerReport {
+                        public_key: p.public_key.clone(),
+                        tenant: p.tenant.clone()?,
+                        site: p.site.clone()?,
+                        role: p.role.clone()?,
+                        last_handshake: p.last_handshake,
+                        rx_bytes: p.rx_bytes,
+                        tx_bytes: p.tx_bytes,
+                        drops: p.drops,
+                        denied: p.flows.map_or(0, |f| f.denied),
+                    })
+                })
+                .collect(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(key: &str, tenant: Option<&str>, denied: u64) -> PeerStatus {
+        PeerStatus {
+            public_key: key.into(),
+            tenant: tenant.map(Into::into),
+            site: Some("rathaus".into()),
+            role: Some("spoke".into()),
+            endpoint: None,
+            last_handshake: Some(1_000),
+            rx_bytes: 10,
+            tx_bytes: 20,
+            cert_not_after: None,
+            active: false,
+            flows: Some(FlowShare {
+                flows: 1,
+                evicted: 0,
+                denied,
+            }),
+            drops: 3,
+        }
+    }
+
+    #[test]
+    fn a_hub_reports_its_admitted_peers_with_their_refusals() {
+        let status = StatusReport {
+            peers: vec![peer("a", Some("tholey"), 5), peer("b", None, 0)],
+            ..Default::default()
+        };
+        let report = HubReport::of(&status);
+        assert_eq!(
+            report.peers,
+            [HubPeerReport {
+                public_key: "a".into(),
+                tenant: "tholey".into(),
+                site: "rathaus".into(),
+                role: "spoke".into(),
+                last_handshake: Some(1_000),
+                rx_bytes: 10,
+                tx_bytes: 20,
+                drops: 3,
+                denied: 5,
+            }],
+            "a peer the registry does not know is not reported"
+        );
+    }
+}

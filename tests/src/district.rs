@@ -475,15 +475,30 @@ impl District {
         body: &serde_json::Value,
         person: &str,
     ) -> Result<(u16, String)> {
+        self.admin_http("POST", path, Some(body), person)
+    }
+
+    /// `GET` on the enrollment service's admin socket, as the web console asks.
+    pub fn admin_get(&self, path: &str, person: &str) -> Result<(u16, String)> {
+        self.admin_http("GET", path, None, person)
+    }
+
+    fn admin_http(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&serde_json::Value>,
+        person: &str,
+    ) -> Result<(u16, String)> {
         use std::io::{Read as _, Write as _};
         let socket = self.enroll_socket();
         let mut stream = std::os::unix::net::UnixStream::connect(&socket)
             .with_context(|| format!("connecting to {}", socket.display()))?;
         stream.set_read_timeout(Some(COMMAND_TIMEOUT))?;
-        let body = body.to_string();
+        let body = body.map(|b| b.to_string()).unwrap_or_default();
         write!(
             stream,
-            "POST {path} HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\n\
+            "{method} {path} HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\n\
              content-length: {}\r\nx-komnet-on-behalf-of: {person}\r\nconnection: close\r\n\r\n{body}",
             body.len()
         )?;

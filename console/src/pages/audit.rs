@@ -8,7 +8,7 @@ use serde::Deserialize;
 use komnet_proto::api::admin::{AuditQuery, AuditRecord};
 use komnet_proto::identity::{SiteId, TenantId};
 
-use super::layout::{date_time, page, tr};
+use super::layout::{date_time, day_start, page, tr};
 use super::require_manager;
 use crate::config::Lang;
 use crate::oidc::Role;
@@ -34,21 +34,12 @@ pub(super) struct Filter {
     actor: String,
     #[serde(default)]
     action: String,
-    /// `YYYY-MM-DD` (the date input's format), from the start of that day (UTC).
+    /// `YYYY-MM-DD` (the date input's format), from the start of that day (the console's zone).
     #[serde(default)]
     since: String,
-    /// `YYYY-MM-DD`, to the end of that day (UTC).
+    /// `YYYY-MM-DD`, to the end of that day (the console's zone).
     #[serde(default)]
     until: String,
-}
-
-fn day_start(text: &str) -> Option<i64> {
-    let d = time::Date::parse(
-        text,
-        time::macros::format_description!("[year]-[month]-[day]"),
-    )
-    .ok()?;
-    Some(d.midnight().assume_utc().unix_timestamp())
 }
 
 /// Does the entry concern this site (its details name it)?
@@ -165,7 +156,7 @@ pub(super) fn table(lang: Lang, records: &[AuditRecord]) -> Markup {
             p { (tr(lang, "Keine Einträge.", "No entries.")) }
         } @else {
             table class="audit" {
-                caption { (tr(lang, "Einträge, neueste zuerst (Zeiten in UTC)", "Entries, newest first (times in UTC)")) }
+                caption { (tr(lang, "Einträge, neueste zuerst", "Entries, newest first")) }
                 thead { tr {
                     th scope="col" { (tr(lang, "Zeit", "Time")) }
                     th scope="col" { (tr(lang, "Wer", "Who")) }

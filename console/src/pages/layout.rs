@@ -22,32 +22,66 @@ fn lang_code(lang: Lang) -> &'static str {
     }
 }
 
-/// Unix seconds as `2026-05-01 14:03 UTC`.
+/// The zone pages show times in: set once at start from `time_zone` in console.toml; UTC
+/// until then (unit tests).
+static ZONE: std::sync::OnceLock<jiff::tz::TimeZone> = std::sync::OnceLock::new();
+static UTC: jiff::tz::TimeZone = jiff::tz::TimeZone::UTC;
+
+pub fn set_time_zone(zone: jiff::tz::TimeZone) {
+    let _ = ZONE.set(zone);
+}
+
+pub fn time_zone() -> &'static jiff::tz::TimeZone {
+    ZONE.get().unwrap_or(&UTC)
+}
+
+/// Unix seconds in the console's zone, as `2026-05-01 14:03 CEST`.
 pub fn date_time(unix: i64) -> String {
-    time::OffsetDateTime::from_unix_timestamp(unix)
-        .ok()
-        .and_then(|t| {
-            t.format(time::macros::format_description!(
-                "[year]-[month]-[day] [hour]:[minute] UTC"
-            ))
-            .ok()
+    date_time_in(time_zone(), unix)
+}
+
+fn date_time_in(zone: &jiff::tz::TimeZone, unix: i64) -> String {
+    jiff::Timestamp::from_second(unix)
+        .map(|t| {
+            t.to_zoned_datetime(zone.clone())
+                .strftime("%Y-%m-%d %H:%M %Z")
+                .to_string()
         })
-        .unwrap_or_else(|| unix.to_string())
+        .unwrap_or_else(|_| unix.to_string())
+}
+
+/// The first second (Unix) of the day `YYYY-MM-DD` in the console's zone.
+pub fn day_start(text: &str) -> Option<i64> {
+    day_start_in(time_zone(), text)
+}
+
+fn day_start_in(zone: &jiff::tz::TimeZone, text: &str) -> Option<i64> {
+    let date: jiff::civil::Date = text.parse().ok()?;
+    let start = date
+        .to_zoned_datetime(zone.clone())
+        .ok()?
+        .start_of_day()
+        .ok()?;
+    Some(start.timestamp().as_second())
 }
 
 /// How far away `at` is, for people: "in 3 Tagen", "vor 2 Stunden".
 pub fn relative(lang: Lang, now: i64, at: i64) -> String {
     let d = at - now;
-    let (n, unit_de, unit_en) = match d.abs() {
-        s if s < 3600 => (s / 60, "Minuten", "minutes"),
-        s if s < 2 * 86_400 => (s / 3600, "Stunden", "hours"),
-        s => (s / 86_400, "Tagen", "days"),
+    // (count, German singular, German dative plural, English singular)
+    let (n, one_de, many_de, unit_en) = match d.abs() {
+        s if s < 60 => (s, "Sekunde", "Sekunden", "second"),
+        s if s < 3600 => (s / 60, "Minute", "Minuten", "minute"),
+        s if s < 2 * 86_400 => (s / 3600, "Stunde", "Stunden", "hour"),
+        s => (s / 86_400, "Tag", "Tagen", "day"),
     };
+    let de = if n == 1 { one_de } else { many_de };
+    let en = if n == 1 { "" } else { "s" };
     match (lang, d >= 0) {
-        (Lang::De, true) => format!("in {n} {unit_de}"),
-        (Lang::De, false) => format!("vor {n} {unit_de}"),
-        (Lang::En, true) => format!("in {n} {unit_en}"),
-        (Lang::En, false) => format!("{n} {unit_en} ago"),
+        (Lang::De, true) => format!("in {n} {de}"),
+        (Lang::De, false) => format!("vor {n} {de}"),
+        (Lang::En, true) => format!("in {n} {unit_en}{en}"),
+        (Lang::En, false) => format!("{n} {unit_en}{en} ago"),
     }
 }
 
@@ -145,5 +179,37 @@ pub fn bare(lang: Lang, title: &str, message: &str) -> Markup {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_are_shown_in_the_districts_zone_with_daylight_saving() {
+        let berlin = jiff::tz::TimeZone::get("Europe/Berlin").expect("tzdata");
+        // 2026-12-05 06:12 UTC is winter time (UTC+1), 2026-07-01 10:00 UTC summer (UTC+2).
+        assert_eq!(date_time_in(&berlin, 1_796_451_120), "2026-12-05 07:12 CET");
+        assert_eq!(
+            date_time_in(&berlin, 1_782_900_000),
+            "2026-07-01 12:00 CEST"
+        );
+        assert_eq!(
+            date_time_in(&jiff::tz::TimeZone::UTC, 1_796_451_120),
+            "2026-12-05 06:12 UTC"
+        );
+        // A day filter starts at local midnight: 23:00 UTC the evening before in winter.
+        assert_eq!(day_start_in(&berlin, "2026-12-05"), Some(1_796_425_200));
+        assert_eq!(day_start_in(&berlin, "05.12.2026"), None);
+    }
+
+    #[test]
+    fn relative_times_read_naturally() {
+        assert_eq!(relative(Lang::De, 1000, 940), "vor 1 Minute");
+        assert_eq!(relative(Lang::De, 1000, 1000 + 3 * 86_400), "in 3 Tagen");
+        assert_eq!(relative(Lang::De, 1000, 990), "vor 10 Sekunden");
+        assert_eq!(relative(Lang::En, 1000, 940), "1 minute ago");
+        assert_eq!(relative(Lang::En, 1000, 1000 + 7200), "in 2 hours");
     }
 }

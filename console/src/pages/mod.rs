@@ -2,6 +2,8 @@
 //! see: an operator everything, a commune admin their tenant (another tenant's site answers
 //! 404, exactly like a site that does not exist), a user only their own devices.
 
+use std::collections::HashMap;
+
 use axum::extract::{Path, State};
 use axum::routing::{get, post};
 use axum::Router;
@@ -25,6 +27,7 @@ use layout::{date_time, page, relative, tr};
 pub fn routes() -> Router<Shared> {
     Router::new()
         .route("/fleet", get(fleet))
+        .route("/fleet/table", get(fleet_table_only))
         .route("/sites/{tenant}/{site}", get(site))
         .route("/sites/{tenant}/{site}/revoke", post(actions::revoke))
         .route(
@@ -107,21 +110,123 @@ fn expiry_cell(lang: Lang, now: i64, not_after: i64) -> Markup {
     }
 }
 
-async fn fleet(State(app): State<Shared>, signed: Signed) -> Result<Markup, PageError> {
-    require_manager(&signed)?;
-    let lang = signed.lang;
+/// The fleet as this person may see it.
+async fn managed_fleet(app: &Shared, signed: &Signed) -> Result<FleetResponse, PageError> {
+    require_manager(signed)?;
     let person = &signed.session.person;
-    let fleet: FleetResponse = app
+    let mut fleet: FleetResponse = app
         .admin
         .fleet(&person.audit_name())
         .await
-        .map_err(|e| PageError::service(lang, &e))?;
-    let mut peers: Vec<&Identity> = fleet
+        .map_err(|e| PageError::service(signed.lang, &e))?;
+    fleet.peers.retain(|p| person.manages(&p.tenant));
+    fleet
         .peers
+        .sort_by(|a, b| (&a.tenant, a.role, &a.site).cmp(&(&b.tenant, b.role, &b.site)));
+    Ok(fleet)
+}
+
+/// The fleet table alone: what the page's script swaps in every 10 s.
+async fn fleet_table_only(State(app): State<Shared>, signed: Signed) -> Result<Markup, PageError> {
+    let fleet = managed_fleet(&app, &signed).await?;
+    Ok(fleet_table(signed.lang, &fleet))
+}
+
+/// What the hubs last reported of a peer: the hub that saw its newest handshake, and the
+/// refusals every hub counted for it.
+struct Seen<'a> {
+    hub: &'a str,
+    last_handshake: Option<i64>,
+    refused: u64,
+}
+
+fn seen_by_hubs(fleet: &FleetResponse) -> HashMap<&str, Seen<'_>> {
+    let mut seen: HashMap<&str, Seen<'_>> = HashMap::new();
+    for report in &fleet.hub_reports {
+        for p in &report.report.peers {
+            let entry = seen.entry(p.public_key.as_str()).or_insert(Seen {
+                hub: report.site.as_str(),
+                last_handshake: None,
+                refused: 0,
+            });
+            entry.refused += p.drops + p.denied;
+            if p.last_handshake > entry.last_handshake {
+                entry.last_handshake = p.last_handshake;
+                entry.hub = report.site.as_str();
+            }
+        }
+    }
+    seen
+}
+
+/// A hub whose last report is older than this is marked: it or its link to the service is
+/// down (it reports every 15 s).
+const REPORT_STALE_SECS: i64 = 60;
+
+fn fleet_table(lang: Lang, fleet: &FleetResponse) -> Markup {
+    let seen = seen_by_hubs(fleet);
+    let reports: HashMap<(&str, &str), i64> = fleet
+        .hub_reports
         .iter()
-        .filter(|p| person.manages(&p.tenant))
+        .map(|r| ((r.tenant.as_str(), r.site.as_str()), r.at))
         .collect();
-    peers.sort_by(|a, b| (&a.tenant, a.role, &a.site).cmp(&(&b.tenant, b.role, &b.site)));
+    html! {
+        table {
+            caption { (tr(lang, "Standorte, Hubs und Homeoffice-Geräte mit gültigem Zertifikat",
+                              "Sites, hubs and home-office devices with a valid certificate")) }
+            thead { tr {
+                th scope="col" { (tr(lang, "Kommune", "Commune")) }
+                th scope="col" { (tr(lang, "Name", "Name")) }
+                th scope="col" { (tr(lang, "Art", "Kind")) }
+                th scope="col" { (tr(lang, "Tunneladressen", "Tunnel addresses")) }
+                th scope="col" { (tr(lang, "Zertifikat gültig bis", "Certificate valid until")) }
+                th scope="col" { (tr(lang, "Letzter Handshake", "Last handshake")) }
+                th scope="col" { (tr(lang, "Verworfen", "Refused")) }
+            } }
+            tbody {
+                @for p in &fleet.peers {
+                    @let key = p.wg_public_key.to_base64();
+                    @let s = seen.get(key.as_str());
+                    tr {
+                        td { (p.tenant) }
+                        td { a href={ "/sites/" (p.tenant) "/" (p.site) } { (p.site) } }
+                        td { (role_name(lang, p.role)) }
+                        td { (addrs(p)) }
+                        (expiry_cell(lang, fleet.now, p.not_after))
+                        @if p.role == PeerRole::Hub {
+                            @match reports.get(&(p.tenant.as_str(), p.site.as_str())) {
+                                Some(at) if fleet.now - at <= REPORT_STALE_SECS => td {
+                                    (tr(lang, "Bericht ", "report ")) (relative(lang, fleet.now, *at))
+                                },
+                                Some(at) => td class="warn" {
+                                    strong { (tr(lang, "kein Bericht seit ", "no report since ")) }
+                                    (date_time(*at))
+                                },
+                                None => td { (tr(lang, "noch kein Bericht", "no report yet")) },
+                            }
+                            td { "–" }
+                        } @else {
+                            @match s.and_then(|s| s.last_handshake.map(|t| (t, s.hub))) {
+                                Some((t, hub)) => td {
+                                    (relative(lang, fleet.now, t)) " (" (hub) ")"
+                                },
+                                None => td { (tr(lang, "keiner", "none")) },
+                            }
+                            td { (s.map_or(0, |s| s.refused)) }
+                        }
+                    }
+                }
+            }
+        }
+        @if fleet.peers.is_empty() {
+            p { (tr(lang, "Noch keine gültigen Identitäten.", "No valid identities yet.")) }
+        }
+    }
+}
+
+async fn fleet(State(app): State<Shared>, signed: Signed) -> Result<Markup, PageError> {
+    let fleet = managed_fleet(&app, &signed).await?;
+    let lang = signed.lang;
     let policy = match &fleet.published_policy {
         Some(p) => format!(
             "{} {} ({} {})",
@@ -144,36 +249,18 @@ async fn fleet(State(app): State<Shared>, signed: Signed) -> Result<Markup, Page
         dl class="facts" {
             dt { (tr(lang, "Richtlinie in Kraft", "Policy in force")) } dd { (policy) }
             dt { (tr(lang, "Registerstand", "Registry version")) } dd { (fleet.registry_version) }
-            dt { (tr(lang, "Gültige Identitäten", "Valid identities")) } dd { (peers.len()) }
+            dt { (tr(lang, "Gültige Identitäten", "Valid identities")) } dd { (fleet.peers.len()) }
         }
-        table {
-            caption { (tr(lang, "Standorte, Hubs und Homeoffice-Geräte mit gültigem Zertifikat",
-                              "Sites, hubs and home-office devices with a valid certificate")) }
-            thead { tr {
-                th scope="col" { (tr(lang, "Kommune", "Commune")) }
-                th scope="col" { (tr(lang, "Name", "Name")) }
-                th scope="col" { (tr(lang, "Art", "Kind")) }
-                th scope="col" { (tr(lang, "Tunneladressen", "Tunnel addresses")) }
-                th scope="col" { (tr(lang, "Zertifikat gültig bis", "Certificate valid until")) }
-            } }
-            tbody {
-                @for p in &peers {
-                    tr {
-                        td { (p.tenant) }
-                        td { a href={ "/sites/" (p.tenant) "/" (p.site) } { (p.site) } }
-                        td { (role_name(lang, p.role)) }
-                        td { (addrs(p)) }
-                        (expiry_cell(lang, fleet.now, p.not_after))
-                    }
-                }
-            }
+        p class="note" {
+            span id="fleet-stamp" { (tr(lang, "Stand beim Laden der Seite", "As of loading the page")) }
+            " "
+            a href="/fleet" { (tr(lang, "Neu laden", "Reload")) }
         }
-        @if peers.is_empty() {
-            p { (tr(lang, "Noch keine gültigen Identitäten.", "No valid identities yet.")) }
-        }
+        div id="fleet-live" { (fleet_table(lang, &fleet)) }
+        script src="/static/live.js" defer {}
         p class="note" { (tr(lang,
-            "Handshakes, Verkehr und Verwürfe kennt jeder Hub selbst (komnet status, /metrics); diese Seite zeigt, was der Enrollment-Dienst weiß.",
-            "Handshakes, traffic and drops are known to each hub (komnet status, /metrics); this page shows what the enrollment service knows.")) }
+            "Handshakes und verworfene Pakete (vom Tunnel oder von der Richtlinie) melden die Hubs alle 15 s; Einzelheiten zeigt komnet status am Hub.",
+            "Handshakes and refused packets (by the tunnel or the policy) are reported by the hubs every 15 s; komnet status on the hub has the details.")) }
     };
     Ok(page(
         &signed,

@@ -76,6 +76,10 @@ try {
     check(new URL(page.url()).pathname === '/fleet', 'the operator lands on the fleet', page.url());
     const table = await page.locator('table').innerText();
     check(table.includes('tholey') && table.includes('nohfelden'), 'the operator sees both communes', table);
+    const townHall = await page.locator('#fleet-live tr', { hasText: 'tholey' })
+      .filter({ has: page.getByRole('link', { name: 'rathaus', exact: true }) }).innerText();
+    check(townHall.includes('vor 1 Minute') && townHall.includes('(hub1)') && /\t3$/.test(townHall.trim()),
+      "the fleet shows the hub's report: last handshake, which hub, refused packets", townHall);
     const cookies = await context.cookies();
     const session = cookies.find((c) => c.name === '__Host-komnet-session');
     check(session && session.httpOnly && session.secure && session.sameSite === 'Lax',
@@ -130,6 +134,11 @@ try {
     check((await page.locator('h1').innerText()) === 'Create token', 'the language switch shows English');
     await context.close();
   }
+
+  // Anna keeps the fleet open while Tom works: the page follows without a reload.
+  const watcher = await login(browser, 'anna');
+  check((await watcher.page.locator('#fleet-pause').count()) === 1, 'the fleet page offers to pause its live updates');
+  check((await watcher.page.locator('#fleet-live').innerText()).includes('bauhof'), 'the open fleet lists Tholey\'s bauhof');
 
   // Tom, commune admin of Tholey: Tholey only, whatever URL he types.
   {
@@ -192,6 +201,12 @@ try {
     check(page.url() === `${CONSOLE}/login`, 'after signing out the session is gone', page.url());
     await context.close();
   }
+
+  // Tom revoked the bauhof: Anna's open page drops it by itself.
+  await watcher.page.waitForFunction(
+    () => !document.getElementById('fleet-live').innerText.includes('bauhof'), null, { timeout: 20000 });
+  check(new URL(watcher.page.url()).pathname === '/fleet', 'the open fleet page dropped the revoked site without a reload');
+  await watcher.context.close();
 
   // Uwe, home office in Tholey: his own devices, nothing else.
   {

@@ -243,9 +243,33 @@ async fn fleet(State(s): State<Shared>, conn: Conn, headers: HeaderMap) -> Respo
                 .iter()
                 .map(|(t, w)| (t.clone(), w.0.as_secs()))
                 .collect(),
+            hub_reports: hub_reports(svc)?,
         })
     })
     .await
+}
+
+/// The hubs' last reports; one that does not parse (a hub of another version) is left out
+/// with a warning rather than failing the fleet page.
+fn hub_reports(svc: &Service) -> Result<Vec<admin::HubReportSeen>, ApiError> {
+    let mut out = Vec::new();
+    for (tenant, site, at, text) in svc.store.hub_reports()? {
+        let parsed = (
+            crate::identity::TenantId::parse(&tenant),
+            crate::identity::SiteId::parse(&site),
+            serde_json::from_str(&text),
+        );
+        match parsed {
+            (Ok(tenant), Ok(site), Ok(report)) => out.push(admin::HubReportSeen {
+                tenant,
+                site,
+                at,
+                report,
+            }),
+            _ => tracing::warn!(%tenant, %site, "a hub report that does not parse is left out"),
+        }
+    }
+    Ok(out)
 }
 
 pub(super) fn admin_router(state: Shared) -> Router {

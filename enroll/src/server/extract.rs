@@ -257,6 +257,39 @@ impl FromRequest<Shared> for BundleBody {
     }
 }
 
+/// A hub's report of its peers: larger than `max_body_bytes` allows (a county hub reports
+/// 10,000 peers, about 2.5 MB), so its own ceiling; only holders of a certificate of this CA
+/// get this far (the handler then requires a hub's).
+#[derive(Debug)]
+pub(super) struct HubReportBody(pub komnet_proto::status::HubReport);
+
+/// The largest hub report taken.
+pub(super) const MAX_HUB_REPORT_BYTES: usize = 8 << 20;
+
+impl FromRequest<Shared> for HubReportBody {
+    type Rejection = Refusal;
+
+    async fn from_request(req: Request, state: &Shared) -> Result<Self, Self::Rejection> {
+        let timeout = state.service.config.limits.client_timeout.0;
+        let (parts, body) = req.into_parts();
+        let bytes = read_body(&parts, body, MAX_HUB_REPORT_BYTES, timeout)
+            .await
+            .map_err(|e| Refusal::logged(&parts, state, e))?;
+        serde_json::from_slice(&bytes)
+            .map(HubReportBody)
+            .map_err(|e| {
+                Refusal::logged(
+                    &parts,
+                    state,
+                    api_err(
+                        ErrorCode::BadRequest,
+                        format!("body is not a hub report: {e}"),
+                    ),
+                )
+            })
+    }
+}
+
 /// Reads a body with a size and a time limit.
 async fn read_body(
     parts: &Parts,

@@ -193,6 +193,29 @@ async fn hubs_route(
     respond(&state, api::routes::HUBS, info.remote, result)
 }
 
+/// A hub's report of its peers (`POST /v1/hub/report`), kept for the web console's fleet.
+async fn hub_report_route(
+    State(state): State<Shared>,
+    Conn(info): Conn,
+    ClientCert(cert): ClientCert,
+    HubReportBody(report): HubReportBody,
+) -> Response {
+    let result = async {
+        let hub = require_hub(&state, cert).await?.identity;
+        let service = state.service.clone();
+        blocking(move || {
+            let text = serde_json::to_string(&report).unwrap_or_default();
+            service
+                .store
+                .put_hub_report(&hub.tenant, &hub.site, service.now(), &text)?;
+            Ok(serde_json::json!({"peers": report.peers.len()}))
+        })
+        .await
+    }
+    .await;
+    respond(&state, api::routes::HUB_REPORT, info.remote, result)
+}
+
 struct Follow {
     service: Arc<Service>,
     rx: tokio::sync::broadcast::Receiver<Arc<RegistryEvent>>,
@@ -369,6 +392,7 @@ pub(super) fn public_router(state: Shared) -> Router {
         .route(api::routes::CRL, get(crl_route))
         .route(api::routes::POLICY, get(policy_route))
         .route(api::routes::HUBS, get(hubs_route))
+        .route(api::routes::HUB_REPORT, post(hub_report_route))
         .fallback(not_found)
         .method_not_allowed_fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), rate_limit))

@@ -36,6 +36,11 @@ pub const SQLITE: &[Migration] = &[
         name: "policy_history",
         sql: include_str!("sqlite/migrations/0004_policy_history.sql"),
     },
+    Migration {
+        version: 5,
+        name: "hub_reports",
+        sql: include_str!("sqlite/migrations/0005_hub_reports.sql"),
+    },
 ];
 
 pub const POSTGRES: &[Migration] = &[
@@ -59,10 +64,15 @@ pub const POSTGRES: &[Migration] = &[
         name: "policy_history",
         sql: include_str!("postgres/migrations/0004_policy_history.sql"),
     },
+    Migration {
+        version: 5,
+        name: "hub_reports",
+        sql: include_str!("postgres/migrations/0005_hub_reports.sql"),
+    },
 ];
 
 /// The schema version this build writes (the same for both backends).
-pub const SCHEMA_VERSION: i64 = 4;
+pub const SCHEMA_VERSION: i64 = 5;
 
 /// The migrations a database at `found` still needs, or `Err(latest)` when it is newer than
 /// this build.
@@ -91,7 +101,7 @@ mod tests {
 
     #[test]
     fn pending_is_what_lies_above_the_database_and_a_newer_one_is_refused() {
-        assert_eq!(pending(SQLITE, 0).unwrap().len(), 4);
+        assert_eq!(pending(SQLITE, 0).unwrap().len(), 5);
         assert_eq!(pending(SQLITE, 1).unwrap()[0].version, 2);
         let from_3: Vec<i64> = pending(POSTGRES, 3)
             .unwrap()

@@ -265,6 +265,16 @@ pub trait Store: Send + Sync + 'static {
     /// for the first one, and for the first one published before schema version 4, which
     /// kept only the bundle in force).
     fn policy_before(&self, version: u64) -> Result<Option<PublishedPolicy>, StoreError>;
+    /// Keeps a hub's report of its peers (JSON), replacing its previous one.
+    fn put_hub_report(
+        &self,
+        tenant: &TenantId,
+        site: &SiteId,
+        at: i64,
+        report: &str,
+    ) -> Result<(), StoreError>;
+    /// Every hub's last report: (tenant, site, when, JSON).
+    fn hub_reports(&self) -> Result<Vec<(String, String, i64, String)>, StoreError>;
     fn audit_log(&self, limit: usize) -> Result<Vec<AuditRecord>, StoreError>;
 }
 

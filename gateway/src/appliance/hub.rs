@@ -156,6 +156,42 @@ async fn before_link_deadline<T>(
     }
 }
 
+/// Tells the enrollment service every 15 s how this hub's peers are doing (last handshake,
+/// traffic, refusals), for the web console's fleet page. A failure is logged once until a
+/// report is taken again; nothing else depends on it.
+pub(super) async fn report_peers(ctx: Arc<Ctx>) {
+    let every = Duration::from_secs(komnet_proto::status::HUB_REPORT_SECS);
+    let mut failing = false;
+    loop {
+        tokio::time::sleep(every).await;
+        let Some(enrollment) = current_enrollment(&ctx) else {
+            continue;
+        };
+        let report = komnet_proto::status::HubReport::of(&super::status::report(&ctx));
+        let sent = async {
+            let service = service_client(&ctx, &enrollment)?;
+            service.report_hub(&report).await
+        };
+        match tokio::time::timeout(every, sent).await {
+            Ok(Ok(())) => {
+                if std::mem::take(&mut failing) {
+                    tracing::info!("the enrollment service takes the peer reports again");
+                }
+            }
+            Ok(Err(e)) => {
+                if !std::mem::replace(&mut failing, true) {
+                    tracing::warn!(error = %e, "the enrollment service did not take the peer report (the console's fleet page shows older figures)");
+                }
+            }
+            Err(_) => {
+                if !std::mem::replace(&mut failing, true) {
+                    tracing::warn!("the peer report to the enrollment service timed out");
+                }
+            }
+        }
+    }
+}
+
 /// One connection: the snapshot, then the stream until it fails. `Ok(why)` when the core gave
 /// the link up, `Err` when the connection did.
 async fn follow_once(ctx: &Arc<Ctx>) -> Result<LinkLoss> {

@@ -500,6 +500,7 @@ async fn start(ctx: Arc<Ctx>) -> Result<()> {
             }
             tokio::spawn(follow_registry(ctx.clone()));
             tokio::spawn(hub_housekeeping(ctx.clone()));
+            tokio::spawn(report_peers(ctx.clone()));
             if let Some(socket) = ctx.config.bgp.as_ref().and_then(|b| b.bird_socket.clone()) {
                 tokio::spawn(watch_bgp_sessions(ctx.clone(), socket));
             }

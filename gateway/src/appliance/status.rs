@@ -407,14 +407,21 @@ pub(super) fn report(ctx: &Ctx) -> StatusReport {
         .map(|s| peer_snapshot(s))
         .unwrap_or_default();
     let mut shares: HashMap<PeerId, FlowShare> = HashMap::new();
+    let mut tunnel_drops: HashMap<PeerId, u64> = HashMap::new();
     let mut datacentre_flows = None;
     let (flows, mut drops, mut counters) = match ctx.shared.get() {
         Some(shared) => {
             let (gate, core) = shared.gate_and_core();
+            for p in &peers {
+                if let Some(d) = core.peer_drops(p.id) {
+                    tunnel_drops.insert(p.id, d.total());
+                }
+            }
             if let Some(g) = gate.as_ref() {
                 let share = |s: crate::firewall::OwnerStats| FlowShare {
                     flows: s.flows,
                     evicted: s.evicted,
+                    denied: s.denied,
                 };
                 for p in &peers {
                     shares.insert(p.id, share(g.owner_stats(FlowOwner::Peer(p.id))));
@@ -491,6 +498,7 @@ pub(super) fn report(ctx: &Ctx) -> StatusReport {
                 cert_not_after: admitted.map(|a| a.not_after),
                 active: active_key == Some(p.public_key),
                 flows: shares.get(&p.id).copied(),
+                drops: tunnel_drops.get(&p.id).copied().unwrap_or(0),
             }
         })
         .collect();
@@ -699,11 +707,14 @@ mod tests {
             flows: Some(FlowShare {
                 flows: 990,
                 evicted: 9010,
+                denied: 7,
             }),
+            drops: 2,
         });
         r.datacentre_flows = Some(FlowShare {
             flows: 4,
             evicted: 0,
+            denied: 0,
         });
         r.drops.insert("policy_default_deny".into(), 3);
         r.registry = Some(RegistryStatus {

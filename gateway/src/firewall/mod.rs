@@ -143,6 +143,8 @@ pub struct OwnerStats {
     pub flows: u64,
     /// Flows of its own it lost because the table was full.
     pub evicted: u64,
+    /// Its packets the firewall refused (policy, foreign source, malformed).
+    pub denied: u64,
 }
 
 /// The transport fields of a packet, as far as flows are concerned.
@@ -249,6 +251,7 @@ struct Owner {
     peer: Option<PeerId>,
     flows: u32,
     evicted: u64,
+    denied: u64,
     queue: VecDeque<(FlowKey, u32)>,
 }
 
@@ -307,6 +310,7 @@ impl Firewall {
         o.map_or(OwnerStats::default(), |o| OwnerStats {
             flows: u64::from(o.flows),
             evicted: o.evicted,
+            denied: o.denied,
         })
     }
 
@@ -321,10 +325,19 @@ impl Firewall {
         peers: &impl PeerAddresses,
         packet: &[u8],
     ) -> Result<(), FirewallDrop> {
-        let Some(identity) = identity else {
-            return Err(self.count(FirewallDrop::NoIdentity));
+        let result = match identity {
+            Some(identity) => {
+                self.check(now, policy, Sender::Peer { peer, identity }, peers, packet)
+            }
+            None => Err(self.count(FirewallDrop::NoIdentity)),
         };
-        self.check(now, policy, Sender::Peer { peer, identity }, peers, packet)
+        if result.is_err() {
+            // Refusals per sender (the fleet shows them per site): an index and an add; the
+            // slot exists already for any peer that ever opened a flow.
+            let slot = self.owner_slot(FlowOwner::Peer(peer));
+            self.owners[slot].denied += 1;
+        }
+        result
     }
 
     /// A packet from the hub's side (the data centre) on its way to a peer.

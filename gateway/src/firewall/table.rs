@@ -14,7 +14,7 @@ impl Firewall {
     }
 
     /// The owner slot of `owner`, made ready for a new flow.
-    fn owner_slot(&mut self, owner: FlowOwner) -> usize {
+    pub(super) fn owner_slot(&mut self, owner: FlowOwner) -> usize {
         let (index, peer) = match owner {
             FlowOwner::DataCentre => (0, None),
             FlowOwner::Peer(id) => (id.slot() + 1, Some(id)),

@@ -113,4 +113,30 @@ fn an_mfa_gated_home_office_gets_through_only_for_the_window_its_sign_in_opened(
         "{metrics}"
     );
     println!("window closed at {until}: cut off at {cut}");
+
+    // The hub reports its peers to the service every 15 s (the console's fleet): Nohfelden's
+    // town hall with a recent handshake.
+    let (code, body) = district
+        .admin_get("/admin/fleet", "anna (oidc sub anna, operator)")
+        .expect("fleet");
+    assert_eq!(code, 200, "{body}");
+    let fleet: serde_json::Value = serde_json::from_str(&body).expect("fleet JSON");
+    let reports = fleet["hub_reports"].as_array().expect("hub_reports");
+    let hub1 = reports
+        .iter()
+        .find(|r| r["site"] == "hub1")
+        .unwrap_or_else(|| panic!("no report of hub1 after {:?}: {fleet:#}", asked.elapsed()));
+    let town_hall = hub1["report"]["peers"]
+        .as_array()
+        .and_then(|peers| {
+            peers
+                .iter()
+                .find(|p| p["tenant"] == "nohfelden" && p["site"] == "rathaus")
+        })
+        .unwrap_or_else(|| panic!("hub1's report lacks nohfelden/rathaus: {hub1:#}"));
+    let handshake = town_hall["last_handshake"].as_i64().expect("a handshake");
+    assert!(
+        unix_now() - handshake < 200,
+        "nohfelden's last handshake {handshake} is old: {town_hall}"
+    );
 }

@@ -626,6 +626,33 @@ impl Store for PgStore {
         policy_before(&self.client()?, version)
     }
 
+    fn put_hub_report(
+        &self,
+        tenant: &TenantId,
+        site: &SiteId,
+        at: i64,
+        report: &str,
+    ) -> Result<(), StoreError> {
+        exec(
+            &self.client()?,
+            "INSERT INTO hub_reports (tenant, site, at, report) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (tenant, site) DO UPDATE SET at = excluded.at, report = excluded.report",
+            &[&tenant.as_str(), &site.as_str(), &at, &report],
+        )?;
+        Ok(())
+    }
+
+    fn hub_reports(&self) -> Result<Vec<(String, String, i64, String)>, StoreError> {
+        query(
+            &self.client()?,
+            "SELECT tenant, site, at, report FROM hub_reports ORDER BY tenant, site",
+            &[],
+        )?
+        .iter()
+        .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?, r.try_get(3)?)))
+        .collect()
+    }
+
     fn audit_log(&self, limit: usize) -> Result<Vec<AuditRecord>, StoreError> {
         let rows = query(
             &self.client()?,

@@ -469,6 +469,34 @@ impl Store for SqliteStore {
         policy_before(&self.conn.lock(), version)
     }
 
+    fn put_hub_report(
+        &self,
+        tenant: &TenantId,
+        site: &SiteId,
+        at: i64,
+        report: &str,
+    ) -> Result<(), StoreError> {
+        self.conn
+            .lock()
+            .prepare_cached(
+                "INSERT INTO hub_reports (tenant, site, at, report) VALUES (?1, ?2, ?3, ?4) \
+                 ON CONFLICT (tenant, site) DO UPDATE SET at = excluded.at, report = excluded.report",
+            )?
+            .execute(params![tenant.as_str(), site.as_str(), at, report])?;
+        Ok(())
+    }
+
+    fn hub_reports(&self) -> Result<Vec<(String, String, i64, String)>, StoreError> {
+        let conn = self.conn.lock();
+        let mut stmt = conn.prepare_cached(
+            "SELECT tenant, site, at, report FROM hub_reports ORDER BY tenant, site",
+        )?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+
     fn audit_log(&self, limit: usize) -> Result<Vec<AuditRecord>, StoreError> {
         let conn = self.conn.lock();
         let mut stmt = conn.prepare_cached(
