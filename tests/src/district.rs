@@ -286,6 +286,8 @@ pub struct Options {
     pub router: crate::bgp::RouterDaemon,
     /// MFA-gated home offices: (tenant, window) into enroll.toml's `[mfa_window]`.
     pub mfa_window: Option<(&'static str, &'static str)>,
+    /// With `homeoffice`: the person whose device it is (default `anna`).
+    pub homeoffice_user: Option<&'static str>,
 }
 
 /// The running district. Dropping it stops every process and deletes every namespace.
@@ -441,7 +443,7 @@ impl District {
             c.spoke.wait_running(1, Duration::from_secs(30))?;
         }
         if options.homeoffice {
-            district.add_homeoffice("nohfelden", "anna")?;
+            district.add_homeoffice("nohfelden", options.homeoffice_user.unwrap_or("anna"))?;
         }
         Ok(district)
     }

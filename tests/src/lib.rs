@@ -18,6 +18,7 @@
 pub mod bgp;
 mod command;
 pub mod conformance;
+pub mod console;
 mod daemon;
 pub mod dhcp;
 pub mod district;

@@ -67,9 +67,18 @@ fn owner(signed: &Signed) -> Result<(TenantId, String), PageError> {
     Ok((tenant.clone(), owner))
 }
 
+/// The device's name when it is the owner's: `OWNER_DEVICE`, or `OWNER` itself (a device
+/// issued from the shell with `komnet homeoffice issue --user OWNER`).
 fn device_of<'a>(owner: &str, id: &'a Identity) -> Option<&'a str> {
-    let (o, device) = id.site.as_str().rsplit_once('_')?;
-    (o == owner && id.role == PeerRole::HomeOffice).then_some(device)
+    if id.role != PeerRole::HomeOffice {
+        return None;
+    }
+    let site = id.site.as_str();
+    if site == owner {
+        return Some(site);
+    }
+    let (o, device) = site.rsplit_once('_')?;
+    (o == owner).then_some(device)
 }
 
 /// Whether and until when a device gets through the hubs, for people.
@@ -106,8 +115,9 @@ fn devices_page(
             p class="note" id="mfa-note" {
                 (tr(lang, "Ihre Kommune lässt Heimarbeitsplätze nur nach einer Anmeldung mit zweitem Faktor herein, jeweils für ",
                     "Your commune lets home offices in only after a sign-in with a second factor, each time for "))
-                (window / 3600) (tr(lang, " Stunden", " hours"))
-                @if window % 3600 != 0 { " " (window % 3600 / 60) (tr(lang, " Minuten", " minutes")) }
+                @if window >= 3600 { (window / 3600) (tr(lang, " Stunden", " hours")) }
+                @if window >= 3600 && window % 3600 != 0 { " " }
+                @if window % 3600 != 0 { (window % 3600 / 60) (tr(lang, " Minuten", " minutes")) }
                 ". "
                 @if mfa_now {
                     (tr(lang, "Ihre Anmeldung hatte einen zweiten Faktor.", "Your sign-in had a second factor."))
@@ -306,7 +316,9 @@ pub(super) async fn revoke(
     // Someone else's device looks exactly like one that does not exist.
     let site = SiteId::parse(&site)
         .ok()
-        .filter(|s| s.as_str().rsplit_once('_').is_some_and(|(o, _)| o == owner))
+        .filter(|s| {
+            s.as_str() == owner || s.as_str().rsplit_once('_').is_some_and(|(o, _)| o == owner)
+        })
         .ok_or_else(|| PageError::not_found(lang))?;
     if form.confirm != "yes" {
         return Err(PageError::new(

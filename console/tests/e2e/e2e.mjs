@@ -7,7 +7,7 @@
 import { readFileSync } from 'node:fs';
 import { chromium } from 'playwright-core';
 import { AxeBuilder } from '@axe-core/playwright';
-import { OTP_SECRET, totp } from './otp.mjs';
+import { login as signIn } from './signin.mjs';
 
 const CONSOLE = process.env.CONSOLE_URL;
 const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
@@ -20,17 +20,8 @@ function check(ok, what, detail = '') {
   console.log(`ok  ${what}`);
 }
 
-async function login(browser, who, { secondFactor = false } = {}) {
-  const context = await browser.newContext({ locale: 'de-DE' });
-  const page = await context.newPage();
-  await page.goto(`${CONSOLE}/login`);
-  await page.getByRole('link', { name: 'Anmelden' }).click();
-  await page.locator('input[name="login"]').fill(who);
-  await page.locator('input[name="password"]').fill('any');
-  if (secondFactor) await page.locator('input[name="otp"]').fill(totp(OTP_SECRET));
-  await page.locator('button[type="submit"]').click();
-  await page.waitForURL((url) => url.href.startsWith(CONSOLE));
-  return { context, page };
+function login(browser, who, options) {
+  return signIn(browser, CONSOLE, who, options);
 }
 
 async function axe(page, name) {

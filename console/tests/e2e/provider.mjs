@@ -23,6 +23,7 @@ const people = {
   tom: { name: 'Tom Tholey', groups: ['komnet-commune-admin'], komnet_tenant: 'tholey' },
   nina: { name: 'Nina Nohfelden', groups: ['komnet-commune-admin'], komnet_tenant: 'nohfelden' },
   uwe: { name: 'Uwe Heim', groups: ['komnet-user'], komnet_tenant: 'tholey' },
+  heidi: { name: 'Heidi Heim', groups: ['komnet-user'], komnet_tenant: 'nohfelden' },
   gast: { name: 'Gast', groups: ['staff'] },
 };
 

@@ -8,8 +8,7 @@
 //! that gives itself a staff address among the sources; revokes one commune's appliance and
 //! shows it cut off; then removes everything. Needs root; `scripts/demo.sh` builds and runs it.
 
-use std::path::Path;
-use std::process::{Command, ExitCode};
+use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -17,7 +16,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use komnet_netns_tests::district::{
     render_matrix, ApplianceSpoke, Destination, District, Gateway, Options, Source, DESTINATIONS,
 };
-use komnet_netns_tests::{require_root_and_tools, wait_until, BackgroundProcess, SeenBySource};
+use komnet_netns_tests::{require_root_and_tools, SeenBySource};
 use komnet_policy::{decide_arrival, explain_at, Arrival, Binding, Origin, PacketMeta};
 
 /// The town halls that both use 192.168.178.0/24 (examples/policy/st-wendel): tenant, label,
@@ -331,78 +330,14 @@ fn demo(console: bool) -> Result<bool> {
         && took <= Duration::from_secs(2))
 }
 
-/// A port from `var` or `default`, refused with a hint when something listens there already.
-fn free_local_port(var: &str, default: u16) -> Result<u16> {
-    let port = match std::env::var(var) {
-        Ok(v) => v
-            .parse()
-            .map_err(|_| anyhow!("{var}={v:?} is not a port number"))?,
-        Err(_) => default,
-    };
-    std::net::TcpListener::bind(("127.0.0.1", port))
-        .map_err(|e| anyhow!("127.0.0.1:{port} is taken ({e}): set {var} to a free port"))?;
-    Ok(port)
-}
-
 /// `--console`: the web console on the district (its enrollment service's admin socket) with
-/// a local OpenID provider (console/tests/e2e/provider.mjs, npm oidc-provider), until Ctrl-C.
+/// a local OpenID provider, until Ctrl-C.
 fn run_console(district: &District) -> Result<()> {
-    let e2e = Path::new(env!("CARGO_MANIFEST_DIR")).join("../console/tests/e2e");
-    if !e2e.join("node_modules/oidc-provider").is_dir() {
-        bail!(
-            "the console's OpenID provider needs its npm packages: run `sudo scripts/setup.sh console` \
-             (npm ci in {})",
-            e2e.display()
-        );
-    }
+    use komnet_netns_tests::console::{free_local_port, Console};
     let console_port = free_local_port("KOMNET_DEMO_CONSOLE_PORT", 8080)?;
     let idp_port = free_local_port("KOMNET_DEMO_IDP_PORT", 9000)?;
-    let console_url = format!("http://localhost:{console_port}");
-    let secret = district.path("console-client-secret");
-    // The provider's test client and its secret (provider.mjs): a local demo only.
-    komnet_netns_tests::write_private_file(&secret, "console-test-secret\n")?;
-    let config = district.path("console.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "listen = \"127.0.0.1:{console_port}\"\npublic_url = \"{console_url}\"\n\
-             admin_socket = \"{}\"\n[oidc]\nissuer = \"http://localhost:{idp_port}\"\n\
-             client_id = \"komnet-console\"\nclient_secret_file = \"{}\"\n\
-             scopes = [\"profile\", \"komnet\"]\n",
-            district.enroll_socket().display(),
-            secret.display()
-        ),
-    )?;
-    let mut provider = BackgroundProcess::spawn(
-        Command::new("node")
-            .arg(e2e.join("provider.mjs"))
-            .env("IDP_PORT", idp_port.to_string())
-            .env("CONSOLE_URL", &console_url),
-        &district.path("oidc-provider.log"),
-    )?;
-    let mut console = BackgroundProcess::spawn(
-        Command::new(komnet_netns_tests::komnet_console_binary()?)
-            .arg("--config")
-            .arg(&config),
-        &district.path("komnet-console.log"),
-    )?;
-    for (name, port, process) in [
-        ("the OpenID provider", idp_port, &mut provider),
-        ("komnet-console", console_port, &mut console),
-    ] {
-        wait_until(
-            &format!("{name} to listen on 127.0.0.1:{port}"),
-            Duration::from_secs(20),
-            || {
-                if let Some(status) = process.exited() {
-                    bail!("{name} ended ({status}):\n{}", process.log_text());
-                }
-                Ok(std::net::TcpStream::connect(("127.0.0.1", port))
-                    .is_ok()
-                    .then_some(()))
-            },
-        )?;
-    }
+    let mut console = Console::start(district, console_port, idp_port)?;
+    let console_url = console.url.clone();
     CONSOLE_RUNNING.store(true, Ordering::SeqCst);
     println!();
     println!(

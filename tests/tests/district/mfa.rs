@@ -1,9 +1,50 @@
-//! MFA-gated home offices with a real hub and the stock WireGuard peer (wireguard-go): a
-//! device issued from the shell stays outside until its person signs in with a second factor;
-//! the sign-in (the admin call the web console makes) admits it at the hub within 2 s; when the
-//! window ends the hub removes the peer on its own clock and the tunnel carries nothing more.
+//! MFA-gated home offices end to end: the web console (komnet-console) and a real OpenID
+//! provider (npm oidc-provider) on the district's enrollment service, Debian's Chromium signing
+//! in (console/tests/e2e/mfa.mjs), a real hub and the stock WireGuard peer (wireguard-go) in
+//! network namespaces. A device issued from the shell stays outside; a sign-in without a second
+//! factor leaves it so; one with a TOTP code admits it at the hub within 2 s; when the window
+//! ends the hub removes the peer on its own clock and the tunnel carries nothing more. Needs
+//! node, Chromium and the npm packages (`scripts/setup.sh test`); never skipped.
 
 use super::*;
+use komnet_netns_tests::console::{e2e_dir, Console};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// Signs in as `who` in Chromium (with the TOTP code when `second_factor`) and returns what
+/// the devices page says of each device's access.
+fn sign_in(console: &Console, who: &str, second_factor: bool) -> Vec<String> {
+    let chromium = std::env::var("KOMNET_CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    assert!(
+        Path::new(&chromium).exists() && e2e_dir().join("node_modules/playwright-core").is_dir(),
+        "the MFA test needs {chromium} and the npm packages in {}: run `sudo scripts/setup.sh test`",
+        e2e_dir().display()
+    );
+    let mut cmd = std::process::Command::new("node");
+    cmd.arg(e2e_dir().join("mfa.mjs"))
+        .arg(who)
+        .env("CONSOLE_URL", &console.url)
+        .env("CHROMIUM", &chromium);
+    if second_factor {
+        cmd.arg("--otp");
+    }
+    let out = run(&mut cmd, Duration::from_secs(60)).expect("node mfa.mjs");
+    assert!(
+        out.succeeded(),
+        "the browser sign-in failed: {out:?}\nconsole:\n{}",
+        console.log_text()
+    );
+    out.stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("ACCESS "))
+        .map(str::to_owned)
+        .collect()
+}
 
 fn unix_now() -> i64 {
     std::time::SystemTime::now()
@@ -22,6 +63,7 @@ fn an_mfa_gated_home_office_gets_through_only_for_the_window_its_sign_in_opened(
             homeoffice: true,
             enroll_clock: Some("-880s"),
             mfa_window: Some(("nohfelden", "15m")),
+            homeoffice_user: Some("heidi"),
             ..Options::default()
         },
     )
@@ -39,31 +81,43 @@ fn an_mfa_gated_home_office_gets_through_only_for_the_window_its_sign_in_opened(
     };
     let admitted = |district: &District| -> bool {
         let status = district.hubs[0].status().expect("hub status");
-        !hub_keys(&status, "nohfelden", "anna").is_empty()
+        !hub_keys(&status, "nohfelden", "heidi").is_empty()
     };
 
     // Issued from the shell, without a second factor: not admitted, nothing gets through.
     assert!(!admitted(&district), "admitted before any sign-in");
     assert!(!through(&district), "through before any sign-in");
 
-    // Anna signs in with a second factor: the console asks the service to open her window.
-    let signed_in = unix_now();
-    let (code, body) = district
-        .admin_post(
-            "/admin/homeoffice/window",
-            &serde_json::json!({
-                "tenant": "nohfelden", "owner": "anna", "authenticated_at": signed_in
-            }),
-            "anna (oidc sub anna, user of nohfelden)",
-        )
-        .expect("admin call");
-    assert_eq!(code, 200, "{body}");
-    let asked = Instant::now();
-    let answer: serde_json::Value = serde_json::from_str(&body).expect("JSON answer");
-    assert_eq!(answer["devices"], serde_json::json!(["anna"]), "{answer}");
-    let until = answer["admitted_until"].as_i64().expect("admitted_until");
+    // Heidi signs in to the web console without a second factor: her device stays closed.
+    let console = Console::start(&district, free_port(), free_port()).expect("console");
+    let access = sign_in(&console, "heidi", false);
     assert!(
-        (signed_in + 15..=signed_in + 25).contains(&until),
+        access.iter().all(|a| a.contains("gesperrt")),
+        "without a second factor the portal must say closed: {access:?}"
+    );
+    assert!(
+        !admitted(&district),
+        "admitted after a sign-in without a second factor"
+    );
+
+    // With her one-time code: the console has the service open her window.
+    let signed_in = unix_now();
+    let access = sign_in(&console, "heidi", true);
+    let asked = Instant::now();
+    assert!(
+        access.iter().all(|a| a.starts_with("verbunden bis")),
+        "after a sign-in with a second factor the portal must say until when: {access:?}"
+    );
+    let (code, body) = district.admin_get("/admin/fleet", "test").expect("fleet");
+    assert_eq!(code, 200, "{body}");
+    let fleet: serde_json::Value = serde_json::from_str(&body).expect("fleet JSON");
+    let until = fleet["peers"]
+        .as_array()
+        .and_then(|p| p.iter().find(|p| p["site"] == "heidi"))
+        .and_then(|p| p["admitted_until"].as_i64())
+        .unwrap_or_else(|| panic!("heidi's device has no window: {fleet:#}"));
+    assert!(
+        (signed_in + 10..=signed_in + 30).contains(&until),
         "window until {until}, signed in at {signed_in}"
     );
     wait_until(
