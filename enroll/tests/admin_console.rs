@@ -176,4 +176,18 @@ async fn hub_reports_reach_the_fleet_and_only_hubs_may_send_them() {
         "the newer report replaced the older"
     );
     assert!(seen.at > 0);
+
+    // An appliance polling for a newer policy says which one it holds: the fleet shows it.
+    let spoke_client = Client::for_enrollment(&spoke).unwrap();
+    let _ = spoke_client.fetch_policy(Some(7)).await;
+    let held = admin.fleet("anna").await.unwrap().policy_held;
+    assert_eq!(held.len(), 1, "{held:?}");
+    assert_eq!(
+        (
+            held[0].tenant.as_str(),
+            held[0].site.as_str(),
+            held[0].version
+        ),
+        ("tholey", "rathaus", 7)
+    );
 }

@@ -72,7 +72,7 @@ async fn migrations_run_at_start_and_a_newer_or_foreign_database_is_refused() {
     let c = pg.client("enroll").await;
     c.batch_execute(
         "DROP TABLE token_certificates; ALTER TABLE certificates DROP COLUMN admitted_until; \
-         DROP TABLE policy_history; DROP TABLE hub_reports; \
+         DROP TABLE policy_history; DROP TABLE hub_reports; DROP TABLE policy_held; \
          DELETE FROM schema_migrations WHERE version >= 2; \
          INSERT INTO policy_bundle (id, version, bytes, key_id, published_at) \
          VALUES (1, '9', '\\x0909', 'k9', 900)",

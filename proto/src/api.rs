@@ -514,6 +514,20 @@ pub mod admin {
         /// Each hub's last report of its peers (handshakes, refusals), oldest hub first.
         #[serde(default)]
         pub hub_reports: Vec<HubReportSeen>,
+        /// The policy version each appliance last said it holds.
+        #[serde(default)]
+        pub policy_held: Vec<PolicyHeld>,
+    }
+
+    /// An appliance's policy version, as it said when it last polled for a newer one.
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct PolicyHeld {
+        pub tenant: TenantId,
+        pub site: SiteId,
+        pub version: u64,
+        /// When it said so (Unix seconds).
+        pub at: i64,
     }
 
     /// A hub's last report as the service keeps it.

@@ -213,12 +213,19 @@ pub struct HubPeerReport {
 }
 
 impl HubReport {
-    /// The admitted peers of a hub's status.
+    /// The admitted peers of a hub's status that have something to say: a handshake or a
+    /// refused packet (an admitted peer that never connected is left out: the fleet shows it
+    /// as "no handshake" anyway, and a county hub's report stays small while most are idle).
     pub fn of(status: &StatusReport) -> HubReport {
         HubReport {
             peers: status
                 .peers
                 .iter()
+                .filter(|p| {
+                    p.last_handshake.is_some()
+                        || p.drops > 0
+                        || p.flows.is_some_and(|f| f.denied > 0)
+                })
                 .filter_map(|p| {
                     Some(HubPeerReport {
                         public_key: p.public_key.clone(),
@@ -264,8 +271,11 @@ mod tests {
 
     #[test]
     fn a_hub_reports_its_admitted_peers_with_their_refusals() {
+        let mut never = peer("c", Some("tholey"), 0);
+        never.last_handshake = None;
+        never.drops = 0;
         let status = StatusReport {
-            peers: vec![peer("a", Some("tholey"), 5), peer("b", None, 0)],
+            peers: vec![peer("a", Some("tholey"), 5), peer("b", None, 0), never],
             ..Default::default()
         };
         let report = HubReport::of(&status);
@@ -282,7 +292,7 @@ mod tests {
                 drops: 3,
                 denied: 5,
             }],
-            "a peer the registry does not know is not reported"
+            "a peer the registry does not know, or one with nothing to report, is left out"
         );
     }
 }

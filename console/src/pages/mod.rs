@@ -165,6 +165,12 @@ const REPORT_STALE_SECS: i64 = 60;
 
 fn fleet_table(lang: Lang, fleet: &FleetResponse) -> Markup {
     let seen = seen_by_hubs(fleet);
+    let held: HashMap<(&str, &str), u64> = fleet
+        .policy_held
+        .iter()
+        .map(|h| ((h.tenant.as_str(), h.site.as_str()), h.version))
+        .collect();
+    let current = fleet.published_policy.as_ref().map(|p| p.version);
     let reports: HashMap<(&str, &str), i64> = fleet
         .hub_reports
         .iter()
@@ -180,8 +186,9 @@ fn fleet_table(lang: Lang, fleet: &FleetResponse) -> Markup {
                 th scope="col" { (tr(lang, "Art", "Kind")) }
                 th scope="col" { (tr(lang, "Tunneladressen", "Tunnel addresses")) }
                 th scope="col" { (tr(lang, "Zertifikat gültig bis", "Certificate valid until")) }
-                th scope="col" { (tr(lang, "Letzter Handshake", "Last handshake")) }
+                th scope="col" { (tr(lang, "Zustand, letzter Handshake", "State, last handshake")) }
                 th scope="col" { (tr(lang, "Verworfen", "Refused")) }
+                th scope="col" { (tr(lang, "Richtlinie am Gerät", "Policy on the device")) }
             } }
             tbody {
                 @for p in &fleet.peers {
@@ -207,12 +214,33 @@ fn fleet_table(lang: Lang, fleet: &FleetResponse) -> Markup {
                             td { "–" }
                         } @else {
                             @match s.and_then(|s| s.last_handshake.map(|t| (t, s.hub))) {
-                                Some((t, hub)) => td {
+                                // WireGuard renews a live session's keys every 2 minutes and a
+                                // spoke keeps its session warm: an older handshake is a link down.
+                                Some((t, hub)) if fleet.now - t <= komnet_proto::status::PEER_UP_SECS => td {
+                                    (tr(lang, "verbunden", "connected")) " · "
+                                    (relative(lang, fleet.now, t)) " (" (hub) ")"
+                                },
+                                Some((t, hub)) => td class="warn" {
+                                    strong { (tr(lang, "getrennt", "disconnected")) } " · "
                                     (relative(lang, fleet.now, t)) " (" (hub) ")"
                                 },
                                 None => td { (tr(lang, "keiner", "none")) },
                             }
                             td { (s.map_or(0, |s| s.refused)) }
+                        }
+                        @if p.role == PeerRole::HomeOffice {
+                            td { "–" }
+                        } @else {
+                            @match held.get(&(p.tenant.as_str(), p.site.as_str())) {
+                                Some(v) if Some(*v) == current || current.is_none() => td {
+                                    (tr(lang, "Version ", "version ")) (v)
+                                },
+                                Some(v) => td class="warn" {
+                                    (tr(lang, "Version ", "version ")) (v) " – "
+                                    strong { (tr(lang, "nicht die veröffentlichte", "not the published one")) }
+                                },
+                                None => td { (tr(lang, "noch nicht gemeldet", "not reported yet")) },
+                            }
                         }
                     }
                 }

@@ -69,7 +69,7 @@ try {
     check(table.includes('tholey') && table.includes('nohfelden'), 'the operator sees both communes', table);
     const townHall = await page.locator('#fleet-live tr', { hasText: 'tholey' })
       .filter({ has: page.getByRole('link', { name: 'rathaus', exact: true }) }).innerText();
-    check(townHall.includes('vor 1 Minute') && townHall.includes('(hub1)') && /\t3$/.test(townHall.trim()),
+    check(townHall.includes('verbunden · vor 1 Minute') && townHall.includes('(hub1)') && /\t3\t/.test(townHall),
       "the fleet shows the hub's report: last handshake, which hub, refused packets", townHall);
     const cookies = await context.cookies();
     const session = cookies.find((c) => c.name === '__Host-komnet-session');

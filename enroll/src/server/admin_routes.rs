@@ -244,6 +244,19 @@ async fn fleet(State(s): State<Shared>, conn: Conn, headers: HeaderMap) -> Respo
                 .map(|(t, w)| (t.clone(), w.0.as_secs()))
                 .collect(),
             hub_reports: hub_reports(svc)?,
+            policy_held: svc
+                .store
+                .policy_held()?
+                .into_iter()
+                .filter_map(|(tenant, site, version, at)| {
+                    Some(admin::PolicyHeld {
+                        tenant: crate::identity::TenantId::parse(&tenant).ok()?,
+                        site: crate::identity::SiteId::parse(&site).ok()?,
+                        version: u64::try_from(version).ok()?,
+                        at,
+                    })
+                })
+                .collect(),
         })
     })
     .await

@@ -213,24 +213,33 @@ impl<T: DeserializeOwned> FromRequest<Shared> for LimitedJson<T> {
     type Rejection = Refusal;
 
     async fn from_request(req: Request, state: &Shared) -> Result<Self, Self::Rejection> {
-        let limits = &state.service.config.limits;
-        let (parts, body) = req.into_parts();
-        let bytes = read_body(&parts, body, limits.max_body_bytes, limits.client_timeout.0)
+        let limit = state.service.config.limits.max_body_bytes;
+        read_json(req, state, limit, "the expected JSON")
             .await
-            .map_err(|e| Refusal::logged(&parts, state, e))?;
-        serde_json::from_slice(&bytes)
             .map(LimitedJson)
-            .map_err(|e| {
-                Refusal::logged(
-                    &parts,
-                    state,
-                    api_err(
-                        ErrorCode::BadRequest,
-                        format!("body is not the expected JSON: {e}"),
-                    ),
-                )
-            })
     }
+}
+
+/// A JSON body of at most `limit` bytes within `limits.client_timeout`, refused (and logged)
+/// as not being `what` when it does not parse.
+async fn read_json<T: DeserializeOwned>(
+    req: Request,
+    state: &Shared,
+    limit: usize,
+    what: &str,
+) -> Result<T, Refusal> {
+    let timeout = state.service.config.limits.client_timeout.0;
+    let (parts, body) = req.into_parts();
+    let bytes = read_body(&parts, body, limit, timeout)
+        .await
+        .map_err(|e| Refusal::logged(&parts, state, e))?;
+    serde_json::from_slice(&bytes).map_err(|e| {
+        Refusal::logged(
+            &parts,
+            state,
+            api_err(ErrorCode::BadRequest, format!("body is not {what}: {e}")),
+        )
+    })
 }
 
 /// The bytes of a signed policy bundle: up to the bundle's own ceiling, not `max_body_bytes` (a
@@ -270,23 +279,9 @@ impl FromRequest<Shared> for HubReportBody {
     type Rejection = Refusal;
 
     async fn from_request(req: Request, state: &Shared) -> Result<Self, Self::Rejection> {
-        let timeout = state.service.config.limits.client_timeout.0;
-        let (parts, body) = req.into_parts();
-        let bytes = read_body(&parts, body, MAX_HUB_REPORT_BYTES, timeout)
+        read_json(req, state, MAX_HUB_REPORT_BYTES, "a hub report")
             .await
-            .map_err(|e| Refusal::logged(&parts, state, e))?;
-        serde_json::from_slice(&bytes)
             .map(HubReportBody)
-            .map_err(|e| {
-                Refusal::logged(
-                    &parts,
-                    state,
-                    api_err(
-                        ErrorCode::BadRequest,
-                        format!("body is not a hub report: {e}"),
-                    ),
-                )
-            })
     }
 }
 

@@ -141,10 +141,24 @@ async fn policy_route(
 ) -> Response {
     let have = parse_version_query(uri.query(), "have");
     let result = async {
-        require_appliance(&state, cert, "the policy").await?;
+        let appliance = require_appliance(&state, cert, "the policy").await?.identity;
         let have = have?;
         let service = state.service.clone();
-        blocking(move || service.policy_bundle(have)).await
+        blocking(move || {
+            if let Some(version) = have {
+                // What the fleet page shows per site; a failure here must not cost the poll.
+                if let Err(e) = service.store.note_policy_held(
+                    &appliance.tenant,
+                    &appliance.site,
+                    version,
+                    service.now(),
+                ) {
+                    tracing::warn!(error = %e, "could not note the policy version an appliance holds");
+                }
+            }
+            service.policy_bundle(have)
+        })
+        .await
     }
     .await;
     let version_header = |v: u64| {

@@ -275,6 +275,16 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<(), StoreError>;
     /// Every hub's last report: (tenant, site, when, JSON).
     fn hub_reports(&self) -> Result<Vec<(String, String, i64, String)>, StoreError>;
+    /// An appliance said (polling for a newer bundle) that it holds policy `version`.
+    fn note_policy_held(
+        &self,
+        tenant: &TenantId,
+        site: &SiteId,
+        version: u64,
+        at: i64,
+    ) -> Result<(), StoreError>;
+    /// What each appliance last said it holds: (tenant, site, version, when).
+    fn policy_held(&self) -> Result<Vec<(String, String, i64, i64)>, StoreError>;
     fn audit_log(&self, limit: usize) -> Result<Vec<AuditRecord>, StoreError>;
 }
 

@@ -450,38 +450,34 @@ fn published_policy_version(client: &Object) -> Result<Option<u64>, StoreError> 
 }
 
 fn published_policy(client: &Object) -> Result<Option<PublishedPolicy>, StoreError> {
-    let Some(r) = opt(
+    opt(
         client,
         "SELECT version, bytes, key_id, published_at FROM policy_bundle WHERE id = 1",
         &[],
     )?
-    else {
-        return Ok(None);
-    };
-    Ok(Some(PublishedPolicy {
-        version: parse_version("policy bundle version", r.try_get(0)?)?,
-        bytes: r.try_get(1)?,
-        key_id: r.try_get(2)?,
-        published_at: r.try_get(3)?,
-    }))
+    .map(|r| policy_of(&r, "policy bundle version"))
+    .transpose()
 }
 
 fn policy_before(client: &Object, version: u64) -> Result<Option<PublishedPolicy>, StoreError> {
-    let Some(r) = opt(
+    opt(
         client,
         "SELECT version, bytes, key_id, published_at FROM policy_history \
          WHERE version < $1 ORDER BY version DESC LIMIT 1",
         &[&history_key(version)],
     )?
-    else {
-        return Ok(None);
-    };
-    Ok(Some(PublishedPolicy {
-        version: parse_version("policy history version", r.try_get(0)?)?,
+    .map(|r| policy_of(&r, "policy history version"))
+    .transpose()
+}
+
+/// A bundle from a row of (version, bytes, key id, when).
+fn policy_of(r: &Row, what: &'static str) -> Result<PublishedPolicy, StoreError> {
+    Ok(PublishedPolicy {
+        version: parse_version(what, r.try_get(0)?)?,
         bytes: r.try_get(1)?,
         key_id: r.try_get(2)?,
         published_at: r.try_get(3)?,
-    }))
+    })
 }
 
 impl Store for PgStore {
@@ -640,6 +636,33 @@ impl Store for PgStore {
             &[&tenant.as_str(), &site.as_str(), &at, &report],
         )?;
         Ok(())
+    }
+
+    fn note_policy_held(
+        &self,
+        tenant: &TenantId,
+        site: &SiteId,
+        version: u64,
+        at: i64,
+    ) -> Result<(), StoreError> {
+        exec(
+            &self.client()?,
+            "INSERT INTO policy_held (tenant, site, version, at) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (tenant, site) DO UPDATE SET version = excluded.version, at = excluded.at",
+            &[&tenant.as_str(), &site.as_str(), &(version as i64), &at],
+        )?;
+        Ok(())
+    }
+
+    fn policy_held(&self) -> Result<Vec<(String, String, i64, i64)>, StoreError> {
+        query(
+            &self.client()?,
+            "SELECT tenant, site, version, at FROM policy_held ORDER BY tenant, site",
+            &[],
+        )?
+        .iter()
+        .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?, r.try_get(3)?)))
+        .collect()
     }
 
     fn hub_reports(&self) -> Result<Vec<(String, String, i64, String)>, StoreError> {

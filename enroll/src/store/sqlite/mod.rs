@@ -272,37 +272,34 @@ fn published_policy_version(conn: &Connection) -> Result<Option<u64>, StoreError
 }
 
 fn published_policy(conn: &Connection) -> Result<Option<PublishedPolicy>, StoreError> {
-    let row = conn
-        .prepare_cached(
-            "SELECT version, bytes, key_id, published_at FROM policy_bundle WHERE id = 1",
-        )?
-        .query_row([], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, Vec<u8>>(1)?,
-                r.get::<_, String>(2)?,
-                r.get::<_, i64>(3)?,
-            ))
-        })
-        .optional()?;
-    let Some((version, bytes, key_id, published_at)) = row else {
-        return Ok(None);
-    };
-    Ok(Some(PublishedPolicy {
-        version: parse_version("policy bundle version", version)?,
-        bytes,
-        key_id,
-        published_at,
-    }))
+    one_policy(
+        conn,
+        "SELECT version, bytes, key_id, published_at FROM policy_bundle WHERE id = 1",
+        params![],
+        "policy bundle version",
+    )
 }
 
 fn policy_before(conn: &Connection, version: u64) -> Result<Option<PublishedPolicy>, StoreError> {
+    one_policy(
+        conn,
+        "SELECT version, bytes, key_id, published_at FROM policy_history \
+         WHERE version < ?1 ORDER BY version DESC LIMIT 1",
+        params![history_key(version)],
+        "policy history version",
+    )
+}
+
+/// The one bundle `sql` selects (version, bytes, key id, when), if any.
+fn one_policy(
+    conn: &Connection,
+    sql: &str,
+    params: &[&dyn rusqlite::ToSql],
+    what: &'static str,
+) -> Result<Option<PublishedPolicy>, StoreError> {
     let row = conn
-        .prepare_cached(
-            "SELECT version, bytes, key_id, published_at FROM policy_history \
-             WHERE version < ?1 ORDER BY version DESC LIMIT 1",
-        )?
-        .query_row(params![history_key(version)], |r| {
+        .prepare_cached(sql)?
+        .query_row(params, |r| {
             Ok((
                 r.get::<_, String>(0)?,
                 r.get::<_, Vec<u8>>(1)?,
@@ -315,7 +312,7 @@ fn policy_before(conn: &Connection, version: u64) -> Result<Option<PublishedPoli
         return Ok(None);
     };
     Ok(Some(PublishedPolicy {
-        version: parse_version("policy history version", version)?,
+        version: parse_version(what, version)?,
         bytes,
         key_id,
         published_at,
@@ -484,6 +481,34 @@ impl Store for SqliteStore {
             )?
             .execute(params![tenant.as_str(), site.as_str(), at, report])?;
         Ok(())
+    }
+
+    fn note_policy_held(
+        &self,
+        tenant: &TenantId,
+        site: &SiteId,
+        version: u64,
+        at: i64,
+    ) -> Result<(), StoreError> {
+        self.conn
+            .lock()
+            .prepare_cached(
+                "INSERT INTO policy_held (tenant, site, version, at) VALUES (?1, ?2, ?3, ?4) \
+                 ON CONFLICT (tenant, site) DO UPDATE SET version = excluded.version, at = excluded.at",
+            )?
+            .execute(params![tenant.as_str(), site.as_str(), version as i64, at])?;
+        Ok(())
+    }
+
+    fn policy_held(&self) -> Result<Vec<(String, String, i64, i64)>, StoreError> {
+        let conn = self.conn.lock();
+        let mut stmt = conn.prepare_cached(
+            "SELECT tenant, site, version, at FROM policy_held ORDER BY tenant, site",
+        )?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
     }
 
     fn hub_reports(&self) -> Result<Vec<(String, String, i64, String)>, StoreError> {

@@ -8,3 +8,13 @@ CREATE TABLE IF NOT EXISTS hub_reports (
     report TEXT NOT NULL,
     PRIMARY KEY (tenant, site)
 );
+
+-- The policy version each appliance holds, as it says when it polls for a newer one
+-- (GET /v1/policy?have=N): the fleet page shows a town hall still on an old version.
+CREATE TABLE IF NOT EXISTS policy_held (
+    tenant TEXT NOT NULL,
+    site TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    at INTEGER NOT NULL,
+    PRIMARY KEY (tenant, site)
+);
