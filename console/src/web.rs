@@ -24,8 +24,9 @@ use crate::session::{self, Session, Sessions, Throttle, LOGIN_COOKIE, SESSION_CO
 /// The language cookie (not a secret; the person's choice).
 const LANG_COOKIE: &str = "komnet-lang";
 
-/// Pages allow nothing but their own stylesheet and images (the QR code is inline SVG);
-/// forms post only here; no framing, no scripts at all.
+/// Pages allow nothing but their own stylesheet, images (the QR code is a data: PNG) and the
+/// fleet page's one script file, which may fetch only from here; forms post only here; no
+/// framing, no inline script.
 const CSP: &str = "default-src 'none'; style-src 'self'; img-src 'self' data:; \
                    script-src 'self'; connect-src 'self'; \
                    form-action 'self'; frame-ancestors 'none'; base-uri 'none'";

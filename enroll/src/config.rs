@@ -154,7 +154,9 @@ impl DatabaseUrl {
             if text.contains("verify-full") || text.contains("verify-ca") {
                 // libpq's spelling, which tokio-postgres does not take: say what does it.
                 format!(
-                    "database: {e}: komnet verifies the server's certificate and name with                      database_ca (its CA certificate); set that and write sslmode=require or                      leave sslmode out"
+                    "database: {e}: komnet verifies the server's certificate and name with \
+                     database_ca (its CA certificate); set that and write sslmode=require or \
+                     leave sslmode out"
                 )
             } else {
                 format!("database: {e}")

@@ -177,6 +177,7 @@ async fn an_unreachable_database_is_named_without_its_password() {
     let e = komnet_enroll::config::DatabaseUrl::parse("postgres://x@db/z?sslmode=verify-full")
         .unwrap_err();
     assert!(e.contains("database_ca"), "{e}");
+    assert!(!e.contains("  "), "the message is one clean line: {e:?}");
 }
 
 /// A database of the first release (its tables, no version number) is migrated to the current

@@ -123,6 +123,20 @@ name_type!(
     "1-63 characters of a-z, 0-9, '-', '.' and '_', starting with a letter or digit"
 );
 
+impl SiteId {
+    /// As a home-office device: its device name when it belongs to the person `owner`, i.e.
+    /// it is `OWNER_DEVICE` (the web console's naming; the last `_` separates them, owner
+    /// names have none) or `OWNER` itself (issued from the shell for the person's name).
+    pub fn device_of(&self, owner: &str) -> Option<&str> {
+        let site = self.as_str();
+        if site == owner {
+            return Some(site);
+        }
+        let (o, device) = site.rsplit_once('_')?;
+        (o == owner).then_some(device)
+    }
+}
+
 /// What an identity may do in the network.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -340,6 +354,16 @@ mod tests {
     fn names_are_checked_with_a_message_naming_the_field() {
         assert!(TenantId::parse("nohfelden").is_ok());
         assert!(SiteId::parse("anna.schmidt").is_ok());
+        let device = |s: &str, owner: &str| {
+            SiteId::parse(s)
+                .unwrap()
+                .device_of(owner)
+                .map(str::to_owned)
+        };
+        assert_eq!(device("anna_laptop", "anna").as_deref(), Some("laptop"));
+        assert_eq!(device("anna", "anna").as_deref(), Some("anna"));
+        assert_eq!(device("anna_laptop", "ann"), None);
+        assert_eq!(device("hanna_laptop", "anna"), None);
         let err = TenantId::parse("bad/name").unwrap_err();
         assert!(err.to_string().contains("tenant \"bad/name\""), "{err}");
         assert!(TenantId::parse("").is_err());

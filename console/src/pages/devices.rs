@@ -67,18 +67,12 @@ fn owner(signed: &Signed) -> Result<(TenantId, String), PageError> {
     Ok((tenant.clone(), owner))
 }
 
-/// The device's name when it is the owner's: `OWNER_DEVICE`, or `OWNER` itself (a device
-/// issued from the shell with `komnet homeoffice issue --user OWNER`).
+/// The device's name when it is one of the owner's home-office devices
+/// ([`SiteId::device_of`]).
 fn device_of<'a>(owner: &str, id: &'a Identity) -> Option<&'a str> {
-    if id.role != PeerRole::HomeOffice {
-        return None;
-    }
-    let site = id.site.as_str();
-    if site == owner {
-        return Some(site);
-    }
-    let (o, device) = site.rsplit_once('_')?;
-    (o == owner).then_some(device)
+    (id.role == PeerRole::HomeOffice)
+        .then(|| id.site.device_of(owner))
+        .flatten()
 }
 
 /// Whether and until when a device gets through the hubs, for people.
@@ -316,9 +310,7 @@ pub(super) async fn revoke(
     // Someone else's device looks exactly like one that does not exist.
     let site = SiteId::parse(&site)
         .ok()
-        .filter(|s| {
-            s.as_str() == owner || s.as_str().rsplit_once('_').is_some_and(|(o, _)| o == owner)
-        })
+        .filter(|s| s.device_of(&owner).is_some())
         .ok_or_else(|| PageError::not_found(lang))?;
     if form.confirm != "yes" {
         return Err(PageError::new(

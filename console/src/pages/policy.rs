@@ -106,7 +106,7 @@ pub(super) async fn policy(
         p class="note" { (tr(lang,
             "Die Antwort kommt aus derselben Richtlinie, die die Gateways anwenden (komnet policy explain).",
             "The answer comes from the same policy the gateways apply (komnet policy explain).")) }
-        (diff::section(lang, &previous, &verified))
+        (diff::section(lang, &previous, &verified, p))
     };
     Ok(page(
         &signed,

@@ -130,9 +130,7 @@ impl Service {
         let mut serials = Vec::new();
         for cert in txn.valid_certificates(&Selector::Tenant(req.tenant.clone()))? {
             let mut identity = cert.identity;
-            let site = identity.site.as_str();
-            let owned = site == owner || site.rsplit_once('_').is_some_and(|(o, _)| o == owner);
-            if identity.role != Role::HomeOffice || !owned {
+            if identity.role != Role::HomeOffice || identity.site.device_of(owner).is_none() {
                 continue;
             }
             devices.push(identity.site.clone());

@@ -244,8 +244,45 @@ pub(super) fn previous(lang: Lang, previous: Option<&PreviousBundle>, key: &[u8]
     }
 }
 
+/// What the change means for traffic: the policy language's own diff (`komnet policy diff`),
+/// flows newly allowed and newly denied, and segments or services whose addresses moved.
+fn effect(lang: Lang, old: &VerifiedBundle, current: &komnet_policy::Policy) -> Markup {
+    let old = match old.compile() {
+        Ok(compiled) => compiled,
+        Err(e) => {
+            return html! { p class="note" { (tr(lang, "Wirkung nicht bestimmbar: ", "Effect not known: ")) (e) } }
+        }
+    };
+    let (flows, moved) = komnet_policy::diff(&old.policy, current);
+    html! {
+        h3 { (tr(lang, "Wirkung auf den Verkehr", "Effect on traffic")) }
+        @if flows.is_empty() && moved.is_empty() {
+            p { (tr(lang, "Keine: dieselben Verbindungen sind erlaubt wie vorher.",
+                    "None: the same connections are allowed as before.")) }
+        } @else {
+            ul class="effect" {
+                @for f in &flows {
+                    li {
+                        strong { (if f.now_allowed { tr(lang, "neu erlaubt", "newly allowed") } else { tr(lang, "neu verboten", "newly denied") }) }
+                        ": " code { (f.segment) " → " (f.service) } " "
+                        (f.ports.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "))
+                    }
+                }
+                @for m in &moved {
+                    li { strong { (tr(lang, "Adressen geändert", "addresses changed")) } ": " code { (m) } }
+                }
+            }
+        }
+    }
+}
+
 /// The page's section "Changes from version N".
-pub(super) fn section(lang: Lang, previous: &Previous, current: &VerifiedBundle) -> Markup {
+pub(super) fn section(
+    lang: Lang,
+    previous: &Previous,
+    current: &VerifiedBundle,
+    current_policy: &komnet_policy::Policy,
+) -> Markup {
     html! {
         @match previous {
             Previous::None => {
@@ -267,6 +304,7 @@ pub(super) fn section(lang: Lang, previous: &Previous, current: &VerifiedBundle)
                     (tr(lang, "Version", "Version")) " " (version) " "
                     (tr(lang, "wurde veröffentlicht am", "was published on")) " " (date_time(*published_at)) "."
                 }
+                (effect(lang, bundle, current_policy))
                 (files(lang, &compare(bundle.files(), current.files())))
             }
         }
@@ -380,6 +418,12 @@ mod tests {
     use std::path::Path;
 
     use super::*;
+
+    /// The section as the page renders it, the current bundle compiled as the page does.
+    fn show(lang: Lang, previous: &Previous, current: &VerifiedBundle) -> String {
+        let compiled = current.compile().unwrap();
+        section(lang, previous, current, &compiled.policy).into_string()
+    }
 
     #[test]
     fn a_changed_line_is_removed_and_added_and_the_rest_is_kept() {
@@ -503,8 +547,12 @@ mod tests {
             matches!(shown, Previous::Bundle { version: 1, .. }),
             "{shown:?}"
         );
-        let html = section(Lang::De, &shown, &v2).into_string();
+        let html = show(Lang::De, &shown, &v2);
         assert!(html.contains("Änderungen gegenüber Version 1"), "{html}");
+        // What it means for traffic, from the policy language's own diff: Namborn's file is
+        // gone, so its flows are no longer allowed.
+        assert!(html.contains("Wirkung auf den Verkehr"), "{html}");
+        assert!(html.contains("neu verboten"), "{html}");
         // The changed file, with its changes marked up and said in text.
         assert!(
             html.contains("<h3 id=\"diff-0\"><code>operator.toml</code></h3>"),
@@ -547,9 +595,10 @@ mod tests {
 
         // In English, and the other way round: the file comes back as an added one.
         let back = previous(Lang::En, Some(&previous_of(&v2_bytes, 2)), &key.1);
-        let html = section(Lang::En, &back, &v1_verified).into_string();
+        let html = show(Lang::En, &back, &v1_verified);
         assert!(html.contains("Changes from version 2"), "{html}");
         assert!(html.contains("Added files"), "{html}");
+        assert!(html.contains("newly allowed"), "{html}");
         assert!(
             html.contains("<code>tenants/namborn.toml</code> ("),
             "{html}"
@@ -563,10 +612,10 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let key = komnet_policy::bundle::generate_key().unwrap();
         let (v1, current) = bundle(&tmp.path().join("v1"), &key, |_| {});
-        let html = section(Lang::De, &previous(Lang::De, None, &key.1), &current).into_string();
+        let html = show(Lang::De, &previous(Lang::De, None, &key.1), &current);
         assert!(html.contains("Keine frühere Version"), "{html}");
         assert!(!html.contains("<table"), "{html}");
-        let html = section(Lang::En, &previous(Lang::En, None, &key.1), &current).into_string();
+        let html = show(Lang::En, &previous(Lang::En, None, &key.1), &current);
         assert!(html.contains("No earlier version"), "{html}");
 
         // Signed with the key before a rotation: named, not shown unverified.
@@ -579,7 +628,7 @@ mod tests {
             matches!(shown, Previous::Unreadable { version: 1, .. }),
             "{shown:?}"
         );
-        let html = section(Lang::En, &shown, &current).into_string();
+        let html = show(Lang::En, &shown, &current);
         assert!(html.contains("Changes from version 1"), "{html}");
         assert!(
             html.contains(&p.key_id) && html.contains("key rotation"),
@@ -588,7 +637,8 @@ mod tests {
         assert!(!html.contains("<table"), "{html}");
         // Same bundle: nothing changed.
         let same = previous(Lang::En, Some(&previous_of(&v1, 1)), &key.1);
-        let html = section(Lang::En, &same, &current).into_string();
+        let html = show(Lang::En, &same, &current);
         assert!(html.contains("files are unchanged"), "{html}");
+        assert!(html.contains("None: the same connections"), "{html}");
     }
 }
